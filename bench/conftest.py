@@ -1,0 +1,76 @@
+"""pytest-benchmark setup shared by the suites: device and versions in every JSON, throughput in extra_info.
+
+Run with ``make bench`` (scripts/bench.sh), which writes bench/results/<device>-<date>.json.
+"""
+
+import os
+import platform
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import weightkit  # noqa: E402
+from weightkit import backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    machine_info["weightkit"] = {
+        "version": weightkit.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "device": device_name(),
+        "threads": torch.get_num_threads(),
+        "backends": backend.status(),
+    }
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def measure(benchmark):
+    """``measure(fn, bytes=..., flops=..., **info)`` times ``fn`` and records GB/s and TFLOP/s from the mean."""
+
+    def run(fn, *, bytes=None, flops=None, rounds=None, **info):  # noqa: A002 - mirrors the quantity's name
+        def timed():
+            out = fn()
+            _sync()
+            return out
+
+        timed()  # warm-up: compilation, autotuning, allocator
+        if rounds is None:
+            result = benchmark(timed)
+        else:
+            result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        mean = benchmark.stats.stats.mean
+        benchmark.extra_info.update(info)
+        benchmark.extra_info["device"] = device_name()
+        if bytes is not None:
+            benchmark.extra_info["bytes"] = bytes
+            benchmark.extra_info["GB/s"] = bytes / mean / 1e9
+        if flops is not None:
+            benchmark.extra_info["flops"] = flops
+            benchmark.extra_info["TFLOP/s"] = flops / mean / 1e12
+        return result
+
+    return run

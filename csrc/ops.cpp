@@ -1,0 +1,26 @@
+// The schemas of weightkit's compiled kernels, one per op, and the Python module entry point of weightkit._C.
+//
+// Each public op (weightkit::<name>, defined in weightkit/ops/*.py with torch.library.custom_op) picks a
+// backend at run time; its `cpu` and `cuda` backends call the kernel op weightkit::<name>_kernel declared
+// here, whose CPU implementation lives in csrc/cpu/ and CUDA implementation in csrc/cuda/. Kernel ops expect
+// contiguous, already validated inputs: argument checking lives in the Python op.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(weightkit, m) {
+  // hot path 1: INT8 stochastic rounding / INT4 projection (csrc/*/quant.*)
+  m.def("stochastic_round_int8_kernel(Tensor x, Tensor scale, int group_size, int seed, int offset) -> Tensor");
+}
+
+static struct PyModuleDef weightkit_C_module = {PyModuleDef_HEAD_INIT, "_C", "weightkit compiled kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&weightkit_C_module);
+  if (module == nullptr) return nullptr;
+#ifdef WEIGHTKIT_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}

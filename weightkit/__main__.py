@@ -1,0 +1,5 @@
+import sys
+
+from weightkit.cli import main
+
+sys.exit(main())

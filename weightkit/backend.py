@@ -1,0 +1,222 @@
+"""Backend discovery and selection.
+
+Every op in weightkit has a plain-PyTorch ``reference`` implementation (always present, the specification)
+and up to three accelerated ones:
+
+* ``cpu``    -- C++ kernels in the compiled extension ``weightkit._C`` (CPU tensors),
+* ``cuda``   -- CUDA kernels in the same extension (CUDA tensors, only when built against a CUDA torch),
+* ``triton`` -- Triton kernels in ``weightkit.kernels`` (CUDA tensors; CPU tensors only under
+  ``TRITON_INTERPRET=1``, which is how the test-suite exercises them without a GPU).
+
+``auto`` (the default) picks the best usable backend for the tensors' device. ``WEIGHTKIT_BACKEND`` or the
+:func:`use_backend` context manager force one; a forced backend that cannot run falls back to ``reference``
+with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_CHOICES = ("auto",) + BACKENDS
+
+# ---------------------------------------------------------------------------------------------------------
+# What loaded, and why not.
+
+
+def _load_extension() -> Tuple[Optional[object], Optional[str]]:
+    if os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") == "1":
+        return None, "disabled by WEIGHTKIT_DISABLE_EXTENSION=1"
+    try:
+        module = importlib.import_module("weightkit._C")
+    except ImportError as exc:  # missing, or built against another torch (undefined symbols)
+        return None, f"{type(exc).__name__}: {exc}"
+    except OSError as exc:  # a shared library it needs is missing
+        return None, f"{type(exc).__name__}: {exc}"
+    return module, None
+
+
+_EXT, _EXT_ERROR = _load_extension()
+if _EXT is None and os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") != "1":
+    warnings.warn(
+        "weightkit: compiled extension weightkit._C did not load "
+        f"({_EXT_ERROR}); the 'cpu' and 'cuda' backends are unavailable and ops use triton/reference. "
+        "Rebuild with `pip install --no-build-isolation .` against the installed torch.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _probe_triton() -> Tuple[bool, Optional[str]]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, None
+
+
+_TRITON_OK, _TRITON_ERROR = _probe_triton()
+
+
+def extension_loaded() -> bool:
+    return _EXT is not None
+
+
+def extension_has_cuda() -> bool:
+    return _EXT is not None and bool(getattr(_EXT, "WITH_CUDA", False))
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def status() -> Dict[str, str]:
+    """One line per backend: 'ok' or why it is unavailable (used by ``python -m weightkit info``)."""
+    out = {"reference": "ok (always present)"}
+    if _EXT is None:
+        out["cpu"] = f"unavailable: {_EXT_ERROR}"
+        out["cuda"] = f"unavailable: {_EXT_ERROR}"
+    else:
+        out["cpu"] = "ok"
+        if not extension_has_cuda():
+            out["cuda"] = "unavailable: extension built without CUDA (torch has no CUDA, or no nvcc at build time)"
+        elif not torch.cuda.is_available():
+            out["cuda"] = "built, but no CUDA device is visible"
+        else:
+            out["cuda"] = "ok"
+    if not _TRITON_OK:
+        out["triton"] = f"unavailable: {_TRITON_ERROR}"
+    elif torch.cuda.is_available():
+        out["triton"] = "ok"
+    elif triton_interpret():
+        out["triton"] = "ok on CPU through the interpreter (TRITON_INTERPRET=1; slow, for testing)"
+    else:
+        out["triton"] = "installed, but no GPU (set TRITON_INTERPRET=1 to run kernels on CPU for testing)"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forcing a backend.
+
+_FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("weightkit_backend", default=None)
+
+
+def _validate(name: str, what: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{what}={name!r} is not a weightkit backend; choose one of {', '.join(_CHOICES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force every weightkit op inside the block to use ``name`` ('auto' restores the automatic choice)."""
+    token = _FORCED.set(_validate(name, "backend"))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def requested_backend() -> str:
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced
+    return _validate(os.environ.get("WEIGHTKIT_BACKEND", "auto") or "auto", "WEIGHTKIT_BACKEND")
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-op implementation tables.
+
+
+class KernelTable:
+    """The implementations of one op, keyed by backend, and the rule that picks one for a device.
+
+    ``compiled`` names the extension op (``torch.ops.weightkit.<compiled>``) whose CPU/CUDA kernels back the
+    ``cpu`` and ``cuda`` backends; the table checks that the kernel for the device's dispatch key exists.
+    """
+
+    def __init__(self, name: str, compiled: Optional[str] = None, cuda_order: Tuple[str, ...] = ("cuda", "triton")):
+        self.name = name
+        self.compiled = compiled
+        self.cuda_order = cuda_order
+        self.impls: Dict[str, Callable] = {}
+
+    def register(self, backend: str):
+        _validate(backend, "backend")
+
+        def deco(fn: Callable) -> Callable:
+            self.impls[backend] = fn
+            return fn
+
+        return deco
+
+    def _compiled_kernel(self, dispatch_key: str) -> bool:
+        if _EXT is None or self.compiled is None:
+            return False
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"weightkit::{self.compiled}", dispatch_key)
+
+    def why_not(self, backend: str, device: torch.device) -> Optional[str]:
+        """None when ``backend`` can run this op on ``device``, else the reason it cannot."""
+        if backend not in self.impls:
+            return f"{self.name} has no {backend} implementation"
+        if backend == "reference":
+            return None
+        if backend == "cpu":
+            if device.type != "cpu":
+                return f"the cpu backend runs CPU tensors, got {device.type}"
+            if _EXT is None:
+                return f"extension not loaded ({_EXT_ERROR})"
+            if not self._compiled_kernel("CPU"):
+                return f"extension has no CPU kernel for {self.compiled}"
+            return None
+        if backend == "cuda":
+            if device.type != "cuda":
+                return f"the cuda backend runs CUDA tensors, got {device.type}"
+            if _EXT is None:
+                return f"extension not loaded ({_EXT_ERROR})"
+            if not self._compiled_kernel("CUDA"):
+                return "extension was built without CUDA kernels"
+            return None
+        if backend == "triton":
+            if not _TRITON_OK:
+                return f"triton not importable ({_TRITON_ERROR})"
+            if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+                return None
+            return f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU), got {device.type}"
+        return f"unknown backend {backend}"
+
+    def select(self, device: torch.device) -> str:
+        requested = requested_backend()
+        if requested == "auto":
+            order = self.cuda_order if device.type == "cuda" else ("cpu",)
+            for backend in order:
+                if self.why_not(backend, device) is None:
+                    return backend
+            return "reference"
+        reason = self.why_not(requested, device)
+        if reason is None:
+            return requested
+        _warn_once(
+            (self.name, requested, device.type),
+            f"weightkit: backend {requested!r} cannot run {self.name} on {device.type}: {reason}; using 'reference'",
+        )
+        return "reference"
+
+    def __call__(self, device: torch.device, *args, **kwargs):
+        return self.impls[self.select(device)](*args, **kwargs)

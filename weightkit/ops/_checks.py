@@ -1,0 +1,55 @@
+"""Argument checks shared by all ops: each error names the argument and says what was expected.
+
+Shape/dtype/device checks run in the fake (meta) implementations too, so ``torch.compile`` reports bad input
+at trace time. Finiteness checks read the data, so they run only in the real implementations; they can be
+switched off (``WEIGHTKIT_CHECK_FINITE=0``) once a pipeline is trusted, since they cost one extra read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    ndim: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    nonempty: bool = True,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def finite_checks_enabled() -> bool:
+    return os.environ.get("WEIGHTKIT_CHECK_FINITE", "1") != "0"
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if finite_checks_enabled() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
