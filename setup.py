@@ -27,11 +27,11 @@ def extension_build():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("WEIGHTKIT_WITH_CUDA") in ("0", "1"):
         with_cuda = os.environ["WEIGHTKIT_WITH_CUDA"] == "1"
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]  # no fma contraction: kernels match the reference bitwise
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]  # no fma contraction: kernels match the reference bitwise
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--fmad=false", "-DWEIGHTKIT_WITH_CUDA", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=false", "-DWEIGHTKIT_WITH_CUDA", "-lineinfo"]
         extra["cxx"] = cxx + ["-DWEIGHTKIT_WITH_CUDA"]
         ext = CUDAExtension("weightkit._C", sources, extra_compile_args=extra, py_limited_api=False)
     else:

@@ -33,7 +33,7 @@ def main() -> int:
         includes.append(f"-I{tmp}")
         for src in sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O3", "--fmad=false", "-arch=sm_90",
+            cmd = [nvcc, "-c", src, "-o", obj, "-std=c++20", "-O3", "--fmad=false", "-arch=sm_90",
                    "-DWEIGHTKIT_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", abi, "--expt-relaxed-constexpr",
                    "-Xcompiler", "-fPIC"] + includes
             proc = subprocess.run(cmd, capture_output=True, text=True)
