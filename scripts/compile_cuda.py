@@ -1,6 +1,7 @@
 """Compile csrc/cuda/*.cu to object files for sm_90 with nvcc, to catch errors on machines without a GPU.
 
 The objects are thrown away: this is a compile check, run by the test command when nvcc exists.
+Usage: python scripts/compile_cuda.py [csrc/cuda/file.cu ...]   (default: every csrc/cuda/*.cu)
 """
 
 import glob
@@ -20,7 +21,7 @@ def main() -> int:
         print("compile_cuda: nvcc not found, skipping the CUDA compile check")
         return 0
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sources = sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
+    sources = [os.path.abspath(p) for p in sys.argv[1:]] or sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(here, 'csrc')}"]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     failed = 0

@@ -1,0 +1,3 @@
+"""Post-training weight compression: calibration-guided dictionary learning and SVD baselines."""
+
+__all__ = []
