@@ -71,7 +71,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"info": cmd_info, "demo": cmd_demo}
+def cmd_train(args: argparse.Namespace) -> int:
+    """The main job: AdamW vs GaLore vs Q-GaLore on a small LLaMA-style model over real text."""
+    import os
+
+    from weightkit import train
+
+    cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                            rank=args.rank, update_proj_gap=args.update_proj_gap, dim=args.dim,
+                            n_layers=args.layers, seed=args.seed, eval_every=max(1, args.steps // 20))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in train.METHODS:
+            print(f"--methods: unknown method {m!r}; choose from {', '.join(train.METHODS)}", file=sys.stderr)
+            return 2
+    results = train.compare(methods, cfg)
+    print(train.report(results))
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"train-{time.strftime('%Y-%m-%d')}")
+    train.save(results, cfg, stem + ".json")
+    png = train.plot(results, stem + ".png")
+    print(f"wrote {stem}.json" + (f" and {png}" if png else " (install matplotlib for the plot)"))
+    return 0
+
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"info": cmd_info, "demo": cmd_demo, "train": cmd_train}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cols", type=int, default=1024)
     demo.add_argument("--group-size", type=int, default=128)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tr = sub.add_parser("train", help="train a small LLaMA-style model with AdamW, GaLore and Q-GaLore and compare")
+    tr.add_argument("--methods", default="adamw,galore,qgalore", help="comma-separated: adamw, galore, qgalore")
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--seq-len", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--rank", type=int, default=64)
+    tr.add_argument("--update-proj-gap", type=int, default=50)
+    tr.add_argument("--dim", type=int, default=256)
+    tr.add_argument("--layers", type=int, default=4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out-dir", default="weightkit-results")
     return parser
 
 

@@ -1,0 +1,106 @@
+"""weightkit.swap and weightkit.optim.param_groups on real model structures (HF LLaMA, MiniLM, TinyLlama)."""
+
+import pytest
+import torch
+from torch import nn
+
+import weightkit
+from weightkit.models import LlamaConfig, TinyLlama, load_minilm, minilm_embed
+from weightkit.nn.swap import METHODS
+from weightkit.optim import param_groups
+
+SWAP_OPTS = {"int8": {"group_size": 32}, "memory": {"tau": 8}, "dict": {"ratio": 0.3}}
+
+
+def hf_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def linear_names(model):
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_swap_hf_llama(method):
+    model = hf_llama()
+    before = linear_names(model)
+    tokens = torch.randint(0, 97, (2, 16))
+    report = weightkit.swap(model, method, **SWAP_OPTS[method])
+    replaced = {r.name for r in report.replaced}
+    assert replaced == set(before) - {"lm_head"}, report
+    assert ("lm_head", "filtered out") in report.skipped
+    assert linear_names(model) == ["lm_head"]
+    for r in report.replaced:
+        assert type(model.get_submodule(r.name)).__name__ == METHODS[method][1]
+    logits = model(tokens).logits
+    assert logits.shape == (2, 16, 97) and torch.isfinite(logits).all()
+    if method != "memory":  # MemoryLinear bytes grow with 2^tau tables; int8 and dict shrink
+        assert report.bytes_after < report.bytes_before
+    assert "replaced" in str(report)
+
+
+def test_swap_int8_keeps_outputs_close():
+    model = hf_llama()
+    tokens = torch.randint(0, 97, (2, 16))
+    ref = model(tokens).logits
+    weightkit.swap(model, "int8", group_size=32)
+    out = model(tokens).logits
+    # INT8 with group-32 absmax scales: relative error of the logits well under 5%
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_swap_filter_fn_and_errors():
+    model = TinyLlama(LlamaConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128))
+    report = weightkit.swap(model, "int8", filter_fn=lambda name, m: "mlp" in name, group_size=32)
+    assert {r.name.split(".")[-1] for r in report.replaced} == {"gate_proj", "up_proj", "down_proj"}
+    assert len(report.replaced) == 6
+    with pytest.raises(ValueError, match="method='fp4' is not a swap method"):
+        weightkit.swap(model, "fp4")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        weightkit.swap("model", "int8")
+
+
+def test_swap_skips_layers_the_method_cannot_take():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 20), nn.Linear(20, 8))
+    report = weightkit.swap(model, "memory", filter_fn=lambda n, m: True, tau=8)
+    names = {r.name for r in report.replaced}
+    assert names == {"0", "2"}  # in_features 64 and 32 divide by tau=8; 20 does not
+    assert [n for n, _ in report.skipped] == ["3"] and "tau" in report.skipped[0][1]
+    assert isinstance(model[3], nn.Linear)
+
+
+def test_swap_minilm_int8_embeddings_stay_close():
+    tok, model = load_minilm()
+    sentences = ["The cat sat on the mat.", "GaLore projects gradients to a low-rank subspace.",
+                 "Stochastic rounding is unbiased.", "Paris is the capital of France."]
+    ref = minilm_embed(tok, model, sentences)
+    report = weightkit.swap(model, "int8", group_size=64)
+    assert len(report.replaced) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; pooler
+    out = minilm_embed(tok, model, sentences)
+    assert float((out * ref).sum(-1).min()) > 0.99
+
+
+def test_param_groups_hf_llama():
+    model = hf_llama()
+    groups = param_groups(model, rank=16, update_proj_gap=10, scale=0.5, weight_decay=0.01)
+    galore, rest = groups
+    assert galore["rank"] == 16 and galore["update_proj_gap"] == 10 and galore["scale"] == 0.5
+    assert galore["weight_decay"] == 0.01 and rest["weight_decay"] == 0.01
+    names = {id(p): n for n, p in model.named_parameters()}
+    picked = sorted(names[id(p)].split(".")[-2] for p in galore["params"])
+    assert set(picked) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(picked) == 14
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(all_ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    assert all(p.dim() == 2 for p in galore["params"])
+
+
+def test_param_groups_minilm():
+    _, model = load_minilm()
+    galore, rest = param_groups(model, rank=32)
+    assert len(galore["params"]) == 37 and all(p.dim() == 2 for p in galore["params"])
+    assert any(p.dim() == 1 for p in rest["params"])  # LayerNorm and biases stay in the plain group
