@@ -95,7 +95,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"info": cmd_info, "demo": cmd_demo, "train": cmd_train}
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the bench/ suites of a source checkout with pytest-benchmark; print a table, write JSON + PNG."""
+    import os
+    import re
+    import subprocess
+
+    from weightkit import benchreport
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(weightkit.__file__)))
+    bench_dir = os.path.join(root, "bench")
+    if not os.path.isdir(bench_dir):
+        print(f"weightkit bench runs the suites in a source checkout's bench/ folder; none at {bench_dir}. "
+              "Clone the repository and install it with `pip install --no-build-isolation -e .`.", file=sys.stderr)
+        return 2
+    available = sorted(f[len("test_bench_"):-3] for f in os.listdir(bench_dir) if re.fullmatch(r"test_bench_\w+\.py", f))
+    suites = available if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
+    for s in suites:
+        if s not in available:
+            print(f"--suite: unknown suite {s!r}; choose from all, {', '.join(available)}", file=sys.stderr)
+            return 2
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    tag = re.sub("[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"{tag}-{time.strftime('%Y-%m-%d')}" + ("" if args.suite == "all" else "-" + "-".join(suites)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", root,
+           *[os.path.join(bench_dir, f"test_bench_{s}.py") for s in suites],
+           "--benchmark-json", stem + ".json", "--benchmark-columns=min,mean,rounds"]
+    if args.k:
+        cmd += ["-k", args.k]
+    proc = subprocess.run(cmd, cwd=root)
+    if not os.path.exists(stem + ".json"):
+        return proc.returncode or 1
+    data = benchreport.load(stem + ".json")
+    print(benchreport.table(data))
+    png = benchreport.plot(data, stem + ".png")
+    print(f"wrote {stem}.json" + (f" and {png}" if png else ""))
+    return proc.returncode
+
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "info": cmd_info, "demo": cmd_demo, "train": cmd_train, "bench": cmd_bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", type=int, default=4)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out-dir", default="weightkit-results")
+    be = sub.add_parser("bench", help="run the kernel benchmark suites (source checkout), print a table, write JSON + PNG")
+    be.add_argument("--suite", default="all", help="all, or comma-separated suite names (quant, galore, memory, ...)")
+    be.add_argument("-k", default=None, help="pytest -k expression to pick benchmarks")
+    be.add_argument("--out-dir", default="bench/results")
     return parser
 
 
