@@ -1,0 +1,127 @@
+"""Checkpoints that load whole or not at all.
+
+``save_checkpoint(path, model=..., optimizer=..., extra=...)`` writes one file: the serialized state plus its
+SHA-256, written to a temporary file and renamed into place, so an interrupted save leaves the previous checkpoint
+intact. ``load_checkpoint(path, model=..., optimizer=...)`` verifies the checksum, checks that every tensor of the
+model's state matches the checkpoint in name, shape and dtype, and only then loads; if loading the optimizer fails
+after the model was loaded, the model's previous state is restored. A truncated, corrupted or mismatched file raises
+:class:`CheckpointError` naming what is wrong; nothing is half-loaded.
+
+Int8Linear weights, scales, INT4 projectors and optimizer RNG state are ordinary entries of the module and
+optimizer state dicts, so they round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+FORMAT = "weightkit-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be loaded (corrupt, truncated, or does not match the model/optimizer)."""
+
+
+def _serialize(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> str:
+    """Write model/optimizer state (and ``extra``, e.g. the step) atomically to ``path``; returns the SHA-256."""
+    payload = {
+        "model": model.state_dict() if model is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra or {},
+        "torch_rng": torch.get_rng_state(),
+    }
+    body = _serialize(payload)
+    digest = hashlib.sha256(body).hexdigest()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, "sha256": digest, "body": body}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return digest
+
+
+def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """The verified payload of a checkpoint file (dict with model, optimizer, extra, torch_rng)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the container means a damaged file
+        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a weightkit checkpoint (no '{FORMAT}' header)")
+    if outer.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {outer.get('version')}, expected {VERSION}")
+    body = outer.get("body")
+    if not isinstance(body, (bytes, bytearray)) or hashlib.sha256(body).hexdigest() != outer.get("sha256"):
+        raise CheckpointError(f"checkpoint {path!r} failed its SHA-256 check: the file is corrupt")
+    try:
+        return torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path!r} body cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_model_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    current = model.state_dict()
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path!r} does not match the model: missing keys {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}")
+    for key, tensor in current.items():
+        saved = state[key]
+        if not isinstance(saved, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path!r}: {key} is {type(saved).__name__}, expected a tensor")
+        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+            raise CheckpointError(f"checkpoint {path!r}: {key} has shape {tuple(saved.shape)} dtype {saved.dtype}, "
+                                  f"the model has shape {tuple(tensor.shape)} dtype {tensor.dtype}")
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                    restore_rng: bool = False) -> Dict[str, Any]:
+    """Verify and load a checkpoint into ``model`` and ``optimizer``; returns its ``extra`` dict."""
+    payload = read_checkpoint(path)
+    if model is not None:
+        if payload.get("model") is None:
+            raise CheckpointError(f"checkpoint {path!r} holds no model state")
+        _check_model_state(model, payload["model"], path)
+    if optimizer is not None and payload.get("optimizer") is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no optimizer state")
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()} if model is not None else None
+    optimizer_backup = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    try:
+        if model is not None:
+            model.load_state_dict(payload["model"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+    except Exception as exc:
+        if model is not None:
+            model.load_state_dict(backup, strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_backup)
+        raise CheckpointError(f"checkpoint {path!r} could not be loaded ({type(exc).__name__}: {exc}); "
+                              "the model and optimizer were left as they were") from exc
+    if restore_rng:
+        torch.set_rng_state(payload["torch_rng"])
+    return payload.get("extra", {})
