@@ -10,6 +10,10 @@
 TORCH_LIBRARY(weightkit, m) {
   // hot path 1: INT8 stochastic rounding / INT4 projection (csrc/*/quant.*)
   m.def("stochastic_round_int8_kernel(Tensor x, Tensor scale, int group_size, int seed, int offset) -> Tensor");
+  // hot path 2: fused GaLore Adam step (csrc/*/galore.*)
+  m.def(
+      "galore_adam_update_kernel(Tensor(a!) weight, Tensor low_grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor ortho, bool left, float beta1, float beta2, float eps, float step_size, float scale, float decay) -> ()");
 }
 
 static struct PyModuleDef weightkit_C_module = {PyModuleDef_HEAD_INIT, "_C", "weightkit compiled kernels", -1, nullptr};

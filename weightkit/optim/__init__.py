@@ -1,6 +1,9 @@
 """Memory-efficient optimizers: GaLore (low-rank gradient projection) and Q-GaLore."""
 
-__all__ = []
+from .galore import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore  # noqa: E402
+from .projector import GaLoreProjector  # noqa: E402
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "LayerwiseGaLore", "GaLoreProjector"]
 
 from .groups import param_groups  # noqa: E402
 

@@ -1,0 +1,302 @@
+"""GaLoreAdamW, GaLoreAdamW8bit and layer-wise GaLore (arXiv 2403.03507), compatible with galore-torch 1.0.
+
+Param groups carrying ``rank`` are trained with low-rank optimizer state: each 2-D parameter's gradient is
+projected (weightkit.optim.projector), Adam runs on the projection, and the update is projected back and applied
+with decoupled weight decay by the fused op ``weightkit::galore_adam_update_``. Parameters in other groups, and
+non-2-D parameters of GaLore groups (biases, norms), get plain AdamW. The update matches galore-torch's
+``GaLoreAdamW`` (same projection sides, refresh schedule, bias correction, weight decay order, eps=1e-6); moments
+are kept in float32.
+
+Group keys: ``params, lr, betas, eps, weight_decay, correct_bias`` and, for GaLore groups, ``rank,
+update_proj_gap, scale, proj_type, svd ('exact' | 'randomized'), oversample, power_iters, seed``. Unknown keys
+raise. ``nonfinite='raise'`` (default) raises on a NaN/Inf gradient before anything is changed; ``'skip'`` skips
+the whole step (counted in ``skipped_steps``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ..ops._checks import finite_checks_enabled
+from ..ops.galore import galore_adam_update_
+from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project_back
+
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed")
+ADAM_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "correct_bias")
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 correct_bias: bool = True, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std",
+                 svd: str = "exact", oversample: int = 8, power_iters: int = 2, seed: int = 0,
+                 nonfinite: str = "raise"):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+                        oversample=oversample, power_iters=power_iters, seed=seed)
+        super().__init__(params, defaults)
+        self._keys = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    # -- groups ---------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: Dict) -> None:
+        unknown = sorted(set(param_group) - set(ADAM_KEYS) - set(GALORE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown param group key(s) {unknown}; GaLore groups take {list(ADAM_KEYS + GALORE_KEYS)}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" in group:
+            proj = self._projector(group)  # validates rank, gap, proj_type, svd
+            for p in group["params"]:
+                if p.dim() == 2:
+                    proj.check_shape(p.shape)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("GaLoreAdamW does not support sparse parameters")
+
+    @staticmethod
+    def _projector(group: Dict) -> GaLoreProjector:
+        if group.get("proj_type") not in PROJ_TYPES:
+            raise ValueError(f"proj_type={group.get('proj_type')!r} is not one of {', '.join(PROJ_TYPES)}")
+        if group.get("svd") not in SVD_METHODS:
+            raise ValueError(f"svd={group.get('svd')!r} is not one of {', '.join(SVD_METHODS)}")
+        return GaLoreProjector(group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"],
+                               group["svd"], group["oversample"], group["power_iters"], group["seed"])
+
+    # -- moments: overridden by the 8-bit variant ---------------------------------------------------------
+    def _init_moments(self, state: Dict, like: Tensor) -> None:
+        state["exp_avg"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        state["exp_avg_sq"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+
+    def _load_moments(self, state: Dict):
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        pass  # updated in place
+
+    def _has_moments(self, state: Dict) -> bool:
+        return "exp_avg" in state
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def _check_grads(self, items) -> bool:
+        for _, p in items:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
+        if not finite_checks_enabled() or not items:
+            return True
+        finite = torch.stack([torch.isfinite(p.grad).all() for _, p in items])
+        if bool(finite.all()):
+            return True
+        bad = [tuple(p.shape) for (_, p), ok in zip(items, finite.tolist()) if not ok]
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {len(bad)} parameter(s) of shapes {bad[:4]}; "
+                                     "no parameter or optimizer state was changed (use nonfinite='skip' to skip such steps)")
+        self.skipped_steps += 1
+        return False
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not self._check_grads(items):
+            return loss
+        for group, p in items:
+            self._update(group, p)
+        return loss
+
+    def _step_size(self, group: Dict, step: int) -> float:
+        if not group["correct_bias"]:
+            return group["lr"]
+        beta1, beta2 = group["betas"]
+        return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+    def _update(self, group: Dict, p: Tensor) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        if "rank" in group and p.dim() == 2:
+            proj = self._projector(group)
+            low = proj.project(p.grad, state["step"], state, key=self._keys.get(id(p), 0))
+            if not self._has_moments(state):
+                self._init_moments(state, low)
+            state["step"] += 1
+            self._apply_low_rank(group, p, state, proj, low, self._step_size(group, state["step"]))
+        else:
+            grad = p.grad.to(torch.float32)
+            if not self._has_moments(state):
+                self._init_moments(state, grad)
+            state["step"] += 1
+            self._apply_dense(group, p, state, grad, self._step_size(group, state["step"]))
+
+    def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj: GaLoreProjector, low: Tensor,
+                        step_size: float) -> None:
+        """Adam on the low-rank gradient, projected back and applied to ``p`` (overridden by Q-GaLore)."""
+        beta1, beta2 = group["betas"]
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        exp_avg, exp_avg_sq = self._load_moments(state)
+        side = proj.side(p.shape)
+        if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
+            exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+            full = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, state["ortho"], state["ortho_right"])
+            p.copy_((p.to(torch.float32) - step_size * proj.scale * full) * decay)
+        else:
+            galore_adam_update_(p.data, low, exp_avg, exp_avg_sq, state["ortho"], side == "left", beta1=beta1,
+                                beta2=beta2, eps=group["eps"], step_size=step_size, scale=proj.scale, decay=decay)
+        self._store_moments(state, exp_avg, exp_avg_sq)
+
+    def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float) -> None:
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = self._load_moments(state)
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        new = p.to(torch.float32) - step_size * (exp_avg / (exp_avg_sq.sqrt() + group["eps"]))
+        if group["weight_decay"] > 0.0:
+            new = new * (1.0 - group["lr"] * group["weight_decay"])
+        p.copy_(new)
+        self._store_moments(state, exp_avg, exp_avg_sq)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW with 8-bit moments: bitsandbytes blockwise dynamic quantization (block 256), signed map for the
+    first moment and unsigned for the second. Moments of tensors smaller than ``min_8bit_size`` stay float32.
+    Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back."""
+
+    BLOCK = 256
+
+    def __init__(self, params, *args, min_8bit_size: int = 4096, **kwargs):
+        self.min_8bit_size = min_8bit_size
+        super().__init__(params, *args, **kwargs)
+        self._codes = {}
+
+    def _code(self, signed: bool, device) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        key = (signed, str(device))
+        if key not in self._codes:
+            self._codes[key] = bnbf.create_dynamic_map(signed=signed).to(device)
+        return self._codes[key]
+
+    def _quantize(self, x: Tensor, signed: bool):
+        import bitsandbytes.functional as bnbf
+
+        q, qs = bnbf.quantize_blockwise(x, code=self._code(signed, x.device), blocksize=self.BLOCK)
+        return q, qs.absmax
+
+    def _dequantize(self, q: Tensor, absmax: Tensor, signed: bool, shape) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        out = bnbf.dequantize_blockwise(q, absmax=absmax, code=self._code(signed, q.device), blocksize=self.BLOCK)
+        return out.reshape(shape).to(torch.float32)
+
+    def _init_moments(self, state: Dict, like: Tensor) -> None:
+        if like.numel() < self.min_8bit_size:
+            return super()._init_moments(state, like)
+        zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(zeros, True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(zeros, False)
+        state["moment_shape"] = torch.tensor(list(like.shape), dtype=torch.int64)
+
+    def _has_moments(self, state: Dict) -> bool:
+        return "exp_avg" in state or "exp_avg_q" in state
+
+    def _load_moments(self, state: Dict):
+        if "exp_avg" in state:
+            return state["exp_avg"], state["exp_avg_sq"]
+        shape = tuple(state["moment_shape"].tolist())
+        return (self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], True, shape),
+                self._dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False, shape))
+
+    def _store_moments(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        if "exp_avg" in state:
+            return
+        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(exp_avg, True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(exp_avg_sq, False)
+
+
+class LayerwiseGaLore:
+    """Layer-wise GaLore: one optimizer per parameter, stepped from a post-accumulate-grad hook during backward,
+    and the gradient freed right after, so full gradients of all layers never coexist.
+
+    ``accumulation_steps=N`` accumulates N backward passes before each parameter's update. Do not call ``step()``
+    (updates happen in backward); ``zero_grad()`` is a no-op between updates but raises in the middle of an
+    accumulation window, where it would silently drop accumulated gradients.
+    """
+
+    def __init__(self, params: Iterable, optimizer_cls=GaLoreAdamW, accumulation_steps: int = 1, **defaults):
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self.accumulation_steps = accumulation_steps
+        groups = list(params)
+        if groups and isinstance(groups[0], torch.Tensor):
+            groups = [{"params": groups}]
+        self.params, self.optimizers, self._counts, self._handles = [], [], [], []
+        for group in groups:
+            opts = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                index = len(self.params)
+                self.params.append(p)
+                self.optimizers.append(optimizer_cls([dict(opts, params=[p])], **defaults))
+                self._counts.append(0)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
+
+    def _make_hook(self, index: int):
+        def hook(p: Tensor) -> None:
+            self._counts[index] += 1
+            if self._counts[index] % self.accumulation_steps == 0:
+                self.optimizers[index].step()
+                p.grad = None
+
+        return hook
+
+    def pending(self) -> bool:
+        """True inside an accumulation window (some gradients accumulated but not yet applied)."""
+        return any(c % self.accumulation_steps for c in self._counts)
+
+    def step(self, closure=None):
+        raise RuntimeError("layer-wise GaLore applies each parameter's update inside backward; do not call step(). "
+                           "For gradient accumulation pass accumulation_steps=N.")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.pending():
+            raise RuntimeError(f"zero_grad() in the middle of an accumulation window of {self.accumulation_steps} "
+                               "backward passes would drop the accumulated gradients")
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> Dict:
+        return {"accumulation_steps": self.accumulation_steps, "counts": list(self._counts),
+                "optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if len(state.get("optimizers", [])) != len(self.optimizers):
+            raise ValueError(f"state holds {len(state.get('optimizers', []))} per-parameter optimizers, "
+                             f"this layer-wise optimizer has {len(self.optimizers)}")
+        if state.get("accumulation_steps") != self.accumulation_steps:
+            raise ValueError(f"state was saved with accumulation_steps={state.get('accumulation_steps')}, "
+                             f"this optimizer has {self.accumulation_steps}")
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        self._counts = list(state["counts"])
