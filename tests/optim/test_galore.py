@@ -1,0 +1,238 @@
+"""GaLoreAdamW: same updates as galore-torch, resume bit-identical, 8-bit and layer-wise modes, bad input."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import usable_backends
+from weightkit import use_backend
+from weightkit.ops import galore as galore_ops
+from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
+from weightkit.optim.projector import compute_basis, projection_side, subspace_similarity
+
+galore_torch = pytest.importorskip("galore_torch")
+
+
+def params(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*shape, generator=g)), torch.nn.Parameter(torch.randn(shape[0], generator=g))]
+
+
+def groups(ps, **galore):
+    return [{"params": [ps[0]], **galore}, {"params": [ps[1]]}]
+
+
+def set_grads(ps, seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("shape,proj_type", [((64, 48), "std"), ((40, 72), "std"), ((64, 48), "left"),
+                                             ((40, 72), "right"), ((64, 48), "reverse_std"), ((32, 48), "full")])
+def test_matches_galore_torch(backend, shape, proj_type):
+    if backend not in usable_backends(galore_ops._GALORE, "cpu"):
+        pytest.fail(f"backend {backend} must be usable on CPU in the test environment")
+    if backend == "triton" and proj_type != "std":
+        pytest.skip("interpreter is slow; one projection type is enough for the triton path")
+    cfg = dict(rank=8, update_proj_gap=5, scale=0.25, proj_type=proj_type)
+    a, b = params(shape), params(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = galore_torch.GaLoreAdamW(groups(a, **cfg), lr=1e-2, weight_decay=0.1)
+    ours = GaLoreAdamW(groups(b, **cfg), lr=1e-2, weight_decay=0.1)
+    with use_backend(backend):
+        for step in range(12):  # refreshes at steps 0, 5, 10
+            set_grads(a, step)
+            set_grads(b, step)
+            ref.step()
+            ours.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-4, atol=5e-5)
+
+
+def test_projector_refresh_schedule():
+    (w, bias) = params((32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 3}], lr=1e-3)
+    seen = []
+    for step in range(7):
+        set_grads([w], step)
+        opt.step()
+        seen.append(opt.state[w]["ortho"].clone())
+    changed = [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)]
+    assert changed == [False, False, True, False, False, True]  # refreshed before steps 3 and 6
+
+
+def test_randomized_svd_finds_the_subspace():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(256, 16, generator=g) @ torch.randn(16, 192, generator=g)
+    noisy = low + 1e-3 * torch.randn(256, 192, generator=g)
+    for side in ("left", "right"):
+        exact, _ = compute_basis(noisy, 16, side, "exact")
+        approx, _ = compute_basis(noisy, 16, side, "randomized", seed=3)
+        # same subspace: projecting the exact basis onto the approximate one keeps its norm
+        if side == "left":
+            kept = (approx.T @ exact).norm() ** 2 / 16
+        else:
+            kept = (approx @ exact.T).norm() ** 2 / 16
+        assert float(kept) > 0.999
+        assert subspace_similarity(exact, exact, side) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_randomized_svd_optimizer_is_deterministic_and_tracks_exact():
+    torch.manual_seed(0)
+    target = torch.randn(48, 32)
+    final = {}
+    for svd in ("randomized", "randomized", "exact"):
+        w = torch.nn.Parameter(torch.zeros(48, 32))
+        opt = GaLoreAdamW([{"params": [w], "rank": 8, "update_proj_gap": 5, "svd": svd, "scale": 1.0}], lr=5e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            ((w - target) ** 2).sum().backward()
+            opt.step()
+        if svd in final:
+            assert torch.equal(final[svd], w.detach()), "randomized SVD is not reproducible"
+        final[svd] = w.detach().clone()
+    err = {k: float((v - target).norm() / target.norm()) for k, v in final.items()}
+    assert err["exact"] < 0.8  # started at 1.0
+    assert abs(err["randomized"] - err["exact"]) < 0.05, err
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_resume_is_bit_identical(cls):
+    cfg = dict(rank=8, update_proj_gap=4, scale=0.25)
+    a = params((64, 64))
+    opt_a = cls(groups(a, **cfg), lr=1e-2, weight_decay=0.01)
+    for step in range(6):
+        set_grads(a, step)
+        opt_a.step()
+    saved_params = [p.detach().clone() for p in a]
+    saved_state = copy.deepcopy(opt_a.state_dict())  # as a checkpoint would (state_dict() shares tensors)
+    b = [torch.nn.Parameter(t.clone()) for t in saved_params]
+    opt_b = cls(groups(b, **cfg), lr=1e-2, weight_decay=0.01)
+    opt_b.load_state_dict(saved_state)
+    for step in range(6, 11):  # crosses a projector refresh (step 8)
+        set_grads(a, step)
+        set_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_8bit_tracks_fp32_and_uses_less_state():
+    cfg = dict(rank=16, update_proj_gap=50, scale=0.25)
+    a, b = params((128, 128)), params((128, 128))
+    fp32 = GaLoreAdamW(groups(a, **cfg), lr=1e-3)
+    q8 = GaLoreAdamW8bit(groups(b, **cfg), lr=1e-3, min_8bit_size=1)
+    for step in range(20):
+        set_grads(a, step)
+        set_grads(b, step)
+        fp32.step()
+        q8.step()
+    moved_fp32 = (a[0] - params((128, 128))[0]).detach()
+    moved_q8 = (b[0] - params((128, 128))[0]).detach()
+    rel = float((moved_q8 - moved_fp32).norm() / moved_fp32.norm())
+    assert rel < 0.05, rel
+
+    def state_bytes(opt, p):
+        return sum(t.numel() * t.element_size() for t in opt.state[p].values() if isinstance(t, torch.Tensor))
+
+    assert state_bytes(q8, b[0]) < 0.6 * state_bytes(fp32, a[0])
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_layerwise_matches_global_step(accumulation_steps):
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
+    model_b = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
+    model_b.load_state_dict(model_a.state_dict())
+    cfg = dict(rank=8, update_proj_gap=3, scale=0.5)
+
+    def split(model):
+        ws = [model[0].weight, model[2].weight]
+        rest = [model[0].bias, model[2].bias]
+        return [{"params": ws, **cfg}, {"params": rest}]
+
+    opt = GaLoreAdamW(split(model_a), lr=1e-2)
+    layerwise = LayerwiseGaLore(split(model_b), accumulation_steps=accumulation_steps, lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        for micro in range(accumulation_steps):
+            x = torch.randn(8, 32, generator=g)
+            model_a(x).pow(2).mean().backward()
+            model_b(x).pow(2).mean().backward()
+            if micro < accumulation_steps - 1:
+                assert layerwise.pending()
+                with pytest.raises(RuntimeError, match="middle of an accumulation window"):
+                    layerwise.zero_grad()
+        opt.step()
+        opt.zero_grad()
+        layerwise.zero_grad()
+        assert all(p.grad is None for p in model_b.parameters())  # freed inside backward
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="do not call step"):
+        layerwise.step()
+    state = layerwise.state_dict()
+    layerwise.load_state_dict(state)
+    with pytest.raises(ValueError, match="accumulation_steps must be an int"):
+        LayerwiseGaLore(split(model_b), accumulation_steps=0)
+    layerwise.remove()
+
+
+def test_rank_larger_than_matrix():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    with pytest.raises(ValueError, match=r"rank=9 is larger than min\(m, n\)=8"):
+        GaLoreAdamW([{"params": [w], "rank": 9}])
+
+
+def test_unknown_group_key_and_bad_options():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    with pytest.raises(ValueError, match=r"unknown param group key\(s\) \['ranks'\]"):
+        GaLoreAdamW([{"params": [w], "ranks": 4}])
+    with pytest.raises(ValueError, match="proj_type='diagonal'"):
+        GaLoreAdamW([{"params": [w], "rank": 4, "proj_type": "diagonal"}])
+    with pytest.raises(ValueError, match="svd='qr'"):
+        GaLoreAdamW([{"params": [w], "rank": 4, "svd": "qr"}])
+    with pytest.raises(ValueError, match="update_proj_gap must be an int >= 1"):
+        GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 0}])
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        GaLoreAdamW([w], nonfinite="ignore")
+
+
+def test_non_finite_gradient_raises_without_changing_state():
+    ps = params((32, 16))
+    opt = GaLoreAdamW(groups(ps, rank=4), lr=1e-2)
+    set_grads(ps, 0)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state_before = {k: v.clone() for k, v in opt.state[ps[0]].items() if isinstance(v, torch.Tensor)}
+    set_grads(ps, 1)
+    ps[1].grad[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    assert all(torch.equal(v, opt.state[ps[0]][k]) for k, v in state_before.items())
+    assert opt.state[ps[0]]["step"] == 1
+    skip = GaLoreAdamW(groups(ps, rank=4), lr=1e-2, nonfinite="skip")
+    skip.step()
+    assert skip.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
+def test_sparse_gradient_is_rejected():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = GaLoreAdamW([{"params": emb.parameters()}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_projection_side_rule():
+    assert projection_side((10, 5), "std") == "right" and projection_side((5, 10), "std") == "left"
+    assert projection_side((10, 5), "reverse_std") == "left"
+    with pytest.raises(ValueError, match="proj_type='x'"):
+        projection_side((4, 4), "x")
