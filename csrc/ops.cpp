@@ -10,6 +10,7 @@
 TORCH_LIBRARY(weightkit, m) {
   // hot path 1: INT8 stochastic rounding / INT4 projection (csrc/*/quant.*)
   m.def("stochastic_round_int8_kernel(Tensor x, Tensor scale, int group_size, int seed, int offset) -> Tensor");
+  m.def("int8_matmul_kernel(Tensor x, Tensor w_q, Tensor scale, int group_size, bool transpose) -> Tensor");
   // hot path 2: fused GaLore Adam step (csrc/*/galore.*)
   m.def(
       "galore_adam_update_kernel(Tensor(a!) weight, Tensor low_grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "

@@ -38,3 +38,39 @@ def stochastic_round_int8_triton(x, scale, group_size, seed, offset, block=1024)
     _stochastic_round_int8_kernel[grid](x, inv_scale, out, n, group_size, seed, offset, BLOCK=block,
                                         enable_fp_fusion=False)
     return out
+
+
+@triton.jit
+def _int8_matmul_kernel(x_ptr, q_ptr, s_ptr, y_ptr, T, N, K, group_size, stride_xt, stride_xk, stride_bk, stride_bn,
+                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (T x N) = x (T x K) @ B (K x N), B[k, n] = q[k*stride_bk + n*stride_bn] * s[(same index) // group_size]:
+    the int8 weight is dequantized tile by tile in registers."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rt[:, None] * stride_xt + rk[None, :] * stride_xk,
+                    mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0).to(tl.float32)
+        lin = rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+        b_mask = (rk[:, None] < K) & (rn[None, :] < N)
+        q = tl.load(q_ptr + lin, mask=b_mask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + lin // group_size, mask=b_mask, other=0.0)
+        acc += tl.dot(x, q * s, input_precision="ieee")
+    tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rt[:, None] < T) & (rn[None, :] < N))
+
+
+def int8_matmul_triton(x, w_q, scale, group_size, transpose, block_t=32, block_n=32, block_k=32):
+    out_f, in_f = w_q.shape
+    tokens = x.shape[0]
+    if transpose:  # y = x W: K = out rows, N = in columns, B[k, n] = W[k, n]
+        n_out, k_dim, stride_bk, stride_bn = in_f, out_f, in_f, 1
+    else:  # y = x W^T: K = in, N = out, B[k, n] = W[n, k]
+        n_out, k_dim, stride_bk, stride_bn = out_f, in_f, 1, in_f
+    y = torch.empty((tokens, n_out), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(tokens, block_t), triton.cdiv(n_out, block_n))
+    _int8_matmul_kernel[grid](x, w_q, scale, y, tokens, n_out, k_dim, group_size, x.stride(0), x.stride(1),
+                              stride_bk, stride_bn, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y

@@ -1,6 +1,8 @@
 """Drop-in replacements for nn.Linear. Each provides ``from_linear(linear, **opts)``, used by weightkit.swap."""
 
-__all__ = []
+from .int8 import Int8Linear  # noqa: E402
+
+__all__ = ["Int8Linear"]
 
 from .swap import SwapReport, swap  # noqa: E402
 

@@ -19,7 +19,8 @@ from ..backend import KernelTable
 from . import rng
 from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
 
-__all__ = ["stochastic_round_int8", "absmax_scale"]
+__all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "quantize_int4", "unpack_int4",
+           "dequantize_int4"]
 
 _SR = KernelTable("stochastic_round_int8", compiled="stochastic_round_int8_kernel")
 
@@ -96,3 +97,133 @@ def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
         raise ValueError(f"group_size={group_size} must divide x.numel()={x.numel()}")
     amax = x.detach().reshape(-1, group_size).abs().amax(dim=1).to(torch.float32)
     return (amax / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# INT8 weight x float activation matmul with the dequantization inside the kernel.
+#
+# ``int8_matmul(x, w_q, scale, group_size, transpose)`` with W = dequant(w_q) (out x in, groups of ``group_size``
+# consecutive elements of each row sharing a scale):
+#     transpose=False:  y = x W^T    (x: (..., in)  -> (..., out))   Int8Linear forward
+#     transpose=True:   y = x W      (x: (..., out) -> (..., in))    its input gradient
+# The reference dequantizes W whole; the kernels never hold more than a block of dequantized rows (cpu, cuda)
+# or a tile (triton). Accumulation is fp32; the output has x's dtype.
+
+_INT8_MM = KernelTable("int8_matmul", compiled="int8_matmul_kernel")
+
+
+def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("w_q", w_q, dtypes=(torch.int8,), ndim=2, device=x.device)
+    check_positive_int("group_size", group_size)
+    out_f, in_f = w_q.shape
+    if in_f % group_size:
+        raise ValueError(f"group_size={group_size} must divide in_features={in_f} (groups stay within a row)")
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=x.device)
+    if scale.numel() != w_q.numel() // group_size:
+        raise ValueError(f"scale must hold {w_q.numel() // group_size} values (one per group), got {scale.numel()}")
+    need = out_f if transpose else in_f
+    if x.shape[-1] != need:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected {need} "
+                         f"({'out' if transpose else 'in'}_features of w_q with shape {tuple(w_q.shape)})")
+
+
+def dequantize_int8(w_q: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """float32 W = w_q * scale, group by group (row-major groups of ``group_size``)."""
+    return (w_q.reshape(-1, group_size).to(torch.float32) * scale.reshape(-1, 1)).reshape(w_q.shape)
+
+
+@_INT8_MM.register("reference")
+def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
+    w = dequantize_int8(w_q, scale, group_size)
+    y = x.to(torch.float32) @ (w if transpose else w.T)
+    return y.to(x.dtype)
+
+
+@_INT8_MM.register("cpu")
+@_INT8_MM.register("cuda")
+def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.weightkit.int8_matmul_kernel(x2, w_q.contiguous(), scale.contiguous(), group_size, transpose)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@_INT8_MM.register("triton")
+def _int8_matmul_triton(x, w_q, scale, group_size, transpose):
+    from ..kernels.quant import int8_matmul_triton
+
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = int8_matmul_triton(x2, w_q.contiguous(), scale.contiguous(), group_size, transpose)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@torch.library.custom_op("weightkit::int8_matmul", mutates_args=())
+def _int8_matmul_op(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
+    _check_int8_mm_args(x, w_q, scale, group_size, transpose)
+    check_finite("x", x)
+    return _INT8_MM(x.device, x, w_q, scale, group_size, transpose)
+
+
+@_int8_matmul_op.register_fake
+def _(x, w_q, scale, group_size, transpose):
+    _check_int8_mm_args(x, w_q, scale, group_size, transpose)
+    out = w_q.shape[1] if transpose else w_q.shape[0]
+    return x.new_empty((*x.shape[:-1], out))
+
+
+def _int8_matmul_setup(ctx, inputs, output):
+    _, w_q, scale, group_size, transpose = inputs
+    ctx.save_for_backward(w_q, scale)
+    ctx.group_size, ctx.transpose = group_size, transpose
+
+
+def _int8_matmul_backward(ctx, grad):
+    w_q, scale = ctx.saved_tensors
+    return _int8_matmul_op(grad.contiguous(), w_q, scale, ctx.group_size, not ctx.transpose), None, None, None, None
+
+
+_int8_matmul_op.register_autograd(_int8_matmul_backward, setup_context=_int8_matmul_setup)
+
+
+def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool = False) -> Tensor:
+    """``x @ dequant(w_q)^T`` (or ``x @ dequant(w_q)`` with ``transpose``), dequantizing inside the kernel.
+    Differentiable in ``x``; the weight's gradient is computed by Int8Linear (weightkit.nn.int8)."""
+    return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# INT4 packing for projection matrices: two values per byte, per-group asymmetric scale and zero point.
+#
+# Values q in [0, 15]; element 2j goes to the low nibble of byte j and element 2j+1 to the high nibble.
+# A group of ``group_size`` consecutive elements (row-major) shares scale s and zero z: x ~ (q - z) * s, with
+# s = (max - min) / 15 and z = round(-min / s) clamped to [0, 15].
+
+
+def quantize_int4(x: Tensor, group_size: int = 64):
+    """(packed uint8 (numel/2), scale float32 (groups), zero uint8 (groups)) for ``x`` (numel even)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_positive_int("group_size", group_size)
+    if x.numel() % group_size or group_size % 2:
+        raise ValueError(f"group_size={group_size} must be even and divide x.numel()={x.numel()}")
+    check_finite("x", x)
+    g = x.detach().reshape(-1, group_size).to(torch.float32)
+    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.round(g / scale + zero).clamp(0, 15).to(torch.uint8).reshape(-1)
+    packed = q[0::2] | (q[1::2] << 4)
+    return packed, scale.reshape(-1), zero.reshape(-1).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """uint8 values in [0, 15], twice as many as ``packed`` bytes, low nibble first."""
+    check_tensor("packed", packed, dtypes=(torch.uint8,))
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1)
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape) -> Tensor:
+    """float32 tensor of ``shape`` from :func:`quantize_int4`'s output."""
+    q = unpack_int4(packed).reshape(-1, group_size).to(torch.float32)
+    if q.shape[0] != scale.numel() or zero.numel() != scale.numel():
+        raise ValueError(f"scale ({scale.numel()}) and zero ({zero.numel()}) must hold one value per group ({q.shape[0]})")
+    return ((q - zero.reshape(-1, 1).to(torch.float32)) * scale.reshape(-1, 1)).reshape(shape)

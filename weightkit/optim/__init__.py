@@ -2,8 +2,9 @@
 
 from .galore import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore  # noqa: E402
 from .projector import GaLoreProjector  # noqa: E402
+from .qgalore import QGaLoreAdamW8bit  # noqa: E402
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "LayerwiseGaLore", "GaLoreProjector"]
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "LayerwiseGaLore", "GaLoreProjector", "QGaLoreAdamW8bit"]
 
 from .groups import param_groups  # noqa: E402
 

@@ -50,11 +50,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._keys = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
+    EXTRA_KEYS: tuple = ()
+
     # -- groups ---------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: Dict) -> None:
-        unknown = sorted(set(param_group) - set(ADAM_KEYS) - set(GALORE_KEYS))
+        allowed = ADAM_KEYS + GALORE_KEYS + self.EXTRA_KEYS
+        unknown = sorted(set(param_group) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown param group key(s) {unknown}; GaLore groups take {list(ADAM_KEYS + GALORE_KEYS)}")
+            raise ValueError(f"unknown param group key(s) {unknown}; groups take {list(allowed)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "rank" in group:
@@ -90,15 +93,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return "exp_avg" in state
 
     # -- the step --------------------------------------------------------------------------------------------
+    def _grad(self, p: Tensor) -> Optional[Tensor]:
+        """The gradient of ``p`` (Q-GaLore reads int8 weights' ``float_grad`` instead)."""
+        return p.grad
+
     def _check_grads(self, items) -> bool:
         for _, p in items:
-            if p.grad.is_sparse:
+            grad = self._grad(p)
+            if grad.is_sparse:
                 raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter of shape {tuple(p.shape)})")
-            if p.grad.shape != p.shape:
-                raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
+            if grad.shape != p.shape:
+                raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
         if not finite_checks_enabled() or not items:
             return True
-        finite = torch.stack([torch.isfinite(p.grad).all() for _, p in items])
+        finite = torch.stack([torch.isfinite(self._grad(p)).all() for _, p in items])
         if bool(finite.all()):
             return True
         bad = [tuple(p.shape) for (_, p), ok in zip(items, finite.tolist()) if not ok]
@@ -114,7 +122,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        items = [(g, p) for g in self.param_groups for p in g["params"] if self._grad(p) is not None]
         if not self._check_grads(items):
             return loss
         for group, p in items:
@@ -133,13 +141,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
             state["step"] = 0
         if "rank" in group and p.dim() == 2:
             proj = self._projector(group)
-            low = proj.project(p.grad, state["step"], state, key=self._keys.get(id(p), 0))
+            low = proj.project(self._grad(p), state["step"], state, key=self._keys.get(id(p), 0))
             if not self._has_moments(state):
                 self._init_moments(state, low)
             state["step"] += 1
             self._apply_low_rank(group, p, state, proj, low, self._step_size(group, state["step"]))
         else:
-            grad = p.grad.to(torch.float32)
+            grad = self._grad(p).to(torch.float32)
             if not self._has_moments(state):
                 self._init_moments(state, grad)
             state["step"] += 1

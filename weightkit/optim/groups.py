@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
+import torch
 from torch import nn
 
 DEFAULT_SKIP = ("lm_head",)
@@ -34,7 +35,9 @@ def param_groups(
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Int8Linear"
-        if not is_linear or not isinstance(weight, nn.Parameter) or weight.dim() != 2 or not weight.requires_grad:
+        if not is_linear or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            continue
+        if not (weight.requires_grad or weight.dtype == torch.int8):  # Int8Linear trains through float_grad
             continue
         if filter_fn(name, module):
             low_rank.append(weight)

@@ -1,0 +1,96 @@
+"""Int8Linear: an nn.Linear whose weight lives in int8 with per-group scales (Q-GaLore, arXiv 2407.08296).
+
+``weight`` is an int8 ``nn.Parameter`` (``requires_grad=False``; integer tensors cannot carry autograd gradients)
+and ``scale`` a float32 buffer with one value per group of ``group_size`` consecutive elements of a row. The
+forward runs ``weightkit::int8_matmul``, which dequantizes inside the kernel: no full-precision copy of the weight
+is kept. The input gradient comes from the same op; the weight's gradient G = grad_out^T x (float32, out x in) is
+accumulated into ``weight.float_grad`` when ``track_weight_grad`` is on (the default), for
+``weightkit.optim.QGaLoreAdamW8bit``, which consumes and clears it and writes the weight back by stochastic
+rounding. Training through ``torch.compile`` is not supported (the weight gradient is a side effect); inference
+compiles.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.quant import absmax_scale, dequantize_int8, int8_matmul
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, group_size: int, track: bool) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        ctx.group_size, ctx.track = group_size, track
+        return int8_matmul(x, weight, scale, group_size, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = int8_matmul(grad_out.contiguous(), weight, scale, ctx.group_size, transpose=True)
+        if ctx.track:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            g_w = g2.T @ x2
+            if getattr(weight, "float_grad", None) is None:
+                weight.float_grad = g_w
+            else:
+                weight.float_grad.add_(g_w)
+        return grad_x, None, None, None, None
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 device=None, dtype: Optional[torch.dtype] = None, track_weight_grad: bool = True):
+        super().__init__()
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if in_features % group_size:
+            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.track_weight_grad = track_weight_grad
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight.int8_owner = weakref.ref(self)  # lets QGaLoreAdamW8bit update ``scale`` with the weight
+        self.register_buffer("scale", torch.ones(out_features * in_features // group_size, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, track_weight_grad: bool = True) -> "Int8Linear":
+        """Quantize ``linear``'s weight to int8 (round to nearest, absmax scale per group)."""
+        w = linear.weight.detach()
+        group = group_size
+        if linear.in_features % group:
+            raise ValueError(f"group_size={group} must divide in_features={linear.in_features}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, device=w.device,
+                    dtype=w.dtype, track_weight_grad=track_weight_grad)
+        scale = absmax_scale(w, group)
+        q = torch.round(w.reshape(-1, group).to(torch.float32) / scale[:, None]).clamp(-127, 127)
+        layer.weight.data.copy_(q.to(torch.int8).reshape(w.shape))
+        layer.scale.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize_int8(self.weight, self.scale, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        track = self.track_weight_grad and torch.is_grad_enabled()
+        if track or (torch.is_grad_enabled() and x.requires_grad):
+            y = _Int8LinearFunction.apply(x, self.weight, self.scale, self.group_size, track)
+        else:
+            y = int8_matmul(x, self.weight, self.scale, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")

@@ -1,0 +1,128 @@
+"""QGaLoreAdamW8bit (Q-GaLore, arXiv 2407.08296): GaLore with INT4 projection matrices, INT8 weights written back by
+stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive subspace refresh.
+
+* Weights of ``weightkit.nn.Int8Linear`` layers (int8 parameters) are trained through their ``float_grad``
+  (filled by Int8Linear's backward): the float32 update W + delta is computed, its per-group absmax scale
+  recomputed, and the weight re-quantized with ``weightkit::stochastic_round_int8`` (unbiased; the Philox stream
+  is keyed by the group seed, the parameter and the step, so a resumed run rounds identically). Float 2-D weights
+  in GaLore groups follow GaLoreAdamW8bit, with the INT4 projector.
+* Projection bases are stored as INT4 (two per byte, per-group scale and zero, ``proj_group_size`` elements per
+  group) and dequantized when used.
+* Lazy refresh, as q-galore-torch does it: at each refresh the cosine similarity between the first basis vector
+  and the previous one is queued (``queue_size``); when the queue is full and its mean is at least
+  ``cos_threshold``, the layer's refresh interval is multiplied by ``gamma_proj``. ``refresh_counts()`` reports
+  how many SVDs each layer ran.
+
+Only 'std', 'reverse_std', 'left' and 'right' projections are supported (one-sided bases).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from ..ops.quant import absmax_scale, dequantize_int4, dequantize_int8, quantize_int4, stochastic_round_int8
+from .galore import GaLoreAdamW8bit
+from .projector import compute_basis, project, project_back
+
+
+class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+    EXTRA_KEYS = ("cos_threshold", "gamma_proj", "queue_size", "proj_group_size")
+
+    def __init__(self, params, lr: float = 1e-3, *args, cos_threshold: float = 0.4, gamma_proj: float = 2.0,
+                 queue_size: int = 5, proj_group_size: int = 64, **kwargs):
+        self._qgalore_defaults = dict(cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size,
+                                      proj_group_size=proj_group_size)
+        super().__init__(params, lr, *args, **kwargs)
+
+    def add_param_group(self, param_group: Dict) -> None:
+        for k, v in getattr(self, "_qgalore_defaults", {}).items():
+            param_group.setdefault(k, v)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if p.dtype == torch.int8 and "rank" not in group:
+                raise ValueError("int8 weights (Int8Linear) must be in a param group with a 'rank' (see "
+                                 "weightkit.optim.param_groups)")
+            if p.dtype == torch.int8 and getattr(p, "int8_owner", None) is None:
+                raise ValueError("int8 parameters must belong to a weightkit.nn.Int8Linear (its scale is updated too)")
+        if "rank" in group and group["proj_type"] == "full":
+            raise ValueError("QGaLoreAdamW8bit supports one-sided projections only; proj_type='full' is not supported")
+
+    def _grad(self, p: Tensor):
+        return getattr(p, "float_grad", None) if p.dtype == torch.int8 else p.grad
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype == torch.int8:
+                    p.float_grad = None
+        super().zero_grad(set_to_none)
+
+    def refresh_counts(self) -> Dict[int, int]:
+        """Number of projector refreshes (SVDs) per parameter, keyed by its index in the param groups."""
+        return {self._keys[id(p)]: int(self.state[p].get("refresh_count", 0))
+                for g in self.param_groups for p in g["params"] if "rank" in g and p.dim() == 2}
+
+    def _basis(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, side: str) -> Tensor:
+        if "ortho_q" not in state or state["step"] >= state["next_refresh"]:
+            ortho, _ = compute_basis(grad, group["rank"], side, group["svd"], oversample=group["oversample"],
+                                     power_iters=group["power_iters"],
+                                     seed=hash((group["seed"], self._keys.get(id(p), 0), state["step"])) % 2**62)
+            first = ortho[:, 0] if side == "left" else ortho[0]
+            gap = state.get("gap", group["update_proj_gap"])
+            if "first_vector" in state:
+                sims = torch.cat([state["similarities"], torch.nn.functional.cosine_similarity(
+                    state["first_vector"], first, dim=0).reshape(1)])[-group["queue_size"]:]
+                state["similarities"] = sims
+                if sims.numel() == group["queue_size"] and float(sims.mean()) >= group["cos_threshold"]:
+                    gap = int(gap * group["gamma_proj"])
+            else:
+                state["similarities"] = torch.zeros(0)
+            state["first_vector"] = first.clone()
+            state["gap"] = gap
+            state["next_refresh"] = state["step"] + gap
+            state["refresh_count"] = state.get("refresh_count", 0) + 1
+            state["ortho_q"], state["ortho_scale"], state["ortho_zero"] = quantize_int4(ortho, group["proj_group_size"])
+            state["ortho_shape"] = torch.tensor(list(ortho.shape))
+            state.pop("ortho", None)
+        return dequantize_int4(state["ortho_q"], state["ortho_scale"], state["ortho_zero"], group["proj_group_size"],
+                               tuple(state["ortho_shape"].tolist())).to(grad.device)
+
+    def _update(self, group: Dict, p: Tensor) -> None:
+        if not ("rank" in group and p.dim() == 2):
+            return super()._update(group, p)
+        state = self.state[p]
+        state.setdefault("step", 0)
+        grad = self._grad(p)
+        proj = self._projector(group)
+        side = proj.side(p.shape)
+        ortho = self._basis(group, p, state, grad, side)
+        low = project(grad, side, ortho)
+        if not self._has_moments(state):
+            self._init_moments(state, low)
+        state["step"] += 1
+        step_size = self._step_size(group, state["step"])
+        beta1, beta2 = group["betas"]
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        exp_avg, exp_avg_sq = self._load_moments(state)
+        if p.dtype == torch.int8:
+            exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+            full = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, ortho)
+            owner = p.int8_owner()
+            w = (dequantize_int8(p, owner.scale, owner.group_size) - step_size * proj.scale * full) * decay
+            scale = absmax_scale(w, owner.group_size)
+            key = hash((group["seed"], self._keys.get(id(p), 0))) % 2**62
+            p.copy_(stochastic_round_int8(w, scale, owner.group_size, seed=key, offset=(state["step"] * p.numel()) % 2**62))
+            owner.scale.copy_(scale)
+            p.float_grad = None
+        else:
+            from ..ops.galore import galore_adam_update_
+
+            galore_adam_update_(p.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=beta1, beta2=beta2,
+                                eps=group["eps"], step_size=step_size, scale=proj.scale, decay=decay)
+        self._store_moments(state, exp_avg, exp_avg_sq)
