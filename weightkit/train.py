@@ -91,12 +91,16 @@ def prepare_model(method: str, cfg: TrainConfig) -> nn.Module:
     from weightkit.models import LlamaConfig, TinyLlama
 
     torch.manual_seed(cfg.seed)
-    model = TinyLlama(LlamaConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                  hidden_dim=int(8 * cfg.dim / 3) // 8 * 8, max_seq_len=cfg.seq_len))
+    hidden = -(-8 * cfg.dim // 3 // 64) * 64  # SwiGLU width ~8/3 dim, a multiple of 64
+    model = TinyLlama(LlamaConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, hidden_dim=hidden,
+                                  max_seq_len=cfg.seq_len))
     if method == "qgalore":
         from weightkit import swap
 
-        swap(model, "int8")  # Q-GaLore keeps the block weights in INT8
+        group = min(128, math.gcd(cfg.dim, hidden))
+        report = swap(model, "int8", group_size=group)  # Q-GaLore keeps the block weights in INT8
+        if not report.replaced:
+            raise ValueError(f"no layer could be made Int8Linear with group_size={group}: {report.skipped[:3]}")
     return model
 
 

@@ -21,9 +21,14 @@ from torch import Tensor, nn
 from ..ops.quant import absmax_scale, dequantize_int8, int8_matmul
 
 
+# An empty leaf that requires grad: passed to the Function when the weight gradient is tracked so that backward
+# runs even when neither the input nor any float parameter needs a gradient (it receives None).
+_GRAD_ANCHOR = torch.empty(0, requires_grad=True)
+
+
 class _Int8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, group_size: int, track: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, group_size: int, track: bool, anchor: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight, scale)
         ctx.group_size, ctx.track = group_size, track
         return int8_matmul(x, weight, scale, group_size, transpose=False)
@@ -42,7 +47,7 @@ class _Int8LinearFunction(torch.autograd.Function):
                 weight.float_grad = g_w
             else:
                 weight.float_grad.add_(g_w)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 class Int8Linear(nn.Module):
@@ -78,13 +83,20 @@ class Int8Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not round the scales: keep them float32, follow only the device
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(device=self.scale.device)
+        return self
+
     def dequantized_weight(self) -> Tensor:
         return dequantize_int8(self.weight, self.scale, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         track = self.track_weight_grad and torch.is_grad_enabled()
         if track or (torch.is_grad_enabled() and x.requires_grad):
-            y = _Int8LinearFunction.apply(x, self.weight, self.scale, self.group_size, track)
+            y = _Int8LinearFunction.apply(x, self.weight, self.scale, self.group_size, track, _GRAD_ANCHOR)
         else:
             y = int8_matmul(x, self.weight, self.scale, self.group_size)
         if self.bias is not None:

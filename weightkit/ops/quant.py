@@ -135,8 +135,9 @@ def dequantize_int8(w_q: Tensor, scale: Tensor, group_size: int) -> Tensor:
 
 @_INT8_MM.register("reference")
 def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
-    w = dequantize_int8(w_q, scale, group_size)
-    y = x.to(torch.float32) @ (w if transpose else w.T)
+    compute = torch.promote_types(x.dtype, torch.float32)  # float64 inputs stay float64 (gradcheck)
+    w = dequantize_int8(w_q, scale, group_size).to(compute)
+    y = x.to(compute) @ (w if transpose else w.T)
     return y.to(x.dtype)
 
 
