@@ -15,6 +15,11 @@ TORCH_LIBRARY(weightkit, m) {
   m.def(
       "galore_adam_update_kernel(Tensor(a!) weight, Tensor low_grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor ortho, bool left, float beta1, float beta2, float eps, float step_size, float scale, float decay) -> ()");
+  // hot path 3: MemoryFormer hashed lookup tables (csrc/*/memory.*)
+  m.def("memory_lookup_forward_kernel(Tensor x, Tensor tables, float t) -> Tensor");
+  m.def(
+      "memory_lookup_backward_kernel(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) "
+      "-> (Tensor, Tensor)");
 }
 
 static struct PyModuleDef weightkit_C_module = {PyModuleDef_HEAD_INIT, "_C", "weightkit compiled kernels", -1, nullptr};

@@ -1,0 +1,115 @@
+"""weightkit::memory_lookup_forward/backward: every backend == reference (fwd, bwd), gradcheck, determinism."""
+
+import pytest
+import torch
+
+from tests.conftest import DEVICES, usable_backends
+from weightkit import use_backend
+from weightkit.ops import memory
+from weightkit.ops.memory import memory_lookup, memory_lookup_grads, memory_lookup_reference
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def inputs(n, K, tau, d_out, dtype=torch.float32, device="cpu"):
+    x = torch.randn(n, K * tau, device=device).to(dtype)
+    tables = (torch.randn(K, 2**tau, d_out, device=device) * 0.1).to(dtype)
+    return x, tables
+
+
+def ref64(x, tables, t, grad=None):
+    x64 = x.double().requires_grad_(True)
+    t64 = tables.double().requires_grad_(True)
+    y = memory_lookup_reference(x64, t64, t)
+    if grad is None:
+        return y
+    return torch.autograd.grad(y, (x64, t64), grad.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,K,tau,d_out", [(1, 4, 8, 24), (13, 3, 4, 70), (40, 2, 6, 33)])
+def test_forward_backward_match_reference(device, dtype, n, K, tau, d_out):
+    x, tables = inputs(n, K, tau, d_out, dtype, device)
+    g = torch.randn(n, d_out, device=device).to(dtype)
+    y64 = ref64(x, tables, 1.5)
+    gx64, gt64 = ref64(x, tables, 1.5, g)
+    fwd, bwd = usable_backends(memory._FWD, device), usable_backends(memory._BWD, device)
+    assert len(fwd) >= 2 and len(bwd) >= 2, (fwd, bwd)
+    for name in fwd:
+        with use_backend(name):
+            y = memory_lookup(x, tables, 1.5)
+            gx, gt = memory_lookup_grads(g, x, tables, 1.5)
+            gx_d, gt_d = memory_lookup_grads(g, x, tables, 1.5, deterministic=True)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), y64, **TOL[dtype], msg=lambda s: f"{name} fwd: {s}")
+        for a, b in ((gx, gx64), (gt, gt64), (gx_d, gx64), (gt_d, gt64)):
+            torch.testing.assert_close(a.double(), b, **TOL[dtype], msg=lambda s: f"{name} bwd: {s}")
+
+
+def test_autograd_through_op_and_gradcheck_reference():
+    x, tables = inputs(5, 2, 4, 6, torch.float64)
+    x.requires_grad_(True)
+    tables.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: memory_lookup_reference(a, b, 0.7), (x, tables))
+    xf, tf = inputs(9, 3, 4, 10)
+    xf.requires_grad_(True)
+    tf.requires_grad_(True)
+    g = torch.randn(9, 10)
+    gx64, gt64 = ref64(xf.detach(), tf.detach(), 1.0, g)
+    for name in usable_backends(memory._FWD, "cpu"):
+        with use_backend(name):
+            gx, gt = torch.autograd.grad(memory_lookup(xf, tf), (xf, tf), g)
+        torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gt.double(), gt64, rtol=1e-4, atol=1e-5)
+
+
+def test_hot_bucket_and_zero_tie_rule():
+    """All-zero chunks: bucket 0 (zero counts as negative), p = sigmoid(0)^tau, input gradient 0 (sign(0) = 0)."""
+    x = torch.zeros(64, 16)
+    x[::2, :8] = torch.randn(32, 8)
+    tables = torch.randn(2, 256, 12)
+    g = torch.randn(64, 12)
+    for name in usable_backends(memory._FWD, "cpu"):
+        with use_backend(name):
+            y = memory_lookup(x, tables)
+            gx, gt = memory_lookup_grads(g, x, tables, deterministic=True)
+        torch.testing.assert_close(y[1], (0.5**8) * (tables[0, 0] + tables[1, 0]), rtol=1e-5, atol=1e-6)
+        assert torch.equal(gx[1::2], torch.zeros_like(gx[1::2]))
+        # every odd token lands in bucket 0 of both tables: 32 contributions to one row
+        torch.testing.assert_close(gt[1, 0], (0.5**8) * g.sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_table_gradient_is_bit_identical():
+    x, tables = inputs(300, 4, 4, 40)
+    x[:150, :4] = 0.0  # many tokens in one bucket: where summation order matters
+    g = torch.randn(300, 40)
+    for name in usable_backends(memory._BWD, "cpu"):
+        with use_backend(name):
+            runs = [memory_lookup_grads(g, x, tables, deterministic=True)[1] for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), name
+
+
+def test_opcheck_and_compile():
+    x, tables = inputs(6, 2, 4, 8)
+    torch.library.opcheck(memory._forward_op, (x, tables, 1.0))
+    torch.library.opcheck(memory._backward_op, (torch.randn(6, 8), x, tables, 1.0, True))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: memory_lookup(a * 2, b), fullgraph=True)
+    torch.testing.assert_close(compiled(x, tables), memory_lookup(x * 2, tables))
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(x=torch.randn(3, 15)), ValueError, "x has 15 features, tables expect"),
+    (dict(tables=torch.randn(2, 100, 8)), ValueError, "2\\^tau rows"),
+    (dict(tables=torch.randn(256, 8)), ValueError, "tables must be 3-D"),
+    (dict(t=0.0), ValueError, "t \\(temperature\\) must be > 0"),
+    (dict(x=torch.full((3, 16), float("nan"))), ValueError, "x contains 48 non-finite"),
+    (dict(x=torch.randn(3, 16).to(torch.int64)), TypeError, "x must have dtype"),
+])
+def test_bad_input(kwargs, err, match):
+    args = dict(x=torch.randn(3, 16), tables=torch.randn(2, 256, 8), t=1.0)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        memory_lookup(**args)

@@ -1,0 +1,167 @@
+"""MemoryFormer hashed lookup (arXiv 2411.12992): ``y = sum_k p(z_k) T_k[h(z_k)]``.
+
+x (..., d) is cut into K = d / tau chunks z_k of tau values. For chunk k:
+
+* bucket h(z_k) = sum_i [z_{k,i} > 0] 2^i: bit i is element i's sign, element 0 the least significant bit; a zero
+  counts as negative (bit 0).
+* weight p(z_k) = prod_i sigmoid(2 |z_{k,i}| / t): the closed form of the softmax over all 2^tau codes of
+  ``sum_i s_i z_{k,i} / t`` evaluated at the hashed code (paper Eq. 10), temperature ``t``.
+* tables T (K, 2^tau, d_out): y = sum_k p(z_k) T[k, h(z_k)], accumulated in fp32, output in x's dtype.
+
+Backward (the hash is piecewise constant, so the input gradient flows through p only):
+
+    dT[k, h_k] += p_k g
+    dz_{k,i}    = <g, T[k, h_k]> p_k (2 / t) sign(z_{k,i}) sigmoid(-2 |z_{k,i}| / t),  sign(0) = 0
+
+``deterministic=True`` makes the table gradient a fixed-order sum (the cpu kernel always is: one thread per
+table, tokens in order; cuda/triton sort tokens by bucket and sum each bucket's run in order); otherwise the GPU
+kernels use atomics. ``torch.are_deterministic_algorithms_enabled()`` turns it on too.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ..backend import KernelTable
+from ._checks import FLOAT_DTYPES, check_finite, check_tensor
+
+__all__ = ["memory_lookup", "memory_lookup_grads"]
+
+_FWD = KernelTable("memory_lookup_forward", compiled="memory_lookup_forward_kernel")
+_BWD = KernelTable("memory_lookup_backward", compiled="memory_lookup_backward_kernel")
+MAX_TAU = 16
+
+
+def _check_args(x: Tensor, tables: Tensor, t: float) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
+    k, buckets, _ = tables.shape
+    tau = buckets.bit_length() - 1
+    if buckets != 1 << tau or not 1 <= tau <= MAX_TAU:
+        raise ValueError(f"tables must have 2^tau rows per table with 1 <= tau <= {MAX_TAU}, got {buckets}")
+    if x.shape[-1] != k * tau:
+        raise ValueError(f"x has {x.shape[-1]} features, tables expect K * tau = {k} * {tau} = {k * tau}")
+    if not t > 0:
+        raise ValueError(f"t (temperature) must be > 0, got {t}")
+
+
+def memory_lookup_reference(x: Tensor, tables: Tensor, t: float) -> Tensor:
+    """Differentiable plain-PyTorch specification (autograd gives the backward above)."""
+    k, buckets, d_out = tables.shape
+    tau = buckets.bit_length() - 1
+    compute = torch.promote_types(x.dtype, torch.float32)
+    z = x.reshape(-1, k, tau).to(compute)
+    h = ((z > 0).to(torch.int64) << torch.arange(tau, device=x.device)).sum(-1)  # (N, K)
+    p = torch.sigmoid(2 * z.abs() / t).prod(-1)  # (N, K)
+    rows = tables.to(compute)[torch.arange(k, device=x.device), h]  # (N, K, d_out)
+    y = (p.unsqueeze(-1) * rows).sum(1)
+    return y.reshape(*x.shape[:-1], d_out).to(x.dtype)
+
+
+_FWD.register("reference")(memory_lookup_reference)
+
+
+@_BWD.register("reference")
+def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool):
+    """The backward formulas of the module docstring, in float64 (tests check them against autograd)."""
+    k, buckets, d_out = tables.shape
+    tau = buckets.bit_length() - 1
+    z = x.reshape(-1, k, tau).to(torch.float64)
+    g = grad.reshape(-1, d_out).to(torch.float64)
+    h = ((z > 0).to(torch.int64) << torch.arange(tau, device=x.device)).sum(-1)
+    p = torch.sigmoid(2 * z.abs() / t).prod(-1)
+    table_idx = torch.arange(k, device=x.device).expand_as(h)
+    rows = tables.to(torch.float64)[table_idx, h]  # (N, K, d_out)
+    dot = (rows * g[:, None, :]).sum(-1)
+    gz = (dot * p)[..., None] * (2 / t) * torch.sign(z) * torch.sigmoid(-2 * z.abs() / t)
+    gt = torch.zeros(k, buckets, d_out, dtype=torch.float64, device=x.device)
+    gt.index_put_((table_idx, h), p[..., None] * g[:, None, :], accumulate=True)
+    return gz.reshape(x.shape).to(x.dtype), gt.to(tables.dtype)
+
+
+@_FWD.register("cpu")
+@_FWD.register("cuda")
+def _forward_compiled(x, tables, t):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.weightkit.memory_lookup_forward_kernel(x2, tables.contiguous(), t)
+    return y.reshape(*x.shape[:-1], tables.shape[-1])
+
+
+@_BWD.register("cpu")
+@_BWD.register("cuda")
+def _backward_compiled(grad, x, tables, t, deterministic):
+    g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    gx, gt = torch.ops.weightkit.memory_lookup_backward_kernel(g2, x2, tables.contiguous(), t, deterministic)
+    return gx.reshape(x.shape), gt
+
+
+@_FWD.register("triton")
+def _forward_triton(x, tables, t):
+    from ..kernels.memory import memory_lookup_forward_triton
+
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return memory_lookup_forward_triton(x2, tables.contiguous(), t).reshape(*x.shape[:-1], tables.shape[-1])
+
+
+@_BWD.register("triton")
+def _backward_triton(grad, x, tables, t, deterministic):
+    from ..kernels.memory import memory_lookup_backward_triton
+
+    gx, gt = memory_lookup_backward_triton(grad.reshape(-1, grad.shape[-1]).contiguous(),
+                                           x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), t,
+                                           deterministic)
+    return gx.reshape(x.shape), gt
+
+
+@torch.library.custom_op("weightkit::memory_lookup_forward", mutates_args=())
+def _forward_op(x: Tensor, tables: Tensor, t: float) -> Tensor:
+    _check_args(x, tables, t)
+    check_finite("x", x)
+    return _FWD(x.device, x, tables, t)
+
+
+@_forward_op.register_fake
+def _(x, tables, t):
+    _check_args(x, tables, t)
+    return x.new_empty((*x.shape[:-1], tables.shape[-1]))
+
+
+@torch.library.custom_op("weightkit::memory_lookup_backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool) -> Tuple[Tensor, Tensor]:
+    return _BWD(x.device, grad, x, tables, t, deterministic)
+
+
+@_backward_op.register_fake
+def _(grad, x, tables, t, deterministic):
+    return torch.empty_like(x), torch.empty_like(tables)
+
+
+def _setup(ctx, inputs, output):
+    x, tables, t = inputs
+    ctx.save_for_backward(x, tables)
+    ctx.t = t
+
+
+def _backward(ctx, grad):
+    x, tables = ctx.saved_tensors
+    deterministic = torch.are_deterministic_algorithms_enabled() or getattr(ctx, "deterministic", False)
+    gx, gt = _backward_op(grad.contiguous(), x, tables, ctx.t, deterministic)
+    return gx, gt, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup)
+
+
+def memory_lookup(x: Tensor, tables: Tensor, t: float = 1.0) -> Tensor:
+    """MemoryFormer lookup (see the module docstring). Differentiable in ``x`` and ``tables``."""
+    return _forward_op(x, tables, float(t))
+
+
+def memory_lookup_grads(grad: Tensor, x: Tensor, tables: Tensor, t: float = 1.0, deterministic: bool = False):
+    """(grad_x, grad_tables) directly, e.g. to test the deterministic table-gradient mode."""
+    _check_args(x, tables, t)
+    return _backward_op(grad, x, tables, float(t), bool(deterministic))
