@@ -20,6 +20,9 @@ TORCH_LIBRARY(weightkit, m) {
   m.def(
       "memory_lookup_backward_kernel(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) "
       "-> (Tensor, Tensor)");
+  // hot path 4: sparse-dense dictionary matmul (csrc/*/dictionary.*)
+  m.def("dict_sparse_gather_kernel(Tensor z, Tensor values, Tensor indices) -> Tensor");
+  m.def("dict_sparse_gather_backward_kernel(Tensor grad, Tensor z, Tensor values, Tensor indices) -> (Tensor, Tensor)");
 }
 
 static struct PyModuleDef weightkit_C_module = {PyModuleDef_HEAD_INIT, "_C", "weightkit compiled kernels", -1, nullptr};

@@ -1,9 +1,10 @@
 """Drop-in replacements for nn.Linear. Each provides ``from_linear(linear, **opts)``, used by weightkit.swap."""
 
+from .dictionary import DictLinear  # noqa: E402
 from .int8 import Int8Linear  # noqa: E402
 from .memory import MemoryFFN, MemoryFormerBlock, MemoryLinear, MemoryQKV  # noqa: E402
 
-__all__ = ["Int8Linear", "MemoryLinear", "MemoryQKV", "MemoryFFN", "MemoryFormerBlock"]
+__all__ = ["DictLinear", "Int8Linear", "MemoryLinear", "MemoryQKV", "MemoryFFN", "MemoryFormerBlock"]
 
 from .swap import SwapReport, swap  # noqa: E402
 

@@ -12,8 +12,8 @@ from torch import nn
 METHODS = {
     "int8": ("weightkit.nn.int8", "Int8Linear"),
     "memory": ("weightkit.nn.memory", "MemoryLinear"),
+    "dict": ("weightkit.nn.dictionary", "DictLinear"),
 }
-# "dict" (weightkit.nn.dictionary.DictLinear, issue 10) joins this table when that layer lands.
 
 DEFAULT_SKIP = ("lm_head",)  # output heads are usually kept dense
 
@@ -69,7 +69,7 @@ def swap(model: nn.Module, method: str, filter_fn: Optional[Callable[[str, nn.Li
 
     Args:
         model: any nn.Module (Hugging Face models included).
-        method: ``'int8'`` (Int8Linear) or ``'memory'`` (MemoryLinear).
+        method: ``'int8'`` (Int8Linear), ``'memory'`` (MemoryLinear) or ``'dict'`` (DictLinear, data-free).
         filter_fn: ``filter_fn(name, linear) -> bool`` picks the layers to replace; by default every nn.Linear
             except those whose name ends in one of ``DEFAULT_SKIP`` (the output head).
         **opts: passed to the class's ``from_linear`` (e.g. ``group_size=128``, ``tau=8``, ``ratio=0.3``).

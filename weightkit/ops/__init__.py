@@ -1,8 +1,9 @@
 """weightkit ops: one module per hot path, each a torch.library custom op with a reference and backends."""
 
-from . import galore, memory, quant, rng  # noqa: F401  (registers the weightkit:: custom ops)
+from . import dictionary, galore, memory, quant, rng  # noqa: F401  (registers the weightkit:: custom ops)
+from .dictionary import dict_sparse_gather
 from .galore import galore_adam_update_
 from .memory import memory_lookup
 from .quant import absmax_scale, stochastic_round_int8
 
-__all__ = ["stochastic_round_int8", "absmax_scale", "galore_adam_update_", "memory_lookup"]
+__all__ = ["stochastic_round_int8", "absmax_scale", "galore_adam_update_", "memory_lookup", "dict_sparse_gather"]

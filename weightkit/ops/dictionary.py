@@ -1,0 +1,139 @@
+"""Sparse-dense dictionary matmul (CoSpaDi, arXiv 2509.22075).
+
+A weight with nn.Linear's convention y = x W^T is stored as W^T (d_in x d_out) = D S: D dense (d_in x k) and S
+(k x d_out) with exactly s nonzeros per column, kept compactly as ``values`` (s x d_out) and ``indices``
+(s x d_out; uint8 when k <= 256, int16 when k <= 32768). With Z = x D (a dense matmul, tokens x k):
+
+    y[:, j] = sum_t values[t, j] * Z[:, indices[t, j]]                     (``dict_sparse_gather``)
+
+Backward (indices frozen): grad_Z[:, indices[t, j]] += values[t, j] grad_y[:, j];
+grad_values[t, j] = <grad_y[:, j], Z[:, indices[t, j]]>. Accumulation is fp32; outputs have Z's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ..backend import KernelTable
+from ._checks import FLOAT_DTYPES, check_finite, check_tensor
+
+__all__ = ["dict_sparse_gather", "index_dtype_for"]
+
+INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+_FWD = KernelTable("dict_sparse_gather", compiled="dict_sparse_gather_kernel")
+_BWD = KernelTable("dict_sparse_gather_backward", compiled="dict_sparse_gather_backward_kernel")
+
+
+def index_dtype_for(k: int) -> torch.dtype:
+    """The narrowest index dtype that holds atom indices 0..k-1."""
+    if k <= 256:
+        return torch.uint8
+    if k <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def _check_args(z: Tensor, values: Tensor, indices: Tensor) -> None:
+    check_tensor("z", z, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("values", values, dtypes=FLOAT_DTYPES, ndim=2, device=z.device)
+    check_tensor("indices", indices, dtypes=INDEX_DTYPES, ndim=2, device=z.device)
+    if indices.shape != values.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must have the same shape")
+
+
+def _check_index_range(indices: Tensor, k: int) -> None:
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= k:
+        raise ValueError(f"indices must lie in [0, k={k}) (the columns of z), got values in [{lo}, {hi}]")
+
+
+@_FWD.register("reference")
+def dict_sparse_gather_reference(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    compute = torch.promote_types(z.dtype, torch.float32)
+    gathered = z.to(compute)[:, indices.long()]  # (N, s, d_out)
+    return (gathered * values.to(compute)).sum(1).to(z.dtype)
+
+
+@_BWD.register("reference")
+def dict_sparse_gather_backward_reference(grad: Tensor, z: Tensor, values: Tensor, indices: Tensor):
+    idx = indices.long()
+    g = grad.to(torch.float64)
+    gz = torch.zeros(z.shape, dtype=torch.float64, device=z.device)
+    gz.index_add_(1, idx.reshape(-1), (values.to(torch.float64)[None] * g[:, None, :]).reshape(g.shape[0], -1))
+    gv = (z.to(torch.float64)[:, idx] * g[:, None, :]).sum(0)
+    return gz.to(z.dtype), gv.to(values.dtype)
+
+
+@_FWD.register("cpu")
+@_FWD.register("cuda")
+def _fwd_compiled(z, values, indices):
+    return torch.ops.weightkit.dict_sparse_gather_kernel(z.contiguous(), values.contiguous(), indices.contiguous())
+
+
+@_BWD.register("cpu")
+@_BWD.register("cuda")
+def _bwd_compiled(grad, z, values, indices):
+    return torch.ops.weightkit.dict_sparse_gather_backward_kernel(grad.contiguous(), z.contiguous(),
+                                                                  values.contiguous(), indices.contiguous())
+
+
+@_FWD.register("triton")
+def _fwd_triton(z, values, indices):
+    from ..kernels.dictionary import dict_sparse_gather_triton
+
+    return dict_sparse_gather_triton(z.contiguous(), values.contiguous(), indices.contiguous())
+
+
+@_BWD.register("triton")
+def _bwd_triton(grad, z, values, indices):
+    from ..kernels.dictionary import dict_sparse_gather_backward_triton
+
+    return dict_sparse_gather_backward_triton(grad.contiguous(), z.contiguous(), values.contiguous(),
+                                              indices.contiguous())
+
+
+@torch.library.custom_op("weightkit::dict_sparse_gather", mutates_args=())
+def _fwd_op(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    _check_args(z, values, indices)
+    _check_index_range(indices, z.shape[1])
+    check_finite("z", z)
+    return _FWD(z.device, z, values, indices)
+
+
+@_fwd_op.register_fake
+def _(z, values, indices):
+    _check_args(z, values, indices)
+    return z.new_empty((z.shape[0], values.shape[1]))
+
+
+@torch.library.custom_op("weightkit::dict_sparse_gather_backward", mutates_args=())
+def _bwd_op(grad: Tensor, z: Tensor, values: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
+    return _BWD(z.device, grad, z, values, indices)
+
+
+@_bwd_op.register_fake
+def _(grad, z, values, indices):
+    return torch.empty_like(z), torch.empty_like(values)
+
+
+def _setup(ctx, inputs, output):
+    z, values, indices = inputs
+    ctx.save_for_backward(z, values, indices)
+
+
+def _backward(ctx, grad):
+    z, values, indices = ctx.saved_tensors
+    gz, gv = _bwd_op(grad.contiguous(), z, values, indices)
+    return gz, gv, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def dict_sparse_gather(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """``y[:, j] = sum_t values[t, j] * z[:, indices[t, j]]`` (see the module docstring); differentiable in z and
+    values."""
+    return _fwd_op(z, values, indices)
