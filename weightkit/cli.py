@@ -134,8 +134,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress all-MiniLM-L6-v2 with the dictionary method and the SVD baseline at the same bytes; report the
+    per-layer functional error, the sizes and the embedding cosine similarity to the original model."""
+    import copy
+    import json
+    import os
+
+    from weightkit import compress
+    from weightkit.data import corpus_text
+    from weightkit.models import load_minilm, minilm_embed
+
+    sentences = [s.strip() for s in corpus_text().replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200]
+    calib, evaluation = sentences[: args.calib], sentences[args.calib : args.calib + args.eval]
+    tok, base = load_minilm()
+    ref = minilm_embed(tok, base, evaluation)
+    batches = [dict(tok(calib[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+               for i in range(0, len(calib), 16)]
+    results = {}
+    for method in args.methods.split(","):
+        model = copy.deepcopy(base)
+        report = compress.compress(model, batches, ratio=args.ratio, method=method, iters=args.iters,
+                                   shared=args.shared)
+        cos = float((minilm_embed(tok, model, evaluation) * ref).sum(-1).mean())
+        results[method] = {"cosine": cos, "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
+                           "mean_layer_error": sum(r.functional_error for r in report.layers) / len(report.layers)}
+        if args.verbose:
+            print(report)
+    print(f"all-MiniLM-L6-v2, {args.ratio:.0%} of the linear layers' bytes removed; {len(evaluation)} evaluation "
+          f"sentences from pydoc topics, {len(calib)} calibration sentences")
+    print("| method | embedding cosine to original | linear MB before -> after | mean whitened layer error |")
+    print("|---|---|---|---|")
+    for method, r in results.items():
+        print(f"| {method} | {r['cosine']:.4f} | {r['bytes_before'] / 1e6:.2f} -> {r['bytes_after'] / 1e6:.2f} | "
+              f"{r['mean_layer_error']:.4f} |")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"compress-minilm-{int(args.ratio * 100)}pct-{time.strftime('%Y-%m-%d')}.json")
+    with open(path, "w") as f:
+        json.dump({"ratio": args.ratio, "iters": args.iters, "shared": args.shared, "results": results}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "info": cmd_info, "demo": cmd_demo, "train": cmd_train, "bench": cmd_bench,
+    "info": cmd_info, "demo": cmd_demo, "train": cmd_train, "bench": cmd_bench, "compress": cmd_compress,
 }
 
 
@@ -164,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--suite", default="all", help="all, or comma-separated suite names (quant, galore, memory, ...)")
     be.add_argument("-k", default=None, help="pytest -k expression to pick benchmarks")
     be.add_argument("--out-dir", default="bench/results")
+    co = sub.add_parser("compress", help="dictionary vs SVD compression of all-MiniLM-L6-v2 with a quality report")
+    co.add_argument("--ratio", type=float, default=0.3, help="fraction of the linear layers' bytes removed")
+    co.add_argument("--methods", default="dictionary,svd")
+    co.add_argument("--iters", type=int, default=2, help="K-SVD iterations")
+    co.add_argument("--shared", action="store_true", help="one dictionary for layers reading the same input (Q/K/V)")
+    co.add_argument("--calib", type=int, default=64, help="calibration sentences")
+    co.add_argument("--eval", type=int, default=64, help="evaluation sentences")
+    co.add_argument("--verbose", action="store_true", help="print the per-layer report")
+    co.add_argument("--out-dir", default="weightkit-results")
     return parser
 
 

@@ -66,34 +66,31 @@ def svd_rank(d_in: int, d_out: int, ratio: float) -> int:
 # Sparse coding and dictionary learning (float64, on Y's device)
 
 
-def omp(D: Tensor, Y: Tensor, s: int, eps: float = 1e-10) -> Tuple[Tensor, Tensor]:
-    """Batched orthogonal matching pursuit: (indices (m, s) int64, coefficients (m, s)) with exactly s atoms per
-    column of Y (d x m); D has unit-norm columns. Least squares on the support through a Cholesky factor of the
-    support's Gram matrix grown by one row per step, and correlations D^T R = D^T Y - G S, so no step touches a
-    d x m residual."""
+def omp(D: Tensor, Y: Tensor, s: int, steps: int = 8, eps: float = 1e-10) -> Tuple[Tensor, Tensor]:
+    """Batched (generalized) orthogonal matching pursuit: (indices (m, s) int64, coefficients (m, s)) with exactly
+    s distinct atoms per column of Y (d x m); D has unit-norm columns.
+
+    Each of ``steps`` rounds adds the ceil(s / steps) atoms most correlated with every column's residual (steps=s
+    is classic one-atom OMP), then solves least squares on the whole support through a batched Cholesky of the
+    support's Gram matrix. Correlations come from D^T R = D^T Y - G S, so no round touches a d x m residual."""
     k, m = D.shape[1], Y.shape[1]
     gram = D.T @ D
     dty = D.T @ Y  # (k, m)
-    idx = torch.zeros(m, s, dtype=torch.int64, device=Y.device)
-    chol = torch.zeros(m, s, s, dtype=Y.dtype, device=Y.device)
+    per_step = -(-s // max(1, min(steps, s)))
+    idx = torch.zeros(m, 0, dtype=torch.int64, device=Y.device)
+    coef = torch.zeros(m, 0, dtype=Y.dtype, device=Y.device)
     chosen = torch.zeros(k, m, dtype=torch.bool, device=Y.device)
     cols = torch.arange(m, device=Y.device)
-    coef = torch.zeros(m, 0, dtype=Y.dtype, device=Y.device)
-    for t in range(s):
-        corr = (dty - gram @ scatter_codes(idx[:, :t], coef, k)).abs().masked_fill(chosen, -1.0)
-        pick = corr.argmax(0)
-        idx[:, t] = pick
-        chosen[pick, cols] = True
-        if t == 0:
-            chol[:, 0, 0] = 1.0
-        else:
-            g = gram[idx[:, :t], pick[:, None]]  # (m, t): <d_S, d_new>
-            w = torch.linalg.solve_triangular(chol[:, :t, :t], g.unsqueeze(-1), upper=False).squeeze(-1)
-            chol[:, t, :t] = w
-            chol[:, t, t] = (1.0 - (w * w).sum(-1)).clamp_min(eps).sqrt()
-        b = dty.T.gather(1, idx[:, : t + 1]).unsqueeze(-1)
-        lt = chol[:, : t + 1, : t + 1]
-        coef = torch.cholesky_solve(b, lt, upper=False).squeeze(-1)
+    while idx.shape[1] < s:
+        take = min(per_step, s - idx.shape[1])
+        corr = (dty - gram @ scatter_codes(idx, coef, k)).abs().masked_fill(chosen, -1.0)
+        picks = corr.topk(take, dim=0).indices.T  # (m, take), distinct and not yet chosen
+        chosen[picks.reshape(-1), cols.repeat_interleave(take)] = True
+        idx = torch.cat([idx, picks], 1)
+        g = gram[idx[:, :, None], idx[:, None, :]]  # (m, t, t)
+        g.diagonal(dim1=1, dim2=2).add_(eps)
+        chol = torch.linalg.cholesky(g)
+        coef = torch.cholesky_solve(dty.T.gather(1, idx).unsqueeze(-1), chol).squeeze(-1)
     return idx, coef
 
 
