@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../galore_epilogue.h"
+
 #include <cmath>
 
 namespace weightkit {
@@ -41,19 +43,7 @@ void galore_adam_update_cpu(at::Tensor weight, const at::Tensor& low_grad, at::T
                   exp_avg_sq.scalar_type() == at::kFloat && ortho.scalar_type() == at::kFloat,
               "galore_adam_update_kernel: low_grad, moments and ortho must be float32");
   at::Tensor update = low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps);
-  const double alpha = -step_size * scale * decay;
-  if (weight.scalar_type() == at::kFloat) {
-    // W <- decay * W + alpha * (P U | U P): BLAS writes straight into W, no full-size temporary.
-    if (left) {
-      weight.addmm_(ortho, update, decay, alpha);
-    } else {
-      weight.addmm_(update, ortho, decay, alpha);
-    }
-  } else {
-    at::Tensor full = left ? at::mm(ortho, update) : at::mm(update, ortho);
-    full.mul_(alpha).add_(weight.to(at::kFloat), decay);
-    weight.copy_(full);
-  }
+  galore_apply_update(weight, ortho, update, left, step_size, scale, decay);
 }
 
 }  // namespace

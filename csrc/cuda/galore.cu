@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../galore_epilogue.h"
+
 namespace weightkit {
 namespace {
 
@@ -42,18 +44,7 @@ void galore_adam_update_cuda(at::Tensor weight, const at::Tensor& low_grad, at::
         n, static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const double alpha = -step_size * scale * decay;
-  if (weight.scalar_type() == at::kFloat) {
-    if (left) {
-      weight.addmm_(ortho, update, decay, alpha);
-    } else {
-      weight.addmm_(update, ortho, decay, alpha);
-    }
-  } else {
-    at::Tensor full = left ? at::mm(ortho, update) : at::mm(update, ortho);
-    full.mul_(alpha).add_(weight.to(at::kFloat), decay);
-    weight.copy_(full);
-  }
+  galore_apply_update(weight, ortho, update, left, step_size, scale, decay);
 }
 
 }  // namespace
