@@ -49,6 +49,26 @@ def test_backends_match_float64(device, dtype, n, k, s, d_out, index_dtype):
         torch.testing.assert_close(gv.double(), gv64, **TOL[dtype], msg=lambda m: f"{name} grad values: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    z_big, v_big, _ = inputs(40, 90, 12, 60, device=device)
+    z = z_big[::2, ::3]  # (20, 30), strided
+    idx = torch.rand(30, 40, device=device).argsort(0)[:12].to(torch.uint8)[::2]  # (6, 40), every other row
+    values = v_big[:6, :40].T.contiguous().T  # (6, 40), column-major
+    assert not z.is_contiguous() and not values.is_contiguous() and not idx.is_contiguous()
+    g = torch.randn(40, 20, device=device).T  # (20, 40) non-contiguous gradient
+    y64 = ref64(z, values, idx)
+    gz64, gv64 = ref64(z, values, idx, g)
+    for name in usable_backends(dict_ops._FWD, device):
+        with use_backend(name):
+            zr, vr = z.clone().requires_grad_(True), values.clone().requires_grad_(True)
+            y = dict_sparse_gather(z, values, idx)
+            gz, gv = torch.autograd.grad(dict_sparse_gather(zr, vr, idx), (zr, vr), g)
+        torch.testing.assert_close(y.double(), y64, **TOL[torch.float32], msg=lambda m: f"{name} fwd: {m}")
+        torch.testing.assert_close(gz.double(), gz64, **TOL[torch.float32], msg=lambda m: f"{name} grad z: {m}")
+        torch.testing.assert_close(gv.double(), gv64, **TOL[torch.float32], msg=lambda m: f"{name} grad values: {m}")
+
+
 def test_gradcheck_reference_and_index_dtypes():
     z, values, idx = inputs(4, 12, 3, 5, torch.float64)
     z.requires_grad_(True)
@@ -73,6 +93,11 @@ def test_opcheck_and_compile():
     (lambda a: a.update(indices=torch.zeros(4, 9, dtype=torch.float32)), TypeError, "indices must have dtype"),
     (lambda a: a.update(z=torch.full((6, 20), float("nan"))), ValueError, "z contains 120 non-finite"),
     (lambda a: a.update(values=torch.randn(4, 9, dtype=torch.float64)), TypeError, "values must have dtype"),
+    (lambda a: a.update(indices=torch.full((4, 9), -1, dtype=torch.int16)), ValueError, "indices must lie in"),
+    (lambda a: a.update(z=torch.randn(0, 20)), ValueError, "z is empty"),
+    (lambda a: a.update(z=torch.randn(6, 20, 2)), ValueError, "z must be 2-D"),
+    (lambda a: a.update(values=torch.randn(4, 9, device="meta")), ValueError, "values is on meta"),
+    (lambda a: a.update(values=torch.full((4, 9), float("inf"))), ValueError, "values contains 36 non-finite"),
 ])
 def test_bad_input(change, err, match):
     z, values, idx = inputs(6, 20, 4, 9)

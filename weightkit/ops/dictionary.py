@@ -100,6 +100,7 @@ def _fwd_op(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     _check_args(z, values, indices)
     _check_index_range(indices, z.shape[1])
     check_finite("z", z)
+    check_finite("values", values)
     return _FWD(z.device, z, values, indices)
 
 
