@@ -55,12 +55,17 @@ std::tuple<at::Tensor, at::Tensor> dict_sparse_gather_backward_cpu(const at::Ten
       }
     }
   });
-  at::parallel_for(0, s * d_out, 64, [&](int64_t begin, int64_t end) {  // each (t, j) sums over tokens in order
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t j = e % d_out, col = ip[e];
-      float acc = 0.f;
-      for (int64_t r = 0; r < n; ++r) acc += gp[r * d_out + j] * zp[r * k + col];
-      gvp[e] = acc;
+  // Each thread owns a range of output columns j for every t and sums over tokens in order (deterministic);
+  // the inner loop runs along contiguous rows of grad, values and indices.
+  at::parallel_for(0, d_out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < n; ++r) {
+      const float* gr = gp + r * d_out;
+      const float* zr = zp + r * k;
+      for (int64_t t = 0; t < s; ++t) {
+        const int64_t* it = ip + t * d_out;
+        float* gvt = gvp + t * d_out;
+        for (int64_t j = begin; j < end; ++j) gvt[j] += gr[j] * zr[it[j]];
+      }
     }
   });
   return {gz.to(z.scalar_type()), gv.to(values.scalar_type())};
