@@ -121,12 +121,27 @@ def _relative_error(Y: Tensor, D: Tensor, idx: Tensor, coef: Tensor, norm_y: flo
 
 
 def learn_dictionary(Y: Tensor, k: int, s: int, iters: int = 3, power_iters: int = 2, seed: int = 0,
-                     D: Optional[Tensor] = None, progress: Optional[Callable[[], None]] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor, List[float]]:
+                     D: Optional[Tensor] = None, progress: Optional[Callable[[], None]] = None,
+                     threads: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, List[float]]:
     """K-SVD on Y (d x m): (D (d x k), idx (m, s), coef (m, s), errors), indices ascending within each column.
 
     ``errors`` holds the relative error ||Y - D S|| / ||Y|| after the first coding and after each of ``iters``
-    iterations (non-increasing). D starts from Y's leading left singular vectors, then random unit directions."""
+    iterations (non-increasing). D starts from Y's leading left singular vectors, then random unit directions.
+
+    Most operations here are small (one atom's users at a time) and intra-op threads cost more than they save on
+    them (25x slower with 2 threads on a busy 2-core machine), so ``threads`` defaults to one per 2^20 entries of
+    Y, capped by torch's setting; it is restored afterwards."""
+    if threads is None:
+        threads = min(torch.get_num_threads(), max(1, Y.numel() >> 20))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _learn(Y, k, s, iters, power_iters, seed, D, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _learn(Y, k, s, iters, power_iters, seed, D, progress):
     Y = Y.to(torch.float64)
     d, m = Y.shape
     if not 1 <= s <= k:
