@@ -7,30 +7,49 @@
 namespace weightkit {
 namespace {
 
-// Indices arrive as uint8/int16/int32/int64; widen them once to int64 (s x d_out, small).
+// Indices arrive as uint8/int16/int32/int64; widen them once to int64 (s x d_out, small) for the backward.
 at::Tensor wide(const at::Tensor& indices) { return indices.to(at::kLong).contiguous(); }
 
-at::Tensor dict_sparse_gather_cpu(const at::Tensor& z, const at::Tensor& values, const at::Tensor& indices) {
-  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && values.is_contiguous(), "dict_sparse_gather_kernel: bad inputs");
-  const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
-  const at::Tensor zf = z.to(at::kFloat).contiguous(), vf = values.to(at::kFloat).contiguous(), idx = wide(indices);
-  auto y = at::empty({n, d_out}, zf.options());
-  const float* zp = zf.data_ptr<float>();
-  const float* vp = vf.data_ptr<float>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+// Forward: tasks are (row, block of kCols output columns), so one token still spreads over the threads; within a
+// task the loop runs along contiguous rows of values/indices. The index type stays compact (no widened copy).
+constexpr int64_t kCols = 256;
+
+template <typename index_t>
+void gather_forward(const float* zp, const float* vp, const index_t* ip, float* yp, int64_t n, int64_t k, int64_t s,
+                    int64_t d_out) {
+  const int64_t blocks = (d_out + kCols - 1) / kCols;
+  at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / blocks, j0 = (task % blocks) * kCols, j1 = std::min(d_out, j0 + kCols);
       const float* zr = zp + r * k;
       float* yr = yp + r * d_out;
-      for (int64_t j = 0; j < d_out; ++j) yr[j] = 0.f;
-      for (int64_t t = 0; t < s; ++t) {  // row t of values/indices is contiguous over j
+      for (int64_t j = j0; j < j1; ++j) yr[j] = 0.f;
+      for (int64_t t = 0; t < s; ++t) {
         const float* vt = vp + t * d_out;
-        const int64_t* it = ip + t * d_out;
-        for (int64_t j = 0; j < d_out; ++j) yr[j] += vt[j] * zr[it[j]];
+        const index_t* it = ip + t * d_out;
+        for (int64_t j = j0; j < j1; ++j) yr[j] += vt[j] * zr[static_cast<int64_t>(it[j])];
       }
     }
   });
+}
+
+at::Tensor dict_sparse_gather_cpu(const at::Tensor& z, const at::Tensor& values, const at::Tensor& indices) {
+  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(),
+              "dict_sparse_gather_kernel: need z (n, k), values and indices (s, d_out)");
+  const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
+  const at::Tensor zf = z.to(at::kFloat).contiguous(), vf = values.to(at::kFloat).contiguous();
+  const at::Tensor idx = indices.contiguous();
+  auto y = at::empty({n, d_out}, zf.options());
+  const float* zp = zf.data_ptr<float>();
+  const float* vp = vf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (idx.scalar_type()) {
+    case at::kByte: gather_forward(zp, vp, idx.data_ptr<uint8_t>(), yp, n, k, s, d_out); break;
+    case at::kShort: gather_forward(zp, vp, idx.data_ptr<int16_t>(), yp, n, k, s, d_out); break;
+    case at::kInt: gather_forward(zp, vp, idx.data_ptr<int32_t>(), yp, n, k, s, d_out); break;
+    case at::kLong: gather_forward(zp, vp, idx.data_ptr<int64_t>(), yp, n, k, s, d_out); break;
+    default: TORCH_CHECK(false, "dict_sparse_gather_kernel: indices must be uint8, int16, int32 or int64");
+  }
   return y.to(z.scalar_type());
 }
 
