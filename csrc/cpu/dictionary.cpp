@@ -10,24 +10,30 @@ namespace {
 // Indices arrive as uint8/int16/int32/int64; widen them once to int64 (s x d_out, small) for the backward.
 at::Tensor wide(const at::Tensor& indices) { return indices.to(at::kLong).contiguous(); }
 
-// Forward: tasks are (row, block of kCols output columns), so one token still spreads over the threads; within a
-// task the loop runs along contiguous rows of values/indices. The index type stays compact (no widened copy).
+// Forward: tasks are (block of kRows tokens, block of kCols output columns), so one token still spreads over the
+// threads, and each value/index is read once per kRows tokens (not once per token) while the block's z rows stay
+// in cache. The index type stays compact (no widened copy).
 constexpr int64_t kCols = 256;
+constexpr int64_t kRows = 16;
 
 template <typename index_t>
 void gather_forward(const float* zp, const float* vp, const index_t* ip, float* yp, int64_t n, int64_t k, int64_t s,
                     int64_t d_out) {
-  const int64_t blocks = (d_out + kCols - 1) / kCols;
-  at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t col_blocks = (d_out + kCols - 1) / kCols, row_blocks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / blocks, j0 = (task % blocks) * kCols, j1 = std::min(d_out, j0 + kCols);
-      const float* zr = zp + r * k;
-      float* yr = yp + r * d_out;
-      for (int64_t j = j0; j < j1; ++j) yr[j] = 0.f;
+      const int64_t r0 = (task / col_blocks) * kRows, r1 = std::min(n, r0 + kRows);
+      const int64_t j0 = (task % col_blocks) * kCols, j1 = std::min(d_out, j0 + kCols);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = j0; j < j1; ++j) yp[r * d_out + j] = 0.f;
       for (int64_t t = 0; t < s; ++t) {
         const float* vt = vp + t * d_out;
         const index_t* it = ip + t * d_out;
-        for (int64_t j = j0; j < j1; ++j) yr[j] += vt[j] * zr[static_cast<int64_t>(it[j])];
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* zr = zp + r * k;
+          float* yr = yp + r * d_out;
+          for (int64_t j = j0; j < j1; ++j) yr[j] += vt[j] * zr[static_cast<int64_t>(it[j])];
+        }
       }
     }
   });
