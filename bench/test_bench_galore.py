@@ -12,7 +12,8 @@ from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit
 from weightkit.optim.projector import compute_basis
 
 CASES = [((1024, 1024), 256), ((2048, 2048), 512), ((4096, 4096), 1024), ((2048, 1024), 128), ((1024, 4096), 256)]
-OPTIMIZERS = ["torch.AdamW", "galore-torch", "weightkit.GaLoreAdamW", "weightkit.GaLoreAdamW8bit"]
+OPTIMIZERS = ["torch.AdamW", "galore-torch", "weightkit.GaLoreAdamW", "weightkit.GaLoreAdamW-bf16proj",
+              "weightkit.GaLoreAdamW8bit"]
 
 
 def state_bytes(opt):
@@ -38,6 +39,8 @@ def make_optimizer(name, p, rank):
             return galore_torch.GaLoreAdamW([group], lr=1e-3)
     if name == "weightkit.GaLoreAdamW":
         return GaLoreAdamW([group], lr=1e-3)
+    if name == "weightkit.GaLoreAdamW-bf16proj":
+        return GaLoreAdamW([dict(group, proj_dtype="bfloat16")], lr=1e-3)
     return GaLoreAdamW8bit([group], lr=1e-3)
 
 

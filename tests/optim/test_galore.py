@@ -236,3 +236,72 @@ def test_projection_side_rule():
     assert projection_side((10, 5), "reverse_std") == "left"
     with pytest.raises(ValueError, match="proj_type='x'"):
         projection_side((4, 4), "x")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("refresh", [False, True])
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_bad_value_anywhere_in_a_projected_gradient_is_caught(value, refresh, proj_type):
+    """The check runs on R = P^T G (or G P^T): a NaN/Inf at any position of G must still be found, on steps that
+    refresh the basis (checked on G before the SVD) and on steps that do not."""
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(6):
+        ps = params((24, 40), seed=trial)
+        opt = GaLoreAdamW(groups(ps, rank=5, update_proj_gap=2 if refresh else 100, proj_type=proj_type), lr=1e-2)
+        set_grads(ps, 0)
+        opt.step()
+        set_grads(ps, 1)
+        opt.step()  # step 2 refreshes when update_proj_gap=2
+        before = [p.detach().clone() for p in ps]
+        state = copy.deepcopy(opt.state_dict())
+        set_grads(ps, 2)
+        i, j = (int(torch.randint(n, (1,), generator=gen)) for n in ps[0].shape)
+        ps[0].grad[i, j] = value
+        with pytest.raises(FloatingPointError, match=r"1 parameter\(s\) of shapes \[\(24, 40\)\]"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        after = opt.state_dict()["state"][0]
+        for k, v in state["state"][0].items():
+            assert torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k], k
+
+
+def test_finite_flags_fast_path_and_overflow():
+    from weightkit.ops._checks import finite_flags
+
+    big = torch.full((1000,), 3e38)  # finite values whose sum overflows: confirmed element-wise, not flagged
+    nan = torch.randn(50)
+    nan[17] = float("nan")
+    assert finite_flags([torch.randn(8, 8), big, torch.empty(0)]) == [True, True, True]
+    assert finite_flags([torch.randn(8), nan, big.to(torch.float16)]) == [True, False, False]  # 3e38 is inf in fp16
+    assert finite_flags([]) == []
+
+
+def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32():
+    """proj_dtype='bfloat16' stores the basis in half the bytes: at rank d/4 the state is 31.25% of AdamW's."""
+    d = 128
+    cfg = dict(rank=d // 4, update_proj_gap=5, scale=0.25)
+    a, b = params((d, d)), params((d, d))
+    fp32 = GaLoreAdamW(groups(a, **cfg), lr=1e-3)
+    bf16 = GaLoreAdamW(groups(b, **cfg, proj_dtype="bfloat16"), lr=1e-3)
+    for step in range(12):
+        set_grads(a, step)
+        set_grads(b, step)
+        fp32.step()
+        bf16.step()
+    assert bf16.state[b[0]]["ortho"].dtype == torch.bfloat16
+    state = sum(t.numel() * t.element_size() for t in bf16.state[b[0]].values() if isinstance(t, torch.Tensor))
+    assert state / (2 * d * d * 4) <= 0.35
+    moved = (a[0] - params((d, d))[0]).detach()
+    rel = float(((b[0] - a[0]).detach()).norm() / moved.norm())
+    assert rel < 0.02, rel
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    opt_c = GaLoreAdamW(groups(resumed, **cfg, proj_dtype="bfloat16"), lr=1e-3)
+    opt_c.load_state_dict(copy.deepcopy(bf16.state_dict()))
+    for step in range(12, 16):
+        set_grads(b, step)
+        set_grads(resumed, step)
+        bf16.step()
+        opt_c.step()
+    assert all(torch.equal(x, y) for x, y in zip(b, resumed))
+    with pytest.raises(ValueError, match="proj_dtype="):
+        GaLoreAdamW(groups(params((8, 8)), rank=2, proj_dtype="int8"))

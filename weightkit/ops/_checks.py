@@ -8,7 +8,7 @@ switched off (``WEIGHTKIT_CHECK_FINITE=0``) once a pipeline is trusted, since th
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -48,6 +48,21 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if finite_checks_enabled() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
+
+
+def finite_flags(tensors: Sequence[torch.Tensor]) -> List[bool]:
+    """Whether each tensor is free of NaN/Inf, with one host sync in the common (all finite) case.
+
+    A finite sum proves every element finite (NaN and Inf propagate through addition in any order), so the fast
+    path reduces each tensor to one sum and syncs once. A non-finite total, which finite values can also give by
+    overflow, is confirmed element-wise, tensor by tensor."""
+    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors if t.numel()]
+    if not sums:
+        return [True] * len(tensors)
+    dev = sums[0].device
+    if bool(torch.isfinite(torch.stack([s.to(dev, torch.float64) for s in sums]).sum())):
+        return [True] * len(tensors)
+    return [bool(torch.isfinite(t).all()) for t in tensors]
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1) -> None:

@@ -9,23 +9,31 @@ For a gradient G (m x n) and rank r, the projector is an orthonormal basis P of 
   ``reverse_std`` the opposite. These follow galore-torch 1.0, so results can be compared with it.
 
 The basis is recomputed from the current gradient every ``update_proj_gap`` steps (at steps 0, gap, 2 gap, ...
-counted before the step's increment, as galore-torch does), by exact SVD or by randomized SVD (Halko et al.:
-Gaussian range finder with ``oversample`` extra columns and ``power_iters`` power iterations, seeded per parameter
-and step so that resuming from a checkpoint recomputes the same basis).
+counted before the step's increment, as galore-torch does), by exact SVD or by randomized SVD (Halko, Martinsson
+and Tropp 2011: Gaussian range finder with ``oversample`` extra columns and ``power_iters`` power iterations,
+re-orthonormalised by QR after each product; the Gaussian test matrix is seeded by (seed, parameter key, step), so
+resuming from a checkpoint recomputes the same basis).
 
-Projection bases are plain tensors kept in the optimizer state (``state["ortho"]`` and, for ``full``,
-``state["ortho_right"]``), so ``state_dict()`` round-trips them; this module holds only the maths.
+The bases live in a plain dict of tensors (``state["ortho"]`` and, for ``full``, ``state["ortho_right"]``): the
+optimizer passes its per-parameter state, so ``optimizer.state_dict()`` round-trips them; a standalone projector
+keeps its own (``projector.state``, with ``state_dict()`` / ``load_state_dict()``). They are stored in
+``proj_dtype`` (float32 by default, as galore-torch does for float32 weights; bfloat16 halves their bytes) and
+used in float32. Subclasses change the storage by overriding :meth:`GaLoreProjector.store_basis` and
+:meth:`GaLoreProjector.load_basis` (Q-GaLore keeps them in INT4).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("exact", "randomized")
+PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASIS_KEYS = ("ortho", "ortho_right")
 
 
 def projection_side(shape: Tuple[int, int], proj_type: str) -> str:
@@ -40,8 +48,28 @@ def projection_side(shape: Tuple[int, int], proj_type: str) -> str:
     raise ValueError(f"proj_type={proj_type!r} is not one of {', '.join(PROJ_TYPES)}")
 
 
-def _randomized_svd(matrix: Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator):
-    """Approximate (U[:, :rank], Vh[:rank]) of ``matrix`` (float32)."""
+def resolve_proj_dtype(proj_dtype: Union[None, str, torch.dtype]) -> torch.dtype:
+    """float32 for None; a name ('bfloat16') or a torch.dtype among float32/bfloat16/float16."""
+    if proj_dtype is None:
+        return torch.float32
+    if isinstance(proj_dtype, str) and proj_dtype in PROJ_DTYPES:
+        return PROJ_DTYPES[proj_dtype]
+    if isinstance(proj_dtype, torch.dtype) and proj_dtype in PROJ_DTYPES.values():
+        return proj_dtype
+    raise ValueError(f"proj_dtype={proj_dtype!r} is not one of None, {', '.join(PROJ_DTYPES)}")
+
+
+def basis_seed(seed: int, key: int, step: int) -> int:
+    """Seed of the randomized SVD's test matrix for parameter ``key`` refreshed at ``step`` (process independent)."""
+    return ((int(seed) * 1_000_003 + int(key)) * 1_000_003 + int(step)) % (2**62)
+
+
+def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: int = 2,
+                   generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """Approximate (U[:, :rank], Vh[:rank]) of a float32 ``matrix`` (m x n).
+
+    Range finder Q (m x k, k = rank + oversample) of ``matrix @ Omega`` with ``power_iters`` rounds of
+    Q <- qr(A qr(A^T Q)), then the exact SVD of the small k x n matrix Q^T A."""
     m, n = matrix.shape
     k = min(rank + oversample, m, n)
     omega = torch.randn(n, k, generator=generator, dtype=matrix.dtype).to(matrix.device)
@@ -50,19 +78,19 @@ def _randomized_svd(matrix: Tensor, rank: int, oversample: int, power_iters: int
         q, _ = torch.linalg.qr(matrix.T @ q)
         q, _ = torch.linalg.qr(matrix @ q)
     u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
-    return (q @ u_small)[:, :rank], vh[:rank]
+    return (q @ u_small[:, :rank]), vh[:rank]
 
 
 def compute_basis(grad: Tensor, rank: int, side: str, svd: str = "exact", *, oversample: int = 8,
                   power_iters: int = 2, seed: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
-    """The projection basis for ``grad``: (P, None) for left/right, (U, Vh) for full. Float32."""
+    """The projection basis for ``grad``: (P, None) for left/right, (U, Vh) for full. Float32, contiguous."""
     matrix = grad.detach().to(torch.float32)
     if svd == "exact":
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         u, vh = u[:, :rank], vh[:rank]
     elif svd == "randomized":
-        gen = torch.Generator().manual_seed(seed)
-        u, vh = _randomized_svd(matrix, rank, oversample, power_iters, gen)
+        gen = torch.Generator().manual_seed(int(seed))
+        u, vh = randomized_svd(matrix, rank, oversample, power_iters, gen)
     else:
         raise ValueError(f"svd={svd!r} is not one of {', '.join(SVD_METHODS)}")
     if side == "left":
@@ -73,7 +101,7 @@ def compute_basis(grad: Tensor, rank: int, side: str, svd: str = "exact", *, ove
 
 
 def project(grad: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor] = None) -> Tensor:
-    """Low-rank gradient R (float32) of ``grad`` for a basis from :func:`compute_basis`."""
+    """Low-rank gradient R (float32) of ``grad`` for a float32 basis from :func:`compute_basis`."""
     g = grad.to(torch.float32)
     if side == "left":
         return ortho.T @ g
@@ -83,7 +111,7 @@ def project(grad: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor
 
 
 def project_back(low: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor] = None) -> Tensor:
-    """Full-size update from a low-rank one (the inverse map of :func:`project` on the subspace)."""
+    """Full-size update from a low-rank one (the inverse map of :func:`project` on the subspace), unscaled."""
     if side == "left":
         return ortho @ low
     if side == "right":
@@ -98,54 +126,150 @@ def subspace_similarity(a: Tensor, b: Tensor, side: str) -> float:
     return float((a * b).sum(-1).abs().mean())
 
 
-class GaLoreProjector:
-    """Projection settings for one parameter group, with the maths above bound to them.
+def subspace_overlap(a: Tensor, b: Tensor, side: str) -> float:
+    """||A^T B||_F^2 / r for two orthonormal rank-r bases: 1.0 when they span the same subspace, in any order."""
+    if side == "left":
+        return float((a.T @ b).norm() ** 2 / a.shape[1])
+    return float((a @ b.T).norm() ** 2 / a.shape[0])
 
-    Standalone use::
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class GaLoreProjector:
+    """Projection settings for one parameter (group), with the maths above bound to them.
+
+    Standalone::
 
         proj = GaLoreProjector(rank=128, update_proj_gap=200, scale=0.25)
-        state = {}
-        low = proj.project(grad, step, state)        # refreshes state["ortho"] when due
-        update = proj.project_back(low_update, state)  # scaled by ``scale``
+        low = proj.project(grad, step)           # refreshes the basis at steps 0, 200, 400, ...
+        update = proj.project_back(low_update)   # full size, multiplied by ``scale``
+        saved = proj.state_dict(); proj.load_state_dict(saved)
+
+    Inside an optimizer, pass the parameter's state dict (``state=``) so the basis is saved with the optimizer,
+    and a ``key`` that tells parameters apart in the randomized SVD's seed.
+
+    Args:
+        rank: r, at most min(m, n) of the gradients it will see.
+        update_proj_gap: refresh the basis every this many steps (T).
+        scale: multiplies the projected-back update (galore-torch's ``scale``, often 0.25).
+        proj_type: 'std' | 'reverse_std' | 'left' | 'right' | 'full' (see the module docstring).
+        svd: 'exact' (torch.linalg.svd) or 'randomized'.
+        oversample, power_iters, seed: randomized SVD settings.
+        proj_dtype: storage dtype of the basis (None = float32, 'bfloat16', 'float16'); used in float32.
     """
 
     def __init__(self, rank: int, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std",
-                 svd: str = "exact", oversample: int = 8, power_iters: int = 2, seed: int = 0):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap < 1:
-            raise ValueError(f"update_proj_gap must be an int >= 1, got {update_proj_gap!r}")
+                 svd: str = "exact", oversample: int = 8, power_iters: int = 2, seed: int = 0,
+                 proj_dtype: Union[None, str, torch.dtype] = None):
+        _check_int("rank", rank, 1)
+        _check_int("update_proj_gap", update_proj_gap, 1)
+        _check_int("oversample", oversample, 0)
+        _check_int("power_iters", power_iters, 0)
+        _check_int("seed", seed, 0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         if proj_type not in PROJ_TYPES:
             raise ValueError(f"proj_type={proj_type!r} is not one of {', '.join(PROJ_TYPES)}")
         if svd not in SVD_METHODS:
             raise ValueError(f"svd={svd!r} is not one of {', '.join(SVD_METHODS)}")
         self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, float(scale), proj_type
         self.svd, self.oversample, self.power_iters, self.seed = svd, oversample, power_iters, seed
+        self.proj_dtype = resolve_proj_dtype(proj_dtype)
+        self.state: Dict[str, Tensor] = {}
+        self._shape: Optional[Tuple[int, int]] = None
 
+    # -- checks -----------------------------------------------------------------------------------------------
     def check_shape(self, shape, name: str = "parameter") -> None:
         if len(shape) != 2:
             raise ValueError(f"GaLore projects 2-D {name}s, got shape {tuple(shape)}")
         if self.rank > min(shape):
-            raise ValueError(f"rank={self.rank} is larger than min(m, n)={min(shape)} of {name} with shape {tuple(shape)}")
+            raise ValueError(f"rank={self.rank} is larger than min(m, n)={min(shape)} of {name} with shape "
+                             f"{tuple(shape)}")
 
     def side(self, shape) -> str:
         return projection_side(tuple(shape), self.proj_type)
 
-    def due(self, step: int, state: dict) -> bool:
-        return "ortho" not in state or step % self.update_proj_gap == 0
-
-    def refresh(self, grad: Tensor, step: int, state: dict, key: int = 0) -> None:
-        ortho, ortho_right = compute_basis(grad, self.rank, self.side(grad.shape), self.svd, oversample=self.oversample,
-                                           power_iters=self.power_iters, seed=hash((self.seed, key, step)) % (2**62))
-        state["ortho"] = ortho
+    # -- storage: overridden by Q-GaLore (INT4 bases) -----------------------------------------------------------
+    def store_basis(self, state: Dict, ortho: Tensor, ortho_right: Optional[Tensor]) -> None:
+        """Keep a freshly computed float32 basis in ``state``."""
+        state["ortho"] = ortho.to(self.proj_dtype)
         if ortho_right is not None:
-            state["ortho_right"] = ortho_right
+            state["ortho_right"] = ortho_right.to(self.proj_dtype)
 
-    def project(self, grad: Tensor, step: int, state: dict, key: int = 0) -> Tensor:
+    def load_basis(self, state: Dict) -> Tuple[Tensor, Optional[Tensor]]:
+        """The stored basis as float32 tensors (no copy when stored in float32)."""
+        right = state.get("ortho_right")
+        return state["ortho"].to(torch.float32), (None if right is None else right.to(torch.float32))
+
+    def has_basis(self, state: Dict) -> bool:
+        return "ortho" in state
+
+    # -- refresh and projection ---------------------------------------------------------------------------------
+    def due(self, step: int, state: Optional[Dict] = None) -> bool:
+        state = self.state if state is None else state
+        return not self.has_basis(state) or step % self.update_proj_gap == 0
+
+    def refresh(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0) -> None:
+        state = self.state if state is None else state
+        ortho, ortho_right = compute_basis(grad, self.rank, self.side(grad.shape), self.svd,
+                                           oversample=self.oversample, power_iters=self.power_iters,
+                                           seed=basis_seed(self.seed, key, step))
+        self.store_basis(state, ortho, ortho_right)
+
+    def basis(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0):
+        """The float32 basis to use at ``step`` for ``grad`` (refreshed from ``grad`` first when due)."""
+        state = self.state if state is None else state
         self.check_shape(grad.shape, "gradient")
         if self.due(step, state):
             self.refresh(grad, step, state, key)
-        return project(grad, self.side(grad.shape), state["ortho"], state.get("ortho_right"))
+        return self.load_basis(state)
 
-    def project_back(self, low: Tensor, state: dict, shape) -> Tensor:
-        return project_back(low, self.side(shape), state["ortho"], state.get("ortho_right")) * self.scale
+    def project(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0) -> Tensor:
+        """R, the float32 low-rank gradient of ``grad`` at optimizer step ``step`` (counted from 0)."""
+        ortho, ortho_right = self.basis(grad, step, state, key)
+        self._shape = tuple(grad.shape)
+        return project(grad, self.side(grad.shape), ortho, ortho_right)
+
+    def project_back(self, low: Tensor, state: Optional[Dict] = None, shape=None) -> Tensor:
+        """``scale`` times the full-size matrix of a low-rank one (same side as the last :meth:`project`)."""
+        state = self.state if state is None else state
+        shape = self._shape if shape is None else tuple(shape)
+        if shape is None or not self.has_basis(state):
+            raise RuntimeError("project_back() needs a basis: call project() first (or pass state and shape)")
+        ortho, ortho_right = self.load_basis(state)
+        return project_back(low.to(torch.float32), self.side(shape), ortho, ortho_right) * self.scale
+
+    # -- checkpoints (standalone use; inside an optimizer the optimizer's state_dict holds the bases) ----------
+    def state_dict(self) -> Dict:
+        out = {k: v for k, v in self.state.items()}
+        if self._shape is not None:
+            out["shape"] = torch.tensor(self._shape, dtype=torch.int64)
+        return out
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        unknown = sorted(set(state_dict) - set(self.state_dict_keys()))
+        if unknown:
+            raise ValueError(f"unknown projector state key(s) {unknown}")
+        state = {k: v for k, v in state_dict.items() if k != "shape"}
+        if "shape" in state_dict:
+            shape = tuple(int(s) for s in state_dict["shape"].tolist())
+            self.check_shape(shape, "saved gradient")
+            if "ortho" in state:
+                side = self.side(shape)
+                m, n = shape
+                want = {"left": (m, self.rank), "right": (self.rank, n), "full": (m, self.rank)}[side]
+                if tuple(state["ortho"].shape) != want:
+                    raise ValueError(f"saved ortho has shape {tuple(state['ortho'].shape)}, expected {want} for a "
+                                     f"{side} projection of rank {self.rank} of a {shape} gradient")
+            self._shape = shape
+        self.state = state
+
+    def state_dict_keys(self):
+        return BASIS_KEYS + ("shape",)
+
+    def __repr__(self) -> str:
+        return (f"GaLoreProjector(rank={self.rank}, update_proj_gap={self.update_proj_gap}, scale={self.scale}, "
+                f"proj_type={self.proj_type!r}, svd={self.svd!r}, proj_dtype={self.proj_dtype})")

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..ops.quant import absmax_scale, dequantize_int4, dequantize_int8, quantize_int4, stochastic_round_int8
 from .galore import GaLoreAdamW8bit
-from .projector import compute_basis, project, project_back
+from .projector import basis_seed, compute_basis, project_back
 
 
 class QGaLoreAdamW8bit(GaLoreAdamW8bit):
@@ -67,62 +67,56 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         return {self._keys[id(p)]: int(self.state[p].get("refresh_count", 0))
                 for g in self.param_groups for p in g["params"] if "rank" in g and p.dim() == 2}
 
-    def _basis(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, side: str) -> Tensor:
-        if "ortho_q" not in state or state["step"] >= state["next_refresh"]:
-            ortho, _ = compute_basis(grad, group["rank"], side, group["svd"], oversample=group["oversample"],
-                                     power_iters=group["power_iters"],
-                                     seed=hash((group["seed"], self._keys.get(id(p), 0), state["step"])) % 2**62)
-            first = ortho[:, 0] if side == "left" else ortho[0]
-            gap = state.get("gap", group["update_proj_gap"])
-            if "first_vector" in state:
-                sims = torch.cat([state["similarities"], torch.nn.functional.cosine_similarity(
-                    state["first_vector"], first, dim=0).reshape(1)])[-group["queue_size"]:]
-                state["similarities"] = sims
-                if sims.numel() == group["queue_size"] and float(sims.mean()) >= group["cos_threshold"]:
-                    gap = int(gap * group["gamma_proj"])
-            else:
-                state["similarities"] = torch.zeros(0)
-            state["first_vector"] = first.clone()
-            state["gap"] = gap
-            state["next_refresh"] = state["step"] + gap
-            state["refresh_count"] = state.get("refresh_count", 0) + 1
-            state["ortho_q"], state["ortho_scale"], state["ortho_zero"] = quantize_int4(ortho, group["proj_group_size"])
-            state["ortho_shape"] = torch.tensor(list(ortho.shape))
-            state.pop("ortho", None)
-        return dequantize_int4(state["ortho_q"], state["ortho_scale"], state["ortho_zero"], group["proj_group_size"],
-                               tuple(state["ortho_shape"].tolist())).to(grad.device)
+    # -- lazy layer-adaptive refresh with INT4 storage (phase 1 computes, phase 3 stores; see GaLoreAdamW) -------
+    def _refresh_due(self, group: Dict, proj, state: Dict) -> bool:
+        return "ortho_q" not in state or state.get("step", 0) >= state["next_refresh"]
 
-    def _update(self, group: Dict, p: Tensor) -> None:
-        if not ("rank" in group and p.dim() == 2):
-            return super()._update(group, p)
-        state = self.state[p]
-        state.setdefault("step", 0)
-        grad = self._grad(p)
-        proj = self._projector(group)
-        side = proj.side(p.shape)
-        ortho = self._basis(group, p, state, grad, side)
-        low = project(grad, side, ortho)
-        if not self._has_moments(state):
-            self._init_moments(state, low)
-        state["step"] += 1
-        step_size = self._step_size(group, state["step"])
+    def _new_basis(self, group: Dict, proj, p: Tensor, state: Dict, grad: Tensor, side: str) -> Dict:
+        step = state.get("step", 0)
+        ortho, _ = compute_basis(grad, group["rank"], side, group["svd"], oversample=group["oversample"],
+                                 power_iters=group["power_iters"],
+                                 seed=basis_seed(group["seed"], self._keys.get(id(p), 0), step))
+        first = ortho[:, 0] if side == "left" else ortho[0]
+        gap = state.get("gap", group["update_proj_gap"])
+        pending: Dict = {}
+        if "first_vector" in state:
+            sims = torch.cat([state["similarities"], torch.nn.functional.cosine_similarity(
+                state["first_vector"], first, dim=0).reshape(1)])[-group["queue_size"]:]
+            pending["similarities"] = sims
+            if sims.numel() == group["queue_size"] and float(sims.mean()) >= group["cos_threshold"]:
+                gap = int(gap * group["gamma_proj"])
+        else:
+            pending["similarities"] = torch.zeros(0)
+        pending["first_vector"] = first.clone()
+        pending["gap"] = gap
+        pending["next_refresh"] = step + gap
+        pending["refresh_count"] = state.get("refresh_count", 0) + 1
+        pending["ortho_q"], pending["ortho_scale"], pending["ortho_zero"] = quantize_int4(ortho,
+                                                                                          group["proj_group_size"])
+        pending["ortho_shape"] = torch.tensor(list(ortho.shape))
+        return pending
+
+    def _basis_of(self, group: Dict, proj, entries: Dict):
+        ortho = dequantize_int4(entries["ortho_q"], entries["ortho_scale"], entries["ortho_zero"],
+                                group["proj_group_size"], tuple(entries["ortho_shape"].tolist()))
+        return ortho, None
+
+    def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj, low: Tensor, basis, side: str,
+                        step_size: float) -> None:
+        if p.dtype != torch.int8:
+            return super()._apply_low_rank(group, p, state, proj, low, basis, side, step_size)
+        ortho = basis[0]
         beta1, beta2 = group["betas"]
         decay = 1.0 - group["lr"] * group["weight_decay"]
         exp_avg, exp_avg_sq = self._load_moments(state)
-        if p.dtype == torch.int8:
-            exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-            full = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, ortho)
-            owner = p.int8_owner()
-            w = (dequantize_int8(p, owner.scale, owner.group_size) - step_size * proj.scale * full) * decay
-            scale = absmax_scale(w, owner.group_size)
-            key = hash((group["seed"], self._keys.get(id(p), 0))) % 2**62
-            p.copy_(stochastic_round_int8(w, scale, owner.group_size, seed=key, offset=(state["step"] * p.numel()) % 2**62))
-            owner.scale.copy_(scale)
-            p.float_grad = None
-        else:
-            from ..ops.galore import galore_adam_update_
-
-            galore_adam_update_(p.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=beta1, beta2=beta2,
-                                eps=group["eps"], step_size=step_size, scale=proj.scale, decay=decay)
+        exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        full = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, ortho)
+        owner = p.int8_owner()
+        w = (dequantize_int8(p, owner.scale, owner.group_size) - step_size * proj.scale * full) * decay
+        scale = absmax_scale(w, owner.group_size)
+        key = hash((group["seed"], self._keys.get(id(p), 0))) % 2**62
+        p.copy_(stochastic_round_int8(w, scale, owner.group_size, seed=key, offset=(state["step"] * p.numel()) % 2**62))
+        owner.scale.copy_(scale)
+        p.float_grad = None
         self._store_moments(state, exp_avg, exp_avg_sq)

@@ -1,0 +1,137 @@
+"""GaLoreProjector: galore-torch's projection and refresh rule, randomized SVD vs exact, checkpoints, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+from weightkit.optim import GaLoreProjector
+from weightkit.optim.projector import basis_seed, compute_basis, projection_side, randomized_svd, subspace_overlap
+
+galore_projector = pytest.importorskip("galore_torch.galore_projector")
+
+
+def grads(shape, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+@pytest.mark.parametrize("shape", [(48, 32), (24, 40)])
+def test_matches_galore_torch_projector(proj_type, shape):
+    ours = GaLoreProjector(rank=6, update_proj_gap=3, scale=0.5, proj_type=proj_type)
+    ref = galore_projector.GaLoreProjector(rank=6, update_proj_gap=3, scale=0.5, proj_type=proj_type)
+    for step, g in enumerate(grads(shape, 7)):  # refreshes at steps 0, 3, 6
+        low = ours.project(g, step)
+        low_ref = ref.project(g, step)
+        torch.testing.assert_close(low, low_ref, rtol=1e-4, atol=1e-4)
+        update = torch.randn(low.shape)
+        torch.testing.assert_close(ours.project_back(update), ref.project_back(update), rtol=1e-4, atol=1e-4)
+
+
+def test_refresh_schedule_and_side():
+    proj = GaLoreProjector(rank=4, update_proj_gap=3)
+    seen = []
+    for step, g in enumerate(grads((32, 24), 7)):
+        proj.project(g, step)
+        seen.append(proj.state["ortho"].clone())
+    assert [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)] == [False, False, True, False, False, True]
+    assert proj.state["ortho"].shape == (4, 24)  # 'std' on a tall gradient projects from the right
+    assert projection_side((10, 5), "std") == "right" and projection_side((5, 10), "std") == "left"
+    assert projection_side((10, 5), "reverse_std") == "left" and projection_side((5, 10), "reverse_std") == "right"
+
+
+def test_project_back_is_identity_on_the_subspace():
+    proj = GaLoreProjector(rank=5, scale=1.0, proj_type="left")
+    g = grads((30, 20), 1)[0]
+    low = proj.project(g, 0)
+    # P P^T G is the rank-5 truncation of G, and projecting it again gives back the same low-rank gradient
+    back = proj.project_back(low)
+    u, s, vh = torch.linalg.svd(g)
+    torch.testing.assert_close(back, u[:, :5] @ torch.diag(s[:5]) @ vh[:5], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(proj.project(back, 1), low, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_randomized_svd_finds_the_exact_subspace(side):
+    g = torch.Generator().manual_seed(0)
+    # a gradient-like matrix: rank-24 signal with a decaying spectrum plus noise
+    signal = torch.randn(300, 24, generator=g) @ torch.diag(torch.logspace(1, 0, 24)) @ torch.randn(24, 200, generator=g)
+    matrix = signal + 0.05 * torch.randn(300, 200, generator=g)
+    exact, _ = compute_basis(matrix, 16, side, "exact")
+    approx, _ = compute_basis(matrix, 16, side, "randomized", seed=3)
+    assert subspace_overlap(exact, exact, side) == pytest.approx(1.0, abs=1e-5)
+    assert subspace_overlap(approx, exact, side) > 0.999
+    # orthonormal
+    gram = approx.T @ approx if side == "left" else approx @ approx.T
+    torch.testing.assert_close(gram, torch.eye(16), rtol=0, atol=1e-4)
+    # no power iterations on a flat spectrum: a worse subspace, so the power iterations do something
+    flat = torch.randn(300, 200, generator=g)
+    u_exact = torch.linalg.svd(flat)[0][:, :16]
+    u0, _ = randomized_svd(flat, 16, oversample=4, power_iters=0, generator=torch.Generator().manual_seed(1))
+    u2, _ = randomized_svd(flat, 16, oversample=4, power_iters=3, generator=torch.Generator().manual_seed(1))
+    assert subspace_overlap(u2, u_exact, "left") > subspace_overlap(u0, u_exact, "left") + 0.05
+
+
+def test_randomized_svd_is_seeded():
+    g = grads((64, 48), 1)[0]
+    a, _ = compute_basis(g, 8, "left", "randomized", seed=basis_seed(0, 1, 0))
+    b, _ = compute_basis(g, 8, "left", "randomized", seed=basis_seed(0, 1, 0))
+    c, _ = compute_basis(g, 8, "left", "randomized", seed=basis_seed(0, 2, 0), power_iters=0, oversample=0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({basis_seed(0, k, s) for k in range(5) for s in range(5)}) == 25
+
+
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_state_dict_round_trip(proj_type, svd):
+    cfg = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type=proj_type, svd=svd, seed=7)
+    gs = grads((20, 28), 8)
+    a = GaLoreProjector(**cfg)
+    for step in range(4):
+        a.project(gs[step], step)
+    b = GaLoreProjector(**cfg)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for step in range(4, 8):  # crosses the refresh at step 6
+        low_a, low_b = a.project(gs[step], step), b.project(gs[step], step)
+        assert torch.equal(low_a, low_b)
+        assert torch.equal(a.project_back(low_a), b.project_back(low_b))
+    with pytest.raises(ValueError, match=r"saved ortho has shape"):
+        GaLoreProjector(**dict(cfg, rank=3)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"unknown projector state key\(s\) \['P'\]"):
+        b.load_state_dict({"P": torch.ones(2)})
+
+
+def test_bfloat16_storage():
+    g = grads((64, 40), 1)[0]
+    fp32 = GaLoreProjector(rank=8, proj_type="left")
+    bf16 = GaLoreProjector(rank=8, proj_type="left", proj_dtype="bfloat16")
+    low32, low16 = fp32.project(g, 0), bf16.project(g, 0)
+    assert bf16.state["ortho"].dtype == torch.bfloat16 and low16.dtype == torch.float32
+    assert bf16.state["ortho"].nbytes * 2 == fp32.state["ortho"].nbytes
+    torch.testing.assert_close(low16, low32, rtol=2e-2, atol=2e-2 * float(low32.abs().max()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=0), "rank must be an int >= 1"),
+    (dict(rank=2.0), "rank must be an int >= 1"),
+    (dict(update_proj_gap=0), "update_proj_gap must be an int >= 1"),
+    (dict(proj_type="diagonal"), "proj_type='diagonal'"),
+    (dict(svd="qr"), "svd='qr'"),
+    (dict(proj_dtype="int8"), "proj_dtype='int8'"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(power_iters=-1), "power_iters must be an int >= 0"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaLoreProjector(**dict(dict(rank=4), **kwargs))
+
+
+def test_bad_gradients():
+    proj = GaLoreProjector(rank=9)
+    with pytest.raises(ValueError, match=r"rank=9 is larger than min\(m, n\)=8"):
+        proj.project(torch.randn(16, 8), 0)
+    with pytest.raises(ValueError, match="GaLore projects 2-D gradients"):
+        proj.project(torch.randn(16), 0)
+    with pytest.raises(RuntimeError, match="call project\\(\\) first"):
+        GaLoreProjector(rank=2).project_back(torch.randn(2, 3))
