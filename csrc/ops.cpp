@@ -11,6 +11,14 @@ TORCH_LIBRARY(weightkit, m) {
   // hot path 1: INT8 stochastic rounding / INT4 projection (csrc/*/quant.*)
   m.def("stochastic_round_int8_kernel(Tensor x, Tensor scale, int group_size, int seed, int offset) -> Tensor");
   m.def("int8_matmul_kernel(Tensor x, Tensor w_q, Tensor scale, int group_size, bool transpose) -> Tensor");
+  m.def(
+      "int8_sr_update_kernel(Tensor(a!) w_q, Tensor(b!) scale, Tensor delta, int group_size, float decay, int seed, "
+      "int offset) -> ()");
+  m.def("quantize_int4_kernel(Tensor x, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def("dequantize_int4_kernel(Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
+  m.def(
+      "int4_matmul_kernel(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size, int rows, int cols, "
+      "bool transpose) -> Tensor");
   // hot path 2: fused GaLore Adam step (csrc/*/galore.*)
   m.def(
       "galore_adam_update_kernel(Tensor(a!) weight, Tensor low_grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "

@@ -74,3 +74,31 @@ def int8_matmul_triton(x, w_q, scale, group_size, transpose, block_t=32, block_n
     _int8_matmul_kernel[grid](x, w_q, scale, y, tokens, n_out, k_dim, group_size, x.stride(0), x.stride(1),
                               stride_bk, stride_bn, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
+
+
+@triton.jit
+def _int8_sr_update_kernel(q_ptr, scale_ptr, delta_ptr, group_size, decay, seed, offset, BLOCK: tl.constexpr):
+    """One program per group: w = (q * s + delta) * decay, s' = max(max|w| / 127, FLT_MIN), q' = SR(w / s')."""
+    g = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    mask = i < group_size
+    idx = g * group_size + i
+    q = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32)
+    d = tl.load(delta_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + g)
+    w = (q * s + d) * decay
+    amax = tl.max(tl.where(mask, tl.abs(w), 0.0), axis=0)
+    ns = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+    inv = tl.math.div_rn(1.0, ns)
+    u = philox_uniform(idx + offset, seed)
+    v = tl.floor(w * inv + u)
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    tl.store(q_ptr + idx, v.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + g, ns)
+
+
+def int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
+    groups = scale.numel()
+    block = triton.next_power_of_2(group_size)
+    _int8_sr_update_kernel[(groups,)](w_q, scale, delta, group_size, float(decay), seed, offset, BLOCK=block,
+                                      enable_fp_fusion=False)

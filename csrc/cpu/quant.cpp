@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../philox.h"
 
@@ -45,26 +47,155 @@ at::Tensor stochastic_round_int8_cpu(const at::Tensor& x, const at::Tensor& scal
   return out;
 }
 
-// Dequantize rows [r0, r1) of w_q (out x in) into buf (float32, (r1 - r0) x in).
+// Fused weight update of Q-GaLore (spec: int8_sr_update_ in weightkit/ops/quant.py), one group at a time:
+//   w = (q * s + delta) * decay;  s' = max(max|w| / 127, FLT_MIN);  q' = clamp(floor(w * (1 / s') + u), -128, 127)
+// with u from the Philox stream at position offset + i, exactly as stochastic_round_int8 on w with scale s'.
+template <typename scalar_t>
+void sr_update_groups(int8_t* q, float* scale, const scalar_t* delta, int64_t g0, int64_t g1, int64_t gs,
+                      float decay, uint64_t seed, uint64_t offset) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int8_t* qg = q + g * gs;
+    const scalar_t* dg = delta + g * gs;
+    const float s = scale[g];
+    float amax = 0.0f;
+    for (int64_t i = 0; i < gs; ++i) {
+      const float w = (static_cast<float>(qg[i]) * s + static_cast<float>(dg[i])) * decay;
+      amax = std::max(amax, std::fabs(w));
+    }
+    float ns = amax / 127.0f;
+    if (ns < std::numeric_limits<float>::min()) ns = std::numeric_limits<float>::min();
+    const float inv = 1.0f / ns;
+    uint64_t cached = ~uint64_t{0};
+    Philox4 r{};
+    for (int64_t i = 0; i < gs; ++i) {
+      const float w = (static_cast<float>(qg[i]) * s + static_cast<float>(dg[i])) * decay;
+      const uint64_t pos = offset + static_cast<uint64_t>(g * gs + i);
+      if ((pos >> 2) != cached) {
+        cached = pos >> 2;
+        r = philox4x32_10(cached, seed);
+      }
+      float v = std::floor(w * inv + bits_to_uniform(r.v[pos & 3]));
+      v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+      qg[i] = static_cast<int8_t>(v);
+    }
+    scale[g] = ns;
+  }
+}
+
+void int8_sr_update_cpu(at::Tensor w_q, at::Tensor scale, const at::Tensor& delta, int64_t group_size, double decay,
+                        int64_t seed, int64_t offset) {
+  TORCH_CHECK(w_q.is_contiguous() && scale.is_contiguous() && delta.is_contiguous(),
+              "int8_sr_update_kernel: inputs must be contiguous");
+  TORCH_CHECK(group_size > 0 && w_q.numel() % group_size == 0 && scale.numel() == w_q.numel() / group_size,
+              "int8_sr_update_kernel: bad group_size");
+  const int64_t groups = scale.numel();
+  int8_t* q = w_q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "int8_sr_update_cpu", [&] {
+    const scalar_t* d = delta.data_ptr<scalar_t>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, 8192 / group_size), [&](int64_t a, int64_t b) {
+      sr_update_groups<scalar_t>(q, sp, d, a, b, group_size, static_cast<float>(decay), static_cast<uint64_t>(seed),
+                                 static_cast<uint64_t>(offset));
+    });
+  });
+}
+
+// Dequantize rows [r0, r1) of w_q (out x in, in % group == 0) into buf (float32, (r1 - r0) x in), group by group.
 void dequantize_rows(const int8_t* q, const float* s, float* buf, int64_t r0, int64_t r1, int64_t in_f, int64_t group) {
+  const int64_t per_row = in_f / group;
   at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
-      const int8_t* qr = q + r * in_f;
-      float* out = buf + (r - r0) * in_f;
-      for (int64_t i = 0; i < in_f; ++i) out[i] = static_cast<float>(qr[i]) * s[(r * in_f + i) / group];
+      for (int64_t g = 0; g < per_row; ++g) {
+        const int8_t* qg = q + r * in_f + g * group;
+        float* out = buf + (r - r0) * in_f + g * group;
+        const float sg = s[r * per_row + g];
+        for (int64_t i = 0; i < group; ++i) out[i] = static_cast<float>(qg[i]) * sg;
+      }
     }
   });
 }
 
-// y = x W^T (transpose=false) or y = x W (transpose=true), W = dequant(w_q), one block of rows of W at a time:
-// the dequantized weight never exists whole.
+// Dot product of n floats with n int8 values, 16 independent partial sums (vectorizes without reassociation flags).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+float dot_f32_i8(const float* x, const int8_t* q, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += x[i + l] * static_cast<float>(q[i + l]);
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += x[i] * static_cast<float>(q[i]);
+  float total = tail;
+  for (int l = 0; l < 16; ++l) total += acc[l];
+  return total;
+}
+
+// y[j] += c * q[j] for n values.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void axpy_i8(float* y, float c, const int8_t* q, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += c * static_cast<float>(q[j]);
+}
+
+// Few-token path: read the int8 weight once, never dequantize it into memory.
+//   transpose=false: y[t, o] = sum_g s[o, g] * dot(x[t, group g], q[o, group g])   (parallel over rows o)
+//   transpose=true:  y[t, :] += (x[t, o] * s[o, g]) * q[o, group g]               (parallel over column groups)
+at::Tensor int8_matvec_cpu(const at::Tensor& xf, const at::Tensor& w_q, const at::Tensor& scale, int64_t group,
+                           bool transpose) {
+  const int64_t out_f = w_q.size(0), in_f = w_q.size(1), tokens = xf.size(0), per_row = in_f / group;
+  const int8_t* q = w_q.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* x = xf.data_ptr<float>();
+  if (!transpose) {
+    at::Tensor y = at::empty({tokens, out_f}, xf.options());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, out_f, 16, [&](int64_t a, int64_t b) {
+      for (int64_t o = a; o < b; ++o) {
+        for (int64_t t = 0; t < tokens; ++t) {
+          float acc = 0.0f;
+          for (int64_t g = 0; g < per_row; ++g) {
+            acc += s[o * per_row + g] * dot_f32_i8(x + t * in_f + g * group, q + o * in_f + g * group, group);
+          }
+          yp[t * out_f + o] = acc;
+        }
+      }
+    });
+    return y;
+  }
+  at::Tensor y = at::zeros({tokens, in_f}, xf.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, per_row, std::max<int64_t>(1, 512 / group), [&](int64_t a, int64_t b) {
+    for (int64_t o = 0; o < out_f; ++o) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float xo = x[t * out_f + o];
+        for (int64_t g = a; g < b; ++g) {
+          axpy_i8(yp + t * in_f + g * group, xo * s[o * per_row + g], q + o * in_f + g * group, group);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// y = x W^T (transpose=false) or y = x W (transpose=true), W = dequant(w_q). Up to kMatvecTokens tokens: the
+// int8 matrix-vector path above. More tokens: one block of rows of W is dequantized at a time and multiplied by
+// BLAS, so the dequantized weight never exists whole.
+constexpr int64_t kMatvecTokens = 8;
+
 at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale, int64_t group_size,
                            bool transpose) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w_q.is_contiguous() && scale.is_contiguous(),
               "int8_matmul_kernel: x must be 2-D and inputs contiguous");
+  TORCH_CHECK(w_q.size(1) % group_size == 0, "int8_matmul_kernel: group_size must divide in_features");
   const int64_t out_f = w_q.size(0), in_f = w_q.size(1), tokens = x.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (tokens <= kMatvecTokens) {
+    return int8_matvec_cpu(xf, w_q, scale, group_size, transpose).to(x.scalar_type());
+  }
   constexpr int64_t kRows = 128;
-  const at::Tensor xf = x.to(at::kFloat);
   at::Tensor y = at::zeros({tokens, transpose ? in_f : out_f}, x.options().dtype(at::kFloat));
   at::Tensor buf = at::empty({std::min(kRows, out_f), in_f}, x.options().dtype(at::kFloat));
   const int8_t* q = w_q.data_ptr<int8_t>();
@@ -87,6 +218,7 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
 TORCH_LIBRARY_IMPL(weightkit, CPU, m) {
   m.impl("stochastic_round_int8_kernel", &stochastic_round_int8_cpu);
   m.impl("int8_matmul_kernel", &int8_matmul_cpu);
+  m.impl("int8_sr_update_kernel", &int8_sr_update_cpu);
 }
 
 }  // namespace weightkit

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cfloat>
+
 #include "../philox.h"
 
 namespace weightkit {
@@ -57,6 +59,58 @@ at::Tensor stochastic_round_int8_cuda(const at::Tensor& x, const at::Tensor& sca
   return out;
 }
 
+// Fused Q-GaLore weight update (spec: int8_sr_update_ in weightkit/ops/quant.py): one warp per group; lanes
+// reduce max|w|, then each lane rounds its elements with the Philox value of its stream position.
+template <typename scalar_t>
+__global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __restrict__ scale,
+                                           const scalar_t* __restrict__ delta, int64_t groups, int64_t gs,
+                                           float decay, uint64_t seed, uint64_t offset) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  if (g >= groups) return;
+  int8_t* qg = q + g * gs;
+  const scalar_t* dg = delta + g * gs;
+  const float s = scale[g];
+  float amax = 0.0f;
+  for (int64_t i = lane; i < gs; i += 32) {
+    const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), static_cast<float>(dg[i])), decay);
+    amax = fmaxf(amax, fabsf(w));
+  }
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float ns = fmaxf(__fdiv_rn(amax, 127.0f), FLT_MIN);
+  const float inv = __fdiv_rn(1.0f, ns);
+  __syncwarp();
+  for (int64_t i = lane; i < gs; i += 32) {
+    const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), static_cast<float>(dg[i])), decay);
+    const uint64_t pos = offset + static_cast<uint64_t>(g * gs + i);
+    const Philox4 r = philox4x32_10(pos >> 2, seed);
+    float v = floorf(__fadd_rn(__fmul_rn(w, inv), bits_to_uniform(r.v[pos & 3])));
+    v = fminf(fmaxf(v, -128.f), 127.f);
+    qg[i] = static_cast<int8_t>(v);
+  }
+  if (lane == 0) scale[g] = ns;
+}
+
+void int8_sr_update_cuda(at::Tensor w_q, at::Tensor scale, const at::Tensor& delta, int64_t group_size, double decay,
+                         int64_t seed, int64_t offset) {
+  TORCH_CHECK(w_q.is_contiguous() && scale.is_contiguous() && delta.is_contiguous(),
+              "int8_sr_update_kernel: inputs must be contiguous");
+  TORCH_CHECK(group_size > 0 && w_q.numel() % group_size == 0 && scale.numel() == w_q.numel() / group_size,
+              "int8_sr_update_kernel: bad group_size");
+  const c10::cuda::CUDAGuard guard(w_q.device());
+  const int64_t groups = scale.numel();
+  if (groups == 0) return;
+  const int threads = 256;
+  const int64_t blocks = (groups * 32 + threads - 1) / threads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "int8_sr_update_cuda", [&] {
+    int8_sr_update_cuda_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        w_q.data_ptr<int8_t>(), scale.data_ptr<float>(), delta.data_ptr<scalar_t>(), groups, group_size,
+        static_cast<float>(decay), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Dequantize rows [r0, r0 + rows) of w_q into buf (float32, rows x in_f).
 __global__ void dequantize_rows_kernel(const int8_t* __restrict__ q, const float* __restrict__ s,
                                        float* __restrict__ buf, int64_t r0, int64_t rows, int64_t in_f,
@@ -102,6 +156,7 @@ at::Tensor int8_matmul_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
 TORCH_LIBRARY_IMPL(weightkit, CUDA, m) {
   m.impl("stochastic_round_int8_kernel", &stochastic_round_int8_cuda);
   m.impl("int8_matmul_kernel", &int8_matmul_cuda);
+  m.impl("int8_sr_update_kernel", &int8_sr_update_cuda);
 }
 
 }  // namespace weightkit

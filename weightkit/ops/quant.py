@@ -19,8 +19,8 @@ from ..backend import KernelTable
 from . import rng
 from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
 
-__all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "quantize_int4", "unpack_int4",
-           "dequantize_int4"]
+__all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_",
+           "quantize_int4", "unpack_int4", "dequantize_int4"]
 
 _SR = KernelTable("stochastic_round_int8", compiled="stochastic_round_int8_kernel")
 
@@ -87,6 +87,87 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
     """
     rng.check_seed(seed, offset)  # before the op: values past int64 cannot cross the schema
     return _stochastic_round_int8_op(x, scale, group_size, seed, offset)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused INT8 weight update (Q-GaLore's write-back): dequantize, add the update, re-scale, stochastic rounding.
+#
+# ``int8_sr_update_(w_q, scale, delta, group_size, decay, seed, offset)`` performs, group by group, in place:
+#     w      = (w_q * scale + delta) * decay                 (float32, one op at a time)
+#     scale' = max(max|w| / 127, FLT_MIN)                    (= absmax_scale(w))
+#     w_q'   = stochastic_round_int8(w, scale', seed, offset)
+# without materialising w: every backend reads w_q, scale and delta once per pass (two passes per group) and
+# writes w_q and scale. Bit-identical to the unfused sequence for the same (seed, offset).
+
+_SR_UPDATE = KernelTable("int8_sr_update_", compiled="int8_sr_update_kernel")
+
+
+def _check_sr_update_args(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int) -> None:
+    check_tensor("w_q", w_q, dtypes=(torch.int8,))
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=w_q.device)
+    check_tensor("delta", delta, dtypes=FLOAT_DTYPES, device=w_q.device)
+    check_positive_int("group_size", group_size)
+    if delta.shape != w_q.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)}, w_q has {tuple(w_q.shape)}")
+    if w_q.numel() % group_size:
+        raise ValueError(f"group_size={group_size} must divide w_q.numel()={w_q.numel()}")
+    if scale.numel() != w_q.numel() // group_size:
+        raise ValueError(f"scale must hold one value per group ({w_q.numel() // group_size}), got {scale.numel()}")
+    if not (w_q.is_contiguous() and scale.is_contiguous()):
+        raise ValueError("w_q and scale are updated in place and must be contiguous")
+
+
+@_SR_UPDATE.register("reference")
+def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset):
+    w = (dequantize_int8(w_q, scale, group_size) + delta.to(torch.float32)) * decay
+    new_scale = absmax_scale(w, group_size)
+    w_q.copy_(stochastic_round_int8_reference(w, new_scale, group_size, seed, offset))
+    scale.copy_(new_scale.reshape(scale.shape))
+
+
+@_SR_UPDATE.register("cpu")
+@_SR_UPDATE.register("cuda")
+def _int8_sr_update_compiled(w_q, scale, delta, group_size, decay, seed, offset):
+    torch.ops.weightkit.int8_sr_update_kernel(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+
+
+@_SR_UPDATE.register("triton")
+def _int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
+    from ..kernels.quant import int8_sr_update_triton
+
+    int8_sr_update_triton(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+
+
+@torch.library.custom_op("weightkit::int8_sr_update_", mutates_args=("w_q", "scale"))
+def _int8_sr_update_op(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, decay: float, seed: int,
+                       offset: int) -> None:
+    _check_sr_update_args(w_q, scale, delta, group_size)
+    rng.check_seed(seed, offset)
+    check_finite("delta", delta)
+    if not (decay == decay and abs(decay) != float("inf")):
+        raise ValueError(f"decay must be finite, got {decay}")
+    _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset)
+
+
+@_int8_sr_update_op.register_fake
+def _(w_q, scale, delta, group_size, decay, seed, offset):
+    _check_sr_update_args(w_q, scale, delta, group_size)
+    return None
+
+
+def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, *, decay: float = 1.0, seed: int = 0,
+                    offset: int = 0) -> None:
+    """In place: ``w_q, scale <- SR((w_q * scale + delta) * decay)`` with a fresh per-group absmax scale.
+
+    Args:
+        w_q: int8 weight (contiguous), updated in place.
+        scale: float32 per-group scales (``w_q.numel() // group_size``, contiguous), updated in place.
+        delta: the float update (same shape as ``w_q``; float32/bf16/fp16).
+        decay: decoupled weight-decay factor applied after the update (1 - lr * weight_decay).
+        seed, offset: the Philox key and the stream position of the first element (see stochastic_round_int8).
+    """
+    rng.check_seed(seed, offset)
+    _int8_sr_update_op(w_q, scale, delta, group_size, float(decay), seed, offset)
 
 
 def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
@@ -192,39 +273,5 @@ def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpos
     return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# INT4 packing for projection matrices: two values per byte, per-group asymmetric scale and zero point.
-#
-# Values q in [0, 15]; element 2j goes to the low nibble of byte j and element 2j+1 to the high nibble.
-# A group of ``group_size`` consecutive elements (row-major) shares scale s and zero z: x ~ (q - z) * s, with
-# s = (max - min) / 15 and z = round(-min / s) clamped to [0, 15].
-
-
-def quantize_int4(x: Tensor, group_size: int = 64):
-    """(packed uint8 (numel/2), scale float32 (groups), zero uint8 (groups)) for ``x`` (numel even)."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_positive_int("group_size", group_size)
-    if x.numel() % group_size or group_size % 2:
-        raise ValueError(f"group_size={group_size} must be even and divide x.numel()={x.numel()}")
-    check_finite("x", x)
-    g = x.detach().reshape(-1, group_size).to(torch.float32)
-    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    q = torch.round(g / scale + zero).clamp(0, 15).to(torch.uint8).reshape(-1)
-    packed = q[0::2] | (q[1::2] << 4)
-    return packed, scale.reshape(-1), zero.reshape(-1).to(torch.uint8)
-
-
-def unpack_int4(packed: Tensor) -> Tensor:
-    """uint8 values in [0, 15], twice as many as ``packed`` bytes, low nibble first."""
-    check_tensor("packed", packed, dtypes=(torch.uint8,))
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1)
-
-
-def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape) -> Tensor:
-    """float32 tensor of ``shape`` from :func:`quantize_int4`'s output."""
-    q = unpack_int4(packed).reshape(-1, group_size).to(torch.float32)
-    if q.shape[0] != scale.numel() or zero.numel() != scale.numel():
-        raise ValueError(f"scale ({scale.numel()}) and zero ({zero.numel()}) must hold one value per group ({q.shape[0]})")
-    return ((q - zero.reshape(-1, 1).to(torch.float32)) * scale.reshape(-1, 1)).reshape(shape)
+# INT4 projection matrices live in weightkit.ops.int4 (re-exported here for compatibility).
+from .int4 import dequantize_int4, quantize_int4, unpack_int4  # noqa: E402,F401

@@ -2,12 +2,14 @@
 stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive subspace refresh.
 
 * Weights of ``weightkit.nn.Int8Linear`` layers (int8 parameters) are trained through their ``float_grad``
-  (filled by Int8Linear's backward): the float32 update W + delta is computed, its per-group absmax scale
-  recomputed, and the weight re-quantized with ``weightkit::stochastic_round_int8`` (unbiased; the Philox stream
-  is keyed by the group seed, the parameter and the step, so a resumed run rounds identically). Float 2-D weights
+  (filled by Int8Linear's backward): the low-rank update is projected back to delta (float32, m x n) and the
+  fused kernel ``weightkit::int8_sr_update_`` computes (W + delta) * decay group by group, recomputes the
+  per-group absmax scale and re-quantizes by stochastic rounding (unbiased; the Philox stream is keyed by the
+  group seed, the parameter and the step, so a resumed run rounds identically), without a float copy of W. Float 2-D weights
   in GaLore groups follow GaLoreAdamW8bit, with the INT4 projector.
-* Projection bases are stored as INT4 (two per byte, per-group scale and zero, ``proj_group_size`` elements per
-  group) and dequantized when used.
+* Projection bases are stored as INT4 (``weightkit.ops.int4``: two per byte, per-group scale and zero,
+  ``proj_group_size`` elements per group) and dequantized by the INT4 kernel when used (one float32 m x r
+  temporary per step, a quarter of the weight at rank d/4).
 * Lazy refresh, as q-galore-torch does it: at each refresh the cosine similarity between the first basis vector
   and the previous one is queued (``queue_size``); when the queue is full and its mean is at least
   ``cos_threshold``, the layer's refresh interval is multiplied by ``gamma_proj``. ``refresh_counts()`` reports
@@ -23,7 +25,8 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from ..ops.quant import absmax_scale, dequantize_int4, dequantize_int8, quantize_int4, stochastic_round_int8
+from ..ops.int4 import dequantize_int4, quantize_int4
+from ..ops.quant import int8_sr_update_
 from .galore import GaLoreAdamW8bit
 from .projector import basis_seed, compute_basis, project_back
 
@@ -111,12 +114,12 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         exp_avg, exp_avg_sq = self._load_moments(state)
         exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-        full = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, ortho)
+        delta = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, ortho)
+        delta.mul_(-(step_size * proj.scale))
         owner = p.int8_owner()
-        w = (dequantize_int8(p, owner.scale, owner.group_size) - step_size * proj.scale * full) * decay
-        scale = absmax_scale(w, owner.group_size)
         key = hash((group["seed"], self._keys.get(id(p), 0))) % 2**62
-        p.copy_(stochastic_round_int8(w, scale, owner.group_size, seed=key, offset=(state["step"] * p.numel()) % 2**62))
-        owner.scale.copy_(scale)
+        # w_q, scale <- SR((w_q * scale + delta) * decay), fused: the float weight never exists whole
+        int8_sr_update_(p.data, owner.scale, delta, owner.group_size, decay=decay, seed=key,
+                        offset=(state["step"] * p.numel()) % 2**62)
         p.float_grad = None
         self._store_moments(state, exp_avg, exp_avg_sq)

@@ -1,0 +1,208 @@
+"""weightkit INT4 ops (quantize/pack, dequantize/unpack, dequant-matmul) and the fused INT8 stochastic-rounding
+update: every backend == the reference (bit for bit where the spec says so), fp64 error bounds, autograd, opcheck,
+torch.compile, bad input."""
+
+import pytest
+import torch
+
+from tests.conftest import DEVICES, usable_backends
+from weightkit import use_backend
+from weightkit.ops import int4, quant
+from weightkit.ops.int4 import dequantize_int4, int4_matmul, quantize_int4, unpack_int4
+from weightkit.ops.quant import absmax_scale, dequantize_int8, int8_sr_update_, stochastic_round_int8
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+       torch.float16: dict(rtol=2e-3, atol=1e-2)}
+
+
+def basis(rows, cols, device="cpu", dtype=torch.float32):
+    """An orthonormal basis like GaLore's projectors, plus some constant and all-positive groups."""
+    q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), dtype=torch.float64))
+    x = (q if rows >= cols else q.T).to(torch.float32).contiguous()
+    x.view(-1)[:8] = 0.25  # a constant group start (the range must still hold 0)
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,group", [((64, 16), 64), ((40, 6), 8), ((6, 50), 10), ((33, 34), 2)])
+def test_quantize_backends_bit_identical_and_error_bound(device, dtype, shape, group):
+    x = basis(*shape, device=device, dtype=dtype)
+    backends = usable_backends(int4._QUANT, device)
+    assert len(backends) >= 2, backends
+    with use_backend("reference"):
+        ref = quantize_int4(x, group)
+        back = dequantize_int4(*ref, group, shape)
+    for name in backends:
+        with use_backend(name):
+            got = quantize_int4(x, group)
+            deq = dequantize_int4(*got, group, shape)
+        for a, b, what in zip(got, ref, ("packed", "scale", "zero")):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {what} differs"
+        assert torch.equal(deq, back), name
+    err = (back.double() - x.double()).abs().reshape(-1, group)
+    assert bool((err <= ref[1].double()[:, None] + 1e-12).all())  # at most one quantization step
+    assert float(err.max()) <= float(x.float().abs().max()) / 15 * 2 + 1e-6
+
+
+def test_constant_and_zero_groups_round_trip():
+    x = torch.tensor([0.5] * 8 + [0.0] * 8 + [-2.0] * 8 + [1e-30] * 8)
+    packed, scale, zero = quantize_int4(x, 8)
+    back = dequantize_int4(packed, scale, zero, 8, x.shape)
+    torch.testing.assert_close(back, x, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,cols,group,tokens", [(48, 16, 64, 5), (20, 40, 8, 33), (7, 10, 2, 1)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matmul_backends_match_float64(device, dtype, rows, cols, group, tokens, transpose):
+    w = basis(rows, cols, device)
+    packed, scale, zero = quantize_int4(w, group)
+    w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
+    x = torch.randn(tokens, rows if transpose else cols, device=device).to(dtype)
+    expected = x.double() @ (w64 if transpose else w64.T)
+    backends = usable_backends(int4._MM, device)
+    assert len(backends) >= 2, backends
+    for name in backends:
+        with use_backend(name):
+            y = int4_matmul(x, packed, scale, zero, group, (rows, cols), transpose)
+        assert y.dtype == dtype and y.shape == expected.shape, name
+        torch.testing.assert_close(y.double(), expected, **TOL[dtype], msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_matmul_projects_with_transposed_views(side):
+    """GaLore's projections with an INT4 basis: R = P^T G through a transposed view (no copy), R = G P^T."""
+    m, n, r = 40, 24, 6
+    g = torch.randn(m, n)
+    p = basis(m, r) if side == "left" else basis(r, n)
+    packed, scale, zero = quantize_int4(p, 4)
+    pd = dequantize_int4(packed, scale, zero, 4, p.shape)
+    for name in usable_backends(int4._MM, "cpu"):
+        with use_backend(name):
+            if side == "left":
+                low = int4_matmul(g.T, packed, scale, zero, 4, p.shape, transpose=True).T
+                torch.testing.assert_close(low, pd.T @ g, rtol=1e-5, atol=1e-5)
+            else:
+                low = int4_matmul(g, packed, scale, zero, 4, p.shape)
+                torch.testing.assert_close(low, g @ pd.T, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_autograd_gradcheck_and_opcheck():
+    w = basis(12, 8)
+    packed, scale, zero = quantize_int4(w, 4)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: int4.int4_matmul_reference(t, packed, scale, zero, 4, (12, 8), False),
+                                    (x,))
+    for name in usable_backends(int4._MM, "cpu"):
+        with use_backend(name):
+            xf = torch.randn(5, 12, requires_grad=True)
+            y = int4_matmul(xf, packed, scale, zero, 4, (12, 8), transpose=True)
+            y.backward(torch.ones_like(y))
+            torch.testing.assert_close(xf.grad, torch.ones(5, 8) @ dequantize_int4(packed, scale, zero, 4, (12, 8)).T)
+    torch.library.opcheck(int4._int4_matmul_op, (torch.randn(3, 8), packed, scale, zero, 4, [12, 8], False))
+    torch.library.opcheck(int4._quantize_int4_op, (torch.randn(6, 8), 4))
+    torch.library.opcheck(int4._dequantize_int4_op, (packed, scale, zero, 4, [12, 8]))
+
+
+def test_torch_compile():
+    w = basis(16, 8)
+    packed, scale, zero = quantize_int4(w, 8)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x):
+        return int4_matmul(x, packed, scale, zero, 8, (16, 8)) * 2
+
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(f(x), int4_matmul(x, packed, scale, zero, 8, (16, 8)) * 2)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: quantize_int4(torch.randn(4, 6), 3), ValueError, "group_size=3 must be even"),
+    (lambda: quantize_int4(torch.randn(4, 6), 16), ValueError, "divide x.numel"),
+    (lambda: quantize_int4(torch.full((4, 8), float("inf")), 8), ValueError, "x contains"),
+    (lambda: quantize_int4(torch.ones(4, 8, dtype=torch.int32), 8), TypeError, "x must have dtype"),
+    (lambda: dequantize_int4(torch.zeros(8, dtype=torch.uint8), torch.ones(2), torch.zeros(2, dtype=torch.uint8), 8,
+                             (4, 5)), ValueError, "packed holds 16 values"),
+    (lambda: dequantize_int4(torch.zeros(8, dtype=torch.uint8), torch.ones(3), torch.zeros(2, dtype=torch.uint8), 8,
+                             (4, 4)), ValueError, "one value per group"),
+    (lambda: int4_matmul(torch.randn(2, 5), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4)), ValueError,
+     "expected 4"),
+    (lambda: int4_matmul(torch.randn(2, 4), *quantize_int4(torch.randn(4, 4), 8), 8, (16,)), ValueError,
+     r"shape must be \(rows, cols\)"),
+])
+def test_bad_input(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_unpack_low_nibble_first():
+    assert unpack_int4(torch.tensor([0x21, 0xF0], dtype=torch.uint8)).tolist() == [1, 2, 0, 15]
+
+
+# -- fused INT8 stochastic-rounding update -------------------------------------------------------------------
+
+def int8_weight(shape, group, device="cpu"):
+    w = torch.randn(shape, device=device)
+    scale = absmax_scale(w, group)
+    return stochastic_round_int8(w, scale, group, seed=3), scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,group,decay", [((16, 64), 64, 1.0), ((9, 40), 8, 0.999), ((3, 100), 300, 0.9)])
+def test_sr_update_backends_bit_identical_to_unfused(device, delta_dtype, shape, group, decay):
+    q0, s0 = int8_weight(shape, group, device)
+    delta = (torch.randn(shape, device=device) * 0.05).to(delta_dtype)
+    seed, offset = 12345, 77
+    w = (dequantize_int8(q0, s0, group) + delta.float()) * decay  # the unfused sequence
+    s_ref = absmax_scale(w, group)
+    q_ref = stochastic_round_int8(w, s_ref, group, seed, offset)
+    backends = usable_backends(quant._SR_UPDATE, device)
+    assert len(backends) >= 2, backends
+    for name in backends:
+        q, s = q0.clone(), s0.clone()
+        with use_backend(name):
+            int8_sr_update_(q, s, delta, group, decay=decay, seed=seed, offset=offset)
+        assert torch.equal(s, s_ref.reshape(s.shape)), name
+        assert torch.equal(q, q_ref), name
+
+
+def test_sr_update_is_unbiased():
+    group, n = 32, 256
+    q0, s0 = int8_weight((8, n), group)
+    delta = torch.randn(8, n) * 0.01
+    target = (dequantize_int8(q0, s0, group) + delta).double()
+    acc = torch.zeros_like(target)
+    trials = 400
+    for t in range(trials):
+        q, s = q0.clone(), s0.clone()
+        int8_sr_update_(q, s, delta, group, seed=t)
+        acc += dequantize_int8(q, s, group).double()
+    mean = acc / trials
+    step = s0.repeat_interleave(group).reshape(8, n).double() * 1.05
+    # per element the rounding error has variance <= step^2 / 4: the mean of 400 trials is within 5 sigma
+    assert bool(((mean - target).abs() <= 5 * step / 2 / trials**0.5 + 1e-7).all())
+    assert abs(float((mean - target).mean())) < float(step.mean()) * 0.01
+
+
+def test_sr_update_opcheck_and_bad_input():
+    q, s = int8_weight((4, 16), 8)
+    torch.library.opcheck(quant._int8_sr_update_op, (q.clone(), s.clone(), torch.randn(4, 16), 8, 0.99, 1, 0))
+    with pytest.raises(ValueError, match="delta has shape"):
+        int8_sr_update_(q, s, torch.randn(4, 8), 8)
+    with pytest.raises(ValueError, match="one value per group"):
+        int8_sr_update_(q, s[:3], torch.randn(4, 16), 8)
+    with pytest.raises(ValueError, match="delta contains"):
+        int8_sr_update_(q, s, torch.full((4, 16), float("nan")), 8)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        int8_sr_update_(q.t(), s, torch.randn(16, 4), 8)
+    with pytest.raises(TypeError, match="w_q must have dtype"):
+        int8_sr_update_(q.float(), s, torch.randn(4, 16), 8)
+    with pytest.raises(ValueError, match="seed must be"):
+        int8_sr_update_(q, s, torch.randn(4, 16), 8, seed=-1)
+    q_before, s_before = q.clone(), s.clone()
+    with pytest.raises(ValueError):
+        int8_sr_update_(q, s, torch.full((4, 16), float("inf")), 8)
+    assert torch.equal(q, q_before) and torch.equal(s, s_before)  # nothing written on bad input

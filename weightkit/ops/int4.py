@@ -1,0 +1,242 @@
+"""INT4 matrices (Q-GaLore's projection bases): group-wise asymmetric quantization packed two per byte, and a
+matmul that dequantizes inside the kernel.
+
+Format. Values q in [0, 15]; element 2j (row-major, flattened) is the low nibble of byte j and element 2j+1 the
+high nibble. Each group of ``group_size`` (even) consecutive elements has a float32 scale s and a uint8 zero point
+z, and x ~ (q - z) * s, with, over the group's values g (in float32)::
+
+    lo = min(min(g), 0),  hi = max(max(g), 0)            (the range always holds 0, so z is exact)
+    s  = max((hi - lo) / 15, FLT_MIN)
+    z  = clamp(round(-lo / s), 0, 15)                    round = round half to even
+    q  = clamp(round(g / s + z), 0, 15)
+
+so |x - (q - z) s| <= s / 2 + (rounding of z) <= s for every element (tested). Every division, product and sum is
+a single fp32 operation (no fused multiply-add), which all backends follow: they agree bit for bit.
+
+Ops (each a torch.library custom op with reference / cpu / cuda / triton backends):
+
+* ``quantize_int4(x, group_size) -> (packed uint8 [numel/2], scale float32 [groups], zero uint8 [groups])``
+* ``dequantize_int4(packed, scale, zero, group_size, shape) -> float32`` (unpack + dequantize)
+* ``int4_matmul(x, packed, scale, zero, group_size, shape, transpose=False)``: with W = dequant (rows x cols),
+  ``x @ W^T`` (x: (..., cols)) or, with ``transpose``, ``x @ W`` (x: (..., rows)); differentiable in x. The
+  reference dequantizes W whole; cpu/cuda dequantize a block of about 1M values at a time and call BLAS; Triton
+  dequantizes tile by tile in registers. The output has x's dtype, accumulation is fp32.
+
+``unpack_int4`` (the raw nibbles) is a plain PyTorch helper.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..backend import KernelTable
+from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
+
+__all__ = ["quantize_int4", "dequantize_int4", "unpack_int4", "int4_matmul"]
+
+_FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+# -- quantize / pack --------------------------------------------------------------------------------------------
+
+_QUANT = KernelTable("quantize_int4", compiled="quantize_int4_kernel")
+
+
+def _check_group(group_size: int, numel: int, what: str = "x.numel()") -> None:
+    check_positive_int("group_size", group_size)
+    if group_size % 2 or numel % group_size:
+        raise ValueError(f"group_size={group_size} must be even and divide {what}={numel}")
+
+
+@_QUANT.register("reference")
+def quantize_int4_reference(x: Tensor, group_size: int):
+    g = x.detach().reshape(-1, group_size).to(torch.float32)
+    lo = g.amin(1, keepdim=True).clamp_max(0.0)
+    hi = g.amax(1, keepdim=True).clamp_min(0.0)
+    scale = ((hi - lo) / 15).clamp_min(_FLT_MIN)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.round(g / scale + zero).clamp(0, 15).to(torch.uint8).reshape(-1)
+    packed = q[0::2] | (q[1::2] << 4)
+    return packed, scale.reshape(-1), zero.reshape(-1).to(torch.uint8)
+
+
+@_QUANT.register("cpu")
+@_QUANT.register("cuda")
+def _quantize_int4_compiled(x, group_size):
+    return tuple(torch.ops.weightkit.quantize_int4_kernel(x.contiguous(), group_size))
+
+
+@_QUANT.register("triton")
+def _quantize_int4_triton(x, group_size):
+    from ..kernels.int4 import quantize_int4_triton
+
+    return quantize_int4_triton(x.contiguous(), group_size)
+
+
+@torch.library.custom_op("weightkit::quantize_int4", mutates_args=())
+def _quantize_int4_op(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    _check_group(group_size, x.numel())
+    check_finite("x", x)
+    return _QUANT(x.device, x, group_size)
+
+
+@_quantize_int4_op.register_fake
+def _(x, group_size):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    _check_group(group_size, x.numel())
+    groups = x.numel() // group_size
+    return (x.new_empty((x.numel() // 2,), dtype=torch.uint8), x.new_empty((groups,), dtype=torch.float32),
+            x.new_empty((groups,), dtype=torch.uint8))
+
+
+def quantize_int4(x: Tensor, group_size: int = 64) -> Tuple[Tensor, Tensor, Tensor]:
+    """(packed uint8 [numel/2], scale float32 [groups], zero uint8 [groups]) of ``x`` (see the module docstring)."""
+    return _quantize_int4_op(x, group_size)
+
+
+# -- unpack / dequantize ----------------------------------------------------------------------------------------
+
+_DEQUANT = KernelTable("dequantize_int4", compiled="dequantize_int4_kernel")
+
+
+def _check_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int]) -> None:
+    check_tensor("packed", packed, dtypes=(torch.uint8,))
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=packed.device)
+    check_tensor("zero", zero, dtypes=(torch.uint8,), device=packed.device)
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if packed.numel() * 2 != numel:
+        raise ValueError(f"packed holds {packed.numel() * 2} values, shape {tuple(shape)} needs {numel}")
+    _check_group(group_size, numel, "the number of values")
+    groups = numel // group_size
+    if scale.numel() != groups or zero.numel() != groups:
+        raise ValueError(f"scale ({scale.numel()}) and zero ({zero.numel()}) must hold one value per group ({groups})")
+
+
+@_DEQUANT.register("reference")
+def dequantize_int4_reference(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    q = unpack_int4(packed).reshape(-1, group_size).to(torch.float32)
+    return ((q - zero.reshape(-1, 1).to(torch.float32)) * scale.reshape(-1, 1)).reshape(-1)
+
+
+@_DEQUANT.register("cpu")
+@_DEQUANT.register("cuda")
+def _dequantize_int4_compiled(packed, scale, zero, group_size):
+    return torch.ops.weightkit.dequantize_int4_kernel(packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                                                      group_size)
+
+
+@_DEQUANT.register("triton")
+def _dequantize_int4_triton(packed, scale, zero, group_size):
+    from ..kernels.int4 import dequantize_int4_triton
+
+    return dequantize_int4_triton(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
+
+
+@torch.library.custom_op("weightkit::dequantize_int4", mutates_args=())
+def _dequantize_int4_op(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int]) -> Tensor:
+    _check_int4(packed, scale, zero, group_size, shape)
+    return _DEQUANT(packed.device, packed, scale, zero, group_size).reshape(shape)
+
+
+@_dequantize_int4_op.register_fake
+def _(packed, scale, zero, group_size, shape):
+    _check_int4(packed, scale, zero, group_size, shape)
+    return scale.new_empty(tuple(shape))
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape) -> Tensor:
+    """float32 tensor of ``shape`` from :func:`quantize_int4`'s output."""
+    return _dequantize_int4_op(packed, scale, zero, group_size, [int(s) for s in shape])
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """uint8 values in [0, 15], twice as many as ``packed`` bytes, low nibble first."""
+    check_tensor("packed", packed, dtypes=(torch.uint8,), nonempty=False)
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1)
+
+
+# -- dequant-matmul ---------------------------------------------------------------------------------------------
+
+_MM = KernelTable("int4_matmul", compiled="int4_matmul_kernel", cuda_order=("cuda", "triton"))
+
+
+def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (rows, cols) of the INT4 matrix, got {tuple(shape)}")
+    _check_int4(packed, scale, zero, group_size, shape)
+    if packed.device != x.device:
+        raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
+    rows, cols = shape
+    need = rows if transpose else cols
+    if x.shape[-1] != need:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected {need} "
+                         f"({'rows' if transpose else 'cols'} of the INT4 matrix of shape {tuple(shape)})")
+
+
+@_MM.register("reference")
+def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
+    compute = torch.promote_types(x.dtype, torch.float32)
+    w = dequantize_int4_reference(packed, scale, zero, group_size).reshape(shape).to(compute)
+    return (x.to(compute) @ (w if transpose else w.T)).to(x.dtype)
+
+
+@_MM.register("cpu")
+@_MM.register("cuda")
+def _int4_matmul_compiled(x, packed, scale, zero, group_size, shape, transpose):
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.ops.weightkit.int4_matmul_kernel(x2, packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                                               group_size, shape[0], shape[1], transpose)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@_MM.register("triton")
+def _int4_matmul_triton(x, packed, scale, zero, group_size, shape, transpose):
+    from ..kernels.int4 import int4_matmul_triton
+
+    x2 = x.reshape(-1, x.shape[-1])
+    y = int4_matmul_triton(x2, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
+                           shape[1], transpose)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@torch.library.custom_op("weightkit::int4_matmul", mutates_args=())
+def _int4_matmul_op(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int],
+                    transpose: bool) -> Tensor:
+    _check_mm(x, packed, scale, zero, group_size, shape, transpose)
+    check_finite("x", x)
+    return _MM(x.device, x, packed, scale, zero, group_size, list(shape), transpose)
+
+
+@_int4_matmul_op.register_fake
+def _(x, packed, scale, zero, group_size, shape, transpose):
+    _check_mm(x, packed, scale, zero, group_size, shape, transpose)
+    return x.new_empty((*x.shape[:-1], shape[1] if transpose else shape[0]))
+
+
+def _int4_mm_setup(ctx, inputs, output):
+    _, packed, scale, zero, group_size, shape, transpose = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.group_size, ctx.shape, ctx.transpose = group_size, list(shape), transpose
+
+
+def _int4_mm_backward(ctx, grad):
+    packed, scale, zero = ctx.saved_tensors
+    gx = _int4_matmul_op(grad, packed, scale, zero, ctx.group_size, ctx.shape, not ctx.transpose)
+    return gx, None, None, None, None, None, None
+
+
+_int4_matmul_op.register_autograd(_int4_mm_backward, setup_context=_int4_mm_setup)
+
+
+def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
+                transpose: bool = False) -> Tensor:
+    """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), dequantized
+    inside the kernel. ``x`` may be non-contiguous (a transposed view costs no copy on cpu/cuda)."""
+    return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose))
