@@ -305,3 +305,48 @@ def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32():
     assert all(torch.equal(x, y) for x, y in zip(b, resumed))
     with pytest.raises(ValueError, match="proj_dtype="):
         GaLoreAdamW(groups(params((8, 8)), rank=2, proj_dtype="int8"))
+
+
+def _trained(cls, **kw):
+    ps = params((32, 24))
+    opt = cls(groups(ps, rank=4, update_proj_gap=3), lr=1e-2, **kw)
+    for step in range(4):
+        set_grads(ps, step)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda sd: sd["state"][0].pop("ortho"), "no projection basis"),
+    (lambda sd: sd["state"][0].update(ortho=torch.zeros(5, 24)), r"saved ortho has shape \(5, 24\)"),
+    (lambda sd: sd["param_groups"][0].update(rank=5), "saved ortho has shape|moment_shape"),
+    (lambda sd: sd["param_groups"][0].update(rank=40), "saved rank 40 is larger"),
+    (lambda sd: sd["state"][1].update(exp_avg=torch.zeros(3)), r"saved exp_avg has shape \(3,\)"),
+    (lambda sd: next(v for v in sd["state"][1].values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                     ).fill_(float("nan")), "holds NaN/Inf"),
+    (lambda sd: sd["state"][0].update(step=-1), "step must be an int >= 0"),
+    (lambda sd: sd["param_groups"].pop(), "param groups"),
+    (lambda sd: sd.pop("state"), "must be a dict with 'state'"),
+])
+def test_mismatched_or_corrupt_checkpoint_raises_and_loads_nothing(cls, corrupt, match):
+    ps, opt = _trained(cls, **({"min_8bit_size": 1} if cls is GaLoreAdamW8bit else {}))
+    good = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(good)
+    corrupt(bad)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    for idx, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][idx][k]) if isinstance(v, torch.Tensor) else v == after["state"][idx][k]
+    opt.load_state_dict(good)  # the intact checkpoint still loads
+
+
+def test_8bit_truncated_quantized_moment_raises():
+    ps, opt = _trained(GaLoreAdamW8bit, min_8bit_size=1)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["exp_avg_absmax"] = bad["state"][0]["exp_avg_absmax"][:-1]
+    with pytest.raises(ValueError, match="exp_avg_absmax must hold"):
+        opt.load_state_dict(bad)

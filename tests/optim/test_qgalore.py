@@ -95,3 +95,22 @@ def test_bad_groups():
     loose = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="must belong to a weightkit.nn.Int8Linear"):
         QGaLoreAdamW8bit([{"params": [loose], "rank": 2}])
+
+
+def test_corrupt_int4_projector_in_checkpoint_raises():
+    model = mlp()
+    opt = QGaLoreAdamW8bit(param_groups(model, rank=8, update_proj_gap=3), lr=1e-2)
+    x, y = torch.randn(16, 64), torch.randn(16, 32)
+    for _ in range(2):
+        fit_step(model, opt, x, y)
+    sd = copy.deepcopy(opt.state_dict())
+    idx = next(i for i, st in sd["state"].items() if "ortho_q" in st)
+    bad = copy.deepcopy(sd)
+    bad["state"][idx]["ortho_q"] = bad["state"][idx]["ortho_q"][:-2]
+    with pytest.raises(ValueError, match="ortho_q must hold"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][idx]["ortho_shape"] = torch.tensor([3, 3])
+    with pytest.raises(ValueError, match="saved ortho_shape"):
+        opt.load_state_dict(bad)
+    opt.load_state_dict(sd)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..ops._checks import finite_checks_enabled, finite_flags
 from ..ops.galore import galore_adam_update_
-from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, basis_seed, project, project_back
+from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, basis_seed, project, project_back, projection_side
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed",
                "proj_dtype")
@@ -89,6 +89,74 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return GaLoreProjector(group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"],
                                group["svd"], group["oversample"], group["power_iters"], group["seed"],
                                group.get("proj_dtype"))
+
+    # -- checkpoints: validate everything before loading anything ----------------------------------------------
+    def load_state_dict(self, state_dict: Dict) -> None:
+        """torch.optim.Optimizer.load_state_dict after checking that every saved tensor fits this optimizer's
+        parameters (shapes of bases and moments for the saved rank and projection side, finite values). A
+        truncated, mismatched or corrupted state raises ValueError naming the parameter and entry, and leaves the
+        optimizer unchanged."""
+        self._validate_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _validate_state_dict(self, sd) -> None:
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(sd.get("param_groups"), list):
+            raise ValueError("optimizer state_dict must be a dict with 'state' (dict) and 'param_groups' (list)")
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved.get("params", [])) != len(group["params"]):
+                raise ValueError(f"param group {gi} holds {len(saved.get('params', []))} parameters in the state_dict, "
+                                 f"{len(group['params'])} here")
+            for idx, p in zip(saved["params"], group["params"]):
+                state = sd["state"].get(idx)
+                if state is not None:
+                    self._validate_param_state(f"parameter {idx} (shape {tuple(p.shape)})", p, state, saved)
+
+    def _expected_low_shape(self, group: Dict, p: Tensor):
+        m, n = p.shape
+        r = group["rank"]
+        side = projection_side((m, n), group["proj_type"])
+        return side, {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+
+    def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: state must be a dict, got {type(state).__name__}")
+        step = state.get("step", 0)
+        step = int(step.item()) if isinstance(step, Tensor) else step
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: step must be an int >= 0, got {state.get('step')!r}")
+        galore = "rank" in group and p.dim() == 2
+        want: Dict[str, tuple] = {}
+        if galore:
+            if group["rank"] > min(p.shape):
+                raise ValueError(f"{where}: saved rank {group['rank']} is larger than min(m, n) = {min(p.shape)}")
+            side, low = self._expected_low_shape(group, p)
+            m, n = p.shape
+            r = group["rank"]
+            want.update({"ortho": (m, r) if side in ("left", "full") else (r, n), "ortho_right": (r, n)})
+        else:
+            low = tuple(p.shape)
+        want.update({"exp_avg": low, "exp_avg_sq": low})
+        for key, shape in want.items():
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if galore and step > 0 and not self._has_basis_entries(state):
+            raise ValueError(f"{where}: state at step {step} has no projection basis (truncated checkpoint?)")
+        if step > 0 and not self._has_moments(state):
+            raise ValueError(f"{where}: state at step {step} has no moments (truncated checkpoint?)")
+        for key, t in state.items():
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: saved {key} holds NaN/Inf")
+
+    def _has_basis_entries(self, state: Dict) -> bool:
+        return "ortho" in state
 
     # -- moments: overridden by the 8-bit variant ---------------------------------------------------------
     def _init_moments(self, state: Dict, like: Tensor) -> None:
@@ -289,6 +357,25 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _has_moments(self, state: Dict) -> bool:
         return "exp_avg" in state or "exp_avg_q" in state
 
+    def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
+        super()._validate_param_state(where, p, state, group)
+        if "exp_avg_q" not in state:
+            return
+        low = (self._expected_low_shape(group, p)[1] if "rank" in group and p.dim() == 2 else tuple(p.shape))
+        numel = 1
+        for s in low:
+            numel *= s
+        shape = tuple(state["moment_shape"].tolist()) if isinstance(state.get("moment_shape"), Tensor) else None
+        if shape != tuple(low):
+            raise ValueError(f"{where}: saved moment_shape {shape} does not match the expected {tuple(low)}")
+        blocks = -(-numel // self.BLOCK)
+        for key, size in (("exp_avg_q", numel), ("exp_avg_sq_q", numel), ("exp_avg_absmax", blocks),
+                          ("exp_avg_sq_absmax", blocks)):
+            t = state.get(key)
+            if not isinstance(t, Tensor) or t.numel() != size:
+                raise ValueError(f"{where}: saved {key} must hold {size} values, got "
+                                 f"{None if not isinstance(t, Tensor) else t.numel()}")
+
     def _load_moments(self, state: Dict):
         if "exp_avg" in state:
             return state["exp_avg"], state["exp_avg_sq"]
@@ -310,12 +397,18 @@ class LayerwiseGaLore:
     ``accumulation_steps=N`` accumulates N backward passes before each parameter's update. Do not call ``step()``
     (updates happen in backward); ``zero_grad()`` is a no-op between updates but raises in the middle of an
     accumulation window, where it would silently drop accumulated gradients.
+
+    ``hooks=False`` registers no hooks: the caller steps parameters with :meth:`step_param`, e.g. the DDP
+    communication hook :meth:`ddp_comm_hook` (weightkit.optim.distributed), which steps each parameter once DDP has
+    averaged its gradient bucket; ``zero_grad()`` then sets the gradients to None.
     """
 
-    def __init__(self, params: Iterable, optimizer_cls=GaLoreAdamW, accumulation_steps: int = 1, **defaults):
+    def __init__(self, params: Iterable, optimizer_cls=GaLoreAdamW, accumulation_steps: int = 1, hooks: bool = True,
+                 **defaults):
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         self.accumulation_steps = accumulation_steps
+        self.hooks = bool(hooks)
         groups = list(params)
         if groups and isinstance(groups[0], torch.Tensor):
             groups = [{"params": groups}]
@@ -329,16 +422,36 @@ class LayerwiseGaLore:
                 self.params.append(p)
                 self.optimizers.append(optimizer_cls([dict(opts, params=[p])], **defaults))
                 self._counts.append(0)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
+                if self.hooks:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
+        self._index = {id(p): i for i, p in enumerate(self.params)}
 
     def _make_hook(self, index: int):
         def hook(p: Tensor) -> None:
-            self._counts[index] += 1
-            if self._counts[index] % self.accumulation_steps == 0:
-                self.optimizers[index].step()
-                p.grad = None
+            self._step_index(index, p)
 
         return hook
+
+    def _step_index(self, index: int, p: Tensor) -> None:
+        self._counts[index] += 1
+        if self._counts[index] % self.accumulation_steps == 0:
+            self.optimizers[index].step()
+            p.grad = None
+
+    def step_param(self, p: Tensor) -> None:
+        """Count one backward pass of ``p`` (its gradient in ``p.grad``) and, at the end of an accumulation window,
+        update it and free the gradient: what the post-accumulate-grad hook does, for callers with hooks=False."""
+        index = self._index.get(id(p))
+        if index is None:
+            raise KeyError(f"parameter of shape {tuple(p.shape)} is not trained by this LayerwiseGaLore")
+        self._step_index(index, p)
+
+    def ddp_comm_hook(self, process_group=None):
+        """A DDP communication hook stepping each bucket's parameters after its all-reduce (needs hooks=False):
+        ``ddp_model.register_comm_hook(None, opt.ddp_comm_hook())``. See weightkit.optim.distributed."""
+        from .distributed import ddp_layerwise_comm_hook
+
+        return ddp_layerwise_comm_hook(self, process_group)
 
     def pending(self) -> bool:
         """True inside an accumulation window (some gradients accumulated but not yet applied)."""
@@ -352,6 +465,9 @@ class LayerwiseGaLore:
         if self.pending():
             raise RuntimeError(f"zero_grad() in the middle of an accumulation window of {self.accumulation_steps} "
                                "backward passes would drop the accumulated gradients")
+        if not self.hooks:
+            for p in self.params:
+                p.grad = None
 
     def remove(self) -> None:
         for h in self._handles:

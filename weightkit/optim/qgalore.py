@@ -104,6 +104,27 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                                 group["proj_group_size"], tuple(entries["ortho_shape"].tolist()))
         return ortho, None
 
+    def _has_basis_entries(self, state: Dict) -> bool:
+        return "ortho_q" in state
+
+    def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
+        super()._validate_param_state(where, p, state, group)
+        if "ortho_q" not in state:
+            return
+        side, _ = self._expected_low_shape(group, p)
+        m, n = p.shape
+        r = group["rank"]
+        shape = (m, r) if side == "left" else (r, n)
+        saved = tuple(state["ortho_shape"].tolist()) if isinstance(state.get("ortho_shape"), Tensor) else None
+        if saved != shape:
+            raise ValueError(f"{where}: saved ortho_shape {saved}, expected {shape}")
+        groups = m * r // group["proj_group_size"]
+        for key, size in (("ortho_q", m * r // 2), ("ortho_scale", groups), ("ortho_zero", groups)):
+            t = state.get(key)
+            if not isinstance(t, Tensor) or t.numel() != size:
+                raise ValueError(f"{where}: saved {key} must hold {size} values, got "
+                                 f"{None if not isinstance(t, Tensor) else t.numel()}")
+
     def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj, low: Tensor, basis, side: str,
                         step_size: float) -> None:
         if p.dtype != torch.int8:
