@@ -9,3 +9,9 @@ __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "LayerwiseGaLore", "GaLoreProjector
 from .groups import param_groups  # noqa: E402
 
 __all__ += ["param_groups"]
+
+from .distributed import (ShardedGaLoreAdamW, ShardedGaLoreAdamW8bit, all_reduce_float_grads,  # noqa: E402
+                          broadcast_projectors, check_replicas_agree, ddp_layerwise_comm_hook)
+
+__all__ += ["ShardedGaLoreAdamW", "ShardedGaLoreAdamW8bit", "all_reduce_float_grads", "broadcast_projectors",
+            "check_replicas_agree", "ddp_layerwise_comm_hook"]

@@ -1,0 +1,441 @@
+"""GaLore / Q-GaLore under torch.distributed: DDP, layer-wise GaLore with a DDP communication hook, FSDP2.
+
+DDP (``torch.nn.parallel.DistributedDataParallel``)
+    Works with ``GaLoreAdamW``, ``GaLoreAdamW8bit`` and ``QGaLoreAdamW8bit`` unchanged. DDP averages the gradients,
+    so every rank holds bit-identical gradients (gloo and NCCL return the same reduced buffer to every rank) and
+    computes the same projectors: the exact SVD is a deterministic function of its input, and the randomized SVD's
+    test matrix is seeded by (seed, parameter index, step), not by any per-process RNG. Q-GaLore's stochastic
+    rounding is keyed the same way. Two helpers check or force that agreement:
+
+    * :func:`broadcast_projectors` copies every state entry of the GaLore parameters (bases, moments, step, ...)
+      from rank ``src`` to all ranks, creating missing entries, e.g. after rank 0 alone loaded a checkpoint;
+    * :func:`check_replicas_agree` all-gathers a SHA-256 of every parameter/buffer (module) or state tensor
+      (optimizer) and raises a ``RuntimeError`` naming the first one that differs between ranks.
+
+    ``Int8Linear`` weights (Q-GaLore) are int8 parameters without autograd gradients: their ``float_grad`` is
+    invisible to DDP. Call :func:`all_reduce_float_grads` after ``backward()`` and before ``step()``.
+
+Layer-wise GaLore under DDP
+    ``LayerwiseGaLore`` normally steps each parameter from a post-accumulate-grad hook. Under DDP that hook fires
+    with the *local* gradient, before DDP's bucketed all-reduce, so ranks would diverge. Instead build it with
+    ``hooks=False`` and register :func:`ddp_layerwise_comm_hook` (also ``LayerwiseGaLore.ddp_comm_hook()``) as the
+    DDP communication hook: it all-reduces (averages) each bucket and, once that bucket's reduction completes, steps
+    the parameters of that bucket with their averaged gradients (slices of the reduced bucket, no copy), while
+    backward continues on the other buckets. Call ``opt.zero_grad()`` after each backward (DDP copies the reduced
+    bucket back into ``.grad`` at the end of backward; with ``gradient_as_bucket_view=True`` ``.grad`` is a view of
+    the bucket and nothing is copied). DDP keeps its own bucket buffers (one full copy of the gradients), so under
+    DDP layer-wise mode buys overlap of the optimizer with backward, not gradient memory. For gradient accumulation
+    use ``ddp.no_sync()`` for all but the last micro-batch (``accumulation_steps`` must be 1 with the hook).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by rows, ``Shard(0)``)
+    Use :class:`ShardedGaLoreAdamW` (or :class:`ShardedGaLoreAdamW8bit`); with plain tensors they behave exactly as
+    GaLoreAdamW / GaLoreAdamW8bit. For an m x n weight sharded into row blocks W_i (m_i x n, m_i ~ m / world) with
+    gradient shards G_i (already averaged by FSDP's reduce-scatter):
+
+    * refresh (every ``update_proj_gap`` steps): the full gradient is all-gathered (``grad.full_tensor()``, a
+      transient m x n buffer per rank), every rank computes the basis and rank 0's copy is broadcast (so ranks agree
+      even across machines whose LAPACK differ); a NaN/Inf in any shard is seen by every rank;
+    * ``right`` projection (P: r x n; 'std' for m >= n): R_i = G_i P^T (m_i x r) is local, Adam moments shard with
+      the rows, W_i <- decay W_i - lr' N_i P is local. No communication besides the refresh;
+    * ``left`` projection (P: m x r; 'std' for m < n): R = sum_i P_i^T G_i (r x n) needs one all-reduce of r x n per
+      step; each rank keeps only its rows P_i (m_i x r) of the basis and a replica of the r x n moments;
+    * ``full`` projection: R = sum_i U_i^T G_i V (r x r), one r x r all-reduce; U sharded by rows, V replicated;
+    * non-GaLore parameters (biases, norms, embeddings): AdamW on the local shard.
+
+    Optimizer memory per rank for an m x n weight at rank r, world size W (float32 moments, 4 bytes each):
+    right: 2 (m/W) r + r n floats; left: 2 r n + (m/W) r floats; plus, only during a refresh, the full m x n
+    gradient and the SVD's workspace. For the usual 'std' choice this is 2 max(m,n) r / W + min(m,n) r when the
+    larger side is the sharded one, i.e. the low-rank state shards with the weight except the r x n basis (right)
+    or the r x n moments (left). Non-finite checks are combined over ranks with one all-reduce of a flag per step.
+    The optimizer state holds plain (local) tensors: save and load ``optimizer.state_dict()`` per rank together
+    with the sharded model state. Only 1-D meshes and ``Shard(0)``/``Replicate`` placements are supported;
+    Q-GaLore's int8 weights are not supported under FSDP2 (FSDP2 shards floating parameters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..ops._checks import finite_checks_enabled, finite_flags
+from ..ops.galore import galore_adam_update_reference
+from .galore import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
+from .projector import basis_seed, compute_basis
+
+__all__ = ["broadcast_projectors", "check_replicas_agree", "all_reduce_float_grads", "ddp_layerwise_comm_hook",
+           "ShardedGaLoreAdamW", "ShardedGaLoreAdamW8bit"]
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(t, DTensor)
+
+
+def _optimizers(optimizer) -> List[torch.optim.Optimizer]:
+    if isinstance(optimizer, LayerwiseGaLore):
+        return list(optimizer.optimizers)
+    return [optimizer]
+
+
+def _galore_params(opt: torch.optim.Optimizer, galore_only: bool = True) -> Iterable[Tuple[str, Tensor]]:
+    """(name, parameter) of the 2-D parameters of GaLore groups (or of all parameters), named by their index."""
+    i = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not galore_only or ("rank" in group and p.dim() == 2):
+                yield f"param {i}", p
+            i += 1
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group)
+
+
+# -- DDP: agreement ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def broadcast_projectors(optimizer, src: int = 0, group=None, galore_only: bool = False) -> int:
+    """Broadcast the optimizer state of every GaLore parameter (bases, moments, counters) from rank ``src``.
+
+    ``optimizer`` is a GaLoreAdamW (or subclass) or a LayerwiseGaLore. Entries missing on other ranks are created
+    with the source's shapes and dtypes, entries the source lacks are removed, so afterwards every rank holds the
+    source's state exactly. By default the AdamW state of the other parameters (biases, norms) is broadcast too, so
+    that a state loaded on ``src`` alone is complete everywhere; ``galore_only=True`` limits it to the 2-D
+    parameters of GaLore groups. Hyperparameters (``param_groups``: lr, ...) are not broadcast. Sharded (DTensor)
+    parameters are skipped: their state is per-shard by design. Returns the number of tensors broadcast. ``src``
+    is a global rank, as in ``torch.distributed.broadcast``."""
+    count = 0
+    for opt in _optimizers(optimizer):
+        params = [(name, p) for name, p in _galore_params(opt, galore_only) if not _is_sharded(p)]
+        meta = None
+        if dist.get_rank() == src:
+            meta = []
+            for _, p in params:
+                entries = {}
+                for k, v in opt.state.get(p, {}).items():
+                    if isinstance(v, Tensor):
+                        entries[k] = ("tensor", tuple(v.shape), v.dtype)
+                    else:
+                        entries[k] = ("value", v)
+                meta.append(entries)
+        box = [meta]
+        dist.broadcast_object_list(box, src=src, group=group)
+        meta = box[0]
+        for (_, p), entries in zip(params, meta):
+            state = opt.state[p]
+            for k in [k for k in state if k not in entries]:
+                del state[k]
+            for k, desc in entries.items():
+                if desc[0] == "value":
+                    state[k] = desc[1]
+                    continue
+                _, shape, dtype = desc
+                t = state.get(k)
+                if not (isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous()):
+                    t = torch.empty(shape, dtype=dtype, device=p.device)
+                dist.broadcast(t, src=src, group=group)
+                state[k] = t
+                count += 1
+    return count
+
+
+def _digest(t: Tensor) -> str:
+    data = t.detach()
+    if _is_dtensor(data):
+        data = data.to_local()
+    data = data.cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def _named_tensors(obj) -> List[Tuple[str, Tensor]]:
+    if isinstance(obj, torch.nn.Module):
+        out = [(f"parameter {n}", p) for n, p in obj.named_parameters()]
+        out += [(f"buffer {n}", b) for n, b in obj.named_buffers()]
+        return [(n, t) for n, t in out if not _is_sharded(t)]
+    out = []
+    for j, opt in enumerate(_optimizers(obj)):
+        prefix = f"optimizer {j} " if isinstance(obj, LayerwiseGaLore) else ""
+        i = 0
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not _is_sharded(p):
+                    for k, v in sorted(opt.state.get(p, {}).items()):
+                        if isinstance(v, Tensor):
+                            out.append((f"{prefix}param {i} (shape {tuple(p.shape)}) state {k!r}", v))
+                        else:
+                            out.append((f"{prefix}param {i} (shape {tuple(p.shape)}) state {k!r}",
+                                        torch.frombuffer(bytearray(repr(v).encode()), dtype=torch.uint8)))
+                i += 1
+    return out
+
+
+def _is_sharded(t) -> bool:
+    if not _is_dtensor(t):
+        return False
+    return any(not pl.is_replicate() for pl in t.placements)
+
+
+def check_replicas_agree(optimizer_or_module, group=None) -> None:
+    """Raise ``RuntimeError`` unless every rank of ``group`` holds bit-identical tensors.
+
+    For a module: its parameters and buffers; for an optimizer (or LayerwiseGaLore): every state entry of every
+    parameter (bases, moments, step). Sharded DTensors are skipped. One all-gather of SHA-256 digests."""
+    named = _named_tensors(optimizer_or_module)
+    mine = [(n, _digest(t)) for n, t in named]
+    gathered: List = [None] * _world(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    ref = gathered[0]
+    for rank, other in enumerate(gathered[1:], start=1):
+        if len(other) != len(ref):
+            names_ref, names_other = [n for n, _ in ref], [n for n, _ in other]
+            missing = [n for n in names_ref if n not in names_other] + [n for n in names_other if n not in names_ref]
+            raise RuntimeError(f"replicas disagree: rank 0 has {len(ref)} tensors, rank {rank} has {len(other)} "
+                               f"(first difference: {missing[:1] or 'order'})")
+        for (name, d0), (name_r, dr) in zip(ref, other):
+            if name != name_r:
+                raise RuntimeError(f"replicas disagree: rank 0 has {name}, rank {rank} has {name_r} at the same place")
+            if d0 != dr:
+                raise RuntimeError(f"replicas disagree: {name} differs between rank 0 and rank {rank}")
+
+
+@torch.no_grad()
+def all_reduce_float_grads(module: torch.nn.Module, group=None) -> int:
+    """Average the ``float_grad`` of int8 weights (``weightkit.nn.Int8Linear``) over ``group`` in one all-reduce.
+
+    DDP does not see them (int8 parameters carry no autograd gradient); call after backward, before
+    ``QGaLoreAdamW8bit.step()``. Every rank must hold a float_grad for the same weights. Returns how many."""
+    grads = [p.float_grad for p in module.parameters() if getattr(p, "float_grad", None) is not None]
+    if not grads:
+        return 0
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+    flat.div_(_world(group))
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return len(grads)
+
+
+# -- layer-wise GaLore with a DDP communication hook ----------------------------------------------------------------------
+def ddp_layerwise_comm_hook(layerwise: LayerwiseGaLore, process_group=None):
+    """A DDP communication hook that averages each gradient bucket and then steps its parameters.
+
+    Usage::
+
+        opt = LayerwiseGaLore(groups, hooks=False)
+        ddp = DistributedDataParallel(model)
+        ddp.register_comm_hook(None, ddp_layerwise_comm_hook(opt))
+        for batch in data:
+            loss(ddp(batch)).backward()   # the updates happen here, bucket by bucket
+            opt.zero_grad()
+    """
+    if not isinstance(layerwise, LayerwiseGaLore):
+        raise TypeError(f"ddp_layerwise_comm_hook takes a LayerwiseGaLore, got {type(layerwise).__name__}")
+    if layerwise.hooks:
+        raise ValueError("this LayerwiseGaLore steps from post-accumulate-grad hooks, which fire before DDP's "
+                         "all-reduce; build it with hooks=False to use it from the DDP communication hook")
+    if layerwise.accumulation_steps != 1:
+        raise ValueError("with the DDP communication hook every synchronised backward is one update: use "
+                         "accumulation_steps=1 and DistributedDataParallel.no_sync() for gradient accumulation")
+    owned = {id(p) for p in layerwise.params}
+
+    def hook(state, bucket):  # (no annotations: this module postpones them, DDP compares them as objects)
+        group = process_group if process_group is not None else state
+        buffer = bucket.buffer()
+        buffer.div_(_world(group))
+        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+        def apply(done: torch.futures.Future) -> Tensor:
+            reduced = done.value()[0]
+            params = bucket.parameters()
+            total = sum(p.numel() for p in params)
+            if total != reduced.numel():
+                raise RuntimeError(f"DDP bucket of {reduced.numel()} elements does not hold its {len(params)} "
+                                   f"parameters contiguously ({total} elements)")
+            offset = 0
+            with torch.no_grad():
+                for p in params:
+                    n = p.numel()
+                    if id(p) in owned:
+                        p.grad = reduced[offset:offset + n].view_as(p)
+                        layerwise.step_param(p)
+                    offset += n
+            return reduced
+
+        return fut.then(apply)
+
+    return hook
+
+
+# -- FSDP2: DTensor parameters -------------------------------------------------------------------------------------------
+def _row_range(m: int, rank: int, world: int) -> Tuple[int, int]:
+    """Rows of a Shard(0) DTensor held by ``rank`` (torch.chunk's split: ceil(m / world) rows per rank)."""
+    chunk = -(-m // world)
+    start = min(rank * chunk, m)
+    return start, min(start + chunk, m)
+
+
+class _ShardedMixin:
+    """DTensor (FSDP2) support on top of GaLoreAdamW's three-phase step; plain tensors take the parent's path."""
+
+    sync_basis = True  # broadcast rank 0's freshly computed basis (agreement across heterogeneous machines)
+
+    def _layout(self, p: Tensor):
+        """(kind, process group, mesh rank, world) for a DTensor parameter: kind 'shard0' or 'replicate'."""
+        mesh = p.device_mesh
+        if mesh.ndim != 1:
+            raise NotImplementedError(f"Sharded GaLore supports 1-D device meshes, got a {mesh.ndim}-D mesh")
+        placement = p.placements[0]
+        group = mesh.get_group()
+        if placement.is_replicate():
+            kind = "replicate"
+        elif placement.is_shard() and placement.dim == 0:
+            kind = "shard0"
+        else:
+            raise NotImplementedError(f"Sharded GaLore supports Shard(0) and Replicate placements, got {placement}")
+        return kind, group, dist.get_rank(group), dist.get_world_size(group)
+
+    def _dist_group(self):
+        groups = {id(self._layout(p)[1]): self._layout(p)[1]
+                  for g in self.param_groups for p in g["params"] if _is_dtensor(p)}
+        if len(groups) > 1:
+            raise NotImplementedError("all DTensor parameters of one Sharded GaLore optimizer must share one mesh")
+        return next(iter(groups.values()), None)
+
+    def _check_grads(self, items) -> None:
+        for _, p in items:
+            if _is_dtensor(p) != _is_dtensor(self._grad(p)):
+                raise RuntimeError("a DTensor parameter needs a DTensor gradient (and a tensor one a tensor)")
+        super()._check_grads(items)
+
+    def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
+        """Checkpoint validation (when the base optimizer validates): sharded state has local shapes."""
+        if _is_dtensor(p) and self._layout(p)[0] == "shard0":
+            for key, t in state.items():
+                if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where}: saved {key} holds NaN/Inf")
+            return
+        parent = getattr(super(), "_validate_param_state", None)
+        if parent is not None:
+            parent(where, p, state, group)
+
+    # phase 1
+    def _prepare(self, group: Dict, p: Tensor) -> Dict:
+        if not _is_dtensor(p):
+            return super()._prepare(group, p)
+        grad = self._grad(p)
+        local = grad.to_local()
+        if not ("rank" in group and p.dim() == 2):
+            return {"check": local, "finite": None}
+        kind, pg, rank, world = self._layout(p)
+        proj = self._projector(group)
+        state = self.state[p]
+        m, n = p.shape
+        side = proj.side(p.shape)
+        start, end = (0, m) if kind == "replicate" else _row_range(m, rank, world)
+        if local.shape[0] != end - start:
+            raise RuntimeError(f"local shard of a {(m, n)} parameter has {local.shape[0]} rows, expected "
+                               f"{end - start} (rows {start}:{end} of Shard(0) on {world} ranks)")
+        pending = None
+        if self._refresh_due(group, proj, state):
+            full = grad.full_tensor()
+            if finite_checks_enabled() and not finite_flags([full])[0]:
+                return {"check": local, "finite": False}  # every rank sees the same full gradient
+            ortho, ortho_right = compute_basis(full, proj.rank, side, proj.svd, oversample=proj.oversample,
+                                               power_iters=proj.power_iters,
+                                               seed=basis_seed(proj.seed, self._keys.get(id(p), 0),
+                                                               state.get("step", 0)))
+            del full
+            if self.sync_basis and kind == "shard0" and world > 1:
+                src = dist.get_global_rank(pg, 0)
+                for t in (ortho, ortho_right):
+                    if t is not None:
+                        dist.broadcast(t, src=src, group=pg)
+            if side in ("left", "full"):
+                ortho = ortho[start:end].contiguous()  # each rank keeps its rows of U
+            pending = {}
+            proj.store_basis(pending, ortho, ortho_right)
+            basis = proj.load_basis(pending)
+        else:
+            basis = proj.load_basis(state)
+        ortho, ortho_right = basis
+        g = local.to(torch.float32)
+        if side == "right":
+            low = g @ ortho.T
+        else:
+            low = ortho.T @ g if side == "left" else ortho.T @ g @ ortho_right.T
+            if kind == "shard0" and world > 1:
+                dist.all_reduce(low, group=pg)  # sum over row blocks: the projection of the whole gradient
+        return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side}
+
+    # phase 2: one flag all-reduce so that every rank raises / skips together
+    def _nonfinite(self, items, prepared) -> bool:
+        pg = self._dist_group()
+        if pg is None or dist.get_world_size(pg) == 1:
+            return super()._nonfinite(items, prepared)
+        if not finite_checks_enabled() or not items:
+            return False
+        known = [prep["finite"] for prep in prepared]
+        flags = [k if k is not None else finite_flags([prep["check"]])[0] for k, prep in zip(known, prepared)]
+        bad_here = torch.tensor([0 if all(flags) else 1], dtype=torch.int32)
+        dist.all_reduce(bad_here, op=dist.ReduceOp.MAX, group=pg)
+        if int(bad_here) == 0:
+            return False
+        bad = [tuple(p.shape) for (_, p), ok in zip(items, flags) if not ok]
+        if self.nonfinite == "raise":
+            where = f"{len(bad)} parameter(s) of shapes {bad[:4]}" if bad else "a gradient shard of another rank"
+            raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; no parameter or optimizer state was "
+                                     "changed on any rank (use nonfinite='skip' to skip such steps)")
+        self.skipped_steps += 1
+        return True
+
+    # phase 3
+    def _commit(self, group: Dict, p: Tensor, prep: Dict) -> None:
+        if not _is_dtensor(p):
+            return super()._commit(group, p, prep)
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        weight = p.to_local()
+        if "low" not in prep:
+            grad = self._grad(p).to_local().to(torch.float32)
+            if not self._has_moments(state):
+                self._init_moments(state, grad)
+            state["step"] += 1
+            self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]))
+            return
+        if prep["pending"] is not None:
+            state.update(prep["pending"])
+        low = prep["low"]
+        if not self._has_moments(state):
+            self._init_moments(state, low)
+        state["step"] += 1
+        step_size = self._step_size(group, state["step"])
+        proj = self._projector(group)
+        if weight.numel() == 0 and prep["side"] != "full":  # an empty shard (m < world): keep the moments in step
+            exp_avg, exp_avg_sq = self._load_moments(state)
+            beta1, beta2 = group["betas"]
+            galore_adam_update_reference(weight, low, exp_avg, exp_avg_sq, prep["basis"][0], prep["side"] == "left",
+                                         beta1, beta2, group["eps"], step_size, proj.scale,
+                                         1.0 - group["lr"] * group["weight_decay"])
+            self._store_moments(state, exp_avg, exp_avg_sq)
+            return
+        self._apply_low_rank(group, weight, state, proj, low, prep["basis"], prep["side"], step_size)
+
+
+class ShardedGaLoreAdamW(_ShardedMixin, GaLoreAdamW):
+    """GaLoreAdamW for FSDP2 (DTensor, Shard(0)) parameters; see the module docstring for the design and memory."""
+
+
+class ShardedGaLoreAdamW8bit(_ShardedMixin, GaLoreAdamW8bit):
+    """GaLoreAdamW8bit for FSDP2 parameters: the 8-bit moments are quantized per shard (blocks of the local rows)."""
