@@ -212,6 +212,17 @@ def scenario_fsdp2(rank, out_dir):
     opt_r.load_state_dict(opt_state)
     train(model_r, opt_r, STEPS, rank, start=4)
     res["resumed"] = weights(model_r)
+    # a NaN in one rank's gradient shard (right projection, no refresh due): every rank raises, nothing changes
+    x, y = batch(STEPS, rank)
+    nn.functional.mse_loss(model_r(x), y).backward()
+    if rank == 1:
+        model_r[0].weight.grad.to_local()[0, 0] = float("nan")
+    try:
+        opt_r.step()
+        res["nan_error"] = None
+    except FloatingPointError as e:
+        res["nan_error"] = str(e)
+    res["after_nan"] = weights(model_r)
     return res
 
 
@@ -285,6 +296,8 @@ def test_fsdp2_sharded_galore_matches_single_process(tmp_path):
     for r in (r0, r1):
         assert_weights_close(r["weights"], ref)
         assert_weights_equal(r["resumed"], r0["weights"])
+        assert_weights_equal(r["after_nan"], r0["weights"])
+    assert "another rank" in r0["nan_error"] and "1 parameter(s) of shapes [(32, 16)]" in r1["nan_error"]
     # right projection: moments shard with the rows, the basis is replicated; left/full: the basis shards
     assert r0["state_shapes"][0]["exp_avg"] == (16, 4) and r0["state_shapes"][0]["ortho"] == (4, 16)
     assert r0["state_shapes"][2]["exp_avg"] == (4, 32) and r0["state_shapes"][2]["ortho"] == (12, 4)
