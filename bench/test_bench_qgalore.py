@@ -1,7 +1,9 @@
 """Memory per parameter (weights + optimizer state) and step time on a TinyLlama (dim 512, 4 layers, rank 128):
 AdamW fp32 / bf16, galore-torch, weightkit GaLoreAdamW / GaLoreAdamW8bit / QGaLoreAdamW8bit (INT8 weights, INT4
 projectors, 8-bit moments). q-galore-torch 1.0 is attempted too; its optimizer fails with bitsandbytes >= 0.50
-(KeyError 'percentile_clipping' in its update_step), which the benchmark records as a skip."""
+(KeyError 'percentile_clipping' in its update_step; with that key supplied, its call to
+optimizer_update_8bit_blockwise no longer matches bitsandbytes' signature), which the benchmark records as a skip.
+Its INT4 projector does not need bitsandbytes and is compared on its own (test_int4_projector)."""
 
 import warnings
 
@@ -70,3 +72,32 @@ def test_memory_and_step(measure, method):
     state = tensor_bytes(opt.state)  # walks objects too: galore-torch keeps its projectors in GaLoreProjector objects
     measure(step, rounds=3, op="train_step_memory", backend=method, shape=[CFG.dim, CFG.n_layers, RANK],
             params=n_params, weight_bytes=weights, state_bytes=state, bytes_per_param=(weights + state) / n_params)
+
+
+@pytest.mark.parametrize("case", [((1024, 1024), 256), ((4096, 4096), 1024)], ids=lambda c: f"{c[0][0]}x{c[0][1]}-r{c[1]}")
+@pytest.mark.parametrize("name", ["q-galore-torch", "weightkit"])
+def test_int4_projector(measure, name, case):
+    """The INT4 projector alone (which does not need bitsandbytes, so q-galore-torch's runs here): bytes stored and
+    time of one projection R = G P^T with the quantized P, group size 256 for both. q-galore-torch keeps each
+    4-bit value in its own int8 byte (plus scales and zeros in the weight dtype); weightkit packs two per byte
+    (fp32 scale + uint8 zero per group) and dequantizes inside the matmul kernel."""
+    (m, n), r = case
+    grad = torch.randn(m, n, device=DEVICE)
+    if name == "q-galore-torch":
+        proj_mod = pytest.importorskip("q_galore_torch.q_galore_projector")
+        proj = proj_mod.GaLoreProjector(r, update_proj_gap=10**6, proj_type="std", quant=True, group_size=256,
+                                        n_bit=4)
+        proj.project(grad, 0)  # builds the quantized projector (one SVD)
+        stored = sum(t.numel() * t.element_size() for t in (proj.ortho_matrix, proj.ortho_matrix_scales,
+                                                             proj.ortho_matrix_zeros))
+        fn = lambda: proj.project(grad, 1)  # noqa: E731
+    else:
+        from weightkit.ops.int4 import int4_matmul, quantize_int4
+        from weightkit.optim.projector import compute_basis
+
+        p, _ = compute_basis(grad, r, "right")  # r x n, as q-galore-torch's 'std' on a square matrix
+        packed, scale, zero = quantize_int4(p, 256)
+        stored = sum(t.numel() * t.element_size() for t in (packed, scale, zero))
+        fn = lambda: int4_matmul(grad, packed, scale, zero, 256, p.shape)  # noqa: E731
+    measure(fn, rounds=3 if m >= 4096 else 5, op="int4_projector", backend=name, shape=[m, n, r],
+            projector_bytes=stored, bytes_per_value=stored / (r * n))
