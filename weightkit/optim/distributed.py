@@ -55,7 +55,7 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by row
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 import torch.distributed as dist
