@@ -39,15 +39,55 @@ void gather_forward(const float* zp, const float* vp, const index_t* ip, float* 
   });
 }
 
+// Many tokens: work on Z^T (k x n), so each term is an axpy over contiguous tokens (vectorized) instead of a gather:
+// Y^T[j, :] = sum_t values[t, j] * Z^T[indices[t, j], :], terms added in the same order (t ascending) as above,
+// so both paths give the same bits. Parallel over output columns; Z^T is read from cache (k x n floats).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void axpy_f32(float* __restrict__ y, float a, const float* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+template <typename index_t>
+void gather_forward_transposed(const float* zt, const float* vp, const index_t* ip, float* yt, int64_t n, int64_t s,
+                               int64_t d_out) {
+  at::parallel_for(0, d_out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      float* yj = yt + j * n;
+      for (int64_t r = 0; r < n; ++r) yj[r] = 0.f;
+      for (int64_t t = 0; t < s; ++t) {
+        axpy_f32(yj, vp[t * d_out + j], zt + static_cast<int64_t>(ip[t * d_out + j]) * n, n);
+      }
+    }
+  });
+}
+
+constexpr int64_t kTransposedTokens = 4;
+
 at::Tensor dict_sparse_gather_cpu(const at::Tensor& z, const at::Tensor& values, const at::Tensor& indices) {
   TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(),
               "dict_sparse_gather_kernel: need z (n, k), values and indices (s, d_out)");
   const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
   const at::Tensor zf = z.to(at::kFloat).contiguous(), vf = values.to(at::kFloat).contiguous();
   const at::Tensor idx = indices.contiguous();
+  const float* vp = vf.data_ptr<float>();
+  if (n >= kTransposedTokens) {
+    const at::Tensor zt = zf.t().contiguous();
+    auto yt = at::empty({d_out, n}, zf.options());
+    const float* ztp = zt.data_ptr<float>();
+    float* ytp = yt.data_ptr<float>();
+    switch (idx.scalar_type()) {
+      case at::kByte: gather_forward_transposed(ztp, vp, idx.data_ptr<uint8_t>(), ytp, n, s, d_out); break;
+      case at::kShort: gather_forward_transposed(ztp, vp, idx.data_ptr<int16_t>(), ytp, n, s, d_out); break;
+      case at::kInt: gather_forward_transposed(ztp, vp, idx.data_ptr<int32_t>(), ytp, n, s, d_out); break;
+      case at::kLong: gather_forward_transposed(ztp, vp, idx.data_ptr<int64_t>(), ytp, n, s, d_out); break;
+      default: TORCH_CHECK(false, "dict_sparse_gather_kernel: indices must be uint8, int16, int32 or int64");
+    }
+    return yt.t().contiguous().to(z.scalar_type());
+  }
   auto y = at::empty({n, d_out}, zf.options());
   const float* zp = zf.data_ptr<float>();
-  const float* vp = vf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (idx.scalar_type()) {
     case at::kByte: gather_forward(zp, vp, idx.data_ptr<uint8_t>(), yp, n, k, s, d_out); break;
