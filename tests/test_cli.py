@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "weightkit", "bench", "--suite", "quant", "-k", "1024 and cpu",
+    proc = subprocess.run([sys.executable, "-m", "weightkit", "bench", "--suite", "quant", "-k", "test_stochastic_round_int8 and 1024 and cpu",
                            "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     files = os.listdir(tmp_path)

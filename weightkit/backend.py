@@ -156,6 +156,7 @@ class KernelTable:
         self.compiled = compiled
         self.cuda_order = cuda_order
         self.impls: Dict[str, Callable] = {}
+        self._chosen: Dict[tuple, str] = {}
 
     def register(self, backend: str):
         _validate(backend, "backend")
@@ -203,6 +204,15 @@ class KernelTable:
 
     def select(self, device: torch.device) -> str:
         requested = requested_backend()
+        # The answer depends only on these (the extension and triton are probed once, at import): cache it, since
+        # the probing costs tens of microseconds per call, comparable to a small kernel.
+        key = (requested, device.type, device.index, os.environ.get("TRITON_INTERPRET"))
+        choice = self._chosen.get(key)
+        if choice is None:
+            choice = self._chosen[key] = self._select(requested, device)
+        return choice
+
+    def _select(self, requested: str, device: torch.device) -> str:
         if requested == "auto":
             order = self.cuda_order if device.type == "cuda" else ("cpu",)
             for backend in order:

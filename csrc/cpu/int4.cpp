@@ -9,24 +9,31 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace weightkit {
 namespace {
 
-// Quantize one group of `gs` (even) fp32 values; writes gs / 2 bytes, its scale and zero point.
-inline void quantize_group(const float* g, int64_t gs, uint8_t* packed, float* scale, uint8_t* zero) {
+// Quantize one group of `gs` (even) fp32 values; writes gs / 2 bytes, its scale and zero point. `q` is a scratch
+// buffer of gs floats: the rounding loop runs over contiguous floats (vectorizable), packing is a second pass.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void quantize_group(const float* g, int64_t gs, uint8_t* packed, float* scale, uint8_t* zero, float* q) {
   float lo = 0.0f, hi = 0.0f;  // the range always holds 0
   for (int64_t i = 0; i < gs; ++i) {
-    lo = std::min(lo, g[i]);
-    hi = std::max(hi, g[i]);
+    lo = g[i] < lo ? g[i] : lo;
+    hi = g[i] > hi ? g[i] : hi;
   }
   float s = (hi - lo) / 15.0f;
   if (s < std::numeric_limits<float>::min()) s = std::numeric_limits<float>::min();
   const float z = std::clamp(std::nearbyint(-lo / s), 0.0f, 15.0f);  // round half to even, as torch.round
+  for (int64_t i = 0; i < gs; ++i) {
+    const float v = std::nearbyint(g[i] / s + z);
+    q[i] = v < 0.0f ? 0.0f : (v > 15.0f ? 15.0f : v);
+  }
   for (int64_t i = 0; i < gs; i += 2) {
-    const float a = std::clamp(std::nearbyint(g[i] / s + z), 0.0f, 15.0f);
-    const float b = std::clamp(std::nearbyint(g[i + 1] / s + z), 0.0f, 15.0f);
-    packed[i / 2] = static_cast<uint8_t>(static_cast<unsigned>(a) | (static_cast<unsigned>(b) << 4));
+    packed[i / 2] = static_cast<uint8_t>(static_cast<unsigned>(q[i]) | (static_cast<unsigned>(q[i + 1]) << 4));
   }
   *scale = s;
   *zero = static_cast<uint8_t>(z);
@@ -46,15 +53,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tenso
   float* sp = scale.data_ptr<float>();
   uint8_t* zp = zero.data_ptr<uint8_t>();
   at::parallel_for(0, groups, std::max<int64_t>(1, 16384 / group_size), [&](int64_t a, int64_t b) {
+    std::vector<float> scratch(group_size);
     for (int64_t g = a; g < b; ++g) {
-      quantize_group(xp + g * group_size, group_size, pp + g * group_size / 2, sp + g, zp + g);
+      quantize_group(xp + g * group_size, group_size, pp + g * group_size / 2, sp + g, zp + g, scratch.data());
     }
   });
   return {packed, scale, zero};
 }
 
 // Elements [e0, e1) (flat, row-major) of the dequantized matrix into out[0 .. e1 - e0), for any e0 <= e1 (an odd
-// e0 starts on a high nibble); groups are walked in order, so no per-element division.
+// e0 starts on a high nibble); groups are walked in order, whole bytes in the inner loop (no per-element division).
 inline void dequantize_range(const uint8_t* packed, const float* scale, const uint8_t* zero, int64_t group_size,
                              int64_t e0, int64_t e1, float* out) {
   int64_t e = e0;
@@ -62,10 +70,21 @@ inline void dequantize_range(const uint8_t* packed, const float* scale, const ui
     const int64_t g = e / group_size;
     const int64_t end = std::min(e1, (g + 1) * group_size);
     const float s = scale[g], z = static_cast<float>(zero[g]);
-    for (; e < end; ++e) {
-      const uint8_t byte = packed[e >> 1];
-      const float q = static_cast<float>((e & 1) ? (byte >> 4) : (byte & 0xF));
-      out[e - e0] = (q - z) * s;
+    if (e & 1) {  // a high nibble first
+      out[e - e0] = (static_cast<float>(packed[e >> 1] >> 4) - z) * s;
+      ++e;
+    }
+    float* o = out + (e - e0);
+    const uint8_t* b = packed + (e >> 1);
+    const int64_t pairs = (end - e) / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      o[2 * j] = (static_cast<float>(b[j] & 0xF) - z) * s;
+      o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
+    }
+    e += 2 * pairs;
+    if (e < end) {  // a trailing low nibble
+      out[e - e0] = (static_cast<float>(packed[e >> 1] & 0xF) - z) * s;
+      ++e;
     }
   }
 }
@@ -98,11 +117,12 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const 
               "int4_matmul_kernel: x must be 2-D and the INT4 matrix contiguous");
   TORCH_CHECK(packed.numel() * 2 == rows * cols, "int4_matmul_kernel: packed does not hold rows x cols values");
   const int64_t tokens = x.size(0);
-  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t{1} << 20) / std::max<int64_t>(cols, 1)));
-  const int64_t step = block_rows;
+  // blocks of rows of W of at most ~4M values (16 MB of float32)
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t{1} << 22) / std::max<int64_t>(cols, 1)));
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  at::Tensor y = transpose ? at::zeros({tokens, cols}, x.options().dtype(at::kFloat))
-                           : at::empty({tokens, rows}, x.options().dtype(at::kFloat));
+  // transpose=false fills Y^T (rows x tokens) block by block (contiguous row ranges, BLAS writes them in place)
+  at::Tensor out = transpose ? at::zeros({tokens, cols}, x.options().dtype(at::kFloat))
+                             : at::empty({rows, tokens}, x.options().dtype(at::kFloat));
   at::Tensor buf = at::empty({std::min(step, rows), cols}, x.options().dtype(at::kFloat));
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -120,11 +140,13 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const 
       }
     });
     if (transpose) {
-      y.addmm_(xf.narrow(1, r0, nr), block);  // y += x[:, r0:r0+nr] W[r0:r0+nr, :]
+      out.addmm_(xf.narrow(1, r0, nr), block);  // Y += X[:, r0:r0+nr] W[r0:r0+nr, :]
     } else {
-      y.narrow(1, r0, nr).copy_(at::mm(xf, block.t()));  // y[:, r0:r0+nr] = x W[r0:r0+nr, :]^T
+      at::Tensor dst = out.narrow(0, r0, nr);  // contiguous rows of Y^T
+      at::mm_out(dst, block, xf.t());           // Y^T[r0:r0+nr, :] = W[r0:r0+nr, :] X^T
     }
   }
+  at::Tensor y = transpose ? out : out.t().contiguous();
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -38,18 +39,27 @@ at::Tensor memory_lookup_forward_cpu(const at::Tensor& x, const at::Tensor& tabl
     xt* yp = y.data_ptr<xt>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "memory_fwd_t", [&] {
       const scalar_t* tp = tables.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> acc(d_out);
-        for (int64_t r = begin; r < end; ++r) {
-          std::fill(acc.begin(), acc.end(), 0.f);
+      // Hash every chunk once (n x K buckets and weights), then split the sums over (token, column block) tasks,
+      // so that a single token still uses every thread. Per output element the K rows are added in order k = 0, 1,
+      // ..., whatever the split: the result does not depend on the thread count.
+      std::vector<int64_t> hs(n * K);
+      std::vector<float> ps(n * K);
+      at::parallel_for(0, n * K, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) hash_chunk(xp + i * tau, tau, inv_t2, &hs[i], &ps[i]);
+      });
+      constexpr int64_t kCols = 256;
+      const int64_t col_blocks = (d_out + kCols - 1) / kCols;
+      at::parallel_for(0, n * col_blocks, 1, [&](int64_t begin, int64_t end) {
+        float acc[kCols];
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t r = task / col_blocks, j0 = (task % col_blocks) * kCols, len = std::min(kCols, d_out - j0);
+          std::fill(acc, acc + len, 0.f);
           for (int64_t k = 0; k < K; ++k) {
-            int64_t h;
-            float p;
-            hash_chunk(xp + r * K * tau + k * tau, tau, inv_t2, &h, &p);
-            const scalar_t* row = tp + (k * buckets + h) * d_out;
-            for (int64_t j = 0; j < d_out; ++j) acc[j] += p * static_cast<float>(row[j]);
+            const float p = ps[r * K + k];
+            const scalar_t* row = tp + (k * buckets + hs[r * K + k]) * d_out + j0;
+            for (int64_t j = 0; j < len; ++j) acc[j] += p * static_cast<float>(row[j]);
           }
-          for (int64_t j = 0; j < d_out; ++j) yp[r * d_out + j] = static_cast<xt>(acc[j]);
+          for (int64_t j = 0; j < len; ++j) yp[r * d_out + j0 + j] = static_cast<xt>(acc[j]);
         }
       });
     });

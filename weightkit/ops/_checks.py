@@ -45,7 +45,8 @@ def finite_checks_enabled() -> bool:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if finite_checks_enabled() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # one reduction and one sync: a finite sum proves every element finite (see finite_flags)
+    if finite_checks_enabled() and t.is_floating_point() and t.numel() and not finite_flags([t])[0]:
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
 
@@ -59,8 +60,12 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> List[bool]:
     sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors if t.numel()]
     if not sums:
         return [True] * len(tensors)
-    dev = sums[0].device
-    if bool(torch.isfinite(torch.stack([s.to(dev, torch.float64) for s in sums]).sum())):
+    if len(sums) == 1:
+        total = sums[0]
+    else:
+        dev = sums[0].device
+        total = torch.stack([s.to(dev, torch.float64) for s in sums]).sum()
+    if bool(total.isfinite()):
         return [True] * len(tensors)
     return [bool(torch.isfinite(t).all()) for t in tensors]
 
@@ -68,3 +73,19 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> List[bool]:
 def check_positive_int(name: str, value, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_inference(*tensors: torch.Tensor) -> bool:
+    """True when an op may skip the torch.library custom-op machinery (~100 us per call, more than a decode-size
+    kernel) and call its implementation directly: plain eager tensors, no autograd needed, no torch.compile
+    tracing and no functorch transform active. Otherwise ops go through their registered custom op."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
+            return False
+    return True

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite, check_tensor, eager_inference
 
 __all__ = ["dict_sparse_gather", "index_dtype_for"]
 
@@ -95,12 +95,16 @@ def _bwd_triton(grad, z, values, indices):
                                               indices.contiguous())
 
 
-@torch.library.custom_op("weightkit::dict_sparse_gather", mutates_args=())
-def _fwd_op(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+def _fwd_impl(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     _check_args(z, values, indices)
     _check_index_range(indices, z.shape[1])
     check_finite("z", z)  # values are parameters: checking them on every call costs more than the gather
     return _FWD(z.device, z, values, indices)
+
+
+@torch.library.custom_op("weightkit::dict_sparse_gather", mutates_args=())
+def _fwd_op(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    return _fwd_impl(z, values, indices)
 
 
 @_fwd_op.register_fake
@@ -136,4 +140,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 def dict_sparse_gather(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     """``y[:, j] = sum_t values[t, j] * z[:, indices[t, j]]`` (see the module docstring); differentiable in z and
     values."""
+    if eager_inference(z, values, indices):  # same checks and kernels, without the custom-op dispatch overhead
+        return _fwd_impl(z, values, indices)
     return _fwd_op(z, values, indices)

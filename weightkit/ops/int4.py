@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, eager_inference
 
 __all__ = ["quantize_int4", "dequantize_int4", "unpack_int4", "int4_matmul"]
 
@@ -206,12 +206,16 @@ def _int4_matmul_triton(x, packed, scale, zero, group_size, shape, transpose):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@torch.library.custom_op("weightkit::int4_matmul", mutates_args=())
-def _int4_matmul_op(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int],
-                    transpose: bool) -> Tensor:
+def _int4_matmul_impl(x, packed, scale, zero, group_size, shape, transpose):
     _check_mm(x, packed, scale, zero, group_size, shape, transpose)
     check_finite("x", x)
     return _MM(x.device, x, packed, scale, zero, group_size, list(shape), transpose)
+
+
+@torch.library.custom_op("weightkit::int4_matmul", mutates_args=())
+def _int4_matmul_op(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int],
+                    transpose: bool) -> Tensor:
+    return _int4_matmul_impl(x, packed, scale, zero, group_size, shape, transpose)
 
 
 @_int4_matmul_op.register_fake
@@ -239,4 +243,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
                 transpose: bool = False) -> Tensor:
     """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), dequantized
     inside the kernel. ``x`` may be non-contiguous (a transposed view costs no copy on cpu/cuda)."""
-    return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose))
+    shape = [int(s) for s in shape]
+    if eager_inference(x, packed, scale, zero):  # same checks and kernels, without the custom-op overhead
+        return _int4_matmul_impl(x, packed, scale, zero, group_size, shape, bool(transpose))
+    return _int4_matmul_op(x, packed, scale, zero, group_size, shape, bool(transpose))

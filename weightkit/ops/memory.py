@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite, check_tensor, eager_inference
 
 __all__ = ["memory_lookup", "memory_lookup_grads"]
 
@@ -117,11 +117,15 @@ def _backward_triton(grad, x, tables, t, deterministic):
     return gx.reshape(x.shape), gt
 
 
-@torch.library.custom_op("weightkit::memory_lookup_forward", mutates_args=())
-def _forward_op(x: Tensor, tables: Tensor, t: float) -> Tensor:
+def _forward_impl(x: Tensor, tables: Tensor, t: float) -> Tensor:
     _check_args(x, tables, t)
     check_finite("x", x)
     return _FWD(x.device, x, tables, t)
+
+
+@torch.library.custom_op("weightkit::memory_lookup_forward", mutates_args=())
+def _forward_op(x: Tensor, tables: Tensor, t: float) -> Tensor:
+    return _forward_impl(x, tables, t)
 
 
 @_forward_op.register_fake
@@ -158,6 +162,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup)
 
 def memory_lookup(x: Tensor, tables: Tensor, t: float = 1.0) -> Tensor:
     """MemoryFormer lookup (see the module docstring). Differentiable in ``x`` and ``tables``."""
+    if eager_inference(x, tables):  # same checks and kernels, without the custom-op dispatch overhead
+        return _forward_impl(x, tables, float(t))
     return _forward_op(x, tables, float(t))
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from . import rng
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, eager_inference
 
 __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_",
            "quantize_int4", "unpack_int4", "dequantize_int4"]
@@ -239,11 +239,15 @@ def _int8_matmul_triton(x, w_q, scale, group_size, transpose):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@torch.library.custom_op("weightkit::int8_matmul", mutates_args=())
-def _int8_matmul_op(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
+def _int8_matmul_impl(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
     _check_int8_mm_args(x, w_q, scale, group_size, transpose)
     check_finite("x", x)
     return _INT8_MM(x.device, x, w_q, scale, group_size, transpose)
+
+
+@torch.library.custom_op("weightkit::int8_matmul", mutates_args=())
+def _int8_matmul_op(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
+    return _int8_matmul_impl(x, w_q, scale, group_size, transpose)
 
 
 @_int8_matmul_op.register_fake
@@ -270,6 +274,8 @@ _int8_matmul_op.register_autograd(_int8_matmul_backward, setup_context=_int8_mat
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool = False) -> Tensor:
     """``x @ dequant(w_q)^T`` (or ``x @ dequant(w_q)`` with ``transpose``), dequantizing inside the kernel.
     Differentiable in ``x``; the weight's gradient is computed by Int8Linear (weightkit.nn.int8)."""
+    if eager_inference(x, w_q, scale):  # same checks and kernels, without the custom-op dispatch overhead
+        return _int8_matmul_impl(x, w_q, scale, group_size, bool(transpose))
     return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
 
 
