@@ -55,7 +55,7 @@ def test_step(measure, name, case):
     big = shape[0] * shape[1] >= 4096 * 4096
     adamw_bytes = 2 * p.numel() * 4
     sb = state_bytes(opt)
-    measure(opt.step, rounds=3 if big else 5, op="galore_step", backend=name, shape=[*shape, rank],
+    measure(opt.step, rounds=3 if big else 10, op="galore_step", backend=name, shape=[*shape, rank],
             state_bytes=sb, state_vs_adamw=sb / adamw_bytes)
 
 
