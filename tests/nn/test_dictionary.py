@@ -58,3 +58,17 @@ def test_dictionary_size_and_errors():
         DictLinear(8, 8, k=4, s=5)
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         DictLinear(8, 8, k=0, s=1)
+
+
+def test_state_dict_refuses_indices_outside_the_dictionary():
+    layer = DictLinear(32, 24, k=16, s=4)
+    other = DictLinear(32, 24, k=16, s=4)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.indices, layer.indices)
+    before = other.indices.clone()
+    wide = dict(layer.state_dict(), indices=layer.indices.long() + 250)  # would wrap around in a uint8 buffer
+    with pytest.raises(ValueError, match=r"indices hold values in \[250, .*outside the k=16 atoms"):
+        other.load_state_dict(wide)
+    with pytest.raises(ValueError, match="indices must be an integer tensor"):
+        other.load_state_dict(dict(layer.state_dict(), indices=layer.indices.float()))
+    assert torch.equal(other.indices, before)

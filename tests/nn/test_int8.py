@@ -60,3 +60,20 @@ def test_bad_arguments():
         Int8Linear(64, 8, group_size=0)
     with pytest.raises(ValueError, match="x has 63 features"):
         Int8Linear(64, 8, group_size=32)(torch.randn(2, 63))
+
+
+def test_state_dict_round_trip_and_bad_entries_refused():
+    layer = Int8Linear.from_linear(nn.Linear(64, 16), group_size=32)
+    other = Int8Linear(64, 16, group_size=32)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.weight, layer.weight) and torch.equal(other.scale, layer.scale)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    bad_weight = dict(layer.state_dict(), weight=layer.weight.float() * 0.5)
+    with pytest.raises(ValueError, match="weight must be int8"):
+        other.load_state_dict(bad_weight)
+    bad_scale = dict(layer.state_dict(), scale=torch.ones(16))  # another group size
+    with pytest.raises(ValueError, match="scale must hold 32 positive finite"):
+        other.load_state_dict(bad_scale)
+    with pytest.raises(ValueError, match="scale must hold"):
+        other.load_state_dict(dict(layer.state_dict(), scale=torch.full((32,), float("nan"))))
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())  # nothing was loaded

@@ -63,6 +63,21 @@ class DictLinear(nn.Module):
         return cls.from_factors(nn.Parameter(D.to(w.dtype)), coef.T.contiguous().to(w.dtype), idx.T.contiguous(),
                                 linear.bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the indices buffer is narrow (uint8 for k <= 256): a silent cast of wider indices would wrap around
+        idx = state_dict.get(prefix + "indices")
+        if idx is not None:
+            k = self.dictionary.shape[1]
+            if idx.is_floating_point() or idx.is_complex() or tuple(idx.shape) != tuple(self.indices.shape):
+                raise ValueError(f"{prefix}indices must be an integer tensor of shape {tuple(self.indices.shape)}, got "
+                                 f"{idx.dtype} {tuple(idx.shape)}")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
+                raise ValueError(f"{prefix}indices hold values in [{int(idx.min())}, {int(idx.max())}], outside the "
+                                 f"k={k} atoms of this layer's dictionary")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def stored_bytes(self) -> int:
         """Bytes of dictionary, values, indices and bias (what is stored; index bytes included)."""
         tensors = [self.dictionary, self.values, self.indices] + ([self.bias] if self.bias is not None else [])

@@ -66,6 +66,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features * in_features // group_size, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict would cast silently (a float weight truncated into int8, scales of another group size):
+        # refuse instead, naming the entry. Runs before any tensor of this module is copied.
+        w, sc = state_dict.get(prefix + "weight"), state_dict.get(prefix + "scale")
+        if w is not None and (w.dtype != torch.int8 or tuple(w.shape) != tuple(self.weight.shape)):
+            raise ValueError(f"{prefix}weight must be int8 of shape {tuple(self.weight.shape)}, got {w.dtype} "
+                             f"{tuple(w.shape)} (quantize float weights with Int8Linear.from_linear)")
+        if sc is not None and (sc.dtype != torch.float32 or sc.numel() != self.scale.numel()
+                               or not bool(torch.isfinite(sc).all()) or not bool((sc > 0).all())):
+            raise ValueError(f"{prefix}scale must hold {self.scale.numel()} positive finite float32 values (one per "
+                             f"group of {self.group_size}), got {sc.dtype} with {sc.numel()} values")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, track_weight_grad: bool = True) -> "Int8Linear":
         """Quantize ``linear``'s weight to int8 (round to nearest, absmax scale per group)."""
