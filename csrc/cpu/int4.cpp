@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../dequant_matmul.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -108,46 +110,25 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale
   return out;
 }
 
-// y = x W^T (transpose=false, x: t x cols) or y = x W (transpose=true, x: t x rows) with W (rows x cols) the
-// dequantized INT4 matrix. A block of rows of W is dequantized into a float32 buffer at a time (at most about 1M
-// values), then multiplied by BLAS, which takes x with any strides (a transposed view costs no copy).
+// y = x W^T or x W with W (rows x cols) the dequantized INT4 matrix (see ../dequant_matmul.h).
 at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                            const at::Tensor& zero, int64_t group_size, int64_t rows, int64_t cols, bool transpose) {
   TORCH_CHECK(x.dim() == 2 && packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
               "int4_matmul_kernel: x must be 2-D and the INT4 matrix contiguous");
   TORCH_CHECK(packed.numel() * 2 == rows * cols, "int4_matmul_kernel: packed does not hold rows x cols values");
-  const int64_t tokens = x.size(0);
-  // blocks of rows of W of at most ~4M values (16 MB of float32)
-  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t{1} << 22) / std::max<int64_t>(cols, 1)));
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  // transpose=false fills Y^T (rows x tokens) block by block (contiguous row ranges, BLAS writes them in place)
-  at::Tensor out = transpose ? at::zeros({tokens, cols}, x.options().dtype(at::kFloat))
-                             : at::empty({rows, tokens}, x.options().dtype(at::kFloat));
-  at::Tensor buf = at::empty({std::min(step, rows), cols}, x.options().dtype(at::kFloat));
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const uint8_t* zp = zero.data_ptr<uint8_t>();
-  for (int64_t r0 = 0; r0 < rows; r0 += step) {
-    const int64_t nr = std::min(rows - r0, step);
-    at::Tensor block = buf.narrow(0, 0, nr);
-    float* bp = block.data_ptr<float>();
-    const int64_t e0 = r0 * cols, e1 = (r0 + nr) * cols;
-    const int64_t chunk = 16384;
+  const int64_t block_rows = (int64_t{1} << 22) / std::max<int64_t>(cols, 1);  // ~4M values (16 MB) per block
+  return blocked_dequant_matmul(x, rows, cols, transpose, block_rows, [&](float* dst, int64_t r0, int64_t nr) {
+    const int64_t e0 = r0 * cols, e1 = (r0 + nr) * cols, chunk = 16384;
     at::parallel_for(0, (e1 - e0 + chunk - 1) / chunk, 1, [&](int64_t a, int64_t b) {
       for (int64_t c = a; c < b; ++c) {
         const int64_t s = e0 + c * chunk, e = std::min(e1, s + chunk);
-        dequantize_range(pp, sp, zp, group_size, s, e, bp + (s - e0));
+        dequantize_range(pp, sp, zp, group_size, s, e, dst + (s - e0));
       }
     });
-    if (transpose) {
-      out.addmm_(xf.narrow(1, r0, nr), block);  // Y += X[:, r0:r0+nr] W[r0:r0+nr, :]
-    } else {
-      at::Tensor dst = out.narrow(0, r0, nr);  // contiguous rows of Y^T
-      at::mm_out(dst, block, xf.t());           // Y^T[r0:r0+nr, :] = W[r0:r0+nr, :] X^T
-    }
-  }
-  at::Tensor y = transpose ? out : out.t().contiguous();
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  });
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../dequant_matmul.h"
 #include "../philox.h"
 
 namespace weightkit {
@@ -195,22 +196,12 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   if (tokens <= kMatvecTokens) {
     return int8_matvec_cpu(xf, w_q, scale, group_size, transpose).to(x.scalar_type());
   }
-  constexpr int64_t kRows = 128;
-  at::Tensor y = at::zeros({tokens, transpose ? in_f : out_f}, x.options().dtype(at::kFloat));
-  at::Tensor buf = at::empty({std::min(kRows, out_f), in_f}, x.options().dtype(at::kFloat));
   const int8_t* q = w_q.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
-  for (int64_t r0 = 0; r0 < out_f; r0 += kRows) {
-    const int64_t r1 = std::min(out_f, r0 + kRows), rows = r1 - r0;
-    at::Tensor block = buf.narrow(0, 0, rows);
-    dequantize_rows(q, s, block.data_ptr<float>(), r0, r1, in_f, group_size);
-    if (transpose) {
-      y.addmm_(xf.narrow(1, r0, rows), block);  // y += x[:, r0:r1] W[r0:r1, :]
-    } else {
-      y.narrow(1, r0, rows).copy_(at::mm(xf, block.t()));  // y[:, r0:r1] = x W[r0:r1, :]^T
-    }
-  }
-  return y.to(x.scalar_type());
+  const int64_t block_rows = (int64_t{1} << 20) / std::max<int64_t>(in_f, 1);  // ~1M values (4 MB) per block
+  return blocked_dequant_matmul(xf, out_f, in_f, transpose, block_rows, [&](float* dst, int64_t r0, int64_t nr) {
+    dequantize_rows(q, s, dst, r0, r0 + nr, in_f, group_size);
+  }).to(x.scalar_type());
 }
 
 }  // namespace

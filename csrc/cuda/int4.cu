@@ -10,6 +10,8 @@
 #include <cfloat>
 #include <tuple>
 
+#include "../dequant_matmul.h"
+
 namespace weightkit {
 namespace {
 
@@ -104,31 +106,17 @@ at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scal
   return out;
 }
 
-// y = x W^T or x W with W (rows x cols) the dequantized INT4 matrix: a block of rows (up to 16M values) is
-// dequantized into a float32 buffer at a time and multiplied by cuBLAS (which takes x with any strides).
+// y = x W^T or x W with W (rows x cols) the dequantized INT4 matrix (see ../dequant_matmul.h), cuBLAS products.
 at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                             const at::Tensor& zero, int64_t group_size, int64_t rows, int64_t cols, bool transpose) {
   TORCH_CHECK(x.dim() == 2 && packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
               "int4_matmul_kernel: x must be 2-D and the INT4 matrix contiguous");
   TORCH_CHECK(packed.numel() * 2 == rows * cols, "int4_matmul_kernel: packed does not hold rows x cols values");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t tokens = x.size(0);
-  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t{1} << 24) / std::max<int64_t>(cols, 1)));
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  at::Tensor y = transpose ? at::zeros({tokens, cols}, x.options().dtype(at::kFloat))
-                           : at::empty({tokens, rows}, x.options().dtype(at::kFloat));
-  at::Tensor buf = at::empty({std::min(step, rows), cols}, x.options().dtype(at::kFloat));
-  for (int64_t r0 = 0; r0 < rows; r0 += step) {
-    const int64_t nr = std::min(rows - r0, step);
-    at::Tensor block = buf.narrow(0, 0, nr);
-    launch_dequantize(packed, scale, zero, block.data_ptr<float>(), r0 * cols, nr * cols, group_size);
-    if (transpose) {
-      y.addmm_(xf.narrow(1, r0, nr), block);
-    } else {
-      y.narrow(1, r0, nr).copy_(at::mm(xf, block.t()));
-    }
-  }
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  const int64_t block_rows = (int64_t{1} << 24) / std::max<int64_t>(cols, 1);  // up to 16M values per block
+  return blocked_dequant_matmul(x, rows, cols, transpose, block_rows, [&](float* dst, int64_t r0, int64_t nr) {
+    launch_dequantize(packed, scale, zero, dst, r0 * cols, nr * cols, group_size);
+  });
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include <cfloat>
 
+#include "../dequant_matmul.h"
 #include "../philox.h"
 
 namespace weightkit {
@@ -128,27 +129,16 @@ at::Tensor int8_matmul_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w_q.is_contiguous() && scale.is_contiguous(),
               "int8_matmul_kernel: x must be 2-D and inputs contiguous");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t out_f = w_q.size(0), in_f = w_q.size(1), tokens = x.size(0);
-  const int64_t kRows = std::max<int64_t>(1, std::min<int64_t>(out_f, (int64_t{1} << 24) / std::max<int64_t>(in_f, 1)));
-  const at::Tensor xf = x.to(at::kFloat);
-  at::Tensor y = at::zeros({tokens, transpose ? in_f : out_f}, x.options().dtype(at::kFloat));
-  at::Tensor buf = at::empty({kRows, in_f}, x.options().dtype(at::kFloat));
+  const int64_t out_f = w_q.size(0), in_f = w_q.size(1);
+  const int64_t kRows = (int64_t{1} << 24) / std::max<int64_t>(in_f, 1);  // up to 16M values per block
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t r0 = 0; r0 < out_f; r0 += kRows) {
-    const int64_t rows = std::min(out_f - r0, kRows);
-    at::Tensor block = buf.narrow(0, 0, rows);
+  return blocked_dequant_matmul(x, out_f, in_f, transpose, kRows, [&](float* dst, int64_t r0, int64_t rows) {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((rows * in_f + threads - 1) / threads, 65535LL * 8);
-    dequantize_rows_kernel<<<blocks, threads, 0, stream>>>(w_q.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                                                           block.data_ptr<float>(), r0, rows, in_f, group_size);
+    dequantize_rows_kernel<<<blocks, threads, 0, stream>>>(w_q.data_ptr<int8_t>(), scale.data_ptr<float>(), dst, r0,
+                                                           rows, in_f, group_size);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (transpose) {
-      y.addmm_(xf.narrow(1, r0, rows), block);
-    } else {
-      y.narrow(1, r0, rows).copy_(at::mm(xf, block.t()));
-    }
-  }
-  return y.to(x.scalar_type());
+  });
 }
 
 }  // namespace

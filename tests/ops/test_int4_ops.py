@@ -206,3 +206,22 @@ def test_sr_update_opcheck_and_bad_input():
     with pytest.raises(ValueError):
         int8_sr_update_(q, s, torch.full((4, 16), float("inf")), 8)
     assert torch.equal(q, q_before) and torch.equal(s, s_before)  # nothing written on bad input
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matmul_spanning_several_dequantized_blocks(transpose):
+    """The cpu/cuda kernels dequantize ~4M values at a time: a tall, narrow matrix takes several blocks."""
+    rows, cols, group = (1 << 21) + 6, 2, 4
+    w = torch.randn(rows, cols)
+    packed, scale, zero = quantize_int4(w, group)
+    wd = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
+    x = torch.randn(9, rows if transpose else cols)
+    want = x.double() @ (wd if transpose else wd.T)
+    for name in usable_backends(int4._MM, "cpu"):
+        if name == "triton":
+            continue  # the interpreter is too slow for this size; Triton has no blocks anyway
+        with use_backend(name):
+            y = int4_matmul(x, packed, scale, zero, group, (rows, cols), transpose)
+        # transpose sums 2M fp32 terms per output: allow for their rounding (the reference needs it too)
+        tol = dict(rtol=2e-3, atol=0.1) if transpose else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y.double(), want, **tol, msg=lambda s: f"{name}: {s}")

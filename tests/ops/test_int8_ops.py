@@ -82,3 +82,19 @@ def test_bad_input(kwargs, err, match):
         int8_matmul(**args)
 
 
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_many_tokens_over_several_dequantized_blocks(transpose):
+    """More than 8 tokens take the dequantize-then-BLAS path, ~1M weights per block on cpu: use several blocks."""
+    out_f, in_f, group = 70_000, 32, 16  # 2.2M weights: three blocks
+    q, scale = weight(out_f, in_f, group)
+    x = torch.randn(12, out_f if transpose else in_f)
+    w64 = dequantize_int8(q, scale, group).double()
+    want = x.double() @ (w64 if transpose else w64.T)
+    for name in usable_backends(quant._INT8_MM, "cpu"):
+        if name == "triton":
+            continue  # the interpreter is too slow for this size
+        with use_backend(name):
+            y = int8_matmul(x, q, scale, group, transpose)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-3, msg=lambda s: f"{name}: {s}")
