@@ -198,7 +198,7 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   }
   const int8_t* q = w_q.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
-  const int64_t block_rows = (int64_t{1} << 20) / std::max<int64_t>(in_f, 1);  // ~1M values (4 MB) per block
+  const int64_t block_rows = (int64_t{1} << 22) / std::max<int64_t>(in_f, 1);  // ~4M values (16 MB) per block
   return blocked_dequant_matmul(xf, out_f, in_f, transpose, block_rows, [&](float* dst, int64_t r0, int64_t nr) {
     dequantize_rows(q, s, dst, r0, r0 + nr, in_f, group_size);
   }).to(x.scalar_type());

@@ -86,8 +86,8 @@ def test_bad_input(kwargs, err, match):
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_many_tokens_over_several_dequantized_blocks(transpose):
-    """More than 8 tokens take the dequantize-then-BLAS path, ~1M weights per block on cpu: use several blocks."""
-    out_f, in_f, group = 70_000, 32, 16  # 2.2M weights: three blocks
+    """More than 8 tokens take the dequantize-then-BLAS path, ~4M weights per block on cpu: use several blocks."""
+    out_f, in_f, group = 140_000, 64, 16  # 9M weights: three blocks
     q, scale = weight(out_f, in_f, group)
     x = torch.randn(12, out_f if transpose else in_f)
     w64 = dequantize_int8(q, scale, group).double()
