@@ -12,6 +12,8 @@ given (seed, offset).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -144,7 +146,7 @@ def _int8_sr_update_op(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: in
     _check_sr_update_args(w_q, scale, delta, group_size)
     rng.check_seed(seed, offset)
     check_finite("delta", delta)
-    if not (decay == decay and abs(decay) != float("inf")):
+    if not math.isfinite(decay):
         raise ValueError(f"decay must be finite, got {decay}")
     _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset)
 

@@ -376,61 +376,35 @@ class _ShardedMixin:
             low = ortho.T @ g if side == "left" else ortho.T @ g @ ortho_right.T
             if kind == "shard0" and world > 1:
                 dist.all_reduce(low, group=pg)  # sum over row blocks: the projection of the whole gradient
-        return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side}
+        return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
+                "proj": proj}
 
     # phase 2: one flag all-reduce so that every rank raises / skips together
-    def _nonfinite(self, items, prepared) -> bool:
+    _UNCHANGED = "no parameter or optimizer state was changed on any rank"
+
+    def _bad_anywhere(self, flags) -> bool:
         pg = self._dist_group()
         if pg is None or dist.get_world_size(pg) == 1:
-            return super()._nonfinite(items, prepared)
-        if not finite_checks_enabled() or not items:
-            return False
-        known = [prep["finite"] for prep in prepared]
-        flags = [k if k is not None else finite_flags([prep["check"]])[0] for k, prep in zip(known, prepared)]
-        bad_here = torch.tensor([0 if all(flags) else 1], dtype=torch.int32)
-        dist.all_reduce(bad_here, op=dist.ReduceOp.MAX, group=pg)
-        if int(bad_here) == 0:
-            return False
-        bad = [tuple(p.shape) for (_, p), ok in zip(items, flags) if not ok]
-        if self.nonfinite == "raise":
-            where = f"{len(bad)} parameter(s) of shapes {bad[:4]}" if bad else "a gradient shard of another rank"
-            raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; no parameter or optimizer state was "
-                                     "changed on any rank (use nonfinite='skip' to skip such steps)")
-        self.skipped_steps += 1
-        return True
+            return super()._bad_anywhere(flags)
+        bad = torch.tensor([0 if all(flags) else 1], dtype=torch.int32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
+        return int(bad) != 0
 
-    # phase 3
-    def _commit(self, group: Dict, p: Tensor, prep: Dict) -> None:
-        if not _is_dtensor(p):
-            return super()._commit(group, p, prep)
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-        weight = p.to_local()
-        if "low" not in prep:
-            grad = self._grad(p).to_local().to(torch.float32)
-            if not self._has_moments(state):
-                self._init_moments(state, grad)
-            state["step"] += 1
-            self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]))
-            return
-        if prep["pending"] is not None:
-            state.update(prep["pending"])
-        low = prep["low"]
-        if not self._has_moments(state):
-            self._init_moments(state, low)
-        state["step"] += 1
-        step_size = self._step_size(group, state["step"])
-        proj = self._projector(group)
-        if weight.numel() == 0 and prep["side"] != "full":  # an empty shard (m < world): keep the moments in step
+    # phase 3: GaLoreAdamW's commit on the local shard
+    def _local(self, t: Tensor) -> Tensor:
+        return t.to_local() if _is_dtensor(t) else t
+
+    def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj, low: Tensor, basis, side: str,
+                        step_size: float) -> None:
+        if p.numel() == 0 and side != "full":  # an empty shard (m < world): keep the moments in step
             exp_avg, exp_avg_sq = self._load_moments(state)
             beta1, beta2 = group["betas"]
-            galore_adam_update_reference(weight, low, exp_avg, exp_avg_sq, prep["basis"][0], prep["side"] == "left",
-                                         beta1, beta2, group["eps"], step_size, proj.scale,
+            galore_adam_update_reference(p, low, exp_avg, exp_avg_sq, basis[0], side == "left", beta1, beta2,
+                                         group["eps"], step_size, proj.scale,
                                          1.0 - group["lr"] * group["weight_decay"])
             self._store_moments(state, exp_avg, exp_avg_sq)
             return
-        self._apply_low_rank(group, weight, state, proj, low, prep["basis"], prep["side"], step_size)
+        super()._apply_low_rank(group, p, state, proj, low, basis, side, step_size)
 
 
 class ShardedGaLoreAdamW(_ShardedMixin, GaLoreAdamW):

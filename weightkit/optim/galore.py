@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..ops._checks import finite_checks_enabled, finite_flags
 from ..ops.galore import galore_adam_update_
-from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, basis_seed, project, project_back, projection_side
+from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, project_back, projection_side
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed",
                "proj_dtype")
@@ -185,6 +185,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if grad.shape != p.shape:
                 raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
 
+    # where the "nothing was changed" promise holds (the sharded optimizer extends it to every rank)
+    _UNCHANGED = "no parameter or optimizer state was changed"
+
     def _nonfinite(self, items, prepared) -> bool:
         """True when a gradient holds NaN/Inf (then raise, or count a skipped step). One host sync for all."""
         if not finite_checks_enabled() or not items:
@@ -194,14 +197,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
             flags = finite_flags([prep["check"] for prep in prepared])
         else:
             flags = [k if k is not None else finite_flags([prep["check"]])[0] for k, prep in zip(known, prepared)]
-        if all(flags):
+        if not self._bad_anywhere(flags):
             return False
         bad = [tuple(p.shape) for (_, p), ok in zip(items, flags) if not ok]
         if self.nonfinite == "raise":
-            raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {len(bad)} parameter(s) of shapes {bad[:4]}; "
-                                     "no parameter or optimizer state was changed (use nonfinite='skip' to skip such steps)")
+            where = f"{len(bad)} parameter(s) of shapes {bad[:4]}" if bad else "a gradient shard of another rank"
+            raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; {self._UNCHANGED} "
+                                     "(use nonfinite='skip' to skip such steps)")
         self.skipped_steps += 1
         return True
+
+    def _bad_anywhere(self, flags) -> bool:
+        """Whether any of this process's finiteness ``flags`` is False (the sharded optimizer asks every rank)."""
+        return not all(flags)
+
+    def _local(self, t: Tensor) -> Tensor:
+        """The tensor the update writes or reads here (the sharded optimizer's DTensors give their local shard)."""
+        return t
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -243,7 +255,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         else:
             basis = self._basis_of(group, proj, state)
         low = project(grad, side, *basis)
-        return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side}
+        return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
+                "proj": proj}
 
     def _refresh_due(self, group: Dict, proj: GaLoreProjector, state: Dict) -> bool:
         return proj.due(state.get("step", 0), state)
@@ -251,13 +264,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _new_basis(self, group: Dict, proj: GaLoreProjector, p: Tensor, state: Dict, grad: Tensor,
                    side: str) -> Dict:
         """State entries of a freshly computed basis (stored in proj_dtype), not yet written to ``state``."""
-        from .projector import compute_basis
-
-        ortho, ortho_right = compute_basis(grad, proj.rank, side, proj.svd, oversample=proj.oversample,
-                                           power_iters=proj.power_iters,
-                                           seed=basis_seed(proj.seed, self._keys.get(id(p), 0), state.get("step", 0)))
         pending: Dict = {}
-        proj.store_basis(pending, ortho, ortho_right)
+        proj.refresh(grad, state.get("step", 0), pending, key=self._keys.get(id(p), 0))
         return pending
 
     def _basis_of(self, group: Dict, proj: GaLoreProjector, entries: Dict):
@@ -269,12 +277,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
+        weight = self._local(p)
         if "low" not in prep:
-            grad = self._grad(p).to(torch.float32)
+            grad = self._local(self._grad(p)).to(torch.float32)
             if not self._has_moments(state):
                 self._init_moments(state, grad)
             state["step"] += 1
-            self._apply_dense(group, p, state, grad, self._step_size(group, state["step"]))
+            self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]))
             return
         if prep["pending"] is not None:
             state.update(prep["pending"])
@@ -282,7 +291,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not self._has_moments(state):
             self._init_moments(state, low)
         state["step"] += 1
-        self._apply_low_rank(group, p, state, self._projector(group), low, prep["basis"], prep["side"],
+        self._apply_low_rank(group, weight, state, prep["proj"], low, prep["basis"], prep["side"],
                              self._step_size(group, state["step"]))
 
     def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj: GaLoreProjector, low: Tensor, basis,
