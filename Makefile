@@ -1,4 +1,4 @@
-.PHONY: test bench build wheel info
+.PHONY: test bench build wheel info gpu-check
 
 test:  ## the test command: installs what it needs, builds, runs tests/
 	bash scripts/test.sh
@@ -14,3 +14,6 @@ wheel:
 
 info:
 	python -m weightkit info
+
+gpu-check:  ## on a machine with a GPU: build for its arch, whole suite on CUDA, GPU report + benches -> $(OUT)
+	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-out)

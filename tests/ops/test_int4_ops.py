@@ -5,6 +5,8 @@ torch.compile, bad input."""
 import pytest
 import torch
 
+import weightkit
+
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import int4, quant
@@ -133,7 +135,7 @@ def test_torch_compile():
      r"shape must be \(rows, cols\)"),
 ])
 def test_bad_input(call, err, match):
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match=match), weightkit.debug_checks():  # data checks (NaN) are opt-in
         call()
 
 

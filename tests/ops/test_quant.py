@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from weightkit import debug_checks
+
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import quant, rng
@@ -149,7 +151,7 @@ def test_torch_compile():
 def test_bad_input(kwargs, err, match):
     args = dict(x=torch.randn(4, 8), scale=torch.ones(4), group_size=8, seed=0, offset=0)
     args.update(kwargs)
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match=match), debug_checks():  # data checks (NaN, ranges) are opt-in
         stochastic_round_int8(**args)
 
 

@@ -1,12 +1,21 @@
 """Argument checks shared by all ops: each error names the argument and says what was expected.
 
-Shape/dtype/device checks run in the fake (meta) implementations too, so ``torch.compile`` reports bad input
-at trace time. Finiteness checks read the data, so they run only in the real implementations; they can be
-switched off (``WEIGHTKIT_CHECK_FINITE=0``) once a pipeline is trusted, since they cost one extra read.
+Shape/dtype/device checks read only metadata: they always run, in the fake (meta) implementations too, so
+``torch.compile`` reports bad input at trace time. Checks that read the data (NaN/Inf in inputs, positive scales,
+index ranges) need the values on the host, i.e. a host-device synchronization per call on a GPU, which stalls
+the launch queue: they are off by default and opt-in as debug checks (except in ops that overwrite state in place,
+``int8_sr_update_``, where a NaN would destroy the weight: on by default there, and switched off by the optimizer
+that has checked its gradients already), with :func:`debug_checks` (a context
+manager), :func:`set_debug_checks` (a switch) or ``WEIGHTKIT_DEBUG_CHECKS=1`` (``WEIGHTKIT_CHECK_FINITE=1``, its
+former name, works too). Training state stays safe without them: the optimizers check the gradients they use
+once per ``step()`` (one sync) before changing anything, and the layers validate their stored tensors when they
+are built or loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from typing import Iterable, List, Optional, Sequence
 
@@ -40,13 +49,43 @@ def check_tensor(
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def finite_checks_enabled() -> bool:
-    return os.environ.get("WEIGHTKIT_CHECK_FINITE", "1") != "0"
+_DEBUG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("weightkit_debug_checks", default=None)
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    # one reduction and one sync: a finite sum proves every element finite (see finite_flags)
-    if finite_checks_enabled() and t.is_floating_point() and t.numel() and not finite_flags([t])[0]:
+def debug_checks_enabled(default: bool = False) -> bool:
+    """Whether the data-reading checks run (see the module docstring): the innermost :func:`debug_checks` /
+    :func:`set_debug_checks` setting, else ``WEIGHTKIT_DEBUG_CHECKS`` (or ``WEIGHTKIT_CHECK_FINITE``) when set,
+    else ``default`` (False, except for ops that overwrite state in place)."""
+    forced = _DEBUG.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("WEIGHTKIT_DEBUG_CHECKS", os.environ.get("WEIGHTKIT_CHECK_FINITE"))
+    if env is None or env == "":
+        return default
+    return env == "1"
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool = True):
+    """Turn the data-reading checks on (or off) inside a block: ``with weightkit.debug_checks(): ...``."""
+    token = _DEBUG.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DEBUG.reset(token)
+
+
+def set_debug_checks(enabled: Optional[bool]) -> None:
+    """Switch the data-reading checks on or off for the current context (``None``: back to the environment)."""
+    _DEBUG.set(None if enabled is None else bool(enabled))
+
+
+finite_checks_enabled = debug_checks_enabled  # former name
+
+
+def check_finite(name: str, t: torch.Tensor, default: bool = False) -> None:
+    # debug check: one reduction and one sync: a finite sum proves every element finite (see finite_flags)
+    if debug_checks_enabled(default) and t.is_floating_point() and t.numel() and not finite_flags([t])[0]:
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
 
@@ -68,6 +107,16 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> List[bool]:
     if bool(total.isfinite()):
         return [True] * len(tensors)
     return [bool(torch.isfinite(t).all()) for t in tensors]
+
+
+def exact_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` correctly rounded on every device. On CUDA, torch divides by a Python (CPU) scalar as
+    ``t * (1 / divisor)``, two roundings that can differ from the division in the last bit; the kernels divide
+    (IEEE, no fma), so the reference must too to be bit-identical with them on a GPU. A one-element tensor on
+    ``t``'s device (a fill, no host copy) makes torch run the true division."""
+    if t.device.type == "cpu":
+        return t / divisor
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, eager_inference
+from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, eager_inference, exact_div
 
 __all__ = ["quantize_int4", "dequantize_int4", "unpack_int4", "int4_matmul"]
 
@@ -56,7 +56,7 @@ def quantize_int4_reference(x: Tensor, group_size: int):
     g = x.detach().reshape(-1, group_size).to(torch.float32)
     lo = g.amin(1, keepdim=True).clamp_max(0.0)
     hi = g.amax(1, keepdim=True).clamp_min(0.0)
-    scale = ((hi - lo) / 15).clamp_min(_FLT_MIN)
+    scale = exact_div(hi - lo, 15).clamp_min(_FLT_MIN)
     zero = torch.round(-lo / scale).clamp(0, 15)
     q = torch.round(g / scale + zero).clamp(0, 15).to(torch.uint8).reshape(-1)
     packed = q[0::2] | (q[1::2] << 4)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from . import rng
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, eager_inference
+from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, debug_checks_enabled, eager_inference, exact_div
 
 __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_",
            "quantize_int4", "unpack_int4", "dequantize_int4"]
@@ -67,7 +67,7 @@ def _stochastic_round_int8_op(x: Tensor, scale: Tensor, group_size: int, seed: i
     _check_sr_args(x, scale, group_size)
     rng.check_seed(seed, offset)
     check_finite("x", x)
-    if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+    if debug_checks_enabled() and (not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all())):
         raise ValueError("scale must be positive and finite in every group")
     return _SR(x.device, x, scale, group_size, seed, offset)
 
@@ -145,7 +145,7 @@ def _int8_sr_update_op(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: in
                        offset: int) -> None:
     _check_sr_update_args(w_q, scale, delta, group_size)
     rng.check_seed(seed, offset)
-    check_finite("delta", delta)
+    check_finite("delta", delta, default=True)  # in place: a NaN would destroy the weight (see _checks)
     if not math.isfinite(decay):
         raise ValueError(f"decay must be finite, got {decay}")
     _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset)
@@ -179,7 +179,7 @@ def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
     if x.numel() % group_size:
         raise ValueError(f"group_size={group_size} must divide x.numel()={x.numel()}")
     amax = x.detach().reshape(-1, group_size).abs().amax(dim=1).to(torch.float32)
-    return (amax / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    return exact_div(amax, qmax).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------------------

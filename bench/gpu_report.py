@@ -1,0 +1,470 @@
+"""The GPU measurements of the open performance issues, side by side with the baselines a GPU user has, in one run.
+
+    python -m bench.gpu_report [--out bench/results/<gpu>-<date>-gpu-report.json] [--budget 120] [--only quant,...]
+
+Every time is the median of CUDA-event timings (``triton.testing.do_bench``), after a warm-up that compiles and
+autotunes. Ceilings measured in the same run: device copy bandwidth (bytes read + written) and the bf16 matrix
+rate. Each row: name, ms, and where meaningful GB/s, % of the copy bandwidth, TFLOP/s and the ratio to the row's
+baseline (``vs``: baseline ms / this ms, > 1 = faster than the baseline). A row that fails records its error and
+the run goes on; rows past the time budget are skipped (and listed). Sections: ceilings, quant (issue 15: Int8Linear,
+INT4 matmul, stochastic rounding), galore (issue 16: optimizer steps, refresh), memory and dictionary (issue 17),
+host (per-call host overhead of eager layers vs nn.Linear, issue 14), autotune (configs the Triton autotuners
+chose). Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+ROWS = []
+SKIPPED = []
+_T0 = time.time()
+_BUDGET = [1e9]
+COPY_BW = [None]
+
+
+def _bench(fn, warmup=10, rep=40):
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def row(section, name, fn=None, *, ms=None, bytes=None, flops=None, base=None, **info):  # noqa: A002
+    """Time ``fn`` (or take ``ms``) and record a row; ``base`` names an earlier row of the section to compare to."""
+    if time.time() - _T0 > _BUDGET[0]:
+        SKIPPED.append(f"{section}/{name}")
+        return None
+    rec = dict(section=section, name=name, **info)
+    try:
+        if ms is None:
+            fn()  # compile / autotune / allocate outside the timing
+            torch.cuda.synchronize()
+            ms = _bench(fn)
+        rec["ms"] = ms
+        if bytes is not None:
+            rec["GB/s"] = bytes / ms / 1e6
+            if COPY_BW[0]:
+                rec["pct_copy_bw"] = 100 * rec["GB/s"] / COPY_BW[0]
+        if flops is not None:
+            rec["TFLOP/s"] = flops / ms / 1e9
+        if base is not None:
+            ref = next((r for r in ROWS if r["section"] == section and r["name"] == base and "ms" in r), None)
+            if ref is not None:
+                rec["vs"] = base
+                rec["speedup_vs_base"] = ref["ms"] / ms
+    except Exception as exc:  # noqa: BLE001 - one failing row must not end the report
+        rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        traceback.print_exc(limit=3)
+    ROWS.append(rec)
+    _print(rec)
+    return rec.get("ms")
+
+
+def _print(r):
+    if "error" in r:
+        print(f"  {r['section']:<10} {r['name']:<58} ERROR {r['error']}", flush=True)
+        return
+    extra = []
+    for key, fmt in (("GB/s", "{:.0f} GB/s"), ("pct_copy_bw", "{:.0f}% bw"), ("TFLOP/s", "{:.1f} TF/s"),
+                     ("speedup_vs_base", "x{:.2f} vs base")):
+        if key in r:
+            extra.append(fmt.format(r[key]))
+    print(f"  {r['section']:<10} {r['name']:<58} {r['ms']:9.4f} ms  {'  '.join(extra)}", flush=True)
+
+
+def _wk_backend(name):
+    from weightkit import use_backend
+
+    return use_backend(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def ceilings():
+    n = 1 << 28  # 1 GiB of fp32
+    a = torch.randn(n, device="cuda")
+    b = torch.empty_like(a)
+    ms = row("ceilings", "copy 1 GiB (bytes read + written)", lambda: b.copy_(a), bytes=2 * a.numel() * 4)
+    if ms:
+        COPY_BW[0] = 2 * a.numel() * 4 / ms / 1e6
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    row("ceilings", "bf16 matmul 8192^3", lambda: x @ y, flops=2 * 8192**3)
+    x32, y32 = x.float(), y.float()
+    with _tf32(False):
+        row("ceilings", "fp32 matmul 8192^3 (strict)", lambda: x32 @ y32, flops=2 * 8192**3)
+    with _tf32(True):
+        row("ceilings", "tf32 matmul 8192^3", lambda: x32 @ y32, flops=2 * 8192**3)
+
+
+class _tf32:
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+def _backends(table):
+    return [b for b in ("cuda", "triton") if table.why_not(b, torch.device("cuda")) is None]
+
+
+def quant():
+    from weightkit.nn import Int8Linear
+    from weightkit.ops import int4, quant as q
+
+    d = 8192
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda")
+    lin_bf16 = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = Int8Linear.from_linear(lin, group_size=128)
+    w = lin.weight.detach()
+    packed, sc, zp = int4.quantize_int4(w, 64)
+    tiny = None
+    try:  # torch's tinygemm int4 kernel (what torch/torchao users have), group 64
+        wq = torch.randint(0, 16, (d, d), dtype=torch.int32, device="cuda")
+        wq = (wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8)
+        packed_tiny = torch._convert_weight_to_int4pack(wq, 8)
+        sz = torch.randn(d // 64, d, 2, device="cuda", dtype=torch.bfloat16)
+        tiny = (packed_tiny, sz)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  (tinygemm unavailable: {exc})")
+    bnb_layers = {}
+    try:  # bitsandbytes (carried to the GPU machine in .gpu-site)
+        import bitsandbytes as bnb
+
+        l8 = bnb.nn.Linear8bitLt(d, d, bias=False, has_fp16_weights=False, threshold=0.0)
+        l8.weight = bnb.nn.Int8Params(w.cpu().half(), requires_grad=False, has_fp16_weights=False)
+        bnb_layers["bitsandbytes Linear8bitLt"] = l8.cuda()
+        l4 = bnb.nn.Linear4bit(d, d, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        l4.weight = bnb.nn.Params4bit(w.cpu().bfloat16(), requires_grad=False, quant_type="nf4")
+        bnb_layers["bitsandbytes Linear4bit nf4"] = l4.cuda()
+    except Exception as exc:  # noqa: BLE001
+        print(f"  (bitsandbytes unavailable: {type(exc).__name__}: {exc})")
+    for tokens in (1, 16, 256, 4096):
+        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        base = f"bf16 nn.Linear {tokens}x{d}x{d}"
+        fl = 2 * tokens * d * d
+        with torch.no_grad():
+            row("quant", base, lambda: lin_bf16(x), bytes=2 * d * d + 4 * tokens * d, flops=fl)
+            for b in _backends(q._INT8_MM):
+                with _wk_backend(b):
+                    row("quant", f"Int8Linear g128 {b} {tokens} tok", lambda: layer(x), base=base,
+                        bytes=d * d + d * d // 128 * 4 + 4 * tokens * d, flops=fl)
+            for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
+                with _wk_backend(b):
+                    row("quant", f"int4_matmul g64 {b} {tokens} tok",
+                        lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)), base=base, flops=fl,
+                        bytes=d * d // 2 + d * d // 64 * 5 + 4 * tokens * d)
+            for bname, bl in bnb_layers.items():
+                row("quant", f"{bname} {tokens} tok", lambda: bl(x), base=base, flops=fl)
+            if tiny is not None:
+                row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
+                    lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
+    # backward at 4096 tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
+    tokens = 4096
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    y = lin_bf16(x)
+    row("quant", "bf16 nn.Linear backward 4096 tok", lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g,
+                                                                                 retain_graph=True))
+    for b in _backends(q._INT8_MM):
+        def fb():
+            layer.weight.float_grad = None
+            with _wk_backend(b):
+                yy = layer(x)
+                torch.autograd.grad(yy, (x,), g)
+        row("quant", f"Int8Linear fwd+bwd {b} 4096 tok", fb)
+    row("quant", "bf16 nn.Linear fwd+bwd 4096 tok",
+        lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
+    # stochastic rounding and the fused write-back, 8192^2
+    big = torch.randn(d, d, device="cuda")
+    scale = q.absmax_scale(big, 128)
+    for b in _backends(q._SR):
+        with _wk_backend(b):
+            row("quant", f"stochastic_round_int8 8192^2 {b}", lambda: q.stochastic_round_int8(big, scale, 128, 1),
+                bytes=big.numel() * 5 + scale.numel() * 4)
+    delta = torch.randn(d, d, device="cuda") * 1e-3
+    for b in _backends(q._SR_UPDATE):
+        wq, s2 = q.stochastic_round_int8(big, scale, 128, 0), scale.clone()
+        with _wk_backend(b):
+            row("quant", f"int8_sr_update_ 8192^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
+                bytes=big.numel() * 6 + 2 * scale.numel() * 4)
+    # Q-GaLore projection P^T G: P 4096x1024 INT4, G 4096x4096
+    P = torch.linalg.qr(torch.randn(4096, 1024, device="cuda"))[0]
+    G = torch.randn(4096, 4096, device="cuda")
+    pk, ps, pz = int4.quantize_int4(P, 64)
+    Pt = P.T.contiguous()
+    with _tf32(False):
+        row("quant", "P^T G fp32 (strict) 4096x1024x4096", lambda: Pt @ G, flops=2 * 4096 * 1024 * 4096)
+    with _tf32(True):
+        row("quant", "P^T G tf32", lambda: Pt @ G, flops=2 * 4096 * 1024 * 4096)
+    Pb, Gb = Pt.bfloat16(), G.bfloat16()
+    row("quant", "P^T G bf16", lambda: Pb @ Gb, flops=2 * 4096 * 1024 * 4096)
+    Gt = G.T  # P^T G = (G^T P)^T: the INT4 op computes x @ W with x = G^T (4096 x 4096), W = P (4096 x 1024)
+    for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
+        with _wk_backend(b):
+            row("quant", f"P^T G int4_matmul {b}", lambda: int4.int4_matmul(Gt, pk, ps, pz, 64, (4096, 1024),
+                                                                           transpose=True),
+                base="P^T G fp32 (strict) 4096x1024x4096", flops=2 * 4096 * 1024 * 4096)
+
+
+def galore():
+    from weightkit import backend as wb
+    from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit
+    from weightkit.optim.projector import compute_basis
+
+    try:
+        import galore_torch
+    except Exception:  # noqa: BLE001
+        galore_torch = None
+    for (m, n), rank in (((4096, 4096), 1024), ((4096, 11008), 512)):
+        tag = f"{m}x{n} r{rank}"
+        for tf32 in (False, True):
+            with _tf32(tf32):
+                mode = "tf32" if tf32 else "fp32"
+
+                def make(kind, **extra):
+                    p = torch.nn.Parameter(torch.randn(m, n, device="cuda") * 0.02)
+                    p.grad = torch.randn(m, n, device="cuda")
+                    group = {"params": [p], "rank": rank, "update_proj_gap": 10**6, "scale": 0.25,
+                             "proj_type": "std", **extra}
+                    if kind == "adamw":
+                        opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+                    elif kind == "galore-torch":
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            opt = galore_torch.GaLoreAdamW([group], lr=1e-3)
+                    else:
+                        opt = kind([group], lr=1e-3)
+                    opt.step()  # projector + state
+                    torch.cuda.synchronize()
+                    return opt
+
+                if not tf32:
+                    row("galore", f"torch AdamW fused {tag}", make("adamw").step)
+                base = None
+                if galore_torch is not None:
+                    base = f"galore-torch {mode} {tag}"
+                    row("galore", base, make("galore-torch").step)
+                for name in ("auto", "cuda", "triton"):
+                    if name != "auto" and name not in ("cuda", "triton"):
+                        continue
+                    with wb.use_backend(name):
+                        row("galore", f"weightkit GaLoreAdamW {name} {mode} {tag}", make(GaLoreAdamW).step, base=base)
+                row("galore", f"weightkit GaLoreAdamW proj bf16 {mode} {tag}",
+                    make(GaLoreAdamW, proj_dtype="bfloat16").step, base=base)
+                row("galore", f"weightkit GaLoreAdamW8bit {mode} {tag}", make(GaLoreAdamW8bit).step, base=base)
+    # refresh: a basis for 4096^2 at rank 1024
+    G = torch.randn(4096, 4096, device="cuda")
+    for svd in ("randomized", "exact"):
+        row("galore", f"refresh {svd} 4096^2 r1024", lambda: compute_basis(G, 1024, "left", svd))
+    # Q-GaLore step on an Int8Linear weight
+    from weightkit.nn import Int8Linear
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(4096, 4096, bias=False, device="cuda"))
+    opt = QGaLoreAdamW8bit([{"params": [layer.weight], "rank": 1024, "update_proj_gap": 10**6, "scale": 0.25,
+                             "proj_type": "std"}], lr=1e-3)
+    fg = torch.randn(4096, 4096, device="cuda")
+
+    def qstep():
+        layer.weight.float_grad = fg.clone()
+        opt.step()
+    qstep()
+    row("galore", "weightkit QGaLoreAdamW8bit Int8Linear 4096^2 r1024 (incl. grad copy)", qstep)
+
+
+def memory():
+    from weightkit.nn import MemoryLinear
+    from weightkit.ops import memory as mem
+
+    d, tau = 4096, 8
+    K = d // tau
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = MemoryLinear(d, d, tau=tau, bias=False, device="cuda", dtype=dtype)
+        tname = str(dtype).replace("torch.", "")
+        for tokens in (1, 16, 1024):
+            x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+            moved = tokens * K * d * layer.tables.element_size() + tokens * 2 * d * x.element_size()
+            base = None
+            if dtype == torch.float32:
+                base = f"F.embedding_bag sum fp32 {tokens} tok"
+                idx = (torch.arange(K, device="cuda") * 256 + torch.randint(0, 256, (tokens, K), device="cuda"))
+                p = torch.rand(tokens, K, device="cuda")
+                flat = layer.tables.detach().reshape(K * 256, d)
+                row("memory", base, lambda: torch.nn.functional.embedding_bag(idx, flat, mode="sum",
+                                                                              per_sample_weights=p), bytes=moved)
+            lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+            xb = x.bfloat16()
+            with torch.no_grad():
+                row("memory", f"bf16 nn.Linear {tokens} tok ({tname} row)", lambda: lin(xb))
+                for b in _backends(mem._FWD):
+                    with _wk_backend(b):
+                        row("memory", f"MemoryLinear {tname} {b} {tokens} tok", lambda: layer(x), bytes=moved,
+                            base=base)
+        x = torch.randn(1024, d, device="cuda", dtype=dtype, requires_grad=True)
+        g = torch.randn(1024, d, device="cuda", dtype=dtype)
+        for b in _backends(mem._FWD):
+            for det in (False, True):
+                def fb():
+                    with _wk_backend(b):
+                        prev = torch.are_deterministic_algorithms_enabled()
+                        torch.use_deterministic_algorithms(det, warn_only=True)
+                        try:
+                            torch.autograd.grad(layer(x), (x, layer.tables), g)
+                        finally:
+                            torch.use_deterministic_algorithms(prev)
+                row("memory", f"MemoryLinear fwd+bwd {tname} {b} 1024 tok{' deterministic' if det else ''}", fb)
+
+
+def dictionary():
+    from weightkit.nn import DictLinear
+    from weightkit.ops import dictionary as dct
+
+    d, k, s = 4096, 1638, 819
+    layer = DictLinear(d, d, k, s, bias=False, device="cuda")
+    dense_s = torch.zeros(k, d, device="cuda")
+    dense_s.scatter_(0, layer.indices.long(), layer.values.detach())
+    dense_bf = dense_s.bfloat16()
+    sparse = dense_s.T.contiguous().to_sparse_csr()  # S^T (d_out x k), what cuSPARSE users would store
+    for tokens in (1, 16, 256, 4096):
+        x = torch.randn(tokens, d, device="cuda")
+        z = x @ layer.dictionary.detach()
+        zb = z.bfloat16()
+        with torch.no_grad():
+            base = f"dense bf16 Z@S {tokens} tok"
+            row("dictionary", base, lambda: zb @ dense_bf)
+            if sparse is not None:
+                zt = z.T.contiguous()
+                row("dictionary", f"cuSPARSE CSR y^T = S^T Z^T fp32 {tokens} tok", lambda: sparse @ zt, base=base)
+            for b in _backends(dct._FWD):
+                with _wk_backend(b):
+                    row("dictionary", f"dict_sparse_gather fp32 {b} {tokens} tok",
+                        lambda: dct.dict_sparse_gather(z, layer.values, layer.indices), base=base)
+                    row("dictionary", f"DictLinear fp32 {b} {tokens} tok (incl. x@D)", lambda: layer(x))
+        lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+        xb = x.bfloat16()
+        with torch.no_grad():
+            row("dictionary", f"bf16 nn.Linear {tokens} tok", lambda: lin(xb))
+
+
+def host():
+    """Host time per eager call, tiny shapes (launch-bound): what Python + dispatch cost, vs nn.Linear."""
+    from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
+
+    d = 64
+    lin = torch.nn.Linear(d, d, device="cuda")
+    layers = {"nn.Linear": lin, "Int8Linear": Int8Linear.from_linear(lin, group_size=32),
+              "MemoryLinear": MemoryLinear(d, d, tau=8, device="cuda"), "DictLinear": DictLinear(d, d, 32, 16, device="cuda")}
+    x = torch.randn(4, d, device="cuda")
+    xg = torch.randn(4, d, device="cuda", requires_grad=True)
+
+    def host_us(fn, n=300):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / n * 1e3
+
+    for mode in ("inference", "training"):
+        for name, layer in layers.items():
+            if mode == "inference":
+                def fn():
+                    with torch.no_grad():
+                        layer(x)
+            else:
+                def fn():
+                    layer(xg).sum().backward()
+                    if getattr(layer.weight, "float_grad", None) is not None:
+                        layer.weight.float_grad = None
+            base = f"nn.Linear {mode}" if name != "nn.Linear" else None
+            row("host", f"{name} {mode}", ms=host_us(fn), base=base)
+
+
+def autotune():
+    """The config each Triton autotuner in weightkit.kernels chose (printed by make gpu-check)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import weightkit.kernels as kpkg
+
+    for mod in pkgutil.iter_modules(kpkg.__path__):
+        m = importlib.import_module(f"weightkit.kernels.{mod.name}")
+        for attr, obj in vars(m).items():
+            if isinstance(obj, triton.runtime.Autotuner):
+                for key, cfg in getattr(obj, "cache", {}).items():
+                    rec = dict(section="autotune", name=f"{mod.name}.{attr}", key=str(key), config=str(cfg))
+                    ROWS.append(rec)
+                    print(f"  autotune   {mod.name}.{attr} {key} -> {cfg}", flush=True)
+
+
+SECTIONS = {"ceilings": ceilings, "quant": quant, "galore": galore, "memory": memory, "dictionary": dictionary,
+            "host": host, "autotune": autotune}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds; rows past it are skipped")
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_report: needs a CUDA device", file=sys.stderr)
+        return 2
+    _BUDGET[0] = args.budget
+    import triton
+
+    import weightkit
+    from weightkit import backend
+
+    name = torch.cuda.get_device_name()
+    meta = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
+                weightkit=weightkit.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), backends=backend.status(),
+                sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    print(f"gpu_report on {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    for sec in args.only.split(","):
+        if sec == "autotune":
+            continue
+        print(f"[{sec}]", flush=True)
+        try:
+            SECTIONS[sec]()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ROWS.append(dict(section=sec, name="(section failed)", error=traceback.format_exc(limit=2)[-400:]))
+        torch.cuda.empty_cache()
+    print("[autotune]", flush=True)
+    autotune()
+    out = args.out
+    if out is None:
+        tag = re.sub("[^A-Za-z0-9]+", "-", name).strip("-").lower()
+        out = f"bench/results/{tag}-{time.strftime('%Y-%m-%d')}-gpu-report.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, copy_GBps=COPY_BW[0], rows=ROWS, skipped=SKIPPED), f, indent=1)
+    print(f"gpu_report: {len(ROWS)} rows, {sum('error' in r for r in ROWS)} errors, {len(SKIPPED)} skipped "
+          f"(budget) -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

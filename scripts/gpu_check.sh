@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The one command a session with a lent GPU runs (`make gpu-check OUT=DIR`, or `bash scripts/gpu_check.sh DIR`):
+#   1. builds weightkit._C for this GPU's arch (in place, MAX_JOBS = cores),
+#   2. prints `weightkit info`,
+#   3. runs the whole test-suite on this machine (every test on cpu and cuda) with pytest -n 8, under a time budget,
+#   4. runs bench/gpu_report.py (the issues' tables: kernels vs the baselines a GPU user has, copy bandwidth, the
+#      Triton autotuner's choices) and the pytest-benchmark suites, each under a time budget,
+#   5. optionally the training job on a >= 300M-parameter model (STAGES=...,train).
+# Logs and JSON go to DIR; benchmark JSON also to bench/results/<gpu>-<date>-<suite>.json. DIR/summary.txt is the
+# short version. Missing bitsandbytes / galore-torch / q-galore-torch (no network on the GPU machines) are taken
+# from ./.gpu-site when it exists (../shared/device/site-packages.sh .gpu-site makes it).
+# Budgets (seconds, env): TEST_BUDGET=200 REPORT_BUDGET=110 BENCH_BUDGET=60 TRAIN_BUDGET=150. STAGES picks stages
+# (default build,info,test,report,bench). Exit status: non-zero if the build or any test failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-gpu-check-out}
+mkdir -p "$OUT_DIR" bench/results
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+STAGES=${STAGES:-build,info,test,report,bench}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -d .gpu-site ]; then export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+status=0
+t_start=$(date +%s)
+stamp() { echo "[gpu-check +$(( $(date +%s) - t_start ))s] $*" | tee -a "$OUT_DIR/summary.txt"; }
+
+stamp "start: $(date -u +%FT%TZ) stages=$STAGES"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | tee -a "$OUT_DIR/summary.txt"
+$PY -c "import torch,triton,sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT_DIR/summary.txt"
+
+if has build; then
+  arch=$($PY -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
+  stamp "build for sm_${arch/./}"
+  if MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="$arch" $PY setup.py -q build_ext --inplace >"$OUT_DIR/build.log" 2>&1; then
+    stamp "build ok"
+  else
+    status=1; stamp "BUILD FAILED (tail of build.log:)"; tail -30 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/summary.txt"
+  fi
+fi
+
+if has info; then
+  $PY -m weightkit info 2>&1 | tee "$OUT_DIR/info.txt" | tee -a "$OUT_DIR/summary.txt"
+fi
+
+if has test; then
+  stamp "tests: pytest -n 8, budget ${TEST_BUDGET:-200}s"
+  timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-200}" $PY -m pytest -p no:cacheprovider -n 8 -v -rfE \
+    --timeout=170 --durations=25 --junitxml="$OUT_DIR/tests.xml" ${TEST_ARGS:-tests} >"$OUT_DIR/tests.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || status=1
+  stamp "tests exit $rc (124/130 = budget hit); result lines:"
+  grep -E "^(FAILED|ERROR) " "$OUT_DIR/tests.log" | cut -c1-240 | head -60 | tee -a "$OUT_DIR/summary.txt"
+  grep -E "passed|failed|error" "$OUT_DIR/tests.log" | tail -2 | tee -a "$OUT_DIR/summary.txt"
+  if [ $rc -ne 0 ]; then  # per-file counts, to see what a budget cut left unrun
+    grep -oE "(PASSED|FAILED|ERROR|SKIPPED) tests/[^:]+" "$OUT_DIR/tests.log" | sort | uniq -c | sort -k2 | tee -a "$OUT_DIR/summary.txt"
+  fi
+fi
+
+if has report; then
+  stamp "gpu_report: budget ${REPORT_BUDGET:-110}s"
+  timeout --kill-after=20 $(( ${REPORT_BUDGET:-110} + 60 )) $PY -m bench.gpu_report --budget "${REPORT_BUDGET:-110}" \
+    --out "$OUT_DIR/gpu-report.json" ${REPORT_ARGS:-} >"$OUT_DIR/gpu-report.log" 2>&1
+  stamp "gpu_report exit $?"
+  tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
+  [ -f "$OUT_DIR/gpu-report.json" ] && cp "$OUT_DIR/gpu-report.json" "bench/results/${tag}-$(date +%F)-gpu-report.json"
+  grep -E "^  |^\[" "$OUT_DIR/gpu-report.log" | cut -c1-150 >>"$OUT_DIR/summary.txt"
+fi
+
+if has bench; then
+  stamp "pytest-benchmark suites: budget ${BENCH_BUDGET:-60}s"
+  tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
+  timeout --signal=INT --kill-after=15 "${BENCH_BUDGET:-60}" $PY -m pytest -q -p no:cacheprovider ${BENCH_ARGS:-bench} \
+    --benchmark-json "$OUT_DIR/bench.json" --benchmark-max-time=0.05 --benchmark-min-rounds=3 \
+    --benchmark-columns=min,median,rounds >"$OUT_DIR/bench.log" 2>&1
+  stamp "bench exit $?"
+  [ -f "$OUT_DIR/bench.json" ] && cp "$OUT_DIR/bench.json" "bench/results/${tag}-$(date +%F)-bench.json"
+fi
+
+if has train; then
+  stamp "train: budget ${TRAIN_BUDGET:-150}s: ${TRAIN_ARGS:-}"
+  timeout --kill-after=15 "${TRAIN_BUDGET:-150}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR" ${TRAIN_ARGS:-} \
+    >"$OUT_DIR/train.log" 2>&1
+  stamp "train exit $?"
+  tail -25 "$OUT_DIR/train.log" | tee -a "$OUT_DIR/summary.txt"
+  cp "$OUT_DIR"/train-*.json bench/results/ 2>/dev/null
+fi
+
+stamp "done, status $status"
+exit $status
