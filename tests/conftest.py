@@ -35,3 +35,20 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_seed():
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     yield
+
+
+@pytest.fixture
+def weightkit_env(monkeypatch):
+    """``weightkit_env(name, value)`` sets an environment variable that weightkit reads at import (backend,
+    interpreter, debug checks) and re-reads it; the original environment is restored afterwards."""
+
+    def set_env(name, value):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        backend.reload_env()
+
+    yield set_env
+    monkeypatch.undo()
+    backend.reload_env()

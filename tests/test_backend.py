@@ -31,17 +31,17 @@ def test_use_backend_forces_and_restores():
     assert backend.requested_backend() == "auto"
 
 
-def test_unknown_backend_is_rejected(monkeypatch):
+def test_unknown_backend_is_rejected(weightkit_env):
     with pytest.raises(ValueError, match="backend='tpu' is not a weightkit backend"):
         with use_backend("tpu"):
             pass
-    monkeypatch.setenv("WEIGHTKIT_BACKEND", "gpu")
+    weightkit_env("WEIGHTKIT_BACKEND", "gpu")
     with pytest.raises(ValueError, match="WEIGHTKIT_BACKEND='gpu'"):
         backend.requested_backend()
 
 
-def test_env_var_forces_backend(monkeypatch):
-    monkeypatch.setenv("WEIGHTKIT_BACKEND", "reference")
+def test_env_var_forces_backend(weightkit_env):
+    weightkit_env("WEIGHTKIT_BACKEND", "reference")
     assert quant._SR.select(torch.device("cpu")) == "reference"
 
 

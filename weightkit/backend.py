@@ -73,8 +73,24 @@ def extension_has_cuda() -> bool:
     return _EXT is not None and bool(getattr(_EXT, "WITH_CUDA", False))
 
 
+# Environment settings, read once (at import and by reload_env()): os.environ lookups cost ~1.5 us each, and an
+# op call would need four. Change them at run time with use_backend() / weightkit.debug_checks(), or set the
+# variables and call reload_env().
+_ENV: Dict[str, Optional[str]] = {}
+
+
+def reload_env() -> None:
+    """Re-read WEIGHTKIT_BACKEND, TRITON_INTERPRET and WEIGHTKIT_DEBUG_CHECKS (WEIGHTKIT_CHECK_FINITE)."""
+    _ENV["backend"] = os.environ.get("WEIGHTKIT_BACKEND", "auto") or "auto"
+    _ENV["interpret"] = os.environ.get("TRITON_INTERPRET")
+    _ENV["debug"] = os.environ.get("WEIGHTKIT_DEBUG_CHECKS", os.environ.get("WEIGHTKIT_CHECK_FINITE")) or None
+
+
+reload_env()
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _ENV["interpret"] == "1"
 
 
 def status() -> Dict[str, str]:
@@ -128,7 +144,7 @@ def requested_backend() -> str:
     forced = _FORCED.get()
     if forced is not None:
         return forced
-    return _validate(os.environ.get("WEIGHTKIT_BACKEND", "auto") or "auto", "WEIGHTKIT_BACKEND")
+    return _validate(_ENV["backend"], "WEIGHTKIT_BACKEND")
 
 
 _WARNED: set = set()
@@ -206,7 +222,7 @@ class KernelTable:
         requested = requested_backend()
         # The answer depends only on these (the extension and triton are probed once, at import): cache it, since
         # the probing costs tens of microseconds per call, comparable to a small kernel.
-        key = (requested, device.type, device.index, os.environ.get("TRITON_INTERPRET"))
+        key = (requested, device.type, device.index, _ENV["interpret"])
         choice = self._chosen.get(key)
         if choice is None:
             choice = self._chosen[key] = self._select(requested, device)

@@ -18,9 +18,9 @@ def _nan_call(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_data_checks_off_by_default_on_when_asked(device, monkeypatch):
-    monkeypatch.delenv("WEIGHTKIT_DEBUG_CHECKS", raising=False)
-    monkeypatch.delenv("WEIGHTKIT_CHECK_FINITE", raising=False)
+def test_data_checks_off_by_default_on_when_asked(device, weightkit_env):
+    weightkit_env("WEIGHTKIT_DEBUG_CHECKS", None)
+    weightkit_env("WEIGHTKIT_CHECK_FINITE", None)
     assert not debug_checks_enabled()
     y = _nan_call(device)  # no check: the NaN propagates to its row only
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
@@ -31,7 +31,7 @@ def test_data_checks_off_by_default_on_when_asked(device, monkeypatch):
         with weightkit.debug_checks(False):
             _nan_call(device)
     assert not debug_checks_enabled()
-    monkeypatch.setenv("WEIGHTKIT_DEBUG_CHECKS", "1")
+    weightkit_env("WEIGHTKIT_DEBUG_CHECKS", "1")
     with pytest.raises(ValueError, match="non-finite"):
         _nan_call(device)
     weightkit.set_debug_checks(False)

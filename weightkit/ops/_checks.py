@@ -7,9 +7,9 @@ the launch queue: they are off by default and opt-in as debug checks (except in 
 ``int8_sr_update_``, where a NaN would destroy the weight: on by default there, and switched off by the optimizer
 that has checked its gradients already), with :func:`debug_checks` (a context
 manager), :func:`set_debug_checks` (a switch) or ``WEIGHTKIT_DEBUG_CHECKS=1`` (``WEIGHTKIT_CHECK_FINITE=1``, its
-former name, works too). Training state stays safe without them: the optimizers check the gradients they use
-once per ``step()`` (one sync) before changing anything, and the layers validate their stored tensors when they
-are built or loaded.
+former name, works too; read at import). Training state stays safe without them: the optimizers check the
+gradients they use once per ``step()`` (one sync) before changing anything, and the layers validate their stored
+tensors when they are built or loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 from typing import Iterable, List, Optional, Sequence
 
 import torch
+
+from ..backend import _ENV
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,8 +61,8 @@ def debug_checks_enabled(default: bool = False) -> bool:
     forced = _DEBUG.get()
     if forced is not None:
         return forced
-    env = os.environ.get("WEIGHTKIT_DEBUG_CHECKS", os.environ.get("WEIGHTKIT_CHECK_FINITE"))
-    if env is None or env == "":
+    env = _ENV["debug"]  # read at import (weightkit.backend.reload_env re-reads it)
+    if env is None:
         return default
     return env == "1"
 
