@@ -4,7 +4,9 @@ Forward: a program per (block of tokens, column tile) loops over the K tables: i
 builds the bucket from the sign bits and the weight p, gathers the table rows of its column tile and accumulates
 in fp32 (masked columns, so any d_out works). Backward: a program per (block of tokens, table) computes
 <g, T[k, h]> over column tiles and the input gradient; the table gradient is added with atomics, or, when
-deterministic, summed per bucket in token order over a stable sort of the keys.
+deterministic, summed per bucket in token order over a stable sort of the keys: a program per (sorted position,
+column tile) works only where a bucket's run starts, walking the run in order (grid from shapes alone, so no host
+sync; O(n K) extra memory).
 """
 
 import torch
@@ -70,6 +72,29 @@ def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr,
     tl.store(p_ptr + rows * K + k, p, mask=row_mask)
 
 
+@triton.jit
+def _segment_sum_kernel(key_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, total, K, d_out, BLOCK_N: tl.constexpr):
+    """gt[key, tile] = sum of p * g over the run of equal sorted keys starting at position e, in sorted order; a
+    program whose position is not a run start (key equal to the one before) does nothing."""
+    e = tl.program_id(0).to(tl.int64)
+    key = tl.load(key_ptr + e)
+    prev = tl.load(key_ptr + tl.maximum(e - 1, 0), mask=e > 0, other=-1)  # keys are >= 0: -1 never matches
+    if prev != key:
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < d_out
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        f = e
+        cur = key
+        while cur == key:
+            flat = tl.load(order_ptr + f)  # index into the (n, K) arrays: token flat // K
+            p = tl.load(p_ptr + flat)
+            g = tl.load(g_ptr + (flat // K) * d_out + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc += p * g
+            f += 1
+            cur = tl.load(key_ptr + tl.minimum(f, total - 1), mask=f < total, other=-1)
+        tl.store(gt_ptr + key * d_out + cols, acc, mask=cmask)
+
+
 def memory_lookup_forward_triton(x, tables, t, block_t=16, block_n=64):
     n = x.shape[0]
     K, buckets, d_out = tables.shape
@@ -92,13 +117,10 @@ def memory_lookup_backward_triton(grad, x, tables, t, deterministic, block_t=16,
     grid = (triton.cdiv(n, block_t), K)
     _memory_backward_kernel[grid](grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, ATOMICS=not deterministic,
                                   TAU=tau, TAU_P2=triton.next_power_of_2(tau), BLOCK_T=block_t, BLOCK_N=block_n)
-    if deterministic:
-        # stable sort keeps token order inside a bucket; each bucket's rows are summed sequentially in that order
+    if deterministic and n * K > 0 and d_out > 0:
+        # stable sort keeps token order inside a bucket; each bucket's run is summed sequentially in that order
         sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-        uniq, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-        contrib = ps.reshape(-1)[order, None] * grad.to(torch.float32)[order // K]
-        ends = counts.cumsum(0)
-        sums = torch.cumsum(contrib.double(), 0)  # float64 prefix sums in a fixed order, then differences
-        seg = sums[ends - 1] - torch.cat([sums.new_zeros(1, d_out), sums[ends[:-1] - 1]])
-        gt.view(-1, d_out)[uniq] = seg.to(torch.float32)
+        seg_n = max(16, min(512, triton.next_power_of_2(d_out)))
+        _segment_sum_kernel[(n * K, triton.cdiv(d_out, seg_n))](sorted_keys, order, ps, grad, gt, n * K, K, d_out,
+                                                                BLOCK_N=seg_n)
     return gx.to(x.dtype), gt.to(tables.dtype)

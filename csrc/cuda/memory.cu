@@ -2,14 +2,17 @@
 // Forward: one block per token; the block hashes the K chunks into shared memory, then each thread accumulates
 // its output columns in fp32 (column loop handles any d_out). Backward: one block per token computes
 // <g, T[k, h_k]> by a block reduction and the input gradient; the table gradient uses atomics, or, when
-// deterministic, a stable sort of (table, bucket) keys and one thread per (bucket, column) summing its tokens in
-// order.
+// deterministic, a stable sort of (table, bucket) keys and one block per (sorted position, column tile) of which
+// only segment starts work, summing their bucket's tokens in order (no host sync, O(n K) extra memory).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
 
 namespace weightkit {
 namespace {
@@ -98,21 +101,45 @@ __global__ void memory_backward_kernel(const float* __restrict__ g, const float*
   }
 }
 
-// Deterministic table gradient: keys sorted stably (token order kept inside a bucket); segment s covers
-// order[starts[s] .. starts[s+1]); each thread owns one (segment, column) and sums in that order.
-__global__ void segment_sum_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
-                                   const int64_t* __restrict__ seg_keys, const float* __restrict__ ps,
-                                   const float* __restrict__ g, float* __restrict__ gt, int64_t segments, int64_t K,
-                                   int64_t d_out) {
-  const int64_t s = blockIdx.x;
-  if (s >= segments) return;
-  for (int64_t j = threadIdx.x; j < d_out; j += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t e = starts[s]; e < starts[s + 1]; ++e) {
-      const int64_t flat = order[e];  // index into the (n, K) arrays
-      acc += ps[flat] * g[(flat / K) * d_out + j];
+// Deterministic table gradient over a stable sort of the (table, bucket) keys (token order kept inside a key).
+// Position e of the sorted order starts a segment when e == 0 or its key differs from the one before; the block
+// of a segment start walks the segment in order and writes its column tile of gt[key] (fp32 sums, token order),
+// every other block returns at once. The grid (positions x column tiles) comes from shapes alone: no count of
+// segments is read back, so nothing waits on the host, and the only extra memory is the sort's O(n K).
+constexpr int kSegCols = 4;  // columns per thread: a tile is kThreads * kSegCols columns
+constexpr int64_t kMaxGridX = 2147483647, kMaxGridY = 65535;
+
+__global__ void segment_sum_kernel(const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ order,
+                                   const float* __restrict__ ps, const float* __restrict__ g, float* __restrict__ gt,
+                                   int64_t total, int64_t K, int64_t d_out) {
+  const int64_t tile_cols = static_cast<int64_t>(blockDim.x) * kSegCols;
+  const int64_t tiles = (d_out + tile_cols - 1) / tile_cols;
+  for (int64_t e = blockIdx.x; e < total; e += gridDim.x) {
+    const int64_t key = sorted_keys[e];
+    if (e > 0 && sorted_keys[e - 1] == key) continue;  // not a segment start (uniform across the block)
+    for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+      const int64_t j0 = tile * tile_cols + threadIdx.x;
+      if (j0 >= d_out) continue;
+      float acc[kSegCols];
+#pragma unroll
+      for (int i = 0; i < kSegCols; ++i) acc[i] = 0.f;
+      for (int64_t f = e; f < total && sorted_keys[f] == key; ++f) {
+        const int64_t flat = order[f];  // index into the (n, K) arrays: token flat / K, table flat % K
+        const float p = ps[flat];
+        const float* grow = g + (flat / K) * d_out;
+#pragma unroll
+        for (int i = 0; i < kSegCols; ++i) {
+          const int64_t j = j0 + static_cast<int64_t>(i) * blockDim.x;
+          if (j < d_out) acc[i] += p * grow[j];
+        }
+      }
+      float* out = gt + key * d_out;
+#pragma unroll
+      for (int i = 0; i < kSegCols; ++i) {
+        const int64_t j = j0 + static_cast<int64_t>(i) * blockDim.x;
+        if (j < d_out) out[j] = acc[i];
+      }
     }
-    gt[seg_keys[s] * d_out + j] = acc;
   }
 }
 
@@ -155,16 +182,17 @@ std::tuple<at::Tensor, at::Tensor> memory_lookup_backward_cuda(const at::Tensor&
         keys.data_ptr<int64_t>(), ps.data_ptr<float>(), K, tau, buckets, d_out, static_cast<float>(2.0 / t),
         !deterministic);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (deterministic) {
-      auto sorted = at::sort(keys.reshape(-1), /*stable=*/true);
-      const at::Tensor sorted_keys = std::get<0>(sorted), order = std::get<1>(sorted);
-      auto uniq = at::unique_consecutive(sorted_keys, /*return_inverse=*/false, /*return_counts=*/true);
-      const at::Tensor seg_keys = std::get<0>(uniq), counts = std::get<2>(uniq);
-      const at::Tensor starts = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
-      const int64_t segments = seg_keys.numel();
-      segment_sum_kernel<<<segments, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), seg_keys.data_ptr<int64_t>(), ps.data_ptr<float>(),
-          gf.data_ptr<float>(), gt.data_ptr<float>(), segments, K, d_out);
+    if (deterministic && K > 0 && d_out > 0) {
+      // stable=true must be an optional<bool>: a plain `true` binds to the overload sort(self, int64_t dim).
+      auto sorted = at::sort(keys.reshape(-1), std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+      const at::Tensor sorted_keys = std::get<0>(sorted).contiguous(), order = std::get<1>(sorted).contiguous();
+      const int64_t total = n * K;
+      const int64_t tile_cols = static_cast<int64_t>(kThreads) * kSegCols;
+      const dim3 grid(static_cast<unsigned>(std::min(total, kMaxGridX)),
+                      static_cast<unsigned>(std::min((d_out + tile_cols - 1) / tile_cols, kMaxGridY)));
+      segment_sum_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          sorted_keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), ps.data_ptr<float>(), gf.data_ptr<float>(),
+          gt.data_ptr<float>(), total, K, d_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

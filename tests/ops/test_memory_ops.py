@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from weightkit import debug_checks
+
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import memory
@@ -111,5 +113,47 @@ def test_opcheck_and_compile():
 def test_bad_input(kwargs, err, match):
     args = dict(x=torch.randn(3, 16), tables=torch.randn(2, 256, 8), t=1.0)
     args.update(kwargs)
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match=match), debug_checks():  # data checks (NaN, ranges) are opt-in
         memory_lookup(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,K,tau,d_out", [(200, 3, 2, 37), (257, 2, 1, 600), (1, 1, 2, 5)])
+def test_deterministic_hot_buckets_match_reference_and_repeat_bitwise(device, n, K, tau, d_out):
+    """Many tokens in few buckets (2^tau per table): long runs after the sort, several column tiles (d_out 600)."""
+    x, tables = inputs(n, K, tau, d_out, device=device)
+    x[: n // 3] = 0.0  # a third of the tokens in bucket 0 of every table, the rest spread over 2^tau buckets
+    g = torch.randn(n, d_out, device=device)
+    gx64, gt64 = ref64(x, tables, 0.8, g)
+    for name in usable_backends(memory._BWD, device):
+        with use_backend(name):
+            runs = [memory_lookup_grads(g, x, tables, 0.8, deterministic=True) for _ in range(2)]
+        gx, gt = runs[0]
+        torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name} grad_x: {s}")
+        torch.testing.assert_close(gt.double(), gt64, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name} grad_t: {s}")
+        assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_under_use_deterministic_algorithms(device):
+    """Autograd through memory_lookup with torch.use_deterministic_algorithms(True) takes the deterministic path."""
+    x, tables = inputs(120, 2, 3, 20, device=device)
+    x[:60, :3] = 0.0
+    g = torch.randn(120, 20, device=device)
+    gx64, gt64 = ref64(x, tables, 1.0, g)
+    was_on = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for name in usable_backends(memory._FWD, device):
+            grads = []
+            for _ in range(2):
+                xr, tr = x.clone().requires_grad_(True), tables.clone().requires_grad_(True)
+                with use_backend(name):
+                    grads.append(torch.autograd.grad(memory_lookup(xr, tr), (xr, tr), g))
+            (gx, gt), (gx2, gt2) = grads
+            torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name} grad_x: {s}")
+            torch.testing.assert_close(gt.double(), gt64, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name} grad_t: {s}")
+            assert torch.equal(gt, gt2) and torch.equal(gx, gx2), name
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
