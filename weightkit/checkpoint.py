@@ -36,6 +36,14 @@ def _serialize(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _cuda_rng_state():
+    """The CUDA generators' states (CPU byte tensors), when this process uses CUDA; None otherwise (reading them
+    would initialise CUDA in a CPU-only run)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_rng_state_all()
+    return None
+
+
 def save_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                     extra: Optional[Dict[str, Any]] = None) -> str:
     """Write model/optimizer state (and ``extra``, e.g. the step) atomically to ``path``; returns the SHA-256."""
@@ -44,6 +52,7 @@ def save_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Opt
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra or {},
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": _cuda_rng_state(),
     }
     body = _serialize(payload)
     digest = hashlib.sha256(body).hexdigest()
@@ -61,7 +70,10 @@ def save_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Opt
 
 
 def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """The verified payload of a checkpoint file (dict with model, optimizer, extra, torch_rng)."""
+    """The verified payload of a checkpoint file (dict with model, optimizer, extra, torch_rng, cuda_rng). Tensors
+    are loaded to ``map_location`` (the CPU by default): ``load_checkpoint`` then copies them into the model's
+    tensors and the optimizer moves its state to each parameter's device, so a checkpoint written on one device
+    loads on another."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
@@ -100,7 +112,9 @@ def _check_model_state(model: nn.Module, state: Dict[str, torch.Tensor], path: s
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                     restore_rng: bool = False) -> Dict[str, Any]:
-    """Verify and load a checkpoint into ``model`` and ``optimizer``; returns its ``extra`` dict."""
+    """Verify and load a checkpoint into ``model`` and ``optimizer``; returns its ``extra`` dict. ``restore_rng``
+    also restores torch's CPU generator and, when the checkpoint holds them (saved by a process that used CUDA)
+    and this machine has as many GPUs, the CUDA generators."""
     payload = read_checkpoint(path)
     if model is not None:
         if payload.get("model") is None:
@@ -124,4 +138,7 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Opt
                               "the model and optimizer were left as they were") from exc
     if restore_rng:
         torch.set_rng_state(payload["torch_rng"])
+        cuda_rng = payload.get("cuda_rng")  # absent in checkpoints of earlier versions, None from CPU-only runs
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
     return payload.get("extra", {})

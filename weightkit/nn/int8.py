@@ -13,7 +13,7 @@ compiles.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,16 @@ from ..ops.quant import absmax_scale, dequantize_int8, int8_matmul
 
 
 # An empty leaf that requires grad: passed to the Function when the weight gradient is tracked so that backward
-# runs even when neither the input nor any float parameter needs a gradient (it receives None).
-_GRAD_ANCHOR = torch.empty(0, requires_grad=True)
+# runs even when neither the input nor any float parameter needs a gradient (it receives None). One per device, so
+# that the autograd graph of a CUDA layer has no CPU input (whose node the engine would schedule on its CPU queue).
+_GRAD_ANCHORS: Dict[torch.device, Tensor] = {}
+
+
+def _grad_anchor(device: torch.device) -> Tensor:
+    anchor = _GRAD_ANCHORS.get(device)
+    if anchor is None:
+        anchor = _GRAD_ANCHORS[device] = torch.empty(0, device=device, requires_grad=True)
+    return anchor
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -111,7 +119,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         track = self.track_weight_grad and torch.is_grad_enabled()
         if track or (torch.is_grad_enabled() and x.requires_grad):
-            y = _Int8LinearFunction.apply(x, self.weight, self.scale, self.group_size, track, _GRAD_ANCHOR)
+            y = _Int8LinearFunction.apply(x, self.weight, self.scale, self.group_size, track, _grad_anchor(x.device))
         else:
             y = int8_matmul(x, self.weight, self.scale, self.group_size)
         if self.bias is not None:

@@ -76,9 +76,9 @@ class MemoryLinear(nn.Module):
 class MemoryQKV(nn.Module):
     """Q, K, V from three tables sharing one hash (one lookup into width-3*dim tables)."""
 
-    def __init__(self, dim: int, tau: int = 8, t: float = 1.0):
+    def __init__(self, dim: int, tau: int = 8, t: float = 1.0, device=None, dtype=None):
         super().__init__()
-        self.proj = MemoryLinear(dim, 3 * dim, tau, t, bias=False)
+        self.proj = MemoryLinear(dim, 3 * dim, tau, t, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: Tensor):
         return self.proj(x).chunk(3, dim=-1)
@@ -87,27 +87,29 @@ class MemoryQKV(nn.Module):
 class MemoryFFN(nn.Module):
     """Two memory layers with a LayerNorm between them (paper Eq. 13)."""
 
-    def __init__(self, dim: int, hidden: int, tau: int = 8, t: float = 1.0):
+    def __init__(self, dim: int, hidden: int, tau: int = 8, t: float = 1.0, device=None, dtype=None):
         super().__init__()
-        self.up = MemoryLinear(dim, hidden, tau, t)
-        self.norm = nn.LayerNorm(hidden)
-        self.down = MemoryLinear(hidden, dim, tau, t)
+        self.up = MemoryLinear(dim, hidden, tau, t, device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(hidden, device=device, dtype=dtype)
+        self.down = MemoryLinear(hidden, dim, tau, t, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.norm(self.up(x)))
 
 
 class MemoryFormerBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, hidden: int = None, tau: int = 8, t: float = 1.0, causal: bool = True):
+    def __init__(self, dim: int, n_heads: int, hidden: int = None, tau: int = 8, t: float = 1.0, causal: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"n_heads={n_heads} must divide dim={dim}")
         self.n_heads, self.causal = n_heads, causal
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = MemoryQKV(dim, tau, t)
-        self.out = MemoryLinear(dim, dim, tau, t)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ffn = MemoryFFN(dim, hidden or 2 * dim, tau, t)
+        factory = dict(device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(dim, **factory)
+        self.qkv = MemoryQKV(dim, tau, t, **factory)
+        self.out = MemoryLinear(dim, dim, tau, t, **factory)
+        self.norm2 = nn.LayerNorm(dim, **factory)
+        self.ffn = MemoryFFN(dim, hidden or 2 * dim, tau, t, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, d = x.shape

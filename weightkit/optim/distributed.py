@@ -61,9 +61,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops._checks import finite_checks_enabled, finite_flags
+from ..ops._checks import finite_flags
 from ..ops.galore import galore_adam_update_reference
-from .galore import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
+from .galore import HOST_KEYS, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, gradient_checks_enabled
 from .projector import basis_seed, compute_basis
 
 __all__ = ["broadcast_projectors", "check_replicas_agree", "all_reduce_float_grads", "ddp_layerwise_comm_hook",
@@ -138,10 +138,19 @@ def broadcast_projectors(optimizer, src: int = 0, group=None, galore_only: bool 
                     continue
                 _, shape, dtype = desc
                 t = state.get(k)
-                if not (isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous()):
+                # the collective runs on the parameter's device (NCCL takes CUDA tensors only); shapes (HOST_KEYS)
+                # are kept on the CPU afterwards, where the optimizer reads them without a sync
+                home = torch.device("cpu") if k in HOST_KEYS else p.device
+                if dist.get_rank() == src:
+                    buf = t.to(p.device).contiguous()
+                    dist.broadcast(buf, src=src, group=group)
+                    count += 1
+                    continue
+                if not (isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous()
+                        and t.device == p.device):
                     t = torch.empty(shape, dtype=dtype, device=p.device)
                 dist.broadcast(t, src=src, group=group)
-                state[k] = t
+                state[k] = t.to(home)
                 count += 1
     return count
 
@@ -349,7 +358,7 @@ class _ShardedMixin:
         pending = None
         if self._refresh_due(group, proj, state):
             full = grad.full_tensor()
-            if finite_checks_enabled() and not finite_flags([full])[0]:
+            if gradient_checks_enabled() and not finite_flags([full])[0]:
                 return {"check": local, "finite": False}  # every rank sees the same full gradient
             ortho, ortho_right = compute_basis(full, proj.rank, side, proj.svd, oversample=proj.oversample,
                                                power_iters=proj.power_iters,
@@ -386,9 +395,11 @@ class _ShardedMixin:
         pg = self._dist_group()
         if pg is None or dist.get_world_size(pg) == 1:
             return super()._bad_anywhere(flags)
-        bad = torch.tensor([0 if all(flags) else 1], dtype=torch.int32)
+        # on the device of the sharded parameters: NCCL reduces CUDA tensors only (a fill, no host copy)
+        device = next(p.device for g in self.param_groups for p in g["params"] if _is_dtensor(p))
+        bad = torch.full((1,), 0 if all(flags) else 1, dtype=torch.int32, device=device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
-        return int(bad) != 0
+        return int(bad) != 0  # a host sync, the step's second (after the local finite_flags)
 
     # phase 3: GaLoreAdamW's commit on the local shard
     def _local(self, t: Tensor) -> Tensor:

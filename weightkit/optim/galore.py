@@ -31,13 +31,33 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..ops._checks import finite_checks_enabled, finite_flags
+from ..ops._checks import debug_checks_enabled, finite_flags
 from ..ops.galore import galore_adam_update_
 from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, project_back, projection_side
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed",
                "proj_dtype")
 ADAM_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "correct_bias")
+# State entries that describe shapes: read on the host every step (``.tolist()``), so they stay on the CPU, where
+# reading them costs no device synchronization (on a GPU, a CUDA copy of them would sync at every step).
+HOST_KEYS = ("moment_shape", "ortho_shape")
+
+
+def gradient_checks_enabled() -> bool:
+    """Whether the optimizers check their gradients for NaN/Inf (one host sync per step): on unless switched off
+    with ``weightkit.ops._checks.debug_checks(False)`` / ``set_debug_checks(False)`` or ``WEIGHTKIT_DEBUG_CHECKS=0``
+    (``WEIGHTKIT_CHECK_FINITE=0``). Unlike the ops' data checks this one is on by default: it is what makes
+    ``nonfinite='raise' | 'skip'`` hold, and it costs one sync per step, not one per op."""
+    return debug_checks_enabled(default=True)
+
+
+def host_shape(state: Dict, key: str) -> tuple:
+    """A shape kept in the state as a small int64 tensor, read without a device sync: a copy that ended up on a
+    device (a state moved by hand, an old checkpoint) is brought back to the CPU once."""
+    t = state[key]
+    if t.device.type != "cpu":
+        t = state[key] = t.cpu()
+    return tuple(t.tolist())
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -98,6 +118,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
         optimizer unchanged."""
         self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        self._place_loaded_state(state_dict)
+
+    def _state_device(self, p: Tensor, key: str) -> torch.device:
+        """Where state entry ``key`` of parameter ``p`` lives: the CPU for shapes (HOST_KEYS), else p's device."""
+        return torch.device("cpu") if key in HOST_KEYS else p.device
+
+    def _place_loaded_state(self, sd: Dict) -> None:
+        """torch.optim.Optimizer.load_state_dict moves every state tensor to its parameter's device and casts the
+        floating ones to the parameter's dtype. Undo the cast (moments stay float32, bases keep proj_dtype, INT4
+        scales float32, whatever the weight's dtype: a bfloat16 weight would otherwise get bfloat16 moments),
+        keep the shapes on the CPU (HOST_KEYS) and the step a Python int, so a checkpoint loads the same from any
+        device (``map_location='cpu'`` included) and costs no host sync per step afterwards."""
+        for saved_group, group in zip(sd["param_groups"], self.param_groups):
+            for idx, p in zip(saved_group["params"], group["params"]):
+                saved = sd["state"].get(idx)
+                if not isinstance(saved, dict) or p not in self.state:
+                    continue
+                state = self.state[p]
+                for key, value in saved.items():
+                    if key == "step":
+                        if isinstance(value, Tensor):
+                            state[key] = int(value.item())
+                    elif isinstance(value, Tensor):
+                        state[key] = value.to(device=self._state_device(p, key))
 
     def _validate_state_dict(self, sd) -> None:
         if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(sd.get("param_groups"), list):
@@ -190,7 +234,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _nonfinite(self, items, prepared) -> bool:
         """True when a gradient holds NaN/Inf (then raise, or count a skipped step). One host sync for all."""
-        if not finite_checks_enabled() or not items:
+        if not gradient_checks_enabled() or not items:
             return False
         known = [prep["finite"] for prep in prepared]
         if all(k is None for k in known):
@@ -248,7 +292,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         side = proj.side(p.shape)
         pending = None
         if self._refresh_due(group, proj, state):
-            if finite_checks_enabled() and not finite_flags([grad])[0]:
+            if gradient_checks_enabled() and not finite_flags([grad])[0]:
                 return {"check": grad, "finite": False}  # no SVD of a bad gradient
             pending = self._new_basis(group, proj, p, state, grad, side)
             basis = self._basis_of(group, proj, pending)
@@ -361,7 +405,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
         state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(zeros, True)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(zeros, False)
-        state["moment_shape"] = torch.tensor(list(like.shape), dtype=torch.int64)
+        state["moment_shape"] = torch.tensor(list(like.shape), dtype=torch.int64, device="cpu")  # HOST_KEYS
 
     def _has_moments(self, state: Dict) -> bool:
         return "exp_avg" in state or "exp_avg_q" in state
@@ -388,7 +432,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _load_moments(self, state: Dict):
         if "exp_avg" in state:
             return state["exp_avg"], state["exp_avg_sq"]
-        shape = tuple(state["moment_shape"].tolist())
+        shape = host_shape(state, "moment_shape")
         return (self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], True, shape),
                 self._dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False, shape))
 

@@ -72,7 +72,10 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
     Q <- qr(A qr(A^T Q)), then the exact SVD of the small k x n matrix Q^T A."""
     m, n = matrix.shape
     k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    # drawn on the generator's device (the CPU one by default, so a seed gives the same basis on every device;
+    # a CUDA generator draws on the GPU), then moved to the matrix
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    omega = torch.randn(n, k, generator=generator, dtype=matrix.dtype, device=gen_device).to(matrix.device)
     q, _ = torch.linalg.qr(matrix @ omega)
     for _ in range(power_iters):
         q, _ = torch.linalg.qr(matrix.T @ q)
@@ -131,6 +134,14 @@ def subspace_overlap(a: Tensor, b: Tensor, side: str) -> float:
     if side == "left":
         return float((a.T @ b).norm() ** 2 / a.shape[1])
     return float((a @ b.T).norm() ** 2 / a.shape[0])
+
+
+def _follow(state: Dict, device: torch.device) -> None:
+    """Move a stored basis to ``device`` (once): one loaded from a checkpoint with map_location='cpu' follows the
+    gradients it projects."""
+    for k in BASIS_KEYS:
+        if k in state and state[k].device != device:
+            state[k] = state[k].to(device)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -225,6 +236,7 @@ class GaLoreProjector:
         self.check_shape(grad.shape, "gradient")
         if self.due(step, state):
             self.refresh(grad, step, state, key)
+        _follow(state, grad.device)
         return self.load_basis(state)
 
     def project(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0) -> Tensor:
@@ -239,6 +251,7 @@ class GaLoreProjector:
         shape = self._shape if shape is None else tuple(shape)
         if shape is None or not self.has_basis(state):
             raise RuntimeError("project_back() needs a basis: call project() first (or pass state and shape)")
+        _follow(state, low.device)
         ortho, ortho_right = self.load_basis(state)
         return project_back(low.to(torch.float32), self.side(shape), ortho, ortho_right) * self.scale
 
@@ -246,7 +259,7 @@ class GaLoreProjector:
     def state_dict(self) -> Dict:
         out = {k: v for k, v in self.state.items()}
         if self._shape is not None:
-            out["shape"] = torch.tensor(self._shape, dtype=torch.int64)
+            out["shape"] = torch.tensor(self._shape, dtype=torch.int64, device="cpu")
         return out
 
     def load_state_dict(self, state_dict: Dict) -> None:

@@ -25,9 +25,10 @@ from typing import Dict
 import torch
 from torch import Tensor
 
+from ..ops._checks import debug_checks, debug_checks_enabled
 from ..ops.int4 import dequantize_int4, quantize_int4
 from ..ops.quant import int8_sr_update_
-from .galore import GaLoreAdamW8bit
+from .galore import GaLoreAdamW8bit, host_shape
 from .projector import basis_seed, compute_basis, project_back
 
 
@@ -83,25 +84,30 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         gap = state.get("gap", group["update_proj_gap"])
         pending: Dict = {}
         if "first_vector" in state:
-            sims = torch.cat([state["similarities"], torch.nn.functional.cosine_similarity(
-                state["first_vector"], first, dim=0).reshape(1)])[-group["queue_size"]:]
+            # on first's device and dtype: a state from an older version (similarities made on the CPU) or moved by
+            # hand must not mix devices in the cat
+            cos = torch.nn.functional.cosine_similarity(state["first_vector"].to(first.device, first.dtype), first,
+                                                        dim=0).reshape(1)
+            previous = state.get("similarities", first.new_zeros(0)).to(device=first.device, dtype=cos.dtype)
+            sims = torch.cat([previous, cos])[-group["queue_size"]:]
             pending["similarities"] = sims
+            # host sync (the queue's mean decides the next interval): at refreshes only, next to the SVD's own syncs
             if sims.numel() == group["queue_size"] and float(sims.mean()) >= group["cos_threshold"]:
                 gap = int(gap * group["gamma_proj"])
         else:
-            pending["similarities"] = torch.zeros(0)
+            pending["similarities"] = first.new_zeros(0)
         pending["first_vector"] = first.clone()
         pending["gap"] = gap
         pending["next_refresh"] = step + gap
         pending["refresh_count"] = state.get("refresh_count", 0) + 1
         pending["ortho_q"], pending["ortho_scale"], pending["ortho_zero"] = quantize_int4(ortho,
                                                                                           group["proj_group_size"])
-        pending["ortho_shape"] = torch.tensor(list(ortho.shape))
+        pending["ortho_shape"] = torch.tensor(list(ortho.shape), dtype=torch.int64, device="cpu")  # HOST_KEYS
         return pending
 
     def _basis_of(self, group: Dict, proj, entries: Dict):
         ortho = dequantize_int4(entries["ortho_q"], entries["ortho_scale"], entries["ortho_zero"],
-                                group["proj_group_size"], tuple(entries["ortho_shape"].tolist()))
+                                group["proj_group_size"], host_shape(entries, "ortho_shape"))
         return ortho, None
 
     def _has_basis_entries(self, state: Dict) -> bool:
@@ -139,8 +145,11 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         delta.mul_(-(step_size * proj.scale))
         owner = p.int8_owner()
         key = hash((group["seed"], self._keys.get(id(p), 0))) % 2**62
-        # w_q, scale <- SR((w_q * scale + delta) * decay), fused: the float weight never exists whole
-        int8_sr_update_(p.data, owner.scale, delta, owner.group_size, decay=decay, seed=key,
-                        offset=(state["step"] * p.numel()) % 2**62)
+        # w_q, scale <- SR((w_q * scale + delta) * decay), fused: the float weight never exists whole. The op's own
+        # NaN check of delta (on by default: it writes in place) would cost a host sync per weight per step; the
+        # step has checked the gradients already, so it runs here only when debug checks are asked for.
+        with debug_checks(debug_checks_enabled()):
+            int8_sr_update_(p.data, owner.scale, delta, owner.group_size, decay=decay, seed=key,
+                            offset=(state["step"] * p.numel()) % 2**62)
         p.float_grad = None
         self._store_moments(state, exp_avg, exp_avg_sq)
