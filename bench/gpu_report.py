@@ -261,9 +261,7 @@ def galore():
                 if galore_torch is not None:
                     base = f"galore-torch {mode} {tag}"
                     row("galore", base, make("galore-torch").step)
-                for name in ("auto", "cuda", "triton"):
-                    if name != "auto" and name not in ("cuda", "triton"):
-                        continue
+                for name in os.environ.get("GALORE_BACKENDS", "auto,cuda,triton").split(","):
                     with wb.use_backend(name):
                         row("galore", f"weightkit GaLoreAdamW {name} {mode} {tag}", make(GaLoreAdamW).step, base=base)
                 row("galore", f"weightkit GaLoreAdamW proj bf16 {mode} {tag}",
@@ -393,8 +391,9 @@ def host():
             else:
                 def fn():
                     layer(xg).sum().backward()
-                    if getattr(layer.weight, "float_grad", None) is not None:
-                        layer.weight.float_grad = None
+                    w = getattr(layer, "weight", None)
+                    if getattr(w, "float_grad", None) is not None:
+                        w.float_grad = None
             base = f"nn.Linear {mode}" if name != "nn.Linear" else None
             row("host", f"{name} {mode}", ms=host_us(fn), base=base)
 
@@ -418,8 +417,8 @@ def autotune():
                     print(f"  autotune   {mod.name}.{attr} {key} -> {cfg}", flush=True)
 
 
-SECTIONS = {"ceilings": ceilings, "quant": quant, "galore": galore, "memory": memory, "dictionary": dictionary,
-            "host": host, "autotune": autotune}
+SECTIONS = {"ceilings": ceilings, "host": host, "quant": quant, "memory": memory, "dictionary": dictionary,
+            "galore": galore, "autotune": autotune}
 
 
 def main(argv=None) -> int:

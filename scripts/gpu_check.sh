@@ -46,7 +46,9 @@ fi
 
 if has test; then
   stamp "tests: pytest -n 8, budget ${TEST_BUDGET:-200}s"
-  timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-200}" $PY -m pytest -p no:cacheprovider -n 8 -v -rfE \
+  # 2 BLAS threads per worker, as on CI's 2 cores: 8 workers x all cores each oversubscribe the CPU tests
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-200}" \
+    $PY -m pytest -p no:cacheprovider -n "${TEST_WORKERS:-8}" -v -rfE \
     --timeout=170 --durations=25 --junitxml="$OUT_DIR/tests.xml" ${TEST_ARGS:-tests} >"$OUT_DIR/tests.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=1
@@ -60,7 +62,7 @@ fi
 
 if has report; then
   stamp "gpu_report: budget ${REPORT_BUDGET:-110}s"
-  timeout --kill-after=20 $(( ${REPORT_BUDGET:-110} + 60 )) $PY -m bench.gpu_report --budget "${REPORT_BUDGET:-110}" \
+  timeout --kill-after=10 $(( ${REPORT_BUDGET:-110} + 40 )) $PY -m bench.gpu_report --budget "${REPORT_BUDGET:-110}" \
     --out "$OUT_DIR/gpu-report.json" ${REPORT_ARGS:-} >"$OUT_DIR/gpu-report.log" 2>&1
   stamp "gpu_report exit $?"
   tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
