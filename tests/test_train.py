@@ -1,5 +1,7 @@
-"""The main job (weightkit train): every method learns on real text; measurements are real."""
+"""The main job (weightkit train): every method learns on real text; measurements are real; each method has its own
+documented learning rate with warmup and cosine decay; a clean run prints no warnings."""
 
+import json
 import math
 import os
 import subprocess
@@ -9,8 +11,10 @@ import pytest
 import torch
 
 from weightkit import train
-from weightkit.data import byte_corpus
-from weightkit.models.llama import unigram_entropy_bits
+from weightkit.data import byte_corpus, windows
+from weightkit.models import TinyLlama
+from weightkit.models.llama import PRESETS, num_parameters, preset, unigram_entropy_bits
+from weightkit.optim import GaLoreAdamW, QGaLoreAdamW8bit
 
 TINY = dict(steps=60, batch_size=8, seq_len=64, lr=3e-3, rank=16, update_proj_gap=20, dim=64, n_layers=2, n_heads=4,
             eval_every=10)
@@ -23,6 +27,15 @@ def test_corpus_is_real_text():
     assert " the " in text
 
 
+def test_eval_windows_cover_the_split_in_order():
+    data = torch.arange(100)
+    x, y = windows(data, 10)
+    assert x.shape == (9, 10) and torch.equal(x.flatten(), torch.arange(90)) and torch.equal(y, x + 1)
+    assert windows(data, 10, max_windows=3)[0].shape == (3, 10)
+    with pytest.raises(ValueError, match="longer than the split"):
+        windows(data[:5], 10)
+
+
 @pytest.mark.parametrize("method", train.METHODS)
 def test_method_learns(method):
     cfg = train.TrainConfig(**TINY)
@@ -31,6 +44,9 @@ def test_method_learns(method):
     assert result.train_loss[0] < math.log(256) + 0.5
     assert result.val_loss < unigram_nats, f"{method}: val loss {result.val_loss:.3f} not below unigram {unigram_nats:.3f}"
     assert result.optimizer_state_bytes > 0 and result.tokens_per_s > 0 and result.peak_rss_mb > 0
+    assert result.lr == 3e-3 and result.timed_from == 6 and result.tokens_per_s_median > 0
+    assert result.peak_memory_kind == "peak RSS" and result.peak_memory_mb == result.peak_rss_mb
+    assert result.steps == list(range(10, 61, 10)) and result.autocast is None
 
 
 def test_low_rank_state_is_smaller_than_adamw():
@@ -45,14 +61,172 @@ def test_tensor_bytes_counts_each_tensor_once():
     assert train.tensor_bytes(state) == 40 + 6
 
 
-def test_cli_train_writes_json_and_plot(tmp_path):
+def test_presets_follow_the_galore_configs_and_count_parameters():
+    assert PRESETS["350m"] == (1024, 24, 16, 2736) and PRESETS["60m"] == (512, 8, 8, 1376)
+    for name in PRESETS:
+        cfg = preset(name)
+        with torch.device("meta"):
+            model = TinyLlama(cfg)
+        assert num_parameters(cfg) == sum(p.numel() for p in model.parameters()), name
+    assert num_parameters(preset("350m")) >= 300_000_000
+    assert num_parameters(preset("tiny")) == sum(p.numel() for p in TinyLlama(preset("tiny")).parameters())
+    assert preset("tiny", dim=64).hidden_dim == 192  # a new width takes the SwiGLU rule
+    with pytest.raises(ValueError, match="heads of even size"):
+        preset("tiny", dim=60, n_heads=4)
+    with pytest.raises(ValueError, match="unknown model size"):
+        preset("7b")
+
+
+def test_config_resolves_from_the_size():
+    cfg = train.TrainConfig(model_size="350m").resolve()
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.rank, cfg.update_proj_gap) == (1024, 24, 16, 2736, 256, 200)
+    assert (cfg.batch_size, cfg.seq_len) == (8, 512)
+    assert train.TrainConfig(dim=64).resolve().rank == 16  # another width: d/4
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        train.TrainConfig(steps=0).resolve()
+    with pytest.raises(ValueError, match="rank=512 is larger"):
+        train.TrainConfig(rank=512).resolve()
+    with pytest.raises(ValueError, match="unknown model size"):
+        train.TrainConfig(model_size="huge").resolve()
+
+
+def test_learning_rates_per_method_with_sources():
+    cfg = train.TrainConfig(model_size="350m")
+    assert cfg.lr_for("adamw")[0] == 1e-3 and cfg.lr_for("galore")[0] == 1e-2 and cfg.lr_for("qgalore")[0] == 1e-2
+    assert train.TrainConfig().lr_for("qgalore")[0] == 1.5e-2
+    assert "2403.03507" in cfg.lr_for("galore")[1] and "2407.08296" in cfg.lr_for("qgalore")[1]
+    cfg = train.TrainConfig(lr=3e-3, lrs={"galore": 2e-2})
+    assert cfg.lr_for("galore") == (2e-2, "--lr") and cfg.lr_for("adamw")[0] == 3e-3
+    assert set(train.LR_TABLE) == set(train.METHODS) == set(train.LR_SOURCES)
+    assert all(set(v) == set(train.SIZES) for v in train.LR_TABLE.values())
+
+
+def test_lr_specs():
+    assert train.parse_lr_spec("adamw=1e-3, galore=1e-2") == ({"adamw": 1e-3, "galore": 1e-2}, None)
+    assert train.parse_lr_spec("3e-3") == ({}, 3e-3)
+    for bad, msg in [("adamw", "not a number"), ("sgd=1e-3", "unknown method 'sgd'"), ("adamw=x", "not a number"),
+                     ("adamw=-1", "> 0"), ("adamw=nan", "> 0"), ("adamw=1e-3,adamw=2e-3", "given twice"),
+                     ("adamw:1e-3,galore=1", "METHOD=VALUE"), ("", "empty")]:
+        with pytest.raises(ValueError, match=msg):
+            train.parse_lr_spec(bad)
+    assert train.parse_sweep_spec("", ["adamw", "galore"]) == {"adamw": None, "galore": None}
+    assert train.parse_sweep_spec("galore=3e-2:1e-2", ["adamw", "galore"]) == {"adamw": None, "galore": [1e-2, 3e-2]}
+    with pytest.raises(ValueError, match="not among --methods"):
+        train.parse_sweep_spec("qgalore=1e-2", ["adamw"])
+
+
+def test_resolve_device():
+    assert train.resolve_device("cpu") == "cpu"
+    assert train.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        train.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            train.resolve_device("cuda")
+
+
+def test_schedule_warms_up_then_decays_to_ten_percent():
+    f = [train.lr_factor(s, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0 and f[-1] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(f[:10], f[1:10])) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert train.lr_factor(0, 1) == 1.0 and train.lr_factor(0, 3) == 1.0  # no warmup step in a 3-step run
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, GaLoreAdamW, QGaLoreAdamW8bit])
+def test_lambda_lr_drives_every_optimizer(opt_cls):
+    """GaLoreAdamW / QGaLoreAdamW8bit subclass torch.optim.Optimizer: LambdaLR sets each group's lr, which their
+    step reads (the update shrinks with the rate)."""
+    cfg = train.TrainConfig(**dict(TINY, steps=10, warmup=0.2)).resolve()
+    method = {torch.optim.AdamW: "adamw", GaLoreAdamW: "galore", QGaLoreAdamW8bit: "qgalore"}[opt_cls]
+    model = train.prepare_model(method, cfg)
+    opt = train.build_optimizer(method, model, cfg, lr=1e-2)
+    assert type(opt) is opt_cls
+    sched = train.make_scheduler(opt, cfg)
+    seen = []
+    x = torch.randint(0, 256, (2, 16))
+    for _ in range(cfg.steps):
+        seen.append([g["lr"] for g in opt.param_groups])
+        model(x, x).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    expected = [1e-2 * train.lr_factor(s, 10, 0.2, 0.1) for s in range(10)]
+    assert all(lrs == pytest.approx([e] * len(lrs)) for lrs, e in zip(seen, expected))
+
+
+def test_int8_group_sizes_fit_each_layer():
+    assert train.int8_group_size(1024) == 128 and train.int8_group_size(2736) == 16 and train.int8_group_size(704) == 64
+    model = train.prepare_model("qgalore", train.TrainConfig(dim=64, n_layers=1, hidden_dim=96))
+    from weightkit.nn import Int8Linear
+
+    groups = {n.split(".")[-1]: m.group_size for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert groups == {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64,
+                      "down_proj": 32}
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_sweep_picks_the_lowest_validation_loss():
+    cfg = train.TrainConfig(**dict(TINY, steps=6, eval_every=3, lr=None))
+    (r,) = train.compare(["galore"], cfg, isolate=False, sweep_rates={"galore": [1e-3, 3e-2]}, sweep_steps=4,
+                         progress=False)
+    assert [t["lr"] for t in r.sweep] == [1e-3, 3e-2]
+    best = min(r.sweep, key=lambda t: t["val_loss"])
+    assert best["chosen"] and r.lr == best["lr"] and r.lr_source.startswith("sweep")
+    text = train.report([r], cfg)
+    assert "| lr sweep |" in text and "chosen" in text and "galore lr" in text
+
+
+def test_compare_keeps_going_after_a_failure(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(train._CHILD_FUNCS, "run", boom)
+    (r,) = train.compare(["adamw"], train.TrainConfig(**TINY), isolate=False, keep_going=True, progress=False)
+    assert r.error == "boom" and "failed: boom" in train.report([r])
+
+
+def test_cli_train_clean_run_writes_json_and_plot(tmp_path):
+    """A clean CPU run of all three methods with every Python warning turned into an error (the spawned method
+    processes inherit -W error) and nothing on stderr but the progress bars."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "weightkit", "train", "--methods", "adamw", "--steps", "4",
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "weightkit", "train", "--device", "cpu", "--steps", "4",
                            "--batch-size", "2", "--seq-len", "32", "--dim", "32", "--layers", "1",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| adamw |" in proc.stdout
+                           "--lr", "galore=2e-2", "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    noise = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]  # tqdm
+    assert not noise, noise
+    for m in train.METHODS:
+        assert f"| {m} |" in proc.stdout
+    assert "0.03M parameters (32,864)" in proc.stdout
     files = sorted(os.listdir(tmp_path))
-    assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
-    bad = subprocess.run([sys.executable, "-m", "weightkit", "train", "--methods", "sgd"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown method 'sgd'" in bad.stderr
+    (js,) = [f for f in files if f.endswith(".json")]
+    assert any(f.endswith(".png") for f in files)
+    data = json.load(open(tmp_path / js))
+    res = {r["method"]: r for r in data["results"]}
+    assert set(res) == set(train.METHODS)
+    assert (res["adamw"]["lr"], res["galore"]["lr"], res["qgalore"]["lr"]) == (1e-3, 2e-2, 1.5e-2)
+    assert res["galore"]["lr_source"] == "--lr" and "2407.08296" in res["qgalore"]["lr_source"]
+    for r in res.values():
+        assert r["error"] is None and r["tokens_per_s"] > 0 and r["timed_from"] == 1
+        assert r["peak_memory_mb"] > 0 and r["peak_memory_kind"] == "peak RSS" and r["n_params"] == 32_864
+    assert data["config"]["model_size"] == "tiny" and data["lr_table"]["galore"]["350m"] == 1e-2
+
+
+def test_cli_train_refuses_bad_arguments(capsys):
+    from weightkit.cli import main
+
+    cases = [(["--methods", "sgd"], "unknown method 'sgd'"),
+             (["--device", "tpu"], "--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+             (["--lr", "adamw=fast"], "--lr adamw: 'fast' is not a number"),
+             (["--lr", "sgd=1e-3"], "--lr: unknown method 'sgd'"),
+             (["--lr-sweep", "galore=1e-2", "--methods", "adamw"], "not among --methods"),
+             (["--steps", "0"], "steps must be an int >= 1")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device: cuda was requested but torch"))
+    for argv, msg in cases:
+        assert main(["train", *argv]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["train", "--model-size", "7b"])
+    assert "invalid choice: '7b'" in capsys.readouterr().err

@@ -72,26 +72,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """The main job: AdamW vs GaLore vs Q-GaLore on a small LLaMA-style model over real text."""
+    """The main job: AdamW vs GaLore vs Q-GaLore on a LLaMA-style model over real text, each method at its own
+    learning rate (the papers' or a sweep's) with warmup and cosine decay; bf16 autocast on CUDA."""
     import os
 
     from weightkit import train
 
-    cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                            rank=args.rank, update_proj_gap=args.update_proj_gap, dim=args.dim,
-                            n_layers=args.layers, seed=args.seed, eval_every=max(1, args.steps // 20))
+    def refuse(message: str) -> int:
+        print(f"weightkit train: {message}", file=sys.stderr)
+        return 2
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in train.METHODS:
-            print(f"--methods: unknown method {m!r}; choose from {', '.join(train.METHODS)}", file=sys.stderr)
-            return 2
-    results = train.compare(methods, cfg)
-    print(train.report(results))
+            return refuse(f"--methods: unknown method {m!r}; choose from {', '.join(train.METHODS)}")
+    if not methods:
+        return refuse(f"--methods: none given; choose from {', '.join(train.METHODS)}")
+    try:
+        device = train.resolve_device(args.device)
+    except ValueError as exc:
+        return refuse(f"--device: {exc}")
+    try:
+        lrs, every = train.parse_lr_spec(args.lr) if args.lr is not None else ({}, None)
+        sweep = train.parse_sweep_spec(args.lr_sweep, methods) if args.lr_sweep is not None else None
+    except ValueError as exc:
+        return refuse(str(exc))
+    if args.sweep_steps is not None and args.sweep_steps < 1:
+        return refuse(f"--sweep-steps must be >= 1, got {args.sweep_steps}")
+    try:
+        cfg = train.TrainConfig(model_size=args.model_size, steps=args.steps, batch_size=args.batch_size,
+                                seq_len=args.seq_len, lr=every, lrs=lrs, warmup=args.warmup,
+                                min_lr_ratio=args.min_lr_ratio, rank=args.rank, update_proj_gap=args.update_proj_gap,
+                                dim=args.dim, n_layers=args.layers, n_heads=args.heads, hidden_dim=args.hidden,
+                                seed=args.seed, eval_every=args.eval_every or max(1, args.steps // 20),
+                                device=device).resolve()
+    except ValueError as exc:
+        return refuse(str(exc))
+    print("\n".join(train.describe(cfg)), flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"train-{time.strftime('%Y-%m-%d')}")
-    train.save(results, cfg, stem + ".json")
-    png = train.plot(results, stem + ".png")
+    stem = os.path.join(args.out_dir, f"train-{cfg.model_size}-{device.split(':')[0]}-{time.strftime('%Y-%m-%d')}")
+    # saved after every method, so that a run cut short still leaves the finished methods' results
+    results = train.compare(methods, cfg, sweep_rates=sweep, sweep_steps=args.sweep_steps, keep_going=True,
+                            on_result=lambda rs: train.save(rs, cfg, stem + ".json"))
+    print(train.report(results, cfg))
+    png = train.plot(results, stem + ".png", cfg)
     print(f"wrote {stem}.json" + (f" and {png}" if png else " (install matplotlib for the plot)"))
+    failed = [r.method for r in results if r.error is not None]
+    if failed:
+        print(f"weightkit train: {', '.join(failed)} failed (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -176,6 +205,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_sizes():
+    from weightkit.train import SIZES
+
+    return SIZES
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "info": cmd_info, "demo": cmd_demo, "train": cmd_train, "bench": cmd_bench, "compress": cmd_compress,
 }
@@ -190,16 +225,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cols", type=int, default=1024)
     demo.add_argument("--group-size", type=int, default=128)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    tr = sub.add_parser("train", help="train a small LLaMA-style model with AdamW, GaLore and Q-GaLore and compare")
+    tr = sub.add_parser("train", help="train a LLaMA-style model with AdamW, GaLore and Q-GaLore and compare",
+                        description="Train the same LLaMA-style model on real text (Python's pydoc topics, bytes) "
+                        "with AdamW, GaLore and Q-GaLore, each at its own peak learning rate with linear warmup "
+                        "and cosine decay; report loss, validation loss, tokens/s and peak memory per method.")
     tr.add_argument("--methods", default="adamw,galore,qgalore", help="comma-separated: adamw, galore, qgalore")
+    tr.add_argument("--model-size", default="tiny", choices=list(train_sizes()),
+                    help="tiny: 3.3M parameters, the CPU default; 60m/130m/350m: the GaLore paper's LLaMA shapes "
+                    "with a byte vocabulary (25.6M / 85.3M / 302.9M parameters)")
+    tr.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N; on "
+                    "cuda the forward runs under bf16 autocast with fp32 parameters")
     tr.add_argument("--steps", type=int, default=300)
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--seq-len", type=int, default=128)
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--rank", type=int, default=64)
-    tr.add_argument("--update-proj-gap", type=int, default=50)
-    tr.add_argument("--dim", type=int, default=256)
-    tr.add_argument("--layers", type=int, default=4)
+    tr.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's, "
+                    "16 for tiny and 60m, 8 for 130m and 350m)")
+    tr.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: tiny 128, 60m 256, "
+                    "130m/350m 512)")
+    tr.add_argument("--lr", default=None, help="peak learning rates per method, e.g. adamw=1e-3,galore=1e-2 (the "
+                    "others keep the defaults); a bare number sets every method. Defaults: weightkit.train.LR_TABLE "
+                    "(AdamW 1e-3; GaLore 1e-2 with scale 0.25; Q-GaLore 1.5e-2, 1e-2 at 350m)")
+    tr.add_argument("--lr-sweep", nargs="?", const="", default=None, metavar="METHOD=LR:LR:...",
+                    help="before the comparison, train each method --sweep-steps steps at several rates (default: "
+                    "its rate x 1/3, 1, 3) and keep the lowest validation loss; all are reported")
+    tr.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep run (default: max(10, steps/4))")
+    tr.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warmup")
+    tr.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of the peak")
+    tr.add_argument("--rank", type=int, default=None, help="GaLore rank (default: tiny 64, 60m 128, 130m/350m 256)")
+    tr.add_argument("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes "
+                    "(default: tiny 50, else 200)")
+    tr.add_argument("--dim", type=int, default=None, help="override the size's width")
+    tr.add_argument("--layers", type=int, default=None, help="override the size's depth")
+    tr.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
+    tr.add_argument("--hidden", type=int, default=None, help="override the SwiGLU width")
+    tr.add_argument("--eval-every", type=int, default=None, help="steps between loss readings (default: steps/20)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out-dir", default="weightkit-results")
     be = sub.add_parser("bench", help="run the kernel benchmark suites (source checkout), print a table, write JSON + PNG")

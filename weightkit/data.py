@@ -29,3 +29,17 @@ def batches(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.
         idx = starts[:, None] + torch.arange(seq_len + 1)
         chunk = data[idx]
         yield chunk[:, :-1], chunk[:, 1:]
+
+
+def windows(data: torch.Tensor, seq_len: int, max_windows: int = 0):
+    """(inputs, targets) of every non-overlapping ``seq_len`` window of ``data`` (in order; targets are the inputs
+    shifted by one token), for a deterministic evaluation over a whole split. ``max_windows`` > 0 keeps the first
+    that many."""
+    n = (len(data) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"seq_len={seq_len} is longer than the split ({len(data)} tokens)")
+    if max_windows > 0:
+        n = min(n, max_windows)
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)
+    chunk = data[idx]
+    return chunk[:, :-1], chunk[:, 1:]

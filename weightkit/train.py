@@ -1,55 +1,165 @@
-"""The main job: train a small LLaMA-style model on real text with AdamW, GaLore and Q-GaLore, and compare.
+"""The main job: train a LLaMA-style model on real text with AdamW, GaLore and Q-GaLore, and compare.
 
-Each method runs in its own process (so its peak memory is its own), on the byte-level corpus of
-:mod:`weightkit.data`, with the same seed, model and batches. Reported per method: the loss curve, the final
-validation loss, tokens/s, peak resident memory of the process, and the bytes held in optimizer state.
+Every method trains the same model (same seed, same batches) on the byte-level corpus of :mod:`weightkit.data`,
+each at its own peak learning rate (``LR_TABLE``, from the papers, or picked by a short sweep), with linear warmup
+and cosine decay. On CUDA the forward runs under bf16 autocast with float32 parameters, as a GPU user would train.
+Reported per method: the rate used and where it came from, the loss curve, the validation loss over the whole
+validation split, tokens/s (after the first steps), peak memory (``torch.cuda.max_memory_allocated`` on CUDA,
+the process's peak RSS on CPU) and the bytes held in optimizer state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
+import logging
 import math
 import multiprocessing as mp
+import platform
+import queue as queue_mod
+import re
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 METHODS = ("adamw", "galore", "qgalore")
+SIZES = ("tiny", "60m", "130m", "350m")
+
+# Peak learning rate (reached after warmup, then cosine decay) per method and model size, and its source.
+# * galore: 0.01 with scale 0.25 (the projected update is scaled by 0.25, so attention/MLP weights move at an
+#   effective 0.0025) and the subspace refreshed every 200 steps, the same for every size: GaLore, arXiv 2403.03507
+#   (pre-training setup; jiaweizzhao/GaLore scripts/benchmark_c4/llama_{60m,130m,350m}.sh: --lr 0.01
+#   --galore_scale 0.25 --update_proj_gap 200).
+# * adamw: 1e-3, the rate of the paper's full-rank AdamW baseline at these sizes (the baselines' rates were tuned).
+# * qgalore: 0.015 at 60M and 130M, 0.01 at 350M, scale 0.25, gap 200: Q-GaLore, arXiv 2407.08296
+#   (VITA-Group/Q-GaLore scripts/pretrain_c4/llama_{60m,130m,350m}.sh).
+# tiny takes the 60M rates. The schedule is the papers' too: linear warmup over the first 10% of the steps, then
+# cosine decay to 10% of the peak (GaLore's torchrun_main.py: --scheduler cosine --min_lr_ratio 0.1, warmup 10%).
+# Override per method with --lr adamw=1e-3,galore=1e-2, or let --lr-sweep pick among nearby rates.
+LR_TABLE: Dict[str, Dict[str, float]] = {
+    "adamw": {"tiny": 1e-3, "60m": 1e-3, "130m": 1e-3, "350m": 1e-3},
+    "galore": {"tiny": 1e-2, "60m": 1e-2, "130m": 1e-2, "350m": 1e-2},
+    "qgalore": {"tiny": 1.5e-2, "60m": 1.5e-2, "130m": 1.5e-2, "350m": 1e-2},
+}
+LR_SOURCES = {
+    "adamw": "GaLore paper (arXiv 2403.03507), full-rank AdamW baseline at 60M-350M",
+    "galore": "GaLore paper (arXiv 2403.03507): lr 0.01, scale 0.25, all sizes",
+    "qgalore": "Q-GaLore (arXiv 2407.08296) pretrain_c4 scripts: 0.015 at 60M/130M, 0.01 at 350M, scale 0.25",
+}
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # --lr-sweep without explicit rates: the default rate and 3x either side
+
+# Training defaults per model size: GaLore rank and refresh gap (the papers' 128 at 60M, 256 at 130M/350M, gap 200;
+# tiny keeps d/4 and a gap of 50 for short CPU runs), and the batch (sequences x tokens).
+TRAIN_PRESETS: Dict[str, Dict[str, int]] = {
+    "tiny": dict(rank=64, update_proj_gap=50, batch_size=16, seq_len=128),
+    "60m": dict(rank=128, update_proj_gap=200, batch_size=16, seq_len=256),
+    "130m": dict(rank=256, update_proj_gap=200, batch_size=8, seq_len=512),
+    "350m": dict(rank=256, update_proj_gap=200, batch_size=8, seq_len=512),
+}
 
 
 @dataclass
 class TrainConfig:
+    """What to train. Fields left None come from the ``model_size`` preset (see :meth:`resolve`)."""
+
+    model_size: str = "tiny"
     steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    lr: Optional[float] = None  # one peak rate for every method (instead of LR_TABLE)
+    lrs: Dict[str, float] = field(default_factory=dict)  # peak rate per method (over ``lr`` and LR_TABLE)
+    warmup: float = 0.1  # fraction of the steps with linear warmup
+    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak at the last step
     weight_decay: float = 0.0
-    rank: int = 64
-    update_proj_gap: int = 50
+    rank: Optional[int] = None
+    update_proj_gap: Optional[int] = None
     galore_scale: float = 0.25
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    dim: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    hidden_dim: Optional[int] = None
     seed: int = 0
     eval_every: int = 25
+    eval_windows: int = 256  # validation: up to this many non-overlapping windows of the validation split
     threads: Optional[int] = None
+    device: str = "cpu"
+
+    def model_config(self):
+        from weightkit.models.llama import preset
+
+        return preset(self.model_size, max_seq_len=self.seq_len or 256, dim=self.dim, n_layers=self.n_layers,
+                      n_heads=self.n_heads, hidden_dim=self.hidden_dim)
+
+    def resolve(self) -> "TrainConfig":
+        """A copy with every None filled from the presets, checked (ValueError names the bad field)."""
+        if self.model_size not in SIZES:
+            raise ValueError(f"unknown model size {self.model_size!r}; choose one of {', '.join(SIZES)}")
+        tp = TRAIN_PRESETS[self.model_size]
+        cfg = dataclasses.replace(self, lrs=dict(self.lrs))
+        cfg.batch_size = cfg.batch_size or tp["batch_size"]
+        cfg.seq_len = cfg.seq_len or tp["seq_len"]
+        mc = cfg.model_config()
+        cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim = mc.dim, mc.n_layers, mc.n_heads, mc.hidden_dim
+        from weightkit.models.llama import PRESETS
+
+        if cfg.rank is None:  # the preset's rank for its own width, d/4 for another width
+            cfg.rank = tp["rank"] if cfg.dim == PRESETS[cfg.model_size][0] else max(1, cfg.dim // 4)
+        cfg.update_proj_gap = cfg.update_proj_gap or tp["update_proj_gap"]
+        for name in ("steps", "batch_size", "seq_len", "rank", "update_proj_gap", "eval_every", "eval_windows"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if cfg.rank > min(cfg.dim, cfg.hidden_dim):
+            raise ValueError(f"rank={cfg.rank} is larger than the model width (dim {cfg.dim})")
+        if not 0.0 <= cfg.warmup < 1.0:
+            raise ValueError(f"warmup must be a fraction of the steps in [0, 1), got {cfg.warmup}")
+        if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+        for m, v in list(cfg.lrs.items()) + ([("every method", cfg.lr)] if cfg.lr is not None else []):
+            if m != "every method" and m not in METHODS:
+                raise ValueError(f"learning rate for unknown method {m!r}; methods are {', '.join(METHODS)}")
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"learning rate for {m} must be a finite number > 0, got {v!r}")
+        return cfg
+
+    def lr_for(self, method: str) -> Tuple[float, str]:
+        """(peak learning rate, where it comes from) for ``method``."""
+        if method in self.lrs:
+            return float(self.lrs[method]), "--lr"
+        if self.lr is not None:
+            return float(self.lr), "--lr (every method)"
+        return LR_TABLE[method][self.model_size], LR_SOURCES[method]
 
 
 @dataclass
 class RunResult:
     method: str
+    lr: float = float("nan")
+    lr_source: str = ""
     steps: List[int] = field(default_factory=list)
-    train_loss: List[float] = field(default_factory=list)
+    train_loss: List[float] = field(default_factory=list)  # mean over the steps since the previous point
     val_loss: float = float("nan")
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # all steps after the first ``timed_from`` (periodic subspace refreshes included)
+    tokens_per_s_median: float = 0.0  # median over the logging intervals (a refresh slows one interval only)
+    timed_from: int = 0
+    peak_memory_mb: float = 0.0  # MiB: max_memory_allocated on CUDA, peak RSS on CPU
+    peak_memory_kind: str = ""
     peak_rss_mb: float = 0.0
     optimizer_state_bytes: int = 0
     weight_bytes: int = 0
+    n_params: int = 0
     seconds: float = 0.0
+    device: str = ""
+    autocast: Optional[str] = None
+    sweep: List[Dict] = field(default_factory=list)  # --lr-sweep: every rate tried, with its validation loss
+    error: Optional[str] = None  # compare(keep_going=True): why this method has no result
 
 
 def tensor_bytes(obj, seen=None) -> int:
@@ -70,129 +180,469 @@ def tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
-def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig):
+# -- command-line specs ------------------------------------------------------------------------------------------
+def resolve_device(spec: str) -> str:
+    """'auto' (CUDA when torch sees a device, else CPU), 'cpu', 'cuda' or 'cuda:N'; ValueError says what is wrong."""
+    s = str(spec).strip().lower()
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if s == "cpu":
+        return s
+    m = re.fullmatch(r"cuda(?::(\d+))?", s)
+    if m is None:
+        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None else
+               f"torch was built with CUDA {torch.version.cuda}; check the driver and CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"{spec} was requested but torch {torch.__version__} sees no CUDA device ({why}); "
+                         "use --device cpu, or auto to take CUDA when present")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"{spec} was requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return s
+
+
+def _rate(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what}: the learning rate must be a finite number > 0, got {text!r}")
+    return v
+
+
+def _method_items(spec: str, flag: str):
+    seen = set()
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        method, eq, value = (s.strip() for s in item.partition("="))
+        if not eq:
+            raise ValueError(f"{flag}: {item!r} should be METHOD=VALUE (e.g. adamw=1e-3)")
+        if method not in METHODS:
+            raise ValueError(f"{flag}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method in seen:
+            raise ValueError(f"{flag}: {method} is given twice")
+        seen.add(method)
+        yield method, value
+
+
+def parse_lr_spec(spec: str) -> Tuple[Dict[str, float], Optional[float]]:
+    """``'adamw=1e-3,galore=1e-2'`` -> ({'adamw': 1e-3, 'galore': 1e-2}, None); a bare number -> ({}, rate) for
+    every method."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("--lr: empty; give METHOD=RATE pairs, e.g. adamw=1e-3,galore=1e-2")
+    if "=" not in spec and "," not in spec:
+        return {}, _rate(spec, "--lr")
+    return {m: _rate(v, f"--lr {m}") for m, v in _method_items(spec, "--lr")}, None
+
+
+def parse_sweep_spec(spec: str, methods: Sequence[str]) -> Dict[str, Optional[List[float]]]:
+    """``--lr-sweep`` value: '' sweeps every method over its default rate x SWEEP_FACTORS (None); 'adamw=3e-4:1e-3'
+    gives one method explicit rates (the others keep the default grid)."""
+    grids: Dict[str, Optional[List[float]]] = {m: None for m in methods}
+    for m, value in _method_items(spec or "", "--lr-sweep"):
+        if m not in methods:
+            raise ValueError(f"--lr-sweep: {m} is not among --methods ({', '.join(methods)})")
+        rates = [_rate(v, f"--lr-sweep {m}") for v in value.split(":") if v.strip()]
+        if not rates:
+            raise ValueError(f"--lr-sweep: no rates for {m}; write {m}=RATE:RATE:...")
+        grids[m] = sorted(set(rates))
+    return grids
+
+
+# -- schedule ----------------------------------------------------------------------------------------------------
+def lr_factor(step: int, steps: int, warmup: float = 0.1, min_ratio: float = 0.1) -> float:
+    """Multiplier of the peak rate for optimizer step ``step`` (0-based) of ``steps``: linear warmup over the first
+    ``round(warmup * steps)`` steps (the last of them at the peak), then cosine decay to ``min_ratio`` at the last
+    step. The first step trains at peak / warmup_steps, not at 0."""
+    w = int(round(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    span = steps - 1 - w
+    if span <= 0:
+        return 1.0
+    p = min(1.0, (step - w) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    # GaLoreAdamW and QGaLoreAdamW8bit subclass torch.optim.Optimizer and read group["lr"] at every step (their
+    # weight decay too), so LambdaLR drives them like AdamW.
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, steps=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio))
+
+
+# -- model and optimizer -----------------------------------------------------------------------------------------
+def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig, lr: Optional[float] = None):
     from weightkit.optim import param_groups
 
+    lr = cfg.lr_for(method)[0] if lr is None else lr
     if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     groups = param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale)
     if method == "galore":
         from weightkit.optim import GaLoreAdamW
 
-        return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     if method == "qgalore":
         from weightkit.optim import QGaLoreAdamW8bit
 
-        return QGaLoreAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
 
 
-def prepare_model(method: str, cfg: TrainConfig) -> nn.Module:
-    from weightkit.models import LlamaConfig, TinyLlama
+def int8_group_size(in_features: int, cap: int = 128) -> int:
+    """Quantization group of an Int8Linear: the largest power of two <= ``cap`` dividing ``in_features`` (groups
+    stay within a row; 350m's SwiGLU width 2736 = 16 * 171 gets 16, its 1024-wide layers 128)."""
+    g = cap
+    while in_features % g:
+        g //= 2
+    return g
 
+
+def _int8_input_autocast(module: nn.Module, args):
+    # Int8Linear computes through a custom autograd Function that autocast does not see: give it the input dtype
+    # autocast gives nn.Linear (bf16 on CUDA), so activations and what backward saves match the other methods.
+    x = args[0]
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != dtype:
+            return (x.to(dtype), *args[1:])
+    return None
+
+
+def prepare_model(method: str, cfg: TrainConfig) -> nn.Module:
+    """The model (on the CPU, seeded: the same initial weights for every method); Q-GaLore's block linears become
+    weightkit.nn.Int8Linear (INT8 weights with per-group scales, trained through QGaLoreAdamW8bit)."""
+    from weightkit.models import TinyLlama
+    from weightkit.nn.swap import DEFAULT_SKIP
+
+    cfg = cfg.resolve()
     torch.manual_seed(cfg.seed)
-    hidden = -(-8 * cfg.dim // 3 // 64) * 64  # SwiGLU width ~8/3 dim, a multiple of 64
-    model = TinyLlama(LlamaConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, hidden_dim=hidden,
-                                  max_seq_len=cfg.seq_len))
+    model = TinyLlama(cfg.model_config())
     if method == "qgalore":
         from weightkit import swap
 
-        group = min(128, math.gcd(cfg.dim, hidden))
-        report = swap(model, "int8", group_size=group)  # Q-GaLore keeps the block weights in INT8
-        if not report.replaced:
-            raise ValueError(f"no layer could be made Int8Linear with group_size={group}: {report.skipped[:3]}")
+        def block_linear(name, m):
+            return name.split(".")[-1] not in DEFAULT_SKIP
+
+        linears = [m for n, m in model.named_modules() if type(m) is nn.Linear and block_linear(n, m)]
+        replaced = 0
+        for group in sorted({int8_group_size(m.in_features) for m in linears}):
+            report = swap(model, "int8", group_size=group,
+                          filter_fn=lambda n, m, g=group: block_linear(n, m) and int8_group_size(m.in_features) == g)
+            replaced += len(report.replaced)
+        if replaced != len(linears):
+            raise ValueError(f"only {replaced} of {len(linears)} block linears could be made Int8Linear")
+        from weightkit.nn import Int8Linear
+
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.register_forward_pre_hook(_int8_input_autocast)
     return model
 
 
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: torch.Tensor, cfg: TrainConfig, batches: int = 8) -> float:
-    from weightkit.data import batches as make_batches
+def evaluate(model: nn.Module, data: torch.Tensor, cfg: TrainConfig, device=None) -> float:
+    """Mean loss over the first ``cfg.eval_windows`` non-overlapping windows of ``data`` (the whole validation split
+    at the default sizes): the same tokens for every method, no sampling noise."""
+    from weightkit.data import windows
 
+    device = torch.device(device or cfg.device)
+    x, y = windows(data, cfg.seq_len, cfg.eval_windows)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
-    gen = torch.Generator().manual_seed(1234)
-    it = make_batches(data, cfg.batch_size, cfg.seq_len, gen)
-    loss = sum(float(model(*next(it))) for _ in range(batches)) / batches
+    for i in range(0, len(x), cfg.batch_size):
+        xb, yb = _to(x[i:i + cfg.batch_size], device), _to(y[i:i + cfg.batch_size], device)
+        with _autocast(device):
+            total += model(xb, yb).double() * len(xb)
     model.train()
-    return loss
+    return float(total) / len(x)
 
 
-def run(method: str, cfg: TrainConfig, progress: bool = True) -> RunResult:
+class _DropBnbCpuProbe(logging.Filter):
+    # bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels` package (a CPU
+    # 4-bit GEMM) is missing; weightkit uses only its blockwise 8-bit quantization, so the message is noise here.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in str(record.msg)
+
+
+def _quiet_third_party() -> None:
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropBnbCpuProbe) for f in log.filters):
+        log.addFilter(_DropBnbCpuProbe())
+
+
+def timing_start(steps: int) -> int:
+    """Steps excluded from tokens/s: the first 10% (at most 10, at least 1 when there are 2+ steps): CUDA/BLAS
+    warm-up, allocator growth and the first projector SVDs."""
+    return 0 if steps < 2 else min(10, max(1, steps // 10))
+
+
+def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float] = None,
+        lr_source: Optional[str] = None) -> RunResult:
     """Train with one method in this process and measure it."""
     from tqdm import tqdm
 
     from weightkit.data import batches as make_batches
     from weightkit.data import byte_corpus
+    from weightkit.models.llama import num_parameters
 
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
+    cfg = cfg.resolve()
+    if lr is None:
+        lr, lr_source = cfg.lr_for(method)
+    _quiet_third_party()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # torch.cuda.set_device needs an index
     train, val = byte_corpus()
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = prepare_model(method, cfg)
-    opt = build_optimizer(method, model, cfg)
+    model = model.to(device)
+    opt = build_optimizer(method, model, cfg, lr)
+    sched = make_scheduler(opt, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     it = make_batches(train, cfg.batch_size, cfg.seq_len, gen)
-    result = RunResult(method)
+    tokens = cfg.batch_size * cfg.seq_len
+    result = RunResult(method, lr=lr, lr_source=lr_source or "", n_params=num_parameters(cfg.model_config()),
+                       device=torch.cuda.get_device_name(device) if cuda else
+                       f"{platform.machine()} CPU x{torch.get_num_threads()}",
+                       autocast="bfloat16" if cuda else None)
+    # The loss is summed on the device and read at the logging points only: no host sync in between (on CUDA the
+    # host queues steps ahead of the GPU). Those reads are also where the loss is checked for NaN/Inf.
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    n_sum = 0
+    skip = timing_start(cfg.steps)
+    marks: List[Tuple[int, float]] = []  # (step, time) at synchronized points from step ``skip`` on
+    _sync(device)
     start = time.perf_counter()
+    if skip == 0:
+        marks.append((0, start))
     bar = tqdm(range(1, cfg.steps + 1), desc=f"{method:>8}", disable=not progress, leave=True)
     for step in bar:
         x, y = next(it)
-        loss = model(x, y)
+        with _autocast(device):
+            loss = model(_to(x, device), _to(y, device))
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        n_sum += 1
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            mean = float(loss_sum) / n_sum  # synchronizes
+            if not math.isfinite(mean):
+                raise RuntimeError(f"{method} at lr {lr:g}: the training loss became {mean} by step {step}")
             result.steps.append(step)
-            result.train_loss.append(float(loss))
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-        if not math.isfinite(float(loss)):
-            raise RuntimeError(f"{method}: loss became {float(loss)} at step {step}")
+            result.train_loss.append(mean)
+            loss_sum.zero_()
+            n_sum = 0
+            if step > skip:
+                marks.append((step, time.perf_counter()))
+            bar.set_postfix(loss=f"{mean:.3f}")
+        if step == skip:
+            _sync(device)
+            marks.append((step, time.perf_counter()))
     result.seconds = time.perf_counter() - start
-    result.tokens_per_s = cfg.steps * cfg.batch_size * cfg.seq_len / result.seconds
-    result.val_loss = evaluate(model, val, cfg)
+    (s0, t0), (s1, t1) = marks[0], marks[-1]
+    result.timed_from = s0
+    result.tokens_per_s = (s1 - s0) * tokens / max(t1 - t0, 1e-9)
+    rates = [(b[0] - a[0]) * tokens / max(b[1] - a[1], 1e-9) for a, b in zip(marks, marks[1:])]
+    result.tokens_per_s_median = statistics.median(rates) if rates else result.tokens_per_s
+    result.val_loss = evaluate(model, val, cfg, device)
     result.optimizer_state_bytes = tensor_bytes(opt.state)
     result.weight_bytes = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if cuda:
+        result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        result.peak_memory_kind = "CUDA max_memory_allocated"
+    else:
+        result.peak_memory_mb = result.peak_rss_mb
+        result.peak_memory_kind = "peak RSS"
     return result
 
 
-def _child(method: str, cfg_dict: Dict, queue) -> None:
+def sweep(method: str, cfg: TrainConfig, rates: Sequence[float], steps: int, progress: bool = True) -> List[Dict]:
+    """Train ``method`` for ``steps`` steps (same warmup/cosine schedule, shortened) at each rate; return
+    [{'lr', 'val_loss', 'train_loss', 'error'}] (a diverging rate gets val_loss None and the error)."""
+    import gc
+
+    short = dataclasses.replace(cfg.resolve(), steps=steps, eval_every=max(1, steps // 10))
+    out = []
+    for lr in rates:
+        entry: Dict = {"lr": float(lr), "val_loss": None, "train_loss": None, "error": None}
+        try:
+            r = run(method, short, progress=progress, lr=float(lr), lr_source="sweep")
+            entry.update(val_loss=r.val_loss if math.isfinite(r.val_loss) else None, train_loss=r.train_loss[-1])
+        except (RuntimeError, FloatingPointError) as exc:
+            if "out of memory" in str(exc):
+                raise
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        out.append(entry)
+        gc.collect()
+        if torch.device(cfg.device).type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# -- several methods, each in its own process ----------------------------------------------------------------------
+_CHILD_FUNCS = {"run": run, "sweep": sweep}
+
+
+def _child(func: str, kwargs: Dict, out) -> None:
     try:
-        queue.put(("ok", asdict(run(method, TrainConfig(**cfg_dict)))))
+        kwargs = dict(kwargs, cfg=TrainConfig(**kwargs["cfg"]))
+        value = _CHILD_FUNCS[func](**kwargs)
+        out.put(("ok", asdict(value) if isinstance(value, RunResult) else value))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def compare(methods=METHODS, cfg: Optional[TrainConfig] = None, isolate: bool = True) -> List[RunResult]:
-    """Run each method (each in a fresh process when ``isolate``) and return their results."""
-    cfg = cfg or TrainConfig()
-    results = []
+def _call(func: str, isolate: bool, what: str, **kwargs):
+    """``func(**kwargs)`` here, or in a fresh spawned process when ``isolate``.
+
+    A process per method on CPU and CUDA alike: its peak RSS is its own, and on CUDA each method starts from a
+    fresh context and caching allocator (no blocks, cuBLAS workspaces or fragmentation left by the previous
+    method), so max_memory_allocated and tokens/s cannot depend on the order of the methods; a crash or OOM stays
+    in its process and is reported. The cost is a few seconds of start-up per process, outside all timings."""
+    if not isolate:
+        return _CHILD_FUNCS[func](**kwargs)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(func, dict(kwargs, cfg=asdict(kwargs["cfg"])), out))
+    proc.start()
+    while True:
+        try:
+            status, payload = out.get(timeout=1.0)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                try:
+                    status, payload = out.get(timeout=5.0)
+                    break
+                except queue_mod.Empty:
+                    raise RuntimeError(f"{what}: the process died (exit code {proc.exitcode})") from None
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{what} failed: {payload}")
+    return RunResult(**payload) if func == "run" else payload
+
+
+def compare(methods=METHODS, cfg: Optional[TrainConfig] = None, isolate: bool = True,
+            sweep_rates: Optional[Dict[str, Optional[Sequence[float]]]] = None, sweep_steps: Optional[int] = None,
+            on_result: Optional[Callable[[List[RunResult]], None]] = None, progress: bool = True,
+            keep_going: bool = False) -> List[RunResult]:
+    """Run each method (each in a fresh process when ``isolate``) and return their results.
+
+    ``sweep_rates`` ({method: rates, or None for the default rate x SWEEP_FACTORS}) first trains each listed method
+    for ``sweep_steps`` steps per rate and keeps the rate with the lowest validation loss; every rate tried is in
+    the result's ``sweep``. ``on_result(results_so_far)`` runs after each method (e.g. to save partial results).
+    With ``keep_going`` a method that fails gets a result with ``error`` set and the next method runs."""
+    cfg = (cfg or TrainConfig()).resolve()
+    results: List[RunResult] = []
     for method in methods:
-        if not isolate:
-            results.append(run(method, cfg))
-            continue
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(method, asdict(cfg), queue))
-        proc.start()
-        status, payload = queue.get()
-        proc.join()
-        if status != "ok":
-            raise RuntimeError(f"training with {method} failed: {payload}")
-        results.append(RunResult(**payload))
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
+        lr, source = cfg.lr_for(method)
+        trials: List[Dict] = []
+        try:
+            if sweep_rates is not None and method in sweep_rates:
+                rates = sweep_rates[method] or [lr * f for f in SWEEP_FACTORS]
+                steps = sweep_steps or max(10, cfg.steps // 4)
+                trials = _call("sweep", isolate, f"the {method} lr sweep", method=method, cfg=cfg, rates=list(rates),
+                               steps=steps, progress=progress)
+                ok = [t for t in trials if t["val_loss"] is not None]
+                if not ok:
+                    raise RuntimeError(f"{method}: every rate of the sweep failed: {[t['error'] for t in trials]}")
+                best = min(ok, key=lambda t: t["val_loss"])
+                lr, source = best["lr"], f"sweep: lowest validation loss of {len(trials)} rates over {steps} steps"
+                for t in trials:
+                    t["chosen"] = t is best
+            result = _call("run", isolate, f"training with {method}", method=method, cfg=cfg, progress=progress,
+                           lr=lr, lr_source=source)
+        except RuntimeError as exc:
+            if not keep_going:
+                raise
+            result = RunResult(method, lr=lr, lr_source=source, error=str(exc))
+        result.sweep = trials
+        results.append(result)
+        if on_result is not None:
+            on_result(results)
     return results
 
 
-def report(results: List[RunResult]) -> str:
-    base = next((r for r in results if r.method == "adamw"), None)
-    lines = ["| method | final train loss | val loss | tokens/s | peak RSS MB | optimizer state MB | state vs AdamW | weights MB |",
-             "|---|---|---|---|---|---|---|---|"]
+# -- output --------------------------------------------------------------------------------------------------------
+def describe(cfg: TrainConfig, results: Sequence[RunResult] = ()) -> List[str]:
+    from weightkit.models.llama import num_parameters
+
+    cfg = cfg.resolve()
+    n = num_parameters(cfg.model_config())
+    dev = f"{cfg.device} ({results[0].device})" if results and results[0].device else cfg.device
+    amp = "bf16 autocast, fp32 parameters" if torch.device(cfg.device).type == "cuda" else "fp32"
+    w = int(round(cfg.warmup * cfg.steps))
+    return [f"model {cfg.model_size}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, SwiGLU "
+            f"{cfg.hidden_dim}, {n / 1e6:.2f}M parameters ({n:,}); {dev}, {amp}",
+            f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens; each method's peak lr with {w} warmup "
+            f"steps, then cosine decay to {cfg.min_lr_ratio:g}x; GaLore/Q-GaLore rank {cfg.rank}, refresh gap "
+            f"{cfg.update_proj_gap}, scale {cfg.galore_scale:g}; tokens/s from step {timing_start(cfg.steps)} on"]
+
+
+def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
+    done = [r for r in results if r.error is None]
+    base = next((r for r in done if r.method == "adamw"), None)
+    kind = done[0].peak_memory_kind if done else ""
+    lines = describe(cfg, done) + [""] if cfg is not None else []
+    lines += [f"| method | peak lr | final train loss | val loss | tokens/s (median interval) | peak memory MiB "
+              f"({kind}) | optimizer state MB | state vs AdamW | weights MB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r.error is not None:
+            lines.append(f"| {r.method} | {r.lr:.3g} | failed: {r.error[-300:]} |||||||")
+            continue
         ratio = f"{r.optimizer_state_bytes / base.optimizer_state_bytes:.1%}" if base and base.optimizer_state_bytes else "-"
-        lines.append(f"| {r.method} | {r.train_loss[-1]:.3f} | {r.val_loss:.3f} | {r.tokens_per_s:,.0f} | {r.peak_rss_mb:,.0f} | "
-                     f"{r.optimizer_state_bytes / 1e6:.2f} | {ratio} | {r.weight_bytes / 1e6:.2f} |")
+        lines.append(f"| {r.method} | {r.lr:.3g} | {r.train_loss[-1]:.3f} | {r.val_loss:.3f} | {r.tokens_per_s:,.0f} "
+                     f"({r.tokens_per_s_median:,.0f}) | {r.peak_memory_mb:,.0f} | {r.optimizer_state_bytes / 1e6:.2f} | "
+                     f"{ratio} | {r.weight_bytes / 1e6:.2f} |")
+    lines.append("")
+    lines += [f"{r.method} lr {r.lr:.3g}: {r.lr_source}" for r in results]
+    swept = [r for r in results if r.sweep]
+    if swept:
+        lines += ["", "| lr sweep | rate | val loss | |", "|---|---|---|---|"]
+        for r in swept:
+            for t in r.sweep:
+                val = f"{t['val_loss']:.3f}" if t["val_loss"] is not None else f"failed ({t['error'][:80]})"
+                lines.append(f"| {r.method} | {t['lr']:.3g} | {val} | {'chosen' if t.get('chosen') else ''} |")
     return "\n".join(lines)
 
 
-def plot(results: List[RunResult], path: str) -> Optional[str]:
+def plot(results: List[RunResult], path: str, cfg: Optional[TrainConfig] = None) -> Optional[str]:
     try:
         import matplotlib
 
@@ -201,11 +651,12 @@ def plot(results: List[RunResult], path: str) -> Optional[str]:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ax.plot(r.steps, r.train_loss, label=f"{r.method} (val {r.val_loss:.3f})")
+    for r in (r for r in results if r.error is None):
+        ax.plot(r.steps, r.train_loss, label=f"{r.method}, lr {r.lr:.3g} (val {r.val_loss:.3f})")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/byte)")
-    ax.set_title("TinyLlama on pydoc topics: AdamW vs GaLore vs Q-GaLore")
+    size = f"LLaMA {cfg.resolve().model_size}" if cfg is not None else "TinyLlama"
+    ax.set_title(f"{size} on pydoc topics: AdamW vs GaLore vs Q-GaLore")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -215,10 +666,12 @@ def plot(results: List[RunResult], path: str) -> Optional[str]:
 
 
 def save(results: List[RunResult], cfg: TrainConfig, path: str) -> None:
-    import platform
-
-    payload = {"config": asdict(cfg), "results": [asdict(r) for r in results],
-               "torch": torch.__version__, "device": f"{platform.machine()} CPU x{torch.get_num_threads()}",
+    cfg = cfg.resolve()
+    payload = {"config": asdict(cfg), "model": describe(cfg, results), "results": [asdict(r) for r in results],
+               "lr_table": LR_TABLE, "lr_sources": LR_SOURCES,
+               "schedule": f"linear warmup over round({cfg.warmup:g} * steps) steps, then cosine decay to "
+                           f"{cfg.min_lr_ratio:g} x peak at the last step",
+               "torch": torch.__version__, "device": next((r.device for r in results if r.device), cfg.device),
                "date": time.strftime("%Y-%m-%d")}
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)

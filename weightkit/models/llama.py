@@ -1,5 +1,11 @@
 """A small LLaMA-style decoder (RMSNorm, rotary attention, SwiGLU MLP) built from nn.Linear layers, so that
-weightkit.swap and weightkit.optim.param_groups see the same module structure as a real LLaMA."""
+weightkit.swap and weightkit.optim.param_groups see the same module structure as a real LLaMA.
+
+``PRESETS`` names the shapes used by ``python -m weightkit train --model-size``: ``tiny`` (the CPU default) and the
+LLaMA configs of the GaLore paper (arXiv 2403.03507; ``configs/llama_{60m,130m,350m}.json`` of its repository:
+hidden size, SwiGLU intermediate size, heads, layers). The paper's names count a 32000-token vocabulary (embedding
+and untied head); the vocabulary here is 256 bytes, so the models are smaller: see :func:`num_parameters`
+(tiny: 3.3M, 60m: 25.6M, 130m: 85.3M, 350m: 302.9M parameters)."""
 
 from __future__ import annotations
 
@@ -20,6 +26,45 @@ class LlamaConfig:
     hidden_dim: int = 688  # ~ 8/3 * dim, SwiGLU
     max_seq_len: int = 256
     norm_eps: float = 1e-5
+
+
+def swiglu_hidden(dim: int) -> int:
+    """SwiGLU width ~ 8/3 * dim rounded up to a multiple of 64 (the width used when only ``dim`` is given)."""
+    return -(-8 * dim // 3 // 64) * 64
+
+
+# name: (dim, n_layers, n_heads, hidden_dim)
+PRESETS = {
+    "tiny": (256, 4, 4, swiglu_hidden(256)),  # the CPU default of weightkit train (3.3M parameters)
+    "60m": (512, 8, 8, 1376),  # GaLore configs/llama_60m.json
+    "130m": (768, 12, 12, 2048),  # GaLore configs/llama_130m.json
+    "350m": (1024, 24, 16, 2736),  # GaLore configs/llama_350m.json
+}
+
+
+def preset(name: str, max_seq_len: int = 256, **overrides) -> LlamaConfig:
+    """The LlamaConfig of a named preset; ``overrides`` replace fields (e.g. ``dim``, ``n_layers``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(PRESETS)}")
+    dim, n_layers, n_heads, hidden = PRESETS[name]
+    fields = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden, max_seq_len=max_seq_len)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if fields["dim"] != dim and overrides.get("hidden_dim") is None:
+        fields["hidden_dim"] = swiglu_hidden(fields["dim"])  # a new width: the SwiGLU rule, not the preset's
+    for key in ("dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
+        if isinstance(fields[key], bool) or not isinstance(fields[key], int) or fields[key] < 1:
+            raise ValueError(f"{key} must be an int >= 1, got {fields[key]!r}")
+    if fields["dim"] % fields["n_heads"] or (fields["dim"] // fields["n_heads"]) % 2:
+        raise ValueError(f"dim={fields['dim']} must split into n_heads={fields['n_heads']} heads of even size "
+                         "(rotary embedding)")
+    return LlamaConfig(**fields)
+
+
+def num_parameters(cfg: LlamaConfig) -> int:
+    """Parameters of ``TinyLlama(cfg)``: embedding and head (untied), per block 4 dim^2 attention + 3 dim*hidden
+    SwiGLU + two norms, and the final norm."""
+    block = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    return 2 * cfg.vocab_size * cfg.dim + cfg.n_layers * block + cfg.dim
 
 
 class RMSNorm(nn.Module):
