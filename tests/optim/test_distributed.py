@@ -1,6 +1,7 @@
 """GaLore / Q-GaLore under torch.distributed on CPU (gloo, 2 processes): DDP equals the single-process run on the
 full batch, replicas agree, layer-wise GaLore through the DDP communication hook, FSDP2 (DTensor) parameters,
-checkpoint resume under distributed."""
+checkpoint resume under distributed. The distributed tests stay on the CPU (gloo); the single-process checks of the
+layer-wise options run on every device."""
 
 import os
 import tempfile
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.conftest import DEVICES
 from weightkit.optim import GaLoreAdamW, LayerwiseGaLore, QGaLoreAdamW8bit
 from weightkit.optim.distributed import (ShardedGaLoreAdamW, all_reduce_float_grads, broadcast_projectors,
                                          check_replicas_agree, ddp_layerwise_comm_hook)
@@ -33,9 +35,9 @@ def make_model(int8=False):
     return model
 
 
-def batch(step, rank=None):
+def batch(step, rank=None, device="cpu"):
     g = torch.Generator().manual_seed(100 + step)
-    x, y = torch.randn(BATCH, 16, generator=g), torch.randn(BATCH, 9, generator=g)
+    x, y = torch.randn(BATCH, 16, generator=g).to(device), torch.randn(BATCH, 9, generator=g).to(device)
     if rank is None:
         return x, y
     per = BATCH // WORLD
@@ -51,9 +53,9 @@ def make_groups(model, randomized=True):
     return [dict(params=[w0, w1], **cfg), dict(params=[w2], **last), dict(params=biases)]
 
 
-def train(model, opt, steps, rank=None, start=0, after_backward=None):
+def train(model, opt, steps, rank=None, start=0, after_backward=None, device="cpu"):
     for step in range(start, steps):
-        x, y = batch(step, rank)
+        x, y = batch(step, rank, device)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         if after_backward is not None:
@@ -306,13 +308,14 @@ def test_fsdp2_sharded_galore_matches_single_process(tmp_path):
 
 
 # -- single-process checks of the layer-wise options --------------------------------------------------------------------
-def test_layerwise_step_param_equals_hooks():
-    a, b = make_model(), make_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_layerwise_step_param_equals_hooks(device):
+    a, b = make_model().to(device), make_model().to(device)
     hooked = LayerwiseGaLore(make_groups(a, randomized=False), lr=LR)
     manual = LayerwiseGaLore(make_groups(b, randomized=False), lr=LR, hooks=False)
-    train(a, hooked, 3)
+    train(a, hooked, 3, device=device)
     for step in range(3):
-        x, y = batch(step)
+        x, y = batch(step, device=device)
         nn.functional.mse_loss(b(x), y).backward()
         for p in b.parameters():
             manual.step_param(p)
@@ -320,11 +323,12 @@ def test_layerwise_step_param_equals_hooks():
     assert_weights_equal(weights(b), weights(a))
     assert all(p.grad is None for p in b.parameters())
     with pytest.raises(KeyError):
-        manual.step_param(nn.Parameter(torch.zeros(2)))
+        manual.step_param(nn.Parameter(torch.zeros(2, device=device)))
 
 
-def test_comm_hook_needs_hooks_off():
-    model = make_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_comm_hook_needs_hooks_off(device):
+    model = make_model().to(device)
     with pytest.raises(ValueError, match="hooks=False"):
         ddp_layerwise_comm_hook(LayerwiseGaLore(make_groups(model), lr=LR))
     with pytest.raises(ValueError, match="no_sync"):

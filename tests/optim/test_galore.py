@@ -1,4 +1,5 @@
-"""GaLoreAdamW: same updates as galore-torch, resume bit-identical, 8-bit and layer-wise modes, bad input."""
+"""GaLoreAdamW: same updates as galore-torch, resume bit-identical, 8-bit and layer-wise modes, bad input, on every
+device (CPU and, when present, CUDA). galore-torch and bitsandbytes are needed only by the tests that use them."""
 
 import copy
 import warnings
@@ -6,18 +7,18 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import usable_backends
+from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import galore as galore_ops
 from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
 from weightkit.optim.projector import compute_basis, projection_side, subspace_similarity
 
-galore_torch = pytest.importorskip("galore_torch")
 
-
-def params(shape, seed=0):
+def params(shape, seed=0, device="cpu"):
+    """A weight and a bias drawn on the CPU (the same values on every device for a seed), then moved."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(*shape, generator=g)), torch.nn.Parameter(torch.randn(shape[0], generator=g))]
+    w, b = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
+    return [torch.nn.Parameter(w.to(device)), torch.nn.Parameter(b.to(device))]
 
 
 def groups(ps, **galore):
@@ -27,19 +28,42 @@ def groups(ps, **galore):
 def set_grads(ps, seed):
     g = torch.Generator().manual_seed(1000 + seed)
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def needs_bnb(cls):
+    """GaLoreAdamW8bit quantizes moments with bitsandbytes (those of at least min_8bit_size elements)."""
+    if cls is GaLoreAdamW8bit:
+        pytest.importorskip("bitsandbytes")
+
+
+def on_cpu(sd):
+    """An optimizer state_dict as ``torch.load(..., map_location='cpu')`` of a checkpoint gives it back (copies)."""
+    return {"state": {i: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                      for i, st in sd["state"].items()},
+            "param_groups": copy.deepcopy(sd["param_groups"])}
+
+
+def close(device, rtol, atol):
+    """CPU tolerances as they always were; a GPU sums in other orders: a few times looser."""
+    return dict(rtol=rtol, atol=atol) if device == "cpu" else dict(rtol=4 * rtol, atol=4 * atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])  # native: the compiled kernel of the device
 @pytest.mark.parametrize("shape,proj_type", [((64, 48), "std"), ((40, 72), "std"), ((64, 48), "left"),
                                              ((40, 72), "right"), ((64, 48), "reverse_std"), ((32, 48), "full")])
-def test_matches_galore_torch(backend, shape, proj_type):
-    if backend not in usable_backends(galore_ops._GALORE, "cpu"):
-        pytest.fail(f"backend {backend} must be usable on CPU in the test environment")
-    if backend == "triton" and proj_type != "std":
+def test_matches_galore_torch(backend, shape, proj_type, device):
+    galore_torch = pytest.importorskip("galore_torch")
+    backend = device if backend == "native" else backend
+    if backend not in usable_backends(galore_ops._GALORE, device):
+        if device == "cpu" and not torch.cuda.is_available():  # the CPU test environment runs all three
+            pytest.fail(f"backend {backend} must be usable on CPU in the test environment")
+        pytest.skip(f"backend {backend} cannot run on {device} here (triton runs CPU tensors only interpreted)")
+    if backend == "triton" and proj_type != "std" and device == "cpu":
         pytest.skip("interpreter is slow; one projection type is enough for the triton path")
     cfg = dict(rank=8, update_proj_gap=5, scale=0.25, proj_type=proj_type)
-    a, b = params(shape), params(shape)
+    a, b = params(shape, device=device), params(shape, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = galore_torch.GaLoreAdamW(groups(a, **cfg), lr=1e-2, weight_decay=0.1)
@@ -51,11 +75,12 @@ def test_matches_galore_torch(backend, shape, proj_type):
             ref.step()
             ours.step()
     for x, y in zip(a, b):
-        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(y.detach(), x.detach(), **close(device, rtol=1e-4, atol=5e-5))
 
 
-def test_projector_refresh_schedule():
-    (w, bias) = params((32, 24))
+@pytest.mark.parametrize("device", DEVICES)
+def test_projector_refresh_schedule(device):
+    (w, bias) = params((32, 24), device=device)
     opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 3}], lr=1e-3)
     seen = []
     for step in range(7):
@@ -64,12 +89,14 @@ def test_projector_refresh_schedule():
         seen.append(opt.state[w]["ortho"].clone())
     changed = [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)]
     assert changed == [False, False, True, False, False, True]  # refreshed before steps 3 and 6
+    assert all(t.device == w.device for t in opt.state[w].values() if isinstance(t, torch.Tensor))
 
 
-def test_randomized_svd_finds_the_subspace():
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_finds_the_subspace(device):
     g = torch.Generator().manual_seed(0)
     low = torch.randn(256, 16, generator=g) @ torch.randn(16, 192, generator=g)
-    noisy = low + 1e-3 * torch.randn(256, 192, generator=g)
+    noisy = (low + 1e-3 * torch.randn(256, 192, generator=g)).to(device)
     for side in ("left", "right"):
         exact, _ = compute_basis(noisy, 16, side, "exact")
         approx, _ = compute_basis(noisy, 16, side, "randomized", seed=3)
@@ -82,12 +109,13 @@ def test_randomized_svd_finds_the_subspace():
         assert subspace_similarity(exact, exact, side) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_randomized_svd_optimizer_is_deterministic_and_tracks_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_optimizer_is_deterministic_and_tracks_exact(device):
     torch.manual_seed(0)
-    target = torch.randn(48, 32)
+    target = torch.randn(48, 32).to(device)
     final = {}
     for svd in ("randomized", "randomized", "exact"):
-        w = torch.nn.Parameter(torch.zeros(48, 32))
+        w = torch.nn.Parameter(torch.zeros(48, 32, device=device))
         opt = GaLoreAdamW([{"params": [w], "rank": 8, "update_proj_gap": 5, "svd": svd, "scale": 1.0}], lr=5e-2)
         for _ in range(100):
             opt.zero_grad()
@@ -101,19 +129,34 @@ def test_randomized_svd_optimizer_is_deterministic_and_tracks_exact():
     assert abs(err["randomized"] - err["exact"]) < 0.05, err
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
-def test_resume_is_bit_identical(cls):
+def test_resume_is_bit_identical(cls, device):
+    """Resumed from a checkpoint read on the CPU (map_location='cpu'): the state goes back to the parameters'
+    device with its own dtypes (float32 moments, uint8 codes), shapes stay on the CPU, and the run continues
+    bit for bit."""
+    needs_bnb(cls)
+    kw = {"min_8bit_size": 1} if cls is GaLoreAdamW8bit else {}
     cfg = dict(rank=8, update_proj_gap=4, scale=0.25)
-    a = params((64, 64))
-    opt_a = cls(groups(a, **cfg), lr=1e-2, weight_decay=0.01)
+    a = params((64, 64), device=device)
+    opt_a = cls(groups(a, **cfg), lr=1e-2, weight_decay=0.01, **kw)
     for step in range(6):
         set_grads(a, step)
         opt_a.step()
     saved_params = [p.detach().clone() for p in a]
-    saved_state = copy.deepcopy(opt_a.state_dict())  # as a checkpoint would (state_dict() shares tensors)
+    saved_state = on_cpu(opt_a.state_dict())  # copies, as a checkpoint would (state_dict() shares tensors)
     b = [torch.nn.Parameter(t.clone()) for t in saved_params]
-    opt_b = cls(groups(b, **cfg), lr=1e-2, weight_decay=0.01)
+    opt_b = cls(groups(b, **cfg), lr=1e-2, weight_decay=0.01, **kw)
     opt_b.load_state_dict(saved_state)
+    for p_a, p_b in zip(a, b):
+        for k, v in opt_a.state[p_a].items():
+            got = opt_b.state[p_b][k]
+            if isinstance(v, torch.Tensor):
+                assert got.dtype == v.dtype and got.device == v.device and torch.equal(got, v), k
+            else:
+                assert got == v and type(got) is type(v), k
+    if cls is GaLoreAdamW8bit:
+        assert opt_b.state[b[0]]["moment_shape"].device.type == "cpu"  # read every step: no sync
     for step in range(6, 11):  # crosses a projector refresh (step 8)
         set_grads(a, step)
         set_grads(b, step)
@@ -123,9 +166,35 @@ def test_resume_is_bit_identical(cls):
         assert torch.equal(x, y)
 
 
-def test_8bit_tracks_fp32_and_uses_less_state():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_weights_keep_float32_state_through_a_checkpoint(device):
+    """torch's Optimizer.load_state_dict casts floating state to the parameter's dtype; GaLore's moments and bases
+    must stay float32 for a bfloat16 weight (the update kernel takes float32 moments)."""
+    cfg = dict(rank=8, update_proj_gap=3, scale=0.25)
+    a = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in params((48, 32), device=device)]
+    opt_a = GaLoreAdamW(groups(a, **cfg), lr=1e-2)
+    for step in range(2):
+        set_grads(a, step)
+        opt_a.step()
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = GaLoreAdamW(groups(b, **cfg), lr=1e-2)
+    opt_b.load_state_dict(on_cpu(opt_a.state_dict()))
+    for k in ("exp_avg", "exp_avg_sq", "ortho"):
+        assert opt_b.state[b[0]][k].dtype == torch.float32 and opt_b.state[b[0]][k].device == b[0].device, k
+    for step in range(2, 5):  # crosses the refresh at step 3
+        set_grads(a, step)
+        set_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_8bit_tracks_fp32_and_uses_less_state(device):
+    pytest.importorskip("bitsandbytes")
     cfg = dict(rank=16, update_proj_gap=50, scale=0.25)
-    a, b = params((128, 128)), params((128, 128))
+    a, b = params((128, 128), device=device), params((128, 128), device=device)
     fp32 = GaLoreAdamW(groups(a, **cfg), lr=1e-3)
     q8 = GaLoreAdamW8bit(groups(b, **cfg), lr=1e-3, min_8bit_size=1)
     for step in range(20):
@@ -133,8 +202,8 @@ def test_8bit_tracks_fp32_and_uses_less_state():
         set_grads(b, step)
         fp32.step()
         q8.step()
-    moved_fp32 = (a[0] - params((128, 128))[0]).detach()
-    moved_q8 = (b[0] - params((128, 128))[0]).detach()
+    moved_fp32 = (a[0] - params((128, 128), device=device)[0]).detach()
+    moved_q8 = (b[0] - params((128, 128), device=device)[0]).detach()
     rel = float((moved_q8 - moved_fp32).norm() / moved_fp32.norm())
     assert rel < 0.05, rel
 
@@ -144,11 +213,12 @@ def test_8bit_tracks_fp32_and_uses_less_state():
     assert state_bytes(q8, b[0]) < 0.6 * state_bytes(fp32, a[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("accumulation_steps", [1, 2])
-def test_layerwise_matches_global_step(accumulation_steps):
+def test_layerwise_matches_global_step(accumulation_steps, device):
     torch.manual_seed(0)
-    model_a = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
-    model_b = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
+    model_a = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16)).to(device)
+    model_b = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16)).to(device)
     model_b.load_state_dict(model_a.state_dict())
     cfg = dict(rank=8, update_proj_gap=3, scale=0.5)
 
@@ -162,7 +232,7 @@ def test_layerwise_matches_global_step(accumulation_steps):
     g = torch.Generator().manual_seed(5)
     for step in range(4):
         for micro in range(accumulation_steps):
-            x = torch.randn(8, 32, generator=g)
+            x = torch.randn(8, 32, generator=g).to(device)
             model_a(x).pow(2).mean().backward()
             model_b(x).pow(2).mean().backward()
             if micro < accumulation_steps - 1:
@@ -174,7 +244,7 @@ def test_layerwise_matches_global_step(accumulation_steps):
         layerwise.zero_grad()
         assert all(p.grad is None for p in model_b.parameters())  # freed inside backward
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa, pb, **close(device, rtol=1e-5, atol=1e-6))
     with pytest.raises(RuntimeError, match="do not call step"):
         layerwise.step()
     state = layerwise.state_dict()
@@ -184,14 +254,16 @@ def test_layerwise_matches_global_step(accumulation_steps):
     layerwise.remove()
 
 
-def test_rank_larger_than_matrix():
-    w = torch.nn.Parameter(torch.randn(16, 8))
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_larger_than_matrix(device):
+    w = torch.nn.Parameter(torch.randn(16, 8, device=device))
     with pytest.raises(ValueError, match=r"rank=9 is larger than min\(m, n\)=8"):
         GaLoreAdamW([{"params": [w], "rank": 9}])
 
 
-def test_unknown_group_key_and_bad_options():
-    w = torch.nn.Parameter(torch.randn(16, 8))
+@pytest.mark.parametrize("device", DEVICES)
+def test_unknown_group_key_and_bad_options(device):
+    w = torch.nn.Parameter(torch.randn(16, 8, device=device))
     with pytest.raises(ValueError, match=r"unknown param group key\(s\) \['ranks'\]"):
         GaLoreAdamW([{"params": [w], "ranks": 4}])
     with pytest.raises(ValueError, match="proj_type='diagonal'"):
@@ -204,8 +276,9 @@ def test_unknown_group_key_and_bad_options():
         GaLoreAdamW([w], nonfinite="ignore")
 
 
-def test_non_finite_gradient_raises_without_changing_state():
-    ps = params((32, 16))
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_gradient_raises_without_changing_state(device):
+    ps = params((32, 16), device=device)
     opt = GaLoreAdamW(groups(ps, rank=4), lr=1e-2)
     set_grads(ps, 0)
     opt.step()
@@ -223,10 +296,11 @@ def test_non_finite_gradient_raises_without_changing_state():
     assert skip.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(before, ps))
 
 
-def test_sparse_gradient_is_rejected():
-    emb = torch.nn.Embedding(10, 4, sparse=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_gradient_is_rejected(device):
+    emb = torch.nn.Embedding(10, 4, sparse=True, device=device)
     opt = GaLoreAdamW([{"params": emb.parameters()}])
-    emb(torch.tensor([1, 2])).sum().backward()
+    emb(torch.tensor([1, 2], device=device)).sum().backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
 
@@ -238,15 +312,16 @@ def test_projection_side_rule():
         projection_side((4, 4), "x")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
-def test_bad_value_anywhere_in_a_projected_gradient_is_caught(value, refresh, proj_type):
+def test_bad_value_anywhere_in_a_projected_gradient_is_caught(value, refresh, proj_type, device):
     """The check runs on R = P^T G (or G P^T): a NaN/Inf at any position of G must still be found, on steps that
     refresh the basis (checked on G before the SVD) and on steps that do not."""
     gen = torch.Generator().manual_seed(7)
     for trial in range(6):
-        ps = params((24, 40), seed=trial)
+        ps = params((24, 40), seed=trial, device=device)
         opt = GaLoreAdamW(groups(ps, rank=5, update_proj_gap=2 if refresh else 100, proj_type=proj_type), lr=1e-2)
         set_grads(ps, 0)
         opt.step()
@@ -265,22 +340,24 @@ def test_bad_value_anywhere_in_a_projected_gradient_is_caught(value, refresh, pr
             assert torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k], k
 
 
-def test_finite_flags_fast_path_and_overflow():
+@pytest.mark.parametrize("device", DEVICES)
+def test_finite_flags_fast_path_and_overflow(device):
     from weightkit.ops._checks import finite_flags
 
-    big = torch.full((1000,), 3e38)  # finite values whose sum overflows: confirmed element-wise, not flagged
-    nan = torch.randn(50)
+    big = torch.full((1000,), 3e38, device=device)  # finite values whose sum overflows: confirmed element-wise
+    nan = torch.randn(50, device=device)
     nan[17] = float("nan")
-    assert finite_flags([torch.randn(8, 8), big, torch.empty(0)]) == [True, True, True]
-    assert finite_flags([torch.randn(8), nan, big.to(torch.float16)]) == [True, False, False]  # 3e38 is inf in fp16
+    assert finite_flags([torch.randn(8, 8, device=device), big, torch.empty(0, device=device)]) == [True, True, True]
+    assert finite_flags([torch.randn(8, device=device), nan, big.to(torch.float16)]) == [True, False, False]  # fp16 inf
     assert finite_flags([]) == []
 
 
-def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32(device):
     """proj_dtype='bfloat16' stores the basis in half the bytes: at rank d/4 the state is 31.25% of AdamW's."""
     d = 128
     cfg = dict(rank=d // 4, update_proj_gap=5, scale=0.25)
-    a, b = params((d, d)), params((d, d))
+    a, b = params((d, d), device=device), params((d, d), device=device)
     fp32 = GaLoreAdamW(groups(a, **cfg), lr=1e-3)
     bf16 = GaLoreAdamW(groups(b, **cfg, proj_dtype="bfloat16"), lr=1e-3)
     for step in range(12):
@@ -291,12 +368,14 @@ def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32():
     assert bf16.state[b[0]]["ortho"].dtype == torch.bfloat16
     state = sum(t.numel() * t.element_size() for t in bf16.state[b[0]].values() if isinstance(t, torch.Tensor))
     assert state / (2 * d * d * 4) <= 0.35
-    moved = (a[0] - params((d, d))[0]).detach()
+    moved = (a[0] - params((d, d), device=device)[0]).detach()
     rel = float(((b[0] - a[0]).detach()).norm() / moved.norm())
     assert rel < 0.02, rel
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in b]
     opt_c = GaLoreAdamW(groups(resumed, **cfg, proj_dtype="bfloat16"), lr=1e-3)
-    opt_c.load_state_dict(copy.deepcopy(bf16.state_dict()))
+    opt_c.load_state_dict(on_cpu(bf16.state_dict()))
+    assert opt_c.state[resumed[0]]["ortho"].dtype == torch.bfloat16  # not cast to the float32 weight's dtype
+    assert opt_c.state[resumed[0]]["ortho"].device == resumed[0].device
     for step in range(12, 16):
         set_grads(b, step)
         set_grads(resumed, step)
@@ -304,11 +383,11 @@ def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32():
         opt_c.step()
     assert all(torch.equal(x, y) for x, y in zip(b, resumed))
     with pytest.raises(ValueError, match="proj_dtype="):
-        GaLoreAdamW(groups(params((8, 8)), rank=2, proj_dtype="int8"))
+        GaLoreAdamW(groups(params((8, 8), device=device), rank=2, proj_dtype="int8"))
 
 
-def _trained(cls, **kw):
-    ps = params((32, 24))
+def _trained(cls, device="cpu", **kw):
+    ps = params((32, 24), device=device)
     opt = cls(groups(ps, rank=4, update_proj_gap=3), lr=1e-2, **kw)
     for step in range(4):
         set_grads(ps, step)
@@ -316,6 +395,7 @@ def _trained(cls, **kw):
     return ps, opt
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
 @pytest.mark.parametrize("corrupt,match", [
     (lambda sd: sd["state"][0].pop("ortho"), "no projection basis"),
@@ -329,8 +409,9 @@ def _trained(cls, **kw):
     (lambda sd: sd["param_groups"].pop(), "param groups"),
     (lambda sd: sd.pop("state"), "must be a dict with 'state'"),
 ])
-def test_mismatched_or_corrupt_checkpoint_raises_and_loads_nothing(cls, corrupt, match):
-    ps, opt = _trained(cls, **({"min_8bit_size": 1} if cls is GaLoreAdamW8bit else {}))
+def test_mismatched_or_corrupt_checkpoint_raises_and_loads_nothing(cls, corrupt, match, device):
+    needs_bnb(cls)
+    ps, opt = _trained(cls, device, **({"min_8bit_size": 1} if cls is GaLoreAdamW8bit else {}))
     good = copy.deepcopy(opt.state_dict())
     before = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(good)
@@ -344,8 +425,10 @@ def test_mismatched_or_corrupt_checkpoint_raises_and_loads_nothing(cls, corrupt,
     opt.load_state_dict(good)  # the intact checkpoint still loads
 
 
-def test_8bit_truncated_quantized_moment_raises():
-    ps, opt = _trained(GaLoreAdamW8bit, min_8bit_size=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_8bit_truncated_quantized_moment_raises(device):
+    pytest.importorskip("bitsandbytes")
+    ps, opt = _trained(GaLoreAdamW8bit, device, min_8bit_size=1)
     bad = copy.deepcopy(opt.state_dict())
     bad["state"][0]["exp_avg_absmax"] = bad["state"][0]["exp_avg_absmax"][:-1]
     with pytest.raises(ValueError, match="exp_avg_absmax must hold"):

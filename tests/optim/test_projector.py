@@ -1,80 +1,98 @@
-"""GaLoreProjector: galore-torch's projection and refresh rule, randomized SVD vs exact, checkpoints, bad input."""
+"""GaLoreProjector: galore-torch's projection and refresh rule, randomized SVD vs exact, checkpoints, bad input, on
+every device (CPU and, when present, CUDA)."""
 
 import copy
 
 import pytest
 import torch
 
+from tests.conftest import DEVICES
 from weightkit.optim import GaLoreProjector
 from weightkit.optim.projector import basis_seed, compute_basis, projection_side, randomized_svd, subspace_overlap
 
-galore_projector = pytest.importorskip("galore_torch.galore_projector")
+
+def tol(device):
+    """float32 against float32 computed otherwise: CPU as it always was, a few times looser on a GPU."""
+    return dict(rtol=1e-4, atol=1e-4) if device == "cpu" else dict(rtol=4e-4, atol=4e-4)
 
 
-def grads(shape, steps, seed=0):
+def grads(shape, steps, seed=0, device="cpu"):
+    """Drawn on the CPU (the same gradients on every device for a seed), then moved."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for _ in range(steps)]
+    return [torch.randn(shape, generator=g).to(device) for _ in range(steps)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 @pytest.mark.parametrize("shape", [(48, 32), (24, 40)])
-def test_matches_galore_torch_projector(proj_type, shape):
+def test_matches_galore_torch_projector(proj_type, shape, device):
+    galore_projector = pytest.importorskip("galore_torch.galore_projector")
     ours = GaLoreProjector(rank=6, update_proj_gap=3, scale=0.5, proj_type=proj_type)
     ref = galore_projector.GaLoreProjector(rank=6, update_proj_gap=3, scale=0.5, proj_type=proj_type)
-    for step, g in enumerate(grads(shape, 7)):  # refreshes at steps 0, 3, 6
+    for step, g in enumerate(grads(shape, 7, device=device)):  # refreshes at steps 0, 3, 6
         low = ours.project(g, step)
         low_ref = ref.project(g, step)
-        torch.testing.assert_close(low, low_ref, rtol=1e-4, atol=1e-4)
-        update = torch.randn(low.shape)
-        torch.testing.assert_close(ours.project_back(update), ref.project_back(update), rtol=1e-4, atol=1e-4)
+        assert low.device == g.device
+        torch.testing.assert_close(low, low_ref, **tol(device))
+        update = torch.randn(low.shape, device=device)
+        torch.testing.assert_close(ours.project_back(update), ref.project_back(update), **tol(device))
 
 
-def test_refresh_schedule_and_side():
+@pytest.mark.parametrize("device", DEVICES)
+def test_refresh_schedule_and_side(device):
     proj = GaLoreProjector(rank=4, update_proj_gap=3)
     seen = []
-    for step, g in enumerate(grads((32, 24), 7)):
+    for step, g in enumerate(grads((32, 24), 7, device=device)):
         proj.project(g, step)
         seen.append(proj.state["ortho"].clone())
     assert [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)] == [False, False, True, False, False, True]
     assert proj.state["ortho"].shape == (4, 24)  # 'std' on a tall gradient projects from the right
+    assert proj.state["ortho"].device.type == device
     assert projection_side((10, 5), "std") == "right" and projection_side((5, 10), "std") == "left"
     assert projection_side((10, 5), "reverse_std") == "left" and projection_side((5, 10), "reverse_std") == "right"
 
 
-def test_project_back_is_identity_on_the_subspace():
+@pytest.mark.parametrize("device", DEVICES)
+def test_project_back_is_identity_on_the_subspace(device):
     proj = GaLoreProjector(rank=5, scale=1.0, proj_type="left")
-    g = grads((30, 20), 1)[0]
+    g = grads((30, 20), 1, device=device)[0]
     low = proj.project(g, 0)
     # P P^T G is the rank-5 truncation of G, and projecting it again gives back the same low-rank gradient
     back = proj.project_back(low)
     u, s, vh = torch.linalg.svd(g)
-    torch.testing.assert_close(back, u[:, :5] @ torch.diag(s[:5]) @ vh[:5], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(proj.project(back, 1), low, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(back, u[:, :5] @ torch.diag(s[:5]) @ vh[:5], **tol(device))
+    torch.testing.assert_close(proj.project(back, 1), low, **tol(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_randomized_svd_finds_the_exact_subspace(side):
+def test_randomized_svd_finds_the_exact_subspace(side, device):
     g = torch.Generator().manual_seed(0)
     # a gradient-like matrix: rank-24 signal with a decaying spectrum plus noise
     signal = torch.randn(300, 24, generator=g) @ torch.diag(torch.logspace(1, 0, 24)) @ torch.randn(24, 200, generator=g)
-    matrix = signal + 0.05 * torch.randn(300, 200, generator=g)
+    matrix = (signal + 0.05 * torch.randn(300, 200, generator=g)).to(device)
     exact, _ = compute_basis(matrix, 16, side, "exact")
     approx, _ = compute_basis(matrix, 16, side, "randomized", seed=3)
+    assert exact.device == approx.device == matrix.device
     assert subspace_overlap(exact, exact, side) == pytest.approx(1.0, abs=1e-5)
     assert subspace_overlap(approx, exact, side) > 0.999
     # orthonormal
     gram = approx.T @ approx if side == "left" else approx @ approx.T
-    torch.testing.assert_close(gram, torch.eye(16), rtol=0, atol=1e-4)
+    torch.testing.assert_close(gram, torch.eye(16, device=device), rtol=0, atol=1e-4)
     # no power iterations on a flat spectrum: a worse subspace, so the power iterations do something
-    flat = torch.randn(300, 200, generator=g)
+    flat = torch.randn(300, 200, generator=g).to(device)
     u_exact = torch.linalg.svd(flat)[0][:, :16]
     u0, _ = randomized_svd(flat, 16, oversample=4, power_iters=0, generator=torch.Generator().manual_seed(1))
     u2, _ = randomized_svd(flat, 16, oversample=4, power_iters=3, generator=torch.Generator().manual_seed(1))
     assert subspace_overlap(u2, u_exact, "left") > subspace_overlap(u0, u_exact, "left") + 0.05
+    # a generator on the matrix's device works too (the test matrix is then drawn there)
+    u3, _ = randomized_svd(flat, 16, oversample=4, power_iters=3, generator=torch.Generator(device).manual_seed(1))
+    assert u3.device == flat.device and subspace_overlap(u3, u_exact, "left") > subspace_overlap(u0, u_exact, "left")
 
 
-def test_randomized_svd_is_seeded():
-    g = grads((64, 48), 1)[0]
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_is_seeded(device):
+    g = grads((64, 48), 1, device=device)[0]
     a, _ = compute_basis(g, 8, "left", "randomized", seed=basis_seed(0, 1, 0))
     b, _ = compute_basis(g, 8, "left", "randomized", seed=basis_seed(0, 1, 0))
     c, _ = compute_basis(g, 8, "left", "randomized", seed=basis_seed(0, 2, 0), power_iters=0, oversample=0)
@@ -82,28 +100,34 @@ def test_randomized_svd_is_seeded():
     assert len({basis_seed(0, k, s) for k in range(5) for s in range(5)}) == 25
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("proj_type", ["std", "full"])
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
-def test_state_dict_round_trip(proj_type, svd):
+def test_state_dict_round_trip(proj_type, svd, device):
     cfg = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type=proj_type, svd=svd, seed=7)
-    gs = grads((20, 28), 8)
+    gs = grads((20, 28), 8, device=device)
     a = GaLoreProjector(**cfg)
     for step in range(4):
         a.project(gs[step], step)
     b = GaLoreProjector(**cfg)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
+    c = GaLoreProjector(**cfg)  # from a checkpoint read with map_location='cpu': the basis follows the gradients
+    c.load_state_dict({k: v.cpu() for k, v in a.state_dict().items()})
     for step in range(4, 8):  # crosses the refresh at step 6
-        low_a, low_b = a.project(gs[step], step), b.project(gs[step], step)
-        assert torch.equal(low_a, low_b)
+        low_a, low_b, low_c = a.project(gs[step], step), b.project(gs[step], step), c.project(gs[step], step)
+        assert torch.equal(low_a, low_b) and torch.equal(low_a, low_c)
         assert torch.equal(a.project_back(low_a), b.project_back(low_b))
+        assert torch.equal(a.project_back(low_a), c.project_back(low_c))
+    assert c.state["ortho"].device == gs[0].device
     with pytest.raises(ValueError, match=r"saved ortho has shape"):
         GaLoreProjector(**dict(cfg, rank=3)).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match=r"unknown projector state key\(s\) \['P'\]"):
         b.load_state_dict({"P": torch.ones(2)})
 
 
-def test_bfloat16_storage():
-    g = grads((64, 40), 1)[0]
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_storage(device):
+    g = grads((64, 40), 1, device=device)[0]
     fp32 = GaLoreProjector(rank=8, proj_type="left")
     bf16 = GaLoreProjector(rank=8, proj_type="left", proj_dtype="bfloat16")
     low32, low16 = fp32.project(g, 0), bf16.project(g, 0)
@@ -127,11 +151,12 @@ def test_bad_settings(kwargs, match):
         GaLoreProjector(**dict(dict(rank=4), **kwargs))
 
 
-def test_bad_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_gradients(device):
     proj = GaLoreProjector(rank=9)
     with pytest.raises(ValueError, match=r"rank=9 is larger than min\(m, n\)=8"):
-        proj.project(torch.randn(16, 8), 0)
+        proj.project(torch.randn(16, 8, device=device), 0)
     with pytest.raises(ValueError, match="GaLore projects 2-D gradients"):
-        proj.project(torch.randn(16), 0)
+        proj.project(torch.randn(16, device=device), 0)
     with pytest.raises(RuntimeError, match="call project\\(\\) first"):
-        GaLoreProjector(rank=2).project_back(torch.randn(2, 3))
+        GaLoreProjector(rank=2).project_back(torch.randn(2, 3, device=device))

@@ -124,8 +124,9 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         saved = tuple(state["ortho_shape"].tolist()) if isinstance(state.get("ortho_shape"), Tensor) else None
         if saved != shape:
             raise ValueError(f"{where}: saved ortho_shape {saved}, expected {shape}")
-        groups = m * r // group["proj_group_size"]
-        for key, size in (("ortho_q", m * r // 2), ("ortho_scale", groups), ("ortho_zero", groups)):
+        numel = shape[0] * shape[1]  # m r (left) or r n (right)
+        groups = numel // group["proj_group_size"]
+        for key, size in (("ortho_q", numel // 2), ("ortho_scale", groups), ("ortho_zero", groups)):
             t = state.get(key)
             if not isinstance(t, Tensor) or t.numel() != size:
                 raise ValueError(f"{where}: saved {key} must hold {size} values, got "
