@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -149,6 +150,7 @@ class RunResult:
     tokens_per_s: float = 0.0  # all steps after the first ``timed_from`` (periodic subspace refreshes included)
     tokens_per_s_median: float = 0.0  # median over the logging intervals (a refresh slows one interval only)
     timed_from: int = 0
+    first_step_s: float = 0.0  # the first step alone (for GaLore and Q-GaLore: every layer's first SVD)
     peak_memory_mb: float = 0.0  # MiB: max_memory_allocated on CUDA, peak RSS on CPU
     peak_memory_kind: str = ""
     peak_rss_mb: float = 0.0
@@ -313,15 +315,17 @@ def _int8_input_autocast(module: nn.Module, args):
     return None
 
 
-def prepare_model(method: str, cfg: TrainConfig) -> nn.Module:
-    """The model (on the CPU, seeded: the same initial weights for every method); Q-GaLore's block linears become
-    weightkit.nn.Int8Linear (INT8 weights with per-group scales, trained through QGaLoreAdamW8bit)."""
+def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
+    """The model, built on ``device`` (default: the CPU) from the seed: the same initial weights for every method on
+    a device. Q-GaLore's block linears become weightkit.nn.Int8Linear (INT8 weights with per-group scales, trained
+    through QGaLoreAdamW8bit)."""
     from weightkit.models import TinyLlama
     from weightkit.nn.swap import DEFAULT_SKIP
 
     cfg = cfg.resolve()
     torch.manual_seed(cfg.seed)
-    model = TinyLlama(cfg.model_config())
+    with torch.device(device or "cpu"):  # on CUDA: initialized there, no 300M-parameter init on the host
+        model = TinyLlama(cfg.model_config())
     if method == "qgalore":
         from weightkit import swap
 
@@ -422,10 +426,12 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
     train, val = byte_corpus()
     if cuda:
         torch.cuda.set_device(device)
+    model = prepare_model(method, cfg, device)
+    if cuda:  # the peak counts from here: live weights included, not the float copies Q-GaLore's swap freed
+        gc.collect()
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = prepare_model(method, cfg)
-    model = model.to(device)
     opt = build_optimizer(method, model, cfg, lr)
     sched = make_scheduler(opt, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -456,6 +462,9 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
         opt.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
         n_sum += 1
+        if step == 1:
+            _sync(device)
+            result.first_step_s = time.perf_counter() - start  # GaLore/Q-GaLore: includes the first SVDs
         if step % cfg.eval_every == 0 or step == cfg.steps:
             mean = float(loss_sum) / n_sum  # synchronizes
             if not math.isfinite(mean):
@@ -492,8 +501,6 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
 def sweep(method: str, cfg: TrainConfig, rates: Sequence[float], steps: int, progress: bool = True) -> List[Dict]:
     """Train ``method`` for ``steps`` steps (same warmup/cosine schedule, shortened) at each rate; return
     [{'lr', 'val_loss', 'train_loss', 'error'}] (a diverging rate gets val_loss None and the error)."""
-    import gc
-
     short = dataclasses.replace(cfg.resolve(), steps=steps, eval_every=max(1, steps // 10))
     out = []
     for lr in rates:
@@ -631,6 +638,9 @@ def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
                      f"({r.tokens_per_s_median:,.0f}) | {r.peak_memory_mb:,.0f} | {r.optimizer_state_bytes / 1e6:.2f} | "
                      f"{ratio} | {r.weight_bytes / 1e6:.2f} |")
     lines.append("")
+    if done:
+        lines.append("first step (GaLore/Q-GaLore: every layer's first SVD; excluded from tokens/s): "
+                     + ", ".join(f"{r.method} {r.first_step_s:.2f} s" for r in done))
     lines += [f"{r.method} lr {r.lr:.3g}: {r.lr_source}" for r in results]
     swept = [r for r in results if r.sweep]
     if swept:
