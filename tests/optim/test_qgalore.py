@@ -87,7 +87,7 @@ def test_lazy_refresh_counts(device):
     assert count < 40 // 2  # fewer SVDs than the fixed interval would run
     assert opt.state[w]["gap"] > 2
     sims = opt.state[w]["similarities"]
-    assert sims.device == w.device and sims.numel() == 2 and float(sims.min()) > 0.9
+    assert sims.device == w.device and sims.numel() == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
