@@ -48,11 +48,15 @@ class _Int8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = int8_matmul(grad_out.contiguous(), weight, scale, ctx.group_size, transpose=True)
         if ctx.track:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            # in the activations' dtype, as nn.Linear's weight gradient under autocast: bf16/fp16 activations use
+            # the tensor cores (fp32 accumulation inside the GEMM), fp32 ones an fp32 GEMM (TF32 if allowed);
+            # accumulated into the float32 float_grad
+            dt = torch.promote_types(grad_out.dtype, x.dtype)
+            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
             g_w = g2.T @ x2
             if getattr(weight, "float_grad", None) is None:
-                weight.float_grad = g_w
+                weight.float_grad = g_w.to(torch.float32)
             else:
                 weight.float_grad.add_(g_w)
         return grad_x, None, None, None, None, None
