@@ -104,15 +104,15 @@ class TrainConfig:
             raise ValueError(f"unknown model size {self.model_size!r}; choose one of {', '.join(SIZES)}")
         tp = TRAIN_PRESETS[self.model_size]
         cfg = dataclasses.replace(self, lrs=dict(self.lrs))
-        cfg.batch_size = cfg.batch_size or tp["batch_size"]
-        cfg.seq_len = cfg.seq_len or tp["seq_len"]
+        for name in ("batch_size", "seq_len", "update_proj_gap"):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, tp[name])
         mc = cfg.model_config()
         cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim = mc.dim, mc.n_layers, mc.n_heads, mc.hidden_dim
         from weightkit.models.llama import PRESETS
 
         if cfg.rank is None:  # the preset's rank for its own width, d/4 for another width
             cfg.rank = tp["rank"] if cfg.dim == PRESETS[cfg.model_size][0] else max(1, cfg.dim // 4)
-        cfg.update_proj_gap = cfg.update_proj_gap or tp["update_proj_gap"]
         for name in ("steps", "batch_size", "seq_len", "rank", "update_proj_gap", "eval_every", "eval_windows"):
             v = getattr(cfg, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
