@@ -1,126 +1,495 @@
 """Triton kernels of the MemoryFormer lookup (spec: weightkit.ops.memory).
 
-Forward: a program per (block of tokens, column tile) loops over the K tables: it loads the chunk's tau values,
-builds the bucket from the sign bits and the weight p, gathers the table rows of its column tile and accumulates
-in fp32 (masked columns, so any d_out works). Backward: a program per (block of tokens, table) computes
-<g, T[k, h]> over column tiles and the input gradient; the table gradient is added with atomics, or, when
-deterministic, summed per bucket in token order over a stable sort of the keys: a program per (sorted position,
-column tile) works only where a bucket's run starts, walking the run in order (grid from shapes alone, so no host
-sync; O(n K) extra memory).
+Shapes: x (n, K * TAU), tables (K, 2^TAU, d_out). Chunk (t, k) of x gives bucket h[t, k] (sign bits), weight
+p[t, k] = prod sigmoid(2 |z| / t) and the table row key[t, k] = k * 2^TAU + h[t, k].
+
+Forward, y[t] = sum_k p[t, k] T[key[t, k]] (fp32 accumulation, y in x's dtype):
+* grid (token blocks of BLOCK_T, column blocks of BLOCK_N, SPLIT table splits); token blocks vary fastest, so the
+  programs resident at one time walk the same tables together and every table slice is shared through L2 by all
+  token blocks (the table-major order that matters at large n). Split s owns a contiguous run of tables and loads
+  BLOCK_K tables per step as one [BLOCK_T, BLOCK_K, BLOCK_N] gather (many independent loads in flight: one token
+  is latency-bound otherwise); the sum over tables is deferred to the end of the loop (pure FMA loop).
+* SPLIT == 1 stores y directly; SPLIT > 1 stores fp32 partials [SPLIT, n, d_out] and a reduce kernel sums them in
+  split order and casts: deterministic for a given config.
+* Hash (key, p) computed inline per step when n is small (no extra launch; the recomputation per column block is
+  a few exp per loaded row), precomputed once per (token, table) by ``_memory_hash_kernel`` when n >= _PRE_MIN_N.
+* Autotuned (module-level ``memory_forward_autotuned``, key: n bucket (next power of 2), K, d_out, TAU, PRE and the
+  dtypes). With torch.use_deterministic_algorithms(True) a shape heuristic picks the config instead, so the
+  bits do not depend on timing noise of a tuning run.
+
+Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once,
+loops over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with
+relaxed fp32 atomics in the same pass), then writes the input gradient. Deterministic mode: the same kernel (with
+a fixed config, so the input gradient's summation order is fixed too) stores key and p; a stable sort of the
+keys and a searchsorted of every row's run start give, for each of the K 2^TAU table rows, its run of tokens in
+token order; ``memory_segment_autotuned`` sums each row's run sequentially (order independent of its config)
+and writes every row of the table gradient exactly once, in the tables' dtype (no memset, no fp32 copy, no host
+sync; extra memory O(n K + K 2^TAU)).
 """
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _hash(x_ptr, rows, row_mask, k, K, inv_t2, TAU: tl.constexpr, TAU_P2: tl.constexpr):
-    """Bucket, weight and the chunk values (TAU_P2 columns, those past TAU masked to 0) of chunk k per row."""
-    cols = tl.arange(0, TAU_P2)
-    cmask = cols < TAU
-    z = tl.load(x_ptr + rows[:, None] * (K * TAU) + k * TAU + cols[None, :], mask=row_mask[:, None] & cmask[None, :],
-                other=0.0)
-    z = z.to(tl.float32)
-    bits = tl.where(z > 0, 1, 0).to(tl.int64) << cols[None, :].to(tl.int64)
-    h = tl.sum(bits, axis=1)
-    logp = tl.sum(tl.where(cmask[None, :], tl.log(tl.sigmoid(tl.abs(z) * inv_t2)), 0.0), axis=1)
-    return h, tl.exp(logp), z
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
+_MAX_SPLIT = 64
+_PARTIAL_BYTES = 32 << 20  # cap on the forward's fp32 split partials
 
 
 @triton.jit
-def _memory_forward_kernel(x_ptr, t_ptr, y_ptr, n, K, d_out, inv_t2, TAU: tl.constexpr, TAU_P2: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _mul(a, b):
+    return a * b
+
+
+@triton.jit
+def _hash(x_ptr, rows, ks, mask, K, inv_t2, TAU: tl.constexpr, TAU_P2: tl.constexpr):
+    """Chunks (rows[:, None], ks[None, :]) of x (rows int64): bucket h [BT, BK] (int32), weight p [BT, BK] (fp32, 0
+    where masked) and the chunk values z [BT, BK, TAU_P2] (fp32, 0 past TAU or where masked)."""
+    j = tl.arange(0, TAU_P2)
+    off = (rows[:, None] * K + ks[None, :]) * TAU
+    m3 = mask[:, :, None] & (j < TAU)[None, None, :]
+    z = tl.load(x_ptr + off[:, :, None] + j[None, None, :], mask=m3, other=0.0).to(tl.float32)
+    bit = tl.full([TAU_P2], 1, tl.int32) << j
+    h = tl.sum(tl.where(z > 0, bit[None, None, :], 0), axis=2)
+    p = tl.reduce(tl.where(m3, tl.sigmoid(tl.abs(z) * inv_t2), 1.0), 2, _mul)
+    return h, tl.where(mask, p, 0.0), z
+
+
+@triton.jit(do_not_specialize=["n"])
+def _memory_hash_kernel(x_ptr, key_ptr, p_ptr, n, K, inv_t2, TAU: tl.constexpr, TAU_P2: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """key[t, k] = k * 2^TAU + h and p[t, k] for a [BLOCK_T, BLOCK_K] block of (token, table) pairs."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < n)[:, None] & (ks < K)[None, :]
+    h, p, _ = _hash(x_ptr, rows, ks, mask, K, inv_t2, TAU, TAU_P2)
+    pair = rows[:, None] * K + ks[None, :]
+    key = (ks.to(tl.int64) << TAU)[None, :] + h
+    tl.store(key_ptr + pair, key.to(key_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + pair, p, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n", "n_bucket"])
+def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, d_out, inv_t2, n_bucket,
+                           TAU: tl.constexpr, TAU_P2: tl.constexpr, PRE: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """y (SPLIT == 1) or partial pid_s (SPLIT > 1) of a [BLOCK_T, BLOCK_N] tile: sum over this split's tables.
+    ``n_bucket`` only keys the autotuner."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_s = tl.program_id(2)
     row_mask = rows < n
     col_mask = cols < d_out
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K):
-        h, p, _ = _hash(x_ptr, rows, row_mask, k, K, inv_t2, TAU, TAU_P2)
-        base = (k * (1 << TAU) + h) * d_out
-        vals = tl.load(t_ptr + base[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += p[:, None] * vals.to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * d_out + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+    chunk = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # tables per split, whole steps
+    k_lo = pid_s * chunk
+    k_hi = tl.minimum(k_lo + chunk, K)
+    acc = tl.zeros((BLOCK_T, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (ks < k_hi)[None, :]
+        if PRE:
+            pair = rows[:, None] * K + ks[None, :]
+            key = tl.load(key_ptr + pair, mask=mask, other=0).to(tl.int64)
+            p = tl.load(p_ptr + pair, mask=mask, other=0.0)
+        else:
+            h, p, _ = _hash(x_ptr, rows, ks, mask, K, inv_t2, TAU, TAU_P2)
+            key = (ks.to(tl.int64) << TAU)[None, :] + h
+        vals = tl.load(t_ptr + (key * d_out)[:, :, None] + cols[None, None, :],
+                       mask=mask[:, :, None] & col_mask[None, None, :], other=0.0)
+        acc += p[:, :, None] * vals.to(tl.float32)
+    out = tl.sum(acc, axis=1)
+    out_off = rows[:, None] * d_out + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptr + out_off, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptr + pid_s.to(tl.int64) * n * d_out + out_off, out, mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["numel"])
+def _split_reduce_kernel(part_ptr, y_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over s = 0..SPLIT-1 of part[s] (in that order), cast to y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    stride = numel.to(tl.int64)
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * stride + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n", "n_bucket"])
+def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr, n, K, d_out, inv_t2, n_bucket,
+                            ATOMICS: tl.constexpr, STORE_KEYS: tl.constexpr, TAU: tl.constexpr,
+                            TAU_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Input gradient of a [BLOCK_T, BLOCK_K] block of (token, table) pairs; ATOMICS: gt[key] += p g (fp32);
+    STORE_KEYS: key and p for the deterministic table gradient."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < n
+    mask = row_mask[:, None] & (ks < K)[None, :]
+    h, p, z = _hash(x_ptr, rows, ks, mask, K, inv_t2, TAU, TAU_P2)
+    key = (ks.to(tl.int64) << TAU)[None, :] + h
+    base = key * d_out
+    acc = tl.zeros((BLOCK_T, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, d_out, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < d_out
+        g = tl.load(g_ptr + rows[:, None] * d_out + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)
+        m3 = mask[:, :, None] & col_mask[None, None, :]
+        vals = tl.load(t_ptr + base[:, :, None] + cols[None, None, :], mask=m3, other=0.0).to(tl.float32)
+        acc += g[:, None, :] * vals
+        if ATOMICS:
+            tl.atomic_add(gt_ptr + base[:, :, None] + cols[None, None, :], p[:, :, None] * g[:, None, :], mask=m3,
+                          sem="relaxed")
+    dot = tl.sum(acc, axis=2)
+    sgn = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
+    gz = (dot * p * inv_t2)[:, :, None] * sgn * tl.sigmoid(-tl.abs(z) * inv_t2)
+    j = tl.arange(0, TAU_P2)
+    off = (rows[:, None] * K + ks[None, :]) * TAU
+    tl.store(gx_ptr + off[:, :, None] + j[None, None, :], gz.to(gx_ptr.dtype.element_ty),
+             mask=mask[:, :, None] & (j < TAU)[None, None, :])
+    if STORE_KEYS:
+        pair = rows[:, None] * K + ks[None, :]
+        tl.store(key_ptr + pair, key.to(key_ptr.dtype.element_ty), mask=mask)
+        tl.store(p_ptr + pair, p, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_bucket"])
+def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K, d_out, n_bucket,
+                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """gt[r, tile] = sum of p * g over row r's run [start[r], start[r + 1]) of the sorted (token, table) pairs, in
+    sorted (= token) order, for ROWS rows; an empty run writes zeros. The order per element is the same for every
+    ROWS / BLOCK_N / num_warps, so the bits do not depend on the config."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = r < num_rows
+    col_mask = cols < d_out
+    lo = tl.load(start_ptr + r, mask=row_mask, other=0).to(tl.int64)
+    hi = tl.load(start_ptr + r + 1, mask=row_mask, other=0).to(tl.int64)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for j in range(0, tl.max(hi - lo, axis=0)):
+        e = lo + j
+        live = e < hi
+        flat = tl.load(order_ptr + e, mask=live, other=0)  # index into the (n, K) pairs: token flat // K
+        p = tl.load(p_ptr + flat, mask=live, other=0.0)
+        g = tl.load(g_ptr + (flat // K)[:, None] * d_out + cols[None, :], mask=live[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += p[:, None] * g
+    tl.store(gt_ptr + r[:, None] * d_out + cols[None, :], acc.to(gt_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
-def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr, n, K, d_out, inv_t2,
-                            ATOMICS: tl.constexpr, TAU: tl.constexpr, TAU_P2: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    k = tl.program_id(1)
-    row_mask = rows < n
-    h, p, z = _hash(x_ptr, rows, row_mask, k, K, inv_t2, TAU, TAU_P2)
-    base = (k * (1 << TAU) + h) * d_out
-    dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for c0 in range(0, d_out, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        m2 = row_mask[:, None] & (cols[None, :] < d_out)
-        g = tl.load(g_ptr + rows[:, None] * d_out + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        vals = tl.load(t_ptr + base[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        dot += tl.sum(g * vals, axis=1)
-        if ATOMICS:
-            tl.atomic_add(gt_ptr + base[:, None] + cols[None, :], p[:, None] * g, mask=m2)
-    sgn = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-    gz = (dot * p * inv_t2)[:, None] * sgn * tl.sigmoid(-tl.abs(z) * inv_t2)
-    tau_cols = tl.arange(0, TAU_P2)
-    tl.store(gx_ptr + rows[:, None] * (K * TAU) + k * TAU + tau_cols[None, :], gz,
-             mask=row_mask[:, None] & (tau_cols[None, :] < TAU))
-    tl.store(key_ptr + rows * K + k, k * (1 << TAU) + h, mask=row_mask)
-    tl.store(p_ptr + rows * K + k, p, mask=row_mask)
+# ----------------------------------------------------------------------------------------------------------------
+# Config spaces, pruning and shape heuristics. Every choice below depends only on the autotuning key (n bucket, K,
+# d_out, TAU, flags, dtypes) and the device's SM count, never on the exact n.
 
 
-@triton.jit
-def _segment_sum_kernel(key_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, total, K, d_out, BLOCK_N: tl.constexpr):
-    """gt[key, tile] = sum of p * g over the run of equal sorted keys starting at position e, in sorted order; a
-    program whose position is not a run start (key equal to the one before) does nothing."""
-    e = tl.program_id(0).to(tl.int64)
-    key = tl.load(key_ptr + e)
-    prev = tl.load(key_ptr + tl.maximum(e - 1, 0), mask=e > 0, other=-1)  # keys are >= 0: -1 never matches
-    if prev != key:
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < d_out
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        f = e
-        cur = key
-        while cur == key:
-            flat = tl.load(order_ptr + f)  # index into the (n, K) arrays: token flat // K
-            p = tl.load(p_ptr + flat)
-            g = tl.load(g_ptr + (flat // K) * d_out + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc += p * g
-            f += 1
-            cur = tl.load(key_ptr + tl.minimum(f, total - 1), mask=f < total, other=-1)
-        tl.store(gt_ptr + key * d_out + cols, acc, mask=cmask)
+def _pow2(v):
+    return triton.next_power_of_2(max(int(v), 1))
 
 
-def memory_lookup_forward_triton(x, tables, t, block_t=16, block_n=64):
+def _n_bucket(n):
+    return _pow2(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter on the CPU: behave like an H100/H200
+
+
+def _token_blocks(nb):
+    """BLOCK_T candidates: one token or the whole batch when decoding, 16 or 64 rows for batches."""
+    return {1, nb} if nb <= 16 else {b for b in (16, 64) if b <= nb}
+
+
+def _warps(tile):
+    return max(2, min(8, tile // 512))  # ~16 fp32 values per thread and tensor
+
+
+def _split_cap(nb, K, d_out, block_k):
+    """Largest SPLIT: each split has >= 1 step of BLOCK_K tables, <= 64, partials within _PARTIAL_BYTES."""
+    cap = 1
+    while (cap * 2 <= _MAX_SPLIT and cap * 2 <= triton.cdiv(K, block_k)
+           and cap * 2 * nb * d_out * 4 <= _PARTIAL_BYTES):
+        cap *= 2
+    return cap
+
+
+def _split_choices(base, cap, sms):
+    """SPLIT values worth timing for ``base`` = token blocks x column blocks programs: 1 when base already gives
+    two waves, else the smallest power of 2 reaching 2 programs per SM and its double (within ``cap``)."""
+    if base >= 2 * sms:
+        return {1}
+    s = 1
+    while s < cap and base * s < 2 * sms:
+        s *= 2
+    return {s, min(2 * s, cap)}
+
+
+def _fwd_space():
+    return [triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=s), num_warps=w, num_stages=st)
+            for bt in (1, 2, 4, 8, 16, 32, 64) for bk in (1, 2, 4, 8, 16) for bn in (64, 128, 256, 512)
+            if 1024 <= bt * bk * bn <= 8192
+            for s in (1, 2, 4, 8, 16, 32, 64) for w in (2, 4, 8) for st in (1, 2, 3, 4)]
+
+
+def _fwd_default(nb, K, d_out, sms):
+    """The config by a shape rule (deterministic-algorithms mode, and the fallback of the pruner)."""
+    bt = 1 if nb < 16 else 16
+    bn = min(256, max(16, _pow2(d_out)))
+    bk = max(1, min(16, 2048 // (bt * bn), _pow2(K)))
+    base = triton.cdiv(nb, bt) * triton.cdiv(d_out, bn)
+    split = min(_split_choices(base, _split_cap(nb, K, d_out, bk), sms))
+    return triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=split), num_warps=4, num_stages=1)
+
+
+def _fwd_prune_for(configs, nb, K, d_out, sms):
+    bts = _token_blocks(nb)
+    tiles = (2048, 4096) if nb <= 16 else (2048, 4096, 8192)
+    keep = []
+    for c in configs:
+        bt, bk, bn, split = (c.kwargs[k] for k in ("BLOCK_T", "BLOCK_K", "BLOCK_N", "SPLIT"))
+        tile = bt * bk * bn
+        if bt not in bts or tile not in tiles or bn > max(64, _pow2(d_out)) or bk > _pow2(K):
+            continue
+        if c.num_warps != _warps(tile):
+            continue
+        base = triton.cdiv(nb, bt) * triton.cdiv(d_out, bn)
+        if split not in _split_choices(base, _split_cap(nb, K, d_out, bk), sms):
+            continue
+        steps = triton.cdiv(triton.cdiv(K, split), bk)  # loop trips per program
+        if c.num_stages not in ((1, 3) if steps >= 8 else (1,)):
+            continue
+        keep.append(c)
+    return keep or [_fwd_default(nb, K, d_out, sms)]
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    return _fwd_prune_for(configs, named_args["n_bucket"], named_args["K"], named_args["d_out"],
+                          _sm_count(named_args["x_ptr"].device))
+
+
+def _bwd_space():
+    return [triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn), num_warps=w, num_stages=st)
+            for bt in (1, 2, 4, 8, 16, 32, 64) for bk in (1, 2, 4, 8, 16) for bn in (64, 128, 256, 512)
+            if 1024 <= bt * bk * bn <= 8192 for w in (2, 4, 8) for st in (1, 2, 3, 4)]
+
+
+def _bwd_default(nb, K, d_out):
+    """Fixed by shape: deterministic mode (its input gradient's summation order follows the config) and fallback."""
+    bt = 1 if nb < 16 else 16
+    bn = min(128, max(16, _pow2(d_out)))
+    bk = max(1, min(8, 2048 // (bt * bn), _pow2(K)))
+    return triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn), num_warps=4, num_stages=1)
+
+
+def _bwd_prune_for(configs, nb, K, d_out, sms):
+    bts = _token_blocks(nb)
+    tiles = (2048, 4096) if nb <= 16 else (2048, 4096, 8192)
+    keep = []
+    for c in configs:
+        bt, bk, bn = (c.kwargs[k] for k in ("BLOCK_T", "BLOCK_K", "BLOCK_N"))
+        tile = bt * bk * bn
+        if bt not in bts or tile not in tiles or bn > max(64, _pow2(d_out)) or bk > _pow2(K):
+            continue
+        if c.num_warps != _warps(tile):
+            continue
+        if bk > 1 and triton.cdiv(nb, bt) * triton.cdiv(K, bk) < sms:  # keep >= 1 program per SM
+            continue
+        if c.num_stages not in ((1, 3) if triton.cdiv(d_out, bn) >= 8 else (1,)):
+            continue
+        keep.append(c)
+    return keep or [_bwd_default(nb, K, d_out)]
+
+
+def _bwd_prune(configs, named_args, **kwargs):
+    return _bwd_prune_for(configs, named_args["n_bucket"], named_args["K"], named_args["d_out"],
+                          _sm_count(named_args["x_ptr"].device))
+
+
+def _seg_space():
+    return [triton.Config(dict(ROWS=r, BLOCK_N=bn), num_warps=w, num_stages=st)
+            for r in (1, 2, 4, 8, 16, 32) for bn in (64, 128, 256, 512) if 512 <= r * bn <= 4096
+            for w in (1, 2, 4, 8) for st in (1, 2, 3)]
+
+
+def _seg_default(d_out):
+    return triton.Config(dict(ROWS=4, BLOCK_N=min(256, max(16, _pow2(d_out)))), num_warps=4, num_stages=1)
+
+
+def _seg_prune_for(configs, d_out):
+    keep = []
+    for c in configs:
+        rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
+        if rows < 4 or bn < min(128, max(64, _pow2(d_out))) or bn > max(64, _pow2(d_out)):
+            continue
+        if rows * bn not in (1024, 2048, 4096) or c.num_warps != max(1, min(8, rows * bn // 256)):
+            continue
+        if c.num_stages not in (1, 2):
+            continue
+        keep.append(c)
+    return keep or [_seg_default(d_out)]
+
+
+def _seg_prune(configs, named_args, **kwargs):
+    return _seg_prune_for(configs, named_args["d_out"])
+
+
+def _bench(fn, quantiles):  # shorter than the default 25 + 100 ms per config: tuning runs once per key
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+# Under the interpreter every config would be timed in numpy: one config each (the tests force others).
+_FWD_CONFIGS = [triton.Config(dict(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2))] if _INTERPRET else _fwd_space()
+_BWD_CONFIGS = [triton.Config(dict(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64))] if _INTERPRET else _bwd_space()
+_SEG_CONFIGS = [triton.Config(dict(ROWS=4, BLOCK_N=64))] if _INTERPRET else _seg_space()
+
+memory_forward_autotuned = triton.autotune(_FWD_CONFIGS, key=["n_bucket", "K", "d_out", "TAU", "PRE"],
+                                           prune_configs_by={"early_config_prune": _fwd_prune},
+                                           do_bench=_bench)(_memory_forward_kernel)
+memory_backward_autotuned = triton.autotune(_BWD_CONFIGS, key=["n_bucket", "K", "d_out", "TAU", "ATOMICS",
+                                                               "STORE_KEYS"],
+                                            prune_configs_by={"early_config_prune": _bwd_prune},
+                                            reset_to_zero=["gt_ptr"], do_bench=_bench)(_memory_backward_kernel)
+memory_segment_autotuned = triton.autotune(_SEG_CONFIGS, key=["n_bucket", "K", "d_out"],
+                                           prune_configs_by={"early_config_prune": _seg_prune},
+                                           do_bench=_bench)(_segment_rows_kernel)
+
+
+def _fwd_candidates(nb, K, d_out, sms):
+    if len(_FWD_CONFIGS) == 1:
+        return _FWD_CONFIGS
+    return _fwd_prune_for(_FWD_CONFIGS, nb, K, d_out, sms)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_max_split(nb, K, d_out, sms):
+    return max(c.kwargs["SPLIT"] for c in _fwd_candidates(nb, K, d_out, sms))
+
+
+def _key_dtype(K, tau):
+    return torch.int32 if (K << tau) < 2**31 else torch.int64
+
+
+def memory_hash_triton(x, K, tau, t):
+    """(key, p): int32/int64 table row k 2^tau + h and fp32 weight of every (token, table) pair, shape (n, K)."""
+    n = x.shape[0]
+    keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
+    ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
+    if n * K:
+        bt, bk = 16, min(32, _pow2(K))
+        _memory_hash_kernel[(triton.cdiv(n, bt), triton.cdiv(K, bk))](
+            x, keys, ps, n, K, 2.0 / t, TAU=tau, TAU_P2=_pow2(tau), BLOCK_T=bt, BLOCK_K=bk, num_warps=4)
+    return keys, ps
+
+
+def _launch_forward(x, tables, t, y, config=None):
+    """Run the forward kernel (autotuned, or ``config``) into y; returns the config used."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
+    nb = _n_bucket(n)
+    sms = _sm_count(x.device)
+    pre = n >= _PRE_MIN_N
+    if pre:
+        keys, ps = memory_hash_triton(x, K, tau, t)
+    else:  # unused pointers; same dtypes as the real ones so the autotuning key does not change
+        keys = torch.empty(1, dtype=_key_dtype(K, tau), device=x.device)
+        ps = torch.empty(1, dtype=torch.float32, device=x.device)
+    max_split = config.kwargs["SPLIT"] if config is not None else _fwd_max_split(nb, K, d_out, sms)
+    parts = torch.empty((max_split, n, d_out) if max_split > 1 else (1,), dtype=torch.float32, device=x.device)
+    args = (x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb)
+    meta = dict(TAU=tau, TAU_P2=_pow2(tau), PRE=pre)
+    if config is None:
+        grid = lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(d_out, m["BLOCK_N"]), m["SPLIT"])  # noqa: E731
+        memory_forward_autotuned[grid](*args, **meta)
+        config = memory_forward_autotuned.best_config
+    else:
+        c = config.kwargs
+        grid = (triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(d_out, c["BLOCK_N"]), c["SPLIT"])
+        _memory_forward_kernel[grid](*args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+    split = config.kwargs["SPLIT"]
+    if split > 1:
+        block = 1024
+        _split_reduce_kernel[(triton.cdiv(n * d_out, block),)](parts, y, n * d_out, SPLIT=split, BLOCK=block,
+                                                               num_warps=4)
+    return config
+
+
+def memory_lookup_forward_triton(x, tables, t):
+    n = x.shape[0]
+    K, _, d_out = tables.shape
+    if n == 0 or d_out == 0 or K == 0:
+        return torch.zeros((n, d_out), dtype=x.dtype, device=x.device)
     y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_t), triton.cdiv(d_out, block_n))
-    _memory_forward_kernel[grid](x, tables, y, n, K, d_out, 2.0 / t, TAU=tau, TAU_P2=triton.next_power_of_2(tau),
-                                 BLOCK_T=block_t, BLOCK_N=block_n)
+    config = None
+    if torch.are_deterministic_algorithms_enabled():  # bits must not depend on a tuning run's timings
+        config = _fwd_default(_n_bucket(n), K, d_out, _sm_count(x.device))
+    _launch_forward(x, tables, t, y, config)
     return y
 
 
-def memory_lookup_backward_triton(grad, x, tables, t, deterministic, block_t=16, block_n=64):
+def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, config=None):
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
-    gx = torch.empty((n, K * tau), dtype=torch.float32, device=x.device)
-    gt = torch.zeros((K, buckets, d_out), dtype=torch.float32, device=x.device)
-    keys = torch.empty((n, K), dtype=torch.int64, device=x.device)
-    ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_t), K)
-    _memory_backward_kernel[grid](grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, ATOMICS=not deterministic,
-                                  TAU=tau, TAU_P2=triton.next_power_of_2(tau), BLOCK_T=block_t, BLOCK_N=block_n)
-    if deterministic and n * K > 0 and d_out > 0:
-        # stable sort keeps token order inside a bucket; each bucket's run is summed sequentially in that order
-        sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-        seg_n = max(16, min(512, triton.next_power_of_2(d_out)))
-        _segment_sum_kernel[(n * K, triton.cdiv(d_out, seg_n))](sorted_keys, order, ps, grad, gt, n * K, K, d_out,
-                                                                BLOCK_N=seg_n)
-    return gx.to(x.dtype), gt.to(tables.dtype)
+    args = (grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, _n_bucket(n))
+    meta = dict(ATOMICS=atomics, STORE_KEYS=store_keys, TAU=tau, TAU_P2=_pow2(tau))
+    if config is None:
+        grid = lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(K, m["BLOCK_K"]))  # noqa: E731
+        memory_backward_autotuned[grid](*args, **meta)
+    else:
+        c = config.kwargs
+        _memory_backward_kernel[(triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(K, c["BLOCK_K"]))](
+            *args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _launch_segments(keys, ps, grad, gt, config=None):
+    """gt (K, 2^tau, d_out), every row written: fixed-order run sums over the stably sorted keys."""
+    n, K = keys.shape
+    rows = gt.shape[0] * gt.shape[1]
+    d_out = gt.shape[2]
+    sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
+    bounds = torch.arange(rows + 1, dtype=keys.dtype, device=keys.device)
+    starts = torch.searchsorted(sorted_keys, bounds, out_int32=n * K < 2**31)
+    args = (starts, order, ps, grad, gt, rows, K, d_out, _n_bucket(n))
+    if config is None:
+        grid = lambda m: (triton.cdiv(rows, m["ROWS"]), triton.cdiv(d_out, m["BLOCK_N"]))  # noqa: E731
+        memory_segment_autotuned[grid](*args)
+    else:
+        c = config.kwargs
+        _segment_rows_kernel[(triton.cdiv(rows, c["ROWS"]), triton.cdiv(d_out, c["BLOCK_N"]))](
+            *args, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def memory_lookup_backward_triton(grad, x, tables, t, deterministic):
+    n = x.shape[0]
+    K, buckets, d_out = tables.shape
+    tau = buckets.bit_length() - 1
+    gx = torch.empty((n, K * tau), dtype=x.dtype, device=x.device)
+    if n * K == 0:
+        return gx.zero_(), torch.zeros_like(tables)
+    if deterministic:
+        gt = torch.empty_like(tables)  # every row written once by the segment kernel
+        keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
+        ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
+        _launch_backward(grad, x, tables, t, gx, gt, keys, ps, False, True, _bwd_default(_n_bucket(n), K, d_out))
+        if d_out:
+            _launch_segments(keys, ps, grad, gt)
+        return gx, gt
+    gt = torch.zeros(tables.shape, dtype=torch.float32, device=x.device)
+    keys = torch.empty(1, dtype=_key_dtype(K, tau), device=x.device)
+    ps = torch.empty(1, dtype=torch.float32, device=x.device)
+    _launch_backward(grad, x, tables, t, gx, gt, keys, ps, True, False)
+    return gx, gt.to(tables.dtype)
