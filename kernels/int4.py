@@ -72,36 +72,188 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
     return out
 
 
+# -- int4_matmul (spec: weightkit.ops.int4.int4_matmul) ------------------------------------------------------------
+# Same two kernels as int8_matmul (design, configs, split-K and dispatch: kernels/quant.py, "int8_matmul"), with the
+# weight read as packed bytes: a tile of C values along W's contiguous axis is C/2 bytes (16-byte loads), unpacked
+# in registers (low nibble = even element) with tl.join + reshape. Dequantization (q - z) * s is exact to the
+# reference: q + 2^23 is built from the bits (no int-to-float conversion), minus (z + 2^23) gives q - z exactly.
+# ALIGNED needs the groups inside rows (cols % G == 0); otherwise (odd shapes) each element is gathered from its flat
+# index with _dequant, like the reference.
+
+from .quant import (GEMV_KEY, MM_KEY, _gemv_row, _gemv_store, _k_range, _store_result, _tile_ids,  # noqa: E402
+                    dequant_matmul, gemv_configs, make_gemv_pruner, make_mm_pruner, mm_configs)
+
+
 @triton.jit
-def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, T, N, K, group_size, stride_xt, stride_xk,
-                        stride_bk, stride_bn, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y (T x N) = x (T x K) @ B (K x N), B[k, n] = W_flat[k * stride_bk + n * stride_bn] dequantized in registers."""
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+def _unpack_f32(b, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS // 2] packed bytes -> [ROWS, COLS] fp32 values 2^23 + q (element 2j: low nibble of byte j)."""
+    lo = (b & 0xF).to(tl.int32)
+    hi = (b >> 4).to(tl.int32)
+    q = tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
+def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, MB,
+                      SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode (M <= BLOCK_M <= 4), no tensor cores; see _int8_gemv_kernel. W is rows x cols; B[k, n] = W[n, k]
+    (K = cols) or, with TRANS, W[k, n] (K = rows)."""
+    pid_n = tl.program_id(0)
+    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_xt + rk[None, :].to(tl.int64) * stride_xk,
-                    mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0).to(tl.float32)
-        lin = rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
-        b = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, group_size, (rk[:, None] < K) & (rn[None, :] < N))
-        acc += tl.dot(x, b, input_precision="ieee")
-    tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rt[:, None] < T) & (rn[None, :] < N))
+    rn64 = rn.to(tl.int64)
+    mask_n = rn < N
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    if TRANS:  # tiles [BLOCK_K, BLOCK_N]: BLOCK_N / 2 bytes of each row k; ALIGNED: one group per row and tile
+        b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
+                                                                    tl.arange(0, BLOCK_N // 2))[None, :]
+        b_step = BLOCK_K * tl.cast(N // 2, tl.int64)
+        grp = rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G
+        g_step = BLOCK_K * tl.cast(N // G, tl.int64)
+        shape: tl.constexpr = (BLOCK_K, BLOCK_N)
+    else:  # tiles [BLOCK_N, BLOCK_K]: BLOCK_K / 2 bytes of each row n; ALIGNED: one group per row and step
+        b_ptrs = packed_ptr + rn64[:, None] * (K // 2) + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+        b_step = BLOCK_K // 2
+        grp = rn64 * (K // G)  # + k0 // G in the loop (BLOCK_K divides G)
+        g_step = 0
+        shape: tl.constexpr = (BLOCK_N, BLOCK_K)
+    x_offs = rk * stride_xk
+    acc0 = tl.zeros(shape, dtype=tl.float32)
+    acc1 = tl.zeros(shape, dtype=tl.float32)
+    acc2 = tl.zeros(shape, dtype=tl.float32)
+    acc3 = tl.zeros(shape, dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            mask_k = tl.full((BLOCK_K,), True, tl.int1)  # no k mask
+        else:
+            mask_k = rk < K
+        s_k = 1.0
+        if ALIGNED:
+            if TRANS:  # one (scale, zero) per k, the scale folded into x (fp32)
+                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0, eviction_policy="evict_first")
+                s_k = tl.load(scale_ptr + grp, mask=mask_k, other=0.0)
+                c = tl.load(zero_ptr + grp, mask=mask_k, other=0).to(tl.float32) + 8388608.0
+                w = _unpack_f32(b, BLOCK_K, BLOCK_N) - c[:, None]
+            else:  # one (scale, zero) per row n
+                b = tl.load(b_ptrs, mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+                s = tl.load(scale_ptr + grp + k0 // G, mask=mask_n, other=0.0)
+                c = tl.load(zero_ptr + grp + k0 // G, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+                w = (_unpack_f32(b, BLOCK_N, BLOCK_K) - c[:, None]) * s[:, None]
+            b_ptrs += b_step
+            grp += g_step
+        else:  # any layout: every element from its flat index, like the reference
+            if TRANS:
+                lin = rk.to(tl.int64)[:, None] * N + rn64[None, :]
+                wmask = mask_k[:, None] & mask_n[None, :]
+            else:
+                lin = rn64[:, None] * K + rk[None, :]
+                wmask = mask_n[:, None] & mask_k[None, :]
+            w = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, G, wmask)
+        acc0 = _gemv_row(acc0, x_ptr, 0, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
+        if BLOCK_M > 1:
+            acc1 = _gemv_row(acc1, x_ptr, 1, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
+        if BLOCK_M > 2:
+            acc2 = _gemv_row(acc2, x_ptr, 2, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
+            acc3 = _gemv_row(acc3, x_ptr, 3, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
+        rk += BLOCK_K
+        x_offs += BLOCK_K * stride_xk
+    _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, TRANS)
+    if BLOCK_M > 1:
+        _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, TRANS)
+    if BLOCK_M > 2:
+        _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, TRANS)
+        _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, TRANS)
 
 
-def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose, block_t=32, block_n=32,
-                       block_k=32):
-    tokens = x.shape[0]
-    if transpose:  # y = x W: K = rows, N = cols, B[k, n] = W[k, n]
-        n_out, k_dim, stride_bk, stride_bn = cols, rows, cols, 1
-    else:  # y = x W^T: K = cols, N = rows, B[k, n] = W[n, k]
-        n_out, k_dim, stride_bk, stride_bn = rows, cols, 1, cols
-    y = torch.empty((tokens, n_out), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(n_out, block_n))
-    _int4_matmul_kernel[grid](x, packed, scale, zero, y, tokens, n_out, k_dim, group_size, x.stride(0), x.stride(1),
-                              stride_bk, stride_bn, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
-                              enable_fp_fusion=False)
-    return y
+@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
+def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, MB,
+                    SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
+                    DOT_F32: tl.constexpr = False):
+    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn64 = rn.to(tl.int64)
+    mask_m = rm < M
+    mask_n = rn < N
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    if TRANS:  # byte tiles [BLOCK_K, BLOCK_N // 2] of rows k; ALIGNED: one group per row and tile
+        b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
+                                                                    tl.arange(0, BLOCK_N // 2))[None, :]
+        b_step = BLOCK_K * tl.cast(N // 2, tl.int64)
+        grp = rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G
+        g_step = BLOCK_K * tl.cast(N // G, tl.int64)
+    else:  # byte tiles [BLOCK_N, BLOCK_K // 2] of rows n; ALIGNED: one group per row and step
+        b_ptrs = packed_ptr + rn64[:, None] * (K // 2) + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+        b_step = BLOCK_K // 2
+        grp = rn64 * (K // G)  # + k0 // G in the loop (BLOCK_K divides G)
+        g_step = 0
+    dt = x_ptr.dtype.element_ty
+    if DOT_F32:  # the interpreter multiplies bf16 (stored as uint16) as integers: give it fp32 operands
+        dt = tl.float32
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            mask_k = tl.full((BLOCK_K,), True, tl.int1)  # no k mask
+        else:
+            mask_k = rk < K
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if ALIGNED:
+            if TRANS:
+                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0)
+                s = tl.load(scale_ptr + grp, mask=mask_k, other=0.0)
+                c = tl.load(zero_ptr + grp, mask=mask_k, other=0).to(tl.float32) + 8388608.0
+                w = tl.trans((_unpack_f32(b, BLOCK_K, BLOCK_N) - c[:, None]) * s[:, None])
+            else:
+                b = tl.load(b_ptrs, mask=mask_n[:, None], other=0)
+                s = tl.load(scale_ptr + grp + k0 // G, mask=mask_n, other=0.0)[:, None]
+                c = tl.load(zero_ptr + grp + k0 // G, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+                w = _unpack_f32(b, BLOCK_N, BLOCK_K) - c[:, None]  # q - z, exact
+                if not SCALE_AFTER_DOT:
+                    w = w * s
+            b_ptrs += b_step
+            grp += g_step
+        else:  # any layout: every element from its flat index, like the reference
+            if TRANS:
+                lin = rk.to(tl.int64)[None, :] * N + rn64[:, None]
+            else:
+                lin = rn64[:, None] * K + rk[None, :]
+            w = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
+        if SCALE_AFTER_DOT:  # only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
+            acc += tl.dot(w.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
+        else:  # a 16-bit x gets the (scaled, fp32) weight as hi + lo parts: two dots, ~fp32-accurate
+            w_hi = w.to(dt)
+            acc = tl.dot(w_hi, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
+            if dt != tl.float32:
+                w_lo = (w - w_hi.to(tl.float32)).to(dt)
+                acc = tl.dot(w_lo, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
+        rk += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
+    _store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
+
+
+# The autotuners (module-level: bench/gpu_report.py prints the configs they chose).
+int4_gemv_autotune = triton.autotune(
+    gemv_configs(False, 4), key=GEMV_KEY,
+    prune_configs_by={"early_config_prune": make_gemv_pruner(False)})(_int4_gemv_kernel)
+int4_gemv_t_autotune = triton.autotune(
+    gemv_configs(True, 4), key=GEMV_KEY,
+    prune_configs_by={"early_config_prune": make_gemv_pruner(True)})(_int4_gemv_kernel)
+int4_mm_autotune = triton.autotune(mm_configs(False), key=MM_KEY,
+                                   prune_configs_by={"early_config_prune": make_mm_pruner(False, 4)})(_int4_mm_kernel)
+int4_mm_t_autotune = triton.autotune(mm_configs(True), key=MM_KEY,
+                                     prune_configs_by={"early_config_prune": make_mm_pruner(True, 4)})(_int4_mm_kernel)
+_INT4_TUNERS = (int4_gemv_autotune, int4_gemv_t_autotune, int4_mm_autotune, int4_mm_t_autotune)
+
+
+def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose):
+    """y = x @ W^T (or x @ W with ``transpose``) for the INT4 matrix W (rows x cols) and a 2-D x (any strides)."""
+    n, k = (cols, rows) if transpose else (rows, cols)
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return dequant_matmul(_int4_gemv_kernel, _int4_mm_kernel, _INT4_TUNERS, x, (packed, scale, zero), y, n, k,
+                          group_size, bool(transpose), aligned=cols % group_size == 0)

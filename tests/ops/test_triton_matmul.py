@@ -1,0 +1,122 @@
+"""The Triton int8_matmul / int4_matmul kernels (weightkit.kernels.quant, weightkit.kernels.int4) against a float64
+reference: both kernels (GEMV for <= 4 tokens, tensor-core GEMM above), both transposes, tails on M, N and K, group
+sizes that do and do not divide the tiles, split-K, the fixed-config and the autotuned launch, fp32/bf16/fp16 x.
+
+Error bound: |y - ref| <= tol * (|x| @ |W|^T), the scale of the dot's terms (covers the output's rounding and the
+fp32 accumulation; exact-zero rows stay exact). On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py).
+"""
+
+import pytest
+import torch
+
+from tests.conftest import DEVICES
+from weightkit.ops.int4 import dequantize_int4, quantize_int4
+from weightkit.ops.quant import absmax_scale, dequantize_int8
+
+triton = pytest.importorskip("triton")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOKENS = [1, 3, 16, 17, 70]
+# (out/rows, in/cols, group, path): group 8 divides no tensor-core tile (per-element scales); group 128 with the
+# fixed config and with the autotuner (its configs, one per tuner under the interpreter, split K in two)
+SHAPES = [(96, 200, 8, "fixed"), (256, 512, 128, "fixed"), (256, 512, 128, "tuned")]
+
+
+def _check(y, x, w64, transpose, dtype, label):
+    ref = x.double() @ (w64 if transpose else w64.T)
+    bound = x.double().abs() @ (w64.abs() if transpose else w64.abs().T)
+    assert y.dtype == dtype and y.shape == ref.shape, label
+    assert bool(torch.isfinite(y).all()), f"{label}: non-finite output"
+    err = (y.double() - ref).abs()
+    worst = float((err - TOL[dtype] * bound).max())
+    assert worst <= 0, f"{label}: max |err| {float(err.max()):.3g} exceeds {TOL[dtype]} * sum|x||w|"
+
+
+def _cases(device):
+    for rows, cols, group, path in SHAPES:
+        if device == "cuda" and path == "tuned":  # compiled autotuning is slow: a smoke subset on the GPU
+            yield from (pytest.param(rows, cols, group, path, m, dt, id=f"{rows}x{cols}-g{group}-{path}-m{m}-{dt}")
+                        for m in (1, 16, 70) for dt in (torch.bfloat16,))
+            continue
+        dtypes = list(TOL)
+        for i, m in enumerate(TOKENS):  # the 8-group shape with every dtype; the larger ones rotate the dtype
+            for dt in dtypes if group == 8 else [dtypes[(i + (path == "tuned")) % 3]]:
+                yield pytest.param(rows, cols, group, path, m, dt, id=f"{rows}x{cols}-g{group}-{path}-m{m}-{dt}")
+
+
+def _params():
+    out = []
+    for device in DEVICES:
+        for p in _cases(device):
+            out.append(pytest.param(device, *p.values, id=f"{device}-{p.id}",
+                                    marks=[pytest.mark.cuda] if device == "cuda" else []))
+    return out
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("device,rows,cols,group,path,tokens,dtype", _params(), indirect=False)
+def test_int8_matmul_triton(device, rows, cols, group, path, tokens, dtype, transpose, monkeypatch):
+    from weightkit.kernels import quant
+
+    monkeypatch.setattr(quant, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
+    w = torch.randn(rows, cols, device=device)
+    scale = absmax_scale(w, group)
+    q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=device)
+    w64 = dequantize_int8(q, scale, group).double()
+    x = torch.randn(tokens, rows if transpose else cols, device=device).to(dtype)
+    y = quant.int8_matmul_triton(x, q, scale, group, transpose)
+    _check(y, x, w64, transpose, dtype, f"int8 {path} {tokens}x{rows}x{cols} g{group} t={transpose}")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("device,rows,cols,group,path,tokens,dtype", _params(), indirect=False)
+def test_int4_matmul_triton(device, rows, cols, group, path, tokens, dtype, transpose, monkeypatch):
+    from weightkit.kernels import int4, quant
+
+    monkeypatch.setattr(quant, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
+    w = torch.randn(rows, cols, device=device)
+    packed, scale, zero = quantize_int4(w, group)
+    w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
+    x = torch.randn(tokens, rows if transpose else cols, device=device).to(dtype)
+    y = int4.int4_matmul_triton(x, packed, scale, zero, group, rows, cols, transpose)
+    _check(y, x, w64, transpose, dtype, f"int4 {path} {tokens}x{rows}x{cols} g{group} t={transpose}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("tokens", [2, 9])
+def test_int4_groups_across_rows_and_strided_x(device, transpose, tokens):
+    """cols % group != 0 (groups and bytes straddle rows: the per-element path) and a transposed-view x."""
+    from weightkit.kernels import int4
+
+    rows, cols, group = 8, 6, 4
+    w = torch.randn(rows, cols, device=device)
+    packed, scale, zero = quantize_int4(w, group)
+    w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
+    x = torch.randn(rows if transpose else cols, tokens, device=device).T  # strides (1, tokens)
+    y = int4.int4_matmul_triton(x, packed, scale, zero, group, rows, cols, transpose)
+    _check(y, x, w64, transpose, torch.float32, f"int4 strided t={transpose}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_tiny(device):
+    from weightkit.kernels import quant
+
+    q = torch.randint(-128, 128, (3, 16), dtype=torch.int8, device=device)
+    scale = absmax_scale(torch.randn(3, 16, device=device), 16)
+    assert quant.int8_matmul_triton(torch.randn(0, 16, device=device), q, scale, 16, False).shape == (0, 3)
+    x = torch.randn(1, 3, device=device)
+    w64 = dequantize_int8(q, scale, 16).double()
+    _check(quant.int8_matmul_triton(x, q, scale, 16, True), x, w64, True, torch.float32, "1 x 3 x 16")
+
+
+def test_autotuners_are_module_level():
+    """bench/gpu_report.py prints every triton Autotuner found in weightkit.kernels modules."""
+    from weightkit.kernels import int4, quant
+
+    for mod, names in ((quant, ("int8_gemv_autotune", "int8_gemv_t_autotune", "int8_mm_autotune",
+                                "int8_mm_t_autotune")),
+                       (int4, ("int4_gemv_autotune", "int4_gemv_t_autotune", "int4_mm_autotune",
+                               "int4_mm_t_autotune"))):
+        for name in names:
+            assert isinstance(getattr(mod, name), triton.runtime.Autotuner), name
