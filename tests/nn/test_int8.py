@@ -85,6 +85,11 @@ def test_to_device_and_dtype_keeps_int8_weight_and_float32_scale(device):
     x = torch.randn(3, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().sum().backward()
     assert x.grad.device.type == device and layer.weight.float_grad.device.type == device
+    accumulated = layer.weight.float_grad.clone()
+    layer.to("cpu").to(device=device, dtype=torch.bfloat16)  # an accumulated weight gradient moves with the layer
+    assert layer.weight.float_grad.dtype == torch.float32 and layer.weight.float_grad.device.type == device
+    layer(x).float().sum().backward()  # and keeps accumulating there
+    torch.testing.assert_close(layer.weight.float_grad, 2 * accumulated, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -111,10 +111,14 @@ class Int8Linear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) must not round the scales: keep them float32, follow only the device
+        # .to(dtype) must not round the scales: keep them float32, follow only the device. The same for an
+        # accumulated float_grad (float32, on the weight's device: the next backward adds to it there)
         scale = self.scale
+        float_grad = getattr(self.weight, "float_grad", None)
         super()._apply(fn, recurse)
         self.scale = scale.to(device=self.scale.device)
+        if float_grad is not None:
+            self.weight.float_grad = float_grad.to(device=self.weight.device)
         return self
 
     def dequantized_weight(self) -> Tensor:
