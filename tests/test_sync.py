@@ -37,11 +37,13 @@ def default_checks(weightkit_env):
     """weightkit's default settings: debug checks neither forced by the environment nor by a switch."""
     weightkit_env("WEIGHTKIT_DEBUG_CHECKS", None)
     weightkit_env("WEIGHTKIT_CHECK_FINITE", None)
-    token = _checks._DEBUG.set(None)
+    switch = getattr(_checks, "_DEBUG", None)  # the context's switch (set_debug_checks): back to "not set"
+    token = switch.set(None) if switch is not None else None
     try:
         yield
     finally:
-        _checks._DEBUG.reset(token)
+        if token is not None:
+            switch.reset(token)
 
 
 @contextlib.contextmanager
