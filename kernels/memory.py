@@ -14,8 +14,8 @@ Forward, y[t] = sum_k p[t, k] T[key[t, k]] (fp32 accumulation, y in x's dtype):
 * Hash (key, p) computed inline per step when n is small (no extra launch; the recomputation per column block is
   a few exp per loaded row), precomputed once per (token, table) by ``_memory_hash_kernel`` when n >= _PRE_MIN_N.
 * Autotuned (module-level ``memory_forward_autotuned``, key: n bucket (next power of 2), K, d_out, TAU, PRE and the
-  dtypes). With torch.use_deterministic_algorithms(True) a shape heuristic picks the config instead, so the
-  bits do not depend on timing noise of a tuning run.
+  dtypes) for tables of >= _TUNE_MIN_TABLE elements. Smaller tables, and torch.use_deterministic_algorithms(True)
+  (bits must not depend on the timing noise of a tuning run), take a shape rule (``_fwd_default``).
 
 Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once,
 loops over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with
@@ -38,6 +38,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
 _MAX_SPLIT = 64
 _PARTIAL_BYTES = 32 << 20  # cap on the forward's fp32 split partials
+_TUNE_MIN_TABLE = 1 << 22  # table elements from which the kernels are autotuned (smaller: the shape rules)
 
 
 @triton.jit
@@ -211,6 +212,12 @@ def _token_blocks(nb):
     return {1, nb} if nb <= 16 else {b for b in (16, 64) if b <= nb}
 
 
+def _block_n_ok(bn, d_out):
+    """Column tiles of >= 128 values (256 B in bf16: 16 B per thread) unless d_out is smaller, none wider than
+    d_out needs."""
+    return min(128, max(64, _pow2(d_out))) <= bn <= max(64, _pow2(d_out))
+
+
 def _warps(tile):
     return max(2, min(8, tile // 512))  # ~16 fp32 values per thread and tensor
 
@@ -259,7 +266,7 @@ def _fwd_prune_for(configs, nb, K, d_out, sms):
     for c in configs:
         bt, bk, bn, split = (c.kwargs[k] for k in ("BLOCK_T", "BLOCK_K", "BLOCK_N", "SPLIT"))
         tile = bt * bk * bn
-        if bt not in bts or tile not in tiles or bn > max(64, _pow2(d_out)) or bk > _pow2(K):
+        if bt not in bts or tile not in tiles or not _block_n_ok(bn, d_out) or bk > _pow2(K):
             continue
         if c.num_warps != _warps(tile):
             continue
@@ -267,7 +274,7 @@ def _fwd_prune_for(configs, nb, K, d_out, sms):
         if split not in _split_choices(base, _split_cap(nb, K, d_out, bk), sms):
             continue
         steps = triton.cdiv(triton.cdiv(K, split), bk)  # loop trips per program
-        if c.num_stages not in ((1, 3) if steps >= 8 else (1,)):
+        if c.num_stages not in ((1, 3) if nb >= 64 and steps >= 8 else (1,)):
             continue
         keep.append(c)
     return keep or [_fwd_default(nb, K, d_out, sms)]
@@ -299,13 +306,13 @@ def _bwd_prune_for(configs, nb, K, d_out, sms):
     for c in configs:
         bt, bk, bn = (c.kwargs[k] for k in ("BLOCK_T", "BLOCK_K", "BLOCK_N"))
         tile = bt * bk * bn
-        if bt not in bts or tile not in tiles or bn > max(64, _pow2(d_out)) or bk > _pow2(K):
+        if bt not in bts or tile not in tiles or not _block_n_ok(bn, d_out) or bk > _pow2(K):
             continue
         if c.num_warps != _warps(tile):
             continue
         if bk > 1 and triton.cdiv(nb, bt) * triton.cdiv(K, bk) < sms:  # keep >= 1 program per SM
             continue
-        if c.num_stages not in ((1, 3) if triton.cdiv(d_out, bn) >= 8 else (1,)):
+        if c.num_stages not in ((1, 3) if nb >= 64 and triton.cdiv(d_out, bn) >= 8 else (1,)):
             continue
         keep.append(c)
     return keep or [_bwd_default(nb, K, d_out)]
@@ -330,9 +337,9 @@ def _seg_prune_for(configs, d_out):
     keep = []
     for c in configs:
         rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
-        if rows < 4 or bn < min(128, max(64, _pow2(d_out))) or bn > max(64, _pow2(d_out)):
+        if rows < 4 or not _block_n_ok(bn, d_out):
             continue
-        if rows * bn not in (1024, 2048, 4096) or c.num_warps != max(1, min(8, rows * bn // 256)):
+        if rows * bn not in (1024, 2048) or c.num_warps != max(1, min(8, rows * bn // 256)):
             continue
         if c.num_stages not in (1, 2):
             continue
@@ -394,24 +401,35 @@ def memory_hash_triton(x, K, tau, t):
     return keys, ps
 
 
-def _launch_forward(x, tables, t, y, config=None):
-    """Run the forward kernel (autotuned, or ``config``) into y; returns the config used."""
+def _tuned(tables):
+    """Autotune only tables big enough for it to matter (under the interpreter: always, with its one config);
+    smaller ones, and torch.use_deterministic_algorithms(True), take the shape rule."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return _INTERPRET or tables.numel() >= _TUNE_MIN_TABLE
+
+
+def _launch_forward(x, tables, t, y, config=None, pre=None):
+    """Run the forward into y with ``config`` (None: autotuned or the shape rule, see _tuned); returns the config."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
     nb = _n_bucket(n)
     sms = _sm_count(x.device)
-    pre = n >= _PRE_MIN_N
+    pre = n >= _PRE_MIN_N if pre is None else pre
     if pre:
         keys, ps = memory_hash_triton(x, K, tau, t)
     else:  # unused pointers; same dtypes as the real ones so the autotuning key does not change
         keys = torch.empty(1, dtype=_key_dtype(K, tau), device=x.device)
         ps = torch.empty(1, dtype=torch.float32, device=x.device)
-    max_split = config.kwargs["SPLIT"] if config is not None else _fwd_max_split(nb, K, d_out, sms)
+    tuned = config is None and _tuned(tables)
+    if config is None and not tuned:
+        config = _fwd_default(nb, K, d_out, sms)
+    max_split = _fwd_max_split(nb, K, d_out, sms) if tuned else config.kwargs["SPLIT"]
     parts = torch.empty((max_split, n, d_out) if max_split > 1 else (1,), dtype=torch.float32, device=x.device)
     args = (x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb)
     meta = dict(TAU=tau, TAU_P2=_pow2(tau), PRE=pre)
-    if config is None:
+    if tuned:
         grid = lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(d_out, m["BLOCK_N"]), m["SPLIT"])  # noqa: E731
         memory_forward_autotuned[grid](*args, **meta)
         config = memory_forward_autotuned.best_config
@@ -433,30 +451,32 @@ def memory_lookup_forward_triton(x, tables, t):
     if n == 0 or d_out == 0 or K == 0:
         return torch.zeros((n, d_out), dtype=x.dtype, device=x.device)
     y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
-    config = None
-    if torch.are_deterministic_algorithms_enabled():  # bits must not depend on a tuning run's timings
-        config = _fwd_default(_n_bucket(n), K, d_out, _sm_count(x.device))
-    _launch_forward(x, tables, t, y, config)
+    _launch_forward(x, tables, t, y)
     return y
 
 
 def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, config=None):
+    """Input gradient into gx (and gt += p g with ATOMICS, key/p with STORE_KEYS); config None: autotuned or the
+    shape rule (see _tuned)."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
     args = (grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, _n_bucket(n))
     meta = dict(ATOMICS=atomics, STORE_KEYS=store_keys, TAU=tau, TAU_P2=_pow2(tau))
-    if config is None:
+    if config is None and _tuned(tables):
         grid = lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(K, m["BLOCK_K"]))  # noqa: E731
         memory_backward_autotuned[grid](*args, **meta)
-    else:
-        c = config.kwargs
-        _memory_backward_kernel[(triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(K, c["BLOCK_K"]))](
-            *args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+        return memory_backward_autotuned.best_config
+    config = config or _bwd_default(_n_bucket(n), K, d_out)
+    c = config.kwargs
+    _memory_backward_kernel[(triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(K, c["BLOCK_K"]))](
+        *args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+    return config
 
 
 def _launch_segments(keys, ps, grad, gt, config=None):
-    """gt (K, 2^tau, d_out), every row written: fixed-order run sums over the stably sorted keys."""
+    """gt (K, 2^tau, d_out), every row written: fixed-order run sums over the stably sorted keys. The bits do not
+    depend on the config, so this one is autotuned in deterministic mode too."""
     n, K = keys.shape
     rows = gt.shape[0] * gt.shape[1]
     d_out = gt.shape[2]
@@ -464,13 +484,15 @@ def _launch_segments(keys, ps, grad, gt, config=None):
     bounds = torch.arange(rows + 1, dtype=keys.dtype, device=keys.device)
     starts = torch.searchsorted(sorted_keys, bounds, out_int32=n * K < 2**31)
     args = (starts, order, ps, grad, gt, rows, K, d_out, _n_bucket(n))
-    if config is None:
+    if config is None and (_INTERPRET or gt.numel() >= _TUNE_MIN_TABLE):
         grid = lambda m: (triton.cdiv(rows, m["ROWS"]), triton.cdiv(d_out, m["BLOCK_N"]))  # noqa: E731
         memory_segment_autotuned[grid](*args)
-    else:
-        c = config.kwargs
-        _segment_rows_kernel[(triton.cdiv(rows, c["ROWS"]), triton.cdiv(d_out, c["BLOCK_N"]))](
-            *args, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+        return memory_segment_autotuned.best_config
+    config = config or _seg_default(d_out)
+    c = config.kwargs
+    _segment_rows_kernel[(triton.cdiv(rows, c["ROWS"]), triton.cdiv(d_out, c["BLOCK_N"]))](
+        *args, **c, num_warps=config.num_warps, num_stages=config.num_stages)
+    return config
 
 
 def memory_lookup_backward_triton(grad, x, tables, t, deterministic):
@@ -479,11 +501,12 @@ def memory_lookup_backward_triton(grad, x, tables, t, deterministic):
     tau = buckets.bit_length() - 1
     gx = torch.empty((n, K * tau), dtype=x.dtype, device=x.device)
     if n * K == 0:
-        return gx.zero_(), torch.zeros_like(tables)
+        return gx, torch.zeros_like(tables)
     if deterministic:
         gt = torch.empty_like(tables)  # every row written once by the segment kernel
         keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
         ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
+        # fixed config: the input gradient's dot over d_out is summed in the config's order
         _launch_backward(grad, x, tables, t, gx, gt, keys, ps, False, True, _bwd_default(_n_bucket(n), K, d_out))
         if d_out:
             _launch_segments(keys, ps, grad, gt)

@@ -1,0 +1,219 @@
+"""weightkit.kernels.memory (the triton backend of memory_lookup): forward and both backward modes against a float64
+reference over n / K / tau / d_out / dtype, forced configs (SPLIT 1 and > 1, inline and precomputed hash, token,
+table and column blocks of several sizes), bitwise repeatable and config-independent deterministic table gradient,
+and the autotuning config spaces (pruned sets non-empty and within the partial buffer). Runs under
+TRITON_INTERPRET=1 on the CPU, compiled on a GPU."""
+
+import pytest
+import torch
+
+from tests.conftest import DEVICES
+from weightkit.ops import memory
+from weightkit.ops.memory import memory_lookup_reference
+
+TRITON_DEVICES = [d for d in DEVICES if memory._FWD.why_not("triton", torch.device(d)) is None]
+pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="triton backend unavailable (no GPU, no TRITON_INTERPRET)")
+
+if TRITON_DEVICES:
+    import triton
+
+    from weightkit.kernels import memory as km
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+T = 1.3
+
+
+def inputs(n, K, tau, d_out, dtype, device, table_dtype=None):
+    x = torch.randn(n, K * tau, device=device).to(dtype)
+    x[0, :tau] = 0.0  # an all-zero chunk: bucket 0, sign(0) = 0
+    tables = (torch.randn(K, 2**tau, d_out, device=device) * 0.1).to(table_dtype or dtype)
+    return x, tables
+
+
+def ref64(x, tables, g):
+    x64 = x.double().requires_grad_(True)
+    t64 = tables.double().requires_grad_(True)
+    y = memory_lookup_reference(x64, t64, T)
+    gx, gt = torch.autograd.grad(y, (x64, t64), g.double())
+    return y.detach(), gx, gt
+
+
+def close(a, b, dtype, what):
+    torch.testing.assert_close(a.double(), b, **TOL[dtype], msg=lambda s: f"{what}: {s}")
+
+
+# every value of n, K, tau, d_out and dtype at least twice, and one mixed case (bf16 x, fp32 tables)
+CASES = [(1, 9, 8, 130, torch.float32), (5, 3, 4, 7, torch.bfloat16), (33, 9, 1, 64, torch.float16),
+         (33, 3, 8, 130, torch.bfloat16), (5, 1, 8, 64, torch.float32), (1, 3, 1, 7, torch.float16),
+         (33, 1, 4, 130, torch.float32)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n,K,tau,d_out,dtype", CASES)
+def test_forward_backward_match_float64(device, n, K, tau, d_out, dtype):
+    x, tables = inputs(n, K, tau, d_out, dtype, device)
+    g = torch.randn(n, d_out, device=device).to(dtype)
+    y64, gx64, gt64 = ref64(x, tables, g)
+    y = km.memory_lookup_forward_triton(x, tables, T)
+    assert y.dtype == dtype and y.shape == (n, d_out)
+    close(y, y64, dtype, "forward")
+    for det in (False, True):
+        gx, gt = km.memory_lookup_backward_triton(g, x, tables, T, det)
+        assert gx.dtype == dtype and gt.dtype == tables.dtype
+        close(gx, gx64, dtype, f"grad_x deterministic={det}")
+        close(gt, gt64, dtype, f"grad_tables deterministic={det}")
+    gx2, gt2 = km.memory_lookup_backward_triton(g, x, tables, T, True)
+    assert torch.equal(gx, gx2) and torch.equal(gt, gt2)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_mixed_dtypes(device):
+    """bf16 activations with fp32 tables: fp32 accumulation, output and grad_x in x's dtype, grad_tables fp32."""
+    x, tables = inputs(6, 3, 4, 40, torch.bfloat16, device, table_dtype=torch.float32)
+    g = torch.randn(6, 40, device=device).to(torch.bfloat16)
+    y64, gx64, gt64 = ref64(x, tables, g)
+    y = km.memory_lookup_forward_triton(x, tables, T)
+    assert y.dtype == torch.bfloat16
+    close(y, y64, torch.bfloat16, "forward")
+    for det in (False, True):
+        gx, gt = km.memory_lookup_backward_triton(g, x, tables, T, det)
+        assert gx.dtype == torch.bfloat16 and gt.dtype == torch.float32
+        close(gx, gx64, torch.bfloat16, "grad_x")
+        torch.testing.assert_close(gt.double(), gt64, rtol=1e-4, atol=1e-4)
+
+
+def cfg(num_warps=4, num_stages=1, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+FWD_CONFIGS = [cfg(BLOCK_T=1, BLOCK_K=1, BLOCK_N=16, SPLIT=1),
+               cfg(BLOCK_T=4, BLOCK_K=2, BLOCK_N=64, SPLIT=4),  # K=3: 2 of the 4 splits are empty
+               cfg(BLOCK_T=16, BLOCK_K=4, BLOCK_N=32, SPLIT=2, num_warps=2),
+               cfg(BLOCK_T=2, BLOCK_K=8, BLOCK_N=128, SPLIT=1, num_stages=3)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("pre", [False, True])
+@pytest.mark.parametrize("n,K,tau,d_out,dtype", [(5, 3, 4, 130, torch.float32), (33, 9, 8, 7, torch.bfloat16)])
+def test_forward_forced_configs(device, pre, n, K, tau, d_out, dtype):
+    """The forward kernel launched with explicit configs: SPLIT 1 (direct store) and > 1 (partials + reduce),
+    hash inline and precomputed; all agree with float64."""
+    x, tables = inputs(n, K, tau, d_out, dtype, device)
+    y64 = memory_lookup_reference(x.double(), tables.double(), T)
+    for config in FWD_CONFIGS:
+        y = torch.full((n, d_out), float("nan"), dtype=dtype, device=device)
+        used = km._launch_forward(x, tables, T, y, config, pre=pre)
+        assert used is config
+        close(y, y64, dtype, f"forward {config}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_hash_kernel(device):
+    x, _ = inputs(7, 5, 6, 3, torch.float32, device)
+    keys, ps = km.memory_hash_triton(x, 5, 6, T)
+    z = x.reshape(7, 5, 6).double()
+    h = ((z > 0).long() << torch.arange(6, device=device)).sum(-1)
+    assert keys.dtype == torch.int32
+    assert torch.equal(keys.long(), h + 64 * torch.arange(5, device=device))
+    torch.testing.assert_close(ps.double(), torch.sigmoid(2 * z.abs() / T).prod(-1), rtol=1e-6, atol=0)
+
+
+BWD_CONFIGS = [cfg(BLOCK_T=1, BLOCK_K=1, BLOCK_N=16), cfg(BLOCK_T=8, BLOCK_K=4, BLOCK_N=64, num_warps=2),
+               cfg(BLOCK_T=16, BLOCK_K=2, BLOCK_N=128, num_warps=8, num_stages=3)]
+SEG_CONFIGS = [cfg(ROWS=1, BLOCK_N=32), cfg(ROWS=4, BLOCK_N=64), cfg(ROWS=16, BLOCK_N=256, num_warps=8, num_stages=2)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n,K,tau,d_out,dtype", [(33, 3, 4, 130, torch.float32), (5, 9, 6, 64, torch.float16)])
+def test_backward_forced_configs(device, n, K, tau, d_out, dtype):
+    """Backward kernel (atomics and key-storing modes) with explicit configs; the segment kernel with several
+    configs gives the same bits (its per-element summation order does not depend on the config)."""
+    x, tables = inputs(n, K, tau, d_out, dtype, device)
+    x[: n // 2, : 2 * tau] = 0.0  # hot bucket 0 in tables 0 and 1: long runs
+    g = torch.randn(n, d_out, device=device).to(dtype)
+    _, gx64, gt64 = ref64(x, tables, g)
+    want_keys, want_p = km.memory_hash_triton(x, K, tau, T)
+    for config in BWD_CONFIGS:
+        gx = torch.full((n, K * tau), float("nan"), dtype=dtype, device=device)
+        gt = torch.zeros(tables.shape, dtype=torch.float32, device=device)
+        keys = torch.full((n, K), -1, dtype=torch.int32, device=device)
+        ps = torch.full((n, K), float("nan"), device=device)
+        km._launch_backward(g, x, tables, T, gx, gt, keys, ps, True, True, config)
+        close(gx, gx64, dtype, f"grad_x {config}")
+        close(gt, gt64, dtype, f"grad_tables (atomics) {config}")
+        assert torch.equal(keys, want_keys)
+        torch.testing.assert_close(ps, want_p, rtol=1e-6, atol=0)
+    outs = []
+    for config in SEG_CONFIGS:
+        gt = torch.full(tables.shape, float("nan"), dtype=dtype, device=device)  # every row must be written
+        km._launch_segments(want_keys, want_p, g, gt, config)
+        close(gt, gt64, dtype, f"grad_tables (segments) {config}")
+        outs.append(gt)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_deterministic_bitwise_repeatable_hot_buckets(device):
+    x, tables = inputs(70, 2, 2, 33, torch.float32, device)  # 70 tokens in 4 buckets per table
+    x[:40] = 0.0
+    g = torch.randn(70, 33, device=device)
+    _, gx64, gt64 = ref64(x, tables, g)
+    runs = [km.memory_lookup_backward_triton(g, x, tables, T, True) for _ in range(3)]
+    for gx, gt in runs:
+        torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gt.double(), gt64, rtol=1e-4, atol=1e-4)
+        assert torch.equal(gx, runs[0][0]) and torch.equal(gt, runs[0][1])
+    # row (table 0, bucket 0): its tokens' p * g summed one after the other in token order, in fp32
+    z0, acc = x[:, :2], torch.zeros(33, device=device)
+    for i in range(70):
+        if (z0[i] <= 0).all():
+            acc = acc + torch.sigmoid(2 * z0[i].abs() / T).prod() * g[i]
+    torch.testing.assert_close(runs[0][1][0, 0], acc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_empty_and_degenerate_shapes(device):
+    x, tables = inputs(1, 2, 3, 5, torch.float32, device)
+    y = km.memory_lookup_forward_triton(x[:0], tables, T)
+    assert y.shape == (0, 5)
+    gx, gt = km.memory_lookup_backward_triton(torch.zeros(0, 5, device=device), x[:0], tables, T, True)
+    assert gx.shape == (0, 6) and torch.equal(gt, torch.zeros_like(tables))
+    gx, gt = km.memory_lookup_backward_triton(torch.zeros(0, 5, device=device), x[:0], tables, T, False)
+    assert torch.equal(gt, torch.zeros_like(tables))
+
+
+def test_module_level_autotuners():
+    """bench/gpu_report.py prints the .cache of every triton Autotuner found at module level."""
+    if not TRITON_DEVICES:
+        pytest.skip("triton unavailable")
+    tuners = [v for v in vars(km).values() if isinstance(v, triton.runtime.Autotuner)]
+    assert {t.base_fn.__name__ for t in tuners} == {"_memory_forward_kernel", "_memory_backward_kernel",
+                                                  "_segment_rows_kernel"}
+
+
+SHAPES = [(nb, K, d) for nb in (1, 2, 16, 64, 1024, 8192) for K, d in ((512, 4096), (256, 1024), (9, 130), (1, 7))]
+
+
+@pytest.mark.parametrize("nb,K,d_out", SHAPES)
+def test_pruned_config_spaces(nb, K, d_out):
+    """The GPU config spaces (not the interpreter's single configs): every key keeps a few configs, all within the
+    pruning rules and the partial buffer the launcher allocates; the shape rules stay inside the same limits."""
+    if not TRITON_DEVICES:
+        pytest.skip("triton unavailable")
+    sms = 132
+    fwd = km._fwd_prune_for(km._fwd_space(), nb, K, d_out, sms)
+    bwd = km._bwd_prune_for(km._bwd_space(), nb, K, d_out, sms)
+    seg = km._seg_prune_for(km._seg_space(), d_out)
+    assert 1 <= len(fwd) <= 32 and 1 <= len(bwd) <= 32 and 1 <= len(seg) <= 16
+    cap = max(c.kwargs["SPLIT"] for c in fwd)
+    assert cap == 1 or cap * nb * d_out * 4 <= km._PARTIAL_BYTES
+    for c in fwd + [km._fwd_default(nb, K, d_out, sms)]:
+        kw = c.kwargs
+        assert kw["BLOCK_T"] <= max(1, nb) and kw["SPLIT"] <= 64 and 1 <= c.num_stages <= 4
+        assert kw["SPLIT"] <= triton.cdiv(K, kw["BLOCK_K"])  # no split without tables
+        assert kw["BLOCK_T"] * kw["BLOCK_K"] * kw["BLOCK_N"] <= 8192
+    if nb == 1 and (K, d_out) == (512, 4096):  # decode fills the SMs: >= 2 programs per SM
+        assert all(triton.cdiv(d_out, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT"] >= 2 * sms for c in fwd)
+    for c in bwd + [km._bwd_default(nb, K, d_out)]:
+        assert c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 8192
