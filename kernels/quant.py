@@ -309,7 +309,7 @@ def gemv_configs(trans, wbits):
         if wbits == 4:
             tiles += [(128, 128, 4)]
         return [_config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bk, bn, w in tiles for s in _SPLITS]
-    tiles = [(32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8)]  # (BN, BK, warps)
+    tiles = [(32, 128, 4), (64, 128, 4), (16, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8)]  # BN BK w
     if wbits == 4:
         tiles += [(128, 64, 4), (256, 64, 8)]
     return [_config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in _SPLITS]
@@ -326,15 +326,19 @@ def mm_configs(trans):
     if _INTERPRET:
         return [_config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if trans else 64, SPLIT_K=2, SCALE_AFTER_DOT=post)]
     out = []
-    decode = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3)]  # (BN, BK, warps, stages)
-    for bm in (16, 32, 64):
-        for bn, bk, w, st in decode:
+    # decode, (BLOCK_N, BLOCK_K, warps, stages, BLOCK_Ms): tiles whose sm_90 compile spills are left out
+    decode = [(64, 64, 4, 4, (16, 32, 64)), (128, 64, 4, 4, (16, 32, 64)),
+              (64, 128, 4, 3, (16, 32, 64) if post else (16,)), (128, 128, 4, 3, (16, 32) if post else ())]
+    # fp32 x without TF32 ("ieee"): tl.dot runs on FMA units; BLOCK_K <= 32 keeps its operands in registers
+    fma_decode = [(64, 32, 4, 3, (16, 32))]
+    for bn, bk, w, st, bms in decode + fma_decode:
+        for bm in bms:
             for s in _SPLITS[:4]:
                 out.append(_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, SCALE_AFTER_DOT=post))
-    prefill = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (64, 128, 64, 4, 4),
-               (128, 64, 64, 4, 4)]  # (BM, BN, BK, warps, stages)
-    prefill += [(64, 256, 64, 8, 3), (128, 128, 128, 8, 3)] if not trans else [(64, 64, 64, 4, 4)]
-    for bm, bn, bk, w, st in prefill:
+    prefill = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    prefill += [(256, 64, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3)] if post else [(64, 64, 64, 4, 4)]
+    prefill += [(64, 64, 16, 4, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)]  # FMA (ieee) tiles
+    for bm, bn, bk, w, st in prefill:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         out.append(_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SCALE_AFTER_DOT=post))
     return out
 
@@ -395,13 +399,14 @@ def make_mm_pruner(trans, wbits):
         sms, smem = _device_info(x.device)
         mb = triton.next_power_of_2(m)
         decode = m <= SPLIT_MAX_M
+        fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K <= 32 configs, else >= 64
         fit = []
         for c in configs:
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            if g % (bn if trans else bk):
+            if g % (bn if trans else bk) or (bk <= 32) != fma:
                 continue
-            if decode:  # one BLOCK_M: the token count rounded up to 16, 32 or 64
-                if bm != min(max(mb, 16), 64):
+            if decode:  # one BLOCK_M: the token count rounded up to 16, 32 or 64 (FMA tiles: 16 or 32)
+                if bm != min(max(mb, 16), 32 if fma else 64):
                     continue
             elif c.kwargs["SPLIT_K"] > 1 or bm < 64 or bm > max(mb, 64):
                 continue
@@ -469,13 +474,14 @@ def dequant_matmul(gemv_kernel, mm_kernel, tuners, x, wargs, y, N, K, G, transpo
                 cfg = dict(BLOCK_K=bk or 32, BLOCK_N=max(8, min(64, 4096 // (mb * (bk or 32)))))
             ok = (bn if transpose else bk) is not None
         else:
-            bm = min(max(mb, 16), 64)
+            fma = precision == "ieee" and x.dtype == torch.float32  # FMA dot: smaller tiles (see mm_configs)
+            bm = min(max(mb, 16), 32 if fma else 64)
             if transpose:
                 bn = _largest_divisor(G, (64, 32, 16)) if aligned else None
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=32, SCALE_AFTER_DOT=False)
                 ok = bn is not None
             else:
-                bk = _largest_divisor(G, (64, 32, 16)) if aligned else None
+                bk = _largest_divisor(G, (32, 16) if fma else (64, 32, 16)) if aligned else None
                 ok = bk is not None
                 cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or 32, SCALE_AFTER_DOT=ok)
         kernel = gemv_kernel if M <= GEMV_MAX_M else mm_kernel
