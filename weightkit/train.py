@@ -396,6 +396,28 @@ def _quiet_third_party() -> None:
         log.addFilter(_DropBnbCpuProbe())
 
 
+class _NoBar:
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+
+def _progress(steps, method: str, enabled: bool):
+    """A tqdm bar over ``steps`` (a plain iteration when disabled or tqdm is not installed)."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return _NoBar(steps)
+        return tqdm(steps, desc=f"{method:>8}", leave=True)
+    return _NoBar(steps)
+
+
 def timing_start(steps: int) -> int:
     """Steps excluded from tokens/s: the first 10% (at most 10, at least 1 when there are 2+ steps): CUDA/BLAS
     warm-up, allocator growth and the first projector SVDs."""
@@ -405,8 +427,6 @@ def timing_start(steps: int) -> int:
 def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float] = None,
         lr_source: Optional[str] = None) -> RunResult:
     """Train with one method in this process and measure it."""
-    from tqdm import tqdm
-
     from weightkit.data import batches as make_batches
     from weightkit.data import byte_corpus
     from weightkit.models.llama import num_parameters
@@ -451,7 +471,7 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
     start = time.perf_counter()
     if skip == 0:
         marks.append((0, start))
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{method:>8}", disable=not progress, leave=True)
+    bar = _progress(range(1, cfg.steps + 1), method, progress)
     for step in bar:
         x, y = next(it)
         with _autocast(device):
