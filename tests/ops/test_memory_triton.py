@@ -217,3 +217,15 @@ def test_pruned_config_spaces(nb, K, d_out):
         assert all(triton.cdiv(d_out, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT"] >= 2 * sms for c in fwd)
     for c in bwd + [km._bwd_default(nb, K, d_out)]:
         assert c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 8192
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_forward_tuning_hook_reduces_splits(device):
+    """The autotuner's post_hook (run after each timed config) sums the config's partials into y in split order."""
+    parts = torch.randn(4, 3, 10, device=device)
+    y = torch.empty(3, 10, device=device)
+    km._fwd_post_hook(dict(part_ptr=parts, y_ptr=y, n=3, d_out=10, SPLIT=3), None)
+    assert torch.equal(y, (parts[0] + parts[1]) + parts[2])
+    y2 = y.clone()
+    km._fwd_post_hook(dict(part_ptr=parts, y_ptr=y, n=3, d_out=10, SPLIT=1), None)  # SPLIT 1 stored y itself
+    assert torch.equal(y, y2)
