@@ -474,16 +474,16 @@ def dequant_matmul(gemv_kernel, mm_kernel, tuners, x, wargs, y, N, K, G, transpo
                 cfg = dict(BLOCK_K=bk or 32, BLOCK_N=max(8, min(64, 4096 // (mb * (bk or 32)))))
             ok = (bn if transpose else bk) is not None
         else:
-            fma = precision == "ieee" and x.dtype == torch.float32  # FMA dot: smaller tiles (see mm_configs)
+            fma = precision == "ieee" and x.dtype == torch.float32  # FMA dot: small tiles (sm_90: no spills)
             bm = min(max(mb, 16), 32 if fma else 64)
             if transpose:
                 bn = _largest_divisor(G, (64, 32, 16)) if aligned else None
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=32, SCALE_AFTER_DOT=False)
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=16 if fma else 32, SCALE_AFTER_DOT=False)
                 ok = bn is not None
             else:
-                bk = _largest_divisor(G, (32, 16) if fma else (64, 32, 16)) if aligned else None
+                bk = _largest_divisor(G, (16,) if fma else (64, 32, 16)) if aligned else None
                 ok = bk is not None
-                cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or 32, SCALE_AFTER_DOT=ok)
+                cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or (16 if fma else 32), SCALE_AFTER_DOT=ok)
         kernel = gemv_kernel if M <= GEMV_MAX_M else mm_kernel
         grid_size = grid(dict(cfg, SPLIT_K=1))
         kernel[grid_size](*args, y, *tail, mb, 1, ALIGNED=ok, EVEN_K=even_k(cfg["BLOCK_K"]), **meta, **cfg, num_warps=4,
