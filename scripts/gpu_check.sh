@@ -6,8 +6,9 @@
 #   4. runs bench/gpu_report.py (the issues' tables: kernels vs the baselines a GPU user has, copy bandwidth, the
 #      Triton autotuner's choices) and the pytest-benchmark suites, each under a time budget,
 #   5. optionally the training job on a >= 300M-parameter model (STAGES=...,train).
-# Logs and JSON go to DIR; benchmark JSON also to bench/results/<gpu>-<date>-<suite>.json. DIR/summary.txt is the
-# short version. Missing bitsandbytes / galore-torch / q-galore-torch (no network on the GPU machines) are taken
+# Logs and JSON go to DIR (at most 8 files: summary.txt, build.log, tests.log, gpu-report.{log,json}, bench.{log,json},
+# train.log; tests.xml too with JUNIT=1); benchmark JSON also to bench/results/<gpu>-<date>-<suite>.json.
+# DIR/summary.txt is the short version. Missing bitsandbytes / galore-torch / q-galore-torch (no network on the GPU machines) are taken
 # from ./.gpu-site when it exists (../shared/device/site-packages.sh .gpu-site makes it).
 # Budgets (seconds, env): TEST_BUDGET=200 REPORT_BUDGET=110 BENCH_BUDGET=60 TRAIN_BUDGET=150. STAGES picks stages
 # (default build,info,test,report,bench). Exit status: non-zero if the build or any test failed.
@@ -30,6 +31,8 @@ stamp "start: $(date -u +%FT%TZ) stages=$STAGES"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | tee -a "$OUT_DIR/summary.txt"
 $PY -c "import torch,triton,sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT_DIR/summary.txt"
 
+tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
+
 if has build; then
   arch=$($PY -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
   stamp "build for sm_${arch/./}"
@@ -41,7 +44,7 @@ if has build; then
 fi
 
 if has info; then
-  $PY -m weightkit info 2>&1 | tee "$OUT_DIR/info.txt" | tee -a "$OUT_DIR/summary.txt"
+  $PY -m weightkit info 2>&1 | tee -a "$OUT_DIR/summary.txt"
 fi
 
 if has test; then
@@ -49,7 +52,7 @@ if has test; then
   # 2 BLAS threads per worker, as on CI's 2 cores: 8 workers x all cores each oversubscribe the CPU tests
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-200}" \
     $PY -m pytest -p no:cacheprovider -n "${TEST_WORKERS:-8}" -v -rfE \
-    --timeout=170 --durations=25 --junitxml="$OUT_DIR/tests.xml" ${TEST_ARGS:-tests} >"$OUT_DIR/tests.log" 2>&1
+    --timeout=170 --durations=25 ${JUNIT:+--junitxml="$OUT_DIR/tests.xml"} ${TEST_ARGS:-tests} >"$OUT_DIR/tests.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=1
   stamp "tests exit $rc (124/130 = budget hit); result lines:"
@@ -65,14 +68,12 @@ if has report; then
   timeout --kill-after=10 $(( ${REPORT_BUDGET:-110} + 40 )) $PY -m bench.gpu_report --budget "${REPORT_BUDGET:-110}" \
     --out "$OUT_DIR/gpu-report.json" ${REPORT_ARGS:-} >"$OUT_DIR/gpu-report.log" 2>&1
   stamp "gpu_report exit $?"
-  tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
   [ -f "$OUT_DIR/gpu-report.json" ] && cp "$OUT_DIR/gpu-report.json" "bench/results/${tag}-$(date +%F)-gpu-report.json"
   grep -E "^  |^\[" "$OUT_DIR/gpu-report.log" | cut -c1-150 >>"$OUT_DIR/summary.txt"
 fi
 
 if has bench; then
   stamp "pytest-benchmark suites: budget ${BENCH_BUDGET:-60}s"
-  tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
   timeout --signal=INT --kill-after=15 "${BENCH_BUDGET:-60}" $PY -m pytest -q -p no:cacheprovider ${BENCH_ARGS:-bench} \
     --benchmark-json "$OUT_DIR/bench.json" --benchmark-max-time=0.05 --benchmark-min-rounds=3 \
     --benchmark-columns=min,median,rounds >"$OUT_DIR/bench.log" 2>&1
@@ -82,11 +83,12 @@ fi
 
 if has train; then
   stamp "train: budget ${TRAIN_BUDGET:-150}s: ${TRAIN_ARGS:-}"
-  timeout --kill-after=15 "${TRAIN_BUDGET:-150}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR" ${TRAIN_ARGS:-} \
-    >"$OUT_DIR/train.log" 2>&1
+  mkdir -p "$OUT_DIR/train"
+  timeout --kill-after=15 "${TRAIN_BUDGET:-150}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR/train" \
+    ${TRAIN_ARGS:-} >"$OUT_DIR/train.log" 2>&1
   stamp "train exit $?"
   tail -25 "$OUT_DIR/train.log" | tee -a "$OUT_DIR/summary.txt"
-  cp "$OUT_DIR"/train-*.json bench/results/ 2>/dev/null
+  for f in "$OUT_DIR"/train/train-*; do [ -f "$f" ] && cp "$f" "bench/results/${tag}-$(basename "$f")"; done
 fi
 
 stamp "done, status $status"
