@@ -136,6 +136,8 @@ def quant():
     packed, sc, zp = int4.quantize_int4(w, 64)
     tiny = None
     try:  # torch's tinygemm int4 kernel (what torch/torchao users have), group 64
+        if not peers:
+            raise RuntimeError("skipped (QUANT_PEERS=0)")
         wq = torch.randint(0, 16, (d, d), dtype=torch.int32, device="cuda")
         wq = (wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8)
         packed_tiny = torch._convert_weight_to_int4pack(wq, 8)
@@ -144,7 +146,10 @@ def quant():
     except Exception as exc:  # noqa: BLE001
         print(f"  (tinygemm unavailable: {exc})")
     bnb_layers = {}
+    peers = os.environ.get("QUANT_PEERS", "1") == "1"  # bitsandbytes / tinygemm rows (QUANT_PEERS=0 skips them)
     try:  # bitsandbytes (carried to the GPU machine in .gpu-site)
+        if not peers:
+            raise RuntimeError("skipped (QUANT_PEERS=0)")
         import bitsandbytes as bnb
 
         l8 = bnb.nn.Linear8bitLt(d, d, bias=False, has_fp16_weights=False, threshold=0.0)
