@@ -20,62 +20,62 @@ def philox_uniform(position, seed):
     return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
-def _stochastic_round_int8_kernel(x_ptr, inv_scale_ptr, out_ptr, n, group_size, seed, offset, BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
+def _u24(bits):
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def philox_uniform4(counter, seed, N: tl.constexpr):
+    """The uniforms of stream positions 4 * counter + 0..3, interleaved: N = 4 * len(counter) values, in order.
+    One Philox evaluation gives four lanes (the stream's definition, weightkit.ops.rng), so this costs a quarter of
+    calling philox_uniform per element."""
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, 10)
+    # join adds a last axis: join(join(a, c), join(b, d))[i, k, j] is (a, b, c, d)[2k + j]: lanes 0..3 in order
+    return tl.reshape(tl.join(tl.join(_u24(r0), _u24(r2)), tl.join(_u24(r1), _u24(r3))), (N,))
+
+
+def _sr_configs():
+    if _INTERPRET:  # the interpreter would time every config in numpy
+        return [triton.Config({"ROWS": 64}, num_warps=4)]
+    return [triton.Config({"ROWS": r}, num_warps=w) for r in (128, 256, 512, 1024) for w in (4, 8)]
+
+
+@triton.autotune(configs=_sr_configs(), key=["n", "OFF3"])
+@triton.jit
+def _stochastic_round_int8_kernel(x_ptr, inv_scale_ptr, out_ptr, n, group_size, seed, offset, OFF3: tl.constexpr,
+                                  ROWS: tl.constexpr):
+    """A program covers 4 * ROWS consecutive stream positions starting at a multiple of 4 (element
+    pid * 4 * ROWS - OFF3, OFF3 = offset % 4): one Philox evaluation per 4 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * (4 * ROWS) - OFF3 + tl.arange(0, 4 * ROWS)
+    mask = (idx >= 0) & (idx < n)
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     inv = tl.load(inv_scale_ptr + idx // group_size, mask=mask, other=1.0)
-    u = philox_uniform(idx + offset, seed)
+    u = philox_uniform4((offset >> 2) + pid * ROWS + tl.arange(0, ROWS), seed, 4 * ROWS)
     q = tl.floor(x * inv + u)  # launched with enable_fp_fusion=False: no fma, as in the reference
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     tl.store(out_ptr + idx, q.to(tl.int8), mask=mask)
 
 
-def stochastic_round_int8_triton(x, scale, group_size, seed, offset, block=1024):
+def stochastic_round_int8_triton(x, scale, group_size, seed, offset):
     out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     inv_scale = 1.0 / scale  # IEEE division in torch; Triton's own fp32 division is approximate
     n = x.numel()
-    grid = (triton.cdiv(n, block),)
-    _stochastic_round_int8_kernel[grid](x, inv_scale, out, n, group_size, seed, offset, BLOCK=block,
+    off3 = offset & 3
+
+    def grid(meta):
+        return (triton.cdiv(n + off3, 4 * meta["ROWS"]),)
+
+    _stochastic_round_int8_kernel[grid](x, inv_scale, out, n, group_size, seed, offset, OFF3=off3,
                                         enable_fp_fusion=False)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# int8_matmul (spec: weightkit.ops.quant.int8_matmul): y = x @ B, fp32 accumulation, y in x's dtype, with
-#   transpose=False: B[k, n] = W[n, k]  (K = in features; a K-step reads BLOCK_K contiguous bytes of W's rows)
-#   transpose=True:  B[k, n] = W[k, n]  (K = out rows; a K-step reads BLOCK_N contiguous bytes of W's rows)
-# and W = dequant(w_q): G consecutive elements of a row share one fp32 scale (G divides in_features).
-#
-# Two kernels, picked by the number of tokens M (the same two exist for INT4 in kernels/int4.py):
-# * M <= GEMV_MAX_M (decode), _int8_gemv_kernel: no tensor cores. Grid (N / BLOCK_N, SPLIT_K): each program
-#   reads a BLOCK_N x (K / SPLIT_K) slab of the weight exactly once with 16-byte loads along W's contiguous
-#   axis, dequantizes in registers and accumulates x * w into an fp32 [BLOCK_M, BLOCK_N, BLOCK_K] register tile
-#   that is reduced once after the loop (a pure load + FMA loop).
-# * M > GEMV_MAX_M, _int8_mm_kernel: tensor cores. The dequantized weight tile is the LEFT operand:
-#   acc[n, m] = sum_k W'[n, k] x[m, k], so on Hopper it feeds wgmma from registers (x comes from shared memory)
-#   and 16 decode tokens still fill a 64-row MMA with weight rows. Grid (M tiles x N tiles in grouped order,
-#   SPLIT_K); SPLIT_K > 1 only up to SPLIT_MAX_M tokens.
-# Split-K reduction: two passes, deterministic. Programs of split s write fp32 partials [s, M, N]; then
-# _splitk_sum_kernel adds the SPLIT_K partials in a fixed order and casts to y's dtype. At <= 64 tokens the
-# extra traffic (SPLIT_K * M * N * 8 bytes) is small next to the weight, there is no zeroing launch and no
-# atomic contention, and results are reproducible run to run (atomics would not be).
-# Scales: with BLOCK_K dividing G (transpose=False) a K-step lies in one group, so each weight row has one scale
-# per step: acc += dot(q, x^T) * s[n] (q is exact in bf16/fp16/tf32: the product only rounds in fp32) or the
-# tile is scaled before the dot (w = q * s in fp32, then cast), whichever the autotuner finds faster
-# (SCALE_AFTER_DOT). With transpose=True the groups run along N: BLOCK_N divides G, so an N tile sees one scale
-# per k, which scales the tile before the dot (or x, in fp32, in the GEMV). Any other G (or an unaligned INT4
-# layout) takes ALIGNED=False: one scale gathered per element, slower, always correct.
-# Autotuning only for weights of >= TUNE_MIN_WEIGHT elements with G % 64 == 0 (one fixed config otherwise;
-# the interpreter gets one config per tuner): key = bucketed M (power of 2), N, K, G, precision, dtypes.
-
-GEMV_MAX_M = 4  # at most this many tokens take the GEMV (FMA work grows with M; tensor cores take over)
-SPLIT_MAX_M = 64  # split-K only up to this many tokens (partials traffic grows with M)
-TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
-TUNE_GROUP = 64  # the tuned configs need G % 64 == 0 (BLOCK_K, resp. BLOCK_N, of every config divides 64 or G)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SPLITS = (1, 2, 4, 8, 16)
 
 
 @triton.jit
@@ -522,7 +522,8 @@ def int8_matmul_triton(x, w_q, scale, group_size, transpose):
 
 @triton.jit
 def _int8_sr_update_kernel(q_ptr, scale_ptr, delta_ptr, group_size, decay, seed, offset, BLOCK: tl.constexpr):
-    """One program per group: w = (q * s + delta) * decay, s' = max(max|w| / 127, FLT_MIN), q' = SR(w / s')."""
+    """General case, one program per group: w = (q * s + delta) * decay, s' = max(max|w| / 127, FLT_MIN),
+    q' = SR(w / s'); one Philox evaluation per element (any group size and offset)."""
     g = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     mask = i < group_size
@@ -541,8 +542,54 @@ def _int8_sr_update_kernel(q_ptr, scale_ptr, delta_ptr, group_size, decay, seed,
     tl.store(scale_ptr + g, ns)
 
 
+def _sr_update_configs():
+    if _INTERPRET:
+        return [triton.Config({"G": 2}, num_warps=4)]
+    return [triton.Config({"G": g}, num_warps=w) for g in (2, 4, 8, 16, 32) for w in (4, 8)]
+
+
+def _sr_update_prune(configs, named_args, **kwargs):
+    gs = named_args["GS"] if "GS" in named_args else kwargs.get("GS", 128)
+    kept = [c for c in configs if 256 <= c.kwargs["G"] * gs <= 8192]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_sr_update_configs(), key=["n_groups", "GS"], restore_value=["q_ptr", "scale_ptr"],
+                 prune_configs_by={"early_config_prune": _sr_update_prune})
+@triton.jit
+def _int8_sr_update_tiled_kernel(q_ptr, scale_ptr, delta_ptr, n_groups, decay, seed, offset, GS: tl.constexpr,
+                                 G: tl.constexpr):
+    """Fast case (group size a power of two >= 4, offset % 4 == 0): G groups per program as a [G, GS] tile, whose
+    G * GS stream positions start at a multiple of 4: one Philox evaluation per 4 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * G + tl.arange(0, G)
+    rmask = rows < n_groups
+    cols = tl.arange(0, GS)
+    idx = rows[:, None] * GS + cols[None, :]
+    mask = rmask[:, None] & (cols[None, :] < GS)
+    q = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32)
+    d = tl.load(delta_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + rows, mask=rmask, other=1.0)
+    w = (q * s[:, None] + d) * decay
+    amax = tl.max(tl.abs(w), axis=1)
+    ns = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+    inv = tl.math.div_rn(tl.full([G], 1.0, tl.float32), ns)
+    u = philox_uniform4((offset >> 2) + pid * (G * GS // 4) + tl.arange(0, G * GS // 4), seed, G * GS)
+    v = tl.floor(w * inv[:, None] + tl.reshape(u, (G, GS)))
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    tl.store(q_ptr + idx, v.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + rows, ns, mask=rmask)
+
+
 def int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
     groups = scale.numel()
+    if group_size >= 4 and group_size & (group_size - 1) == 0 and offset % 4 == 0:
+        def grid(meta):
+            return (triton.cdiv(groups, meta["G"]),)
+
+        _int8_sr_update_tiled_kernel[grid](w_q, scale, delta, groups, float(decay), seed, offset, GS=group_size,
+                                           enable_fp_fusion=False)
+        return
     block = triton.next_power_of_2(group_size)
     _int8_sr_update_kernel[(groups,)](w_q, scale, delta, group_size, float(decay), seed, offset, BLOCK=block,
                                       enable_fp_fusion=False)
