@@ -14,7 +14,9 @@
 namespace weightkit {
 namespace {
 
-// One thread per Philox block of four consecutive stream positions.
+// One thread per Philox block of four consecutive stream positions. The group index is divided once per thread
+// and stepped for the following lanes (a 64-bit division costs tens of instructions), and 1/scale is recomputed
+// only when the group changes.
 template <typename scalar_t>
 __global__ void stochastic_round_int8_cuda_kernel(const scalar_t* __restrict__ x, const float* __restrict__ scale,
                                                   int8_t* __restrict__ q, uint64_t first, uint64_t last,
@@ -24,15 +26,25 @@ __global__ void stochastic_round_int8_cuda_kernel(const scalar_t* __restrict__ x
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint64_t b = static_cast<uint64_t>(block0 + t);
     const Philox4 r = philox4x32_10(b, seed);
+    const uint64_t g0 = b * 4 < first ? first : b * 4;  // the first valid position of this block
+    const int64_t i0 = static_cast<int64_t>(g0 - first);
+    int64_t gi = i0 / group_size;
+    int64_t rem = i0 - gi * group_size;
+    float inv = __fdiv_rn(1.0f, scale[gi]);
 #pragma unroll
     for (int lane = 0; lane < 4; ++lane) {
       const uint64_t g = b * 4 + lane;
       if (g < first || g >= last) continue;
+      if (rem == group_size) {  // valid lanes are consecutive elements: step to the next group
+        ++gi;
+        rem = 0;
+        inv = __fdiv_rn(1.0f, scale[gi]);
+      }
       const int64_t i = static_cast<int64_t>(g - first);
-      const float inv = __fdiv_rn(1.0f, scale[i / group_size]);
       float v = floorf(__fadd_rn(__fmul_rn(static_cast<float>(x[i]), inv), bits_to_uniform(r.v[lane])));
       v = fminf(fmaxf(v, -128.f), 127.f);
       q[i] = static_cast<int8_t>(v);
+      ++rem;
     }
   }
 }
@@ -81,13 +93,28 @@ __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __rest
   const float ns = fmaxf(__fdiv_rn(amax, 127.0f), FLT_MIN);
   const float inv = __fdiv_rn(1.0f, ns);
   __syncwarp();
-  for (int64_t i = lane; i < gs; i += 32) {
-    const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), static_cast<float>(dg[i])), decay);
-    const uint64_t pos = offset + static_cast<uint64_t>(g * gs + i);
-    const Philox4 r = philox4x32_10(pos >> 2, seed);
-    float v = floorf(__fadd_rn(__fmul_rn(w, inv), bits_to_uniform(r.v[pos & 3])));
-    v = fminf(fmaxf(v, -128.f), 127.f);
-    qg[i] = static_cast<int8_t>(v);
+  const uint64_t base = offset + static_cast<uint64_t>(g * gs);
+  if ((base & 3) == 0 && (gs & 3) == 0) {
+    // aligned: each lane rounds 4 consecutive elements with the 4 lanes of one Philox block
+    for (int64_t i = 4 * lane; i < gs; i += 128) {
+      const Philox4 r = philox4x32_10((base + static_cast<uint64_t>(i)) >> 2, seed);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i + j]), s),
+                                            static_cast<float>(dg[i + j])), decay);
+        float v = floorf(__fadd_rn(__fmul_rn(w, inv), bits_to_uniform(r.v[j])));
+        qg[i + j] = static_cast<int8_t>(fminf(fmaxf(v, -128.f), 127.f));
+      }
+    }
+  } else {
+    for (int64_t i = lane; i < gs; i += 32) {
+      const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), static_cast<float>(dg[i])), decay);
+      const uint64_t pos = base + static_cast<uint64_t>(i);
+      const Philox4 r = philox4x32_10(pos >> 2, seed);
+      float v = floorf(__fadd_rn(__fmul_rn(w, inv), bits_to_uniform(r.v[pos & 3])));
+      v = fminf(fmaxf(v, -128.f), 127.f);
+      qg[i] = static_cast<int8_t>(v);
+    }
   }
   if (lane == 0) scale[g] = ns;
 }
