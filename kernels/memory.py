@@ -77,9 +77,12 @@ def _memory_hash_kernel(x_ptr, key_ptr, p_ptr, n, K, inv_t2, TAU: tl.constexpr, 
 @triton.jit(do_not_specialize=["n", "n_bucket"])
 def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, d_out, inv_t2, n_bucket,
                            TAU: tl.constexpr, TAU_P2: tl.constexpr, PRE: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT, STAGES: tl.constexpr):
     """y (SPLIT == 1) or partial pid_s (SPLIT > 1) of a [BLOCK_T, BLOCK_N] tile: sum over this split's tables.
-    ``n_bucket`` only keys the autotuner."""
+    ``n_bucket`` only keys the autotuner. SPLIT is a runtime int (Triton specializes the value 1), so the tuning
+    candidates that differ only in SPLIT share a compile. STAGES > 1 software-pipelines the table loop (the next steps' key/p and
+    row gathers in flight through cp.async while this one accumulates); without tl.range(num_stages=) Triton does
+    not pipeline a loop that has no tl.dot, whatever the launch's num_stages."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pid_s = tl.program_id(2)
@@ -89,7 +92,7 @@ def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, 
     k_lo = pid_s * chunk
     k_hi = tl.minimum(k_lo + chunk, K)
     acc = tl.zeros((BLOCK_T, BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (ks < k_hi)[None, :]
         if PRE:
@@ -111,15 +114,15 @@ def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, 
         tl.store(part_ptr + pid_s.to(tl.int64) * n * d_out + out_off, out, mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["numel"])
-def _split_reduce_kernel(part_ptr, y_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """y = sum over s = 0..SPLIT-1 of part[s] (in that order), cast to y's dtype."""
+@triton.jit
+def _split_reduce_kernel(part_ptr, y_ptr, numel, split, BLOCK: tl.constexpr):
+    """y = sum over s = 0..split-1 of part[s] (in that order), cast to y's dtype. split * numel < 2^31 (the
+    launcher caps the partials at _PARTIAL_BYTES)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    stride = numel.to(tl.int64)
     acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + s * stride + offs, mask=mask, other=0.0)
+    for s in range(1, split):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -127,7 +130,7 @@ def _split_reduce_kernel(part_ptr, y_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.
 def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr, n, K, d_out, inv_t2, n_bucket,
                             ATOMICS: tl.constexpr, STORE_KEYS: tl.constexpr, TAU: tl.constexpr,
                             TAU_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """Input gradient of a [BLOCK_T, BLOCK_K] block of (token, table) pairs; ATOMICS: gt[key] += p g (fp32);
     STORE_KEYS: key and p for the deterministic table gradient."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -138,7 +141,7 @@ def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr,
     key = (ks.to(tl.int64) << TAU)[None, :] + h
     base = key * d_out
     acc = tl.zeros((BLOCK_T, BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, d_out, BLOCK_N):
+    for c0 in tl.range(0, d_out, BLOCK_N, num_stages=STAGES):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_mask = cols < d_out
         g = tl.load(g_ptr + rows[:, None] * d_out + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
@@ -164,7 +167,7 @@ def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr,
 
 @triton.jit(do_not_specialize=["n_bucket"])
 def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K, d_out, n_bucket,
-                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """gt[r, tile] = sum of p * g over row r's run [start[r], start[r + 1]) of the sorted (token, table) pairs, in
     sorted (= token) order, for ROWS rows; an empty run writes zeros. The order per element is the same for every
     ROWS / BLOCK_N / num_warps, so the bits do not depend on the config."""
@@ -175,7 +178,7 @@ def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K
     lo = tl.load(start_ptr + r, mask=row_mask, other=0).to(tl.int64)
     hi = tl.load(start_ptr + r + 1, mask=row_mask, other=0).to(tl.int64)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for j in range(0, tl.max(hi - lo, axis=0)):
+    for j in tl.range(0, tl.max(hi - lo, axis=0), num_stages=STAGES):
         e = lo + j
         live = e < hi
         flat = tl.load(order_ptr + e, mask=live, other=0)  # index into the (n, K) pairs: token flat // K
@@ -218,6 +221,12 @@ def _block_n_ok(bn, d_out):
     return min(128, max(64, _pow2(d_out))) <= bn <= max(64, _pow2(d_out))
 
 
+def _config(num_warps=4, **kwargs):
+    """A config whose loop pipelining depth STAGES (a kernel constexpr, see _memory_forward_kernel) is also its
+    num_stages, so the autotuner's printout shows it once under the usual name."""
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=kwargs["STAGES"])
+
+
 def _warps(tile):
     return max(2, min(8, tile // 512))  # ~16 fp32 values per thread and tensor
 
@@ -243,7 +252,7 @@ def _split_choices(base, cap, sms):
 
 
 def _fwd_space():
-    return [triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=s), num_warps=w, num_stages=st)
+    return [_config(num_warps=w, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=s, STAGES=st)
             for bt in (1, 2, 4, 8, 16, 32, 64) for bk in (1, 2, 4, 8, 16) for bn in (64, 128, 256, 512)
             if 1024 <= bt * bk * bn <= 8192
             for s in (1, 2, 4, 8, 16, 32, 64) for w in (2, 4, 8) for st in (1, 2, 3, 4)]
@@ -256,7 +265,7 @@ def _fwd_default(nb, K, d_out, sms):
     bk = max(1, min(16, 2048 // (bt * bn), _pow2(K)))
     base = triton.cdiv(nb, bt) * triton.cdiv(d_out, bn)
     split = min(_split_choices(base, _split_cap(nb, K, d_out, bk), sms))
-    return triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=split), num_warps=4, num_stages=1)
+    return _config(num_warps=4, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=split, STAGES=1)
 
 
 def _fwd_prune_for(configs, nb, K, d_out, sms):
@@ -271,11 +280,12 @@ def _fwd_prune_for(configs, nb, K, d_out, sms):
         if c.num_warps != _warps(tile):
             continue
         base = triton.cdiv(nb, bt) * triton.cdiv(d_out, bn)
-        if split not in _split_choices(base, _split_cap(nb, K, d_out, bk), sms):
+        splits = _split_choices(base, _split_cap(nb, K, d_out, bk), sms)
+        if split not in splits:
             continue
         steps = triton.cdiv(triton.cdiv(K, split), bk)  # loop trips per program
-        if c.num_stages not in ((1, 3) if nb >= 64 and steps >= 8 else (1,)):
-            continue
+        if c.num_stages not in (1, 3) or (c.num_stages == 3 and (steps < 8 or split > min(splits))):
+            continue  # pipelining or a split: two answers to the same latency; both only at the fewest splits
         keep.append(c)
     return keep or [_fwd_default(nb, K, d_out, sms)]
 
@@ -286,7 +296,7 @@ def _fwd_prune(configs, named_args, **kwargs):
 
 
 def _bwd_space():
-    return [triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn), num_warps=w, num_stages=st)
+    return [_config(num_warps=w, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, STAGES=st)
             for bt in (1, 2, 4, 8, 16, 32, 64) for bk in (1, 2, 4, 8, 16) for bn in (64, 128, 256, 512)
             if 1024 <= bt * bk * bn <= 8192 for w in (2, 4, 8) for st in (1, 2, 3, 4)]
 
@@ -296,7 +306,7 @@ def _bwd_default(nb, K, d_out):
     bt = 1 if nb < 16 else 16
     bn = min(128, max(16, _pow2(d_out)))
     bk = max(1, min(8, 2048 // (bt * bn), _pow2(K)))
-    return triton.Config(dict(BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn), num_warps=4, num_stages=1)
+    return _config(num_warps=4, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, STAGES=1)
 
 
 def _bwd_prune_for(configs, nb, K, d_out, sms):
@@ -312,7 +322,7 @@ def _bwd_prune_for(configs, nb, K, d_out, sms):
             continue
         if bk > 1 and triton.cdiv(nb, bt) * triton.cdiv(K, bk) < sms:  # keep >= 1 program per SM
             continue
-        if c.num_stages not in ((1, 3) if nb >= 64 and triton.cdiv(d_out, bn) >= 8 else (1,)):
+        if c.num_stages not in ((1, 3) if triton.cdiv(d_out, bn) >= 8 else (1,)):
             continue
         keep.append(c)
     return keep or [_bwd_default(nb, K, d_out)]
@@ -324,13 +334,13 @@ def _bwd_prune(configs, named_args, **kwargs):
 
 
 def _seg_space():
-    return [triton.Config(dict(ROWS=r, BLOCK_N=bn), num_warps=w, num_stages=st)
+    return [_config(num_warps=w, ROWS=r, BLOCK_N=bn, STAGES=st)
             for r in (1, 2, 4, 8, 16, 32) for bn in (64, 128, 256, 512) if 512 <= r * bn <= 4096
             for w in (1, 2, 4, 8) for st in (1, 2, 3)]
 
 
 def _seg_default(d_out):
-    return triton.Config(dict(ROWS=4, BLOCK_N=min(256, max(16, _pow2(d_out)))), num_warps=4, num_stages=1)
+    return _config(num_warps=4, ROWS=4, BLOCK_N=min(256, max(16, _pow2(d_out))), STAGES=1)
 
 
 def _seg_prune_for(configs, d_out):
@@ -358,15 +368,15 @@ def _bench(fn, quantiles):  # shorter than the default 25 + 100 ms per config: t
 
 
 # Under the interpreter every config would be timed in numpy: one config each (the tests force others).
-_FWD_CONFIGS = [triton.Config(dict(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2))] if _INTERPRET else _fwd_space()
-_BWD_CONFIGS = [triton.Config(dict(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64))] if _INTERPRET else _bwd_space()
-_SEG_CONFIGS = [triton.Config(dict(ROWS=4, BLOCK_N=64))] if _INTERPRET else _seg_space()
+_FWD_CONFIGS = [_config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2, STAGES=2)] if _INTERPRET else _fwd_space()
+_BWD_CONFIGS = [_config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, STAGES=2)] if _INTERPRET else _bwd_space()
+_SEG_CONFIGS = [_config(ROWS=4, BLOCK_N=64, STAGES=2)] if _INTERPRET else _seg_space()
 
 def _reduce_splits(parts, y, numel, split):
     """y = the ordered sum of the first ``split`` fp32 partials of numel values each (nothing when split == 1)."""
     if split > 1:
         block = 1024
-        _split_reduce_kernel[(triton.cdiv(numel, block),)](parts, y, numel, SPLIT=split, BLOCK=block, num_warps=4)
+        _split_reduce_kernel[(triton.cdiv(numel, block),)](parts, y, numel, split, BLOCK=block, num_warps=4)
 
 
 def _fwd_post_hook(kwargs, exception):

@@ -84,7 +84,7 @@ def test_mixed_dtypes(device):
 
 
 def cfg(num_warps=4, num_stages=1, **kw):
-    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(dict(kw, STAGES=num_stages), num_warps=num_warps, num_stages=num_stages)
 
 
 FWD_CONFIGS = [cfg(BLOCK_T=1, BLOCK_K=1, BLOCK_N=16, SPLIT=1),
