@@ -183,6 +183,26 @@ def test_empty_and_degenerate_shapes(device):
     assert torch.equal(gt, torch.zeros_like(tables))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configs on a GPU")
+def test_autotuned_paths_on_gpu():
+    """Tables of >= _TUNE_MIN_TABLE elements take the autotuners (several candidates each): the grid callables, the
+    split reduce after the tuned launch, reset_to_zero of the atomics target between timed runs (else the table
+    gradient would hold every timed run's sum) and the segment tuner."""
+    n, K, tau, d_out = 16, 16, 8, 1024
+    x, tables = inputs(n, K, tau, d_out, torch.bfloat16, "cuda")
+    assert tables.numel() >= km._TUNE_MIN_TABLE
+    g = torch.randn(n, d_out, device="cuda").to(torch.bfloat16)
+    y64, gx64, gt64 = ref64(x, tables, g)
+    for _ in range(2):  # tuning call, then a cached one
+        close(km.memory_lookup_forward_triton(x, tables, T), y64, torch.bfloat16, "forward")
+        for det in (False, True):
+            gx, gt = km.memory_lookup_backward_triton(g, x, tables, T, det)
+            close(gx, gx64, torch.bfloat16, f"grad_x deterministic={det}")
+            close(gt, gt64, torch.bfloat16, f"grad_tables deterministic={det}")
+    for tuner in (km.memory_forward_autotuned, km.memory_backward_autotuned, km.memory_segment_autotuned):
+        assert tuner.cache, tuner.base_fn.__name__
+
+
 def test_module_level_autotuners():
     """bench/gpu_report.py prints the .cache of every triton Autotuner found at module level."""
     if not TRITON_DEVICES:
