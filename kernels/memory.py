@@ -80,9 +80,9 @@ def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, 
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT, STAGES: tl.constexpr):
     """y (SPLIT == 1) or partial pid_s (SPLIT > 1) of a [BLOCK_T, BLOCK_N] tile: sum over this split's tables.
     ``n_bucket`` only keys the autotuner. SPLIT is a runtime int (Triton specializes the value 1), so the tuning
-    candidates that differ only in SPLIT share a compile. STAGES > 1 software-pipelines the table loop (the next steps' key/p and
-    row gathers in flight through cp.async while this one accumulates); without tl.range(num_stages=) Triton does
-    not pipeline a loop that has no tl.dot, whatever the launch's num_stages."""
+    candidates that differ only in SPLIT share a compile. STAGES > 1 software-pipelines the table loop (the next
+    steps' key/p and row gathers in flight through cp.async while this one accumulates); without
+    tl.range(num_stages=) Triton does not pipeline a loop that has no tl.dot, whatever the launch's num_stages."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pid_s = tl.program_id(2)
@@ -373,6 +373,7 @@ def _bench(fn, quantiles):  # shorter than the default 25 + 100 ms per config: t
 _FWD_CONFIGS = [_config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2, STAGES=2)] if _INTERPRET else _fwd_space()
 _BWD_CONFIGS = [_config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, STAGES=2)] if _INTERPRET else _bwd_space()
 _SEG_CONFIGS = [_config(ROWS=4, BLOCK_N=64, STAGES=2)] if _INTERPRET else _seg_space()
+
 
 def _reduce_splits(parts, y, numel, split):
     """y = the ordered sum of the first ``split`` fp32 partials of numel values each (nothing when split == 1)."""
