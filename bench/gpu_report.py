@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -30,6 +29,7 @@ ROWS = []
 SKIPPED = []
 _T0 = time.time()
 _BUDGET = [1e9]
+_SECTION_DEADLINE = [1e18]  # absolute time; set per section from --section-budget
 COPY_BW = [None]
 
 
@@ -41,7 +41,7 @@ def _bench(fn, warmup=10, rep=40):
 
 def row(section, name, fn=None, *, ms=None, bytes=None, flops=None, base=None, **info):  # noqa: A002
     """Time ``fn`` (or take ``ms``) and record a row; ``base`` names an earlier row of the section to compare to."""
-    if time.time() - _T0 > _BUDGET[0]:
+    if time.time() - _T0 > _BUDGET[0] or time.time() > _SECTION_DEADLINE[0]:
         SKIPPED.append(f"{section}/{name}")
         return None
     rec = dict(section=section, name=name, **info)
@@ -134,6 +134,7 @@ def quant():
     layer = Int8Linear.from_linear(lin, group_size=128)
     w = lin.weight.detach()
     packed, sc, zp = int4.quantize_int4(w, 64)
+    peers = os.environ.get("QUANT_PEERS", "1") == "1"  # bitsandbytes / tinygemm rows (QUANT_PEERS=0 skips them)
     tiny = None
     try:  # torch's tinygemm int4 kernel (what torch/torchao users have), group 64
         if not peers:
@@ -146,7 +147,6 @@ def quant():
     except Exception as exc:  # noqa: BLE001
         print(f"  (tinygemm unavailable: {exc})")
     bnb_layers = {}
-    peers = os.environ.get("QUANT_PEERS", "1") == "1"  # bitsandbytes / tinygemm rows (QUANT_PEERS=0 skips them)
     try:  # bitsandbytes (carried to the GPU machine in .gpu-site)
         if not peers:
             raise RuntimeError("skipped (QUANT_PEERS=0)")
@@ -160,42 +160,17 @@ def quant():
         bnb_layers["bitsandbytes Linear4bit nf4"] = l4.cuda()
     except Exception as exc:  # noqa: BLE001
         print(f"  (bitsandbytes unavailable: {type(exc).__name__}: {exc})")
-    for tokens in (1, 16, 256, 4096):
+    int4_rows = os.environ.get("QUANT_INT4", "1") == "1"
+    for tokens in (1, 16, 256, 4096):  # Int8Linear first (the issue's targets), then INT4 and the peers
         x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
         base = f"bf16 nn.Linear {tokens}x{d}x{d}"
         fl = 2 * tokens * d * d
         with torch.no_grad():
             row("quant", base, lambda: lin_bf16(x), bytes=2 * d * d + 4 * tokens * d, flops=fl)
-            for b in _backends(q._INT8_MM):
+            for b in _backends(q._INT8_MM)[::-1]:
                 with _wk_backend(b):
                     row("quant", f"Int8Linear g128 {b} {tokens} tok", lambda: layer(x), base=base,
                         bytes=d * d + d * d // 128 * 4 + 4 * tokens * d, flops=fl)
-            for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
-                with _wk_backend(b):
-                    row("quant", f"int4_matmul g64 {b} {tokens} tok",
-                        lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)), base=base, flops=fl,
-                        bytes=d * d // 2 + d * d // 64 * 5 + 4 * tokens * d)
-            for bname, bl in bnb_layers.items():
-                row("quant", f"{bname} {tokens} tok", lambda: bl(x), base=base, flops=fl)
-            if tiny is not None:
-                row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
-                    lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
-    # backward at 4096 tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
-    tokens = 4096
-    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    y = lin_bf16(x)
-    row("quant", "bf16 nn.Linear backward 4096 tok", lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g,
-                                                                                 retain_graph=True))
-    for b in _backends(q._INT8_MM):
-        def fb():
-            layer.weight.float_grad = None
-            with _wk_backend(b):
-                yy = layer(x)
-                torch.autograd.grad(yy, (x,), g)
-        row("quant", f"Int8Linear fwd+bwd {b} 4096 tok", fb)
-    row("quant", "bf16 nn.Linear fwd+bwd 4096 tok",
-        lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
     # stochastic rounding and the fused write-back, 8192^2
     big = torch.randn(d, d, device="cuda")
     scale = q.absmax_scale(big, 128)
@@ -209,6 +184,37 @@ def quant():
         with _wk_backend(b):
             row("quant", f"int8_sr_update_ 8192^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
                 bytes=big.numel() * 6 + 2 * scale.numel() * 4)
+    # backward at 4096 tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
+    tokens = 4096
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    y = lin_bf16(x)
+    row("quant", "bf16 nn.Linear backward 4096 tok", lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g,
+                                                                                 retain_graph=True))
+    for b in _backends(q._INT8_MM)[::-1]:
+        def fb():
+            layer.weight.float_grad = None
+            with _wk_backend(b):
+                yy = layer(x)
+                torch.autograd.grad(yy, (x,), g)
+        row("quant", f"Int8Linear fwd+bwd {b} 4096 tok", fb)
+    row("quant", "bf16 nn.Linear fwd+bwd 4096 tok",
+        lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
+    for tokens in (1, 16, 256, 4096):
+        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        base = f"bf16 nn.Linear {tokens}x{d}x{d}"
+        fl = 2 * tokens * d * d
+        with torch.no_grad():
+            for b in (_backends(int4._MM)[::-1] if int4_rows else []):
+                with _wk_backend(b):
+                    row("quant", f"int4_matmul g64 {b} {tokens} tok",
+                        lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)), base=base, flops=fl,
+                        bytes=d * d // 2 + d * d // 64 * 5 + 4 * tokens * d)
+            for bname, bl in bnb_layers.items():
+                row("quant", f"{bname} {tokens} tok", lambda: bl(x), base=base, flops=fl)
+            if tiny is not None:
+                row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
+                    lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
     # Q-GaLore projection P^T G: P 4096x1024 INT4, G 4096x4096
     P = torch.linalg.qr(torch.randn(4096, 1024, device="cuda"))[0]
     G = torch.randn(4096, 4096, device="cuda")
@@ -431,6 +437,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; rows past it are skipped")
     ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--section-budget", default="", help="e.g. quant=60,memory=40 (seconds per section)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_report: needs a CUDA device", file=sys.stderr)
@@ -450,6 +457,8 @@ def main(argv=None) -> int:
         if sec == "autotune":
             continue
         print(f"[{sec}]", flush=True)
+        per = dict(kv.split("=") for kv in args.section_budget.split(",") if kv)
+        _SECTION_DEADLINE[0] = time.time() + float(per[sec]) if sec in per else 1e18
         try:
             SECTIONS[sec]()
         except Exception:  # noqa: BLE001

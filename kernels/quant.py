@@ -78,6 +78,41 @@ def stochastic_round_int8_triton(x, scale, group_size, seed, offset):
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# int8_matmul (spec: weightkit.ops.quant.int8_matmul): y = x @ B, fp32 accumulation, y in x's dtype, with
+#   transpose=False: B[k, n] = W[n, k]  (K = in features; a K-step reads BLOCK_K contiguous bytes of W's rows)
+#   transpose=True:  B[k, n] = W[k, n]  (K = out rows; a K-step reads BLOCK_N contiguous bytes of W's rows)
+# and W = dequant(w_q): G consecutive elements of a row share one fp32 scale (G divides in_features).
+#
+# Two kernels, picked by the number of tokens M (the same two exist for INT4 in kernels/int4.py):
+# * M <= GEMV_MAX_M (decode), _int8_gemv_kernel: no tensor cores. Grid (N / BLOCK_N, SPLIT_K): each program
+#   reads a BLOCK_N x (K / SPLIT_K) slab of the weight exactly once with 16-byte loads along W's contiguous
+#   axis, dequantizes in registers and accumulates x * w into an fp32 [BLOCK_M, BLOCK_N, BLOCK_K] register tile
+#   that is reduced once after the loop (a pure load + FMA loop).
+# * M > GEMV_MAX_M, _int8_mm_kernel: tensor cores. The dequantized weight tile is the LEFT operand:
+#   acc[n, m] = sum_k W'[n, k] x[m, k], so on Hopper it feeds wgmma from registers (x comes from shared memory)
+#   and 16 decode tokens still fill a 64-row MMA with weight rows. Grid (M tiles x N tiles in grouped order,
+#   SPLIT_K); SPLIT_K > 1 only up to SPLIT_MAX_M tokens.
+# Split-K reduction: two passes, deterministic. Programs of split s write fp32 partials [s, M, N]; then
+# _splitk_sum_kernel adds the SPLIT_K partials in a fixed order and casts to y's dtype. At <= 64 tokens the
+# extra traffic (SPLIT_K * M * N * 8 bytes) is small next to the weight, there is no zeroing launch and no
+# atomic contention, and results are reproducible run to run (atomics would not be).
+# Scales: with BLOCK_K dividing G (transpose=False) a K-step lies in one group, so each weight row has one scale
+# per step: acc += dot(q, x^T) * s[n] (q is exact in bf16/fp16/tf32: the product only rounds in fp32) or the
+# tile is scaled before the dot (w = q * s in fp32, then cast), whichever the autotuner finds faster
+# (SCALE_AFTER_DOT). With transpose=True the groups run along N: BLOCK_N divides G, so an N tile sees one scale
+# per k, which scales the tile before the dot (or x, in fp32, in the GEMV). Any other G (or an unaligned INT4
+# layout) takes ALIGNED=False: one scale gathered per element, slower, always correct.
+# Autotuning only for weights of >= TUNE_MIN_WEIGHT elements with G % 64 == 0 (one fixed config otherwise;
+# the interpreter gets one config per tuner): key = bucketed M (power of 2), N, K, G, precision, dtypes.
+
+GEMV_MAX_M = 4  # at most this many tokens take the GEMV (FMA work grows with M; tensor cores take over)
+SPLIT_MAX_M = 64  # split-K only up to this many tokens (partials traffic grows with M)
+TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
+TUNE_GROUP = 64  # the tuned configs need G % 64 == 0 (BLOCK_K, resp. BLOCK_N, of every config divides 64 or G)
+_SPLITS = (1, 2, 4, 8, 16)
+
+
 @triton.jit
 def _i8_to_f32(q):
     """Exact int8 -> fp32 without the quarter-rate int-to-float conversion: the bits 0x4B000000 + (q + 128) are the
