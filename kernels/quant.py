@@ -58,7 +58,9 @@ def _stochastic_round_int8_kernel(x_ptr, inv_scale_ptr, out_ptr, n, group_size, 
     mask = (idx >= 0) & (idx < n)
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     inv = tl.load(inv_scale_ptr + idx // group_size, mask=mask, other=1.0)
-    u = philox_uniform4((offset >> 2) + pid * ROWS + tl.arange(0, ROWS), seed, 4 * ROWS)
+    # counters as a tensor shift: (offset + 4 r) >> 2 = offset // 4 + r (the interpreter shifts an int64 scalar
+    # argument as int32)
+    u = philox_uniform4((offset + pid * (4 * ROWS) + 4 * tl.arange(0, ROWS)) >> 2, seed, 4 * ROWS)
     q = tl.floor(x * inv + u)  # launched with enable_fp_fusion=False: no fma, as in the reference
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     tl.store(out_ptr + idx, q.to(tl.int8), mask=mask)
@@ -609,7 +611,7 @@ def _int8_sr_update_tiled_kernel(q_ptr, scale_ptr, delta_ptr, n_groups, decay, s
     amax = tl.max(tl.abs(w), axis=1)
     ns = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
     inv = tl.math.div_rn(tl.full([G], 1.0, tl.float32), ns)
-    u = philox_uniform4((offset >> 2) + pid * (G * GS // 4) + tl.arange(0, G * GS // 4), seed, G * GS)
+    u = philox_uniform4((offset + pid * (G * GS) + 4 * tl.arange(0, G * GS // 4)) >> 2, seed, G * GS)
     v = tl.floor(w * inv[:, None] + tl.reshape(u, (G, GS)))
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
     tl.store(q_ptr + idx, v.to(tl.int8), mask=mask)

@@ -11,7 +11,7 @@ from weightkit.ops import quant
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4, 5, 2**33 + 3])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4, 5, 2**31, 2**31 + 2, 2**33 + 3])
 @pytest.mark.parametrize("n,group", [(7, 7), (1030, 2), (4 * 1024 + 3, 1)])
 def test_sr_every_offset_alignment(device, offset, n, group):
     x = torch.randn(n, device=device) * 3
@@ -25,7 +25,7 @@ def test_sr_every_offset_alignment(device, offset, n, group):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("groups,group,offset", [(37, 128, 0), (37, 128, 4 * 999), (37, 128, 2), (5, 12, 0),
+@pytest.mark.parametrize("groups,group,offset", [(37, 128, 0), (37, 128, 4 * 999), (37, 128, 2**31), (37, 128, 2), (5, 12, 0),
                                                  (300, 4, 8), (3, 256, 0)])
 def test_sr_update_tiled_and_general_paths(device, groups, group, offset):
     w = torch.randn(groups * group, device=device)
