@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from weightkit import debug_checks
+
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import memory
@@ -93,8 +95,9 @@ def test_deterministic_table_gradient_is_bit_identical():
 
 def test_opcheck_and_compile():
     x, tables = inputs(6, 2, 4, 8)
-    torch.library.opcheck(memory._forward_op, (x, tables, 1.0))
-    torch.library.opcheck(memory._backward_op, (torch.randn(6, 8), x, tables, 1.0, True))
+    torch.library.opcheck(torch.ops.weightkit.memory_lookup_forward.default, (x, tables, 1.0))
+    torch.library.opcheck(torch.ops.weightkit.memory_lookup_backward.default,
+                          (torch.randn(6, 8), x, tables, 1.0, True))
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: memory_lookup(a * 2, b), fullgraph=True)
     torch.testing.assert_close(compiled(x, tables), memory_lookup(x * 2, tables))
@@ -111,5 +114,5 @@ def test_opcheck_and_compile():
 def test_bad_input(kwargs, err, match):
     args = dict(x=torch.randn(3, 16), tables=torch.randn(2, 256, 8), t=1.0)
     args.update(kwargs)
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match=match), debug_checks():  # data checks (NaN, ranges) are opt-in
         memory_lookup(**args)

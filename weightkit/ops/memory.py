@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_tensor, eager_inference
+from ._checks import FLOAT_DTYPES, check_tensor, require_finite
+from ._registry import define
 
 __all__ = ["memory_lookup", "memory_lookup_grads"]
 
@@ -117,33 +118,6 @@ def _backward_triton(grad, x, tables, t, deterministic):
     return gx.reshape(x.shape), gt
 
 
-def _forward_impl(x: Tensor, tables: Tensor, t: float) -> Tensor:
-    _check_args(x, tables, t)
-    check_finite("x", x)
-    return _FWD(x.device, x, tables, t)
-
-
-@torch.library.custom_op("weightkit::memory_lookup_forward", mutates_args=())
-def _forward_op(x: Tensor, tables: Tensor, t: float) -> Tensor:
-    return _forward_impl(x, tables, t)
-
-
-@_forward_op.register_fake
-def _(x, tables, t):
-    _check_args(x, tables, t)
-    return x.new_empty((*x.shape[:-1], tables.shape[-1]))
-
-
-@torch.library.custom_op("weightkit::memory_lookup_backward", mutates_args=())
-def _backward_op(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool) -> Tuple[Tensor, Tensor]:
-    return _BWD(x.device, grad, x, tables, t, deterministic)
-
-
-@_backward_op.register_fake
-def _(grad, x, tables, t, deterministic):
-    return torch.empty_like(x), torch.empty_like(tables)
-
-
 def _setup(ctx, inputs, output):
     x, tables, t = inputs
     ctx.save_for_backward(x, tables)
@@ -157,13 +131,20 @@ def _backward(ctx, grad):
     return gx, gt, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup)
+_forward_op = define(
+    "memory_lookup_forward(Tensor x, Tensor tables, float t) -> Tensor",
+    table=_FWD, check=_check_args, debug_check=lambda x, *_: require_finite("x", x),
+    fake=lambda x, tables, t: x.new_empty((*x.shape[:-1], tables.shape[-1])),
+    backward=_backward, setup_context=_setup)
+
+_backward_op = define(
+    "memory_lookup_backward(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) -> (Tensor, Tensor)",
+    impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic),
+    fake=lambda grad, x, tables, t, deterministic: (torch.empty_like(x), torch.empty_like(tables)))
 
 
 def memory_lookup(x: Tensor, tables: Tensor, t: float = 1.0) -> Tensor:
     """MemoryFormer lookup (see the module docstring). Differentiable in ``x`` and ``tables``."""
-    if eager_inference(x, tables):  # same checks and kernels, without the custom-op dispatch overhead
-        return _forward_impl(x, tables, float(t))
     return _forward_op(x, tables, float(t))
 
 
