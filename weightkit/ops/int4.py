@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite
+from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
 from ._registry import define
 
 __all__ = ["quantize_int4", "dequantize_int4", "unpack_int4", "int4_matmul"]
@@ -185,20 +185,18 @@ def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
 @_MM.register("cpu")
 @_MM.register("cuda")
 def _int4_matmul_compiled(x, packed, scale, zero, group_size, shape, transpose):
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.weightkit.int4_matmul_kernel(x2, packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                               group_size, shape[0], shape[1], transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = torch.ops.weightkit.int4_matmul_kernel.default(rows(x), packed.contiguous(), scale.contiguous(),
+                                                       zero.contiguous(), group_size, shape[0], shape[1], transpose)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @_MM.register("triton")
 def _int4_matmul_triton(x, packed, scale, zero, group_size, shape, transpose):
     from ..kernels.int4 import int4_matmul_triton
 
-    x2 = x.reshape(-1, x.shape[-1])
-    y = int4_matmul_triton(x2, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
+    y = int4_matmul_triton(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
                            shape[1], transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _int4_mm_setup(ctx, inputs, output):

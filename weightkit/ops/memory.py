@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_tensor, require_finite
+from ._checks import FLOAT_DTYPES, check_tensor, require_finite, rows
 from ._registry import define
 
 __all__ = ["memory_lookup", "memory_lookup_grads"]
@@ -86,36 +86,33 @@ def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t:
 @_FWD.register("cpu")
 @_FWD.register("cuda")
 def _forward_compiled(x, tables, t):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.weightkit.memory_lookup_forward_kernel(x2, tables.contiguous(), t)
-    return y.reshape(*x.shape[:-1], tables.shape[-1])
+    y = torch.ops.weightkit.memory_lookup_forward_kernel.default(rows(x).contiguous(), tables.contiguous(), t)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
 
 
 @_BWD.register("cpu")
 @_BWD.register("cuda")
 def _backward_compiled(grad, x, tables, t, deterministic):
-    g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    gx, gt = torch.ops.weightkit.memory_lookup_backward_kernel(g2, x2, tables.contiguous(), t, deterministic)
-    return gx.reshape(x.shape), gt
+    gx, gt = torch.ops.weightkit.memory_lookup_backward_kernel.default(rows(grad).contiguous(), rows(x).contiguous(),
+                                                                       tables.contiguous(), t, deterministic)
+    return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
 
 
 @_FWD.register("triton")
 def _forward_triton(x, tables, t):
     from ..kernels.memory import memory_lookup_forward_triton
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return memory_lookup_forward_triton(x2, tables.contiguous(), t).reshape(*x.shape[:-1], tables.shape[-1])
+    y = memory_lookup_forward_triton(rows(x).contiguous(), tables.contiguous(), t)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
 
 
 @_BWD.register("triton")
 def _backward_triton(grad, x, tables, t, deterministic):
     from ..kernels.memory import memory_lookup_backward_triton
 
-    gx, gt = memory_lookup_backward_triton(grad.reshape(-1, grad.shape[-1]).contiguous(),
-                                           x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), t,
+    gx, gt = memory_lookup_backward_triton(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t,
                                            deterministic)
-    return gx.reshape(x.shape), gt
+    return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
 
 
 def _setup(ctx, inputs, output):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from . import rng
-from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite
+from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
 from ._registry import define
 
 __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_",
@@ -229,20 +229,17 @@ def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int
 @_INT8_MM.register("cpu")
 @_INT8_MM.register("cuda")
 def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
-    kernel = torch.ops.weightkit.int8_matmul_kernel.default
-    if x.dim() == 2:  # the usual case: no reshapes (each costs about a microsecond at decode sizes)
-        return kernel(x.contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    y = kernel(x.reshape(-1, x.shape[-1]).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = torch.ops.weightkit.int8_matmul_kernel.default(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(),
+                                                       group_size, transpose)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @_INT8_MM.register("triton")
 def _int8_matmul_triton(x, w_q, scale, group_size, transpose):
     from ..kernels.quant import int8_matmul_triton
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = int8_matmul_triton(x2, w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = int8_matmul_triton(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _int8_matmul_fake(x, w_q, scale, group_size, transpose):
