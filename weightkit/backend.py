@@ -176,6 +176,9 @@ class KernelTable:
         self.compiled = compiled
         self.cuda_order = cuda_order
         self.impls: Dict[str, Callable] = {}
+        # the extension op (its .default overload) behind the cpu and cuda backends; None without the extension
+        packet = getattr(torch.ops.weightkit, compiled, None) if _EXT is not None and compiled else None
+        self.kernel = None if packet is None else packet.default
         # (forced backend or None, device) -> (backend name, implementation); cleared by reload_env()
         self._chosen: Dict[tuple, Tuple[str, Callable]] = {}
         _TABLES.add(self)

@@ -114,7 +114,9 @@ class DictLinear(nn.Module):
             y = dict_sparse_gather(z, values, indices).reshape(*x.shape[:-1], self.out_features)
         if bias is None:
             return y
-        return y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+        if bias.dtype != y.dtype:
+            bias = bias.to(y.dtype)
+        return y + bias if torch.is_grad_enabled() else y.add_(bias)  # without autograd, into the fresh output
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "

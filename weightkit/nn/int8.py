@@ -114,13 +114,16 @@ class Int8Linear(nn.Module):
         weight = params["weight"] if "weight" in params else self.weight
         scale = buffers["scale"] if "scale" in buffers else self.scale
         bias = params["bias"] if "bias" in params else self.bias
-        if torch.is_grad_enabled() and (self.track_weight_grad or x.requires_grad):
+        grad = torch.is_grad_enabled()
+        if grad and (self.track_weight_grad or x.requires_grad):
             y = _Int8LinearFunction.apply(x, weight, scale, self.group_size, self.track_weight_grad, _GRAD_ANCHOR)
         else:
             y = int8_matmul(x, weight, scale, self.group_size)
         if bias is None:
             return y
-        return y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+        if bias.dtype != y.dtype:
+            bias = bias.to(y.dtype)
+        return y + bias if grad else y.add_(bias)  # without autograd, into the fresh output
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -71,7 +71,9 @@ class MemoryLinear(nn.Module):
         bias = params["bias"] if "bias" in params else self.bias
         if bias is None:
             return y
-        return y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+        if bias.dtype != y.dtype:
+            bias = bias.to(y.dtype)
+        return y + bias if torch.is_grad_enabled() else y.add_(bias)  # without autograd, into the fresh output
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, t={self.t}"

@@ -66,8 +66,8 @@ def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, l
 @_GALORE.register("cpu")
 @_GALORE.register("cuda")
 def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    torch.ops.weightkit.galore_adam_update_kernel(weight, low_grad.contiguous(), exp_avg, exp_avg_sq,
-                                                  ortho.contiguous(), left, beta1, beta2, eps, step_size, scale, decay)
+    _GALORE.kernel(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1, beta2, eps,
+                   step_size, scale, decay)
 
 
 @_GALORE.register("triton")

@@ -67,7 +67,7 @@ def quantize_int4_reference(x: Tensor, group_size: int):
 @_QUANT.register("cpu")
 @_QUANT.register("cuda")
 def _quantize_int4_compiled(x, group_size):
-    return tuple(torch.ops.weightkit.quantize_int4_kernel(x.contiguous(), group_size))
+    return tuple(_QUANT.kernel(x.contiguous(), group_size))
 
 
 @_QUANT.register("triton")
@@ -127,8 +127,7 @@ def dequantize_int4_reference(packed: Tensor, scale: Tensor, zero: Tensor, group
 @_DEQUANT.register("cpu")
 @_DEQUANT.register("cuda")
 def _dequantize_int4_compiled(packed, scale, zero, group_size):
-    return torch.ops.weightkit.dequantize_int4_kernel(packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                                      group_size)
+    return _DEQUANT.kernel(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
 
 
 @_DEQUANT.register("triton")
@@ -185,8 +184,8 @@ def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
 @_MM.register("cpu")
 @_MM.register("cuda")
 def _int4_matmul_compiled(x, packed, scale, zero, group_size, shape, transpose):
-    y = torch.ops.weightkit.int4_matmul_kernel.default(rows(x), packed.contiguous(), scale.contiguous(),
-                                                       zero.contiguous(), group_size, shape[0], shape[1], transpose)
+    y = _MM.kernel(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
+                   shape[1], transpose)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 

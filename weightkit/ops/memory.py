@@ -37,6 +37,12 @@ MAX_TAU = 16
 
 
 def _check_args(x: Tensor, tables: Tensor, t: float) -> None:
+    if (x.dtype in FLOAT_DTYPES and tables.dtype in FLOAT_DTYPES and tables.dim() == 3 and tables.device == x.device
+            and x.numel() and tables.numel() and t > 0):
+        k, buckets, _ = tables.shape
+        tau = buckets.bit_length() - 1
+        if buckets == 1 << tau and 1 <= tau <= MAX_TAU and x.shape[-1] == k * tau:
+            return  # the usual valid call (half the cost of the checks below, which name the error)
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     k, buckets, _ = tables.shape
@@ -86,15 +92,14 @@ def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t:
 @_FWD.register("cpu")
 @_FWD.register("cuda")
 def _forward_compiled(x, tables, t):
-    y = torch.ops.weightkit.memory_lookup_forward_kernel.default(rows(x).contiguous(), tables.contiguous(), t)
+    y = _FWD.kernel(rows(x).contiguous(), tables.contiguous(), t)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
 
 
 @_BWD.register("cpu")
 @_BWD.register("cuda")
 def _backward_compiled(grad, x, tables, t, deterministic):
-    gx, gt = torch.ops.weightkit.memory_lookup_backward_kernel.default(rows(grad).contiguous(), rows(x).contiguous(),
-                                                                       tables.contiguous(), t, deterministic)
+    gx, gt = _BWD.kernel(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t, deterministic)
     return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
 
 
@@ -123,8 +128,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, tables = ctx.saved_tensors
-    deterministic = torch.are_deterministic_algorithms_enabled() or getattr(ctx, "deterministic", False)
-    gx, gt = _backward_op(grad.contiguous(), x, tables, ctx.t, deterministic)
+    gx, gt = _backward_op(grad.contiguous(), x, tables, ctx.t, torch.are_deterministic_algorithms_enabled())
     return gx, gt, None
 
 

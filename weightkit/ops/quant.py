@@ -53,7 +53,7 @@ def stochastic_round_int8_reference(x: Tensor, scale: Tensor, group_size: int, s
 @_SR.register("cpu")
 @_SR.register("cuda")
 def _stochastic_round_int8_compiled(x, scale, group_size, seed, offset):
-    return torch.ops.weightkit.stochastic_round_int8_kernel(x.contiguous(), scale.contiguous(), group_size, seed, offset)
+    return _SR.kernel(x.contiguous(), scale.contiguous(), group_size, seed, offset)
 
 
 @_SR.register("triton")
@@ -132,7 +132,7 @@ def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset)
 @_SR_UPDATE.register("cpu")
 @_SR_UPDATE.register("cuda")
 def _int8_sr_update_compiled(w_q, scale, delta, group_size, decay, seed, offset):
-    torch.ops.weightkit.int8_sr_update_kernel(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+    _SR_UPDATE.kernel(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
 
 
 @_SR_UPDATE.register("triton")
@@ -198,6 +198,12 @@ _INT8_MM = KernelTable("int8_matmul", compiled="int8_matmul_kernel")
 
 
 def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> None:
+    dev = x.device
+    if (x.dtype in FLOAT_DTYPES and w_q.dtype == torch.int8 and scale.dtype == torch.float32 and w_q.dim() == 2
+            and w_q.device == dev and scale.device == dev and type(group_size) is int and group_size > 0
+            and x.numel() and w_q.numel() and not w_q.shape[1] % group_size
+            and scale.numel() == w_q.numel() // group_size and x.shape[-1] == w_q.shape[0 if transpose else 1]):
+        return  # the usual valid call, in one expression (half the cost of the checks below, which name the error)
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("w_q", w_q, dtypes=(torch.int8,), ndim=2, device=x.device)
     check_positive_int("group_size", group_size)
@@ -229,8 +235,7 @@ def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int
 @_INT8_MM.register("cpu")
 @_INT8_MM.register("cuda")
 def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
-    y = torch.ops.weightkit.int8_matmul_kernel.default(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(),
-                                                       group_size, transpose)
+    y = _INT8_MM.kernel(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
