@@ -12,8 +12,6 @@ grad_values[t, j] = <grad_y[:, j], Z[:, indices[t, j]]>. Accumulation is fp32; o
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 

@@ -13,7 +13,7 @@ z, and x ~ (q - z) * s, with, over the group's values g (in float32)::
 so |x - (q - z) s| <= s / 2 + (rounding of z) <= s for every element (tested). Every division, product and sum is
 a single fp32 operation (no fused multiply-add), which all backends follow: they agree bit for bit.
 
-Ops (each a torch.library custom op with reference / cpu / cuda / triton backends):
+Ops (each ``torch.ops.weightkit.<name>``, defined with ``_registry.define``; reference / cpu / cuda / triton backends):
 
 * ``quantize_int4(x, group_size) -> (packed uint8 [numel/2], scale float32 [groups], zero uint8 [groups])``
 * ``dequantize_int4(packed, scale, zero, group_size, shape) -> float32`` (unpack + dequantize)

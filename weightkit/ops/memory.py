@@ -20,8 +20,6 @@ kernels use atomics. ``torch.are_deterministic_algorithms_enabled()`` turns it o
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
