@@ -20,6 +20,7 @@ import contextvars
 import importlib
 import os
 import warnings
+import weakref
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -77,6 +78,7 @@ def extension_has_cuda() -> bool:
 # op call would need four. Change them at run time with use_backend() / weightkit.debug_checks(), or set the
 # variables and call reload_env().
 _ENV: Dict[str, Optional[str]] = {}
+_TABLES: "weakref.WeakSet[KernelTable]" = weakref.WeakSet()
 
 
 def reload_env() -> None:
@@ -84,6 +86,8 @@ def reload_env() -> None:
     _ENV["backend"] = os.environ.get("WEIGHTKIT_BACKEND", "auto") or "auto"
     _ENV["interpret"] = os.environ.get("TRITON_INTERPRET")
     _ENV["debug"] = os.environ.get("WEIGHTKIT_DEBUG_CHECKS", os.environ.get("WEIGHTKIT_CHECK_FINITE")) or None
+    for table in _TABLES:  # their choices depend on the backend and interpreter settings
+        table._chosen.clear()
 
 
 reload_env()
@@ -172,13 +176,19 @@ class KernelTable:
         self.compiled = compiled
         self.cuda_order = cuda_order
         self.impls: Dict[str, Callable] = {}
-        self._chosen: Dict[tuple, str] = {}
+        # the extension op (its .default overload) behind the cpu and cuda backends; None without the extension
+        packet = getattr(torch.ops.weightkit, compiled, None) if _EXT is not None and compiled else None
+        self.kernel = None if packet is None else packet.default
+        # (forced backend or None, device) -> (backend name, implementation); cleared by reload_env()
+        self._chosen: Dict[tuple, Tuple[str, Callable]] = {}
+        _TABLES.add(self)
 
     def register(self, backend: str):
         _validate(backend, "backend")
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = fn
+            self._chosen.clear()
             return fn
 
         return deco
@@ -219,14 +229,18 @@ class KernelTable:
         return f"unknown backend {backend}"
 
     def select(self, device: torch.device) -> str:
-        requested = requested_backend()
-        # The answer depends only on these (the extension and triton are probed once, at import): cache it, since
-        # the probing costs tens of microseconds per call, comparable to a small kernel.
-        key = (requested, device.type, device.index, _ENV["interpret"])
-        choice = self._chosen.get(key)
-        if choice is None:
-            choice = self._chosen[key] = self._select(requested, device)
-        return choice
+        return self._lookup(device)[0]
+
+    def _lookup(self, device: torch.device) -> Tuple[str, Callable]:
+        # The answer depends only on the forced backend, the device and the environment (the extension and triton
+        # are probed once, at import; reload_env() clears this cache): cached, since the probing costs tens of
+        # microseconds per call, comparable to a small kernel, and even building a longer key costs ~0.5 us.
+        key = (_FORCED.get(), device)
+        found = self._chosen.get(key)
+        if found is None:
+            name = self._select(requested_backend(), device)
+            found = self._chosen[key] = (name, self.impls[name])
+        return found
 
     def _select(self, requested: str, device: torch.device) -> str:
         if requested == "auto":
@@ -245,4 +259,15 @@ class KernelTable:
         return "reference"
 
     def __call__(self, device: torch.device, *args, **kwargs):
-        return self.impls[self.select(device)](*args, **kwargs)
+        found = self._chosen.get((_FORCED.get(), device))
+        if found is None:
+            found = self._lookup(device)
+        return found[1](*args, **kwargs)
+
+    def run(self, *args):
+        """The implementation for the device of the first argument (a tensor), called with ``args``."""
+        device = args[0].device
+        found = self._chosen.get((_FORCED.get(), device))
+        if found is None:
+            found = self._lookup(device)
+        return found[1](*args)

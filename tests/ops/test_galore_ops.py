@@ -73,7 +73,7 @@ def test_non_contiguous_state_is_updated_in_place():
 def test_opcheck():
     w, low, ea, eas, ortho = make(16, 12, 4, False)
     args = (w, low, ea, eas, ortho, False, 0.9, 0.999, 1e-6, 1e-2, 0.5, 0.99)
-    torch.library.opcheck(galore_ops._galore_adam_update_op, args)
+    torch.library.opcheck(torch.ops.weightkit.galore_adam_update_.default, args)
 
 
 def test_torch_compile():

@@ -103,9 +103,10 @@ def test_matmul_autograd_gradcheck_and_opcheck():
             y = int4_matmul(xf, packed, scale, zero, 4, (12, 8), transpose=True)
             y.backward(torch.ones_like(y))
             torch.testing.assert_close(xf.grad, torch.ones(5, 8) @ dequantize_int4(packed, scale, zero, 4, (12, 8)).T)
-    torch.library.opcheck(int4._int4_matmul_op, (torch.randn(3, 8), packed, scale, zero, 4, [12, 8], False))
-    torch.library.opcheck(int4._quantize_int4_op, (torch.randn(6, 8), 4))
-    torch.library.opcheck(int4._dequantize_int4_op, (packed, scale, zero, 4, [12, 8]))
+    torch.library.opcheck(torch.ops.weightkit.int4_matmul.default,
+                          (torch.randn(3, 8), packed, scale, zero, 4, [12, 8], False))
+    torch.library.opcheck(torch.ops.weightkit.quantize_int4.default, (torch.randn(6, 8), 4))
+    torch.library.opcheck(torch.ops.weightkit.dequantize_int4.default, (packed, scale, zero, 4, [12, 8]))
 
 
 def test_torch_compile():
@@ -191,7 +192,8 @@ def test_sr_update_is_unbiased():
 
 def test_sr_update_opcheck_and_bad_input():
     q, s = int8_weight((4, 16), 8)
-    torch.library.opcheck(quant._int8_sr_update_op, (q.clone(), s.clone(), torch.randn(4, 16), 8, 0.99, 1, 0))
+    torch.library.opcheck(torch.ops.weightkit.int8_sr_update_.default,
+                          (q.clone(), s.clone(), torch.randn(4, 16), 8, 0.99, 1, 0))
     with pytest.raises(ValueError, match="delta has shape"):
         int8_sr_update_(q, s, torch.randn(4, 8), 8)
     with pytest.raises(ValueError, match="one value per group"):

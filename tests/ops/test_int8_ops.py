@@ -64,7 +64,7 @@ def test_gradcheck_reference_and_op_backward():
 def test_opcheck_and_compile():
     q, scale = weight(16, 32, 8)
     x = torch.randn(4, 32)
-    torch.library.opcheck(quant._int8_matmul_op, (x, q, scale, 8, False))
+    torch.library.opcheck(torch.ops.weightkit.int8_matmul.default, (x, q, scale, 8, False))
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: int8_matmul(t * 2, q, scale, 8), fullgraph=True)
     torch.testing.assert_close(compiled(x), int8_matmul(x * 2, q, scale, 8))

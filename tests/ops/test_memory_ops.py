@@ -95,8 +95,9 @@ def test_deterministic_table_gradient_is_bit_identical():
 
 def test_opcheck_and_compile():
     x, tables = inputs(6, 2, 4, 8)
-    torch.library.opcheck(memory._forward_op, (x, tables, 1.0))
-    torch.library.opcheck(memory._backward_op, (torch.randn(6, 8), x, tables, 1.0, True))
+    torch.library.opcheck(torch.ops.weightkit.memory_lookup_forward.default, (x, tables, 1.0))
+    torch.library.opcheck(torch.ops.weightkit.memory_lookup_backward.default,
+                          (torch.randn(6, 8), x, tables, 1.0, True))
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: memory_lookup(a * 2, b), fullgraph=True)
     torch.testing.assert_close(compiled(x, tables), memory_lookup(x * 2, tables))

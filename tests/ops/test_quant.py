@@ -114,7 +114,7 @@ def test_saturates_at_int8_range():
 def test_opcheck():
     x = torch.randn(8, 32)
     scale = absmax_scale(x, 32)
-    torch.library.opcheck(quant._stochastic_round_int8_op, (x, scale, 32, 1, 0))
+    torch.library.opcheck(torch.ops.weightkit.stochastic_round_int8.default, (x, scale, 32, 1, 0))
     if quant._SR.why_not("cpu", torch.device("cpu")) is None:
         torch.library.opcheck(torch.ops.weightkit.stochastic_round_int8_kernel.default, (x, scale, 32, 1, 0),
                               test_utils=("test_schema", "test_autograd_registration"))

@@ -1,6 +1,7 @@
-"""weightkit ops: one module per hot path, each a torch.library custom op with a reference and backends."""
+"""weightkit ops: one module per hot path; each op is torch.ops.weightkit.<name>, defined once with
+weightkit.ops._registry.define (schema, checks, backends, fake, autograd), with a reference and backends."""
 
-from . import dictionary, galore, memory, quant, rng  # noqa: F401  (registers the weightkit:: custom ops)
+from . import dictionary, galore, memory, quant, rng  # noqa: F401  (defines the weightkit:: ops)
 from .dictionary import dict_sparse_gather
 from .galore import galore_adam_update_
 from .memory import memory_lookup

@@ -86,8 +86,14 @@ finite_checks_enabled = debug_checks_enabled  # former name
 
 
 def check_finite(name: str, t: torch.Tensor, default: bool = False) -> None:
-    # debug check: one reduction and one sync: a finite sum proves every element finite (see finite_flags)
-    if debug_checks_enabled(default) and t.is_floating_point() and t.numel() and not finite_flags([t])[0]:
+    """The NaN/Inf debug check of ``t``, when debug checks are on (see :func:`debug_checks_enabled`)."""
+    if debug_checks_enabled(default):
+        require_finite(name, t)
+
+
+def require_finite(name: str, t: torch.Tensor) -> None:
+    # one reduction and one sync: a finite sum proves every element finite (see finite_flags)
+    if t.is_floating_point() and t.numel() and not finite_flags([t])[0]:
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
 
@@ -121,22 +127,12 @@ def exact_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D (rows, last dimension) view, without a reshape call when it is 2-D already (a reshape costs
+    about a microsecond of host time, as much as a decode-size kernel)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def check_positive_int(name: str, value, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def eager_inference(*tensors: torch.Tensor) -> bool:
-    """True when an op may skip the torch.library custom-op machinery (~100 us per call, more than a decode-size
-    kernel) and call its implementation directly: plain eager tensors, no autograd needed, no torch.compile
-    tracing and no functorch transform active. Otherwise ops go through their registered custom op."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if type(t) not in _PLAIN or (grad and t.requires_grad):
-            return False
-    return True

@@ -12,13 +12,12 @@ grad_values[t, j] = <grad_y[:, j], Z[:, indices[t, j]]>. Accumulation is fp32; o
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_tensor, debug_checks_enabled, eager_inference
+from ._checks import FLOAT_DTYPES, check_tensor, require_finite
+from ._registry import define
 
 __all__ = ["dict_sparse_gather", "index_dtype_for"]
 
@@ -37,6 +36,11 @@ def index_dtype_for(k: int) -> torch.dtype:
 
 
 def _check_args(z: Tensor, values: Tensor, indices: Tensor) -> None:
+    dev = z.device
+    if (z.dtype in FLOAT_DTYPES and values.dtype in FLOAT_DTYPES and indices.dtype in INDEX_DTYPES and z.dim() == 2
+            and values.dim() == 2 and values.device == dev and indices.device == dev and z.numel() and values.numel()
+            and indices.shape == values.shape):
+        return  # the usual valid call, in one expression (half the cost of the checks below, which name the error)
     check_tensor("z", z, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("values", values, dtypes=FLOAT_DTYPES, ndim=2, device=z.device)
     check_tensor("indices", indices, dtypes=INDEX_DTYPES, ndim=2, device=z.device)
@@ -44,13 +48,14 @@ def _check_args(z: Tensor, values: Tensor, indices: Tensor) -> None:
         raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must have the same shape")
 
 
-def _check_index_range(indices: Tensor, k: int) -> None:
-    # reads the data (a host sync on a GPU): a debug check; DictLinear validates its indices when built or loaded
-    if not debug_checks_enabled():
-        return
+def _check_data(z: Tensor, values: Tensor, indices: Tensor) -> None:
+    # read the data (a host sync on a GPU): debug checks; DictLinear validates its indices when built or loaded, and
+    # values are parameters: checking them on every call would cost more than the gather
+    k = z.shape[1]
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= k:
         raise ValueError(f"indices must lie in [0, k={k}) (the columns of z), got values in [{lo}, {hi}]")
+    require_finite("z", z)
 
 
 @_FWD.register("reference")
@@ -73,14 +78,13 @@ def dict_sparse_gather_backward_reference(grad: Tensor, z: Tensor, values: Tenso
 @_FWD.register("cpu")
 @_FWD.register("cuda")
 def _fwd_compiled(z, values, indices):
-    return torch.ops.weightkit.dict_sparse_gather_kernel(z.contiguous(), values.contiguous(), indices.contiguous())
+    return _FWD.kernel(z.contiguous(), values.contiguous(), indices.contiguous())
 
 
 @_BWD.register("cpu")
 @_BWD.register("cuda")
 def _bwd_compiled(grad, z, values, indices):
-    return torch.ops.weightkit.dict_sparse_gather_backward_kernel(grad.contiguous(), z.contiguous(),
-                                                                  values.contiguous(), indices.contiguous())
+    return _BWD.kernel(grad.contiguous(), z.contiguous(), values.contiguous(), indices.contiguous())
 
 
 @_FWD.register("triton")
@@ -98,37 +102,8 @@ def _bwd_triton(grad, z, values, indices):
                                               indices.contiguous())
 
 
-def _fwd_impl(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    _check_args(z, values, indices)
-    _check_index_range(indices, z.shape[1])
-    check_finite("z", z)  # values are parameters: checking them on every call costs more than the gather
-    return _FWD(z.device, z, values, indices)
-
-
-@torch.library.custom_op("weightkit::dict_sparse_gather", mutates_args=())
-def _fwd_op(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    return _fwd_impl(z, values, indices)
-
-
-@_fwd_op.register_fake
-def _(z, values, indices):
-    _check_args(z, values, indices)
-    return z.new_empty((z.shape[0], values.shape[1]))
-
-
-@torch.library.custom_op("weightkit::dict_sparse_gather_backward", mutates_args=())
-def _bwd_op(grad: Tensor, z: Tensor, values: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
-    return _BWD(z.device, grad, z, values, indices)
-
-
-@_bwd_op.register_fake
-def _(grad, z, values, indices):
-    return torch.empty_like(z), torch.empty_like(values)
-
-
 def _setup(ctx, inputs, output):
-    z, values, indices = inputs
-    ctx.save_for_backward(z, values, indices)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad):
@@ -137,12 +112,18 @@ def _backward(ctx, grad):
     return gz, gv, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_op = define(
+    "dict_sparse_gather(Tensor z, Tensor values, Tensor indices) -> Tensor",
+    table=_FWD, check=_check_args, debug_check=_check_data,
+    fake=lambda z, values, indices: z.new_empty((z.shape[0], values.shape[1])),
+    backward=_backward, setup_context=_setup)
+
+_bwd_op = define(
+    "dict_sparse_gather_backward(Tensor grad, Tensor z, Tensor values, Tensor indices) -> (Tensor, Tensor)",
+    table=_BWD, fake=lambda grad, z, values, indices: (torch.empty_like(z), torch.empty_like(values)))
 
 
 def dict_sparse_gather(z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     """``y[:, j] = sum_t values[t, j] * z[:, indices[t, j]]`` (see the module docstring); differentiable in z and
     values."""
-    if eager_inference(z, values, indices):  # same checks and kernels, without the custom-op dispatch overhead
-        return _fwd_impl(z, values, indices)
     return _fwd_op(z, values, indices)

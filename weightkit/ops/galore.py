@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from ._checks import FLOAT_DTYPES, check_tensor
+from ._registry import define
 
 __all__ = ["galore_adam_update_"]
 
@@ -68,8 +69,8 @@ def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, l
 @_GALORE.register("cpu")
 @_GALORE.register("cuda")
 def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    torch.ops.weightkit.galore_adam_update_kernel(weight, low_grad.contiguous(), exp_avg, exp_avg_sq,
-                                                  ortho.contiguous(), left, beta1, beta2, eps, step_size, scale, decay)
+    _GALORE.kernel(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1, beta2, eps,
+                   step_size, scale, decay)
 
 
 @_GALORE.register("triton")
@@ -80,11 +81,7 @@ def _galore_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, be
                               beta2, eps, step_size, scale, decay)
 
 
-@torch.library.custom_op("weightkit::galore_adam_update_", mutates_args=("weight", "exp_avg", "exp_avg_sq"))
-def _galore_adam_update_op(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
-                           left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
-                           decay: float) -> None:
-    _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left)
+def _galore_impl(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
     if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous() and weight.is_contiguous()):
         # in-place state must be updated where it lives: work on contiguous copies, then write back
         w, m, v = weight.contiguous(), exp_avg.contiguous(), exp_avg_sq.contiguous()
@@ -95,10 +92,10 @@ def _galore_adam_update_op(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, ex
             decay)
 
 
-@_galore_adam_update_op.register_fake
-def _(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left)
-    return None
+_galore_adam_update_op = define(
+    "galore_adam_update_(Tensor(a0!) weight, Tensor low_grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, "
+    "Tensor ortho, bool left, float beta1, float beta2, float eps, float step_size, float scale, float decay) -> ()",
+    impl=_galore_impl, check=lambda *args: _check_args(*args[:6]), fake=lambda *args: None)
 
 
 def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,

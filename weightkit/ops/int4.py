@@ -13,7 +13,7 @@ z, and x ~ (q - z) * s, with, over the group's values g (in float32)::
 so |x - (q - z) s| <= s / 2 + (rounding of z) <= s for every element (tested). Every division, product and sum is
 a single fp32 operation (no fused multiply-add), which all backends follow: they agree bit for bit.
 
-Ops (each a torch.library custom op with reference / cpu / cuda / triton backends):
+Ops (each ``torch.ops.weightkit.<name>``, defined with ``_registry.define``; reference / cpu / cuda / triton backends):
 
 * ``quantize_int4(x, group_size) -> (packed uint8 [numel/2], scale float32 [groups], zero uint8 [groups])``
 * ``dequantize_int4(packed, scale, zero, group_size, shape) -> float32`` (unpack + dequantize)
@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, eager_inference, exact_div
+from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
+from ._registry import define
 
 __all__ = ["quantize_int4", "dequantize_int4", "unpack_int4", "int4_matmul"]
 
@@ -66,7 +67,7 @@ def quantize_int4_reference(x: Tensor, group_size: int):
 @_QUANT.register("cpu")
 @_QUANT.register("cuda")
 def _quantize_int4_compiled(x, group_size):
-    return tuple(torch.ops.weightkit.quantize_int4_kernel(x.contiguous(), group_size))
+    return tuple(_QUANT.kernel(x.contiguous(), group_size))
 
 
 @_QUANT.register("triton")
@@ -76,21 +77,20 @@ def _quantize_int4_triton(x, group_size):
     return quantize_int4_triton(x.contiguous(), group_size)
 
 
-@torch.library.custom_op("weightkit::quantize_int4", mutates_args=())
-def _quantize_int4_op(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _check_quantize(x: Tensor, group_size: int) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     _check_group(group_size, x.numel())
-    check_finite("x", x)
-    return _QUANT(x.device, x, group_size)
 
 
-@_quantize_int4_op.register_fake
-def _(x, group_size):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    _check_group(group_size, x.numel())
+def _quantize_int4_fake(x, group_size):
     groups = x.numel() // group_size
     return (x.new_empty((x.numel() // 2,), dtype=torch.uint8), x.new_empty((groups,), dtype=torch.float32),
             x.new_empty((groups,), dtype=torch.uint8))
+
+
+_quantize_int4_op = define(
+    "quantize_int4(Tensor x, SymInt group_size) -> (Tensor, Tensor, Tensor)",
+    table=_QUANT, check=_check_quantize, debug_check=lambda x, _: require_finite("x", x), fake=_quantize_int4_fake)
 
 
 def quantize_int4(x: Tensor, group_size: int = 64) -> Tuple[Tensor, Tensor, Tensor]:
@@ -127,8 +127,7 @@ def dequantize_int4_reference(packed: Tensor, scale: Tensor, zero: Tensor, group
 @_DEQUANT.register("cpu")
 @_DEQUANT.register("cuda")
 def _dequantize_int4_compiled(packed, scale, zero, group_size):
-    return torch.ops.weightkit.dequantize_int4_kernel(packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                                      group_size)
+    return _DEQUANT.kernel(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
 
 
 @_DEQUANT.register("triton")
@@ -138,16 +137,11 @@ def _dequantize_int4_triton(packed, scale, zero, group_size):
     return dequantize_int4_triton(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
 
 
-@torch.library.custom_op("weightkit::dequantize_int4", mutates_args=())
-def _dequantize_int4_op(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int]) -> Tensor:
-    _check_int4(packed, scale, zero, group_size, shape)
-    return _DEQUANT(packed.device, packed, scale, zero, group_size).reshape(shape)
-
-
-@_dequantize_int4_op.register_fake
-def _(packed, scale, zero, group_size, shape):
-    _check_int4(packed, scale, zero, group_size, shape)
-    return scale.new_empty(tuple(shape))
+_dequantize_int4_op = define(
+    "dequantize_int4(Tensor packed, Tensor scale, Tensor zero, SymInt group_size, SymInt[] shape) -> Tensor",
+    impl=lambda packed, scale, zero, group_size, shape: _DEQUANT(packed.device, packed, scale, zero,
+                                                                 group_size).reshape(shape),
+    check=_check_int4, fake=lambda packed, scale, zero, group_size, shape: scale.new_empty(tuple(shape)))
 
 
 def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape) -> Tensor:
@@ -190,38 +184,18 @@ def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
 @_MM.register("cpu")
 @_MM.register("cuda")
 def _int4_matmul_compiled(x, packed, scale, zero, group_size, shape, transpose):
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.weightkit.int4_matmul_kernel(x2, packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                               group_size, shape[0], shape[1], transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = _MM.kernel(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
+                   shape[1], transpose)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @_MM.register("triton")
 def _int4_matmul_triton(x, packed, scale, zero, group_size, shape, transpose):
     from ..kernels.int4 import int4_matmul_triton
 
-    x2 = x.reshape(-1, x.shape[-1])
-    y = int4_matmul_triton(x2, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
+    y = int4_matmul_triton(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
                            shape[1], transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _int4_matmul_impl(x, packed, scale, zero, group_size, shape, transpose):
-    _check_mm(x, packed, scale, zero, group_size, shape, transpose)
-    check_finite("x", x)
-    return _MM(x.device, x, packed, scale, zero, group_size, list(shape), transpose)
-
-
-@torch.library.custom_op("weightkit::int4_matmul", mutates_args=())
-def _int4_matmul_op(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int],
-                    transpose: bool) -> Tensor:
-    return _int4_matmul_impl(x, packed, scale, zero, group_size, shape, transpose)
-
-
-@_int4_matmul_op.register_fake
-def _(x, packed, scale, zero, group_size, shape, transpose):
-    _check_mm(x, packed, scale, zero, group_size, shape, transpose)
-    return x.new_empty((*x.shape[:-1], shape[1] if transpose else shape[0]))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _int4_mm_setup(ctx, inputs, output):
@@ -236,14 +210,17 @@ def _int4_mm_backward(ctx, grad):
     return gx, None, None, None, None, None, None
 
 
-_int4_matmul_op.register_autograd(_int4_mm_backward, setup_context=_int4_mm_setup)
+_int4_matmul_op = define(
+    "int4_matmul(Tensor x, Tensor packed, Tensor scale, Tensor zero, SymInt group_size, SymInt[] shape, "
+    "bool transpose) -> Tensor",
+    table=_MM, check=_check_mm, debug_check=lambda x, *_: require_finite("x", x),
+    fake=lambda x, packed, scale, zero, group_size, shape, transpose: x.new_empty(
+        (*x.shape[:-1], shape[1] if transpose else shape[0])),
+    backward=_int4_mm_backward, setup_context=_int4_mm_setup)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                 transpose: bool = False) -> Tensor:
     """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), dequantized
     inside the kernel. ``x`` may be non-contiguous (a transposed view costs no copy on cpu/cuda)."""
-    shape = [int(s) for s in shape]
-    if eager_inference(x, packed, scale, zero):  # same checks and kernels, without the custom-op overhead
-        return _int4_matmul_impl(x, packed, scale, zero, group_size, shape, bool(transpose))
-    return _int4_matmul_op(x, packed, scale, zero, group_size, shape, bool(transpose))
+    return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose))

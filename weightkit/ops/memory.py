@@ -20,13 +20,12 @@ kernels use atomics. ``torch.are_deterministic_algorithms_enabled()`` turns it o
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_finite, check_tensor, eager_inference
+from ._checks import FLOAT_DTYPES, check_tensor, require_finite, rows
+from ._registry import define
 
 __all__ = ["memory_lookup", "memory_lookup_grads"]
 
@@ -36,6 +35,12 @@ MAX_TAU = 16
 
 
 def _check_args(x: Tensor, tables: Tensor, t: float) -> None:
+    if (x.dtype in FLOAT_DTYPES and tables.dtype in FLOAT_DTYPES and tables.dim() == 3 and tables.device == x.device
+            and x.numel() and tables.numel() and t > 0):
+        k, buckets, _ = tables.shape
+        tau = buckets.bit_length() - 1
+        if buckets == 1 << tau and 1 <= tau <= MAX_TAU and x.shape[-1] == k * tau:
+            return  # the usual valid call (half the cost of the checks below, which name the error)
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     k, buckets, _ = tables.shape
@@ -85,63 +90,32 @@ def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t:
 @_FWD.register("cpu")
 @_FWD.register("cuda")
 def _forward_compiled(x, tables, t):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.weightkit.memory_lookup_forward_kernel(x2, tables.contiguous(), t)
-    return y.reshape(*x.shape[:-1], tables.shape[-1])
+    y = _FWD.kernel(rows(x).contiguous(), tables.contiguous(), t)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
 
 
 @_BWD.register("cpu")
 @_BWD.register("cuda")
 def _backward_compiled(grad, x, tables, t, deterministic):
-    g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    gx, gt = torch.ops.weightkit.memory_lookup_backward_kernel(g2, x2, tables.contiguous(), t, deterministic)
-    return gx.reshape(x.shape), gt
+    gx, gt = _BWD.kernel(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t, deterministic)
+    return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
 
 
 @_FWD.register("triton")
 def _forward_triton(x, tables, t):
     from ..kernels.memory import memory_lookup_forward_triton
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return memory_lookup_forward_triton(x2, tables.contiguous(), t).reshape(*x.shape[:-1], tables.shape[-1])
+    y = memory_lookup_forward_triton(rows(x).contiguous(), tables.contiguous(), t)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
 
 
 @_BWD.register("triton")
 def _backward_triton(grad, x, tables, t, deterministic):
     from ..kernels.memory import memory_lookup_backward_triton
 
-    gx, gt = memory_lookup_backward_triton(grad.reshape(-1, grad.shape[-1]).contiguous(),
-                                           x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), t,
+    gx, gt = memory_lookup_backward_triton(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t,
                                            deterministic)
-    return gx.reshape(x.shape), gt
-
-
-def _forward_impl(x: Tensor, tables: Tensor, t: float) -> Tensor:
-    _check_args(x, tables, t)
-    check_finite("x", x)
-    return _FWD(x.device, x, tables, t)
-
-
-@torch.library.custom_op("weightkit::memory_lookup_forward", mutates_args=())
-def _forward_op(x: Tensor, tables: Tensor, t: float) -> Tensor:
-    return _forward_impl(x, tables, t)
-
-
-@_forward_op.register_fake
-def _(x, tables, t):
-    _check_args(x, tables, t)
-    return x.new_empty((*x.shape[:-1], tables.shape[-1]))
-
-
-@torch.library.custom_op("weightkit::memory_lookup_backward", mutates_args=())
-def _backward_op(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool) -> Tuple[Tensor, Tensor]:
-    return _BWD(x.device, grad, x, tables, t, deterministic)
-
-
-@_backward_op.register_fake
-def _(grad, x, tables, t, deterministic):
-    return torch.empty_like(x), torch.empty_like(tables)
+    return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
 
 
 def _setup(ctx, inputs, output):
@@ -152,18 +126,24 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, tables = ctx.saved_tensors
-    deterministic = torch.are_deterministic_algorithms_enabled() or getattr(ctx, "deterministic", False)
-    gx, gt = _backward_op(grad.contiguous(), x, tables, ctx.t, deterministic)
+    gx, gt = _backward_op(grad.contiguous(), x, tables, ctx.t, torch.are_deterministic_algorithms_enabled())
     return gx, gt, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup)
+_forward_op = define(
+    "memory_lookup_forward(Tensor x, Tensor tables, float t) -> Tensor",
+    table=_FWD, check=_check_args, debug_check=lambda x, *_: require_finite("x", x),
+    fake=lambda x, tables, t: x.new_empty((*x.shape[:-1], tables.shape[-1])),
+    backward=_backward, setup_context=_setup)
+
+_backward_op = define(
+    "memory_lookup_backward(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) -> (Tensor, Tensor)",
+    impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic),
+    fake=lambda grad, x, tables, t, deterministic: (torch.empty_like(x), torch.empty_like(tables)))
 
 
 def memory_lookup(x: Tensor, tables: Tensor, t: float = 1.0) -> Tensor:
     """MemoryFormer lookup (see the module docstring). Differentiable in ``x`` and ``tables``."""
-    if eager_inference(x, tables):  # same checks and kernels, without the custom-op dispatch overhead
-        return _forward_impl(x, tables, float(t))
     return _forward_op(x, tables, float(t))
 
 

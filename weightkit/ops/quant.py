@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from . import rng
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor, debug_checks_enabled, eager_inference, exact_div
+from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
+from ._registry import define
 
 __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_",
            "quantize_int4", "unpack_int4", "dequantize_int4"]
@@ -52,7 +53,7 @@ def stochastic_round_int8_reference(x: Tensor, scale: Tensor, group_size: int, s
 @_SR.register("cpu")
 @_SR.register("cuda")
 def _stochastic_round_int8_compiled(x, scale, group_size, seed, offset):
-    return torch.ops.weightkit.stochastic_round_int8_kernel(x.contiguous(), scale.contiguous(), group_size, seed, offset)
+    return _SR.kernel(x.contiguous(), scale.contiguous(), group_size, seed, offset)
 
 
 @_SR.register("triton")
@@ -62,20 +63,21 @@ def _stochastic_round_int8_triton(x, scale, group_size, seed, offset):
     return stochastic_round_int8_triton(x.contiguous(), scale.contiguous(), group_size, seed, offset)
 
 
-@torch.library.custom_op("weightkit::stochastic_round_int8", mutates_args=())
-def _stochastic_round_int8_op(x: Tensor, scale: Tensor, group_size: int, seed: int, offset: int) -> Tensor:
-    _check_sr_args(x, scale, group_size)
-    rng.check_seed(seed, offset)
-    check_finite("x", x)
-    if debug_checks_enabled() and (not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all())):
-        raise ValueError("scale must be positive and finite in every group")
+def _sr_impl(x, scale, group_size, seed, offset):
+    rng.check_seed(seed, offset)  # values, not metadata (symbolic under torch.compile): eager only
     return _SR(x.device, x, scale, group_size, seed, offset)
 
 
-@_stochastic_round_int8_op.register_fake
-def _(x, scale, group_size, seed, offset):
-    _check_sr_args(x, scale, group_size)
-    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+def _check_sr_data(x, scale, group_size, seed, offset):
+    require_finite("x", x)
+    if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+        raise ValueError("scale must be positive and finite in every group")
+
+
+_stochastic_round_int8_op = define(
+    "stochastic_round_int8(Tensor x, Tensor scale, SymInt group_size, SymInt seed, SymInt offset) -> Tensor",
+    impl=_sr_impl, check=lambda x, scale, group_size, *_: _check_sr_args(x, scale, group_size),
+    debug_check=_check_sr_data, fake=lambda x, *_: torch.empty(x.shape, dtype=torch.int8, device=x.device))
 
 
 def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, offset: int = 0) -> Tensor:
@@ -130,7 +132,7 @@ def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset)
 @_SR_UPDATE.register("cpu")
 @_SR_UPDATE.register("cuda")
 def _int8_sr_update_compiled(w_q, scale, delta, group_size, decay, seed, offset):
-    torch.ops.weightkit.int8_sr_update_kernel(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+    _SR_UPDATE.kernel(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
 
 
 @_SR_UPDATE.register("triton")
@@ -140,21 +142,21 @@ def _int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
     int8_sr_update_triton(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
 
 
-@torch.library.custom_op("weightkit::int8_sr_update_", mutates_args=("w_q", "scale"))
-def _int8_sr_update_op(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, decay: float, seed: int,
-                       offset: int) -> None:
-    _check_sr_update_args(w_q, scale, delta, group_size)
-    rng.check_seed(seed, offset)
-    check_finite("delta", delta, default=True)  # in place: a NaN would destroy the weight (see _checks)
+def _sr_update_impl(w_q, scale, delta, group_size, decay, seed, offset):
+    rng.check_seed(seed, offset)  # values, not metadata: eager only
     if not math.isfinite(decay):
         raise ValueError(f"decay must be finite, got {decay}")
     _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset)
 
 
-@_int8_sr_update_op.register_fake
-def _(w_q, scale, delta, group_size, decay, seed, offset):
-    _check_sr_update_args(w_q, scale, delta, group_size)
-    return None
+_int8_sr_update_op = define(
+    "int8_sr_update_(Tensor(a0!) w_q, Tensor(a1!) scale, Tensor delta, SymInt group_size, float decay, SymInt seed, "
+    "SymInt offset) -> ()",
+    impl=_sr_update_impl,
+    check=lambda w_q, scale, delta, group_size, *_: _check_sr_update_args(w_q, scale, delta, group_size),
+    # in place: a NaN would destroy the weight, so this data check is on by default (see _checks)
+    debug_check=lambda w_q, scale, delta, *_: require_finite("delta", delta), debug_default=True,
+    fake=lambda *args: None)
 
 
 def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, *, decay: float = 1.0, seed: int = 0,
@@ -196,6 +198,12 @@ _INT8_MM = KernelTable("int8_matmul", compiled="int8_matmul_kernel")
 
 
 def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> None:
+    dev = x.device
+    if (x.dtype in FLOAT_DTYPES and w_q.dtype == torch.int8 and scale.dtype == torch.float32 and w_q.dim() == 2
+            and w_q.device == dev and scale.device == dev and type(group_size) is int and group_size > 0
+            and x.numel() and w_q.numel() and not w_q.shape[1] % group_size
+            and scale.numel() == w_q.numel() // group_size and x.shape[-1] == w_q.shape[0 if transpose else 1]):
+        return  # the usual valid call, in one expression (half the cost of the checks below, which name the error)
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("w_q", w_q, dtypes=(torch.int8,), ndim=2, device=x.device)
     check_positive_int("group_size", group_size)
@@ -227,36 +235,20 @@ def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int
 @_INT8_MM.register("cpu")
 @_INT8_MM.register("cuda")
 def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.weightkit.int8_matmul_kernel(x2, w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = _INT8_MM.kernel(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @_INT8_MM.register("triton")
 def _int8_matmul_triton(x, w_q, scale, group_size, transpose):
     from ..kernels.quant import int8_matmul_triton
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = int8_matmul_triton(x2, w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = int8_matmul_triton(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _int8_matmul_impl(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
-    _check_int8_mm_args(x, w_q, scale, group_size, transpose)
-    check_finite("x", x)
-    return _INT8_MM(x.device, x, w_q, scale, group_size, transpose)
-
-
-@torch.library.custom_op("weightkit::int8_matmul", mutates_args=())
-def _int8_matmul_op(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
-    return _int8_matmul_impl(x, w_q, scale, group_size, transpose)
-
-
-@_int8_matmul_op.register_fake
-def _(x, w_q, scale, group_size, transpose):
-    _check_int8_mm_args(x, w_q, scale, group_size, transpose)
-    out = w_q.shape[1] if transpose else w_q.shape[0]
-    return x.new_empty((*x.shape[:-1], out))
+def _int8_matmul_fake(x, w_q, scale, group_size, transpose):
+    return x.new_empty((*x.shape[:-1], w_q.shape[1] if transpose else w_q.shape[0]))
 
 
 def _int8_matmul_setup(ctx, inputs, output):
@@ -270,14 +262,16 @@ def _int8_matmul_backward(ctx, grad):
     return _int8_matmul_op(grad.contiguous(), w_q, scale, ctx.group_size, not ctx.transpose), None, None, None, None
 
 
-_int8_matmul_op.register_autograd(_int8_matmul_backward, setup_context=_int8_matmul_setup)
+_int8_matmul_op = define(
+    "int8_matmul(Tensor x, Tensor w_q, Tensor scale, SymInt group_size, bool transpose) -> Tensor",
+    table=_INT8_MM,
+    check=_check_int8_mm_args, debug_check=lambda x, *_: require_finite("x", x), fake=_int8_matmul_fake,
+    backward=_int8_matmul_backward, setup_context=_int8_matmul_setup)
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool = False) -> Tensor:
     """``x @ dequant(w_q)^T`` (or ``x @ dequant(w_q)`` with ``transpose``), dequantizing inside the kernel.
     Differentiable in ``x``; the weight's gradient is computed by Int8Linear (weightkit.nn.int8)."""
-    if eager_inference(x, w_q, scale):  # same checks and kernels, without the custom-op dispatch overhead
-        return _int8_matmul_impl(x, w_q, scale, group_size, bool(transpose))
     return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
 
 

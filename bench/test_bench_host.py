@@ -1,0 +1,97 @@
+"""Host time of one eager layer call at decode size: Int8Linear, MemoryLinear, DictLinear vs nn.Linear.
+
+Tiny shapes (4 tokens, 64 -> 64 features), where the Python / dispatcher work around the kernels is the cost: the
+target is at most 2x nn.Linear's time per call, for inference (under torch.no_grad, entered per call) and for a
+training step (forward, .sum(), backward; gradients accumulate between calls, Int8Linear's float_grad is reset).
+One round times CALLS calls and then synchronizes once (on CUDA the host queues kernels ahead of the GPU, so this
+is the host's time per call while the GPU keeps up). pytest-benchmark's statistics are per round; ``extra_info``
+has ``us_per_call`` (mean round / CALLS), ``cpu_us_per_call`` (the best round's CPU time of the calling thread /
+CALLS: what the calls themselves cost, robust on a busy machine, where wall-clock times swing by +-20%) and
+``vs_nn_linear`` (cpu_us_per_call over nn.Linear's, measured just before in the same process).
+
+The layers use one thread on CPU (torch.set_num_threads(1) during the suite), like the issue's measurement.
+"""
+
+import time
+
+import pytest
+import torch
+
+from bench.conftest import DEVICE, device_name
+from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
+from weightkit.ops import dictionary, memory, quant
+
+TOKENS, D = 4, 64
+CALLS, ROUNDS = 200, 30
+LAYERS = {
+    "Int8Linear": (lambda lin: Int8Linear.from_linear(lin, group_size=32), quant._INT8_MM),
+    "MemoryLinear": (lambda lin: MemoryLinear.from_linear(lin, tau=8), memory._FWD),
+    "DictLinear": (lambda lin: DictLinear(D, D, k=32, s=16, device=lin.weight.device), dictionary._FWD),
+}
+_LINEAR_CPU_US = {}  # (layer, mode) -> nn.Linear's cpu_us_per_call, for the ratio
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(layer, mode):
+    device = torch.device(DEVICE)
+    if mode == "inference":
+        x = torch.randn(TOKENS, D, device=device)
+
+        def call():
+            with torch.no_grad():
+                layer(x)
+    else:
+        x = torch.randn(TOKENS, D, device=device, requires_grad=True)
+        weight = getattr(layer, "weight", None)
+        int8 = weight is not None and weight.dtype == torch.int8
+
+        def call():
+            layer(x).sum().backward()
+            if int8:
+                weight.float_grad = None
+    return call
+
+
+@pytest.mark.parametrize("impl", ["nn.Linear", "weightkit"])
+@pytest.mark.parametrize("mode", ["inference", "training"])
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+def test_host_time_per_call(benchmark, layer_name, mode, impl):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(D, D).to(DEVICE)
+    build, table = LAYERS[layer_name]
+    layer = lin if impl == "nn.Linear" else build(lin)
+    call = _step(layer, mode)
+    best_cpu = [float("inf")]
+
+    def timed_round():
+        t0 = time.thread_time()
+        for _ in range(CALLS):
+            call()
+        _sync()
+        best_cpu[0] = min(best_cpu[0], time.thread_time() - t0)
+
+    for _ in range(3):  # warm-up: allocator, backend choice, autograd graph caches
+        timed_round()
+    best_cpu[0] = float("inf")
+    benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    cpu_us = best_cpu[0] / CALLS * 1e6
+    backend = "nn.Linear" if impl == "nn.Linear" else table.select(torch.device(DEVICE))
+    info = dict(op=f"{layer_name} host {mode}", backend=backend, shape=[TOKENS, D, D], device=device_name(),
+                calls_per_round=CALLS, us_per_call=benchmark.stats.stats.mean / CALLS * 1e6, cpu_us_per_call=cpu_us)
+    if impl == "nn.Linear":
+        _LINEAR_CPU_US[layer_name, mode] = cpu_us
+    elif (layer_name, mode) in _LINEAR_CPU_US:
+        info["vs_nn_linear"] = cpu_us / _LINEAR_CPU_US[layer_name, mode]
+    benchmark.extra_info.update(info)
