@@ -148,13 +148,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tag = re.sub("[^A-Za-z0-9]+", "-", device).strip("-").lower()
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{tag}-{time.strftime('%Y-%m-%d')}" + ("" if args.suite == "all" else "-" + "-".join(suites)))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", root,
+    # never under xdist: pytest-benchmark disables timing in parallel runs
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", root,
            *[os.path.join(bench_dir, f"test_bench_{s}.py") for s in suites],
            "--benchmark-json", stem + ".json", "--benchmark-columns=min,mean,rounds"]
     if args.k:
         cmd += ["-k", args.k]
     proc = subprocess.run(cmd, cwd=root)
-    if not os.path.exists(stem + ".json"):
+    if not os.path.exists(stem + ".json") or os.path.getsize(stem + ".json") == 0:
+        print("weightkit bench: no benchmark ran (all deselected or skipped on this device)", file=sys.stderr)
         return proc.returncode or 1
     data = benchreport.load(stem + ".json")
     print(benchreport.table(data))

@@ -296,7 +296,9 @@ def test_fsdp2_sharded_galore_matches_single_process(tmp_path):
     ref, _ = single_galore()
     assert r0["local_rows"] == [(16, 16), (12, 32), (5, 24)] and r1["local_rows"] == [(16, 16), (12, 32), (4, 24)]
     for r in (r0, r1):
-        assert_weights_close(r["weights"], ref)
+        # sharded products sum in another order than the single process's: on the H200 machine's CPU (torch 2.11)
+        # the weights after 7 steps (lr 1e-2, two refreshes) differed by up to 6.7e-5; resume stays bitwise
+        assert_weights_close(r["weights"], ref, rtol=1e-4, atol=2e-4)
         assert_weights_equal(r["resumed"], r0["weights"])
         assert_weights_equal(r["after_nan"], r0["weights"])
     assert "another rank" in r0["nan_error"] and "1 parameter(s) of shapes [(32, 16)]" in r1["nan_error"]

@@ -106,7 +106,7 @@ def test_randomized_svd_finds_the_subspace(device):
         else:
             kept = (approx @ exact.T).norm() ** 2 / 16
         assert float(kept) > 0.999
-        assert subspace_similarity(exact, exact, side) == pytest.approx(1.0, abs=1e-5)
+        assert subspace_similarity(exact, exact, side) == pytest.approx(1.0, abs=1e-5 if device == "cpu" else 1e-3)  # cuSOLVER bases: ~1e-4 from orthonormal (H200)
 
 
 @pytest.mark.parametrize("device", DEVICES)

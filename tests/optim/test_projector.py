@@ -74,7 +74,7 @@ def test_randomized_svd_finds_the_exact_subspace(side, device):
     exact, _ = compute_basis(matrix, 16, side, "exact")
     approx, _ = compute_basis(matrix, 16, side, "randomized", seed=3)
     assert exact.device == approx.device == matrix.device
-    assert subspace_overlap(exact, exact, side) == pytest.approx(1.0, abs=1e-5)
+    assert subspace_overlap(exact, exact, side) == pytest.approx(1.0, abs=1e-5 if device == "cpu" else 1e-3)  # cuSOLVER bases: ~1e-4 from orthonormal (H200)
     assert subspace_overlap(approx, exact, side) > 0.999
     # orthonormal
     gram = approx.T @ approx if side == "left" else approx @ approx.T
