@@ -157,7 +157,10 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 # -- dequant-matmul ---------------------------------------------------------------------------------------------
 
-_MM = KernelTable("int4_matmul", compiled="int4_matmul_kernel", cuda_order=("cuda", "triton"))
+# auto on CUDA: Triton first (H200, 2026-11-26, 8192^2 g64, bf16 x: 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 /
+# 4096 tokens vs cuda 0.41 / 0.55 / 1.12 / 11.5; fp32 x with strict fp32, 4096x4096 @ 4096x1024: cuda 0.71 vs
+# Triton 0.89, the one case where cuda led)
+_MM = KernelTable("int4_matmul", compiled="int4_matmul_kernel", cuda_order=("triton", "cuda"))
 
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool):

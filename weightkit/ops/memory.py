@@ -29,8 +29,10 @@ from ._registry import define
 
 __all__ = ["memory_lookup", "memory_lookup_grads"]
 
-_FWD = KernelTable("memory_lookup_forward", compiled="memory_lookup_forward_kernel")
-_BWD = KernelTable("memory_lookup_backward", compiled="memory_lookup_backward_kernel")
+# auto on CUDA: Triton first (H200, 2026-11-26, 512 tables x 256 x 4096, fp32: 0.062 / 0.104 / 1.10 ms at 1 / 16 / 1024
+# tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0)
+_FWD = KernelTable("memory_lookup_forward", compiled="memory_lookup_forward_kernel", cuda_order=("triton", "cuda"))
+_BWD = KernelTable("memory_lookup_backward", compiled="memory_lookup_backward_kernel", cuda_order=("triton", "cuda"))
 MAX_TAU = 16
 
 
