@@ -2,7 +2,8 @@
 # The one command a session with a lent GPU runs (`make gpu-check OUT=DIR`, or `bash scripts/gpu_check.sh DIR`):
 #   1. builds weightkit._C for this GPU's arch (in place, MAX_JOBS = cores),
 #   2. prints `weightkit info`,
-#   3. runs the whole test-suite on this machine (every test on cpu and cuda) with pytest -n 8, under a time budget,
+#   3. runs the whole test-suite on this machine (every test on cpu and cuda) with pytest -n 12 (TEST_WORKERS), under
+#      a time budget (the suite took 108 s with 14 workers on an H200 machine's 16 cores, 2026-11-26),
 #   4. runs bench/gpu_report.py (the issues' tables: kernels vs the baselines a GPU user has, copy bandwidth, the
 #      Triton autotuner's choices) and the pytest-benchmark suites, each under a time budget,
 #   5. optionally the training job on a >= 300M-parameter model (STAGES=...,train).
@@ -48,10 +49,10 @@ if has info; then
 fi
 
 if has test; then
-  stamp "tests: pytest -n 8, budget ${TEST_BUDGET:-200}s"
-  # 2 BLAS threads per worker, as on CI's 2 cores: 8 workers x all cores each oversubscribe the CPU tests
+  stamp "tests: pytest -n ${TEST_WORKERS:-12}, budget ${TEST_BUDGET:-200}s"
+  # 2 BLAS threads per worker, as on CI's 2 cores: workers x all cores each oversubscribe the CPU tests
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-200}" \
-    $PY -m pytest -p no:cacheprovider -n "${TEST_WORKERS:-8}" -v -rfE \
+    $PY -m pytest -p no:cacheprovider -n "${TEST_WORKERS:-12}" -v -rfE \
     --timeout=170 --durations=25 ${JUNIT:+--junitxml="$OUT_DIR/tests.xml"} ${TEST_ARGS:-tests} >"$OUT_DIR/tests.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=1
