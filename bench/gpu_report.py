@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -372,15 +371,12 @@ def dictionary():
 
 
 def host():
-    """Host time per eager call, tiny shapes (launch-bound): what Python + dispatch cost, vs nn.Linear."""
-    from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
+    """Host time per eager call, tiny shapes (launch-bound): what Python + dispatch cost, vs nn.Linear. The layers
+    and the calls are bench/test_bench_host.py's (4 tokens, 64 -> 64); here timed on the host clock per call."""
+    from bench.test_bench_host import D, LAYERS, _step
 
-    d = 64
-    lin = torch.nn.Linear(d, d, device="cuda")
-    layers = {"nn.Linear": lin, "Int8Linear": Int8Linear.from_linear(lin, group_size=32),
-              "MemoryLinear": MemoryLinear(d, d, tau=8, device="cuda"), "DictLinear": DictLinear(d, d, 32, 16, device="cuda")}
-    x = torch.randn(4, d, device="cuda")
-    xg = torch.randn(4, d, device="cuda", requires_grad=True)
+    lin = torch.nn.Linear(D, D, device="cuda")
+    layers = {"nn.Linear": lin, **{name: build(lin) for name, (build, _) in LAYERS.items()}}
 
     def host_us(fn, n=300):
         for _ in range(20):
@@ -395,18 +391,8 @@ def host():
 
     for mode in ("inference", "training"):
         for name, layer in layers.items():
-            if mode == "inference":
-                def fn():
-                    with torch.no_grad():
-                        layer(x)
-            else:
-                def fn():
-                    layer(xg).sum().backward()
-                    w = getattr(layer, "weight", None)
-                    if getattr(w, "float_grad", None) is not None:
-                        w.float_grad = None
             base = f"nn.Linear {mode}" if name != "nn.Linear" else None
-            row("host", f"{name} {mode}", ms=host_us(fn), base=base)
+            row("host", f"{name} {mode}", ms=host_us(_step(layer, mode)), base=base)
 
 
 def autotune():
@@ -469,8 +455,9 @@ def main(argv=None) -> int:
     autotune()
     out = args.out
     if out is None:
-        tag = re.sub("[^A-Za-z0-9]+", "-", name).strip("-").lower()
-        out = f"bench/results/{tag}-{time.strftime('%Y-%m-%d')}-gpu-report.json"
+        from weightkit.benchreport import device_tag
+
+        out = f"bench/results/{device_tag()}-{time.strftime('%Y-%m-%d')}-gpu-report.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(meta=meta, copy_GBps=COPY_BW[0], rows=ROWS, skipped=SKIPPED), f, indent=1)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then . .venv/bin/activate; fi
-tag=$(python -c "import torch,re,platform; n=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-'+platform.machine(); print(re.sub('[^A-Za-z0-9]+','-',n).strip('-').lower())")
+tag=$(python -c "from weightkit.benchreport import device_tag; print(device_tag())")
 out="bench/results/${tag}-$(date +%Y-%m-%d)${SUITE:+-$SUITE}.json"
 mkdir -p bench/results
 python -m pytest -q -p no:cacheprovider "${@:-bench}" --benchmark-json "$out" --benchmark-columns=min,mean,median,rounds

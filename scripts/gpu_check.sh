@@ -32,7 +32,7 @@ stamp "start: $(date -u +%FT%TZ) stages=$STAGES"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | tee -a "$OUT_DIR/summary.txt"
 $PY -c "import torch,triton,sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT_DIR/summary.txt"
 
-tag=$($PY -c "import torch,re; print(re.sub('[^A-Za-z0-9]+','-',torch.cuda.get_device_name()).strip('-').lower())")
+tag=$($PY -c "from weightkit.benchreport import device_tag; print(device_tag())")
 
 if has build; then
   arch=$($PY -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")

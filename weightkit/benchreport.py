@@ -15,6 +15,18 @@ from typing import Dict, List, Optional, Tuple
 from weightkit.backend import BACKENDS
 
 
+def device_tag() -> str:
+    """The file-name tag of this machine's benchmark results: the GPU's name (``nvidia-h200``), else
+    ``cpu-<arch>``."""
+    import platform
+    import re
+
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    return re.sub("[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
 def load(path: str) -> Dict:
     with open(path) as f:
         return json.load(f)

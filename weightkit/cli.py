@@ -144,8 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if s not in available:
             print(f"--suite: unknown suite {s!r}; choose from all, {', '.join(available)}", file=sys.stderr)
             return 2
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
-    tag = re.sub("[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    tag = benchreport.device_tag()
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{tag}-{time.strftime('%Y-%m-%d')}" + ("" if args.suite == "all" else "-" + "-".join(suites)))
     # never under xdist: pytest-benchmark disables timing in parallel runs

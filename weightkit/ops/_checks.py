@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -81,8 +80,6 @@ def set_debug_checks(enabled: Optional[bool]) -> None:
     """Switch the data-reading checks on or off for the current context (``None``: back to the environment)."""
     _DEBUG.set(None if enabled is None else bool(enabled))
 
-
-finite_checks_enabled = debug_checks_enabled  # former name
 
 
 def check_finite(name: str, t: torch.Tensor, default: bool = False) -> None:
