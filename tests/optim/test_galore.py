@@ -37,6 +37,15 @@ def needs_bnb(cls):
         pytest.importorskip("bitsandbytes")
 
 
+def step_together(steps, *runs):
+    """Each step: the step's gradients (set_grads) on every run's parameters, then each run's optimizer steps."""
+    for step in steps:
+        for ps, _ in runs:
+            set_grads(ps, step)
+        for _, opt in runs:
+            opt.step()
+
+
 def on_cpu(sd):
     """An optimizer state_dict as ``torch.load(..., map_location='cpu')`` of a checkpoint gives it back (copies)."""
     return {"state": {i: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
@@ -69,11 +78,7 @@ def test_matches_galore_torch(backend, shape, proj_type, device):
         ref = galore_torch.GaLoreAdamW(groups(a, **cfg), lr=1e-2, weight_decay=0.1)
     ours = GaLoreAdamW(groups(b, **cfg), lr=1e-2, weight_decay=0.1)
     with use_backend(backend):
-        for step in range(12):  # refreshes at steps 0, 5, 10
-            set_grads(a, step)
-            set_grads(b, step)
-            ref.step()
-            ours.step()
+        step_together(range(12), (a, ref), (b, ours))  # refreshes at steps 0, 5, 10
     for x, y in zip(a, b):
         torch.testing.assert_close(y.detach(), x.detach(), **close(device, rtol=1e-4, atol=5e-5))
 
@@ -157,11 +162,7 @@ def test_resume_is_bit_identical(cls, device):
                 assert got == v and type(got) is type(v), k
     if cls is GaLoreAdamW8bit:
         assert opt_b.state[b[0]]["moment_shape"].device.type == "cpu"  # read every step: no sync
-    for step in range(6, 11):  # crosses a projector refresh (step 8)
-        set_grads(a, step)
-        set_grads(b, step)
-        opt_a.step()
-        opt_b.step()
+    step_together(range(6, 11), (a, opt_a), (b, opt_b))  # crosses a projector refresh (step 8)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -181,11 +182,7 @@ def test_bfloat16_weights_keep_float32_state_through_a_checkpoint(device):
     opt_b.load_state_dict(on_cpu(opt_a.state_dict()))
     for k in ("exp_avg", "exp_avg_sq", "ortho"):
         assert opt_b.state[b[0]][k].dtype == torch.float32 and opt_b.state[b[0]][k].device == b[0].device, k
-    for step in range(2, 5):  # crosses the refresh at step 3
-        set_grads(a, step)
-        set_grads(b, step)
-        opt_a.step()
-        opt_b.step()
+    step_together(range(2, 5), (a, opt_a), (b, opt_b))  # crosses the refresh at step 3
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -197,11 +194,7 @@ def test_8bit_tracks_fp32_and_uses_less_state(device):
     a, b = params((128, 128), device=device), params((128, 128), device=device)
     fp32 = GaLoreAdamW(groups(a, **cfg), lr=1e-3)
     q8 = GaLoreAdamW8bit(groups(b, **cfg), lr=1e-3, min_8bit_size=1)
-    for step in range(20):
-        set_grads(a, step)
-        set_grads(b, step)
-        fp32.step()
-        q8.step()
+    step_together(range(20), (a, fp32), (b, q8))
     moved_fp32 = (a[0] - params((128, 128), device=device)[0]).detach()
     moved_q8 = (b[0] - params((128, 128), device=device)[0]).detach()
     rel = float((moved_q8 - moved_fp32).norm() / moved_fp32.norm())
@@ -360,11 +353,7 @@ def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32(de
     a, b = params((d, d), device=device), params((d, d), device=device)
     fp32 = GaLoreAdamW(groups(a, **cfg), lr=1e-3)
     bf16 = GaLoreAdamW(groups(b, **cfg, proj_dtype="bfloat16"), lr=1e-3)
-    for step in range(12):
-        set_grads(a, step)
-        set_grads(b, step)
-        fp32.step()
-        bf16.step()
+    step_together(range(12), (a, fp32), (b, bf16))
     assert bf16.state[b[0]]["ortho"].dtype == torch.bfloat16
     state = sum(t.numel() * t.element_size() for t in bf16.state[b[0]].values() if isinstance(t, torch.Tensor))
     assert state / (2 * d * d * 4) <= 0.35
@@ -376,11 +365,7 @@ def test_bfloat16_projector_storage_meets_the_state_budget_and_tracks_float32(de
     opt_c.load_state_dict(on_cpu(bf16.state_dict()))
     assert opt_c.state[resumed[0]]["ortho"].dtype == torch.bfloat16  # not cast to the float32 weight's dtype
     assert opt_c.state[resumed[0]]["ortho"].device == resumed[0].device
-    for step in range(12, 16):
-        set_grads(b, step)
-        set_grads(resumed, step)
-        bf16.step()
-        opt_c.step()
+    step_together(range(12, 16), (b, bf16), (resumed, opt_c))
     assert all(torch.equal(x, y) for x, y in zip(b, resumed))
     with pytest.raises(ValueError, match="proj_dtype="):
         GaLoreAdamW(groups(params((8, 8), device=device), rank=2, proj_dtype="int8"))
