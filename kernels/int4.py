@@ -80,7 +80,7 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
 # ALIGNED needs the groups inside rows (cols % G == 0); otherwise (odd shapes) each element is gathered from its flat
 # index with _dequant, like the reference.
 
-from .quant import (GEMV_KEY, MM_KEY, _gemv_row, _gemv_store, _k_range, _store_result, _tile_ids,  # noqa: E402
+from .quant import (GEMV_KEY, MM_KEY, _gemv_row, _gemv_store, _k_mask, _k_range, _store_result, _tile_ids,  # noqa: E402
                     dequant_matmul, gemv_configs, make_gemv_pruner, make_mm_pruner, mm_configs)
 
 
@@ -124,10 +124,7 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N
     acc2 = tl.zeros(shape, dtype=tl.float32)
     acc3 = tl.zeros(shape, dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            mask_k = tl.full((BLOCK_K,), True, tl.int1)  # no k mask
-        else:
-            mask_k = rk < K
+        mask_k = _k_mask(rk, K, EVEN_K, BLOCK_K)
         s_k = 1.0
         if ALIGNED:
             if TRANS:  # one (scale, zero) per k, the scale folded into x (fp32)
@@ -198,10 +195,7 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
         dt = tl.float32
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            mask_k = tl.full((BLOCK_K,), True, tl.int1)  # no k mask
-        else:
-            mask_k = rk < K
+        mask_k = _k_mask(rk, K, EVEN_K, BLOCK_K)
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if ALIGNED:
             if TRANS:

@@ -138,6 +138,16 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _k_mask(rk, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The k < K mask of a K-step (all true, no compare, when BLOCK_K divides every split: EVEN_K)."""
+    if EVEN_K:
+        mask = tl.full((BLOCK_K,), True, tl.int1)
+    else:
+        mask = rk < K
+    return mask
+
+
+@triton.jit
 def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
     """[k_lo, k_hi) of this program's split; split boundaries are multiples of BLOCK_K, so masking k < K suffices
     inside a split (and stays vectorizable when K is a multiple of 16)."""
@@ -223,10 +233,7 @@ def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, 
     acc2 = tl.zeros(shape, dtype=tl.float32)
     acc3 = tl.zeros(shape, dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            mask_k = tl.full((BLOCK_K,), True, tl.int1)  # no k mask
-        else:
-            mask_k = rk < K
+        mask_k = _k_mask(rk, K, EVEN_K, BLOCK_K)
         if TRANS:
             wmask = mask_k[:, None] & mask_n[None, :]
         else:
@@ -294,10 +301,7 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, st
         dt = tl.float32
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            mask_k = tl.full((BLOCK_K,), True, tl.int1)  # no k mask
-        else:
-            mask_k = rk < K
+        mask_k = _k_mask(rk, K, EVEN_K, BLOCK_K)
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wmask = mask_n[:, None] & mask_k[None, :]
         q = tl.load(w_ptrs, mask=wmask, other=0)
