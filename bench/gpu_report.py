@@ -125,7 +125,7 @@ def _backends(table):
 
 def quant():
     from weightkit.nn import Int8Linear
-    from weightkit.ops import int4, quant as q
+    from weightkit.ops import int4, int8 as q
 
     d = 8192
     lin = torch.nn.Linear(d, d, bias=False, device="cuda")
@@ -296,9 +296,9 @@ def galore():
     row("galore", "weightkit QGaLoreAdamW8bit Int8Linear 4096^2 r1024 (incl. grad copy)", qstep)
 
 
-def memory():
+def memoryformer():
     from weightkit.nn import MemoryLinear
-    from weightkit.ops import memory as mem
+    from weightkit.ops import memoryformer as mem
 
     d, tau = 4096, 8
     K = d // tau
@@ -314,15 +314,15 @@ def memory():
                 idx = (torch.arange(K, device="cuda") * 256 + torch.randint(0, 256, (tokens, K), device="cuda"))
                 p = torch.rand(tokens, K, device="cuda")
                 flat = layer.tables.detach().reshape(K * 256, d)
-                row("memory", base, lambda: torch.nn.functional.embedding_bag(idx, flat, mode="sum",
+                row("memoryformer", base, lambda: torch.nn.functional.embedding_bag(idx, flat, mode="sum",
                                                                               per_sample_weights=p), bytes=moved)
             lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
             xb = x.bfloat16()
             with torch.no_grad():
-                row("memory", f"bf16 nn.Linear {tokens} tok ({tname} row)", lambda: lin(xb))
+                row("memoryformer", f"bf16 nn.Linear {tokens} tok ({tname} row)", lambda: lin(xb))
                 for b in _backends(mem._FWD):
                     with _wk_backend(b):
-                        row("memory", f"MemoryLinear {tname} {b} {tokens} tok", lambda: layer(x), bytes=moved,
+                        row("memoryformer", f"MemoryLinear {tname} {b} {tokens} tok", lambda: layer(x), bytes=moved,
                             base=base)
         x = torch.randn(1024, d, device="cuda", dtype=dtype, requires_grad=True)
         g = torch.randn(1024, d, device="cuda", dtype=dtype)
@@ -336,7 +336,7 @@ def memory():
                             torch.autograd.grad(layer(x), (x, layer.tables), g)
                         finally:
                             torch.use_deterministic_algorithms(prev)
-                row("memory", f"MemoryLinear fwd+bwd {tname} {b} 1024 tok{' deterministic' if det else ''}", fb)
+                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} 1024 tok{' deterministic' if det else ''}", fb)
 
 
 def dictionary():
@@ -414,7 +414,7 @@ def autotune():
                     print(f"  autotune   {mod.name}.{attr} {key} -> {cfg}", flush=True)
 
 
-SECTIONS = {"ceilings": ceilings, "host": host, "quant": quant, "memory": memory, "dictionary": dictionary,
+SECTIONS = {"ceilings": ceilings, "host": host, "quant": quant, "memoryformer": memoryformer, "dictionary": dictionary,
             "galore": galore, "autotune": autotune}
 
 
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; rows past it are skipped")
     ap.add_argument("--only", default=",".join(SECTIONS))
-    ap.add_argument("--section-budget", default="", help="e.g. quant=60,memory=40 (seconds per section)")
+    ap.add_argument("--section-budget", default="", help="e.g. quant=60,memoryformer=40 (seconds per section)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_report: needs a CUDA device", file=sys.stderr)

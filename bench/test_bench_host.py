@@ -19,13 +19,13 @@ import torch
 
 from bench.conftest import DEVICE, device_name
 from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
-from weightkit.ops import dictionary, memory, quant
+from weightkit.ops import dictionary, memoryformer, int8
 
 TOKENS, D = 4, 64
 CALLS, ROUNDS = 200, 30
 LAYERS = {
-    "Int8Linear": (lambda lin: Int8Linear.from_linear(lin, group_size=32), quant._INT8_MM),
-    "MemoryLinear": (lambda lin: MemoryLinear.from_linear(lin, tau=8), memory._FWD),
+    "Int8Linear": (lambda lin: Int8Linear.from_linear(lin, group_size=32), int8._INT8_MM),
+    "MemoryLinear": (lambda lin: MemoryLinear.from_linear(lin, tau=8), memoryformer._FWD),
     "DictLinear": (lambda lin: DictLinear(D, D, k=32, s=16, device=lin.weight.device), dictionary._FWD),
 }
 _LINEAR_CPU_US = {}  # (layer, mode) -> nn.Linear's cpu_us_per_call, for the ratio

@@ -5,7 +5,7 @@ import torch
 
 from bench.conftest import DEVICE
 from weightkit import backend, use_backend
-from weightkit.ops import quant
+from weightkit.ops import int8
 
 SHAPES = [(1024, 1024), (4096, 4096)]
 BACKENDS = [b for b in backend.BACKENDS if not (b == "triton" and DEVICE == "cpu")]  # the interpreter is not a speed
@@ -15,13 +15,13 @@ BACKENDS = [b for b in backend.BACKENDS if not (b == "triton" and DEVICE == "cpu
 @pytest.mark.parametrize("name", BACKENDS)
 def test_stochastic_round_int8(measure, name, shape):
     device = torch.device(DEVICE)
-    reason = quant._SR.why_not(name, device)
+    reason = int8._SR.why_not(name, device)
     if reason is not None:
         pytest.skip(reason)
     x = torch.randn(shape, device=device)
-    scale = quant.absmax_scale(x, 128)
+    scale = int8.absmax_scale(x, 128)
     with use_backend(name):
-        measure(lambda: quant.stochastic_round_int8(x, scale, 128, seed=1),
+        measure(lambda: int8.stochastic_round_int8(x, scale, 128, seed=1),
                 bytes=x.numel() * (x.element_size() + 1) + scale.numel() * 4,
                 rounds=3 if (name == "reference" and shape[0] >= 4096) else None,
                 op="stochastic_round_int8", backend=name, shape=list(shape))
@@ -41,7 +41,7 @@ def test_int8_linear_forward(measure, name, tokens):
         fn = lambda: lin(x)  # noqa: E731
         weight_bytes = 4096 * 4096 * 4
     else:
-        reason = quant._INT8_MM.why_not(name, device)
+        reason = int8._INT8_MM.why_not(name, device)
         if reason is not None:
             pytest.skip(reason)
         layer = Int8Linear.from_linear(lin, group_size=128)
@@ -61,16 +61,16 @@ def test_int8_linear_forward(measure, name, tokens):
 def test_int8_sr_update(measure, name, shape):
     """Fused Q-GaLore write-back (dequantize + delta + new absmax scale + SR) vs the unfused reference sequence."""
     device = torch.device(DEVICE)
-    reason = quant._SR_UPDATE.why_not(name, device)
+    reason = int8._SR_UPDATE.why_not(name, device)
     if reason is not None:
         pytest.skip(reason)
     w = torch.randn(shape, device=device)
-    scale0 = quant.absmax_scale(w, 128)
-    q0 = quant.stochastic_round_int8(w, scale0, 128, seed=0)
+    scale0 = int8.absmax_scale(w, 128)
+    q0 = int8.stochastic_round_int8(w, scale0, 128, seed=0)
     delta = torch.randn(shape, device=device) * 1e-3
     q, scale = q0.clone(), scale0.clone()
     with use_backend(name):
-        measure(lambda: quant.int8_sr_update_(q, scale, delta, 128, decay=0.999, seed=1),
+        measure(lambda: int8.int8_sr_update_(q, scale, delta, 128, decay=0.999, seed=1),
                 bytes=w.numel() * (1 + 4 + 1) + 2 * scale.numel() * 4,
                 rounds=3 if (name == "reference" and shape[0] >= 4096) else None,
                 op="int8_sr_update_", backend=name, shape=list(shape))

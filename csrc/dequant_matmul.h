@@ -1,5 +1,5 @@
 // The blocked "dequantize, then BLAS" matmul shared by the CPU and CUDA kernels of int8_matmul and int4_matmul
-// (specs: weightkit/ops/quant.py, weightkit/ops/int4.py). W (rows x cols) is a quantized matrix; `dequant(dst, r0,
+// (specs: weightkit/ops/int8.py, weightkit/ops/int4.py). W (rows x cols) is a quantized matrix; `dequant(dst, r0,
 // nr)` writes rows [r0, r0 + nr) of it as float32 into dst (nr x cols, contiguous). At most `block_rows` rows are
 // dequantized at a time, so the float weight never exists whole:
 //   transpose = false:  Y = X W^T  (X: tokens x cols), block by block into Y^T (rows x tokens): each block's result

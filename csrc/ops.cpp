@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(weightkit, m) {
-  // hot path 1: INT8 stochastic rounding / INT4 projection (csrc/*/quant.*)
+  // hot path 1: INT8 stochastic rounding / INT4 projection (csrc/*/int8.*)
   m.def("stochastic_round_int8_kernel(Tensor x, Tensor scale, int group_size, int seed, int offset) -> Tensor");
   m.def("int8_matmul_kernel(Tensor x, Tensor w_q, Tensor scale, int group_size, bool transpose) -> Tensor");
   m.def(
@@ -23,7 +23,7 @@ TORCH_LIBRARY(weightkit, m) {
   m.def(
       "galore_adam_update_kernel(Tensor(a!) weight, Tensor low_grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor ortho, bool left, float beta1, float beta2, float eps, float step_size, float scale, float decay) -> ()");
-  // hot path 3: MemoryFormer hashed lookup tables (csrc/*/memory.*)
+  // hot path 3: MemoryFormer hashed lookup tables (csrc/*/memoryformer.*)
   m.def("memory_lookup_forward_kernel(Tensor x, Tensor tables, float t) -> Tensor");
   m.def(
       "memory_lookup_backward_kernel(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) "

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import usable_backends
 from weightkit import use_backend
-from weightkit.ops import dictionary, galore, int4, memory, quant
+from weightkit.ops import dictionary, galore, int4, memoryformer, int8
 
 EXAMPLES = int(os.environ.get("WEIGHTKIT_HYPOTHESIS_EXAMPLES", "25"))
 CASES = collections.Counter()
@@ -72,8 +72,8 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2
 def test_stochastic_round_int8_backends_agree(groups, group_size, dtype, magnitude, seed, offset, torch_seed):
     torch.manual_seed(torch_seed)  # inputs are a function of the example: failures replay
     x = (torch.randn(groups * group_size) * magnitude).to(dtype)
-    scale = quant.absmax_scale(x, group_size)
-    for name, got, expected in _backends_agree(quant._SR, quant.stochastic_round_int8, x, scale, group_size, seed,
+    scale = int8.absmax_scale(x, group_size)
+    for name, got, expected in _backends_agree(int8._SR, int8.stochastic_round_int8, x, scale, group_size, seed,
                                                offset):
         assert torch.equal(got, expected), name
         # never more than one step away from x / scale
@@ -90,12 +90,12 @@ def test_int8_matmul_backends_match_float64(tokens, out_f, groups_per_row, group
     torch.manual_seed(torch_seed)  # inputs are a function of the example: failures replay
     in_f = groups_per_row * group_size
     w = torch.randn(out_f, in_f)
-    scale = quant.absmax_scale(w, group_size)
-    q = quant.stochastic_round_int8(w, scale, group_size, seed=1)
+    scale = int8.absmax_scale(w, group_size)
+    q = int8.stochastic_round_int8(w, scale, group_size, seed=1)
     x = _maybe_transposed(torch.randn(tokens, out_f if transpose else in_f).to(dtype), strided)
-    w64 = quant.dequantize_int8(q, scale, group_size).double()
+    w64 = int8.dequantize_int8(q, scale, group_size).double()
     want = x.double() @ (w64 if transpose else w64.T)
-    for name, got, _ in _backends_agree(quant._INT8_MM, quant.int8_matmul, x, q, scale, group_size, transpose):
+    for name, got, _ in _backends_agree(int8._INT8_MM, int8.int8_matmul, x, q, scale, group_size, transpose):
         torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
@@ -107,22 +107,22 @@ def test_int8_sr_update_backends_bit_identical(groups, group_size, delta_dtype, 
                                                torch_seed):
     torch.manual_seed(torch_seed)  # inputs are a function of the example: failures replay
     w = torch.randn(groups * group_size)
-    scale0 = quant.absmax_scale(w, group_size)
-    q0 = quant.stochastic_round_int8(w, scale0, group_size, seed=7)
+    scale0 = int8.absmax_scale(w, group_size)
+    q0 = int8.stochastic_round_int8(w, scale0, group_size, seed=7)
     delta = (torch.randn(w.shape) * magnitude).to(delta_dtype)
     results = {}
     CASES["int8_sr_update_"] += 1
-    for name in usable_backends(quant._SR_UPDATE, "cpu"):
+    for name in usable_backends(int8._SR_UPDATE, "cpu"):
         q, sc = q0.clone(), scale0.clone()
         with use_backend(name):
-            quant.int8_sr_update_(q, sc, delta, group_size, decay=decay, seed=seed, offset=offset)
+            int8.int8_sr_update_(q, sc, delta, group_size, decay=decay, seed=seed, offset=offset)
         CASES[f"int8_sr_update_/{name}"] += 1
         results[name] = (q, sc)
     q_ref, s_ref = results["reference"]
     for name, (q, sc) in results.items():
         assert torch.equal(q, q_ref) and torch.equal(sc, s_ref), name
-    target = (quant.dequantize_int8(q0, scale0, group_size) + delta.float()) * decay
-    err = (quant.dequantize_int8(q_ref, s_ref, group_size) - target).reshape(-1, group_size).abs()
+    target = (int8.dequantize_int8(q0, scale0, group_size) + delta.float()) * decay
+    err = (int8.dequantize_int8(q_ref, s_ref, group_size) - target).reshape(-1, group_size).abs()
     assert bool((err <= s_ref[:, None] * (1 + 1e-5)).all())  # within one step of the exact update
 
 
@@ -199,11 +199,11 @@ def test_memory_lookup_backends_match_float64(tokens, k, tau, d_out, dtype, t, z
         x[x.abs() < 0.3] = 0.0  # exact zeros: the hash's tie rule
     x = x.to(dtype)
     tables = torch.randn(k, 2**tau, d_out).to(dtype)
-    want = memory.memory_lookup_reference(x.double(), tables.double(), t)
-    for name, got, _ in _backends_agree(memory._FWD, memory.memory_lookup, x, tables, t):
+    want = memoryformer.memory_lookup_reference(x.double(), tables.double(), t)
+    for name, got, _ in _backends_agree(memoryformer._FWD, memoryformer.memory_lookup, x, tables, t):
         torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
     g = torch.randn(tokens, d_out).to(dtype)
-    for name, (gx, gt), (gx_ref, gt_ref) in _backends_agree(memory._BWD, memory.memory_lookup_grads, g, x, tables,
+    for name, (gx, gt), (gx_ref, gt_ref) in _backends_agree(memoryformer._BWD, memoryformer.memory_lookup_grads, g, x, tables,
                                                            t, True):
         torch.testing.assert_close(gx.double(), gx_ref.double(), **TOL[dtype], msg=lambda m: f"{name} grad_x: {m}")
         torch.testing.assert_close(gt.double(), gt_ref.double(), **TOL[dtype], msg=lambda m: f"{name} grad_t: {m}")

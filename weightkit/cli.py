@@ -41,23 +41,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Quantize a random weight with stochastic rounding on every usable backend and compare."""
-    from weightkit.ops import quant
+    from weightkit.ops import int8
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     w = torch.randn(args.rows, args.cols, device=device)
-    scale = quant.absmax_scale(w, args.group_size)
+    scale = int8.absmax_scale(w, args.group_size)
     ref = None
     print(f"stochastic_round_int8 on a {args.rows}x{args.cols} weight, group {args.group_size}, {device}:")
     for name in backend.BACKENDS:
-        reason = quant._SR.why_not(name, device)
+        reason = int8._SR.why_not(name, device)
         if reason is not None:
             print(f"  {name:<10} skipped: {reason}")
             continue
         with backend.use_backend(name):
-            quant.stochastic_round_int8(w, scale, args.group_size, seed=1234)  # warm-up
+            int8.stochastic_round_int8(w, scale, args.group_size, seed=1234)  # warm-up
             t0 = time.perf_counter()
-            q = quant.stochastic_round_int8(w, scale, args.group_size, seed=1234)
+            q = int8.stochastic_round_int8(w, scale, args.group_size, seed=1234)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out-dir", default="weightkit-results")
     be = sub.add_parser("bench", help="run the kernel benchmark suites (source checkout), print a table, write JSON + PNG")
-    be.add_argument("--suite", default="all", help="all, or comma-separated suite names (quant, galore, memory, ...)")
+    be.add_argument("--suite", default="all", help="all, or comma-separated suite names (quant, galore, memoryformer, ...)")
     be.add_argument("-k", default=None, help="pytest -k expression to pick benchmarks")
     be.add_argument("--out-dir", default="bench/results")
     co = sub.add_parser("compress", help="dictionary vs SVD compression of all-MiniLM-L6-v2 with a quality report")

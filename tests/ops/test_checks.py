@@ -7,7 +7,7 @@ import torch
 import weightkit
 from tests.conftest import DEVICES
 from weightkit.ops._checks import debug_checks_enabled, exact_div
-from weightkit.ops.quant import int8_matmul
+from weightkit.ops.int8 import int8_matmul
 
 
 def _nan_call(device):

@@ -9,9 +9,9 @@ import weightkit
 
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
-from weightkit.ops import int4, quant
+from weightkit.ops import int4, int8
 from weightkit.ops.int4 import dequantize_int4, int4_matmul, quantize_int4, unpack_int4
-from weightkit.ops.quant import absmax_scale, dequantize_int8, int8_sr_update_, stochastic_round_int8
+from weightkit.ops.int8 import absmax_scale, dequantize_int8, int8_sr_update_, stochastic_round_int8
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
        torch.float16: dict(rtol=2e-3, atol=1e-2)}
@@ -162,7 +162,7 @@ def test_sr_update_backends_bit_identical_to_unfused(device, delta_dtype, shape,
     w = (dequantize_int8(q0, s0, group) + delta.float()) * decay  # the unfused sequence
     s_ref = absmax_scale(w, group)
     q_ref = stochastic_round_int8(w, s_ref, group, seed, offset)
-    backends = usable_backends(quant._SR_UPDATE, device)
+    backends = usable_backends(int8._SR_UPDATE, device)
     assert len(backends) >= 2, backends
     for name in backends:
         q, s = q0.clone(), s0.clone()

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from weightkit.ops import _registry
 from weightkit.ops.dictionary import dict_sparse_gather
 from weightkit.ops.int4 import int4_matmul, quantize_int4
-from weightkit.ops.memory import memory_lookup
-from weightkit.ops.quant import absmax_scale, int8_matmul, int8_sr_update_, stochastic_round_int8
+from weightkit.ops.memoryformer import memory_lookup
+from weightkit.ops.int8 import absmax_scale, int8_matmul, int8_sr_update_, stochastic_round_int8
 
 DIFFERENTIABLE = ["int8_matmul", "int4_matmul", "memory_lookup_forward", "dict_sparse_gather"]
 OTHERS = ["stochastic_round_int8", "int8_sr_update_", "quantize_int4", "dequantize_int4", "galore_adam_update_",

@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
-from weightkit.ops import quant
+from weightkit.ops import int8
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -15,12 +15,12 @@ from weightkit.ops import quant
 @pytest.mark.parametrize("n,group", [(7, 7), (1030, 2), (4 * 1024 + 3, 1)])
 def test_sr_every_offset_alignment(device, offset, n, group):
     x = torch.randn(n, device=device) * 3
-    scale = quant.absmax_scale(x, group)
+    scale = int8.absmax_scale(x, group)
     with use_backend("reference"):
-        want = quant.stochastic_round_int8(x, scale, group, seed=11, offset=offset)
-    for name in usable_backends(quant._SR, device):
+        want = int8.stochastic_round_int8(x, scale, group, seed=11, offset=offset)
+    for name in usable_backends(int8._SR, device):
         with use_backend(name):
-            got = quant.stochastic_round_int8(x, scale, group, seed=11, offset=offset)
+            got = int8.stochastic_round_int8(x, scale, group, seed=11, offset=offset)
         assert torch.equal(got, want), (name, offset)
 
 
@@ -29,15 +29,15 @@ def test_sr_every_offset_alignment(device, offset, n, group):
                                                  (300, 4, 8), (3, 256, 0)])
 def test_sr_update_tiled_and_general_paths(device, groups, group, offset):
     w = torch.randn(groups * group, device=device)
-    scale0 = quant.absmax_scale(w, group)
-    q0 = quant.stochastic_round_int8(w, scale0, group, seed=1)
+    scale0 = int8.absmax_scale(w, group)
+    q0 = int8.stochastic_round_int8(w, scale0, group, seed=1)
     delta = torch.randn(groups * group, device=device) * 0.05
     with use_backend("reference"):
         q_ref, s_ref = q0.clone(), scale0.clone()
-        quant.int8_sr_update_(q_ref, s_ref, delta, group, decay=0.99, seed=5, offset=offset)
-    for name in usable_backends(quant._SR_UPDATE, device):
+        int8.int8_sr_update_(q_ref, s_ref, delta, group, decay=0.99, seed=5, offset=offset)
+    for name in usable_backends(int8._SR_UPDATE, device):
         q, s = q0.clone(), scale0.clone()
         with use_backend(name):
-            quant.int8_sr_update_(q, s, delta, group, decay=0.99, seed=5, offset=offset)
+            int8.int8_sr_update_(q, s, delta, group, decay=0.99, seed=5, offset=offset)
         assert torch.equal(s, s_ref), name
         assert torch.equal(q, q_ref), name

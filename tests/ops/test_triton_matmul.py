@@ -1,4 +1,4 @@
-"""The Triton int8_matmul / int4_matmul kernels (weightkit.kernels.quant, weightkit.kernels.int4) against a float64
+"""The Triton int8_matmul / int4_matmul kernels (weightkit.kernels.int8, weightkit.kernels.int4) against a float64
 reference: both kernels (GEMV for <= 4 tokens, tensor-core GEMM above), both transposes, tails on M, N and K, group
 sizes that do and do not divide the tiles, split-K, the fixed-config and the autotuned launch, fp32/bf16/fp16 x.
 
@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import DEVICES
 from weightkit.ops.int4 import dequantize_int4, quantize_int4
-from weightkit.ops.quant import absmax_scale, dequantize_int8
+from weightkit.ops.int8 import absmax_scale, dequantize_int8
 
 triton = pytest.importorskip("triton")
 
@@ -63,24 +63,24 @@ def _params():
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("device,rows,cols,group,path,tokens,dtype", _params(), indirect=False)
 def test_int8_matmul_triton(device, rows, cols, group, path, tokens, dtype, transpose, monkeypatch):
-    from weightkit.kernels import quant
+    from weightkit.kernels import int8 as k8
 
-    monkeypatch.setattr(quant, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
+    monkeypatch.setattr(k8, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
     w = torch.randn(rows, cols, device=device)
     scale = absmax_scale(w, group)
     q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=device)
     w64 = dequantize_int8(q, scale, group).double()
     x = torch.randn(tokens, rows if transpose else cols, device=device).to(dtype)
-    y = quant.int8_matmul_triton(x, q, scale, group, transpose)
+    y = k8.int8_matmul_triton(x, q, scale, group, transpose)
     _check(y, x, w64, transpose, dtype, f"int8 {path} {tokens}x{rows}x{cols} g{group} t={transpose}")
 
 
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("device,rows,cols,group,path,tokens,dtype", _params(), indirect=False)
 def test_int4_matmul_triton(device, rows, cols, group, path, tokens, dtype, transpose, monkeypatch):
-    from weightkit.kernels import int4, quant
+    from weightkit.kernels import int4, int8 as k8
 
-    monkeypatch.setattr(quant, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
+    monkeypatch.setattr(k8, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
     w = torch.randn(rows, cols, device=device)
     packed, scale, zero = quantize_int4(w, group)
     w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
@@ -107,21 +107,21 @@ def test_int4_groups_across_rows_and_strided_x(device, transpose, tokens):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_empty_and_tiny(device):
-    from weightkit.kernels import quant
+    from weightkit.kernels import int8 as k8
 
     q = torch.randint(-128, 128, (3, 16), dtype=torch.int8, device=device)
     scale = absmax_scale(torch.randn(3, 16, device=device), 16)
-    assert quant.int8_matmul_triton(torch.randn(0, 16, device=device), q, scale, 16, False).shape == (0, 3)
+    assert k8.int8_matmul_triton(torch.randn(0, 16, device=device), q, scale, 16, False).shape == (0, 3)
     x = torch.randn(1, 3, device=device)
     w64 = dequantize_int8(q, scale, 16).double()
-    _check(quant.int8_matmul_triton(x, q, scale, 16, True), x, w64, True, torch.float32, "1 x 3 x 16")
+    _check(k8.int8_matmul_triton(x, q, scale, 16, True), x, w64, True, torch.float32, "1 x 3 x 16")
 
 
 def test_autotuners_are_module_level():
     """bench/gpu_report.py prints every triton Autotuner found in weightkit.kernels modules."""
-    from weightkit.kernels import int4, quant
+    from weightkit.kernels import int4, int8 as k8
 
-    for mod, names in ((quant, ("int8_gemv_autotune", "int8_gemv_t_autotune", "int8_mm_autotune",
+    for mod, names in ((k8, ("int8_gemv_autotune", "int8_gemv_t_autotune", "int8_mm_autotune",
                                 "int8_mm_t_autotune")),
                        (int4, ("int4_gemv_autotune", "int4_gemv_t_autotune", "int4_mm_autotune",
                                "int4_mm_t_autotune"))):

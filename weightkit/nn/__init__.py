@@ -2,7 +2,7 @@
 
 from .dictionary import DictLinear  # noqa: E402
 from .int8 import Int8Linear  # noqa: E402
-from .memory import MemoryFFN, MemoryFormerBlock, MemoryLinear, MemoryQKV  # noqa: E402
+from .memoryformer import MemoryFFN, MemoryFormerBlock, MemoryLinear, MemoryQKV  # noqa: E402
 
 __all__ = ["DictLinear", "Int8Linear", "MemoryLinear", "MemoryQKV", "MemoryFFN", "MemoryFormerBlock"]
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.quant import absmax_scale, dequantize_int8, int8_matmul
+from ..ops.int8 import absmax_scale, dequantize_int8, int8_matmul
 
 
 # An empty leaf that requires grad: passed to the Function when the weight gradient is tracked so that backward

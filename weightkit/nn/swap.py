@@ -11,7 +11,7 @@ from torch import nn
 # method name -> (module, class); each class provides ``from_linear(linear, **opts)``.
 METHODS = {
     "int8": ("weightkit.nn.int8", "Int8Linear"),
-    "memory": ("weightkit.nn.memory", "MemoryLinear"),
+    "memory": ("weightkit.nn.memoryformer", "MemoryLinear"),
     "dict": ("weightkit.nn.dictionary", "DictLinear"),
 }
 

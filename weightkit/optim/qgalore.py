@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..ops._checks import debug_checks, debug_checks_enabled
 from ..ops.int4 import dequantize_int4, quantize_int4
-from ..ops.quant import int8_sr_update_
+from ..ops.int8 import int8_sr_update_
 from .galore import GaLoreAdamW8bit, host_shape
 from .projector import basis_seed, compute_basis, project_back
 

@@ -1,4 +1,4 @@
-// CPU kernels of the MemoryFormer lookup (spec: weightkit/ops/memory.py).
+// CPU kernels of the MemoryFormer lookup (spec: weightkit/ops/memoryformer.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -60,7 +60,7 @@ def _stochastic_round_int8_compiled(x, scale, group_size, seed, offset):
 
 @_SR.register("triton")
 def _stochastic_round_int8_triton(x, scale, group_size, seed, offset):
-    from ..kernels.quant import stochastic_round_int8_triton
+    from ..kernels.int8 import stochastic_round_int8_triton
 
     return stochastic_round_int8_triton(x.contiguous(), scale.contiguous(), group_size, seed, offset)
 
@@ -140,7 +140,7 @@ def _int8_sr_update_compiled(w_q, scale, delta, group_size, decay, seed, offset)
 
 @_SR_UPDATE.register("triton")
 def _int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
-    from ..kernels.quant import int8_sr_update_triton
+    from ..kernels.int8 import int8_sr_update_triton
 
     int8_sr_update_triton(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
 
@@ -246,7 +246,7 @@ def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
 
 @_INT8_MM.register("triton")
 def _int8_matmul_triton(x, w_q, scale, group_size, transpose):
-    from ..kernels.quant import int8_matmul_triton
+    from ..kernels.int8 import int8_matmul_triton
 
     y = int8_matmul_triton(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

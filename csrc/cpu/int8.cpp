@@ -1,4 +1,4 @@
-// CPU kernels for INT8 stochastic rounding (spec: weightkit/ops/quant.py).
+// CPU kernels for INT8 stochastic rounding (spec: weightkit/ops/int8.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -48,7 +48,7 @@ at::Tensor stochastic_round_int8_cpu(const at::Tensor& x, const at::Tensor& scal
   return out;
 }
 
-// Fused weight update of Q-GaLore (spec: int8_sr_update_ in weightkit/ops/quant.py), one group at a time:
+// Fused weight update of Q-GaLore (spec: int8_sr_update_ in weightkit/ops/int8.py), one group at a time:
 //   w = (q * s + delta) * decay;  s' = max(max|w| / 127, FLT_MIN);  q' = clamp(floor(w * (1 / s') + u), -128, 127)
 // with u from the Philox stream at position offset + i, exactly as stochastic_round_int8 on w with scale s'.
 template <typename scalar_t>

@@ -105,7 +105,7 @@ def _backward_compiled(grad, x, tables, t, deterministic):
 
 @_FWD.register("triton")
 def _forward_triton(x, tables, t):
-    from ..kernels.memory import memory_lookup_forward_triton
+    from ..kernels.memoryformer import memory_lookup_forward_triton
 
     y = memory_lookup_forward_triton(rows(x).contiguous(), tables.contiguous(), t)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
@@ -113,7 +113,7 @@ def _forward_triton(x, tables, t):
 
 @_BWD.register("triton")
 def _backward_triton(grad, x, tables, t, deterministic):
-    from ..kernels.memory import memory_lookup_backward_triton
+    from ..kernels.memoryformer import memory_lookup_backward_triton
 
     gx, gt = memory_lookup_backward_triton(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t,
                                            deterministic)

@@ -1,4 +1,4 @@
-"""Triton kernels for INT8 stochastic rounding (spec: weightkit.ops.quant, weightkit.ops.rng)."""
+"""Triton kernels for INT8 stochastic rounding (spec: weightkit.ops.int8, weightkit.ops.rng)."""
 
 import os
 
@@ -81,7 +81,7 @@ def stochastic_round_int8_triton(x, scale, group_size, seed, offset):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# int8_matmul (spec: weightkit.ops.quant.int8_matmul): y = x @ B, fp32 accumulation, y in x's dtype, with
+# int8_matmul (spec: weightkit.ops.int8.int8_matmul): y = x @ B, fp32 accumulation, y in x's dtype, with
 #   transpose=False: B[k, n] = W[n, k]  (K = in features; a K-step reads BLOCK_K contiguous bytes of W's rows)
 #   transpose=True:  B[k, n] = W[k, n]  (K = out rows; a K-step reads BLOCK_N contiguous bytes of W's rows)
 # and W = dequant(w_q): G consecutive elements of a row share one fp32 scale (G divides in_features).

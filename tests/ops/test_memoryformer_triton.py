@@ -1,4 +1,4 @@
-"""weightkit.kernels.memory (the triton backend of memory_lookup): forward and both backward modes against a float64
+"""weightkit.kernels.memoryformer (the triton backend of memory_lookup): forward and both backward modes against a float64
 reference over n / K / tau / d_out / dtype, forced configs (SPLIT 1 and > 1, inline and precomputed hash, token,
 table and column blocks of several sizes), bitwise repeatable and config-independent deterministic table gradient,
 and the autotuning config spaces (pruned sets non-empty and within the partial buffer). Runs under
@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from tests.conftest import DEVICES
-from weightkit.ops import memory
-from weightkit.ops.memory import memory_lookup_reference
+from weightkit.ops import memoryformer
+from weightkit.ops.memoryformer import memory_lookup_reference
 
-TRITON_DEVICES = [d for d in DEVICES if memory._FWD.why_not("triton", torch.device(d)) is None]
+TRITON_DEVICES = [d for d in DEVICES if memoryformer._FWD.why_not("triton", torch.device(d)) is None]
 pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="triton backend unavailable (no GPU, no TRITON_INTERPRET)")
 
 if TRITON_DEVICES:
     import triton
 
-    from weightkit.kernels import memory as km
+    from weightkit.kernels import memoryformer as km
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}

@@ -7,8 +7,8 @@ from weightkit import debug_checks
 
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
-from weightkit.ops import memory
-from weightkit.ops.memory import memory_lookup, memory_lookup_grads, memory_lookup_reference
+from weightkit.ops import memoryformer
+from weightkit.ops.memoryformer import memory_lookup, memory_lookup_grads, memory_lookup_reference
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -37,7 +37,7 @@ def test_forward_backward_match_reference(device, dtype, n, K, tau, d_out):
     g = torch.randn(n, d_out, device=device).to(dtype)
     y64 = ref64(x, tables, 1.5)
     gx64, gt64 = ref64(x, tables, 1.5, g)
-    fwd, bwd = usable_backends(memory._FWD, device), usable_backends(memory._BWD, device)
+    fwd, bwd = usable_backends(memoryformer._FWD, device), usable_backends(memoryformer._BWD, device)
     assert len(fwd) >= 2 and len(bwd) >= 2, (fwd, bwd)
     for name in fwd:
         with use_backend(name):
@@ -60,7 +60,7 @@ def test_autograd_through_op_and_gradcheck_reference():
     tf.requires_grad_(True)
     g = torch.randn(9, 10)
     gx64, gt64 = ref64(xf.detach(), tf.detach(), 1.0, g)
-    for name in usable_backends(memory._FWD, "cpu"):
+    for name in usable_backends(memoryformer._FWD, "cpu"):
         with use_backend(name):
             gx, gt = torch.autograd.grad(memory_lookup(xf, tf), (xf, tf), g)
         torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
@@ -73,7 +73,7 @@ def test_hot_bucket_and_zero_tie_rule():
     x[::2, :8] = torch.randn(32, 8)
     tables = torch.randn(2, 256, 12)
     g = torch.randn(64, 12)
-    for name in usable_backends(memory._FWD, "cpu"):
+    for name in usable_backends(memoryformer._FWD, "cpu"):
         with use_backend(name):
             y = memory_lookup(x, tables)
             gx, gt = memory_lookup_grads(g, x, tables, deterministic=True)
@@ -87,7 +87,7 @@ def test_deterministic_table_gradient_is_bit_identical():
     x, tables = inputs(300, 4, 4, 40)
     x[:150, :4] = 0.0  # many tokens in one bucket: where summation order matters
     g = torch.randn(300, 40)
-    for name in usable_backends(memory._BWD, "cpu"):
+    for name in usable_backends(memoryformer._BWD, "cpu"):
         with use_backend(name):
             runs = [memory_lookup_grads(g, x, tables, deterministic=True)[1] for _ in range(3)]
         assert all(torch.equal(runs[0], r) for r in runs[1:]), name
@@ -126,7 +126,7 @@ def test_deterministic_hot_buckets_match_reference_and_repeat_bitwise(device, n,
     x[: n // 3] = 0.0  # a third of the tokens in bucket 0 of every table, the rest spread over 2^tau buckets
     g = torch.randn(n, d_out, device=device)
     gx64, gt64 = ref64(x, tables, 0.8, g)
-    for name in usable_backends(memory._BWD, device):
+    for name in usable_backends(memoryformer._BWD, device):
         with use_backend(name):
             runs = [memory_lookup_grads(g, x, tables, 0.8, deterministic=True) for _ in range(2)]
         gx, gt = runs[0]
@@ -146,7 +146,7 @@ def test_deterministic_backward_under_use_deterministic_algorithms(device):
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        for name in usable_backends(memory._FWD, device):
+        for name in usable_backends(memoryformer._FWD, device):
             grads = []
             for _ in range(2):
                 xr, tr = x.clone().requires_grad_(True), tables.clone().requires_grad_(True)

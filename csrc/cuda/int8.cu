@@ -1,4 +1,4 @@
-// CUDA kernels for INT8 stochastic rounding (spec: weightkit/ops/quant.py).
+// CUDA kernels for INT8 stochastic rounding (spec: weightkit/ops/int8.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -72,7 +72,7 @@ at::Tensor stochastic_round_int8_cuda(const at::Tensor& x, const at::Tensor& sca
   return out;
 }
 
-// Fused Q-GaLore weight update (spec: int8_sr_update_ in weightkit/ops/quant.py): one warp per group; lanes
+// Fused Q-GaLore weight update (spec: int8_sr_update_ in weightkit/ops/int8.py): one warp per group; lanes
 // reduce max|w|, then each lane rounds its elements with the Philox value of its stream position.
 template <typename scalar_t>
 __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __restrict__ scale,

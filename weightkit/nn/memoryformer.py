@@ -1,7 +1,7 @@
 """MemoryFormer layers (arXiv 2411.12992): MemoryLinear and the blocks of the paper's model.
 
 * ``MemoryLinear(in, out, tau=8, t=1.0)``: K = in / tau lookup tables of shape (2^tau, out) replace the weight
-  matrix; ``y = sum_k p(z_k) T_k[h(z_k)] + bias`` (weightkit.ops.memory). Tables are trained by any optimizer.
+  matrix; ``y = sum_k p(z_k) T_k[h(z_k)] + bias`` (weightkit.ops.memoryformer). Tables are trained by any optimizer.
 * ``MemoryQKV(dim, tau)``: Q, K and V from three tables that share one hash of the input: one lookup into tables
   of width 3 dim, split in three.
 * ``MemoryFFN(dim, hidden, tau)``: two memory layers with a LayerNorm between them (paper Eq. 13).
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.memory import memory_lookup
+from ..ops.memoryformer import memory_lookup
 
 
 def _expected_weight(tau: int, t: float) -> float:

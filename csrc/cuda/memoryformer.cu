@@ -1,4 +1,4 @@
-// CUDA kernels of the MemoryFormer lookup (spec: weightkit/ops/memory.py).
+// CUDA kernels of the MemoryFormer lookup (spec: weightkit/ops/memoryformer.py).
 // Forward: one block per token; the block hashes the K chunks into shared memory, then each thread accumulates
 // its output columns in fp32 (column loop handles any d_out). Backward: one block per token computes
 // <g, T[k, h_k]> by a block reduction and the input gradient; the table gradient uses atomics, or, when

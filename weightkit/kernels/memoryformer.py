@@ -1,4 +1,4 @@
-"""Triton kernels of the MemoryFormer lookup (spec: weightkit.ops.memory).
+"""Triton kernels of the MemoryFormer lookup (spec: weightkit.ops.memoryformer).
 
 Shapes: x (n, K * TAU), tables (K, 2^TAU, d_out). Chunk (t, k) of x gives bucket h[t, k] (sign bits), weight
 p[t, k] = prod sigmoid(2 |z| / t) and the table row key[t, k] = k * 2^TAU + h[t, k].

@@ -73,14 +73,14 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
 
 
 # -- int4_matmul (spec: weightkit.ops.int4.int4_matmul) ------------------------------------------------------------
-# Same two kernels as int8_matmul (design, configs, split-K and dispatch: kernels/quant.py, "int8_matmul"), with the
+# Same two kernels as int8_matmul (design, configs, split-K and dispatch: weightkit/kernels/int8.py, "int8_matmul"), with the
 # weight read as packed bytes: a tile of C values along W's contiguous axis is C/2 bytes (16-byte loads), unpacked
 # in registers (low nibble = even element) with tl.join + reshape. Dequantization (q - z) * s is exact to the
 # reference: q + 2^23 is built from the bits (no int-to-float conversion), minus (z + 2^23) gives q - z exactly.
 # ALIGNED needs the groups inside rows (cols % G == 0); otherwise (odd shapes) each element is gathered from its flat
 # index with _dequant, like the reference.
 
-from .quant import (GEMV_KEY, MM_KEY, _gemv_row, _gemv_store, _k_mask, _k_range, _store_result, _tile_ids,  # noqa: E402
+from .int8 import (GEMV_KEY, MM_KEY, _gemv_row, _gemv_store, _k_mask, _k_range, _store_result, _tile_ids,  # noqa: E402
                     dequant_matmul, gemv_configs, make_gemv_pruner, make_mm_pruner, mm_configs)
 
 
