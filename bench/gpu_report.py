@@ -8,7 +8,8 @@ rate. Each row: name, ms, and where meaningful GB/s, % of the copy bandwidth, TF
 baseline (``vs``: baseline ms / this ms, > 1 = faster than the baseline). A row that fails records its error and
 the run goes on; rows past the time budget are skipped (and listed). Sections: ceilings, quant (issue 15: Int8Linear,
 INT4 matmul, stochastic rounding), galore (issue 16: optimizer steps, refresh), memory and dictionary (issue 17),
-host (per-call host overhead of eager layers vs nn.Linear, issue 14), autotune (configs the Triton autotuners
+host (per-call host overhead of eager layers vs nn.Linear, issue 14), kernels (decode calls: call time, kernel
+time without the host from a CUDA-graph replay, and the CUDA kernels per call), autotune (configs the Triton autotuners
 chose). Needs a CUDA device.
 """
 
@@ -395,6 +396,87 @@ def host():
             row("host", f"{name} {mode}", ms=host_us(_step(layer, mode)), base=base)
 
 
+def _graph_ms(fn, calls=20):
+    """Kernel time per call without the host: ``calls`` calls captured in one CUDA graph, replayed (do_bench)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotune, compile, allocator) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return _bench(graph.replay) / calls
+
+
+def _kernel_breakdown(fn, calls=5):
+    """[(kernel name, us per call, launches per call)] of the CUDA kernels one call of ``fn`` runs, by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(evt, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            out.append((evt.key[:90], dev_us / calls, evt.count / calls))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def kernels():
+    """Decode-size calls three ways: call time (do_bench, host included when it is the bottleneck), kernel time
+    without the host (CUDA-graph replay) and the CUDA kernels each call runs (profiler). Settles whether a slow
+    decode row is the host, an extra kernel, or the kernel itself (issues 14, 15, 17)."""
+    from weightkit.nn import Int8Linear, MemoryLinear
+    from weightkit.ops import int4
+
+    d = 8192
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda")
+    lin_bf16 = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = Int8Linear.from_linear(lin, group_size=128)
+    packed, sc, zp = int4.quantize_int4(lin.weight.detach(), 64)
+    mem = MemoryLinear(4096, 4096, tau=8, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin4k = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    cases = []
+    for tokens in (1, 16, 256):
+        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        cases += [(f"bf16 nn.Linear 8192^2 {tokens} tok", lambda x=x: lin_bf16(x)),
+                  (f"Int8Linear g128 8192^2 {tokens} tok", lambda x=x: layer(x))]
+        if tokens == 1:
+            cases.append((f"int4_matmul g64 8192^2 {tokens} tok", lambda x=x: int4.int4_matmul(x, packed, sc, zp, 64,
+                                                                                               (d, d))))
+    for tokens in (1, 16):
+        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+        cases += [(f"bf16 nn.Linear 4096^2 {tokens} tok", lambda x=x: lin4k(x)),
+                  (f"MemoryLinear bf16 4096^2 {tokens} tok", lambda x=x: mem(x))]
+    with torch.no_grad():
+        for name, fn in cases:
+            call = row("kernels", f"{name} call", fn)
+            try:
+                gms = _graph_ms(fn)
+            except Exception as exc:  # noqa: BLE001 - capture fails on a host sync or an allocation it cannot replay
+                gms = None
+                print(f"  kernels    {name}: CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+            if gms is not None:
+                row("kernels", f"{name} graph", ms=gms, call_ms=call)
+            try:
+                ks = _kernel_breakdown(fn)
+                ROWS.append(dict(section="kernels", name=f"{name} profile", kernels=ks))
+                for kname, us, count in ks[:6]:
+                    print(f"  kernels      {us:9.1f} us  x{count:g}  {kname}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  kernels    {name}: profiler failed: {type(exc).__name__}: {exc}", flush=True)
+
+
 def autotune():
     """The config each Triton autotuner in weightkit.kernels chose (printed by make gpu-check)."""
     import importlib
@@ -411,11 +493,12 @@ def autotune():
                 for key, cfg in getattr(obj, "cache", {}).items():
                     rec = dict(section="autotune", name=f"{mod.name}.{attr}", key=str(key), config=str(cfg))
                     ROWS.append(rec)
-                    print(f"  autotune   {mod.name}.{attr} {key} -> {cfg}", flush=True)
+                    short = tuple(k for k in key if not str(k).startswith("torch."))  # dtypes: in the JSON
+                    print(f"  autotune   {mod.name}.{attr} {short} -> {cfg}", flush=True)
 
 
-SECTIONS = {"ceilings": ceilings, "host": host, "quant": quant, "memoryformer": memoryformer, "dictionary": dictionary,
-            "galore": galore, "autotune": autotune}
+SECTIONS = {"ceilings": ceilings, "host": host, "kernels": kernels, "quant": quant, "memoryformer": memoryformer,
+            "dictionary": dictionary, "galore": galore, "autotune": autotune}
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 # The one command a session with a lent GPU runs (`make gpu-check OUT=DIR`, or `bash scripts/gpu_check.sh DIR`):
 #   1. builds weightkit._C for this GPU's arch (in place, MAX_JOBS = cores),
 #   2. prints `weightkit info`,
-#   3. runs the whole test-suite on this machine (every test on cpu and cuda) with pytest -n 12 (TEST_WORKERS), under
+#   3. runs the whole test-suite on this machine (every test on cpu and cuda) with pytest -n 14 (TEST_WORKERS), under
 #      a time budget (the suite took 108 s with 14 workers on an H200 machine's 16 cores, 2026-11-26),
 #   4. runs bench/gpu_report.py (the issues' tables: kernels vs the baselines a GPU user has, copy bandwidth, the
 #      Triton autotuner's choices) and the pytest-benchmark suites, each under a time budget,
@@ -11,14 +11,21 @@
 # train.log; tests.xml too with JUNIT=1); benchmark JSON also to bench/results/<gpu>-<date>-<suite>.json.
 # DIR/summary.txt is the short version. Missing bitsandbytes / galore-torch / q-galore-torch (no network on the GPU machines) are taken
 # from ./.gpu-site when it exists (../shared/device/site-packages.sh .gpu-site makes it).
-# Budgets (seconds, env): TEST_BUDGET=200 REPORT_BUDGET=110 BENCH_BUDGET=60 TRAIN_BUDGET=150. STAGES picks stages
-# (default build,info,test,report,bench). Exit status: non-zero if the build or any test failed.
+# Budgets (seconds, env): TEST_BUDGET=140 REPORT_BUDGET=140 BENCH_BUDGET=60 TRAIN_BUDGET=45. STAGES picks stages
+# (default build,info,test,report,train; add bench for the pytest-benchmark suites). REPORT_ARGS (default: per-section
+# budgets), TRAIN_ARGS (default: the 350m model, 10 steps, adamw and galore), QUANT_PEERS (default 0 here: the
+# bitsandbytes/tinygemm rows were measured on 2026-11-26; QUANT_PEERS=1 adds them). The defaults are the call that
+# fits one device call: about 330 s on an H200 (build 40, tests 110-140, report 140, train 45); give it timeout_s 420.
+# Exit status: non-zero if the build or any test failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-check-out}
 mkdir -p "$OUT_DIR" bench/results
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-STAGES=${STAGES:-build,info,test,report,bench}
+STAGES=${STAGES:-build,info,test,report,train}
+export QUANT_PEERS=${QUANT_PEERS:-0}
+REPORT_ARGS=${REPORT_ARGS:---section-budget ceilings=8,host=12,kernels=30,quant=45,memoryformer=20,dictionary=12,galore=15}
+TRAIN_ARGS=${TRAIN_ARGS:---model-size 350m --steps 10 --methods adamw,galore --eval-every 5}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ -d .gpu-site ]; then export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"; fi
@@ -49,10 +56,10 @@ if has info; then
 fi
 
 if has test; then
-  stamp "tests: pytest -n ${TEST_WORKERS:-12}, budget ${TEST_BUDGET:-200}s"
+  stamp "tests: pytest -n ${TEST_WORKERS:-14}, budget ${TEST_BUDGET:-140}s"
   # 2 BLAS threads per worker, as on CI's 2 cores: workers x all cores each oversubscribe the CPU tests
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-200}" \
-    $PY -m pytest -p no:cacheprovider -n "${TEST_WORKERS:-12}" -v -rfE \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout --signal=INT --kill-after=20 "${TEST_BUDGET:-140}" \
+    $PY -m pytest -p no:cacheprovider -n "${TEST_WORKERS:-14}" -v -rfE \
     --timeout=170 --durations=25 ${JUNIT:+--junitxml="$OUT_DIR/tests.xml"} ${TEST_ARGS:-tests} >"$OUT_DIR/tests.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=1
@@ -65,12 +72,12 @@ if has test; then
 fi
 
 if has report; then
-  stamp "gpu_report: budget ${REPORT_BUDGET:-110}s"
-  timeout --kill-after=10 $(( ${REPORT_BUDGET:-110} + 40 )) $PY -m bench.gpu_report --budget "${REPORT_BUDGET:-110}" \
+  stamp "gpu_report: budget ${REPORT_BUDGET:-140}s"
+  timeout --kill-after=10 $(( ${REPORT_BUDGET:-140} + 40 )) $PY -m bench.gpu_report --budget "${REPORT_BUDGET:-140}" \
     --out "$OUT_DIR/gpu-report.json" ${REPORT_ARGS:-} >"$OUT_DIR/gpu-report.log" 2>&1
   stamp "gpu_report exit $?"
   [ -f "$OUT_DIR/gpu-report.json" ] && cp "$OUT_DIR/gpu-report.json" "bench/results/${tag}-$(date +%F)-gpu-report.json"
-  grep -E "^  |^\[" "$OUT_DIR/gpu-report.log" | cut -c1-150 >>"$OUT_DIR/summary.txt"
+  grep -E "^  |^\[" "$OUT_DIR/gpu-report.log" | cut -c1-220 >>"$OUT_DIR/summary.txt"
 fi
 
 if has bench; then
@@ -83,9 +90,9 @@ if has bench; then
 fi
 
 if has train; then
-  stamp "train: budget ${TRAIN_BUDGET:-150}s: ${TRAIN_ARGS:-}"
+  stamp "train: budget ${TRAIN_BUDGET:-45}s: ${TRAIN_ARGS:-}"
   mkdir -p "$OUT_DIR/train"
-  timeout --kill-after=15 "${TRAIN_BUDGET:-150}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR/train" \
+  timeout --kill-after=15 "${TRAIN_BUDGET:-45}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR/train" \
     ${TRAIN_ARGS:-} >"$OUT_DIR/train.log" 2>&1
   stamp "train exit $?"
   tail -25 "$OUT_DIR/train.log" | tee -a "$OUT_DIR/summary.txt"
