@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 min_lr_ratio=args.min_lr_ratio, rank=args.rank, update_proj_gap=args.update_proj_gap,
                                 dim=args.dim, n_layers=args.layers, n_heads=args.heads, hidden_dim=args.hidden,
                                 seed=args.seed, eval_every=args.eval_every or max(1, args.steps // 20),
-                                device=device).resolve()
+                                device=device, checkpointing=args.checkpointing).resolve()
     except ValueError as exc:
         return refuse(str(exc))
     print("\n".join(train.describe(cfg)), flush=True)
@@ -230,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train the same LLaMA-style model on real text (Python's pydoc topics, bytes) "
                         "with AdamW, GaLore and Q-GaLore, each at its own peak learning rate with linear warmup "
                         "and cosine decay; report loss, validation loss, tokens/s and peak memory per method.")
-    tr.add_argument("--methods", default="adamw,galore,qgalore", help="comma-separated: adamw, galore, qgalore")
+    tr.add_argument("--methods", default="adamw,galore,qgalore",
+                    help="comma-separated: adamw (fused on CUDA), galore, galore-layerwise (LayerwiseGaLore: updates "
+                    "in backward, gradients freed per layer), qgalore, galore-torch (the reference package, if "
+                    "installed)")
+    tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block "
+                    "(recompute in backward: less activation memory, ~1/3 more compute)")
     tr.add_argument("--model-size", default="tiny", choices=list(train_sizes()),
                     help="tiny: 3.3M parameters, the CPU default; 60m/130m/350m: the GaLore paper's LLaMA shapes "
                     "with a byte vocabulary (25.6M / 85.3M / 302.9M parameters)")

@@ -30,7 +30,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-METHODS = ("adamw", "galore", "qgalore")
+METHODS = ("adamw", "galore", "galore-layerwise", "qgalore", "galore-torch")
+DEFAULT_METHODS = ("adamw", "galore", "qgalore")  # what a plain `weightkit train` compares
+# * galore-layerwise: weightkit.optim.LayerwiseGaLore (GaLoreAdamW per parameter, stepped in backward, each gradient
+#   freed in its hook): the memory the GaLore paper reports for its 7B run comes from this mode.
+# * galore-torch: the reference implementation (pip galore-torch, GaLoreAdamW), the same groups, rank, gap and scale:
+#   the peer of the GaLore-step issue's end-to-end table.
 SIZES = ("tiny", "60m", "130m", "350m")
 
 # Peak learning rate (reached after warmup, then cosine decay) per method and model size, and its source.
@@ -51,11 +56,13 @@ LR_TABLE: Dict[str, Dict[str, float]] = {
     "galore": {"tiny": 1e-2, "60m": 1e-2, "130m": 1e-2, "350m": 1e-2},
     "qgalore": {"tiny": 1.5e-2, "60m": 1.5e-2, "130m": 1.5e-2, "350m": 1e-2},
 }
+LR_TABLE["galore-layerwise"] = LR_TABLE["galore-torch"] = LR_TABLE["galore"]
 LR_SOURCES = {
     "adamw": "full-rank AdamW baseline of GaLore's pretraining code (arXiv 2403.03507) at 60M-350M",
     "galore": "GaLore paper (arXiv 2403.03507): lr 0.01, scale 0.25, all sizes",
     "qgalore": "Q-GaLore (arXiv 2407.08296) pretrain_c4 scripts: 0.015 at 60M/130M, 0.01 at 350M, scale 0.25",
 }
+LR_SOURCES["galore-layerwise"] = LR_SOURCES["galore-torch"] = LR_SOURCES["galore"]
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # --lr-sweep without explicit rates: the default rate and 3x either side
 
 # Training defaults per model size: GaLore rank and refresh gap (the papers' 128 at 60M, 256 at 130M/350M, gap 200;
@@ -93,6 +100,7 @@ class TrainConfig:
     eval_windows: int = 256  # validation: up to this many non-overlapping windows of the validation split
     threads: Optional[int] = None
     device: str = "cpu"
+    checkpointing: bool = False  # activation checkpointing per transformer block (recompute in backward)
 
     def model_config(self):
         from weightkit.models.llama import preset
@@ -153,6 +161,10 @@ class RunResult:
     tokens_per_s_median: float = 0.0  # median over the logging intervals (a refresh slows one interval only)
     timed_from: int = 0
     first_step_s: float = 0.0  # the first step alone (for GaLore and Q-GaLore: every layer's first SVD)
+    step_ms_median: float = 0.0  # per-step time (CUDA events on CUDA, no sync per step), steps after the first
+    step_ms_max: float = 0.0  # the slowest step after the first: a projector refresh's stall
+    step_ms_max_at: int = 0  # which step that was
+    optimizer_impl: str = ""  # e.g. "torch.optim.AdamW(fused=True)"
     peak_memory_mb: float = 0.0  # MiB: max_memory_allocated on CUDA, peak RSS on CPU
     peak_memory_kind: str = ""
     peak_rss_mb: float = 0.0
@@ -271,11 +283,36 @@ def lr_factor(step: int, steps: int, warmup: float = 0.1, min_ratio: float = 0.1
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+class _LayerwiseLR:
+    """LambdaLR's schedule for a LayerwiseGaLore (one optimizer per parameter, stepped inside backward): the rate of
+    every group of every per-parameter optimizer is ``base * factor(step)``, set at construction (step 0) and by
+    each ``step()``, so the updates of step t (made during its backward) use factor(t), as LambdaLR would."""
+
+    def __init__(self, layerwise, factor: Callable[[int], float]):
+        self.factor, self.last_epoch = factor, 0
+        self.groups = [g for o in layerwise.optimizers for g in o.param_groups]
+        self.base = [g["lr"] for g in self.groups]
+        self._apply()
+
+    def _apply(self) -> None:
+        f = self.factor(self.last_epoch)
+        for g, b in zip(self.groups, self.base):
+            g["lr"] = b * f
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+
+def make_scheduler(opt, cfg: TrainConfig):
     # GaLoreAdamW and QGaLoreAdamW8bit subclass torch.optim.Optimizer and read group["lr"] at every step (their
-    # weight decay too), so LambdaLR drives them like AdamW.
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, functools.partial(lr_factor, steps=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio))
+    # weight decay too), so LambdaLR drives them like AdamW; LayerwiseGaLore gets the same schedule per parameter.
+    factor = functools.partial(lr_factor, steps=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
+    from weightkit.optim import LayerwiseGaLore
+
+    if isinstance(opt, LayerwiseGaLore):
+        return _LayerwiseLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # -- model and optimizer -----------------------------------------------------------------------------------------
@@ -283,13 +320,25 @@ def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig, lr: Optiona
     from weightkit.optim import param_groups
 
     lr = cfg.lr_for(method)[0] if lr is None else lr
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    if method == "adamw":  # fused on CUDA: what a GPU user runs (one kernel for all parameters)
+        fused = next(model.parameters()).is_cuda
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
     groups = param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale)
     if method == "galore":
         from weightkit.optim import GaLoreAdamW
 
         return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    if method == "galore-layerwise":
+        from weightkit.optim import GaLoreAdamW, LayerwiseGaLore
+
+        return LayerwiseGaLore(groups, optimizer_cls=GaLoreAdamW, lr=lr, weight_decay=cfg.weight_decay)
+    if method == "galore-torch":
+        try:
+            from galore_torch import GaLoreAdamW as ReferenceGaLoreAdamW
+        except ImportError as exc:
+            raise ValueError(f"method galore-torch needs the galore-torch package (pip install galore-torch): "
+                             f"{exc}") from None
+        return ReferenceGaLoreAdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     if method == "qgalore":
         from weightkit.optim import QGaLoreAdamW8bit
 
@@ -328,6 +377,7 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
     torch.manual_seed(cfg.seed)
     with torch.device(device or "cpu"):  # on CUDA: initialized there, no 300M-parameter init on the host
         model = TinyLlama(cfg.model_config())
+    model.gradient_checkpointing = cfg.checkpointing
     if method == "qgalore":
         from weightkit import swap
 
@@ -456,13 +506,20 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
         torch.cuda.reset_peak_memory_stats(device)
     opt = build_optimizer(method, model, cfg, lr)
     sched = make_scheduler(opt, cfg)
+    layerwise = method == "galore-layerwise"  # updates inside backward: no step() call
+    impl = type(opt.optimizers[0] if layerwise and opt.optimizers else opt)
+    fused = " (fused=True)" if method == "adamw" and opt.defaults.get("fused") else ""
     gen = torch.Generator().manual_seed(cfg.seed)
     it = make_batches(train, cfg.batch_size, cfg.seq_len, gen)
     tokens = cfg.batch_size * cfg.seq_len
     result = RunResult(method, lr=lr, lr_source=lr_source or "", n_params=num_parameters(cfg.model_config()),
                        device=torch.cuda.get_device_name(device) if cuda else
                        f"{platform.machine()} CPU x{torch.get_num_threads()}",
-                       autocast="bfloat16" if cuda else None)
+                       autocast="bfloat16" if cuda else None,
+                       optimizer_impl=f"{'LayerwiseGaLore of ' if layerwise else ''}{impl.__module__}.{impl.__name__}"
+                                      f"{fused}")
+    # per-step times without a sync per step: CUDA events recorded after each step, read once at the end
+    step_marks: List = []
     # The loss is summed on the device and read at the logging points only: no host sync in between (on CUDA the
     # host queues steps ahead of the GPU). Those reads are also where the loss is checked for NaN/Inf.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -473,15 +530,25 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
     start = time.perf_counter()
     if skip == 0:
         marks.append((0, start))
+    if cuda:
+        first_event = torch.cuda.Event(enable_timing=True)
+        first_event.record()
     bar = _progress(range(1, cfg.steps + 1), method, progress)
     for step in bar:
         x, y = next(it)
         with _autocast(device):
             loss = model(_to(x, device), _to(y, device))
         loss.backward()
-        opt.step()
+        if not layerwise:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            step_marks.append(ev)
+        else:
+            step_marks.append(time.perf_counter())
         loss_sum += loss.detach()
         n_sum += 1
         if step == 1:
@@ -502,13 +569,23 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
             _sync(device)
             marks.append((step, time.perf_counter()))
     result.seconds = time.perf_counter() - start
+    if cuda:
+        _sync(device)
+        ms = [a.elapsed_time(b) for a, b in zip([first_event] + step_marks, step_marks)]
+    else:
+        ms = [1e3 * (b - a) for a, b in zip([start] + step_marks, step_marks)]
+    later = ms[1:]  # the first step (CUDA/BLAS warm-up, every layer's first SVD) is first_step_s
+    if later:
+        result.step_ms_median = statistics.median(later)
+        result.step_ms_max = max(later)
+        result.step_ms_max_at = 2 + later.index(result.step_ms_max)
     (s0, t0), (s1, t1) = marks[0], marks[-1]
     result.timed_from = s0
     result.tokens_per_s = (s1 - s0) * tokens / max(t1 - t0, 1e-9)
     rates = [(b[0] - a[0]) * tokens / max(b[1] - a[1], 1e-9) for a, b in zip(marks, marks[1:])]
     result.tokens_per_s_median = statistics.median(rates) if rates else result.tokens_per_s
     result.val_loss = evaluate(model, val, cfg, device)
-    result.optimizer_state_bytes = tensor_bytes(opt.state)
+    result.optimizer_state_bytes = tensor_bytes([o.state for o in opt.optimizers] if layerwise else opt.state)
     result.weight_bytes = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if cuda:
@@ -584,7 +661,7 @@ def _call(func: str, isolate: bool, what: str, **kwargs):
     return RunResult(**payload) if func == "run" else payload
 
 
-def compare(methods=METHODS, cfg: Optional[TrainConfig] = None, isolate: bool = True,
+def compare(methods=DEFAULT_METHODS, cfg: Optional[TrainConfig] = None, isolate: bool = True,
             sweep_rates: Optional[Dict[str, Optional[Sequence[float]]]] = None, sweep_steps: Optional[int] = None,
             on_result: Optional[Callable[[List[RunResult]], None]] = None, progress: bool = True,
             keep_going: bool = False) -> List[RunResult]:
@@ -640,7 +717,8 @@ def describe(cfg: TrainConfig, results: Sequence[RunResult] = ()) -> List[str]:
             f"{cfg.hidden_dim}, {n / 1e6:.2f}M parameters ({n:,}); {dev}, {amp}",
             f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens; each method's peak lr with {w} warmup "
             f"steps, then cosine decay to {cfg.min_lr_ratio:g}x; GaLore/Q-GaLore rank {cfg.rank}, refresh gap "
-            f"{cfg.update_proj_gap}, scale {cfg.galore_scale:g}; tokens/s from step {timing_start(cfg.steps)} on"]
+            f"{cfg.update_proj_gap}, scale {cfg.galore_scale:g}; tokens/s from step {timing_start(cfg.steps)} on"
+            + ("; activation checkpointing per block" if cfg.checkpointing else "")]
 
 
 def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
@@ -648,22 +726,24 @@ def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
     base = next((r for r in done if r.method == "adamw"), None)
     kind = done[0].peak_memory_kind if done else ""
     lines = describe(cfg, done) + [""] if cfg is not None else []
-    lines += [f"| method | peak lr | final train loss | val loss | tokens/s (median interval) | peak memory MiB "
-              f"({kind}) | optimizer state MB | state vs AdamW | weights MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| method | peak lr | final train loss | val loss | tokens/s (median interval) | step ms median / max "
+              f"(at step) | peak memory MiB ({kind}) | optimizer state MB | state vs AdamW | weights MB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.method} | {r.lr:.3g} | failed: {r.error[-300:]} |||||||")
+            lines.append(f"| {r.method} | {r.lr:.3g} | failed: {r.error[-300:]} ||||||||")
             continue
         ratio = f"{r.optimizer_state_bytes / base.optimizer_state_bytes:.1%}" if base and base.optimizer_state_bytes else "-"
         lines.append(f"| {r.method} | {r.lr:.3g} | {r.train_loss[-1]:.3f} | {r.val_loss:.3f} | {r.tokens_per_s:,.0f} "
-                     f"({r.tokens_per_s_median:,.0f}) | {r.peak_memory_mb:,.0f} | {r.optimizer_state_bytes / 1e6:.2f} | "
+                     f"({r.tokens_per_s_median:,.0f}) | {r.step_ms_median:,.1f} / {r.step_ms_max:,.1f} ({r.step_ms_max_at}) | "
+                     f"{r.peak_memory_mb:,.0f} | {r.optimizer_state_bytes / 1e6:.2f} | "
                      f"{ratio} | {r.weight_bytes / 1e6:.2f} |")
     lines.append("")
     if done:
         lines.append("first step (GaLore/Q-GaLore: every layer's first SVD; excluded from tokens/s): "
                      + ", ".join(f"{r.method} {r.first_step_s:.2f} s" for r in done))
     lines += [f"{r.method} lr {r.lr:.3g}: {r.lr_source}" for r in results]
+    lines += [f"{r.method} optimizer: {r.optimizer_impl}" for r in done if r.optimizer_impl]
     swept = [r for r in results if r.sweep]
     if swept:
         lines += ["", "| lr sweep | rate | val loss | |", "|---|---|---|---|"]
@@ -688,7 +768,7 @@ def plot(results: List[RunResult], path: str, cfg: Optional[TrainConfig] = None)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/byte)")
     size = f"LLaMA {cfg.resolve().model_size}" if cfg is not None else "TinyLlama"
-    ax.set_title(f"{size} on pydoc topics: AdamW vs GaLore vs Q-GaLore")
+    ax.set_title(f"{size} on pydoc topics: " + " vs ".join(r.method for r in results if r.error is None))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

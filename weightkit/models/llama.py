@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -139,6 +140,7 @@ class TinyLlama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # True: each block's activations are recomputed in backward
         self.apply(self._init)
 
     @staticmethod
@@ -149,8 +151,12 @@ class TinyLlama(nn.Module):
     def forward(self, tokens, targets=None):
         cos, sin = _rotary(tokens.shape[1], self.cfg.dim // self.cfg.n_heads, tokens.device)
         x = self.embed_tokens(tokens)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
