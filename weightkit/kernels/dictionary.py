@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 
 @triton.jit
 def _gather_forward_kernel(z_ptr, v_ptr, i_ptr, y_ptr, n, k, s, d_out, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -49,7 +51,7 @@ def dict_sparse_gather_triton(z, values, indices, block_t=16, block_n=64):
     n, k = z.shape
     s, d_out = values.shape
     y = torch.empty((n, d_out), dtype=z.dtype, device=z.device)
-    grid = (triton.cdiv(n, block_t), triton.cdiv(d_out, block_n))
+    grid = (cdiv(n, block_t), cdiv(d_out, block_n))
     _gather_forward_kernel[grid](z, values, indices.to(torch.int32), y, n, k, s, d_out, BLOCK_T=block_t, BLOCK_N=block_n)
     return y
 
@@ -59,7 +61,7 @@ def dict_sparse_gather_backward_triton(grad, z, values, indices, block_t=16, blo
     s, d_out = values.shape
     gz = torch.zeros((n, k), dtype=torch.float32, device=z.device)
     gv = torch.empty((s, d_out), dtype=torch.float32, device=z.device)
-    grid = (triton.cdiv(d_out, block_n), s)
+    grid = (cdiv(d_out, block_n), s)
     _gather_backward_kernel[grid](grad, z, values, indices.to(torch.int32), gz, gv, n, k, s, d_out, BLOCK_T=block_t,
                                   BLOCK_N=block_n)
     return gz.to(z.dtype), gv.to(values.dtype)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 
 @triton.jit
 def _low_rank_adam_kernel(r_ptr, m_ptr, v_ptr, u_ptr, n, beta1, beta2, eps, BLOCK: tl.constexpr):
@@ -48,12 +50,12 @@ def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left
                               decay, block=1024, block_m=32, block_n=32, block_k=32):
     update = torch.empty_like(low_grad)
     n = low_grad.numel()
-    _low_rank_adam_kernel[(triton.cdiv(n, block),)](low_grad, exp_avg, exp_avg_sq, update, n, beta1, beta2, eps,
+    _low_rank_adam_kernel[(cdiv(n, block),)](low_grad, exp_avg, exp_avg_sq, update, n, beta1, beta2, eps,
                                                     BLOCK=block)
     a, b = (ortho, update) if left else (update, ortho)
     m_rows, n_cols = weight.shape
     k = a.shape[1]
-    grid = (triton.cdiv(m_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(m_rows, block_m), cdiv(n_cols, block_n))
     _matmul_update_kernel[grid](a, b, weight, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                                 weight.stride(0), weight.stride(1), -step_size * scale * decay, decay,
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 _FLT_MIN = 1.1754943508222875e-38
 _ROUND = 12582912.0  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds v to the nearest integer, ties to even
 
@@ -41,7 +43,7 @@ def quantize_int4_triton(x, group_size):
     packed = torch.empty(n // 2, dtype=torch.uint8, device=x.device)
     scale = torch.empty(groups, dtype=torch.float32, device=x.device)
     zero = torch.empty(groups, dtype=torch.uint8, device=x.device)
-    half = triton.next_power_of_2(max(group_size // 2, 1))
+    half = next_pow2(max(group_size // 2, 1))
     _quantize_int4_kernel[(groups,)](x, packed, scale, zero, group_size, HALF=half, enable_fp_fusion=False)
     return packed, scale, zero
 
@@ -67,7 +69,7 @@ def _dequantize_int4_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, n, group_s
 def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
     n = packed.numel() * 2
     out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    _dequantize_int4_kernel[(triton.cdiv(n, block),)](packed, scale, zero, out, n, group_size, BLOCK=block,
+    _dequantize_int4_kernel[(cdiv(n, block),)](packed, scale, zero, out, n, group_size, BLOCK=block,
                                                        enable_fp_fusion=False)
     return out
 

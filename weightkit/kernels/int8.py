@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 
 @triton.jit
 def philox_uniform(position, seed):
@@ -73,7 +75,7 @@ def stochastic_round_int8_triton(x, scale, group_size, seed, offset):
     off3 = offset & 3
 
     def grid(meta):
-        return (triton.cdiv(n + off3, 4 * meta["ROWS"]),)
+        return (cdiv(n + off3, 4 * meta["ROWS"]),)
 
     _stochastic_round_int8_kernel[grid](x, inv_scale, out, n, group_size, seed, offset, OFF3=off3,
                                         enable_fp_fusion=False)
@@ -426,8 +428,8 @@ def make_gemv_pruner(trans):
         fit = [c for c in configs
                if g % (c.kwargs["BLOCK_N"] if trans else c.kwargs["BLOCK_K"]) == 0
                and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-        out = _pick_splits(fit, lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]),
-                           lambda c: triton.cdiv(k, c.kwargs["BLOCK_K"]), sms,
+        out = _pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]),
+                           lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
                            lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps))
         return out or fit[:1] or configs[:1]
     return prune
@@ -438,7 +440,7 @@ def make_mm_pruner(trans, wbits):
         m, n, k, g = named_args["M"], named_args["N"], named_args["K"], named_args["G"]
         x = named_args["x_ptr"]
         sms, smem = _device_info(x.device)
-        mb = triton.next_power_of_2(m)
+        mb = next_pow2(m)
         decode = m <= SPLIT_MAX_M
         fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K <= 32 configs, else >= 64
         fit = []
@@ -458,8 +460,8 @@ def make_mm_pruner(trans, wbits):
             fit.append(c)
         if not decode:
             return fit or configs[-1:]
-        out = _pick_splits(fit, lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]) * triton.cdiv(m, c.kwargs["BLOCK_M"]),
-                           lambda c: triton.cdiv(k, c.kwargs["BLOCK_K"]), sms,
+        out = _pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]) * cdiv(m, c.kwargs["BLOCK_M"]),
+                           lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
                            lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                       c.num_stages))
         return out or fit[:1] or configs[:1]
@@ -483,7 +485,7 @@ def dequant_matmul(gemv_kernel, mm_kernel, tuners, x, wargs, y, N, K, G, transpo
     if K == 0:
         return y.zero_()
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    mb = triton.next_power_of_2(M)
+    mb = next_pow2(M)
     tune = aligned and G % TUNE_GROUP == 0 and N * K >= TUNE_MIN_WEIGHT
     args = (x, *wargs, y)
     even_k = lambda bk: K % bk == 0  # noqa: E731
@@ -491,13 +493,13 @@ def dequant_matmul(gemv_kernel, mm_kernel, tuners, x, wargs, y, N, K, G, transpo
     if M <= GEMV_MAX_M:
         tuner = tuners[1] if transpose else tuners[0]
         meta = dict(TRANS=transpose, BLOCK_M=mb)
-        grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
+        grid = lambda c: (cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     else:
         tuner = tuners[3] if transpose else tuners[2]
         meta = dict(TRANS=transpose, PRECISION=precision)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:  # interpreter (see DOT_F32)
             meta.update(DOT_F32=True, PRECISION="ieee")
-        grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
+        grid = lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     if tune:
         may_split = M <= SPLIT_MAX_M or len(tuner.configs) == 1
         max_split = max(c.kwargs["SPLIT_K"] for c in tuner.configs) if may_split else 1
@@ -532,7 +534,7 @@ def dequant_matmul(gemv_kernel, mm_kernel, tuners, x, wargs, y, N, K, G, transpo
         split, part = 1, y
     if split > 1:
         mn = M * N
-        _splitk_sum_kernel[(triton.cdiv(mn, 1024),)](part, y, mn, split, BLOCK=1024, num_warps=4)
+        _splitk_sum_kernel[(cdiv(mn, 1024),)](part, y, mn, split, BLOCK=1024, num_warps=4)
     return y
 
 
@@ -626,11 +628,11 @@ def int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
     groups = scale.numel()
     if group_size >= 4 and group_size & (group_size - 1) == 0 and offset % 4 == 0:
         def grid(meta):
-            return (triton.cdiv(groups, meta["G"]),)
+            return (cdiv(groups, meta["G"]),)
 
         _int8_sr_update_tiled_kernel[grid](w_q, scale, delta, groups, float(decay), seed, offset, GS=group_size,
                                            enable_fp_fusion=False)
         return
-    block = triton.next_power_of_2(group_size)
+    block = next_pow2(group_size)
     _int8_sr_update_kernel[(groups,)](w_q, scale, delta, group_size, float(decay), seed, offset, BLOCK=block,
                                       enable_fp_fusion=False)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
 _MAX_SPLIT = 64
@@ -196,7 +198,7 @@ def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K
 
 
 def _pow2(v):
-    return triton.next_power_of_2(max(int(v), 1))
+    return next_pow2(max(int(v), 1))
 
 
 def _n_bucket(n):
@@ -234,7 +236,7 @@ def _warps(tile):
 def _split_cap(nb, K, d_out, block_k):
     """Largest SPLIT: each split has >= 1 step of BLOCK_K tables, <= 64, partials within _PARTIAL_BYTES."""
     cap = 1
-    while (cap * 2 <= _MAX_SPLIT and cap * 2 <= triton.cdiv(K, block_k)
+    while (cap * 2 <= _MAX_SPLIT and cap * 2 <= cdiv(K, block_k)
            and cap * 2 * nb * d_out * 4 <= _PARTIAL_BYTES):
         cap *= 2
     return cap
@@ -263,9 +265,9 @@ def _fwd_default(nb, K, d_out, sms):
     bt = 1 if nb < 16 else 16
     bn = min(256, max(16, _pow2(d_out)))
     bk = max(1, min(16, 2048 // (bt * bn), _pow2(K)))
-    base = triton.cdiv(nb, bt) * triton.cdiv(d_out, bn)
+    base = cdiv(nb, bt) * cdiv(d_out, bn)
     split = min(_split_choices(base, _split_cap(nb, K, d_out, bk), sms))
-    steps = triton.cdiv(triton.cdiv(K, split), bk)
+    steps = cdiv(cdiv(K, split), bk)
     return _config(num_warps=4, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, SPLIT=split, STAGES=3 if steps >= 8 else 1)
 
 
@@ -280,11 +282,11 @@ def _fwd_prune_for(configs, nb, K, d_out, sms):
             continue
         if c.num_warps != _warps(tile):
             continue
-        base = triton.cdiv(nb, bt) * triton.cdiv(d_out, bn)
+        base = cdiv(nb, bt) * cdiv(d_out, bn)
         splits = _split_choices(base, _split_cap(nb, K, d_out, bk), sms)
         if split not in splits:
             continue
-        steps = triton.cdiv(triton.cdiv(K, split), bk)  # loop trips per program
+        steps = cdiv(cdiv(K, split), bk)  # loop trips per program
         if c.num_stages not in (1, 3) or (c.num_stages == 3 and (steps < 8 or split > min(splits))):
             continue  # pipelining or a split: two answers to the same latency; both only at the fewest splits
         keep.append(c)
@@ -308,7 +310,7 @@ def _bwd_default(nb, K, d_out):
     bt = 1 if nb < 16 else 16
     bn = min(128, max(16, _pow2(d_out)))
     bk = max(1, min(8, 2048 // (bt * bn), _pow2(K)))
-    return _config(num_warps=4, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, STAGES=3 if triton.cdiv(d_out, bn) >= 8 else 1)
+    return _config(num_warps=4, BLOCK_T=bt, BLOCK_K=bk, BLOCK_N=bn, STAGES=3 if cdiv(d_out, bn) >= 8 else 1)
 
 
 def _bwd_prune_for(configs, nb, K, d_out, sms):
@@ -322,9 +324,9 @@ def _bwd_prune_for(configs, nb, K, d_out, sms):
             continue
         if c.num_warps != _warps(tile):
             continue
-        if bk > 1 and triton.cdiv(nb, bt) * triton.cdiv(K, bk) < sms:  # keep >= 1 program per SM
+        if bk > 1 and cdiv(nb, bt) * cdiv(K, bk) < sms:  # keep >= 1 program per SM
             continue
-        if c.num_stages not in ((1, 3) if triton.cdiv(d_out, bn) >= 8 else (1,)):
+        if c.num_stages not in ((1, 3) if cdiv(d_out, bn) >= 8 else (1,)):
             continue
         keep.append(c)
     return keep or [_bwd_default(nb, K, d_out)]
@@ -379,7 +381,7 @@ def _reduce_splits(parts, y, numel, split):
     """y = the ordered sum of the first ``split`` fp32 partials of numel values each (nothing when split == 1)."""
     if split > 1:
         block = 1024
-        _split_reduce_kernel[(triton.cdiv(numel, block),)](parts, y, numel, split, BLOCK=block, num_warps=4)
+        _split_reduce_kernel[(cdiv(numel, block),)](parts, y, numel, split, BLOCK=block, num_warps=4)
 
 
 def _fwd_post_hook(kwargs, exception):
@@ -429,7 +431,7 @@ def memory_hash_triton(x, K, tau, t):
     ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
     if n * K:
         bt, bk = 16, min(32, _pow2(K))
-        _memory_hash_kernel[(triton.cdiv(n, bt), triton.cdiv(K, bk))](
+        _memory_hash_kernel[(cdiv(n, bt), cdiv(K, bk))](
             x, keys, ps, n, K, 2.0 / t, TAU=tau, TAU_P2=_pow2(tau), BLOCK_T=bt, BLOCK_K=bk, num_warps=4)
     return keys, ps
 
@@ -463,12 +465,12 @@ def _launch_forward(x, tables, t, y, config=None, pre=None):
     args = (x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb)
     meta = dict(TAU=tau, TAU_P2=_pow2(tau), PRE=pre)
     if tuned:
-        grid = lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(d_out, m["BLOCK_N"]), m["SPLIT"])  # noqa: E731
+        grid = lambda m: (cdiv(n, m["BLOCK_T"]), cdiv(d_out, m["BLOCK_N"]), m["SPLIT"])  # noqa: E731
         memory_forward_autotuned[grid](*args, **meta)
         config = memory_forward_autotuned.best_config
     else:
         c = config.kwargs
-        grid = (triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(d_out, c["BLOCK_N"]), c["SPLIT"])
+        grid = (cdiv(n, c["BLOCK_T"]), cdiv(d_out, c["BLOCK_N"]), c["SPLIT"])
         _memory_forward_kernel[grid](*args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
     _reduce_splits(parts, y, n * d_out, config.kwargs["SPLIT"])
     return config
@@ -493,12 +495,12 @@ def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, 
     args = (grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, _n_bucket(n))
     meta = dict(ATOMICS=atomics, STORE_KEYS=store_keys, TAU=tau, TAU_P2=_pow2(tau))
     if config is None and _tuned(tables):
-        grid = lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(K, m["BLOCK_K"]))  # noqa: E731
+        grid = lambda m: (cdiv(n, m["BLOCK_T"]), cdiv(K, m["BLOCK_K"]))  # noqa: E731
         memory_backward_autotuned[grid](*args, **meta)
         return memory_backward_autotuned.best_config
     config = config or _bwd_default(_n_bucket(n), K, d_out)
     c = config.kwargs
-    _memory_backward_kernel[(triton.cdiv(n, c["BLOCK_T"]), triton.cdiv(K, c["BLOCK_K"]))](
+    _memory_backward_kernel[(cdiv(n, c["BLOCK_T"]), cdiv(K, c["BLOCK_K"]))](
         *args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
     return config
 
@@ -514,12 +516,12 @@ def _launch_segments(keys, ps, grad, gt, config=None):
     starts = torch.searchsorted(sorted_keys, bounds, out_int32=n * K < 2**31)
     args = (starts, order, ps, grad, gt, rows, K, d_out, _n_bucket(n))
     if config is None and (_INTERPRET or gt.numel() >= _TUNE_MIN_TABLE):
-        grid = lambda m: (triton.cdiv(rows, m["ROWS"]), triton.cdiv(d_out, m["BLOCK_N"]))  # noqa: E731
+        grid = lambda m: (cdiv(rows, m["ROWS"]), cdiv(d_out, m["BLOCK_N"]))  # noqa: E731
         memory_segment_autotuned[grid](*args)
         return memory_segment_autotuned.best_config
     config = config or _seg_default(d_out)
     c = config.kwargs
-    _segment_rows_kernel[(triton.cdiv(rows, c["ROWS"]), triton.cdiv(d_out, c["BLOCK_N"]))](
+    _segment_rows_kernel[(cdiv(rows, c["ROWS"]), cdiv(d_out, c["BLOCK_N"]))](
         *args, **c, num_warps=config.num_warps, num_stages=config.num_stages)
     return config
 
