@@ -322,7 +322,7 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
     a device. Q-GaLore's block linears become weightkit.nn.Int8Linear (INT8 weights with per-group scales, trained
     through QGaLoreAdamW8bit)."""
     from weightkit.models import TinyLlama
-    from weightkit.nn.swap import DEFAULT_SKIP
+    from weightkit.nn.walk import skipped_by_default
 
     cfg = cfg.resolve()
     torch.manual_seed(cfg.seed)
@@ -332,7 +332,7 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
         from weightkit import swap
 
         def block_linear(name, m):
-            return name.split(".")[-1] not in DEFAULT_SKIP
+            return not skipped_by_default(name)
 
         linears = [m for n, m in model.named_modules() if type(m) is nn.Linear and block_linear(n, m)]
         replaced = 0

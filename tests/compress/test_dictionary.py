@@ -1,6 +1,7 @@
 """Calibration-guided dictionary compression and the SVD baseline: monotone learning, whitened error = functional
-error, shared dictionaries, and on all-MiniLM-L6-v2 the dictionary beats SVD at the same bytes; on every device (CPU
-and, when present, CUDA: the factorizations run where the weights are)."""
+error, shared dictionaries, the report, and on all-MiniLM-L6-v2 the dictionary beats SVD at the same bytes; on every
+device (CPU and, when present, CUDA: the factorizations run where the weights are). The K-SVD maths alone:
+tests/nn/test_ksvd.py."""
 
 import copy
 
@@ -10,34 +11,9 @@ from torch import nn
 
 from tests.conftest import DEVICES
 from weightkit import compress
-from weightkit.compress.dictionary import learn_dictionary, omp, scatter_codes, svd_rank, whitening_factor
+from weightkit.compress.common import whitening_factor
+from weightkit.compress.svd import svd_rank
 from weightkit.nn import DictLinear
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_omp_is_least_squares_on_exactly_s_distinct_atoms(device):
-    torch.manual_seed(0)
-    D = torch.randn(32, 48, dtype=torch.float64, device=device)
-    D /= D.norm(dim=0)
-    Y = torch.randn(32, 20, dtype=torch.float64, device=device)
-    idx, coef = omp(D, Y, 6)
-    assert idx.device == coef.device == Y.device
-    for c in range(20):
-        assert len(set(idx[c].tolist())) == 6
-        ls = torch.linalg.lstsq(D[:, idx[c]], Y[:, c : c + 1]).solution.squeeze(1)
-        torch.testing.assert_close(coef[c], ls, rtol=1e-8, atol=1e-8)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_learning_error_never_increases(device):
-    f64 = dict(dtype=torch.float64, device=device)
-    Y = torch.randn(40, 8, **f64) @ torch.randn(8, 60, **f64) + 0.3 * torch.randn(40, 60, **f64)
-    D, idx, coef, errors = learn_dictionary(Y, 24, 4, iters=6)
-    assert D.device == idx.device == coef.device == Y.device
-    assert len(errors) == 7 and all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
-    assert errors[-1] < errors[0]
-    assert (idx[:, 1:] > idx[:, :-1]).all()  # s distinct atoms per column, ascending
-    torch.testing.assert_close(errors[-1], float((Y - D @ scatter_codes(idx, coef, 24)).norm() / Y.norm()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,13 +82,17 @@ def test_shared_dictionary_for_qkv(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_arguments(device):
     model = nn.Sequential(nn.Linear(8, 8)).to(device)
-    with pytest.raises(ValueError, match="method='pca'"):
+    with pytest.raises(ValueError, match="method='pca' is not a compress method; choose one of dictionary, svd"):
         compress.compress(model, [torch.randn(4, 8, device=device)], method="pca")
     with pytest.raises(ValueError, match="no nn.Linear layer matched"):
         compress.dictionary(model, [torch.randn(4, 8, device=device)], filter_fn=lambda n, m: False)
     with pytest.raises(ValueError, match="never reached"):
         compress.dictionary(model, [], filter_fn=lambda n, m: True)
     assert svd_rank(384, 384, 0.5) == 96
+    with pytest.warns(DeprecationWarning, match="method='dict' is now called 'dictionary'"):
+        report = compress.compress(model, [torch.randn(16, 8, device=device)], method="dict", iters=0,
+                                   filter_fn=lambda n, m: True, progress=False)
+    assert report.method == "dictionary" and isinstance(model[0], DictLinear)
 
 
 SENTENCES = [

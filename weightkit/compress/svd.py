@@ -7,13 +7,14 @@ r (d_in + d_out) values. r is the largest rank with r (d_in + d_out) b <= (1 - r
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .common import (CompressionReport, LayerReport, check_ratio, collect_gram, linear_names, module_bytes,
-                     set_module, whitening_factor)
+from ..nn.ksvd import check_ratio
+from ..nn.walk import FilterFn, module_bytes, replace_module
+from .common import CompressionReport, LayerReport, chosen_layers, collect_gram, whitening_factor
 
 __all__ = ["svd", "svd_rank"]
 
@@ -28,15 +29,15 @@ def svd_rank(d_in: int, d_out: int, ratio: float) -> int:
 
 
 def svd(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
-        filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, progress: bool = True) -> CompressionReport:
+        filter_fn: Optional[FilterFn] = None, progress: bool = True) -> CompressionReport:
     """Replace each selected nn.Linear by ``nn.Sequential(Linear(d_in, r), Linear(r, d_out))`` in place; returns
     the per-layer functional error and bytes."""
     from tqdm import tqdm
 
     check_ratio(ratio)
-    names = linear_names(model, filter_fn)
+    report = CompressionReport("svd", ratio=ratio)
+    names = chosen_layers(model, filter_fn, report)
     grams = collect_gram(model, calib_batches, names)
-    report = CompressionReport("svd", ratio)
     for name in tqdm(names, desc="svd compression", disable=not progress):
         lin = model.get_submodule(name)
         L = whitening_factor(grams[name])
@@ -55,7 +56,7 @@ def svd(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
                 second.bias.copy_(lin.bias)
         new = nn.Sequential(first, second)
         err = float(S[r:].norm() / S.norm().clamp_min(1e-300))
-        report.layers.append(LayerReport(name, tuple(lin.weight.shape), "svd", {"rank": r}, err, module_bytes(lin),
-                                         module_bytes(new)))
-        set_module(model, name, new)
+        report.layers.append(LayerReport(name, tuple(lin.weight.shape), module_bytes(lin), module_bytes(new), "svd",
+                                         {"rank": r}, err))
+        replace_module(model, name, new)
     return report
