@@ -3,7 +3,7 @@
 * no cycle among module-level imports, and none through function-level (lazy) imports either: a lazy import that
   closes a circle hides the same tangle;
 * no import, module-level or lazy, from a lower layer to a higher one. The layers follow the design
-  (/work/shared/ARCHITECTURE.md: kernels and backends below the ops, the layers on the ops, optimizers and
+  (the design card, ARCHITECTURE.md: kernels and backends below the ops, the layers on the ops, optimizers and
   compressors on the layers, the tools on top):
 
       0  weightkit.backend, weightkit.kernels      backend discovery; Triton kernels
