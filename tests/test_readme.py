@@ -4,7 +4,6 @@ tensors: both are read from the code (each op's KernelTable), so the table canno
 import os
 import re
 
-import weightkit  # noqa: F401  (defines every op and its KernelTable)
 from weightkit import backend
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
