@@ -135,3 +135,56 @@ def test_minilm_dictionary_beats_svd_at_same_bytes(ratio, device):
     dense = 24 * (384 * 384 + 384) * 4
     assert sizes["dictionary"] <= sizes["svd"] <= (1 - ratio) * 24 * 384 * 384 * 4 + 24 * 384 * 4 < dense
     assert scores["dictionary"] > scores["svd"] + 0.01, scores
+
+
+@pytest.mark.parametrize("work", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("method", ["dictionary", "svd"])
+def test_device_argument_runs_the_factorizations_there(method, work, monkeypatch):
+    """A model on the CPU, the whitening, OMP/K-SVD (or SVD) on ``device``; the new layers stay on the CPU and
+    match the run on the layers' own device."""
+    import importlib
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.GELU(), nn.Linear(32, 16))
+    x = torch.randn(300, 24) @ torch.randn(24, 24)
+    seen = []
+    module = importlib.import_module(f"weightkit.compress.{method}")  # the module (the package attribute: the function)
+    real = module.whitening_factor
+    monkeypatch.setattr(module, "whitening_factor", lambda xtx: seen.append(xtx.device.type) or real(xtx))
+    on_cpu, on_work = copy.deepcopy(model), copy.deepcopy(model)
+    base = compress.compress(on_cpu, [x], ratio=0.4, method=method, iters=1, filter_fn=lambda n, m: True,
+                             progress=False)
+    assert seen == ["cpu", "cpu"]
+    seen.clear()
+    moved = compress.compress(on_work, [x], ratio=0.4, method=method, iters=1, filter_fn=lambda n, m: True,
+                              progress=False, device=work)
+    assert seen == [work, work]
+    assert {t.device.type for t in list(on_work.parameters()) + list(on_work.buffers())} == {"cpu"}
+    for a, b in zip(base.layers, moved.layers):
+        assert a.params == b.params and a.bytes_after == b.bytes_after
+        assert b.functional_error == pytest.approx(a.functional_error, rel=1e-6 if work == "cpu" else 1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(on_work(x), on_cpu(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,steps", [("dictionary", ["0", "0", "2", "2"]), ("svd", ["0", "2"])])
+def test_progress_callback(method, steps):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    calls = []
+    compress.compress(model, [torch.randn(64, 16)], ratio=0.4, method=method, iters=2, filter_fn=lambda n, m: True,
+                      progress=lambda done, total, name: calls.append((done, total, name)))
+    assert calls == [(i + 1, len(steps), name) for i, name in enumerate(steps)]
+
+
+def test_bad_device_and_progress():
+    model = nn.Sequential(nn.Linear(8, 8))
+    calib = [torch.randn(16, 8)]
+    with pytest.raises(ValueError, match="device='tpu0' is not a torch device"):
+        compress.compress(model, calib, device="tpu0", filter_fn=lambda n, m: True, progress=False)
+    with pytest.raises(ValueError, match="progress must be a bool or a callable"):
+        compress.compress(model, calib, method="svd", progress="yes", filter_fn=lambda n, m: True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': torch sees no CUDA device"):
+            compress.compress(model, calib, device="cuda", filter_fn=lambda n, m: True, progress=False)
+    assert isinstance(model[0], nn.Linear)  # nothing was replaced

@@ -16,12 +16,60 @@ output heads ``lm_head`` / ``pooler`` stay dense), and the report extends swap's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..nn.walk import FilterFn, LayerChange, ModelReport, linear_layers
+
+
+# progress=callable: called as progress(done, total, layer_name) after each step of the work
+ProgressFn = Callable[[int, int, str], None]
+
+
+def work_device(device) -> Optional[torch.device]:
+    """The device the factorizations run on: None (each layer's own device) or a usable torch.device."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: the compressors run on 'cpu' or 'cuda'")
+    return dev
+
+
+class Progress:
+    """Steps of a compression run, reported to a tqdm bar (``progress=True``), to a callable
+    ``progress(done, total, layer_name)``, or nowhere (``False``)."""
+
+    def __init__(self, progress: Union[bool, ProgressFn], total: int, desc: str):
+        self.done, self.total, self.fn, self.bar = 0, total, None, None
+        if isinstance(progress, bool):
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc)
+        elif callable(progress):
+            self.fn = progress
+        else:
+            raise ValueError(f"progress must be a bool or a callable (done, total, layer_name), got {progress!r}")
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update()
+        if self.fn is not None:
+            self.fn(self.done, self.total, name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def whitening_factor(xtx: Tensor) -> Tensor:

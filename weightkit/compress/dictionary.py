@@ -17,7 +17,7 @@ Note: ``weightkit.compress.dictionary`` (the package attribute) is the function 
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..nn.dictionary import DictLinear
 from ..nn.ksvd import check_ratio, dictionary_size, learn_dictionary, scatter_codes
 from ..nn.walk import FilterFn, module_bytes, replace_module
-from .common import CompressionReport, LayerReport, chosen_layers, collect_gram, whitening_factor
+from .common import (CompressionReport, LayerReport, Progress, ProgressFn, chosen_layers, collect_gram, whitening_factor,
+                     work_device)
 
 __all__ = ["dictionary"]
 
@@ -45,7 +46,8 @@ def _groups(names: Sequence[str], grams: Dict[str, Tensor], shared: bool) -> Lis
 
 def dictionary(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
                filter_fn: Optional[FilterFn] = None, k_over_s: float = 2.0, iters: int = 3,
-               power_iters: int = 2, shared: bool = False, seed: int = 0, progress: bool = True) -> CompressionReport:
+               power_iters: int = 2, shared: bool = False, seed: int = 0, progress: Union[bool, ProgressFn] = True,
+               device=None) -> CompressionReport:
     """Replace ``model``'s selected nn.Linear layers (default: all but ``lm_head``/``pooler``) in place by
     :class:`weightkit.nn.DictLinear` factors learned on the calibration inputs; see the module docstring.
 
@@ -56,43 +58,48 @@ def dictionary(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
         k_over_s: atoms per nonzero (CoSpaDi uses 2).
         iters, power_iters: K-SVD iterations and power iterations per atom update.
         shared: one dictionary per group of layers reading the same input (e.g. Q/K/V).
+        progress: a tqdm bar (True), nothing (False), or ``progress(done, total, layer_name)`` called after each
+            K-SVD iteration of each layer (group).
+        device: where whitening, OMP and K-SVD run (e.g. ``"cuda"`` for a model kept on the CPU); default: each
+            layer's own device. The calibration forward runs where the model is; the new layers are put where
+            the replaced ones were.
     Returns a :class:`CompressionReport` with each layer's functional error, its per-iteration history and bytes.
     """
-    from tqdm import tqdm
-
     check_ratio(ratio)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    work = work_device(device)
     report = CompressionReport("dictionary", ratio=ratio)
     names = chosen_layers(model, filter_fn, report)
     grams = collect_gram(model, calib_batches, names)
     groups = _groups(names, grams, shared)
-    bar = tqdm(total=len(groups) * max(iters, 1), desc="dictionary compression", disable=not progress)
+    steps = Progress(progress, len(groups) * max(iters, 1), "dictionary compression")
     for members in groups:
         linears = [model.get_submodule(n) for n in members]
-        L = whitening_factor(grams[members[0]])
-        Ys = [L.T @ lin.weight.detach().to(torch.float64).T for lin in linears]
+        home, dtype = linears[0].weight.device, linears[0].weight.dtype
+        dev = work or home
+        L = whitening_factor(grams[members[0]].to(dev))
+        Ys = [L.T @ lin.weight.detach().to(dev, torch.float64).T for lin in linears]
         d_in, widths = Ys[0].shape[0], [Y.shape[1] for Y in Ys]
-        dtype = linears[0].weight.dtype
         k, s = dictionary_size(d_in, sum(widths), ratio, k_over_s, dtype.itemsize)
         Ycat = torch.cat(Ys, 1)
         Dw, idx, coef, errors = learn_dictionary(Ycat, k, s, iters=iters, power_iters=power_iters, seed=seed,
-                                            progress=bar.update if iters else None)
+                                                 progress=(lambda: steps.step(members[0])) if iters else None)
         if not iters:
-            bar.update()
+            steps.step(members[0])
         D = torch.linalg.solve_triangular(L.T, Dw, upper=True)  # L^{-T} D'
-        shared_d = nn.Parameter(D.to(dtype))
+        shared_d = nn.Parameter(D.to(home, dtype))
         params = {"k": k, "s": s} | ({"shared_by": len(members)} if len(members) > 1 else {})
         start = 0
         for i, (name, lin, Y, w) in enumerate(zip(members, linears, Ys, widths)):
             sl = slice(start, start + w)
             start += w
-            new = DictLinear.from_factors(shared_d, coef[sl].T.contiguous().to(dtype), idx[sl].T.contiguous(), lin.bias)
+            new = DictLinear.from_factors(shared_d, coef[sl].T.to(home, dtype).contiguous(),
+                                          idx[sl].T.to(home).contiguous(), lin.bias)
             err = float((Y - Dw @ scatter_codes(idx[sl], coef[sl], k)).norm() / Y.norm().clamp_min(1e-300))
             after = module_bytes(new) - (shared_d.numel() * shared_d.element_size() if i else 0)
             report.layers.append(LayerReport(name, tuple(lin.weight.shape), module_bytes(lin), after, "dictionary",
                                              dict(params), err, list(errors)))  # a group's history
             replace_module(model, name, new)
-    bar.close()
+    steps.close()
     return report
-

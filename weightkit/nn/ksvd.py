@@ -161,12 +161,10 @@ def _learn(Y, k, s, iters, power_iters, seed, D, progress):
             Ej = E[:, users] + torch.outer(D[:, j], S[j, users])
             u = D[:, j]
             v = Ej.T @ u
-            for _ in range(power_iters):
+            for _ in range(power_iters):  # a zero residual keeps u (and so v): no host sync to test for it
                 w = Ej @ v
                 n = w.norm()
-                if float(n) <= 1e-300:
-                    break
-                u = w / n
+                u = torch.where(n > 1e-300, w / n.clamp_min(1e-300), u)
                 v = Ej.T @ u
             D[:, j] = u
             S[j, users] = v
