@@ -6,7 +6,7 @@
   (the design card, ARCHITECTURE.md: kernels and backends below the ops, the layers on the ops, optimizers and
   compressors on the layers, the tools on top):
 
-      0  weightkit.backend, weightkit.kernels      backend discovery; Triton kernels
+      0  weightkit.backend, .kernels, .native     backend discovery; Triton kernels; the compiled kernels' loader
       1  weightkit.ops                             one module per hot path: op, reference, backend dispatch
       2  weightkit.nn, weightkit.models, .data      layers (and K-SVD, nn/ksvd.py), model definitions, corpora
       3  weightkit.compress, weightkit.optim, .checkpoint
@@ -32,6 +32,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 LAYERS = {
     "weightkit.backend": 0, "weightkit.kernels": 0,
+    "weightkit.native": 0,  # the compiled kernels' ctypes loader (native.py, from the portable-extension branch)
     "weightkit.ops": 1,
     "weightkit.nn": 2, "weightkit.models": 2, "weightkit.data": 2,
     "weightkit.compress": 3, "weightkit.optim": 3, "weightkit.checkpoint": 3,
@@ -141,12 +142,15 @@ def cycles(edges: Iterable[Edge]) -> List[List[str]]:
 
 
 def layer_of(module: str) -> int:
-    """The layer of the longest LAYERS prefix of ``module``."""
+    """The layer of the longest LAYERS prefix of ``module`` (the package face ``weightkit`` is no prefix: a new
+    top-level module must be placed)."""
     parts = module.split(".")
-    for n in range(len(parts), 0, -1):
+    for n in range(len(parts), 1, -1):
         prefix = ".".join(parts[:n])
         if prefix in LAYERS:
             return LAYERS[prefix]
+    if module == "weightkit":
+        return LAYERS[module]
     raise KeyError(module)
 
 
@@ -218,3 +222,6 @@ def test_the_graph_reader_finds_cycles_and_upward_imports(tmp_path):
     assert cycles(top + lazy) == [["weightkit.nn.layer", "weightkit.ops.a", "weightkit.ops.b"]]
     assert upward(top) == []
     assert upward(lazy) == ["weightkit.ops.b (layer 1) imports weightkit.nn.layer (layer 2) at line 3"]
+    assert layer_of("weightkit") == 4 and layer_of("weightkit.ops.b") == 1
+    with pytest.raises(KeyError):
+        layer_of("weightkit.newmodule")  # unplaced, not silently in the face's layer
