@@ -6,7 +6,7 @@ import torch
 
 from bench.conftest import DEVICE
 from weightkit import use_backend
-from weightkit.compress.dictionary import dictionary_size
+from weightkit.nn.ksvd import dictionary_size
 from weightkit.nn import DictLinear
 
 CASES = [(1024, 0.2), (1024, 0.5), (4096, 0.2), (4096, 0.5)]

@@ -1,17 +1,21 @@
 """weightkit.swap and weightkit.optim.param_groups on real model structures (HF LLaMA, MiniLM, TinyLlama), on every
 device (CPU and, when present, CUDA): the new layers are built where the replaced ones were."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import weightkit
 from tests.conftest import DEVICES
+from weightkit.compress import compress
 from weightkit.models import LlamaConfig, TinyLlama, load_minilm, minilm_embed
 from weightkit.nn.swap import METHODS
+from weightkit.nn.walk import ModelReport
 from weightkit.optim import param_groups
 
-SWAP_OPTS = {"int8": {"group_size": 32}, "memory": {"tau": 8}, "dict": {"ratio": 0.3, "iters": 1}}
+SWAP_OPTS = {"int8": {"group_size": 32}, "memoryformer": {"tau": 8}, "dictionary": {"ratio": 0.3, "iters": 1}}
 
 
 def hf_llama(device="cpu"):
@@ -48,11 +52,11 @@ def test_swap_hf_llama(method, device):
     assert ("lm_head", "filtered out") in report.skipped
     assert linear_names(model) == ["lm_head"]
     for r in report.replaced:
-        assert type(model.get_submodule(r.name)).__name__ == METHODS[method][1]
+        assert type(model.get_submodule(r.name)) is METHODS[method]
     assert devices_of(model) == {device}
     logits = model(tokens).logits
     assert logits.shape == (2, 16, 97) and torch.isfinite(logits).all()
-    if method != "memory":  # MemoryLinear bytes grow with 2^tau tables; int8 and dict shrink
+    if method != "memoryformer":  # MemoryLinear bytes grow with 2^tau tables; int8 and dictionary shrink
         assert report.bytes_after < report.bytes_before
     assert "replaced" in str(report)
 
@@ -80,10 +84,40 @@ def test_swap_filter_fn_and_errors(device):
         weightkit.swap("model", "int8")
 
 
+@pytest.mark.parametrize("old,new", [("memory", "memoryformer"), ("dict", "dictionary")])
+def test_old_method_names_warn_and_do_the_same(old, new):
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    b = copy.deepcopy(a)
+    with pytest.warns(DeprecationWarning, match=f"method='{old}' is now called '{new}'"):
+        old_report = weightkit.swap(a, old, filter_fn=lambda n, m: True, **SWAP_OPTS[new])
+    new_report = weightkit.swap(b, new, filter_fn=lambda n, m: True, **SWAP_OPTS[new])
+    assert old_report.method == new_report.method == new
+    assert [(r.name, r.bytes_after) for r in old_report.replaced] == [(r.name, r.bytes_after) for r in new_report.replaced]
+    assert type(a[0]) is type(b[0]) is METHODS[new]
+
+
+def test_swap_and_compress_pick_the_same_layers():
+    """One walk (weightkit.nn.walk.linear_layers), one default skip rule, one report format for both."""
+    model = hf_llama()
+    x = torch.randint(0, 97, (2, 16))
+    swapped = weightkit.swap(copy.deepcopy(model), "int8", group_size=32)
+    compressed = compress(copy.deepcopy(model), [x], ratio=0.3, method="svd", progress=False)
+    assert isinstance(swapped, ModelReport) and isinstance(compressed, ModelReport)
+    assert [r.name for r in swapped.layers] == [r.name for r in compressed.layers] == [
+        n for n in linear_names(model) if n != "lm_head"]
+    assert swapped.skipped == compressed.skipped == [("lm_head", "filtered out")]
+    for report in (swapped, compressed):
+        text = str(report)
+        assert "lm_head" in text and "skipped: filtered out" in text and "total" in text
+        assert report.bytes_after < report.bytes_before
+    assert "rank" in str(compressed)  # the method's own details on each layer's line
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_swap_skips_layers_the_method_cannot_take(device):
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 20), nn.Linear(20, 8)).to(device)
-    report = weightkit.swap(model, "memory", filter_fn=lambda n, m: True, tau=8)
+    report = weightkit.swap(model, "memoryformer", filter_fn=lambda n, m: True, tau=8)
     names = {r.name for r in report.replaced}
     assert names == {"0", "2"}  # in_features 64 and 32 divide by tau=8; 20 does not
     assert [n for n, _ in report.skipped] == ["3"] and "tau" in report.skipped[0][1]
@@ -99,7 +133,8 @@ def test_swap_minilm_int8_embeddings_stay_close(device):
                  "Stochastic rounding is unbiased.", "Paris is the capital of France."]
     ref = minilm_embed(tok, model, sentences)
     report = weightkit.swap(model, "int8", group_size=64)
-    assert len(report.replaced) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; pooler
+    assert len(report.replaced) == 6 * 6  # q, k, v, attention output, intermediate, output per layer
+    assert report.skipped == [("pooler.dense", "filtered out")]  # an output head: kept dense by default
     out = minilm_embed(tok, model, sentences)
     assert float((out * ref).sum(-1).min()) > 0.99
 

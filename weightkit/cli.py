@@ -185,7 +185,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for method in args.methods.split(","):
         model = copy.deepcopy(base)
         report = compress.compress(model, batches, ratio=args.ratio, method=method, iters=args.iters,
-                                   shared=args.shared)
+                                   shared=args.shared, device=args.device)
         cos = float((minilm_embed(tok, model, evaluation) * ref).sum(-1).mean())
         results[method] = {"cosine": cos, "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                            "mean_layer_error": sum(r.functional_error for r in report.layers) / len(report.layers)}
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--methods", default="dictionary,svd")
     co.add_argument("--iters", type=int, default=2, help="K-SVD iterations")
     co.add_argument("--shared", action="store_true", help="one dictionary for layers reading the same input (Q/K/V)")
+    co.add_argument("--device", default=None, help="where whitening, OMP/K-SVD and SVD run, e.g. cuda (default: the "
+                    "model's device, the CPU); the model and the calibration forward stay on the CPU")
     co.add_argument("--calib", type=int, default=64, help="calibration sentences")
     co.add_argument("--eval", type=int, default=64, help="evaluation sentences")
     co.add_argument("--verbose", action="store_true", help="print the per-layer report")

@@ -371,7 +371,7 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
     a device. Q-GaLore's block linears become weightkit.nn.Int8Linear (INT8 weights with per-group scales, trained
     through QGaLoreAdamW8bit)."""
     from weightkit.models import TinyLlama
-    from weightkit.nn.swap import DEFAULT_SKIP
+    from weightkit.nn.walk import linear_layers, skipped_by_default
 
     cfg = cfg.resolve()
     torch.manual_seed(cfg.seed)
@@ -382,9 +382,9 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
         from weightkit import swap
 
         def block_linear(name, m):
-            return name.split(".")[-1] not in DEFAULT_SKIP
+            return not skipped_by_default(name)
 
-        linears = [m for n, m in model.named_modules() if type(m) is nn.Linear and block_linear(n, m)]
+        linears = [m for _, m in linear_layers(model, block_linear)]
         replaced = 0
         for group in sorted({int8_group_size(m.in_features) for m in linears}):
             report = swap(model, "int8", group_size=group,

@@ -1,6 +1,7 @@
 """Calibration-guided dictionary compression and the SVD baseline: monotone learning, whitened error = functional
-error, shared dictionaries, and on all-MiniLM-L6-v2 the dictionary beats SVD at the same bytes; on every device (CPU
-and, when present, CUDA: the factorizations run where the weights are)."""
+error, shared dictionaries, the report, and on all-MiniLM-L6-v2 the dictionary beats SVD at the same bytes; on every
+device (CPU and, when present, CUDA: the factorizations run where the weights are). The K-SVD maths alone:
+tests/nn/test_ksvd.py."""
 
 import copy
 
@@ -10,34 +11,9 @@ from torch import nn
 
 from tests.conftest import DEVICES
 from weightkit import compress
-from weightkit.compress.dictionary import learn_dictionary, omp, scatter_codes, svd_rank, whitening_factor
+from weightkit.compress.common import whitening_factor
+from weightkit.compress.svd import svd_rank
 from weightkit.nn import DictLinear
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_omp_is_least_squares_on_exactly_s_distinct_atoms(device):
-    torch.manual_seed(0)
-    D = torch.randn(32, 48, dtype=torch.float64, device=device)
-    D /= D.norm(dim=0)
-    Y = torch.randn(32, 20, dtype=torch.float64, device=device)
-    idx, coef = omp(D, Y, 6)
-    assert idx.device == coef.device == Y.device
-    for c in range(20):
-        assert len(set(idx[c].tolist())) == 6
-        ls = torch.linalg.lstsq(D[:, idx[c]], Y[:, c : c + 1]).solution.squeeze(1)
-        torch.testing.assert_close(coef[c], ls, rtol=1e-8, atol=1e-8)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_learning_error_never_increases(device):
-    f64 = dict(dtype=torch.float64, device=device)
-    Y = torch.randn(40, 8, **f64) @ torch.randn(8, 60, **f64) + 0.3 * torch.randn(40, 60, **f64)
-    D, idx, coef, errors = learn_dictionary(Y, 24, 4, iters=6)
-    assert D.device == idx.device == coef.device == Y.device
-    assert len(errors) == 7 and all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
-    assert errors[-1] < errors[0]
-    assert (idx[:, 1:] > idx[:, :-1]).all()  # s distinct atoms per column, ascending
-    torch.testing.assert_close(errors[-1], float((Y - D @ scatter_codes(idx, coef, 24)).norm() / Y.norm()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,13 +82,17 @@ def test_shared_dictionary_for_qkv(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_arguments(device):
     model = nn.Sequential(nn.Linear(8, 8)).to(device)
-    with pytest.raises(ValueError, match="method='pca'"):
+    with pytest.raises(ValueError, match="method='pca' is not a compress method; choose one of dictionary, svd"):
         compress.compress(model, [torch.randn(4, 8, device=device)], method="pca")
     with pytest.raises(ValueError, match="no nn.Linear layer matched"):
         compress.dictionary(model, [torch.randn(4, 8, device=device)], filter_fn=lambda n, m: False)
     with pytest.raises(ValueError, match="never reached"):
         compress.dictionary(model, [], filter_fn=lambda n, m: True)
     assert svd_rank(384, 384, 0.5) == 96
+    with pytest.warns(DeprecationWarning, match="method='dict' is now called 'dictionary'"):
+        report = compress.compress(model, [torch.randn(16, 8, device=device)], method="dict", iters=0,
+                                   filter_fn=lambda n, m: True, progress=False)
+    assert report.method == "dictionary" and isinstance(model[0], DictLinear)
 
 
 SENTENCES = [
@@ -155,3 +135,56 @@ def test_minilm_dictionary_beats_svd_at_same_bytes(ratio, device):
     dense = 24 * (384 * 384 + 384) * 4
     assert sizes["dictionary"] <= sizes["svd"] <= (1 - ratio) * 24 * 384 * 384 * 4 + 24 * 384 * 4 < dense
     assert scores["dictionary"] > scores["svd"] + 0.01, scores
+
+
+@pytest.mark.parametrize("work", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("method", ["dictionary", "svd"])
+def test_device_argument_runs_the_factorizations_there(method, work, monkeypatch):
+    """A model on the CPU, the whitening, OMP/K-SVD (or SVD) on ``device``; the new layers stay on the CPU and
+    match the run on the layers' own device."""
+    import importlib
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.GELU(), nn.Linear(32, 16))
+    x = torch.randn(300, 24) @ torch.randn(24, 24)
+    seen = []
+    module = importlib.import_module(f"weightkit.compress.{method}")  # the module (the package attribute: the function)
+    real = module.whitening_factor
+    monkeypatch.setattr(module, "whitening_factor", lambda xtx: seen.append(xtx.device.type) or real(xtx))
+    on_cpu, on_work = copy.deepcopy(model), copy.deepcopy(model)
+    base = compress.compress(on_cpu, [x], ratio=0.4, method=method, iters=1, filter_fn=lambda n, m: True,
+                             progress=False)
+    assert seen == ["cpu", "cpu"]
+    seen.clear()
+    moved = compress.compress(on_work, [x], ratio=0.4, method=method, iters=1, filter_fn=lambda n, m: True,
+                              progress=False, device=work)
+    assert seen == [work, work]
+    assert {t.device.type for t in list(on_work.parameters()) + list(on_work.buffers())} == {"cpu"}
+    for a, b in zip(base.layers, moved.layers):
+        assert a.params == b.params and a.bytes_after == b.bytes_after
+        assert b.functional_error == pytest.approx(a.functional_error, rel=1e-6 if work == "cpu" else 1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(on_work(x), on_cpu(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,steps", [("dictionary", ["0", "0", "2", "2"]), ("svd", ["0", "2"])])
+def test_progress_callback(method, steps):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    calls = []
+    compress.compress(model, [torch.randn(64, 16)], ratio=0.4, method=method, iters=2, filter_fn=lambda n, m: True,
+                      progress=lambda done, total, name: calls.append((done, total, name)))
+    assert calls == [(i + 1, len(steps), name) for i, name in enumerate(steps)]
+
+
+def test_bad_device_and_progress():
+    model = nn.Sequential(nn.Linear(8, 8))
+    calib = [torch.randn(16, 8)]
+    with pytest.raises(ValueError, match="device='tpu0' is not a torch device"):
+        compress.compress(model, calib, device="tpu0", filter_fn=lambda n, m: True, progress=False)
+    with pytest.raises(ValueError, match="progress must be a bool or a callable"):
+        compress.compress(model, calib, method="svd", progress="yes", filter_fn=lambda n, m: True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': torch sees no CUDA device"):
+            compress.compress(model, calib, device="cuda", filter_fn=lambda n, m: True, progress=False)
+    assert isinstance(model[0], nn.Linear)  # nothing was replaced

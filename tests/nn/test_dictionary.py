@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.conftest import DEVICES
-from weightkit.compress.dictionary import dictionary_size
+from weightkit.nn.ksvd import dictionary_size
 from weightkit.nn import DictLinear
 
 

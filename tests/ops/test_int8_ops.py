@@ -110,10 +110,9 @@ def test_saturates_at_int8_range():
     assert q.tolist()[:3] == [127, -128, 0]
 
 
-def test_sr_opcheck():
+def test_sr_kernel_opcheck():  # the public op's opcheck: tests/ops/test_opcheck.py
     x = torch.randn(8, 32)
     scale = absmax_scale(x, 32)
-    torch.library.opcheck(torch.ops.weightkit.stochastic_round_int8.default, (x, scale, 32, 1, 0))
     if int8._SR.why_not("cpu", torch.device("cpu")) is None:
         torch.library.opcheck(torch.ops.weightkit.stochastic_round_int8_kernel.default, (x, scale, 32, 1, 0),
                               test_utils=("test_schema", "test_autograd_registration"))
@@ -211,10 +210,9 @@ def test_gradcheck_reference_and_op_backward():
         torch.testing.assert_close(grad, g @ dequantize_int8(q, scale, 4), rtol=1e-5, atol=1e-5)
 
 
-def test_opcheck_and_compile():
+def test_matmul_torch_compile():
     q, scale = weight(16, 32, 8)
     x = torch.randn(4, 32)
-    torch.library.opcheck(torch.ops.weightkit.int8_matmul.default, (x, q, scale, 8, False))
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: int8_matmul(t * 2, q, scale, 8), fullgraph=True)
     torch.testing.assert_close(compiled(x), int8_matmul(x * 2, q, scale, 8))

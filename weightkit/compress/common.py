@@ -1,4 +1,4 @@
-"""What the post-training compressors share: calibration Gram matrices, whitening, the report, the layer walk.
+"""What the post-training compressors share: calibration Gram matrices, whitening, the layer choice and the report.
 
 For a linear layer y = x W^T with calibration inputs X, the functional error ||X W^T - X W'^T||_F equals
 ||L^T (W^T - W'^T)||_F for the Cholesky factor L of X^T X (C = L L^T). Every method therefore factors the whitened
@@ -8,22 +8,68 @@ tokens than features, dead features) the diagonal is shifted by 1e-6 of its mean
 Byte accounting: ``ratio`` is the fraction of each dense weight's bytes removed, so a compressed weight must fit
 in (1 - ratio) d_in d_out b bytes (b bytes per value, the weight's dtype). Biases are kept as they are and counted
 on both sides of the report.
+
+The layers are picked by weightkit.nn.walk.linear_layers, the walk weightkit.swap uses (same default skip rule:
+output heads ``lm_head`` / ``pooler`` stay dense), and the report extends swap's (weightkit.nn.walk.ModelReport).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-DEFAULT_SKIP = ("lm_head", "pooler")
+from ..nn.walk import FilterFn, LayerChange, ModelReport, linear_layers
 
 
-def check_ratio(ratio: float) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio (fraction of the weight's bytes removed) must be in (0, 1), got {ratio!r}")
+# progress=callable: called as progress(done, total, layer_name) after each step of the work
+ProgressFn = Callable[[int, int, str], None]
+
+
+def work_device(device) -> Optional[torch.device]:
+    """The device the factorizations run on: None (each layer's own device) or a usable torch.device."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: the compressors run on 'cpu' or 'cuda'")
+    return dev
+
+
+class Progress:
+    """Steps of a compression run, reported to a tqdm bar (``progress=True``), to a callable
+    ``progress(done, total, layer_name)``, or nowhere (``False``)."""
+
+    def __init__(self, progress: Union[bool, ProgressFn], total: int, desc: str):
+        self.done, self.total, self.fn, self.bar = 0, total, None, None
+        if isinstance(progress, bool):
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc)
+        elif callable(progress):
+            self.fn = progress
+        else:
+            raise ValueError(f"progress must be a bool or a callable (done, total, layer_name), got {progress!r}")
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update()
+        if self.fn is not None:
+            self.fn(self.done, self.total, name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def whitening_factor(xtx: Tensor) -> Tensor:
@@ -68,79 +114,31 @@ def collect_gram(model: nn.Module, calib_batches: Iterable, names: List[str]) ->
 
 
 @dataclass
-class LayerReport:
-    name: str
-    shape: Tuple[int, int]  # nn.Linear weight shape (out, in)
+class LayerReport(LayerChange):
+    """A compressed layer: the common fields (name, weight shape (out, in), bytes; a shared dictionary is counted
+    once, with the first layer that uses it) and the method's own."""
+
     method: str
     params: Dict[str, int]
     functional_error: float  # ||X W^T - X W'^T|| / ||X W^T|| on the calibration inputs
-    bytes_before: int
-    bytes_after: int  # a shared dictionary is counted once, with the first layer that uses it
     history: List[float] = field(default_factory=list)  # functional error after each learning iteration
+
+    def details(self) -> str:
+        return f"{self.params} err {self.functional_error:.4f}"
 
 
 @dataclass
-class CompressionReport:
-    method: str
-    ratio: float
-    layers: List[LayerReport] = field(default_factory=list)
+class CompressionReport(ModelReport):
+    ratio: float = field(kw_only=True)  # the fraction of each weight's bytes removed
 
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.layers)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.layers)
-
-    def __str__(self) -> str:
-        lines = [f"{self.method} compression, {self.ratio:.0%} of the weights' bytes removed: {len(self.layers)} "
-                 f"layers, {self.bytes_before / 1e6:.3f} MB -> {self.bytes_after / 1e6:.3f} MB"]
-        for r in self.layers:
-            lines.append(f"  {r.name:<45} {str(r.shape):<12} {r.params} err {r.functional_error:.4f} "
-                         f"{r.bytes_before / 1e3:.0f} kB -> {r.bytes_after / 1e3:.0f} kB")
-        return "\n".join(lines)
+    def title(self) -> str:
+        return (f"{self.method} compression, {self.ratio:.0%} of the weights' bytes removed: {len(self.layers)} "
+                f"layers, {self.bytes_before / 1e6:.3f} MB -> {self.bytes_after / 1e6:.3f} MB")
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's distinct parameters and buffers."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-def linear_names(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]]) -> List[str]:
-    if filter_fn is None:
-        def filter_fn(name, _module):
-            return not any(part in DEFAULT_SKIP for part in name.split("."))
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and filter_fn(n, m)]
+def chosen_layers(model: nn.Module, filter_fn: Optional[FilterFn], report: CompressionReport) -> List[str]:
+    """Names of the layers to compress (weightkit.nn.walk.linear_layers); the rejected ones go to the report."""
+    names = [name for name, _ in linear_layers(model, filter_fn, report.skipped)]
     if not names:
         raise ValueError("no nn.Linear layer matched filter_fn")
     return names
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def compress(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3, method: str = "dictionary",
-             filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, progress: bool = True,
-             **opts) -> CompressionReport:
-    """Compress ``model``'s nn.Linear layers in place with ``method`` 'dictionary' or 'svd' at the same byte
-    budget. Dictionary-only options (``k_over_s``, ``iters``, ``power_iters``, ``shared``, ``seed``) are ignored by
-    'svd', so one call signature runs both."""
-    from .dictionary import dictionary
-    from .svd import svd
-
-    if method == "dictionary":
-        return dictionary(model, calib_batches, ratio, filter_fn, progress=progress, **opts)
-    if method == "svd":
-        unknown = set(opts) - {"k_over_s", "iters", "power_iters", "shared", "seed"}
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)} for method='svd'")
-        return svd(model, calib_batches, ratio, filter_fn, progress=progress)
-    raise ValueError(f"method={method!r}; choose 'dictionary' or 'svd'")

@@ -7,13 +7,15 @@ r (d_in + d_out) values. r is the largest rank with r (d_in + d_out) b <= (1 - r
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from .common import (CompressionReport, LayerReport, check_ratio, collect_gram, linear_names, module_bytes,
-                     set_module, whitening_factor)
+from ..nn.ksvd import check_ratio
+from ..nn.walk import FilterFn, module_bytes, replace_module
+from .common import (CompressionReport, LayerReport, Progress, ProgressFn, chosen_layers, collect_gram, whitening_factor,
+                     work_device)
 
 __all__ = ["svd", "svd_rank"]
 
@@ -28,26 +30,29 @@ def svd_rank(d_in: int, d_out: int, ratio: float) -> int:
 
 
 def svd(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
-        filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, progress: bool = True) -> CompressionReport:
+        filter_fn: Optional[FilterFn] = None, progress: Union[bool, ProgressFn] = True, device=None
+        ) -> CompressionReport:
     """Replace each selected nn.Linear by ``nn.Sequential(Linear(d_in, r), Linear(r, d_out))`` in place; returns
-    the per-layer functional error and bytes."""
-    from tqdm import tqdm
-
+    the per-layer functional error and bytes. ``progress`` and ``device`` (where the whitening and the SVD run) as
+    in weightkit.compress.dictionary; the new layers are put where the replaced ones were."""
     check_ratio(ratio)
-    names = linear_names(model, filter_fn)
+    work = work_device(device)
+    report = CompressionReport("svd", ratio=ratio)
+    names = chosen_layers(model, filter_fn, report)
     grams = collect_gram(model, calib_batches, names)
-    report = CompressionReport("svd", ratio)
-    for name in tqdm(names, desc="svd compression", disable=not progress):
+    steps = Progress(progress, len(names), "svd compression")
+    for name in names:
         lin = model.get_submodule(name)
-        L = whitening_factor(grams[name])
-        Y = L.T @ lin.weight.detach().to(torch.float64).T  # d_in x d_out
+        dev = work or lin.weight.device
+        L = whitening_factor(grams[name].to(dev))
+        Y = L.T @ lin.weight.detach().to(dev, torch.float64).T  # d_in x d_out
         d_in, d_out = Y.shape
         r = svd_rank(d_in, d_out, ratio)
         U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
         A = torch.linalg.solve_triangular(L.T, U[:, :r] * S[:r], upper=True)  # L^{-T} U_r S_r
-        dtype, device = lin.weight.dtype, lin.weight.device
-        first = nn.Linear(d_in, r, bias=False, device=device, dtype=dtype)
-        second = nn.Linear(r, d_out, bias=lin.bias is not None, device=device, dtype=dtype)
+        dtype, home = lin.weight.dtype, lin.weight.device
+        first = nn.Linear(d_in, r, bias=False, device=home, dtype=dtype)
+        second = nn.Linear(r, d_out, bias=lin.bias is not None, device=home, dtype=dtype)
         with torch.no_grad():
             first.weight.copy_(A.T)
             second.weight.copy_(Vh[:r].T)
@@ -55,7 +60,9 @@ def svd(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
                 second.bias.copy_(lin.bias)
         new = nn.Sequential(first, second)
         err = float(S[r:].norm() / S.norm().clamp_min(1e-300))
-        report.layers.append(LayerReport(name, tuple(lin.weight.shape), "svd", {"rank": r}, err, module_bytes(lin),
-                                         module_bytes(new)))
-        set_module(model, name, new)
+        report.layers.append(LayerReport(name, tuple(lin.weight.shape), module_bytes(lin), module_bytes(new), "svd",
+                                         {"rank": r}, err))
+        replace_module(model, name, new)
+        steps.step(name)
+    steps.close()
     return report

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.dictionary import dict_sparse_gather, index_dtype_for
+from .ksvd import dictionary_size, learn_dictionary
 
 
 class DictLinear(nn.Module):
@@ -55,8 +56,6 @@ class DictLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, ratio: float = 0.3, k_over_s: float = 2.0, iters: int = 3) -> "DictLinear":
         """Data-free factorization of ``linear`` (K-SVD on W^T) removing ``ratio`` of the weight's bytes. For the
         calibration-guided version use weightkit.compress.dictionary."""
-        from ..compress.dictionary import dictionary_size, learn_dictionary, scatter_codes  # noqa: F401
-
         w = linear.weight.detach()
         k, s = dictionary_size(linear.in_features, linear.out_features, ratio, k_over_s, w.dtype.itemsize)
         D, idx, coef, _ = learn_dictionary(w.T.to(torch.float64), k, s, iters=iters)

@@ -1,10 +1,12 @@
 """weightkit ops: one module per hot path; each op is torch.ops.weightkit.<name>, defined once with
-weightkit.ops._registry.define (schema, checks, backends, fake, autograd), with a reference and backends."""
+weightkit.ops._registry.define (schema, checks, backends, fake, autograd), with a reference and backends.
+Importing this package defines every weightkit:: op."""
 
-from . import dictionary, galore, int8, memoryformer, rng  # noqa: F401  (defines the weightkit:: ops)
+from . import dictionary, galore, int4, int8, memoryformer, rng
 from .dictionary import dict_sparse_gather
 from .galore import galore_adam_update_
-from .memoryformer import memory_lookup
 from .int8 import absmax_scale, stochastic_round_int8
+from .memoryformer import memory_lookup
 
-__all__ = ["stochastic_round_int8", "absmax_scale", "galore_adam_update_", "memory_lookup", "dict_sparse_gather"]
+__all__ = ["dictionary", "galore", "int4", "int8", "memoryformer", "rng", "stochastic_round_int8", "absmax_scale",
+           "galore_adam_update_", "memory_lookup", "dict_sparse_gather"]

@@ -22,8 +22,7 @@ from . import rng
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
 from ._registry import define
 
-__all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_",
-           "quantize_int4", "unpack_int4", "dequantize_int4"]
+__all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_"]
 
 # auto on CUDA: Triton first, measured faster on an H200 (2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json): 8192^2 fp32 0.108 ms (74% of copy bandwidth) vs cuda 0.197
@@ -279,6 +278,3 @@ def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpos
     Differentiable in ``x``; the weight's gradient is computed by Int8Linear (weightkit.nn.int8)."""
     return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
 
-
-# INT4 projection matrices live in weightkit.ops.int4 (re-exported here for compatibility).
-from .int4 import dequantize_int4, quantize_int4, unpack_int4  # noqa: E402,F401

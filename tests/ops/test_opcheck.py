@@ -1,0 +1,72 @@
+"""torch.library.opcheck through the public handle ``torch.ops.weightkit.<op>.default`` of every op weightkit defines
+(schema, fake kernel, autograd registration, in-place aliasing, torch.compile), on every device (CPU and, when
+present, CUDA). The extension's own ``<op>_kernel`` ops are the backends' business (tests/ops/test_*_ops.py)."""
+
+import pytest
+import torch
+
+from tests.conftest import DEVICES
+from weightkit.ops.int4 import quantize_int4
+from weightkit.ops.int8 import absmax_scale, stochastic_round_int8
+
+
+def _int8_weight(rows, cols, group, device):
+    w = torch.randn(rows, cols, device=device)
+    scale = absmax_scale(w, group)
+    return stochastic_round_int8(w, scale, group, seed=3), scale
+
+
+def _int4(rows, cols, group, device):
+    return quantize_int4(torch.randn(rows, cols, device=device), group)
+
+
+def _galore_args(device, left):
+    m, n, r = 16, 12, 4
+    low_shape = (r, n) if left else (m, r)
+    ortho = torch.linalg.qr(torch.randn(m if left else n, r, device=device))[0]
+    ortho = ortho if left else ortho.T.contiguous()
+    return (torch.randn(m, n, device=device), torch.randn(low_shape, device=device),
+            torch.randn(low_shape, device=device) * 0.1, torch.rand(low_shape, device=device) * 0.1, ortho, left,
+            0.9, 0.999, 1e-6, 1e-2, 0.5, 0.99)
+
+
+def _dict_args(device):
+    z = torch.randn(6, 20, device=device)
+    values = torch.randn(4, 9, device=device)
+    idx = torch.rand(20, 9, device=device).argsort(0)[:4].to(torch.uint8)
+    return z, values, idx
+
+
+# op name -> (device -> arguments of the op's schema)
+CASES = {
+    "stochastic_round_int8": lambda d: (lambda x: (x, absmax_scale(x, 32), 32, 1, 0))(torch.randn(8, 32, device=d)),
+    "int8_sr_update_": lambda d: (*_int8_weight(4, 16, 8, d), torch.randn(4, 16, device=d), 8, 0.99, 1, 0),
+    "int8_matmul": lambda d: (torch.randn(4, 32, device=d), *_int8_weight(16, 32, 8, d), 8, False),
+    "quantize_int4": lambda d: (torch.randn(6, 8, device=d), 4),
+    "dequantize_int4": lambda d: (*_int4(12, 8, 4, d), 4, [12, 8]),
+    "int4_matmul": lambda d: (torch.randn(3, 8, device=d), *_int4(12, 8, 4, d), 4, [12, 8], False),
+    "galore_adam_update_": lambda d: _galore_args(d, left=False),
+    "memory_lookup_forward": lambda d: (torch.randn(6, 8, device=d), torch.randn(2, 16, 8, device=d) * 0.1, 1.0),
+    "memory_lookup_backward": lambda d: (torch.randn(6, 8, device=d), torch.randn(6, 8, device=d),
+                                         torch.randn(2, 16, 8, device=d) * 0.1, 1.0, True),
+    "dict_sparse_gather": _dict_args,
+    "dict_sparse_gather_backward": lambda d: (torch.randn(6, 9, device=d), *_dict_args(d)),
+}
+
+
+def public_ops():
+    """The weightkit:: ops defined through weightkit.ops._registry.define (the extension's are ``*_kernel``)."""
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("weightkit::")]
+    return sorted(n for n in names if not n.endswith("_kernel"))
+
+
+def test_every_op_has_a_case():
+    assert public_ops() == sorted(CASES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name, device):
+    torch.manual_seed(0)
+    args = CASES[name](device)
+    torch.library.opcheck(getattr(torch.ops.weightkit, name).default, args)

@@ -1,0 +1,33 @@
+"""The README's Backends table says, per op, which backends exist and in which order ``auto`` tries them on CUDA
+tensors: both are read from the code (each op's KernelTable), so the table cannot drift from it."""
+
+import os
+import re
+
+from weightkit import backend
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def backends_table():
+    """{op name: (has reference, cpu, cuda, triton), auto order} from the README's '## Backends' table."""
+    text = open(README, encoding="utf-8").read()
+    section = text.split("\n## Backends\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[0].startswith("`"):
+            continue
+        for name in re.findall(r"`([a-z0-9_]+)`", cells[0].split("(")[0]):
+            rows[name] = (tuple(c == "yes" for c in cells[1:5]), tuple(cells[5].split(", then ")))
+    return rows
+
+
+def test_backends_table_matches_the_kernel_tables():
+    rows = backends_table()
+    tables = {t.name: t for t in backend._TABLES}
+    assert len(tables) >= 11 and set(rows) == set(tables), (sorted(rows), sorted(tables))
+    for name, (present, order) in rows.items():
+        t = tables[name]
+        assert present == tuple(b in t.impls for b in ("reference", "cpu", "cuda", "triton")), name
+        assert order == t.cuda_order, f"{name}: README says {order}, the code tries {t.cuda_order}"
