@@ -7,6 +7,7 @@ from torch import nn
 
 from tests.conftest import DEVICES
 from weightkit.nn import Int8Linear
+from weightkit.nn.int8 import Int8Weight
 
 
 def tol(dtype, device):
@@ -80,7 +81,8 @@ def test_to_device_and_dtype_keeps_int8_weight_and_float32_scale(device):
     assert moved is layer and layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32
     assert layer.weight.device.type == layer.scale.device.type == layer.bias.device.type == device
     assert layer.bias.dtype == torch.bfloat16
-    assert layer.weight.int8_owner() is layer  # the parameter object survives the move (Q-GaLore needs it)
+    # the Int8Weight survives the move with its attributes: scale is the moved buffer (Q-GaLore writes both)
+    assert isinstance(layer.weight, Int8Weight) and layer.weight.scale is layer.scale and layer.weight.group_size == 32
     assert torch.equal(layer.weight.cpu(), w) and torch.equal(layer.scale.cpu(), scale)
     x = torch.randn(3, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().sum().backward()
