@@ -147,7 +147,8 @@ def test_state_dict_round_trip_and_bad_entries_refused(device):
 # -- Int8Weight: the int8 training protocol as a type -------------------------------------------------------------------
 def bound(layer):
     w = layer.weight
-    return isinstance(w, Int8Weight) and w.scale is layer.scale and w.group_size == layer.group_size
+    return (isinstance(w, Int8Weight) and w.scale is layer.scale and w.group_size == layer.group_size
+            and w.int8_owner() is layer)
 
 
 @pytest.mark.parametrize("device", DEVICES)

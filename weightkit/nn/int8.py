@@ -14,6 +14,7 @@ side effect); inference compiles.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -42,7 +43,8 @@ class Int8Weight(nn.Parameter):
       that writes the weight back updates the layer's scales with it);
     * ``group_size``: elements per scale group, consecutive along a row;
     * ``float_grad``: the float32 weight gradient accumulated by backward (None when there is none), which
-      ``QGaLoreAdamW8bit`` consumes.
+      ``QGaLoreAdamW8bit`` consumes;
+    * ``int8_owner``: a weak reference to the owning layer (None for a weight outside a layer).
 
     A state dict holds the plain int8 tensor (``weight``) next to ``scale``, as before this type existed; the layer
     re-attaches the attributes after ``load_state_dict`` and ``.to()``. ``copy.deepcopy`` and pickling keep the type
@@ -65,6 +67,7 @@ class Int8Weight(nn.Parameter):
         self.scale = scale
         self.group_size = group_size
         self.float_grad: Optional[Tensor] = None
+        self.int8_owner: Optional[weakref.ref] = None
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -128,13 +131,13 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.track_weight_grad = track_weight_grad
         self.register_buffer("scale", torch.ones(out_features * in_features // group_size, device=device))
-        self.weight = Int8Weight(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-                                 scale=self.scale, group_size=group_size)
+        self.weight = Int8Weight(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
+        self._bind()
 
     def _bind(self) -> None:
-        """Keep ``weight`` an Int8Weight whose ``scale`` is this layer's buffer (after .to(), load_state_dict with
-        assign=True, or a weight set by hand)."""
+        """Make ``weight`` an Int8Weight bound to this layer: its ``scale`` is the layer's buffer, ``int8_owner`` the
+        layer (at construction, after .to(), load_state_dict with assign=True, deepcopy and unpickling)."""
         weight = self._parameters["weight"]
         if not isinstance(weight, Int8Weight):
             float_grad = getattr(weight, "float_grad", None)
@@ -142,6 +145,11 @@ class Int8Linear(nn.Module):
             weight.float_grad = float_grad
             self._parameters["weight"] = weight
         weight.scale, weight.group_size = self._buffers["scale"], self.group_size
+        weight.int8_owner = weakref.ref(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy and unpickling: the copy's weight points at the copy
+        self._bind()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
