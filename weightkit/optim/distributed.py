@@ -15,7 +15,7 @@ DDP (``torch.nn.parallel.DistributedDataParallel``)
     ``Int8Linear`` weights (Q-GaLore) are int8 parameters without autograd gradients: their ``float_grad`` is
     invisible to DDP. Call :func:`all_reduce_float_grads` after ``backward()`` and before ``step()``.
 
-Layer-wise GaLore under DDP
+Layer-wise GaLore under DDP (``LayerwiseGaLore`` and its hook live in weightkit.optim.layerwise)
     ``LayerwiseGaLore`` normally steps each parameter from a post-accumulate-grad hook. Under DDP that hook fires
     with the *local* gradient, before DDP's bucketed all-reduce, so ranks would diverge. Instead build it with
     ``hooks=False`` and register :func:`ddp_layerwise_comm_hook` (also ``LayerwiseGaLore.ddp_comm_hook()``) as the
@@ -28,8 +28,9 @@ Layer-wise GaLore under DDP
     use ``ddp.no_sync()`` for all but the last micro-batch (``accumulation_steps`` must be 1 with the hook).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by rows, ``Shard(0)``)
-    Use :class:`ShardedGaLoreAdamW` (or :class:`ShardedGaLoreAdamW8bit`); with plain tensors they behave exactly as
-    GaLoreAdamW / GaLoreAdamW8bit. For an m x n weight sharded into row blocks W_i (m_i x n, m_i ~ m / world) with
+    Use :class:`ShardedGaLoreAdamW` (or :class:`ShardedGaLoreAdamW8bit`): the GaLore step with
+    :class:`ShardedWeight` (part (c), see weightkit.optim.galore) in front of the float weight part, so that with
+    plain tensors they behave exactly as GaLoreAdamW / GaLoreAdamW8bit. For an m x n weight sharded into row blocks W_i (m_i x n, m_i ~ m / world) with
     gradient shards G_i (already averaged by FSDP's reduce-scatter):
 
     * refresh (every ``update_proj_gap`` steps): the full gradient is all-gathered (``grad.full_tensor()``, a
