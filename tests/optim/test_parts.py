@@ -14,10 +14,9 @@ from weightkit import use_backend
 from weightkit.nn import Int8Linear
 from weightkit.ops.galore import galore_adam_update_reference
 from weightkit.ops.int8 import dequantize_int8
-from weightkit.optim import GaLoreAdamW, GaLoreParts, QGaLoreAdamW8bit
+from weightkit.optim import GaLoreAdamW, GaLoreParts, LayerwiseGaLore, QGaLoreAdamW8bit
 from weightkit.optim.basis import FloatBasis, Int4Basis
 from weightkit.optim.moments import BlockwiseMoments8bit, FloatMoments
-from weightkit.optim.projector import compute_basis, project_back
 from weightkit.optim.refresh import FixedRefresh, LazyRefresh
 from weightkit.optim.weights import FloatWeight, Int8SRWeight, LowRankUpdate
 
@@ -274,6 +273,19 @@ def test_staggered_refresh_in_the_optimizer(device):
         before = [opt.state[w]["ortho"].clone() if "ortho" in opt.state[w] else None for w in ws]
         opt.step()
         counts.append(sum(b is None or not torch.equal(b, opt.state[w]["ortho"]) for b, w in zip(before, ws)))
+    assert counts == [6, 2, 2, 2, 2, 2, 2]
+    # the same schedule in layer-wise mode, where every per-parameter optimizer holds key 0
+    layerwise = LayerwiseGaLore([{"params": ws, "rank": 2, "update_proj_gap": 3}], hooks=False, lr=1e-3,
+                                stagger_refresh=True)
+    counts = []
+    for step in range(7):
+        refreshed = 0
+        for i, (w, opt_i) in enumerate(zip(ws, layerwise.optimizers)):
+            w.grad = randn(16, 12, seed=step * 10 + i, device=device)
+            before = opt_i.state[w]["ortho"].clone() if "ortho" in opt_i.state[w] else None
+            layerwise.step_param(w)
+            refreshed += before is None or not torch.equal(before, opt_i.state[w]["ortho"])
+        counts.append(refreshed)
     assert counts == [6, 2, 2, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="stagger_refresh applies to the fixed"):
         QGaLoreAdamW8bit([{"params": ws, "rank": 2}], stagger_refresh=True)

@@ -102,13 +102,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
     step that every preset of the family runs with its own ``parts`` (see the module docstring).
 
     ``stagger_refresh=True`` spreads the parameters' basis refreshes over the steps of each ``update_proj_gap``
-    period instead of refreshing every layer on the same step (weightkit.optim.refresh.FixedRefresh)."""
+    period instead of refreshing every layer on the same step (weightkit.optim.refresh.FixedRefresh; parameter k,
+    its index in the param groups plus ``refresh_offset``, refreshes when (step + k) % update_proj_gap == 0).
+    ``parts`` (a :class:`GaLoreParts`) chooses the storage and weight parts; the presets pass their own."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std",
                  svd: str = "exact", oversample: int = 8, power_iters: int = 2, seed: int = 0,
                  proj_dtype=None, nonfinite: str = "raise", *, stagger_refresh: bool = False,
-                 parts: Optional[GaLoreParts] = None):
+                 refresh_offset: int = 0, parts: Optional[GaLoreParts] = None):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -127,7 +129,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not isinstance(parts.refresh, FixedRefresh):
                 raise ValueError("stagger_refresh applies to the fixed refresh schedule, not to "
                                  f"{type(parts.refresh).__name__}")
-            parts = dataclasses.replace(parts, refresh=FixedRefresh(stagger=True))
+            parts = dataclasses.replace(parts, refresh=FixedRefresh(stagger=True, offset=refresh_offset))
         self.parts = parts
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -401,7 +403,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit moments: bitsandbytes blockwise dynamic quantization (block 256), signed map for the
     first moment and unsigned for the second. Moments of tensors smaller than ``min_8bit_size`` stay float32.
-    Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back."""
+    Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back.
+    ``parts``: the other parts (its moments part is replaced by the 8-bit one)."""
 
     def __init__(self, params, *args, min_8bit_size: int = 4096, parts: Optional[GaLoreParts] = None, **kwargs):
         self.min_8bit_size = min_8bit_size

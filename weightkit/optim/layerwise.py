@@ -24,7 +24,9 @@ class LayerwiseGaLore:
     ``hooks=False`` registers no hooks: the caller steps parameters with :meth:`step_param`, e.g. the DDP
     communication hook :meth:`ddp_comm_hook` (weightkit.optim.distributed), which steps each parameter once DDP has
     averaged its gradient bucket; ``zero_grad()`` then sets the gradients to None. ``optimizer_cls`` is any optimizer of
-the GaLore family (GaLoreAdamW by default), built once per parameter with ``defaults`` as keyword arguments.
+the GaLore family (GaLoreAdamW by default), built once per parameter with ``defaults`` as keyword arguments;
+``stagger_refresh=True`` among them spreads the parameters' refreshes over the steps (the i-th parameter's
+optimizer gets ``refresh_offset=i``).
     """
 
     def __init__(self, params: Iterable, optimizer_cls=GaLoreAdamW, accumulation_steps: int = 1, hooks: bool = True,
@@ -44,7 +46,9 @@ the GaLore family (GaLoreAdamW by default), built once per parameter with ``defa
                     continue
                 index = len(self.params)
                 self.params.append(p)
-                self.optimizers.append(optimizer_cls([dict(opts, params=[p])], **defaults))
+                # a staggered schedule tells the per-parameter optimizers apart by position (each holds key 0)
+                shift = {"refresh_offset": index} if defaults.get("stagger_refresh") else {}
+                self.optimizers.append(optimizer_cls([dict(opts, params=[p])], **defaults, **shift))
                 self._counts.append(0)
                 if self.hooks:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))

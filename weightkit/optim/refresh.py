@@ -4,7 +4,9 @@
   before its increment), and whenever there is no basis yet. With ``stagger=True`` the refreshes of different
   parameters are spread over the T steps of a period: parameter ``key`` (its index in the param groups) refreshes at
   the steps where ``(step + key) % T == 0`` after its first one, so that with L layers no step after the first
-  refreshes more than ceil(L / T) of them (the first step has no basis at all and computes every one).
+  refreshes more than ceil(L / T) of them (the first step has no basis at all and computes every one). ``offset``
+  shifts the keys: LayerwiseGaLore, whose optimizers hold one parameter each (key 0), passes each parameter's
+  position.
 * :class:`LazyRefresh` -- Q-GaLore's layer-adaptive rule, as q-galore-torch does it: at each refresh the cosine
   similarity between the first basis vector and the previous one is queued (``queue_size``); when the queue is full
   and its mean is at least ``cos_threshold``, the parameter's interval is multiplied by ``gamma_proj``. Its state
@@ -26,8 +28,11 @@ from torch import Tensor
 class FixedRefresh:
     """Refresh every ``update_proj_gap`` steps (optionally staggered across parameters)."""
 
-    def __init__(self, stagger: bool = False):
+    def __init__(self, stagger: bool = False, offset: int = 0):
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"refresh offset must be an int >= 0, got {offset!r}")
         self.stagger = bool(stagger)
+        self.offset = offset  # added to the parameter's key (LayerwiseGaLore: the parameter's position)
         self.group_keys: Dict = {}
 
     def check_group(self, group: Dict) -> None:
@@ -37,8 +42,8 @@ class FixedRefresh:
         if not has_basis:
             return True
         step = state.get("step", 0)
-        offset = key if self.stagger else 0
-        return (step + offset) % group["update_proj_gap"] == 0
+        shift = key + self.offset if self.stagger else 0
+        return (step + shift) % group["update_proj_gap"] == 0
 
     def entries(self, state: Dict, group: Dict, ortho: Tensor, side: str) -> Dict:
         return {}
