@@ -7,6 +7,7 @@ from torch import nn
 
 from tests.conftest import DEVICES
 from weightkit.nn import Int8Linear
+from weightkit.nn.int8 import Int8Weight
 
 
 def tol(dtype, device):
@@ -80,7 +81,8 @@ def test_to_device_and_dtype_keeps_int8_weight_and_float32_scale(device):
     assert moved is layer and layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32
     assert layer.weight.device.type == layer.scale.device.type == layer.bias.device.type == device
     assert layer.bias.dtype == torch.bfloat16
-    assert layer.weight.int8_owner() is layer  # the parameter object survives the move (Q-GaLore needs it)
+    # the Int8Weight survives the move with its attributes: scale is the moved buffer (Q-GaLore writes both)
+    assert isinstance(layer.weight, Int8Weight) and layer.weight.scale is layer.scale and layer.weight.group_size == 32
     assert torch.equal(layer.weight.cpu(), w) and torch.equal(layer.scale.cpu(), scale)
     x = torch.randn(3, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().sum().backward()
@@ -140,3 +142,81 @@ def test_state_dict_round_trip_and_bad_entries_refused(device):
     with pytest.raises(ValueError, match="scale must hold"):
         other.load_state_dict(dict(layer.state_dict(), scale=torch.full((32,), float("nan"), device=device)))
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())  # nothing was loaded
+
+
+# -- Int8Weight: the int8 training protocol as a type -------------------------------------------------------------------
+def bound(layer):
+    w = layer.weight
+    return (isinstance(w, Int8Weight) and w.scale is layer.scale and w.group_size == layer.group_size
+            and w.int8_owner() is layer)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_is_an_int8_weight_carrying_scale_group_size_and_float_grad(device):
+    layer = Int8Linear.from_linear(linear(64, 16, device), group_size=32)
+    assert bound(layer) and isinstance(layer.weight, nn.Parameter) and layer.weight.float_grad is None
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    layer(torch.randn(2, 64, device=device)).sum().backward()
+    assert layer.weight.float_grad.shape == (16, 64)
+    with pytest.raises(TypeError, match="Int8Weight holds int8 data"):
+        Int8Weight(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="cannot require grad"):
+        Int8Weight(torch.zeros(4, 4, dtype=torch.int8), requires_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("assign", [False, True])
+def test_state_dict_holds_plain_tensors_and_loading_keeps_the_type(assign, device):
+    a = Int8Linear.from_linear(linear(64, 16, device), group_size=32)
+    sd = a.state_dict()
+    assert type(sd["weight"]) is torch.Tensor and sd["weight"].dtype == torch.int8  # the format of before
+    b = Int8Linear(64, 16, group_size=32, device=device)
+    b.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=assign)
+    assert bound(b) and torch.equal(b.weight, a.weight) and torch.equal(b.scale, a.scale)
+    x = torch.randn(3, 64, device=device)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deepcopy_and_pickle_keep_the_type_and_one_scale_tensor(device, tmp_path):
+    import copy
+
+    a = Int8Linear.from_linear(linear(64, 16, device), group_size=32)
+    a(torch.randn(2, 64, device=device)).sum().backward()
+    b = copy.deepcopy(a)
+    assert bound(b) and b.scale is not a.scale and b.weight.float_grad is not a.weight.float_grad
+    assert torch.equal(b.weight.float_grad, a.weight.float_grad) and torch.equal(b.weight, a.weight)
+    b.scale.mul_(2)  # the copy's weight and buffer are one tensor, apart from the original's
+    assert b.weight.scale is b.scale and not torch.equal(a.scale, b.scale)
+    torch.save(a, tmp_path / "layer.pt")
+    c = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert bound(c) and torch.equal(c.weight, a.weight) and torch.equal(c.weight.float_grad, a.weight.float_grad)
+
+
+def test_deepcopied_model_trains_apart_from_the_original():
+    """QGaLoreAdamW8bit writes the copy's weight and scales, never the original's (the scale travels with the
+    weight)."""
+    import copy
+
+    from weightkit.optim import QGaLoreAdamW8bit, param_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Int8Linear.from_linear(nn.Linear(32, 16), group_size=16))
+    twin = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = QGaLoreAdamW8bit(param_groups(twin, rank=4, update_proj_gap=5), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        twin(torch.randn(8, 32)).pow(2).mean().backward()
+        opt.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(twin[0].weight, model[0].weight) and not torch.equal(twin[0].scale, model[0].scale)
+
+
+def test_inference_compiles():
+    """torch.compile of the layer (inference) traces through the Int8Weight parameter."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 32), group_size=32)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer)(x), layer(x))

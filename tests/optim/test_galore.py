@@ -418,3 +418,41 @@ def test_8bit_truncated_quantized_moment_raises(device):
     bad["state"][0]["exp_avg_absmax"] = bad["state"][0]["exp_avg_absmax"][:-1]
     with pytest.raises(ValueError, match="exp_avg_absmax must hold"):
         opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_strict_float32_unless_the_user_allows_tf32(backend, device):
+    """With ``torch.backends.cuda.matmul.allow_tf32`` off (torch's default) a GaLore step is float32 throughout: the
+    update matches a float64 computation to float32 rounding, on every backend; the step leaves the setting as it
+    found it. Measured on CPU for these shapes: float32 products 1.8e-7 off (max error / max value), the same maths
+    with operands cut to TF32's 10-bit mantissa 1.3e-3; the bound 2e-5 tells them apart. On the CPU (no TF32) the
+    check runs too, so the test's own arithmetic is exercised without a GPU."""
+    backend = device if backend == "native" else backend
+    if backend not in usable_backends(galore_ops._GALORE, device):
+        pytest.skip(f"backend {backend} cannot run on {device} here")
+    m, n, r = 64, 192, 16  # 'std': left projection, P is m x r
+    g = torch.Generator().manual_seed(3)
+    grad, ortho = torch.randn(m, n, generator=g), torch.linalg.qr(torch.randn(m, r, generator=g))[0]
+    w = torch.nn.Parameter(torch.zeros(m, n, device=device))
+    opt = GaLoreAdamW([{"params": [w], "rank": r, "update_proj_gap": 100, "scale": 0.5}], lr=0.1)
+    # a state at step 5 with zero first moments and unit second moments: the update is linear in P^T G
+    sd = {"state": {0: {"step": 5, "exp_avg": torch.zeros(r, n), "exp_avg_sq": torch.ones(r, n), "ortho": ortho}},
+          "param_groups": opt.state_dict()["param_groups"]}
+    opt.load_state_dict(sd)
+    w.grad = grad.to(device)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with use_backend(backend):
+            opt.step()
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    p64, g64 = ortho.double(), grad.double()
+    low = p64.T @ g64
+    exp_avg, exp_avg_sq = 0.1 * low, 0.999 + 0.001 * low * low
+    step_size = 0.1 * (1 - 0.999**6) ** 0.5 / (1 - 0.9**6)
+    want = -step_size * 0.5 * (p64 @ (exp_avg / (exp_avg_sq.sqrt() + 1e-6)))
+    err = float((w.detach().cpu().double() - want).abs().max() / want.abs().max())
+    assert err < 2e-5, err

@@ -9,8 +9,7 @@ from torch import nn
 
 from tests.conftest import DEVICES
 from weightkit import swap, train
-from weightkit.nn import Int8Linear
-from weightkit.optim import GaLoreAdamW, QGaLoreAdamW8bit, param_groups
+from weightkit.optim import QGaLoreAdamW8bit, param_groups
 
 CFG = dict(steps=80, batch_size=8, seq_len=64, lr=3e-3, rank=16, update_proj_gap=20, dim=64, n_layers=2, n_heads=4,
            eval_every=20)

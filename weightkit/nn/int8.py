@@ -1,17 +1,19 @@
 """Int8Linear: an nn.Linear whose weight lives in int8 with per-group scales (Q-GaLore, arXiv 2407.08296).
 
-``weight`` is an int8 ``nn.Parameter`` (``requires_grad=False``; integer tensors cannot carry autograd gradients)
-and ``scale`` a float32 buffer with one value per group of ``group_size`` consecutive elements of a row. The
-forward runs ``weightkit::int8_matmul``, which dequantizes inside the kernel: no full-precision copy of the weight
-is kept. The input gradient comes from the same op; the weight's gradient G = grad_out^T x (float32, out x in) is
-accumulated into ``weight.float_grad`` when ``track_weight_grad`` is on (the default), for
-``weightkit.optim.QGaLoreAdamW8bit``, which consumes and clears it and writes the weight back by stochastic
-rounding. Training through ``torch.compile`` is not supported (the weight gradient is a side effect); inference
-compiles.
+``weight`` is an :class:`Int8Weight`: an int8 ``nn.Parameter`` (``requires_grad=False``; integer tensors cannot
+carry autograd gradients) that carries what training it needs, ``scale`` (float32, one value per group of
+``group_size`` consecutive elements of a row: the layer's ``scale`` buffer, the same tensor), ``group_size`` and
+``float_grad``. The forward runs ``weightkit::int8_matmul``, which dequantizes inside the kernel: no full-precision
+copy of the weight is kept. The input gradient comes from the same op; the weight's gradient G = grad_out^T x
+(float32, out x in) is accumulated into ``weight.float_grad`` when ``track_weight_grad`` is on (the default), for
+``weightkit.optim.QGaLoreAdamW8bit``, which recognises the type, consumes and clears the gradient, and writes weight
+and scale back by stochastic rounding. Training through ``torch.compile`` is not supported (the weight gradient is a
+side effect); inference compiles.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Dict, Optional
 
@@ -32,6 +34,62 @@ def _grad_anchor(device: torch.device) -> Tensor:
     if anchor is None:
         anchor = _GRAD_ANCHORS[device] = torch.empty(0, device=device, requires_grad=True)
     return anchor
+
+
+class Int8Weight(nn.Parameter):
+    """The int8 weight of an :class:`Int8Linear`, with the training protocol as attributes.
+
+    * ``scale``: float32 per-group scales, the owning layer's ``scale`` buffer (the same tensor, so an optimizer
+      that writes the weight back updates the layer's scales with it);
+    * ``group_size``: elements per scale group, consecutive along a row;
+    * ``float_grad``: the float32 weight gradient accumulated by backward (None when there is none), which
+      ``QGaLoreAdamW8bit`` consumes;
+    * ``int8_owner``: a weak reference to the owning layer (None for a weight outside a layer).
+
+    A state dict holds the plain int8 tensor (``weight``) next to ``scale``, as before this type existed; the layer
+    re-attaches the attributes after ``load_state_dict`` and ``.to()``. ``copy.deepcopy`` and pickling keep the type
+    and its attributes (a deep copy of the layer shares one new scale tensor between weight and buffer).
+    """
+
+    def __new__(cls, data: Optional[Tensor] = None, requires_grad: bool = False, *, scale: Optional[Tensor] = None,
+                group_size: Optional[int] = None):
+        if data is None:
+            data = torch.empty(0, dtype=torch.int8)
+        if data.dtype != torch.int8:
+            raise TypeError(f"Int8Weight holds int8 data, got {data.dtype}")
+        if requires_grad:
+            raise ValueError("Int8Weight cannot require grad (integer tensors carry no autograd gradient); its "
+                             "gradient is accumulated in float_grad")
+        return torch.Tensor._make_subclass(cls, data.detach(), False)
+
+    def __init__(self, data: Optional[Tensor] = None, requires_grad: bool = False, *, scale: Optional[Tensor] = None,
+                 group_size: Optional[int] = None):
+        self.scale = scale
+        self.group_size = group_size
+        self.float_grad: Optional[Tensor] = None
+        self.int8_owner: Optional[weakref.ref] = None
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        result = Int8Weight(self.data.clone(memory_format=torch.preserve_format),
+                            scale=copy.deepcopy(self.scale, memo), group_size=self.group_size)
+        result.float_grad = copy.deepcopy(self.float_grad, memo)
+        memo[id(self)] = result
+        return result
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild_int8_weight, (self.data, self.scale, self.group_size, self.float_grad))
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(group_size={self.group_size}) containing:\n{super().__repr__()}"
+
+
+def _rebuild_int8_weight(data: Tensor, scale: Optional[Tensor], group_size: Optional[int],
+                         float_grad: Optional[Tensor]) -> Int8Weight:
+    weight = Int8Weight(data, scale=scale, group_size=group_size)
+    weight.float_grad = float_grad
+    return weight
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -55,7 +113,7 @@ class _Int8LinearFunction(torch.autograd.Function):
             g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
             g_w = g2.T @ x2
-            if getattr(weight, "float_grad", None) is None:
+            if weight.float_grad is None:
                 weight.float_grad = g_w.to(torch.float32)
             else:
                 weight.float_grad.add_(g_w)
@@ -72,11 +130,26 @@ class Int8Linear(nn.Module):
             raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.track_weight_grad = track_weight_grad
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-                                   requires_grad=False)
-        self.weight.int8_owner = weakref.ref(self)  # lets QGaLoreAdamW8bit update ``scale`` with the weight
         self.register_buffer("scale", torch.ones(out_features * in_features // group_size, device=device))
+        self.weight = Int8Weight(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
+        self._bind()
+
+    def _bind(self) -> None:
+        """Make ``weight`` an Int8Weight bound to this layer: its ``scale`` is the layer's buffer, ``int8_owner`` the
+        layer (at construction, after .to(), load_state_dict with assign=True, deepcopy and unpickling)."""
+        weight = self._parameters["weight"]
+        if not isinstance(weight, Int8Weight):
+            float_grad = getattr(weight, "float_grad", None)
+            weight = Int8Weight(weight.data, scale=self.scale, group_size=self.group_size)
+            weight.float_grad = float_grad
+            self._parameters["weight"] = weight
+        weight.scale, weight.group_size = self._buffers["scale"], self.group_size
+        weight.int8_owner = weakref.ref(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy and unpickling: the copy's weight points at the copy
+        self._bind()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -92,6 +165,7 @@ class Int8Linear(nn.Module):
                              f"group of {self.group_size}), got {sc.dtype} with {sc.numel()} values")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._bind()  # load_state_dict(assign=True) replaces the tensors
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, track_weight_grad: bool = True) -> "Int8Linear":
@@ -117,6 +191,7 @@ class Int8Linear(nn.Module):
         float_grad = getattr(self.weight, "float_grad", None)
         super()._apply(fn, recurse)
         self.scale = scale.to(device=self.scale.device)
+        self._bind()
         if float_grad is not None:
             self.weight.float_grad = float_grad.to(device=self.weight.device)
         return self

@@ -15,7 +15,7 @@ DDP (``torch.nn.parallel.DistributedDataParallel``)
     ``Int8Linear`` weights (Q-GaLore) are int8 parameters without autograd gradients: their ``float_grad`` is
     invisible to DDP. Call :func:`all_reduce_float_grads` after ``backward()`` and before ``step()``.
 
-Layer-wise GaLore under DDP
+Layer-wise GaLore under DDP (``LayerwiseGaLore`` and its hook live in weightkit.optim.layerwise)
     ``LayerwiseGaLore`` normally steps each parameter from a post-accumulate-grad hook. Under DDP that hook fires
     with the *local* gradient, before DDP's bucketed all-reduce, so ranks would diverge. Instead build it with
     ``hooks=False`` and register :func:`ddp_layerwise_comm_hook` (also ``LayerwiseGaLore.ddp_comm_hook()``) as the
@@ -28,8 +28,9 @@ Layer-wise GaLore under DDP
     use ``ddp.no_sync()`` for all but the last micro-batch (``accumulation_steps`` must be 1 with the hook).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by rows, ``Shard(0)``)
-    Use :class:`ShardedGaLoreAdamW` (or :class:`ShardedGaLoreAdamW8bit`); with plain tensors they behave exactly as
-    GaLoreAdamW / GaLoreAdamW8bit. For an m x n weight sharded into row blocks W_i (m_i x n, m_i ~ m / world) with
+    Use :class:`ShardedGaLoreAdamW` (or :class:`ShardedGaLoreAdamW8bit`): the GaLore step with
+    :class:`ShardedWeight` (part (c), see weightkit.optim.galore) in front of the float weight part, so that with
+    plain tensors they behave exactly as GaLoreAdamW / GaLoreAdamW8bit. For an m x n weight sharded into row blocks W_i (m_i x n, m_i ~ m / world) with
     gradient shards G_i (already averaged by FSDP's reduce-scatter):
 
     * refresh (every ``update_proj_gap`` steps): the full gradient is all-gathered (``grad.full_tensor()``, a
@@ -55,16 +56,17 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by row
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterable, List, Tuple
+from typing import Iterable, List, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops._checks import finite_flags
+from ..nn.int8 import Int8Weight
 from ..ops.galore import galore_adam_update_reference
-from .galore import HOST_KEYS, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, gradient_checks_enabled
-from .projector import basis_seed, compute_basis
+from .galore import HOST_KEYS, GaLoreAdamW, GaLoreAdamW8bit, GaLoreParts
+from .layerwise import LayerwiseGaLore, ddp_layerwise_comm_hook
+from .weights import FloatWeight, LowRankUpdate
 
 __all__ = ["broadcast_projectors", "check_replicas_agree", "all_reduce_float_grads", "ddp_layerwise_comm_hook",
            "ShardedGaLoreAdamW", "ShardedGaLoreAdamW8bit"]
@@ -222,7 +224,7 @@ def all_reduce_float_grads(module: torch.nn.Module, group=None) -> int:
 
     DDP does not see them (int8 parameters carry no autograd gradient); call after backward, before
     ``QGaLoreAdamW8bit.step()``. Every rank must hold a float_grad for the same weights. Returns how many."""
-    grads = [p.float_grad for p in module.parameters() if getattr(p, "float_grad", None) is not None]
+    grads = [p.float_grad for p in module.parameters() if isinstance(p, Int8Weight) and p.float_grad is not None]
     if not grads:
         return 0
     flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
@@ -235,57 +237,6 @@ def all_reduce_float_grads(module: torch.nn.Module, group=None) -> int:
     return len(grads)
 
 
-# -- layer-wise GaLore with a DDP communication hook ----------------------------------------------------------------------
-def ddp_layerwise_comm_hook(layerwise: LayerwiseGaLore, process_group=None):
-    """A DDP communication hook that averages each gradient bucket and then steps its parameters.
-
-    Usage::
-
-        opt = LayerwiseGaLore(groups, hooks=False)
-        ddp = DistributedDataParallel(model)
-        ddp.register_comm_hook(None, ddp_layerwise_comm_hook(opt))
-        for batch in data:
-            loss(ddp(batch)).backward()   # the updates happen here, bucket by bucket
-            opt.zero_grad()
-    """
-    if not isinstance(layerwise, LayerwiseGaLore):
-        raise TypeError(f"ddp_layerwise_comm_hook takes a LayerwiseGaLore, got {type(layerwise).__name__}")
-    if layerwise.hooks:
-        raise ValueError("this LayerwiseGaLore steps from post-accumulate-grad hooks, which fire before DDP's "
-                         "all-reduce; build it with hooks=False to use it from the DDP communication hook")
-    if layerwise.accumulation_steps != 1:
-        raise ValueError("with the DDP communication hook every synchronised backward is one update: use "
-                         "accumulation_steps=1 and DistributedDataParallel.no_sync() for gradient accumulation")
-    owned = {id(p) for p in layerwise.params}
-
-    def hook(state, bucket):  # (no annotations: this module postpones them, DDP compares them as objects)
-        group = process_group if process_group is not None else state
-        buffer = bucket.buffer()
-        buffer.div_(_world(group))
-        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-
-        def apply(done: torch.futures.Future) -> Tensor:
-            reduced = done.value()[0]
-            params = bucket.parameters()
-            total = sum(p.numel() for p in params)
-            if total != reduced.numel():
-                raise RuntimeError(f"DDP bucket of {reduced.numel()} elements does not hold its {len(params)} "
-                                   f"parameters contiguously ({total} elements)")
-            offset = 0
-            with torch.no_grad():
-                for p in params:
-                    n = p.numel()
-                    if id(p) in owned:
-                        p.grad = reduced[offset:offset + n].view_as(p)
-                        layerwise.step_param(p)
-                    offset += n
-            return reduced
-
-        return fut.then(apply)
-
-    return hook
-
-
 # -- FSDP2: DTensor parameters -------------------------------------------------------------------------------------------
 def _row_range(m: int, rank: int, world: int) -> Tuple[int, int]:
     """Rows of a Shard(0) DTensor held by ``rank`` (torch.chunk's split: ceil(m / world) rows per rank)."""
@@ -294,12 +245,18 @@ def _row_range(m: int, rank: int, world: int) -> Tuple[int, int]:
     return start, min(start + chunk, m)
 
 
-class _ShardedMixin:
-    """DTensor (FSDP2) support on top of GaLoreAdamW's three-phase step; plain tensors take the parent's path."""
+class ShardedWeight(FloatWeight):
+    """Part (c) of the GaLore step for FSDP2 parameters (DTensor, 1-D mesh, Shard(0) or Replicate): the step reads
+    the local gradient shard and writes the local weight shard; see the module docstring for the communication."""
 
-    sync_basis = True  # broadcast rank 0's freshly computed basis (agreement across heterogeneous machines)
+    def __init__(self, sync_basis: bool = True):
+        self.sync_basis = sync_basis  # broadcast rank 0's new basis (agreement across heterogeneous machines)
 
-    def _layout(self, p: Tensor):
+    def accepts(self, p: Tensor) -> bool:
+        return _is_dtensor(p)
+
+    @staticmethod
+    def layout(p: Tensor):
         """(kind, process group, mesh rank, world) for a DTensor parameter: kind 'shard0' or 'replicate'."""
         mesh = p.device_mesh
         if mesh.ndim != 1:
@@ -314,113 +271,82 @@ class _ShardedMixin:
             raise NotImplementedError(f"Sharded GaLore supports Shard(0) and Replicate placements, got {placement}")
         return kind, group, dist.get_rank(group), dist.get_world_size(group)
 
-    def _dist_group(self):
-        groups = {id(self._layout(p)[1]): self._layout(p)[1]
-                  for g in self.param_groups for p in g["params"] if _is_dtensor(p)}
-        if len(groups) > 1:
-            raise NotImplementedError("all DTensor parameters of one Sharded GaLore optimizer must share one mesh")
-        return next(iter(groups.values()), None)
+    def check_grad(self, p: Tensor, grad: Tensor) -> None:
+        if not _is_dtensor(grad):
+            raise RuntimeError("a DTensor parameter needs a DTensor gradient (and a tensor one a tensor)")
 
-    def _check_grads(self, items) -> None:
-        for _, p in items:
-            if _is_dtensor(p) != _is_dtensor(self._grad(p)):
-                raise RuntimeError("a DTensor parameter needs a DTensor gradient (and a tensor one a tensor)")
-        super()._check_grads(items)
+    def local(self, t: Tensor) -> Tensor:
+        return t.to_local() if _is_dtensor(t) else t
 
-    def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
-        """Checkpoint validation (when the base optimizer validates): sharded state has local shapes."""
-        if _is_dtensor(p) and self._layout(p)[0] == "shard0":
-            for key, t in state.items():
-                if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{where}: saved {key} holds NaN/Inf")
-            return
-        parent = getattr(super(), "_validate_param_state", None)
-        if parent is not None:
-            parent(where, p, state, group)
-
-    # phase 1
-    def _prepare(self, group: Dict, p: Tensor) -> Dict:
-        if not _is_dtensor(p):
-            return super()._prepare(group, p)
-        grad = self._grad(p)
-        local = grad.to_local()
-        if not ("rank" in group and p.dim() == 2):
-            return {"check": local, "finite": None}
-        kind, pg, rank, world = self._layout(p)
-        proj = self._projector(group)
-        state = self.state[p]
+    def check_local(self, p: Tensor, local: Tensor) -> None:
+        kind, _, rank, world = self.layout(p)
         m, n = p.shape
-        side = proj.side(p.shape)
         start, end = (0, m) if kind == "replicate" else _row_range(m, rank, world)
         if local.shape[0] != end - start:
             raise RuntimeError(f"local shard of a {(m, n)} parameter has {local.shape[0]} rows, expected "
                                f"{end - start} (rows {start}:{end} of Shard(0) on {world} ranks)")
-        pending = None
-        if self._refresh_due(group, proj, state):
-            full = grad.full_tensor()
-            if gradient_checks_enabled() and not finite_flags([full])[0]:
-                return {"check": local, "finite": False}  # every rank sees the same full gradient
-            ortho, ortho_right = compute_basis(full, proj.rank, side, proj.svd, oversample=proj.oversample,
-                                               power_iters=proj.power_iters,
-                                               seed=basis_seed(proj.seed, self._keys.get(id(p), 0),
-                                                               state.get("step", 0)))
-            del full
-            if self.sync_basis and kind == "shard0" and world > 1:
-                src = dist.get_global_rank(pg, 0)
-                for t in (ortho, ortho_right):
-                    if t is not None:
-                        dist.broadcast(t, src=src, group=pg)
-            if side in ("left", "full"):
-                ortho = ortho[start:end].contiguous()  # each rank keeps its rows of U
-            pending = {}
-            proj.store_basis(pending, ortho, ortho_right)
-            basis = proj.load_basis(pending)
-        else:
-            basis = proj.load_basis(state)
-        ortho, ortho_right = basis
-        g = local.to(torch.float32)
-        if side == "right":
-            low = g @ ortho.T
-        else:
-            low = ortho.T @ g if side == "left" else ortho.T @ g @ ortho_right.T
-            if kind == "shard0" and world > 1:
-                dist.all_reduce(low, group=pg)  # sum over row blocks: the projection of the whole gradient
-        return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
-                "proj": proj}
 
-    # phase 2: one flag all-reduce so that every rank raises / skips together
-    _UNCHANGED = "no parameter or optimizer state was changed on any rank"
+    def gather(self, p: Tensor, grad: Tensor) -> Tensor:
+        return grad.full_tensor()  # a transient m x n buffer per rank, at refreshes only
 
-    def _bad_anywhere(self, flags) -> bool:
-        pg = self._dist_group()
+    def share_basis(self, p: Tensor, ortho: Tensor, ortho_right, side: str):
+        kind, pg, rank, world = self.layout(p)
+        if self.sync_basis and kind == "shard0" and world > 1:
+            src = dist.get_global_rank(pg, 0)
+            for t in (ortho, ortho_right):
+                if t is not None:
+                    dist.broadcast(t, src=src, group=pg)
+        if side in ("left", "full"):
+            start, end = (0, p.shape[0]) if kind == "replicate" else _row_range(p.shape[0], rank, world)
+            ortho = ortho[start:end].contiguous()  # each rank keeps its rows of U
+        return ortho, ortho_right
+
+    def reduce_low(self, p: Tensor, low: Tensor, side: str) -> Tensor:
+        kind, pg, _, world = self.layout(p)
+        if side != "right" and kind == "shard0" and world > 1:
+            dist.all_reduce(low, group=pg)  # sum over row blocks: the projection of the whole gradient
+        return low
+
+    def validates_shapes(self, p: Tensor) -> bool:
+        return self.layout(p)[0] != "shard0"  # sharded state has local shapes; its values are still checked
+
+    def any_bad(self, params, bad: bool) -> bool:
+        groups = {id(self.layout(p)[1]): self.layout(p)[1] for p in params}
+        if len(groups) > 1:
+            raise NotImplementedError("all DTensor parameters of one Sharded GaLore optimizer must share one mesh")
+        pg = next(iter(groups.values()), None)
         if pg is None or dist.get_world_size(pg) == 1:
-            return super()._bad_anywhere(flags)
+            return bad
         # on the device of the sharded parameters: NCCL reduces CUDA tensors only (a fill, no host copy)
-        device = next(p.device for g in self.param_groups for p in g["params"] if _is_dtensor(p))
-        bad = torch.full((1,), 0 if all(flags) else 1, dtype=torch.int32, device=device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
-        return int(bad) != 0  # a host sync, the step's second (after the local finite_flags)
+        flag = torch.full((1,), 1 if bad else 0, dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        return int(flag) != 0  # a host sync, the step's second (after the local finite_flags)
 
-    # phase 3: GaLoreAdamW's commit on the local shard
-    def _local(self, t: Tensor) -> Tensor:
-        return t.to_local() if _is_dtensor(t) else t
-
-    def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj, low: Tensor, basis, side: str,
-                        step_size: float) -> None:
-        if p.numel() == 0 and side != "full":  # an empty shard (m < world): keep the moments in step
-            exp_avg, exp_avg_sq = self._load_moments(state)
-            beta1, beta2 = group["betas"]
-            galore_adam_update_reference(p, low, exp_avg, exp_avg_sq, basis[0], side == "left", beta1, beta2,
-                                         group["eps"], step_size, proj.scale,
-                                         1.0 - group["lr"] * group["weight_decay"])
-            self._store_moments(state, exp_avg, exp_avg_sq)
+    def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
+                       ortho_right, side: str, u: LowRankUpdate) -> None:
+        if weight.numel() == 0 and side != "full":  # an empty shard (m < world): keep the moments in step
+            galore_adam_update_reference(weight, low, exp_avg, exp_avg_sq, ortho, side == "left", u.beta1, u.beta2,
+                                         u.eps, u.step_size, u.scale, u.decay)
             return
-        super()._apply_low_rank(group, p, state, proj, low, basis, side, step_size)
+        super().apply_low_rank(weight, low, exp_avg, exp_avg_sq, ortho, ortho_right, side, u)
 
 
-class ShardedGaLoreAdamW(_ShardedMixin, GaLoreAdamW):
+_UNCHANGED_ANY_RANK = "no parameter or optimizer state was changed on any rank"
+
+
+class ShardedGaLoreAdamW(GaLoreAdamW):
     """GaLoreAdamW for FSDP2 (DTensor, Shard(0)) parameters; see the module docstring for the design and memory."""
 
+    _UNCHANGED = _UNCHANGED_ANY_RANK
 
-class ShardedGaLoreAdamW8bit(_ShardedMixin, GaLoreAdamW8bit):
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, parts=GaLoreParts(weights=(ShardedWeight(), FloatWeight())), **kwargs)
+
+
+class ShardedGaLoreAdamW8bit(GaLoreAdamW8bit):
     """GaLoreAdamW8bit for FSDP2 parameters: the 8-bit moments are quantized per shard (blocks of the local rows)."""
+
+    _UNCHANGED = _UNCHANGED_ANY_RANK
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, parts=GaLoreParts(weights=(ShardedWeight(), FloatWeight())), **kwargs)

@@ -1,16 +1,44 @@
-"""GaLoreAdamW, GaLoreAdamW8bit and layer-wise GaLore (arXiv 2403.03507), compatible with galore-torch 1.0.
+"""The GaLore step (arXiv 2403.03507), compatible with galore-torch 1.0, built from three parts, and its presets
+GaLoreAdamW and GaLoreAdamW8bit (QGaLoreAdamW8bit: weightkit.optim.qgalore; the sharded ones:
+weightkit.optim.distributed; layer-wise stepping: weightkit.optim.layerwise).
 
 Param groups carrying ``rank`` are trained with low-rank optimizer state: each 2-D parameter's gradient is
 projected (weightkit.optim.projector), Adam runs on the projection, and the update is projected back and applied
-with decoupled weight decay by the fused op ``weightkit::galore_adam_update_``. Parameters in other groups, and
-non-2-D parameters of GaLore groups (biases, norms), get plain AdamW. The update matches galore-torch's
-``GaLoreAdamW`` (same projection sides, refresh schedule, bias correction, weight decay order, eps=1e-6); moments
-are kept in float32.
+with decoupled weight decay. Parameters in other groups, and non-2-D parameters of GaLore groups (biases, norms),
+get plain AdamW. The update matches galore-torch's ``GaLoreAdamW`` (same projection sides, refresh schedule, bias
+correction, weight decay order, eps=1e-6).
+
+One step, three parts (``GaLoreParts``), each a small object with its own tests (tests/optim/test_parts.py):
+
+1. ``basis`` -- how the projection basis is stored (weightkit.optim.basis): float in the group's ``proj_dtype``
+   (float32 / bfloat16 / float16), or INT4 packed;
+2. ``moments`` -- how Adam's moments are stored (weightkit.optim.moments): float32, or 8-bit blockwise;
+3. ``weights`` -- how a weight is read and written (weightkit.optim.weights): a float parameter in place, an int8
+   ``Int8Weight`` by stochastic rounding, or a DTensor's local shard (weightkit.optim.distributed); the first part
+   of the tuple that accepts a parameter handles it;
+
+plus the refresh schedule (weightkit.optim.refresh: every ``update_proj_gap`` steps, optionally staggered across
+parameters, or Q-GaLore's lazy one). A new basis is computed in one place (``GaLoreProjector.compute``).
+
+=====================  ==============  =======================  ===============================  =========
+preset                 basis           moments                  weights                          refresh
+=====================  ==============  =======================  ===============================  =========
+GaLoreAdamW            float           float32                  float                            fixed
+GaLoreAdamW8bit        float           8-bit (min_8bit_size)    float                            fixed
+QGaLoreAdamW8bit       INT4            8-bit (min_8bit_size)    int8 SR, float                   lazy
+ShardedGaLoreAdamW     float           float32                  DTensor shard, float             fixed
+ShardedGaLoreAdamW8bit float           8-bit (min_8bit_size)    DTensor shard, float             fixed
+=====================  ==============  =======================  ===============================  =========
+
+Other combinations are made by passing ``parts=GaLoreParts(...)`` to GaLoreAdamW. The state entries each part
+writes are the checkpoint format of the presets (unchanged since before the parts existed; tests/optim/
+test_fixtures.py resumes checkpoints written by the earlier code bit for bit).
 
 Group keys: ``params, lr, betas, eps, weight_decay, correct_bias`` and, for GaLore groups, ``rank,
 update_proj_gap, scale, proj_type, svd ('exact' | 'randomized'), oversample, power_iters, seed, proj_dtype``
-(storage dtype of the projection bases: None = float32 as galore-torch, or 'bfloat16' / 'float16', which halves
-their bytes: at rank d/4 the state is then 31% of AdamW's instead of 37.5%). Unknown keys raise.
+(storage dtype of float bases: None = float32 as galore-torch, or 'bfloat16' / 'float16', which halves their
+bytes: at rank d/4 the state is then 31% of AdamW's instead of 37.5%), plus the keys of the parts (INT4:
+``proj_group_size``; lazy refresh: ``cos_threshold, gamma_proj, queue_size``). Unknown keys raise.
 
 A step runs in three phases so that a bad gradient never leaves the optimizer half-updated: (1) every parameter's
 gradient is projected (bases due for a refresh are computed from the gradient but not yet stored); (2) the
@@ -25,22 +53,26 @@ and 3 (each the size of one low-rank moment; layer-wise mode holds one at a time
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..ops._checks import debug_checks_enabled, finite_flags
-from ..ops.galore import galore_adam_update_
-from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, project_back, projection_side
+from .basis import FloatBasis, Int4Basis
+from .moments import BlockwiseMoments8bit, FloatMoments
+from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_side
+from .refresh import FixedRefresh
+from .weights import FloatWeight, LowRankUpdate
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed",
                "proj_dtype")
 ADAM_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "correct_bias")
 # State entries that describe shapes: read on the host every step (``.tolist()``), so they stay on the CPU, where
 # reading them costs no device synchronization (on a GPU, a CUDA copy of them would sync at every step).
-HOST_KEYS = ("moment_shape", "ortho_shape")
+HOST_KEYS = BlockwiseMoments8bit.host_keys + Int4Basis.host_keys
 
 
 def gradient_checks_enabled() -> bool:
@@ -51,20 +83,34 @@ def gradient_checks_enabled() -> bool:
     return debug_checks_enabled(default=True)
 
 
-def host_shape(state: Dict, key: str) -> tuple:
-    """A shape kept in the state as a small int64 tensor, read without a device sync: a copy that ended up on a
-    device (a state moved by hand, an old checkpoint) is brought back to the CPU once."""
-    t = state[key]
-    if t.device.type != "cpu":
-        t = state[key] = t.cpu()
-    return tuple(t.tolist())
+@dataclasses.dataclass(frozen=True)
+class GaLoreParts:
+    """The parts of one GaLore step (see the module docstring); the defaults make GaLoreAdamW."""
+
+    basis: object = dataclasses.field(default_factory=FloatBasis)
+    moments: object = dataclasses.field(default_factory=FloatMoments)
+    weights: Tuple = (FloatWeight(),)
+    refresh: object = dataclasses.field(default_factory=FixedRefresh)
+
+    def group_keys(self) -> Dict:
+        """Group keys the parts add, with their defaults."""
+        return {**getattr(self.basis, "group_keys", {}), **getattr(self.refresh, "group_keys", {})}
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
+    """GaLore with AdamW: float bases, float32 moments, float weights (galore-torch's GaLoreAdamW), and the one
+    step that every preset of the family runs with its own ``parts`` (see the module docstring).
+
+    ``stagger_refresh=True`` spreads the parameters' basis refreshes over the steps of each ``update_proj_gap``
+    period instead of refreshing every layer on the same step (weightkit.optim.refresh.FixedRefresh; parameter k,
+    its index in the param groups plus ``refresh_offset``, refreshes when (step + k) % update_proj_gap == 0).
+    ``parts`` (a :class:`GaLoreParts`) chooses the storage and weight parts; the presets pass their own."""
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std",
                  svd: str = "exact", oversample: int = 8, power_iters: int = 2, seed: int = 0,
-                 proj_dtype=None, nonfinite: str = "raise"):
+                 proj_dtype=None, nonfinite: str = "raise", *, stagger_refresh: bool = False,
+                 refresh_offset: int = 0, parts: Optional[GaLoreParts] = None):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -73,32 +119,63 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if parts is None:
+            parts = GaLoreParts()
+        if not isinstance(parts, GaLoreParts):
+            raise TypeError(f"parts must be a GaLoreParts, got {type(parts).__name__}")
+        if not parts.weights:
+            raise ValueError("parts.weights must name at least one weight part")
+        if stagger_refresh:
+            if not isinstance(parts.refresh, FixedRefresh):
+                raise ValueError("stagger_refresh applies to the fixed refresh schedule, not to "
+                                 f"{type(parts.refresh).__name__}")
+            parts = dataclasses.replace(parts, refresh=FixedRefresh(stagger=True, offset=refresh_offset))
+        self.parts = parts
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self._weight_parts: Dict[int, object] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         oversample=oversample, power_iters=power_iters, seed=seed, proj_dtype=proj_dtype)
+        self._part_defaults = parts.group_keys()
         super().__init__(params, defaults)
         self._keys = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
-    EXTRA_KEYS: tuple = ()
+    # where the "nothing was changed" promise holds (the sharded presets extend it to every rank)
+    _UNCHANGED = "no parameter or optimizer state was changed"
 
     # -- groups ---------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: Dict) -> None:
-        allowed = ADAM_KEYS + GALORE_KEYS + self.EXTRA_KEYS
+        extra = getattr(self, "_part_defaults", {})
+        allowed = ADAM_KEYS + GALORE_KEYS + tuple(extra)
         unknown = sorted(set(param_group) - set(allowed))
         if unknown:
             raise ValueError(f"unknown param group key(s) {unknown}; groups take {list(allowed)}")
+        for k, v in extra.items():
+            param_group.setdefault(k, v)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "rank" in group:
             proj = self._projector(group)  # validates rank, gap, proj_type, svd
+            self.parts.basis.check_group(group)
+            self.parts.refresh.check_group(group)
             for p in group["params"]:
                 if p.dim() == 2:
                     proj.check_shape(p.shape)
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("GaLoreAdamW does not support sparse parameters")
+            self._weight_part(p).check_param(p, group)
+
+    def _weight_part(self, p: Tensor):
+        """The weight part that handles ``p``: the first of ``parts.weights`` that accepts it."""
+        part = self._weight_parts.get(id(p))
+        if part is None:
+            part = next((w for w in self.parts.weights if w.accepts(p)), None)
+            if part is None:
+                raise ValueError(f"no weight part of this optimizer handles a {type(p).__name__} of dtype {p.dtype}")
+            self._weight_parts[id(p)] = part
+        return part
 
     @staticmethod
     def _projector(group: Dict) -> GaLoreProjector:
@@ -120,10 +197,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._place_loaded_state(state_dict)
 
-    def _state_device(self, p: Tensor, key: str) -> torch.device:
-        """Where state entry ``key`` of parameter ``p`` lives: the CPU for shapes (HOST_KEYS), else p's device."""
-        return torch.device("cpu") if key in HOST_KEYS else p.device
-
     def _place_loaded_state(self, sd: Dict) -> None:
         """torch.optim.Optimizer.load_state_dict moves every state tensor to its parameter's device and casts the
         floating ones to the parameter's dtype. Undo the cast (moments stay float32, bases keep proj_dtype, INT4
@@ -141,7 +214,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         if isinstance(value, Tensor):
                             state[key] = int(value.item())
                     elif isinstance(value, Tensor):
-                        state[key] = value.to(device=self._state_device(p, key))
+                        state[key] = value.to(device=torch.device("cpu") if key in HOST_KEYS else p.device)
 
     def _validate_state_dict(self, sd) -> None:
         if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(sd.get("param_groups"), list):
@@ -158,82 +231,56 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if state is not None:
                     self._validate_param_state(f"parameter {idx} (shape {tuple(p.shape)})", p, state, saved)
 
-    def _expected_low_shape(self, group: Dict, p: Tensor):
-        m, n = p.shape
-        r = group["rank"]
-        side = projection_side((m, n), group["proj_type"])
-        return side, {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
-
     def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
         if not isinstance(state, dict):
             raise ValueError(f"{where}: state must be a dict, got {type(state).__name__}")
+        if self._weight_part(p).validates_shapes(p):
+            self._validate_shapes(where, p, state, group)
+        for key, t in state.items():
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: saved {key} holds NaN/Inf")
+
+    def _validate_shapes(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
         step = state.get("step", 0)
         step = int(step.item()) if isinstance(step, Tensor) else step
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{where}: step must be an int >= 0, got {state.get('step')!r}")
         galore = "rank" in group and p.dim() == 2
-        want: Dict[str, tuple] = {}
+        low = tuple(p.shape)
         if galore:
-            if group["rank"] > min(p.shape):
-                raise ValueError(f"{where}: saved rank {group['rank']} is larger than min(m, n) = {min(p.shape)}")
-            side, low = self._expected_low_shape(group, p)
             m, n = p.shape
             r = group["rank"]
-            want.update({"ortho": (m, r) if side in ("left", "full") else (r, n), "ortho_right": (r, n)})
-        else:
-            low = tuple(p.shape)
-        want.update({"exp_avg": low, "exp_avg_sq": low})
-        for key, shape in want.items():
-            t = state.get(key)
-            if t is None:
-                continue
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if galore and step > 0 and not self._has_basis_entries(state):
+            if r > min(m, n):
+                raise ValueError(f"{where}: saved rank {r} is larger than min(m, n) = {min(m, n)}")
+            side = projection_side((m, n), group["proj_type"])
+            low = {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+            shapes = {"ortho": (m, r) if side in ("left", "full") else (r, n), "ortho_right": (r, n)}
+            self.parts.basis.validate(where, state, shapes, group)
+        self.parts.moments.validate(where, state, low)
+        if galore and step > 0 and not self.parts.basis.has(state):
             raise ValueError(f"{where}: state at step {step} has no projection basis (truncated checkpoint?)")
-        if step > 0 and not self._has_moments(state):
+        if step > 0 and not self.parts.moments.has(state):
             raise ValueError(f"{where}: state at step {step} has no moments (truncated checkpoint?)")
-        for key, t in state.items():
-            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{where}: saved {key} holds NaN/Inf")
-
-    def _has_basis_entries(self, state: Dict) -> bool:
-        return "ortho" in state
-
-    # -- moments: overridden by the 8-bit variant ---------------------------------------------------------
-    def _init_moments(self, state: Dict, like: Tensor) -> None:
-        state["exp_avg"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        state["exp_avg_sq"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-
-    def _load_moments(self, state: Dict):
-        return state["exp_avg"], state["exp_avg_sq"]
-
-    def _store_moments(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        pass  # updated in place
-
-    def _has_moments(self, state: Dict) -> bool:
-        return "exp_avg" in state
 
     # -- the step --------------------------------------------------------------------------------------------
-    def _grad(self, p: Tensor) -> Optional[Tensor]:
-        """The gradient of ``p`` (Q-GaLore reads int8 weights' ``float_grad`` instead)."""
-        return p.grad
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._weight_part(p).clear_grad(p)  # an int8 weight's float_grad
+        super().zero_grad(set_to_none)
 
     def _check_grads(self, items) -> None:
-        for _, p in items:
-            grad = self._grad(p)
+        for _, p, part, grad in items:
+            part.check_grad(p, grad)
             if grad.is_sparse:
                 raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter of shape {tuple(p.shape)})")
             if grad.shape != p.shape:
                 raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
 
-    # where the "nothing was changed" promise holds (the sharded optimizer extends it to every rank)
-    _UNCHANGED = "no parameter or optimizer state was changed"
-
     def _nonfinite(self, items, prepared) -> bool:
-        """True when a gradient holds NaN/Inf (then raise, or count a skipped step). One host sync for all."""
+        """True when a gradient holds NaN/Inf (then raise, or count a skipped step). One host sync for all (and,
+        for sharded parameters, one flag all-reduce so that every rank raises or skips together)."""
         if not gradient_checks_enabled() or not items:
             return False
         known = [prep["finite"] for prep in prepared]
@@ -241,23 +288,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
             flags = finite_flags([prep["check"] for prep in prepared])
         else:
             flags = [k if k is not None else finite_flags([prep["check"]])[0] for k, prep in zip(known, prepared)]
-        if not self._bad_anywhere(flags):
+        bad = not all(flags)
+        for part in self.parts.weights:
+            bad = part.any_bad([p for g in self.param_groups for p in g["params"] if self._weight_part(p) is part],
+                               bad)
+        if not bad:
             return False
-        bad = [tuple(p.shape) for (_, p), ok in zip(items, flags) if not ok]
+        shapes = [tuple(p.shape) for (_, p, _, _), ok in zip(items, flags) if not ok]
         if self.nonfinite == "raise":
-            where = f"{len(bad)} parameter(s) of shapes {bad[:4]}" if bad else "a gradient shard of another rank"
+            where = f"{len(shapes)} parameter(s) of shapes {shapes[:4]}" if shapes else "a gradient shard of another rank"
             raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; {self._UNCHANGED} "
                                      "(use nonfinite='skip' to skip such steps)")
         self.skipped_steps += 1
         return True
-
-    def _bad_anywhere(self, flags) -> bool:
-        """Whether any of this process's finiteness ``flags`` is False (the sharded optimizer asks every rank)."""
-        return not all(flags)
-
-    def _local(self, t: Tensor) -> Tensor:
-        """The tensor the update writes or reads here (the sharded optimizer's DTensors give their local shard)."""
-        return t
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -265,13 +308,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = [(g, p) for g in self.param_groups for p in g["params"] if self._grad(p) is not None]
+        items = []  # (group, parameter, its weight part, its gradient)
+        for group in self.param_groups:
+            for p in group["params"]:
+                part = self._weight_part(p)
+                grad = part.grad(p)
+                if grad is not None:
+                    items.append((group, p, part, grad))
         self._check_grads(items)
-        prepared = [self._prepare(group, p) for group, p in items]
+        prepared = [self._prepare(group, p, part, grad) for group, p, part, grad in items]
         if self._nonfinite(items, prepared):
             return loss
-        for (group, p), prep in zip(items, prepared):
-            self._commit(group, p, prep)
+        for (group, p, part, grad), prep in zip(items, prepared):
+            self._commit(group, p, part, grad, prep)
         return loss
 
     def _step_size(self, group: Dict, step: int) -> float:
@@ -281,263 +330,83 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
     # -- phase 1: project (no state is changed) ------------------------------------------------------------
-    def _prepare(self, group: Dict, p: Tensor) -> Dict:
+    def _prepare(self, group: Dict, p: Tensor, part, grad: Tensor) -> Dict:
         """{'check': tensor to test for NaN/Inf, 'finite': None or a known answer, ...} for one parameter."""
-        grad = self._grad(p)
+        local = part.local(grad)
         if not ("rank" in group and p.dim() == 2):
-            return {"check": grad, "finite": None}
+            return {"check": local, "finite": None}
         proj = self._projector(group)
         proj.check_shape(grad.shape, "gradient")
+        part.check_local(p, local)
         state = self.state[p]
         side = proj.side(p.shape)
+        key = self._keys.get(id(p), 0)
+        storage = self.parts.basis
         pending = None
-        if self._refresh_due(group, proj, state):
-            if gradient_checks_enabled() and not finite_flags([grad])[0]:
-                return {"check": grad, "finite": False}  # no SVD of a bad gradient
-            pending = self._new_basis(group, proj, p, state, grad, side)
-            basis = self._basis_of(group, proj, pending)
+        if self.parts.refresh.due(state, group, storage.has(state), key):
+            full = part.gather(p, grad)
+            if gradient_checks_enabled() and not finite_flags([full])[0]:
+                return {"check": local, "finite": False}  # no SVD of a bad gradient (every rank sees the same)
+            ortho, ortho_right = part.share_basis(p, *proj.compute(full, state.get("step", 0), key), side)
+            del full
+            pending = self.parts.refresh.entries(state, group, ortho, side)
+            storage.store(pending, ortho, ortho_right, group)
+            basis = storage.load(pending, group)
         else:
-            basis = self._basis_of(group, proj, state)
-        low = project(grad, side, *basis)
+            basis = storage.load(state, group)
+        low = part.reduce_low(p, project(local, side, *basis), side)
         return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
-                "proj": proj}
-
-    def _refresh_due(self, group: Dict, proj: GaLoreProjector, state: Dict) -> bool:
-        return proj.due(state.get("step", 0), state)
-
-    def _new_basis(self, group: Dict, proj: GaLoreProjector, p: Tensor, state: Dict, grad: Tensor,
-                   side: str) -> Dict:
-        """State entries of a freshly computed basis (stored in proj_dtype), not yet written to ``state``."""
-        pending: Dict = {}
-        proj.refresh(grad, state.get("step", 0), pending, key=self._keys.get(id(p), 0))
-        return pending
-
-    def _basis_of(self, group: Dict, proj: GaLoreProjector, entries: Dict):
-        """The float32 basis (ortho, ortho_right or None) held in state entries."""
-        return proj.load_basis(entries)
+                "proj": proj, "key": key}
 
     # -- phase 3: apply -------------------------------------------------------------------------------------
-    def _commit(self, group: Dict, p: Tensor, prep: Dict) -> None:
+    def _commit(self, group: Dict, p: Tensor, part, grad: Tensor, prep: Dict) -> None:
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-        weight = self._local(p)
+        weight = part.local(p)
+        moments = self.parts.moments
         if "low" not in prep:
-            grad = self._local(self._grad(p)).to(torch.float32)
-            if not self._has_moments(state):
-                self._init_moments(state, grad)
+            grad = part.local(grad).to(torch.float32)
+            if not moments.has(state):
+                moments.init(state, grad)
             state["step"] += 1
             self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]))
             return
         if prep["pending"] is not None:
             state.update(prep["pending"])
         low = prep["low"]
-        if not self._has_moments(state):
-            self._init_moments(state, low)
+        if not moments.has(state):
+            moments.init(state, low)
         state["step"] += 1
-        self._apply_low_rank(group, weight, state, prep["proj"], low, prep["basis"], prep["side"],
-                             self._step_size(group, state["step"]))
-
-    def _apply_low_rank(self, group: Dict, p: Tensor, state: Dict, proj: GaLoreProjector, low: Tensor, basis,
-                        side: str, step_size: float) -> None:
-        """Adam on the low-rank gradient, projected back and applied to ``p`` (overridden by Q-GaLore)."""
         beta1, beta2 = group["betas"]
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        exp_avg, exp_avg_sq = self._load_moments(state)
-        ortho, ortho_right = basis
-        if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
-            exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-            full = project_back(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), side, ortho, ortho_right)
-            p.copy_((p.to(torch.float32) - step_size * proj.scale * full) * decay)
-        else:
-            galore_adam_update_(p.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=beta1,
-                                beta2=beta2, eps=group["eps"], step_size=step_size, scale=proj.scale, decay=decay)
-        self._store_moments(state, exp_avg, exp_avg_sq)
+        update = LowRankUpdate(beta1=beta1, beta2=beta2, eps=group["eps"],
+                               step_size=self._step_size(group, state["step"]), scale=prep["proj"].scale,
+                               decay=1.0 - group["lr"] * group["weight_decay"], step=state["step"],
+                               seed=hash((group["seed"], prep["key"])) % 2**62)
+        exp_avg, exp_avg_sq = moments.load(state)
+        part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *prep["basis"], prep["side"], update)
+        moments.store(state, exp_avg, exp_avg_sq)
 
     def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float) -> None:
+        """AdamW on a parameter outside the GaLore groups (or a non-2-D one inside)."""
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._load_moments(state)
+        exp_avg, exp_avg_sq = self.parts.moments.load(state)
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         new = p.to(torch.float32) - step_size * (exp_avg / (exp_avg_sq.sqrt() + group["eps"]))
         if group["weight_decay"] > 0.0:
             new = new * (1.0 - group["lr"] * group["weight_decay"])
         p.copy_(new)
-        self._store_moments(state, exp_avg, exp_avg_sq)
+        self.parts.moments.store(state, exp_avg, exp_avg_sq)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit moments: bitsandbytes blockwise dynamic quantization (block 256), signed map for the
     first moment and unsigned for the second. Moments of tensors smaller than ``min_8bit_size`` stay float32.
-    Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back."""
+    Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back.
+    ``parts``: the other parts (its moments part is replaced by the 8-bit one)."""
 
-    BLOCK = 256
-
-    def __init__(self, params, *args, min_8bit_size: int = 4096, **kwargs):
+    def __init__(self, params, *args, min_8bit_size: int = 4096, parts: Optional[GaLoreParts] = None, **kwargs):
         self.min_8bit_size = min_8bit_size
-        super().__init__(params, *args, **kwargs)
-        self._codes = {}
-
-    def _code(self, signed: bool, device) -> Tensor:
-        import bitsandbytes.functional as bnbf
-
-        key = (signed, str(device))
-        if key not in self._codes:
-            self._codes[key] = bnbf.create_dynamic_map(signed=signed).to(device)
-        return self._codes[key]
-
-    def _quantize(self, x: Tensor, signed: bool):
-        import bitsandbytes.functional as bnbf
-
-        q, qs = bnbf.quantize_blockwise(x, code=self._code(signed, x.device), blocksize=self.BLOCK)
-        return q, qs.absmax
-
-    def _dequantize(self, q: Tensor, absmax: Tensor, signed: bool, shape) -> Tensor:
-        import bitsandbytes.functional as bnbf
-
-        out = bnbf.dequantize_blockwise(q, absmax=absmax, code=self._code(signed, q.device), blocksize=self.BLOCK)
-        return out.reshape(shape).to(torch.float32)
-
-    def _init_moments(self, state: Dict, like: Tensor) -> None:
-        if like.numel() < self.min_8bit_size:
-            return super()._init_moments(state, like)
-        zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(zeros, True)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(zeros, False)
-        state["moment_shape"] = torch.tensor(list(like.shape), dtype=torch.int64, device="cpu")  # HOST_KEYS
-
-    def _has_moments(self, state: Dict) -> bool:
-        return "exp_avg" in state or "exp_avg_q" in state
-
-    def _validate_param_state(self, where: str, p: Tensor, state: Dict, group: Dict) -> None:
-        super()._validate_param_state(where, p, state, group)
-        if "exp_avg_q" not in state:
-            return
-        low = (self._expected_low_shape(group, p)[1] if "rank" in group and p.dim() == 2 else tuple(p.shape))
-        numel = 1
-        for s in low:
-            numel *= s
-        shape = tuple(state["moment_shape"].tolist()) if isinstance(state.get("moment_shape"), Tensor) else None
-        if shape != tuple(low):
-            raise ValueError(f"{where}: saved moment_shape {shape} does not match the expected {tuple(low)}")
-        blocks = -(-numel // self.BLOCK)
-        for key, size in (("exp_avg_q", numel), ("exp_avg_sq_q", numel), ("exp_avg_absmax", blocks),
-                          ("exp_avg_sq_absmax", blocks)):
-            t = state.get(key)
-            if not isinstance(t, Tensor) or t.numel() != size:
-                raise ValueError(f"{where}: saved {key} must hold {size} values, got "
-                                 f"{None if not isinstance(t, Tensor) else t.numel()}")
-
-    def _load_moments(self, state: Dict):
-        if "exp_avg" in state:
-            return state["exp_avg"], state["exp_avg_sq"]
-        shape = host_shape(state, "moment_shape")
-        return (self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], True, shape),
-                self._dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False, shape))
-
-    def _store_moments(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        if "exp_avg" in state:
-            return
-        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(exp_avg, True)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(exp_avg_sq, False)
-
-
-class LayerwiseGaLore:
-    """Layer-wise GaLore: one optimizer per parameter, stepped from a post-accumulate-grad hook during backward,
-    and the gradient freed right after, so full gradients of all layers never coexist.
-
-    ``accumulation_steps=N`` accumulates N backward passes before each parameter's update. Do not call ``step()``
-    (updates happen in backward); ``zero_grad()`` is a no-op between updates but raises in the middle of an
-    accumulation window, where it would silently drop accumulated gradients.
-
-    ``hooks=False`` registers no hooks: the caller steps parameters with :meth:`step_param`, e.g. the DDP
-    communication hook :meth:`ddp_comm_hook` (weightkit.optim.distributed), which steps each parameter once DDP has
-    averaged its gradient bucket; ``zero_grad()`` then sets the gradients to None.
-    """
-
-    def __init__(self, params: Iterable, optimizer_cls=GaLoreAdamW, accumulation_steps: int = 1, hooks: bool = True,
-                 **defaults):
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        self.accumulation_steps = accumulation_steps
-        self.hooks = bool(hooks)
-        groups = list(params)
-        if groups and isinstance(groups[0], torch.Tensor):
-            groups = [{"params": groups}]
-        self.params, self.optimizers, self._counts, self._handles = [], [], [], []
-        for group in groups:
-            opts = {k: v for k, v in group.items() if k != "params"}
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                index = len(self.params)
-                self.params.append(p)
-                self.optimizers.append(optimizer_cls([dict(opts, params=[p])], **defaults))
-                self._counts.append(0)
-                if self.hooks:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
-        self._index = {id(p): i for i, p in enumerate(self.params)}
-
-    def _make_hook(self, index: int):
-        def hook(p: Tensor) -> None:
-            self._step_index(index, p)
-
-        return hook
-
-    def _step_index(self, index: int, p: Tensor) -> None:
-        self._counts[index] += 1
-        if self._counts[index] % self.accumulation_steps == 0:
-            self.optimizers[index].step()
-            p.grad = None
-
-    def step_param(self, p: Tensor) -> None:
-        """Count one backward pass of ``p`` (its gradient in ``p.grad``) and, at the end of an accumulation window,
-        update it and free the gradient: what the post-accumulate-grad hook does, for callers with hooks=False."""
-        index = self._index.get(id(p))
-        if index is None:
-            raise KeyError(f"parameter of shape {tuple(p.shape)} is not trained by this LayerwiseGaLore")
-        self._step_index(index, p)
-
-    def ddp_comm_hook(self, process_group=None):
-        """A DDP communication hook stepping each bucket's parameters after its all-reduce (needs hooks=False):
-        ``ddp_model.register_comm_hook(None, opt.ddp_comm_hook())``. See weightkit.optim.distributed."""
-        from .distributed import ddp_layerwise_comm_hook
-
-        return ddp_layerwise_comm_hook(self, process_group)
-
-    def pending(self) -> bool:
-        """True inside an accumulation window (some gradients accumulated but not yet applied)."""
-        return any(c % self.accumulation_steps for c in self._counts)
-
-    def step(self, closure=None):
-        raise RuntimeError("layer-wise GaLore applies each parameter's update inside backward; do not call step(). "
-                           "For gradient accumulation pass accumulation_steps=N.")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if self.pending():
-            raise RuntimeError(f"zero_grad() in the middle of an accumulation window of {self.accumulation_steps} "
-                               "backward passes would drop the accumulated gradients")
-        if not self.hooks:
-            for p in self.params:
-                p.grad = None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def state_dict(self) -> Dict:
-        return {"accumulation_steps": self.accumulation_steps, "counts": list(self._counts),
-                "optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state: Dict) -> None:
-        if len(state.get("optimizers", [])) != len(self.optimizers):
-            raise ValueError(f"state holds {len(state.get('optimizers', []))} per-parameter optimizers, "
-                             f"this layer-wise optimizer has {len(self.optimizers)}")
-        if state.get("accumulation_steps") != self.accumulation_steps:
-            raise ValueError(f"state was saved with accumulation_steps={state.get('accumulation_steps')}, "
-                             f"this optimizer has {self.accumulation_steps}")
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
-        self._counts = list(state["counts"])
+        parts = dataclasses.replace(parts or GaLoreParts(), moments=BlockwiseMoments8bit(min_8bit_size))
+        super().__init__(params, *args, parts=parts, **kwargs)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
-import torch
 from torch import nn
+
+from ..nn.int8 import Int8Weight
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -34,10 +35,10 @@ def param_groups(
     low_rank, seen = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Int8Linear"
-        if not is_linear or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        int8 = isinstance(weight, Int8Weight)  # Int8Linear's weight trains through its float_grad
+        if not (isinstance(module, nn.Linear) or int8) or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             continue
-        if not (weight.requires_grad or weight.dtype == torch.int8):  # Int8Linear trains through float_grad
+        if not (weight.requires_grad or int8):
             continue
         if filter_fn(name, module):
             low_rank.append(weight)

@@ -14,12 +14,15 @@ and Tropp 2011: Gaussian range finder with ``oversample`` extra columns and ``po
 re-orthonormalised by QR after each product; the Gaussian test matrix is seeded by (seed, parameter key, step), so
 resuming from a checkpoint recomputes the same basis).
 
-The bases live in a plain dict of tensors (``state["ortho"]`` and, for ``full``, ``state["ortho_right"]``): the
-optimizer passes its per-parameter state, so ``optimizer.state_dict()`` round-trips them; a standalone projector
-keeps its own (``projector.state``, with ``state_dict()`` / ``load_state_dict()``). They are stored in
-``proj_dtype`` (float32 by default, as galore-torch does for float32 weights; bfloat16 halves their bytes) and
-used in float32. Subclasses change the storage by overriding :meth:`GaLoreProjector.store_basis` and
-:meth:`GaLoreProjector.load_basis` (Q-GaLore keeps them in INT4).
+A new basis is computed in one place, :meth:`GaLoreProjector.compute` (which calls :func:`compute_basis` with the
+seed of the parameter and step): the standalone projector's refresh and every optimizer of the GaLore family (with
+its float, INT4 or sharded storage) go through it.
+
+A standalone projector keeps its basis in a plain dict of tensors (``projector.state``: ``"ortho"`` and, for
+``full``, ``"ortho_right"``, with ``state_dict()`` / ``load_state_dict()``), stored in ``proj_dtype`` (float32 by
+default, as galore-torch does for float32 weights; bfloat16 halves their bytes) by
+:class:`weightkit.optim.basis.FloatBasis` and used in float32. Inside an optimizer the basis lives in the
+parameter's optimizer state, in the optimizer's storage format (weightkit.optim.basis).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .basis import FloatBasis, resolve_proj_dtype
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("exact", "randomized")
-PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BASIS_KEYS = ("ortho", "ortho_right")
+BASIS_KEYS = FloatBasis.keys
 
 
 def projection_side(shape: Tuple[int, int], proj_type: str) -> str:
@@ -46,17 +50,6 @@ def projection_side(shape: Tuple[int, int], proj_type: str) -> str:
     if proj_type in ("left", "right", "full"):
         return proj_type
     raise ValueError(f"proj_type={proj_type!r} is not one of {', '.join(PROJ_TYPES)}")
-
-
-def resolve_proj_dtype(proj_dtype: Union[None, str, torch.dtype]) -> torch.dtype:
-    """float32 for None; a name ('bfloat16') or a torch.dtype among float32/bfloat16/float16."""
-    if proj_dtype is None:
-        return torch.float32
-    if isinstance(proj_dtype, str) and proj_dtype in PROJ_DTYPES:
-        return PROJ_DTYPES[proj_dtype]
-    if isinstance(proj_dtype, torch.dtype) and proj_dtype in PROJ_DTYPES.values():
-        return proj_dtype
-    raise ValueError(f"proj_dtype={proj_dtype!r} is not one of None, {', '.join(PROJ_DTYPES)}")
 
 
 def basis_seed(seed: int, key: int, step: int) -> int:
@@ -189,6 +182,7 @@ class GaLoreProjector:
         self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, float(scale), proj_type
         self.svd, self.oversample, self.power_iters, self.seed = svd, oversample, power_iters, seed
         self.proj_dtype = resolve_proj_dtype(proj_dtype)
+        self.storage = FloatBasis(self.proj_dtype)
         self.state: Dict[str, Tensor] = {}
         self._shape: Optional[Tuple[int, int]] = None
 
@@ -203,32 +197,33 @@ class GaLoreProjector:
     def side(self, shape) -> str:
         return projection_side(tuple(shape), self.proj_type)
 
-    # -- storage: overridden by Q-GaLore (INT4 bases) -----------------------------------------------------------
+    # -- storage (a standalone projector's; an optimizer keeps the basis in its own format) ---------------------
     def store_basis(self, state: Dict, ortho: Tensor, ortho_right: Optional[Tensor]) -> None:
-        """Keep a freshly computed float32 basis in ``state``."""
-        state["ortho"] = ortho.to(self.proj_dtype)
-        if ortho_right is not None:
-            state["ortho_right"] = ortho_right.to(self.proj_dtype)
+        """Keep a freshly computed float32 basis in ``state``, in ``proj_dtype``."""
+        self.storage.store(state, ortho, ortho_right, {})
 
     def load_basis(self, state: Dict) -> Tuple[Tensor, Optional[Tensor]]:
         """The stored basis as float32 tensors (no copy when stored in float32)."""
-        right = state.get("ortho_right")
-        return state["ortho"].to(torch.float32), (None if right is None else right.to(torch.float32))
+        return self.storage.load(state, {})
 
     def has_basis(self, state: Dict) -> bool:
-        return "ortho" in state
+        return self.storage.has(state)
 
     # -- refresh and projection ---------------------------------------------------------------------------------
     def due(self, step: int, state: Optional[Dict] = None) -> bool:
         state = self.state if state is None else state
         return not self.has_basis(state) or step % self.update_proj_gap == 0
 
+    def compute(self, grad: Tensor, step: int, key: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
+        """A new float32 basis for the whole gradient ``grad`` of parameter ``key`` at ``step``: the one place where
+        the GaLore family computes bases (the randomized SVD's seed depends on (seed, key, step) only, so every
+        process and every resumed run computes the same one)."""
+        return compute_basis(grad, self.rank, self.side(grad.shape), self.svd, oversample=self.oversample,
+                             power_iters=self.power_iters, seed=basis_seed(self.seed, key, step))
+
     def refresh(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0) -> None:
         state = self.state if state is None else state
-        ortho, ortho_right = compute_basis(grad, self.rank, self.side(grad.shape), self.svd,
-                                           oversample=self.oversample, power_iters=self.power_iters,
-                                           seed=basis_seed(self.seed, key, step))
-        self.store_basis(state, ortho, ortho_right)
+        self.store_basis(state, *self.compute(grad, step, key))
 
     def basis(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0):
         """The float32 basis to use at ``step`` for ``grad`` (refreshed from ``grad`` first when due)."""

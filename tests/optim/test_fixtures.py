@@ -1,0 +1,64 @@
+"""Checkpoints written before the optimizer was rebuilt from parts (tests/fixtures/optim, by
+tests/fixtures/make_optim_fixtures.py at commit 27cd37a) resume bit-identically with the current code: every preset
+(GaLoreAdamW with float32 and bfloat16 bases, GaLoreAdamW8bit, QGaLoreAdamW8bit with Int8Linear layers,
+LayerwiseGaLore, and ShardedGaLoreAdamW / ShardedGaLoreAdamW8bit under FSDP2 on 2 gloo ranks) continues for the
+recorded number of steps, across a projector refresh, and must reproduce every loss, the final weights and the final
+optimizer state bit for bit."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.fixtures import make_optim_fixtures as fx
+from weightkit import use_backend
+
+with open(os.path.join(fx.OUT, "expected.json")) as _f:
+    EXPECTED = json.load(_f)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_same_outcome(got, want, name):
+    assert got["losses"] == want["losses"], f"{name}: losses differ: {got['losses']} vs {want['losses']}"
+    for part in ("model", "optimizer"):
+        diff = sorted(k for k in set(got[part]) | set(want[part]) if got[part].get(k) != want[part].get(k))
+        assert not diff, (f"{name}: final {part} state differs in {len(diff)} entries, first: "
+                          + "; ".join(f"{k}: {got[part].get(k)} vs {want[part].get(k)}" for k in diff[:3]))
+
+
+def test_fixtures_are_small_and_complete():
+    assert EXPECTED["before"] == fx.BEFORE and EXPECTED["after"] == fx.AFTER
+    assert set(EXPECTED["outcomes"]) == set(fx.PRESETS) | {f"{n}.rank{r}" for n in fx.SHARDED for r in range(fx.WORLD)}
+    total = sum(os.path.getsize(os.path.join(fx.OUT, f)) for f in os.listdir(fx.OUT))
+    assert total < 200 * 1024
+
+
+@pytest.mark.parametrize("name", fx.PRESETS)
+def test_old_checkpoint_resumes_bit_identically(name, one_thread):
+    if name in ("galore_8bit", "qgalore"):
+        pytest.importorskip("bitsandbytes")
+    saved = torch.load(os.path.join(fx.OUT, f"{name}.pt"), weights_only=True)
+    with use_backend("reference"):
+        model, opt = fx.build(name)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        losses = fx.train(model, opt, saved["step"], saved["step"] + fx.AFTER)
+    assert_same_outcome(fx.outcome(losses, model, opt), EXPECTED["outcomes"][name], name)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_old_sharded_checkpoints_resume_bit_identically(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    got = fx.run_sharded("resume", str(tmp_path))
+    for key, want in EXPECTED["outcomes"].items():
+        if key.split(".")[0] in fx.SHARDED:
+            assert_same_outcome(got[key], want, key)

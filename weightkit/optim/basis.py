@@ -1,0 +1,142 @@
+"""Part (a) of the GaLore step: how a projection basis is stored between refreshes.
+
+A basis arrives as float32 tensors from :func:`weightkit.optim.projector.compute_basis` (P for a one-sided
+projection; U and Vh for 'full') and is used as float32 by the projection. In between it lives in the parameter's
+optimizer state, in one of two formats:
+
+* :class:`FloatBasis` -- ``state["ortho"]`` (and ``state["ortho_right"]`` for 'full') in the group's ``proj_dtype``:
+  float32 as galore-torch (None), or bfloat16 / float16, which halves the bytes. Loading a float32 basis is free.
+* :class:`Int4Basis` -- Q-GaLore's INT4 storage (``weightkit.ops.int4``: two values per byte, per-group scale and
+  zero of ``proj_group_size`` elements): ``ortho_q``, ``ortho_scale``, ``ortho_zero`` and the shape ``ortho_shape``
+  (an int64 CPU tensor, read on the host without a device sync). One-sided bases only.
+
+Each format writes its entries into a dict (the parameter's state, or a dict of pending entries that the step
+merges into the state once the whole step is known to be finite), reads them back as float32, and checks the
+entries of a checkpoint before anything is loaded. The entry names are the checkpoint format: they do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..ops.int4 import dequantize_int4, quantize_int4
+
+PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Basis = Tuple[Tensor, Optional[Tensor]]
+
+
+def resolve_proj_dtype(proj_dtype: Union[None, str, torch.dtype]) -> torch.dtype:
+    """float32 for None; a name ('bfloat16') or a torch.dtype among float32/bfloat16/float16."""
+    if proj_dtype is None:
+        return torch.float32
+    if isinstance(proj_dtype, str) and proj_dtype in PROJ_DTYPES:
+        return PROJ_DTYPES[proj_dtype]
+    if isinstance(proj_dtype, torch.dtype) and proj_dtype in PROJ_DTYPES.values():
+        return proj_dtype
+    raise ValueError(f"proj_dtype={proj_dtype!r} is not one of None, {', '.join(PROJ_DTYPES)}")
+
+
+def host_shape(state: Dict, key: str) -> tuple:
+    """A shape kept in the state as a small int64 tensor, read without a device sync: a copy that ended up on a
+    device (a state moved by hand, an old checkpoint) is brought back to the CPU once."""
+    t = state[key]
+    if t.device.type != "cpu":
+        t = state[key] = t.cpu()
+    return tuple(t.tolist())
+
+
+def _check_sizes(where: str, state: Dict, sizes) -> None:
+    for key, size in sizes:
+        t = state.get(key)
+        if not isinstance(t, Tensor) or t.numel() != size:
+            raise ValueError(f"{where}: saved {key} must hold {size} values, got "
+                             f"{None if not isinstance(t, Tensor) else t.numel()}")
+
+
+class FloatBasis:
+    """The basis as float tensors in the group's ``proj_dtype`` (see the module docstring)."""
+
+    keys = ("ortho", "ortho_right")
+    host_keys = ()
+    group_keys: Dict = {}
+
+    def __init__(self, proj_dtype: Union[None, str, torch.dtype] = None):
+        self.fixed_dtype = None if proj_dtype is None else resolve_proj_dtype(proj_dtype)
+
+    def dtype(self, group: Dict) -> torch.dtype:
+        return self.fixed_dtype if self.fixed_dtype is not None else resolve_proj_dtype(group.get("proj_dtype"))
+
+    def check_group(self, group: Dict) -> None:
+        self.dtype(group)  # raises on a bad proj_dtype
+
+    def store(self, entries: Dict, ortho: Tensor, ortho_right: Optional[Tensor], group: Dict) -> None:
+        dtype = self.dtype(group)
+        entries["ortho"] = ortho.to(dtype)
+        if ortho_right is not None:
+            entries["ortho_right"] = ortho_right.to(dtype)
+
+    def load(self, entries: Dict, group: Dict) -> Basis:
+        """The stored basis as float32 tensors (no copy when stored in float32)."""
+        right = entries.get("ortho_right")
+        return entries["ortho"].to(torch.float32), (None if right is None else right.to(torch.float32))
+
+    def has(self, state: Dict) -> bool:
+        return "ortho" in state
+
+    def validate(self, where: str, state: Dict, shapes: Dict[str, tuple], group: Dict) -> None:
+        """``shapes``: the expected shapes of 'ortho' and 'ortho_right' (of this process's part of the weight)."""
+        for key in self.keys:
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != tuple(shapes[key]):
+                raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shapes[key])}")
+
+
+class Int4Basis:
+    """Q-GaLore's INT4 basis, ``proj_group_size`` elements per quantization group (see the module docstring)."""
+
+    keys = ("ortho_q", "ortho_scale", "ortho_zero", "ortho_shape")
+    host_keys = ("ortho_shape",)
+
+    def __init__(self, proj_group_size: int = 64):
+        self.group_keys = {"proj_group_size": proj_group_size}  # the default of the groups' key
+
+    def check_group(self, group: Dict) -> None:
+        size = group.get("proj_group_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
+            raise ValueError(f"proj_group_size must be an even int >= 2, got {size!r}")
+        if group.get("proj_type") == "full":
+            raise ValueError("the INT4 basis (QGaLoreAdamW8bit) supports one-sided projections only; "
+                             "proj_type='full' is not supported")
+
+    def store(self, entries: Dict, ortho: Tensor, ortho_right: Optional[Tensor], group: Dict) -> None:
+        if ortho_right is not None:
+            raise ValueError("the INT4 basis stores one-sided projections only (proj_type='full' is not supported)")
+        entries["ortho_q"], entries["ortho_scale"], entries["ortho_zero"] = quantize_int4(ortho,
+                                                                                          group["proj_group_size"])
+        entries["ortho_shape"] = torch.tensor(list(ortho.shape), dtype=torch.int64, device="cpu")
+
+    def load(self, entries: Dict, group: Dict) -> Basis:
+        ortho = dequantize_int4(entries["ortho_q"], entries["ortho_scale"], entries["ortho_zero"],
+                                group["proj_group_size"], host_shape(entries, "ortho_shape"))
+        return ortho, None
+
+    def has(self, state: Dict) -> bool:
+        return "ortho_q" in state
+
+    def validate(self, where: str, state: Dict, shapes: Dict[str, tuple], group: Dict) -> None:
+        if "ortho_q" not in state:
+            return
+        shape = tuple(shapes["ortho"])
+        saved = tuple(state["ortho_shape"].tolist()) if isinstance(state.get("ortho_shape"), Tensor) else None
+        if saved != shape:
+            raise ValueError(f"{where}: saved ortho_shape {saved}, expected {shape}")
+        numel = shape[0] * shape[1]  # m r (left) or r n (right)
+        groups = numel // group["proj_group_size"]
+        _check_sizes(where, state, (("ortho_q", numel // 2), ("ortho_scale", groups), ("ortho_zero", groups)))

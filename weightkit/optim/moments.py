@@ -1,0 +1,133 @@
+"""Part (b) of the GaLore step: how Adam's two moments are stored (low-rank for GaLore parameters, full size for
+the others).
+
+The step reads the moments as float32 tensors, updates them in place (the fused GaLore kernel, or plain ops), and
+hands them back for storage:
+
+* :class:`FloatMoments` -- ``exp_avg`` / ``exp_avg_sq`` in float32; ``load`` returns the state's own tensors and
+  ``store`` has nothing to do.
+* :class:`BlockwiseMoments8bit` -- bitsandbytes' blockwise dynamic quantization (blocks of 256, the signed map for
+  the first moment, the unsigned one for the second): ``exp_avg_q`` / ``exp_avg_absmax``, ``exp_avg_sq_q`` /
+  ``exp_avg_sq_absmax`` and the shape ``moment_shape`` (int64, on the CPU: read on the host every step without a
+  device sync). ``load`` dequantizes into float32 temporaries of the moment's size, ``store`` quantizes them back.
+  Moments of fewer than ``min_8bit_size`` elements stay float32 (the FloatMoments entries).
+
+The entry names are the checkpoint format: they do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from .basis import _check_sizes, host_shape
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class FloatMoments:
+    """float32 moments, updated in place."""
+
+    keys = ("exp_avg", "exp_avg_sq")
+    host_keys = ()
+
+    def init(self, state: Dict, like: Tensor) -> None:
+        state["exp_avg"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        state["exp_avg_sq"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+
+    def has(self, state: Dict) -> bool:
+        return "exp_avg" in state
+
+    def load(self, state: Dict) -> Tuple[Tensor, Tensor]:
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def store(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        pass  # updated in place
+
+    def validate(self, where: str, state: Dict, shape: tuple) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+class BlockwiseMoments8bit(FloatMoments):
+    """8-bit blockwise moments (bitsandbytes), float32 below ``min_8bit_size`` elements."""
+
+    BLOCK = 256
+    keys = FloatMoments.keys + ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax", "moment_shape")
+    host_keys = ("moment_shape",)
+
+    def __init__(self, min_8bit_size: int = 4096):
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        self.min_8bit_size = min_8bit_size
+        self._codes: Dict = {}
+
+    def _code(self, signed: bool, device) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        key = (signed, str(device))
+        if key not in self._codes:
+            self._codes[key] = bnbf.create_dynamic_map(signed=signed).to(device)
+        return self._codes[key]
+
+    def quantize(self, x: Tensor, signed: bool) -> Tuple[Tensor, Tensor]:
+        """(uint8 codes, float32 absmax per block of 256) of ``x``."""
+        import bitsandbytes.functional as bnbf
+
+        q, qs = bnbf.quantize_blockwise(x, code=self._code(signed, x.device), blocksize=self.BLOCK)
+        return q, qs.absmax
+
+    def dequantize(self, q: Tensor, absmax: Tensor, signed: bool, shape) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        out = bnbf.dequantize_blockwise(q, absmax=absmax, code=self._code(signed, q.device), blocksize=self.BLOCK)
+        return out.reshape(shape).to(torch.float32)
+
+    def init(self, state: Dict, like: Tensor) -> None:
+        if like.numel() < self.min_8bit_size:
+            return super().init(state, like)
+        zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        state["exp_avg_q"], state["exp_avg_absmax"] = self.quantize(zeros, True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self.quantize(zeros, False)
+        state["moment_shape"] = torch.tensor(list(like.shape), dtype=torch.int64, device="cpu")
+
+    def has(self, state: Dict) -> bool:
+        return "exp_avg" in state or "exp_avg_q" in state
+
+    def load(self, state: Dict) -> Tuple[Tensor, Tensor]:
+        if "exp_avg" in state:
+            return state["exp_avg"], state["exp_avg_sq"]
+        shape = host_shape(state, "moment_shape")
+        return (self.dequantize(state["exp_avg_q"], state["exp_avg_absmax"], True, shape),
+                self.dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False, shape))
+
+    def store(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        if "exp_avg" in state:
+            return
+        state["exp_avg_q"], state["exp_avg_absmax"] = self.quantize(exp_avg, True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self.quantize(exp_avg_sq, False)
+
+    def validate(self, where: str, state: Dict, shape: tuple) -> None:
+        super().validate(where, state, shape)
+        if "exp_avg_q" not in state:
+            return
+        saved = tuple(state["moment_shape"].tolist()) if isinstance(state.get("moment_shape"), Tensor) else None
+        if saved != tuple(shape):
+            raise ValueError(f"{where}: saved moment_shape {saved} does not match the expected {tuple(shape)}")
+        numel = _numel(shape)
+        blocks = -(-numel // self.BLOCK)
+        _check_sizes(where, state, (("exp_avg_q", numel), ("exp_avg_sq_q", numel), ("exp_avg_absmax", blocks),
+                                    ("exp_avg_sq_absmax", blocks)))
