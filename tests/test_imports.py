@@ -42,8 +42,6 @@ LAYERS = {
 
 # galore.py imports distributed.py inside a function while distributed.py imports galore.py at module level;
 # helper "optim"'s refactor removes it. Delete this entry and test_known_cycles_are_gone's xfail after merging.
-KNOWN_CYCLES = [frozenset({"weightkit.optim.galore", "weightkit.optim.distributed"})]
-
 Edge = Tuple[str, str, int]  # (importer, imported, line)
 
 
@@ -177,16 +175,8 @@ def test_no_cycle_among_module_level_imports():
 
 def test_no_cycle_through_lazy_imports():
     top, lazy = import_graph()
-    found = [c for c in cycles(top + lazy) if frozenset(c) not in KNOWN_CYCLES]
+    found = cycles(top + lazy)
     assert found == [], "function-level imports close these cycles: " + "; ".join(" <-> ".join(c) for c in found)
-
-
-@pytest.mark.xfail(strict=True, reason="weightkit.optim.galore <-> weightkit.optim.distributed (a lazy import back): "
-                   "removed by helper 'optim''s optimizer refactor; drop KNOWN_CYCLES and this xfail after merging it")
-def test_known_cycles_are_gone():
-    top, lazy = import_graph()
-    still = [c for c in cycles(top + lazy) if frozenset(c) in KNOWN_CYCLES]
-    assert still == []
 
 
 def test_no_import_runs_up_the_layers():
