@@ -41,7 +41,7 @@ import json
 import os
 import re
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..nn.dictionary import DictLinear
 from ..nn.int8 import Int8Linear
 from ..nn.memoryformer import MemoryLinear
-from ..optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, QGaLoreAdamW8bit
+from ..optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, QGaLoreAdamW8bit, param_groups
 
 OPTIMIZERS = {"galore": GaLoreAdamW, "galore8bit": GaLoreAdamW8bit, "qgalore": QGaLoreAdamW8bit}
 LOW_RANK_TYPES = (nn.Linear, Int8Linear)  # modules whose 2-D ``weight`` GaLore can project
@@ -81,28 +81,29 @@ def _target_matcher(target_modules: Targets) -> Callable[[str, nn.Module], bool]
                      f"callable(name, module) -> bool, got {target_modules!r}")
 
 
-def low_rank_targets(model: nn.Module, target_modules: Targets = "all-linear") -> List[Tuple[str, nn.Module]]:
-    """The (name, module) pairs whose ``weight`` GaLore projects: modules of a type in ``LOW_RANK_TYPES``
-    (nn.Linear and Int8Linear, subclasses included) that ``target_modules`` matches. A module matched by name that
-    is of another type (e.g. a MemoryLinear) is left to the dense group, with a warning naming it."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    match = _target_matcher(target_modules)
-    explicit = not isinstance(target_modules, str) or target_modules.replace("_", "-") != "all-linear"
-    targets, ignored = [], []
-    for name, module in model.named_modules():
-        if not name or not match(name, module):
-            continue
-        weight = getattr(module, "weight", None)
-        if isinstance(module, LOW_RANK_TYPES) and isinstance(weight, nn.Parameter) and weight.dim() == 2:
-            targets.append((name, module))
-        elif explicit and isinstance(module, (MemoryLinear, DictLinear)):
-            ignored.append(f"{name} ({type(module).__name__})")
+def _warn_unprojectable(model: nn.Module, target_modules: Targets, match) -> None:
+    """Warn about MemoryLinear / DictLinear layers that an explicit ``target_modules`` names: GaLore cannot project
+    them (3-D tables, factored weights), so they train with dense AdamW."""
+    if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
+        return
+    ignored = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+               if isinstance(m, (MemoryLinear, DictLinear)) and match(name, m)]
     if ignored:
         warnings.warn(f"target_modules matched {len(ignored)} module(s) that GaLore cannot project, trained with "
                       f"dense AdamW instead: {', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''}",
                       stacklevel=3)
-    return targets
+
+
+def low_rank_targets(model: nn.Module, target_modules: Targets = "all-linear") -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs whose ``weight`` GaLore projects: modules of a type in ``LOW_RANK_TYPES``
+    (nn.Linear and Int8Linear, subclasses included; the types ``weightkit.optim.param_groups`` takes) with a 2-D
+    weight, whose names ``target_modules`` matches."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    match = _target_matcher(target_modules)
+    return [(name, m) for name, m in model.named_modules()
+            if name and isinstance(m, LOW_RANK_TYPES) and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.dim() == 2 and match(name, m)]
 
 
 def _is_trained_int8(p: Tensor) -> bool:
@@ -117,37 +118,30 @@ def _is_trained_int8(p: Tensor) -> bool:
 def optimizer_param_groups(model: nn.Module, target_modules: Targets = "all-linear", *, rank: int = 128,
                            update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                            weight_decay: float = 0.0) -> List[Dict]:
-    """Param groups for weightkit's GaLore optimizers: first the GaLore group (the weights of
-    :func:`low_rank_targets`, with ``rank, update_proj_gap, scale, proj_type``), then the other trainable
-    parameters, split as Trainer does into matrices (with ``weight_decay``) and vectors (biases, norms: no
-    decay). Every trainable parameter appears once; empty groups are left out."""
-    targets = low_rank_targets(model, target_modules)
-    if not targets:
+    """Param groups for weightkit's GaLore optimizers: ``weightkit.optim.param_groups`` with ``target_modules`` as
+    its filter (the GaLore group: the weights of :func:`low_rank_targets`, with ``rank, update_proj_gap, scale,
+    proj_type``), its dense group split as Trainer does into matrices (with ``weight_decay``) and vectors (biases,
+    norms: no decay). Every trainable parameter appears once; empty groups are left out. Raises when nothing is
+    selected, and when a trained Int8Linear weight is left out (it can train only in the GaLore group)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    match = _target_matcher(target_modules)
+    _warn_unprojectable(model, target_modules, match)
+    groups = param_groups(model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                          filter_fn=match, weight_decay=weight_decay)
+    if not groups or "rank" not in groups[0]:
         raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear or Int8Linear layer of the model "
                          "(names are matched against model.named_modules())")
-    low_rank, seen = [], set()
-    for _, module in targets:
-        trained = module.weight.requires_grad or _is_trained_int8(module.weight)
-        if trained and id(module.weight) not in seen:
-            low_rank.append(module.weight)
-            seen.add(id(module.weight))
-    rest = [p for p in model.parameters() if id(p) not in seen and (p.requires_grad or _is_trained_int8(p))]
-    untargeted_int8 = [name for name, p in model.named_parameters() if id(p) not in seen and _is_trained_int8(p)]
+    low_rank = {id(p) for p in groups[0]["params"]}
+    untargeted_int8 = [name for name, p in model.named_parameters() if id(p) not in low_rank and _is_trained_int8(p)]
     if untargeted_int8:
         raise ValueError(f"Int8Linear weights {untargeted_int8[:4]}{' ...' if len(untargeted_int8) > 4 else ''} are "
                          "not in target_modules: int8 weights train only through GaLore (Q-GaLore); add them to "
                          "target_modules, or freeze them with track_weight_grad=False")
-    if not low_rank:
-        raise ValueError(f"target_modules={target_modules!r} selects only frozen weights (requires_grad=False)")
-    groups = [{"params": low_rank, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-               "proj_type": proj_type, "weight_decay": weight_decay}]
-    matrices = [p for p in rest if p.dim() >= 2]
-    vectors = [p for p in rest if p.dim() < 2]
-    if matrices:
-        groups.append({"params": matrices, "weight_decay": weight_decay})
-    if vectors:
-        groups.append({"params": vectors, "weight_decay": 0.0})
-    return groups
+    rest = groups[1]["params"] if len(groups) > 1 else []
+    matrices, vectors = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
+    return groups[:1] + [g for g in ({"params": matrices, "weight_decay": weight_decay},
+                                     {"params": vectors, "weight_decay": 0.0}) if g["params"]]
 
 
 # -- the optimizer for Trainer ------------------------------------------------------------------------------------
@@ -192,7 +186,7 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
     adam = {k: v for k, v in (("lr", lr), ("betas", betas), ("eps", eps)) if v is not None}
     groups = optimizer_param_groups(model, target_modules, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                                     proj_type=proj_type, weight_decay=weight_decay or 0.0)
-    has_int8 = any(p.dtype == torch.int8 for p in groups[0]["params"])
+    has_int8 = any(_is_trained_int8(p) for p in groups[0]["params"])
     if has_int8 and method != "qgalore":
         raise ValueError(f"method={method!r} cannot train Int8Linear weights (their gradient is the float_grad that "
                          "only QGaLoreAdamW8bit reads): use method='qgalore', or target only float layers")
