@@ -5,6 +5,7 @@ save_pretrained / load_pretrained."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -23,10 +24,10 @@ SWAP_OPTS = {"int8": {"group_size": 32}, "memory": {"tau": 8}, "dict": {"ratio":
 SWAP_CLASSES = {"int8": Int8Linear, "memory": MemoryLinear, "dict": DictLinear}
 
 
-def tiny_llama(swap=None, seed=0):
+def tiny_llama(swap=None, seed=0, **config):
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
-                                   attention_dropout=0.0)
+                                   attention_dropout=0.0, **config)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     if swap is not None:
@@ -128,15 +129,17 @@ def test_trainer_checkpoint_of_swapped_model_loads_with_load_pretrained(tmp_path
         assert torch.equal(loaded(tokens).logits, model.eval()(tokens).logits)
 
 
-@pytest.mark.parametrize("method", sorted(SWAP_OPTS))
-def test_swapped_layers_round_trip_save_load_pretrained(method, tmp_path):
-    model = tiny_llama(method).eval()
+@pytest.mark.parametrize("method,tied", [(m, False) for m in sorted(SWAP_OPTS)] + [("int8", True)])
+def test_swapped_layers_round_trip_save_load_pretrained(method, tied, tmp_path):
+    model = tiny_llama(method, tie_word_embeddings=tied).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     save_pretrained(model, str(tmp_path))
     assert (tmp_path / "model.safetensors").is_file()
     with open(tmp_path / "config.json") as f:
         record = json.load(f)["weightkit_layers"]
     assert record["model.layers.1.self_attn.q_proj"]["class"] == SWAP_CLASSES[method].__name__
     loaded = load_pretrained(str(tmp_path))
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
     for name, module in model.named_modules():
         assert type(loaded.get_submodule(name)) is type(module), name
     before, after = model.state_dict(), loaded.state_dict()
@@ -158,6 +161,28 @@ def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
     except Exception:  # noqa: BLE001 - refusing to load is as good an answer
         return
     assert type(plain.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+
+
+def test_transformers_builtin_galore_misses_swapped_layers(tmp_path):
+    """The two problems make_optimizer solves, as transformers 5 and galore-torch 1.0 show them: Trainer's own GaLore
+    (optim='galore_adamw') keeps only nn.Linear targets, so a swapped Int8Linear lands in the plain AdamW group
+    (where its int8 weight, which has no .grad, never changes), and its checkpoints hold pickled projector objects
+    that torch.load(weights_only=True), as Trainer resumes, refuses."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("galore_torch")
+    model = tiny_llama()
+    weightkit.swap(model, "int8", filter_fn=lambda name, _m: "mlp" in name, group_size=32)
+    args = training_args(tmp_path, max_steps=2, save_steps=2, optim="galore_adamw",
+                         optim_target_modules=["q_proj", "up_proj"], optim_args="rank=8, update_proj_gap=1")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+    opt = trainer.create_optimizer()
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert [("rank" in g) for g in opt.param_groups if any(p is up for p in g["params"])] == [False]
+    before = up.detach().clone()
+    trainer.train()
+    assert torch.equal(up, before)
+    with pytest.raises(Exception, match="[Ww]eights.only"):
+        torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
 
 
 def test_load_pretrained_without_record_raises(tmp_path):
@@ -229,6 +254,8 @@ def test_layerwise_checks_trainer_settings(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         make_optimizer(model, "galore", rank=8, layerwise=True, accumulation_steps=1,
                        args=training_args(tmp_path, gradient_accumulation_steps=2))
+    with pytest.warns(UserWarning, match="float_grad"):  # Trainer's clipping does not reach int8 gradients
+        make_optimizer(tiny_llama("int8"), "qgalore", rank=8, args=training_args(tmp_path, max_grad_norm=1.0))
     # an optimizer built without the args, then given to a Trainer that accumulates: refused at the first step
     opt = make_optimizer(model, "galore", rank=8, layerwise=True)
     assert isinstance(opt, LayerwiseTrainerOptimizer)
@@ -236,3 +263,21 @@ def test_layerwise_checks_trainer_settings(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
     with pytest.raises(RuntimeError, match="gradient_accumulation_steps"):
         trainer.train()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's "Hugging Face transformers" example, run as written (in a temporary directory)."""
+    pytest.importorskip("accelerate")
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    if not os.path.isfile(readme):
+        pytest.skip("no README.md beside the tests (installed package)")
+    with open(readme) as f:
+        section = f.read().split("## Hugging Face transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    losses = [h["loss"] for h in namespace["trainer"].state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < 0.1 * losses[0], losses
+    assert (tmp_path / "hf-out" / "checkpoint-20" / "optimizer.pt").is_file()
+    assert isinstance(namespace["again"].model.layers[0].self_attn.q_proj, Int8Linear)
