@@ -151,6 +151,39 @@ def test_swapped_layers_round_trip_save_load_pretrained(method, tied, tmp_path):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
+def test_bfloat16_model_round_trips_in_its_dtype(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    weightkit.swap(model, "int8", group_size=32)
+    save_pretrained(model.eval(), str(tmp_path))
+    loaded = load_pretrained(str(tmp_path))
+    before, after = model.state_dict(), loaded.state_dict()
+    assert after["model.embed_tokens.weight"].dtype == torch.bfloat16
+    for k in before:
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+    tokens = TokenData().tokens[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_skipped_qgalore_step_drops_int8_gradients():
+    """Trainer clears gradients with model.zero_grad(), which does not know float_grad: the optimizer drops it after
+    each step itself, so a skipped step's NaN gradient does not poison the next."""
+    model = tiny_llama("int8")
+    opt = make_optimizer(model, "qgalore", rank=8, nonfinite="skip")
+    tokens = TokenData().tokens[:2]
+    model(tokens, labels=tokens).loss.backward()
+    weight = model.model.layers[0].mlp.up_proj.weight
+    weight.float_grad[0, 0] = float("nan")
+    before = weight.detach().clone()
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(weight, before)
+    assert all(getattr(m.weight, "float_grad", None) is None for m in model.modules() if isinstance(m, Int8Linear))
+    model.zero_grad()
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and not torch.equal(weight, before)
+
+
 def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
     """Why load_pretrained exists: from_pretrained builds nn.Linear layers from the config, so the int8 weights
     of a swapped model do not come back as Int8Linear."""

@@ -106,13 +106,11 @@ def low_rank_targets(model: nn.Module, target_modules: Targets = "all-linear") -
             and m.weight.dim() == 2 and match(name, m)]
 
 
-def _is_trained_int8(p: Tensor) -> bool:
-    """An Int8Linear weight whose gradient is tracked (into ``float_grad``): it trains, with Q-GaLore only."""
-    if p.dtype != torch.int8:
-        return False
-    owner = getattr(p, "int8_owner", None)
-    layer = owner() if owner is not None else None
-    return layer is not None and layer.track_weight_grad
+def _trained_int8_weights(model: nn.Module) -> Dict[int, str]:
+    """id -> name of the Int8Linear weights whose gradient is tracked (into ``float_grad``): they train, with
+    Q-GaLore only."""
+    return {id(m.weight): f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, Int8Linear) and m.track_weight_grad}
 
 
 def optimizer_param_groups(model: nn.Module, target_modules: Targets = "all-linear", *, rank: int = 128,
@@ -133,7 +131,7 @@ def optimizer_param_groups(model: nn.Module, target_modules: Targets = "all-line
         raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear or Int8Linear layer of the model "
                          "(names are matched against model.named_modules())")
     low_rank = {id(p) for p in groups[0]["params"]}
-    untargeted_int8 = [name for name, p in model.named_parameters() if id(p) not in low_rank and _is_trained_int8(p)]
+    untargeted_int8 = [name for key, name in _trained_int8_weights(model).items() if key not in low_rank]
     if untargeted_int8:
         raise ValueError(f"Int8Linear weights {untargeted_int8[:4]}{' ...' if len(untargeted_int8) > 4 else ''} are "
                          "not in target_modules: int8 weights train only through GaLore (Q-GaLore); add them to "
@@ -186,7 +184,8 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
     adam = {k: v for k, v in (("lr", lr), ("betas", betas), ("eps", eps)) if v is not None}
     groups = optimizer_param_groups(model, target_modules, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                                     proj_type=proj_type, weight_decay=weight_decay or 0.0)
-    has_int8 = any(_is_trained_int8(p) for p in groups[0]["params"])
+    int8_weights = _trained_int8_weights(model)
+    has_int8 = any(id(p) in int8_weights for p in groups[0]["params"])
     if has_int8 and method != "qgalore":
         raise ValueError(f"method={method!r} cannot train Int8Linear weights (their gradient is the float_grad that "
                          "only QGaLoreAdamW8bit reads): use method='qgalore', or target only float layers")
@@ -215,7 +214,20 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
         warnings.warn(f"max_grad_norm={max_grad_norm}: Trainer clips the .grad of float parameters only; the "
                       "gradients of Int8Linear weights (float_grad) are neither clipped nor counted in the norm",
                       stacklevel=2)
-    return OPTIMIZERS[method](groups, **adam, **optimizer_kwargs)
+    opt = OPTIMIZERS[method](groups, **adam, **optimizer_kwargs)
+    if has_int8:
+        opt.register_step_post_hook(_clear_float_grads)
+    return opt
+
+
+def _clear_float_grads(opt: torch.optim.Optimizer, _args, _kwargs) -> None:
+    """After every step: drop the Int8Linear weight gradients (``float_grad``). Trainer clears gradients with
+    ``model.zero_grad()``, which knows only ``.grad``; a step that Q-GaLore skipped (``nonfinite='skip'``) would
+    otherwise leave its bad gradient to be added to the next ones."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.dtype == torch.int8:
+                p.float_grad = None
 
 
 class LayerwiseTrainerOptimizer(torch.optim.Optimizer):
@@ -237,7 +249,15 @@ class LayerwiseTrainerOptimizer(torch.optim.Optimizer):
         self.layerwise = layerwise
         self.defaults = {}
         self.state = {}
-        self._counts_at_step = list(layerwise._counts)
+        # backward passes each parameter received since Trainer's last step, counted by hooks of our own
+        self._passes = [0] * len(layerwise.params)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._counter(i)) for i, p in enumerate(layerwise.params)]
+
+    def _counter(self, index: int):
+        def count(_p: Tensor) -> None:
+            self._passes[index] += 1
+
+        return count
 
     @property
     def param_groups(self) -> List[Dict]:
@@ -254,13 +274,12 @@ class LayerwiseTrainerOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"Trainer stepped in the middle of the layer-wise optimizer's accumulation window of "
                                f"{self.layerwise.accumulation_steps} backward passes: set "
                                f"TrainingArguments(gradient_accumulation_steps={self.layerwise.accumulation_steps})")
-        counts = self.layerwise._counts
-        most = max((now - before for now, before in zip(counts, self._counts_at_step)), default=0)
+        most = max(self._passes, default=0)
         if most > self.layerwise.accumulation_steps:
             raise RuntimeError(f"a parameter received {most} backward passes in one Trainer step, but the layer-wise "
                                f"optimizer updates every {self.layerwise.accumulation_steps}: set accumulation_steps "
                                "to TrainingArguments.gradient_accumulation_steps")
-        self._counts_at_step = list(counts)
+        self._passes = [0] * len(self._passes)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -271,7 +290,7 @@ class LayerwiseTrainerOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Dict) -> None:
         self.layerwise.load_state_dict(state_dict)
-        self._counts_at_step = list(self.layerwise._counts)
+        self._passes = [0] * len(self._passes)
 
     def add_param_group(self, param_group: Dict) -> None:
         raise NotImplementedError("a LayerwiseTrainerOptimizer takes its parameters from its LayerwiseGaLore")
@@ -396,6 +415,10 @@ def load_pretrained(directory: str, model_cls=None, **config_kwargs) -> nn.Modul
                              "model_cls")
     saved = _read_state_dict(directory)
     model = model_cls(config)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # as save_pretrained wrote it
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        model = model.to(dtype)  # before the swap: the swapped layers take their saved tensors' dtypes
     for name, spec in layers.items():
         if not isinstance(spec, dict):
             raise ValueError(f"{directory!r}: {CONFIG_KEY}[{name!r}] must be a dict, got {spec!r}")
