@@ -68,6 +68,7 @@ CASES = {
     "galore8bit": (None, "galore8bit", False, {}),
     "qgalore-int8": ("int8", "qgalore", False, {}),
     "layerwise": (None, "galore", True, {}),
+    "layerwise-accumulate2": (None, "galore", True, {"gradient_accumulation_steps": 2}),
 }
 
 

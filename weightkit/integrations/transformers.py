@@ -52,7 +52,6 @@ from ..nn.memoryformer import MemoryLinear
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, QGaLoreAdamW8bit, param_groups
 
 OPTIMIZERS = {"galore": GaLoreAdamW, "galore8bit": GaLoreAdamW8bit, "qgalore": QGaLoreAdamW8bit}
-LOW_RANK_TYPES = (nn.Linear, Int8Linear)  # modules whose 2-D ``weight`` GaLore can project
 DEFAULT_SKIP = ("lm_head",)  # left out of "all-linear": output heads are usually trained dense
 CONFIG_KEY = "weightkit_layers"
 
@@ -62,7 +61,8 @@ Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
 # -- choosing what GaLore projects --------------------------------------------------------------------------------
 def _target_matcher(target_modules: Targets) -> Callable[[str, nn.Module], bool]:
     """``match(name, module)`` for "all-linear", a regex string (full match of the module name), a list of names
-    (a module matches a name when its own name equals it or ends in "." + it, as peft does) or a callable."""
+    (a module matches a name when its own name equals it or ends in "." + it, as peft does) or a callable. Only
+    nn.Linear and Int8Linear layers are asked (``weightkit.optim.param_groups``)."""
     if callable(target_modules):
         return target_modules
     if isinstance(target_modules, str):
@@ -95,15 +95,14 @@ def _warn_unprojectable(model: nn.Module, target_modules: Targets, match) -> Non
 
 
 def low_rank_targets(model: nn.Module, target_modules: Targets = "all-linear") -> List[Tuple[str, nn.Module]]:
-    """The (name, module) pairs whose ``weight`` GaLore projects: modules of a type in ``LOW_RANK_TYPES``
-    (nn.Linear and Int8Linear, subclasses included; the types ``weightkit.optim.param_groups`` takes) with a 2-D
-    weight, whose names ``target_modules`` matches."""
+    """The (name, module) pairs whose ``weight`` GaLore projects: the layers that ``weightkit.optim.param_groups``
+    can put in a GaLore group (nn.Linear and Int8Linear with a trainable 2-D weight) and ``target_modules``
+    matches."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    match = _target_matcher(target_modules)
-    return [(name, m) for name, m in model.named_modules()
-            if name and isinstance(m, LOW_RANK_TYPES) and isinstance(getattr(m, "weight", None), nn.Parameter)
-            and m.weight.dim() == 2 and match(name, m)]
+    groups = param_groups(model, filter_fn=_target_matcher(target_modules))
+    chosen = {id(p) for p in groups[0]["params"]} if groups and "rank" in groups[0] else set()
+    return [(name, m) for name, m in model.named_modules() if id(getattr(m, "weight", None)) in chosen]
 
 
 def _trained_int8_weights(model: nn.Module) -> Dict[int, str]:
@@ -241,7 +240,7 @@ class LayerwiseTrainerOptimizer(torch.optim.Optimizer):
     Built by :func:`make_optimizer` with ``layerwise=True``. torch.optim.Optimizer's constructor is not run: there is
     no state of its own to hold."""
 
-    def __init__(self, layerwise: LayerwiseGaLore):  # noqa: D107 - see the class docstring
+    def __init__(self, layerwise: LayerwiseGaLore):
         if not isinstance(layerwise, LayerwiseGaLore):
             raise TypeError(f"layerwise must be a weightkit.optim.LayerwiseGaLore, got {type(layerwise).__name__}")
         if not layerwise.hooks:
@@ -270,11 +269,12 @@ class LayerwiseTrainerOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        if self.layerwise.pending():
-            raise RuntimeError(f"Trainer stepped in the middle of the layer-wise optimizer's accumulation window of "
-                               f"{self.layerwise.accumulation_steps} backward passes: set "
-                               f"TrainingArguments(gradient_accumulation_steps={self.layerwise.accumulation_steps})")
         most = max(self._passes, default=0)
+        if self.layerwise.pending():
+            raise RuntimeError(f"Trainer stepped after {most} backward passes, inside the layer-wise optimizer's "
+                               f"accumulation window of {self.layerwise.accumulation_steps}: TrainingArguments."
+                               "gradient_accumulation_steps must equal accumulation_steps, and the batches of an "
+                               "epoch must fill whole windows (Trainer also steps at the end of each epoch)")
         if most > self.layerwise.accumulation_steps:
             raise RuntimeError(f"a parameter received {most} backward passes in one Trainer step, but the layer-wise "
                                f"optimizer updates every {self.layerwise.accumulation_steps}: set accumulation_steps "
