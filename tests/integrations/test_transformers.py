@@ -219,10 +219,22 @@ def test_transformers_builtin_galore_misses_swapped_layers(tmp_path):
         torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
 
 
-def test_load_pretrained_without_record_raises(tmp_path):
-    tiny_llama("int8").save_pretrained(str(tmp_path))
+def test_load_pretrained_without_record_raises_or_takes_layers(tmp_path):
+    model = tiny_llama("int8").eval()
+    model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="weightkit_layers"):
         load_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="directory"):
+        load_pretrained(str(tmp_path / "missing"))
+    layers = record_layers(tiny_llama("int8"))  # the record of a model swapped the same way
+    loaded = load_pretrained(str(tmp_path), layers=layers)
+    tokens = TokenData().tokens[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    with pytest.raises(ValueError, match="do not fit"):  # int8 weights would be cast into nn.Linear layers
+        load_pretrained(str(tmp_path), layers={})
+    with pytest.raises(ValueError, match="not a module"):
+        load_pretrained(str(tmp_path), layers={"model.no_such.layer": layers["model.layers.0.mlp.up_proj"]})
 
 
 def test_targets_by_type_and_name():

@@ -390,23 +390,26 @@ def _read_state_dict(directory: str) -> Dict[str, Tensor]:
                             "pytorch_model.bin")
 
 
-def load_pretrained(directory: str, model_cls=None, **config_kwargs) -> nn.Module:
+def load_pretrained(directory: str, model_cls=None, layers: Optional[Dict[str, Dict]] = None,
+                    **config_kwargs) -> nn.Module:
     """The model saved in ``directory`` by :func:`save_pretrained` (or by ``model.save_pretrained`` / a Trainer
     checkpoint after :func:`record_layers`), with its weightkit layers, holding exactly the saved tensors.
 
     ``model_cls``: the transformers model class (default: the config's first ``architectures`` entry).
-    ``config_kwargs`` override config entries, as in ``from_pretrained``. Local directories only; the model is
-    built on the CPU in eval mode, as ``from_pretrained`` returns it."""
+    ``layers``: the layer record to use instead of the config's (e.g. ``record_layers(model)`` of a model swapped
+    the same way, for a checkpoint saved without one). ``config_kwargs`` override config entries, as in
+    ``from_pretrained``. Local directories only; the model is built on the CPU in eval mode, as ``from_pretrained``
+    returns it."""
     import transformers
 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory={directory!r} is not a directory")
     config = transformers.AutoConfig.from_pretrained(directory, **config_kwargs)
-    layers = getattr(config, CONFIG_KEY, None)
+    layers = getattr(config, CONFIG_KEY, None) if layers is None else layers
     if not isinstance(layers, dict):
         raise ValueError(f"{directory!r}: config.json has no {CONFIG_KEY!r} record; save with "
-                         "weightkit.integrations.transformers.save_pretrained, or call record_layers(model) before "
-                         "model.save_pretrained / Trainer")
+                         "weightkit.integrations.transformers.save_pretrained, call record_layers(model) before "
+                         "model.save_pretrained / Trainer, or pass layers=")
     if model_cls is None:
         archs = getattr(config, "architectures", None) or []
         model_cls = getattr(transformers, archs[0], None) if archs else None
@@ -429,13 +432,18 @@ def load_pretrained(directory: str, model_cls=None, **config_kwargs) -> nn.Modul
         except AttributeError as exc:
             raise ValueError(f"{directory!r}: recorded layer {name!r} is not a module of {model_cls.__name__}") from exc
         setattr(parent, child, _build_layer(spec, saved, name + ".", repr(directory)))
+    current = model.state_dict()
+    mismatched = [f"{k} ({t.dtype} saved, {current[k].dtype} here)" for k, t in saved.items()
+                  if k in current and t.dtype != current[k].dtype]
+    if mismatched:  # load_state_dict would cast silently (an int8 weight into a float nn.Linear, ...)
+        raise ValueError(f"{directory!r}: saved tensors do not fit the rebuilt model: {mismatched[:4]}")
     result = model.load_state_dict(saved, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{directory!r}: saved tensors {result.unexpected_keys[:5]} are not in the model")
     if result.missing_keys:
         model.tie_weights()  # heads tied to embeddings are saved once
-        loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in saved}
         state = model.state_dict()
+        loaded = {state[k].data_ptr() for k in saved if k in state}
         untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]
         if untied:
             raise ValueError(f"{directory!r}: no saved tensor for {untied[:5]}")
