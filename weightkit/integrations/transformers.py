@@ -21,8 +21,8 @@ layers whose names match ``target_modules`` get GaLore; every other trainable pa
 biases, the head, MemoryLinear tables, DictLinear factors) goes to a dense AdamW group of the same optimizer.
 
 Layer-wise GaLore (``layerwise=True``) updates each parameter inside backward (weightkit.optim.LayerwiseGaLore);
-``make_optimizer`` then returns a :class:`LayerwiseTrainerOptimizer`, whose ``step()`` does nothing and whose
-param groups are the per-parameter optimizers' groups, so Trainer's schedule sets their learning rates and its
+``make_optimizer`` then returns a :class:`LayerwiseTrainerOptimizer`, whose ``step()`` only checks that every
+parameter was updated once since the last one, and whose param groups are the per-parameter optimizers' groups, so Trainer's schedule sets their learning rates and its
 checkpoints hold their states. Gradient clipping cannot work there (each gradient is used and freed in backward,
 before Trainer clips), so it needs ``max_grad_norm=0``, and Trainer's ``gradient_accumulation_steps`` must equal
 the optimizer's ``accumulation_steps``; both are checked.
