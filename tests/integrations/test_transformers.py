@@ -1,0 +1,329 @@
+"""weightkit.integrations.transformers end to end: a tiny LlamaForCausalLM (built from a LlamaConfig, random token
+data, no network) trained by ``transformers.Trainer`` on the CPU with weightkit's optimizers; Trainer checkpoints
+resumed bit-identically; optimizer state loadable with ``weights_only=True``; swapped layers through
+save_pretrained / load_pretrained."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import weightkit  # noqa: E402
+from weightkit.integrations.transformers import (LayerwiseTrainerOptimizer, load_pretrained,  # noqa: E402
+                                                 low_rank_targets, make_optimizer, record_layers, save_pretrained)
+from weightkit.nn import DictLinear, Int8Linear, MemoryLinear  # noqa: E402
+
+VOCAB, SEQ = 128, 32
+SWAP_OPTS = {"int8": {"group_size": 32}, "memory": {"tau": 8}, "dict": {"ratio": 0.3, "iters": 1}}
+SWAP_CLASSES = {"int8": Int8Linear, "memory": MemoryLinear, "dict": DictLinear}
+
+
+def tiny_llama(swap=None, seed=0, **config):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+                                   attention_dropout=0.0, **config)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    if swap is not None:
+        report = weightkit.swap(model, swap, **SWAP_OPTS[swap])
+        assert len(report.replaced) == 14, report  # 7 linear layers per block, lm_head kept
+    return model
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Random start tokens continued by t -> (3 t + 1) mod VOCAB: learnable, so the loss must fall."""
+
+    def __init__(self, n=48):
+        gen = torch.Generator().manual_seed(1)
+        tokens = [torch.randint(0, VOCAB, (n, 1), generator=gen)]
+        for _ in range(SEQ - 1):
+            tokens.append((tokens[-1] * 3 + 1) % VOCAB)
+        self.tokens = torch.cat(tokens, 1)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+def training_args(out, max_steps=12, **kw):
+    opts = dict(output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps, per_device_train_batch_size=8,
+                learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=2, logging_steps=1, save_steps=6,
+                seed=0, data_seed=0, max_grad_norm=0.0, disable_tqdm=True, dataloader_num_workers=0,
+                save_only_model=False)
+    opts.update(kw)
+    return transformers.TrainingArguments(**opts)
+
+
+# (swap, method, layerwise, extra TrainingArguments)
+CASES = {
+    "galore": (None, "galore", False, {"max_grad_norm": 1.0}),
+    "galore8bit": (None, "galore8bit", False, {}),
+    "qgalore-int8": ("int8", "qgalore", False, {}),
+    "layerwise": (None, "galore", True, {}),
+    "layerwise-accumulate2": (None, "galore", True, {"gradient_accumulation_steps": 2}),
+}
+
+
+def train(case, out, max_steps=12, resume=None, **kw):
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it
+    swap, method, layerwise, extra = CASES[case]
+    model = tiny_llama(swap)
+    args = training_args(out, max_steps=max_steps, **{**extra, **kw})
+    eight_bit = {"min_8bit_size": 1024} if method != "galore" else {}  # this tiny model's moments in 8 bits too
+    opt = make_optimizer(model, method, rank=8, update_proj_gap=4, args=args, layerwise=layerwise, **eight_bit)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model, opt, losses
+
+
+def param_snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trainer_trains_and_resumes_bit_identically(case, tmp_path):
+    model, opt, losses = train(case, tmp_path / "full")
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    full = param_snapshot(model)
+    if CASES[case][0] == "int8":  # the int8 weights themselves were trained (stochastic rounding writes)
+        init = tiny_llama("int8").state_dict()
+        w = "model.layers.0.mlp.up_proj.weight"
+        assert full[w].dtype == torch.int8 and not torch.equal(full[w], init[w])
+
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)  # tensors and numbers only
+    states = [s for sd in saved["optimizers"] for s in sd["state"].values()] if CASES[case][2] \
+        else list(saved["state"].values())
+    bases = [s for s in states if "ortho" in s or "ortho_q" in s]
+    assert bases and all(isinstance(s.get("ortho", s.get("ortho_q")), torch.Tensor) for s in bases)
+    assert all(s["step"] == 6 for s in bases), [s["step"] for s in bases]
+
+    resumed, _, resumed_losses = train(case, tmp_path / "resumed", resume=str(checkpoint))
+    assert resumed_losses == losses  # the first six come from the checkpoint's trainer_state.json
+    after = param_snapshot(resumed)
+    assert after.keys() == full.keys()
+    for k in full:
+        assert torch.equal(after[k], full[k]), k
+
+
+def test_trainer_checkpoint_of_swapped_model_loads_with_load_pretrained(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_llama("int8")
+    record_layers(model)  # so Trainer's save_pretrained writes the layer record into each checkpoint's config
+    args = training_args(tmp_path, max_steps=3, save_steps=3)
+    opt = make_optimizer(model, "qgalore", rank=8, args=args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+    trainer.train()
+    loaded = load_pretrained(str(tmp_path / "checkpoint-3"))
+    tokens = TokenData().tokens[:4]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model.eval()(tokens).logits)
+
+
+@pytest.mark.parametrize("method,tied", [(m, False) for m in sorted(SWAP_OPTS)] + [("int8", True)])
+def test_swapped_layers_round_trip_save_load_pretrained(method, tied, tmp_path):
+    model = tiny_llama(method, tie_word_embeddings=tied).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    save_pretrained(model, str(tmp_path))
+    assert (tmp_path / "model.safetensors").is_file()
+    with open(tmp_path / "config.json") as f:
+        record = json.load(f)["weightkit_layers"]
+    assert record["model.layers.1.self_attn.q_proj"]["class"] == SWAP_CLASSES[method].__name__
+    loaded = load_pretrained(str(tmp_path))
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    for name, module in model.named_modules():
+        assert type(loaded.get_submodule(name)) is type(module), name
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+    tokens = TokenData().tokens[:4]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_bfloat16_model_round_trips_in_its_dtype(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    weightkit.swap(model, "int8", group_size=32)
+    save_pretrained(model.eval(), str(tmp_path))
+    loaded = load_pretrained(str(tmp_path))
+    before, after = model.state_dict(), loaded.state_dict()
+    assert after["model.embed_tokens.weight"].dtype == torch.bfloat16
+    for k in before:
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+    tokens = TokenData().tokens[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_skipped_qgalore_step_drops_int8_gradients():
+    """Trainer clears gradients with model.zero_grad(), which does not know float_grad: the optimizer drops it after
+    each step itself, so a skipped step's NaN gradient does not poison the next."""
+    model = tiny_llama("int8")
+    opt = make_optimizer(model, "qgalore", rank=8, nonfinite="skip")
+    tokens = TokenData().tokens[:2]
+    model(tokens, labels=tokens).loss.backward()
+    weight = model.model.layers[0].mlp.up_proj.weight
+    weight.float_grad[0, 0] = float("nan")
+    before = weight.detach().clone()
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(weight, before)
+    assert all(getattr(m.weight, "float_grad", None) is None for m in model.modules() if isinstance(m, Int8Linear))
+    model.zero_grad()
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and not torch.equal(weight, before)
+
+
+def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
+    """Why load_pretrained exists: from_pretrained builds nn.Linear layers from the config, so the int8 weights
+    of a swapped model do not come back as Int8Linear."""
+    model = tiny_llama("int8").eval()
+    save_pretrained(model, str(tmp_path))
+    try:
+        plain = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path))
+    except Exception:  # noqa: BLE001 - refusing to load is as good an answer
+        return
+    assert type(plain.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+
+
+def test_transformers_builtin_galore_misses_swapped_layers(tmp_path):
+    """The two problems make_optimizer solves, as transformers 5 and galore-torch 1.0 show them: Trainer's own GaLore
+    (optim='galore_adamw') keeps only nn.Linear targets, so a swapped Int8Linear lands in the plain AdamW group
+    (where its int8 weight, which has no .grad, never changes), and its checkpoints hold pickled projector objects
+    that torch.load(weights_only=True), as Trainer resumes, refuses."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("galore_torch")
+    model = tiny_llama()
+    weightkit.swap(model, "int8", filter_fn=lambda name, _m: "mlp" in name, group_size=32)
+    args = training_args(tmp_path, max_steps=2, save_steps=2, optim="galore_adamw",
+                         optim_target_modules=["q_proj", "up_proj"], optim_args="rank=8, update_proj_gap=1")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+    opt = trainer.create_optimizer()
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert [("rank" in g) for g in opt.param_groups if any(p is up for p in g["params"])] == [False]
+    before = up.detach().clone()
+    trainer.train()
+    assert torch.equal(up, before)
+    with pytest.raises(Exception, match="[Ww]eights.only"):
+        torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
+
+
+def test_load_pretrained_without_record_raises_or_takes_layers(tmp_path):
+    model = tiny_llama("int8").eval()
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="weightkit_layers"):
+        load_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="directory"):
+        load_pretrained(str(tmp_path / "missing"))
+    layers = record_layers(tiny_llama("int8"))  # the record of a model swapped the same way
+    loaded = load_pretrained(str(tmp_path), layers=layers)
+    tokens = TokenData().tokens[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    with pytest.raises(ValueError, match="do not fit"):  # int8 weights would be cast into nn.Linear layers
+        load_pretrained(str(tmp_path), layers={})
+    with pytest.raises(ValueError, match="not a module"):
+        load_pretrained(str(tmp_path), layers={"model.no_such.layer": layers["model.layers.0.mlp.up_proj"]})
+
+
+def test_targets_by_type_and_name():
+    model = tiny_llama()
+    weightkit.swap(model, "int8", filter_fn=lambda name, _m: "mlp" in name, group_size=32)
+    targets = dict(low_rank_targets(model, ["q_proj", "up_proj"]))
+    assert sorted(targets) == [f"model.layers.{i}.{n}" for i in range(2) for n in ("mlp.up_proj", "self_attn.q_proj")]
+    assert all(isinstance(targets[f"model.layers.{i}.mlp.up_proj"], Int8Linear) for i in range(2))
+    assert "lm_head" not in dict(low_rank_targets(model, "all-linear"))
+    assert sorted(dict(low_rank_targets(model, r".*\.self_attn\.[qk]_proj"))) == \
+        sorted(f"model.layers.{i}.self_attn.{n}_proj" for i in range(2) for n in "qk")
+
+    int8_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    with pytest.raises(ValueError, match="not in target_modules"):  # "mlp" names a block, not a linear layer
+        make_optimizer(model, "qgalore", rank=8, target_modules=["q_proj", "mlp"])
+    opt = make_optimizer(model, "qgalore", rank=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    in_groups = [p for g in opt.param_groups for p in g["params"]]
+    assert len(in_groups) == len({id(p) for p in in_groups})  # each parameter once
+    trained = [p for p in model.parameters() if p.requires_grad] + int8_weights
+    assert {id(p) for p in in_groups} == {id(p) for p in trained}
+    assert opt.param_groups[0]["rank"] == 8 and len(opt.param_groups[0]["params"]) == 2 + len(int8_weights)
+    assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in int8_weights)
+
+
+def test_weight_decay_groups_follow_trainer():
+    model = tiny_llama()
+    opt = make_optimizer(model, "galore", rank=8, weight_decay=0.1)
+    low, matrices, vectors = opt.param_groups
+    assert low["weight_decay"] == 0.1 and matrices["weight_decay"] == 0.1 and vectors["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in matrices["params"]) and all(p.dim() == 1 for p in vectors["params"])
+
+
+def test_bad_arguments_raise_naming_them():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="method"):
+        make_optimizer(model, "adamw")
+    with pytest.raises(ValueError, match="target_modules"):
+        make_optimizer(model, "galore", target_modules=["no_such_layer"])
+    with pytest.raises(ValueError, match="target_modules"):
+        make_optimizer(model, "galore", target_modules=[])
+    with pytest.raises(ValueError, match="target_modules"):
+        make_optimizer(model, "galore", target_modules="(unclosed")
+    with pytest.raises(ValueError, match="rank"):
+        make_optimizer(model, "galore", rank=0)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        make_optimizer(model, "galore", accumulation_steps=2)
+    with pytest.raises(TypeError, match="model"):
+        make_optimizer("model", "galore")
+    swapped = tiny_llama("int8")
+    with pytest.raises(ValueError, match="qgalore"):
+        make_optimizer(swapped, "galore", rank=8)
+    with pytest.raises(ValueError, match="layerwise"):
+        make_optimizer(swapped, "qgalore", rank=8, layerwise=True)
+    with pytest.warns(UserWarning, match="cannot project"):
+        make_optimizer(tiny_llama("memory"), "galore", rank=8, target_modules=["q_proj", "lm_head"])
+
+
+def test_layerwise_checks_trainer_settings(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_optimizer(model, "galore", rank=8, layerwise=True, args=training_args(tmp_path, max_grad_norm=1.0))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        make_optimizer(model, "galore", rank=8, layerwise=True, accumulation_steps=1,
+                       args=training_args(tmp_path, gradient_accumulation_steps=2))
+    with pytest.warns(UserWarning, match="float_grad"):  # Trainer's clipping does not reach int8 gradients
+        make_optimizer(tiny_llama("int8"), "qgalore", rank=8, args=training_args(tmp_path, max_grad_norm=1.0))
+    # an optimizer built without the args, then given to a Trainer that accumulates: refused at the first step
+    opt = make_optimizer(model, "galore", rank=8, layerwise=True)
+    assert isinstance(opt, LayerwiseTrainerOptimizer)
+    args = training_args(tmp_path, max_steps=2, gradient_accumulation_steps=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps"):
+        trainer.train()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's "Hugging Face transformers" example, run as written (in a temporary directory)."""
+    pytest.importorskip("accelerate")
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    if not os.path.isfile(readme):
+        pytest.skip("no README.md beside the tests (installed package)")
+    with open(readme) as f:
+        section = f.read().split("## Hugging Face transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    losses = [h["loss"] for h in namespace["trainer"].state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < 0.1 * losses[0], losses
+    assert (tmp_path / "hf-out" / "checkpoint-20" / "optimizer.pt").is_file()
+    assert isinstance(namespace["again"].model.layers[0].self_attn.q_proj, Int8Linear)
