@@ -20,8 +20,8 @@ from weightkit.integrations.transformers import (LayerwiseTrainerOptimizer, load
 from weightkit.nn import DictLinear, Int8Linear, MemoryLinear  # noqa: E402
 
 VOCAB, SEQ = 128, 32
-SWAP_OPTS = {"int8": {"group_size": 32}, "memory": {"tau": 8}, "dict": {"ratio": 0.3, "iters": 1}}
-SWAP_CLASSES = {"int8": Int8Linear, "memory": MemoryLinear, "dict": DictLinear}
+SWAP_OPTS = {"int8": {"group_size": 32}, "memoryformer": {"tau": 8}, "dictionary": {"ratio": 0.3, "iters": 1}}
+SWAP_CLASSES = {"int8": Int8Linear, "memoryformer": MemoryLinear, "dictionary": DictLinear}
 
 
 def tiny_llama(swap=None, seed=0, **config):
@@ -289,7 +289,7 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="layerwise"):
         make_optimizer(swapped, "qgalore", rank=8, layerwise=True)
     with pytest.warns(UserWarning, match="cannot project"):
-        make_optimizer(tiny_llama("memory"), "galore", rank=8, target_modules=["q_proj", "lm_head"])
+        make_optimizer(tiny_llama("memoryformer"), "galore", rank=8, target_modules=["q_proj", "lm_head"])
 
 
 def test_layerwise_checks_trainer_settings(tmp_path):
