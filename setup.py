@@ -46,6 +46,16 @@ class BuildKernelLibraries(build_ext):
             return os.path.join(*fullname.split(".")) + ".so"  # libweightkit_cpu.so, no Python ABI suffix
         return super().get_ext_filename(fullname)
 
+    def run(self):
+        # build/lib is reused between builds: drop a kernel library this build does not make (e.g. the CUDA one of an
+        # earlier `make wheel-cuda`), so that a wheel holds exactly what was built now
+        wanted = {self.get_ext_filename(e.name) for e in self.extensions if isinstance(e, KernelLibrary)}
+        stale_dir = os.path.join(self.build_lib, "weightkit", "lib")
+        for name in os.listdir(stale_dir) if os.path.isdir(stale_dir) else ():
+            if os.path.join("weightkit", "lib", name) not in wanted:
+                os.remove(os.path.join(stale_dir, name))
+        super().run()
+
     def copy_extensions_to_source(self):  # --inplace / editable: weightkit/lib/ may not exist yet
         for ext in self.extensions:
             if isinstance(ext, KernelLibrary):

@@ -158,7 +158,9 @@ def build_cuda(out_path: str, archs: Sequence[str], *, nvcc: Optional[str] = Non
     if jobs or _stale(out_path, objects):
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         link = [nvcc, "-shared", "-o", out_path] + objects + ["-cudart", "static"]
-        link += ["-Xcompiler", ",".join(f for f in HOST_LINK_FLAGS if not f.startswith("-Wl,"))]
+        # libstdc++ static (its symbols hidden), the unwinder from the system's libgcc_s.so.1: a static libgcc_eh
+        # would bind to glibc 2.35's _dl_find_object on this machine and raise the library's glibc floor to 2.35
+        link += ["-Xcompiler", "-static-libstdc++,-shared-libgcc"]
         link += ["-Xlinker", "--exclude-libs,ALL", "-Xlinker", "-z,defs", "-Xlinker", "--as-needed",
                  "-Xlinker", f"--version-script={EXPORTS}"]
         _run(link, verbose)

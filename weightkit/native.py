@@ -105,8 +105,8 @@ def _load(name: str, prefix: str, signatures: Dict[str, tuple], missing: str) ->
 
 
 CPU, CPU_ERROR = _load(CPU_LIB, "wk_cpu_", _CPU_SIGNATURES, "weightkit was installed without building its kernels")
-CUDA, CUDA_ERROR = _load(CUDA_LIB, "wk_cuda_", _CUDA_SIGNATURES, "built without CUDA: no nvcc at build time, or "
-                         "WEIGHTKIT_WITH_CUDA=0; the CUDA wheel (make wheel-cuda) has it")
+CUDA, CUDA_ERROR = _load(CUDA_LIB, "wk_cuda_", _CUDA_SIGNATURES, "not built: setup.py builds it when nvcc is found "
+                         "and torch has CUDA, or with WEIGHTKIT_WITH_CUDA=1; the CUDA wheel ships it")
 if CUDA is not None:
     _cuda_error_string = CUDA._dll.wk_cuda_error_string
     _cuda_error_string.argtypes, _cuda_error_string.restype = (ctypes.c_int,), ctypes.c_char_p
