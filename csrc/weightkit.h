@@ -8,6 +8,11 @@
 // parts that were ATen calls (BLAS matmuls, sorts, dtype conversions, zero fills) are done by torch in Python
 // around the kernel calls (weightkit/native.py).
 //
+// Argument checks live once, in Python: each op's `check` (weightkit/ops/*.py, messages naming the argument) and the
+// wrappers of weightkit/native.py (contiguity, output allocation). The TORCH_CHECK preambles that the cpu and cuda
+// sources used to repeat are gone rather than moved to a checks header; what every CUDA entry point shares (device
+// guard, dtype dispatch, launch status) is csrc/cuda/common.cuh, the CPU dtype dispatch is csrc/cpu/dtypes.h.
+//
 // Conventions (the Python caller guarantees them; the kernels do not re-check):
 // * tensors are contiguous, on the right device, of the dtype in the argument's name or given by a dtype code;
 // * sizes are element counts (int64_t), `threads` is torch.get_num_threads() (CPU kernels: how many threads the
