@@ -19,7 +19,8 @@ void stochastic_round(const scalar_t* xp, const float* s, int8_t* q, int64_t n, 
   const uint64_t first = offset, last = first + static_cast<uint64_t>(n);
   // One Philox call feeds four consecutive stream positions.
   const int64_t block_begin = static_cast<int64_t>(first >> 2), block_end = static_cast<int64_t>((last + 3) >> 2);
-  parallel_for(threads, block_begin, block_end, 4096, [&](int64_t begin, int64_t end) {
+  // captured by value: the int8 stores may alias anything, which would make the compiler reload captured references
+  parallel_for(threads, block_begin, block_end, 4096, [=](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const Philox4 r = philox4x32_10(static_cast<uint64_t>(b), seed);
       for (int lane = 0; lane < 4; ++lane) {
