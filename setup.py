@@ -1,49 +1,133 @@
-"""Build weightkit, with the compiled extension weightkit._C when torch is importable at build time.
+"""Build weightkit with its two kernel libraries (csrc/build_libs.py does the compiling):
 
-* C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always compiled, with ninja.
-* CUDA kernels (csrc/cuda/*.cu) are added when the build's torch has CUDA and nvcc is found
-  (WEIGHTKIT_WITH_CUDA=0/1 overrides the detection).
-* WEIGHTKIT_NO_EXTENSION=1 builds a pure-Python package; it still works (reference and Triton backends).
+* ``weightkit/lib/libweightkit_cpu.so``: the C++ CPU kernels, always, with g++ alone (no torch needed to build);
+* ``weightkit/lib/libweightkit_cuda.so``: the CUDA kernels, when nvcc is found and either the installed torch has
+  CUDA or ``WEIGHTKIT_WITH_CUDA=1`` (``WEIGHTKIT_WITH_CUDA=0`` skips them). Architectures: ``WEIGHTKIT_CUDA_ARCHS``
+  or ``TORCH_CUDA_ARCH_LIST`` (e.g. "80;90"), else the visible GPU's, else sm_80, sm_90 and sm_100 (those nvcc
+  supports), plus PTX of the newest.
+* ``WEIGHTKIT_NO_EXTENSION=1`` builds a pure-Python package; it still works (reference and Triton backends).
 
-The extension links against the torch it was built with, so build without isolation against the torch you run:
-``pip install --no-build-isolation .`` (pyproject.toml pins torch==2.13.0 for isolated builds).
+The libraries link neither libtorch nor Python (plain C ABI, loaded with ctypes by weightkit/native.py), so one
+build serves every torch release and Python 3 version: the wheel is tagged ``py3-none-<platform>``
+(scripts/build_wheel.sh retags it manylinux).
 """
 
-import glob
+import importlib.util
 import os
+import shutil
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70.1
+    from wheel.bdist_wheel import bdist_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("weightkit_build_libs", os.path.join(HERE, "csrc", "build_libs.py"))
+build_libs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_libs)
 
 
-def extension_build():
+class KernelLibrary(Extension):
+    """A plain shared library (not a Python extension module) built by csrc/build_libs.py."""
+
+    def __init__(self, name: str, kind: str, archs=()):
+        super().__init__(name, sources=[])
+        self.kind = kind
+        self.archs = list(archs)
+
+
+class BuildKernelLibraries(build_ext):
+    def get_ext_filename(self, fullname):
+        ext = self.ext_map.get(fullname) if hasattr(self, "ext_map") else None
+        if isinstance(ext, KernelLibrary) or fullname.startswith("weightkit.lib."):
+            return os.path.join(*fullname.split(".")) + ".so"  # libweightkit_cpu.so, no Python ABI suffix
+        return super().get_ext_filename(fullname)
+
+    def run(self):
+        # build/lib is reused between builds: drop a kernel library this build does not make (e.g. the CUDA one of an
+        # earlier `make wheel-cuda`), so that a wheel holds exactly what was built now
+        wanted = {self.get_ext_filename(e.name) for e in self.extensions if isinstance(e, KernelLibrary)}
+        stale_dir = os.path.join(self.build_lib, "weightkit", "lib")
+        for name in os.listdir(stale_dir) if os.path.isdir(stale_dir) else ():
+            if os.path.join("weightkit", "lib", name) not in wanted:
+                os.remove(os.path.join(stale_dir, name))
+        super().run()
+
+    def copy_extensions_to_source(self):  # --inplace / editable: weightkit/lib/ may not exist yet
+        for ext in self.extensions:
+            if isinstance(ext, KernelLibrary):
+                os.makedirs(os.path.join(HERE, os.path.dirname(self.get_ext_filename(ext.name))), exist_ok=True)
+        super().copy_extensions_to_source()
+
+    def build_extension(self, ext):
+        if not isinstance(ext, KernelLibrary):
+            return super().build_extension(ext)
+        out = self.get_ext_fullpath(ext.name)
+        if ext.kind == "cpu":
+            build_libs.build_cpu(out, verbose=self.verbose > 1)
+        else:
+            build_libs.build_cuda(out, ext.archs, verbose=self.verbose > 1)
+
+
+class PlatformWheel(bdist_wheel):
+    """The wheel holds shared libraries but no Python extension: any Python 3, any ABI, this platform."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self):
+        _, _, plat = super().get_tag()
+        return "py3", "none", plat
+
+
+def _cuda_archs():
+    spec = os.environ.get("WEIGHTKIT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if spec:
+        return build_libs.parse_archs(spec)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return [f"{major}{minor}"]
+    except ImportError:
+        pass
+    nvcc = build_libs.find_nvcc()
+    return [a for a in build_libs.DEFAULT_CUDA_ARCHS if build_libs.nvcc_supports(nvcc, a)]
+
+
+def _with_cuda() -> bool:
+    choice = os.environ.get("WEIGHTKIT_WITH_CUDA")
+    if choice in ("0", "1"):
+        return choice == "1"
+    if build_libs.find_nvcc() is None:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None
+
+
+def kernel_libraries():
     if os.environ.get("WEIGHTKIT_NO_EXTENSION") == "1":
-        return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        return []
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise RuntimeError("a C++ compiler (g++, or $CXX) is needed to build weightkit's CPU kernels; "
+                           "WEIGHTKIT_NO_EXTENSION=1 builds without them")
+    libs = [KernelLibrary("weightkit.lib.libweightkit_cpu", "cpu")]
+    if _with_cuda():
+        libs.append(KernelLibrary("weightkit.lib.libweightkit_cuda", "cuda", _cuda_archs()))
+    return libs
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if os.environ.get("WEIGHTKIT_WITH_CUDA") in ("0", "1"):
-        with_cuda = os.environ["WEIGHTKIT_WITH_CUDA"] == "1"
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno"]  # no fma: kernels match the reference bitwise; no errno: sqrt vectorizes
-    extra = {"cxx": cxx}
-    if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE))
-        extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=false", "-DWEIGHTKIT_WITH_CUDA", "-lineinfo"]
-        extra["cxx"] = cxx + ["-DWEIGHTKIT_WITH_CUDA"]
-        ext = CUDAExtension("weightkit._C", sources, extra_compile_args=extra, py_limited_api=False)
-    else:
-        ext = CppExtension("weightkit._C", sources, extra_compile_args=extra)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
-
-
-ext_modules, cmdclass = extension_build()
 
 setup(
     packages=find_packages(include=["weightkit", "weightkit.*"]),
     package_data={"weightkit": ["py.typed"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    ext_modules=kernel_libraries(),
+    cmdclass={"build_ext": BuildKernelLibraries, "bdist_wheel": PlatformWheel},
 )

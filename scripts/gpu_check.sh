@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command a session with a lent GPU runs (`make gpu-check OUT=DIR`, or `bash scripts/gpu_check.sh DIR`):
-#   1. builds weightkit._C for this GPU's arch (in place, MAX_JOBS = cores),
+#   1. builds the kernel libraries (weightkit/lib/) for this GPU's arch (in place, MAX_JOBS = cores),
 #   2. prints `weightkit info`,
 #   3. runs the whole test-suite on this machine (every test on cpu and cuda) with pytest -n 14 (TEST_WORKERS), under
 #      a time budget (the suite took 108 s with 14 workers on an H200 machine's 16 cores, 2026-11-26),

@@ -3,8 +3,9 @@
 Every op in weightkit has a plain-PyTorch ``reference`` implementation (always present, the specification)
 and up to three accelerated ones:
 
-* ``cpu``    -- C++ kernels in the compiled extension ``weightkit._C`` (CPU tensors),
-* ``cuda``   -- CUDA kernels in the same extension (CUDA tensors, only when built against a CUDA torch),
+* ``cpu``    -- C++ kernels in ``weightkit/lib/libweightkit_cpu.so`` (CPU tensors; see weightkit.native),
+* ``cuda``   -- CUDA kernels in ``weightkit/lib/libweightkit_cuda.so`` (CUDA tensors; built when nvcc was found
+  at install time, shipped in the CUDA wheel),
 * ``triton`` -- Triton kernels in ``weightkit.kernels`` (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``, which is how the test-suite exercises them without a GPU).
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import os
 import warnings
 import weakref
@@ -25,34 +25,23 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import native
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
 
 # ---------------------------------------------------------------------------------------------------------
-# What loaded, and why not.
+# What loaded, and why not (the kernel libraries are loaded by weightkit.native).
 
-
-def _load_extension() -> Tuple[Optional[object], Optional[str]]:
-    if os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") == "1":
-        return None, "disabled by WEIGHTKIT_DISABLE_EXTENSION=1"
-    try:
-        module = importlib.import_module("weightkit._C")
-    except ImportError as exc:  # missing, or built against another torch (undefined symbols)
-        return None, f"{type(exc).__name__}: {exc}"
-    except OSError as exc:  # a shared library it needs is missing
-        return None, f"{type(exc).__name__}: {exc}"
-    return module, None
-
-
-_EXT, _EXT_ERROR = _load_extension()
-if _EXT is None and os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") != "1":
+if native.CPU is None and os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") != "1":
     warnings.warn(
-        "weightkit: compiled extension weightkit._C did not load "
-        f"({_EXT_ERROR}); the 'cpu' and 'cuda' backends are unavailable and ops use triton/reference. "
-        "Rebuild with `pip install --no-build-isolation .` against the installed torch.",
+        f"weightkit: kernel library {native.CPU_ERROR}; the 'cpu' and 'cuda' backends are unavailable and ops use "
+        "triton/reference. Reinstall weightkit (`pip install .` builds the libraries with g++/nvcc).",
         RuntimeWarning,
         stacklevel=2,
     )
+elif native.CUDA is None and os.path.exists(os.path.join(native.LIB_DIR, native.CUDA_LIB)):
+    warnings.warn(f"weightkit: {native.CUDA_ERROR}; the 'cuda' backend is unavailable", RuntimeWarning, stacklevel=2)
 
 
 def _probe_triton() -> Tuple[bool, Optional[str]]:
@@ -67,11 +56,13 @@ _TRITON_OK, _TRITON_ERROR = _probe_triton()
 
 
 def extension_loaded() -> bool:
-    return _EXT is not None
+    """Whether the CPU kernel library (the ``cpu`` backend) loaded."""
+    return native.CPU is not None
 
 
 def extension_has_cuda() -> bool:
-    return _EXT is not None and bool(getattr(_EXT, "WITH_CUDA", False))
+    """Whether the CUDA kernel library (the ``cuda`` backend) loaded; it may still not fit the GPU (see status())."""
+    return native.CUDA is not None
 
 
 # Environment settings, read once (at import and by reload_env()): os.environ lookups cost ~1.5 us each, and an
@@ -100,17 +91,19 @@ def triton_interpret() -> bool:
 def status() -> Dict[str, str]:
     """One line per backend: 'ok' or why it is unavailable (used by ``python -m weightkit info``)."""
     out = {"reference": "ok (always present)"}
-    if _EXT is None:
-        out["cpu"] = f"unavailable: {_EXT_ERROR}"
-        out["cuda"] = f"unavailable: {_EXT_ERROR}"
+    if native.CPU is None:
+        out["cpu"] = f"unavailable: {native.CPU_ERROR}"
     else:
-        out["cpu"] = "ok"
-        if not extension_has_cuda():
-            out["cuda"] = "unavailable: extension built without CUDA (torch has no CUDA, or no nvcc at build time)"
-        elif not torch.cuda.is_available():
-            out["cuda"] = "built, but no CUDA device is visible"
+        out["cpu"] = f"ok ({native.CPU.path}, up to torch.get_num_threads() = {torch.get_num_threads()} threads)"
+    if native.CUDA is None:
+        out["cuda"] = f"unavailable: {native.CUDA_ERROR}"
+    else:
+        built = f"sm_{', sm_'.join(native.CUDA_ARCHS)} + PTX"
+        if not torch.cuda.is_available():
+            out["cuda"] = f"built ({built}), but no CUDA device is visible"
         else:
-            out["cuda"] = "ok"
+            reason = native.cuda_why_not(torch.device("cuda", torch.cuda.current_device()))
+            out["cuda"] = f"ok ({built})" if reason is None else f"unavailable: {reason}"
     if not _TRITON_OK:
         out["triton"] = f"unavailable: {_TRITON_ERROR}"
     elif torch.cuda.is_available():
@@ -167,18 +160,14 @@ def _warn_once(key: tuple, message: str) -> None:
 class KernelTable:
     """The implementations of one op, keyed by backend, and the rule that picks one for a device.
 
-    ``compiled`` names the extension op (``torch.ops.weightkit.<compiled>``) whose CPU/CUDA kernels back the
-    ``cpu`` and ``cuda`` backends; the table checks that the kernel for the device's dispatch key exists.
+    The ``cpu`` and ``cuda`` implementations call weightkit.native (the kernel libraries); the table knows whether
+    those loaded, and whether the CUDA one fits the device.
     """
 
-    def __init__(self, name: str, compiled: Optional[str] = None, cuda_order: Tuple[str, ...] = ("cuda", "triton")):
+    def __init__(self, name: str, cuda_order: Tuple[str, ...] = ("cuda", "triton")):
         self.name = name
-        self.compiled = compiled
         self.cuda_order = cuda_order
         self.impls: Dict[str, Callable] = {}
-        # the extension op (its .default overload) behind the cpu and cuda backends; None without the extension
-        packet = getattr(torch.ops.weightkit, compiled, None) if _EXT is not None and compiled else None
-        self.kernel = None if packet is None else packet.default
         # (forced backend or None, device) -> (backend name, implementation); cleared by reload_env()
         self._chosen: Dict[tuple, Tuple[str, Callable]] = {}
         _TABLES.add(self)
@@ -193,11 +182,6 @@ class KernelTable:
 
         return deco
 
-    def _compiled_kernel(self, dispatch_key: str) -> bool:
-        if _EXT is None or self.compiled is None:
-            return False
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"weightkit::{self.compiled}", dispatch_key)
-
     def why_not(self, backend: str, device: torch.device) -> Optional[str]:
         """None when ``backend`` can run this op on ``device``, else the reason it cannot."""
         if backend not in self.impls:
@@ -207,19 +191,14 @@ class KernelTable:
         if backend == "cpu":
             if device.type != "cpu":
                 return f"the cpu backend runs CPU tensors, got {device.type}"
-            if _EXT is None:
-                return f"extension not loaded ({_EXT_ERROR})"
-            if not self._compiled_kernel("CPU"):
-                return f"extension has no CPU kernel for {self.compiled}"
+            if native.CPU is None:
+                return f"CPU kernel library not loaded ({native.CPU_ERROR})"
             return None
         if backend == "cuda":
             if device.type != "cuda":
                 return f"the cuda backend runs CUDA tensors, got {device.type}"
-            if _EXT is None:
-                return f"extension not loaded ({_EXT_ERROR})"
-            if not self._compiled_kernel("CUDA"):
-                return "extension was built without CUDA kernels"
-            return None
+            reason = native.cuda_why_not(device)
+            return None if reason is None else f"CUDA kernel library unusable ({reason})"
         if backend == "triton":
             if not _TRITON_OK:
                 return f"triton not importable ({_TRITON_ERROR})"
@@ -232,8 +211,8 @@ class KernelTable:
         return self._lookup(device)[0]
 
     def _lookup(self, device: torch.device) -> Tuple[str, Callable]:
-        # The answer depends only on the forced backend, the device and the environment (the extension and triton
-        # are probed once, at import; reload_env() clears this cache): cached, since the probing costs tens of
+        # The answer depends only on the forced backend, the device and the environment (the kernel libraries and
+        # triton are probed once; reload_env() clears this cache): cached, since the probing costs tens of
         # microseconds per call, comparable to a small kernel, and even building a longer key costs ~0.5 us.
         key = (_FORCED.get(), device)
         found = self._chosen.get(key)

@@ -1,14 +1,14 @@
-// CPU kernels of the sparse-dense dictionary gather (spec: weightkit/ops/dictionary.py).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// CPU kernels of the sparse-dense dictionary gather (spec: weightkit/ops/dictionary.py). Which forward layout runs
+// (few tokens: z rows; many tokens: z^T) is chosen by the caller, weightkit/native.py, which also makes the
+// transposed copies.
+#include <algorithm>
+#include <cstdint>
+
+#include "../weightkit.h"
+#include "parallel.h"
 
 namespace weightkit {
 namespace {
-
-// Indices arrive as uint8/int16/int32/int64; widen them once to int64 (s x d_out, small) for the backward.
-at::Tensor wide(const at::Tensor& indices) { return indices.to(at::kLong).contiguous(); }
 
 // Forward: tasks are (block of kRows tokens, block of kCols output columns), so one token still spreads over the
 // threads, and each value/index is read once per kRows tokens (not once per token) while the block's z rows stay
@@ -18,9 +18,9 @@ constexpr int64_t kRows = 16;
 
 template <typename index_t>
 void gather_forward(const float* zp, const float* vp, const index_t* ip, float* yp, int64_t n, int64_t k, int64_t s,
-                    int64_t d_out) {
+                    int64_t d_out, int threads) {
   const int64_t col_blocks = (d_out + kCols - 1) / kCols, row_blocks = (n + kRows - 1) / kRows;
-  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(threads, 0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r0 = (task / col_blocks) * kRows, r1 = std::min(n, r0 + kRows);
       const int64_t j0 = (task % col_blocks) * kCols, j1 = std::min(d_out, j0 + kCols);
@@ -51,8 +51,8 @@ void axpy_f32(float* __restrict__ y, float a, const float* __restrict__ x, int64
 
 template <typename index_t>
 void gather_forward_transposed(const float* zt, const float* vp, const index_t* ip, float* yt, int64_t n, int64_t s,
-                               int64_t d_out) {
-  at::parallel_for(0, d_out, 16, [&](int64_t begin, int64_t end) {
+                               int64_t d_out, int threads) {
+  parallel_for(threads, 0, d_out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       float* yj = yt + j * n;
       for (int64_t r = 0; r < n; ++r) yj[r] = 0.f;
@@ -63,57 +63,45 @@ void gather_forward_transposed(const float* zt, const float* vp, const index_t* 
   });
 }
 
-constexpr int64_t kTransposedTokens = 4;
-
-at::Tensor dict_sparse_gather_cpu(const at::Tensor& z, const at::Tensor& values, const at::Tensor& indices) {
-  TORCH_CHECK(z.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes(),
-              "dict_sparse_gather_kernel: need z (n, k), values and indices (s, d_out)");
-  const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
-  const at::Tensor zf = z.to(at::kFloat).contiguous(), vf = values.to(at::kFloat).contiguous();
-  const at::Tensor idx = indices.contiguous();
-  const float* vp = vf.data_ptr<float>();
-  if (n >= kTransposedTokens) {
-    const at::Tensor zt = zf.t().contiguous();
-    auto yt = at::empty({d_out, n}, zf.options());
-    const float* ztp = zt.data_ptr<float>();
-    float* ytp = yt.data_ptr<float>();
-    switch (idx.scalar_type()) {
-      case at::kByte: gather_forward_transposed(ztp, vp, idx.data_ptr<uint8_t>(), ytp, n, s, d_out); break;
-      case at::kShort: gather_forward_transposed(ztp, vp, idx.data_ptr<int16_t>(), ytp, n, s, d_out); break;
-      case at::kInt: gather_forward_transposed(ztp, vp, idx.data_ptr<int32_t>(), ytp, n, s, d_out); break;
-      case at::kLong: gather_forward_transposed(ztp, vp, idx.data_ptr<int64_t>(), ytp, n, s, d_out); break;
-      default: TORCH_CHECK(false, "dict_sparse_gather_kernel: indices must be uint8, int16, int32 or int64");
-    }
-    return yt.t().contiguous().to(z.scalar_type());
+// Calls f(index_t{}) for an index dtype code; false for any other code.
+template <typename F>
+bool dispatch_index(int dtype, F&& f) {
+  switch (dtype) {
+    case WK_U8: f(uint8_t{}); return true;
+    case WK_I16: f(int16_t{}); return true;
+    case WK_I32: f(int32_t{}); return true;
+    case WK_I64: f(int64_t{}); return true;
+    default: return false;
   }
-  auto y = at::empty({n, d_out}, zf.options());
-  const float* zp = zf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (idx.scalar_type()) {
-    case at::kByte: gather_forward(zp, vp, idx.data_ptr<uint8_t>(), yp, n, k, s, d_out); break;
-    case at::kShort: gather_forward(zp, vp, idx.data_ptr<int16_t>(), yp, n, k, s, d_out); break;
-    case at::kInt: gather_forward(zp, vp, idx.data_ptr<int32_t>(), yp, n, k, s, d_out); break;
-    case at::kLong: gather_forward(zp, vp, idx.data_ptr<int64_t>(), yp, n, k, s, d_out); break;
-    default: TORCH_CHECK(false, "dict_sparse_gather_kernel: indices must be uint8, int16, int32 or int64");
-  }
-  return y.to(z.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> dict_sparse_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& z,
-                                                                    const at::Tensor& values,
-                                                                    const at::Tensor& indices) {
-  const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
-  const at::Tensor gf = grad.to(at::kFloat).contiguous(), zf = z.to(at::kFloat).contiguous();
-  const at::Tensor vf = values.to(at::kFloat).contiguous(), idx = wide(indices);
-  auto gz = at::zeros({n, k}, zf.options());
-  auto gv = at::zeros({s, d_out}, zf.options());
-  const float* gp = gf.data_ptr<float>();
-  const float* zp = zf.data_ptr<float>();
-  const float* vp = vf.data_ptr<float>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  float* gzp = gz.data_ptr<float>();
-  float* gvp = gv.data_ptr<float>();
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {  // each thread owns its rows of grad_z
+}  // namespace
+}  // namespace weightkit
+
+using namespace weightkit;
+
+WK_API int wk_cpu_dict_gather_forward(const float* z, const float* values, const void* indices, int index_dtype,
+                                      float* y, int64_t n, int64_t k, int64_t s, int64_t d_out, int threads) {
+  const bool ok = dispatch_index(index_dtype, [&](auto tag) {
+    using index_t = decltype(tag);
+    gather_forward(z, values, static_cast<const index_t*>(indices), y, n, k, s, d_out, threads);
+  });
+  return ok ? WK_OK : WK_BAD_DTYPE;
+}
+
+WK_API int wk_cpu_dict_gather_forward_t(const float* zt, const float* values, const void* indices, int index_dtype,
+                                        float* yt, int64_t n, int64_t s, int64_t d_out, int threads) {
+  const bool ok = dispatch_index(index_dtype, [&](auto tag) {
+    using index_t = decltype(tag);
+    gather_forward_transposed(zt, values, static_cast<const index_t*>(indices), yt, n, s, d_out, threads);
+  });
+  return ok ? WK_OK : WK_BAD_DTYPE;
+}
+
+WK_API int wk_cpu_dict_gather_backward(const float* gp, const float* zp, const float* vp, const int64_t* ip,
+                                       float* gzp, float* gvp, int64_t n, int64_t k, int64_t s, int64_t d_out,
+                                       int threads) {
+  parallel_for(threads, 0, n, 8, [&](int64_t begin, int64_t end) {  // each thread owns its rows of grad_z
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t t = 0; t < s; ++t) {
         for (int64_t j = 0; j < d_out; ++j) gzp[r * k + ip[t * d_out + j]] += vp[t * d_out + j] * gp[r * d_out + j];
@@ -122,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> dict_sparse_gather_backward_cpu(const at::Ten
   });
   // Each thread owns a range of output columns j for every t and sums over tokens in order (deterministic);
   // the inner loop runs along contiguous rows of grad, values and indices.
-  at::parallel_for(0, d_out, 64, [&](int64_t begin, int64_t end) {
+  parallel_for(threads, 0, d_out, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = 0; r < n; ++r) {
       const float* gr = gp + r * d_out;
       const float* zr = zp + r * k;
@@ -133,14 +121,5 @@ std::tuple<at::Tensor, at::Tensor> dict_sparse_gather_backward_cpu(const at::Ten
       }
     }
   });
-  return {gz.to(z.scalar_type()), gv.to(values.scalar_type())};
+  return WK_OK;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightkit, CPU, m) {
-  m.impl("dict_sparse_gather_kernel", &dict_sparse_gather_cpu);
-  m.impl("dict_sparse_gather_backward_kernel", &dict_sparse_gather_backward_cpu);
-}
-
-}  // namespace weightkit

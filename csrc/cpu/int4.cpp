@@ -1,17 +1,13 @@
-// CPU kernels for INT4 projection matrices (spec: weightkit/ops/int4.py): group-wise asymmetric quantize + pack,
-// unpack + dequantize, and a matmul that dequantizes the INT4 matrix one block of rows at a time.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include "../dequant_matmul.h"
-
+// CPU kernels for INT4 projection matrices (spec: weightkit/ops/int4.py): group-wise asymmetric quantize + pack and
+// unpack + dequantize. The INT4 matmul dequantizes a block of rows at a time with wk_cpu_dequantize_int4 and
+// multiplies it with torch's BLAS (weightkit/native.py), so the float matrix never exists whole.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
-#include <tuple>
-#include <vector>
+
+#include "../weightkit.h"
+#include "parallel.h"
 
 namespace weightkit {
 namespace {
@@ -39,28 +35,6 @@ void quantize_group(const float* g, int64_t gs, uint8_t* packed, float* scale, u
   }
   *scale = s;
   *zero = static_cast<uint8_t>(z);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& x, int64_t group_size) {
-  TORCH_CHECK(x.is_contiguous(), "quantize_int4_kernel: x must be contiguous");
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && x.numel() % group_size == 0,
-              "quantize_int4_kernel: bad group_size");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t n = xf.numel(), groups = n / group_size;
-  auto packed = at::empty({n / 2}, x.options().dtype(at::kByte));
-  auto scale = at::empty({groups}, x.options().dtype(at::kFloat));
-  auto zero = at::empty({groups}, x.options().dtype(at::kByte));
-  const float* xp = xf.data_ptr<float>();
-  uint8_t* pp = packed.data_ptr<uint8_t>();
-  float* sp = scale.data_ptr<float>();
-  uint8_t* zp = zero.data_ptr<uint8_t>();
-  at::parallel_for(0, groups, std::max<int64_t>(1, 16384 / group_size), [&](int64_t a, int64_t b) {
-    std::vector<float> scratch(group_size);
-    for (int64_t g = a; g < b; ++g) {
-      quantize_group(xp + g * group_size, group_size, pp + g * group_size / 2, sp + g, zp + g, scratch.data());
-    }
-  });
-  return {packed, scale, zero};
 }
 
 // Elements [e0, e1) (flat, row-major) of the dequantized matrix into out[0 .. e1 - e0), for any e0 <= e1 (an odd
@@ -91,52 +65,37 @@ inline void dequantize_range(const uint8_t* packed, const float* scale, const ui
   }
 }
 
-at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
-                               int64_t group_size) {
-  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
-              "dequantize_int4_kernel: inputs must be contiguous");
-  const int64_t n = packed.numel() * 2;
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && n % group_size == 0 && scale.numel() == n / group_size,
-              "dequantize_int4_kernel: bad group_size");
-  auto out = at::empty({n}, scale.options());
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const uint8_t* zp = zero.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t groups = n / group_size;
-  at::parallel_for(0, groups, std::max<int64_t>(1, 32768 / group_size), [&](int64_t a, int64_t b) {
-    dequantize_range(pp, sp, zp, group_size, a * group_size, b * group_size, op + a * group_size);
-  });
-  return out;
-}
-
-// y = x W^T or x W with W (rows x cols) the dequantized INT4 matrix (see ../dequant_matmul.h).
-at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                           const at::Tensor& zero, int64_t group_size, int64_t rows, int64_t cols, bool transpose) {
-  TORCH_CHECK(x.dim() == 2 && packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
-              "int4_matmul_kernel: x must be 2-D and the INT4 matrix contiguous");
-  TORCH_CHECK(packed.numel() * 2 == rows * cols, "int4_matmul_kernel: packed does not hold rows x cols values");
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const uint8_t* zp = zero.data_ptr<uint8_t>();
-  const int64_t block_rows = (int64_t{1} << 22) / std::max<int64_t>(cols, 1);  // ~4M values (16 MB) per block
-  return blocked_dequant_matmul(x, rows, cols, transpose, block_rows, [&](float* dst, int64_t r0, int64_t nr) {
-    const int64_t e0 = r0 * cols, e1 = (r0 + nr) * cols, chunk = 16384;
-    at::parallel_for(0, (e1 - e0 + chunk - 1) / chunk, 1, [&](int64_t a, int64_t b) {
-      for (int64_t c = a; c < b; ++c) {
-        const int64_t s = e0 + c * chunk, e = std::min(e1, s + chunk);
-        dequantize_range(pp, sp, zp, group_size, s, e, dst + (s - e0));
-      }
-    });
-  });
-}
-
 }  // namespace
+}  // namespace weightkit
 
-TORCH_LIBRARY_IMPL(weightkit, CPU, m) {
-  m.impl("quantize_int4_kernel", &quantize_int4_cpu);
-  m.impl("dequantize_int4_kernel", &dequantize_int4_cpu);
-  m.impl("int4_matmul_kernel", &int4_matmul_cpu);
+using namespace weightkit;
+
+WK_API int wk_cpu_quantize_int4(const float* x, uint8_t* packed, float* scale, uint8_t* zero, int64_t groups,
+                                int64_t group_size, int threads) {
+  std::atomic<bool> failed{false};
+  parallel_for(threads, 0, groups, std::max<int64_t>(1, 16384 / group_size), [&](int64_t a, int64_t b) {
+    Scratch<float> scratch(group_size);
+    if (!scratch.ok()) {
+      failed = true;
+      return;
+    }
+    for (int64_t g = a; g < b; ++g) {
+      quantize_group(x + g * group_size, group_size, packed + g * group_size / 2, scale + g, zero + g,
+                     scratch.data());
+    }
+  });
+  return failed ? WK_NO_MEMORY : WK_OK;
 }
 
-}  // namespace weightkit
+// Chunks of 16384 elements; at least two chunks per thread before the range is split.
+WK_API int wk_cpu_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, float* out,
+                                  int64_t group_size, int64_t e0, int64_t e1, int threads) {
+  constexpr int64_t chunk = 16384;
+  parallel_for(threads, 0, (e1 - e0 + chunk - 1) / chunk, 2, [&](int64_t a, int64_t b) {
+    for (int64_t c = a; c < b; ++c) {
+      const int64_t s = e0 + c * chunk, e = std::min(e1, s + chunk);
+      dequantize_range(packed, scale, zero, group_size, s, e, out + (s - e0));
+    }
+  });
+  return WK_OK;
+}

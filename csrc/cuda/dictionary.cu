@@ -1,17 +1,9 @@
 // CUDA kernels of the sparse-dense dictionary gather (spec: weightkit/ops/dictionary.py): one thread per output
 // element for the forward and for grad_values (tokens summed in order); grad_z by atomics.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "common.cuh"
 
 namespace weightkit {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 16); }
 
 __global__ void gather_forward_kernel(const float* __restrict__ z, const float* __restrict__ v,
                                       const int64_t* __restrict__ idx, float* __restrict__ y, int64_t n, int64_t k,
@@ -48,50 +40,30 @@ __global__ void grad_values_kernel(const float* __restrict__ g, const float* __r
   }
 }
 
-at::Tensor dict_sparse_gather_cuda(const at::Tensor& z, const at::Tensor& values, const at::Tensor& indices) {
-  const c10::cuda::CUDAGuard guard(z.device());
-  const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
-  const at::Tensor zf = z.to(at::kFloat).contiguous(), vf = values.to(at::kFloat).contiguous();
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
-  auto y = at::empty({n, d_out}, zf.options());
-  if (n * d_out > 0) {
-    gather_forward_kernel<<<blocks_for(n * d_out), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        zf.data_ptr<float>(), vf.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), n, k, s, d_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return y.to(z.scalar_type());
+}  // namespace
+}  // namespace weightkit
+
+using namespace weightkit;
+
+WK_API int wk_cuda_dict_gather_forward(const float* z, const float* values, const int64_t* indices, float* y,
+                                       int64_t n, int64_t k, int64_t s, int64_t d_out, int device, void* stream) {
+  if (n * d_out == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  gather_forward_kernel<<<blocks_for(n * d_out, 65535LL * 16), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      z, values, indices, y, n, k, s, d_out);
+  return launch_status();
 }
 
-std::tuple<at::Tensor, at::Tensor> dict_sparse_gather_backward_cuda(const at::Tensor& grad, const at::Tensor& z,
-                                                                     const at::Tensor& values,
-                                                                     const at::Tensor& indices) {
-  const c10::cuda::CUDAGuard guard(z.device());
-  const int64_t n = z.size(0), k = z.size(1), s = values.size(0), d_out = values.size(1);
-  const at::Tensor gf = grad.to(at::kFloat).contiguous(), zf = z.to(at::kFloat).contiguous();
-  const at::Tensor vf = values.to(at::kFloat).contiguous(), idx = indices.to(at::kLong).contiguous();
-  auto gz = at::zeros({n, k}, zf.options());
-  auto gv = at::empty({s, d_out}, zf.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+WK_API int wk_cuda_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
+                                        float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
+                                        int device, void* stream) {
+  const DeviceGuard guard(device);
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (n * d_out > 0) {
-    grad_z_kernel<<<blocks_for(n * d_out), kThreads, 0, stream>>>(gf.data_ptr<float>(), vf.data_ptr<float>(),
-                                                                   idx.data_ptr<int64_t>(), gz.data_ptr<float>(), n, k,
-                                                                   s, d_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_z_kernel<<<blocks_for(n * d_out, 65535LL * 16), kThreads, 0, st>>>(grad, values, indices, gz, n, k, s, d_out);
   }
   if (s * d_out > 0) {
-    grad_values_kernel<<<blocks_for(s * d_out), kThreads, 0, stream>>>(gf.data_ptr<float>(), zf.data_ptr<float>(),
-                                                                        idx.data_ptr<int64_t>(), gv.data_ptr<float>(),
-                                                                        n, k, s, d_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_values_kernel<<<blocks_for(s * d_out, 65535LL * 16), kThreads, 0, st>>>(grad, z, indices, gv, n, k, s, d_out);
   }
-  return {gz.to(z.scalar_type()), gv.to(values.scalar_type())};
+  return launch_status();
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightkit, CUDA, m) {
-  m.impl("dict_sparse_gather_kernel", &dict_sparse_gather_cuda);
-  m.impl("dict_sparse_gather_backward_kernel", &dict_sparse_gather_backward_cuda);
-}
-
-}  // namespace weightkit

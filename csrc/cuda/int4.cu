@@ -1,16 +1,10 @@
 // CUDA kernels for INT4 projection matrices (spec: weightkit/ops/int4.py). Divisions and roundings are the IEEE
 // round-to-nearest intrinsics (__fdiv_rn, rintf) and the build uses --fmad=false, so results match the reference
-// bit for bit.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// bit for bit. The INT4 matmul dequantizes a block of rows at a time with wk_cuda_dequantize_int4 and multiplies it
+// with cuBLAS through torch (weightkit/native.py), on the same stream.
 #include <cfloat>
-#include <tuple>
 
-#include "../dequant_matmul.h"
+#include "common.cuh"
 
 namespace weightkit {
 namespace {
@@ -45,26 +39,6 @@ __global__ void quantize_int4_cuda_kernel(const float* __restrict__ x, uint8_t* 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cuda(const at::Tensor& x, int64_t group_size) {
-  TORCH_CHECK(x.is_contiguous(), "quantize_int4_kernel: x must be contiguous");
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && x.numel() % group_size == 0,
-              "quantize_int4_kernel: bad group_size");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t n = xf.numel(), groups = n / group_size;
-  auto packed = at::empty({n / 2}, x.options().dtype(at::kByte));
-  auto scale = at::empty({groups}, x.options().dtype(at::kFloat));
-  auto zero = at::empty({groups}, x.options().dtype(at::kByte));
-  if (groups == 0) return {packed, scale, zero};
-  const int threads = 256;
-  const int64_t blocks = (groups * 32 + threads - 1) / threads;
-  quantize_int4_cuda_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      xf.data_ptr<float>(), packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(), groups,
-      group_size);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {packed, scale, zero};
-}
-
 __device__ __forceinline__ float dequant_at(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
                                             const uint8_t* __restrict__ zero, int64_t e, int64_t gs) {
   const uint8_t byte = packed[e >> 1];
@@ -83,48 +57,26 @@ __global__ void dequantize_int4_cuda_kernel(const uint8_t* __restrict__ packed, 
   }
 }
 
-void launch_dequantize(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, float* out,
-                       int64_t e0, int64_t n, int64_t gs) {
-  if (n == 0) return;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535LL * 8);
-  dequantize_int4_cuda_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(), out, e0, n, gs);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
-                                int64_t group_size) {
-  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
-              "dequantize_int4_kernel: inputs must be contiguous");
-  const int64_t n = packed.numel() * 2;
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && n % group_size == 0 && scale.numel() == n / group_size,
-              "dequantize_int4_kernel: bad group_size");
-  const c10::cuda::CUDAGuard guard(packed.device());
-  auto out = at::empty({n}, scale.options());
-  launch_dequantize(packed, scale, zero, out.data_ptr<float>(), 0, n, group_size);
-  return out;
-}
-
-// y = x W^T or x W with W (rows x cols) the dequantized INT4 matrix (see ../dequant_matmul.h), cuBLAS products.
-at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                            const at::Tensor& zero, int64_t group_size, int64_t rows, int64_t cols, bool transpose) {
-  TORCH_CHECK(x.dim() == 2 && packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
-              "int4_matmul_kernel: x must be 2-D and the INT4 matrix contiguous");
-  TORCH_CHECK(packed.numel() * 2 == rows * cols, "int4_matmul_kernel: packed does not hold rows x cols values");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t block_rows = (int64_t{1} << 24) / std::max<int64_t>(cols, 1);  // up to 16M values per block
-  return blocked_dequant_matmul(x, rows, cols, transpose, block_rows, [&](float* dst, int64_t r0, int64_t nr) {
-    launch_dequantize(packed, scale, zero, dst, r0 * cols, nr * cols, group_size);
-  });
-}
-
 }  // namespace
+}  // namespace weightkit
 
-TORCH_LIBRARY_IMPL(weightkit, CUDA, m) {
-  m.impl("quantize_int4_kernel", &quantize_int4_cuda);
-  m.impl("dequantize_int4_kernel", &dequantize_int4_cuda);
-  m.impl("int4_matmul_kernel", &int4_matmul_cuda);
+using namespace weightkit;
+
+WK_API int wk_cuda_quantize_int4(const float* x, uint8_t* packed, float* scale, uint8_t* zero, int64_t groups,
+                                 int64_t group_size, int device, void* stream) {
+  if (groups == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  const unsigned grid = static_cast<unsigned>((groups * 32 + kThreads - 1) / kThreads);  // one warp per group
+  quantize_int4_cuda_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, packed, scale, zero, groups,
+                                                                                      group_size);
+  return launch_status();
 }
 
-}  // namespace weightkit
+WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, float* out,
+                                   int64_t group_size, int64_t e0, int64_t n, int device, void* stream) {
+  if (n == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  dequantize_int4_cuda_kernel<<<blocks_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      packed, scale, zero, out, e0, n, group_size);
+  return launch_status();
+}

@@ -1,15 +1,9 @@
-// CUDA kernels for INT8 stochastic rounding (spec: weightkit/ops/int8.py).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+// CUDA kernels for INT8 stochastic rounding and the int8 matmul's dequantization (spec: weightkit/ops/int8.py).
+// The matmul's products are cuBLAS calls made by torch in weightkit/native.py on the same stream.
 #include <cfloat>
 
-#include "../dequant_matmul.h"
 #include "../philox.h"
+#include "common.cuh"
 
 namespace weightkit {
 namespace {
@@ -41,35 +35,12 @@ __global__ void stochastic_round_int8_cuda_kernel(const scalar_t* __restrict__ x
         inv = __fdiv_rn(1.0f, scale[gi]);
       }
       const int64_t i = static_cast<int64_t>(g - first);
-      float v = floorf(__fadd_rn(__fmul_rn(static_cast<float>(x[i]), inv), bits_to_uniform(r.v[lane])));
+      float v = floorf(__fadd_rn(__fmul_rn(to_float(x[i]), inv), bits_to_uniform(r.v[lane])));
       v = fminf(fmaxf(v, -128.f), 127.f);
       q[i] = static_cast<int8_t>(v);
       ++rem;
     }
   }
-}
-
-at::Tensor stochastic_round_int8_cuda(const at::Tensor& x, const at::Tensor& scale, int64_t group_size, int64_t seed,
-                                      int64_t offset) {
-  TORCH_CHECK(x.is_contiguous() && scale.is_contiguous(), "stochastic_round_int8_kernel: inputs must be contiguous");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, "stochastic_round_int8_kernel: scale must be float32");
-  TORCH_CHECK(group_size > 0 && x.numel() % group_size == 0, "stochastic_round_int8_kernel: bad group_size");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  const int64_t n = x.numel();
-  if (n == 0) return out;
-  const uint64_t first = static_cast<uint64_t>(offset), last = first + static_cast<uint64_t>(n);
-  const int64_t blocks = static_cast<int64_t>(((last + 3) >> 2) - (first >> 2));
-  const int threads = 256;
-  const int64_t grid = std::min<int64_t>((blocks + threads - 1) / threads, 65535LL * 16);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stochastic_round_int8_cuda", [&] {
-    stochastic_round_int8_cuda_kernel<scalar_t><<<grid, threads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), scale.data_ptr<float>(), out.data_ptr<int8_t>(), first, last, group_size,
-        static_cast<uint64_t>(seed), blocks);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 // Fused Q-GaLore weight update (spec: int8_sr_update_ in weightkit/ops/int8.py): one warp per group; lanes
@@ -86,7 +57,7 @@ __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __rest
   const float s = scale[g];
   float amax = 0.0f;
   for (int64_t i = lane; i < gs; i += 32) {
-    const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), static_cast<float>(dg[i])), decay);
+    const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), to_float(dg[i])), decay);
     amax = fmaxf(amax, fabsf(w));
   }
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -101,14 +72,14 @@ __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __rest
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i + j]), s),
-                                            static_cast<float>(dg[i + j])), decay);
+                                            to_float(dg[i + j])), decay);
         float v = floorf(__fadd_rn(__fmul_rn(w, inv), bits_to_uniform(r.v[j])));
         qg[i + j] = static_cast<int8_t>(fminf(fmaxf(v, -128.f), 127.f));
       }
     }
   } else {
     for (int64_t i = lane; i < gs; i += 32) {
-      const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), static_cast<float>(dg[i])), decay);
+      const float w = __fmul_rn(__fadd_rn(__fmul_rn(static_cast<float>(qg[i]), s), to_float(dg[i])), decay);
       const uint64_t pos = base + static_cast<uint64_t>(i);
       const Philox4 r = philox4x32_10(pos >> 2, seed);
       float v = floorf(__fadd_rn(__fmul_rn(w, inv), bits_to_uniform(r.v[pos & 3])));
@@ -117,26 +88,6 @@ __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __rest
     }
   }
   if (lane == 0) scale[g] = ns;
-}
-
-void int8_sr_update_cuda(at::Tensor w_q, at::Tensor scale, const at::Tensor& delta, int64_t group_size, double decay,
-                         int64_t seed, int64_t offset) {
-  TORCH_CHECK(w_q.is_contiguous() && scale.is_contiguous() && delta.is_contiguous(),
-              "int8_sr_update_kernel: inputs must be contiguous");
-  TORCH_CHECK(group_size > 0 && w_q.numel() % group_size == 0 && scale.numel() == w_q.numel() / group_size,
-              "int8_sr_update_kernel: bad group_size");
-  const c10::cuda::CUDAGuard guard(w_q.device());
-  const int64_t groups = scale.numel();
-  if (groups == 0) return;
-  const int threads = 256;
-  const int64_t blocks = (groups * 32 + threads - 1) / threads;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "int8_sr_update_cuda", [&] {
-    int8_sr_update_cuda_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        w_q.data_ptr<int8_t>(), scale.data_ptr<float>(), delta.data_ptr<scalar_t>(), groups, group_size,
-        static_cast<float>(decay), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Dequantize rows [r0, r0 + rows) of w_q into buf (float32, rows x in_f).
@@ -150,30 +101,45 @@ __global__ void dequantize_rows_kernel(const int8_t* __restrict__ q, const float
   }
 }
 
-// y = x W^T or x W with W = dequant(w_q), a block of rows of W at a time (cuBLAS for the products).
-at::Tensor int8_matmul_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale, int64_t group_size,
-                            bool transpose) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w_q.is_contiguous() && scale.is_contiguous(),
-              "int8_matmul_kernel: x must be 2-D and inputs contiguous");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t out_f = w_q.size(0), in_f = w_q.size(1);
-  const int64_t kRows = (int64_t{1} << 24) / std::max<int64_t>(in_f, 1);  // up to 16M values per block
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  return blocked_dequant_matmul(x, out_f, in_f, transpose, kRows, [&](float* dst, int64_t r0, int64_t rows) {
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((rows * in_f + threads - 1) / threads, 65535LL * 8);
-    dequantize_rows_kernel<<<blocks, threads, 0, stream>>>(w_q.data_ptr<int8_t>(), scale.data_ptr<float>(), dst, r0,
-                                                           rows, in_f, group_size);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
 }  // namespace
+}  // namespace weightkit
 
-TORCH_LIBRARY_IMPL(weightkit, CUDA, m) {
-  m.impl("stochastic_round_int8_kernel", &stochastic_round_int8_cuda);
-  m.impl("int8_matmul_kernel", &int8_matmul_cuda);
-  m.impl("int8_sr_update_kernel", &int8_sr_update_cuda);
+using namespace weightkit;
+
+WK_API int wk_cuda_stochastic_round_int8(const void* x, int x_dtype, const float* scale, int8_t* out, int64_t n,
+                                         int64_t group_size, uint64_t seed, uint64_t offset, int device, void* stream) {
+  if (n == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  const uint64_t first = offset, last = first + static_cast<uint64_t>(n);
+  const int64_t blocks = static_cast<int64_t>(((last + 3) >> 2) - (first >> 2));
+  const unsigned grid = blocks_for(blocks, 65535LL * 16);
+  const bool ok = dispatch_float(x_dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    stochastic_round_int8_cuda_kernel<scalar_t><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const scalar_t*>(x), scale, out, first, last, group_size, seed, blocks);
+  });
+  return launch_status(ok);
 }
 
-}  // namespace weightkit
+WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
+                                  int64_t group_size, float decay, uint64_t seed, uint64_t offset, int device,
+                                  void* stream) {
+  if (groups == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  const unsigned grid = static_cast<unsigned>((groups * 32 + kThreads - 1) / kThreads);  // one warp per group
+  const bool ok = dispatch_float(delta_dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    int8_sr_update_cuda_kernel<scalar_t><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        q, scale, static_cast<const scalar_t*>(delta), groups, group_size, decay, seed, offset);
+  });
+  return launch_status(ok);
+}
+
+WK_API int wk_cuda_int8_dequantize_rows(const int8_t* q, const float* scale, float* buf, int64_t r0, int64_t rows,
+                                        int64_t in_f, int64_t group_size, int device, void* stream) {
+  if (rows * in_f == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  dequantize_rows_kernel<<<blocks_for(rows * in_f), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      q, scale, buf, r0, rows, in_f, group_size);
+  return launch_status();
+}

@@ -2,22 +2,14 @@
 // Forward: one block per token; the block hashes the K chunks into shared memory, then each thread accumulates
 // its output columns in fp32 (column loop handles any d_out). Backward: one block per token computes
 // <g, T[k, h_k]> by a block reduction and the input gradient; the table gradient uses atomics, or, when
-// deterministic, a stable sort of (table, bucket) keys and one block per (sorted position, column tile) of which
+// deterministic, a stable sort of (table, bucket) keys (torch.sort, called
+// by weightkit/native.py between the two launches) and one block per (sorted position, column tile) of which
 // only segment starts work, summing their bucket's tokens in order (no host sync, O(n K) extra memory).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <optional>
+#include "common.cuh"
 
 namespace weightkit {
 namespace {
 
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ float sigmoidf_dev(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
@@ -27,7 +19,7 @@ __device__ void hash_all(const xt* z, int64_t K, int tau, float inv_t2, int64_t*
     int64_t bucket = 0;
     float w = 1.0f;
     for (int i = 0; i < tau; ++i) {
-      const float v = static_cast<float>(z[k * tau + i]);
+      const float v = to_float(z[k * tau + i]);
       if (v > 0.f) bucket |= int64_t{1} << i;
       w *= sigmoidf_dev(fabsf(v) * inv_t2);
     }
@@ -47,8 +39,8 @@ __global__ void memory_forward_kernel(const xt* __restrict__ x, const tt* __rest
   __syncthreads();
   for (int64_t j = threadIdx.x; j < d_out; j += blockDim.x) {
     float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += p[k] * static_cast<float>(tables[(k * buckets + h[k]) * d_out + j]);
-    y[r * d_out + j] = static_cast<xt>(acc);
+    for (int64_t k = 0; k < K; ++k) acc += p[k] * to_float(tables[(k * buckets + h[k]) * d_out + j]);
+    y[r * d_out + j] = from_float<xt>(acc);
   }
 }
 
@@ -143,67 +135,50 @@ __global__ void segment_sum_kernel(const int64_t* __restrict__ sorted_keys, cons
   }
 }
 
-at::Tensor memory_lookup_forward_cuda(const at::Tensor& x, const at::Tensor& tables, double t) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && tables.is_contiguous(), "memory_lookup_forward_kernel: bad inputs");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = x.size(0), K = tables.size(0), buckets = tables.size(1), d_out = tables.size(2);
-  const int tau = static_cast<int>(std::log2(static_cast<double>(buckets)));
-  auto y = at::empty({n, d_out}, x.options());
-  if (n == 0) return y;
+}  // namespace
+}  // namespace weightkit
+
+using namespace weightkit;
+
+WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void* tables, int tables_dtype, void* y,
+                                         int64_t n, int64_t K, int64_t buckets, int64_t d_out, int tau, double t,
+                                         int device, void* stream) {
+  if (n == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
   const size_t shared = K * (sizeof(int64_t) + sizeof(float));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "memory_fwd_x", [&] {
-    using xt = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "memory_fwd_t", [&] {
-      memory_forward_kernel<xt, scalar_t><<<n, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<xt>(), tables.data_ptr<scalar_t>(), y.data_ptr<xt>(), K, tau, buckets, d_out,
+  bool tables_ok = true;
+  const bool x_ok = dispatch_float(x_dtype, [&](auto xtag) {
+    using xt = decltype(xtag);
+    tables_ok = dispatch_float(tables_dtype, [&](auto ttag) {
+      using tt = decltype(ttag);
+      memory_forward_kernel<xt, tt><<<static_cast<unsigned>(n), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const xt*>(x), static_cast<const tt*>(tables), static_cast<xt*>(y), K, tau, buckets, d_out,
           static_cast<float>(2.0 / t));
     });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
+  return launch_status(x_ok && tables_ok);
 }
 
-std::tuple<at::Tensor, at::Tensor> memory_lookup_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                                const at::Tensor& tables, double t,
-                                                                bool deterministic) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = x.size(0), K = tables.size(0), buckets = tables.size(1), d_out = tables.size(2);
-  const int tau = static_cast<int>(std::log2(static_cast<double>(buckets)));
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), gf = grad.to(at::kFloat).contiguous();
-  const at::Tensor tf = tables.to(at::kFloat).contiguous();
-  auto gx = at::empty({n, K * tau}, xf.options());
-  auto gt = at::zeros({K, buckets, d_out}, tf.options());
-  auto keys = at::empty({n, K}, xf.options().dtype(at::kLong));
-  auto ps = at::empty({n, K}, xf.options());
-  if (n > 0) {
-    const size_t shared = K * (sizeof(int64_t) + sizeof(float));
-    memory_backward_kernel<<<n, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-        gf.data_ptr<float>(), xf.data_ptr<float>(), tf.data_ptr<float>(), gx.data_ptr<float>(), gt.data_ptr<float>(),
-        keys.data_ptr<int64_t>(), ps.data_ptr<float>(), K, tau, buckets, d_out, static_cast<float>(2.0 / t),
-        !deterministic);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (deterministic && K > 0 && d_out > 0) {
-      // stable=true must be an optional<bool>: a plain `true` binds to the overload sort(self, int64_t dim).
-      auto sorted = at::sort(keys.reshape(-1), std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
-      const at::Tensor sorted_keys = std::get<0>(sorted).contiguous(), order = std::get<1>(sorted).contiguous();
-      const int64_t total = n * K;
-      const int64_t tile_cols = static_cast<int64_t>(kThreads) * kSegCols;
-      const dim3 grid(static_cast<unsigned>(std::min(total, kMaxGridX)),
-                      static_cast<unsigned>(std::min((d_out + tile_cols - 1) / tile_cols, kMaxGridY)));
-      segment_sum_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          sorted_keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), ps.data_ptr<float>(), gf.data_ptr<float>(),
-          gt.data_ptr<float>(), total, K, d_out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
-  return {gx.to(x.scalar_type()), gt.to(tables.scalar_type())};
+WK_API int wk_cuda_memory_lookup_backward(const float* grad, const float* x, const float* tables, float* gx, float* gt,
+                                          int64_t* keys, float* ps, int64_t n, int64_t K, int64_t buckets,
+                                          int64_t d_out, int tau, double t, int atomics, int device, void* stream) {
+  if (n == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  const size_t shared = K * (sizeof(int64_t) + sizeof(float));
+  memory_backward_kernel<<<static_cast<unsigned>(n), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
+      grad, x, tables, gx, gt, keys, ps, K, tau, buckets, d_out, static_cast<float>(2.0 / t), atomics != 0);
+  return launch_status();
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightkit, CUDA, m) {
-  m.impl("memory_lookup_forward_kernel", &memory_lookup_forward_cuda);
-  m.impl("memory_lookup_backward_kernel", &memory_lookup_backward_cuda);
+WK_API int wk_cuda_memory_segment_sum(const int64_t* sorted_keys, const int64_t* order, const float* ps,
+                                      const float* grad, float* gt, int64_t total, int64_t K, int64_t d_out,
+                                      int device, void* stream) {
+  if (total == 0 || d_out == 0) return cudaSuccess;
+  const DeviceGuard guard(device);
+  const int64_t tile_cols = static_cast<int64_t>(kThreads) * kSegCols;
+  const dim3 grid(static_cast<unsigned>(std::min(total, kMaxGridX)),
+                  static_cast<unsigned>(std::min((d_out + tile_cols - 1) / tile_cols, kMaxGridY)));
+  segment_sum_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(sorted_keys, order, ps, grad, gt, total,
+                                                                               K, d_out);
+  return launch_status();
 }
-
-}  // namespace weightkit

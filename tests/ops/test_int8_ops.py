@@ -110,14 +110,6 @@ def test_saturates_at_int8_range():
     assert q.tolist()[:3] == [127, -128, 0]
 
 
-def test_sr_kernel_opcheck():  # the public op's opcheck: tests/ops/test_opcheck.py
-    x = torch.randn(8, 32)
-    scale = absmax_scale(x, 32)
-    if int8._SR.why_not("cpu", torch.device("cpu")) is None:
-        torch.library.opcheck(torch.ops.weightkit.stochastic_round_int8_kernel.default, (x, scale, 32, 1, 0),
-                              test_utils=("test_schema", "test_autograd_registration"))
-
-
 def test_sr_torch_compile():
     x = torch.randn(16, 64)
     scale = absmax_scale(x, 32)

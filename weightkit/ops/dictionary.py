@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import native
 from ..backend import KernelTable
 from ._checks import FLOAT_DTYPES, check_tensor, require_finite
 from ._registry import define
@@ -22,8 +23,8 @@ from ._registry import define
 __all__ = ["dict_sparse_gather", "index_dtype_for"]
 
 INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-_FWD = KernelTable("dict_sparse_gather", compiled="dict_sparse_gather_kernel")
-_BWD = KernelTable("dict_sparse_gather_backward", compiled="dict_sparse_gather_backward_kernel")
+_FWD = KernelTable("dict_sparse_gather")
+_BWD = KernelTable("dict_sparse_gather_backward")
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -78,13 +79,13 @@ def dict_sparse_gather_backward_reference(grad: Tensor, z: Tensor, values: Tenso
 @_FWD.register("cpu")
 @_FWD.register("cuda")
 def _fwd_compiled(z, values, indices):
-    return _FWD.kernel(z.contiguous(), values.contiguous(), indices.contiguous())
+    return native.dict_sparse_gather(z, values, indices)
 
 
 @_BWD.register("cpu")
 @_BWD.register("cuda")
 def _bwd_compiled(grad, z, values, indices):
-    return _BWD.kernel(grad.contiguous(), z.contiguous(), values.contiguous(), indices.contiguous())
+    return native.dict_sparse_gather_backward(grad, z, values, indices)
 
 
 @_FWD.register("triton")

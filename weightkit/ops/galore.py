@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import native
 from ..backend import KernelTable
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._registry import define
@@ -33,7 +34,7 @@ __all__ = ["galore_adam_update_"]
 # auto on CUDA: the cuda kernel first. Measured on an H200 (torch 2.11, Triton 3.6, 2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json), whole GaLoreAdamW step, 4096^2 r1024: cuda 1.43 ms vs
 # triton 1.90 (strict fp32), 0.25 vs 1.31 (TF32); 4096x11008 r512: 2.01 vs 2.56, 0.44 vs 1.87.
-_GALORE = KernelTable("galore_adam_update_", compiled="galore_adam_update_kernel", cuda_order=("cuda", "triton"))
+_GALORE = KernelTable("galore_adam_update_", cuda_order=("cuda", "triton"))
 
 
 def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left):
@@ -69,8 +70,8 @@ def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, l
 @_GALORE.register("cpu")
 @_GALORE.register("cuda")
 def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    _GALORE.kernel(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1, beta2, eps,
-                   step_size, scale, decay)
+    native.galore_adam_update_(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
+                               beta2, eps, step_size, scale, decay)
 
 
 @_GALORE.register("triton")

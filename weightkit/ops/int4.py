@@ -32,6 +32,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import native
 from ..backend import KernelTable
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
 from ._registry import define
@@ -43,7 +44,7 @@ _FLT_MIN = torch.finfo(torch.float32).tiny
 
 # -- quantize / pack --------------------------------------------------------------------------------------------
 
-_QUANT = KernelTable("quantize_int4", compiled="quantize_int4_kernel")
+_QUANT = KernelTable("quantize_int4")
 
 
 def _check_group(group_size: int, numel: int, what: str = "x.numel()") -> None:
@@ -67,7 +68,7 @@ def quantize_int4_reference(x: Tensor, group_size: int):
 @_QUANT.register("cpu")
 @_QUANT.register("cuda")
 def _quantize_int4_compiled(x, group_size):
-    return tuple(_QUANT.kernel(x.contiguous(), group_size))
+    return native.quantize_int4(x.contiguous(), group_size)
 
 
 @_QUANT.register("triton")
@@ -100,7 +101,7 @@ def quantize_int4(x: Tensor, group_size: int = 64) -> Tuple[Tensor, Tensor, Tens
 
 # -- unpack / dequantize ----------------------------------------------------------------------------------------
 
-_DEQUANT = KernelTable("dequantize_int4", compiled="dequantize_int4_kernel")
+_DEQUANT = KernelTable("dequantize_int4")
 
 
 def _check_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int]) -> None:
@@ -127,7 +128,7 @@ def dequantize_int4_reference(packed: Tensor, scale: Tensor, zero: Tensor, group
 @_DEQUANT.register("cpu")
 @_DEQUANT.register("cuda")
 def _dequantize_int4_compiled(packed, scale, zero, group_size):
-    return _DEQUANT.kernel(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
+    return native.dequantize_int4(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
 
 
 @_DEQUANT.register("triton")
@@ -160,7 +161,7 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # auto on CUDA: Triton first (H200, 2026-11-26, 8192^2 g64, bf16 x: 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 /
 # 4096 tokens vs cuda 0.41 / 0.55 / 1.12 / 11.5; fp32 x with strict fp32, 4096x4096 @ 4096x1024: cuda 0.71 vs
 # Triton 0.89, the one case where cuda led)
-_MM = KernelTable("int4_matmul", compiled="int4_matmul_kernel", cuda_order=("triton", "cuda"))
+_MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"))
 
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool):
@@ -187,8 +188,8 @@ def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
 @_MM.register("cpu")
 @_MM.register("cuda")
 def _int4_matmul_compiled(x, packed, scale, zero, group_size, shape, transpose):
-    y = _MM.kernel(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
-                   shape[1], transpose)
+    y = native.int4_matmul(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size,
+                           shape[0], shape[1], transpose)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 

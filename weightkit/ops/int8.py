@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import native
 from ..backend import KernelTable
 from . import rng
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
@@ -26,7 +27,7 @@ __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_i
 
 # auto on CUDA: Triton first, measured faster on an H200 (2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json): 8192^2 fp32 0.108 ms (74% of copy bandwidth) vs cuda 0.197
-_SR = KernelTable("stochastic_round_int8", compiled="stochastic_round_int8_kernel", cuda_order=("triton", "cuda"))
+_SR = KernelTable("stochastic_round_int8", cuda_order=("triton", "cuda"))
 
 
 def _check_sr_args(x: Tensor, scale: Tensor, group_size: int) -> None:
@@ -54,7 +55,7 @@ def stochastic_round_int8_reference(x: Tensor, scale: Tensor, group_size: int, s
 @_SR.register("cpu")
 @_SR.register("cuda")
 def _stochastic_round_int8_compiled(x, scale, group_size, seed, offset):
-    return _SR.kernel(x.contiguous(), scale.contiguous(), group_size, seed, offset)
+    return native.stochastic_round_int8(x.contiguous(), scale.contiguous(), group_size, seed, offset)
 
 
 @_SR.register("triton")
@@ -105,7 +106,7 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
 # writes w_q and scale. Bit-identical to the unfused sequence for the same (seed, offset).
 
 # auto on CUDA: Triton first (H200, 2026-11-26: 8192^2 group 128, 0.282 ms vs cuda 0.370)
-_SR_UPDATE = KernelTable("int8_sr_update_", compiled="int8_sr_update_kernel", cuda_order=("triton", "cuda"))
+_SR_UPDATE = KernelTable("int8_sr_update_", cuda_order=("triton", "cuda"))
 
 
 def _check_sr_update_args(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int) -> None:
@@ -134,7 +135,7 @@ def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset)
 @_SR_UPDATE.register("cpu")
 @_SR_UPDATE.register("cuda")
 def _int8_sr_update_compiled(w_q, scale, delta, group_size, decay, seed, offset):
-    _SR_UPDATE.kernel(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+    native.int8_sr_update_(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
 
 
 @_SR_UPDATE.register("triton")
@@ -198,7 +199,7 @@ def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
 
 # auto on CUDA: Triton first (H200, 2026-11-26, 8192^2 g128, bf16 x: 0.167 / 0.166 / 0.122 / 1.82 ms at 1 / 16 / 256 /
 # 4096 tokens vs cuda 0.46 / 0.59 / 1.16 / 11.5)
-_INT8_MM = KernelTable("int8_matmul", compiled="int8_matmul_kernel", cuda_order=("triton", "cuda"))
+_INT8_MM = KernelTable("int8_matmul", cuda_order=("triton", "cuda"))
 
 
 def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> None:
@@ -239,7 +240,7 @@ def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int
 @_INT8_MM.register("cpu")
 @_INT8_MM.register("cuda")
 def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
-    y = _INT8_MM.kernel(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
+    y = native.int8_matmul(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 

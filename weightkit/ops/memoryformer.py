@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import native
 from ..backend import KernelTable
 from ._checks import FLOAT_DTYPES, check_tensor, require_finite, rows
 from ._registry import define
@@ -31,8 +32,8 @@ __all__ = ["memory_lookup", "memory_lookup_grads"]
 
 # auto on CUDA: Triton first (H200, 2026-11-26, 512 tables x 256 x 4096, fp32: 0.062 / 0.104 / 1.10 ms at 1 / 16 / 1024
 # tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0)
-_FWD = KernelTable("memory_lookup_forward", compiled="memory_lookup_forward_kernel", cuda_order=("triton", "cuda"))
-_BWD = KernelTable("memory_lookup_backward", compiled="memory_lookup_backward_kernel", cuda_order=("triton", "cuda"))
+_FWD = KernelTable("memory_lookup_forward", cuda_order=("triton", "cuda"))
+_BWD = KernelTable("memory_lookup_backward", cuda_order=("triton", "cuda"))
 MAX_TAU = 16
 
 
@@ -92,14 +93,15 @@ def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t:
 @_FWD.register("cpu")
 @_FWD.register("cuda")
 def _forward_compiled(x, tables, t):
-    y = _FWD.kernel(rows(x).contiguous(), tables.contiguous(), t)
+    y = native.memory_lookup_forward(rows(x).contiguous(), tables.contiguous(), t)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
 
 
 @_BWD.register("cpu")
 @_BWD.register("cuda")
 def _backward_compiled(grad, x, tables, t, deterministic):
-    gx, gt = _BWD.kernel(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t, deterministic)
+    gx, gt = native.memory_lookup_backward(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t,
+                                           deterministic)
     return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
 
 

@@ -1,0 +1,124 @@
+// The C ABI of weightkit's compiled kernels: every function the Python package calls (weightkit/native.py mirrors
+// these declarations in its ctypes signature table; keep the two in step and bump WK_ABI_VERSION on any change).
+//
+// Why a plain C ABI and not torch's C++ API: the libraries built from csrc/ link neither libtorch nor Python, so
+// one build loads under every torch release (and every Python 3) that weightkit supports. A C++ extension linked
+// against libtorch only loads under the exact torch it was compiled with (its symbols are mangled C++ names of
+// that release). The price is that the kernels see raw pointers: outputs are allocated by torch in Python, and the
+// parts that were ATen calls (BLAS matmuls, sorts, dtype conversions, zero fills) are done by torch in Python
+// around the kernel calls (weightkit/native.py).
+//
+// Argument checks live once, in Python: each op's `check` (weightkit/ops/*.py, messages naming the argument) and the
+// wrappers of weightkit/native.py (contiguity, output allocation). The TORCH_CHECK preambles that the cpu and cuda
+// sources used to repeat are gone rather than moved to a checks header; what every CUDA entry point shares (device
+// guard, dtype dispatch, launch status) is csrc/cuda/common.cuh, the CPU dtype dispatch is csrc/cpu/dtypes.h.
+//
+// Conventions (the Python caller guarantees them; the kernels do not re-check):
+// * tensors are contiguous, on the right device, of the dtype in the argument's name or given by a dtype code;
+// * sizes are element counts (int64_t), `threads` is torch.get_num_threads() (CPU kernels: how many threads the
+//   parallel loops may use; results never depend on it);
+// * CPU functions return WK_OK, WK_BAD_DTYPE for a dtype code they do not handle, or WK_NO_MEMORY when their
+//   scratch buffer cannot be allocated;
+// * CUDA functions take the device index and the cudaStream_t of torch's current stream on that device and return
+//   a cudaError_t (0 = success) after the launches (asynchronous errors surface at the next synchronization).
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define WK_API extern "C" __attribute__((visibility("default")))
+#else
+#define WK_API __attribute__((visibility("default")))
+#endif
+
+#define WK_ABI_VERSION 1
+
+enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
+enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2 };
+
+// ---- CPU library (libweightkit_cpu.so, csrc/cpu/*.cpp) ------------------------------------------------------------
+WK_API int wk_cpu_abi_version(void);
+
+// INT8 stochastic rounding (spec: weightkit/ops/int8.py). x: n values of dtype x_dtype (f32/f16/bf16).
+WK_API int wk_cpu_stochastic_round_int8(const void* x, int x_dtype, const float* scale, int8_t* out, int64_t n,
+                                        int64_t group_size, uint64_t seed, uint64_t offset, int threads);
+// Fused Q-GaLore write-back on `groups` groups of group_size values, in place on q and scale.
+WK_API int wk_cpu_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
+                                 int64_t group_size, float decay, uint64_t seed, uint64_t offset, int threads);
+// Few-token int8 matmul, fp32: y (tokens x out_f) = x W^T, or with transpose y (tokens x in_f) = x W.
+WK_API int wk_cpu_int8_matvec(const float* x, const int8_t* q, const float* scale, float* y, int64_t tokens,
+                              int64_t out_f, int64_t in_f, int64_t group_size, int transpose, int threads);
+// Rows [r0, r1) of the dequantized int8 matrix (out_f x in_f) into buf ((r1 - r0) x in_f, fp32).
+WK_API int wk_cpu_int8_dequantize_rows(const int8_t* q, const float* scale, float* buf, int64_t r0, int64_t r1,
+                                       int64_t in_f, int64_t group_size, int threads);
+
+// INT4 (spec: weightkit/ops/int4.py): quantize `groups` groups of group_size fp32 values; dequantize the flat
+// elements [e0, e1) into out[0 .. e1 - e0).
+WK_API int wk_cpu_quantize_int4(const float* x, uint8_t* packed, float* scale, uint8_t* zero, int64_t groups,
+                                int64_t group_size, int threads);
+WK_API int wk_cpu_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, float* out,
+                                  int64_t group_size, int64_t e0, int64_t e1, int threads);
+
+// GaLore (spec: weightkit/ops/galore.py): M, V updated in place and U = M / (sqrt(V) + eps), n values.
+WK_API int wk_cpu_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
+                                float eps, int threads);
+
+// MemoryFormer (spec: weightkit/ops/memoryformer.py). x: n x (K tau) of x_dtype, tables: K x buckets x d_out of
+// tables_dtype, y: n x d_out of x_dtype. Backward: all fp32, gt zero-filled by the caller.
+WK_API int wk_cpu_memory_lookup_forward(const void* x, int x_dtype, const void* tables, int tables_dtype, void* y,
+                                        int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau, double t,
+                                        int threads);
+WK_API int wk_cpu_memory_lookup_backward(const float* grad, const float* x, const float* tables, float* gx, float* gt,
+                                         int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau,
+                                         double t, int threads);
+
+// Dictionary gather (spec: weightkit/ops/dictionary.py), fp32 z/values/y; indices of index_dtype (u8/i16/i32/i64).
+// forward: y (n x d_out) from z (n x k); forward_t: y^T (d_out x n) from z^T (k x n), the many-token layout.
+// backward: indices int64, gz (n x k) and gv (s x d_out) zero-filled by the caller.
+WK_API int wk_cpu_dict_gather_forward(const float* z, const float* values, const void* indices, int index_dtype,
+                                      float* y, int64_t n, int64_t k, int64_t s, int64_t d_out, int threads);
+WK_API int wk_cpu_dict_gather_forward_t(const float* zt, const float* values, const void* indices, int index_dtype,
+                                        float* yt, int64_t n, int64_t s, int64_t d_out, int threads);
+WK_API int wk_cpu_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
+                                       float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
+                                       int threads);
+
+// ---- CUDA library (libweightkit_cuda.so, csrc/cuda/*.cu) ----------------------------------------------------------
+WK_API int wk_cuda_abi_version(void);
+// "80;90;100": the SASS architectures built in (plus PTX of the last one).
+WK_API const char* wk_cuda_archs(void);
+// cudaSuccess when a kernel of this library can run on `device`; else why not (driver too old, no kernel image, ...).
+WK_API int wk_cuda_probe(int device);
+WK_API const char* wk_cuda_error_string(int error);
+
+WK_API int wk_cuda_stochastic_round_int8(const void* x, int x_dtype, const float* scale, int8_t* out, int64_t n,
+                                         int64_t group_size, uint64_t seed, uint64_t offset, int device, void* stream);
+WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
+                                  int64_t group_size, float decay, uint64_t seed, uint64_t offset, int device,
+                                  void* stream);
+// Rows [r0, r0 + rows) of the dequantized int8 matrix into buf (rows x in_f, fp32).
+WK_API int wk_cuda_int8_dequantize_rows(const int8_t* q, const float* scale, float* buf, int64_t r0, int64_t rows,
+                                        int64_t in_f, int64_t group_size, int device, void* stream);
+WK_API int wk_cuda_quantize_int4(const float* x, uint8_t* packed, float* scale, uint8_t* zero, int64_t groups,
+                                 int64_t group_size, int device, void* stream);
+// out[i] = W_flat[e0 + i] for i < n.
+WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, float* out,
+                                   int64_t group_size, int64_t e0, int64_t n, int device, void* stream);
+WK_API int wk_cuda_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
+                                 float eps, int device, void* stream);
+WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void* tables, int tables_dtype, void* y,
+                                         int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau,
+                                         double t, int device, void* stream);
+// fp32; writes gx, keys (n x K: k * buckets + bucket) and ps (n x K); adds to gt (zero-filled) when atomics != 0.
+WK_API int wk_cuda_memory_lookup_backward(const float* grad, const float* x, const float* tables, float* gx, float* gt,
+                                          int64_t* keys, float* ps, int64_t n, int64_t tables_k, int64_t buckets,
+                                          int64_t d_out, int tau, double t, int atomics, int device, void* stream);
+// Deterministic table gradient from the stably sorted keys and their order (a permutation of 0 .. n K - 1).
+WK_API int wk_cuda_memory_segment_sum(const int64_t* sorted_keys, const int64_t* order, const float* ps,
+                                      const float* grad, float* gt, int64_t total, int64_t tables_k, int64_t d_out,
+                                      int device, void* stream);
+WK_API int wk_cuda_dict_gather_forward(const float* z, const float* values, const int64_t* indices, float* y,
+                                       int64_t n, int64_t k, int64_t s, int64_t d_out, int device, void* stream);
+// gz zero-filled by the caller; gv written whole.
+WK_API int wk_cuda_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
+                                        float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
+                                        int device, void* stream);

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Portability check (README): weightkit's kernel libraries, built once here under the test command's torch, run
+# unchanged and bit-identically under a second torch release.
+#   1. builds weightkit/lib/ in place with the current python (no torch involved in the build),
+#   2. makes the second environment if needed: $PORTABLE_VENV (default .venv-portable) with $PORTABLE_TORCH
+#      (default torch==2.14.1: on this machine's disk a CUDA build, ~5.5 GB, that runs on the CPU),
+#   3. tests/test_portable.py: every CPU kernel on fixed inputs under both torches, outputs compared bit for bit,
+#      and the library file loaded by the second torch must be the one built in step 1,
+#   4. the op tests (tests/ops, every backend against the reference) under the second torch, same built files.
+# Exit status non-zero on any failure. Usage: bash scripts/check_portable.sh [extra pytest args for step 4]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+PORTABLE_VENV=${PORTABLE_VENV:-.venv-portable}
+PORTABLE_TORCH=${PORTABLE_TORCH:-torch==2.14.1}
+
+"$PY" setup.py -q build_ext --inplace >/dev/null
+if [ ! -x "$PORTABLE_VENV/bin/python" ]; then
+  python3 -m venv "$PORTABLE_VENV"
+  "$PORTABLE_VENV/bin/python" -m pip install -q --disable-pip-version-check "$PORTABLE_TORCH" numpy tqdm pytest hypothesis
+fi
+OTHER="$PORTABLE_VENV/bin/python"
+echo "check_portable: built with $("$PY" -c 'import torch; print("torch", torch.__version__)'); second: $("$OTHER" -c 'import torch; print("torch", torch.__version__)')"
+WEIGHTKIT_PORTABLE_PYTHON="$OTHER" "$PY" -m pytest -q -p no:cacheprovider tests/test_portable.py
+PYTHONPATH="$PWD" "$OTHER" -m pytest -q -p no:cacheprovider tests/ops -k "not triton" "$@"
