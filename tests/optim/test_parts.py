@@ -339,3 +339,16 @@ def test_optim_import_graph_has_no_circle_and_nothing_imports_optim_back():
         if f.endswith(".py"):
             deps = _imports(os.path.join(nn_folder, f), "weightkit.nn")
             assert not any(d.startswith("weightkit.optim") for d in deps), f
+
+
+def test_8bit_moments_without_bitsandbytes_say_how_to_get_it(monkeypatch):
+    import sys
+
+    from weightkit.optim import GaLoreAdamW8bit
+
+    for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    w = torch.nn.Parameter(torch.randn(16, 32))
+    with pytest.raises(ImportError, match=r"weightkit\[bnb\]"):
+        GaLoreAdamW8bit([{"params": [w], "rank": 4}], lr=1e-3)

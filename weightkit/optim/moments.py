@@ -62,6 +62,16 @@ class FloatMoments:
                 raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
+def _bnb():
+    """bitsandbytes.functional, or an ImportError that says how to get it (an optional dependency of weightkit)."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as exc:
+        raise ImportError("8-bit optimizer moments (GaLoreAdamW8bit, QGaLoreAdamW8bit) need bitsandbytes: "
+                          f"pip install 'weightkit[bnb]' (or bitsandbytes>=0.50); import failed: {exc}") from exc
+    return bnbf
+
+
 class BlockwiseMoments8bit(FloatMoments):
     """8-bit blockwise moments (bitsandbytes), float32 below ``min_8bit_size`` elements."""
 
@@ -74,10 +84,10 @@ class BlockwiseMoments8bit(FloatMoments):
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         self.min_8bit_size = min_8bit_size
         self._codes: Dict = {}
+        _bnb()  # at construction: fail when the optimizer is built, not at its first step
 
     def _code(self, signed: bool, device) -> Tensor:
-        import bitsandbytes.functional as bnbf
-
+        bnbf = _bnb()
         key = (signed, str(device))
         if key not in self._codes:
             self._codes[key] = bnbf.create_dynamic_map(signed=signed).to(device)
@@ -85,14 +95,12 @@ class BlockwiseMoments8bit(FloatMoments):
 
     def quantize(self, x: Tensor, signed: bool) -> Tuple[Tensor, Tensor]:
         """(uint8 codes, float32 absmax per block of 256) of ``x``."""
-        import bitsandbytes.functional as bnbf
-
+        bnbf = _bnb()
         q, qs = bnbf.quantize_blockwise(x, code=self._code(signed, x.device), blocksize=self.BLOCK)
         return q, qs.absmax
 
     def dequantize(self, q: Tensor, absmax: Tensor, signed: bool, shape) -> Tensor:
-        import bitsandbytes.functional as bnbf
-
+        bnbf = _bnb()
         out = bnbf.dequantize_blockwise(q, absmax=absmax, code=self._code(signed, q.device), blocksize=self.BLOCK)
         return out.reshape(shape).to(torch.float32)
 
