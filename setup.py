@@ -54,6 +54,12 @@ class BuildKernelLibraries(build_ext):
         for name in os.listdir(stale_dir) if os.path.isdir(stale_dir) else ():
             if os.path.join("weightkit", "lib", name) not in wanted:
                 os.remove(os.path.join(stale_dir, name))
+        # and the Python extension module weightkit._C of builds before the plain-C libraries (a checkout updated
+        # in place keeps it in build/lib, from where bdist_wheel would pack it)
+        pkg_dir = os.path.join(self.build_lib, "weightkit")
+        for name in os.listdir(pkg_dir) if os.path.isdir(pkg_dir) else ():
+            if name.startswith("_C.") and name.endswith(".so"):
+                os.remove(os.path.join(pkg_dir, name))
         super().run()
 
     def copy_extensions_to_source(self):  # --inplace / editable: weightkit/lib/ may not exist yet
