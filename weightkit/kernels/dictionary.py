@@ -311,8 +311,8 @@ def _mm_configs(fwd):
                 out.append(_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s))
     for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                               (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
-        if not fwd:
-            bn, bk = bk if bk >= 64 else bn, bn if bk >= 64 else bk  # grad_z: K tiles are the output side
+        if not fwd:  # grad_z: the K tile is the output side, N the reduction
+            bn, bk = bk, bn
         out.append(_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1))
     return out
 
