@@ -237,9 +237,14 @@ def _ranks(bitmask: Tensor, k: int, s: int):
 
 
 def bitmask_to_dense(bitmask: Tensor, values: Tensor, k: int) -> Tensor:
-    """Dense S (k x d_out, values' dtype) of the bitmask format."""
-    bits, rank = _ranks(bitmask, k, values.shape[0])
-    return torch.where(bits, values.gather(0, rank), torch.zeros((), dtype=values.dtype, device=values.device))
+    """Dense S (k x d_out, values' dtype; a transposed view of a d_out x k tensor) of the bitmask format."""
+    d_out = bitmask.shape[1]
+    shifts = torch.arange(BITMASK_WORD_BITS, dtype=torch.int32, device=bitmask.device)
+    # column-major: the set bits of S^T in row-major order are each column's atoms in ascending order, i.e. the order
+    # of values^T's entries, so one masked_scatter places them (no sync: no data-dependent shape)
+    bits_t = ((bitmask.T.unsqueeze(-1) >> shifts) & 1).bool().reshape(d_out, -1)[:, :k]
+    dense_t = torch.zeros((d_out, k), dtype=values.dtype, device=values.device)
+    return dense_t.masked_scatter_(bits_t, values.T.contiguous()).T
 
 
 def bitmask_to_indices(bitmask: Tensor, k: int, s: int) -> Tensor:
