@@ -286,11 +286,14 @@ def test_bitmask_triton_tuned_path(monkeypatch, n):
     too): split-K partials summed in order, for the forward and both gradients."""
     from weightkit.kernels import dictionary as kernels
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():  # compiled: an S big enough for the autotuner (K N >= TUNE_MIN_WEIGHT)
+        device, k, s, d_out = "cuda", 1100, 530, 1000
+        assert k * d_out >= kernels.TUNE_MIN_WEIGHT
+    else:
         monkeypatch.setattr(kernels, "TUNE_MIN_WEIGHT", 0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    z, values, bitmask, offsets = bitmask_inputs(n, 200, 90, 150, device=device)
-    g = torch.randn(n, 150, device=device)
+        device, k, s, d_out = "cpu", 200, 90, 150
+    z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out, device=device)
+    g = torch.randn(n, d_out, device=device)
     y = kernels.dict_bitmask_matmul_triton(z, values, bitmask, offsets)
     gz, gv = kernels.dict_bitmask_matmul_backward_triton(g, z, values, bitmask, offsets)
     gz64, gv64 = bitmask_ref64(z, values, bitmask, g)

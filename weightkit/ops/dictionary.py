@@ -58,7 +58,7 @@ def _check_args(z: Tensor, values: Tensor, indices: Tensor) -> None:
 
 
 def _check_data(z: Tensor, values: Tensor, indices: Tensor) -> None:
-    # read the data (a host sync on a GPU): debug checks; DictLinear validates its indices when built or loaded, and
+    # read the data (a host sync on a GPU): debug checks; the layers validate their codes when built or loaded, and
     # values are parameters: checking them on every call would cost more than the gather
     k = z.shape[1]
     lo, hi = int(indices.min()), int(indices.max())
