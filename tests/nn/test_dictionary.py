@@ -1,6 +1,8 @@
 """DictLinear: exact compression accounting of the bitmask format, forward == dense (D S)^T, training, from_linear,
 state_dict (and the former ELL layout converted on load), on every device (CPU and, when present, CUDA)."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -145,3 +147,22 @@ def test_former_ell_state_dict_loads_converted(device, k, s):
     with pytest.raises(ValueError, match="distinct atoms per column"):
         other.load_state_dict(dict(old, indices=repeated))
     assert torch.equal(other.bitmask, before)
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "dictlinear_ell_5813033.pt")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["uint8", "int16"])
+def test_state_dict_written_by_the_ell_layout_code_loads(device, case):
+    """tests/nn/data/dictlinear_ell_5813033.pt was written by DictLinear at commit 5813033 (ELL layout): for k=16
+    (uint8 indices) and k=300 (int16), ``torch.manual_seed(0); layer = DictLinear(12, 10, k, s)``, bias drawn
+    normal, x = torch.randn(3, 12), and it holds layer.state_dict(), x and that layer's y = layer(x). Loaded into
+    today's layer, the outputs are the old layer's."""
+    saved = torch.load(FIXTURE, weights_only=True)[case]
+    i, o, k, s = saved["shape"]
+    assert "indices" in saved["state_dict"] and "bitmask" not in saved["state_dict"]
+    layer = DictLinear(i, o, k=k, s=s, device=device)
+    layer.load_state_dict(saved["state_dict"])
+    torch.testing.assert_close(layer(saved["x"].to(device)).cpu(), saved["y"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.indices.cpu(), saved["state_dict"]["indices"].long().sort(0).values)
