@@ -341,20 +341,32 @@ def memoryformer():
 
 
 def dictionary():
+    """Issue 17's DictLinear, 4096 -> 4096: the ELL gather (k 1638, s 819: 30% of the fp32 bytes removed) against
+    cuSPARSE and dense bf16, and S in the bitmask format (dict_bitmask_matmul; DictLinear's forward), bf16 at the k, s
+    that the bitmask budget gives at 30% of the bf16 bytes removed, and fp32, forward and forward+backward, against
+    bf16 nn.Linear of the uncompressed shape."""
     from weightkit.nn import DictLinear
+    from weightkit.nn.ksvd import dictionary_size
     from weightkit.ops import dictionary as dct
 
     d, k, s = 4096, 1638, 819
     layer = DictLinear(d, d, k, s, bias=False, device="cuda")
-    dense_s = torch.zeros(k, d, device="cuda")
-    dense_s.scatter_(0, layer.indices.long(), layer.values.detach())
+    indices = layer.indices
+    dense_s = dct.bitmask_to_dense(layer.bitmask, layer.values.detach(), k)
     dense_bf = dense_s.bfloat16()
     sparse = dense_s.T.contiguous().to_sparse_csr()  # S^T (d_out x k), what cuSPARSE users would store
+    kb, sb = dictionary_size(d, d, 0.3, value_bytes=2)
+    layer_bf = DictLinear(d, d, kb, sb, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
     for tokens in (1, 16, 256, 4096):
         x = torch.randn(tokens, d, device="cuda")
         z = x @ layer.dictionary.detach()
         zb = z.bfloat16()
+        xb = x.bfloat16()
+        zbb = xb @ layer_bf.dictionary.detach()
+        linear = f"bf16 nn.Linear {tokens} tok"
         with torch.no_grad():
+            row("dictionary", linear, lambda: lin(xb))
             base = f"dense bf16 Z@S {tokens} tok"
             row("dictionary", base, lambda: zb @ dense_bf)
             if sparse is not None:
@@ -363,12 +375,27 @@ def dictionary():
             for b in _backends(dct._FWD):
                 with _wk_backend(b):
                     row("dictionary", f"dict_sparse_gather fp32 {b} {tokens} tok",
-                        lambda: dct.dict_sparse_gather(z, layer.values, layer.indices), base=base)
+                        lambda: dct.dict_sparse_gather(z, layer.values, indices), base=base)
+            for b in _backends(dct._BM_FWD):
+                with _wk_backend(b):
+                    row("dictionary", f"dict_bitmask_matmul fp32 {b} {tokens} tok",
+                        lambda: dct.dict_bitmask_matmul(z, layer.values, layer.bitmask, layer.word_offsets), base=base)
+                    row("dictionary", f"dict_bitmask_matmul bf16 k{kb} s{sb} {b} {tokens} tok",
+                        lambda: dct.dict_bitmask_matmul(zbb, layer_bf.values, layer_bf.bitmask, layer_bf.word_offsets),
+                        base=base, bytes=layer_bf.stored_bytes() - d * kb * 2)
                     row("dictionary", f"DictLinear fp32 {b} {tokens} tok (incl. x@D)", lambda: layer(x))
-        lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
-        xb = x.bfloat16()
-        with torch.no_grad():
-            row("dictionary", f"bf16 nn.Linear {tokens} tok", lambda: lin(xb))
+                    row("dictionary", f"DictLinear bf16 k{kb} s{sb} {b} {tokens} tok (incl. x@D)",
+                        lambda: layer_bf(xb), base=linear, bytes=layer_bf.stored_bytes())
+        xg = xb.clone().requires_grad_(True)
+        g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        row("dictionary", f"bf16 nn.Linear fwd+bwd {tokens} tok",
+            lambda: torch.autograd.grad(lin(xg), (xg, lin.weight), g))
+        for b in _backends(dct._BM_FWD):
+            def fb():
+                with _wk_backend(b):
+                    torch.autograd.grad(layer_bf(xg), (xg, layer_bf.dictionary, layer_bf.values), g)
+            row("dictionary", f"DictLinear bf16 k{kb} s{sb} fwd+bwd {b} {tokens} tok", fb,
+                base=f"bf16 nn.Linear fwd+bwd {tokens} tok")
 
 
 def host():

@@ -1,5 +1,7 @@
 """DictLinear vs nn.Linear of the same shape: forward time across token counts at 20% and 50% compression (the
-factors are random with the sizes the compressor would choose; timing does not depend on their values)."""
+factors are random with the sizes the compressor would choose for the bitmask format; timing does not depend on their
+values). DictLinear runs weightkit::dict_bitmask_matmul: the reference on CPU (no compiled CPU kernel yet), the
+reference or Triton on a GPU."""
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from weightkit.nn import DictLinear
 
 CASES = [(1024, 0.2), (1024, 0.5), (4096, 0.2), (4096, 0.5)]
 TOKENS = [1, 16, 256, 4096]
-BACKENDS = ["nn.Linear", "reference", "cpu"] if DEVICE == "cpu" else ["nn.Linear", "reference", "cuda", "triton"]
+BACKENDS = ["nn.Linear", "reference"] if DEVICE == "cpu" else ["nn.Linear", "reference", "triton"]
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -21,8 +23,6 @@ def test_forward(measure, backend, case, tokens):
     d, ratio = case
     if d >= 4096 and tokens >= 4096:
         pytest.skip("4096 x 4096 at 4096 tokens takes too long on a 2-core CPU")
-    if backend == "reference" and tokens * d > 256 * 1024:
-        pytest.skip("the reference materialises tokens x s x d_out gathers")
     torch.manual_seed(0)
     x = torch.randn(tokens, d, device=DEVICE)
     k, s = dictionary_size(d, d, ratio)

@@ -104,3 +104,199 @@ def test_bad_input(change, err, match):
     change(args)
     with pytest.raises(err, match=match), debug_checks():  # data checks (NaN, ranges) are opt-in
         dict_sparse_gather(args["z"], args["values"], args["indices"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S in the bitmask format (weightkit::dict_bitmask_matmul) and its helpers.
+
+from weightkit.ops.dictionary import (bitmask_code_bytes, bitmask_to_dense, bitmask_to_indices, bitmask_words,  # noqa: E402
+                                      check_bitmask_data, dict_bitmask_matmul, offset_dtype_for, pack_bitmask,
+                                      unpack_bitmask, word_offsets_for)
+
+BITMASK_SHAPES = [(5, 70, 9, 13), (3, 64, 64, 5), (4, 33, 1, 7), (2, 32, 16, 3), (1, 300, 260, 4), (17, 100, 50, 40)]
+
+
+def ell(k, s, d_out, device="cpu", dtype=torch.float32):
+    """Random S as ELL: s distinct atoms per column, in random order, and their values."""
+    idx = torch.rand(k, d_out, device=device).argsort(0)[:s]
+    return idx, torch.randn(s, d_out, device=device).to(dtype)
+
+
+def bitmask_inputs(n, k, s, d_out, dtype=torch.float32, device="cpu"):
+    idx, values = ell(k, s, d_out, device, dtype)
+    bitmask, values, offsets = pack_bitmask(idx.to(index_dtype_for(k)), values, k)
+    return torch.randn(n, k, device=device).to(dtype), values, bitmask, offsets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k,s,d_out", BITMASK_SHAPES)
+def test_bitmask_pack_unpack_round_trip(device, n, k, s, d_out):
+    idx, values = ell(k, s, d_out, device)
+    bitmask, sorted_values, offsets = pack_bitmask(idx.to(index_dtype_for(k)), values, k)
+    assert bitmask.dtype == torch.int32 and bitmask.shape == (bitmask_words(k), d_out) == offsets.shape
+    assert offsets.dtype == offset_dtype_for(s) == (torch.uint8 if s <= 255 else torch.int16)
+    dense = torch.zeros(k, d_out, device=device).scatter_(0, idx, values)
+    assert torch.equal(unpack_bitmask(bitmask, k), dense != 0)
+    assert torch.equal(bitmask_to_dense(bitmask, sorted_values, k), dense)
+    ascending = idx.sort(0)
+    assert torch.equal(bitmask_to_indices(bitmask, k, s), ascending.values)
+    assert torch.equal(sorted_values, values.gather(0, ascending.indices))  # values follow their atoms
+    # the bits themselves: bit a % 32 of word a // 32 of column j, for every used atom a
+    words = bitmask.long() & 0xFFFFFFFF
+    assert bool(((words.gather(0, idx // 32) >> (idx % 32)) & 1).all())
+    counts = (dense != 0).reshape(-1, d_out)
+    counts = torch.nn.functional.pad(counts, (0, 0, 0, bitmask_words(k) * 32 - k)).reshape(-1, 32, d_out).sum(1)
+    assert torch.equal(offsets.long(), counts.cumsum(0) - counts)
+    check_bitmask_data(bitmask, k, s, offsets)
+    assert bitmask_code_bytes(k, s, d_out, 4) == sum(t.numel() * t.element_size() for t in (sorted_values, bitmask,
+                                                                                           offsets))
+
+
+def test_bitmask_edge_cases_and_bad_codes():
+    k = 64
+    full = torch.arange(k)[:, None].expand(k, 3)
+    bitmask, _, offsets = pack_bitmask(full.to(torch.uint8), torch.ones(k, 3), k)
+    assert (bitmask == -1).all() and torch.equal(offsets[1], torch.full((3,), 32, dtype=torch.uint8))
+    bitmask, _, _ = pack_bitmask(torch.tensor([[31, 0, 63]], dtype=torch.uint8), torch.ones(1, 3), k)
+    assert bitmask.tolist() == [[-(1 << 31), 1, 0], [0, 0, -(1 << 31)]]
+    with pytest.raises(ValueError, match="distinct atoms per column"):
+        pack_bitmask(torch.tensor([[1], [1]], dtype=torch.uint8), torch.ones(2, 1), 8)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, k=8\)"):
+        pack_bitmask(torch.tensor([[8]], dtype=torch.uint8), torch.ones(1, 1), 8)
+    with pytest.raises(ValueError, match="k must be an int >= s=2"):
+        pack_bitmask(torch.tensor([[0], [1]], dtype=torch.uint8), torch.ones(2, 1), 1)
+    bitmask = torch.tensor([[0b111]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="exactly s=2 bits per column"):
+        check_bitmask_data(bitmask, 8, 2)
+    with pytest.raises(ValueError, match="bits of atoms >= k=2"):
+        check_bitmask_data(bitmask, 2, 3)
+    with pytest.raises(ValueError, match="word_offsets must hold"):
+        check_bitmask_data(torch.tensor([[0b11], [0b1]], dtype=torch.int32), 40, 3,
+                           torch.tensor([[0], [1]], dtype=torch.uint8))
+
+
+def bitmask_ref64(z, values, bitmask, grad=None):
+    """float64 y = z S with S built by scatter from ELL indices (independent of the op's own unpacking)."""
+    k = z.shape[1]
+    idx = bitmask_to_indices(bitmask, k, values.shape[0])
+    z64 = z.double().requires_grad_(True)
+    v64 = values.double().requires_grad_(True)
+    y = z64 @ torch.zeros(k, values.shape[1], dtype=torch.float64, device=z.device).scatter(0, idx, v64)
+    if grad is None:
+        return y.detach()
+    return torch.autograd.grad(y, (z64, v64), grad.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,s,d_out", BITMASK_SHAPES)
+def test_bitmask_backends_match_float64(device, dtype, n, k, s, d_out):
+    z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out, dtype, device)
+    g = torch.randn(n, d_out, device=device).to(dtype)
+    y64 = bitmask_ref64(z, values, bitmask)
+    gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
+    fwd, bwd = usable_backends(dict_ops._BM_FWD, device), usable_backends(dict_ops._BM_BWD, device)
+    assert "triton" in fwd and "triton" in bwd, (fwd, bwd)
+    # tolerances scale with the length of the sums (k for y and grad_values' n, d_out for grad_z)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for name in fwd:
+        with use_backend(name):
+            y = dict_bitmask_matmul(z, values, bitmask, offsets)
+            zr, vr = z.clone().requires_grad_(True), values.clone().requires_grad_(True)
+            gz, gv = torch.autograd.grad(dict_bitmask_matmul(zr, vr, bitmask, offsets), (zr, vr), g)
+        assert y.dtype == gz.dtype == gv.dtype == dtype
+        torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol * k ** 0.5, msg=lambda m: f"{name} fwd: {m}")
+        torch.testing.assert_close(gz.double(), gz64, rtol=tol, atol=tol * d_out ** 0.5,
+                                   msg=lambda m: f"{name} grad z: {m}")
+        torch.testing.assert_close(gv.double(), gv64, rtol=tol, atol=tol * n ** 0.5,
+                                   msg=lambda m: f"{name} grad values: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitmask_non_contiguous_inputs(device):
+    z_big, values, bitmask, offsets = bitmask_inputs(40, 90, 12, 30, device=device)
+    z = z_big[::2]  # (20, 90), strided rows
+    values = values.T.contiguous().T  # column-major
+    g = torch.randn(30, 20, device=device).T
+    assert not z.is_contiguous() and not values.is_contiguous() and not g.is_contiguous()
+    y64 = bitmask_ref64(z, values, bitmask)
+    gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
+    for name in usable_backends(dict_ops._BM_FWD, device):
+        with use_backend(name):
+            zr, vr = z.clone().requires_grad_(True), values.clone().requires_grad_(True)
+            y = dict_bitmask_matmul(z, values, bitmask, offsets)
+            gz, gv = torch.autograd.grad(dict_bitmask_matmul(zr, vr, bitmask, offsets), (zr, vr), g)
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} fwd: {m}")
+        torch.testing.assert_close(gz.double(), gz64, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} grad z: {m}")
+        torch.testing.assert_close(gv.double(), gv64, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} grad values: {m}")
+
+
+def test_bitmask_gradcheck_reference():
+    z, values, bitmask, offsets = bitmask_inputs(4, 40, 3, 5, torch.float64)
+    z.requires_grad_(True)
+    values.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: dict_ops.dict_bitmask_matmul_reference(a, b, bitmask, offsets), (z, values))
+    assert torch.autograd.gradcheck(
+        lambda a, b: dict_ops._bm_fwd_op(a.float(), b.float(), bitmask, offsets).double(), (z, values), eps=1e-3,
+        atol=1e-2, rtol=1e-2)
+
+
+def test_bitmask_torch_compile():
+    z, values, bitmask, offsets = bitmask_inputs(6, 40, 4, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: dict_bitmask_matmul(a * 2, values, bitmask, offsets), fullgraph=True)
+    torch.testing.assert_close(compiled(z), dict_bitmask_matmul(z * 2, values, bitmask, offsets))
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda a: a.update(bitmask=torch.zeros(1, 9, dtype=torch.int32)), ValueError,
+     r"bitmask must have shape \(ceil\(k/32\), d_out\) = \(2, 9\)"),
+    (lambda a: a.update(bitmask=a["bitmask"].long()), TypeError, "bitmask must have dtype in \\(int32\\)"),
+    (lambda a: a.update(word_offsets=a["word_offsets"][:1]), ValueError, "word_offsets .* must have bitmask's shape"),
+    (lambda a: a.update(word_offsets=a["word_offsets"].float()), TypeError, "word_offsets must have dtype"),
+    (lambda a: a.update(values=torch.randn(41, 9)), ValueError, "values has s=41 rows, more than the k=40 atoms"),
+    (lambda a: a.update(values=torch.randn(4, 9, dtype=torch.float64)), TypeError, "values must have dtype"),
+    (lambda a: a.update(z=torch.randn(0, 40)), ValueError, "z is empty"),
+    (lambda a: a.update(z=torch.randn(6, 40, 2)), ValueError, "z must be 2-D"),
+    (lambda a: a.update(values=torch.randn(4, 9, device="meta")), ValueError, "values is on meta"),
+    (lambda a: a.update(bitmask=a["bitmask"] | 1), ValueError, "exactly s=4 bits per column"),
+    (lambda a: a.update(word_offsets=torch.zeros_like(a["word_offsets"])), ValueError, "word_offsets must hold"),
+    (lambda a: a.update(z=torch.full((6, 40), float("nan"))), ValueError, "z contains 240 non-finite"),
+])
+def test_bitmask_bad_input(change, err, match):
+    z, values, bitmask, offsets = bitmask_inputs(6, 40, 4, 9)
+    args = dict(z=z, values=values, bitmask=bitmask, word_offsets=offsets)
+    change(args)
+    with pytest.raises(err, match=match), debug_checks():  # data checks (bit counts, offsets, NaN) are opt-in
+        dict_bitmask_matmul(args["z"], args["values"], args["bitmask"], args["word_offsets"])
+
+
+def test_bitmask_offsets_dtype_must_hold_s():
+    z, values, bitmask, offsets = bitmask_inputs(2, 600, 300, 3)
+    assert offsets.dtype == torch.int16
+    with pytest.raises(TypeError, match="word_offsets of dtype uint8 cannot count s=300 nonzeros; use int16"):
+        dict_bitmask_matmul(z, values, bitmask, offsets.to(torch.uint8))
+    assert torch.equal(word_offsets_for(bitmask, 300), offsets)
+
+
+@pytest.mark.parametrize("n", [1, 3, 20, 70])  # GEMV (<= 4 tokens), tensor cores with split-K, and without
+def test_bitmask_triton_tuned_path(monkeypatch, n):
+    """The autotuned launch (taken for S with >= TUNE_MIN_WEIGHT entries; lowered here so that a small S takes it
+    too): split-K partials summed in order, for the forward and both gradients."""
+    from weightkit.kernels import dictionary as kernels
+
+    if torch.cuda.is_available():  # compiled: an S big enough for the autotuner (K N >= TUNE_MIN_WEIGHT)
+        device, k, s, d_out = "cuda", 1100, 530, 1000
+        assert k * d_out >= kernels.TUNE_MIN_WEIGHT
+    else:
+        monkeypatch.setattr(kernels, "TUNE_MIN_WEIGHT", 0)
+        device, k, s, d_out = "cpu", 200, 90, 150
+    z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out, device=device)
+    g = torch.randn(n, d_out, device=device)
+    y = kernels.dict_bitmask_matmul_triton(z, values, bitmask, offsets)
+    gz, gv = kernels.dict_bitmask_matmul_backward_triton(g, z, values, bitmask, offsets)
+    gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
+    torch.testing.assert_close(y.double(), bitmask_ref64(z, values, bitmask), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gz.double(), gz64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gv.double(), gv64, rtol=1e-5, atol=1e-4)

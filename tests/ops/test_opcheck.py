@@ -37,6 +37,14 @@ def _dict_args(device):
     return z, values, idx
 
 
+def _bitmask_args(device):
+    from weightkit.ops.dictionary import pack_bitmask
+
+    idx = torch.rand(40, 9, device=device).argsort(0)[:5].to(torch.uint8)  # k = 40: two mask words per column
+    bitmask, values, word_offsets = pack_bitmask(idx, torch.randn(5, 9, device=device), 40)
+    return torch.randn(6, 40, device=device), values, bitmask, word_offsets
+
+
 # op name -> (device -> arguments of the op's schema)
 CASES = {
     "stochastic_round_int8": lambda d: (lambda x: (x, absmax_scale(x, 32), 32, 1, 0))(torch.randn(8, 32, device=d)),
@@ -51,6 +59,8 @@ CASES = {
                                          torch.randn(2, 16, 8, device=d) * 0.1, 1.0, True),
     "dict_sparse_gather": _dict_args,
     "dict_sparse_gather_backward": lambda d: (torch.randn(6, 9, device=d), *_dict_args(d)),
+    "dict_bitmask_matmul": _bitmask_args,
+    "dict_bitmask_matmul_backward": lambda d: (torch.randn(6, 9, device=d), *_bitmask_args(d)),
 }
 
 

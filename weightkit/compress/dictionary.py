@@ -6,8 +6,9 @@ batched OMP (weightkit.nn.ksvd, the maths DictLinear.from_linear also learns wit
 non-increasing from one iteration to the next (``LayerReport.history``). Finally D = L^{-T} D' and the layer
 becomes a :class:`weightkit.nn.DictLinear`.
 
-Byte accounting (b bytes per value, ib per index: 1 when k <= 256, 2 up to 32768): a dictionary layer stores
-d_in k b + s d_out (b + ib) bytes; s is the largest with k = round(k_over_s s) that fits in (1 - ratio) d_in d_out b.
+Byte accounting (b bytes per value; weightkit.nn.ksvd.dictionary_size): a dictionary layer stores d_in k b and S in
+the bitmask format, d_out (s b + ceil(k/32) (4 + ob)) bytes (ob: 1 or 2 bytes per word offset); s is the largest with
+k = round(k_over_s s) that fits in (1 - ratio) d_in d_out b.
 With ``shared=True`` the layers that read the same input (same parent module, equal calibration Gram matrix, e.g.
 Q/K/V of an attention block) share one dictionary, stored once; the budget is then the group's total, so their s
 is larger. The SVD baseline (weightkit.compress.svd) gets (1 - ratio) d_in d_out b per layer as well.

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.dictionary import index_dtype_for
+from ..ops.dictionary import bitmask_code_bytes
 
 __all__ = ["check_ratio", "dictionary_size", "omp", "learn_dictionary", "scatter_codes"]
 
@@ -36,7 +36,9 @@ def dictionary_size(d_in: int, d_out: int, ratio: float, k_over_s: float = 2.0, 
                     ) -> Tuple[int, int]:
     """(k, s): the largest s, with k = round(k_over_s s) atoms, whose bytes fit in (1 - ratio) of the dense bytes.
 
-    For a shared dictionary ``d_out`` is the total width of the layers sharing it (their budgets add up)."""
+    The bytes are DictLinear's exactly: the dictionary (d_in k values) and S in the bitmask format (s values, ceil(k/32)
+    int32 mask words and as many prefix offsets per column; weightkit.ops.dictionary.bitmask_code_bytes). For a shared
+    dictionary ``d_out`` is the total width of the layers sharing it (their budgets add up)."""
     check_ratio(ratio)
     if isinstance(k_over_s, bool) or not isinstance(k_over_s, (int, float)) or not k_over_s >= 1.0:
         raise ValueError(f"k_over_s must be a number >= 1, got {k_over_s!r}")
@@ -44,8 +46,7 @@ def dictionary_size(d_in: int, d_out: int, ratio: float, k_over_s: float = 2.0, 
     s = 0
     for candidate in range(1, d_in + 1):
         k = int(round(k_over_s * candidate))
-        index_bytes = torch.empty(0, dtype=index_dtype_for(k)).element_size()
-        if d_in * k * value_bytes + candidate * d_out * (value_bytes + index_bytes) > budget:
+        if d_in * k * value_bytes + bitmask_code_bytes(k, candidate, d_out, value_bytes) > budget:
             break
         s = candidate
     if s == 0:
