@@ -16,6 +16,8 @@
 # budgets), TRAIN_ARGS (default: the 350m model, 10 steps, five methods), QUANT_PEERS (default 0 here: the
 # bitsandbytes/tinygemm rows were measured on 2026-11-26; QUANT_PEERS=1 adds them). The defaults are the call that
 # fits one device call: about 420 s on an H200 (build 40, tests 110-140, report 140, train 100); give it timeout_s 500.
+# WHEEL=dist/weightkit-...-manylinux_*.whl takes the kernel libraries from that wheel instead of building them here
+# (checks that one build's CUDA library runs under this machine's torch; carry dist/ with the call).
 # Exit status: non-zero if the build or any test failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c "import torch,triton,sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT_DIR/summary.txt"
 
 tag=$($PY -c "from weightkit.benchreport import device_tag; print(device_tag())")
+
+if [ -n "${WHEEL:-}" ]; then
+  # the kernel libraries of a wheel built elsewhere (make wheel-cuda: dist/*.whl, carried), unchanged: does that one
+  # build's CUDA library load and pass the suite under this machine's torch? (replaces the build stage)
+  stamp "kernel libraries from $WHEEL (no build)"
+  mkdir -p weightkit/lib && rm -f weightkit/lib/*.so
+  if $PY -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); names = [n for n in z.namelist() if n.startswith('weightkit/lib/') and n.endswith('.so')]; [open('weightkit/lib/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in names]; print(' '.join(names))" "$WHEEL" 2>&1 | tee -a "$OUT_DIR/summary.txt"; then
+    STAGES=${STAGES//build/}
+  else
+    status=1; stamp "could not unpack $WHEEL"
+  fi
+fi
 
 if has build; then
   arch=$($PY -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
