@@ -24,6 +24,23 @@ def device_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
 
 
+def copy_bandwidth_gbps(mib: int = 256, reps: int = 5) -> float:
+    """This device's copy bandwidth (bytes read + written per second, best of ``reps`` copies of ``mib`` MiB): the
+    roofline of the bandwidth-bound kernels, measured on the benchmarks' device in the same run."""
+    import time
+
+    a = torch.empty(mib * 2**20 // 4, device=DEVICE).uniform_()
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first copy warms the allocator and caches
+        _sync()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     try:
         import triton
@@ -39,6 +56,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "device": device_name(),
         "threads": torch.get_num_threads(),
         "backends": backend.status(),
+        "copy_GBps": copy_bandwidth_gbps(),
     }
 
 

@@ -1,9 +1,11 @@
 """Tables and plots from pytest-benchmark JSON files written by the bench/ suites.
 
 ``python -m weightkit.benchreport FILE.json [--png OUT.png]`` prints a markdown table: op, backend, shape, mean
-time, GB/s or TFLOP/s, the speed-up against the reference backend, and against every peer of the same op and
-shape in the same run (a peer is an entry whose ``backend`` is not a weightkit backend: nn.Linear, torch AdamW,
-galore-torch, ...; ratios above 1 mean weightkit is faster).
+time, GB/s (and its share of the copy bandwidth measured in the same run) or TFLOP/s, the speed-up against the
+reference backend, and against every peer of the same op and shape in the same run (a peer is an entry whose
+``backend`` is not a weightkit backend: nn.Linear, torch AdamW, galore-torch, ...; ratios above 1 mean weightkit is
+faster). The picture answers what a user asks: per op, the speed-up over its baseline across sizes, one line per
+backend and peer.
 """
 
 from __future__ import annotations
@@ -42,33 +44,76 @@ def _rows(data: Dict) -> List[Tuple[Tuple[str, str], Dict, float]]:
     return rows
 
 
+def _copy_gbps(data: Dict) -> Optional[float]:
+    return data.get("machine_info", {}).get("weightkit", {}).get("copy_GBps")
+
+
+def baselines(data: Dict) -> Dict[str, str]:
+    """Per op, the backend its speed-ups are measured against: the first peer of the run (a baseline a user already
+    has: nn.Linear, torch AdamW, galore-torch, F.embedding_bag, ...), else weightkit's reference."""
+    out: Dict[str, str] = {}
+    for (op, _), extra, _ in _rows(data):
+        name = str(extra.get("backend"))
+        if name not in BACKENDS and op not in out:
+            out[op] = name
+    for (op, _), _, _ in _rows(data):
+        out.setdefault(op, "reference")
+    return out
+
+
 def table(data: Dict) -> str:
     info = data.get("machine_info", {}).get("weightkit", {})
+    copy = _copy_gbps(data)
     header = (f"device: {info.get('device')}; torch {info.get('torch')}; triton {info.get('triton')}; "
-              f"weightkit {info.get('version')}; {data.get('datetime', '')[:19]}")
+              f"weightkit {info.get('version')}; {data.get('datetime', '')[:19]}"
+              + (f"; copy bandwidth {copy:.1f} GB/s (read + write, this run)" if copy else ""))
     rows = _rows(data)
     reference = {key: mean for key, extra, mean in rows if extra.get("backend") == "reference"}
     peers: Dict[Tuple[str, str], List[Tuple[str, float]]] = {}
     for key, extra, mean in rows:
         if extra.get("backend") not in BACKENDS:
             peers.setdefault(key, []).append((str(extra.get("backend")), mean))
-    lines = [header, "", "| op | backend | shape | mean ms | GB/s | TFLOP/s | speed-up vs reference | speed-up vs peers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| op | backend | shape | mean ms | GB/s | % of copy | TFLOP/s | speed-up vs reference | "
+             "speed-up vs peers |", "|---|---|---|---|---|---|---|---|---|"]
     for key, extra, mean in rows:
         ref = reference.get(key)
         ratio = f"{ref / mean:.2f}x" if ref else "-"
         gbs = f"{extra['GB/s']:.2f}" if "GB/s" in extra else "-"
+        pct = f"{100 * extra['GB/s'] / copy:.0f}%" if "GB/s" in extra and copy else "-"
         tfs = f"{extra['TFLOP/s']:.3f}" if "TFLOP/s" in extra else "-"
         shape = extra.get("shape", "-")
         vs_peers = "-"
         if extra.get("backend") in BACKENDS and peers.get(key):
             vs_peers = ", ".join(f"{name} {peer / mean:.2f}x" for name, peer in peers[key])
-        lines.append(f"| {key[0]} | {extra.get('backend', '-')} | {shape} | {mean * 1e3:.3f} | {gbs} | {tfs} | {ratio} | {vs_peers} |")
+        lines.append(f"| {key[0]} | {extra.get('backend', '-')} | {shape} | {mean * 1e3:.3f} | {gbs} | {pct} | {tfs} | "
+                     f"{ratio} | {vs_peers} |")
     return "\n".join(lines)
 
 
+def speedups(data: Dict) -> Dict[str, Dict]:
+    """Per op: {"baseline": name, "shapes": [shape labels in run order], "lines": {backend or peer: [(shape index,
+    baseline time / its time, % of copy bandwidth or None)]}}; shapes where the baseline did not run are left out."""
+    copy = _copy_gbps(data)
+    base_of = baselines(data)
+    base_time = {key: mean for key, extra, mean in _rows(data) if str(extra.get("backend")) == base_of[key[0]]}
+    out: Dict[str, Dict] = {}
+    for key, extra, mean in _rows(data):
+        op, shape = key
+        if key not in base_time:
+            continue
+        entry = out.setdefault(op, {"baseline": base_of[op], "shapes": [], "lines": {}})
+        if shape not in entry["shapes"]:
+            entry["shapes"].append(shape)
+        pct = 100 * extra["GB/s"] / copy if "GB/s" in extra and copy else None
+        entry["lines"].setdefault(str(extra.get("backend")), []).append(
+            (entry["shapes"].index(shape), base_time[key] / mean, pct))
+    return out
+
+
 def plot(data: Dict, path: str) -> Optional[str]:
-    """Horizontal bars of mean time per (op, shape, backend), log scale."""
+    """Per op, the speed-up over its baseline (:func:`baselines`) across the sizes of the run, one line per backend
+    and peer (the baseline is the line at 1), each point labelled with its share of the copy bandwidth measured in
+    the same run where the op moves a known number of bytes."""
     try:
         import matplotlib
 
@@ -76,19 +121,34 @@ def plot(data: Dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = _rows(data)
-    if not rows:
+    ops = speedups(data)
+    if not ops:
         return None
-    labels = [f"{k[0]} {e.get('shape', '')} [{e.get('backend', '-')}]" for k, e, _ in rows]
-    times = [m * 1e3 for _, _, m in rows]
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(rows) + 1)))
-    ax.barh(range(len(rows)), times, color="tab:blue")
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("mean time (ms, log scale)")
+    cols = min(3, len(ops))
+    nrows = (len(ops) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (op, entry) in zip(axes.flat, ops.items()):
+        for name, pts in entry["lines"].items():
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            style = dict(color="black", linestyle="--", linewidth=1) if name == entry["baseline"] else dict(marker="o")
+            ax.plot(xs, ys, label=name, **style)
+            if name != entry["baseline"]:
+                for x, y, pct in pts:
+                    if pct is not None:
+                        ax.annotate(f"{pct:.0f}%", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.set_yscale("log", base=2)
+        ax.set_xticks(range(len(entry["shapes"])), [" x ".join(str(v) for v in json.loads(s)) if s != "null" else "-"
+                                                     for s in entry["shapes"]], fontsize=7, rotation=20)
+        ax.set_title(f"{op}: speed-up vs {entry['baseline']}", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
     info = data.get("machine_info", {}).get("weightkit", {})
-    ax.set_title(f"weightkit benchmarks on {info.get('device')}", fontsize=9)
+    copy = _copy_gbps(data)
+    fig.suptitle(f"weightkit on {info.get('device')} (> 1: faster than the baseline; labels: % of the copy bandwidth"
+                 + (f" {copy:.0f} GB/s" if copy else "") + ")", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
