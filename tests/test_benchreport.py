@@ -28,6 +28,8 @@ DATA = {
 
 def test_baseline_is_the_peer_else_the_reference():
     assert benchreport.baselines(DATA) == {"linear": "nn.Linear", "sr": "reference"}
+    one = dict(DATA, benchmarks=[_bench("sr", "cpu", [1024], 1e-3)])  # a run of one backend: its own baseline
+    assert benchreport.baselines(one) == {"sr": "cpu"} and benchreport.speedups(one)["sr"]["lines"]["cpu"][0][1] == 1
 
 
 def test_speedups_and_copy_share():

@@ -50,14 +50,17 @@ def _copy_gbps(data: Dict) -> Optional[float]:
 
 def baselines(data: Dict) -> Dict[str, str]:
     """Per op, the backend its speed-ups are measured against: the first peer of the run (a baseline a user already
-    has: nn.Linear, torch AdamW, galore-torch, F.embedding_bag, ...), else weightkit's reference."""
+    has: nn.Linear, torch AdamW, galore-torch, F.embedding_bag, ...), else weightkit's reference, else (a run of one
+    backend, e.g. ``-k cpu``) the op's first backend."""
     out: Dict[str, str] = {}
+    ran: Dict[str, List[str]] = {}
     for (op, _), extra, _ in _rows(data):
         name = str(extra.get("backend"))
+        ran.setdefault(op, []).append(name)
         if name not in BACKENDS and op not in out:
             out[op] = name
-    for (op, _), _, _ in _rows(data):
-        out.setdefault(op, "reference")
+    for op, names in ran.items():
+        out.setdefault(op, "reference" if "reference" in names else names[0])
     return out
 
 
