@@ -13,7 +13,7 @@
 # from ./.gpu-site when it exists (../shared/device/site-packages.sh .gpu-site makes it).
 # Budgets (seconds, env): TEST_BUDGET=140 REPORT_BUDGET=140 BENCH_BUDGET=60 TRAIN_BUDGET=100. STAGES picks stages
 # (default build,info,test,report,train; add bench for the pytest-benchmark suites). REPORT_ARGS (default: per-section
-# budgets), TRAIN_ARGS (default: the 350m model, 10 steps, five methods), QUANT_PEERS (default 0 here: the
+# budgets), TRAIN_ARGS (default: the 350m model, 10 steps, five methods, randomized SVD, staggered refreshes), QUANT_PEERS (default 0 here: the
 # bitsandbytes/tinygemm rows were measured on 2026-11-26; QUANT_PEERS=1 adds them). The defaults are the call that
 # fits one device call: about 420 s on an H200 (build 40, tests 110-140, report 140, train 100); give it timeout_s 500.
 # WHEEL=dist/weightkit-...-manylinux_*.whl takes the kernel libraries from that wheel instead of building them here
@@ -27,7 +27,7 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 STAGES=${STAGES:-build,info,test,report,train}
 export QUANT_PEERS=${QUANT_PEERS:-0}
 REPORT_ARGS=${REPORT_ARGS:---section-budget ceilings=8,host=12,kernels=30,quant=45,memoryformer=20,dictionary=12,galore=15}
-TRAIN_ARGS=${TRAIN_ARGS:---model-size 350m --steps 10 --methods adamw,galore,galore-layerwise,galore-torch,qgalore --eval-every 5}
+TRAIN_ARGS=${TRAIN_ARGS:---model-size 350m --steps 10 --svd randomized --stagger-refresh --methods adamw,galore,galore-layerwise,galore-torch,qgalore --eval-every 5}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ -d .gpu-site ]; then export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"; fi

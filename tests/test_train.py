@@ -85,6 +85,22 @@ def test_layerwise_schedule_sets_every_parameter_rate():
     assert all(p.grad is None for p in model.parameters())  # freed by the hooks
 
 
+@pytest.mark.parametrize("method", ["galore", "galore-layerwise", "qgalore"])
+def test_randomized_svd_and_staggered_refresh_reach_the_optimizer(method):
+    cfg = train.TrainConfig(**dict(TINY, steps=3, eval_every=3, svd="randomized",
+                                   stagger_refresh=method != "qgalore")).resolve()
+    model = train.prepare_model(method, cfg)
+    opt = train.build_optimizer(method, model, cfg)
+    opts = opt.optimizers if method == "galore-layerwise" else [opt]
+    assert all(g["svd"] == "randomized" for o in opts for g in o.param_groups if "rank" in g)
+    if method != "qgalore":
+        assert all(o.parts.refresh.stagger for o in opts)
+    r = train.run(method, cfg, progress=False)
+    assert all(math.isfinite(v) for v in r.train_loss)
+    with pytest.raises(ValueError, match="svd must be one of"):
+        train.TrainConfig(svd="fast").resolve()
+
+
 def test_activation_checkpointing_recomputes_the_same_training():
     cfg = train.TrainConfig(**dict(TINY, steps=4, eval_every=2))
     plain = train.run("adamw", cfg, progress=False)

@@ -105,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 min_lr_ratio=args.min_lr_ratio, rank=args.rank, update_proj_gap=args.update_proj_gap,
                                 dim=args.dim, n_layers=args.layers, n_heads=args.heads, hidden_dim=args.hidden,
                                 seed=args.seed, eval_every=args.eval_every or max(1, args.steps // 20),
-                                device=device, checkpointing=args.checkpointing).resolve()
+                                device=device, checkpointing=args.checkpointing, svd=args.svd,
+                                stagger_refresh=args.stagger_refresh).resolve()
     except ValueError as exc:
         return refuse(str(exc))
     print("\n".join(train.describe(cfg)), flush=True)
@@ -234,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: adamw (fused on CUDA), galore, galore-layerwise (LayerwiseGaLore: updates "
                     "in backward, gradients freed per layer), qgalore, galore-torch (the reference package, if "
                     "installed)")
+    tr.add_argument("--svd", default="exact", choices=["exact", "randomized"], help="how weightkit's GaLore and "
+                    "Q-GaLore compute bases (galore-torch: always exact)")
+    tr.add_argument("--stagger-refresh", action="store_true", help="weightkit GaLore: spread the layers' subspace "
+                    "refreshes over the steps of each period (no step refreshes every layer)")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block "
                     "(recompute in backward: less activation memory, ~1/3 more compute)")
     tr.add_argument("--model-size", default="tiny", choices=list(train_sizes()),

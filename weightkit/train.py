@@ -101,6 +101,8 @@ class TrainConfig:
     threads: Optional[int] = None
     device: str = "cpu"
     checkpointing: bool = False  # activation checkpointing per transformer block (recompute in backward)
+    svd: str = "exact"  # weightkit GaLore / Q-GaLore bases: 'exact' (the papers') or 'randomized' SVD
+    stagger_refresh: bool = False  # weightkit GaLore: spread the layers' refreshes over the steps of a period
 
     def model_config(self):
         from weightkit.models.llama import preset
@@ -129,6 +131,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if cfg.rank > min(cfg.dim, cfg.hidden_dim):
             raise ValueError(f"rank={cfg.rank} is larger than the model width (dim {cfg.dim})")
+        from weightkit.optim.projector import SVD_METHODS
+
+        if cfg.svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
         if not 0.0 <= cfg.warmup < 1.0:
             raise ValueError(f"warmup must be a fraction of the steps in [0, 1), got {cfg.warmup}")
         if not 0.0 <= cfg.min_lr_ratio <= 1.0:
@@ -327,11 +333,13 @@ def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig, lr: Optiona
     if method == "galore":
         from weightkit.optim import GaLoreAdamW
 
-        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.weight_decay, svd=cfg.svd,
+                           stagger_refresh=cfg.stagger_refresh)
     if method == "galore-layerwise":
         from weightkit.optim import GaLoreAdamW, LayerwiseGaLore
 
-        return LayerwiseGaLore(groups, optimizer_cls=GaLoreAdamW, lr=lr, weight_decay=cfg.weight_decay)
+        return LayerwiseGaLore(groups, optimizer_cls=GaLoreAdamW, lr=lr, weight_decay=cfg.weight_decay, svd=cfg.svd,
+                               stagger_refresh=cfg.stagger_refresh)
     if method == "galore-torch":
         try:
             from galore_torch import GaLoreAdamW as ReferenceGaLoreAdamW
@@ -342,7 +350,7 @@ def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig, lr: Optiona
     if method == "qgalore":
         from weightkit.optim import QGaLoreAdamW8bit
 
-        return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=cfg.weight_decay)
+        return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=cfg.weight_decay, svd=cfg.svd)  # lazy refresh: no stagger
     raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -718,7 +726,9 @@ def describe(cfg: TrainConfig, results: Sequence[RunResult] = ()) -> List[str]:
             f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens; each method's peak lr with {w} warmup "
             f"steps, then cosine decay to {cfg.min_lr_ratio:g}x; GaLore/Q-GaLore rank {cfg.rank}, refresh gap "
             f"{cfg.update_proj_gap}, scale {cfg.galore_scale:g}; tokens/s from step {timing_start(cfg.steps)} on"
-            + ("; activation checkpointing per block" if cfg.checkpointing else "")]
+            + ("; activation checkpointing per block" if cfg.checkpointing else "")
+            + (f"; {cfg.svd} SVD" if cfg.svd != "exact" else "")
+            + ("; staggered refreshes" if cfg.stagger_refresh else "")]
 
 
 def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
