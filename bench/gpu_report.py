@@ -215,6 +215,23 @@ def quant():
             if tiny is not None:
                 row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
                     lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
+    # torch.compile's int8 weight-only linear, group 128 (the way torchao's int8 weight-only runs): the issue's "never
+    # slower than" baseline; last in the section, since each token count compiles (QUANT_COMPILE=0 skips it)
+    if os.environ.get("QUANT_COMPILE", "1") == "1":
+        wq8 = layer.weight.detach().view(d, d // 128, 128)
+        s8 = layer.scale.detach().view(d, d // 128, 1)
+
+        @torch.compile(dynamic=False)
+        def compiled_int8(x):
+            w = (wq8.to(x.dtype) * s8.to(x.dtype)).view(d, d)
+            return torch.nn.functional.linear(x, w)
+
+        for tokens in (1, 16, 256, 4096):
+            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                row("quant", f"torch.compile int8 weight-only g128 {tokens} tok", lambda: compiled_int8(x),
+                    base=f"bf16 nn.Linear {tokens}x{d}x{d}", bytes=d * d + d * d // 128 * 4 + 4 * tokens * d,
+                    flops=2 * tokens * d * d)
     # Q-GaLore projection P^T G: P 4096x1024 INT4, G 4096x4096
     P = torch.linalg.qr(torch.randn(4096, 1024, device="cuda"))[0]
     G = torch.randn(4096, 4096, device="cuda")
