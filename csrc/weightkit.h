@@ -30,7 +30,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 1
+#define WK_ABI_VERSION 2
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2 };
@@ -81,6 +81,26 @@ WK_API int wk_cpu_dict_gather_forward_t(const float* zt, const float* values, co
 WK_API int wk_cpu_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
                                        float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
                                        int threads);
+
+// Dictionary matmul with S (k x d_out, s nonzeros per column) in the bitmask format (spec: weightkit/ops/dictionary.py,
+// dict_bitmask_matmul): bitmask int32 (ceil(k/32) x d_out), values (s x d_out) of value_dtype, word_offsets
+// (ceil(k/32) x d_out) of offset_dtype (u8/i16/i32). z, grad, y and grad_z have z_dtype; grad_values value_dtype.
+// forward: y (n x d_out) = z (n x k) S; backward: grad_z = grad S^T and grad_values (both written whole;
+// deterministic, fp32 partials over fixed column blocks). to_dense: dense (k x d_out, fp32) = S; gather_dense: out
+// (s x d_out, out_dtype) = the entries of dense (k x d_out, fp32) at S's nonzeros.
+WK_API int wk_cpu_dict_bitmask_forward(const void* z, int z_dtype, const void* values, int value_dtype,
+                                       const int32_t* bitmask, const void* word_offsets, int offset_dtype, void* y,
+                                       int64_t n, int64_t k, int64_t s, int64_t d_out, int threads);
+WK_API int wk_cpu_dict_bitmask_backward(const void* grad, const void* z, int z_dtype, const void* values,
+                                        int value_dtype, const int32_t* bitmask, const void* word_offsets,
+                                        int offset_dtype, void* grad_z, void* grad_values, int64_t n, int64_t k,
+                                        int64_t s, int64_t d_out, int threads);
+WK_API int wk_cpu_dict_bitmask_to_dense(const void* values, int value_dtype, const int32_t* bitmask,
+                                        const void* word_offsets, int offset_dtype, float* dense, int64_t k,
+                                        int64_t d_out, int threads);
+WK_API int wk_cpu_dict_bitmask_gather_dense(const float* dense, const int32_t* bitmask, const void* word_offsets,
+                                            int offset_dtype, void* out, int out_dtype, int64_t k, int64_t d_out,
+                                            int threads);
 
 // ---- CUDA library (libweightkit_cuda.so, csrc/cuda/*.cu) ----------------------------------------------------------
 WK_API int wk_cuda_abi_version(void);

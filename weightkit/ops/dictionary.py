@@ -337,6 +337,18 @@ def dict_bitmask_matmul_backward_reference(grad: Tensor, z: Tensor, values: Tens
     return grad_z.to(z.dtype), grad_values.to(values.dtype)
 
 
+@_BM_FWD.register("cpu")
+def _bm_fwd_cpu(z, values, bitmask, word_offsets):
+    return native.dict_bitmask_matmul(z.contiguous(), values.contiguous(), bitmask.contiguous(),
+                                      word_offsets.contiguous())
+
+
+@_BM_BWD.register("cpu")
+def _bm_bwd_cpu(grad, z, values, bitmask, word_offsets):
+    return native.dict_bitmask_matmul_backward(grad.contiguous(), z.contiguous(), values.contiguous(),
+                                               bitmask.contiguous(), word_offsets.contiguous())
+
+
 @_BM_FWD.register("triton")
 def _bm_fwd_triton(z, values, bitmask, word_offsets):
     from ..kernels.dictionary import dict_bitmask_matmul_triton
