@@ -60,8 +60,8 @@ _CPU_SIGNATURES: Dict[str, tuple] = {
     "wk_cpu_dict_gather_backward": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I),
     "wk_cpu_dict_bitmask_forward": (_P, _I, _P, _I, _P, _P, _I, _P, _I64, _I64, _I64, _I64, _I),
     "wk_cpu_dict_bitmask_backward": (_P, _P, _I, _P, _I, _P, _P, _I, _P, _P, _I64, _I64, _I64, _I64, _I),
-    "wk_cpu_dict_bitmask_to_dense": (_P, _I, _P, _P, _I, _P, _I64, _I64, _I),
-    "wk_cpu_dict_bitmask_gather_dense": (_P, _P, _P, _I, _P, _I, _I64, _I64, _I),
+    "wk_cpu_dict_bitmask_to_dense_t": (_P, _I, _P, _P, _I, _P, _I64, _I64, _I64, _I),
+    "wk_cpu_dict_bitmask_gather_dense_t": (_P, _P, _P, _I, _P, _I, _I64, _I64, _I64, _I),
 }
 _CUDA_SIGNATURES: Dict[str, tuple] = {
     "wk_cuda_abi_version": (),
@@ -445,23 +445,25 @@ def dict_sparse_gather_backward(grad: Tensor, z: Tensor, values: Tensor, indices
 # ---------------------------------------------------------------------------------------------------------------------
 # Dictionary matmul, S in the bitmask format (weightkit/ops/dictionary.py), CPU only
 
-# Up to this many tokens the CPU kernels read the bitmask directly (forward / backward); beyond, S is decoded to a
-# dense fp32 matrix once per call and torch's BLAS multiplies (backward: grad_z = grad S^T, and grad S = z^T grad
-# gathered at S's nonzeros). Crossovers measured at 1024 x 1024, k = 464, s = 232 (ratio 0.3), 2 threads, 2026-11-26:
-# forward direct 0.16 / 0.36 / 1.09 / 2.04 ms at 1 / 8 / 32 / 64 tokens vs dense 0.83 / 1.64 / 1.73 / 1.40 ms;
-# backward direct 0.28 / 0.96 / 1.80 / 3.43 ms at 1 / 8 / 16 / 32 tokens vs dense 1.65 / 3.24 / 3.75 / 3.39 ms. Both
-# costs scale with k d_out (s ~ k / 2 in DictLinear), so the crossovers hold across sizes.
-DICT_BITMASK_DIRECT_TOKENS = 40
-DICT_BITMASK_DIRECT_TOKENS_BACKWARD = 24
+# Up to this many tokens the CPU kernels read the bitmask directly; beyond, S^T is decoded to a dense fp32 matrix
+# (d_out x k) once per call and torch's BLAS multiplies (backward: grad_z = grad S^T, and grad S^T = grad^T z gathered
+# at S's nonzeros). Measured at 1024 x 1024, k = 464, s = 232 (ratio 0.3), 2 threads, best of 7, 2026-11-26: forward
+# direct 0.15-0.17 / 0.24 / 0.27-0.29 / 0.37 ms at 1 / 4 / 5 / 8 tokens vs dense 0.21 / 0.25-0.26 / 0.26-0.29 /
+# 0.29-0.38 ms; backward direct 0.29 / 0.58-0.59 / 0.69-0.73 / 0.99-1.06 ms vs dense 0.53 / 0.62-0.67 / 0.64-0.69 /
+# 0.63-0.70 ms. Both paths cost about k d_out per call plus (direct) s d_out or (dense, BLAS) k d_out per token, so the
+# crossover (4 to 5 tokens) does not move with the layer's size at DictLinear's s ~ k / 2.
+DICT_BITMASK_DIRECT_TOKENS = 4
 _OFFSET_CODES = {torch.uint8: 3, torch.int16: 4, torch.int32: 5}
 
 
-def _bitmask_dense(values: Tensor, bitmask: Tensor, offsets: Tensor, k: int) -> Tensor:
-    dense = torch.empty((k, values.shape[1]), dtype=torch.float32)
-    _check(CPU.dict_bitmask_to_dense(values.data_ptr(), FLOAT_CODES[values.dtype], bitmask.data_ptr(),
-                                     offsets.data_ptr(), _OFFSET_CODES[offsets.dtype], dense.data_ptr(), k,
-                                     values.shape[1], _threads()), "dict_bitmask_matmul")
-    return dense
+def _bitmask_dense_t(values: Tensor, bitmask: Tensor, offsets: Tensor, k: int) -> Tensor:
+    """S^T (d_out x k, fp32, dense)."""
+    s, d_out = values.shape
+    dense_t = torch.empty((d_out, k), dtype=torch.float32)
+    _check(CPU.dict_bitmask_to_dense_t(values.data_ptr(), FLOAT_CODES[values.dtype], bitmask.data_ptr(),
+                                       offsets.data_ptr(), _OFFSET_CODES[offsets.dtype], dense_t.data_ptr(), k, s,
+                                       d_out, _threads()), "dict_bitmask_matmul")
+    return dense_t
 
 
 def dict_bitmask_matmul(z: Tensor, values: Tensor, bitmask: Tensor, offsets: Tensor) -> Tensor:
@@ -469,7 +471,7 @@ def dict_bitmask_matmul(z: Tensor, values: Tensor, bitmask: Tensor, offsets: Ten
     n, k = z.shape
     d_out = values.shape[1]
     if n > DICT_BITMASK_DIRECT_TOKENS:
-        y = torch.mm(z.to(torch.float32), _bitmask_dense(values, bitmask, offsets, k))
+        y = torch.mm(z.to(torch.float32), _bitmask_dense_t(values, bitmask, offsets, k).t())
         return y if y.dtype == z.dtype else y.to(z.dtype)
     y = torch.empty((n, d_out), dtype=z.dtype)
     _check(CPU.dict_bitmask_forward(z.data_ptr(), FLOAT_CODES[z.dtype], values.data_ptr(), FLOAT_CODES[values.dtype],
@@ -482,15 +484,15 @@ def dict_bitmask_matmul_backward(grad: Tensor, z: Tensor, values: Tensor, bitmas
                                  offsets: Tensor) -> Tuple[Tensor, Tensor]:
     """CPU, all contiguous. (grad_z in z's dtype, grad_values in values' dtype); deterministic."""
     n, k = z.shape
-    if n > DICT_BITMASK_DIRECT_TOKENS_BACKWARD:
+    if n > DICT_BITMASK_DIRECT_TOKENS:
         gf = grad.to(torch.float32)
-        grad_z = torch.mm(gf, _bitmask_dense(values, bitmask, offsets, k).t())
-        grad_s = torch.mm(z.to(torch.float32).t(), gf)  # k x d_out
+        grad_z = torch.mm(gf, _bitmask_dense_t(values, bitmask, offsets, k))
+        grad_s_t = torch.mm(gf.t(), z.to(torch.float32))  # d_out x k
         grad_values = torch.empty(values.shape, dtype=values.dtype)
-        _check(CPU.dict_bitmask_gather_dense(grad_s.data_ptr(), bitmask.data_ptr(), offsets.data_ptr(),
-                                             _OFFSET_CODES[offsets.dtype], grad_values.data_ptr(),
-                                             FLOAT_CODES[values.dtype], k, values.shape[1], _threads()),
-               "dict_bitmask_matmul_backward")
+        _check(CPU.dict_bitmask_gather_dense_t(grad_s_t.data_ptr(), bitmask.data_ptr(), offsets.data_ptr(),
+                                               _OFFSET_CODES[offsets.dtype], grad_values.data_ptr(),
+                                               FLOAT_CODES[values.dtype], k, values.shape[0], values.shape[1],
+                                               _threads()), "dict_bitmask_matmul_backward")
         return (grad_z if grad_z.dtype == z.dtype else grad_z.to(z.dtype)), grad_values
     zc, g = z, grad
     if grad.dtype != z.dtype:  # one dtype for both in the kernel: fp32, which holds either exactly

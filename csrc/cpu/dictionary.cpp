@@ -279,30 +279,58 @@ bool bitmask_backward(const z_t* gp, const z_t* zp, const value_t* vp, const int
   return true;
 }
 
-// Dense S (k x d_out, fp32) from the format; parallel over column blocks (each thread writes its columns of every row).
+// S^T (d_out x k, fp32, dense) from the format, and its inverse on a dense matrix: out (s x d_out) = the entries of
+// dense (d_out x k) at S's nonzeros (grad S^T = grad^T z gathered into grad_values). The transposed layout makes a
+// column of S one contiguous row (S row-major would put a column's nonzeros on up to s different pages), and BLAS
+// takes the transposed view without a copy. Tasks: blocks of kBmCols columns decoded into idx, then values read
+// along their rows. Returns false when a scratch buffer could not be allocated.
 template <typename value_t, typename offset_t>
-void bitmask_to_dense(const value_t* vp, const int32_t* bm, const offset_t* off, float* dense, int64_t k,
-                      int64_t d_out, int threads) {
-  const int64_t words = (k + 31) / 32;
-  parallel_for(threads, 0, d_out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t a = 0; a < k; ++a)
-      for (int64_t j = begin; j < end; ++j) dense[a * d_out + j] = 0.f;
-    for (int64_t j = begin; j < end; ++j)
-      for_each_atom(bm, off, words, d_out, j,
-                    [&](int64_t a, int64_t r) { dense[a * d_out + j] = static_cast<float>(vp[r * d_out + j]); });
+bool bitmask_to_dense_t(const value_t* vp, const int32_t* bm, const offset_t* off, float* dense_t, int64_t k,
+                        int64_t s, int64_t d_out, int threads) {
+  const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
+  bool failed = false;
+  parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<int32_t> idx(s * kBmCols);
+    if (!idx.ok()) {
+      failed = true;
+      return;
+    }
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * kBmCols, cols = std::min(kBmCols, d_out - j0);
+      decode_block(bm, off, words, d_out, j0, cols, idx.data(), kBmCols);
+      for (int64_t i = j0 * k; i < (j0 + cols) * k; ++i) dense_t[i] = 0.f;
+      for (int64_t r = 0; r < s; ++r) {
+        const value_t* vr = vp + r * d_out + j0;
+        const int32_t* ir = idx.data() + r * kBmCols;
+        for (int64_t c = 0; c < cols; ++c) dense_t[(j0 + c) * k + ir[c]] = static_cast<float>(vr[c]);
+      }
+    }
   });
+  return !failed;
 }
 
-// values-shaped out[r, j] = dense[a_r, j]: the entries of a dense k x d_out fp32 matrix (grad S) at S's nonzeros.
 template <typename value_t, typename offset_t>
-void bitmask_gather_dense(const float* dense, const int32_t* bm, const offset_t* off, value_t* out, int64_t k,
-                          int64_t d_out, int threads) {
-  const int64_t words = (k + 31) / 32;
-  parallel_for(threads, 0, d_out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
-      for_each_atom(bm, off, words, d_out, j,
-                    [&](int64_t a, int64_t r) { out[r * d_out + j] = from_float<value_t>(dense[a * d_out + j]); });
+bool bitmask_gather_dense_t(const float* dense_t, const int32_t* bm, const offset_t* off, value_t* out, int64_t k,
+                            int64_t s, int64_t d_out, int threads) {
+  const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
+  bool failed = false;
+  parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<int32_t> idx(s * kBmCols);
+    if (!idx.ok()) {
+      failed = true;
+      return;
+    }
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * kBmCols, cols = std::min(kBmCols, d_out - j0);
+      decode_block(bm, off, words, d_out, j0, cols, idx.data(), kBmCols);
+      for (int64_t r = 0; r < s; ++r) {
+        value_t* outr = out + r * d_out + j0;
+        const int32_t* ir = idx.data() + r * kBmCols;
+        for (int64_t c = 0; c < cols; ++c) outr[c] = from_float<value_t>(dense_t[(j0 + c) * k + ir[c]]);
+      }
+    }
   });
+  return !failed;
 }
 
 }  // namespace
@@ -346,26 +374,28 @@ WK_API int wk_cpu_dict_bitmask_backward(const void* grad, const void* z, int z_d
   return !ok ? WK_BAD_DTYPE : memory ? WK_OK : WK_NO_MEMORY;
 }
 
-WK_API int wk_cpu_dict_bitmask_to_dense(const void* values, int value_dtype, const int32_t* bitmask,
-                                        const void* word_offsets, int offset_dtype, float* dense, int64_t k,
-                                        int64_t d_out, int threads) {
+WK_API int wk_cpu_dict_bitmask_to_dense_t(const void* values, int value_dtype, const int32_t* bitmask,
+                                          const void* word_offsets, int offset_dtype, float* dense_t, int64_t k,
+                                          int64_t s, int64_t d_out, int threads) {
+  bool memory = true;
   const bool ok = dispatch_values_offsets(value_dtype, offset_dtype, [&](auto vtag, auto otag) {
     using value_t = decltype(vtag);
     using offset_t = decltype(otag);
-    bitmask_to_dense(static_cast<const value_t*>(values), bitmask, static_cast<const offset_t*>(word_offsets), dense,
-                     k, d_out, threads);
+    memory = bitmask_to_dense_t(static_cast<const value_t*>(values), bitmask,
+                                static_cast<const offset_t*>(word_offsets), dense_t, k, s, d_out, threads);
   });
-  return ok ? WK_OK : WK_BAD_DTYPE;
+  return !ok ? WK_BAD_DTYPE : memory ? WK_OK : WK_NO_MEMORY;
 }
 
-WK_API int wk_cpu_dict_bitmask_gather_dense(const float* dense, const int32_t* bitmask, const void* word_offsets,
-                                            int offset_dtype, void* out, int out_dtype, int64_t k, int64_t d_out,
-                                            int threads) {
+WK_API int wk_cpu_dict_bitmask_gather_dense_t(const float* dense_t, const int32_t* bitmask, const void* word_offsets,
+                                              int offset_dtype, void* out, int out_dtype, int64_t k, int64_t s,
+                                              int64_t d_out, int threads) {
+  bool memory = true;
   const bool ok = dispatch_values_offsets(out_dtype, offset_dtype, [&](auto vtag, auto otag) {
     using value_t = decltype(vtag);
     using offset_t = decltype(otag);
-    bitmask_gather_dense(dense, bitmask, static_cast<const offset_t*>(word_offsets), static_cast<value_t*>(out), k,
-                         d_out, threads);
+    memory = bitmask_gather_dense_t(dense_t, bitmask, static_cast<const offset_t*>(word_offsets),
+                                    static_cast<value_t*>(out), k, s, d_out, threads);
   });
-  return ok ? WK_OK : WK_BAD_DTYPE;
+  return !ok ? WK_BAD_DTYPE : memory ? WK_OK : WK_NO_MEMORY;
 }
