@@ -2,9 +2,11 @@
 // (few tokens: z rows; many tokens: z^T) is chosen by the caller, weightkit/native.py, which also makes the
 // transposed copies.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "../weightkit.h"
+#include "dtypes.h"
 #include "parallel.h"
 
 namespace weightkit {
@@ -132,8 +134,7 @@ WK_API int wk_cpu_dict_gather_backward(const float* gp, const float* zp, const f
 // time (clear the lowest set bit, count trailing zeros for the atom), so only the used atoms are visited.
 //
 // Which kernel runs is chosen by the caller (weightkit/native.py): the direct kernels below for few tokens; for many,
-// S (or grad S) is decoded to / gathered from a dense fp32 matrix around torch's BLAS.
-#include "dtypes.h"
+// S^T is decoded to a dense fp32 matrix for torch's BLAS, and grad_values gathered from the dense grad S^T.
 
 namespace weightkit {
 namespace {
@@ -144,7 +145,7 @@ namespace {
 // row of idx) instead of forming one long dependent chain per column. Each output sums its column's terms in
 // ascending atom order.
 constexpr int64_t kBmRows = 8;     // forward: tokens per accumulator block
-constexpr int64_t kBmCols = 32;    // forward: columns per task
+constexpr int64_t kBmCols = 32;    // forward and the dense decode / gather: columns per task
 constexpr int64_t kBmGzCols = 128; // backward: columns per task, and per fp32 partial of grad_z
 
 // Calls f(offset_t{}) for a word_offsets dtype code; false for any other code.
@@ -198,7 +199,7 @@ template <typename z_t, typename value_t, typename offset_t>
 bool bitmask_forward(const z_t* zp, const value_t* vp, const int32_t* bm, const offset_t* off, z_t* yp, int64_t n,
                      int64_t k, int64_t s, int64_t d_out, int threads) {
   const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
-  bool failed = false;  // written only as true, read after the join
+  std::atomic<bool> failed{false};
   parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<int32_t> idx(s * kBmCols);
     if (!idx.ok()) {
@@ -237,7 +238,7 @@ bool bitmask_backward(const z_t* gp, const z_t* zp, const value_t* vp, const int
                       z_t* gzp, value_t* gvp, float* partials, int64_t n, int64_t k, int64_t s, int64_t d_out,
                       int threads) {
   const int64_t words = (k + 31) / 32, blocks = (d_out + kBmGzCols - 1) / kBmGzCols;
-  bool failed = false;
+  std::atomic<bool> failed{false};
   parallel_for(threads, 0, blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<int32_t> idx(s * kBmGzCols);
     Scratch<float> gv(s * kBmGzCols);
@@ -288,7 +289,7 @@ template <typename value_t, typename offset_t>
 bool bitmask_to_dense_t(const value_t* vp, const int32_t* bm, const offset_t* off, float* dense_t, int64_t k,
                         int64_t s, int64_t d_out, int threads) {
   const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
-  bool failed = false;
+  std::atomic<bool> failed{false};
   parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<int32_t> idx(s * kBmCols);
     if (!idx.ok()) {
@@ -313,7 +314,7 @@ template <typename value_t, typename offset_t>
 bool bitmask_gather_dense_t(const float* dense_t, const int32_t* bm, const offset_t* off, value_t* out, int64_t k,
                             int64_t s, int64_t d_out, int threads) {
   const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
-  bool failed = false;
+  std::atomic<bool> failed{false};
   parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<int32_t> idx(s * kBmCols);
     if (!idx.ok()) {
