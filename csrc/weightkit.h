@@ -86,8 +86,9 @@ WK_API int wk_cpu_dict_gather_backward(const float* grad, const float* z, const 
 // dict_bitmask_matmul): bitmask int32 (ceil(k/32) x d_out), values (s x d_out) of value_dtype, word_offsets
 // (ceil(k/32) x d_out) of offset_dtype (u8/i16/i32). z, grad, y and grad_z have z_dtype; grad_values value_dtype.
 // forward: y (n x d_out) = z (n x k) S; backward: grad_z = grad S^T and grad_values (both written whole;
-// deterministic, fp32 partials over fixed column blocks). to_dense_t: dense_t (d_out x k, fp32) = S^T; gather_dense_t:
-// out (s x d_out, out_dtype) = the entries of dense_t (d_out x k, fp32) at the nonzeros of S^T.
+// deterministic, fp32 partials over fixed column blocks). to_dense_t: dense_t ((c1 - c0) x k, fp32) = columns
+// [c0, c1) of S as rows (S^T's rows c0..c1-1); gather_dense_t: out[r, j] (s x d_out, out_dtype; columns [c0, c1)) =
+// dense_t[j - c0, the atom of the r-th nonzero of column j].
 WK_API int wk_cpu_dict_bitmask_forward(const void* z, int z_dtype, const void* values, int value_dtype,
                                        const int32_t* bitmask, const void* word_offsets, int offset_dtype, void* y,
                                        int64_t n, int64_t k, int64_t s, int64_t d_out, int threads);
@@ -97,10 +98,10 @@ WK_API int wk_cpu_dict_bitmask_backward(const void* grad, const void* z, int z_d
                                         int64_t s, int64_t d_out, int threads);
 WK_API int wk_cpu_dict_bitmask_to_dense_t(const void* values, int value_dtype, const int32_t* bitmask,
                                           const void* word_offsets, int offset_dtype, float* dense_t, int64_t k,
-                                          int64_t s, int64_t d_out, int threads);
+                                          int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads);
 WK_API int wk_cpu_dict_bitmask_gather_dense_t(const float* dense_t, const int32_t* bitmask, const void* word_offsets,
                                               int offset_dtype, void* out, int out_dtype, int64_t k, int64_t s,
-                                              int64_t d_out, int threads);
+                                              int64_t d_out, int64_t c0, int64_t c1, int threads);
 
 // ---- CUDA library (libweightkit_cuda.so, csrc/cuda/*.cu) ----------------------------------------------------------
 WK_API int wk_cuda_abi_version(void);

@@ -60,8 +60,8 @@ _CPU_SIGNATURES: Dict[str, tuple] = {
     "wk_cpu_dict_gather_backward": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I),
     "wk_cpu_dict_bitmask_forward": (_P, _I, _P, _I, _P, _P, _I, _P, _I64, _I64, _I64, _I64, _I),
     "wk_cpu_dict_bitmask_backward": (_P, _P, _I, _P, _I, _P, _P, _I, _P, _P, _I64, _I64, _I64, _I64, _I),
-    "wk_cpu_dict_bitmask_to_dense_t": (_P, _I, _P, _P, _I, _P, _I64, _I64, _I64, _I),
-    "wk_cpu_dict_bitmask_gather_dense_t": (_P, _P, _P, _I, _P, _I, _I64, _I64, _I64, _I),
+    "wk_cpu_dict_bitmask_to_dense_t": (_P, _I, _P, _P, _I, _P, _I64, _I64, _I64, _I64, _I64, _I),
+    "wk_cpu_dict_bitmask_gather_dense_t": (_P, _P, _P, _I, _P, _I, _I64, _I64, _I64, _I64, _I64, _I),
 }
 _CUDA_SIGNATURES: Dict[str, tuple] = {
     "wk_cuda_abi_version": (),
@@ -456,27 +456,46 @@ DICT_BITMASK_DIRECT_TOKENS = 4
 _OFFSET_CODES = {torch.uint8: 3, torch.int16: 4, torch.int32: 5}
 
 
-def _bitmask_dense_t(values: Tensor, bitmask: Tensor, offsets: Tensor, k: int) -> Tensor:
-    """S^T (d_out x k, fp32, dense)."""
+# The dense path decodes at most this many values of S^T at a time (16 MB of fp32), so a large layer's S never
+# exists whole in fp32.
+DICT_BITMASK_DENSE_BLOCK = 1 << 22
+
+
+def _bitmask_blocks(k: int, d_out: int):
+    step = max(1, min(d_out, DICT_BITMASK_DENSE_BLOCK // max(k, 1)))
+    return [(c0, min(d_out, c0 + step)) for c0 in range(0, d_out, step)], step
+
+
+def _bitmask_decode(buf: Tensor, values: Tensor, bitmask: Tensor, offsets: Tensor, c0: int, c1: int) -> Tensor:
+    """Columns [c0, c1) of S as the rows of buf[:c1 - c0] (fp32, dense), returned."""
     s, d_out = values.shape
-    dense_t = torch.empty((d_out, k), dtype=torch.float32)
+    k = buf.shape[1]
     _check(CPU.dict_bitmask_to_dense_t(values.data_ptr(), FLOAT_CODES[values.dtype], bitmask.data_ptr(),
-                                       offsets.data_ptr(), _OFFSET_CODES[offsets.dtype], dense_t.data_ptr(), k, s,
-                                       d_out, _threads()), "dict_bitmask_matmul")
-    return dense_t
+                                       offsets.data_ptr(), _OFFSET_CODES[offsets.dtype], buf.data_ptr(), k, s, d_out,
+                                       c0, c1, _threads()), "dict_bitmask_matmul")
+    return buf[:c1 - c0]
 
 
 def dict_bitmask_matmul(z: Tensor, values: Tensor, bitmask: Tensor, offsets: Tensor) -> Tensor:
     """CPU. z (n x k), values (s x d_out), bitmask and offsets (W x d_out), all contiguous: y = z S in z's dtype."""
     n, k = z.shape
-    d_out = values.shape[1]
+    s, d_out = values.shape
     if n > DICT_BITMASK_DIRECT_TOKENS:
-        y = torch.mm(z.to(torch.float32), _bitmask_dense_t(values, bitmask, offsets, k).t())
+        zf = z.to(torch.float32)
+        blocks, step = _bitmask_blocks(k, d_out)
+        buf = torch.empty((step, k), dtype=torch.float32)
+        if len(blocks) == 1:
+            y = torch.mm(zf, _bitmask_decode(buf, values, bitmask, offsets, 0, d_out).t())
+        else:  # Y^T block by block (contiguous row ranges that BLAS writes in place), one transpose at the end
+            yt = torch.empty((d_out, n), dtype=torch.float32)
+            for c0, c1 in blocks:
+                torch.mm(_bitmask_decode(buf, values, bitmask, offsets, c0, c1), zf.t(), out=yt[c0:c1])
+            y = yt.t().contiguous()
         return y if y.dtype == z.dtype else y.to(z.dtype)
     y = torch.empty((n, d_out), dtype=z.dtype)
     _check(CPU.dict_bitmask_forward(z.data_ptr(), FLOAT_CODES[z.dtype], values.data_ptr(), FLOAT_CODES[values.dtype],
                                     bitmask.data_ptr(), offsets.data_ptr(), _OFFSET_CODES[offsets.dtype], y.data_ptr(),
-                                    n, k, values.shape[0], d_out, _threads()), "dict_bitmask_matmul")
+                                    n, k, s, d_out, _threads()), "dict_bitmask_matmul")
     return y
 
 
@@ -484,15 +503,25 @@ def dict_bitmask_matmul_backward(grad: Tensor, z: Tensor, values: Tensor, bitmas
                                  offsets: Tensor) -> Tuple[Tensor, Tensor]:
     """CPU, all contiguous. (grad_z in z's dtype, grad_values in values' dtype); deterministic."""
     n, k = z.shape
+    s, d_out = values.shape
     if n > DICT_BITMASK_DIRECT_TOKENS:
-        gf = grad.to(torch.float32)
-        grad_z = torch.mm(gf, _bitmask_dense_t(values, bitmask, offsets, k))
-        grad_s_t = torch.mm(gf.t(), z.to(torch.float32))  # d_out x k
+        gf, zf = grad.to(torch.float32), z.to(torch.float32)
+        blocks, step = _bitmask_blocks(k, d_out)
+        buf = torch.empty((step, k), dtype=torch.float32)
+        grad_z = torch.zeros((n, k), dtype=torch.float32) if len(blocks) > 1 else None
         grad_values = torch.empty(values.shape, dtype=values.dtype)
-        _check(CPU.dict_bitmask_gather_dense_t(grad_s_t.data_ptr(), bitmask.data_ptr(), offsets.data_ptr(),
-                                               _OFFSET_CODES[offsets.dtype], grad_values.data_ptr(),
-                                               FLOAT_CODES[values.dtype], k, values.shape[0], values.shape[1],
-                                               _threads()), "dict_bitmask_matmul_backward")
+        for c0, c1 in blocks:  # grad_z: the blocks' products added in order (deterministic)
+            g_block = gf[:, c0:c1]
+            s_t = _bitmask_decode(buf, values, bitmask, offsets, c0, c1)
+            if grad_z is None:
+                grad_z = torch.mm(g_block, s_t)
+            else:
+                grad_z.addmm_(g_block, s_t)
+            grad_s_t = torch.mm(g_block.t(), zf, out=buf[:c1 - c0])  # columns [c0, c1) of grad S, as rows
+            _check(CPU.dict_bitmask_gather_dense_t(grad_s_t.data_ptr(), bitmask.data_ptr(), offsets.data_ptr(),
+                                                   _OFFSET_CODES[offsets.dtype], grad_values.data_ptr(),
+                                                   FLOAT_CODES[values.dtype], k, s, d_out, c0, c1, _threads()),
+                   "dict_bitmask_matmul_backward")
         return (grad_z if grad_z.dtype == z.dtype else grad_z.to(z.dtype)), grad_values
     zc, g = z, grad
     if grad.dtype != z.dtype:  # one dtype for both in the kernel: fp32, which holds either exactly
@@ -502,5 +531,5 @@ def dict_bitmask_matmul_backward(grad: Tensor, z: Tensor, values: Tensor, bitmas
     _check(CPU.dict_bitmask_backward(g.data_ptr(), zc.data_ptr(), FLOAT_CODES[zc.dtype], values.data_ptr(),
                                      FLOAT_CODES[values.dtype], bitmask.data_ptr(), offsets.data_ptr(),
                                      _OFFSET_CODES[offsets.dtype], grad_z.data_ptr(), grad_values.data_ptr(), n, k,
-                                     values.shape[0], values.shape[1], _threads()), "dict_bitmask_matmul_backward")
+                                     s, d_out, _threads()), "dict_bitmask_matmul_backward")
     return (grad_z if grad_z.dtype == z.dtype else grad_z.to(z.dtype)), grad_values

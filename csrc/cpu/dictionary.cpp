@@ -280,15 +280,16 @@ bool bitmask_backward(const z_t* gp, const z_t* zp, const value_t* vp, const int
   return true;
 }
 
-// S^T (d_out x k, fp32, dense) from the format, and its inverse on a dense matrix: out (s x d_out) = the entries of
-// dense (d_out x k) at S's nonzeros (grad S^T = grad^T z gathered into grad_values). The transposed layout makes a
+// Columns [c0, c1) of S as the rows of a dense fp32 matrix dense_t ((c1 - c0) x k, i.e. those columns of S^T), and the
+// inverse on a dense matrix: out[r, j] (s x d_out; columns [c0, c1) written) = dense_t[j - c0, a_r] (grad S^T =
+// grad^T z gathered into grad_values). The transposed layout makes a
 // column of S one contiguous row (S row-major would put a column's nonzeros on up to s different pages), and BLAS
 // takes the transposed view without a copy. Tasks: blocks of kBmCols columns decoded into idx, then values read
 // along their rows. Returns false when a scratch buffer could not be allocated.
 template <typename value_t, typename offset_t>
 bool bitmask_to_dense_t(const value_t* vp, const int32_t* bm, const offset_t* off, float* dense_t, int64_t k,
-                        int64_t s, int64_t d_out, int threads) {
-  const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
+                        int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads) {
+  const int64_t words = (k + 31) / 32, col_blocks = (c1 - c0 + kBmCols - 1) / kBmCols;
   std::atomic<bool> failed{false};
   parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<int32_t> idx(s * kBmCols);
@@ -297,13 +298,14 @@ bool bitmask_to_dense_t(const value_t* vp, const int32_t* bm, const offset_t* of
       return;
     }
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kBmCols, cols = std::min(kBmCols, d_out - j0);
+      const int64_t j0 = c0 + b * kBmCols, cols = std::min(kBmCols, c1 - j0);
+      float* dj = dense_t + (j0 - c0) * k;  // row j - c0 of dense_t is column j of S
       decode_block(bm, off, words, d_out, j0, cols, idx.data(), kBmCols);
-      for (int64_t i = j0 * k; i < (j0 + cols) * k; ++i) dense_t[i] = 0.f;
+      for (int64_t i = 0; i < cols * k; ++i) dj[i] = 0.f;
       for (int64_t r = 0; r < s; ++r) {
         const value_t* vr = vp + r * d_out + j0;
         const int32_t* ir = idx.data() + r * kBmCols;
-        for (int64_t c = 0; c < cols; ++c) dense_t[(j0 + c) * k + ir[c]] = static_cast<float>(vr[c]);
+        for (int64_t c = 0; c < cols; ++c) dj[c * k + ir[c]] = static_cast<float>(vr[c]);
       }
     }
   });
@@ -312,8 +314,8 @@ bool bitmask_to_dense_t(const value_t* vp, const int32_t* bm, const offset_t* of
 
 template <typename value_t, typename offset_t>
 bool bitmask_gather_dense_t(const float* dense_t, const int32_t* bm, const offset_t* off, value_t* out, int64_t k,
-                            int64_t s, int64_t d_out, int threads) {
-  const int64_t words = (k + 31) / 32, col_blocks = (d_out + kBmCols - 1) / kBmCols;
+                            int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads) {
+  const int64_t words = (k + 31) / 32, col_blocks = (c1 - c0 + kBmCols - 1) / kBmCols;
   std::atomic<bool> failed{false};
   parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<int32_t> idx(s * kBmCols);
@@ -322,12 +324,13 @@ bool bitmask_gather_dense_t(const float* dense_t, const int32_t* bm, const offse
       return;
     }
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kBmCols, cols = std::min(kBmCols, d_out - j0);
+      const int64_t j0 = c0 + b * kBmCols, cols = std::min(kBmCols, c1 - j0);
+      const float* dj = dense_t + (j0 - c0) * k;
       decode_block(bm, off, words, d_out, j0, cols, idx.data(), kBmCols);
       for (int64_t r = 0; r < s; ++r) {
         value_t* outr = out + r * d_out + j0;
         const int32_t* ir = idx.data() + r * kBmCols;
-        for (int64_t c = 0; c < cols; ++c) outr[c] = from_float<value_t>(dense_t[(j0 + c) * k + ir[c]]);
+        for (int64_t c = 0; c < cols; ++c) outr[c] = from_float<value_t>(dj[c * k + ir[c]]);
       }
     }
   });
@@ -377,26 +380,26 @@ WK_API int wk_cpu_dict_bitmask_backward(const void* grad, const void* z, int z_d
 
 WK_API int wk_cpu_dict_bitmask_to_dense_t(const void* values, int value_dtype, const int32_t* bitmask,
                                           const void* word_offsets, int offset_dtype, float* dense_t, int64_t k,
-                                          int64_t s, int64_t d_out, int threads) {
+                                          int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads) {
   bool memory = true;
   const bool ok = dispatch_values_offsets(value_dtype, offset_dtype, [&](auto vtag, auto otag) {
     using value_t = decltype(vtag);
     using offset_t = decltype(otag);
     memory = bitmask_to_dense_t(static_cast<const value_t*>(values), bitmask,
-                                static_cast<const offset_t*>(word_offsets), dense_t, k, s, d_out, threads);
+                                static_cast<const offset_t*>(word_offsets), dense_t, k, s, d_out, c0, c1, threads);
   });
   return !ok ? WK_BAD_DTYPE : memory ? WK_OK : WK_NO_MEMORY;
 }
 
 WK_API int wk_cpu_dict_bitmask_gather_dense_t(const float* dense_t, const int32_t* bitmask, const void* word_offsets,
                                               int offset_dtype, void* out, int out_dtype, int64_t k, int64_t s,
-                                              int64_t d_out, int threads) {
+                                              int64_t d_out, int64_t c0, int64_t c1, int threads) {
   bool memory = true;
   const bool ok = dispatch_values_offsets(out_dtype, offset_dtype, [&](auto vtag, auto otag) {
     using value_t = decltype(vtag);
     using offset_t = decltype(otag);
     memory = bitmask_gather_dense_t(dense_t, bitmask, static_cast<const offset_t*>(word_offsets),
-                                    static_cast<value_t*>(out), k, s, d_out, threads);
+                                    static_cast<value_t*>(out), k, s, d_out, c0, c1, threads);
   });
   return !ok ? WK_BAD_DTYPE : memory ? WK_OK : WK_NO_MEMORY;
 }

@@ -305,18 +305,22 @@ def test_bitmask_triton_tuned_path(monkeypatch, n):
 
 
 @pytest.mark.skipif(native.CPU is None, reason="CPU kernel library not loaded")
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "dense"])
+@pytest.mark.parametrize("path", ["direct", "dense", "dense_blocked"])
 @pytest.mark.parametrize("z_dtype,v_dtype,g_dtype", [
     (torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float16, torch.float16), (torch.float32, torch.bfloat16, torch.float16),
     (torch.bfloat16, torch.float32, torch.float32), (torch.float16, torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("offset_dtype", [None, torch.int16, torch.int32])
-def test_bitmask_cpu_kernels_both_paths(monkeypatch, direct, z_dtype, v_dtype, g_dtype, offset_dtype):
-    """The cpu backend's two paths (the bitmask read directly; S decoded to dense around BLAS) forced for the same
-    inputs: float64 agreement, output dtypes (y, grad_z: z's; grad_values: values'), every word_offsets dtype, mixed
-    dtypes, a k that is not a multiple of 32, more columns than one task block, and the same bits run to run."""
-    monkeypatch.setattr(native, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9 if direct else 0)
+def test_bitmask_cpu_kernels_both_paths(monkeypatch, path, z_dtype, v_dtype, g_dtype, offset_dtype):
+    """The cpu backend's paths (the bitmask read directly; S^T decoded to dense around BLAS, whole or 37 columns at a
+    time) forced for the same inputs: float64 agreement, output dtypes (y, grad_z: z's; grad_values: values'), every
+    word_offsets dtype, mixed dtypes, a k that is not a multiple of 32, more columns than one task block, and the same
+    bits run to run."""
     n, k, s, d_out = 11, 301, 120, 300
+    monkeypatch.setattr(native, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9 if path == "direct" else 0)
+    if path == "dense_blocked":
+        monkeypatch.setattr(native, "DICT_BITMASK_DENSE_BLOCK", 37 * k)
+        assert len(native._bitmask_blocks(k, d_out)[0]) == 9
     z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out)
     z, values = z.to(z_dtype), values.to(v_dtype)
     offsets = offsets if offset_dtype is None else offsets.to(offset_dtype)
