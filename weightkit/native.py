@@ -446,12 +446,13 @@ def dict_sparse_gather_backward(grad: Tensor, z: Tensor, values: Tensor, indices
 # Dictionary matmul, S in the bitmask format (weightkit/ops/dictionary.py), CPU only
 
 # Up to this many tokens the CPU kernels read the bitmask directly; beyond, S^T is decoded to a dense fp32 matrix
-# (d_out x k) once per call and torch's BLAS multiplies (backward: grad_z = grad S^T, and grad S^T = grad^T z gathered
-# at S's nonzeros). Measured at 1024 x 1024, k = 464, s = 232 (ratio 0.3), 2 threads, best of 7, 2026-11-26: forward
-# direct 0.15-0.17 / 0.24 / 0.27-0.29 / 0.37 ms at 1 / 4 / 5 / 8 tokens vs dense 0.21 / 0.25-0.26 / 0.26-0.29 /
-# 0.29-0.38 ms; backward direct 0.29 / 0.58-0.59 / 0.69-0.73 / 0.99-1.06 ms vs dense 0.53 / 0.62-0.67 / 0.64-0.69 /
-# 0.63-0.70 ms. Both paths cost about k d_out per call plus (direct) s d_out or (dense, BLAS) k d_out per token, so the
-# crossover (4 to 5 tokens) does not move with the layer's size at DictLinear's s ~ k / 2.
+# (d_out x k, in blocks of DICT_BITMASK_DENSE_BLOCK values) per call and torch's BLAS multiplies (backward: grad_z =
+# grad S^T, and grad S^T = grad^T z gathered at S's nonzeros). Measured at 1024 x 1024, k = 464, s = 232 (ratio 0.3),
+# 2 threads, best of 5, two runs on an idle 2-core VM, 2026-11-26 (ms at 1 / 2 / 3 / 4 / 5 / 8 tokens): forward direct
+# 0.20 / 0.23 / 0.26 / 0.30 / 0.32-0.34 / 0.40-0.41 vs dense 0.22 / 0.26 / 0.28-0.34 / 0.29-0.33 / 0.28-0.36 /
+# 0.29-0.34; backward direct 0.29 / 0.40 / 0.50-0.51 / 0.63 / 0.73-0.75 / 1.03-1.06 vs dense 0.48 / 0.56-0.58 /
+# 0.78-0.83 / 0.59-0.83 / 0.58-0.74 / 0.72-0.83. Both paths cost about k d_out per call, plus s d_out (direct) or
+# k d_out (BLAS) per token, so at DictLinear's s ~ k / 2 the crossover does not move with the layer's size.
 DICT_BITMASK_DIRECT_TOKENS = 4
 _OFFSET_CODES = {torch.uint8: 3, torch.int16: 4, torch.int32: 5}
 
