@@ -37,7 +37,8 @@ ABI_VERSION = 2  # WK_ABI_VERSION of csrc/weightkit.h
 # wk_dtype codes of csrc/weightkit.h
 FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INDEX_CODES = {torch.uint8: 3, torch.int16: 4, torch.int32: 5, torch.int64: 6}
-_STATUS = {1: "unsupported dtype", 2: "out of memory for its scratch buffer"}
+_STATUS = {1: "unsupported dtype", 2: "out of memory for its scratch buffer",
+           3: "malformed codes (with weightkit.debug_checks() the op's data check names the problem)"}
 
 _P, _I, _I64, _U64, _F, _D = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float,
                               ctypes.c_double)

@@ -360,3 +360,28 @@ def test_bitmask_cpu_results_do_not_depend_on_threads(monkeypatch):
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(native.CPU is None, reason="CPU kernel library not loaded")
+@pytest.mark.parametrize("tokens", [2, 9])  # the direct kernels and the dense path
+@pytest.mark.parametrize("corrupt", ["extra bit", "missing bit", "bit beyond k", "offsets"])
+def test_bitmask_cpu_kernels_refuse_malformed_codes(tokens, corrupt):
+    """Without debug checks the codes are not validated up front; the cpu kernels check what they decode (no read or
+    write out of bounds) and fail with a clear error instead."""
+    z, values, bitmask, offsets = bitmask_inputs(tokens, 40, 4, 9)
+    bitmask = bitmask.clone()
+    if corrupt == "extra bit":
+        unused = [a for a in range(40) if not unpack_bitmask(bitmask, 40)[a, 3] and a % 32 != 31]
+        bitmask[unused[0] // 32, 3] |= 1 << (unused[0] % 32)
+    elif corrupt == "missing bit":
+        bitmask[:, 3] = 0
+    elif corrupt == "bit beyond k":
+        bitmask[1, 3] |= 1 << 20  # atom 52
+    else:
+        offsets = torch.zeros_like(offsets)
+    g = torch.randn(tokens, 9)
+    with use_backend("cpu"):
+        for run in (lambda: dict_bitmask_matmul(z, values, bitmask, offsets),
+                    lambda: dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)):
+            with pytest.raises(RuntimeError, match="malformed codes"):
+                run()
