@@ -17,8 +17,8 @@
 // * tensors are contiguous, on the right device, of the dtype in the argument's name or given by a dtype code;
 // * sizes are element counts (int64_t), `threads` is torch.get_num_threads() (CPU kernels: how many threads the
 //   parallel loops may use; results never depend on it);
-// * CPU functions return WK_OK, WK_BAD_DTYPE for a dtype code they do not handle, or WK_NO_MEMORY when their
-//   scratch buffer cannot be allocated;
+// * CPU functions return WK_OK, WK_BAD_DTYPE for a dtype code they do not handle, WK_NO_MEMORY when their
+//   scratch buffer cannot be allocated, or (the dictionary bitmask kernels) WK_BAD_CODES for malformed codes;
 // * CUDA functions take the device index and the cudaStream_t of torch's current stream on that device and return
 //   a cudaError_t (0 = success) after the launches (asynchronous errors surface at the next synchronization).
 #pragma once
@@ -30,10 +30,10 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 1
+#define WK_ABI_VERSION 2
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
-enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2 };
+enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
 
 // ---- CPU library (libweightkit_cpu.so, csrc/cpu/*.cpp) ------------------------------------------------------------
 WK_API int wk_cpu_abi_version(void);
@@ -81,6 +81,28 @@ WK_API int wk_cpu_dict_gather_forward_t(const float* zt, const float* values, co
 WK_API int wk_cpu_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
                                        float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
                                        int threads);
+
+// Dictionary matmul with S (k x d_out, s nonzeros per column) in the bitmask format (spec: weightkit/ops/dictionary.py,
+// dict_bitmask_matmul): bitmask int32 (ceil(k/32) x d_out), values (s x d_out) of value_dtype, word_offsets
+// (ceil(k/32) x d_out) of offset_dtype (u8/i16/i32). z, grad, y and grad_z have z_dtype; grad_values value_dtype.
+// forward: y (n x d_out) = z (n x k) S; backward: grad_z = grad S^T and grad_values (both written whole;
+// deterministic, fp32 partials over fixed column blocks). All four return WK_BAD_CODES on a malformed bitmask /
+// word_offsets pair (their reads and writes stay in bounds: the codes are checked as they are decoded). to_dense_t: dense_t ((c1 - c0) x k, fp32) = columns
+// [c0, c1) of S as rows (S^T's rows c0..c1-1); gather_dense_t: out[r, j] (s x d_out, out_dtype; columns [c0, c1)) =
+// dense_t[j - c0, the atom of the r-th nonzero of column j].
+WK_API int wk_cpu_dict_bitmask_forward(const void* z, int z_dtype, const void* values, int value_dtype,
+                                       const int32_t* bitmask, const void* word_offsets, int offset_dtype, void* y,
+                                       int64_t n, int64_t k, int64_t s, int64_t d_out, int threads);
+WK_API int wk_cpu_dict_bitmask_backward(const void* grad, const void* z, int z_dtype, const void* values,
+                                        int value_dtype, const int32_t* bitmask, const void* word_offsets,
+                                        int offset_dtype, void* grad_z, void* grad_values, int64_t n, int64_t k,
+                                        int64_t s, int64_t d_out, int threads);
+WK_API int wk_cpu_dict_bitmask_to_dense_t(const void* values, int value_dtype, const int32_t* bitmask,
+                                          const void* word_offsets, int offset_dtype, float* dense_t, int64_t k,
+                                          int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads);
+WK_API int wk_cpu_dict_bitmask_gather_dense_t(const float* dense_t, const int32_t* bitmask, const void* word_offsets,
+                                              int offset_dtype, void* out, int out_dtype, int64_t k, int64_t s,
+                                              int64_t d_out, int64_t c0, int64_t c1, int threads);
 
 // ---- CUDA library (libweightkit_cuda.so, csrc/cuda/*.cu) ----------------------------------------------------------
 WK_API int wk_cuda_abi_version(void);

@@ -31,6 +31,9 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
     p4 = int4.quantize_int4(randn(96, 128), 64)
     k, s, d_out = 40, 3, 48
     idx = torch.randint(0, k, (s, d_out), generator=g)
+    bk, bs = 70, 20  # S in the bitmask format: the direct kernels (few tokens), the dense decode and gather (many)
+    bitmask, bvalues, offsets = dictionary.pack_bitmask(torch.rand(bk, d_out, generator=g).argsort(0)[:bs],
+                                                        randn(bs, d_out), bk)
     return {
         "sr_f32": (randn(33, 128), None, 64),
         "sr_bf16": (randn(33, 128, dtype=torch.bfloat16), None, 64),
@@ -52,6 +55,10 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
                         randn(5, 40, dtype=torch.bfloat16)),
         "dict_few_u8": (randn(3, k), randn(s, d_out), idx.to(torch.uint8), randn(3, d_out)),
         "dict_many_i16": (randn(17, k), randn(s, d_out), idx.to(torch.int16), randn(17, d_out)),
+        "bitmask_few_bf16": (randn(3, bk, dtype=torch.bfloat16), bvalues.to(torch.bfloat16), bitmask, offsets,
+                             randn(3, d_out, dtype=torch.bfloat16)),
+        "bitmask_many_f32": (randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, bk), bvalues, bitmask, offsets,
+                             randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, d_out)),
     }
 
 
@@ -87,6 +94,13 @@ def _dict(z, values, indices, grad):
     return y.detach(), gz, gv
 
 
+def _bitmask(z, values, bitmask, offsets, grad):
+    z, values = z.clone().requires_grad_(), values.clone().requires_grad_()
+    y = dictionary.dict_bitmask_matmul(z, values, bitmask, offsets)
+    gz, gv = torch.autograd.grad(y, (z, values), grad)
+    return y.detach(), gz, gv
+
+
 CASES: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {
     "sr_f32": _sr, "sr_bf16": _sr, "sr_f16": _sr,
     "sr_update": _sr_update,
@@ -100,6 +114,7 @@ CASES: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {
     "galore_left_f32": _galore, "galore_right_bf16": _galore,
     "memory_f32": _memory, "memory_bf16": _memory,
     "dict_few_u8": _dict, "dict_many_i16": _dict,
+    "bitmask_few_bf16": _bitmask, "bitmask_many_f32": _bitmask,
 }
 # Cases whose cpu kernels are specified to match the reference bit for bit (the rest differ from the reference by
 # rounding: different summation orders; they are compared across torch releases only).

@@ -232,3 +232,41 @@ def test_dict_sparse_gather_backends_match_float64(tokens, k, s, d_out, dtype, s
         CASES[f"dict_sparse_gather_backward/{name}"] += 1
         torch.testing.assert_close(z_.grad.double(), gz_ref.double(), **TOL[dtype], msg=lambda m: f"{name} z: {m}")
         torch.testing.assert_close(v_.grad.double(), gv_ref.double(), **TOL[dtype], msg=lambda m: f"{name} v: {m}")
+
+
+@SETTINGS
+@given(tokens=st.integers(1, 48), k=st.integers(1, 200), s_frac=st.floats(0.0, 1.0), d_out=st.integers(1, 300),
+       dtype=DTYPES, values_dtype=DTYPES, strided=st.booleans(), torch_seed=st.integers(0, 2**32 - 1))
+def test_dict_bitmask_matmul_backends_match_float64(tokens, k, s_frac, d_out, dtype, values_dtype, strided,
+                                                    torch_seed):
+    """Every backend of dict_bitmask_matmul (forward and both gradients) against a float64 evaluation; tokens span
+    the cpu backend's direct and dense paths, k words with and without a partial last word, s from 1 to k."""
+    torch.manual_seed(torch_seed)  # inputs are a function of the example: failures replay
+    s = max(1, round(s_frac * k))
+    indices = torch.rand(k, d_out).argsort(0)[:s]
+    bitmask, values, offsets = dictionary.pack_bitmask(indices, torch.randn(s, d_out), k)
+    values = _maybe_transposed(values.to(values_dtype), strided)
+    z = _maybe_transposed(torch.randn(tokens, k).to(dtype), strided)
+    g = torch.randn(tokens, d_out).to(dtype)
+    z64 = z.double().requires_grad_(True)
+    v64 = values.double().requires_grad_(True)
+    dense64 = torch.zeros(k, d_out, dtype=torch.float64).scatter(0, indices.sort(0).values, v64)
+    y64 = z64 @ dense64
+    gz64, gv64 = torch.autograd.grad(y64, (z64, v64), g.double())
+    # fp32 accumulation over k (forward, grad_values over tokens) or d_out (grad_z) terms, then rounding to the dtype
+    tol = max(TOL[dtype]["rtol"], TOL[values_dtype]["rtol"])
+    CASES["dict_bitmask_matmul"] += 1
+    for name in usable_backends(dictionary._BM_FWD, "cpu"):
+        with use_backend(name):
+            z_ = z.detach().clone().requires_grad_(True)
+            v_ = values.detach().clone().requires_grad_(True)
+            y = dictionary.dict_bitmask_matmul(z_, v_, bitmask, offsets)
+            y.backward(g)
+        CASES[f"dict_bitmask_matmul/{name}"] += 1
+        assert y.dtype == z_.grad.dtype == dtype and v_.grad.dtype == values_dtype, name
+        torch.testing.assert_close(y.double(), y64.detach(), rtol=tol, atol=tol * (1 + s ** 0.5),
+                                   msg=lambda m: f"{name} y: {m}")
+        torch.testing.assert_close(z_.grad.double(), gz64, rtol=tol, atol=tol * (1 + d_out ** 0.5),
+                                   msg=lambda m: f"{name} grad z: {m}")
+        torch.testing.assert_close(v_.grad.double(), gv64, rtol=tol, atol=tol * (1 + tokens ** 0.5),
+                                   msg=lambda m: f"{name} grad values: {m}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from weightkit import debug_checks
+from weightkit import debug_checks, native
 
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
@@ -197,6 +197,8 @@ def test_bitmask_backends_match_float64(device, dtype, n, k, s, d_out):
     gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
     fwd, bwd = usable_backends(dict_ops._BM_FWD, device), usable_backends(dict_ops._BM_BWD, device)
     assert "triton" in fwd and "triton" in bwd, (fwd, bwd)
+    if device == "cpu" and native.CPU is not None:
+        assert "cpu" in fwd and "cpu" in bwd, (fwd, bwd)
     # tolerances scale with the length of the sums (k for y and grad_values' n, d_out for grad_z)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for name in fwd:
@@ -300,3 +302,86 @@ def test_bitmask_triton_tuned_path(monkeypatch, n):
     torch.testing.assert_close(y.double(), bitmask_ref64(z, values, bitmask), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gz.double(), gz64, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gv.double(), gv64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(native.CPU is None, reason="CPU kernel library not loaded")
+@pytest.mark.parametrize("path", ["direct", "dense", "dense_blocked"])
+@pytest.mark.parametrize("z_dtype,v_dtype,g_dtype", [
+    (torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16, torch.float16), (torch.float32, torch.bfloat16, torch.float16),
+    (torch.bfloat16, torch.float32, torch.float32), (torch.float16, torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("offset_dtype", [None, torch.int16, torch.int32])
+def test_bitmask_cpu_kernels_both_paths(monkeypatch, path, z_dtype, v_dtype, g_dtype, offset_dtype):
+    """The cpu backend's paths (the bitmask read directly; S^T decoded to dense around BLAS, whole or 37 columns at a
+    time) forced for the same inputs: float64 agreement, output dtypes (y, grad_z: z's; grad_values: values'), every
+    word_offsets dtype, mixed dtypes, a k that is not a multiple of 32, more columns than one task block, and the same
+    bits run to run."""
+    n, k, s, d_out = 11, 301, 120, 300
+    monkeypatch.setattr(native, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9 if path == "direct" else 0)
+    if path == "dense_blocked":
+        monkeypatch.setattr(native, "DICT_BITMASK_DENSE_BLOCK", 37 * k)
+        assert len(native._bitmask_blocks(k, d_out)[0]) == 9
+    z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out)
+    z, values = z.to(z_dtype), values.to(v_dtype)
+    offsets = offsets if offset_dtype is None else offsets.to(offset_dtype)
+    g = torch.randn(n, d_out).to(g_dtype)
+    y64 = bitmask_ref64(z, values, bitmask)
+    gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
+    with use_backend("cpu"):
+        y = dict_bitmask_matmul(z, values, bitmask, offsets)
+        gz, gv = dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)
+        again = (dict_bitmask_matmul(z, values, bitmask, offsets),) + tuple(dict_ops._bm_bwd_op(g, z, values, bitmask,
+                                                                                                 offsets))
+    assert (y.dtype, gz.dtype, gv.dtype) == (z_dtype, z_dtype, v_dtype)
+    for got, repeat in zip((y, gz, gv), again):
+        assert torch.equal(got, repeat)
+    tol = max({torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[t] for t in (z_dtype, v_dtype, g_dtype))
+    torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol * k ** 0.5)
+    torch.testing.assert_close(gz.double(), gz64, rtol=tol, atol=tol * d_out ** 0.5)
+    torch.testing.assert_close(gv.double(), gv64, rtol=tol, atol=tol * n ** 0.5)
+
+
+@pytest.mark.skipif(native.CPU is None, reason="CPU kernel library not loaded")
+def test_bitmask_cpu_results_do_not_depend_on_threads(monkeypatch):
+    """The direct kernels (forced here for 5 tokens) give the same bits on 1 and 3 threads: each output's sum has a
+    fixed order (grad_z: fixed column blocks' partials added in order), whatever the split."""
+    monkeypatch.setattr(native, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9)
+    z, values, bitmask, offsets = bitmask_inputs(5, 200, 80, 700)
+    g = torch.randn(5, 700)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            with use_backend("cpu"):
+                outs.append((dict_bitmask_matmul(z, values, bitmask, offsets),)
+                            + tuple(dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(native.CPU is None, reason="CPU kernel library not loaded")
+@pytest.mark.parametrize("tokens", [2, 9])  # the direct kernels and the dense path
+@pytest.mark.parametrize("corrupt", ["extra bit", "missing bit", "bit beyond k", "offsets"])
+def test_bitmask_cpu_kernels_refuse_malformed_codes(tokens, corrupt):
+    """Without debug checks the codes are not validated up front; the cpu kernels check what they decode (no read or
+    write out of bounds) and fail with a clear error instead."""
+    z, values, bitmask, offsets = bitmask_inputs(tokens, 40, 4, 9)
+    bitmask = bitmask.clone()
+    if corrupt == "extra bit":
+        unused = [a for a in range(40) if not unpack_bitmask(bitmask, 40)[a, 3] and a % 32 != 31]
+        bitmask[unused[0] // 32, 3] |= 1 << (unused[0] % 32)
+    elif corrupt == "missing bit":
+        bitmask[:, 3] = 0
+    elif corrupt == "bit beyond k":
+        bitmask[1, 3] |= 1 << 20  # atom 52
+    else:
+        offsets = torch.zeros_like(offsets)
+    g = torch.randn(tokens, 9)
+    with use_backend("cpu"):
+        for run in (lambda: dict_bitmask_matmul(z, values, bitmask, offsets),
+                    lambda: dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)):
+            with pytest.raises(RuntimeError, match="malformed codes"):
+                run()

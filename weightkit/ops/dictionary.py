@@ -4,8 +4,9 @@ A weight with nn.Linear's convention y = x W^T is stored as W^T (d_in x d_out) =
 (k x d_out) with exactly s nonzeros per column. With Z = x D (a dense matmul, tokens x k), two ops apply S:
 
 * ``dict_bitmask_matmul`` (what DictLinear uses): S in CoSpaDi's bitmask format (a bit per atom and column, the
-  nonzeros in atom order, per-word offsets); see the section comment before it. Backends: reference and triton (no
-  compiled cpu/cuda kernel yet: on CPU tensors it runs the reference).
+  nonzeros in atom order, per-word offsets); see the section comment before it. Backends: reference, cpu (C kernels
+  reading the bitmask directly up to a few tokens, S^T decoded to dense around torch's BLAS beyond; see
+  weightkit.native.DICT_BITMASK_DIRECT_TOKENS) and triton (no cuda kernel yet: CUDA tensors run Triton).
 * ``dict_sparse_gather``: S kept as ELL ``values`` (s x d_out) and ``indices`` (s x d_out; uint8 when k <= 256,
   int16 when k <= 32768):
 
@@ -337,6 +338,18 @@ def dict_bitmask_matmul_backward_reference(grad: Tensor, z: Tensor, values: Tens
     return grad_z.to(z.dtype), grad_values.to(values.dtype)
 
 
+@_BM_FWD.register("cpu")
+def _bm_fwd_cpu(z, values, bitmask, word_offsets):
+    return native.dict_bitmask_matmul(z.contiguous(), values.contiguous(), bitmask.contiguous(),
+                                      word_offsets.contiguous())
+
+
+@_BM_BWD.register("cpu")
+def _bm_bwd_cpu(grad, z, values, bitmask, word_offsets):
+    return native.dict_bitmask_matmul_backward(grad.contiguous(), z.contiguous(), values.contiguous(),
+                                               bitmask.contiguous(), word_offsets.contiguous())
+
+
 @_BM_FWD.register("triton")
 def _bm_fwd_triton(z, values, bitmask, word_offsets):
     from ..kernels.dictionary import dict_bitmask_matmul_triton
@@ -387,6 +400,6 @@ def _check_bitmask_grad(grad: Tensor, z: Tensor, values: Tensor, bitmask: Tensor
 def dict_bitmask_matmul(z: Tensor, values: Tensor, bitmask: Tensor, word_offsets: Tensor) -> Tensor:
     """``y = z S`` with S (k x d_out) in the bitmask format (see the section comment above: k = z.shape[1], s =
     values.shape[0]); differentiable in z and values, the bitmask is frozen. Backends: ``reference`` (the spec,
-    plain torch) and ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1; auto's choice on CUDA). There is no
-    compiled cpu/cuda kernel yet: on CPU tensors auto runs the reference."""
+    plain torch), ``cpu`` (the compiled CPU kernels: auto's choice on CPU) and ``triton`` (CUDA, or CPU under
+    TRITON_INTERPRET=1; auto's choice on CUDA, which has no compiled kernel for this op yet)."""
     return _bm_fwd_op(z, values, bitmask, word_offsets)
