@@ -11,11 +11,11 @@
 # train.log; tests.xml too with JUNIT=1); benchmark JSON also to bench/results/<gpu>-<date>-<suite>.json.
 # DIR/summary.txt is the short version. Missing bitsandbytes / galore-torch / q-galore-torch (no network on the GPU machines) are taken
 # from ./.gpu-site when it exists (../shared/device/site-packages.sh .gpu-site makes it).
-# Budgets (seconds, env): TEST_BUDGET=140 REPORT_BUDGET=140 BENCH_BUDGET=60 TRAIN_BUDGET=100. STAGES picks stages
+# Budgets (seconds, env): TEST_BUDGET=140 REPORT_BUDGET=140 BENCH_BUDGET=60 TRAIN_BUDGET=130. STAGES picks stages
 # (default build,info,test,report,train; add bench for the pytest-benchmark suites). REPORT_ARGS (default: per-section
-# budgets), TRAIN_ARGS (default: the 350m model, 10 steps, five methods, randomized SVD, staggered refreshes), QUANT_PEERS (default 0 here: the
+# budgets), TRAIN_ARGS (default: the 350m model, 10 steps, six methods, randomized SVD, staggered refreshes), QUANT_PEERS (default 0 here: the
 # bitsandbytes/tinygemm rows were measured on 2026-11-26; QUANT_PEERS=1 adds them). The defaults are the call that
-# fits one device call: about 420 s on an H200 (build 40, tests 110-140, report 140, train 100); give it timeout_s 500.
+# fits one device call: about 450 s on an H200 (build 40, tests 110-140, report 140, train 130); give it timeout_s 520.
 # WHEEL=dist/weightkit-...-manylinux_*.whl takes the kernel libraries from that wheel instead of building them here
 # (checks that one build's CUDA library runs under this machine's torch; carry dist/ with the call).
 # Exit status: non-zero if the build or any test failed.
@@ -27,7 +27,7 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 STAGES=${STAGES:-build,info,test,report,train}
 export QUANT_PEERS=${QUANT_PEERS:-0}
 REPORT_ARGS=${REPORT_ARGS:---section-budget ceilings=8,host=12,kernels=30,quant=45,memoryformer=20,dictionary=12,galore=15}
-TRAIN_ARGS=${TRAIN_ARGS:---model-size 350m --steps 10 --svd randomized --stagger-refresh --methods adamw,galore,galore-layerwise,galore-torch,qgalore --eval-every 5}
+TRAIN_ARGS=${TRAIN_ARGS:---model-size 350m --steps 10 --svd randomized --stagger-refresh --methods adamw,galore,galore-layerwise,galore-torch,qgalore,qgalore-layerwise --eval-every 5}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ -d .gpu-site ]; then export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"; fi
@@ -104,9 +104,9 @@ if has bench; then
 fi
 
 if has train; then
-  stamp "train: budget ${TRAIN_BUDGET:-100}s: ${TRAIN_ARGS:-}"
+  stamp "train: budget ${TRAIN_BUDGET:-130}s: ${TRAIN_ARGS:-}"
   mkdir -p "$OUT_DIR/train"
-  timeout --kill-after=15 "${TRAIN_BUDGET:-100}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR/train" \
+  timeout --kill-after=15 "${TRAIN_BUDGET:-130}" $PY -m weightkit train --device cuda --out-dir "$OUT_DIR/train" \
     ${TRAIN_ARGS:-} >"$OUT_DIR/train.log" 2>&1
   stamp "train exit $?"
   tail -25 "$OUT_DIR/train.log" | tee -a "$OUT_DIR/summary.txt"

@@ -69,6 +69,27 @@ def test_galore_three_ways_train_alike():
     assert runs["galore-layerwise"].optimizer_impl.startswith("LayerwiseGaLore of weightkit.optim")
 
 
+def test_qgalore_layerwise_steps_int8_weights_in_backward():
+    """Q-GaLore layer-wise: each Int8Linear weight is updated from its float-grad hook during backward and its
+    float gradient freed there; nothing is left for a step() call, and the model learns."""
+    from weightkit.nn import Int8Linear
+
+    cfg = train.TrainConfig(**dict(TINY, steps=3)).resolve()
+    model = train.prepare_model("qgalore-layerwise", cfg)
+    opt = train.build_optimizer("qgalore-layerwise", model, cfg)
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert int8 and all(any(p is m.weight for p in opt.params) for m in int8)
+    before = [m.weight.detach().clone() for m in int8]
+    x = torch.randint(0, 256, (2, 16))
+    model(x, x).backward()
+    assert all(m.weight.float_grad is None for m in int8)  # consumed in the hooks
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    assert sum(not torch.equal(b, m.weight) for b, m in zip(before, int8)) > 0
+    r = train.run("qgalore-layerwise", train.TrainConfig(**TINY), progress=False)
+    unigram_nats = unigram_entropy_bits(byte_corpus()[0]) * math.log(2)
+    assert r.val_loss < unigram_nats and r.optimizer_impl.startswith("LayerwiseGaLore of weightkit.optim")
+
+
 def test_layerwise_schedule_sets_every_parameter_rate():
     cfg = train.TrainConfig(**dict(TINY, steps=10, warmup=0.2)).resolve()
     model = train.prepare_model("galore-layerwise", cfg)

@@ -30,10 +30,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-METHODS = ("adamw", "galore", "galore-layerwise", "qgalore", "galore-torch")
+METHODS = ("adamw", "galore", "galore-layerwise", "qgalore", "qgalore-layerwise", "galore-torch")
 DEFAULT_METHODS = ("adamw", "galore", "qgalore")  # what a plain `weightkit train` compares
 # * galore-layerwise: weightkit.optim.LayerwiseGaLore (GaLoreAdamW per parameter, stepped in backward, each gradient
 #   freed in its hook): the memory the GaLore paper reports for its 7B run comes from this mode.
+# * qgalore-layerwise: the same for Q-GaLore: QGaLoreAdamW8bit per parameter, each Int8Linear weight stepped from
+#   its float-grad hook (weightkit.nn.Int8Weight.register_float_grad_hook) and its float gradient freed there.
 # * galore-torch: the reference implementation (pip galore-torch, GaLoreAdamW), the same groups, rank, gap and scale:
 #   the peer of the GaLore-step issue's end-to-end table.
 SIZES = ("tiny", "60m", "130m", "350m")
@@ -57,12 +59,14 @@ LR_TABLE: Dict[str, Dict[str, float]] = {
     "qgalore": {"tiny": 1.5e-2, "60m": 1.5e-2, "130m": 1.5e-2, "350m": 1e-2},
 }
 LR_TABLE["galore-layerwise"] = LR_TABLE["galore-torch"] = LR_TABLE["galore"]
+LR_TABLE["qgalore-layerwise"] = LR_TABLE["qgalore"]
 LR_SOURCES = {
     "adamw": "full-rank AdamW baseline of GaLore's pretraining code (arXiv 2403.03507) at 60M-350M",
     "galore": "GaLore paper (arXiv 2403.03507): lr 0.01, scale 0.25, all sizes",
     "qgalore": "Q-GaLore (arXiv 2407.08296) pretrain_c4 scripts: 0.015 at 60M/130M, 0.01 at 350M, scale 0.25",
 }
 LR_SOURCES["galore-layerwise"] = LR_SOURCES["galore-torch"] = LR_SOURCES["galore"]
+LR_SOURCES["qgalore-layerwise"] = LR_SOURCES["qgalore"]
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # --lr-sweep without explicit rates: the default rate and 3x either side
 
 # Training defaults per model size: GaLore rank and refresh gap (the papers' 128 at 60M, 256 at 130M/350M, gap 200;
@@ -351,6 +355,11 @@ def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig, lr: Optiona
         from weightkit.optim import QGaLoreAdamW8bit
 
         return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=cfg.weight_decay, svd=cfg.svd)  # lazy refresh: no stagger
+    if method == "qgalore-layerwise":
+        from weightkit.optim import LayerwiseGaLore, QGaLoreAdamW8bit
+
+        return LayerwiseGaLore(groups, optimizer_cls=QGaLoreAdamW8bit, lr=lr, weight_decay=cfg.weight_decay,
+                               svd=cfg.svd)
     raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -386,7 +395,7 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
     with torch.device(device or "cpu"):  # on CUDA: initialized there, no 300M-parameter init on the host
         model = TinyLlama(cfg.model_config())
     model.gradient_checkpointing = cfg.checkpointing
-    if method == "qgalore":
+    if method in ("qgalore", "qgalore-layerwise"):
         from weightkit import swap
 
         def block_linear(name, m):
@@ -514,7 +523,7 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
         torch.cuda.reset_peak_memory_stats(device)
     opt = build_optimizer(method, model, cfg, lr)
     sched = make_scheduler(opt, cfg)
-    layerwise = method == "galore-layerwise"  # updates inside backward: no step() call
+    layerwise = method in ("galore-layerwise", "qgalore-layerwise")  # updates inside backward: no step() call
     impl = type(opt.optimizers[0] if layerwise and opt.optimizers else opt)
     fused = " (fused=True)" if method == "adamw" and opt.defaults.get("fused") else ""
     gen = torch.Generator().manual_seed(cfg.seed)

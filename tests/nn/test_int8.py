@@ -221,3 +221,20 @@ def test_inference_compiles():
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert torch.equal(torch.compile(layer)(x), layer(x))
+
+
+def test_float_grad_hook_runs_after_each_backward_and_can_be_removed():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(32, 8), group_size=16)
+    seen = []
+    handle = layer.weight.register_float_grad_hook(lambda w: seen.append(w.float_grad.clone()))
+    x = torch.randn(4, 32)
+    layer(x).sum().backward()
+    assert len(seen) == 1 and torch.equal(seen[0], layer.weight.float_grad)
+    layer(x).sum().backward()  # accumulates: the hook sees the running sum
+    assert len(seen) == 2 and torch.allclose(seen[1], 2 * seen[0])
+    handle.remove()
+    layer(x).sum().backward()
+    assert len(seen) == 2
+    with pytest.raises(TypeError, match="hook must be callable"):
+        layer.weight.register_float_grad_hook(3)

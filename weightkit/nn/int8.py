@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Dict, Optional
+from collections import OrderedDict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..ops.int8 import absmax_scale, dequantize_int8, int8_matmul
 
@@ -46,6 +48,11 @@ class Int8Weight(nn.Parameter):
       ``QGaLoreAdamW8bit`` consumes;
     * ``int8_owner``: a weak reference to the owning layer (None for a weight outside a layer).
 
+    :meth:`register_float_grad_hook` is the int8 counterpart of ``register_post_accumulate_grad_hook``: the hook
+    runs after each backward pass has added its gradient to ``float_grad`` (``LayerwiseGaLore`` steps Q-GaLore's
+    per-parameter optimizers from it). It runs once per call of the layer in the forward: a layer called twice
+    in one forward fires it twice.
+
     A state dict holds the plain int8 tensor (``weight``) next to ``scale``, as before this type existed; the layer
     re-attaches the attributes after ``load_state_dict`` and ``.to()``. ``copy.deepcopy`` and pickling keep the type
     and its attributes (a deep copy of the layer shares one new scale tensor between weight and buffer).
@@ -68,6 +75,22 @@ class Int8Weight(nn.Parameter):
         self.group_size = group_size
         self.float_grad: Optional[Tensor] = None
         self.int8_owner: Optional[weakref.ref] = None
+        self._float_grad_hooks: Dict[int, Callable[["Int8Weight"], None]] = OrderedDict()  # weakref-able
+
+    def register_float_grad_hook(self, hook: Callable[["Int8Weight"], None]) -> RemovableHandle:
+        """Run ``hook(weight)`` after backward has accumulated a gradient into ``float_grad``; returns a handle
+        whose ``remove()`` unregisters it."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        if not hasattr(self, "_float_grad_hooks"):  # a weight rebuilt by torch internals without __init__
+            self._float_grad_hooks = OrderedDict()
+        handle = RemovableHandle(self._float_grad_hooks)
+        self._float_grad_hooks[handle.id] = hook
+        return handle
+
+    def _run_float_grad_hooks(self) -> None:
+        for hook in list(getattr(self, "_float_grad_hooks", {}).values()):
+            hook(self)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -117,6 +140,8 @@ class _Int8LinearFunction(torch.autograd.Function):
                 weight.float_grad = g_w.to(torch.float32)
             else:
                 weight.float_grad.add_(g_w)
+            if isinstance(weight, Int8Weight):
+                weight._run_float_grad_hooks()
         return grad_x, None, None, None, None, None
 
 
