@@ -11,7 +11,6 @@ import collections
 import json
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
