@@ -202,43 +202,58 @@ inline bool decode_block(const int32_t* bm, const offset_t* off, int64_t k, int6
   return true;
 }
 
+// The loop every bitmask kernel runs: the columns [c0, c1) in blocks of `block`, blocks spread over the threads; each
+// task gets its own scratch, `idx` (s x block) and `work` (`work_floats` fp32 values for the body's own use), and
+// body(b, j0, cols, idx, work) runs for block b (columns j0 .. j0 + cols) once its atoms are decoded into idx
+// (stride `block`). Returns a wk_status: WK_NO_MEMORY if a task's scratch could not be allocated, WK_BAD_CODES on
+// malformed codes (the task stops at that block).
+template <typename offset_t, typename Body>
+int for_each_column_block(const int32_t* bm, const offset_t* off, int64_t k, int64_t s, int64_t d_out, int64_t c0,
+                          int64_t c1, int64_t block, int64_t work_floats, int threads, Body&& body) {
+  const int64_t blocks = (c1 - c0 + block - 1) / block;
+  std::atomic<int> status{WK_OK};
+  parallel_for(threads, 0, blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<int32_t> idx(s * block);
+    Scratch<float> work(work_floats);
+    if (!idx.ok() || !work.ok()) {
+      status = WK_NO_MEMORY;
+      return;
+    }
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = c0 + b * block, cols = std::min(block, c1 - j0);
+      if (!decode_block(bm, off, k, s, d_out, j0, cols, idx.data(), block)) {
+        status = WK_BAD_CODES;
+        return;
+      }
+      body(b, j0, cols, static_cast<const int32_t*>(idx.data()), work.data());
+    }
+  });
+  return status;
+}
+
 // y (n x d_out, z's dtype) = z (n x k) S, fp32 accumulation. Tasks: blocks of kBmCols columns (decoded once, then
 // kBmRows tokens at a time). Return a wk_status.
 template <typename z_t, typename value_t, typename offset_t>
 int bitmask_forward(const z_t* zp, const value_t* vp, const int32_t* bm, const offset_t* off, z_t* yp, int64_t n,
                     int64_t k, int64_t s, int64_t d_out, int threads) {
-  const int64_t col_blocks = (d_out + kBmCols - 1) / kBmCols;
-  std::atomic<int> status{WK_OK};
-  parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<int32_t> idx(s * kBmCols);
-    if (!idx.ok()) {
-      status = WK_NO_MEMORY;
-      return;
-    }
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kBmCols, cols = std::min(kBmCols, d_out - j0);
-      if (!decode_block(bm, off, k, s, d_out, j0, cols, idx.data(), kBmCols)) {
-        status = WK_BAD_CODES;
-        return;
-      }
-      for (int64_t r0 = 0; r0 < n; r0 += kBmRows) {
-        const int64_t rows = std::min(kBmRows, n - r0);
-        float acc[kBmRows][kBmCols] = {};
-        for (int64_t r = 0; r < s; ++r) {
-          const value_t* vr = vp + r * d_out + j0;
-          const int32_t* ir = idx.data() + r * kBmCols;
-          for (int64_t m = 0; m < rows; ++m) {
-            const z_t* zm = zp + (r0 + m) * k;
-            float* am = acc[m];
-            for (int64_t c = 0; c < cols; ++c) am[c] += static_cast<float>(vr[c]) * static_cast<float>(zm[ir[c]]);
-          }
+  return for_each_column_block(bm, off, k, s, d_out, 0, d_out, kBmCols, 0, threads,
+                               [&](int64_t, int64_t j0, int64_t cols, const int32_t* idx, float*) {
+    for (int64_t r0 = 0; r0 < n; r0 += kBmRows) {
+      const int64_t rows = std::min(kBmRows, n - r0);
+      float acc[kBmRows][kBmCols] = {};
+      for (int64_t r = 0; r < s; ++r) {
+        const value_t* vr = vp + r * d_out + j0;
+        const int32_t* ir = idx + r * kBmCols;
+        for (int64_t m = 0; m < rows; ++m) {
+          const z_t* zm = zp + (r0 + m) * k;
+          float* am = acc[m];
+          for (int64_t c = 0; c < cols; ++c) am[c] += static_cast<float>(vr[c]) * static_cast<float>(zm[ir[c]]);
         }
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t c = 0; c < cols; ++c) yp[(r0 + m) * d_out + j0 + c] = from_float<z_t>(acc[m][c]);
       }
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t c = 0; c < cols; ++c) yp[(r0 + m) * d_out + j0 + c] = from_float<z_t>(acc[m][c]);
     }
   });
-  return status;
 }
 
 // grad_z = grad S^T (n x k) and grad_values[r, j] = <z[:, a_r], grad[:, j]>. Tasks: blocks of kBmGzCols columns.
@@ -250,40 +265,30 @@ int bitmask_backward(const z_t* gp, const z_t* zp, const value_t* vp, const int3
                      z_t* gzp, value_t* gvp, float* partials, int64_t n, int64_t k, int64_t s, int64_t d_out,
                      int threads) {
   const int64_t blocks = (d_out + kBmGzCols - 1) / kBmGzCols;
-  std::atomic<int> status{WK_OK};
-  parallel_for(threads, 0, blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<int32_t> idx(s * kBmGzCols);
-    Scratch<float> gv(s * kBmGzCols);
-    Scratch<float> g(kBmGzCols);
-    if (!idx.ok() || !gv.ok() || !g.ok()) {
-      status = WK_NO_MEMORY;
-      return;
-    }
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kBmGzCols, cols = std::min(kBmGzCols, d_out - j0);
-      if (!decode_block(bm, off, k, s, d_out, j0, cols, idx.data(), kBmGzCols)) {
-        status = WK_BAD_CODES;
-        return;
-      }
-      float* part = partials + b * n * k;
-      for (int64_t i = 0; i < n * k; ++i) part[i] = 0.f;
-      for (int64_t i = 0; i < s * kBmGzCols; ++i) gv[i] = 0.f;
-      for (int64_t m = 0; m < n; ++m) {
-        const z_t* zm = zp + m * k;
-        float* pm = part + m * k;
-        for (int64_t c = 0; c < cols; ++c) g[c] = static_cast<float>(gp[m * d_out + j0 + c]);
-        for (int64_t r = 0; r < s; ++r) {
-          const value_t* vr = vp + r * d_out + j0;
-          const int32_t* ir = idx.data() + r * kBmGzCols;
-          float* gvr = gv.data() + r * kBmGzCols;
-          for (int64_t c = 0; c < cols; ++c) gvr[c] += static_cast<float>(zm[ir[c]]) * g[c];
-          for (int64_t c = 0; c < cols; ++c) pm[ir[c]] += static_cast<float>(vr[c]) * g[c];
+  // work per task: gv (s x kBmGzCols, the block's grad_values in fp32), then g (kBmGzCols, one token's grad)
+  const int status = for_each_column_block(
+      bm, off, k, s, d_out, 0, d_out, kBmGzCols, (s + 1) * kBmGzCols, threads,
+      [&](int64_t b, int64_t j0, int64_t cols, const int32_t* idx, float* work) {
+        float* gv = work;
+        float* g = work + s * kBmGzCols;
+        float* part = partials + b * n * k;
+        for (int64_t i = 0; i < n * k; ++i) part[i] = 0.f;
+        for (int64_t i = 0; i < s * kBmGzCols; ++i) gv[i] = 0.f;
+        for (int64_t m = 0; m < n; ++m) {
+          const z_t* zm = zp + m * k;
+          float* pm = part + m * k;
+          for (int64_t c = 0; c < cols; ++c) g[c] = static_cast<float>(gp[m * d_out + j0 + c]);
+          for (int64_t r = 0; r < s; ++r) {
+            const value_t* vr = vp + r * d_out + j0;
+            const int32_t* ir = idx + r * kBmGzCols;
+            float* gvr = gv + r * kBmGzCols;
+            for (int64_t c = 0; c < cols; ++c) gvr[c] += static_cast<float>(zm[ir[c]]) * g[c];
+            for (int64_t c = 0; c < cols; ++c) pm[ir[c]] += static_cast<float>(vr[c]) * g[c];
+          }
         }
-      }
-      for (int64_t r = 0; r < s; ++r)
-        for (int64_t c = 0; c < cols; ++c) gvp[r * d_out + j0 + c] = from_float<value_t>(gv[r * kBmGzCols + c]);
-    }
-  });
+        for (int64_t r = 0; r < s; ++r)
+          for (int64_t c = 0; c < cols; ++c) gvp[r * d_out + j0 + c] = from_float<value_t>(gv[r * kBmGzCols + c]);
+      });
   if (status != WK_OK) return status;
   parallel_for(threads, 0, n * k, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -303,58 +308,30 @@ int bitmask_backward(const z_t* gp, const z_t* zp, const value_t* vp, const int3
 template <typename value_t, typename offset_t>
 int bitmask_to_dense_t(const value_t* vp, const int32_t* bm, const offset_t* off, float* dense_t, int64_t k,
                        int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads) {
-  const int64_t col_blocks = (c1 - c0 + kBmCols - 1) / kBmCols;
-  std::atomic<int> status{WK_OK};
-  parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<int32_t> idx(s * kBmCols);
-    if (!idx.ok()) {
-      status = WK_NO_MEMORY;
-      return;
-    }
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = c0 + b * kBmCols, cols = std::min(kBmCols, c1 - j0);
-      float* dj = dense_t + (j0 - c0) * k;  // row j - c0 of dense_t is column j of S
-      if (!decode_block(bm, off, k, s, d_out, j0, cols, idx.data(), kBmCols)) {
-        status = WK_BAD_CODES;
-        return;
-      }
-      for (int64_t i = 0; i < cols * k; ++i) dj[i] = 0.f;
-      for (int64_t r = 0; r < s; ++r) {
-        const value_t* vr = vp + r * d_out + j0;
-        const int32_t* ir = idx.data() + r * kBmCols;
-        for (int64_t c = 0; c < cols; ++c) dj[c * k + ir[c]] = static_cast<float>(vr[c]);
-      }
+  return for_each_column_block(bm, off, k, s, d_out, c0, c1, kBmCols, 0, threads,
+                               [&](int64_t, int64_t j0, int64_t cols, const int32_t* idx, float*) {
+    float* dj = dense_t + (j0 - c0) * k;  // row j - c0 of dense_t is column j of S
+    for (int64_t i = 0; i < cols * k; ++i) dj[i] = 0.f;
+    for (int64_t r = 0; r < s; ++r) {
+      const value_t* vr = vp + r * d_out + j0;
+      const int32_t* ir = idx + r * kBmCols;
+      for (int64_t c = 0; c < cols; ++c) dj[c * k + ir[c]] = static_cast<float>(vr[c]);
     }
   });
-  return status;
 }
 
 template <typename value_t, typename offset_t>
 int bitmask_gather_dense_t(const float* dense_t, const int32_t* bm, const offset_t* off, value_t* out, int64_t k,
                            int64_t s, int64_t d_out, int64_t c0, int64_t c1, int threads) {
-  const int64_t col_blocks = (c1 - c0 + kBmCols - 1) / kBmCols;
-  std::atomic<int> status{WK_OK};
-  parallel_for(threads, 0, col_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<int32_t> idx(s * kBmCols);
-    if (!idx.ok()) {
-      status = WK_NO_MEMORY;
-      return;
-    }
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = c0 + b * kBmCols, cols = std::min(kBmCols, c1 - j0);
-      const float* dj = dense_t + (j0 - c0) * k;
-      if (!decode_block(bm, off, k, s, d_out, j0, cols, idx.data(), kBmCols)) {
-        status = WK_BAD_CODES;
-        return;
-      }
-      for (int64_t r = 0; r < s; ++r) {
-        value_t* outr = out + r * d_out + j0;
-        const int32_t* ir = idx.data() + r * kBmCols;
-        for (int64_t c = 0; c < cols; ++c) outr[c] = from_float<value_t>(dj[c * k + ir[c]]);
-      }
+  return for_each_column_block(bm, off, k, s, d_out, c0, c1, kBmCols, 0, threads,
+                               [&](int64_t, int64_t j0, int64_t cols, const int32_t* idx, float*) {
+    const float* dj = dense_t + (j0 - c0) * k;
+    for (int64_t r = 0; r < s; ++r) {
+      value_t* outr = out + r * d_out + j0;
+      const int32_t* ir = idx + r * kBmCols;
+      for (int64_t c = 0; c < cols; ++c) outr[c] = from_float<value_t>(dj[c * k + ir[c]]);
     }
   });
-  return status;
 }
 
 }  // namespace
