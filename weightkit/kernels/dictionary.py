@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
-from .int8 import (_INTERPRET, _config, _device_info, _gemv_row, _gemv_store, _k_range, _pick_splits,
+from .int8 import (_INTERPRET, _config, _device_info, _gemv_rows, _gemv_store_rows, _k_range, _pick_splits,
                    _splitk_sum_kernel, _store_result, _tile_ids)
 
 
@@ -155,19 +155,10 @@ def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W
         off += count
         s = s.to(tl.float32)
         mask_k = rk < K
-        acc0 = _gemv_row(acc0, z_ptr, 0, stride_zm, M, rk, mask_k, s, 1.0, True)
-        if BLOCK_M > 1:
-            acc1 = _gemv_row(acc1, z_ptr, 1, stride_zm, M, rk, mask_k, s, 1.0, True)
-        if BLOCK_M > 2:
-            acc2 = _gemv_row(acc2, z_ptr, 2, stride_zm, M, rk, mask_k, s, 1.0, True)
-            acc3 = _gemv_row(acc3, z_ptr, 3, stride_zm, M, rk, mask_k, s, 1.0, True)
+        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, z_ptr, stride_zm, M, rk, mask_k, s, 1.0, True,
+                                            BLOCK_M)
         rk += BLOCK_K
-    _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, True)
-    if BLOCK_M > 1:
-        _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, True)
-    if BLOCK_M > 2:
-        _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, True)
-        _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, True)
+    _gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, True, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K", "MB"])
@@ -216,19 +207,9 @@ def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K
         off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
         s, _ = _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
         s = s.to(tl.float32)
-        acc0 = _gemv_row(acc0, g_ptr, 0, N, M, rn, mask_n, s, 1.0, False)
-        if BLOCK_M > 1:
-            acc1 = _gemv_row(acc1, g_ptr, 1, N, M, rn, mask_n, s, 1.0, False)
-        if BLOCK_M > 2:
-            acc2 = _gemv_row(acc2, g_ptr, 2, N, M, rn, mask_n, s, 1.0, False)
-            acc3 = _gemv_row(acc3, g_ptr, 3, N, M, rn, mask_n, s, 1.0, False)
+        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, g_ptr, N, M, rn, mask_n, s, 1.0, False, BLOCK_M)
         rn += BLOCK_N
-    _gemv_store(gz_ptr, p_ptr, acc0, 0, rk, M, K, SPLIT_K, False)
-    if BLOCK_M > 1:
-        _gemv_store(gz_ptr, p_ptr, acc1, 1, rk, M, K, SPLIT_K, False)
-    if BLOCK_M > 2:
-        _gemv_store(gz_ptr, p_ptr, acc2, 2, rk, M, K, SPLIT_K, False)
-        _gemv_store(gz_ptr, p_ptr, acc3, 3, rk, M, K, SPLIT_K, False)
+    _gemv_store_rows(gz_ptr, p_ptr, acc0, acc1, acc2, acc3, rk, M, K, SPLIT_K, False, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K", "MB"])

@@ -82,7 +82,7 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
 # ALIGNED needs the groups inside rows (cols % G == 0); otherwise (odd shapes) each element is gathered from its flat
 # index with _dequant, like the reference.
 
-from .int8 import (GEMV_KEY, MM_KEY, _gemv_row, _gemv_store, _k_mask, _k_range, _store_result, _tile_ids,  # noqa: E402
+from .int8 import (GEMV_KEY, MM_KEY, _gemv_rows, _gemv_store_rows, _k_mask, _k_range, _store_result, _tile_ids,  # noqa: E402
                     dequant_matmul, gemv_configs, make_gemv_pruner, make_mm_pruner, mm_configs)
 
 
@@ -149,20 +149,11 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N
                 lin = rn64[:, None] * K + rk[None, :]
                 wmask = mask_n[:, None] & mask_k[None, :]
             w = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, G, wmask)
-        acc0 = _gemv_row(acc0, x_ptr, 0, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
-        if BLOCK_M > 1:
-            acc1 = _gemv_row(acc1, x_ptr, 1, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
-        if BLOCK_M > 2:
-            acc2 = _gemv_row(acc2, x_ptr, 2, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
-            acc3 = _gemv_row(acc3, x_ptr, 3, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
+        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, mask_k, w, s_k, TRANS,
+                                            BLOCK_M)
         rk += BLOCK_K
         x_offs += BLOCK_K * stride_xk
-    _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, TRANS)
-    if BLOCK_M > 1:
-        _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, TRANS)
-    if BLOCK_M > 2:
-        _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, TRANS)
-        _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, TRANS)
+    _gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K", "MB"])

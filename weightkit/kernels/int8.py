@@ -204,6 +204,31 @@ def _gemv_store(y_ptr, p_ptr, acc, i: tl.constexpr, rn, M, N, SPLIT_K, TRANS: tl
         tl.store(p_ptr + (tl.program_id(1).to(tl.int64) * M + i) * N + rn, out, mask=mask)
 
 
+@triton.jit
+def _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, x_mask, w, s_k, TRANS: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """_gemv_row for the BLOCK_M (1, 2 or 4) token rows of a decode GEMV, one accumulator each."""
+    acc0 = _gemv_row(acc0, x_ptr, 0, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+    if BLOCK_M > 1:
+        acc1 = _gemv_row(acc1, x_ptr, 1, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+    if BLOCK_M > 2:
+        acc2 = _gemv_row(acc2, x_ptr, 2, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+        acc3 = _gemv_row(acc3, x_ptr, 3, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """_gemv_store for the BLOCK_M token rows of a decode GEMV."""
+    _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, TRANS)
+    if BLOCK_M > 1:
+        _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, TRANS)
+    if BLOCK_M > 2:
+        _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, TRANS)
+        _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, TRANS)
+
+
 @triton.jit(do_not_specialize=["SPLIT_K", "MB"])
 def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, MB, SPLIT_K,
                       TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -255,21 +280,12 @@ def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, 
             else:
                 lin = rn64[:, None] * K + rk_[None, :]
             w = w * tl.load(s_ptr + lin // G, mask=wmask, other=0.0)
-        acc0 = _gemv_row(acc0, x_ptr, 0, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
-        if BLOCK_M > 1:
-            acc1 = _gemv_row(acc1, x_ptr, 1, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
-        if BLOCK_M > 2:
-            acc2 = _gemv_row(acc2, x_ptr, 2, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
-            acc3 = _gemv_row(acc3, x_ptr, 3, stride_xm, M, x_offs, mask_k, w, s_k, TRANS)
+        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, mask_k, w, s_k, TRANS,
+                                            BLOCK_M)
         rk += BLOCK_K
         x_offs += BLOCK_K * stride_xk
         w_ptrs += w_step
-    _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, TRANS)
-    if BLOCK_M > 1:
-        _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, TRANS)
-    if BLOCK_M > 2:
-        _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, TRANS)
-        _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, TRANS)
+    _gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K", "MB"])
