@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..ops.dictionary import (INDEX_DTYPES, bitmask_to_dense, bitmask_to_indices, bitmask_words, check_bitmask_data,
                               dict_bitmask_matmul, pack_bitmask, word_offsets_for)
+from ._bias import add_bias
 from .ksvd import dictionary_size, learn_dictionary
 
 
@@ -142,11 +143,7 @@ class DictLinear(nn.Module):
         else:
             z = x.reshape(-1, self.in_features) @ dictionary
             y = dict_bitmask_matmul(z, values, bitmask, offsets).reshape(*x.shape[:-1], self.out_features)
-        if bias is None:
-            return y
-        if bias.dtype != y.dtype:
-            bias = bias.to(y.dtype)
-        return y + bias if torch.is_grad_enabled() else y.add_(bias)  # without autograd, into the fresh output
+        return add_bias(y, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..ops.int8 import absmax_scale, dequantize_int8, int8_matmul
+from ._bias import add_bias
 
 
 # An empty leaf that requires grad: passed to the Function when the weight gradient is tracked so that backward
@@ -236,11 +237,7 @@ class Int8Linear(nn.Module):
                                           _grad_anchor(x.device))
         else:
             y = int8_matmul(x, weight, scale, self.group_size)
-        if bias is None:
-            return y
-        if bias.dtype != y.dtype:
-            bias = bias.to(y.dtype)
-        return y + bias if grad else y.add_(bias)  # without autograd, into the fresh output
+        return add_bias(y, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.memoryformer import memory_lookup
+from ._bias import add_bias
 
 
 def _expected_weight(tau: int, t: float) -> float:
@@ -69,11 +70,7 @@ class MemoryLinear(nn.Module):
         params = self._parameters  # directly: nn.Module.__getattr__ costs ~0.4 us per parameter
         y = memory_lookup(x, params["tables"] if "tables" in params else self.tables, self.t)
         bias = params["bias"] if "bias" in params else self.bias
-        if bias is None:
-            return y
-        if bias.dtype != y.dtype:
-            bias = bias.to(y.dtype)
-        return y + bias if torch.is_grad_enabled() else y.add_(bias)  # without autograd, into the fresh output
+        return add_bias(y, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, t={self.t}"
