@@ -132,7 +132,10 @@ def kernel_libraries():
 
 
 setup(
-    packages=find_packages(include=["weightkit", "weightkit.*"]),
+    # The Triton kernels live in the top-level kernels/ folder and install as weightkit.kernels (an editable install
+    # maps the name to the folder; a wheel holds weightkit/kernels/).
+    packages=find_packages(include=["weightkit", "weightkit.*"]) + ["weightkit.kernels"],
+    package_dir={"weightkit.kernels": "kernels"},
     package_data={"weightkit": ["py.typed"]},
     ext_modules=kernel_libraries(),
     cmdclass={"build_ext": BuildKernelLibraries, "bdist_wheel": PlatformWheel},

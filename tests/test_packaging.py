@@ -1,4 +1,5 @@
-"""Packaging: a built wheel holds the Python package, the Triton kernels (weightkit/kernels, a real package folder)
+"""Packaging: a built wheel holds the Python package, the Triton kernels (the top-level kernels/ folder,
+installed as weightkit.kernels)
 and the CPU kernel library, tagged for any Python 3; an editable install finds the same files in the checkout; the
 kernel libraries export only the C ABI of csrc/weightkit.h and need no torch, Python or C++ runtime."""
 
@@ -13,13 +14,16 @@ import pytest
 from weightkit import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_SOURCES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "weightkit", "kernels", "*.py")))
+KERNEL_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "kernels", "*.py")))
+# where the wheel holds them: the package weightkit.kernels
+KERNEL_SOURCES = [f"weightkit/kernels/{name}" for name in KERNEL_FILES]
 
 
-def test_kernels_are_a_real_package_folder():
-    folder = os.path.join(ROOT, "weightkit", "kernels")
+def test_kernels_are_a_top_level_package_folder():
+    folder = os.path.join(ROOT, "kernels")
     assert not os.path.islink(folder) and os.path.isfile(os.path.join(folder, "__init__.py"))
-    assert len(KERNEL_SOURCES) >= 5, KERNEL_SOURCES
+    assert len(KERNEL_FILES) >= 5, KERNEL_FILES
+    assert not os.path.exists(os.path.join(ROOT, "weightkit", "kernels")), "one home for the Triton kernels: kernels/"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,7 @@ def test_editable_install_finds_kernels_and_library():
                "print(k.__file__); print(n.CPU.path if n.CPU else n.CPU_ERROR)")
     assert proc.returncode == 0, proc.stderr
     kernels, library = proc.stdout.split("\n")[:2]
-    assert kernels == os.path.join(ROOT, "weightkit", "kernels", "int8.py")
+    assert kernels == os.path.join(ROOT, "kernels", "int8.py")
     assert library == os.path.join(ROOT, "weightkit", "lib", native.CPU_LIB)
 
 

@@ -75,7 +75,7 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
 
 
 # -- int4_matmul (spec: weightkit.ops.int4.int4_matmul) ------------------------------------------------------------
-# Same two kernels as int8_matmul (design, configs, split-K and dispatch: weightkit/kernels/int8.py, "int8_matmul"), with the
+# Same two kernels as int8_matmul (design, configs, split-K and dispatch: kernels/int8.py, "int8_matmul"), with the
 # weight read as packed bytes: a tile of C values along W's contiguous axis is C/2 bytes (16-byte loads), unpacked
 # in registers (low nibble = even element) with tl.join + reshape. Dequantization (q - z) * s is exact to the
 # reference: q + 2^23 is built from the bits (no int-to-float conversion), minus (z + 2^23) gives q - z exactly.
