@@ -1,10 +1,13 @@
-.PHONY: test bench build wheel wheel-cuda check-portable info gpu-check
+.PHONY: test bench docs build wheel wheel-cuda check-portable info gpu-check
 
 test:  ## the test command: installs what it needs, builds, runs tests/
 	bash scripts/test.sh
 
 bench:  ## kernel benchmarks; JSON with device and versions under bench/results/
 	bash scripts/bench.sh
+
+docs:  ## docs/benchmarks.md from the result files in bench/results/
+	python -m weightkit.benchreport --docs docs/benchmarks.md
 
 build:
 	python -m pip install --no-build-isolation --no-deps -e .

@@ -54,3 +54,16 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = benchreport.plot(DATA, str(tmp_path / "speedups.png"))
     assert out and (tmp_path / "speedups.png").stat().st_size > 1000
+
+
+def test_docs_benchmarks_page_is_generated_from_the_results():
+    """docs/benchmarks.md is what `make docs` makes of bench/results/: every figure there comes from a result file
+    (with its device, versions and date), and a new result file without a regenerated page fails here."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    page = benchreport.docs_page(os.path.join(root, "bench", "results"))
+    with open(os.path.join(root, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == page, "docs/benchmarks.md is stale: run `make docs` and commit it"
+    assert "device: NVIDIA H200; torch 2.11.0+cu130" in page  # the headers carry device and versions

@@ -312,17 +312,18 @@ def test_layerwise_checks_trainer_settings(tmp_path):
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
-    """The README's "Hugging Face transformers" example, run as written (in a temporary directory)."""
+    """The Trainer example of docs/transformers.md (linked from the README), run as written (in a temporary
+    directory)."""
     pytest.importorskip("accelerate")
-    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
-    if not os.path.isfile(readme):
-        pytest.skip("no README.md beside the tests (installed package)")
-    with open(readme) as f:
-        section = f.read().split("## Hugging Face transformers", 1)[1]
+    page = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "transformers.md")
+    if not os.path.isfile(page):
+        pytest.skip("no docs/ beside the tests (installed package)")
+    with open(page) as f:
+        section = f.read()
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    exec(compile(code, "docs/transformers.md", "exec"), namespace)  # noqa: S102 - the docs' own example
     losses = [h["loss"] for h in namespace["trainer"].state.log_history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < 0.1 * losses[0], losses
     assert (tmp_path / "hf-out" / "checkpoint-20" / "optimizer.pt").is_file()
