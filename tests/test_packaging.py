@@ -108,3 +108,22 @@ def test_cuda_library_exports_only_the_c_abi():
     assert symbols == expected, sorted(symbols ^ expected)
     # the CUDA runtime is linked in statically; the driver (libcuda.so.1) is loaded by it at run time
     assert set(_needed(native.CUDA.path)) <= GLIBC | {"libgcc_s.so.1"}, _needed(native.CUDA.path)
+
+
+def test_top_level_kernels_name_is_left_to_the_installed_package():
+    """From the checkout's root (on sys.path under ``python -m``), ``import kernels`` must not give the Triton kernels
+    folder: transformers and bitsandbytes import Hugging Face's ``kernels`` package by that name. Ours loads it in
+    its place, or raises ModuleNotFoundError where it is not installed; ``weightkit.kernels`` is unaffected."""
+    code = ("import importlib.util, os\n"
+            "try:\n"
+            "    import kernels\n"
+            "    print('found', os.path.abspath(kernels.__file__))\n"
+            "except ModuleNotFoundError as exc:\n"
+            "    print('absent', exc.name)\n"
+            "import weightkit.kernels.int8 as k\n"
+            "print('weightkit.kernels', os.path.abspath(k.__file__))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.strip().splitlines()[-2:]
+    assert first == "absent kernels" or (first.startswith("found ") and not first.startswith(f"found {ROOT}")), first
+    assert second == f"weightkit.kernels {os.path.join(ROOT, 'kernels', 'int8.py')}"
