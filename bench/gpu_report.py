@@ -741,7 +741,7 @@ def run_section(sec, budget_s):
     _SECTION_DEADLINE[0] = min(t0 + budget_s, _DEADLINE[0])
     SECTION_STATUS[sec] = dict(status="running", budget_s=round(budget_s, 1))
     n_rows, n_skipped = len(ROWS), len(SKIPPED)
-    print(f"[{sec}] budget {budget_s:.0f} s", flush=True)
+    print(f"[{sec}] budget {budget_s:.3g} s", flush=True)
     status = "done"
     try:
         try:
@@ -751,8 +751,8 @@ def run_section(sec, budget_s):
         finally:
             _disarm()
     except BudgetExceeded:
-        status = f"cut at its {budget_s:.0f} s budget"
-        print(f"  {sec}: cut at its {budget_s:.0f} s budget", flush=True)
+        status = f"cut at its {budget_s:.3g} s budget"
+        print(f"  {sec}: {status}", flush=True)
     except Exception:  # noqa: BLE001 - the next section still runs
         traceback.print_exc()
         ROWS.append(dict(section=sec, name="(section failed)", error=traceback.format_exc(limit=3)[-600:]))

@@ -26,7 +26,7 @@
 # DIR/summary.txt says at its top the status, what was skipped and why, and each stage's time against its limit;
 # it is rewritten after each stage. DIR holds at most 8 files by default (the device tool brings back 8): summary.txt,
 # build.log, tests.log, gpu-report.{json,log}, train.log, train/train-*.{json,png}; JUNIT=1 adds tests.xml and the
-# bench stage bench.{log,json}. The report and train JSON are also copied to bench/results/.
+# bench stage bench.{log,json}. The report and train JSON are also copied to bench/results/ (RESULTS_DIR).
 # Missing bitsandbytes / galore-torch / q-galore-torch (no network on the GPU machines) are taken from ./.gpu-site
 # when it exists (`../shared/device/site-packages.sh .gpu-site` makes it; name .gpu-site in the call's carry).
 # WHEEL=dist/weightkit-...-manylinux_*.whl takes the kernel libraries from that wheel instead of building them here
@@ -39,7 +39,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-check-out}
-mkdir -p "$OUT_DIR" bench/results
+RESULTS_DIR=${RESULTS_DIR:-bench/results}  # where the report and train JSON are copied too
+mkdir -p "$OUT_DIR" "$RESULTS_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -162,12 +163,28 @@ try:
 except Exception as exc:
     say("tag", "unknown"); say("cudalib", ""); say("cudalib_why", f"weightkit does not import: {exc}")
 '
+# the report's sections and the rows it did not measure, from its JSON (written as it went, so also after a kill)
+REPORT_SUMMARY='import json, sys
+r = json.load(open(sys.argv[1]))
+def fate(name, v):
+    return "%s %s (%s/%s s, %s rows)" % (name, v.get("status"), v.get("seconds", "-"), v.get("budget_s"), v.get("rows", 0))
+print("sections: " + "; ".join(fate(k, v) for k, v in r.get("sections", {}).items()))
+rows = r.get("rows", [])
+print("complete" if r.get("complete") else "INCOMPLETE (stopped from outside)", len(rows), "rows,",
+      sum("error" in x for x in rows), "errors,", len(r.get("skipped", [])), "skipped")
+for s in r.get("skipped", [])[:40]:
+    print("  not measured:", s[:200])
+'
 P_cuda=0
 P_why_no_cuda="the probe did not answer"
-if probe_out=$(timeout -k 3 "$PROBE_BUDGET" $PY -c "$PROBE" 2>"$WORK/probe.err"); then
+probe_out=$(timeout -k 3 "$PROBE_BUDGET" $PY -c "$PROBE" 2>"$WORK/probe.err")
+rc=$?
+if [ $rc -eq 0 ]; then
   eval "$probe_out"
+elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  P_why_no_cuda="the probe (python, torch) did not finish within PROBE_BUDGET=${PROBE_BUDGET}s"
 else
-  P_why_no_cuda="the probe failed: $(tail -3 "$WORK/probe.err" | tr '\n' ' ' | cut -c1-300)"
+  P_why_no_cuda="the probe failed (exit $rc): $(grep -v '^ ' "$WORK/probe.err" | tail -2 | tr '\n' ' ' | cut -c1-300)"
 fi
 P_tag=${P_tag:-unknown}
 log "probe: torch ${P_torch:-?}, cuda ${P_cuda} ${P_gpu:-}, triton ${P_triton:--}, bitsandbytes ${P_bnb:--}, galore-torch ${P_galore_torch:--}"
@@ -256,17 +273,8 @@ if has report; then
   rc=$?
   detail=""
   if [ -f "$OUT_DIR/gpu-report.json" ]; then
-    cp "$OUT_DIR/gpu-report.json" "bench/results/${P_tag}-$(date +%F)-gpu-report.json"
-    # sections' fates and the rows not measured, from the JSON (written as it went, so also after a kill)
-    $PY -c '
-import json, sys
-r = json.load(open(sys.argv[1]))
-sec = r.get("sections", {})
-print("sections: " + "; ".join(f"{k} {v.get(\"status\")} ({v.get(\"seconds\", \"-\")}/{v.get(\"budget_s\")} s, {v.get(\"rows\", 0)} rows)" for k, v in sec.items()))
-print("complete" if r.get("complete") else "INCOMPLETE (stopped from outside)", len(r.get("rows", [])), "rows,", sum("error" in x for x in r.get("rows", [])), "errors,", len(r.get("skipped", [])), "skipped")
-for s in r.get("skipped", [])[:40]:
-    print("  not measured:", s[:200])
-' "$OUT_DIR/gpu-report.json" >"$WORK/report-summary" 2>&1
+    cp "$OUT_DIR/gpu-report.json" "$RESULTS_DIR/${P_tag}-$(date +%F)-gpu-report.json"
+    $PY -c "$REPORT_SUMMARY" "$OUT_DIR/gpu-report.json" >"$WORK/report-summary" 2>&1
     detail=$(sed -n 2p "$WORK/report-summary")
     cat "$WORK/report-summary" >>"$BODY"
     nskipped=$(grep -c "not measured:" "$WORK/report-summary")
@@ -287,7 +295,7 @@ if has bench; then
     --benchmark-json "$OUT_DIR/bench.json" --benchmark-max-time=0.05 --benchmark-min-rounds=3 \
     --benchmark-columns=min,median,rounds
   rc=$?
-  [ -f "$OUT_DIR/bench.json" ] && cp "$OUT_DIR/bench.json" "bench/results/${P_tag}-$(date +%F)-bench.json"
+  [ -f "$OUT_DIR/bench.json" ] && cp "$OUT_DIR/bench.json" "$RESULTS_DIR/${P_tag}-$(date +%F)-bench.json"
   result bench $rc "$t0" "$BENCH_BUDGET"
 fi
 
@@ -315,7 +323,7 @@ if has train; then
       --methods "$joined" "${targs[@]}"
     rc=$?
     tail -12 "$OUT_DIR/train.log" | cut -c1-300 >>"$BODY"
-    for f in "$OUT_DIR"/train/train-*; do [ -f "$f" ] && cp "$f" "bench/results/${P_tag}-$(basename "$f")"; done
+    for f in "$OUT_DIR"/train/train-*; do [ -f "$f" ] && cp "$f" "$RESULTS_DIR/${P_tag}-$(basename "$f")"; done
     result train $rc "$t0" "$TRAIN_BUDGET" "methods $joined"
   fi
 fi
