@@ -76,7 +76,8 @@ CASES = {
     "stochastic_round_int8": {
         "64x256-g64": lambda d: (lambda x: (x, absmax_scale(x, 64), 64, 7, 3))(_randn(64, 256, device=d))},
     "int8_sr_update_": {
-        "64x256-g64": lambda d: (*_int8_weight(64, 256, 64, d), _randn(64, 256, device=d, scale=0.05), 64, 0.99, 11, 5)},
+        "64x256-g64": lambda d: (*_int8_weight(64, 256, 64, d), _randn(64, 256, device=d, scale=0.05), 64, 0.99, 11,
+                                 5)},
     "int8_matmul": {
         "1tok": lambda d: (_randn(1, 512, device=d), *_int8_weight(256, 512, 64, d), 64, False),
         "40tok": lambda d: (_randn(40, 512, device=d), *_int8_weight(256, 512, 64, d), 64, False),
