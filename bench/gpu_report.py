@@ -81,7 +81,9 @@ def _on_alarm(signum, frame):
 
 
 def _arm(deadline: float) -> None:
-    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 1e-3))
+    # then every half second: a cut that a library turned into another error (an exception raised while unwinding
+    # replaces it) comes again until the section ends
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 1e-3), 0.5)
 
 
 def _disarm() -> None:

@@ -261,3 +261,22 @@ def test_script_subset_call_builds_when_the_kernel_library_is_missing(tmp_path):
     report_call = next(c for c in calls if "bench.gpu_report" in c)
     assert "--only quant" in report_call and "--budget 60" in report_call  # 80 s for a subset, less 20
     assert "build added: no usable CUDA kernel library" in summary.split("-----")[0]
+
+
+def test_report_cut_comes_again_when_a_library_swallows_it(report, tmp_path):
+    """The alarm repeats after the deadline: a row whose code swallows the first cut is cut again."""
+    out = tmp_path / "r.json"
+
+    def swallowing():
+        try:
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001 - a library's overly broad handler
+            pass
+        time.sleep(5)
+
+    report.SECTIONS["greedy"] = lambda: report.row("greedy", "swallows the cut", swallowing)
+    assert report.main(["--device", "cpu", "--only", "greedy", "--out", str(out), "--budget", "60",
+                        "--section-budget", "greedy=0.3"]) == 0
+    data = _read(out)
+    assert data["sections"]["greedy"]["status"].startswith("cut")
+    assert data["sections"]["greedy"]["seconds"] < 3
