@@ -15,8 +15,8 @@ Each row times one call three ways, after a warm-up call that compiles and autot
   and ``kernel_ms`` is ``ms`` (``kernel_ms_from`` says so): no replay, to spend the budget on more rows.
 
 GB/s, % of the copy bandwidth and TFLOP/s come from ``kernel_ms`` where measured (``rate_basis``), else from ``ms``;
-``speedup_vs_base`` (base ms / this ms, > 1 = faster than the row named by ``vs``) compares call times and
-``kernel_speedup_vs_base`` kernel times. Ceilings measured in the same run: device copy bandwidth (bytes read +
+``speedup_vs_base`` (base ms / this ms, > 1 = faster than the row named by ``vs``) compares call times,
+``kernel_speedup_vs_base`` kernel times and ``host_speedup_vs_base`` host times. Ceilings measured in the same run: device copy bandwidth (bytes read +
 written) and the matrix rates.
 
 Sections, in the order they run by default (value first): ceilings, quant (issue 15: Int8Linear, INT4 matmul,
@@ -116,13 +116,10 @@ def _sync():
 
 def _bench(fn, warmup=5, rep=25):
     """Median call time in ms (CUDA events; on the CPU, for the tests, the host clock)."""
-    if DEV != "cuda":
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[1] * 1e3
+    if DEV != "cuda":  # one call: the CPU runs are tests of the bookkeeping, their times mean nothing
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -132,7 +129,7 @@ def _host_ms(fn, calls):
     """Host time per call: ``calls`` calls launched back to back with no sync in between (the GPU runs behind when
     its part is the longer one), best of three rounds."""
     best = float("inf")
-    for _ in range(3):
+    for _ in range(3 if DEV == "cuda" else 1):
         _sync()
         t0 = time.perf_counter()
         for _ in range(calls):
@@ -199,7 +196,7 @@ def row(section, name, fn=None, *, setup=None, ms=None, graph=True, bytes=None, 
             fn()  # compile / autotune / allocate outside the timing
             _sync()
             ms = _bench(fn)
-            rec["host_ms"] = _host_ms(fn, max(1, min(20, int(5.0 / max(ms, 1e-3)))))
+            rec["host_ms"] = _host_ms(fn, max(1, min(20, int(5.0 / max(ms, 1e-3)))) if DEV == "cuda" else 1)
             if graph is True and DEV == "cuda" and rec["host_ms"] < 0.25 * ms:
                 # the GPU bounds the call time already: the replay would measure the same (and cost time)
                 rec["kernel_ms"], rec["kernel_ms_from"] = ms, "ms (host time < 25% of it)"
@@ -244,6 +241,8 @@ def _rates(rec, section, nbytes, flops, base):
             rec["speedup_vs_base"] = ref["ms"] / rec["ms"]
             if "kernel_ms" in ref and "kernel_ms" in rec:
                 rec["kernel_speedup_vs_base"] = ref["kernel_ms"] / rec["kernel_ms"]
+            if "host_ms" in ref and "host_ms" in rec:
+                rec["host_speedup_vs_base"] = ref["host_ms"] / rec["host_ms"]
 
 
 def _print(r):
@@ -257,7 +256,8 @@ def _print(r):
         times += f"  kernel {r['kernel_ms']:8.4f}"
     extra = []
     for key, fmt in (("GB/s", "{:.0f} GB/s"), ("pct_copy_bw", "{:.0f}% bw"), ("TFLOP/s", "{:.1f} TF/s"),
-                     ("speedup_vs_base", "x{:.2f} vs base"), ("kernel_speedup_vs_base", "(kernel x{:.2f})")):
+                     ("speedup_vs_base", "x{:.2f} vs base"), ("kernel_speedup_vs_base", "(kernel x{:.2f})"),
+                     ("host_speedup_vs_base", "(host x{:.2f})")):
         if key in r:
             extra.append(fmt.format(r[key]))
     print(f"  {r['section']:<10} {r['name']:<58} {times}  {'  '.join(extra)}", flush=True)
@@ -270,23 +270,36 @@ def _wk_backend(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The sizes of the sections (the issues' shapes); the tests of the bookkeeping shrink them to run every section on
+# the CPU. COPY_ELEMS: fp32 elements of the copy (1 GiB); CEIL: the ceilings' matrix side; QUANT_D, QUANT_TOKENS: the quant section's 8192^2 layer and token
+# counts; PROJ: P^T G with P (m x r), G (m x n); MEM_D, MEM_TOKENS: MemoryLinear; DICT (d, k, s), DICT_TOKENS:
+# DictLinear; KERNELS_D, KERNELS_TOKENS: the kernels section's two layer sizes and their token counts.
+COPY_ELEMS, CEIL = 1 << 28, 8192
+QUANT_D, QUANT_TOKENS = 8192, (1, 16, 256, 4096)
+PROJ = (4096, 1024, 4096)
+MEM_D, MEM_TOKENS = 4096, (1, 16, 1024)
+DICT, DICT_TOKENS = (4096, 1638, 819), (1, 16, 256, 4096)
+KERNELS_D, KERNELS_TOKENS = (8192, 4096), ((1, 16, 256), (1, 16))
+
 
 def ceilings():
-    n = 1 << 28  # 1 GiB of fp32
+    n = COPY_ELEMS
     a = torch.randn(n, device=DEV)
     b = torch.empty_like(a)
-    ms = row("ceilings", "copy 1 GiB (bytes read + written)", lambda: b.copy_(a), bytes=2 * a.numel() * 4, graph=False)
+    ms = row("ceilings", f"copy {n * 4 / 2**30:g} GiB (bytes read + written)", lambda: b.copy_(a),
+             bytes=2 * a.numel() * 4, graph=False)
     if ms:
         COPY_BW[0] = 2 * a.numel() * 4 / ms / 1e6
     del a, b
-    x = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    row("ceilings", "bf16 matmul 8192^3", lambda: x @ y, flops=2 * 8192**3, graph=False)
+    c = CEIL
+    x = torch.randn(c, c, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(c, c, device=DEV, dtype=torch.bfloat16)
+    row("ceilings", f"bf16 matmul {c}^3", lambda: x @ y, flops=2 * c**3, graph=False)
     x32, y32 = x.float(), y.float()
     with _tf32(False):
-        row("ceilings", "fp32 matmul 8192^3 (strict)", lambda: x32 @ y32, flops=2 * 8192**3, graph=False)
+        row("ceilings", f"fp32 matmul {c}^3 (strict)", lambda: x32 @ y32, flops=2 * c**3, graph=False)
     with _tf32(True):
-        row("ceilings", "tf32 matmul 8192^3", lambda: x32 @ y32, flops=2 * 8192**3, graph=False)
+        row("ceilings", f"tf32 matmul {c}^3", lambda: x32 @ y32, flops=2 * c**3, graph=False)
 
 
 class _tf32:
@@ -309,7 +322,7 @@ def quant():
     from weightkit.nn import Int8Linear
     from weightkit.ops import int4, int8 as q
 
-    d = 8192
+    d = QUANT_D
     lin = torch.nn.Linear(d, d, bias=False, device=DEV)
     lin_bf16 = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
     layer = Int8Linear.from_linear(lin, group_size=128)
@@ -342,7 +355,7 @@ def quant():
     except Exception as exc:  # noqa: BLE001
         print(f"  (bitsandbytes unavailable: {type(exc).__name__}: {exc})")
     int4_rows = os.environ.get("QUANT_INT4", "1") == "1"
-    for tokens in (1, 16, 256, 4096):  # Int8Linear first (the issue's targets), then INT4 and the peers
+    for tokens in QUANT_TOKENS:  # Int8Linear first (the issue's targets), then INT4 and the peers
         x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         base = f"bf16 nn.Linear {tokens}x{d}x{d}"
         fl = 2 * tokens * d * d
@@ -352,21 +365,21 @@ def quant():
                 with _wk_backend(b):
                     row("quant", f"Int8Linear g128 {b} {tokens} tok", lambda: layer(x), base=base,
                         bytes=d * d + d * d // 128 * 4 + 4 * tokens * d, flops=fl)
-    # stochastic rounding and the fused write-back, 8192^2
+    # stochastic rounding and the fused write-back, d^2
     big = torch.randn(d, d, device=DEV)
     scale = q.absmax_scale(big, 128)
     for b in _backends(q._SR):
         with _wk_backend(b):
-            row("quant", f"stochastic_round_int8 8192^2 {b}", lambda: q.stochastic_round_int8(big, scale, 128, 1),
+            row("quant", f"stochastic_round_int8 {d}^2 {b}", lambda: q.stochastic_round_int8(big, scale, 128, 1),
                 bytes=big.numel() * 5 + scale.numel() * 4)
     delta = torch.randn(d, d, device=DEV) * 1e-3
     for b in _backends(q._SR_UPDATE):
         wq, s2 = q.stochastic_round_int8(big, scale, 128, 0), scale.clone()
         with _wk_backend(b):
-            row("quant", f"int8_sr_update_ 8192^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
+            row("quant", f"int8_sr_update_ {d}^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
                 bytes=big.numel() * 6 + 2 * scale.numel() * 4)
-    # backward at 4096 tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
-    tokens = 4096
+    # backward at the most tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
+    tokens = QUANT_TOKENS[-1]
     x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
 
@@ -374,17 +387,17 @@ def quant():
         y = lin_bf16(x)
         return lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g, retain_graph=True)
 
-    row("quant", "bf16 nn.Linear backward 4096 tok", setup=linear_backward)
+    row("quant", f"bf16 nn.Linear backward {tokens} tok", setup=linear_backward)
     for b in _backends(q._INT8_MM)[::-1]:
         def fb():
             layer.weight.float_grad = None
             with _wk_backend(b):
                 yy = layer(x)
                 torch.autograd.grad(yy, (x,), g)
-        row("quant", f"Int8Linear fwd+bwd {b} 4096 tok", fb)
-    row("quant", "bf16 nn.Linear fwd+bwd 4096 tok",
+        row("quant", f"Int8Linear fwd+bwd {b} {tokens} tok", fb)
+    row("quant", f"bf16 nn.Linear fwd+bwd {tokens} tok",
         lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
-    for tokens in (1, 16, 256, 4096):
+    for tokens in QUANT_TOKENS:
         x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         base = f"bf16 nn.Linear {tokens}x{d}x{d}"
         fl = 2 * tokens * d * d
@@ -399,23 +412,25 @@ def quant():
             if tiny is not None:
                 row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
                     lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
-    # Q-GaLore projection P^T G: P 4096x1024 INT4, G 4096x4096
-    P = torch.linalg.qr(torch.randn(4096, 1024, device=DEV))[0]
-    G = torch.randn(4096, 4096, device=DEV)
+    # Q-GaLore projection P^T G: P m x r INT4 (4096 x 1024), G m x n (4096 x 4096)
+    m, r, n = PROJ
+    pfl = 2 * m * r * n
+    P = torch.linalg.qr(torch.randn(m, r, device=DEV))[0]
+    G = torch.randn(m, n, device=DEV)
     pk, ps, pz = int4.quantize_int4(P, 64)
     Pt = P.T.contiguous()
     with _tf32(False):
-        row("quant", "P^T G fp32 (strict) 4096x1024x4096", lambda: Pt @ G, flops=2 * 4096 * 1024 * 4096)
+        row("quant", f"P^T G fp32 (strict) {m}x{r}x{n}", lambda: Pt @ G, flops=pfl)
     with _tf32(True):
-        row("quant", "P^T G tf32", lambda: Pt @ G, flops=2 * 4096 * 1024 * 4096)
+        row("quant", "P^T G tf32", lambda: Pt @ G, flops=pfl)
     Pb, Gb = Pt.bfloat16(), G.bfloat16()
-    row("quant", "P^T G bf16", lambda: Pb @ Gb, flops=2 * 4096 * 1024 * 4096)
-    Gt = G.T  # P^T G = (G^T P)^T: the INT4 op computes x @ W with x = G^T (4096 x 4096), W = P (4096 x 1024)
+    row("quant", "P^T G bf16", lambda: Pb @ Gb, flops=pfl)
+    Gt = G.T  # P^T G = (G^T P)^T: the INT4 op computes x @ W with x = G^T (n x m), W = P (m x r)
     for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
         with _wk_backend(b):
-            row("quant", f"P^T G int4_matmul {b}", lambda: int4.int4_matmul(Gt, pk, ps, pz, 64, (4096, 1024),
+            row("quant", f"P^T G int4_matmul {b}", lambda: int4.int4_matmul(Gt, pk, ps, pz, 64, (m, r),
                                                                            transpose=True),
-                base="P^T G fp32 (strict) 4096x1024x4096", flops=2 * 4096 * 1024 * 4096)
+                base=f"P^T G fp32 (strict) {m}x{r}x{n}", flops=pfl)
     # torch.compile's int8 weight-only linear, group 128 (the way torchao's int8 weight-only runs): the issue's "never
     # slower than" baseline; last in the section, since each token count compiles (tens of seconds; the section's
     # budget cuts it; QUANT_COMPILE=0 skips it)
@@ -428,7 +443,7 @@ def quant():
             w = (wq8.to(x.dtype) * s8.to(x.dtype)).view(d, d)
             return torch.nn.functional.linear(x, w)
 
-        for tokens in (1, 16, 256, 4096):
+        for tokens in QUANT_TOKENS:
             x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
             with torch.no_grad():
                 row("quant", f"torch.compile int8 weight-only g128 {tokens} tok", lambda: compiled_int8(x),
@@ -527,12 +542,12 @@ def memoryformer():
     from weightkit.nn import MemoryLinear
     from weightkit.ops import memoryformer as mem
 
-    d, tau = 4096, 8
+    d, tau = MEM_D, 8
     K = d // tau
     for dtype in (torch.float32, torch.bfloat16):
         layer = MemoryLinear(d, d, tau=tau, bias=False, device=DEV, dtype=dtype)
         tname = str(dtype).replace("torch.", "")
-        for tokens in (1, 16, 1024):
+        for tokens in MEM_TOKENS:
             x = torch.randn(tokens, d, device=DEV, dtype=dtype)
             moved = tokens * K * d * layer.tables.element_size() + tokens * 2 * d * x.element_size()
             base = None
@@ -551,8 +566,9 @@ def memoryformer():
                     with _wk_backend(b):
                         row("memoryformer", f"MemoryLinear {tname} {b} {tokens} tok", lambda: layer(x), bytes=moved,
                             base=base)
-        x = torch.randn(1024, d, device=DEV, dtype=dtype, requires_grad=True)
-        g = torch.randn(1024, d, device=DEV, dtype=dtype)
+        tokens = MEM_TOKENS[-1]
+        x = torch.randn(tokens, d, device=DEV, dtype=dtype, requires_grad=True)
+        g = torch.randn(tokens, d, device=DEV, dtype=dtype)
         for b in _backends(mem._FWD):
             for det in (False, True):
                 def fb():
@@ -563,7 +579,7 @@ def memoryformer():
                             torch.autograd.grad(layer(x), (x, layer.tables), g)
                         finally:
                             torch.use_deterministic_algorithms(prev)
-                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} 1024 tok{' deterministic' if det else ''}", fb)
+                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok{' deterministic' if det else ''}", fb)
 
 
 def dictionary():
@@ -575,7 +591,7 @@ def dictionary():
     from weightkit.nn.ksvd import dictionary_size
     from weightkit.ops import dictionary as dct
 
-    d, k, s = 4096, 1638, 819
+    d, k, s = DICT
     layer = DictLinear(d, d, k, s, bias=False, device=DEV)
     indices = layer.indices
     dense_s = dct.bitmask_to_dense(layer.bitmask, layer.values.detach(), k)
@@ -584,7 +600,7 @@ def dictionary():
     kb, sb = dictionary_size(d, d, 0.3, value_bytes=2)
     layer_bf = DictLinear(d, d, kb, sb, bias=False, device=DEV, dtype=torch.bfloat16)
     lin = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
-    for tokens in (1, 16, 256, 4096):
+    for tokens in DICT_TOKENS:
         x = torch.randn(tokens, d, device=DEV)
         z = x @ layer.dictionary.detach()
         zb = z.bfloat16()
@@ -666,25 +682,25 @@ def kernels():
     from weightkit.nn import Int8Linear, MemoryLinear
     from weightkit.ops import int4
 
-    d = 8192
+    d, d_small = KERNELS_D
     lin = torch.nn.Linear(d, d, bias=False, device=DEV)
     lin_bf16 = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
     layer = Int8Linear.from_linear(lin, group_size=128)
     packed, sc, zp = int4.quantize_int4(lin.weight.detach(), 64)
-    mem = MemoryLinear(4096, 4096, tau=8, bias=False, device=DEV, dtype=torch.bfloat16)
-    lin4k = torch.nn.Linear(4096, 4096, bias=False, device=DEV, dtype=torch.bfloat16)
+    mem = MemoryLinear(d_small, d_small, tau=8, bias=False, device=DEV, dtype=torch.bfloat16)
+    lin4k = torch.nn.Linear(d_small, d_small, bias=False, device=DEV, dtype=torch.bfloat16)
     cases = []
-    for tokens in (1, 16, 256):
+    for tokens in KERNELS_TOKENS[0]:
         x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
-        cases += [(f"bf16 nn.Linear 8192^2 {tokens} tok", lambda x=x: lin_bf16(x)),
-                  (f"Int8Linear g128 8192^2 {tokens} tok", lambda x=x: layer(x))]
+        cases += [(f"bf16 nn.Linear {d}^2 {tokens} tok", lambda x=x: lin_bf16(x)),
+                  (f"Int8Linear g128 {d}^2 {tokens} tok", lambda x=x: layer(x))]
         if tokens == 1:
-            cases.append((f"int4_matmul g64 8192^2 {tokens} tok", lambda x=x: int4.int4_matmul(x, packed, sc, zp, 64,
+            cases.append((f"int4_matmul g64 {d}^2 {tokens} tok", lambda x=x: int4.int4_matmul(x, packed, sc, zp, 64,
                                                                                                (d, d))))
-    for tokens in (1, 16):
-        x = torch.randn(tokens, 4096, device=DEV, dtype=torch.bfloat16)
-        cases += [(f"bf16 nn.Linear 4096^2 {tokens} tok", lambda x=x: lin4k(x)),
-                  (f"MemoryLinear bf16 4096^2 {tokens} tok", lambda x=x: mem(x))]
+    for tokens in KERNELS_TOKENS[1]:
+        x = torch.randn(tokens, d_small, device=DEV, dtype=torch.bfloat16)
+        cases += [(f"bf16 nn.Linear {d_small}^2 {tokens} tok", lambda x=x: lin4k(x)),
+                  (f"MemoryLinear bf16 {d_small}^2 {tokens} tok", lambda x=x: mem(x))]
     with torch.no_grad():
         for name, fn in cases:
             if row("kernels", name, fn, graph="always") is None:

@@ -280,3 +280,25 @@ def test_report_cut_comes_again_when_a_library_swallows_it(report, tmp_path):
     data = _read(out)
     assert data["sections"]["greedy"]["status"].startswith("cut")
     assert data["sections"]["greedy"]["seconds"] < 3
+
+
+def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
+    """Each section's code end to end on the CPU (Triton through the interpreter), at toy sizes: a section that
+    would fail on its first GPU run fails here first. Rows may skip (missing peers), none may fail."""
+    for name, value in (("COPY_ELEMS", 1 << 12), ("CEIL", 64), ("QUANT_D", 256), ("QUANT_TOKENS", (1, 5)),
+                        ("PROJ", (128, 64, 96)), ("MEM_D", 64), ("MEM_TOKENS", (1, 6)), ("DICT", (128, 40, 20)),
+                        ("DICT_TOKENS", (1, 6)), ("KERNELS_D", (256, 128)), ("KERNELS_TOKENS", ((1, 5), (1,))),
+                        ("GALORE_SHAPES", (((24, 16), 4),)), ("REFRESH_SHAPE", (24, 4)), ("QGALORE_SHAPE", (128, 4))):
+        monkeypatch.setattr(report, name, value)
+    monkeypatch.setenv("QUANT_PEERS", "0")
+    monkeypatch.setenv("QUANT_COMPILE", "0")  # torch.compile's C++ build takes minutes on a small CPU
+    monkeypatch.setenv("GALORE_BACKENDS", "auto")
+    out = tmp_path / "r.json"
+    assert report.main(["--device", "cpu", "--out", str(out), "--budget", "1200"]) == 0
+    data = _read(out)
+    assert data["complete"] is True
+    assert {s: v["status"] for s, v in data["sections"].items()} == {s: "done" for s in report.SECTION_BUDGETS}
+    errors = [r for r in data["rows"] if "error" in r]
+    assert not errors, errors
+    for section in report.SECTION_BUDGETS:
+        assert any(r["section"] == section and "ms" in r for r in data["rows"]), section
