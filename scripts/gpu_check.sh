@@ -243,7 +243,7 @@ if has test; then
   [ -n "${JUNIT:-}" ] && test_args+=(--junitxml="$OUT_DIR/tests.xml")
   read -r -a extra <<<"${TEST_ARGS:-}"
   read -r -a paths <<<"${TEST_PATHS:-tests}"
-  log "tests (limit ${TEST_BUDGET}s): pytest ${test_args[*]} ${extra[*]} ${paths[*]}"
+  log "tests (limit ${TEST_BUDGET}s): pytest $(printf '%q ' "${test_args[@]}" "${extra[@]}" "${paths[@]}")"
   t0=$(date +%s)
   # 2 BLAS threads per worker: workers x all cores each would oversubscribe the CPU parts of the tests
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} limited "$TEST_BUDGET" INT "$OUT_DIR/tests.log" \
@@ -256,7 +256,7 @@ if has test; then
     echo "test skip reasons (count, where, why):" >>"$BODY"
     grep -E "^SKIPPED \[" "$OUT_DIR/tests.log" | sort -t'[' -k2 -rn | head -25 | cut -c1-220 >>"$BODY"
     total=$(grep -E "^SKIPPED \[" "$OUT_DIR/tests.log" | sed -E 's/^SKIPPED \[([0-9]+)\].*/\1/' | awk '{n += $1} END {print n}')
-    SKIPS+=("tests: $total skipped, $nskip reasons (see below and tests.log); the top ones: $(grep -E "^SKIPPED \[" "$OUT_DIR/tests.log" | sort -t'[' -k2 -rn | head -3 | sed -E 's/^SKIPPED \[([0-9]+)\] [^ ]+ /\1x /' | cut -c1-110 | paste -sd';')")
+    SKIPS+=("tests: $total skipped, $nskip reason(s) (see below and tests.log); the top ones: $(grep -E "^SKIPPED \[" "$OUT_DIR/tests.log" | sort -t'[' -k2 -rn | head -3 | sed -E 's/^SKIPPED \[([0-9]+)\] [^ ]+ /\1x /' | cut -c1-110 | paste -sd';')")
   fi
   if [ $rc -ne 0 ]; then  # per-file counts, to see what a limit or a crash left unrun
     grep -oE "(PASSED|FAILED|ERROR|SKIPPED) tests/[^:]+" "$OUT_DIR/tests.log" | sort | uniq -c | sort -k2 >>"$BODY"
