@@ -24,5 +24,5 @@ check-portable:  ## the built kernels, unchanged, under a second torch release (
 info:
 	python -m weightkit info
 
-gpu-check:  ## on a machine with a GPU: build for its arch, whole suite on CUDA, GPU report + benches -> $(OUT)
+gpu-check:  ## on a machine with a GPU, <= 7 min: build, info, CUDA tests, GPU report, short train -> $(OUT) (scripts/gpu_check.sh)
 	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-out)

@@ -1,16 +1,37 @@
 """The GPU measurements of the open performance issues, side by side with the baselines a GPU user has, in one run.
 
-    python -m bench.gpu_report [--out bench/results/<gpu>-<date>-gpu-report.json] [--budget 120] [--only quant,...]
+    python -m bench.gpu_report [--out bench/results/<gpu>-<date>-gpu-report.json] [--budget 100] [--only quant,...]
+                               [--section-budget quant=40,...]
 
-Every time is the median of CUDA-event timings (``triton.testing.do_bench``), after a warm-up that compiles and
-autotunes. Ceilings measured in the same run: device copy bandwidth (bytes read + written) and the bf16 matrix
-rate. Each row: name, ms, and where meaningful GB/s, % of the copy bandwidth, TFLOP/s and the ratio to the row's
-baseline (``vs``: baseline ms / this ms, > 1 = faster than the baseline). A row that fails records its error and
-the run goes on; rows past the time budget are skipped (and listed). Sections: ceilings, quant (issue 15: Int8Linear,
-INT4 matmul, stochastic rounding), galore (issue 16: optimizer steps, refresh), memory and dictionary (issue 17),
-host (per-call host overhead of eager layers vs nn.Linear, issue 14), kernels (decode calls: call time, kernel
-time without the host from a CUDA-graph replay, and the CUDA kernels per call), autotune (configs the Triton autotuners
-chose). Needs a CUDA device.
+Each row times one call three ways, after a warm-up call that compiles and autotunes:
+
+* ``ms``: the call time, the median of CUDA-event timings of calls back to back (``triton.testing.do_bench``): what
+  a loop of eager calls gets, the larger of the host's and the GPU's time per call;
+* ``host_ms``: the host's time per call (host clock over a few calls launched back to back, no sync in between):
+  Python, dispatch and launches; a call that syncs shows its GPU time here too;
+* ``kernel_ms``: the GPU's time per call without the host: the calls captured in one CUDA graph and replayed
+  (``graph_error`` says why, where a call cannot be captured; ``graph=False`` rows, e.g. optimizer steps that sync
+  by design, skip it). Where the host's time is under a quarter of the call time, the GPU bounds the call already
+  and ``kernel_ms`` is ``ms`` (``kernel_ms_from`` says so): no replay, to spend the budget on more rows.
+
+GB/s, % of the copy bandwidth and TFLOP/s come from ``kernel_ms`` where measured (``rate_basis``), else from ``ms``;
+``speedup_vs_base`` (base ms / this ms, > 1 = faster than the row named by ``vs``) compares call times,
+``kernel_speedup_vs_base`` kernel times and ``host_speedup_vs_base`` host times. Ceilings measured in the same run: device copy bandwidth (bytes read +
+written) and the matrix rates.
+
+Sections, in the order they run by default (value first): ceilings, quant (issue 15: Int8Linear, INT4 matmul,
+stochastic rounding), kernels (decode calls: call time, kernel time from a CUDA-graph replay, and the CUDA kernels
+each call runs), galore (issue 16: optimizer steps, refresh), memoryformer and dictionary (issue 17), host (per-call
+host overhead of eager layers vs nn.Linear, issue 14). After each section, the configs the Triton autotuners chose.
+
+Budgets hold, autotuning and compiles included: each section has its share of ``--budget`` (SECTION_BUDGETS,
+scaled to the sections asked for; ``--section-budget`` sets one outright); a row that would start past it is skipped
+and listed with its reason, and a row still running at the section's deadline is cut by an alarm (SIGALRM) and
+recorded as cut. A row that fails records its error and the run goes on; a row whose optional peer is missing
+(bitsandbytes, galore-torch) is skipped with the reason. The JSON (``--out``) is rewritten after every row (written
+to a temporary file, then renamed), so a run killed from outside leaves every row measured so far; ``complete`` is
+true only when the run ended by itself, and ``sections`` says per section what happened. Needs a CUDA device
+(``--device cpu`` runs the bookkeeping alone, for the tests: its timings mean nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -25,61 +47,220 @@ import warnings
 
 import torch
 
-ROWS = []
-SKIPPED = []
-_T0 = time.time()
-_BUDGET = [1e9]
-_SECTION_DEADLINE = [1e18]  # absolute time; set per section from --section-budget
+DEV = "cuda"  # where the sections allocate (the CPU only in the tests of the bookkeeping)
+ROWS: list = []
+SKIPPED: list = []  # "section/name: why" of each row not measured
+SECTION_STATUS: dict = {}  # section -> status, budget_s, seconds, rows
+_META: dict = {}
+_OUT = [None]
+_COMPLETE = [False]
+_DEADLINE = [float("inf")]  # absolute time: the whole report (--budget)
+_SECTION_DEADLINE = [float("inf")]  # absolute time: the section running
 COPY_BW = [None]
 
+# Seconds per section, in the default order (value first). They are shares: a run gives the sections it runs
+# --budget (less the start-up), in these proportions (make gpu-check: 100 s for all seven, ~97 s after start-up).
+SECTION_BUDGETS = {"ceilings": 6, "quant": 34, "kernels": 18, "galore": 14, "memoryformer": 11, "dictionary": 11,
+                   "host": 6}
 
-def _bench(fn, warmup=10, rep=40):
+
+class BudgetExceeded(BaseException):
+    """Raised by the section alarm at the section's deadline (a BaseException, so that no ``except Exception`` in a
+    row or a library swallows it)."""
+
+
+_WRITING = [False]
+_PENDING_CUT = [False]
+
+
+def _on_alarm(signum, frame):
+    if _WRITING[0]:  # never leave the JSON half-written: cut right after the write
+        _PENDING_CUT[0] = True
+        return
+    raise BudgetExceeded("the section's time budget ran out")
+
+
+def _arm(deadline: float) -> None:
+    # then every half second: a cut that a library turned into another error (an exception raised while unwinding
+    # replaces it) comes again until the section ends
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 1e-3), 0.5)
+
+
+def _disarm() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _PENDING_CUT[0] = False
+
+
+def write() -> None:
+    """The report so far to ``--out``: a temporary file renamed over it, so a kill never leaves half a file."""
+    if _OUT[0] is None:
+        return
+    _WRITING[0] = True
+    try:
+        tmp = _OUT[0] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(meta=_META, complete=_COMPLETE[0], copy_GBps=COPY_BW[0], sections=SECTION_STATUS,
+                           rows=ROWS, skipped=SKIPPED), f, indent=1, default=str)
+        os.replace(tmp, _OUT[0])
+    finally:
+        _WRITING[0] = False
+    if _PENDING_CUT[0]:
+        _PENDING_CUT[0] = False
+        raise BudgetExceeded("the section's time budget ran out")
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench(fn, warmup=5, rep=25):
+    """Median call time in ms (CUDA events; on the CPU, for the tests, the host clock)."""
+    if DEV != "cuda":  # one call: the CPU runs are tests of the bookkeeping, their times mean nothing
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def row(section, name, fn=None, *, ms=None, bytes=None, flops=None, base=None, **info):  # noqa: A002
-    """Time ``fn`` (or take ``ms``) and record a row; ``base`` names an earlier row of the section to compare to."""
-    if time.time() - _T0 > _BUDGET[0] or time.time() > _SECTION_DEADLINE[0]:
-        SKIPPED.append(f"{section}/{name}")
+def _host_ms(fn, calls):
+    """Host time per call: ``calls`` calls launched back to back with no sync in between (the GPU runs behind when
+    its part is the longer one), best of three rounds."""
+    best = float("inf")
+    for _ in range(3 if DEV == "cuda" else 1):
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - t0)
+    _sync()
+    return best / calls * 1e3
+
+
+def _graph_ms(fn, calls=20):
+    """Kernel time per call without the host: ``calls`` calls captured in one CUDA graph, replayed (do_bench)."""
+    caller = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):  # warm-up on a side stream (allocator, lazy handles) outside the capture
+        fn()
+    caller.wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        return _bench(graph.replay) / calls
+    finally:
+        # a capture that failed can leave its stream current (torch.cuda.graph's exit raises before restoring it)
+        torch.cuda.set_stream(caller)
+        del graph
+
+
+class _Optional(Exception):
+    """A row's peer (bitsandbytes, galore-torch) is not installed: the row is skipped, with the reason."""
+
+
+def _skip(section, name, why):
+    SKIPPED.append(f"{section}/{name}: {why}")
+    print(f"  {section:<10} {name:<58} skipped: {why}", flush=True)
+    write()
+
+
+def row(section, name, fn=None, *, setup=None, ms=None, graph=True, bytes=None, flops=None, base=None,  # noqa: A002
+        **info):
+    """Time ``fn`` (or ``setup()``'s result, built only when the row runs; or take ``ms``) and record a row.
+
+    ``base`` names an earlier row of the section to compare to; ``graph=False`` skips the CUDA-graph replay (calls
+    that sync or allocate on the host by design), ``graph="always"`` replays even where the GPU bounds the call. A
+    ``setup`` that raises ImportError (an optional peer is missing) skips the row with the reason; past the budget
+    the row is skipped before ``setup`` runs."""
+    now = time.time()
+    if now > _DEADLINE[0]:
+        _skip(section, name, "past the report's time budget")
+        return None
+    if now > _SECTION_DEADLINE[0]:
+        _skip(section, name, "past the section's time budget")
         return None
     rec = dict(section=section, name=name, **info)
     try:
+        if setup is not None:
+            try:
+                fn = setup()
+            except ImportError as exc:
+                raise _Optional(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
         if ms is None:
             fn()  # compile / autotune / allocate outside the timing
-            torch.cuda.synchronize()
+            _sync()
             ms = _bench(fn)
+            rec["host_ms"] = _host_ms(fn, max(1, min(20, int(5.0 / max(ms, 1e-3)))) if DEV == "cuda" else 1)
+            if graph is True and DEV == "cuda" and rec["host_ms"] < 0.25 * ms:
+                # the GPU bounds the call time already: the replay would measure the same (and cost time)
+                rec["kernel_ms"], rec["kernel_ms_from"] = ms, "ms (host time < 25% of it)"
+            elif graph and DEV == "cuda":
+                try:
+                    rec["kernel_ms"] = _graph_ms(fn, calls=max(1, min(20, int(1.0 / max(ms, 1e-3)))))
+                except Exception as exc:  # noqa: BLE001 - capture fails on a host sync or a CPU-side step
+                    rec["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         rec["ms"] = ms
-        if bytes is not None:
-            rec["GB/s"] = bytes / ms / 1e6
-            if COPY_BW[0]:
-                rec["pct_copy_bw"] = 100 * rec["GB/s"] / COPY_BW[0]
-        if flops is not None:
-            rec["TFLOP/s"] = flops / ms / 1e9
-        if base is not None:
-            ref = next((r for r in ROWS if r["section"] == section and r["name"] == base and "ms" in r), None)
-            if ref is not None:
-                rec["vs"] = base
-                rec["speedup_vs_base"] = ref["ms"] / ms
+        _rates(rec, section, bytes, flops, base)
+    except _Optional as exc:
+        _skip(section, name, str(exc))
+        return None
+    except BudgetExceeded:
+        rec["error"] = "cut: the section's time budget ran out during this row"
+        ROWS.append(rec)
+        _print(rec)
+        write()
+        raise
     except Exception as exc:  # noqa: BLE001 - one failing row must not end the report
         rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         traceback.print_exc(limit=3)
     ROWS.append(rec)
     _print(rec)
+    write()
     return rec.get("ms")
+
+
+def _rates(rec, section, nbytes, flops, base):
+    ms = rec.get("kernel_ms", rec["ms"])
+    rec["rate_basis"] = "kernel_ms" if "kernel_ms" in rec else "ms"
+    if nbytes is not None:
+        rec["GB/s"] = nbytes / ms / 1e6
+        if COPY_BW[0]:
+            rec["pct_copy_bw"] = 100 * rec["GB/s"] / COPY_BW[0]
+    if flops is not None:
+        rec["TFLOP/s"] = flops / ms / 1e9
+    if base is not None:
+        ref = next((r for r in ROWS if r["section"] == section and r["name"] == base and "ms" in r), None)
+        if ref is not None:
+            rec["vs"] = base
+            rec["speedup_vs_base"] = ref["ms"] / rec["ms"]
+            if "kernel_ms" in ref and "kernel_ms" in rec:
+                rec["kernel_speedup_vs_base"] = ref["kernel_ms"] / rec["kernel_ms"]
+            if "host_ms" in ref and "host_ms" in rec:
+                rec["host_speedup_vs_base"] = ref["host_ms"] / rec["host_ms"]
 
 
 def _print(r):
     if "error" in r:
         print(f"  {r['section']:<10} {r['name']:<58} ERROR {r['error']}", flush=True)
         return
+    times = f"{r['ms']:9.4f} ms"
+    if "host_ms" in r:
+        times += f"  host {r['host_ms']:8.4f}"
+    if "kernel_ms" in r:
+        times += f"  kernel {r['kernel_ms']:8.4f}"
     extra = []
     for key, fmt in (("GB/s", "{:.0f} GB/s"), ("pct_copy_bw", "{:.0f}% bw"), ("TFLOP/s", "{:.1f} TF/s"),
-                     ("speedup_vs_base", "x{:.2f} vs base")):
+                     ("speedup_vs_base", "x{:.2f} vs base"), ("kernel_speedup_vs_base", "(kernel x{:.2f})"),
+                     ("host_speedup_vs_base", "(host x{:.2f})")):
         if key in r:
             extra.append(fmt.format(r[key]))
-    print(f"  {r['section']:<10} {r['name']:<58} {r['ms']:9.4f} ms  {'  '.join(extra)}", flush=True)
+    print(f"  {r['section']:<10} {r['name']:<58} {times}  {'  '.join(extra)}", flush=True)
 
 
 def _wk_backend(name):
@@ -89,23 +270,36 @@ def _wk_backend(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The sizes of the sections (the issues' shapes); the tests of the bookkeeping shrink them to run every section on
+# the CPU. COPY_ELEMS: fp32 elements of the copy (1 GiB); CEIL: the ceilings' matrix side; QUANT_D, QUANT_TOKENS: the quant section's 8192^2 layer and token
+# counts; PROJ: P^T G with P (m x r), G (m x n); MEM_D, MEM_TOKENS: MemoryLinear; DICT (d, k, s), DICT_TOKENS:
+# DictLinear; KERNELS_D, KERNELS_TOKENS: the kernels section's two layer sizes and their token counts.
+COPY_ELEMS, CEIL = 1 << 28, 8192
+QUANT_D, QUANT_TOKENS = 8192, (1, 16, 256, 4096)
+PROJ = (4096, 1024, 4096)
+MEM_D, MEM_TOKENS = 4096, (1, 16, 1024)
+DICT, DICT_TOKENS = (4096, 1638, 819), (1, 16, 256, 4096)
+KERNELS_D, KERNELS_TOKENS = (8192, 4096), ((1, 16, 256), (1, 16))
+
 
 def ceilings():
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.randn(n, device="cuda")
+    n = COPY_ELEMS
+    a = torch.randn(n, device=DEV)
     b = torch.empty_like(a)
-    ms = row("ceilings", "copy 1 GiB (bytes read + written)", lambda: b.copy_(a), bytes=2 * a.numel() * 4)
+    ms = row("ceilings", f"copy {n * 4 / 2**30:g} GiB (bytes read + written)", lambda: b.copy_(a),
+             bytes=2 * a.numel() * 4, graph=False)
     if ms:
         COPY_BW[0] = 2 * a.numel() * 4 / ms / 1e6
     del a, b
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    row("ceilings", "bf16 matmul 8192^3", lambda: x @ y, flops=2 * 8192**3)
+    c = CEIL
+    x = torch.randn(c, c, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(c, c, device=DEV, dtype=torch.bfloat16)
+    row("ceilings", f"bf16 matmul {c}^3", lambda: x @ y, flops=2 * c**3, graph=False)
     x32, y32 = x.float(), y.float()
     with _tf32(False):
-        row("ceilings", "fp32 matmul 8192^3 (strict)", lambda: x32 @ y32, flops=2 * 8192**3)
+        row("ceilings", f"fp32 matmul {c}^3 (strict)", lambda: x32 @ y32, flops=2 * c**3, graph=False)
     with _tf32(True):
-        row("ceilings", "tf32 matmul 8192^3", lambda: x32 @ y32, flops=2 * 8192**3)
+        row("ceilings", f"tf32 matmul {c}^3", lambda: x32 @ y32, flops=2 * c**3, graph=False)
 
 
 class _tf32:
@@ -121,16 +315,16 @@ class _tf32:
 
 
 def _backends(table):
-    return [b for b in ("cuda", "triton") if table.why_not(b, torch.device("cuda")) is None]
+    return [b for b in ("cuda", "triton") if table.why_not(b, torch.device(DEV)) is None]
 
 
 def quant():
     from weightkit.nn import Int8Linear
     from weightkit.ops import int4, int8 as q
 
-    d = 8192
-    lin = torch.nn.Linear(d, d, bias=False, device="cuda")
-    lin_bf16 = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    d = QUANT_D
+    lin = torch.nn.Linear(d, d, bias=False, device=DEV)
+    lin_bf16 = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
     layer = Int8Linear.from_linear(lin, group_size=128)
     w = lin.weight.detach()
     packed, sc, zp = int4.quantize_int4(w, 64)
@@ -139,10 +333,10 @@ def quant():
     try:  # torch's tinygemm int4 kernel (what torch/torchao users have), group 64
         if not peers:
             raise RuntimeError("skipped (QUANT_PEERS=0)")
-        wq = torch.randint(0, 16, (d, d), dtype=torch.int32, device="cuda")
+        wq = torch.randint(0, 16, (d, d), dtype=torch.int32, device=DEV)
         wq = (wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8)
         packed_tiny = torch._convert_weight_to_int4pack(wq, 8)
-        sz = torch.randn(d // 64, d, 2, device="cuda", dtype=torch.bfloat16)
+        sz = torch.randn(d // 64, d, 2, device=DEV, dtype=torch.bfloat16)
         tiny = (packed_tiny, sz)
     except Exception as exc:  # noqa: BLE001
         print(f"  (tinygemm unavailable: {exc})")
@@ -154,15 +348,15 @@ def quant():
 
         l8 = bnb.nn.Linear8bitLt(d, d, bias=False, has_fp16_weights=False, threshold=0.0)
         l8.weight = bnb.nn.Int8Params(w.cpu().half(), requires_grad=False, has_fp16_weights=False)
-        bnb_layers["bitsandbytes Linear8bitLt"] = l8.cuda()
+        bnb_layers["bitsandbytes Linear8bitLt"] = l8.to(DEV)
         l4 = bnb.nn.Linear4bit(d, d, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
         l4.weight = bnb.nn.Params4bit(w.cpu().bfloat16(), requires_grad=False, quant_type="nf4")
-        bnb_layers["bitsandbytes Linear4bit nf4"] = l4.cuda()
+        bnb_layers["bitsandbytes Linear4bit nf4"] = l4.to(DEV)
     except Exception as exc:  # noqa: BLE001
         print(f"  (bitsandbytes unavailable: {type(exc).__name__}: {exc})")
     int4_rows = os.environ.get("QUANT_INT4", "1") == "1"
-    for tokens in (1, 16, 256, 4096):  # Int8Linear first (the issue's targets), then INT4 and the peers
-        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    for tokens in QUANT_TOKENS:  # Int8Linear first (the issue's targets), then INT4 and the peers
+        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         base = f"bf16 nn.Linear {tokens}x{d}x{d}"
         fl = 2 * tokens * d * d
         with torch.no_grad():
@@ -171,37 +365,40 @@ def quant():
                 with _wk_backend(b):
                     row("quant", f"Int8Linear g128 {b} {tokens} tok", lambda: layer(x), base=base,
                         bytes=d * d + d * d // 128 * 4 + 4 * tokens * d, flops=fl)
-    # stochastic rounding and the fused write-back, 8192^2
-    big = torch.randn(d, d, device="cuda")
+    # stochastic rounding and the fused write-back, d^2
+    big = torch.randn(d, d, device=DEV)
     scale = q.absmax_scale(big, 128)
     for b in _backends(q._SR):
         with _wk_backend(b):
-            row("quant", f"stochastic_round_int8 8192^2 {b}", lambda: q.stochastic_round_int8(big, scale, 128, 1),
+            row("quant", f"stochastic_round_int8 {d}^2 {b}", lambda: q.stochastic_round_int8(big, scale, 128, 1),
                 bytes=big.numel() * 5 + scale.numel() * 4)
-    delta = torch.randn(d, d, device="cuda") * 1e-3
+    delta = torch.randn(d, d, device=DEV) * 1e-3
     for b in _backends(q._SR_UPDATE):
         wq, s2 = q.stochastic_round_int8(big, scale, 128, 0), scale.clone()
         with _wk_backend(b):
-            row("quant", f"int8_sr_update_ 8192^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
+            row("quant", f"int8_sr_update_ {d}^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
                 bytes=big.numel() * 6 + 2 * scale.numel() * 4)
-    # backward at 4096 tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
-    tokens = 4096
-    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    y = lin_bf16(x)
-    row("quant", "bf16 nn.Linear backward 4096 tok", lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g,
-                                                                                 retain_graph=True))
+    # backward at the most tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
+    tokens = QUANT_TOKENS[-1]
+    x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+
+    def linear_backward():
+        y = lin_bf16(x)
+        return lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g, retain_graph=True)
+
+    row("quant", f"bf16 nn.Linear backward {tokens} tok", setup=linear_backward)
     for b in _backends(q._INT8_MM)[::-1]:
         def fb():
             layer.weight.float_grad = None
             with _wk_backend(b):
                 yy = layer(x)
                 torch.autograd.grad(yy, (x,), g)
-        row("quant", f"Int8Linear fwd+bwd {b} 4096 tok", fb)
-    row("quant", "bf16 nn.Linear fwd+bwd 4096 tok",
+        row("quant", f"Int8Linear fwd+bwd {b} {tokens} tok", fb)
+    row("quant", f"bf16 nn.Linear fwd+bwd {tokens} tok",
         lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
-    for tokens in (1, 16, 256, 4096):
-        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    for tokens in QUANT_TOKENS:
+        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         base = f"bf16 nn.Linear {tokens}x{d}x{d}"
         fl = 2 * tokens * d * d
         with torch.no_grad():
@@ -215,8 +412,28 @@ def quant():
             if tiny is not None:
                 row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
                     lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
+    # Q-GaLore projection P^T G: P m x r INT4 (4096 x 1024), G m x n (4096 x 4096)
+    m, r, n = PROJ
+    pfl = 2 * m * r * n
+    P = torch.linalg.qr(torch.randn(m, r, device=DEV))[0]
+    G = torch.randn(m, n, device=DEV)
+    pk, ps, pz = int4.quantize_int4(P, 64)
+    Pt = P.T.contiguous()
+    with _tf32(False):
+        row("quant", f"P^T G fp32 (strict) {m}x{r}x{n}", lambda: Pt @ G, flops=pfl)
+    with _tf32(True):
+        row("quant", "P^T G tf32", lambda: Pt @ G, flops=pfl)
+    Pb, Gb = Pt.bfloat16(), G.bfloat16()
+    row("quant", "P^T G bf16", lambda: Pb @ Gb, flops=pfl)
+    Gt = G.T  # P^T G = (G^T P)^T: the INT4 op computes x @ W with x = G^T (n x m), W = P (m x r)
+    for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
+        with _wk_backend(b):
+            row("quant", f"P^T G int4_matmul {b}", lambda: int4.int4_matmul(Gt, pk, ps, pz, 64, (m, r),
+                                                                           transpose=True),
+                base=f"P^T G fp32 (strict) {m}x{r}x{n}", flops=pfl)
     # torch.compile's int8 weight-only linear, group 128 (the way torchao's int8 weight-only runs): the issue's "never
-    # slower than" baseline; last in the section, since each token count compiles (QUANT_COMPILE=0 skips it)
+    # slower than" baseline; last in the section, since each token count compiles (tens of seconds; the section's
+    # budget cuts it; QUANT_COMPILE=0 skips it)
     if os.environ.get("QUANT_COMPILE", "1") == "1":
         wq8 = layer.weight.detach().view(d, d // 128, 128)
         s8 = layer.scale.detach().view(d, d // 128, 1)
@@ -226,115 +443,122 @@ def quant():
             w = (wq8.to(x.dtype) * s8.to(x.dtype)).view(d, d)
             return torch.nn.functional.linear(x, w)
 
-        for tokens in (1, 16, 256, 4096):
-            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        for tokens in QUANT_TOKENS:
+            x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
             with torch.no_grad():
                 row("quant", f"torch.compile int8 weight-only g128 {tokens} tok", lambda: compiled_int8(x),
                     base=f"bf16 nn.Linear {tokens}x{d}x{d}", bytes=d * d + d * d // 128 * 4 + 4 * tokens * d,
                     flops=2 * tokens * d * d)
-    # Q-GaLore projection P^T G: P 4096x1024 INT4, G 4096x4096
-    P = torch.linalg.qr(torch.randn(4096, 1024, device="cuda"))[0]
-    G = torch.randn(4096, 4096, device="cuda")
-    pk, ps, pz = int4.quantize_int4(P, 64)
-    Pt = P.T.contiguous()
-    with _tf32(False):
-        row("quant", "P^T G fp32 (strict) 4096x1024x4096", lambda: Pt @ G, flops=2 * 4096 * 1024 * 4096)
-    with _tf32(True):
-        row("quant", "P^T G tf32", lambda: Pt @ G, flops=2 * 4096 * 1024 * 4096)
-    Pb, Gb = Pt.bfloat16(), G.bfloat16()
-    row("quant", "P^T G bf16", lambda: Pb @ Gb, flops=2 * 4096 * 1024 * 4096)
-    Gt = G.T  # P^T G = (G^T P)^T: the INT4 op computes x @ W with x = G^T (4096 x 4096), W = P (4096 x 1024)
-    for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
-        with _wk_backend(b):
-            row("quant", f"P^T G int4_matmul {b}", lambda: int4.int4_matmul(Gt, pk, ps, pz, 64, (4096, 1024),
-                                                                           transpose=True),
-                base="P^T G fp32 (strict) 4096x1024x4096", flops=2 * 4096 * 1024 * 4096)
+
+
+# (m, n) and rank of the optimizer-step rows; the refresh's and the Q-GaLore step's square size and rank (the tests
+# of the bookkeeping shrink them)
+GALORE_SHAPES = (((4096, 4096), 1024), ((4096, 11008), 512))
+REFRESH_SHAPE = (4096, 1024)
+QGALORE_SHAPE = (4096, 1024)
 
 
 def galore():
+    """Optimizer steps (no refresh: update_proj_gap 10**6, the first step builds the state outside the timing), a
+    refresh, and a Q-GaLore step. Each optimizer is built only when its row runs (``setup``), so rows past the
+    budget cost nothing, and a missing peer (bitsandbytes for the 8-bit moments, galore-torch) skips its rows with
+    the reason instead of ending the section. Steps sync once by design (the NaN check of the gradients): no
+    CUDA-graph replay; their host time shows that sync."""
     from weightkit import backend as wb
     from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit
     from weightkit.optim.projector import compute_basis
 
     try:
         import galore_torch
-    except Exception:  # noqa: BLE001
-        galore_torch = None
-    for (m, n), rank in (((4096, 4096), 1024), ((4096, 11008), 512)):
+        no_galore_torch = None
+    except Exception as exc:  # noqa: BLE001
+        galore_torch, no_galore_torch = None, f"needs galore-torch ({type(exc).__name__}: {exc})"
+    for (m, n), rank in GALORE_SHAPES:
         tag = f"{m}x{n} r{rank}"
         for tf32 in (False, True):
             with _tf32(tf32):
                 mode = "tf32" if tf32 else "fp32"
 
                 def make(kind, **extra):
-                    p = torch.nn.Parameter(torch.randn(m, n, device="cuda") * 0.02)
-                    p.grad = torch.randn(m, n, device="cuda")
+                    p = torch.nn.Parameter(torch.randn(m, n, device=DEV) * 0.02)
+                    p.grad = torch.randn(m, n, device=DEV)
                     group = {"params": [p], "rank": rank, "update_proj_gap": 10**6, "scale": 0.25,
                              "proj_type": "std", **extra}
                     if kind == "adamw":
-                        opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+                        opt = torch.optim.AdamW([p], lr=1e-3, fused=DEV == "cuda")
                     elif kind == "galore-torch":
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             opt = galore_torch.GaLoreAdamW([group], lr=1e-3)
-                    else:
-                        opt = kind([group], lr=1e-3)
+                    else:  # randomized SVD: the first step's basis, outside the timing, in a tenth of the time
+                        opt = kind([dict(group, svd="randomized")], lr=1e-3)
                     opt.step()  # projector + state
-                    torch.cuda.synchronize()
-                    return opt
+                    _sync()
+                    return opt.step
 
                 if not tf32:
-                    row("galore", f"torch AdamW fused {tag}", make("adamw").step)
+                    row("galore", f"torch AdamW fused {tag}", setup=lambda: make("adamw"), graph=False)
                 base = None
                 if galore_torch is not None:
                     base = f"galore-torch {mode} {tag}"
-                    row("galore", base, make("galore-torch").step)
+                    row("galore", base, setup=lambda: make("galore-torch"), graph=False)
+                else:
+                    _skip("galore", f"galore-torch {mode} {tag}", no_galore_torch)
                 for name in os.environ.get("GALORE_BACKENDS", "auto,cuda,triton").split(","):
                     with wb.use_backend(name):
-                        row("galore", f"weightkit GaLoreAdamW {name} {mode} {tag}", make(GaLoreAdamW).step, base=base)
+                        row("galore", f"weightkit GaLoreAdamW {name} {mode} {tag}", setup=lambda: make(GaLoreAdamW),
+                            base=base, graph=False)
                 row("galore", f"weightkit GaLoreAdamW proj bf16 {mode} {tag}",
-                    make(GaLoreAdamW, proj_dtype="bfloat16").step, base=base)
-                row("galore", f"weightkit GaLoreAdamW8bit {mode} {tag}", make(GaLoreAdamW8bit).step, base=base)
-    # refresh: a basis for 4096^2 at rank 1024
-    G = torch.randn(4096, 4096, device="cuda")
+                    setup=lambda: make(GaLoreAdamW, proj_dtype="bfloat16"), base=base, graph=False)
+                row("galore", f"weightkit GaLoreAdamW8bit {mode} {tag}", setup=lambda: make(GaLoreAdamW8bit),
+                    base=base, graph=False)
+    # refresh: a basis for a square gradient
+    size, rank = REFRESH_SHAPE
+    G = torch.randn(size, size, device=DEV)
     for svd in ("randomized", "exact"):
-        row("galore", f"refresh {svd} 4096^2 r1024", lambda: compute_basis(G, 1024, "left", svd))
+        row("galore", f"refresh {svd} {size}^2 r{rank}", lambda: compute_basis(G, rank, "left", svd), graph=False)
+    del G
     # Q-GaLore step on an Int8Linear weight
     from weightkit.nn import Int8Linear
 
-    layer = Int8Linear.from_linear(torch.nn.Linear(4096, 4096, bias=False, device="cuda"))
-    opt = QGaLoreAdamW8bit([{"params": [layer.weight], "rank": 1024, "update_proj_gap": 10**6, "scale": 0.25,
-                             "proj_type": "std"}], lr=1e-3)
-    fg = torch.randn(4096, 4096, device="cuda")
+    size, rank = QGALORE_SHAPE
 
-    def qstep():
-        layer.weight.float_grad = fg.clone()
-        opt.step()
-    qstep()
-    row("galore", "weightkit QGaLoreAdamW8bit Int8Linear 4096^2 r1024 (incl. grad copy)", qstep)
+    def qgalore_step():
+        layer = Int8Linear.from_linear(torch.nn.Linear(size, size, bias=False, device=DEV))
+        opt = QGaLoreAdamW8bit([{"params": [layer.weight], "rank": rank, "update_proj_gap": 10**6, "scale": 0.25,
+                                 "proj_type": "std"}], lr=1e-3)
+        fg = torch.randn(size, size, device=DEV)
+
+        def qstep():
+            layer.weight.float_grad = fg.clone()
+            opt.step()
+        qstep()
+        return qstep
+    row("galore", f"weightkit QGaLoreAdamW8bit Int8Linear {size}^2 r{rank} (incl. grad copy)", setup=qgalore_step,
+        graph=False)
 
 
 def memoryformer():
     from weightkit.nn import MemoryLinear
     from weightkit.ops import memoryformer as mem
 
-    d, tau = 4096, 8
+    d, tau = MEM_D, 8
     K = d // tau
     for dtype in (torch.float32, torch.bfloat16):
-        layer = MemoryLinear(d, d, tau=tau, bias=False, device="cuda", dtype=dtype)
+        layer = MemoryLinear(d, d, tau=tau, bias=False, device=DEV, dtype=dtype)
         tname = str(dtype).replace("torch.", "")
-        for tokens in (1, 16, 1024):
-            x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+        for tokens in MEM_TOKENS:
+            x = torch.randn(tokens, d, device=DEV, dtype=dtype)
             moved = tokens * K * d * layer.tables.element_size() + tokens * 2 * d * x.element_size()
             base = None
             if dtype == torch.float32:
                 base = f"F.embedding_bag sum fp32 {tokens} tok"
-                idx = (torch.arange(K, device="cuda") * 256 + torch.randint(0, 256, (tokens, K), device="cuda"))
-                p = torch.rand(tokens, K, device="cuda")
+                idx = (torch.arange(K, device=DEV) * 256 + torch.randint(0, 256, (tokens, K), device=DEV))
+                p = torch.rand(tokens, K, device=DEV)
                 flat = layer.tables.detach().reshape(K * 256, d)
                 row("memoryformer", base, lambda: torch.nn.functional.embedding_bag(idx, flat, mode="sum",
                                                                               per_sample_weights=p), bytes=moved)
-            lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+            lin = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
             xb = x.bfloat16()
             with torch.no_grad():
                 row("memoryformer", f"bf16 nn.Linear {tokens} tok ({tname} row)", lambda: lin(xb))
@@ -342,8 +566,9 @@ def memoryformer():
                     with _wk_backend(b):
                         row("memoryformer", f"MemoryLinear {tname} {b} {tokens} tok", lambda: layer(x), bytes=moved,
                             base=base)
-        x = torch.randn(1024, d, device="cuda", dtype=dtype, requires_grad=True)
-        g = torch.randn(1024, d, device="cuda", dtype=dtype)
+        tokens = MEM_TOKENS[-1]
+        x = torch.randn(tokens, d, device=DEV, dtype=dtype, requires_grad=True)
+        g = torch.randn(tokens, d, device=DEV, dtype=dtype)
         for b in _backends(mem._FWD):
             for det in (False, True):
                 def fb():
@@ -354,7 +579,7 @@ def memoryformer():
                             torch.autograd.grad(layer(x), (x, layer.tables), g)
                         finally:
                             torch.use_deterministic_algorithms(prev)
-                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} 1024 tok{' deterministic' if det else ''}", fb)
+                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok{' deterministic' if det else ''}", fb)
 
 
 def dictionary():
@@ -366,17 +591,17 @@ def dictionary():
     from weightkit.nn.ksvd import dictionary_size
     from weightkit.ops import dictionary as dct
 
-    d, k, s = 4096, 1638, 819
-    layer = DictLinear(d, d, k, s, bias=False, device="cuda")
+    d, k, s = DICT
+    layer = DictLinear(d, d, k, s, bias=False, device=DEV)
     indices = layer.indices
     dense_s = dct.bitmask_to_dense(layer.bitmask, layer.values.detach(), k)
     dense_bf = dense_s.bfloat16()
     sparse = dense_s.T.contiguous().to_sparse_csr()  # S^T (d_out x k), what cuSPARSE users would store
     kb, sb = dictionary_size(d, d, 0.3, value_bytes=2)
-    layer_bf = DictLinear(d, d, kb, sb, bias=False, device="cuda", dtype=torch.bfloat16)
-    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
-    for tokens in (1, 16, 256, 4096):
-        x = torch.randn(tokens, d, device="cuda")
+    layer_bf = DictLinear(d, d, kb, sb, bias=False, device=DEV, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
+    for tokens in DICT_TOKENS:
+        x = torch.randn(tokens, d, device=DEV)
         z = x @ layer.dictionary.detach()
         zb = z.bfloat16()
         xb = x.bfloat16()
@@ -404,7 +629,7 @@ def dictionary():
                     row("dictionary", f"DictLinear bf16 k{kb} s{sb} {b} {tokens} tok (incl. x@D)",
                         lambda: layer_bf(xb), base=linear, bytes=layer_bf.stored_bytes())
         xg = xb.clone().requires_grad_(True)
-        g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         row("dictionary", f"bf16 nn.Linear fwd+bwd {tokens} tok",
             lambda: torch.autograd.grad(lin(xg), (xg, lin.weight), g))
         for b in _backends(dct._BM_FWD):
@@ -417,43 +642,16 @@ def dictionary():
 
 def host():
     """Host time per eager call, tiny shapes (launch-bound): what Python + dispatch cost, vs nn.Linear. The layers
-    and the calls are bench/test_bench_host.py's (4 tokens, 64 -> 64); here timed on the host clock per call."""
+    and the calls are bench/test_bench_host.py's (4 tokens, 64 -> 64); each row's host_ms is the number (its ms is
+    the call time, which the host bounds at this size)."""
     from bench.test_bench_host import D, LAYERS, _step
 
-    lin = torch.nn.Linear(D, D, device="cuda")
+    lin = torch.nn.Linear(D, D, device=DEV)
     layers = {"nn.Linear": lin, **{name: build(lin) for name, (build, _) in LAYERS.items()}}
-
-    def host_us(fn, n=300):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        return (t1 - t0) / n * 1e3
-
     for mode in ("inference", "training"):
         for name, layer in layers.items():
             base = f"nn.Linear {mode}" if name != "nn.Linear" else None
-            row("host", f"{name} {mode}", ms=host_us(_step(layer, mode)), base=base)
-
-
-def _graph_ms(fn, calls=20):
-    """Kernel time per call without the host: ``calls`` calls captured in one CUDA graph, replayed (do_bench)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (autotune, compile, allocator) outside the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return _bench(graph.replay) / calls
+            row("host", f"{name} {mode}", _step(layer, mode), base=base, graph=mode == "inference")
 
 
 def _kernel_breakdown(fn, calls=5):
@@ -477,119 +675,198 @@ def _kernel_breakdown(fn, calls=5):
 
 
 def kernels():
-    """Decode-size calls three ways: call time (do_bench, host included when it is the bottleneck), kernel time
-    without the host (CUDA-graph replay) and the CUDA kernels each call runs (profiler). Settles whether a slow
-    decode row is the host, an extra kernel, or the kernel itself (issues 14, 15, 17)."""
+    """Decode-size calls three ways: call time (do_bench, host included when it is the bottleneck; with the host's
+    own time per call), kernel time without the host (CUDA-graph replay) and the CUDA kernels each call runs
+    (profiler). Settles whether a slow decode row is the host, an extra kernel, or the kernel itself (issues 14, 15,
+    17). Runs after quant, whose rows autotune the same 8192^2 shapes: the autotuners' choices are cached by then."""
     from weightkit.nn import Int8Linear, MemoryLinear
     from weightkit.ops import int4
 
-    d = 8192
-    lin = torch.nn.Linear(d, d, bias=False, device="cuda")
-    lin_bf16 = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    d, d_small = KERNELS_D
+    lin = torch.nn.Linear(d, d, bias=False, device=DEV)
+    lin_bf16 = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
     layer = Int8Linear.from_linear(lin, group_size=128)
     packed, sc, zp = int4.quantize_int4(lin.weight.detach(), 64)
-    mem = MemoryLinear(4096, 4096, tau=8, bias=False, device="cuda", dtype=torch.bfloat16)
-    lin4k = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    mem = MemoryLinear(d_small, d_small, tau=8, bias=False, device=DEV, dtype=torch.bfloat16)
+    lin4k = torch.nn.Linear(d_small, d_small, bias=False, device=DEV, dtype=torch.bfloat16)
     cases = []
-    for tokens in (1, 16, 256):
-        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-        cases += [(f"bf16 nn.Linear 8192^2 {tokens} tok", lambda x=x: lin_bf16(x)),
-                  (f"Int8Linear g128 8192^2 {tokens} tok", lambda x=x: layer(x))]
+    for tokens in KERNELS_TOKENS[0]:
+        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+        cases += [(f"bf16 nn.Linear {d}^2 {tokens} tok", lambda x=x: lin_bf16(x)),
+                  (f"Int8Linear g128 {d}^2 {tokens} tok", lambda x=x: layer(x))]
         if tokens == 1:
-            cases.append((f"int4_matmul g64 8192^2 {tokens} tok", lambda x=x: int4.int4_matmul(x, packed, sc, zp, 64,
+            cases.append((f"int4_matmul g64 {d}^2 {tokens} tok", lambda x=x: int4.int4_matmul(x, packed, sc, zp, 64,
                                                                                                (d, d))))
-    for tokens in (1, 16):
-        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
-        cases += [(f"bf16 nn.Linear 4096^2 {tokens} tok", lambda x=x: lin4k(x)),
-                  (f"MemoryLinear bf16 4096^2 {tokens} tok", lambda x=x: mem(x))]
+    for tokens in KERNELS_TOKENS[1]:
+        x = torch.randn(tokens, d_small, device=DEV, dtype=torch.bfloat16)
+        cases += [(f"bf16 nn.Linear {d_small}^2 {tokens} tok", lambda x=x: lin4k(x)),
+                  (f"MemoryLinear bf16 {d_small}^2 {tokens} tok", lambda x=x: mem(x))]
     with torch.no_grad():
         for name, fn in cases:
-            call = row("kernels", f"{name} call", fn)
-            try:
-                gms = _graph_ms(fn)
-            except Exception as exc:  # noqa: BLE001 - capture fails on a host sync or an allocation it cannot replay
-                gms = None
-                print(f"  kernels    {name}: CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
-            if gms is not None:
-                row("kernels", f"{name} graph", ms=gms, call_ms=call)
+            if row("kernels", name, fn, graph="always") is None:
+                continue  # skipped (budget) or failed: no profile either
+            if DEV != "cuda":
+                continue
             try:
                 ks = _kernel_breakdown(fn)
                 ROWS.append(dict(section="kernels", name=f"{name} profile", kernels=ks))
+                write()
                 for kname, us, count in ks[:6]:
                     print(f"  kernels      {us:9.1f} us  x{count:g}  {kname}", flush=True)
             except Exception as exc:  # noqa: BLE001
                 print(f"  kernels    {name}: profiler failed: {type(exc).__name__}: {exc}", flush=True)
 
 
+_AUTOTUNE_SEEN = set()
+
+
 def autotune():
-    """The config each Triton autotuner in weightkit.kernels chose (printed by make gpu-check)."""
+    """The configs the Triton autotuners in weightkit.kernels chose so far (recorded after each section)."""
     import importlib
     import pkgutil
 
-    import triton
+    try:
+        import triton
 
-    import weightkit.kernels as kpkg
-
+        import weightkit.kernels as kpkg
+    except Exception:  # noqa: BLE001 - no triton: nothing was autotuned
+        return
     for mod in pkgutil.iter_modules(kpkg.__path__):
         m = importlib.import_module(f"weightkit.kernels.{mod.name}")
         for attr, obj in vars(m).items():
             if isinstance(obj, triton.runtime.Autotuner):
-                for key, cfg in getattr(obj, "cache", {}).items():
-                    rec = dict(section="autotune", name=f"{mod.name}.{attr}", key=str(key), config=str(cfg))
-                    ROWS.append(rec)
+                for key, cfg in list(getattr(obj, "cache", {}).items()):
+                    if (mod.name, attr, str(key)) in _AUTOTUNE_SEEN:
+                        continue
+                    _AUTOTUNE_SEEN.add((mod.name, attr, str(key)))
+                    ROWS.append(dict(section="autotune", name=f"{mod.name}.{attr}", key=str(key), config=str(cfg)))
                     short = tuple(k for k in key if not str(k).startswith("torch."))  # dtypes: in the JSON
                     print(f"  autotune   {mod.name}.{attr} {short} -> {cfg}", flush=True)
+    write()
 
 
-SECTIONS = {"ceilings": ceilings, "host": host, "kernels": kernels, "quant": quant, "memoryformer": memoryformer,
-            "dictionary": dictionary, "galore": galore, "autotune": autotune}
+SECTIONS = {"ceilings": ceilings, "quant": quant, "kernels": kernels, "galore": galore, "memoryformer": memoryformer,
+            "dictionary": dictionary, "host": host}
+
+
+def section_budgets(sections, seconds, fixed=None):
+    """Each section's seconds: ``fixed`` ones as given, the others ``seconds`` (less the fixed) in the proportions
+    of SECTION_BUDGETS."""
+    fixed = dict(fixed or {})
+    shares = {s: SECTION_BUDGETS.get(s, 10) for s in sections if s not in fixed}
+    left = max(seconds - sum(fixed.get(s, 0) for s in sections), 0.0)
+    total = sum(shares.values()) or 1
+    return {s: float(fixed[s]) if s in fixed else left * shares[s] / total for s in sections}
+
+
+def run_section(sec, budget_s):
+    """Run one section under its budget: rows past the deadline are skipped, a row running at the deadline is cut
+    (SIGALRM); the status goes to the JSON either way."""
+    t0 = time.time()
+    _SECTION_DEADLINE[0] = min(t0 + budget_s, _DEADLINE[0])
+    SECTION_STATUS[sec] = dict(status="running", budget_s=round(budget_s, 1))
+    n_rows, n_skipped = len(ROWS), len(SKIPPED)
+    print(f"[{sec}] budget {budget_s:.3g} s", flush=True)
+    status = "done"
+    try:
+        try:
+            write()
+            _arm(_SECTION_DEADLINE[0])
+            SECTIONS[sec]()
+        finally:
+            _disarm()
+    except BudgetExceeded:
+        status = f"cut at its {budget_s:.3g} s budget"
+        print(f"  {sec}: {status}", flush=True)
+    except Exception:  # noqa: BLE001 - the next section still runs
+        traceback.print_exc()
+        ROWS.append(dict(section=sec, name="(section failed)", error=traceback.format_exc(limit=3)[-600:]))
+        status = "failed"
+    _SECTION_DEADLINE[0] = float("inf")
+    try:
+        _sync()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    except Exception as exc:  # noqa: BLE001
+        status += f"; the device failed after it: {type(exc).__name__}: {exc}"
+    SECTION_STATUS[sec] = dict(status=status, budget_s=round(budget_s, 1), seconds=round(time.time() - t0, 1),
+                               rows=len(ROWS) - n_rows, skipped=len(SKIPPED) - n_skipped)
+    write()
+    autotune()
 
 
 def main(argv=None) -> int:
+    global DEV
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds; rows past it are skipped")
-    ap.add_argument("--only", default=",".join(SECTIONS))
-    ap.add_argument("--section-budget", default="", help="e.g. quant=60,memoryformer=40 (seconds per section)")
+    ap.add_argument("--out", default=None, help="the JSON, rewritten after every row "
+                    "(default bench/results/<gpu>-<date>-gpu-report.json)")
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds for the whole report, start-up included")
+    ap.add_argument("--only", default=",".join(SECTION_BUDGETS), help="sections, in the order to run them")
+    ap.add_argument("--section-budget", default="", help="seconds for some sections outright, e.g. quant=60")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: the bookkeeping alone, for the tests (timings mean nothing)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    t_start = time.time()
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_report: needs a CUDA device", file=sys.stderr)
         return 2
-    _BUDGET[0] = args.budget
-    import triton
-
-    import weightkit
-    from weightkit import backend
-
-    name = torch.cuda.get_device_name()
-    meta = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
-                weightkit=weightkit.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), backends=backend.status(),
-                sms=torch.cuda.get_device_properties(0).multi_processor_count)
-    print(f"gpu_report on {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    for sec in args.only.split(","):
-        if sec == "autotune":
-            continue
-        print(f"[{sec}]", flush=True)
-        per = dict(kv.split("=") for kv in args.section_budget.split(",") if kv)
-        _SECTION_DEADLINE[0] = time.time() + float(per[sec]) if sec in per else 1e18
-        try:
-            SECTIONS[sec]()
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            ROWS.append(dict(section=sec, name="(section failed)", error=traceback.format_exc(limit=2)[-400:]))
-        torch.cuda.empty_cache()
-    print("[autotune]", flush=True)
-    autotune()
+    sections = [s for s in args.only.split(",") if s and s != "autotune"]  # autotune: recorded after each section
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(f"gpu_report: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    DEV = args.device
+    for state in (ROWS, SKIPPED, SECTION_STATUS, _META):
+        state.clear()
+    COPY_BW[0], _COMPLETE[0] = None, False
+    _DEADLINE[0] = t_start + args.budget
     out = args.out
     if out is None:
         from weightkit.benchreport import device_tag
 
         out = f"bench/results/{device_tag()}-{time.strftime('%Y-%m-%d')}-gpu-report.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, copy_GBps=COPY_BW[0], rows=ROWS, skipped=SKIPPED), f, indent=1)
-    print(f"gpu_report: {len(ROWS)} rows, {sum('error' in r for r in ROWS)} errors, {len(SKIPPED)} skipped "
-          f"(budget) -> {out}", flush=True)
+    _OUT[0] = out
+
+    import weightkit
+    from weightkit import backend
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (bookkeeping test)"
+    fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.section_budget.split(",") if kv)}
+    budgets = section_budgets(sections, _DEADLINE[0] - time.time(), fixed)
+    _META.update(device=name, torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
+                 weightkit=weightkit.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), backends=backend.status(),
+                 sms=torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else None,
+                 budget_s=args.budget, section_budgets_s={s: round(b, 1) for s, b in budgets.items()})
+    for sec in sections:
+        SECTION_STATUS[sec] = dict(status="not started", budget_s=round(budgets[sec], 1))
+    print(f"gpu_report on {name}, torch {torch.__version__}, triton {triton_version}; budget {args.budget:.0f} s: "
+          + ", ".join(f"{s} {b:.0f}" for s, b in budgets.items()), flush=True)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        write()
+        for sec in sections:
+            if time.time() >= _DEADLINE[0]:
+                SECTION_STATUS[sec]["status"] = "skipped: the report's budget was spent"
+                print(f"[{sec}] skipped: the report's budget was spent", flush=True)
+                continue
+            run_section(sec, budgets[sec])
+        _COMPLETE[0] = True
+        write()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    errors = sum("error" in r for r in ROWS)
+    print(f"gpu_report: {len(ROWS)} rows, {errors} errors, {len(SKIPPED)} skipped, {time.time() - t_start:.0f} s -> "
+          f"{out}", flush=True)
+    for sec, st in SECTION_STATUS.items():
+        print(f"  {sec:<12} {st['status']} ({st.get('seconds', 0)} of {st['budget_s']} s, {st.get('rows', 0)} rows, "
+              f"{st.get('skipped', 0)} skipped)", flush=True)
     return 0
 
 

@@ -39,6 +39,8 @@ def test_eval_windows_cover_the_split_in_order():
 
 @pytest.mark.parametrize("method", train.METHODS)
 def test_method_learns(method):
+    if method.startswith("qgalore"):
+        pytest.importorskip("bitsandbytes")  # QGaLoreAdamW8bit / GaLoreAdamW8bit build their 8-bit moments with it
     cfg = train.TrainConfig(**TINY)
     result = train.run(method, cfg, progress=False)
     unigram_nats = unigram_entropy_bits(byte_corpus()[0]) * math.log(2)
@@ -72,6 +74,7 @@ def test_galore_three_ways_train_alike():
 def test_qgalore_layerwise_steps_int8_weights_in_backward():
     """Q-GaLore layer-wise: each Int8Linear weight is updated from its float-grad hook during backward and its
     float gradient freed there; nothing is left for a step() call, and the model learns."""
+    pytest.importorskip("bitsandbytes")  # QGaLoreAdamW8bit / GaLoreAdamW8bit build their 8-bit moments with it
     from weightkit.nn import Int8Linear
 
     cfg = train.TrainConfig(**dict(TINY, steps=3)).resolve()
@@ -108,6 +111,8 @@ def test_layerwise_schedule_sets_every_parameter_rate():
 
 @pytest.mark.parametrize("method", ["galore", "galore-layerwise", "qgalore"])
 def test_randomized_svd_and_staggered_refresh_reach_the_optimizer(method):
+    if method == "qgalore":
+        pytest.importorskip("bitsandbytes")  # QGaLoreAdamW8bit / GaLoreAdamW8bit build their 8-bit moments with it
     cfg = train.TrainConfig(**dict(TINY, steps=3, eval_every=3, svd="randomized",
                                    stagger_refresh=method != "qgalore")).resolve()
     model = train.prepare_model(method, cfg)
@@ -218,6 +223,8 @@ def test_schedule_warms_up_then_decays_to_ten_percent():
 def test_lambda_lr_drives_every_optimizer(opt_cls):
     """GaLoreAdamW / QGaLoreAdamW8bit subclass torch.optim.Optimizer: LambdaLR sets each group's lr, which their
     step reads (the update shrinks with the rate)."""
+    if opt_cls is QGaLoreAdamW8bit:
+        pytest.importorskip("bitsandbytes")  # QGaLoreAdamW8bit / GaLoreAdamW8bit build their 8-bit moments with it
     cfg = train.TrainConfig(**dict(TINY, steps=10, warmup=0.2)).resolve()
     method = {torch.optim.AdamW: "adamw", GaLoreAdamW: "galore", QGaLoreAdamW8bit: "qgalore"}[opt_cls]
     model = train.prepare_model(method, cfg)
@@ -270,6 +277,7 @@ def test_compare_keeps_going_after_a_failure(monkeypatch):
 def test_cli_train_clean_run_writes_json_and_plot(tmp_path):
     """A clean CPU run of all three methods with every Python warning turned into an error (the spawned method
     processes inherit -W error) and nothing on stderr but the progress bars."""
+    pytest.importorskip("bitsandbytes")  # QGaLoreAdamW8bit / GaLoreAdamW8bit build their 8-bit moments with it
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-W", "error", "-m", "weightkit", "train", "--device", "cpu", "--steps", "4",
                            "--batch-size", "2", "--seq-len", "32", "--dim", "32", "--layers", "1",

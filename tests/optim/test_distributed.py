@@ -273,6 +273,7 @@ def test_ddp_galore_matches_single_process_and_resumes(tmp_path):
 
 @needs_gloo
 def test_ddp_qgalore_matches_single_process(tmp_path):
+    pytest.importorskip("bitsandbytes")  # QGaLoreAdamW8bit / GaLoreAdamW8bit build their 8-bit moments with it
     r0, r1 = run_distributed("ddp_qgalore", tmp_path)
     model = make_model(int8=True)
     opt = QGaLoreAdamW8bit(make_groups(model, randomized=False), lr=LR, weight_decay=0.1, proj_group_size=4)

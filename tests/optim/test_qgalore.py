@@ -11,6 +11,9 @@ from tests.conftest import DEVICES
 from weightkit import swap, train
 from weightkit.optim import QGaLoreAdamW8bit, param_groups
 
+# every test here builds a QGaLoreAdamW8bit, whose 8-bit moments need bitsandbytes (absent from the GPU image)
+pytest.importorskip("bitsandbytes")
+
 CFG = dict(steps=80, batch_size=8, seq_len=64, lr=3e-3, rank=16, update_proj_gap=20, dim=64, n_layers=2, n_heads=4,
            eval_every=20)
 

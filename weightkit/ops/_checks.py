@@ -4,8 +4,8 @@ Shape/dtype/device checks read only metadata: they always run, in the fake (meta
 ``torch.compile`` reports bad input at trace time. Checks that read the data (NaN/Inf in inputs, positive scales,
 index ranges) need the values on the host, i.e. a host-device synchronization per call on a GPU, which stalls
 the launch queue: they are off by default and opt-in as debug checks (except in ops that overwrite state in place,
-``int8_sr_update_``, where a NaN would destroy the weight: on by default there, and switched off by the optimizer
-that has checked its gradients already), with :func:`debug_checks` (a context
+``int8_sr_update_``, where a NaN would destroy the weight in place: on by default there for CPU tensors, where it
+costs no sync; on a GPU its callers check, as the optimizers do), with :func:`debug_checks` (a context
 manager), :func:`set_debug_checks` (a switch) or ``WEIGHTKIT_DEBUG_CHECKS=1`` (``WEIGHTKIT_CHECK_FINITE=1``, its
 former name, works too; read at import). Training state stays safe without them: the optimizers check the
 gradients they use once per ``step()`` (one sync) before changing anything, and the layers validate their stored

@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import native
 from ..backend import KernelTable
 from . import rng
-from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
+from ._checks import (FLOAT_DTYPES, check_positive_int, check_tensor, debug_checks_enabled, exact_div, require_finite,
+                      rows)
 from ._registry import define
 
 __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_"]
@@ -149,6 +150,13 @@ def _sr_update_impl(w_q, scale, delta, group_size, decay, seed, offset):
     rng.check_seed(seed, offset)  # values, not metadata: eager only
     if not math.isfinite(decay):
         raise ValueError(f"decay must be finite, got {decay}")
+    # The NaN/Inf check of delta: a non-finite delta would make its groups' scale and weights garbage, in place.
+    # Reading delta's values costs a host sync on a GPU (it would stall the launch queue and cannot be captured in
+    # a CUDA graph), none on the CPU: by default it runs for CPU tensors only. On a GPU the callers guard instead:
+    # the Q-GaLore optimizers check every gradient once per step (one sync) before any update, so their deltas are
+    # finite. weightkit.debug_checks() / WEIGHTKIT_DEBUG_CHECKS=1 turn it on everywhere, debug_checks(False) off.
+    if debug_checks_enabled(default=delta.device.type == "cpu"):
+        require_finite("delta", delta)
     _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset)
 
 
@@ -157,8 +165,7 @@ _int8_sr_update_op = define(
     "SymInt offset) -> ()",
     impl=_sr_update_impl,
     check=lambda w_q, scale, delta, group_size, *_: _check_sr_update_args(w_q, scale, delta, group_size),
-    # in place: a NaN would destroy the weight, so this data check is on by default (see _checks)
-    debug_check=lambda w_q, scale, delta, *_: require_finite("delta", delta), debug_default=True,
+    # the data check of delta runs in _sr_update_impl: by default on the CPU only, where it costs no sync
     fake=lambda *args: None)
 
 
@@ -172,6 +179,12 @@ def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, 
         delta: the float update (same shape as ``w_q``; float32/bf16/fp16).
         decay: decoupled weight-decay factor applied after the update (1 - lr * weight_decay).
         seed, offset: the Philox key and the stream position of the first element (see stochastic_round_int8).
+
+    A non-finite ``delta`` would leave its groups' weights and scale unusable. CPU tensors are checked (a ValueError
+    naming ``delta``, nothing written); CUDA tensors are not by default, since the check would cost a host sync per
+    call and break CUDA-graph capture: check ``delta`` before the call, or turn the check on with
+    ``weightkit.debug_checks()`` / ``WEIGHTKIT_DEBUG_CHECKS=1``. The Q-GaLore optimizers check their gradients
+    once per step before any update.
     """
     rng.check_seed(seed, offset)
     _int8_sr_update_op(w_q, scale, delta, group_size, float(decay), seed, offset)

@@ -1,0 +1,304 @@
+"""The GPU check's logic, on the CPU: scripts/gpu_check.sh picks and skips stages, holds each stage to its limit and
+writes summary.txt (run here without a GPU, and with a fake python that claims one); bench/gpu_report.py writes its
+JSON row by row, skips rows past a budget, cuts a row that overruns it, and skips rows whose optional peer
+(bitsandbytes) is missing without losing the rest of the section. No timing is judged."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+needs_tools = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                 reason="needs bash and coreutils' timeout")
+
+
+# -- bench/gpu_report.py ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def report(monkeypatch):
+    from bench import gpu_report
+
+    monkeypatch.setattr(gpu_report, "SECTIONS", dict(gpu_report.SECTIONS))
+    monkeypatch.setattr(gpu_report, "DEV", gpu_report.DEV)
+    return gpu_report
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_report_writes_each_row_as_it_goes(report, tmp_path):
+    out = tmp_path / "r.json"
+    seen = []
+
+    def section():
+        report.row("fake", "first", lambda: None)
+        # the JSON on disk already holds the first row while the second one runs
+        report.row("fake", "second", lambda: seen.append([r["name"] for r in _read(out)["rows"]]))
+
+    report.SECTIONS["fake"] = section
+    assert report.main(["--device", "cpu", "--only", "fake", "--out", str(out), "--budget", "60"]) == 0
+    assert seen and seen[0] == ["first"]
+    data = _read(out)
+    assert data["complete"] is True
+    assert [r["name"] for r in data["rows"]] == ["first", "second"]
+    assert all("ms" in r and "host_ms" in r for r in data["rows"])
+    assert data["sections"]["fake"]["status"] == "done" and data["sections"]["fake"]["rows"] == 2
+    assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_report_budget_skips_rows_and_cuts_a_row_that_overruns(report, tmp_path):
+    out = tmp_path / "r.json"
+    built = []
+
+    def slow():
+        report.row("slow", "measured", lambda: None)
+        report.row("slow", "overruns", lambda: time.sleep(0.3))  # warm-up + timing: past the 0.5 s budget
+        report.row("slow", "never reached", lambda: None)
+
+    def late():
+        report.row("late", "runs", lambda: None)
+        report._SECTION_DEADLINE[0] = time.time() - 1  # as if the rows above had used the budget up
+        report.row("late", "skipped", setup=lambda: built.append(1) or (lambda: None))  # skipped before its setup
+
+    report.SECTIONS["slow"], report.SECTIONS["late"] = slow, late
+    rc = report.main(["--device", "cpu", "--only", "slow,late", "--out", str(out), "--budget", "60",
+                      "--section-budget", "slow=0.5,late=30"])
+    assert rc == 0
+    data = _read(out)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert "ms" in rows["measured"]
+    assert rows["overruns"]["error"].startswith("cut")
+    assert "never reached" not in rows
+    assert data["sections"]["slow"]["status"].startswith("cut at its")
+    assert data["sections"]["slow"]["seconds"] < 2.0  # the alarm held the budget
+    assert data["sections"]["late"]["status"] == "done"  # the next section ran after the cut
+    assert "ms" in rows["runs"] and "skipped" not in rows and not built
+    assert any(s.startswith("late/skipped: past the section's time budget") for s in data["skipped"])
+    assert data["complete"] is True
+
+
+def test_report_killed_from_outside_keeps_the_rows_so_far(tmp_path):
+    """The shell's hard limit kills the process: the JSON on disk has every row measured before, incomplete."""
+    out = tmp_path / "r.json"
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from bench import gpu_report
+        def section():
+            gpu_report.row("fake", "done before the kill", lambda: None)
+            print("row written", flush=True)
+            time.sleep(60)
+        gpu_report.SECTIONS["fake"] = section
+        gpu_report.main(["--device", "cpu", "--only", "fake", "--out", {str(out)!r}, "--budget", "120"])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TRITON_INTERPRET="1"))
+    try:
+        for line in proc.stdout:
+            if line.strip() == "row written":
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    data = _read(out)
+    assert [r["name"] for r in data["rows"]] == ["done before the kill"]
+    assert data["complete"] is False and data["sections"]["fake"]["status"] == "running"
+
+
+def test_galore_section_without_bitsandbytes_skips_only_the_8bit_rows(report, tmp_path, monkeypatch):
+    """As on the GPU image: the 8-bit rows are skipped with the reason, the rest of the section still runs (the
+    TF32 rows, the second shape, the refresh)."""
+    for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    monkeypatch.setattr(report, "GALORE_SHAPES", (((24, 16), 4), ((16, 40), 4)))
+    monkeypatch.setattr(report, "REFRESH_SHAPE", (24, 4))
+    monkeypatch.setattr(report, "QGALORE_SHAPE", (128, 4))  # Int8Linear groups of 128
+    monkeypatch.setenv("GALORE_BACKENDS", "auto")
+    out = tmp_path / "r.json"
+    assert report.main(["--device", "cpu", "--only", "galore", "--out", str(out), "--budget", "300"]) == 0
+    data = _read(out)
+    assert data["sections"]["galore"]["status"] == "done"
+    measured = {r["name"] for r in data["rows"] if "ms" in r}
+    skipped = data["skipped"]
+    for shape in ("24x16 r4", "16x40 r4"):
+        for mode in ("fp32", "tf32"):
+            assert f"weightkit GaLoreAdamW auto {mode} {shape}" in measured
+            assert any(s.startswith(f"galore/weightkit GaLoreAdamW8bit {mode} {shape}:") and "bitsandbytes" in s
+                       for s in skipped), skipped
+    assert {"refresh randomized 24^2 r4", "refresh exact 24^2 r4"} <= measured
+    assert any(s.startswith("galore/weightkit QGaLoreAdamW8bit") and "bitsandbytes" in s for s in skipped)
+    assert not any("error" in r for r in data["rows"]), [r for r in data["rows"] if "error" in r]
+
+
+def test_report_section_budgets_share_the_total():
+    from bench.gpu_report import SECTION_BUDGETS, section_budgets
+
+    everything = section_budgets(list(SECTION_BUDGETS), 90)
+    assert abs(sum(everything.values()) - 90) < 1e-6
+    assert list(everything) == list(SECTION_BUDGETS)
+    assert section_budgets(["quant"], 60) == {"quant": 60}
+    assert section_budgets(["quant", "host"], 60, {"host": 5}) == {"quant": 55, "host": 5}
+
+
+# -- scripts/gpu_check.sh -----------------------------------------------------------------------------------------
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# A python that claims a GPU: answers the probe, records every other call, and acts out each stage.
+printf '%s\n' "$*" | head -1 >>"$FAKE_LOG"  # one line per call (the probe's code has many)
+if [ "$1" = "-c" ] && [[ "$2" == *GPU_CHECK_PROBE* ]]; then
+  echo "P_torch=2.11.0+cu130 P_cuda_runtime=13.0 P_cuda=1 P_gpu='Fake H200' P_arch=9.0 P_triton=3.6.0"
+  echo "P_bnb='' P_bnb_why='ModuleNotFoundError: No module named bitsandbytes' P_galore_torch=1.0 P_tag=fake-h200"
+  echo "P_cudalib=${FAKE_CUDALIB:-} P_cudalib_why='libweightkit_cuda.so not found'"
+  exit 0
+fi
+if [ "$1" = "-c" ]; then exec "$REAL_PYTHON" "$@"; fi
+case "$1 $2" in
+  "setup.py -q") echo "built"; exit 0 ;;
+  "-m weightkit")
+    if [ "$3" = info ]; then echo "weightkit info (fake)"; exit 0; fi
+    for a in "$@"; do case "$prev" in --out-dir) out="$a" ;; esac; prev="$a"; done
+    echo '{"fake": true}' >"$out/train-fake.json"; echo "trained"; exit 0 ;;
+  "-m pytest")
+    sleep "${FAKE_TEST_SLEEP:-0}"
+    echo "SKIPPED [3] tests/optim/test_qgalore.py:12: could not import 'bitsandbytes'"
+    echo "======= 5 passed, 3 skipped in 1.00s ======="; exit 0 ;;
+  "-m bench.gpu_report")
+    for a in "$@"; do case "$prev" in --out) out="$a" ;; esac; prev="$a"; done
+    echo '{"complete": false, "sections": {"quant": {"status": "running", "budget_s": 50}}, "rows": [{"section": "quant", "name": "row one", "ms": 1.0}], "skipped": []}' >"$out"
+    echo "[quant] budget 50 s"
+    sleep "${FAKE_REPORT_SLEEP:-0}"; exit 0 ;;
+esac
+echo "fake python: unexpected call $*" >&2
+exit 3
+"""
+
+
+def _run_script(tmp_path, env_extra, out_name="out", timeout=120):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), REAL_PYTHON=sys.executable,
+               RESULTS_DIR=str(tmp_path / "results"), **env_extra)
+    out = tmp_path / out_name
+    proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    summary = (out / "summary.txt").read_text()
+    calls = log.read_text().splitlines() if log.exists() else []
+    return proc, summary, calls, out
+
+
+@needs_tools
+def test_script_without_a_gpu_skips_the_gpu_stages_and_says_why(tmp_path):
+    """The real script with this machine's python, the GPU hidden (CUDA_VISIBLE_DEVICES empty)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, STAGES="build,info,test,report,train", CUDA_VISIBLE_DEVICES="",
+               RESULTS_DIR=str(tmp_path / "results"), PROBE_BUDGET="200", INFO_BUDGET="200")  # a busy CPU machine
+    proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=500,
+                          cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    head = summary.split("-----")[0]
+    assert head.startswith("gpu-check: NO CUDA DEVICE")
+    for stage in ("build", "test", "report", "train"):
+        assert f"  - {stage}: no CUDA device (" in head, head
+    assert "info    ok" in head  # the stage that needs no GPU still ran
+    assert sorted(p.name for p in out.iterdir()) == ["summary.txt"]
+
+
+@needs_tools
+def test_script_runs_the_stages_in_order_and_drops_what_cannot_run(tmp_path):
+    proc, summary, calls, out = _run_script(tmp_path, {"FAKE_CUDALIB": "ok"})
+    assert proc.returncode == 0, summary
+    head = summary.split("-----")[0]
+    assert head.startswith("gpu-check: ok")
+    stages = [c.split()[1] if c.startswith("-m") else c.split()[0] for c in calls if not c.startswith("-c")]
+    assert stages == ["setup.py", "weightkit", "pytest", "bench.gpu_report", "weightkit"]
+    test_call = next(c for c in calls if c.startswith("-m pytest"))
+    assert "-n 14" in test_call and "-k cuda" in test_call
+    train_call = calls[-1]
+    assert "--methods adamw,galore " in train_call + " "  # qgalore needs bitsandbytes: dropped, not started
+    assert "train method qgalore: needs bitsandbytes" in head
+    assert "bitsandbytes" in head and "site-packages.sh .gpu-site" in head
+    assert "tests: 3 skipped" in head
+    for stage, limit in (("build", 70), ("info", 10), ("test", 140), ("report", 110), ("train", 50)):
+        assert any(line.startswith(f"  {stage}") and "ok" in line and f"/ {limit:4d} s" in line
+                   for line in head.splitlines()), (stage, head)
+    assert len(list(out.rglob("*"))) <= 9  # 8 files (+ the train folder) come back from the device machine
+
+
+@needs_tools
+def test_script_stops_a_stage_at_its_limit_and_keeps_its_files(tmp_path):
+    proc, summary, calls, out = _run_script(
+        tmp_path, {"STAGES": "report", "REPORT_SECTIONS": "quant", "REPORT_BUDGET": "4", "FAKE_REPORT_SLEEP": "30",
+                   "FAKE_CUDALIB": "ok"})
+    head = summary.split("-----")[0]
+    assert proc.returncode == 1
+    assert "STOPPED AT ITS 4s LIMIT" in head
+    data = json.loads((out / "gpu-report.json").read_text())  # what the report wrote before the kill
+    assert data["rows"][0]["name"] == "row one"
+    assert "INCOMPLETE" in summary
+    assert "build: not in STAGES" in head and "test: not in STAGES" in head
+    assert not any(c.startswith("setup.py") for c in calls)  # the library is there: no build added
+
+
+@needs_tools
+def test_script_subset_call_builds_when_the_kernel_library_is_missing(tmp_path):
+    proc, summary, calls, out = _run_script(tmp_path, {"STAGES": "report", "REPORT_SECTIONS": "quant"})
+    assert proc.returncode == 0, summary
+    assert [c.split()[0] for c in calls if not c.startswith("-c")][:1] == ["setup.py"]
+    report_call = next(c for c in calls if "bench.gpu_report" in c)
+    assert "--only quant" in report_call and "--budget 60" in report_call  # 80 s for a subset, less 20
+    assert "build added: no usable CUDA kernel library" in summary.split("-----")[0]
+
+
+def test_report_cut_comes_again_when_a_library_swallows_it(report, tmp_path):
+    """The alarm repeats after the deadline: a row whose code swallows the first cut is cut again."""
+    out = tmp_path / "r.json"
+
+    def swallowing():
+        try:
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001 - a library's overly broad handler
+            pass
+        time.sleep(5)
+
+    report.SECTIONS["greedy"] = lambda: report.row("greedy", "swallows the cut", swallowing)
+    assert report.main(["--device", "cpu", "--only", "greedy", "--out", str(out), "--budget", "60",
+                        "--section-budget", "greedy=0.3"]) == 0
+    data = _read(out)
+    assert data["sections"]["greedy"]["status"].startswith("cut")
+    assert data["sections"]["greedy"]["seconds"] < 3
+
+
+def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
+    """Each section's code end to end on the CPU (Triton through the interpreter), at toy sizes: a section that
+    would fail on its first GPU run fails here first. Rows may skip (missing peers), none may fail."""
+    for name, value in (("COPY_ELEMS", 1 << 12), ("CEIL", 64), ("QUANT_D", 256), ("QUANT_TOKENS", (1, 5)),
+                        ("PROJ", (128, 64, 96)), ("MEM_D", 64), ("MEM_TOKENS", (1, 6)), ("DICT", (128, 40, 20)),
+                        ("DICT_TOKENS", (1, 6)), ("KERNELS_D", (256, 128)), ("KERNELS_TOKENS", ((1, 5), (1,))),
+                        ("GALORE_SHAPES", (((24, 16), 4),)), ("REFRESH_SHAPE", (24, 4)), ("QGALORE_SHAPE", (128, 4))):
+        monkeypatch.setattr(report, name, value)
+    monkeypatch.setenv("QUANT_PEERS", "0")
+    monkeypatch.setenv("QUANT_COMPILE", "0")  # torch.compile's C++ build takes minutes on a small CPU
+    monkeypatch.setenv("GALORE_BACKENDS", "auto")
+    out = tmp_path / "r.json"
+    assert report.main(["--device", "cpu", "--out", str(out), "--budget", "1200"]) == 0
+    data = _read(out)
+    assert data["complete"] is True
+    assert {s: v["status"] for s, v in data["sections"].items()} == {s: "done" for s in report.SECTION_BUDGETS}
+    errors = [r for r in data["rows"] if "error" in r]
+    assert not errors, errors
+    for section in report.SECTION_BUDGETS:
+        assert any(r["section"] == section and "ms" in r for r in data["rows"]), section
