@@ -139,6 +139,20 @@ class Launcher:
         cfg = self.chosen[bucket] = self.autotuner.best_config
         return cfg, True
 
+    def launch(self, key, args, resolve):
+        """Launch the plan of ``key`` with ``args``; on the key's first call ``resolve()`` gives (config bucket,
+        grid(config kwargs) -> tuple, constexprs, the fixed config or None to tune) and the plan is made (a tuned
+        first call is launched by the autotuner). Returns the plan."""
+        plan = self.plans.get(key)
+        if plan is None:
+            bucket, grid, meta, fixed = resolve()
+            cfg, launched = self.choose(bucket, grid, args, meta, fixed)
+            plan = self.plan(key, cfg, grid(cfg.kwargs), meta)
+            if launched:
+                return plan
+        plan.kernel[plan.grid](*args, **plan.kwargs)
+        return plan
+
     def plan(self, key, cfg, grid, meta):
         """Cache and return the plan of ``key``: ``cfg`` with the constexprs ``meta`` on the grid tuple ``grid``."""
         return self.plans.put(key, Plan(self.kernel, grid, {**meta, **cfg.all_kwargs()}, cfg))
@@ -357,10 +371,10 @@ def dot_precision(x):
     return "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def dot_meta(x, precision):
+def dot_meta(device, dtype, precision):
     """PRECISION, and fp32 dot operands for bf16 under the interpreter (which multiplies bf16, stored as uint16, as
     integers: DOT_F32)."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+    if device.type == "cpu" and dtype == torch.bfloat16:
         return dict(PRECISION="ieee", DOT_F32=True)
     return dict(PRECISION=precision)
 
@@ -599,9 +613,7 @@ class DequantMatmul:
         if gemv:
             meta = dict(TRANS=transpose, BLOCK_M=mb)
         else:
-            meta = dict(TRANS=transpose, PRECISION=precision)
-            if device.type == "cpu" and dtype == torch.bfloat16:  # interpreter (see dot_meta)
-                meta.update(DOT_F32=True, PRECISION="ieee")
+            meta = dict(TRANS=transpose, **dot_meta(device, dtype, precision))
         if tune:  # every tuned BLOCK_K divides 128 or G (a divisor of K)
             return dict(meta, ALIGNED=True, EVEN_K=K % 128 == 0), None, bucket
         if gemv:

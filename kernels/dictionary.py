@@ -398,7 +398,7 @@ def _setup(gemv, key, act, fixed):
     """(constexprs, the fixed config or None to tune, the config bucket) of a bitmask matmul's first call."""
     M, n_out, n_red, tune, precision = key[:5]
     mb = next_pow2(M)
-    meta = dict(BLOCK_M=mb) if gemv else dot_meta(act, precision)
+    meta = dict(BLOCK_M=mb) if gemv else dot_meta(act.device, act.dtype, precision)
     bucket = (mb,) + key[1:]
     if tune:
         return meta, None, bucket
@@ -409,6 +409,13 @@ def _setup(gemv, key, act, fixed):
 def _key(M, n_out, n_red, act):
     """Everything a bitmask matmul's launch depends on: sizes, the tuning switch, precision, dtype, device."""
     return (M, n_out, n_red, n_red * n_out >= TUNE_MIN_WEIGHT, dot_precision(act), act.dtype, act.device)
+
+
+def _grad_values_setup(key):
+    M, N, K, tune, precision, dtype, device = key
+    meta = dot_meta(device, dtype, precision)
+    fixed = None if tune else config(4, 2, BLOCK_M=16 if meta["PRECISION"] == "ieee" else 32, BLOCK_N=64, BLOCK_K=64)
+    return (next_pow2(M),) + key[1:], lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(K, c["BLOCK_K"])), meta, fixed
 
 
 def dict_bitmask_matmul_triton(z, values, bitmask, word_offsets):
@@ -438,17 +445,6 @@ def dict_bitmask_matmul_backward_triton(grad, z, values, bitmask, word_offsets):
                 lambda gemv: _setup(gemv, key, grad, _fixed_t))
         if grad.dtype != z.dtype:  # the dot takes one dtype: z's
             grad = grad.to(z.dtype)
-        args = (z, grad, bitmask, word_offsets, gv, M, N, K, W)
         key = (M, N, K, K * N >= TUNE_MIN_WEIGHT, dot_precision(z), z.dtype, z.device)
-        plan = _GRAD_VALUES.plans.get(key)
-        if plan is None:
-            meta = dot_meta(z, key[4])
-            grid = lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(K, c["BLOCK_K"]))  # noqa: E731
-            fixed = None if key[3] else config(4, 2, BLOCK_M=16 if meta["PRECISION"] == "ieee" else 32, BLOCK_N=64,
-                                               BLOCK_K=64)
-            cfg, launched = _GRAD_VALUES.choose((next_pow2(M),) + key[1:], grid, args, meta, fixed)
-            plan = _GRAD_VALUES.plan(key, cfg, grid(cfg.kwargs), meta)
-            if launched:
-                return gz, gv
-        plan.kernel[plan.grid](*args, **plan.kwargs)
+        _GRAD_VALUES.launch(key, (z, grad, bitmask, word_offsets, gv, M, N, K, W), lambda: _grad_values_setup(key))
     return gz, gv

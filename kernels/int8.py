@@ -41,17 +41,9 @@ def stochastic_round_int8_triton(x, scale, group_size, seed, offset):
     with device_guard(x.device):
         out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         inv_scale = 1.0 / scale  # IEEE division in torch; Triton's own fp32 division is approximate
-        args = (x, inv_scale, out, n, group_size, seed, offset)
-        key = (n, off3, x.dtype, x.device)
-        plan = _SR.plans.get(key)
-        if plan is None:
-            meta = dict(OFF3=off3, enable_fp_fusion=False)
-            grid = lambda c: (cdiv(n + off3, 4 * c["ROWS"]),)  # noqa: E731
-            cfg, launched = _SR.choose((next_pow2(n), off3, x.dtype, x.device), grid, args, meta)
-            plan = _SR.plan(key, cfg, grid(cfg.kwargs), meta)
-            if launched:
-                return out
-        plan.kernel[plan.grid](*args, **plan.kwargs)
+        _SR.launch((n, off3, x.dtype, x.device), (x, inv_scale, out, n, group_size, seed, offset),
+                   lambda: ((next_pow2(n), off3, x.dtype, x.device), lambda c: (cdiv(n + off3, 4 * c["ROWS"]),),
+                            dict(OFF3=off3, enable_fp_fusion=False), None))
     return out
 
 
@@ -262,18 +254,10 @@ def int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
     groups = scale.numel()
     with device_guard(w_q.device):
         if group_size >= 4 and group_size & (group_size - 1) == 0 and offset % 4 == 0:
-            args = (w_q, scale, delta, groups, float(decay), seed, offset)
-            key = (groups, group_size, delta.dtype, w_q.device)
-            plan = _SR_UPDATE.plans.get(key)
-            if plan is None:
-                meta = dict(GS=group_size, enable_fp_fusion=False)
-                grid = lambda c: (cdiv(groups, c["G"]),)  # noqa: E731
-                bucket = (next_pow2(groups), group_size, delta.dtype, w_q.device)
-                cfg, launched = _SR_UPDATE.choose(bucket, grid, args, meta)
-                plan = _SR_UPDATE.plan(key, cfg, grid(cfg.kwargs), meta)
-                if launched:
-                    return
-            plan.kernel[plan.grid](*args, **plan.kwargs)
+            bucket = (next_pow2(groups), group_size, delta.dtype, w_q.device)
+            _SR_UPDATE.launch((groups,) + bucket[1:], (w_q, scale, delta, groups, float(decay), seed, offset),
+                              lambda: (bucket, lambda c: (cdiv(groups, c["G"]),),
+                                       dict(GS=group_size, enable_fp_fusion=False), None))
             return
         block = next_pow2(group_size)
         _int8_sr_update_kernel[(groups,)](w_q, scale, delta, group_size, float(decay), seed, offset, BLOCK=block,
