@@ -295,6 +295,32 @@ def k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def gemv_tile(N, K, SPLIT_K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The prologue of a decode GEMV program (grid (N tiles, SPLIT_K)): (pid_n, k_lo, k_hi, rn, rn64, mask_n, rk)."""
+    pid_n = tl.program_id(0)
+    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, k_lo, k_hi, rn, rn.to(tl.int64), rn < N, k_lo + tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def x_offsets(rk, stride_xk, BLOCK_K: tl.constexpr):
+    """(offsets of x's k-tile along a row, their step per K-step), int64: a strided x may span > 2^31 elements."""
+    return rk.to(tl.int64) * stride_xk, tl.cast(stride_xk, tl.int64) * BLOCK_K
+
+
+@triton.jit
+def gemv_accumulators(TRANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The four per-token fp32 accumulators of a decode GEMV: [BLOCK_K, BLOCK_N] with TRANS, else [BLOCK_N, BLOCK_K]
+    (tensors are values: the four start equal and diverge)."""
+    if TRANS:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    return acc, acc, acc, acc
+
+
+@triton.jit
 def mm_tile(x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The prologue of a tensor-core program: (pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs), the

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ._shared import (GEMV_MAX_M, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
-                      device_info, dot_meta, dot_precision, gemv_rows, gemv_store_rows, k_range, mm_fits, next_pow2,
-                      pick_splits, space, store_result, tile_ids)
+                      device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
+                      mm_fits, next_pow2, pick_splits, space, store_result, tile_ids)
 
 
 @triton.jit
@@ -151,10 +151,7 @@ def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W
     mask_n = rn < N
     off = _split_offsets(off_ptr, k_lo, K, rn, mask_n, N)
     rk = k_lo + tl.arange(0, BLOCK_K)
-    acc0 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(True, BLOCK_N, BLOCK_K)  # [BLOCK_K, BLOCK_N] each
     for k0 in range(k_lo, k_hi, BLOCK_K):
         s, count = _decode_tile(v_ptr, bm_ptr, k0 // 32, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
         off += count
@@ -202,10 +199,7 @@ def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K
     n_lo, n_hi = k_range(N, SPLIT_K, BLOCK_N)
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     w0 = tl.program_id(0) * (BLOCK_K // 32)
-    acc0 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(True, BLOCK_N, BLOCK_K)  # [BLOCK_K, BLOCK_N] each
     rn = n_lo + tl.arange(0, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         mask_n = rn < N

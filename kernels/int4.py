@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (DequantMatmul, cdiv, device_guard, gemv_rows, gemv_store_rows, k_mask, k_range, mm_tile,
-                      next_pow2, store_result)
+from ._shared import (DequantMatmul, cdiv, device_guard, gemv_accumulators, gemv_rows, gemv_store_rows, gemv_tile,
+                      k_mask, mm_tile, next_pow2, store_result, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -104,31 +104,20 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode (M <= BLOCK_M <= 4), no tensor cores; see _int8_gemv_kernel. W is rows x cols; B[k, n] = W[n, k]
     (K = cols) or, with TRANS, W[k, n] (K = rows)."""
-    pid_n = tl.program_id(0)
-    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn64 = rn.to(tl.int64)
-    mask_n = rn < N
-    rk = k_lo + tl.arange(0, BLOCK_K)
+    pid_n, k_lo, k_hi, rn, rn64, mask_n, rk = gemv_tile(N, K, SPLIT_K, BLOCK_N, BLOCK_K)
     if TRANS:  # tiles [BLOCK_K, BLOCK_N]: BLOCK_N / 2 bytes of each row k; ALIGNED: one group per row and tile
         b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
                                                                     tl.arange(0, BLOCK_N // 2))[None, :]
         b_step = BLOCK_K * tl.cast(N // 2, tl.int64)
         grp = rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G
         g_step = BLOCK_K * tl.cast(N // G, tl.int64)
-        shape: tl.constexpr = (BLOCK_K, BLOCK_N)
     else:  # tiles [BLOCK_N, BLOCK_K]: BLOCK_K / 2 bytes of each row n; ALIGNED: one group per row and step
         b_ptrs = packed_ptr + rn64[:, None] * (K // 2) + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
         b_step = BLOCK_K // 2
         grp = rn64 * (K // G)  # + k0 // G in the loop (BLOCK_K divides G)
         g_step = 0
-        shape: tl.constexpr = (BLOCK_N, BLOCK_K)
-    x_offs = rk.to(tl.int64) * stride_xk  # int64: a strided x may span more than 2^31 elements
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    acc0 = tl.zeros(shape, dtype=tl.float32)
-    acc1 = tl.zeros(shape, dtype=tl.float32)
-    acc2 = tl.zeros(shape, dtype=tl.float32)
-    acc3 = tl.zeros(shape, dtype=tl.float32)
+    x_offs, x_step = x_offsets(rk, stride_xk, BLOCK_K)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(TRANS, BLOCK_N, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = k_mask(rk, K, EVEN_K, BLOCK_K)
         s_k = 1.0
@@ -169,7 +158,7 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
     """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel."""
     pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
     if TRANS:  # byte tiles [BLOCK_K, BLOCK_N // 2] of rows k; ALIGNED: one group per row and tile
         b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
                                                                     tl.arange(0, BLOCK_N // 2))[None, :]

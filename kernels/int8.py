@@ -6,8 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (DequantMatmul, Launcher, cdiv, config, device_guard, gemv_rows, gemv_store_rows, k_mask,
-                      k_range, mm_tile, next_pow2, philox_uniform, philox_uniform4, space, store_result)
+from ._shared import (DequantMatmul, Launcher, cdiv, config, device_guard, gemv_accumulators, gemv_rows,
+                      gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, philox_uniform, philox_uniform4, space,
+                      store_result, x_offsets)
 
 
 @triton.jit
@@ -66,30 +67,19 @@ def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, 
     """Decode: y[m, n] (m < M <= BLOCK_M <= 4) = sum over this split's k of x[m, k] B[k, n], no tensor cores.
     One 2-D fp32 accumulator per token (a 3-D [M, N, K] tile gets a layout that shuffles every step).
     EVEN_K: K % BLOCK_K == 0, no k masks."""
-    pid_n = tl.program_id(0)
-    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn64 = rn.to(tl.int64)
-    mask_n = rn < N
-    rk = k_lo + tl.arange(0, BLOCK_K)
+    pid_n, k_lo, k_hi, rn, rn64, mask_n, rk = gemv_tile(N, K, SPLIT_K, BLOCK_N, BLOCK_K)
     if TRANS:  # tiles [BLOCK_K, BLOCK_N] of W's rows k, contiguous along n
         w_ptrs = q_ptr + rk.to(tl.int64)[:, None] * N + rn64[None, :]
         w_step = BLOCK_K * tl.cast(N, tl.int64)
         s_ptrs = s_ptr + rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G  # ALIGNED: one scale per k
         s_step = BLOCK_K * tl.cast(N // G, tl.int64)
-        shape: tl.constexpr = (BLOCK_K, BLOCK_N)
     else:  # tiles [BLOCK_N, BLOCK_K] of W's rows n, contiguous along k
         w_ptrs = q_ptr + rn64[:, None] * K + rk[None, :]
         w_step = BLOCK_K
         s_ptrs = s_ptr + rn64 * (K // G) + k_lo // G  # ALIGNED: one scale per row n and step
         s_step = 0
-        shape: tl.constexpr = (BLOCK_N, BLOCK_K)
-    x_offs = rk.to(tl.int64) * stride_xk  # int64: a strided x may span more than 2^31 elements
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    acc0 = tl.zeros(shape, dtype=tl.float32)
-    acc1 = tl.zeros(shape, dtype=tl.float32)
-    acc2 = tl.zeros(shape, dtype=tl.float32)
-    acc3 = tl.zeros(shape, dtype=tl.float32)
+    x_offs, x_step = x_offsets(rk, stride_xk, BLOCK_K)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(TRANS, BLOCK_N, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = k_mask(rk, K, EVEN_K, BLOCK_K)
         if TRANS:
@@ -128,7 +118,7 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, st
     """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T, W' dequantized in registers to x's dtype."""
     pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
     if TRANS:  # element [n, k] = W[k, n]: contiguous along n (dim 0); groups run along n
         w_ptrs = q_ptr + rk.to(tl.int64)[None, :] * N + rn64[:, None]
         w_step = BLOCK_K * tl.cast(N, tl.int64)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET, Launcher, Plan, cdiv, device_guard, device_info, next_pow2, reduce_splits, space
+
 _PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
 _MAX_SPLIT = 64
 _PARTIAL_BYTES = 32 << 20  # cap on the forward's fp32 split partials
