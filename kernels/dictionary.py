@@ -107,8 +107,10 @@ def dict_sparse_gather_backward_triton(grad, z, values, indices, block_t=16, blo
 #   tensor cores over all M, then each set bit's entry is stored at its row of grad_values: every entry is written
 #   exactly once (no atomics, deterministic). It computes the dense K x N product, twice the useful FLOPs at 50%
 #   density, which tensor cores pay for more cheaply than a gather would.
-# Autotuned (triton.autotune) for S with >= TUNE_MIN_WEIGHT entries; one fixed config otherwise (launch-bound sizes),
-# and one config per tuner under the interpreter. Index arithmetic is int32 in the values (s N < 2^31, checked).
+# Autotuned for S with >= TUNE_MIN_WEIGHT entries, once per token bucket (kernels/_shared.py, Launcher: later calls
+# launch a cached plan); one fixed config otherwise (launch-bound sizes), and one config per tuner under the
+# interpreter. Index arithmetic is int32 in values and the mask words (s N and
+# W N < 2^31, checked), int64 in the activations and gradients.
 
 TUNE_MIN_WEIGHT = 1 << 20  # tests lower it to run the tuned path under the interpreter
 
@@ -260,8 +262,8 @@ def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, 
         zt = tl.load(z_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         gt = tl.load(g_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(tl.trans(zt.to(dt)), gt.to(dt), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
-        z_ptrs += BLOCK_M * K
-        g_ptrs += BLOCK_M * N
+        z_ptrs += tl.cast(K, tl.int64) * BLOCK_M
+        g_ptrs += tl.cast(N, tl.int64) * BLOCK_M
     off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
     bits, rows = _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
     tl.store(gv_ptr + rows * N + rn[None, :], acc.to(gv_ptr.dtype.element_ty), mask=bits != 0)
@@ -370,10 +372,12 @@ bitmask_t_gemv_autotune, bitmask_t_mm_autotune = _GRAD_Z.gemv.autotuner, _GRAD_Z
 bitmask_grad_values_autotune = _GRAD_VALUES.autotuner
 
 
-def _check_sizes(values):
-    if values.numel() >= 2 ** 31:
-        raise ValueError(f"values has {values.numel()} entries; the Triton bitmask kernels index them in int32 "
-                         f"(< 2^31 entries)")
+def _check_sizes(values, bitmask):
+    """The bitmask kernels index values and the mask words (and word_offsets, of the same shape) in int32."""
+    for name, t in (("values", values), ("bitmask", bitmask)):
+        if t.numel() >= 2 ** 31:
+            raise ValueError(f"{name} has {t.numel()} entries; the Triton bitmask kernels index it in int32 "
+                             f"(< 2^31 entries)")
 
 
 def _fixed_fwd(gemv, mb, fma):
@@ -414,7 +418,7 @@ def _grad_values_setup(key):
 
 def dict_bitmask_matmul_triton(z, values, bitmask, word_offsets):
     """y = z S (contiguous inputs; see the section comment)."""
-    _check_sizes(values)
+    _check_sizes(values, bitmask)
     (M, K), N = z.shape, values.shape[1]
     with device_guard(z.device):
         y = torch.empty((M, N), dtype=z.dtype, device=z.device)
@@ -427,7 +431,7 @@ def dict_bitmask_matmul_triton(z, values, bitmask, word_offsets):
 
 def dict_bitmask_matmul_backward_triton(grad, z, values, bitmask, word_offsets):
     """(grad_z = grad S^T in z's dtype, grad_values in values' dtype), contiguous inputs."""
-    _check_sizes(values)
+    _check_sizes(values, bitmask)
     (M, K), N, W = z.shape, values.shape[1], bitmask.shape[0]
     with device_guard(z.device):
         gz = torch.empty((M, K), dtype=z.dtype, device=z.device)
