@@ -5,6 +5,8 @@ bucketed) and int64 index arithmetic where an int32 product can pass 2^31 (run i
 storage is mostly virtual)."""
 
 import ast
+import argparse
+import time
 import contextlib
 import json
 import math
@@ -293,3 +295,150 @@ def test_index_products_past_int32_run_in_int64():
     assert proc.returncode == 0, f"exit {proc.returncode} (a negative offset?):\n{proc.stderr[-3000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results and all(results.values()), results
+
+
+# -- compiled smoke without a GPU -----------------------------------------------------------------------------------
+# The interpreter does not compile; Triton's compiler and its bundled ptxas run without a GPU. Each launch the
+# launchers make is compiled for sm_90 instead of launched (outputs stay garbage; the launchers' host logic runs as
+# usual, configs taken without timing). Catches what only the compiler sees (types, layouts, constexpr branches);
+# not register pressure at run time or shared memory at launch: those need a GPU.
+
+def _compile_cases():
+    """Launcher calls covering every kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes)."""
+    from weightkit.kernels import dictionary, int4, int8, memoryformer
+    from weightkit.ops.dictionary import index_dtype_for, pack_bitmask
+
+    out = {}
+    q = torch.randint(-128, 128, (256, 512), dtype=torch.int8)
+    scale, scale8 = torch.rand(256 * 4) + 0.5, torch.rand(256 * 64) + 0.5
+    packed, s4, z4 = torch.zeros(256 * 256, dtype=torch.uint8), torch.rand(256 * 8), torch.zeros(256 * 8).byte()
+    odd = torch.zeros(255 * 250, dtype=torch.uint8), torch.rand(255 * 500 // 4), torch.zeros(255 * 500 // 4).byte()
+    for dt in (torch.bfloat16, torch.float32):
+        for m in (1, 3, 16, 70):
+            for t in (False, True):
+                x = torch.randn(m, 256 if t else 512).to(dt)
+                out[f"int8_matmul {dt} m{m} t{t} g128"] = lambda x=x, t=t: int8.int8_matmul_triton(x, q, scale, 128, t)
+                out[f"int8_matmul {dt} m{m} t{t} g8"] = lambda x=x, t=t: int8.int8_matmul_triton(x, q, scale8, 8, t)
+                out[f"int4_matmul {dt} m{m} t{t}"] = lambda x=x, t=t: int4.int4_matmul_triton(
+                    x, packed, s4, z4, 64, 256, 512, t)
+                x = torch.randn(m, 255 if t else 500).to(dt)
+                out[f"int4_matmul unaligned {dt} m{m} t{t}"] = lambda x=x, t=t: int4.int4_matmul_triton(
+                    x, *odd, 4, 255, 500, t)
+    x = torch.randn(4, 1024)
+    q8 = torch.zeros(4096, dtype=torch.int8)
+    out["sr"] = lambda: int8.stochastic_round_int8_triton(x, torch.rand(32) + 0.5, 128, 1, 3)
+    out["sr_update tiled"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(32), torch.randn(4096), 128, 0.9, 1, 0)
+    out["sr_update"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(512), torch.randn(4096), 8, 0.9, 1, 1)
+    out["quantize_int4"] = lambda: int4.quantize_int4_triton(x, 64)
+    out["dequantize_int4"] = lambda: int4.dequantize_int4_triton(packed, s4, z4, 64)
+    idx = torch.rand(200, 150).argsort(0)[:90]
+    bitmask, values, offsets = pack_bitmask(idx.to(index_dtype_for(200)), torch.randn(90, 150), 200)
+    for dt in (torch.bfloat16, torch.float32):
+        vals = values.to(dt)
+        for m in (1, 3, 20, 70):
+            z, g = torch.randn(m, 200).to(dt), torch.randn(m, 150).to(dt)
+            out[f"bitmask fwd {dt} m{m}"] = lambda z=z, v=vals: dictionary.dict_bitmask_matmul_triton(
+                z, v, bitmask, offsets)
+            out[f"bitmask bwd {dt} m{m}"] = lambda z=z, g=g, v=vals: dictionary.dict_bitmask_matmul_backward_triton(
+                g, z, v, bitmask, offsets)
+        ev, ei = torch.randn(3, 150).to(dt), torch.randint(0, 200, (3, 150))
+        z, g = torch.randn(5, 200).to(dt), torch.randn(5, 150).to(dt)
+        out[f"gather {dt}"] = lambda z=z, ev=ev, ei=ei: dictionary.dict_sparse_gather_triton(z, ev, ei)
+        out[f"gather bwd {dt}"] = lambda z=z, g=g, ev=ev, ei=ei: dictionary.dict_sparse_gather_backward_triton(
+            g, z, ev, ei)
+    for dt in (torch.bfloat16, torch.float32):
+        tables = torch.randn(32, 256, 512).to(dt)  # >= _TUNE_MIN_TABLE: the tuned path
+        for n in (1, 70):
+            xm, g = torch.randn(n, 32 * 8).to(dt), torch.randn(n, 512).to(dt)
+            out[f"memory fwd {dt} n{n}"] = lambda xm=xm, t=tables: memoryformer.memory_lookup_forward_triton(
+                xm, t, 1.3)
+            for det in (False, True):
+                out[f"memory bwd {dt} n{n} det{det}"] = lambda xm=xm, t=tables, g=g, det=det: (
+                    memoryformer.memory_lookup_backward_triton(g, xm, t, 1.3, det))
+    return out
+
+
+_PTX_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
+              torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.int16: "i16"}
+
+
+def _compile_every_launch(tuned, last):
+    """Run _compile_cases with JITFunction.run compiling for sm_90; returns one dict per distinct compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from weightkit.kernels import _shared, dictionary, int4, int8
+
+    assert not _shared.INTERPRET, "compiles only without TRITON_INTERPRET"
+    seen, results = set(), []
+
+    def compile_run(self, *args, grid, warmup, **kwargs):
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+        for k in ("num_ctas", "maxnreg", "ir_override"):
+            kwargs.pop(k, None)
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        sig, cons = {}, {}
+        for p in self.params:
+            v = bound.get(p.name, p.default)
+            if p.is_constexpr:
+                sig[p.name], cons[p.name] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = "*" + _PTX_TYPES[v.dtype]
+            elif isinstance(v, int):
+                sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            else:
+                sig[p.name] = "fp32"
+        key = (self.__name__, str(sorted(sig.items())), str(sorted(cons.items())), str(sorted(opts.items())))
+        if key not in seen:
+            seen.add(key)
+            t0 = time.time()
+            try:
+                k = triton.compile(ASTSource(self, sig, cons), target=GPUTarget("cuda", 90, 32), options=opts)
+                results.append(dict(kernel=self.__name__, ok=True, shared=k.metadata.shared,
+                                    seconds=round(time.time() - t0, 1)))
+            except Exception as e:  # noqa: BLE001
+                results.append(dict(kernel=self.__name__, ok=False, constexprs=str(cons),
+                                    error=f"{type(e).__name__}: {str(e)[-1500:]}"))
+
+    def untimed_choose(self, bucket, grid, args, meta, fixed=None):  # the tuning launch, with one config
+        cfg = self.chosen.get(bucket) or fixed
+        if cfg is not None:
+            self.chosen[bucket] = cfg
+            return cfg, False
+        cfg = self.chosen[bucket] = self.configs[-1 if last else 0]
+        self.kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
+        return cfg, True
+
+    JITFunction.run = compile_run
+    _shared.Launcher.choose = untimed_choose
+    if tuned:  # the tuners' config spaces instead of the shape rules
+        int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = 0
+    for name, call in _compile_cases().items():
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001
+            results.append(dict(kernel=name, ok=False, error=f"launcher: {type(e).__name__}: {e}"))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", ["fixed", "tuned-first", "tuned-last"])
+def test_every_launch_compiles_for_sm90(space):
+    """Every kernel each launcher launches compiles for sm_90 (the fixed shape-rule configs, or the first / last
+    config of each tuner's space), with the installed Triton, no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", space], capture_output=True,
+                          text=True, env=env, timeout=3000, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = [r for r in results if not r["ok"]]
+    assert results and not failed, json.dumps(failed, indent=1)[:6000]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="compile every Triton launch for sm_90 (no GPU needed)")
+    parser.add_argument("--compile", choices=["fixed", "tuned-first", "tuned-last"], required=True)
+    space = parser.parse_args().compile
+    print(json.dumps(_compile_every_launch(tuned=space != "fixed", last=space == "tuned-last")))
