@@ -349,20 +349,21 @@ def _gv_pruner(configs, named_args, **kwargs):
 
 # Under the interpreter every tuner has one config (split K in two, to run the partials and their sum).
 _KEY = ["M", "N", "K"]
-_FWD = SplitKMatmul(
-    Launcher(_bitmask_gemv_kernel, space(_gemv_configs, config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)), _KEY,
-             _gemv_pruner("N", "K")),
-    Launcher(_bitmask_mm_kernel, space(lambda: _mm_configs(True),
-                                       config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
-             _KEY + ["PRECISION"], _mm_pruner("N", "K", "z_ptr")),
-    "BLOCK_N")
-_GRAD_Z = SplitKMatmul(
-    Launcher(_bitmask_t_gemv_kernel, space(_gemv_configs, config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)), _KEY,
-             _gemv_pruner("K", "N")),
-    Launcher(_bitmask_t_mm_kernel, space(lambda: _mm_configs(False),
-                                         config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
-             _KEY + ["PRECISION"], _mm_pruner("K", "N", "g_ptr")),
-    "BLOCK_K")
+
+
+def _split_matmul(gemv_kernel, mm_kernel, fwd):
+    """The forward (y = z S: output N, reduction K) or grad_z (g S^T: output K, reduction N) kernel pair."""
+    out_axis, red_axis, act = ("N", "K", "z_ptr") if fwd else ("K", "N", "g_ptr")
+    gemv = Launcher(gemv_kernel, space(_gemv_configs, config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)), _KEY,
+                    _gemv_pruner(out_axis, red_axis))
+    mm = Launcher(mm_kernel,
+                  space(lambda: _mm_configs(fwd), config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
+                  _KEY + ["PRECISION"], _mm_pruner(out_axis, red_axis, act))
+    return SplitKMatmul(gemv, mm, "BLOCK_N" if fwd else "BLOCK_K")
+
+
+_FWD = _split_matmul(_bitmask_gemv_kernel, _bitmask_mm_kernel, True)
+_GRAD_Z = _split_matmul(_bitmask_t_gemv_kernel, _bitmask_t_mm_kernel, False)
 _GRAD_VALUES = Launcher(_bitmask_grad_values_kernel,
                         space(_grad_values_configs, config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
                         _KEY + ["PRECISION"], _gv_pruner)
