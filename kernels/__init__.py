@@ -1,8 +1,10 @@
 """Triton kernels, one module per hot path, shipped as ``weightkit.kernels``.
 
-Each module holds the ``@triton.jit`` kernels and the launchers that the ops in ``weightkit.ops`` call for
-the ``triton`` backend. Import them lazily (they need triton); on a machine without a GPU they run under
-``TRITON_INTERPRET=1``, which must be set before the first import.
+Each per-op module (int8, int4, dictionary, memoryformer, galore) holds the ``@triton.jit`` kernels and the launchers
+that the ``triton`` backend of the ops calls; what they share (the interpreter switch, the device guard, the launch
+plumbing that keeps the autotuner off the call path, the split-K reduction, tile helpers and the quantized GEMV/GEMM
+dispatch) is in ``_shared``, the only module they import. Import them lazily (they need triton); on a machine without
+a GPU they run under ``TRITON_INTERPRET=1``, which must be set before the first import.
 
 This folder is the top-level ``kernels/`` of a weightkit checkout (setup.py maps it to ``weightkit.kernels``). Where
 the checkout's root is on ``sys.path`` (``python -m ...`` or pytest run from there), ``import kernels`` would find

@@ -11,23 +11,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
-from .int8 import (_INTERPRET, _config, _device_info, _gemv_rows, _gemv_store_rows, _k_range, _pick_splits,
-                   _splitk_sum_kernel, _store_result, _tile_ids)
+from ._shared import (GEMV_MAX_M, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
+                      device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
+                      mm_fits, next_pow2, pick_splits, space, store_result, tile_ids)
 
 
 @triton.jit
 def _gather_forward_kernel(z_ptr, v_ptr, i_ptr, y_ptr, n, k, s, d_out, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # row offsets in int64: n * d_out (y), n * k (z) and s * d_out (values) may pass 2^31
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < n, cols < d_out
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    v_ptrs = v_ptr + cols
+    i_ptrs = i_ptr + cols
     for t in range(0, s):
-        v = tl.load(v_ptr + t * d_out + cols, mask=cmask, other=0.0).to(tl.float32)
-        idx = tl.load(i_ptr + t * d_out + cols, mask=cmask, other=0).to(tl.int64)
-        zg = tl.load(z_ptr + rows[:, None].to(tl.int64) * k + idx[None, :], mask=rmask[:, None] & cmask[None, :],
+        v = tl.load(v_ptrs, mask=cmask, other=0.0).to(tl.float32)
+        idx = tl.load(i_ptrs, mask=cmask, other=0).to(tl.int64)
+        zg = tl.load(z_ptr + rows[:, None] * k + idx[None, :], mask=rmask[:, None] & cmask[None, :],
                      other=0.0).to(tl.float32)
         acc += v[None, :] * zg
+        v_ptrs += d_out
+        i_ptrs += d_out
     tl.store(y_ptr + rows[:, None] * d_out + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
@@ -36,39 +41,42 @@ def _gather_forward_kernel(z_ptr, v_ptr, i_ptr, y_ptr, n, k, s, d_out, BLOCK_T: 
 def _gather_backward_kernel(g_ptr, z_ptr, v_ptr, i_ptr, gz_ptr, gv_ptr, n, k, s, d_out, BLOCK_T: tl.constexpr,
                             BLOCK_N: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    t = tl.program_id(1)
+    t_off = tl.program_id(1).to(tl.int64) * d_out  # int64 row offsets, as in the forward
     cmask = cols < d_out
-    v = tl.load(v_ptr + t * d_out + cols, mask=cmask, other=0.0).to(tl.float32)
-    idx = tl.load(i_ptr + t * d_out + cols, mask=cmask, other=0).to(tl.int64)
+    v = tl.load(v_ptr + t_off + cols, mask=cmask, other=0.0).to(tl.float32)
+    idx = tl.load(i_ptr + t_off + cols, mask=cmask, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, n, BLOCK_T):
-        rows = r0 + tl.arange(0, BLOCK_T)
+        rows = r0 + tl.arange(0, BLOCK_T).to(tl.int64)
         m2 = (rows[:, None] < n) & cmask[None, :]
         g = tl.load(g_ptr + rows[:, None] * d_out + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        zg = tl.load(z_ptr + rows[:, None].to(tl.int64) * k + idx[None, :], mask=m2, other=0.0).to(tl.float32)
+        zg = tl.load(z_ptr + rows[:, None] * k + idx[None, :], mask=m2, other=0.0).to(tl.float32)
         acc += tl.sum(g * zg, axis=0)
-        tl.atomic_add(gz_ptr + rows[:, None].to(tl.int64) * k + idx[None, :], v[None, :] * g, mask=m2)
-    tl.store(gv_ptr + t * d_out + cols, acc, mask=cmask)
+        tl.atomic_add(gz_ptr + rows[:, None] * k + idx[None, :], v[None, :] * g, mask=m2)
+    tl.store(gv_ptr + t_off + cols, acc, mask=cmask)
 
 
 def dict_sparse_gather_triton(z, values, indices, block_t=16, block_n=64):
     n, k = z.shape
     s, d_out = values.shape
-    y = torch.empty((n, d_out), dtype=z.dtype, device=z.device)
-    grid = (cdiv(n, block_t), cdiv(d_out, block_n))
-    _gather_forward_kernel[grid](z, values, indices.to(torch.int32), y, n, k, s, d_out, BLOCK_T=block_t, BLOCK_N=block_n)
+    with device_guard(z.device):
+        y = torch.empty((n, d_out), dtype=z.dtype, device=z.device)
+        grid = (cdiv(n, block_t), cdiv(d_out, block_n))
+        _gather_forward_kernel[grid](z, values, indices.to(torch.int32), y, n, k, s, d_out, BLOCK_T=block_t,
+                                     BLOCK_N=block_n)
     return y
 
 
 def dict_sparse_gather_backward_triton(grad, z, values, indices, block_t=16, block_n=64):
     n, k = z.shape
     s, d_out = values.shape
-    gz = torch.zeros((n, k), dtype=torch.float32, device=z.device)
-    gv = torch.empty((s, d_out), dtype=torch.float32, device=z.device)
-    grid = (cdiv(d_out, block_n), s)
-    _gather_backward_kernel[grid](grad, z, values, indices.to(torch.int32), gz, gv, n, k, s, d_out, BLOCK_T=block_t,
-                                  BLOCK_N=block_n)
-    return gz.to(z.dtype), gv.to(values.dtype)
+    with device_guard(z.device):
+        gz = torch.zeros((n, k), dtype=torch.float32, device=z.device)
+        gv = torch.empty((s, d_out), dtype=torch.float32, device=z.device)
+        grid = (cdiv(d_out, block_n), s)
+        _gather_backward_kernel[grid](grad, z, values, indices.to(torch.int32), gz, gv, n, k, s, d_out,
+                                      BLOCK_T=block_t, BLOCK_N=block_n)
+        return gz.to(z.dtype), gv.to(values.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,7 +89,7 @@ def dict_sparse_gather_backward_triton(grad, z, values, indices, block_t=16, blo
 # exactly once; neighbouring columns read neighbouring rows of ``values``, so their sectors are shared through L1/L2)
 # and the tile is dense in registers: zeros where no bit is set. Accumulation is always fp32.
 #
-# Forward, picked by the number of tokens M (as the int8/INT4 layers do, kernels/int8.py):
+# Forward, picked by the number of tokens M (as the int8/INT4 layers do, kernels/_shared.py):
 # * M <= GEMV_MAX_M (decode), _bitmask_gemv_kernel: no tensor cores. Grid (N / BLOCK_N, SPLIT_K): each program
 #   decodes its BLOCK_N columns over K / SPLIT_K atoms (so every mask word and value is read once in all) and adds
 #   z[m, k] * S[k, n] into an fp32 [BLOCK_K, BLOCK_N] register tile per token, reduced once after the loop. The offset
@@ -90,7 +98,7 @@ def dict_sparse_gather_backward_triton(grad, z, values, indices, block_t=16, blo
 # * M > GEMV_MAX_M, _bitmask_mm_kernel: tensor cores. The decoded tile, transposed, is the LEFT operand of
 #   acc[n, m] += S^T[n, k-tile] . Z[m, k-tile]^T (on Hopper it feeds wgmma from registers; Z comes from shared
 #   memory), fp32 accumulator, grouped tile order; SPLIT_K > 1 only up to SPLIT_MAX_M tokens.
-# Split-K partials: [SPLIT_K, M, N] fp32, summed in a fixed order by int8's _splitk_sum_kernel (deterministic).
+# Split-K partials: [SPLIT_K, M, N] fp32, summed in a fixed order by _shared.splitk_sum_kernel (deterministic).
 # Backward (the bitmask is frozen):
 # * grad_z = G S^T (M x K): the same two kernels with the roles of K and N swapped (_bitmask_t_gemv_kernel,
 #   _bitmask_t_mm_kernel): a program owns a K tile and reduces over N (split over N for parallelism); each S tile's
@@ -99,13 +107,12 @@ def dict_sparse_gather_backward_triton(grad, z, values, indices, block_t=16, blo
 #   tensor cores over all M, then each set bit's entry is stored at its row of grad_values: every entry is written
 #   exactly once (no atomics, deterministic). It computes the dense K x N product, twice the useful FLOPs at 50%
 #   density, which tensor cores pay for more cheaply than a gather would.
-# Autotuned (triton.autotune) for S with >= TUNE_MIN_WEIGHT entries; one fixed config otherwise (launch-bound sizes),
-# and one config per tuner under the interpreter. Index arithmetic is int32 in the values (s N < 2^31, checked).
+# Autotuned for S with >= TUNE_MIN_WEIGHT entries, once per token bucket (kernels/_shared.py, Launcher: later calls
+# launch a cached plan); one fixed config otherwise (launch-bound sizes), and one config per tuner under the
+# interpreter. Index arithmetic is int32 in values and the mask words (s N and
+# W N < 2^31, checked), int64 in the activations and gradients.
 
-GEMV_MAX_M = 4
-SPLIT_MAX_M = 64
 TUNE_MIN_WEIGHT = 1 << 20  # tests lower it to run the tuned path under the interpreter
-_SPLITS = (1, 2, 4, 8, 16)
 
 
 @triton.jit
@@ -137,37 +144,34 @@ def _split_offsets(off_ptr, k_lo, K, rn, mask_n, N):
     return tl.load(off_ptr + (k_lo // 32) * N + rn, mask=mask_n & (rn * 0 + k_lo < K), other=0).to(tl.int32)
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
-def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, stride_zm, MB, SPLIT_K,
+@triton.jit(do_not_specialize=["SPLIT_K"])
+def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, stride_zm, SPLIT_K,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode: y[m, n] (m < M <= BLOCK_M <= 4) = sum over this split's atoms k of z[m, k] S[k, n], no tensor cores."""
-    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
+    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rn < N
     off = _split_offsets(off_ptr, k_lo, K, rn, mask_n, N)
     rk = k_lo + tl.arange(0, BLOCK_K)
-    acc0 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(True, BLOCK_N, BLOCK_K)  # [BLOCK_K, BLOCK_N] each
     for k0 in range(k_lo, k_hi, BLOCK_K):
         s, count = _decode_tile(v_ptr, bm_ptr, k0 // 32, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
         off += count
         s = s.to(tl.float32)
         mask_k = rk < K
-        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, z_ptr, stride_zm, M, rk, mask_k, s, 1.0, True,
+        acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, z_ptr, stride_zm, M, rk, mask_k, s, 1.0, True,
                                             BLOCK_M)
         rk += BLOCK_K
-    _gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, True, BLOCK_M)
+    gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, True, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
-def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, stride_zm, MB, SPLIT_K,
+@triton.jit(do_not_specialize=["SPLIT_K"])
+def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, stride_zm, SPLIT_K,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr = 8, DOT_F32: tl.constexpr = False):
     """Tensor cores: acc[n, m] += S^T[n, k-tile] . z[m, k-tile]^T, S decoded in registers to z's dtype."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = rm < M, rn < N
@@ -186,39 +190,36 @@ def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, 
                      out_dtype=tl.float32)
         rk += BLOCK_K
         z_ptrs += BLOCK_K
-    _store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
+    store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
-def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, MB, SPLIT_K,
+@triton.jit(do_not_specialize=["SPLIT_K"])
+def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, SPLIT_K,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_z for M <= BLOCK_M <= 4 tokens: gz[m, k] = sum over this split's columns n of g[m, n] S[k, n]. Grid
     (K / BLOCK_K, SPLIT_K over N)."""
-    n_lo, n_hi = _k_range(N, SPLIT_K, BLOCK_N)
+    n_lo, n_hi = k_range(N, SPLIT_K, BLOCK_N)
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     w0 = tl.program_id(0) * (BLOCK_K // 32)
-    acc0 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(True, BLOCK_N, BLOCK_K)  # [BLOCK_K, BLOCK_N] each
     rn = n_lo + tl.arange(0, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         mask_n = rn < N
         off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
         s, _ = _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
         s = s.to(tl.float32)
-        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, g_ptr, N, M, rn, mask_n, s, 1.0, False, BLOCK_M)
+        acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, g_ptr, N, M, rn, mask_n, s, 1.0, False, BLOCK_M)
         rn += BLOCK_N
-    _gemv_store_rows(gz_ptr, p_ptr, acc0, acc1, acc2, acc3, rk, M, K, SPLIT_K, False, BLOCK_M)
+    gemv_store_rows(gz_ptr, p_ptr, acc0, acc1, acc2, acc3, rk, M, K, SPLIT_K, False, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
-def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, MB, SPLIT_K,
+@triton.jit(do_not_specialize=["SPLIT_K"])
+def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, SPLIT_K,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8, DOT_F32: tl.constexpr = False):
     """grad_z by tensor cores: acc[k, m] += S[k-tile, n-tile] . g[m, n-tile]^T over this split's columns."""
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    n_lo, n_hi = _k_range(N, SPLIT_K, BLOCK_N)
+    pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    n_lo, n_hi = k_range(N, SPLIT_K, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     w0 = pid_k * (BLOCK_K // 32)
@@ -237,11 +238,11 @@ def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, 
         acc = tl.dot(s.to(dt), tl.trans(gt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
         rn += BLOCK_N
         g_ptrs += BLOCK_N
-    _store_result(gz_ptr, p_ptr, tl.trans(acc), rm, rk, M, K, SPLIT_K)
+    store_result(gz_ptr, p_ptr, tl.trans(acc), rm, rk, M, K, SPLIT_K)
 
 
-@triton.jit(do_not_specialize=["MB"])
-def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, W, MB, PRECISION: tl.constexpr,
+@triton.jit
+def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, W, PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 DOT_F32: tl.constexpr = False):
     """grad_values: acc[k, n] = sum over m of z[m, k] g[m, n] for the tile, stored at each set bit's row."""
@@ -261,8 +262,8 @@ def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, 
         zt = tl.load(z_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         gt = tl.load(g_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(tl.trans(zt.to(dt)), gt.to(dt), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
-        z_ptrs += BLOCK_M * K
-        g_ptrs += BLOCK_M * N
+        z_ptrs += tl.cast(K, tl.int64) * BLOCK_M
+        g_ptrs += tl.cast(N, tl.int64) * BLOCK_M
     off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
     bits, rows = _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
     tl.store(gv_ptr + rows * N + rn[None, :], acc.to(gv_ptr.dtype.element_ty), mask=bits != 0)
@@ -273,10 +274,8 @@ def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, 
 def _gemv_configs():
     """(BLOCK_N, BLOCK_K, warps) x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64 fp32
     accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU)."""
-    if _INTERPRET:
-        return [_config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)]
     tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (32, 128, 4), (128, 32, 4)]
-    return [_config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in _SPLITS]
+    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in SPLITS]
 
 
 def _mm_configs(fwd):
@@ -284,27 +283,23 @@ def _mm_configs(fwd):
     with split-K; prefill: 64-128 x 64-256 x 32-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial,
     gemlite), plus small BLOCK_K = 32 tiles for fp32 without TF32 ("ieee": the dot runs on FMA units). In the
     transposed kernel (grad_z) BLOCK_K is the output side and BLOCK_N the reduction."""
-    if _INTERPRET:
-        return [_config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)]
     out = []
     for bn, bk, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
         for bm in (16, 32, 64):
-            for s in _SPLITS[:4]:
-                out.append(_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s))
+            for s in SPLITS[:4]:
+                out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s))
     for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                               (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
         if not fwd:  # grad_z: the K tile is the output side, N the reduction
             bn, bk = bk, bn
-        out.append(_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1))
+        out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1))
     return out
 
 
 def _grad_values_configs():
-    if _INTERPRET:
-        return [_config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)]
     tiles = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
              (64, 64, 32, 4, 3), (64, 64, 16, 4, 3)]
-    return [_config(w, st, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm) for bn, bk, bm, w, st in tiles]
+    return [config(w, st, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm) for bn, bk, bm, w, st in tiles]
 
 
 def _gemv_pruner(out_axis, red_axis):
@@ -313,11 +308,11 @@ def _gemv_pruner(out_axis, red_axis):
     def prune(configs, named_args, **kwargs):
         n_out, n_red, bm = named_args[out_axis], named_args[red_axis], kwargs["BLOCK_M"]
         out_block, red_block = ("BLOCK_N", "BLOCK_K") if out_axis == "N" else ("BLOCK_K", "BLOCK_N")
-        sms, _ = _device_info(named_args["v_ptr"].device)
+        sms, _ = device_info(named_args["v_ptr"].device)
         fit = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-        out = _pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]),
-                           lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
-                           lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps))
+        out = pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]),
+                          lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
+                          lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps))
         return out or fit[:1] or configs[:1]
     return prune
 
@@ -327,30 +322,21 @@ def _mm_pruner(out_axis, red_axis, first):
         m, n_out, n_red = named_args["M"], named_args[out_axis], named_args[red_axis]
         out_block, red_block = ("BLOCK_N", "BLOCK_K") if out_axis == "N" else ("BLOCK_K", "BLOCK_N")
         x = named_args[first]
-        sms, smem = _device_info(x.device)
-        mb = next_pow2(m)
-        decode = m <= SPLIT_MAX_M
+        sms, smem = device_info(x.device)
         fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K / BLOCK_N <= 32 tiles only
-        fit = []
-        for c in configs:
+        shaped = [c for c in configs if (min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= 32) == fma]
+
+        def need(c):  # pipelined activation tiles + the decoded S tile and its layout conversion
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            if (min(bn, bk) <= 32) != fma:
-                continue
-            if decode:
-                if bm != min(max(mb, 16), 32 if fma else 64):
-                    continue
-            elif c.kwargs["SPLIT_K"] > 1 or bm < 64 or bm > max(mb, 64):
-                continue
-            # pipelined activation tiles + the decoded S tile and its layout conversion
-            if c.num_stages * bm * c.kwargs[red_block] * x.element_size() + 2 * bn * bk * x.element_size() > smem:
-                continue
-            fit.append(c)
-        if not decode:
+            return c.num_stages * bm * c.kwargs[red_block] * x.element_size() + 2 * bn * bk * x.element_size()
+
+        fit = mm_fits(shaped, m, fma, smem, need)
+        if m > SPLIT_MAX_M:
             return fit or configs[-1:]
-        out = _pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]) * cdiv(m, c.kwargs["BLOCK_M"]),
-                           lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
-                           lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                      c.num_stages))
+        out = pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]) * cdiv(m, c.kwargs["BLOCK_M"]),
+                          lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
+                          lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                     c.num_stages))
         return out or fit[:1] or configs[:1]
     return prune
 
@@ -361,112 +347,103 @@ def _gv_pruner(configs, named_args, **kwargs):
     return fit or configs[:1]
 
 
-_KEY = ["MB", "N", "K"]
-bitmask_gemv_autotune = triton.autotune(_gemv_configs(), key=_KEY,
-                                        prune_configs_by={"early_config_prune": _gemv_pruner("N", "K")})(
-    _bitmask_gemv_kernel)
-bitmask_mm_autotune = triton.autotune(_mm_configs(True), key=_KEY + ["PRECISION"],
-                                      prune_configs_by={"early_config_prune": _mm_pruner("N", "K", "z_ptr")})(
-    _bitmask_mm_kernel)
-bitmask_t_gemv_autotune = triton.autotune(_gemv_configs(), key=_KEY,
-                                          prune_configs_by={"early_config_prune": _gemv_pruner("K", "N")})(
-    _bitmask_t_gemv_kernel)
-bitmask_t_mm_autotune = triton.autotune(_mm_configs(False), key=_KEY + ["PRECISION"],
-                                        prune_configs_by={"early_config_prune": _mm_pruner("K", "N", "g_ptr")})(
-    _bitmask_t_mm_kernel)
-bitmask_grad_values_autotune = triton.autotune(_grad_values_configs(), key=_KEY + ["PRECISION"],
-                                               prune_configs_by={"early_config_prune": _gv_pruner})(
-    _bitmask_grad_values_kernel)
+# Under the interpreter every tuner has one config (split K in two, to run the partials and their sum).
+_KEY = ["M", "N", "K"]
 
 
-def _precision(x):
-    return "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+def _split_matmul(gemv_kernel, mm_kernel, fwd):
+    """The forward (y = z S: output N, reduction K) or grad_z (g S^T: output K, reduction N) kernel pair."""
+    out_axis, red_axis, act = ("N", "K", "z_ptr") if fwd else ("K", "N", "g_ptr")
+    gemv = Launcher(gemv_kernel, space(_gemv_configs, config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)), _KEY,
+                    _gemv_pruner(out_axis, red_axis))
+    mm = Launcher(mm_kernel,
+                  space(lambda: _mm_configs(fwd), config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
+                  _KEY + ["PRECISION"], _mm_pruner(out_axis, red_axis, act))
+    return SplitKMatmul(gemv, mm, "BLOCK_N" if fwd else "BLOCK_K")
 
 
-def _dot_meta(x):
-    """PRECISION, and fp32 dot operands for bf16 under the interpreter (see DOT_F32)."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        return dict(PRECISION="ieee", DOT_F32=True)
-    return dict(PRECISION=_precision(x))
+_FWD = _split_matmul(_bitmask_gemv_kernel, _bitmask_mm_kernel, True)
+_GRAD_Z = _split_matmul(_bitmask_t_gemv_kernel, _bitmask_t_mm_kernel, False)
+_GRAD_VALUES = Launcher(_bitmask_grad_values_kernel,
+                        space(_grad_values_configs, config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)),
+                        _KEY + ["PRECISION"], _gv_pruner)
+# The autotuners (module-level: bench/gpu_report.py prints the configs they chose).
+bitmask_gemv_autotune, bitmask_mm_autotune = _FWD.gemv.autotuner, _FWD.mm.autotuner
+bitmask_t_gemv_autotune, bitmask_t_mm_autotune = _GRAD_Z.gemv.autotuner, _GRAD_Z.mm.autotuner
+bitmask_grad_values_autotune = _GRAD_VALUES.autotuner
 
 
-def _check_sizes(values):
-    if values.numel() >= 2 ** 31:
-        raise ValueError(f"values has {values.numel()} entries; the Triton bitmask kernels index them in int32 "
-                         f"(< 2^31 entries)")
+def _check_sizes(values, bitmask):
+    """The bitmask kernels index values and the mask words (and word_offsets, of the same shape) in int32."""
+    for name, t in (("values", values), ("bitmask", bitmask)):
+        if t.numel() >= 2 ** 31:
+            raise ValueError(f"{name} has {t.numel()} entries; the Triton bitmask kernels index it in int32 "
+                             f"(< 2^31 entries)")
 
 
-def _split_matmul(kernels, tuners, act, wargs, out, M, n_out, n_red, extra, fixed):
-    """Launch the GEMV (M <= GEMV_MAX_M) or tensor-core kernel writing out (M x n_out), reducing over n_red, with
-    split partials summed by _splitk_sum_kernel. ``fixed``: the one config for small S."""
-    gemv = M <= GEMV_MAX_M
-    mb = next_pow2(M)
-    kernel, tuner = (kernels[0], tuners[0]) if gemv else (kernels[1], tuners[1])
-    meta = dict(BLOCK_M=mb) if gemv else _dot_meta(act)
-    out_block = "BLOCK_N" if kernels[0] is _bitmask_gemv_kernel else "BLOCK_K"
-    if gemv:
-        grid = lambda c: (cdiv(n_out, c[out_block]), c["SPLIT_K"])  # noqa: E731
-    else:
-        grid = lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(n_out, c[out_block]), c["SPLIT_K"])  # noqa: E731
-    args = (act, *wargs, out)
-    if n_red * n_out >= TUNE_MIN_WEIGHT:
-        may_split = M <= SPLIT_MAX_M or len(tuner.configs) == 1
-        max_split = max(c.kwargs["SPLIT_K"] for c in tuner.configs) if may_split else 1
-        part = torch.empty((max_split, M, n_out), dtype=torch.float32, device=act.device) if max_split > 1 else out
-        tuner[grid](*args, part, *extra, mb, **meta)
-        split = tuner.best_config.kwargs["SPLIT_K"]
-    else:
-        cfg = fixed(gemv, mb, meta)
-        kernel[grid(dict(cfg, SPLIT_K=1))](*args, out, *extra, mb, 1, **meta, **cfg, num_warps=4,
-                                           num_stages=1 if gemv else 2)
-        split, part = 1, out
-    if split > 1:
-        mn = M * n_out
-        _splitk_sum_kernel[(cdiv(mn, 1024),)](part, out, mn, split, BLOCK=1024, num_warps=4)
-    return out
-
-
-def _fixed_fwd(gemv, mb, meta):
+def _fixed_fwd(gemv, mb, fma):
     if gemv:
         return dict(BLOCK_N=64, BLOCK_K=64 if mb <= 2 else 32)
-    fma = meta["PRECISION"] == "ieee"
     return dict(BLOCK_M=min(max(mb, 16), 32 if fma else 64), BLOCK_N=64, BLOCK_K=32 if fma else 64)
 
 
-def _fixed_t(gemv, mb, meta):
+def _fixed_t(gemv, mb, fma):
     if gemv:
         return dict(BLOCK_K=64, BLOCK_N=64 if mb <= 2 else 32)
-    fma = meta["PRECISION"] == "ieee"
     return dict(BLOCK_M=min(max(mb, 16), 32 if fma else 64), BLOCK_K=64, BLOCK_N=32 if fma else 64)
+
+
+def _setup(gemv, key, act, fixed):
+    """(constexprs, the fixed config or None to tune, the config bucket) of a bitmask matmul's first call."""
+    M, n_out, n_red, tune, precision = key[:5]
+    mb = next_pow2(M)
+    meta = dict(BLOCK_M=mb) if gemv else dot_meta(act.device, act.dtype, precision)
+    bucket = (mb,) + key[1:]
+    if tune:
+        return meta, None, bucket
+    cfg = fixed(gemv, mb, not gemv and meta["PRECISION"] == "ieee")
+    return meta, config(4, 1 if gemv else 2, SPLIT_K=1, **cfg), bucket
+
+
+def _key(M, n_out, n_red, act):
+    """Everything a bitmask matmul's launch depends on: sizes, the tuning switch, precision, dtype, device."""
+    return (M, n_out, n_red, n_red * n_out >= TUNE_MIN_WEIGHT, dot_precision(act), act.dtype, act.device)
+
+
+def _grad_values_setup(key):
+    M, N, K, tune, precision, dtype, device = key
+    meta = dot_meta(device, dtype, precision)
+    fixed = None if tune else config(4, 2, BLOCK_M=16 if meta["PRECISION"] == "ieee" else 32, BLOCK_N=64, BLOCK_K=64)
+    return (next_pow2(M),) + key[1:], lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(K, c["BLOCK_K"])), meta, fixed
 
 
 def dict_bitmask_matmul_triton(z, values, bitmask, word_offsets):
     """y = z S (contiguous inputs; see the section comment)."""
-    _check_sizes(values)
+    _check_sizes(values, bitmask)
     (M, K), N = z.shape, values.shape[1]
-    y = torch.empty((M, N), dtype=z.dtype, device=z.device)
-    return _split_matmul((_bitmask_gemv_kernel, _bitmask_mm_kernel), (bitmask_gemv_autotune, bitmask_mm_autotune), z,
-                         (values, bitmask, word_offsets), y, M, N, K, (M, N, K, bitmask.shape[0], z.stride(0)),
-                         _fixed_fwd)
+    with device_guard(z.device):
+        y = torch.empty((M, N), dtype=z.dtype, device=z.device)
+        if M == 0 or N == 0:
+            return y
+        key = _key(M, N, K, z)
+        return _FWD(key, (z, values, bitmask, word_offsets), y, (M, N, K, bitmask.shape[0], z.stride(0)), M, N,
+                    lambda gemv: _setup(gemv, key, z, _fixed_fwd))
 
 
 def dict_bitmask_matmul_backward_triton(grad, z, values, bitmask, word_offsets):
     """(grad_z = grad S^T in z's dtype, grad_values in values' dtype), contiguous inputs."""
-    _check_sizes(values)
+    _check_sizes(values, bitmask)
     (M, K), N, W = z.shape, values.shape[1], bitmask.shape[0]
-    gz = torch.empty((M, K), dtype=z.dtype, device=z.device)
-    _split_matmul((_bitmask_t_gemv_kernel, _bitmask_t_mm_kernel), (bitmask_t_gemv_autotune, bitmask_t_mm_autotune),
-                  grad, (values, bitmask, word_offsets), gz, M, K, N, (M, N, K, W), _fixed_t)
-    gv = torch.empty_like(values)
-    if grad.dtype != z.dtype:  # the dot takes one dtype: z's
-        grad = grad.to(z.dtype)
-    mb = next_pow2(M)
-    meta = _dot_meta(z)
-    grid = lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(K, c["BLOCK_K"]))  # noqa: E731
-    if K * N >= TUNE_MIN_WEIGHT:
-        bitmask_grad_values_autotune[grid](z, grad, bitmask, word_offsets, gv, M, N, K, W, mb, **meta)
-    else:
-        cfg = dict(BLOCK_M=16 if meta["PRECISION"] == "ieee" else 32, BLOCK_N=64, BLOCK_K=64)
-        _bitmask_grad_values_kernel[grid(cfg)](z, grad, bitmask, word_offsets, gv, M, N, K, W, mb, **meta, **cfg,
-                                               num_warps=4, num_stages=2)
+    with device_guard(z.device):
+        gz = torch.empty((M, K), dtype=z.dtype, device=z.device)
+        gv = torch.empty_like(values)
+        if M == 0 or K == 0 or N == 0:
+            return gz.zero_(), gv.zero_()
+        key = _key(M, K, N, grad)
+        _GRAD_Z(key, (grad, values, bitmask, word_offsets), gz, (M, N, K, W), M, K,
+                lambda gemv: _setup(gemv, key, grad, _fixed_t))
+        if grad.dtype != z.dtype:  # the dot takes one dtype: z's
+            grad = grad.to(z.dtype)
+        key = (M, N, K, K * N >= TUNE_MIN_WEIGHT, dot_precision(z), z.dtype, z.device)
+        _GRAD_VALUES.launch(key, (z, grad, bitmask, word_offsets, gv, M, N, K, W), lambda: _grad_values_setup(key))
     return gz, gv

@@ -6,7 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._shared import (DequantMatmul, cdiv, device_guard, gemv_accumulators, gemv_rows, gemv_store_rows, gemv_tile,
+                      k_mask, mm_tile, next_pow2, store_result, x_offsets)
+
+TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
 _FLT_MIN = 1.1754943508222875e-38
 _ROUND = 12582912.0  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds v to the nearest integer, ties to even
@@ -40,11 +43,12 @@ def _quantize_int4_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, group_size, HA
 def quantize_int4_triton(x, group_size):
     n = x.numel()
     groups = n // group_size
-    packed = torch.empty(n // 2, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(groups, dtype=torch.float32, device=x.device)
-    zero = torch.empty(groups, dtype=torch.uint8, device=x.device)
-    half = next_pow2(max(group_size // 2, 1))
-    _quantize_int4_kernel[(groups,)](x, packed, scale, zero, group_size, HALF=half, enable_fp_fusion=False)
+    with device_guard(x.device):
+        packed = torch.empty(n // 2, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(groups, dtype=torch.float32, device=x.device)
+        zero = torch.empty(groups, dtype=torch.uint8, device=x.device)
+        half = next_pow2(max(group_size // 2, 1))
+        _quantize_int4_kernel[(groups,)](x, packed, scale, zero, group_size, HALF=half, enable_fp_fusion=False)
     return packed, scale, zero
 
 
@@ -68,22 +72,21 @@ def _dequantize_int4_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, n, group_s
 
 def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
     n = packed.numel() * 2
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    _dequantize_int4_kernel[(cdiv(n, block),)](packed, scale, zero, out, n, group_size, BLOCK=block,
-                                                       enable_fp_fusion=False)
+    with device_guard(packed.device):
+        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        _dequantize_int4_kernel[(cdiv(n, block),)](packed, scale, zero, out, n, group_size, BLOCK=block,
+                                                   enable_fp_fusion=False)
     return out
 
 
 # -- int4_matmul (spec: weightkit.ops.int4.int4_matmul) ------------------------------------------------------------
-# Same two kernels as int8_matmul (design, configs, split-K and dispatch: kernels/int8.py, "int8_matmul"), with the
+# The same two kernels as int8_matmul (design, configs, split-K and dispatch: kernels/_shared.py,
+# "dequantize-and-multiply"), with the
 # weight read as packed bytes: a tile of C values along W's contiguous axis is C/2 bytes (16-byte loads), unpacked
 # in registers (low nibble = even element) with tl.join + reshape. Dequantization (q - z) * s is exact to the
 # reference: q + 2^23 is built from the bits (no int-to-float conversion), minus (z + 2^23) gives q - z exactly.
 # ALIGNED needs the groups inside rows (cols % G == 0); otherwise (odd shapes) each element is gathered from its flat
 # index with _dequant, like the reference.
-
-from .int8 import (GEMV_KEY, MM_KEY, _gemv_rows, _gemv_store_rows, _k_mask, _k_range, _store_result, _tile_ids,  # noqa: E402
-                    dequant_matmul, gemv_configs, make_gemv_pruner, make_mm_pruner, mm_configs)
 
 
 @triton.jit
@@ -95,38 +98,28 @@ def _unpack_f32(b, ROWS: tl.constexpr, COLS: tl.constexpr):
     return (q | 0x4B000000).to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
-def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, MB,
+@triton.jit(do_not_specialize=["SPLIT_K"])
+def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk,
                       SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode (M <= BLOCK_M <= 4), no tensor cores; see _int8_gemv_kernel. W is rows x cols; B[k, n] = W[n, k]
     (K = cols) or, with TRANS, W[k, n] (K = rows)."""
-    pid_n = tl.program_id(0)
-    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn64 = rn.to(tl.int64)
-    mask_n = rn < N
-    rk = k_lo + tl.arange(0, BLOCK_K)
+    pid_n, k_lo, k_hi, rn, rn64, mask_n, rk = gemv_tile(N, K, SPLIT_K, BLOCK_N, BLOCK_K)
     if TRANS:  # tiles [BLOCK_K, BLOCK_N]: BLOCK_N / 2 bytes of each row k; ALIGNED: one group per row and tile
         b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
                                                                     tl.arange(0, BLOCK_N // 2))[None, :]
         b_step = BLOCK_K * tl.cast(N // 2, tl.int64)
         grp = rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G
         g_step = BLOCK_K * tl.cast(N // G, tl.int64)
-        shape: tl.constexpr = (BLOCK_K, BLOCK_N)
     else:  # tiles [BLOCK_N, BLOCK_K]: BLOCK_K / 2 bytes of each row n; ALIGNED: one group per row and step
         b_ptrs = packed_ptr + rn64[:, None] * (K // 2) + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
         b_step = BLOCK_K // 2
         grp = rn64 * (K // G)  # + k0 // G in the loop (BLOCK_K divides G)
         g_step = 0
-        shape: tl.constexpr = (BLOCK_N, BLOCK_K)
-    x_offs = rk * stride_xk
-    acc0 = tl.zeros(shape, dtype=tl.float32)
-    acc1 = tl.zeros(shape, dtype=tl.float32)
-    acc2 = tl.zeros(shape, dtype=tl.float32)
-    acc3 = tl.zeros(shape, dtype=tl.float32)
+    x_offs, x_step = x_offsets(rk, stride_xk, BLOCK_K)
+    acc0, acc1, acc2, acc3 = gemv_accumulators(TRANS, BLOCK_N, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        mask_k = _k_mask(rk, K, EVEN_K, BLOCK_K)
+        mask_k = k_mask(rk, K, EVEN_K, BLOCK_K)
         s_k = 1.0
         if ALIGNED:
             if TRANS:  # one (scale, zero) per k, the scale folded into x (fp32)
@@ -149,29 +142,23 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N
                 lin = rn64[:, None] * K + rk[None, :]
                 wmask = mask_n[:, None] & mask_k[None, :]
             w = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, G, wmask)
-        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, mask_k, w, s_k, TRANS,
+        acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, mask_k, w, s_k, TRANS,
                                             BLOCK_M)
         rk += BLOCK_K
-        x_offs += BLOCK_K * stride_xk
-    _gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
+        x_offs += x_step
+    gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "MB"])
-def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, MB,
+@triton.jit(do_not_specialize=["SPLIT_K"])
+def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk,
                     SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
                     DOT_F32: tl.constexpr = False):
     """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn64 = rn.to(tl.int64)
-    mask_m = rm < M
-    mask_n = rn < N
-    rk = k_lo + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
+        x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
     if TRANS:  # byte tiles [BLOCK_K, BLOCK_N // 2] of rows k; ALIGNED: one group per row and tile
         b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
                                                                     tl.arange(0, BLOCK_N // 2))[None, :]
@@ -188,7 +175,7 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
         dt = tl.float32
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        mask_k = _k_mask(rk, K, EVEN_K, BLOCK_K)
+        mask_k = k_mask(rk, K, EVEN_K, BLOCK_K)
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if ALIGNED:
             if TRANS:
@@ -220,27 +207,18 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
                 w_lo = (w - w_hi.to(tl.float32)).to(dt)
                 acc = tl.dot(w_lo, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
         rk += BLOCK_K
-        x_ptrs += BLOCK_K * stride_xk
-    _store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
+        x_ptrs += x_step
+    store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
 
 
+_MATMUL = DequantMatmul(_int4_gemv_kernel, _int4_mm_kernel, 4, lambda: TUNE_MIN_WEIGHT)
 # The autotuners (module-level: bench/gpu_report.py prints the configs they chose).
-int4_gemv_autotune = triton.autotune(
-    gemv_configs(False, 4), key=GEMV_KEY,
-    prune_configs_by={"early_config_prune": make_gemv_pruner(False)})(_int4_gemv_kernel)
-int4_gemv_t_autotune = triton.autotune(
-    gemv_configs(True, 4), key=GEMV_KEY,
-    prune_configs_by={"early_config_prune": make_gemv_pruner(True)})(_int4_gemv_kernel)
-int4_mm_autotune = triton.autotune(mm_configs(False), key=MM_KEY,
-                                   prune_configs_by={"early_config_prune": make_mm_pruner(False, 4)})(_int4_mm_kernel)
-int4_mm_t_autotune = triton.autotune(mm_configs(True), key=MM_KEY,
-                                     prune_configs_by={"early_config_prune": make_mm_pruner(True, 4)})(_int4_mm_kernel)
-_INT4_TUNERS = (int4_gemv_autotune, int4_gemv_t_autotune, int4_mm_autotune, int4_mm_t_autotune)
+int4_gemv_autotune, int4_gemv_t_autotune, int4_mm_autotune, int4_mm_t_autotune = _MATMUL.autotuners()
 
 
 def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose):
     """y = x @ W^T (or x @ W with ``transpose``) for the INT4 matrix W (rows x cols) and a 2-D x (any strides)."""
     n, k = (cols, rows) if transpose else (rows, cols)
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    return dequant_matmul(_int4_gemv_kernel, _int4_mm_kernel, _INT4_TUNERS, x, (packed, scale, zero), y, n, k,
-                          group_size, bool(transpose), aligned=cols % group_size == 0)
+    with device_guard(x.device):
+        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        return _MATMUL(x, (packed, scale, zero), y, n, k, group_size, bool(transpose), aligned=cols % group_size == 0)

@@ -9,13 +9,14 @@ Forward, y[t] = sum_k p[t, k] T[key[t, k]] (fp32 accumulation, y in x's dtype):
   token blocks (the table-major order that matters at large n). Split s owns a contiguous run of tables and loads
   BLOCK_K tables per step as one [BLOCK_T, BLOCK_K, BLOCK_N] gather (many independent loads in flight: one token
   is latency-bound otherwise); the sum over tables is deferred to the end of the loop (pure FMA loop).
-* SPLIT == 1 stores y directly; SPLIT > 1 stores fp32 partials [SPLIT, n, d_out] and a reduce kernel sums them in
-  split order and casts: deterministic for a given config.
+* SPLIT == 1 stores y directly; SPLIT > 1 stores fp32 partials [SPLIT, n, d_out] and the shared split-K reduction
+  (kernels/_shared.py) sums them in split order and casts: deterministic for a given config.
 * Hash (key, p) computed inline per step when n is small (no extra launch; the recomputation per column block is
   a few exp per loaded row), precomputed once per (token, table) by ``_memory_hash_kernel`` when n >= _PRE_MIN_N.
 * Autotuned (module-level ``memory_forward_autotuned``, key: n bucket (next power of 2), K, d_out, TAU, PRE and the
-  dtypes) for tables of >= _TUNE_MIN_TABLE elements. Smaller tables, and torch.use_deterministic_algorithms(True)
-  (bits must not depend on the timing noise of a tuning run), take a shape rule (``_fwd_default``).
+  dtypes) for tables of >= _TUNE_MIN_TABLE elements, once per bucket (kernels/_shared.py, Launcher: the call path
+  looks up a cached launch plan). Smaller tables, and torch.use_deterministic_algorithms(True) (bits must not depend
+  on the timing noise of a tuning run), take a shape rule (``_fwd_default``).
 
 Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once,
 loops over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with
@@ -28,15 +29,13 @@ sync; extra memory O(n K + K 2^TAU)).
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._shared import INTERPRET, Launcher, Plan, cdiv, device_guard, device_info, next_pow2, reduce_splits, space
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
 _MAX_SPLIT = 64
 _PARTIAL_BYTES = 32 << 20  # cap on the forward's fp32 split partials
@@ -116,18 +115,6 @@ def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, 
         tl.store(part_ptr + pid_s.to(tl.int64) * n * d_out + out_off, out, mask=out_mask)
 
 
-@triton.jit
-def _split_reduce_kernel(part_ptr, y_ptr, numel, split, BLOCK: tl.constexpr):
-    """y = sum over s = 0..split-1 of part[s] (in that order), cast to y's dtype. split * numel < 2^31 (the
-    launcher caps the partials at _PARTIAL_BYTES)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in range(1, split):
-        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit(do_not_specialize=["n", "n_bucket"])
 def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr, n, K, d_out, inv_t2, n_bucket,
                             ATOMICS: tl.constexpr, STORE_KEYS: tl.constexpr, TAU: tl.constexpr,
@@ -205,11 +192,8 @@ def _n_bucket(n):
     return _pow2(n)
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter on the CPU: behave like an H100/H200
+    return device_info(device)[0]
 
 
 def _token_blocks(nb):
@@ -372,34 +356,25 @@ def _bench(fn, quantiles):  # shorter than the default 25 + 100 ms per config: t
 
 
 # Under the interpreter every config would be timed in numpy: one config each (the tests force others).
-_FWD_CONFIGS = [_config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2, STAGES=2)] if _INTERPRET else _fwd_space()
-_BWD_CONFIGS = [_config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, STAGES=2)] if _INTERPRET else _bwd_space()
-_SEG_CONFIGS = [_config(ROWS=4, BLOCK_N=64, STAGES=2)] if _INTERPRET else _seg_space()
-
-
-def _reduce_splits(parts, y, numel, split):
-    """y = the ordered sum of the first ``split`` fp32 partials of numel values each (nothing when split == 1)."""
-    if split > 1:
-        block = 1024
-        _split_reduce_kernel[(cdiv(numel, block),)](parts, y, numel, split, BLOCK=block, num_warps=4)
+_FWD_CONFIGS = space(_fwd_space, _config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2, STAGES=2))
+_BWD_CONFIGS = space(_bwd_space, _config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, STAGES=2))
+_SEG_CONFIGS = space(_seg_space, _config(ROWS=4, BLOCK_N=64, STAGES=2))
 
 
 def _fwd_post_hook(kwargs, exception):
     """Timed with each config while tuning, so a SPLIT's reduce is part of the time it is chosen by."""
     if exception is None:
-        _reduce_splits(kwargs["part_ptr"], kwargs["y_ptr"], kwargs["n"] * kwargs["d_out"], kwargs["SPLIT"])
+        reduce_splits(kwargs["part_ptr"], kwargs["y_ptr"], kwargs["n"] * kwargs["d_out"], kwargs["SPLIT"])
 
 
-memory_forward_autotuned = triton.autotune(_FWD_CONFIGS, key=["n_bucket", "K", "d_out", "TAU", "PRE"],
-                                           prune_configs_by={"early_config_prune": _fwd_prune},
-                                           post_hook=_fwd_post_hook, do_bench=_bench)(_memory_forward_kernel)
-memory_backward_autotuned = triton.autotune(_BWD_CONFIGS, key=["n_bucket", "K", "d_out", "TAU", "ATOMICS",
-                                                               "STORE_KEYS"],
-                                            prune_configs_by={"early_config_prune": _bwd_prune},
-                                            reset_to_zero=["gt_ptr"], do_bench=_bench)(_memory_backward_kernel)
-memory_segment_autotuned = triton.autotune(_SEG_CONFIGS, key=["n_bucket", "K", "d_out"],
-                                           prune_configs_by={"early_config_prune": _seg_prune},
-                                           do_bench=_bench)(_segment_rows_kernel)
+_FWD = Launcher(_memory_forward_kernel, _FWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "PRE"], _fwd_prune,
+                post_hook=_fwd_post_hook, do_bench=_bench)
+_BWD = Launcher(_memory_backward_kernel, _BWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "ATOMICS", "STORE_KEYS"],
+                _bwd_prune, reset_to_zero=["gt_ptr"], do_bench=_bench)
+_SEG = Launcher(_segment_rows_kernel, _SEG_CONFIGS, ["n_bucket", "K", "d_out"], _seg_prune, do_bench=_bench)
+# The autotuners (module-level: bench/gpu_report.py prints the configs they chose).
+memory_forward_autotuned, memory_backward_autotuned, memory_segment_autotuned = (
+    _FWD.autotuner, _BWD.autotuner, _SEG.autotuner)
 
 
 def _fwd_candidates(nb, K, d_out, sms):
@@ -424,8 +399,7 @@ def _key_dtype(K, tau):
     return torch.int32 if (K << tau) < 2**31 else torch.int64
 
 
-def memory_hash_triton(x, K, tau, t):
-    """(key, p): int32/int64 table row k 2^tau + h and fp32 weight of every (token, table) pair, shape (n, K)."""
+def _hash_pairs(x, K, tau, t):
     n = x.shape[0]
     keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
     ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
@@ -436,73 +410,95 @@ def memory_hash_triton(x, K, tau, t):
     return keys, ps
 
 
+def memory_hash_triton(x, K, tau, t):
+    """(key, p): int32/int64 table row k 2^tau + h and fp32 weight of every (token, table) pair, shape (n, K)."""
+    with device_guard(x.device):
+        return _hash_pairs(x, K, tau, t)
+
+
 def _tuned(tables):
     """Autotune only tables big enough for it to matter (under the interpreter: always, with its one config);
     smaller ones, and torch.use_deterministic_algorithms(True), take the shape rule."""
     if torch.are_deterministic_algorithms_enabled():
         return False
-    return _INTERPRET or tables.numel() >= _TUNE_MIN_TABLE
+    return INTERPRET or tables.numel() >= _TUNE_MIN_TABLE
+
+
+def _forced(launcher, config, grid, meta):
+    """The plan of a config given by the caller (tests): not cached."""
+    return Plan(launcher.kernel, grid(config.kwargs), {**meta, **config.all_kwargs()}, config)
 
 
 def _launch_forward(x, tables, t, y, config=None, pre=None):
-    """Run the forward into y with ``config`` (None: autotuned or the shape rule, see _tuned); returns the config."""
+    """Run the forward into y with ``config`` (None: the cached plan, made on the first call of its key from the
+    autotuner or the shape rule, see _tuned); returns the config."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
-    nb = _n_bucket(n)
-    sms = _sm_count(x.device)
     pre = n >= _PRE_MIN_N if pre is None else pre
     if pre:
-        keys, ps = memory_hash_triton(x, K, tau, t)
+        keys, ps = _hash_pairs(x, K, tau, t)
     else:
         keys, ps = _unused(x.device, _key_dtype(K, tau)), _unused(x.device, torch.float32)
+    nb = _n_bucket(n)
     tuned = config is None and _tuned(tables)
-    if config is None and not tuned:
-        config = _fwd_default(nb, K, d_out, sms)
-    max_split = _fwd_max_split(nb, K, d_out, sms) if tuned else config.kwargs["SPLIT"]
-    parts = (torch.empty((max_split, n, d_out), dtype=torch.float32, device=x.device) if max_split > 1
+    key = (n, K, d_out, tau, pre, tuned, x.dtype, tables.dtype, x.device)
+    plan = _FWD.plans.get(key) if config is None else None
+    if plan is None:
+        meta = dict(TAU=tau, TAU_P2=_pow2(tau), PRE=pre)
+        grid = lambda c: (cdiv(n, c["BLOCK_T"]), cdiv(d_out, c["BLOCK_N"]), c["SPLIT"])  # noqa: E731
+        if config is not None:
+            plan = _forced(_FWD, config, grid, meta)
+        else:
+            sms = _sm_count(x.device)
+            bucket = (nb,) + key[1:]
+            if tuned and bucket not in _FWD.chosen:  # the tuning launch, partials for the largest candidate split
+                max_split = _fwd_max_split(nb, K, d_out, sms)
+                parts = (torch.empty((max_split, n, d_out), dtype=torch.float32, device=x.device) if max_split > 1
+                         else _unused(x.device, torch.float32))
+                cfg, _ = _FWD.choose(bucket, grid, (x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb), meta)
+                _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
+                reduce_splits(parts, y, n * d_out, cfg.kwargs["SPLIT"])
+                return cfg
+            cfg, _ = _FWD.choose(bucket, grid, None, meta, None if tuned else _fwd_default(nb, K, d_out, sms))
+            plan = _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
+    split = plan.config.kwargs["SPLIT"]
+    parts = (torch.empty((split, n, d_out), dtype=torch.float32, device=x.device) if split > 1
              else _unused(x.device, torch.float32))
-    args = (x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb)
-    meta = dict(TAU=tau, TAU_P2=_pow2(tau), PRE=pre)
-    if tuned:
-        grid = lambda m: (cdiv(n, m["BLOCK_T"]), cdiv(d_out, m["BLOCK_N"]), m["SPLIT"])  # noqa: E731
-        memory_forward_autotuned[grid](*args, **meta)
-        config = memory_forward_autotuned.best_config
-    else:
-        c = config.kwargs
-        grid = (cdiv(n, c["BLOCK_T"]), cdiv(d_out, c["BLOCK_N"]), c["SPLIT"])
-        _memory_forward_kernel[grid](*args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
-    _reduce_splits(parts, y, n * d_out, config.kwargs["SPLIT"])
-    return config
+    plan.kernel[plan.grid](x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb, **plan.kwargs)
+    reduce_splits(parts, y, n * d_out, split)
+    return plan.config
 
 
 def memory_lookup_forward_triton(x, tables, t):
     n = x.shape[0]
     K, _, d_out = tables.shape
-    if n == 0 or d_out == 0 or K == 0:
-        return torch.zeros((n, d_out), dtype=x.dtype, device=x.device)
-    y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
-    _launch_forward(x, tables, t, y)
+    with device_guard(x.device):
+        if n == 0 or d_out == 0 or K == 0:
+            return torch.zeros((n, d_out), dtype=x.dtype, device=x.device)
+        y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
+        _launch_forward(x, tables, t, y)
     return y
 
 
 def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, config=None):
-    """Input gradient into gx (and gt += p g with ATOMICS, key/p with STORE_KEYS); config None: autotuned or the
-    shape rule (see _tuned)."""
+    """Input gradient into gx (and gt += p g with ATOMICS, key/p with STORE_KEYS); config None: the cached plan (the
+    autotuner, or the shape rule: with STORE_KEYS, i.e. deterministic mode, and see _tuned); returns the config."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
-    args = (grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, _n_bucket(n))
+    nb = _n_bucket(n)
+    args = (grad, x, tables, gx, gt, keys, ps, n, K, d_out, 2.0 / t, nb)
     meta = dict(ATOMICS=atomics, STORE_KEYS=store_keys, TAU=tau, TAU_P2=_pow2(tau))
-    if config is None and _tuned(tables):
-        grid = lambda m: (cdiv(n, m["BLOCK_T"]), cdiv(K, m["BLOCK_K"]))  # noqa: E731
-        memory_backward_autotuned[grid](*args, **meta)
-        return memory_backward_autotuned.best_config
-    config = config or _bwd_default(_n_bucket(n), K, d_out)
-    c = config.kwargs
-    _memory_backward_kernel[(cdiv(n, c["BLOCK_T"]), cdiv(K, c["BLOCK_K"]))](
-        *args, **meta, **c, num_warps=config.num_warps, num_stages=config.num_stages)
-    return config
+    grid = lambda c: (cdiv(n, c["BLOCK_T"]), cdiv(K, c["BLOCK_K"]))  # noqa: E731
+    if config is not None:
+        plan = _forced(_BWD, config, grid, meta)
+        plan.kernel[plan.grid](*args, **plan.kwargs)
+        return config
+    tuned = not store_keys and _tuned(tables)  # keys are stored in deterministic mode: the shape rule's config
+    key = (n, K, d_out, tau, atomics, store_keys, tuned, x.dtype, tables.dtype, grad.dtype, x.device)
+    return _BWD.launch(key, args, lambda: ((nb,) + key[1:], grid, meta,
+                                           None if tuned else _bwd_default(nb, K, d_out))).config
 
 
 def _launch_segments(keys, ps, grad, gt, config=None):
@@ -514,35 +510,37 @@ def _launch_segments(keys, ps, grad, gt, config=None):
     sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
     bounds = torch.arange(rows + 1, dtype=keys.dtype, device=keys.device)
     starts = torch.searchsorted(sorted_keys, bounds, out_int32=n * K < 2**31)
-    args = (starts, order, ps, grad, gt, rows, K, d_out, _n_bucket(n))
-    if config is None and (_INTERPRET or gt.numel() >= _TUNE_MIN_TABLE):
-        grid = lambda m: (cdiv(rows, m["ROWS"]), cdiv(d_out, m["BLOCK_N"]))  # noqa: E731
-        memory_segment_autotuned[grid](*args)
-        return memory_segment_autotuned.best_config
-    config = config or _seg_default(d_out)
-    c = config.kwargs
-    _segment_rows_kernel[(cdiv(rows, c["ROWS"]), cdiv(d_out, c["BLOCK_N"]))](
-        *args, **c, num_warps=config.num_warps, num_stages=config.num_stages)
-    return config
+    nb = _n_bucket(n)
+    args = (starts, order, ps, grad, gt, rows, K, d_out, nb)
+    grid = lambda c: (cdiv(rows, c["ROWS"]), cdiv(d_out, c["BLOCK_N"]))  # noqa: E731
+    if config is not None:
+        plan = _forced(_SEG, config, grid, {})
+        plan.kernel[plan.grid](*args, **plan.kwargs)
+        return config
+    tuned = INTERPRET or gt.numel() >= _TUNE_MIN_TABLE
+    key = (n, K, rows, d_out, tuned, starts.dtype, grad.dtype, gt.dtype, gt.device)
+    return _SEG.launch(key, args, lambda: ((nb,) + key[1:], grid, {}, None if tuned else _seg_default(d_out))).config
 
 
 def memory_lookup_backward_triton(grad, x, tables, t, deterministic):
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
-    gx = torch.empty((n, K * tau), dtype=x.dtype, device=x.device)
-    if n * K == 0:
-        return gx, torch.zeros_like(tables)
-    if deterministic:
-        gt = torch.empty_like(tables)  # every row written once by the segment kernel
-        keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
-        ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
-        # fixed config: the input gradient's dot over d_out is summed in the config's order
-        _launch_backward(grad, x, tables, t, gx, gt, keys, ps, False, True, _bwd_default(_n_bucket(n), K, d_out))
-        if d_out:
-            _launch_segments(keys, ps, grad, gt)
-        return gx, gt
-    gt = torch.zeros(tables.shape, dtype=torch.float32, device=x.device)
-    keys, ps = _unused(x.device, _key_dtype(K, tau)), _unused(x.device, torch.float32)
-    _launch_backward(grad, x, tables, t, gx, gt, keys, ps, True, False)
-    return gx, gt.to(tables.dtype)
+    with device_guard(x.device):
+        gx = torch.empty((n, K * tau), dtype=x.dtype, device=x.device)
+        if n * K == 0:
+            return gx, torch.zeros_like(tables)
+        if deterministic:
+            gt = torch.empty_like(tables)  # every row written once by the segment kernel
+            keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
+            ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
+            # the shape rule's config (deterministic mode, see _tuned): the input gradient's dot over d_out is
+            # summed in the config's order
+            _launch_backward(grad, x, tables, t, gx, gt, keys, ps, False, True)
+            if d_out:
+                _launch_segments(keys, ps, grad, gt)
+            return gx, gt
+        gt = torch.zeros(tables.shape, dtype=torch.float32, device=x.device)  # zeroed inside the op (graph-safe)
+        keys, ps = _unused(x.device, _key_dtype(K, tau)), _unused(x.device, torch.float32)
+        _launch_backward(grad, x, tables, t, gx, gt, keys, ps, True, False)
+        return gx, gt.to(tables.dtype)

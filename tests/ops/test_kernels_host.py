@@ -1,8 +1,29 @@
-"""The launchers' host-side integer helpers (weightkit.kernels._host) agree with their definitions."""
+"""The host side of the Triton kernels (weightkit.kernels): the shared module's integer helpers, the module layout
+(per-op files import only kernels/_shared.py), the device guard of every launcher (#23, with the CUDA
+device/current-device calls mocked: no GPU here), the launch plans (#24: no autotuner call per call, token counts
+bucketed) and int64 index arithmetic where an int32 product can pass 2^31 (run in the interpreter on tensors whose
+storage is mostly virtual)."""
 
+import ast
+import argparse
+import time
+import contextlib
+import json
 import math
+import os
+import subprocess
+import sys
 
-from weightkit.kernels._host import cdiv, next_pow2
+import pytest
+import torch
+
+from weightkit.kernels._shared import cdiv, next_pow2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KERNELS = os.path.join(ROOT, "kernels")
+PER_OP = ("int8", "int4", "dictionary", "memoryformer")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs the kernels on CPU tensors (TRITON_INTERPRET=1)")
 
 
 def test_cdiv_and_next_pow2():
@@ -13,3 +34,411 @@ def test_cdiv_and_next_pow2():
                                                                                    8192]
     assert all(next_pow2(n) >= n and next_pow2(n) & (next_pow2(n) - 1) == 0 and next_pow2(n) < 2 * max(n, 1)
                for n in range(1, 5000))
+
+
+def _tree(name):
+    with open(os.path.join(KERNELS, f"{name}.py")) as f:
+        return ast.parse(f.read())
+
+
+@pytest.mark.parametrize("name", PER_OP)
+def test_per_op_modules_import_only_the_shared_module(name):
+    """No per-op module serves as another's library, and none reads the environment (the interpreter switch is
+    read once, in _shared)."""
+    siblings = set()
+    for node in ast.walk(_tree(name)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            siblings.add(node.module)
+        if isinstance(node, ast.Attribute) and node.attr == "environ":
+            pytest.fail(f"kernels/{name}.py reads os.environ; use kernels._shared.INTERPRET")
+    assert siblings == {"_shared"}, f"kernels/{name}.py imports {sorted(siblings)}"
+
+
+def test_shared_module_imports_no_per_op_module():
+    relative = {n.module for n in ast.walk(_tree("_shared")) if isinstance(n, ast.ImportFrom) and n.level == 1}
+    assert not relative, relative
+
+
+# -- device guard ---------------------------------------------------------------------------------------------------
+
+class _FakeCuda:
+    """torch.cuda.current_device / torch.cuda.device stand-ins: records every query and every switch."""
+
+    def __init__(self, current):
+        self.current = current
+        self.queries = 0
+        self.switches = []
+        self.active = None  # the device index inside a switch
+
+    def current_device(self):
+        self.queries += 1
+        return self.current
+
+    @contextlib.contextmanager
+    def device(self, index):
+        self.switches.append(index)
+        previous, self.active = self.active, index
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = _FakeCuda(current=0)
+    monkeypatch.setattr(torch.cuda, "current_device", fake.current_device)
+    monkeypatch.setattr(torch.cuda, "device", fake.device)
+    return fake
+
+
+def test_device_guard_switches_only_to_another_device(fake_cuda):
+    from weightkit.kernels._shared import device_guard
+
+    with device_guard(torch.device("cuda", 1)):
+        assert fake_cuda.active == 1  # cuda:1 while cuda:0 is current: launch on cuda:1
+    assert fake_cuda.switches == [1] and fake_cuda.active is None
+    with device_guard(torch.device("cuda", 0)):  # already current: one query, no switch
+        assert fake_cuda.active is None
+    assert fake_cuda.switches == [1] and fake_cuda.queries == 2
+    fake_cuda.current = 1
+    with device_guard(torch.device("cuda", 1)):
+        pass
+    with device_guard(torch.device("cuda")):  # no index: the current device by definition
+        pass
+    with device_guard(torch.device("cpu")):  # the interpreter: CUDA is not even asked
+        pass
+    assert fake_cuda.switches == [1] and fake_cuda.queries == 3
+
+
+def _launcher_calls(device):
+    """One call of every launcher the ops use (kernels/*.py except galore.py), on tiny inputs."""
+    from weightkit.kernels import dictionary, int4, int8, memoryformer
+    from weightkit.ops.dictionary import index_dtype_for, pack_bitmask
+
+    x = torch.randn(2, 64, device=device)
+    q = torch.randint(-128, 128, (32, 64), dtype=torch.int8, device=device)
+    scale = torch.rand(32 * 64 // 32, device=device) + 0.5
+    packed, s4, z4 = int4.quantize_int4_triton(torch.randn(32, 64, device=device), 32)
+    ell_i = torch.stack([torch.randperm(64, device=device)[:3] for _ in range(40)], dim=1)  # 3 atoms per column
+    ell_v = torch.randn(3, 40, device=device)
+    bitmask, values, offsets = pack_bitmask(ell_i.to(index_dtype_for(64)), ell_v, 64)
+    tables = torch.randn(2, 16, 24, device=device)
+    xm = torch.randn(3, 8, device=device)
+    return {
+        "stochastic_round_int8": lambda: int8.stochastic_round_int8_triton(x, scale[:4], 32, 7, 3),
+        "int8_sr_update_tiled": lambda: int8.int8_sr_update_triton(q[:4].clone().view(-1), scale[:8].clone(),
+                                                                  torch.randn(256, device=device), 32, 0.9, 1, 0),
+        "int8_sr_update": lambda: int8.int8_sr_update_triton(q[:1].clone().view(-1), torch.rand(8, device=device) + 0.5,
+                                                            torch.randn(64, device=device), 8, 0.9, 1, 1),
+        "int8_matmul": lambda: int8.int8_matmul_triton(x, q, scale, 32, False),
+        "quantize_int4": lambda: int4.quantize_int4_triton(x, 32),
+        "dequantize_int4": lambda: int4.dequantize_int4_triton(packed, s4, z4, 32),
+        "int4_matmul": lambda: int4.int4_matmul_triton(x, packed, s4, z4, 32, 32, 64, False),
+        "dict_sparse_gather": lambda: dictionary.dict_sparse_gather_triton(x, ell_v, ell_i),
+        "dict_sparse_gather_backward": lambda: dictionary.dict_sparse_gather_backward_triton(
+            torch.randn(2, 40, device=device), x, ell_v, ell_i),
+        "dict_bitmask_matmul": lambda: dictionary.dict_bitmask_matmul_triton(x, values, bitmask, offsets),
+        "dict_bitmask_matmul_backward": lambda: dictionary.dict_bitmask_matmul_backward_triton(
+            torch.randn(2, 40, device=device), x, values, bitmask, offsets),
+        "memory_hash": lambda: memoryformer.memory_hash_triton(xm, 2, 4, 1.3),
+        "memory_lookup_forward": lambda: memoryformer.memory_lookup_forward_triton(xm, tables, 1.3),
+        "memory_lookup_backward": lambda: memoryformer.memory_lookup_backward_triton(
+            torch.randn(3, 24, device=device), xm, tables, 1.3, False),
+        "memory_lookup_backward_deterministic": lambda: memoryformer.memory_lookup_backward_triton(
+            torch.randn(3, 24, device=device), xm, tables, 1.3, True),
+    }
+
+
+@needs_interpreter
+def test_every_launcher_launches_inside_its_device_guard(fake_cuda, monkeypatch):
+    """Each launcher asks the guard for its tensors' device and launches every kernel inside it. The CPU tensors of
+    the interpreter stand for tensors on cuda:1 (current device 0): the guard is handed cuda:1 in their place, so
+    it really switches, and every kernel launch is checked to happen while cuda:1 is active."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from weightkit.kernels import _shared, dictionary, int4, int8, memoryformer
+
+    real_guard = _shared.device_guard
+    asked = []
+
+    def guard_as_cuda1(device):
+        asked.append(device)
+        return real_guard(torch.device("cuda", 1) if device.type == "cpu" else device)
+
+    for mod in (int8, int4, dictionary, memoryformer):
+        monkeypatch.setattr(mod, "device_guard", guard_as_cuda1)
+    launches = []
+    real_run = InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches.append((self.__name__, fake_cuda.active))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    for name, call in _launcher_calls("cpu").items():
+        asked.clear()
+        launches.clear()
+        fake_cuda.switches.clear()
+        call()
+        assert launches, f"{name}: no kernel launched"
+        assert asked and all(d == torch.device("cpu") for d in asked), f"{name}: guard asked for {asked}"
+        outside = [k for k, active in launches if active != 1]
+        assert not outside, f"{name}: launched {outside} outside the device guard"
+        assert fake_cuda.switches and set(fake_cuda.switches) == {1}, name
+
+
+# -- launch plans ---------------------------------------------------------------------------------------------------
+
+@needs_interpreter
+def test_autotuner_runs_once_per_bucket_and_never_per_call(monkeypatch):
+    """The tuned path: the autotuner is called on the first call of a (token bucket, shape, dtype, device) and never
+    again; a new token count in the same power-of-two bucket gets a new plan from the cached config."""
+    from weightkit.kernels import _shared, int8
+
+    monkeypatch.setattr(int8, "TUNE_MIN_WEIGHT", 0)
+    _shared.clear_launch_caches()
+    gemv = int8._MATMUL.ops[False].gemv
+    tuned = []
+    real = gemv.autotuner.run
+
+    def counting(*args, **kwargs):
+        tuned.append(kwargs["M"] if "M" in kwargs else args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemv.autotuner, "run", counting)
+    q = torch.randint(-128, 128, (64, 128), dtype=torch.int8)
+    scale = torch.rand(64 * 2) + 0.5
+    w = q.double() * scale.double().repeat_interleave(64).view(64, 128)
+    for m, want_tunes in ((3, 1), (3, 1), (4, 1), (2, 2), (3, 2)):
+        x = torch.randn(m, 128)
+        y = int8.int8_matmul_triton(x, q, scale, 64, False)
+        torch.testing.assert_close(y.double(), x.double() @ w.T, rtol=1e-4, atol=1e-3)
+        assert len(tuned) == want_tunes, (m, tuned)
+    assert len(gemv.plans) == 3 and len(gemv.chosen) == 2  # plans per exact M (2, 3, 4); configs per bucket (2, 4)
+    plan = next(iter(gemv.plans.values()))
+    assert isinstance(plan.grid, tuple) and plan.kwargs["SPLIT_K"] == 2  # the interpreter's one config
+
+
+def test_plan_cache_is_bounded():
+    from weightkit.kernels._shared import Plans
+
+    plans = Plans()
+    for i in range(Plans.LIMIT + 5):
+        plans.put(i, i)
+    assert len(plans) <= Plans.LIMIT and plans[Plans.LIMIT + 4] == Plans.LIMIT + 4
+
+
+# -- int64 index arithmetic -----------------------------------------------------------------------------------------
+# A tensor of >= 2^31 elements costs nothing here if the kernel touches a few of its pages: torch.empty reserves
+# address space and the interpreter works on the tensors in place. With an int32 product the offsets wrap negative
+# and the process reads or writes outside the tensor (a crash, or wrong values), hence a child process.
+
+_BIG_OFFSETS = r"""
+import json, torch
+from weightkit.kernels import dictionary, int4, int8
+from weightkit.ops.int4 import dequantize_int4, quantize_int4
+out = {}
+
+# dict_sparse_gather forward: y[rows, cols] at rows * d_out + cols; 63 * d_out > 2^31 (grid (1, 1): one program,
+# rows 0..63 and columns 0..63 of a 64 x d_out output; y as uint8 keeps its span at ~2 GB of address space)
+n, k, d_out = 64, 4, 2**25 + 2**20
+z = torch.randint(0, 4, (n, k)).float()
+values = torch.empty(1, d_out)
+values[0, :64] = torch.randint(0, 4, (64,)).float()
+idx = torch.empty(1, d_out, dtype=torch.int32)
+idx[0, :64] = torch.randint(0, k, (64,), dtype=torch.int32)
+y = torch.empty(n, d_out, dtype=torch.uint8)
+dictionary._gather_forward_kernel[(1, 1)](z, values, idx, y, n, k, 1, d_out, BLOCK_T=64, BLOCK_N=64)
+out["dict_sparse_gather forward"] = torch.equal(y[:, :64].float(), values[0, :64] * z[:, idx[0, :64].long()])
+
+# the backward reads grad at rows * d_out + cols
+g = torch.empty(n, d_out, dtype=torch.uint8)
+g[:, :64] = torch.randint(0, 4, (n, 64), dtype=torch.uint8)
+gz = torch.zeros(n, k)
+gv = torch.empty(1, d_out)
+dictionary._gather_backward_kernel[(1, 1)](g, z, values, idx, gz, gv, n, k, 1, d_out, BLOCK_T=16, BLOCK_N=64)
+out["dict_sparse_gather backward"] = torch.equal(gv[0, :64], (g[:, :64].float() * z[:, idx[0, :64].long()]).sum(0))
+
+# int8/int4 matmul with a strided x: element (m, k) at k * 2^27, past 2^31 for the last k (GEMV: 1 token, tensor
+# cores: 5 tokens)
+K, N, stride = 17, 8, 2**27
+w = torch.randn(N, K)
+q = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+scale = torch.rand(N * K) + 0.5
+w8 = q.double() * scale.double().view(N, K)
+packed, s4, z4 = quantize_int4(torch.randn(N, 18), 2)
+w4 = dequantize_int4(packed, s4, z4, 2, (N, 18)).double()
+for m in (1, 5):
+    base = torch.empty((K - 1) * stride + m + 1, dtype=torch.float32)
+    x = base.as_strided((m, K), (1, stride))
+    x.copy_(torch.randn(m, K))
+    y = int8.int8_matmul_triton(x, q, scale, 1, False)
+    out[f"int8_matmul x stride 2^27, {m} tokens"] = bool(torch.allclose(y.double(), x.double() @ w8.T, rtol=1e-5,
+                                                                        atol=1e-3))
+    x4 = torch.empty((18 - 1) * stride + m + 1, dtype=torch.float32).as_strided((m, 18), (1, stride))
+    x4.copy_(torch.randn(m, 18))
+    y = int4.int4_matmul_triton(x4, packed, s4, z4, 2, N, 18, False)
+    out[f"int4_matmul x stride 2^27, {m} tokens"] = bool(torch.allclose(y.double(), x4.double() @ w4.T, rtol=1e-5,
+                                                                        atol=1e-3))
+print(json.dumps(out))
+"""
+
+
+@needs_interpreter
+def test_index_products_past_int32_run_in_int64():
+    """Launches whose element offsets pass 2^31 (row * d_out in the dictionary gather, k * stride of a strided
+    activation in the int8/int4 matmuls) reach the right elements. Before the offsets were made int64 the gather
+    wrapped to a negative offset and crashed the process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _BIG_OFFSETS], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode} (a negative offset?):\n{proc.stderr[-3000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results and all(results.values()), results
+
+
+# -- compiled smoke without a GPU -----------------------------------------------------------------------------------
+# The interpreter does not compile; Triton's compiler and its bundled ptxas run without a GPU. Each launch the
+# launchers make is compiled for sm_90 instead of launched (outputs stay garbage; the launchers' host logic runs as
+# usual, configs taken without timing). Catches what only the compiler sees (types, layouts, constexpr branches);
+# not register pressure at run time or shared memory at launch: those need a GPU.
+
+def _compile_cases():
+    """Launcher calls covering every kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes)."""
+    from weightkit.kernels import dictionary, int4, int8, memoryformer
+    from weightkit.ops.dictionary import index_dtype_for, pack_bitmask
+
+    out = {}
+    q = torch.randint(-128, 128, (256, 512), dtype=torch.int8)
+    scale, scale8 = torch.rand(256 * 4) + 0.5, torch.rand(256 * 64) + 0.5
+    packed, s4, z4 = torch.zeros(256 * 256, dtype=torch.uint8), torch.rand(256 * 8), torch.zeros(256 * 8).byte()
+    odd = torch.zeros(255 * 250, dtype=torch.uint8), torch.rand(255 * 500 // 4), torch.zeros(255 * 500 // 4).byte()
+    for dt in (torch.bfloat16, torch.float32):
+        for m in (1, 3, 16, 70):
+            for t in (False, True):
+                x = torch.randn(m, 256 if t else 512).to(dt)
+                out[f"int8_matmul {dt} m{m} t{t} g128"] = lambda x=x, t=t: int8.int8_matmul_triton(x, q, scale, 128, t)
+                out[f"int8_matmul {dt} m{m} t{t} g8"] = lambda x=x, t=t: int8.int8_matmul_triton(x, q, scale8, 8, t)
+                out[f"int4_matmul {dt} m{m} t{t}"] = lambda x=x, t=t: int4.int4_matmul_triton(
+                    x, packed, s4, z4, 64, 256, 512, t)
+                x = torch.randn(m, 255 if t else 500).to(dt)
+                out[f"int4_matmul unaligned {dt} m{m} t{t}"] = lambda x=x, t=t: int4.int4_matmul_triton(
+                    x, *odd, 4, 255, 500, t)
+    x = torch.randn(4, 1024)
+    q8 = torch.zeros(4096, dtype=torch.int8)
+    out["sr"] = lambda: int8.stochastic_round_int8_triton(x, torch.rand(32) + 0.5, 128, 1, 3)
+    out["sr_update tiled"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(32), torch.randn(4096), 128, 0.9, 1, 0)
+    out["sr_update"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(512), torch.randn(4096), 8, 0.9, 1, 1)
+    out["quantize_int4"] = lambda: int4.quantize_int4_triton(x, 64)
+    out["dequantize_int4"] = lambda: int4.dequantize_int4_triton(packed, s4, z4, 64)
+    idx = torch.rand(200, 150).argsort(0)[:90]
+    bitmask, values, offsets = pack_bitmask(idx.to(index_dtype_for(200)), torch.randn(90, 150), 200)
+    for dt in (torch.bfloat16, torch.float32):
+        vals = values.to(dt)
+        for m in (1, 3, 20, 70):
+            z, g = torch.randn(m, 200).to(dt), torch.randn(m, 150).to(dt)
+            out[f"bitmask fwd {dt} m{m}"] = lambda z=z, v=vals: dictionary.dict_bitmask_matmul_triton(
+                z, v, bitmask, offsets)
+            out[f"bitmask bwd {dt} m{m}"] = lambda z=z, g=g, v=vals: dictionary.dict_bitmask_matmul_backward_triton(
+                g, z, v, bitmask, offsets)
+        ev, ei = torch.randn(3, 150).to(dt), torch.randint(0, 200, (3, 150))
+        z, g = torch.randn(5, 200).to(dt), torch.randn(5, 150).to(dt)
+        out[f"gather {dt}"] = lambda z=z, ev=ev, ei=ei: dictionary.dict_sparse_gather_triton(z, ev, ei)
+        out[f"gather bwd {dt}"] = lambda z=z, g=g, ev=ev, ei=ei: dictionary.dict_sparse_gather_backward_triton(
+            g, z, ev, ei)
+    for dt in (torch.bfloat16, torch.float32):
+        tables = torch.randn(32, 256, 512).to(dt)  # >= _TUNE_MIN_TABLE: the tuned path
+        for n in (1, 70):
+            xm, g = torch.randn(n, 32 * 8).to(dt), torch.randn(n, 512).to(dt)
+            out[f"memory fwd {dt} n{n}"] = lambda xm=xm, t=tables: memoryformer.memory_lookup_forward_triton(
+                xm, t, 1.3)
+            for det in (False, True):
+                out[f"memory bwd {dt} n{n} det{det}"] = lambda xm=xm, t=tables, g=g, det=det: (
+                    memoryformer.memory_lookup_backward_triton(g, xm, t, 1.3, det))
+    return out
+
+
+_PTX_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
+              torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.int16: "i16"}
+
+
+def _compile_every_launch(tuned, last):
+    """Run _compile_cases with JITFunction.run compiling for sm_90; returns one dict per distinct compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from weightkit.kernels import _shared, dictionary, int4, int8
+
+    assert not _shared.INTERPRET, "compiles only without TRITON_INTERPRET"
+    seen, results = set(), []
+
+    def compile_run(self, *args, grid, warmup, **kwargs):
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+        for k in ("num_ctas", "maxnreg", "ir_override"):
+            kwargs.pop(k, None)
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        sig, cons = {}, {}
+        for p in self.params:
+            v = bound.get(p.name, p.default)
+            if p.is_constexpr:
+                sig[p.name], cons[p.name] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = "*" + _PTX_TYPES[v.dtype]
+            elif isinstance(v, int):
+                sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            else:
+                sig[p.name] = "fp32"
+        key = (self.__name__, str(sorted(sig.items())), str(sorted(cons.items())), str(sorted(opts.items())))
+        if key not in seen:
+            seen.add(key)
+            t0 = time.time()
+            try:
+                k = triton.compile(ASTSource(self, sig, cons), target=GPUTarget("cuda", 90, 32), options=opts)
+                results.append(dict(kernel=self.__name__, ok=True, shared=k.metadata.shared,
+                                    seconds=round(time.time() - t0, 1)))
+            except Exception as e:  # noqa: BLE001
+                results.append(dict(kernel=self.__name__, ok=False, constexprs=str(cons),
+                                    error=f"{type(e).__name__}: {str(e)[-1500:]}"))
+
+    def untimed_choose(self, bucket, grid, args, meta, fixed=None):  # the tuning launch, with one config
+        cfg = self.chosen.get(bucket) or fixed
+        if cfg is not None:
+            self.chosen[bucket] = cfg
+            return cfg, False
+        cfg = self.chosen[bucket] = self.configs[-1 if last else 0]
+        self.kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
+        return cfg, True
+
+    JITFunction.run = compile_run
+    _shared.Launcher.choose = untimed_choose
+    if tuned:  # the tuners' config spaces instead of the shape rules
+        int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = 0
+    for name, call in _compile_cases().items():
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001
+            results.append(dict(kernel=name, ok=False, error=f"launcher: {type(e).__name__}: {e}"))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", ["fixed", "tuned-first", "tuned-last"])
+def test_every_launch_compiles_for_sm90(space):
+    """Every kernel each launcher launches compiles for sm_90 (the fixed shape-rule configs, or the first / last
+    config of each tuner's space), with the installed Triton, no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", space], capture_output=True,
+                          text=True, env=env, timeout=3000, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = [r for r in results if not r["ok"]]
+    assert results and not failed, json.dumps(failed, indent=1)[:6000]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="compile every Triton launch for sm_90 (no GPU needed)")
+    parser.add_argument("--compile", choices=["fixed", "tuned-first", "tuned-last"], required=True)
+    space = parser.parse_args().compile
+    print(json.dumps(_compile_every_launch(tuned=space != "fixed", last=space == "tuned-last")))

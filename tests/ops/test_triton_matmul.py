@@ -78,9 +78,9 @@ def test_int8_matmul_triton(device, rows, cols, group, path, tokens, dtype, tran
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("device,rows,cols,group,path,tokens,dtype", _params(), indirect=False)
 def test_int4_matmul_triton(device, rows, cols, group, path, tokens, dtype, transpose, monkeypatch):
-    from weightkit.kernels import int4, int8 as k8
+    from weightkit.kernels import int4
 
-    monkeypatch.setattr(k8, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
+    monkeypatch.setattr(int4, "TUNE_MIN_WEIGHT", 0 if path == "tuned" else 1 << 62)
     w = torch.randn(rows, cols, device=device)
     packed, scale, zero = quantize_int4(w, group)
     w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()

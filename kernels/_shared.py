@@ -1,0 +1,665 @@
+"""What the Triton kernel modules share: the interpreter switch, host integer helpers, the device guard, the launch
+plumbing (configs resolved once, launch plans cached per shape), the split-K reduction, the tile helpers and the
+dequantize-and-multiply GEMV/GEMM dispatch of the quantized weights.
+
+The per-op modules (int8, int4, dictionary, memoryformer) import from here only, never from each other.
+
+Launch plumbing (GPU-KERNELS.md sections 1 and 7): no autotuner on the call path. A ``Launcher`` holds one jitted
+kernel, its config space and a module-level ``triton.autotune`` object used only to tune. The first call of a config
+bucket (token count rounded up to a power of two, the other sizes, dtypes, device, flags) either tunes (on a GPU, when
+the op asks for it; the autotuner launches the winner once, so that call is complete) or takes the op's shape rule;
+under ``TRITON_INTERPRET=1`` every config list holds one config, taken without timing. The launch itself is then
+cached per exact shape as a ``Plan`` (kernel, grid tuple, keyword arguments), and every later call is one dict lookup
+and ``kernel[grid](*args, **kwargs)``. Nothing on that path tunes, syncs or reads the device, so the ops can be
+captured in a CUDA graph after their first eager call; split-K partials are allocated (and, where an op needs it,
+zeroed) inside the op.
+"""
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once: the interpreter runs CPU tensors (the tests' way without a GPU); it must be set before triton compiles.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# -- host integers -------------------------------------------------------------------------------------------------
+# ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in recent Triton releases, whose
+# ``__call__`` unwraps every argument and builds a dict per call (microseconds on a host that launches a decode
+# kernel in ~10 us); the launchers use these plain functions instead.
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+# -- devices -------------------------------------------------------------------------------------------------------
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def device_guard(device):
+    """A context that makes ``device`` current while a launcher runs: Triton launches on the current CUDA device, so
+    a tensor on cuda:1 while cuda:0 is current must switch. Costs one current-device query when the index is the
+    current one (then nothing is switched); CPU tensors (the interpreter) never query CUDA."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(device.index)
+
+
+_DEVICE_INFO = {}
+# the interpreter (CPU tensors) plans like an H100/H200: 132 SMs, 227 KB of shared memory per block
+_INTERPRETER_DEVICE = (132, 232448)
+
+
+def device_info(device):
+    """(SM count, max shared memory per block in bytes) of ``device``, cached per device."""
+    if device.type != "cuda":
+        return _INTERPRETER_DEVICE
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_INFO:
+        sms = torch.cuda.get_device_properties(idx).multi_processor_count
+        try:
+            smem = triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
+        except Exception:  # noqa: BLE001 - an older/newer driver API: assume an H100's 227 KB
+            smem = 232448
+        _DEVICE_INFO[idx] = (sms, smem)
+    return _DEVICE_INFO[idx]
+
+
+# -- configs and launch plans --------------------------------------------------------------------------------------
+
+def config(num_warps, num_stages, **kwargs):
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+def space(full, interpreted):
+    """A tuner's config list: ``full()`` compiled; under the interpreter the one config ``interpreted`` (it would
+    time every config in numpy otherwise)."""
+    return [interpreted] if INTERPRET else full()
+
+
+class Plan(NamedTuple):
+    """A resolved launch: ``plan.kernel[plan.grid](*args, **plan.kwargs)``."""
+    kernel: object
+    grid: tuple
+    kwargs: dict
+    config: triton.Config
+
+
+class Plans(dict):
+    """Launch plans by exact shape key; emptied when it reaches LIMIT entries (a server that sees ever new token
+    counts re-plans from the cached configs, it never re-tunes)."""
+    LIMIT = 4096
+
+    def put(self, key, plan):
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
+LAUNCHERS = []  # every Launcher (tests clear their caches; bench/gpu_report.py reads the module-level autotuners)
+
+
+class Launcher:
+    """One jitted kernel, its config space, the config chosen per bucket and the launch plans per exact key.
+
+    ``autotuner`` is a ``triton.autotune`` over the same kernel; it runs only when a bucket is first seen and the op
+    asks for tuning (``choose`` with ``fixed=None``), never per call."""
+
+    def __init__(self, kernel, configs, key, prune=None, **autotune_kwargs):
+        self.kernel = kernel
+        self.configs = configs
+        prune_by = {"early_config_prune": prune} if prune is not None else None
+        self.autotuner = triton.autotune(configs, key=key, prune_configs_by=prune_by, **autotune_kwargs)(kernel)
+        self.chosen = {}
+        self.plans = Plans()
+        LAUNCHERS.append(self)
+
+    def choose(self, bucket, grid, args, meta, fixed=None):
+        """(config, launched) of ``bucket``: cached; else ``fixed`` when given (launched False); else tuned by the
+        autotuner, which also launches the chosen config with ``args`` (launched True: this call's work is done)."""
+        cfg = self.chosen.get(bucket)
+        if cfg is not None:
+            return cfg, False
+        if fixed is not None:
+            self.chosen[bucket] = fixed
+            return fixed, False
+        self.autotuner[grid](*args, **meta)
+        cfg = self.chosen[bucket] = self.autotuner.best_config
+        return cfg, True
+
+    def launch(self, key, args, resolve):
+        """Launch the plan of ``key`` with ``args``; on the key's first call ``resolve()`` gives (config bucket,
+        grid(config kwargs) -> tuple, constexprs, the fixed config or None to tune) and the plan is made (a tuned
+        first call is launched by the autotuner). Returns the plan."""
+        plan = self.plans.get(key)
+        if plan is None:
+            bucket, grid, meta, fixed = resolve()
+            cfg, launched = self.choose(bucket, grid, args, meta, fixed)
+            plan = self.plan(key, cfg, grid(cfg.kwargs), meta)
+            if launched:
+                return plan
+        plan.kernel[plan.grid](*args, **plan.kwargs)
+        return plan
+
+    def plan(self, key, cfg, grid, meta):
+        """Cache and return the plan of ``key``: ``cfg`` with the constexprs ``meta`` on the grid tuple ``grid``."""
+        return self.plans.put(key, Plan(self.kernel, grid, {**meta, **cfg.all_kwargs()}, cfg))
+
+    def clear(self):
+        self.chosen.clear()
+        self.plans.clear()
+
+
+def clear_launch_caches():
+    """Forget every chosen config and plan (tests that change a tuning threshold or a config space)."""
+    for launcher in LAUNCHERS:
+        launcher.clear()
+
+
+# -- split-K reduction ---------------------------------------------------------------------------------------------
+# Two passes, deterministic: programs of split s write fp32 partials [s, M, N], then splitk_sum_kernel adds the
+# SPLIT_K partials in a fixed order and casts to the output's dtype. At decode sizes the extra traffic is small next
+# to the weight, there is no zeroing launch and no atomic contention, and results are reproducible run to run.
+
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def splitk_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
+    """y = sum over s of partials[s] (fp32, fixed order), cast to y's dtype."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < MN
+    ptrs = p_ptr + idx
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in range(1, SPLIT_K):
+        ptrs += MN
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_grid(numel):
+    return (cdiv(numel, REDUCE_BLOCK),)
+
+
+def reduce_splits(parts, y, numel, split, grid=None):
+    """y = the ordered sum of the first ``split`` fp32 partials of ``numel`` values each (nothing when split == 1)."""
+    if split > 1:
+        splitk_sum_kernel[grid or reduce_grid(numel)](parts, y, numel, split, BLOCK=REDUCE_BLOCK, num_warps=4)
+
+
+def split_partials(split, rows, cols, like):
+    """The fp32 partials [split, rows, cols] of a split launch (``like`` itself when split == 1: the kernel stores
+    the output directly)."""
+    if split == 1:
+        return like
+    return torch.empty((split, rows, cols), dtype=torch.float32, device=like.device)
+
+
+def pick_splits(configs, tiles, k_steps, sms, key):
+    """Per tile shape (``key(config)``), the SPLIT_K values worth timing: the smallest giving >= 2 programs per SM
+    and twice that, with >= 2 K steps per split."""
+    chosen = {}
+    for c in configs:
+        chosen.setdefault(key(c), []).append(c)
+    out = []
+    for group in chosen.values():
+        t, steps = tiles(group[0]), k_steps(group[0])
+        ok = [c for c in group if c.kwargs["SPLIT_K"] == 1 or steps >= 2 * c.kwargs["SPLIT_K"]]
+        if not ok:
+            continue
+        enough = [c for c in ok if t * c.kwargs["SPLIT_K"] >= 2 * sms] or [ok[-1]]
+        first = enough[0].kwargs["SPLIT_K"]
+        out += [c for c in ok if c.kwargs["SPLIT_K"] in (first, 2 * first)]
+    return out
+
+
+# -- Philox stream of weightkit.ops.rng ----------------------------------------------------------------------------
+
+@triton.jit
+def philox_uniform(position, seed):
+    """fp32 uniform in [0, 1) for int64 stream ``position`` -- the same function as weightkit.ops.rng.uniform."""
+    counter = position >> 2
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, 10)
+    lane = position & 3
+    bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _u24(bits):
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def philox_uniform4(counter, seed, N: tl.constexpr):
+    """The uniforms of stream positions 4 * counter + 0..3, interleaved: N = 4 * len(counter) values, in order.
+    One Philox evaluation gives four lanes (the stream's definition, weightkit.ops.rng), so this costs a quarter of
+    calling philox_uniform per element."""
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, 10)
+    # join adds a last axis: join(join(a, c), join(b, d))[i, k, j] is (a, b, c, d)[2k + j]: lanes 0..3 in order
+    return tl.reshape(tl.join(tl.join(_u24(r0), _u24(r2)), tl.join(_u24(r1), _u24(r3))), (N,))
+
+
+# -- tile helpers of the GEMV / GEMM kernels -----------------------------------------------------------------------
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program_id(0) in grouped order: GROUP_M row tiles sweep the N tiles together, so a
+    weight tile is read by GROUP_M programs close in time (from L2) instead of once per row of tiles."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def k_mask(rk, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The k < K mask of a K-step (all true, no compare, when BLOCK_K divides every split: EVEN_K)."""
+    if EVEN_K:
+        mask = tl.full((BLOCK_K,), True, tl.int1)
+    else:
+        mask = rk < K
+    return mask
+
+
+@triton.jit
+def k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
+    """[k_lo, k_hi) of this program's split; split boundaries are multiples of BLOCK_K, so masking k < K suffices
+    inside a split (and stays vectorizable when K is a multiple of 16)."""
+    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = tl.program_id(1) * span
+    return k_lo, tl.minimum(K, k_lo + span)
+
+
+@triton.jit
+def gemv_tile(N, K, SPLIT_K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The prologue of a decode GEMV program (grid (N tiles, SPLIT_K)): (pid_n, k_lo, k_hi, rn, rn64, mask_n, rk)."""
+    pid_n = tl.program_id(0)
+    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, k_lo, k_hi, rn, rn.to(tl.int64), rn < N, k_lo + tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def x_offsets(rk, stride_xk, BLOCK_K: tl.constexpr):
+    """(offsets of x's k-tile along a row, their step per K-step), int64: a strided x may span > 2^31 elements."""
+    return rk.to(tl.int64) * stride_xk, tl.cast(stride_xk, tl.int64) * BLOCK_K
+
+
+@triton.jit
+def gemv_accumulators(TRANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The four per-token fp32 accumulators of a decode GEMV: [BLOCK_K, BLOCK_N] with TRANS, else [BLOCK_N, BLOCK_K]
+    (tensors are values: the four start equal and diverge)."""
+    if TRANS:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    return acc, acc, acc, acc
+
+
+@triton.jit
+def mm_tile(x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The prologue of a tensor-core program: (pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs), the
+    activation pointers of its first K step in int64 (a strided x may span more than 2^31 elements)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
+    return pid_n, k_lo, k_hi, rm, rn, rn.to(tl.int64), rm < M, rn < N, rk, x_ptrs
+
+
+@triton.jit
+def store_result(y_ptr, p_ptr, out, rm, rn, M, N, SPLIT_K):
+    """out [BLOCK_M, BLOCK_N] fp32: into y (cast) when unsplit, else into this split's fp32 partials."""
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptr + tl.program_id(1).to(tl.int64) * M * N + offs, out, mask=mask)
+
+
+@triton.jit
+def _gemv_row(acc, x_ptr, i: tl.constexpr, stride_xm, M, x_offs, x_mask, w, s_k, TRANS: tl.constexpr):
+    """acc += x[i, k-tile] * w (w: [BLOCK_K, BLOCK_N] with TRANS, else [BLOCK_N, BLOCK_K]); s_k: per-k scales
+    folded into x (TRANS), or 1. x_offs: int64 offsets of the k-tile along a row."""
+    xv = tl.load(x_ptr + tl.cast(stride_xm, tl.int64) * i + x_offs, mask=x_mask & (x_offs * 0 + i < M),
+                 other=0.0).to(tl.float32)
+    if TRANS:
+        return acc + (xv * s_k)[:, None] * w
+    else:
+        return acc + xv[None, :] * w
+
+
+@triton.jit
+def _gemv_store(y_ptr, p_ptr, acc, i: tl.constexpr, rn, M, N, SPLIT_K, TRANS: tl.constexpr):
+    """Reduce row i's accumulator over k and store it (into y, or into this split's fp32 partials)."""
+    out = tl.sum(acc, axis=0 if TRANS else 1)
+    mask = (rn < N) & (rn * 0 + i < M)  # (tensor-shaped: the 3.9 interpreter turns tensor & scalar-bool into int)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + tl.cast(N, tl.int64) * i + rn, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptr + (tl.program_id(1).to(tl.int64) * M + i) * N + rn, out, mask=mask)
+
+
+@triton.jit
+def gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, x_mask, w, s_k, TRANS: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """_gemv_row for the BLOCK_M (1, 2 or 4) token rows of a decode GEMV, one accumulator each."""
+    acc0 = _gemv_row(acc0, x_ptr, 0, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+    if BLOCK_M > 1:
+        acc1 = _gemv_row(acc1, x_ptr, 1, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+    if BLOCK_M > 2:
+        acc2 = _gemv_row(acc2, x_ptr, 2, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+        acc3 = _gemv_row(acc3, x_ptr, 3, stride_xm, M, x_offs, x_mask, w, s_k, TRANS)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """_gemv_store for the BLOCK_M token rows of a decode GEMV."""
+    _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, TRANS)
+    if BLOCK_M > 1:
+        _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, TRANS)
+    if BLOCK_M > 2:
+        _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, TRANS)
+        _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, TRANS)
+
+
+def dot_precision(x):
+    return "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def dot_meta(device, dtype, precision):
+    """PRECISION, and fp32 dot operands for bf16 under the interpreter (which multiplies bf16, stored as uint16, as
+    integers: DOT_F32)."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return dict(PRECISION="ieee", DOT_F32=True)
+    return dict(PRECISION=precision)
+
+
+# -- split-K GEMV / GEMM dispatch ----------------------------------------------------------------------------------
+
+GEMV_MAX_M = 4  # at most this many tokens take the GEMV (FMA work grows with M; tensor cores take over)
+SPLIT_MAX_M = 64  # split-K only up to this many tokens (partials traffic grows with M)
+SPLITS = (1, 2, 4, 8, 16)
+
+
+class SplitKMatmul:
+    """The launch of a GEMV kernel (M <= GEMV_MAX_M tokens, no tensor cores) or a tensor-core kernel (more tokens)
+    writing ``out`` (M x n_out), directly or, with SPLIT_K > 1, through fp32 partials [SPLIT_K, M, n_out] summed by
+    splitk_sum_kernel. Both kernels take ``(*lead, out, partials, *tail)`` and SPLIT_K and the BLOCK_* sizes from the
+    config; ``out_block`` names the block size along n_out.
+
+    ``__call__(key, ...)``: ``key`` holds everything the launch depends on (exact M included); on its first call,
+    ``setup(gemv)`` gives (constexprs, the fixed config or None to tune, the config bucket: key with M bucketed)."""
+
+    def __init__(self, gemv: Launcher, mm: Launcher, out_block: str):
+        self.gemv, self.mm, self.out_block = gemv, mm, out_block
+
+    def grid(self, gemv, M, n_out, c):
+        tiles = cdiv(n_out, c[self.out_block])
+        return (tiles, c["SPLIT_K"]) if gemv else (cdiv(M, c["BLOCK_M"]) * tiles, c["SPLIT_K"])
+
+    def __call__(self, key, lead, out, tail, M, n_out, setup):
+        launcher = self.gemv if M <= GEMV_MAX_M else self.mm
+        plan = launcher.plans.get(key)
+        if plan is None:
+            plan = self._first_call(launcher, key, lead, out, tail, M, n_out, setup)
+            if plan is None:  # tuned: the autotuner launched the chosen config and the partials are summed
+                return out
+        split = plan.kwargs["SPLIT_K"]
+        part = split_partials(split, M, n_out, out)
+        plan.kernel[plan.grid](*lead, out, part, *tail, **plan.kwargs)
+        if split > 1:
+            reduce_splits(part, out, M * n_out, split)
+        return out
+
+    def _first_call(self, launcher, key, lead, out, tail, M, n_out, setup):
+        gemv = launcher is self.gemv
+        meta, fixed, bucket = setup(gemv)
+        part = out
+        if fixed is None and bucket not in launcher.chosen:
+            # the tuning launch: partials for the largest split among the candidates
+            may_split = M <= SPLIT_MAX_M or len(launcher.configs) == 1
+            max_split = max(c.kwargs["SPLIT_K"] for c in launcher.configs) if may_split else 1
+            part = split_partials(max_split, M, n_out, out)
+        cfg, launched = launcher.choose(bucket, lambda c: self.grid(gemv, M, n_out, c), (*lead, out, part, *tail),
+                                        meta, fixed)
+        launcher.plan(key, cfg, self.grid(gemv, M, n_out, cfg.kwargs), meta)
+        if not launched:
+            return launcher.plans[key]
+        reduce_splits(part, out, M * n_out, cfg.kwargs["SPLIT_K"])
+        return None
+
+
+# -- dequantize-and-multiply (int8_matmul, int4_matmul) ------------------------------------------------------------
+# y = x @ B, fp32 accumulation, y in x's dtype, with
+#   transpose=False: B[k, n] = W[n, k]  (K = in features; a K-step reads BLOCK_K contiguous values of W's rows)
+#   transpose=True:  B[k, n] = W[k, n]  (K = out rows; a K-step reads BLOCK_N contiguous values of W's rows)
+# and W = dequant(weight): G consecutive elements of a row share one scale (G divides the row length when ALIGNED).
+#
+# Two kernels per weight format (int8.py, int4.py), picked by the number of tokens M:
+# * M <= GEMV_MAX_M (decode), the GEMV: no tensor cores. Grid (N / BLOCK_N, SPLIT_K): each program reads a
+#   BLOCK_N x (K / SPLIT_K) slab of the weight exactly once with 16-byte loads along W's contiguous axis, dequantizes
+#   in registers and accumulates x * w into an fp32 register tile per token, reduced once after the loop.
+# * M > GEMV_MAX_M, the tensor-core kernel. The dequantized weight tile is the LEFT operand:
+#   acc[n, m] = sum_k W'[n, k] x[m, k], so on Hopper it feeds wgmma from registers (x comes from shared memory) and
+#   16 decode tokens still fill a 64-row MMA with weight rows. Grid (M tiles x N tiles in grouped order, SPLIT_K);
+#   SPLIT_K > 1 only up to SPLIT_MAX_M tokens.
+# Scales: with BLOCK_K dividing G (transpose=False) a K-step lies in one group, so each weight row has one scale per
+# step: acc += dot(q, x^T) * s[n] (exact products) or the tile is scaled before the dot, whichever the autotuner
+# finds faster (SCALE_AFTER_DOT). With transpose=True the groups run along N: BLOCK_N divides G, so an N tile sees one
+# scale per k, which scales the tile before the dot (or x, in fp32, in the GEMV). Any other G (or an unaligned INT4
+# layout) takes ALIGNED=False: one scale gathered per element, slower, always correct.
+# Autotuning only for weights of >= the op's TUNE_MIN_WEIGHT elements with G % TUNE_GROUP == 0 (one fixed config
+# otherwise); config bucket: M rounded up to a power of 2, N, K, G, precision, dtype, device.
+
+TUNE_GROUP = 64  # the tuned configs need G % 64 == 0 (BLOCK_K, resp. BLOCK_N, of every config divides 64 or G)
+GEMV_KEY = ["M", "N", "K", "G"]
+MM_KEY = ["M", "N", "K", "G", "PRECISION"]
+
+
+def gemv_configs(trans, wbits):
+    """GEMV tiles: >= 16 contiguous bytes per thread along W's contiguous axis, a few KB of weight per step,
+    <= 64 fp32 accumulators per thread (checked in the pruner, which also picks SPLIT_K and drops tiles that
+    do not fit the group)."""
+    if trans:  # (BLOCK_K, BLOCK_N, warps): BLOCK_N contiguous, divides G
+        tiles = [(32, 128, 4), (64, 128, 4), (32, 64, 4), (64, 64, 4), (128, 64, 4), (128, 128, 8)]
+        if wbits == 4:
+            tiles += [(128, 128, 4)]
+        return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bk, bn, w in tiles for s in SPLITS]
+    tiles = [(32, 128, 4), (64, 128, 4), (16, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8)]  # BN BK w
+    if wbits == 4:
+        tiles += [(128, 64, 4), (256, 64, 8)]
+    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in SPLITS]
+
+
+def gemv_interpreter_config(trans):
+    return config(4, 1, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2) if trans else config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)
+
+
+def mm_configs(trans):
+    """Tensor-core tiles (BLOCK_N = weight rows = the MMA's M side, BLOCK_M = tokens). Decode: BLOCK_M 16/32/64 with
+    split-K. Prefill: 64-256 x 64-256 x 64-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial, gemlite),
+    sized so that the fp32 accumulator plus the per-step dot result (SCALE_AFTER_DOT) or the hi/lo weight tiles
+    (transpose) stay in registers (sm_90 compiles of these tiles: <= 245 registers, no spills). Pruned by M, by the
+    group (BLOCK_K resp. BLOCK_N divides G) and by shared memory. transpose=False scales after each dot (exact);
+    transpose=True scales the weight tile first, in two dots for 16-bit x (hi + lo parts, ~fp32-accurate)."""
+    post = 0 if trans else 1
+    out = []
+    # decode, (BLOCK_N, BLOCK_K, warps, stages, BLOCK_Ms): tiles whose sm_90 compile spills are left out
+    decode = [(64, 64, 4, 4, (16, 32, 64)), (128, 64, 4, 4, (16, 32, 64)),
+              (64, 128, 4, 3, (16, 32, 64) if post else (16,)), (128, 128, 4, 3, (16, 32) if post else ())]
+    # fp32 x without TF32 ("ieee"): tl.dot runs on FMA units; BLOCK_K <= 32 keeps its operands in registers
+    fma_decode = [(64, 32, 4, 3, (16, 32))]
+    for bn, bk, w, st, bms in decode + fma_decode:
+        for bm in bms:
+            for s in SPLITS[:4]:
+                out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, SCALE_AFTER_DOT=post))
+    prefill = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    prefill += [(256, 64, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3)] if post else [(64, 64, 64, 4, 4)]
+    prefill += [(64, 64, 16, 4, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)]  # FMA (ieee) tiles
+    for bm, bn, bk, w, st in prefill:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SCALE_AFTER_DOT=post))
+    return out
+
+
+def mm_interpreter_config(trans):
+    return config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if trans else 64, SPLIT_K=2,
+                  SCALE_AFTER_DOT=0 if trans else 1)
+
+
+def make_gemv_pruner(trans):
+    def prune(configs, named_args, **kwargs):
+        n, k, g = named_args["N"], named_args["K"], named_args["G"]
+        bm = kwargs["BLOCK_M"]
+        sms, _ = device_info(named_args["x_ptr"].device)
+        fit = [c for c in configs
+               if g % (c.kwargs["BLOCK_N"] if trans else c.kwargs["BLOCK_K"]) == 0
+               and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+        out = pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]), lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
+                          lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps))
+        return out or fit[:1] or configs[:1]
+    return prune
+
+
+def mm_fits(configs, m, fma, smem, need):
+    """The tensor-core configs for m tokens: decode (<= SPLIT_MAX_M) keeps one BLOCK_M (the token count rounded up
+    to 16, 32 or 64; with ``fma``, fp32 x without TF32, at most 32) and any SPLIT_K; prefill keeps SPLIT_K 1 and
+    BLOCK_M from 64 up to the token count. ``need(c)``: the config's shared memory, <= smem."""
+    mb = next_pow2(m)
+    decode = m <= SPLIT_MAX_M
+    fit = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        if decode:
+            if bm != min(max(mb, 16), 32 if fma else 64):
+                continue
+        elif c.kwargs["SPLIT_K"] > 1 or bm < 64 or bm > max(mb, 64):
+            continue
+        if need(c) > smem:
+            continue
+        fit.append(c)
+    return fit
+
+
+def make_mm_pruner(trans, wbits):
+    def prune(configs, named_args, **kwargs):
+        m, n, k, g = named_args["M"], named_args["N"], named_args["K"], named_args["G"]
+        x = named_args["x_ptr"]
+        sms, smem = device_info(x.device)
+        fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K <= 32 configs, else >= 64
+        shaped = [c for c in configs
+                  if not g % c.kwargs["BLOCK_N" if trans else "BLOCK_K"] and (c.kwargs["BLOCK_K"] <= 32) == fma]
+
+        def need(c):  # pipelined x and weight tiles + one dequantized tile (+ layout conversions)
+            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            return c.num_stages * (bm * bk * x.element_size() + bn * bk * wbits // 8) + bn * bk * x.element_size()
+
+        fit = mm_fits(shaped, m, fma, smem, need)
+        if m > SPLIT_MAX_M:
+            return fit or configs[-1:]
+        out = pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]) * cdiv(m, c.kwargs["BLOCK_M"]),
+                          lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
+                          lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                     c.num_stages))
+        return out or fit[:1] or configs[:1]
+    return prune
+
+
+def _largest_divisor(g, choices):
+    return next((c for c in choices if g % c == 0), None)
+
+
+class DequantMatmul:
+    """int8_matmul / int4_matmul's launch: the GEMV and tensor-core kernels of one weight format, their config spaces
+    (one tuner per kernel and transpose) and plans. ``tune_min()``: the weight size from which the op tunes (read per
+    call, so a test can lower it)."""
+
+    def __init__(self, gemv_kernel, mm_kernel, wbits, tune_min):
+        self.tune_min = tune_min
+        self.ops = {}
+        for trans in (False, True):
+            gemv = Launcher(gemv_kernel, space(lambda: gemv_configs(trans, wbits), gemv_interpreter_config(trans)),
+                            GEMV_KEY, make_gemv_pruner(trans))
+            mm = Launcher(mm_kernel, space(lambda: mm_configs(trans), mm_interpreter_config(trans)), MM_KEY,
+                          make_mm_pruner(trans, wbits))
+            self.ops[trans] = SplitKMatmul(gemv, mm, "BLOCK_N")
+
+    def autotuners(self):
+        """(gemv, gemv transposed, mm, mm transposed) triton Autotuners."""
+        return tuple(getattr(self.ops[t], k).autotuner for k in ("gemv", "mm") for t in (False, True))
+
+    def __call__(self, x, wargs, y, N, K, G, transpose, aligned):
+        """y (M x N) = x (M x K, any strides) @ B for the weight pointers ``wargs``; see the section comment."""
+        M = x.shape[0]
+        if M == 0 or N == 0:
+            return y
+        if K == 0:
+            return y.zero_()
+        precision = dot_precision(x)
+        tune = aligned and G % TUNE_GROUP == 0 and N * K >= self.tune_min()
+        key = (M, N, K, G, aligned, tune, precision, x.dtype, x.device)
+        return self.ops[transpose](key, (x, *wargs), y, (M, N, K, G, x.stride(0), x.stride(1)), M, N,
+                                   lambda gemv: self._setup(gemv, key, transpose))
+
+    @staticmethod
+    def _setup(gemv, key, transpose):
+        M, N, K, G, aligned, tune, precision, dtype, device = key
+        mb = next_pow2(M)
+        bucket = (mb,) + key[1:]
+        if gemv:
+            meta = dict(TRANS=transpose, BLOCK_M=mb)
+        else:
+            meta = dict(TRANS=transpose, **dot_meta(device, dtype, precision))
+        if tune:  # every tuned BLOCK_K divides 128 or G (a divisor of K)
+            return dict(meta, ALIGNED=True, EVEN_K=K % 128 == 0), None, bucket
+        if gemv:
+            if transpose:
+                bn = _largest_divisor(G, (64, 32, 16)) if aligned else None
+                cfg = dict(BLOCK_N=bn or 32, BLOCK_K=max(16, min(64, 4096 // (mb * (bn or 32)))))
+            else:
+                bk = _largest_divisor(G, (128, 64, 32, 16)) if aligned else None
+                cfg = dict(BLOCK_K=bk or 32, BLOCK_N=max(8, min(64, 4096 // (mb * (bk or 32)))))
+            ok = (bn if transpose else bk) is not None
+        else:
+            fma = precision == "ieee" and dtype == torch.float32  # FMA dot: small tiles (sm_90: no spills)
+            bm = min(max(mb, 16), 32 if fma else 64)
+            if transpose:
+                bn = _largest_divisor(G, (64, 32, 16)) if aligned else None
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=16 if fma else 32, SCALE_AFTER_DOT=False)
+                ok = bn is not None
+            else:
+                bk = _largest_divisor(G, (16,) if fma else (64, 32, 16)) if aligned else None
+                ok = bk is not None
+                cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or (16 if fma else 32), SCALE_AFTER_DOT=ok)
+        meta.update(ALIGNED=ok, EVEN_K=K % cfg["BLOCK_K"] == 0)
+        return meta, config(4, 1 if gemv else 2, SPLIT_K=1, **cfg), bucket
