@@ -46,6 +46,10 @@ class LowRankUpdate:
     decay: float  # 1 - lr * weight_decay
     step: int  # the parameter's step count after this step's increment
     seed: int  # the SR stream's key for this parameter (int8 weights)
+    # nonfinite='skip' without a host read: a one-element float32 flag (nonzero: leave weight and moments unchanged)
+    # and the step size counted on the device (0-d float32, replaces step_size), or None
+    found_inf: Optional[Tensor] = None
+    step_size_t: Optional[Tensor] = None
 
 
 def adam_direction(low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, u: LowRankUpdate) -> Tensor:
@@ -105,11 +109,24 @@ class FloatWeight:
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
         if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
-            full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
-            weight.copy_((weight.to(torch.float32) - u.step_size * u.scale * full) * u.decay)
+            if u.found_inf is None:
+                full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
+                weight.copy_((weight.to(torch.float32) - u.step_size * u.scale * full) * u.decay)
+                return
+            m = exp_avg.mul(u.beta1).add_(low, alpha=1 - u.beta1)
+            v = exp_avg_sq.mul(u.beta2).addcmul_(low, low, value=1 - u.beta2)
+            full = project_back(m / (v.sqrt() + u.eps), side, ortho, ortho_right)
+            size = u.step_size if u.step_size_t is None else u.step_size_t
+            new = (weight.to(torch.float32) - size * u.scale * full) * u.decay
+            skip = u.found_inf.ne(0).reshape(())
+            weight.copy_(torch.where(skip, weight, new))
+            exp_avg.copy_(torch.where(skip, exp_avg, m))
+            exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
             return
+        step_size_t = None if u.step_size_t is None else u.step_size_t.reshape(1)
         galore_adam_update_(weight.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=u.beta1,
-                            beta2=u.beta2, eps=u.eps, step_size=u.step_size, scale=u.scale, decay=u.decay)
+                            beta2=u.beta2, eps=u.eps, step_size=u.step_size, scale=u.scale, decay=u.decay,
+                            found_inf=u.found_inf, step_size_t=step_size_t)
 
 
 class Int8SRWeight(FloatWeight):
