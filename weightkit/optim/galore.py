@@ -63,7 +63,8 @@ from torch import Tensor
 from ..ops._checks import debug_checks_enabled, finite_flags
 from .basis import FloatBasis, Int4Basis
 from .moments import BlockwiseMoments8bit, FloatMoments
-from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_side
+from .projector import (PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_basis_dtype,
+                        projection_side)
 from .refresh import FixedRefresh
 from .weights import FloatWeight, LowRankUpdate
 
@@ -386,12 +387,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
             del full
             pending = self.parts.refresh.entries(state, group, ortho, side)
             storage.store(pending, ortho, ortho_right, group)
-            basis = storage.load(pending, group)
+            basis = self._load_basis(part, pending, group, local.device)
         else:
-            basis = storage.load(state, group)
+            basis = self._load_basis(part, state, group, local.device)
         low = part.reduce_low(p, project(local, side, *basis), side)
         return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
                 "proj": proj, "key": key}
+
+    def _load_basis(self, part, entries: Dict, group: Dict, device: torch.device):
+        """The basis as the projections use it: a 16-bit float basis on a GPU as stored (bf16/fp16 tensor cores with
+        fp32 accumulation, projector.projection_basis_dtype), for weight parts that take one; else float32."""
+        storage = self.parts.basis
+        if isinstance(storage, FloatBasis) and getattr(part, "takes_16bit_basis", False):
+            stored = storage.dtype(group)
+            if projection_basis_dtype(stored, device) != torch.float32:
+                right = entries.get("ortho_right")
+                return entries["ortho"], right
+        return storage.load(entries, group)
 
     # -- phase 3: apply -------------------------------------------------------------------------------------
     def _commit(self, group: Dict, p: Tensor, part, grad: Tensor, prep: Dict, found: Optional[Tensor] = None) -> None:

@@ -62,6 +62,9 @@ def adam_direction(low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, u: LowRankU
 class FloatWeight:
     """A float parameter, written in place (see the module docstring)."""
 
+    # apply_low_rank takes a bfloat16 / float16 basis as stored (the fused op's 16-bit product on a GPU)
+    takes_16bit_basis = True
+
     def accepts(self, p: Tensor) -> bool:
         return True
 
@@ -109,6 +112,8 @@ class FloatWeight:
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
         if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
+            ortho = ortho.to(torch.float32)
+            ortho_right = ortho_right.to(torch.float32)
             if u.found_inf is None:
                 full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
                 weight.copy_((weight.to(torch.float32) - u.step_size * u.scale * full) * u.decay)
@@ -131,6 +136,8 @@ class FloatWeight:
 
 class Int8SRWeight(FloatWeight):
     """The int8 weight of an Int8Linear (:class:`weightkit.nn.int8.Int8Weight`), written by stochastic rounding."""
+
+    takes_16bit_basis = False  # its projection back (project_back) runs in float32
 
     def accepts(self, p: Tensor) -> bool:
         return p.dtype == torch.int8
