@@ -14,7 +14,8 @@ when skipped steps are not known on the host).
 Precision (``PRECISION``, a constexpr): ``"ieee"`` (strict fp32), ``"tf32"`` (only when the user allows TF32:
 weightkit.ops.galore.matmul_precision) or ``"bf16"`` / ``"fp16"`` (16-bit operands, fp32 accumulation). The
 matmul's tiles are autotuned per (M, N, K, precision, weight dtype) on a GPU over a space sized for H100/H200
-(shared memory <= 160 KB per program); under TRITON_INTERPRET=1 one config. Row offsets are int64: rows * stride
+(shared memory <= 160 KB per program); under TRITON_INTERPRET=1 one config, and 16-bit operands upcast to fp32
+before the dot (the 3.9 interpreter's bf16 dot returns garbage; the products are the same, exact in fp32). Row offsets are int64: rows * stride
 passes 2^31 for weights above 2^31 elements.
 """
 
@@ -66,7 +67,7 @@ def _matmul_configs():
 def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, stride_am, stride_ak, stride_bk,
                           stride_bn, stride_wm, stride_wn, alpha, decay, HAS_FOUND: tl.constexpr,
                           HAS_STEP: tl.constexpr, PRECISION: tl.constexpr, W_DTYPE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          UPCAST_16BIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
     # grouped program order: GROUP_M row blocks share their column blocks of B while they are in L2
     pid = tl.program_id(0)
@@ -86,7 +87,10 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, str
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        if PRECISION == "bf16":
+        if UPCAST_16BIT and (PRECISION == "bf16" or PRECISION == "fp16"):
+            # the interpreter's 16-bit dot is wrong (Triton 3.9): the same products, exact in fp32, fp32 sums
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee", out_dtype=tl.float32)
+        elif PRECISION == "bf16":
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
         elif PRECISION == "fp16":
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc=acc, out_dtype=tl.float32)
@@ -130,4 +134,5 @@ def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left
     _matmul_update_kernel[grid](a, b, weight, flag, step_size_t if has_step else flag, m_rows, n_cols, k,
                                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), weight.stride(0),
                                 weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None, HAS_STEP=has_step,
-                                PRECISION=precision, W_DTYPE=str(weight.dtype))
+                                PRECISION=precision, W_DTYPE=str(weight.dtype),
+                                UPCAST_16BIT=os.environ.get("TRITON_INTERPRET") == "1")
