@@ -15,8 +15,8 @@ Precision (``PRECISION``, a constexpr): ``"ieee"`` (strict fp32), ``"tf32"`` (on
 weightkit.ops.galore.matmul_precision) or ``"bf16"`` / ``"fp16"`` (16-bit operands, fp32 accumulation). The
 matmul's tiles are autotuned per (M, N, K, precision, weight dtype) on a GPU over a space sized for H100/H200
 (shared memory <= 160 KB per program); under TRITON_INTERPRET=1 one config, and 16-bit operands upcast to fp32
-before the dot (the 3.9 interpreter's bf16 dot returns garbage; the products are the same, exact in fp32). Row offsets are int64: rows * stride
-passes 2^31 for weights above 2^31 elements.
+before the dot (the 3.9 interpreter's bf16 dot returns garbage; the products are the same, exact in fp32). Row
+offsets are int64: rows * stride passes 2^31 for weights above 2^31 elements.
 """
 
 import os
@@ -67,7 +67,8 @@ def _matmul_configs():
 def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, stride_am, stride_ak, stride_bk,
                           stride_bn, stride_wm, stride_wn, alpha, decay, HAS_FOUND: tl.constexpr,
                           HAS_STEP: tl.constexpr, PRECISION: tl.constexpr, W_DTYPE: tl.constexpr,
-                          UPCAST_16BIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          UPCAST_16BIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
     # grouped program order: GROUP_M row blocks share their column blocks of B while they are in L2
     pid = tl.program_id(0)

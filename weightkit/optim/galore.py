@@ -287,9 +287,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         The flags come from one multi-tensor launch per device and dtype (:func:`found_inf_flags`). ``'raise'``
         reads them once (the step's one host sync). ``'skip'`` does not read them when it can predicate the commit
-        on them: not across devices (one flag per device), not on a step that refreshes a basis (its SVD synchronizes anyway, and a basis computed from a
-        gradient is only stored when the whole step is good), nor for weight parts that combine the verdict over
-        processes (sharded weights: one flag all-reduce, read on the host)."""
+        on them: not across devices (one flag per device), not on a step that refreshes a basis (its SVD
+        synchronizes anyway, and a basis computed from a gradient is only stored when the whole step is good), nor
+        for weight parts that combine the verdict over processes (sharded weights: one flag all-reduce, read on
+        the host)."""
         if not gradient_checks_enabled() or not items:
             return None
         known_bad = any(prep["finite"] is False for prep in prepared)  # a refreshed gradient checked in full
