@@ -110,6 +110,9 @@ def test_found_inf_flags(device):
     assert float(next(iter(flags.values()))) == 0.0
     before = [t.clone() for t in ok]
     assert all(torch.equal(a, b) for a, b in zip(before, ok))  # x * 1 written back: same values
+    expanded = torch.ones(1, device=device).expand(6)  # a gradient set by hand: checked through a copy
+    assert float(next(iter(found_inf_flags([expanded]).values()))) == 0.0
+    assert float(next(iter(found_inf_flags([torch.full((1,), float("nan"), device=device).expand(6)]).values())))
     for value in (float("nan"), float("inf"), float("-inf")):
         bad = torch.randn(64, device=device).to(torch.float16)
         bad[41] = value

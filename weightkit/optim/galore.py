@@ -42,13 +42,30 @@ bytes: at rank d/4 the state is then 31% of AdamW's instead of 37.5%), plus the 
 
 A step runs in three phases so that a bad gradient never leaves the optimizer half-updated: (1) every parameter's
 gradient is projected (bases due for a refresh are computed from the gradient but not yet stored); (2) the
-projected gradients and the dense gradients of non-GaLore parameters are checked for NaN/Inf with a single
-host sync; (3) bases, moments and weights are updated. A NaN/Inf anywhere in G reaches R = P^T G (IEEE: NaN and
-Inf propagate through the products and sums), so checking R (r x n) instead of G (m x n) catches every bad
-gradient while reading 1/4 of the bytes at rank d/4; a gradient whose basis is refreshed this step is checked
-in full before its SVD. ``nonfinite='raise'`` (default) raises before anything is changed; ``'skip'`` skips the
-whole step (counted in ``skipped_steps``). The projected gradients of all parameters coexist between phases 1
-and 3 (each the size of one low-rank moment; layer-wise mode holds one at a time).
+projected gradients and the dense gradients of non-GaLore parameters are checked for NaN/Inf on the device: one
+multi-tensor launch per device and dtype sets a flag (``found_inf_flags``, torch.amp.GradScaler's found_inf
+pattern); (3) bases, moments and weights are updated. A NaN/Inf anywhere in G reaches R = P^T G (IEEE: NaN and Inf
+propagate through the products and sums), so checking R (r x n) instead of G (m x n) catches every bad gradient
+while reading 1/4 of the bytes at rank d/4; a gradient whose basis is refreshed this step is checked in full
+before its SVD.
+
+``nonfinite='raise'`` (default) reads the flag once (the step's one host sync) and raises before anything is
+changed. ``'skip'`` skips the whole step (counted in ``skipped_steps``) without reading the flag: the commit is
+predicated on it on the device (the fused update leaves W, M, V unchanged where it is set; dense AdamW, the 'full'
+projection and replaced 8-bit entries by ``torch.where``; int8 weights are saved and restored), so a steady step
+makes no host sync at all. Adam's step count then stays right on the device: the state's ``step`` (the refresh
+schedule's clock, on the host) advances, ``nonfinite_skips`` (a 0-d device tensor, only in 'skip' mode) counts the
+skipped steps, and the bias correction uses ``step - nonfinite_skips``. Steps that refresh a basis, optimizers
+spanning several devices and sharded weights (whose verdict is all-reduced) read the flag on the host instead
+(the refresh's SVD synchronizes anyway); there a skipped step leaves ``step`` unchanged too. The projected
+gradients of all parameters coexist between phases 1 and 3 (each the size of one low-rank moment; layer-wise mode
+holds one at a time).
+
+Precision. With TF32 allowed (``torch.backends.cuda.matmul.allow_tf32``) the float32 projections run TF32 (cuBLAS
+follows the flag; the Triton kernel gets it as its input precision); never otherwise. A basis stored in bfloat16 /
+float16 (``proj_dtype``) is used as stored on a GPU: the projections run on 16-bit tensor cores with fp32
+accumulation (weightkit.optim.projector.projection_basis_dtype), and the randomized refresh's range finder in that
+dtype; the CPU keeps float32, bit for bit with earlier versions.
 """
 
 from __future__ import annotations
@@ -523,6 +540,8 @@ def found_inf_flags(tensors) -> Dict[torch.device, Tensor]:
         if t.device not in flags:
             flags[t.device] = torch.zeros(1, dtype=torch.float32, device=t.device)
         if t.numel():
+            if 0 in t.stride():  # an expanded gradient (set by hand): the check writes x * 1 back, so a copy
+                t = t.contiguous()
             groups.setdefault((t.device, t.dtype), []).append(t)
     for (device, _), group in groups.items():
         torch._amp_foreach_non_finite_check_and_unscale_(group, flags[device], _ONES.get(device))
