@@ -1,9 +1,25 @@
 """Triton kernels of the fused GaLore Adam step (spec: weightkit.ops.galore).
 
-1. ``_low_rank_adam_kernel``: M, V updated in place and U = M / (sqrt(V) + eps), one pass over the low-rank tensors.
-2. ``_matmul_update_kernel``: W <- decay W + alpha (A @ B) tile by tile; the product is never stored, and the
-   weight is read and written once in its own dtype with fp32 accumulation.
+1. ``_low_rank_adam_kernel``: M, V updated in place and U = M / (sqrt(V) + eps), one pass over the low-rank tensors,
+   U written in the basis' dtype (float32, or bfloat16 / float16 for a basis stored in proj_dtype, so that the
+   projection back runs on 16-bit tensor cores).
+2. ``_matmul_update_kernel``: W <- decay W + alpha (A @ B) tile by tile; the product is never stored, and the weight
+   is read and written once in its own dtype (float32, bfloat16, float16) with fp32 accumulation.
+
+Both take the step's non-finite flag (``found_inf``, a one-element float32 tensor: nonzero = a gradient of this
+step held NaN/Inf): where it is set they leave M, V and W unchanged, so that ``nonfinite='skip'`` needs no host
+sync; and optionally the step size as a one-element float32 tensor (Adam's bias correction counted on the device,
+when skipped steps are not known on the host).
+
+Precision (``PRECISION``, a constexpr): ``"ieee"`` (strict fp32), ``"tf32"`` (only when the user allows TF32:
+weightkit.ops.galore.matmul_precision) or ``"bf16"`` / ``"fp16"`` (16-bit operands, fp32 accumulation). The
+matmul's tiles are autotuned per (M, N, K, precision, weight dtype) on a GPU over a space sized for H100/H200
+(shared memory <= 160 KB per program); under TRITON_INTERPRET=1 one config, and 16-bit operands upcast to fp32
+before the dot (the 3.9 interpreter's bf16 dot returns garbage; the products are the same, exact in fp32). Row
+offsets are int64: rows * stride passes 2^31 for weights above 2^31 elements.
 """
+
+import os
 
 import torch
 import triton
@@ -13,25 +29,58 @@ from ._host import cdiv
 
 
 @triton.jit
-def _low_rank_adam_kernel(r_ptr, m_ptr, v_ptr, u_ptr, n, beta1, beta2, eps, BLOCK: tl.constexpr):
+def _low_rank_adam_kernel(r_ptr, m_ptr, v_ptr, u_ptr, found_ptr, n, beta1, beta2, eps, HAS_FOUND: tl.constexpr,
+                          BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     g = tl.load(r_ptr + idx, mask=mask, other=0.0)
-    m = tl.load(m_ptr + idx, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
-    v = tl.load(v_ptr + idx, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * g * g
+    m_old = tl.load(m_ptr + idx, mask=mask, other=0.0)
+    v_old = tl.load(v_ptr + idx, mask=mask, other=0.0)
+    m = m_old * beta1 + (1.0 - beta1) * g
+    v = v_old * beta2 + (1.0 - beta2) * g * g
+    u = m / (tl.sqrt_rn(v) + eps)
+    if HAS_FOUND:
+        skip = tl.load(found_ptr) != 0.0
+        m = tl.where(skip, m_old, m)
+        v = tl.where(skip, v_old, v)
+        u = tl.where(skip, 0.0, u)
     tl.store(m_ptr + idx, m, mask=mask)
     tl.store(v_ptr + idx, v, mask=mask)
-    tl.store(u_ptr + idx, m / (tl.sqrt_rn(v) + eps), mask=mask)
+    tl.store(u_ptr + idx, u.to(u_ptr.dtype.element_ty), mask=mask)
 
 
+def _matmul_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would benchmark every config in numpy
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
+                              num_stages=1)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128-256 wide output tiles for the large weights (a 4096^2 weight
+    # is 256-1024 programs on 132 SMs), 64-wide ones for small or thin weights; K tiles 32-64 (K = rank, often
+    # 128-1024). fp32 operands at 128x128x32 x 4 stages take 128 KB of shared memory, within an H100/H200's 227 KB.
+    shapes = [(128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3),
+              (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 5)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "PRECISION", "W_DTYPE"], restore_value=["w_ptr"])
 @triton.jit
-def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_wm,
-                          stride_wn, alpha, decay, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, stride_am, stride_ak, stride_bk,
+                          stride_bn, stride_wm, stride_wn, alpha, decay, HAS_FOUND: tl.constexpr,
+                          HAS_STEP: tl.constexpr, PRECISION: tl.constexpr, W_DTYPE: tl.constexpr,
+                          UPCAST_16BIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    # grouped program order: GROUP_M row blocks share their column blocks of B while they are in L2
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -39,23 +88,52 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, M, N, K, stride_am, stride_ak, st
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(a, b, input_precision="ieee")
+        if UPCAST_16BIT and (PRECISION == "bf16" or PRECISION == "fp16"):
+            # the interpreter's 16-bit dot is wrong (Triton 3.9): the same products, exact in fp32, fp32 sums
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee", out_dtype=tl.float32)
+        elif PRECISION == "bf16":
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
+        elif PRECISION == "fp16":
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc=acc, out_dtype=tl.float32)
+        elif PRECISION == "tf32":
+            acc = tl.dot(a, b, acc=acc, input_precision="tf32", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, b, acc=acc, input_precision="ieee", out_dtype=tl.float32)
+    if HAS_STEP:  # alpha = -step_size * scale * decay with the step size read on the device
+        alpha = alpha * tl.load(step_ptr)
     w_mask = (rm[:, None] < M) & (rn[None, :] < N)
     w_ptrs = w_ptr + rm[:, None] * stride_wm + rn[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-    tl.store(w_ptrs, (w * decay + alpha * acc).to(w_ptr.dtype.element_ty), mask=w_mask)
+    new = w * decay + alpha * acc
+    if HAS_FOUND:
+        new = tl.where(tl.load(found_ptr) != 0.0, w, new)
+    tl.store(w_ptrs, new.to(w_ptr.dtype.element_ty), mask=w_mask)
+
+
+_PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
-                              decay, block=1024, block_m=32, block_n=32, block_k=32):
-    update = torch.empty_like(low_grad)
+                              decay, found_inf=None, step_size_t=None, tf32=False, block=1024):
+    """``ortho`` float32 (the matmul runs ieee, or tf32 when ``tf32``) or bfloat16 / float16 (U is written in that
+    dtype and the matmul runs on 16-bit operands with fp32 accumulation)."""
+    precision = _PRECISION_OF.get(ortho.dtype, "tf32" if tf32 else "ieee")
+    update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
     n = low_grad.numel()
-    _low_rank_adam_kernel[(cdiv(n, block),)](low_grad, exp_avg, exp_avg_sq, update, n, beta1, beta2, eps,
-                                                    BLOCK=block)
+    flag = found_inf if found_inf is not None else exp_avg  # an unused pointer when HAS_FOUND is off
+    _low_rank_adam_kernel[(cdiv(n, block),)](low_grad, exp_avg, exp_avg_sq, update, flag, n, beta1, beta2, eps,
+                                             HAS_FOUND=found_inf is not None, BLOCK=block)
     a, b = (ortho, update) if left else (update, ortho)
     m_rows, n_cols = weight.shape
     k = a.shape[1]
-    grid = (cdiv(m_rows, block_m), cdiv(n_cols, block_n))
-    _matmul_update_kernel[grid](a, b, weight, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                weight.stride(0), weight.stride(1), -step_size * scale * decay, decay,
-                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    has_step = step_size_t is not None
+    alpha = -scale * decay if has_step else -step_size * scale * decay
+
+    def grid(meta):
+        return (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(n_cols, meta["BLOCK_N"]),)
+
+    _matmul_update_kernel[grid](a, b, weight, flag, step_size_t if has_step else flag, m_rows, n_cols, k,
+                                a.stride(0), a.stride(1), b.stride(0), b.stride(1), weight.stride(0),
+                                weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None, HAS_STEP=has_step,
+                                PRECISION=precision, W_DTYPE=str(weight.dtype),
+                                UPCAST_16BIT=os.environ.get("TRITON_INTERPRET") == "1")

@@ -8,8 +8,10 @@ debug mode (``torch.cuda.set_sync_debug_mode``) reports the syncs that go throug
 * The layers (Int8Linear, MemoryLinear, DictLinear): forward and backward with no sync at all, under "error". The
   ops' data-reading checks are debug checks, off by default (weightkit.ops._checks); these tests run with the
   default settings (no WEIGHTKIT_DEBUG_CHECKS / WEIGHTKIT_CHECK_FINITE in the environment).
-* The optimizers (GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit): at most one sync per steady-state step, the NaN/Inf
-  check of all gradients at once. Steps that refresh a projector run an SVD (which syncs) and are not counted.
+* The optimizers (GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit): at most one sync per steady-state step with
+  ``nonfinite='raise'`` (the host reads the step's device-side NaN/Inf flag once), none with ``nonfinite='skip'``
+  (the commit is predicated on the flag), also on a step whose gradient holds a NaN. Steps that refresh a projector
+  run an SVD (which syncs) and are not counted. (The mechanism is tested on the CPU in tests/optim/test_nonfinite.py.)
 
 Modules, inputs and a first (warm-up) call come before the debug mode is switched on: the first call of a kernel
 may compile or autotune it, which is allowed to synchronize.
@@ -107,8 +109,9 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("nonfinite,allowed", [("raise", 1), ("skip", 0)])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_optimizer_step_syncs_at_most_once(name, default_checks):
+def test_optimizer_step_syncs_at_most_once(name, nonfinite, allowed, default_checks):
     cls, int8, min_8bit_size, needs_bnb = OPTIMIZERS[name]
     if needs_bnb:
         pytest.importorskip("bitsandbytes")
@@ -118,7 +121,8 @@ def test_optimizer_step_syncs_at_most_once(name, default_checks):
         weightkit.swap(model, "int8", filter_fn=lambda n, m: True, group_size=32)
     # rank 8 of 64x64 and 32x64 weights (right and left projections); no refresh after step 0
     groups = param_groups(model, rank=8, update_proj_gap=1000, scale=0.25)
-    opt = cls(groups, lr=1e-3, **({} if min_8bit_size is None else {"min_8bit_size": min_8bit_size}))
+    opt = cls(groups, lr=1e-3, nonfinite=nonfinite,
+              **({} if min_8bit_size is None else {"min_8bit_size": min_8bit_size}))
     x, y = torch.randn(16, 64, device="cuda"), torch.randn(16, 32, device="cuda")
 
     def backward():
@@ -132,8 +136,16 @@ def test_optimizer_step_syncs_at_most_once(name, default_checks):
     refreshes = [opt.state[p].get("refresh_count") for p in weights]
     backward()
     syncs = count_syncs(opt.step)
-    assert len(syncs) <= 1, f"{name}: {len(syncs)} host syncs in one steady-state step, at {syncs}"
+    assert len(syncs) <= allowed, f"{name}: {len(syncs)} host syncs in one steady-state step, at {syncs}"
     assert all(opt.state[p]["step"] == 3 for p in weights)
     assert [opt.state[p].get("refresh_count") for p in weights] == refreshes  # the counted step did not refresh
     if int8:
         assert all(p.dtype == torch.int8 and getattr(p, "float_grad", None) is None for p in weights)
+    if nonfinite == "skip":  # a NaN gradient is skipped on the device flag: still no sync, nothing changed
+        backward()
+        bad = weights[0].float_grad if int8 else weights[0].grad
+        bad.view(-1)[5] = float("nan")
+        before = [p.detach().clone() for p in weights]
+        syncs = count_syncs(opt.step)
+        assert not syncs, f"{name}: {len(syncs)} host syncs in a skipped step, at {syncs}"
+        assert all(torch.equal(a, b) for a, b in zip(before, weights)) and opt.skipped_steps == 1

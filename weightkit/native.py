@@ -314,29 +314,31 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
 # GaLore (weightkit/ops/galore.py)
 
 
-def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
-                        left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
-                        decay: float) -> None:
-    """All contiguous; low_grad, moments and ortho fp32. The kernel updates M, V and writes U in one pass; then
-    W <- decay W - step_size scale decay (P U | U P): BLAS addmm_ straight into a float32 W (no full-size temporary);
-    a bf16/fp16 W goes through one float32 m x n product, since BLAS has no mixed-precision in-place addmm."""
+def low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
+                  eps: float) -> Tensor:
+    """All contiguous fp32. M, V updated in place in one pass; returns U = M / (sqrt(V) + eps)."""
     update = torch.empty_like(low_grad)
     args = (low_grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), update.data_ptr(), low_grad.numel(),
             beta1, beta2, eps)
-    if weight.is_cuda:
-        _check_cuda(CUDA.low_rank_adam(*args, *_stream(weight)), "galore_adam_update_")
+    if low_grad.is_cuda:
+        _check_cuda(CUDA.low_rank_adam(*args, *_stream(low_grad)), "galore_adam_update_")
     else:
         _check(CPU.low_rank_adam(*args, _threads()), "galore_adam_update_")
+    return update
+
+
+def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
+                        left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
+                        decay: float) -> None:
+    """All contiguous and fp32 (weight included: weightkit.ops.galore writes other weights block by block). The
+    kernel updates M, V and writes U in one pass; then W <- decay W - step_size scale decay (P U | U P): BLAS addmm_
+    straight into W (no full-size temporary)."""
+    update = low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps)
     alpha = -step_size * scale * decay
-    if weight.dtype == torch.float32:
-        if left:
-            weight.addmm_(ortho, update, beta=decay, alpha=alpha)
-        else:
-            weight.addmm_(update, ortho, beta=decay, alpha=alpha)
-        return
-    full = torch.mm(ortho, update) if left else torch.mm(update, ortho)
-    full.mul_(alpha).add_(weight.to(torch.float32), alpha=decay)
-    weight.copy_(full)
+    if left:
+        weight.addmm_(ortho, update, beta=decay, alpha=alpha)
+    else:
+        weight.addmm_(update, ortho, beta=decay, alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

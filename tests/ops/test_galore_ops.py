@@ -100,3 +100,102 @@ def test_bad_input(change, err, match):
     change(args)
     with pytest.raises(err, match=match):
         galore_adam_update_(args["weight"], args["low"], args["exp_avg"], args["exp_avg_sq"], args["ortho"], True, **HYPER)
+
+
+# -- issue #25: device-side predication, 16-bit bases, no full-size float32 temporaries --------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("left", [True, False])
+def test_found_inf_leaves_everything_unchanged_and_step_size_tensor_replaces_the_float(device, left):
+    for dtype in (torch.float32, torch.bfloat16):
+        w, low, ea, eas, ortho = make(40, 56, 6, left, dtype, device)
+        low[1, 2] = float("nan")
+        for name in usable_backends(galore_ops._GALORE, device):
+            args = [t.clone() for t in (w, low, ea, eas)]
+            with use_backend(name):
+                galore_adam_update_(*args, ortho, left, **HYPER, found_inf=torch.ones(1, device=device),
+                                    step_size_t=torch.full((1,), 5.0, device=device))
+            for got, want in zip(args, (w, low, ea, eas)):
+                assert torch.equal(got, want) or (got.isnan() == want.isnan()).all(), name
+    w, low, ea, eas, ortho = make(40, 56, 6, left, torch.float32, device)
+    w64, ea64, eas64 = reference64((w, low, ea, eas, ortho, left))
+    hyper = dict(HYPER, step_size=123.0)  # replaced by the tensor
+    for name in usable_backends(galore_ops._GALORE, device):
+        args = [t.clone() for t in (w, low, ea, eas)]
+        with use_backend(name):
+            galore_adam_update_(*args, ortho, left, **hyper, found_inf=torch.zeros(1, device=device),
+                                step_size_t=torch.full((1,), HYPER["step_size"], device=device))
+        torch.testing.assert_close(args[0].double(), w64, **TOL[torch.float32], msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(args[2].double(), ea64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("left", [True, False])
+def test_sixteen_bit_basis_matches_float64(device, wdtype, left):
+    """A bf16 basis: U rounded to bf16, products with fp32 accumulation; vs the float64 update with the same bf16
+    basis (exact in float64) at bf16 tolerance."""
+    w, low, ea, eas, ortho = make(48, 40, 8, left, wdtype, device)
+    ortho16 = ortho.to(torch.bfloat16)
+    w64, _, _ = reference64((w, low, ea, eas, ortho16.float(), left))
+    for name in usable_backends(galore_ops._GALORE, device):
+        got, _, _ = run(name, (w, low, ea, eas, ortho16, left))
+        assert got.dtype == wdtype
+        torch.testing.assert_close(got.double(), w64, **TOL[torch.bfloat16], msg=lambda s: f"{name}: {s}")
+
+
+class RecordFullSizeFloat32(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op output that is a float32 tensor of ``numel`` elements (an m x n temporary)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("predicated", [False, True])
+def test_sixteen_bit_weights_make_no_full_size_float32_temporary(dtype, left, predicated, monkeypatch):
+    """bf16/fp16 weights (and any predicated update) are written a block of rows at a time: no float32 tensor of
+    m x n elements is made by the cpu backend (blocks of 1/4 of the rows here) nor by the Triton one (tile by
+    tile), and the result is the float64 reference within the dtype's tolerance."""
+    m, n, r = 64, 48, 8
+    monkeypatch.setattr(galore_ops, "BLOCK_ELEMENTS", (m // 4) * n)
+    w, low, ea, eas, ortho = make(m, n, r, left, dtype)
+    w64, _, _ = reference64((w, low, ea, eas, ortho, left))
+    found = torch.zeros(1) if predicated else None
+    hyper = tuple(HYPER[k] for k in ("beta1", "beta2", "eps", "step_size", "scale", "decay"))
+
+    def call(name, args):
+        # the backend's implementation itself: a dispatch mode sees the op's inner ops only below the op's
+        # dispatcher entry (at the op it would see one call)
+        galore_ops._GALORE.impls[name](*args, ortho, left, *hyper, found, None)
+
+    for name in [b for b in usable_backends(galore_ops._GALORE, "cpu") if b != "reference"]:
+        args = [t.clone() for t in (w, low, ea, eas)]
+        with RecordFullSizeFloat32(m * n) as rec:
+            call(name, args)
+        assert rec.seen == [], (name, rec.seen)
+        torch.testing.assert_close(args[0].double(), w64, **TOL[dtype], msg=lambda s: f"{name}: {s}")
+    with RecordFullSizeFloat32(m * n) as rec:  # the probe sees the reference's m x n temporaries
+        call("reference", [t.clone() for t in (w, low, ea, eas)])
+    assert rec.seen
+
+
+def test_tf32_only_where_allowed():
+    assert galore_ops.matmul_precision(torch.device("cpu")) == "ieee"
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert galore_ops.matmul_precision(torch.device("cuda")) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert galore_ops.matmul_precision(torch.device("cuda")) == "tf32"
+        assert galore_ops.matmul_precision(torch.device("cpu")) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed

@@ -8,7 +8,8 @@ import torch
 
 from tests.conftest import DEVICES
 from weightkit.optim import GaLoreProjector
-from weightkit.optim.projector import basis_seed, compute_basis, projection_side, randomized_svd, subspace_overlap
+from weightkit.optim.projector import (basis_seed, cholesky_qr, compute_basis, project, projection_basis_dtype,
+                                       projection_side, randomized_svd, resolve_orthonormalize, subspace_overlap)
 
 
 def tol(device):
@@ -160,3 +161,84 @@ def test_bad_gradients(device):
         proj.project(torch.randn(16, device=device), 0)
     with pytest.raises(RuntimeError, match="call project\\(\\) first"):
         GaLoreProjector(rank=2).project_back(torch.randn(2, 3, device=device))
+
+
+# -- issue #25: Cholesky-QR range finder, 16-bit range finder and projections ----------------------------------------
+def _spectrum_matrix(m, n, seed, decay=-6.0, rank=None):
+    """A float64 m x n matrix with singular values 10^0 ... 10^decay (or exactly ``rank`` nonzero ones)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, decay, min(m, n), dtype=torch.float64)
+    if rank is not None:
+        s[rank:] = 0
+    return (u[:, :min(m, n)] * s) @ v[:, :min(m, n)].T, s
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("orthonormalize", ["householder", "cholqr"])
+@pytest.mark.parametrize("range_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("shape,rank", [((96, 160), 12), ((200, 72), 16)])
+def test_randomized_basis_against_exact_svd(seed, orthonormalize, range_dtype, shape, rank):
+    """Captured energy ||P^T A||^2 / sum of the top-r sigma^2 and the largest principal angle between the randomized
+    and the exact (float64) rank-r subspaces, for a spectrum falling over 6 decades (cond(Y) ~ 1e6: Cholesky-QR
+    needs its shifted first pass); orthonormal bases."""
+    print(f"seed={seed}")
+    a, s = _spectrum_matrix(*shape, seed)
+    for side in ("left", "right"):
+        ortho, _ = compute_basis(a.float(), rank, side, "randomized", seed=seed, orthonormalize=orthonormalize,
+                                 range_dtype=range_dtype)
+        p = ortho.double() if side == "left" else ortho.double().T  # columns span the subspace
+        captured = ((p.T @ a).norm() ** 2 if side == "left" else (a @ p).norm() ** 2) / (s[:rank] ** 2).sum()
+        exact = torch.linalg.svd(a)[0][:, :rank] if side == "left" else torch.linalg.svd(a)[2][:rank].T
+        cos_min = torch.linalg.svdvals(exact.T @ p).min()
+        assert captured > 0.9999, (side, float(captured))
+        assert cos_min > 0.99, (side, float(cos_min))
+        torch.testing.assert_close(p.T @ p, torch.eye(rank, dtype=torch.float64), rtol=0, atol=2e-5)
+
+
+def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_householder():
+    a, s = _spectrum_matrix(120, 90, 3, decay=-1.0, rank=6)  # rank 6 < k = 10 + 8
+    q, failed = cholesky_qr(a.float() @ torch.randn(90, 18, dtype=torch.float32))
+    assert bool(failed)
+    ortho, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="cholqr")
+    torch.testing.assert_close(ortho.double().T @ ortho.double(), torch.eye(10, dtype=torch.float64), rtol=0,
+                               atol=2e-5)
+    captured = (ortho.double().T @ a).norm() ** 2 / (s[:6] ** 2).sum()
+    assert captured > 0.9999
+    q, failed = cholesky_qr(torch.randn(300, 30) @ torch.diag(torch.logspace(0, -5, 30)))
+    assert not bool(failed)
+    torch.testing.assert_close(q.T @ q, torch.eye(30), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="orthonormalize='givens'"):
+        compute_basis(a.float(), 4, "left", "randomized", orthonormalize="givens")
+
+
+def test_auto_orthonormalization_keeps_householder_on_the_cpu():
+    a = torch.randn(64, 48)
+    auto = compute_basis(a, 8, "left", "randomized", seed=5)[0]
+    householder = compute_basis(a, 8, "left", "randomized", seed=5, orthonormalize="householder")[0]
+    assert torch.equal(auto, householder)
+    assert resolve_orthonormalize("auto", torch.device("cpu")) == "householder"
+    assert resolve_orthonormalize("auto", torch.device("cuda")) == "cholqr"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+def test_sixteen_bit_projection_matches_float64(dtype, side):
+    """A basis kept in proj_dtype and used as stored: the gradient rounded to it, products with fp32 accumulation;
+    against the float64 product of the same 16-bit basis with the exact gradient, at 16-bit tolerance."""
+    torch.manual_seed(0)
+    g = torch.randn(48, 40)
+    u, vh = compute_basis(g, 6, "full")
+    ortho = (u if side != "right" else vh).to(dtype)
+    right = vh.to(dtype) if side == "full" else None
+    low = project(g, side, ortho, right)
+    assert low.dtype == torch.float32
+    d = ortho.double()
+    want = {"left": lambda: d.T @ g.double(), "right": lambda: g.double() @ d.T,
+            "full": lambda: d.T @ g.double() @ right.double().T}[side]()
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(low.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert projection_basis_dtype(dtype, torch.device("cpu")) == torch.float32
+    assert projection_basis_dtype(dtype, torch.device("cuda")) == dtype
+    assert projection_basis_dtype(torch.float32, torch.device("cuda")) == torch.float32

@@ -1,7 +1,7 @@
 """Fused GaLore Adam step: low-rank Adam moments, project back, decoupled weight decay, in place.
 
 ``galore_adam_update_(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
-decay)`` performs, with R = ``low_grad`` and P = ``ortho``::
+decay, found_inf=None, step_size_t=None)`` performs, with R = ``low_grad`` and P = ``ortho``::
 
     M <- beta1 M + (1 - beta1) R
     V <- beta2 V + (1 - beta2) R^2
@@ -10,16 +10,30 @@ decay)`` performs, with R = ``low_grad`` and P = ``ortho``::
     W <- (W - step_size * scale * N) * decay            (decay = 1 - lr * weight_decay)
 
 which is galore-torch's AdamW step (its weight decay is applied after the update, to the updated weight).
-``step_size`` carries Adam's bias correction. R, M, V and P are float32; W may be float32, bfloat16 or float16.
+``step_size`` carries Adam's bias correction. R, M, V are float32; P is float32, or bfloat16 / float16 (a basis
+stored in proj_dtype: the product P U then runs on 16-bit operands with fp32 accumulation on a GPU, U rounded to
+P's dtype); W may be float32, bfloat16 or float16.
+
+Device-side predication (the optimizer's ``nonfinite='skip'`` without a host sync): ``found_inf``, a one-element
+float32 tensor on W's device; where it is nonzero the op leaves W, M and V unchanged (GradScaler's found_inf
+convention). ``step_size_t``, a one-element float32 tensor, replaces ``step_size`` (a bias correction counted on
+the device). Neither is read on the host.
+
+Precision. A float32 product runs TF32 only where the user allows it (``torch.backends.cuda.matmul.allow_tf32``,
+set by ``torch.set_float32_matmul_precision('high')``): cuBLAS follows the flag, the Triton kernel gets it as its
+``input_precision``; strict IEEE fp32 otherwise, and always on the CPU.
 
 Temporaries. The reference materialises U and the full-size N. The fused backends keep U (low-rank, r x n or
-m x r) and no full-size tensor: the ``cpu`` and ``cuda`` backends update M, V and write U in one pass, then call
-``addmm_`` (W <- decay W - step_size scale decay P U) for float32 weights; the Triton backend computes P U tile by
-tile and applies the update in the matmul epilogue for every weight dtype. For bf16/fp16 weights the cpu/cuda
-backends still form N in float32 (one m x n temporary), since BLAS has no mixed-precision in-place addmm.
+m x r) and no full-size tensor: the ``cpu`` and ``cuda`` backends update M, V and write U in one pass, then, for a
+float32 weight and basis, call ``addmm_`` (W <- decay W - step_size scale decay P U) straight into W; other weights
+(bfloat16 / float16), 16-bit bases and predicated updates go block of rows by block of rows (a float32 product of
+at most ``BLOCK_ELEMENTS`` values at a time, never m x n). The Triton backend computes P U tile by tile and applies
+the update in the matmul epilogue for every weight dtype.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,19 +43,35 @@ from ..backend import KernelTable
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._registry import define
 
-__all__ = ["galore_adam_update_"]
+__all__ = ["galore_adam_update_", "matmul_precision"]
 
 # auto on CUDA: the cuda kernel first. Measured on an H200 (torch 2.11, Triton 3.6, 2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json), whole GaLoreAdamW step, 4096^2 r1024: cuda 1.43 ms vs
-# triton 1.90 (strict fp32), 0.25 vs 1.31 (TF32); 4096x11008 r512: 2.01 vs 2.56, 0.44 vs 1.87.
+# triton 1.90 (strict fp32), 0.25 vs 1.31 (TF32); 4096x11008 r512: 2.01 vs 2.56, 0.44 vs 1.87. (The Triton kernel
+# then had fixed 32^3 tiles and always ran IEEE fp32; it autotunes and follows the TF32 setting since.)
 _GALORE = KernelTable("galore_adam_update_", cuda_order=("cuda", "triton"))
 
+# the float32 product of the blocked update holds at most this many values (16 MB) at a time
+BLOCK_ELEMENTS = 1 << 22
 
-def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left):
+
+def matmul_precision(device: torch.device) -> str:
+    """'tf32' where the user allows TF32 for float32 matmuls on this device (CUDA and
+    ``torch.backends.cuda.matmul.allow_tf32``), else 'ieee'."""
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, found_inf=None, step_size_t=None):
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     dev = weight.device
-    for name, t in (("low_grad", low_grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("ortho", ortho)):
+    for name, t in (("low_grad", low_grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_tensor(name, t, dtypes=(torch.float32,), ndim=2, device=dev)
+    check_tensor("ortho", ortho, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    for name, t in (("found_inf", found_inf), ("step_size_t", step_size_t)):
+        if t is not None:
+            check_tensor(name, t, dtypes=(torch.float32,), device=dev)
+            if t.numel() != 1:
+                raise ValueError(f"{name} must hold one value, got shape {tuple(t.shape)}")
     if exp_avg.shape != low_grad.shape or exp_avg_sq.shape != low_grad.shape:
         raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must match "
                          f"low_grad {tuple(low_grad.shape)}")
@@ -56,52 +86,126 @@ def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left):
                          f"ortho {tuple(ortho.shape)}, low_grad {tuple(low_grad.shape)}")
 
 
+def _step_coef(step_size: float, scale: float, step_size_t: Optional[Tensor]):
+    """step_size * scale, as a Python float or (device step size) a one-element tensor."""
+    return step_size * scale if step_size_t is None else step_size_t * scale
+
+
 @_GALORE.register("reference")
 def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size,
-                                 scale, decay):
-    exp_avg.mul_(beta1).add_(low_grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
-    update = exp_avg / (exp_avg_sq.sqrt() + eps)
-    full = ortho @ update if left else update @ ortho
-    new = (weight.to(torch.float32) - step_size * scale * full) * decay
-    weight.copy_(new)
+                                 scale, decay, found_inf=None, step_size_t=None):
+    p = ortho.to(torch.float32)
+    if found_inf is None:
+        exp_avg.mul_(beta1).add_(low_grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
+        update = exp_avg / (exp_avg_sq.sqrt() + eps)
+    else:
+        m = exp_avg.mul(beta1).add_(low_grad, alpha=1 - beta1)
+        v = exp_avg_sq.mul(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
+        update = m / (v.sqrt() + eps)
+    full = p @ update if left else update @ p
+    new = (weight.to(torch.float32) - _step_coef(step_size, scale, step_size_t) * full) * decay
+    if found_inf is None:
+        weight.copy_(new)
+        return
+    skip = found_inf.ne(0)
+    weight.copy_(torch.where(skip, weight, new))
+    exp_avg.copy_(torch.where(skip, exp_avg, m))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
+
+
+def _low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps, found_inf):
+    """U (float32) with M, V updated in place; where ``found_inf`` is set, M and V unchanged and U = 0."""
+    if found_inf is None:
+        return native.low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps)
+    m = exp_avg.mul(beta1).add_(low_grad, alpha=1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
+    update = m / (v.sqrt() + eps)
+    skip = found_inf.ne(0)
+    exp_avg.copy_(torch.where(skip, exp_avg, m))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
+    return update.masked_fill_(skip, 0.0)
+
+
+def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b as float32. 16-bit operands: on a GPU on 16-bit tensor cores with fp32 accumulation (torch.mm's
+    out_dtype); on the CPU, upcast (exact products, fp32 sums)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm's out_dtype: 16-bit output, fp32 accumulation
+            return (a @ b).to(torch.float32)
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bool, coef, decay: float,
+                         found_inf: Optional[Tensor]) -> None:
+    """W <- (W - coef N) * decay, N = P U | U P, a block of rows at a time (a float32 product of at most
+    BLOCK_ELEMENTS values, never m x n); U in P's dtype; where ``found_inf`` is set W is left unchanged."""
+    m, n = weight.shape
+    rows = max(1, min(m, BLOCK_ELEMENTS // max(n, 1)))
+    skip = None if found_inf is None else found_inf.ne(0)
+    for r0 in range(0, m, rows):
+        block = weight[r0:r0 + rows]
+        prod = _mm_float32(ortho[r0:r0 + rows], update) if left else _mm_float32(update[r0:r0 + rows], ortho)
+        new = prod.mul_(-coef if not isinstance(coef, Tensor) else coef.neg()).add_(block.to(torch.float32))
+        new.mul_(decay)
+        block.copy_(new if skip is None else torch.where(skip, block, new))
 
 
 @_GALORE.register("cpu")
 @_GALORE.register("cuda")
-def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    native.galore_adam_update_(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
-                               beta2, eps, step_size, scale, decay)
+def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
+                     found_inf=None, step_size_t=None):
+    low_grad = low_grad.contiguous()
+    ortho = ortho.contiguous()
+    if found_inf is None and step_size_t is None and weight.dtype == torch.float32 and ortho.dtype == torch.float32:
+        native.galore_adam_update_(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps,
+                                   step_size, scale, decay)
+        return
+    update = _low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps, found_inf)
+    if ortho.dtype != torch.float32:
+        update = update.to(ortho.dtype)
+    apply_update_blocked(weight, ortho, update, left, _step_coef(step_size, scale, step_size_t), decay, found_inf)
 
 
 @_GALORE.register("triton")
-def _galore_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
+def _galore_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
+                   found_inf=None, step_size_t=None):
     from ..kernels.galore import galore_adam_update_triton
 
     galore_adam_update_triton(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
-                              beta2, eps, step_size, scale, decay)
+                              beta2, eps, step_size, scale, decay, found_inf=found_inf, step_size_t=step_size_t,
+                              tf32=matmul_precision(weight.device) == "tf32")
 
 
-def _galore_impl(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
+def _galore_impl(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
+                 found_inf=None, step_size_t=None):
     if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous() and weight.is_contiguous()):
         # in-place state must be updated where it lives: work on contiguous copies, then write back
         w, m, v = weight.contiguous(), exp_avg.contiguous(), exp_avg_sq.contiguous()
-        _GALORE(weight.device, w, low_grad, m, v, ortho, left, beta1, beta2, eps, step_size, scale, decay)
+        _GALORE(weight.device, w, low_grad, m, v, ortho, left, beta1, beta2, eps, step_size, scale, decay, found_inf,
+                step_size_t)
         weight.copy_(w), exp_avg.copy_(m), exp_avg_sq.copy_(v)
         return
     _GALORE(weight.device, weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
-            decay)
+            decay, found_inf, step_size_t)
 
 
 _galore_adam_update_op = define(
     "galore_adam_update_(Tensor(a0!) weight, Tensor low_grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, "
-    "Tensor ortho, bool left, float beta1, float beta2, float eps, float step_size, float scale, float decay) -> ()",
-    impl=_galore_impl, check=lambda *args: _check_args(*args[:6]), fake=lambda *args: None)
+    "Tensor ortho, bool left, float beta1, float beta2, float eps, float step_size, float scale, float decay, "
+    "Tensor? found_inf=None, Tensor? step_size_t=None) -> ()",
+    impl=_galore_impl, check=lambda *args: _check_args(*args[:6], *args[12:]), fake=lambda *args: None)
 
 
 def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                         left: bool, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
-                        step_size: float = 1e-3, scale: float = 1.0, decay: float = 1.0) -> None:
-    """In-place fused GaLore Adam step (see the module docstring for the maths and the temporaries)."""
+                        step_size: float = 1e-3, scale: float = 1.0, decay: float = 1.0,
+                        found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
+    """In-place fused GaLore Adam step (see the module docstring for the maths, the device-side predication by
+    ``found_inf``, the precision and the temporaries)."""
     _galore_adam_update_op(weight, low_grad, exp_avg, exp_avg_sq, ortho, bool(left), float(beta1), float(beta2),
-                           float(eps), float(step_size), float(scale), float(decay))
+                           float(eps), float(step_size), float(scale), float(decay), found_inf, step_size_t)

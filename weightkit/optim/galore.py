@@ -42,13 +42,30 @@ bytes: at rank d/4 the state is then 31% of AdamW's instead of 37.5%), plus the 
 
 A step runs in three phases so that a bad gradient never leaves the optimizer half-updated: (1) every parameter's
 gradient is projected (bases due for a refresh are computed from the gradient but not yet stored); (2) the
-projected gradients and the dense gradients of non-GaLore parameters are checked for NaN/Inf with a single
-host sync; (3) bases, moments and weights are updated. A NaN/Inf anywhere in G reaches R = P^T G (IEEE: NaN and
-Inf propagate through the products and sums), so checking R (r x n) instead of G (m x n) catches every bad
-gradient while reading 1/4 of the bytes at rank d/4; a gradient whose basis is refreshed this step is checked
-in full before its SVD. ``nonfinite='raise'`` (default) raises before anything is changed; ``'skip'`` skips the
-whole step (counted in ``skipped_steps``). The projected gradients of all parameters coexist between phases 1
-and 3 (each the size of one low-rank moment; layer-wise mode holds one at a time).
+projected gradients and the dense gradients of non-GaLore parameters are checked for NaN/Inf on the device: one
+multi-tensor launch per device and dtype sets a flag (``found_inf_flags``, torch.amp.GradScaler's found_inf
+pattern); (3) bases, moments and weights are updated. A NaN/Inf anywhere in G reaches R = P^T G (IEEE: NaN and Inf
+propagate through the products and sums), so checking R (r x n) instead of G (m x n) catches every bad gradient
+while reading 1/4 of the bytes at rank d/4; a gradient whose basis is refreshed this step is checked in full
+before its SVD.
+
+``nonfinite='raise'`` (default) reads the flag once (the step's one host sync) and raises before anything is
+changed. ``'skip'`` skips the whole step (counted in ``skipped_steps``) without reading the flag: the commit is
+predicated on it on the device (the fused update leaves W, M, V unchanged where it is set; dense AdamW, the 'full'
+projection and replaced 8-bit entries by ``torch.where``; int8 weights are saved and restored), so a steady step
+makes no host sync at all. Adam's step count then stays right on the device: the state's ``step`` (the refresh
+schedule's clock, on the host) advances, ``nonfinite_skips`` (a 0-d device tensor, only in 'skip' mode) counts the
+skipped steps, and the bias correction uses ``step - nonfinite_skips``. Steps that refresh a basis, optimizers
+spanning several devices and sharded weights (whose verdict is all-reduced) read the flag on the host instead
+(the refresh's SVD synchronizes anyway); there a skipped step leaves ``step`` unchanged too. The projected
+gradients of all parameters coexist between phases 1 and 3 (each the size of one low-rank moment; layer-wise mode
+holds one at a time).
+
+Precision. With TF32 allowed (``torch.backends.cuda.matmul.allow_tf32``) the float32 projections run TF32 (cuBLAS
+follows the flag; the Triton kernel gets it as its input precision); never otherwise. A basis stored in bfloat16 /
+float16 (``proj_dtype``) is used as stored on a GPU: the projections run on 16-bit tensor cores with fp32
+accumulation (weightkit.optim.projector.projection_basis_dtype), and the randomized refresh's range finder in that
+dtype; the CPU keeps float32, bit for bit with earlier versions.
 """
 
 from __future__ import annotations
@@ -63,7 +80,8 @@ from torch import Tensor
 from ..ops._checks import debug_checks_enabled, finite_flags
 from .basis import FloatBasis, Int4Basis
 from .moments import BlockwiseMoments8bit, FloatMoments
-from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_side
+from .projector import (PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_basis_dtype,
+                        projection_side)
 from .refresh import FixedRefresh
 from .weights import FloatWeight, LowRankUpdate
 
@@ -132,7 +150,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             parts = dataclasses.replace(parts, refresh=FixedRefresh(stagger=True, offset=refresh_offset))
         self.parts = parts
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._host_skips = 0  # steps skipped on the host (see skipped_steps)
+        self._device_skips: Dict[torch.device, Tensor] = {}  # per device: steps skipped on the device flag
         self._weight_parts: Dict[int, object] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
@@ -278,29 +297,59 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if grad.shape != p.shape:
                 raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
 
-    def _nonfinite(self, items, prepared) -> bool:
-        """True when a gradient holds NaN/Inf (then raise, or count a skipped step). One host sync for all (and,
-        for sharded parameters, one flag all-reduce so that every rank raises or skips together)."""
+    def _nonfinite(self, items, prepared):
+        """Phase 2: the step's NaN/Inf verdict. ``None``: commit; ``True``: skip the step (``nonfinite='skip'``,
+        counted); a dict device -> flag: commit predicated on the device flags (``nonfinite='skip'`` without a host
+        sync). ``nonfinite='raise'`` raises here, before anything is changed.
+
+        The flags come from one multi-tensor launch per device and dtype (:func:`found_inf_flags`). ``'raise'``
+        reads them once (the step's one host sync). ``'skip'`` does not read them when it can predicate the commit
+        on them: not across devices (one flag per device), not on a step that refreshes a basis (its SVD
+        synchronizes anyway, and a basis computed from a gradient is only stored when the whole step is good), nor
+        for weight parts that combine the verdict over processes (sharded weights: one flag all-reduce, read on
+        the host)."""
         if not gradient_checks_enabled() or not items:
-            return False
-        known = [prep["finite"] for prep in prepared]
-        if all(k is None for k in known):
-            flags = finite_flags([prep["check"] for prep in prepared])
-        else:
-            flags = [k if k is not None else finite_flags([prep["check"]])[0] for k, prep in zip(known, prepared)]
-        bad = not all(flags)
+            return None
+        known_bad = any(prep["finite"] is False for prep in prepared)  # a refreshed gradient checked in full
+        flags = {} if known_bad else found_inf_flags([prep["check"] for prep in prepared])
+        shared = [part for part in self.parts.weights if type(part).any_bad is not FloatWeight.any_bad]
+        refreshing = any(prep.get("pending") is not None for prep in prepared)
+        if self.nonfinite == "skip" and len(flags) == 1 and not (known_bad or shared or refreshing):
+            self._count_device_skips(flags)
+            return flags
+        bad = known_bad or any(bool(flag) for flag in flags.values())  # the one host sync (one per device)
         for part in self.parts.weights:
             bad = part.any_bad([p for g in self.param_groups for p in g["params"] if self._weight_part(p) is part],
                                bad)
         if not bad:
-            return False
-        shapes = [tuple(p.shape) for (_, p, _, _), ok in zip(items, flags) if not ok]
+            return None
         if self.nonfinite == "raise":
+            # the error path may sync more: which parameters were bad
+            shapes = [tuple(p.shape) for (_, p, _, _), prep in zip(items, prepared)
+                      if prep["finite"] is False or (prep["finite"] is None and not finite_flags([prep["check"]])[0])]
             where = f"{len(shapes)} parameter(s) of shapes {shapes[:4]}" if shapes else "a gradient shard of another rank"
             raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; {self._UNCHANGED} "
                                      "(use nonfinite='skip' to skip such steps)")
-        self.skipped_steps += 1
+        self._host_skips += 1
         return True
+
+    def _count_device_skips(self, flags: Dict) -> None:
+        for device, flag in flags.items():
+            count = self._device_skips.get(device)
+            if count is None:
+                count = self._device_skips[device] = torch.zeros(1, dtype=torch.float32, device=device)
+            count.add_(flag.ne(0))  # 1 per skipped step, whatever the flag's value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a NaN/Inf gradient (``nonfinite='skip'``). Reading it synchronizes with the devices
+        whose steps were skipped without a host read (one sync per device, when called: logging, not the step)."""
+        return self._host_skips + sum(int(c.item()) for c in self._device_skips.values())
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._host_skips = int(value)
+        self._device_skips = {}
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -317,10 +366,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     items.append((group, p, part, grad))
         self._check_grads(items)
         prepared = [self._prepare(group, p, part, grad) for group, p, part, grad in items]
-        if self._nonfinite(items, prepared):
+        verdict = self._nonfinite(items, prepared)
+        if verdict is True:
             return loss
         for (group, p, part, grad), prep in zip(items, prepared):
-            self._commit(group, p, part, grad, prep)
+            found = None if verdict is None else verdict.get(prep["check"].device)
+            if found is None:
+                self._commit(group, p, part, grad, prep)
+            else:
+                self._commit_predicated(group, p, part, grad, prep, found)
         return loss
 
     def _step_size(self, group: Dict, step: int) -> float:
@@ -351,15 +405,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
             del full
             pending = self.parts.refresh.entries(state, group, ortho, side)
             storage.store(pending, ortho, ortho_right, group)
-            basis = storage.load(pending, group)
+            basis = self._load_basis(part, pending, group, local.device)
         else:
-            basis = storage.load(state, group)
+            basis = self._load_basis(part, state, group, local.device)
         low = part.reduce_low(p, project(local, side, *basis), side)
         return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
                 "proj": proj, "key": key}
 
+    def _load_basis(self, part, entries: Dict, group: Dict, device: torch.device):
+        """The basis as the projections use it: a 16-bit float basis on a GPU as stored (bf16/fp16 tensor cores with
+        fp32 accumulation, projector.projection_basis_dtype), for weight parts that take one; else float32."""
+        storage = self.parts.basis
+        if isinstance(storage, FloatBasis) and getattr(part, "takes_16bit_basis", False):
+            stored = storage.dtype(group)
+            if projection_basis_dtype(stored, device) != torch.float32:
+                right = entries.get("ortho_right")
+                return entries["ortho"], right
+        return storage.load(entries, group)
+
     # -- phase 3: apply -------------------------------------------------------------------------------------
-    def _commit(self, group: Dict, p: Tensor, part, grad: Tensor, prep: Dict) -> None:
+    def _commit(self, group: Dict, p: Tensor, part, grad: Tensor, prep: Dict, found: Optional[Tensor] = None) -> None:
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
@@ -370,7 +435,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not moments.has(state):
                 moments.init(state, grad)
             state["step"] += 1
-            self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]))
+            step_size_t = None if found is None else self._device_step_size(group, state, found)
+            self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]), found, step_size_t)
             return
         if prep["pending"] is not None:
             state.update(prep["pending"])
@@ -378,26 +444,122 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not moments.has(state):
             moments.init(state, low)
         state["step"] += 1
+        step_size_t = None if found is None else self._device_step_size(group, state, found)
         beta1, beta2 = group["betas"]
         update = LowRankUpdate(beta1=beta1, beta2=beta2, eps=group["eps"],
                                step_size=self._step_size(group, state["step"]), scale=prep["proj"].scale,
                                decay=1.0 - group["lr"] * group["weight_decay"], step=state["step"],
-                               seed=hash((group["seed"], prep["key"])) % 2**62)
+                               seed=hash((group["seed"], prep["key"])) % 2**62, found_inf=found,
+                               step_size_t=step_size_t)
         exp_avg, exp_avg_sq = moments.load(state)
         part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *prep["basis"], prep["side"], update)
         moments.store(state, exp_avg, exp_avg_sq)
 
-    def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float) -> None:
-        """AdamW on a parameter outside the GaLore groups (or a non-2-D one inside)."""
+    def _commit_predicated(self, group: Dict, p: Tensor, part, grad: Tensor, prep: Dict, found: Tensor) -> None:
+        """Phase 3 under the device flag ``found`` (``nonfinite='skip'`` without a host read): the update of
+        :meth:`_commit` where the flag is 0; where it is set, weight, moments and Adam's step count keep their values.
+        The state's ``step`` (the refresh schedule's clock, kept on the host) advances either way; the entry
+        ``nonfinite_skips`` (on the device) counts the skipped ones, and the bias correction uses
+        ``step - nonfinite_skips``. Refresh steps never get here (the verdict is read on the host there).
+
+        FloatWeight's update takes the flag itself (the fused op leaves W, M, V unchanged, no copy); entries that a
+        part replaces rather than updates in place (8-bit moments) are put back where the flag is set; a weight part
+        that does not take the flag (int8 weights) has its weight, its scales and the float moments saved first and
+        restored where the flag is set."""
+        state = self.state[p]
+        skip = found.ne(0).reshape(())
+        replaced = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+        saved = []
+        if "low" in prep and type(part).apply_low_rank is not FloatWeight.apply_low_rank:
+            weight = part.local(p)
+            scale = getattr(weight, "scale", None)
+            for t in (weight, scale, state.get("exp_avg"), state.get("exp_avg_sq")):
+                if isinstance(t, Tensor):
+                    saved.append((t, t.clone()))
+        self._commit(group, p, part, grad, prep, found)
+        for t, old in saved:
+            t.copy_(torch.where(skip, old, t))
+        for k, old in replaced.items():
+            new = state.get(k)
+            if new is not old and isinstance(new, Tensor) and new.shape == old.shape and new.dtype == old.dtype:
+                state[k] = torch.where(skip, old, new)
+
+    def _device_step_size(self, group: Dict, state: Dict, found: Tensor) -> Optional[Tensor]:
+        """Adam's step size with the bias correction of ``step - nonfinite_skips`` steps, computed on the device
+        (0-d float32; None without bias correction, where the step count does not matter); then counts this step
+        in ``nonfinite_skips`` where ``found`` is set. Same formula as :meth:`_step_size`, in float64."""
+        skips = state.get("nonfinite_skips")
+        if not isinstance(skips, Tensor):
+            skips = state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=found.device)
+        elif skips.device != found.device:
+            skips = state["nonfinite_skips"] = skips.to(found.device)
+        size = None
+        if group["correct_bias"]:
+            beta1, beta2 = group["betas"]
+            t = skips.to(torch.float64).neg().add_(state["step"])
+            size = torch.pow(beta2, t).neg_().add_(1.0).sqrt_().mul_(group["lr"])
+            size = size.div_(torch.pow(beta1, t).neg_().add_(1.0)).to(torch.float32)
+        skips.add_(found.ne(0).reshape(()))
+        return size
+
+    def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float,
+                     found: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
+        """AdamW on a parameter outside the GaLore groups (or a non-2-D one inside); under a device flag ``found``,
+        weight and moments are left unchanged where it is set."""
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = self.parts.moments.load(state)
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        new = p.to(torch.float32) - step_size * (exp_avg / (exp_avg_sq.sqrt() + group["eps"]))
+        if found is None:
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            new = p.to(torch.float32) - step_size * (exp_avg / (exp_avg_sq.sqrt() + group["eps"]))
+        else:
+            m = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
+            v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            size = step_size if step_size_t is None else step_size_t
+            new = p.to(torch.float32) - size * (m / (v.sqrt() + group["eps"]))
         if group["weight_decay"] > 0.0:
             new = new * (1.0 - group["lr"] * group["weight_decay"])
-        p.copy_(new)
+        if found is None:
+            p.copy_(new)
+        else:
+            skip = found.ne(0).reshape(())
+            p.copy_(torch.where(skip, p, new))
+            exp_avg.copy_(torch.where(skip, exp_avg, m))
+            exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
         self.parts.moments.store(state, exp_avg, exp_avg_sq)
+
+
+def found_inf_flags(tensors) -> Dict[torch.device, Tensor]:
+    """Per device of ``tensors``, a one-element float32 flag, nonzero when a tensor there holds NaN/Inf; nothing is
+    read on the host. One multi-tensor launch per device and dtype: GradScaler's
+    ``torch._amp_foreach_non_finite_check_and_unscale_`` with an inverse scale of 1 (it writes x * 1 back: the
+    values are unchanged), which checks every element (no sum that finite values could overflow)."""
+    groups: Dict = {}
+    flags: Dict[torch.device, Tensor] = {}
+    for t in tensors:
+        if t.device not in flags:
+            flags[t.device] = torch.zeros(1, dtype=torch.float32, device=t.device)
+        if t.numel():
+            if 0 in t.stride():  # an expanded gradient (set by hand): the check writes x * 1 back, so a copy
+                t = t.contiguous()
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    for (device, _), group in groups.items():
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flags[device], _ONES.get(device))
+    return flags
+
+
+class _Ones(dict):
+    """A cached one-element 1.0 per device (the inverse scale of the non-finite check): made once, never copied
+    from the host again."""
+
+    def get(self, device):  # noqa: D102 - dict.get with a default made on the device
+        one = dict.get(self, device)
+        if one is None:
+            one = self[device] = torch.ones(1, dtype=torch.float32, device=device)
+        return one
+
+
+_ONES = _Ones()
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):

@@ -11,8 +11,10 @@ For a gradient G (m x n) and rank r, the projector is an orthonormal basis P of 
 The basis is recomputed from the current gradient every ``update_proj_gap`` steps (at steps 0, gap, 2 gap, ...
 counted before the step's increment, as galore-torch does), by exact SVD or by randomized SVD (Halko, Martinsson
 and Tropp 2011: Gaussian range finder with ``oversample`` extra columns and ``power_iters`` power iterations,
-re-orthonormalised by QR after each product; the Gaussian test matrix is seeded by (seed, parameter key, step), so
-resuming from a checkpoint recomputes the same basis).
+re-orthonormalised after each product: on a GPU by shifted Cholesky-QR3 with the range finder's products in the
+precision the user chose (TF32 where allowed, bfloat16 for a 16-bit proj_dtype), on the CPU by Householder QR; the
+Gaussian test matrix is seeded by (seed, parameter key, step), so resuming from a checkpoint recomputes the same
+basis).
 
 A new basis is computed in one place, :meth:`GaLoreProjector.compute` (which calls :func:`compute_basis` with the
 seed of the parameter and step): the standalone projector's refresh and every optimizer of the GaLore family (with
@@ -57,36 +59,125 @@ def basis_seed(seed: int, key: int, step: int) -> int:
     return ((int(seed) * 1_000_003 + int(key)) * 1_000_003 + int(step)) % (2**62)
 
 
+ORTHONORMALIZERS = ("auto", "householder", "cholqr")
+_FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def _cholesky_qr(y: Tensor, failed: Tensor, shifted: bool = False) -> Tensor:
+    """One Cholesky-QR pass: Q = Y L^-T with L L^T = Y^T Y (+ s I when ``shifted``); Gram, Cholesky and solve in
+    float32. A failed factorization is recorded in ``failed`` on the device, not raised (no host sync)."""
+    y = y.to(torch.float32)
+    gram = y.T @ y
+    if shifted:
+        # Fukaya et al. 2020 (shifted CholeskyQR): s = 11 (m k + k (k + 1)) u ||Y||^2 (Frobenius norm, an upper
+        # bound of the 2-norm) makes the factorization succeed up to cond(Y) ~ 1/u; the result is
+        # well-conditioned enough for the two unshifted passes that follow. A zero Y gets a tiny shift too.
+        m, k = y.shape
+        shift = gram.diagonal().sum() * (11.0 * (m * k + k * (k + 1)) * _FP32_UNIT_ROUNDOFF)
+        gram.diagonal().add_(shift.clamp_min(torch.finfo(torch.float32).tiny))
+    chol, info = torch.linalg.cholesky_ex(gram)
+    failed.logical_or_(info.ne(0))
+    return torch.linalg.solve_triangular(chol.T, y, upper=True, left=False)
+
+
+def cholesky_qr(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """(Q, failed): an orthonormal basis Q (float32, m x k) of the columns of a tall ``y`` (m >= k) and a 0-d bool
+    tensor on the device, True when a factorization failed (then Q is not to be used: see
+    :func:`randomized_svd`). Shifted CholeskyQR3: one shifted Cholesky-QR pass, then Cholesky-QR2 (two unshifted
+    passes: the second restores the orthogonality that the first loses to cond^2). Three GEMMs for the Gram
+    matrices, three k x k Cholesky factorizations and three triangular solves: tensor-core work and no host sync,
+    where Householder QR (geqrf) is a latency-bound panel factorization. Fails for a numerically rank-deficient
+    ``y`` (rank < k)."""
+    failed = torch.zeros((), dtype=torch.bool, device=y.device)
+    q = _cholesky_qr(y, failed, shifted=True)
+    q = _cholesky_qr(q, failed)
+    q = _cholesky_qr(q, failed)
+    return q, failed
+
+
+def _householder(y: Tensor) -> Tensor:
+    return torch.linalg.qr(y.to(torch.float32))[0]
+
+
 def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: int = 2,
-                   generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+                   generator: Optional[torch.Generator] = None, orthonormalize: str = "householder",
+                   range_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """Approximate (U[:, :rank], Vh[:rank]) of a float32 ``matrix`` (m x n).
 
     Range finder Q (m x k, k = rank + oversample) of ``matrix @ Omega`` with ``power_iters`` rounds of
-    Q <- qr(A qr(A^T Q)), then the exact SVD of the small k x n matrix Q^T A."""
+    Q <- orth(A orth(A^T Q)), then the exact SVD of the small k x n matrix Q^T A.
+
+    ``orthonormalize``: 'householder' (torch.linalg.qr) or 'cholqr' (:func:`cholesky_qr`). With 'cholqr' the
+    failure flags of all factorizations are read once, after the small SVD, which synchronizes with the device for
+    its own error check anyway (torch.linalg.svd has no non-checking variant), so the read adds no stall; when a
+    factorization failed (a numerically rank-deficient gradient) the basis is recomputed with Householder QR.
+    ``range_dtype``: the dtype of the range finder's products A Omega, A^T Q, A Q (None: float32, TF32 on a GPU
+    where the user allows it; bfloat16: 16-bit tensor cores, float32 results). The Gram matrices, the
+    factorizations and the small SVD are float32."""
     m, n = matrix.shape
     k = min(rank + oversample, m, n)
     # drawn on the generator's device (the CPU one by default, so a seed gives the same basis on every device;
     # a CUDA generator draws on the GPU), then moved to the matrix
     gen_device = generator.device if generator is not None else torch.device("cpu")
     omega = torch.randn(n, k, generator=generator, dtype=matrix.dtype, device=gen_device).to(matrix.device)
-    q, _ = torch.linalg.qr(matrix @ omega)
+    if orthonormalize == "householder" and range_dtype in (None, torch.float32):
+        # the original sequence of operations (kept bit for bit: checkpoints resume identically on the CPU)
+        q, _ = torch.linalg.qr(matrix @ omega)
+        for _ in range(power_iters):
+            q, _ = torch.linalg.qr(matrix.T @ q)
+            q, _ = torch.linalg.qr(matrix @ q)
+        u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+        return (q @ u_small[:, :rank]), vh[:rank]
+    if orthonormalize not in ("householder", "cholqr"):
+        raise ValueError(f"orthonormalize={orthonormalize!r} is not one of 'householder', 'cholqr'")
+    low = matrix if range_dtype in (None, torch.float32) else matrix.to(range_dtype)
+    from ..ops.galore import _mm_float32
+
+    failed = torch.zeros((), dtype=torch.bool, device=matrix.device)
+
+    def orth(y: Tensor) -> Tensor:
+        if orthonormalize == "householder":
+            return _householder(y)
+        q, bad = cholesky_qr(y)
+        failed.logical_or_(bad)
+        return q.masked_fill_(failed, 0.0)  # a failed factorization's NaNs must not reach the SVD (it would raise)
+
+    q = orth(_mm_float32(low, omega.to(low.dtype)))
     for _ in range(power_iters):
-        q, _ = torch.linalg.qr(matrix.T @ q)
-        q, _ = torch.linalg.qr(matrix @ q)
+        q = orth(_mm_float32(low.T, q.to(low.dtype)))
+        q = orth(_mm_float32(low, q.to(low.dtype)))
     u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    if orthonormalize == "cholqr" and bool(failed):  # read after the SVD's own sync (see above)
+        return randomized_svd(matrix, rank, oversample, power_iters, None if generator is None else
+                              generator.manual_seed(generator.initial_seed()), "householder", range_dtype)
     return (q @ u_small[:, :rank]), vh[:rank]
 
 
+def resolve_orthonormalize(orthonormalize: str, device: torch.device) -> str:
+    """'auto': Cholesky-QR ('cholqr', :func:`cholesky_qr`) on a GPU (no panel factorization, no stall),
+    Householder QR on the CPU (LAPACK's geqrf is fast there, and CPU bases stay those of earlier versions, bit for
+    bit)."""
+    if orthonormalize not in ORTHONORMALIZERS:
+        raise ValueError(f"orthonormalize={orthonormalize!r} is not one of {', '.join(ORTHONORMALIZERS)}")
+    if orthonormalize == "auto":
+        return "cholqr" if device.type == "cuda" else "householder"
+    return orthonormalize
+
+
 def compute_basis(grad: Tensor, rank: int, side: str, svd: str = "exact", *, oversample: int = 8,
-                  power_iters: int = 2, seed: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
-    """The projection basis for ``grad``: (P, None) for left/right, (U, Vh) for full. Float32, contiguous."""
+                  power_iters: int = 2, seed: int = 0, orthonormalize: str = "auto",
+                  range_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The projection basis for ``grad``: (P, None) for left/right, (U, Vh) for full. Float32, contiguous.
+    Randomized: ``orthonormalize`` ('auto' | 'householder' | 'cholqr', :func:`resolve_orthonormalize`) and
+    ``range_dtype`` (:func:`randomized_svd`)."""
     matrix = grad.detach().to(torch.float32)
     if svd == "exact":
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         u, vh = u[:, :rank], vh[:rank]
     elif svd == "randomized":
         gen = torch.Generator().manual_seed(int(seed))
-        u, vh = randomized_svd(matrix, rank, oversample, power_iters, gen)
+        u, vh = randomized_svd(matrix, rank, oversample, power_iters, gen,
+                               resolve_orthonormalize(orthonormalize, matrix.device), range_dtype)
     else:
         raise ValueError(f"svd={svd!r} is not one of {', '.join(SVD_METHODS)}")
     if side == "left":
@@ -97,13 +188,38 @@ def compute_basis(grad: Tensor, rank: int, side: str, svd: str = "exact", *, ove
 
 
 def project(grad: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor] = None) -> Tensor:
-    """Low-rank gradient R (float32) of ``grad`` for a float32 basis from :func:`compute_basis`."""
+    """Low-rank gradient R (float32) of ``grad`` for a basis from :func:`compute_basis`.
+
+    A float32 basis: a float32 product (TF32 on a GPU only where the user allows it: cuBLAS follows
+    ``torch.backends.cuda.matmul.allow_tf32``). A bfloat16 / float16 basis (a basis kept in proj_dtype, used as
+    stored: see :func:`projection_basis_dtype`): the gradient is rounded to that dtype and the product runs on 16-bit
+    operands with float32 accumulation and a float32 result (16-bit tensor cores on a GPU; on the CPU the operands
+    are upcast, the same products)."""
+    if ortho.dtype != torch.float32:
+        from ..ops.galore import _mm_float32
+
+        g = grad.to(ortho.dtype)
+        if side == "left":
+            return _mm_float32(ortho.T, g)
+        if side == "right":
+            return _mm_float32(g, ortho.T)
+        return _mm_float32(ortho.T, g) @ ortho_right.to(torch.float32).T
     g = grad.to(torch.float32)
     if side == "left":
         return ortho.T @ g
     if side == "right":
         return g @ ortho.T
     return ortho.T @ g @ ortho_right.T
+
+
+def projection_basis_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a stored basis is used in by the GaLore step: a bfloat16 / float16 basis (proj_dtype) as it is on
+    a GPU, where the projections then run on 16-bit tensor cores with float32 accumulation (the precision the user
+    chose with proj_dtype); float32 everywhere else (on the CPU 16-bit matmuls gain nothing, and the CPU results
+    stay those of earlier versions)."""
+    if stored in (torch.bfloat16, torch.float16) and device.type == "cuda":
+        return stored
+    return torch.float32
 
 
 def project_back(low: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor] = None) -> Tensor:
@@ -219,7 +335,8 @@ class GaLoreProjector:
         the GaLore family computes bases (the randomized SVD's seed depends on (seed, key, step) only, so every
         process and every resumed run computes the same one)."""
         return compute_basis(grad, self.rank, self.side(grad.shape), self.svd, oversample=self.oversample,
-                             power_iters=self.power_iters, seed=basis_seed(self.seed, key, step))
+                             power_iters=self.power_iters, seed=basis_seed(self.seed, key, step),
+                             range_dtype=projection_basis_dtype(self.proj_dtype, grad.device))
 
     def refresh(self, grad: Tensor, step: int, state: Optional[Dict] = None, key: int = 0) -> None:
         state = self.state if state is None else state

@@ -46,6 +46,10 @@ class LowRankUpdate:
     decay: float  # 1 - lr * weight_decay
     step: int  # the parameter's step count after this step's increment
     seed: int  # the SR stream's key for this parameter (int8 weights)
+    # nonfinite='skip' without a host read: a one-element float32 flag (nonzero: leave weight and moments unchanged)
+    # and the step size counted on the device (0-d float32, replaces step_size), or None
+    found_inf: Optional[Tensor] = None
+    step_size_t: Optional[Tensor] = None
 
 
 def adam_direction(low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, u: LowRankUpdate) -> Tensor:
@@ -57,6 +61,9 @@ def adam_direction(low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, u: LowRankU
 
 class FloatWeight:
     """A float parameter, written in place (see the module docstring)."""
+
+    # apply_low_rank takes a bfloat16 / float16 basis as stored (the fused op's 16-bit product on a GPU)
+    takes_16bit_basis = True
 
     def accepts(self, p: Tensor) -> bool:
         return True
@@ -105,15 +112,32 @@ class FloatWeight:
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
         if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
-            full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
-            weight.copy_((weight.to(torch.float32) - u.step_size * u.scale * full) * u.decay)
+            ortho = ortho.to(torch.float32)
+            ortho_right = ortho_right.to(torch.float32)
+            if u.found_inf is None:
+                full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
+                weight.copy_((weight.to(torch.float32) - u.step_size * u.scale * full) * u.decay)
+                return
+            m = exp_avg.mul(u.beta1).add_(low, alpha=1 - u.beta1)
+            v = exp_avg_sq.mul(u.beta2).addcmul_(low, low, value=1 - u.beta2)
+            full = project_back(m / (v.sqrt() + u.eps), side, ortho, ortho_right)
+            size = u.step_size if u.step_size_t is None else u.step_size_t
+            new = (weight.to(torch.float32) - size * u.scale * full) * u.decay
+            skip = u.found_inf.ne(0).reshape(())
+            weight.copy_(torch.where(skip, weight, new))
+            exp_avg.copy_(torch.where(skip, exp_avg, m))
+            exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
             return
+        step_size_t = None if u.step_size_t is None else u.step_size_t.reshape(1)
         galore_adam_update_(weight.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=u.beta1,
-                            beta2=u.beta2, eps=u.eps, step_size=u.step_size, scale=u.scale, decay=u.decay)
+                            beta2=u.beta2, eps=u.eps, step_size=u.step_size, scale=u.scale, decay=u.decay,
+                            found_inf=u.found_inf, step_size_t=step_size_t)
 
 
 class Int8SRWeight(FloatWeight):
     """The int8 weight of an Int8Linear (:class:`weightkit.nn.int8.Int8Weight`), written by stochastic rounding."""
+
+    takes_16bit_basis = False  # its projection back (project_back) runs in float32
 
     def accepts(self, p: Tensor) -> bool:
         return p.dtype == torch.int8

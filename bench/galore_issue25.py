@@ -1,0 +1,279 @@
+"""Issue #25's table in one GPU call (H100/H200): ``python -m bench.galore_issue25 [out.json]``, or ``table()`` from
+bench/gpu_report.py (a list of row dicts).
+
+Rows (each ratio against a baseline measured in the same run):
+
+* step, 4096^2 r1024 and 4096x11008 r512: weightkit GaLoreAdamW (auto backend and each backend; nonfinite='raise',
+  which reads the step's NaN/Inf flag once, and 'skip', which reads nothing) against galore-torch, with TF32 allowed
+  (target >= 1.5x), with ``proj_dtype='bfloat16'`` against galore-torch with TF32 (target >= 2.5x), strict fp32
+  against galore-torch strict (target >= 1.0x); GaLoreAdamW8bit against GaLoreAdamW (target <= 1.2x the time);
+* refresh 4096^2 r1024: randomized (Cholesky-QR on the GPU, fp32/TF32 and bf16 range finder; Householder for
+  comparison) and exact SVD (target <= 50 ms);
+* host syncs in one steady-state step (torch.cuda.set_sync_debug_mode): <= 1 with 'raise', 0 with 'skip';
+* a correctness smoke test of the compiled Triton kernel (ieee, tf32, bf16 operands; predicated) against the
+  reference, since the interpreter does not compile it.
+
+Step times: a loop of ``STEPS`` steps between two CUDA events after warm-up (what a training loop sees: host
+launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not measured here: the e2e 350m row
+(``weightkit train --model-size 350m``, staggered refresh), which needs a training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+STEPS, REPEATS = 20, 5
+CASES = (((4096, 4096), 1024), ((4096, 11008), 512))
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def step_ms(step, steps=STEPS, repeats=REPEATS) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return statistics.median(times)
+
+
+def call_ms(fn, repeats=3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def make_optimizer(kind, shape, rank, **extra):
+    from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit
+
+    p = torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02)
+    p.grad = torch.randn(shape, device="cuda")
+    group = {"params": [p], "rank": rank, "update_proj_gap": 10**6, "scale": 0.25, "proj_type": "std"}
+    nonfinite = extra.pop("nonfinite", "raise")
+    group.update(extra)
+    if kind == "galore-torch":
+        import galore_torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = galore_torch.GaLoreAdamW([group], lr=1e-3)
+    else:
+        opt = {"GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit}[kind]([group], lr=1e-3,
+                                                                                     nonfinite=nonfinite)
+    opt.step()  # the projector and the state
+    torch.cuda.synchronize()
+    return opt
+
+
+def _row(rows, what, ms=None, base=None, target=None, **info):
+    rec = dict(what=what, **info)
+    if ms is not None:
+        rec["ms"] = round(ms, 4)
+    if base is not None and ms:
+        rec["baseline_ms"] = round(base, 4)
+        rec["speedup_vs_baseline"] = round(base / ms, 3)
+    if target is not None:
+        rec["target"] = target
+    rows.append(rec)
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def _guarded(rows, what, fn, **info):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one failing row must not end the table
+        _row(rows, what, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}", **info)
+        return None
+
+
+def steps(rows):
+    from weightkit import use_backend
+
+    try:
+        import galore_torch  # noqa: F401
+        have_galore_torch = True
+    except Exception:  # noqa: BLE001
+        have_galore_torch = False
+    for shape, rank in CASES:
+        tag = f"{shape[0]}x{shape[1]} r{rank}"
+        base = {}
+        for allowed in (True, False):
+            with tf32(allowed):
+                mode = "tf32" if allowed else "strict fp32"
+                if have_galore_torch:
+                    base[mode] = _guarded(rows, f"galore-torch {mode} {tag}",
+                                          lambda: step_ms(make_optimizer("galore-torch", shape, rank).step))
+                    if base[mode] is not None:
+                        _row(rows, f"galore-torch {mode} {tag}", base[mode], baseline=True)
+                wk = {}
+                for backend in ("auto", "cuda", "triton"):
+                    for nonfinite in ("raise", "skip"):
+                        name = f"weightkit GaLoreAdamW {backend} {nonfinite} {mode} {tag}"
+
+                        def run():
+                            with use_backend(backend):
+                                opt = make_optimizer("GaLoreAdamW", shape, rank, nonfinite=nonfinite)
+                                return step_ms(opt.step)
+
+                        ms = _guarded(rows, name, run)
+                        if ms is not None:
+                            wk[(backend, nonfinite)] = ms
+                            _row(rows, name, ms, base.get(mode),
+                                 ">= 1.5x galore-torch tf32" if allowed else ">= 1.0x galore-torch strict")
+                if allowed:
+                    for backend in ("auto", "cuda", "triton"):
+                        for nonfinite in ("raise", "skip"):
+                            name = f"weightkit GaLoreAdamW proj bf16 {backend} {nonfinite} {tag}"
+
+                            def run16():
+                                with use_backend(backend):
+                                    opt = make_optimizer("GaLoreAdamW", shape, rank, nonfinite=nonfinite,
+                                                         proj_dtype="bfloat16")
+                                    return step_ms(opt.step)
+
+                            ms = _guarded(rows, name, run16)
+                            if ms is not None:
+                                _row(rows, name, ms, base.get("tf32"), ">= 2.5x galore-torch tf32")
+                    name = f"weightkit GaLoreAdamW8bit auto raise tf32 {tag}"
+                    ms = _guarded(rows, name, lambda: step_ms(make_optimizer("GaLoreAdamW8bit", shape, rank).step))
+                    if ms is not None:
+                        _row(rows, name, ms, wk.get(("auto", "raise")), "<= 1.2x GaLoreAdamW's time "
+                             "(speedup_vs_baseline >= 0.833)")
+
+
+def refresh(rows):
+    from weightkit.optim.projector import compute_basis
+
+    grad = torch.randn(4096, 4096, device="cuda")
+    for allowed in (True, False):
+        with tf32(allowed):
+            mode = "tf32" if allowed else "strict fp32"
+            for orth in ("cholqr", "householder"):
+                for range_dtype in (None, torch.bfloat16):
+                    name = f"refresh randomized {orth} range {'bf16' if range_dtype else 'fp32'} {mode} 4096^2 r1024"
+                    ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(
+                        grad, 1024, "left", "randomized", orthonormalize=orth, range_dtype=range_dtype)))
+                    if ms is not None:
+                        _row(rows, name, ms, target="<= 50 ms")
+    name = "refresh exact 4096^2 r1024"
+    ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(grad, 1024, "left", "exact"), repeats=1))
+    if ms is not None:
+        _row(rows, name, ms)
+
+
+def syncs(rows):
+    message = "called a synchronizing CUDA operation"
+    for nonfinite in ("raise", "skip"):
+        for kind in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            def count():
+                opt = make_optimizer(kind, (1024, 1024), 256, nonfinite=nonfinite)
+                opt.step()
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:  # weightkit's default settings
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        opt.step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                return [f"{w.filename}:{w.lineno}" for w in caught if message in str(w.message)]
+
+            where = _guarded(rows, f"host syncs per step {kind} {nonfinite}", count)
+            if where is not None:
+                _row(rows, f"host syncs per step {kind} {nonfinite}", syncs=len(where), at=where[:4],
+                     target="<= 1" if nonfinite == "raise" else "0")
+
+
+def kernel_smoke(rows):
+    """The compiled Triton kernel (autotuned) against the reference: fp32 ieee, tf32, bf16 operands, predicated."""
+    from weightkit.ops.galore import _GALORE
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for left in (True, False):
+        for ortho_dtype, allowed, wdtype in ((torch.float32, False, torch.float32),
+                                             (torch.float32, True, torch.float32),
+                                             (torch.bfloat16, True, torch.float32),
+                                             (torch.float32, True, torch.bfloat16)):
+            m, n, r = 1000, 1536, 96
+            w = torch.randn(m, n, device="cuda", generator=gen).to(wdtype)
+            shape = (r, n) if left else (m, r)
+            low = torch.randn(shape, device="cuda", generator=gen)
+            ea = torch.randn(shape, device="cuda", generator=gen) * 0.1
+            eas = torch.rand(shape, device="cuda", generator=gen) * 0.1
+            q = torch.linalg.qr(torch.randn(m if left else n, r, device="cuda", generator=gen))[0]
+            ortho = (q if left else q.T.contiguous()).to(ortho_dtype)
+            name = f"smoke triton left={left} ortho={ortho_dtype} tf32={allowed} w={wdtype}"
+
+            def check():
+                with tf32(allowed):
+                    outs = {}
+                    for backend in ("reference", "triton"):
+                        for found in (0.0, 1.0):
+                            args = [t.clone() for t in (w, low, ea, eas)]
+                            _GALORE.impls[backend](*args, ortho, left, 0.9, 0.999, 1e-6, 3e-2, 0.25, 0.99,
+                                                   torch.full((1,), found, device="cuda"), None)
+                            outs[(backend, found)] = args
+                torch.cuda.synchronize()
+                err = (outs[("triton", 0.0)][0].float() - outs[("reference", 0.0)][0].float()).abs().max().item()
+                unchanged = all(torch.equal(a, b) for a, b in zip(outs[("triton", 1.0)], (w, low, ea, eas)))
+                return err, unchanged
+
+            got = _guarded(rows, name, check)
+            if got is not None:
+                sixteen = ortho_dtype == torch.bfloat16 or wdtype == torch.bfloat16
+                tol = 5e-2 if sixteen else (1e-2 if allowed else 1e-4)
+                _row(rows, name, max_abs_err=got[0], ok=got[0] <= tol and got[1], predicated_unchanged=got[1])
+
+
+def table():
+    """All rows of issue #25's table that one GPU call can measure (see the module docstring)."""
+    rows = []
+    for section in (kernel_smoke, syncs, steps, refresh):
+        section(rows)
+    return rows
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 2
+    rows = table()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    if argv:
+        with open(argv[0], "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
