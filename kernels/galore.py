@@ -19,13 +19,11 @@ before the dot (the 3.9 interpreter's bf16 dot returns garbage; the products are
 offsets are int64: rows * stride passes 2^31 for weights above 2^31 elements.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._shared import INTERPRET, cdiv, device_guard
 
 
 @triton.jit
@@ -50,7 +48,7 @@ def _low_rank_adam_kernel(r_ptr, m_ptr, v_ptr, u_ptr, found_ptr, n, beta1, beta2
 
 
 def _matmul_configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would benchmark every config in numpy
+    if INTERPRET:  # the interpreter would benchmark every config in numpy
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
                               num_stages=1)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128-256 wide output tiles for the large weights (a 4096^2 weight
@@ -116,7 +114,14 @@ _PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
                               decay, found_inf=None, step_size_t=None, tf32=False, block=1024):
     """``ortho`` float32 (the matmul runs ieee, or tf32 when ``tf32``) or bfloat16 / float16 (U is written in that
-    dtype and the matmul runs on 16-bit operands with fp32 accumulation)."""
+    dtype and the matmul runs on 16-bit operands with fp32 accumulation). Launches on the weight's device."""
+    with device_guard(weight.device):
+        _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
+                            decay, found_inf, step_size_t, tf32, block)
+
+
+def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
+                        found_inf, step_size_t, tf32, block):
     precision = _PRECISION_OF.get(ortho.dtype, "tf32" if tf32 else "ieee")
     update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
     n = low_grad.numel()
@@ -136,4 +141,4 @@ def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left
                                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), weight.stride(0),
                                 weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None, HAS_STEP=has_step,
                                 PRECISION=precision, W_DTYPE=str(weight.dtype),
-                                UPCAST_16BIT=os.environ.get("TRITON_INTERPRET") == "1")
+                                UPCAST_16BIT=INTERPRET)

@@ -8,6 +8,7 @@ import ast
 import argparse
 import time
 import contextlib
+import glob
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from weightkit.kernels._shared import cdiv, next_pow2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = os.path.join(ROOT, "kernels")
-PER_OP = ("int8", "int4", "dictionary", "memoryformer")
+PER_OP = tuple(sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(KERNELS, "*.py"))
+                      if not os.path.basename(p).startswith("_")))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs the kernels on CPU tensors (TRITON_INTERPRET=1)")
 
