@@ -29,8 +29,7 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
     w_scale = int8.absmax_scale(w, 64)
     w_q = int8.stochastic_round_int8(w, w_scale, 64, seed=3)
     p4 = int4.quantize_int4(randn(96, 128), 64)
-    k, s, d_out = 40, 3, 48
-    idx = torch.randint(0, k, (s, d_out), generator=g)
+    d_out = 48
     bk, bs = 70, 20  # S in the bitmask format: the direct kernels (few tokens), the dense decode and gather (many)
     bitmask, bvalues, offsets = dictionary.pack_bitmask(torch.rand(bk, d_out, generator=g).argsort(0)[:bs],
                                                         randn(bs, d_out), bk)
@@ -53,8 +52,6 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
         "memory_f32": (randn(20, 6 * 4), randn(6, 16, 40), randn(20, 40)),
         "memory_bf16": (randn(5, 6 * 4, dtype=torch.bfloat16), randn(6, 16, 40, dtype=torch.bfloat16),
                         randn(5, 40, dtype=torch.bfloat16)),
-        "dict_few_u8": (randn(3, k), randn(s, d_out), idx.to(torch.uint8), randn(3, d_out)),
-        "dict_many_i16": (randn(17, k), randn(s, d_out), idx.to(torch.int16), randn(17, d_out)),
         "bitmask_few_bf16": (randn(3, bk, dtype=torch.bfloat16), bvalues.to(torch.bfloat16), bitmask, offsets,
                              randn(3, d_out, dtype=torch.bfloat16)),
         "bitmask_many_f32": (randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, bk), bvalues, bitmask, offsets,
@@ -87,13 +84,6 @@ def _memory(x, tables, grad):
     return y.detach(), gx, gt
 
 
-def _dict(z, values, indices, grad):
-    z, values = z.clone().requires_grad_(), values.clone().requires_grad_()
-    y = dictionary.dict_sparse_gather(z, values, indices)
-    gz, gv = torch.autograd.grad(y, (z, values), grad)
-    return y.detach(), gz, gv
-
-
 def _bitmask(z, values, bitmask, offsets, grad):
     z, values = z.clone().requires_grad_(), values.clone().requires_grad_()
     y = dictionary.dict_bitmask_matmul(z, values, bitmask, offsets)
@@ -113,7 +103,6 @@ CASES: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {
     "int4_matmul": lambda x, p, s, z, gs: (int4.int4_matmul(x, p, s, z, gs, (96, 128)),),
     "galore_left_f32": _galore, "galore_right_bf16": _galore,
     "memory_f32": _memory, "memory_bf16": _memory,
-    "dict_few_u8": _dict, "dict_many_i16": _dict,
     "bitmask_few_bf16": _bitmask, "bitmask_many_f32": _bitmask,
 }
 # Cases whose cpu kernels are specified to match the reference bit for bit (the rest differ from the reference by
