@@ -1,17 +1,16 @@
-// The C ABI of weightkit's compiled kernels: every function the Python package calls (weightkit/native.py mirrors
-// these declarations in its ctypes signature table; keep the two in step and bump WK_ABI_VERSION on any change).
+// The C ABI of weightkit's compiled kernels: every function the Python package calls. csrc/bind.cpp binds them into
+// the pybind11 module weightkit._C, deriving each Python signature from the declaration here (a change here either
+// compiles into the matching binding or fails to compile); bump WK_ABI_VERSION on any change.
 //
-// Why a plain C ABI and not torch's C++ API: the libraries built from csrc/ link neither libtorch nor Python, so
-// one build loads under every torch release (and every Python 3) that weightkit supports. A C++ extension linked
-// against libtorch only loads under the exact torch it was compiled with (its symbols are mangled C++ names of
-// that release). The price is that the kernels see raw pointers: outputs are allocated by torch in Python, and the
-// parts that were ATen calls (BLAS matmuls, sorts, dtype conversions, zero fills) are done by torch in Python
-// around the kernel calls (weightkit/native.py).
+// Why a plain C ABI and not torch's C++ API: nothing built from csrc/ links libtorch, so one build loads under every
+// torch release that weightkit supports. A C++ extension linked against libtorch only loads under the exact torch it
+// was compiled with (its symbols are mangled C++ names of that release). The price is that the kernels see raw
+// pointers: outputs are allocated by torch in Python, and the parts that were ATen calls (BLAS matmuls, sorts, dtype
+// conversions, zero fills) are done by torch in Python around the kernel calls (weightkit/backends/cpu, .../cuda).
 //
 // Argument checks live once, in Python: each op's `check` (weightkit/ops/*.py, messages naming the argument) and the
-// wrappers of weightkit/native.py (contiguity, output allocation). The TORCH_CHECK preambles that the cpu and cuda
-// sources used to repeat are gone rather than moved to a checks header; what every CUDA entry point shares (device
-// guard, dtype dispatch, launch status) is csrc/cuda/common.cuh, the CPU dtype dispatch is csrc/cpu/dtypes.h.
+// backends' host code (contiguity, output allocation). What every CUDA entry point shares (device guard, dtype
+// dispatch, launch status) is csrc/cuda/common.cuh, the CPU dtype dispatch is csrc/cpu/dtypes.h.
 //
 // Conventions (the Python caller guarantees them; the kernels do not re-check):
 // * tensors are contiguous, on the right device, of the dtype in the argument's name or given by a dtype code;
@@ -35,7 +34,7 @@
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
 
-// ---- CPU library (libweightkit_cpu.so, csrc/cpu/*.cpp) ------------------------------------------------------------
+// ---- CPU kernels (csrc/cpu/*.cpp, compiled into weightkit._C) ------------------------------------------------------------
 WK_API int wk_cpu_abi_version(void);
 
 // INT8 stochastic rounding (spec: weightkit/ops/int8.py). x: n values of dtype x_dtype (f32/f16/bf16).

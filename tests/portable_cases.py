@@ -1,5 +1,5 @@
-"""Every CPU kernel of weightkit's kernel library on fixed inputs: used by tests/test_portable.py to run the SAME built
-library under two torch releases and compare the outputs bit for bit.
+"""Every CPU kernel of weightkit._C on fixed inputs: used by tests/test_portable.py to run the SAME built module under
+two torch releases and compare the outputs bit for bit.
 
 ``python -m tests.portable_cases FILE`` (run from the repository root, by the other torch's interpreter) loads the
 inputs and outputs that the first torch saved in FILE, recomputes every case on the ``cpu`` backend (and on the
@@ -16,6 +16,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from weightkit import native, use_backend
+from weightkit.backends.cpu.dictionary import DICT_BITMASK_DIRECT_TOKENS
 from weightkit.ops import dictionary, galore, int4, int8, memoryformer
 
 
@@ -54,8 +55,8 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
                         randn(5, 40, dtype=torch.bfloat16)),
         "bitmask_few_bf16": (randn(3, bk, dtype=torch.bfloat16), bvalues.to(torch.bfloat16), bitmask, offsets,
                              randn(3, d_out, dtype=torch.bfloat16)),
-        "bitmask_many_f32": (randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, bk), bvalues, bitmask, offsets,
-                             randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, d_out)),
+        "bitmask_many_f32": (randn(DICT_BITMASK_DIRECT_TOKENS + 1, bk), bvalues, bitmask, offsets,
+                             randn(DICT_BITMASK_DIRECT_TOKENS + 1, d_out)),
     }
 
 
@@ -132,7 +133,7 @@ def main(path: str) -> int:
     report = {
         "torch": torch.__version__,
         "saved_by_torch": saved["torch"],
-        "library": native.CPU.path if native.CPU is not None else None,
+        "library": native.CPU_PATH,
         "library_error": native.CPU_ERROR,
         "cases": len(ours),
         "differ_from_saved": differences(ours, saved["outputs"], ours),

@@ -14,7 +14,7 @@
 // index word_offsets[w, j] + popcount(the bits of word w below t), which the loops below advance one set bit at a
 // time (clear the lowest set bit, count trailing zeros for the atom), so only the used atoms are visited.
 //
-// Which kernel runs is chosen by the caller (weightkit/native.py): the direct kernels below for few tokens; for many,
+// Which kernel runs is chosen by the caller (weightkit/backends/cpu/dictionary.py): the direct kernels below for few tokens; for many,
 // S^T is decoded to a dense fp32 matrix for torch's BLAS, and grad_values gathered from the dense grad S^T.
 
 namespace weightkit {

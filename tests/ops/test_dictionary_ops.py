@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from weightkit import debug_checks, native
+from weightkit.backends.cpu import dictionary as cpu_dictionary
 
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
@@ -237,10 +238,10 @@ def test_bitmask_cpu_kernels_both_paths(monkeypatch, path, z_dtype, v_dtype, g_d
     word_offsets dtype, mixed dtypes, a k that is not a multiple of 32, more columns than one task block, and the same
     bits run to run."""
     n, k, s, d_out = 11, 301, 120, 300
-    monkeypatch.setattr(native, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9 if path == "direct" else 0)
+    monkeypatch.setattr(cpu_dictionary, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9 if path == "direct" else 0)
     if path == "dense_blocked":
-        monkeypatch.setattr(native, "DICT_BITMASK_DENSE_BLOCK", 37 * k)
-        assert len(native._bitmask_blocks(k, d_out)[0]) == 9
+        monkeypatch.setattr(cpu_dictionary, "DICT_BITMASK_DENSE_BLOCK", 37 * k)
+        assert len(cpu_dictionary.bitmask_blocks(k, d_out)[0]) == 9
     z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out)
     z, values = z.to(z_dtype), values.to(v_dtype)
     offsets = offsets if offset_dtype is None else offsets.to(offset_dtype)
@@ -265,7 +266,7 @@ def test_bitmask_cpu_kernels_both_paths(monkeypatch, path, z_dtype, v_dtype, g_d
 def test_bitmask_cpu_results_do_not_depend_on_threads(monkeypatch):
     """The direct kernels (forced here for 5 tokens) give the same bits on 1 and 3 threads: each output's sum has a
     fixed order (grad_z: fixed column blocks' partials added in order), whatever the split."""
-    monkeypatch.setattr(native, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9)
+    monkeypatch.setattr(cpu_dictionary, "DICT_BITMASK_DIRECT_TOKENS", 10 ** 9)
     z, values, bitmask, offsets = bitmask_inputs(5, 200, 80, 700)
     g = torch.randn(5, 700)
     threads = torch.get_num_threads()

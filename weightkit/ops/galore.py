@@ -24,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import native
 from ..backend import KernelTable
+from ..backends.cpu import galore as cpu_galore
+from ..backends.cuda import galore as cuda_galore
+from ..backends.triton import galore as triton_galore
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._registry import define
 
@@ -67,19 +69,9 @@ def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, l
     weight.copy_(new)
 
 
-@_GALORE.register("cpu")
-@_GALORE.register("cuda")
-def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    native.galore_adam_update_(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
-                               beta2, eps, step_size, scale, decay)
-
-
-@_GALORE.register("triton")
-def _galore_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
-    from ..kernels.galore import galore_adam_update_triton
-
-    galore_adam_update_triton(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
-                              beta2, eps, step_size, scale, decay)
+_GALORE.register("cpu")(cpu_galore.galore_adam_update_)
+_GALORE.register("cuda")(cuda_galore.galore_adam_update_)
+_GALORE.register("triton")(triton_galore.galore_adam_update_)
 
 
 def _galore_impl(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay):
