@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Portability check (README): weightkit's kernel libraries, built once here under the test command's torch, run
-# unchanged and bit-identically under a second torch release.
-#   1. builds weightkit/lib/ in place with the current python (no torch involved in the build),
+# Portability check (README): weightkit's compiled kernels (weightkit._C, and the CUDA library where built), built
+# once here under the test command's torch, run unchanged and bit-identically under a second torch release.
+#   1. builds weightkit._C in place with the current python and ninja (no torch involved in the build),
 #   2. makes the second environment if needed: $PORTABLE_VENV (default .venv-portable) with $PORTABLE_TORCH
 #      (default torch==2.14.1: on this machine's disk a CUDA build, ~5.5 GB, that runs on the CPU),
 #   3. tests/test_portable.py: every CPU kernel on fixed inputs under both torches, outputs compared bit for bit,
-#      and the library file loaded by the second torch must be the one built in step 1,
+#      and the _C file loaded by the second torch must be the one built in step 1 (so the second environment must
+#      have the same Python version: _C is a CPython extension, like torch's own),
 #   4. the op tests (tests/ops, every backend against the reference) under the second torch, same built files.
 # Exit status non-zero on any failure. Usage: bash scripts/check_portable.sh [extra pytest args for step 4]
 set -euo pipefail
