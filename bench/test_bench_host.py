@@ -13,9 +13,11 @@ The layers use one thread on CPU (torch.set_num_threads(1) during the suite), li
 
 ``test_binding_host_time_per_call`` times the binding alone: one call of a C function of weightkit._C with sizes 0
 (the kernel returns at once), so what is left is the crossing from Python into C (argument conversion, GIL release).
-Measured on this 2-core VM (shared, load ~10; median of 15 repeats of 2000 calls, thread CPU time, 2026-12-04):
-through ctypes with argtypes (before weightkit._C) 1.20 us for the 9 arguments of stochastic_round_int8 and 1.64 us
-for the 12 of memory_lookup_forward; through pybind11 (weightkit._C) see the committed results / the run's output.
+Measured on this 2-core VM (shared, load ~10, 2026-12-04; this test, two runs each, the same test run against the
+tree before weightkit._C where native.CPU was the ctypes library): best-round CPU time per call, ctypes with argtypes
+-> pybind11: 0 args 0.09 -> 0.09 us; 9 args (stochastic_round_int8) 0.88 -> 0.22 us; 12 args with a double
+(memory_lookup_forward) 1.23-1.24 -> 0.28-0.29 us. Wall-clock medians: 7.2-9.0 -> 0.23-0.24 us and 10.0-12.0 ->
+0.30 us (ctypes' GIL release per call cost far more wall time than CPU time on the loaded machine).
 """
 
 import time
@@ -132,7 +134,8 @@ def test_binding_host_time_per_call(benchmark, call):
         timed_round()
     best_cpu[0] = float("inf")
     benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(dict(op=f"weightkit._C.cpu.{call}", backend="cpu", binding="pybind11",
+    benchmark.extra_info.update(dict(op=f"weightkit._C.cpu.{call}", backend="cpu",
+                                     binding="ctypes" if hasattr(native.CPU, "_dll") else "pybind11 (weightkit._C)",
                                      device=device_name(), calls_per_round=calls,
                                      us_per_call=benchmark.stats.stats.median / calls * 1e6,
                                      cpu_us_per_call=best_cpu[0] / calls * 1e6))
