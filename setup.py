@@ -39,7 +39,9 @@ class BuildWithNinja(build_ext):
     """One ninja run builds every output (in parallel, incrementally); build_extension then copies each into place."""
 
     def get_ext_filename(self, fullname):
-        if fullname.startswith("weightkit.lib."):
+        # called with the full name and (by get_ext_fullpath) with the last component alone: ext_map knows both
+        ext = getattr(self, "ext_map", {}).get(fullname)
+        if (isinstance(ext, CompiledOutput) and ext.kind == "cuda") or fullname.startswith("weightkit.lib."):
             return os.path.join(*fullname.split(".")) + ".so"  # libweightkit_cuda.so, no Python ABI suffix
         return super().get_ext_filename(fullname)
 
@@ -62,15 +64,24 @@ class BuildWithNinja(build_ext):
         self._ninja_outputs = outputs
         super().run()
 
-    def copy_extensions_to_source(self):  # --inplace / editable: weightkit/lib/ may not exist yet
+    def copy_extensions_to_source(self):  # editable installs: into the checkout (weightkit/lib/ may not exist yet)
+        build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:
-            os.makedirs(os.path.join(HERE, os.path.dirname(self.get_ext_filename(ext.name))), exist_ok=True)
-        super().copy_extensions_to_source()
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            _replace_file(regular_file, inplace_file)
 
     def build_extension(self, ext):
-        out = self.get_ext_fullpath(ext.name)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        shutil.copyfile(self._ninja_outputs[ext.kind], out)
+        _replace_file(self._ninja_outputs[ext.kind], self.get_ext_fullpath(ext.name))
+
+
+def _replace_file(src: str, dst: str) -> None:
+    """A copy of src renamed over dst: a process that has the old dst loaded (a test run while rebuilding) keeps an
+    intact mapping, where an in-place overwrite would change the code under it."""
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    shutil.copymode(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _cuda_archs():

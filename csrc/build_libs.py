@@ -15,11 +15,14 @@ only what changed (a source, any header it includes: compiler depfiles; or the c
 ``ninja`` PyPI package (a build requirement) or any ninja on PATH.
 
 Flags. The kernels: no fused multiply-add (-ffp-contract=off, nvcc --fmad=false: they round like the reference, bit
-for bit), -fno-exceptions -fno-rtti (no C++ runtime inside a kernel). The binding needs exceptions (pybind11). Both
-outputs link libstdc++ statically with its symbols hidden (``--exclude-libs``) and the unwinder from the system's
-libgcc_s.so.1 (a static libgcc_eh would bind to glibc 2.35's _dl_find_object on this machine and raise the glibc floor
-to 2.35), so they need only glibc and libgcc_s: a manylinux wheel. _C exports only PyInit__C (csrc/module.map), the
-CUDA library only its wk_* functions (csrc/exports.map).
+for bit), -fno-exceptions -fno-rtti (no C++ runtime inside a kernel). The binding needs exceptions (pybind11).
+_C links libstdc++ dynamically: torch has loaded it already in every process that imports weightkit, pybind11 then
+shares one C++ runtime with torch's own pybind11 modules, and a static libstdc++ (GCC 12) would pull in
+std::random_device's arc4random and raise the glibc floor to 2.36 (with libstdc++.so.6 _C needs glibc 2.34 and
+GLIBCXX_3.4.29, within manylinux_2_34, the CUDA library's floor). The CUDA library links libstdc++ statically with
+its symbols hidden (``--exclude-libs``) and the unwinder from the system's libgcc_s.so.1 (a static libgcc_eh would
+bind to glibc 2.35's _dl_find_object on this machine). _C exports only PyInit__C (csrc/module.map), the CUDA library
+only its wk_* functions (csrc/exports.map).
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ MODULE_MAP = os.path.join(CSRC, "module.map")
 EXPORTS = os.path.join(CSRC, "exports.map")
 LINK_RUNTIME = ["-static-libstdc++", "-shared-libgcc"]
 # No -z defs for _C: a CPython extension resolves the Python C API from the interpreter that loads it.
-MODULE_LINK_FLAGS = LINK_RUNTIME + ["-pthread", "-Wl,--exclude-libs,ALL", "-Wl,--as-needed",
-                                    f"-Wl,--version-script={MODULE_MAP}"]
+MODULE_LINK_FLAGS = ["-shared-libgcc", "-pthread", "-Wl,--as-needed", f"-Wl,--version-script={MODULE_MAP}"]
 # --fmad=false: no fused multiply-add on the GPU either (the kernels use __fmul_rn/__fadd_rn where it matters).
 NVCC_FLAGS = ["-O3", "-std=c++20", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr",
               "-Xcompiler", "-fPIC,-fvisibility=hidden,-ffp-contract=off"]

@@ -1,7 +1,7 @@
 """Packaging: a built wheel holds the Python package, the Triton kernels (the top-level kernels/ folder, installed as
 weightkit.kernels) and weightkit._C (the pybind11 module with the CPU kernels), tagged for this Python version (cp3xx,
 like torch's wheels); an editable install finds the same files in the checkout; _C exports only its init function and
-the CUDA library only the C ABI of csrc/weightkit.h, and neither needs torch or a C++ runtime; ninja's build is
+the CUDA library only the C ABI of csrc/weightkit.h, and neither needs torch; ninja's build is
 incremental, tracks headers and writes compile_commands.json."""
 
 import glob
@@ -100,12 +100,12 @@ def _needed(path):
     return sorted(line.split()[1] for line in out.stdout.splitlines() if line.strip().startswith("NEEDED"))
 
 
-def test_module_exports_only_its_init_and_needs_no_torch_nor_cpp_runtime():
+def test_module_exports_only_its_init_and_needs_no_torch():
     assert native.CPU is not None, native.CPU_ERROR
     assert _dynamic_symbols(native.CPU_PATH) == ["PyInit__C"]
-    # no libtorch, no libpython (the interpreter provides the C API), no libstdc++ (linked in, hidden): loads under
-    # any torch; libgcc_s is the unwinder (pybind11 uses exceptions), which every Linux has
-    assert set(_needed(native.CPU_PATH)) <= GLIBC | {"libgcc_s.so.1"}, _needed(native.CPU_PATH)
+    # no libtorch, no libpython (the interpreter provides the C API): loads under any torch; the C++ runtime is the
+    # one torch has loaded already (csrc/build_libs.py says why it is not linked in)
+    assert set(_needed(native.CPU_PATH)) <= GLIBC | {"libgcc_s.so.1", "libstdc++.so.6"}, _needed(native.CPU_PATH)
 
 
 def test_cuda_library_exports_only_the_c_abi():
