@@ -23,4 +23,7 @@ fi
 OTHER="$PORTABLE_VENV/bin/python"
 echo "check_portable: built with $("$PY" -c 'import torch; print("torch", torch.__version__)'); second: $("$OTHER" -c 'import torch; print("torch", torch.__version__)')"
 WEIGHTKIT_PORTABLE_PYTHON="$OTHER" "$PY" -m pytest -q -p no:cacheprovider tests/test_portable.py
-PYTHONPATH="$PWD" "$OTHER" -m pytest -q -p no:cacheprovider tests/ops -k "not triton" "$@"
+# The second environment imports this checkout through PYTHONPATH, where kernels/ is not weightkit.kernels (an install
+# maps it): the two modules that import Triton launchers at the top test no compiled kernel and are left out.
+PYTHONPATH="$PWD" "$OTHER" -m pytest -q -p no:cacheprovider tests/ops -k "not triton" \
+  --ignore=tests/ops/test_kernels_host.py --ignore=tests/ops/test_memoryformer_triton.py "$@"
