@@ -23,7 +23,15 @@ fi
 OTHER="$PORTABLE_VENV/bin/python"
 echo "check_portable: built with $("$PY" -c 'import torch; print("torch", torch.__version__)'); second: $("$OTHER" -c 'import torch; print("torch", torch.__version__)')"
 WEIGHTKIT_PORTABLE_PYTHON="$OTHER" "$PY" -m pytest -q -p no:cacheprovider tests/test_portable.py
-# The second environment imports this checkout through PYTHONPATH, where kernels/ is not weightkit.kernels (an install
-# maps it): the two modules that import Triton launchers at the top test no compiled kernel and are left out.
-PYTHONPATH="$PWD" "$OTHER" -m pytest -q -p no:cacheprovider tests/ops -k "not triton" \
-  --ignore=tests/ops/test_kernels_host.py --ignore=tests/ops/test_memoryformer_triton.py "$@"
+# The second environment sees this checkout as the first does: the editable install's import finder (setuptools'
+# __editable__ files: weightkit -> weightkit/, weightkit.kernels -> kernels/) is copied into it, so nothing is rebuilt
+# or installed there and the op tests import the very files built in step 1.
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+OTHER_SITE=$("$OTHER" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if ! ls "$SITE"/__editable__*weightkit* >/dev/null 2>&1; then
+  echo "check_portable: $PY has no editable install of this checkout (run \`pip install --no-build-isolation -e .\`)" >&2
+  exit 1
+fi
+cp "$SITE"/__editable__*weightkit* "$OTHER_SITE"/
+(cd / && "$OTHER" -c "import weightkit, weightkit.kernels, os; assert weightkit.__file__.startswith('$PWD/'), weightkit.__file__")
+"$OTHER" -m pytest -q -p no:cacheprovider tests/ops -k "not triton" "$@"
