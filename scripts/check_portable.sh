@@ -20,7 +20,7 @@ if [ ! -x "$PORTABLE_VENV/bin/python" ]; then
   python3 -m venv "$PORTABLE_VENV"
   "$PORTABLE_VENV/bin/python" -m pip install -q --disable-pip-version-check "$PORTABLE_TORCH" numpy tqdm pytest hypothesis
 fi
-OTHER="$PORTABLE_VENV/bin/python"
+OTHER="$(cd "$PORTABLE_VENV" && pwd)/bin/python"
 echo "check_portable: built with $("$PY" -c 'import torch; print("torch", torch.__version__)'); second: $("$OTHER" -c 'import torch; print("torch", torch.__version__)')"
 WEIGHTKIT_PORTABLE_PYTHON="$OTHER" "$PY" -m pytest -q -p no:cacheprovider tests/test_portable.py
 # The second environment sees this checkout as the first does: the editable install's import finder (setuptools'
@@ -33,5 +33,6 @@ if ! ls "$SITE"/__editable__*weightkit* >/dev/null 2>&1; then
   exit 1
 fi
 cp "$SITE"/__editable__*weightkit* "$OTHER_SITE"/
-(cd / && "$OTHER" -c "import weightkit, weightkit.kernels, os; assert weightkit.__file__.startswith('$PWD/'), weightkit.__file__")
+CHECKOUT=$PWD
+(cd / && "$OTHER" -c "import weightkit, weightkit.kernels; assert weightkit.__file__.startswith('$CHECKOUT/'), weightkit.__file__")
 "$OTHER" -m pytest -q -p no:cacheprovider tests/ops -k "not triton" "$@"
