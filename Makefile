@@ -9,16 +9,16 @@ bench:  ## kernel benchmarks; JSON with device and versions under bench/results/
 docs:  ## docs/benchmarks.md from the result files in bench/results/
 	python -m weightkit.benchreport --docs docs/benchmarks.md
 
-build:
+build:  ## editable install, built in place with ninja (incremental; build/compile_commands.json for editors)
 	python -m pip install --no-build-isolation --no-deps -e .
 
-wheel:  ## py3-none-linux wheel with the CPU kernel library (and the CUDA one if setup.py finds nvcc + a CUDA torch)
+wheel:  ## cp3xx-linux wheel: weightkit._C with the CPU kernels (and the CUDA library if setup.py finds nvcc + a CUDA torch)
 	python -m pip wheel --no-build-isolation --no-deps -w dist .
 
-wheel-cuda:  ## manylinux wheel with the CPU and CUDA kernel libraries (sm_80, sm_90, sm_100 + PTX), built with nvcc
+wheel-cuda:  ## cp3xx manylinux wheel: weightkit._C and the CUDA kernel library (sm_80, sm_90, sm_100 + PTX), built with nvcc
 	bash scripts/build_wheel.sh
 
-check-portable:  ## the built kernels, unchanged, under a second torch release (default: /work/venvs/portable-ext-214)
+check-portable:  ## the built kernels, unchanged, under a second torch release (.venv-portable, torch 2.14.1; PORTABLE_VENV=...)
 	bash scripts/check_portable.sh
 
 info:

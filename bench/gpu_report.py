@@ -593,7 +593,6 @@ def dictionary():
 
     d, k, s = DICT
     layer = DictLinear(d, d, k, s, bias=False, device=DEV)
-    indices = layer.indices
     dense_s = dct.bitmask_to_dense(layer.bitmask, layer.values.detach(), k)
     dense_bf = dense_s.bfloat16()
     sparse = dense_s.T.contiguous().to_sparse_csr()  # S^T (d_out x k), what cuSPARSE users would store
@@ -614,10 +613,6 @@ def dictionary():
             if sparse is not None:
                 zt = z.T.contiguous()
                 row("dictionary", f"cuSPARSE CSR y^T = S^T Z^T fp32 {tokens} tok", lambda: sparse @ zt, base=base)
-            for b in _backends(dct._FWD):
-                with _wk_backend(b):
-                    row("dictionary", f"dict_sparse_gather fp32 {b} {tokens} tok",
-                        lambda: dct.dict_sparse_gather(z, layer.values, indices), base=base)
             for b in _backends(dct._BM_FWD):
                 with _wk_backend(b):
                     row("dictionary", f"dict_bitmask_matmul fp32 {b} {tokens} tok",

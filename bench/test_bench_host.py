@@ -10,6 +10,14 @@ CALLS: what the calls themselves cost, robust on a busy machine, where wall-cloc
 ``vs_nn_linear`` (cpu_us_per_call over nn.Linear's, measured just before in the same process).
 
 The layers use one thread on CPU (torch.set_num_threads(1) during the suite), like the issue's measurement.
+
+``test_binding_host_time_per_call`` times the binding alone: one call of a C function of weightkit._C with sizes 0
+(the kernel returns at once), so what is left is the crossing from Python into C (argument conversion, GIL release).
+Measured on this 2-core VM (shared, load ~10, 2026-12-04; this test, two runs each, the same test run against the
+tree before weightkit._C where native.CPU was the ctypes library): best-round CPU time per call, ctypes with argtypes
+-> pybind11: 0 args 0.09 -> 0.09 us; 9 args (stochastic_round_int8) 0.88 -> 0.22 us; 12 args with a double
+(memory_lookup_forward) 1.23-1.24 -> 0.28-0.29 us. Wall-clock medians: 7.2-9.0 -> 0.23-0.24 us and 10.0-12.0 ->
+0.30 us (ctypes' GIL release per call cost far more wall time than CPU time on the loaded machine).
 """
 
 import time
@@ -26,7 +34,7 @@ CALLS, ROUNDS = 200, 30
 LAYERS = {
     "Int8Linear": (lambda lin: Int8Linear.from_linear(lin, group_size=32), int8._INT8_MM),
     "MemoryLinear": (lambda lin: MemoryLinear.from_linear(lin, tau=8), memoryformer._FWD),
-    "DictLinear": (lambda lin: DictLinear(D, D, k=32, s=16, device=lin.weight.device), dictionary._FWD),
+    "DictLinear": (lambda lin: DictLinear(D, D, k=32, s=16, device=lin.weight.device), dictionary._BM_FWD),
 }
 _LINEAR_CPU_US = {}  # (layer, mode) -> nn.Linear's cpu_us_per_call, for the ratio
 
@@ -95,3 +103,39 @@ def test_host_time_per_call(benchmark, layer_name, mode, impl):
     elif (layer_name, mode) in _LINEAR_CPU_US:
         info["vs_nn_linear"] = cpu_us / _LINEAR_CPU_US[layer_name, mode]
     benchmark.extra_info.update(info)
+
+
+BINDING_CALLS = {
+    # name -> (function of weightkit._C.cpu, arguments with every size 0: no work inside the kernel)
+    "abi_version (0 args)": ("abi_version", ()),
+    "stochastic_round_int8 (9 args)": ("stochastic_round_int8", (0, 0, 0, 0, 0, 32, 1, 0, 1)),
+    "memory_lookup_forward (12 args)": ("memory_lookup_forward", (0, 0, 0, 0, 0, 0, 1, 256, 64, 8, 1.0, 1)),
+}
+
+
+@pytest.mark.parametrize("call", list(BINDING_CALLS))
+def test_binding_host_time_per_call(benchmark, call):
+    from weightkit import native
+
+    if native.CPU is None:
+        pytest.skip(native.CPU_ERROR)
+    name, args = BINDING_CALLS[call]
+    fn = getattr(native.CPU, name)
+    best_cpu = [float("inf")]
+    calls = 2000
+
+    def timed_round():
+        t0 = time.thread_time()
+        for _ in range(calls):
+            fn(*args)
+        best_cpu[0] = min(best_cpu[0], time.thread_time() - t0)
+
+    for _ in range(3):
+        timed_round()
+    best_cpu[0] = float("inf")
+    benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(dict(op=f"weightkit._C.cpu.{call}", backend="cpu",
+                                     binding="ctypes" if hasattr(native.CPU, "_dll") else "pybind11 (weightkit._C)",
+                                     device=device_name(), calls_per_round=calls,
+                                     us_per_call=benchmark.stats.stats.median / calls * 1e6,
+                                     cpu_us_per_call=best_cpu[0] / calls * 1e6))

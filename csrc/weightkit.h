@@ -1,17 +1,16 @@
-// The C ABI of weightkit's compiled kernels: every function the Python package calls (weightkit/native.py mirrors
-// these declarations in its ctypes signature table; keep the two in step and bump WK_ABI_VERSION on any change).
+// The C ABI of weightkit's compiled kernels: every function the Python package calls. csrc/bind.cpp binds them into
+// the pybind11 module weightkit._C, deriving each Python signature from the declaration here (a change here either
+// compiles into the matching binding or fails to compile); bump WK_ABI_VERSION on any change.
 //
-// Why a plain C ABI and not torch's C++ API: the libraries built from csrc/ link neither libtorch nor Python, so
-// one build loads under every torch release (and every Python 3) that weightkit supports. A C++ extension linked
-// against libtorch only loads under the exact torch it was compiled with (its symbols are mangled C++ names of
-// that release). The price is that the kernels see raw pointers: outputs are allocated by torch in Python, and the
-// parts that were ATen calls (BLAS matmuls, sorts, dtype conversions, zero fills) are done by torch in Python
-// around the kernel calls (weightkit/native.py).
+// Why a plain C ABI and not torch's C++ API: nothing built from csrc/ links libtorch, so one build loads under every
+// torch release that weightkit supports. A C++ extension linked against libtorch only loads under the exact torch it
+// was compiled with (its symbols are mangled C++ names of that release). The price is that the kernels see raw
+// pointers: outputs are allocated by torch in Python, and the parts that were ATen calls (BLAS matmuls, sorts, dtype
+// conversions, zero fills) are done by torch in Python around the kernel calls (weightkit/backends/cpu, .../cuda).
 //
 // Argument checks live once, in Python: each op's `check` (weightkit/ops/*.py, messages naming the argument) and the
-// wrappers of weightkit/native.py (contiguity, output allocation). The TORCH_CHECK preambles that the cpu and cuda
-// sources used to repeat are gone rather than moved to a checks header; what every CUDA entry point shares (device
-// guard, dtype dispatch, launch status) is csrc/cuda/common.cuh, the CPU dtype dispatch is csrc/cpu/dtypes.h.
+// backends' host code (contiguity, output allocation). What every CUDA entry point shares (device guard, dtype
+// dispatch, launch status) is csrc/cuda/common.cuh, the CPU dtype dispatch is csrc/cpu/dtypes.h.
 //
 // Conventions (the Python caller guarantees them; the kernels do not re-check):
 // * tensors are contiguous, on the right device, of the dtype in the argument's name or given by a dtype code;
@@ -30,12 +29,12 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 2
+#define WK_ABI_VERSION 3
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
 
-// ---- CPU library (libweightkit_cpu.so, csrc/cpu/*.cpp) ------------------------------------------------------------
+// ---- CPU kernels (csrc/cpu/*.cpp, compiled into weightkit._C) ------------------------------------------------------------
 WK_API int wk_cpu_abi_version(void);
 
 // INT8 stochastic rounding (spec: weightkit/ops/int8.py). x: n values of dtype x_dtype (f32/f16/bf16).
@@ -70,17 +69,6 @@ WK_API int wk_cpu_memory_lookup_forward(const void* x, int x_dtype, const void* 
 WK_API int wk_cpu_memory_lookup_backward(const float* grad, const float* x, const float* tables, float* gx, float* gt,
                                          int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau,
                                          double t, int threads);
-
-// Dictionary gather (spec: weightkit/ops/dictionary.py), fp32 z/values/y; indices of index_dtype (u8/i16/i32/i64).
-// forward: y (n x d_out) from z (n x k); forward_t: y^T (d_out x n) from z^T (k x n), the many-token layout.
-// backward: indices int64, gz (n x k) and gv (s x d_out) zero-filled by the caller.
-WK_API int wk_cpu_dict_gather_forward(const float* z, const float* values, const void* indices, int index_dtype,
-                                      float* y, int64_t n, int64_t k, int64_t s, int64_t d_out, int threads);
-WK_API int wk_cpu_dict_gather_forward_t(const float* zt, const float* values, const void* indices, int index_dtype,
-                                        float* yt, int64_t n, int64_t s, int64_t d_out, int threads);
-WK_API int wk_cpu_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
-                                       float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
-                                       int threads);
 
 // Dictionary matmul with S (k x d_out, s nonzeros per column) in the bitmask format (spec: weightkit/ops/dictionary.py,
 // dict_bitmask_matmul): bitmask int32 (ceil(k/32) x d_out), values (s x d_out) of value_dtype, word_offsets
@@ -138,9 +126,3 @@ WK_API int wk_cuda_memory_lookup_backward(const float* grad, const float* x, con
 WK_API int wk_cuda_memory_segment_sum(const int64_t* sorted_keys, const int64_t* order, const float* ps,
                                       const float* grad, float* gt, int64_t total, int64_t tables_k, int64_t d_out,
                                       int device, void* stream);
-WK_API int wk_cuda_dict_gather_forward(const float* z, const float* values, const int64_t* indices, float* y,
-                                       int64_t n, int64_t k, int64_t s, int64_t d_out, int device, void* stream);
-// gz zero-filled by the caller; gv written whole.
-WK_API int wk_cuda_dict_gather_backward(const float* grad, const float* z, const float* values, const int64_t* indices,
-                                        float* gz, float* gv, int64_t n, int64_t k, int64_t s, int64_t d_out,
-                                        int device, void* stream);

@@ -1,5 +1,5 @@
-"""Every CPU kernel of weightkit's kernel library on fixed inputs: used by tests/test_portable.py to run the SAME built
-library under two torch releases and compare the outputs bit for bit.
+"""Every CPU kernel of weightkit._C on fixed inputs: used by tests/test_portable.py to run the SAME built module under
+two torch releases and compare the outputs bit for bit.
 
 ``python -m tests.portable_cases FILE`` (run from the repository root, by the other torch's interpreter) loads the
 inputs and outputs that the first torch saved in FILE, recomputes every case on the ``cpu`` backend (and on the
@@ -16,6 +16,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from weightkit import native, use_backend
+from weightkit.backends.cpu.dictionary import DICT_BITMASK_DIRECT_TOKENS
 from weightkit.ops import dictionary, galore, int4, int8, memoryformer
 
 
@@ -29,8 +30,7 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
     w_scale = int8.absmax_scale(w, 64)
     w_q = int8.stochastic_round_int8(w, w_scale, 64, seed=3)
     p4 = int4.quantize_int4(randn(96, 128), 64)
-    k, s, d_out = 40, 3, 48
-    idx = torch.randint(0, k, (s, d_out), generator=g)
+    d_out = 48
     bk, bs = 70, 20  # S in the bitmask format: the direct kernels (few tokens), the dense decode and gather (many)
     bitmask, bvalues, offsets = dictionary.pack_bitmask(torch.rand(bk, d_out, generator=g).argsort(0)[:bs],
                                                         randn(bs, d_out), bk)
@@ -53,12 +53,10 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
         "memory_f32": (randn(20, 6 * 4), randn(6, 16, 40), randn(20, 40)),
         "memory_bf16": (randn(5, 6 * 4, dtype=torch.bfloat16), randn(6, 16, 40, dtype=torch.bfloat16),
                         randn(5, 40, dtype=torch.bfloat16)),
-        "dict_few_u8": (randn(3, k), randn(s, d_out), idx.to(torch.uint8), randn(3, d_out)),
-        "dict_many_i16": (randn(17, k), randn(s, d_out), idx.to(torch.int16), randn(17, d_out)),
         "bitmask_few_bf16": (randn(3, bk, dtype=torch.bfloat16), bvalues.to(torch.bfloat16), bitmask, offsets,
                              randn(3, d_out, dtype=torch.bfloat16)),
-        "bitmask_many_f32": (randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, bk), bvalues, bitmask, offsets,
-                             randn(native.DICT_BITMASK_DIRECT_TOKENS + 1, d_out)),
+        "bitmask_many_f32": (randn(DICT_BITMASK_DIRECT_TOKENS + 1, bk), bvalues, bitmask, offsets,
+                             randn(DICT_BITMASK_DIRECT_TOKENS + 1, d_out)),
     }
 
 
@@ -87,13 +85,6 @@ def _memory(x, tables, grad):
     return y.detach(), gx, gt
 
 
-def _dict(z, values, indices, grad):
-    z, values = z.clone().requires_grad_(), values.clone().requires_grad_()
-    y = dictionary.dict_sparse_gather(z, values, indices)
-    gz, gv = torch.autograd.grad(y, (z, values), grad)
-    return y.detach(), gz, gv
-
-
 def _bitmask(z, values, bitmask, offsets, grad):
     z, values = z.clone().requires_grad_(), values.clone().requires_grad_()
     y = dictionary.dict_bitmask_matmul(z, values, bitmask, offsets)
@@ -113,7 +104,6 @@ CASES: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {
     "int4_matmul": lambda x, p, s, z, gs: (int4.int4_matmul(x, p, s, z, gs, (96, 128)),),
     "galore_left_f32": _galore, "galore_right_bf16": _galore,
     "memory_f32": _memory, "memory_bf16": _memory,
-    "dict_few_u8": _dict, "dict_many_i16": _dict,
     "bitmask_few_bf16": _bitmask, "bitmask_many_f32": _bitmask,
 }
 # Cases whose cpu kernels are specified to match the reference bit for bit (the rest differ from the reference by
@@ -143,7 +133,7 @@ def main(path: str) -> int:
     report = {
         "torch": torch.__version__,
         "saved_by_torch": saved["torch"],
-        "library": native.CPU.path if native.CPU is not None else None,
+        "library": native.CPU_PATH,
         "library_error": native.CPU_ERROR,
         "cases": len(ours),
         "differ_from_saved": differences(ours, saved["outputs"], ours),

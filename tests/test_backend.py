@@ -91,3 +91,129 @@ def test_demo_command():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "identical to reference: True" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A forced backend reaches backward (issue #23 item 1). use_backend is a ContextVar; autograd runs a CUDA backward on
+# its own device thread, where the forward's context is unset. On CPU the same situation is a backward started from
+# another Python thread (new threads start with an empty context).
+
+def _backward_cases(device):
+    """(op name, backward's KernelTable, forward function of the leaves, leaves)."""
+    from weightkit.ops import dictionary, int4, memoryformer
+
+    g = torch.Generator(device="cpu").manual_seed(23)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    q = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=g).to(device)
+    scale = torch.rand(64, generator=g).to(device) + 0.1
+    packed, s4, z4 = int4.quantize_int4(randn(12, 8), 4)
+    bitmask, values, offsets = dictionary.pack_bitmask(torch.rand(40, 9, generator=g).argsort(0)[:5].to(device),
+                                                       randn(5, 9), 40)
+    return [
+        ("int8_matmul", int8._INT8_MM, lambda x: int8.int8_matmul(x, q, scale, 8), (randn(3, 32),)),
+        ("int4_matmul", int4._MM, lambda x: int4.int4_matmul(x, packed, s4, z4, 4, (12, 8)), (randn(3, 8),)),
+        ("memory_lookup", memoryformer._BWD, lambda x, t: memoryformer.memory_lookup(x, t, 0.9),
+         (randn(6, 16), randn(2, 256, 8))),
+        ("dict_bitmask_matmul", dictionary._BM_BWD, lambda z, v: dictionary.dict_bitmask_matmul(z, v, bitmask, offsets),
+         (randn(6, 40), values)),
+    ]
+
+
+def _count_backward_calls(monkeypatch, device, forced, run_backward):
+    """For each differentiable op: forward under use_backend(forced), then ``run_backward(loss)``; returns
+    {op: {backend: calls of the backward's kernel table during backward}}."""
+    found = {}
+    for name, table, fn, leaves in _backward_cases(device):
+        calls = {}
+        for backend_name, impl in list(table.impls.items()):
+            def counting(*args, _impl=impl, _name=backend_name):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _impl(*args)
+
+            monkeypatch.setitem(table.impls, backend_name, counting)
+        table._chosen.clear()
+        leaves = [t.clone().requires_grad_(True) for t in leaves]
+        with use_backend(forced):
+            out = fn(*leaves)
+        calls.clear()  # the forward's own calls (int8/int4 use one table both ways)
+        run_backward((out.float() ** 2).sum())
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves), name
+        found[name] = dict(calls)
+        table._chosen.clear()
+    return found
+
+
+def _on_another_thread(loss):
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            assert backend._FORCED.get() is None  # the situation of autograd's device thread
+            loss.backward()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=600)
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("forced", ["reference", "cpu", "triton"])
+def test_forced_backend_reaches_backward_on_another_thread(forced, monkeypatch):
+    """Forward under use_backend(forced), backward from a thread with no forced backend: every backward kernel call
+    is the forced backend's. (Before the fix, reference and triton forwards were followed by 'cpu' backwards, auto's
+    choice on CPU; the 'cpu' case cannot tell the two apart and checks that nothing else runs.)"""
+    device = torch.device("cpu")
+    if forced == "cpu" and not backend.extension_loaded():
+        pytest.skip(backend.status()["cpu"])
+    if forced == "triton" and int8._INT8_MM.why_not("triton", device) is not None:
+        pytest.skip(int8._INT8_MM.why_not("triton", device) + " (the test command sets TRITON_INTERPRET=1)")
+    found = _count_backward_calls(monkeypatch, device, forced, _on_another_thread)
+    for name, calls in found.items():
+        assert calls == {forced: calls.get(forced, 0)} and calls[forced] >= 1, (name, calls)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("forced", ["reference", "cuda", "triton"])
+def test_forced_backend_reaches_backward_on_cuda(forced, monkeypatch):
+    """On CUDA, autograd itself runs backward on its device thread."""
+    device = torch.device("cuda")
+    found = _count_backward_calls(monkeypatch, device, forced, lambda loss: loss.backward())
+    for name, calls in found.items():
+        table = dict((n, t) for n, t, _, _ in _backward_cases(device))[name]
+        want = forced if table.why_not(forced, device) is None else "reference"  # dictionary: no cuda kernel yet
+        assert calls == {want: calls.get(want, 0)} and calls[want] >= 1, (name, calls)
+
+
+def test_one_place_per_backend():
+    """Each op's cpu / cuda / triton implementation is a function of weightkit/backends/<that backend>/ (the
+    reference one of weightkit/ops), no function serves two backends, and no backend module branches on the device
+    again: weightkit.backend.KernelTable is the one place that chooses (issue #28 item 5)."""
+    import ast
+    import weightkit.ops  # noqa: F401  (defines every op and its table)
+
+    tables = [t for t in backend._TABLES]
+    assert len(tables) >= 10, [t.name for t in tables]
+    for table in tables:
+        seen = {}
+        for name, impl in table.impls.items():
+            module = getattr(impl, "__module__", "")
+            want = "weightkit.ops." if name == "reference" else f"weightkit.backends.{name}."
+            assert module.startswith(want), (table.name, name, module)
+            assert id(impl) not in seen, f"{table.name}: {name} and {seen.get(id(impl))} share {impl}"
+            seen[id(impl)] = name
+    folder = os.path.join(ROOT, "weightkit", "backends")
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(dirpath, f)).read())
+            branches = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("is_cuda", "is_cpu")]
+            assert not branches, f"{os.path.relpath(os.path.join(dirpath, f), ROOT)} branches on the device at {branches}"

@@ -7,11 +7,12 @@ weightkit.kernels; nothing is imported):
   (the design card, ARCHITECTURE.md: kernels and backends below the ops, the layers on the ops, optimizers and
   compressors on the layers, the tools on top):
 
-      0  weightkit.backend, .kernels, .native     backend discovery; Triton kernels; the compiled kernels' loader
-      1  weightkit.ops                             one module per hot path: op, reference, backend dispatch
-      2  weightkit.nn, weightkit.models, .data      layers (and K-SVD, nn/ksvd.py), model definitions, corpora
-      3  weightkit.compress, weightkit.optim, .checkpoint
-      4  weightkit (the package face), .integrations, .cli, .train, .benchreport, .__main__
+      0  weightkit.native, .kernels               the compiled kernels' loader (weightkit._C); Triton kernels
+      1  weightkit.backends, weightkit.backend     one folder per backend (host code of every op); the choice
+      2  weightkit.ops                             one module per hot path: op, reference, autograd, checks
+      3  weightkit.nn, weightkit.models, .data      layers (and K-SVD, nn/ksvd.py), model definitions, corpora
+      4  weightkit.compress, weightkit.optim, .checkpoint
+      5  weightkit (the package face), .integrations, .cli, .train, .benchreport, .__main__
 
   Imports within one layer are allowed (no cycle). Function-level imports of weightkit.kernels from the ops are the
   lazy kernel loads (Triton is imported when a Triton kernel first runs); they point down, so they pass anyway.
@@ -35,13 +36,13 @@ ROOT = os.path.join(CHECKOUT, "weightkit")
 MAPPED = {"weightkit.kernels": os.path.join(CHECKOUT, "kernels")}
 
 LAYERS = {
-    "weightkit.backend": 0, "weightkit.kernels": 0,
-    "weightkit.native": 0,  # the compiled kernels' ctypes loader (native.py, from the portable-extension branch)
-    "weightkit.ops": 1,
-    "weightkit.nn": 2, "weightkit.models": 2, "weightkit.data": 2,
-    "weightkit.compress": 3, "weightkit.optim": 3, "weightkit.checkpoint": 3,
-    "weightkit": 4, "weightkit.integrations": 4, "weightkit.cli": 4, "weightkit.train": 4,
-    "weightkit.benchreport": 4, "weightkit.__main__": 4,
+    "weightkit.native": 0, "weightkit._C": 0, "weightkit.kernels": 0,
+    "weightkit.backends": 1, "weightkit.backend": 1,
+    "weightkit.ops": 2,
+    "weightkit.nn": 3, "weightkit.models": 3, "weightkit.data": 3,
+    "weightkit.compress": 4, "weightkit.optim": 4, "weightkit.checkpoint": 4,
+    "weightkit": 5, "weightkit.integrations": 5, "weightkit.cli": 5, "weightkit.train": 5,
+    "weightkit.benchreport": 5, "weightkit.__main__": 5,
 }
 
 # galore.py imports distributed.py inside a function while distributed.py imports galore.py at module level;
@@ -219,7 +220,7 @@ def test_the_graph_reader_finds_cycles_and_upward_imports(tmp_path):
     assert cycles(top) == []
     assert cycles(top + lazy) == [["weightkit.nn.layer", "weightkit.ops.a", "weightkit.ops.b"]]
     assert upward(top) == []
-    assert upward(lazy) == ["weightkit.ops.b (layer 1) imports weightkit.nn.layer (layer 2) at line 3"]
-    assert layer_of("weightkit") == 4 and layer_of("weightkit.ops.b") == 1
+    assert upward(lazy) == ["weightkit.ops.b (layer 2) imports weightkit.nn.layer (layer 3) at line 3"]
+    assert layer_of("weightkit") == 5 and layer_of("weightkit.ops.b") == 2
     with pytest.raises(KeyError):
         layer_of("weightkit.newmodule")  # unplaced, not silently in the face's layer

@@ -1,8 +1,14 @@
-"""The ctypes layer and the CPU library's thread pool: results do not depend on the thread count, concurrent calls
-from several Python threads (ctypes releases the GIL) and calls in a forked child work, errors are reported."""
+"""weightkit._C (the pybind11 binding of csrc/weightkit.h) and the CPU kernels' thread pool: every C function is
+bound, with its signature from the header (wrong arguments raise TypeError); results do not depend on the thread
+count, concurrent calls from several Python threads (each call releases the GIL) and calls in a forked child work;
+errors are reported; and the load errors (module missing, wrong ABI, CUDA library missing, unloadable, of another
+ABI or stale) are clear messages, in weightkit.native, in the import warning and in `python -m weightkit info`."""
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,9 +16,12 @@ import pytest
 import torch
 
 from weightkit import backend, native, use_backend
+from weightkit.backends import cpu as cpu_backend
 from weightkit.ops import int4, int8, memoryformer
 
-pytestmark = pytest.mark.skipif(native.CPU is None, reason=f"CPU kernel library not loaded: {native.CPU_ERROR}")
+pytestmark = pytest.mark.skipif(native.CPU is None, reason=f"compiled kernels not loaded: {native.CPU_ERROR}")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = os.path.join(ROOT, "csrc", "weightkit.h")
 
 
 def _work(seed=0):
@@ -95,8 +104,96 @@ def test_kernels_run_in_a_forked_child():
 
 def test_status_and_errors_name_the_library():
     status = backend.status()
-    assert status["cpu"].startswith("ok (") and native.CPU.path in status["cpu"]
+    assert status["cpu"].startswith("ok (") and native.CPU_PATH in status["cpu"]
+    assert os.path.basename(native.CPU_PATH).startswith("_C.")
     if native.CUDA is None:
         assert status["cuda"].startswith("unavailable: ") and native.CUDA_LIB in status["cuda"]
     with pytest.raises(RuntimeError, match="weightkit cpu kernel stochastic_round_int8 failed: unsupported dtype"):
-        native._check(native.CPU.stochastic_round_int8(0, 99, 0, 0, 0, 1, 0, 0, 1), "stochastic_round_int8")
+        cpu_backend.check(native.CPU.stochastic_round_int8(0, 99, 0, 0, 0, 1, 0, 0, 1), "stochastic_round_int8")
+
+
+def _declared(prefix):
+    with open(HEADER) as f:
+        return set(re.findall(rf"WK_API [^;]*?\b({prefix}\w+)\(", f.read()))
+
+
+def test_every_function_of_the_header_is_bound():
+    """The binding is generated from the header's declarations (csrc/bind.cpp); this checks none was left out."""
+    from weightkit import _C
+
+    assert set(_C.CPU_FUNCTIONS) == _declared("wk_cpu_") and len(_C.CPU_FUNCTIONS) == len(set(_C.CPU_FUNCTIONS))
+    assert set(_C.CUDA_FUNCTIONS) == _declared("wk_cuda_")
+    for name in _C.CPU_FUNCTIONS:
+        assert callable(getattr(_C.cpu, name[len("wk_cpu_"):]))
+    with open(HEADER) as f:
+        assert f"#define WK_ABI_VERSION {native.ABI_VERSION}" in f.read()
+    assert _C.ABI_VERSION == native.ABI_VERSION
+
+
+def test_wrong_arguments_raise_type_errors_not_memory_errors():
+    """The signatures come from the C declarations: a missing argument or a float for an integer is refused
+    before any C code runs (ctypes' hand-copied table would have passed garbage)."""
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        native.CPU.stochastic_round_int8(0, 0, 0, 0, 0, 1, 0, 0)  # 8 of 9 arguments
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        native.CPU.stochastic_round_int8(0, 0, 0, 0, 0, 1.5, 0, 0, 1)  # group_size is int64_t
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        native.CPU.stochastic_round_int8(0, 0, 0, 0, 0, 1, -1, 0, 1)  # seed is uint64_t
+
+
+def test_abi_mismatch_is_a_clear_error():
+    module, error = native.load_module(abi_version=native.ABI_VERSION + 1)
+    assert module is None
+    assert f"has ABI version {native.ABI_VERSION}, this weightkit needs {native.ABI_VERSION + 1}" in error
+    assert "pip install" in error
+
+
+def _run_info(prelude):
+    code = f"{prelude}\nimport sys, runpy\nsys.argv = ['weightkit', 'info']\nrunpy.run_module('weightkit', run_name='__main__')"
+    env = {k: v for k, v in os.environ.items() if k != "WEIGHTKIT_DISABLE_EXTENSION"}
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def test_missing_module_is_named_in_the_warning_and_in_info():
+    proc = _run_info("import sys; sys.modules['weightkit._C'] = None  # as if it was never built")
+    assert proc.returncode == 0, proc.stderr
+    assert "weightkit._C not found in" in proc.stderr and "'cpu' and 'cuda' backends are off" in proc.stderr
+    assert re.search(r"cpu +unavailable: weightkit._C not found in .*pip install", proc.stdout), proc.stdout
+    assert re.search(r"reference +ok", proc.stdout), proc.stdout
+
+
+def _fake_cuda_library(tmp_path, functions, abi):
+    """A shared library exporting ``functions`` as stubs (wk_cuda_abi_version returns ``abi``)."""
+    tmp_path.mkdir()
+    src = tmp_path / "fake.c"
+    body = [f"int wk_cuda_abi_version(void) {{ return {abi}; }}"]
+    body += [f"int {name}(void) {{ return 0; }}" for name in functions if name != "wk_cuda_abi_version"]
+    src.write_text("\n".join(body) + "\n")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    out = lib_dir / native.CUDA_LIB
+    proc = subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(out), str(src)], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"no C compiler to build a fake library: {proc.stderr}")
+    return str(lib_dir)
+
+
+def test_cuda_library_errors_are_clear(tmp_path):
+    from weightkit import _C
+
+    if native.CUDA is not None:
+        pytest.skip("a CUDA library is loaded in this process; _C holds one at a time")
+    path, error = native.load_cuda(_C, str(tmp_path))
+    assert path is None and f"{native.CUDA_LIB} not found in {tmp_path}" in error
+    (tmp_path / native.CUDA_LIB).write_text("not a library")
+    path, error = native.load_cuda(_C, str(tmp_path))
+    assert path is None and f"{native.CUDA_LIB} did not load (" in error and "pip install" in error
+    wrong_abi = _fake_cuda_library(tmp_path / "abi", _C.CUDA_FUNCTIONS, abi=native.ABI_VERSION + 7)
+    path, error = native.load_cuda(_C, wrong_abi)
+    assert path is None and f"has ABI version {native.ABI_VERSION + 7}, this weightkit needs {native.ABI_VERSION}" in error
+    stale = _fake_cuda_library(tmp_path / "stale", ["wk_cuda_abi_version", "wk_cuda_probe"], abi=native.ABI_VERSION)
+    path, error = native.load_cuda(_C, stale)
+    assert path is None and "lacks wk_cuda_archs" in error and "wk_cuda_memory_segment_sum" in error
+    with pytest.raises(RuntimeError, match="CUDA kernel library is not loaded"):
+        _C.cuda.probe(0)  # nothing stayed half-loaded

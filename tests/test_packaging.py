@@ -1,7 +1,8 @@
-"""Packaging: a built wheel holds the Python package, the Triton kernels (the top-level kernels/ folder,
-installed as weightkit.kernels)
-and the CPU kernel library, tagged for any Python 3; an editable install finds the same files in the checkout; the
-kernel libraries export only the C ABI of csrc/weightkit.h and need no torch, Python or C++ runtime."""
+"""Packaging: a built wheel holds the Python package, the Triton kernels (the top-level kernels/ folder, installed as
+weightkit.kernels) and weightkit._C (the pybind11 module with the CPU kernels), tagged for this Python version (cp3xx,
+like torch's wheels); an editable install finds the same files in the checkout; _C exports only its init function and
+the CUDA library only the C ABI of csrc/weightkit.h, and neither needs torch; ninja's build is
+incremental, tracks headers and writes compile_commands.json."""
 
 import glob
 import os
@@ -12,6 +13,11 @@ import zipfile
 import pytest
 
 from weightkit import native
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+import build_libs  # noqa: E402  (csrc/build_libs.py: the ninja build)
+
+sys.path.pop(0)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "kernels", "*.py")))
@@ -44,12 +50,14 @@ def test_wheel_holds_package_kernels_and_library(cpu_wheel):
     for src in KERNEL_SOURCES:
         assert src in names, f"{src} missing from {os.path.basename(cpu_wheel)}"
     for path in ("weightkit/__init__.py", "weightkit/native.py", "weightkit/ops/_registry.py", "weightkit/py.typed",
-                 f"weightkit/lib/{native.CPU_LIB}"):
+                 "weightkit/backends/cpu/int8.py", "weightkit/backends/cuda/int8.py", "weightkit/backends/triton/int8.py",
+                 f"weightkit/{build_libs.module_filename()}"):
         assert path in names, path
     assert f"weightkit/lib/{native.CUDA_LIB}" not in names  # WEIGHTKIT_WITH_CUDA=0
-    # no Python extension module: one wheel for every Python 3 and every torch
-    assert os.path.basename(cpu_wheel).endswith("-py3-none-linux_x86_64.whl"), cpu_wheel
-    assert not [n for n in names if n.endswith(".so") and "cpython" in n]
+    assert [n for n in names if n.endswith(".so")] == [f"weightkit/{build_libs.module_filename()}"], names
+    # a CPython extension: one wheel per Python version (any torch >= 2.6)
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert os.path.basename(cpu_wheel).endswith(f"-{tag}-{tag}-linux_x86_64.whl"), cpu_wheel
 
 
 def test_editable_install_finds_kernels_and_library():
@@ -68,11 +76,11 @@ def test_editable_install_finds_kernels_and_library():
     if not package.startswith(os.path.join(ROOT, "weightkit")):
         pytest.skip(f"this environment's weightkit is another checkout: {package}")
     proc = run("import weightkit.kernels.int8 as k, weightkit.native as n; "
-               "print(k.__file__); print(n.CPU.path if n.CPU else n.CPU_ERROR)")
+               "print(k.__file__); print(n.CPU_PATH or n.CPU_ERROR)")
     assert proc.returncode == 0, proc.stderr
     kernels, library = proc.stdout.split("\n")[:2]
     assert kernels == os.path.join(ROOT, "kernels", "int8.py")
-    assert library == os.path.join(ROOT, "weightkit", "lib", native.CPU_LIB)
+    assert library == os.path.join(ROOT, "weightkit", build_libs.module_filename())
 
 
 GLIBC = {"libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2", "libdl.so.2", "libpthread.so.0", "librt.so.1"}
@@ -92,22 +100,46 @@ def _needed(path):
     return sorted(line.split()[1] for line in out.stdout.splitlines() if line.strip().startswith("NEEDED"))
 
 
-def test_cpu_library_exports_only_the_c_abi_and_needs_only_libc():
+def test_module_exports_only_its_init_and_needs_no_torch():
     assert native.CPU is not None, native.CPU_ERROR
-    symbols = _dynamic_symbols(native.CPU.path)
-    assert set(symbols) == set(native._CPU_SIGNATURES), sorted(set(symbols) ^ set(native._CPU_SIGNATURES))
-    # no libtorch, no libpython, no libstdc++ / OpenMP: loads under any torch and any Python
-    assert set(_needed(native.CPU.path)) <= GLIBC, _needed(native.CPU.path)
+    assert _dynamic_symbols(native.CPU_PATH) == ["PyInit__C"]
+    # no libtorch, no libpython (the interpreter provides the C API): loads under any torch; the C++ runtime is the
+    # one torch has loaded already (csrc/build_libs.py says why it is not linked in)
+    assert set(_needed(native.CPU_PATH)) <= GLIBC | {"libgcc_s.so.1", "libstdc++.so.6"}, _needed(native.CPU_PATH)
 
 
 def test_cuda_library_exports_only_the_c_abi():
+    from weightkit import _C
+
     if native.CUDA is None:
         pytest.skip(native.CUDA_ERROR)
-    symbols = set(_dynamic_symbols(native.CUDA.path))
-    expected = set(native._CUDA_SIGNATURES) | {"wk_cuda_archs", "wk_cuda_error_string"}
-    assert symbols == expected, sorted(symbols ^ expected)
+    symbols = set(_dynamic_symbols(native.CUDA_PATH))
+    assert symbols == set(_C.CUDA_FUNCTIONS), sorted(symbols ^ set(_C.CUDA_FUNCTIONS))
     # the CUDA runtime is linked in statically; the driver (libcuda.so.1) is loaded by it at run time
-    assert set(_needed(native.CUDA.path)) <= GLIBC | {"libgcc_s.so.1"}, _needed(native.CUDA.path)
+    assert set(_needed(native.CUDA_PATH)) <= GLIBC | {"libgcc_s.so.1"}, _needed(native.CUDA_PATH)
+
+
+def test_ninja_build_is_incremental_and_writes_compile_commands():
+    """After the build (the test command builds in place), ninja has nothing left to do, it recorded each object's
+    headers (a change of csrc/weightkit.h rebuilds every object), and build/compile_commands.json lists every
+    source for editors."""
+    build_dir = build_libs.BUILD_DIR
+    if not os.path.exists(os.path.join(build_dir, "build.ninja")):
+        pytest.skip(f"no in-place ninja build in {build_dir} (`pip install -e .` makes one)")
+    ninja = build_libs.find_ninja()
+    dry = subprocess.run([ninja, "-C", build_dir, "-n"], capture_output=True, text=True)
+    assert dry.returncode == 0 and "no work to do" in dry.stdout, dry.stdout + dry.stderr
+    deps = subprocess.run([ninja, "-C", build_dir, "-t", "deps"], capture_output=True, text=True).stdout
+    header = os.path.join(build_libs.CSRC, "weightkit.h")
+    for src in build_libs.cpu_sources():
+        obj = build_libs._obj(build_dir, "cpu", src)
+        block = deps.split(obj + ":", 1)[1].split("\n\n", 1)[0]
+        assert header in block or os.path.basename(src) == "parallel.cpp", (src, block[:300])
+    import json
+
+    with open(os.path.join(ROOT, "build", "compile_commands.json")) as f:
+        files = {entry["file"] for entry in json.load(f)}
+    assert set(build_libs.cpu_sources()) | {os.path.join(build_libs.CSRC, "bind.cpp")} <= files, files
 
 
 def test_top_level_kernels_name_is_left_to_the_installed_package():

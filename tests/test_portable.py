@@ -1,9 +1,11 @@
-"""One build of the kernel libraries serves several torch releases: the library this checkout built (under the test
-command's torch) runs every CPU kernel under a second torch release and gives the same bits.
+"""One build of weightkit._C serves several torch releases: the module this checkout built (under the test command's
+torch) runs every CPU kernel under a second torch release and gives the same bits.
 
 The second release is the Python interpreter named by WEIGHTKIT_PORTABLE_PYTHON, else ``.venv-portable/bin/python``
-in the repository, else /work/venvs/portable-ext-214/bin/python (the 2.14.1 venv of the session that wrote this);
-``bash scripts/check_portable.sh`` creates one (torch 2.14.1) and runs this test. Without one the test skips.
+in the repository (what ``make check-portable`` / scripts/check_portable.sh creates, with torch 2.14.1). Nothing
+outside the repository is looked up. Without one the test skips and says how to get one; with
+WEIGHTKIT_PORTABLE_PYTHON set to a path that is not an interpreter it fails (a misconfigured check must not pass as a
+skip). The second interpreter must be the same Python version: _C is a CPython extension.
 """
 
 import json
@@ -17,22 +19,45 @@ from tests import portable_cases
 from weightkit import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CANDIDATES = (os.environ.get("WEIGHTKIT_PORTABLE_PYTHON"), os.path.join(ROOT, ".venv-portable", "bin", "python"),
-              "/work/venvs/portable-ext-214/bin/python")
+DEFAULT_PORTABLE_PYTHON = os.path.join(ROOT, ".venv-portable", "bin", "python")
 
 
-def _other_python():
-    for path in CANDIDATES:
-        if path and os.path.exists(path):
-            return path
-    return None
+def other_python(environ=os.environ):
+    """(interpreter, None) or (None, why the comparison cannot run); raises for a misconfigured
+    WEIGHTKIT_PORTABLE_PYTHON."""
+    configured = environ.get("WEIGHTKIT_PORTABLE_PYTHON")
+    if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise FileNotFoundError(f"WEIGHTKIT_PORTABLE_PYTHON={configured!r} is not an executable interpreter")
+        return configured, None
+    if os.path.exists(DEFAULT_PORTABLE_PYTHON):
+        return DEFAULT_PORTABLE_PYTHON, None
+    return None, (f"no second torch environment: {os.path.relpath(DEFAULT_PORTABLE_PYTHON, ROOT)} does not exist and "
+                  "WEIGHTKIT_PORTABLE_PYTHON is unset (`make check-portable` creates one with torch 2.14.1 and runs "
+                  "this test)")
+
+
+def test_the_second_interpreter_is_configurable(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert other_python({"WEIGHTKIT_PORTABLE_PYTHON": str(fake)}) == (str(fake), None)
+    with pytest.raises(FileNotFoundError, match="WEIGHTKIT_PORTABLE_PYTHON='/no/such/python' is not an executable"):
+        other_python({"WEIGHTKIT_PORTABLE_PYTHON": "/no/such/python"})
+    python, reason = other_python({})
+    if os.path.exists(DEFAULT_PORTABLE_PYTHON):
+        assert python == DEFAULT_PORTABLE_PYTHON and reason is None
+    else:
+        assert python is None and "make check-portable" in reason and "WEIGHTKIT_PORTABLE_PYTHON" in reason
 
 
 def test_cases_cover_every_cpu_kernel():
-    """Each C function of the CPU library is reached by some case (a kernel added later must be added here too)."""
+    """Each C function of the CPU kernels is reached by some case (a kernel added later must be added here too)."""
+    from weightkit import _C
+
     calls = []
     wrapped = {}
-    for name in native._CPU_SIGNATURES:
+    for name in _C.CPU_FUNCTIONS:
         short = name[len("wk_cpu_"):]
         fn = getattr(native.CPU, short)
         wrapped[short] = fn
@@ -52,9 +77,9 @@ def test_cases_cover_every_cpu_kernel():
 
 
 def test_same_library_same_bits_under_another_torch(tmp_path):
-    python = _other_python()
+    python, reason = other_python()
     if python is None:
-        pytest.skip("no second torch interpreter (set WEIGHTKIT_PORTABLE_PYTHON or run scripts/check_portable.sh)")
+        pytest.skip(reason)
     assert native.CPU is not None, native.CPU_ERROR
     inputs = portable_cases.make_inputs()
     path = tmp_path / "cases.pt"
@@ -68,7 +93,7 @@ def test_same_library_same_bits_under_another_torch(tmp_path):
     report = json.loads(lines[-1])
     if report["torch"] == torch.__version__:
         pytest.skip(f"{python} has the same torch ({report['torch']}): nothing to compare")
-    assert report["library"] == native.CPU.path, report  # the very same file, not a rebuild
+    assert report["library"] == native.CPU_PATH, report  # the very same file, not a rebuild
     assert report["cases"] == len(inputs)
     assert report["differ_from_saved"] == {}, report
     assert report["differ_from_reference"] == {}, report

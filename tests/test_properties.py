@@ -209,31 +209,6 @@ def test_memory_lookup_backends_match_float64(tokens, k, tau, d_out, dtype, t, z
 
 
 @SETTINGS
-@given(tokens=st.integers(1, 16), k=st.integers(1, 300), s=st.integers(1, 6), d_out=st.integers(1, 20),
-       dtype=DTYPES, strided=st.booleans(),
-       torch_seed=st.integers(0, 2**32 - 1))
-def test_dict_sparse_gather_backends_match_float64(tokens, k, s, d_out, dtype, strided, torch_seed):
-    torch.manual_seed(torch_seed)  # inputs are a function of the example: failures replay
-    z = _maybe_transposed(torch.randn(tokens, k).to(dtype), strided)
-    values = torch.randn(s, d_out).to(dtype)
-    indices = torch.randint(0, k, (s, d_out)).to(dictionary.index_dtype_for(k))
-    want = dictionary.dict_sparse_gather_reference(z.double(), values.double(), indices)
-    for name, got, _ in _backends_agree(dictionary._FWD, dictionary.dict_sparse_gather, z, values, indices):
-        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
-    g = torch.randn(tokens, d_out).to(dtype)
-    gz_ref, gv_ref = dictionary.dict_sparse_gather_backward_reference(g, z, values, indices)
-    CASES["dict_sparse_gather_backward"] += 1
-    for name in usable_backends(dictionary._BWD, "cpu"):
-        with use_backend(name):
-            z_ = z.detach().clone().requires_grad_(True)
-            v_ = values.detach().clone().requires_grad_(True)
-            dictionary.dict_sparse_gather(z_, v_, indices).backward(g)
-        CASES[f"dict_sparse_gather_backward/{name}"] += 1
-        torch.testing.assert_close(z_.grad.double(), gz_ref.double(), **TOL[dtype], msg=lambda m: f"{name} z: {m}")
-        torch.testing.assert_close(v_.grad.double(), gv_ref.double(), **TOL[dtype], msg=lambda m: f"{name} v: {m}")
-
-
-@SETTINGS
 @given(tokens=st.integers(1, 48), k=st.integers(1, 200), s_frac=st.floats(0.0, 1.0), d_out=st.integers(1, 300),
        dtype=DTYPES, values_dtype=DTYPES, strided=st.booleans(), torch_seed=st.integers(0, 2**32 - 1))
 def test_dict_bitmask_matmul_backends_match_float64(tokens, k, s_frac, d_out, dtype, values_dtype, strided,

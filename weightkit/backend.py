@@ -3,11 +3,12 @@
 Every op in weightkit has a plain-PyTorch ``reference`` implementation (always present, the specification)
 and up to three accelerated ones:
 
-* ``cpu``    -- C++ kernels in ``weightkit/lib/libweightkit_cpu.so`` (CPU tensors; see weightkit.native),
-* ``cuda``   -- CUDA kernels in ``weightkit/lib/libweightkit_cuda.so`` (CUDA tensors; built when nvcc was found
-  at install time, shipped in the CUDA wheel),
+* ``cpu``    -- C++ kernels compiled into ``weightkit._C`` (CPU tensors; host code in weightkit/backends/cpu),
+* ``cuda``   -- CUDA kernels in ``weightkit/lib/libweightkit_cuda.so``, opened by weightkit._C (CUDA tensors; built
+  when nvcc was found at install time, shipped in the CUDA wheel; host code in weightkit/backends/cuda),
 * ``triton`` -- Triton kernels in ``weightkit.kernels`` (CUDA tensors; CPU tensors only under
-  ``TRITON_INTERPRET=1``, which is how the test-suite exercises them without a GPU).
+  ``TRITON_INTERPRET=1``, which is how the test-suite exercises them without a GPU; host code in
+  weightkit/backends/triton).
 
 ``auto`` (the default) picks the best usable backend for the tensors' device. ``WEIGHTKIT_BACKEND`` or the
 :func:`use_backend` context manager force one; a forced backend that cannot run falls back to ``reference``
@@ -31,12 +32,12 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
 
 # ---------------------------------------------------------------------------------------------------------
-# What loaded, and why not (the kernel libraries are loaded by weightkit.native).
+# What loaded, and why not (weightkit._C and the CUDA kernel library are loaded by weightkit.native).
 
 if native.CPU is None and os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") != "1":
     warnings.warn(
-        f"weightkit: kernel library {native.CPU_ERROR}; the 'cpu' and 'cuda' backends are unavailable and ops use "
-        "triton/reference. Reinstall weightkit (`pip install .` builds the libraries with g++/nvcc).",
+        f"weightkit: compiled kernels unavailable: {native.CPU_ERROR}. The 'cpu' and 'cuda' backends are off and ops "
+        "use triton/reference.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -56,7 +57,7 @@ _TRITON_OK, _TRITON_ERROR = _probe_triton()
 
 
 def extension_loaded() -> bool:
-    """Whether the CPU kernel library (the ``cpu`` backend) loaded."""
+    """Whether weightkit._C, with the CPU kernels (the ``cpu`` backend), loaded."""
     return native.CPU is not None
 
 
@@ -94,7 +95,7 @@ def status() -> Dict[str, str]:
     if native.CPU is None:
         out["cpu"] = f"unavailable: {native.CPU_ERROR}"
     else:
-        out["cpu"] = f"ok ({native.CPU.path}, up to torch.get_num_threads() = {torch.get_num_threads()} threads)"
+        out["cpu"] = f"ok ({native.CPU_PATH}, up to torch.get_num_threads() = {torch.get_num_threads()} threads)"
     if native.CUDA is None:
         out["cuda"] = f"unavailable: {native.CUDA_ERROR}"
     else:
@@ -160,8 +161,9 @@ def _warn_once(key: tuple, message: str) -> None:
 class KernelTable:
     """The implementations of one op, keyed by backend, and the rule that picks one for a device.
 
-    The ``cpu`` and ``cuda`` implementations call weightkit.native (the kernel libraries); the table knows whether
-    those loaded, and whether the CUDA one fits the device.
+    The implementations are the functions of weightkit/backends/<name>/ (and the reference in weightkit/ops); the
+    table knows whether each backend can run on a device (weightkit.native: whether the compiled kernels loaded and
+    fit the GPU; Triton: importable, on a GPU or under the interpreter). This is the one place that chooses.
     """
 
     def __init__(self, name: str, cuda_order: Tuple[str, ...] = ("cuda", "triton")):
@@ -192,7 +194,7 @@ class KernelTable:
             if device.type != "cpu":
                 return f"the cpu backend runs CPU tensors, got {device.type}"
             if native.CPU is None:
-                return f"CPU kernel library not loaded ({native.CPU_ERROR})"
+                return f"CPU kernels not loaded ({native.CPU_ERROR})"
             return None
         if backend == "cuda":
             if device.type != "cuda":

@@ -1,6 +1,6 @@
 // CPU kernel of the fused GaLore Adam step (spec: weightkit/ops/galore.py): the low-rank Adam moments and U in one
 // pass. The projection back into the weight (W <- decay W - step_size scale decay P U, BLAS addmm_ straight into W)
-// is done by torch in weightkit/native.py.
+// is done by torch in weightkit/backends/cpu.
 #include <cmath>
 
 #include "../weightkit.h"

@@ -1,6 +1,6 @@
 // CPU kernels for INT4 projection matrices (spec: weightkit/ops/int4.py): group-wise asymmetric quantize + pack and
 // unpack + dequantize. The INT4 matmul dequantizes a block of rows at a time with wk_cpu_dequantize_int4 and
-// multiplies it with torch's BLAS (weightkit/native.py), so the float matrix never exists whole.
+// multiplies it with torch's BLAS (weightkit/backends/cpu), so the float matrix never exists whole.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

@@ -1,5 +1,5 @@
 // CPU kernels for INT8 stochastic rounding and the int8 matmul (spec: weightkit/ops/int8.py). The matmul's BLAS
-// part (many tokens: a block of dequantized rows at a time times x) is done by torch in weightkit/native.py.
+// part (many tokens: a block of dequantized rows at a time times x) is done by torch in weightkit/backends/cpu.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

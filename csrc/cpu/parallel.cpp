@@ -5,7 +5,7 @@
 // needs no C++ runtime at all (it is built with -fno-exceptions -fno-rtti, see csrc/build.py).
 //
 // Workers are started on first use, up to the largest `threads` asked for, and then sleep on a condition variable
-// between jobs. One job runs at a time: a second Python thread calling a kernel meanwhile (ctypes releases the GIL)
+// between jobs. One job runs at a time: a second Python thread calling a kernel meanwhile (each call of weightkit._C releases the GIL)
 // runs its tasks inline instead of waiting, and so does a kernel called from inside a task. After fork() the child
 // builds a fresh pool (the parent's threads do not exist there; the old pool is left untouched).
 #include "parallel.h"

@@ -1,6 +1,6 @@
 // CUDA kernel of the fused GaLore Adam step (spec: weightkit/ops/galore.py): the low-rank Adam update in one
 // elementwise pass; the projection back into the weight (cuBLAS addmm_ straight into W) is done by torch in
-// weightkit/native.py on the same stream.
+// weightkit/backends/cuda on the same stream.
 #include "common.cuh"
 
 namespace weightkit {

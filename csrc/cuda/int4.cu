@@ -1,7 +1,7 @@
 // CUDA kernels for INT4 projection matrices (spec: weightkit/ops/int4.py). Divisions and roundings are the IEEE
 // round-to-nearest intrinsics (__fdiv_rn, rintf) and the build uses --fmad=false, so results match the reference
 // bit for bit. The INT4 matmul dequantizes a block of rows at a time with wk_cuda_dequantize_int4 and multiplies it
-// with cuBLAS through torch (weightkit/native.py), on the same stream.
+// with cuBLAS through torch (weightkit/backends/cuda), on the same stream.
 #include <cfloat>
 
 #include "common.cuh"

@@ -1,5 +1,5 @@
 // CUDA kernels for INT8 stochastic rounding and the int8 matmul's dequantization (spec: weightkit/ops/int8.py).
-// The matmul's products are cuBLAS calls made by torch in weightkit/native.py on the same stream.
+// The matmul's products are cuBLAS calls made by torch in weightkit/backends/cuda on the same stream.
 #include <cfloat>
 
 #include "../philox.h"

@@ -166,7 +166,9 @@ def test_sixteen_bit_weights_make_no_full_size_float32_temporary(dtype, left, pr
     m x n elements is made by the cpu backend (blocks of 1/4 of the rows here) nor by the Triton one (tile by
     tile), and the result is the float64 reference within the dtype's tolerance."""
     m, n, r = 64, 48, 8
-    monkeypatch.setattr(galore_ops, "BLOCK_ELEMENTS", (m // 4) * n)
+    from weightkit.backends import _blocked
+
+    monkeypatch.setattr(_blocked, "BLOCK_ELEMENTS", (m // 4) * n)  # the cpu/cuda backends' blocked write-back
     w, low, ea, eas, ortho = make(m, n, r, left, dtype)
     w64, _, _ = reference64((w, low, ea, eas, ortho, left))
     found = torch.zeros(1) if predicated else None

@@ -30,13 +30,6 @@ def _galore_args(device, left):
             0.9, 0.999, 1e-6, 1e-2, 0.5, 0.99)
 
 
-def _dict_args(device):
-    z = torch.randn(6, 20, device=device)
-    values = torch.randn(4, 9, device=device)
-    idx = torch.rand(20, 9, device=device).argsort(0)[:4].to(torch.uint8)
-    return z, values, idx
-
-
 def _bitmask_args(device):
     from weightkit.ops.dictionary import pack_bitmask
 
@@ -57,8 +50,6 @@ CASES = {
     "memory_lookup_forward": lambda d: (torch.randn(6, 8, device=d), torch.randn(2, 16, 8, device=d) * 0.1, 1.0),
     "memory_lookup_backward": lambda d: (torch.randn(6, 8, device=d), torch.randn(6, 8, device=d),
                                          torch.randn(2, 16, 8, device=d) * 0.1, 1.0, True),
-    "dict_sparse_gather": _dict_args,
-    "dict_sparse_gather_backward": lambda d: (torch.randn(6, 9, device=d), *_dict_args(d)),
     "dict_bitmask_matmul": _bitmask_args,
     "dict_bitmask_matmul_backward": lambda d: (torch.randn(6, 9, device=d), *_bitmask_args(d)),
 }

@@ -7,14 +7,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from weightkit.ops import _registry
-from weightkit.ops.dictionary import dict_sparse_gather
+from weightkit.ops.dictionary import dict_bitmask_matmul, pack_bitmask
 from weightkit.ops.int4 import int4_matmul, quantize_int4
 from weightkit.ops.memoryformer import memory_lookup
 from weightkit.ops.int8 import absmax_scale, int8_matmul, int8_sr_update_, stochastic_round_int8
 
-DIFFERENTIABLE = ["int8_matmul", "int4_matmul", "memory_lookup_forward", "dict_sparse_gather"]
+DIFFERENTIABLE = ["int8_matmul", "int4_matmul", "memory_lookup_forward", "dict_bitmask_matmul"]
 OTHERS = ["stochastic_round_int8", "int8_sr_update_", "quantize_int4", "dequantize_int4", "galore_adam_update_",
-          "memory_lookup_backward", "dict_sparse_gather_backward"]
+          "memory_lookup_backward", "dict_bitmask_matmul_backward"]
 
 
 def test_every_op_is_registered_once_with_fake_and_autograd():
@@ -44,12 +44,12 @@ def _cases():
     packed, s4, z4 = quantize_int4(torch.randn(12, 8), 4)
     z = torch.randn(5, 20)
     values = torch.randn(4, 9)
-    idx = torch.rand(20, 9).argsort(0)[:4].to(torch.uint8)
+    bitmask, values, offsets = pack_bitmask(torch.rand(20, 9).argsort(0)[:4].to(torch.uint8), values, 20)
     return [
         ("int8_matmul", lambda a: int8_matmul(a, q, scale, 8), torch.randn(3, 2, 32), ()),
         ("int4_matmul", lambda a: int4_matmul(a, packed, s4, z4, 4, (12, 8)), torch.randn(3, 8), ()),
         ("memory_lookup", lambda a, t: memory_lookup(a, t, 0.9), torch.randn(6, 16), (torch.randn(2, 256, 8),)),
-        ("dict_sparse_gather", lambda a, v: dict_sparse_gather(a, v, idx), z, (values,)),
+        ("dict_bitmask_matmul", lambda a, v: dict_bitmask_matmul(a, v, bitmask, offsets), z, (values,)),
     ]
 
 
@@ -128,7 +128,7 @@ def test_vmap_over_an_op():
     assert torch.equal(yv, torch.stack([int8_matmul(t, q, scale, 8) for t in xb]))
 
 
-@pytest.mark.parametrize("name", ["int8_matmul", "memory_lookup", "dict_sparse_gather"])
+@pytest.mark.parametrize("name", ["int8_matmul", "memory_lookup", "dict_bitmask_matmul"])
 def test_compiled_training_matches_eager(name):
     fn, x, params = next((f, x, p) for n, f, x, p in _cases() if n == name)
 

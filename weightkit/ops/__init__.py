@@ -3,11 +3,10 @@ weightkit.ops._registry.define (schema, checks, backends, fake, autograd), with 
 Importing this package defines every weightkit:: op."""
 
 from . import dictionary, galore, int4, int8, memoryformer, rng
-from .dictionary import dict_bitmask_matmul, dict_sparse_gather
+from .dictionary import dict_bitmask_matmul
 from .galore import galore_adam_update_
 from .int8 import absmax_scale, stochastic_round_int8
 from .memoryformer import memory_lookup
 
 __all__ = ["dictionary", "galore", "int4", "int8", "memoryformer", "rng", "stochastic_round_int8", "absmax_scale",
-           "galore_adam_update_", "memory_lookup", "dict_sparse_gather",
-           "dict_bitmask_matmul"]
+           "galore_adam_update_", "memory_lookup", "dict_bitmask_matmul"]

@@ -15,7 +15,11 @@
   bad input at trace time;
 * for differentiable ops, a Python kernel on the ``Autograd`` key that runs an autograd.Function built from
   ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` (``torch.library.register_autograd``'s
-  conventions; ``backward`` returns one gradient or None per input) when a gradient is needed.
+  conventions; ``backward`` returns one gradient or None per input) when a gradient is needed. The backend forced
+  in forward (``use_backend``, a ContextVar) is recorded on the autograd context and forced again around
+  ``backward``: autograd runs a CUDA backward on its own device thread, where the forward's ContextVar is unset, so
+  without this a forced forward would be followed by an ``auto`` backward. (Under ``torch.compile`` the backend
+  is chosen when the compiled graph runs, in the thread that runs it.)
 
 Host cost of a call, and the one shortcut. Through the dispatcher (``torch.ops.weightkit.<name>.default``), a call
 crosses from C++ into Python once: the first Python kernel (the Autograd kernel of differentiable ops, else the
@@ -38,7 +42,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..backend import KernelTable
+from ..backend import _FORCED, KernelTable
 from ._checks import debug_checks_enabled
 
 __all__ = ["define"]
@@ -119,6 +123,8 @@ def _define_autograd(name: str, overload, eager: Callable, tensor_args: Sequence
     set to redispatch to, None for plain tensors)."""
     plain, below_autograd, grad_enabled = _PLAIN, _BELOW_AUTOGRAD, torch.is_grad_enabled
 
+    forced_now = _FORCED.get
+
     def forward(ctx, below, *args):
         if below is None or below.raw_repr() in plain:
             out = eager(*args)
@@ -127,10 +133,21 @@ def _define_autograd(name: str, overload, eager: Callable, tensor_args: Sequence
                 out = overload.redispatch(below, *args)
         if setup_context is not None:
             setup_context(ctx, args, out)
+        ctx.weightkit_backend = forced_now()
         return out
 
     def backward_fn(ctx, *grads):
-        return (None, *backward(ctx, *grads))
+        # The backend forced in forward (use_backend) is a ContextVar of the forward's thread; autograd runs a CUDA
+        # backward on its own device thread, where it is unset: re-enter it here so that backward runs the same
+        # backend. Unforced forwards leave the choice to the backward's own context (auto, or a use_backend there).
+        forced = ctx.weightkit_backend
+        if forced is None or forced == forced_now():
+            return (None, *backward(ctx, *grads))
+        token = _FORCED.set(forced)
+        try:
+            return (None, *backward(ctx, *grads))
+        finally:
+            _FORCED.reset(token)
 
     apply = type(f"{name}_autograd", (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(backward_fn)}).apply

@@ -38,12 +38,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import native
 from ..backend import KernelTable
+from ..backends.cpu import galore as cpu_galore
+from ..backends.cuda import galore as cuda_galore
+from ..backends.triton import galore as triton_galore
+from ..backends._blocked import BLOCK_ELEMENTS, matmul_precision, mm_float32, step_coef
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._registry import define
 
-__all__ = ["galore_adam_update_", "matmul_precision"]
+__all__ = ["galore_adam_update_", "matmul_precision", "mm_float32"]
 
 # auto on CUDA: the cuda kernel first. Measured on an H200 (torch 2.11, Triton 3.6, 2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json), whole GaLoreAdamW step, 4096^2 r1024: cuda 1.43 ms vs
@@ -51,14 +54,6 @@ __all__ = ["galore_adam_update_", "matmul_precision"]
 # then had fixed 32^3 tiles and always ran IEEE fp32; it autotunes and follows the TF32 setting since.)
 _GALORE = KernelTable("galore_adam_update_", cuda_order=("cuda", "triton"))
 
-# the float32 product of the blocked update holds at most this many values (16 MB) at a time
-BLOCK_ELEMENTS = 1 << 22
-
-
-def matmul_precision(device: torch.device) -> str:
-    """'tf32' where the user allows TF32 for float32 matmuls on this device (CUDA and
-    ``torch.backends.cuda.matmul.allow_tf32``), else 'ieee'."""
-    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, found_inf=None, step_size_t=None):
@@ -86,11 +81,6 @@ def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, found_inf=No
                          f"ortho {tuple(ortho.shape)}, low_grad {tuple(low_grad.shape)}")
 
 
-def _step_coef(step_size: float, scale: float, step_size_t: Optional[Tensor]):
-    """step_size * scale, as a Python float or (device step size) a one-element tensor."""
-    return step_size * scale if step_size_t is None else step_size_t * scale
-
-
 @_GALORE.register("reference")
 def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size,
                                  scale, decay, found_inf=None, step_size_t=None):
@@ -104,7 +94,7 @@ def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, l
         v = exp_avg_sq.mul(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
         update = m / (v.sqrt() + eps)
     full = p @ update if left else update @ p
-    new = (weight.to(torch.float32) - _step_coef(step_size, scale, step_size_t) * full) * decay
+    new = (weight.to(torch.float32) - step_coef(step_size, scale, step_size_t) * full) * decay
     if found_inf is None:
         weight.copy_(new)
         return
@@ -114,71 +104,9 @@ def galore_adam_update_reference(weight, low_grad, exp_avg, exp_avg_sq, ortho, l
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
 
 
-def _low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps, found_inf):
-    """U (float32) with M, V updated in place; where ``found_inf`` is set, M and V unchanged and U = 0."""
-    if found_inf is None:
-        return native.low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps)
-    m = exp_avg.mul(beta1).add_(low_grad, alpha=1 - beta1)
-    v = exp_avg_sq.mul(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
-    update = m / (v.sqrt() + eps)
-    skip = found_inf.ne(0)
-    exp_avg.copy_(torch.where(skip, exp_avg, m))
-    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
-    return update.masked_fill_(skip, 0.0)
-
-
-def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b as float32. 16-bit operands: on a GPU on 16-bit tensor cores with fp32 accumulation (torch.mm's
-    out_dtype); on the CPU, upcast (exact products, fp32 sums)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm's out_dtype: 16-bit output, fp32 accumulation
-            return (a @ b).to(torch.float32)
-    return a.to(torch.float32) @ b.to(torch.float32)
-
-
-def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bool, coef, decay: float,
-                         found_inf: Optional[Tensor]) -> None:
-    """W <- (W - coef N) * decay, N = P U | U P, a block of rows at a time (a float32 product of at most
-    BLOCK_ELEMENTS values, never m x n); U in P's dtype; where ``found_inf`` is set W is left unchanged."""
-    m, n = weight.shape
-    rows = max(1, min(m, BLOCK_ELEMENTS // max(n, 1)))
-    skip = None if found_inf is None else found_inf.ne(0)
-    for r0 in range(0, m, rows):
-        block = weight[r0:r0 + rows]
-        prod = _mm_float32(ortho[r0:r0 + rows], update) if left else _mm_float32(update[r0:r0 + rows], ortho)
-        new = prod.mul_(-coef if not isinstance(coef, Tensor) else coef.neg()).add_(block.to(torch.float32))
-        new.mul_(decay)
-        block.copy_(new if skip is None else torch.where(skip, block, new))
-
-
-@_GALORE.register("cpu")
-@_GALORE.register("cuda")
-def _galore_compiled(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
-                     found_inf=None, step_size_t=None):
-    low_grad = low_grad.contiguous()
-    ortho = ortho.contiguous()
-    if found_inf is None and step_size_t is None and weight.dtype == torch.float32 and ortho.dtype == torch.float32:
-        native.galore_adam_update_(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps,
-                                   step_size, scale, decay)
-        return
-    update = _low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps, found_inf)
-    if ortho.dtype != torch.float32:
-        update = update.to(ortho.dtype)
-    apply_update_blocked(weight, ortho, update, left, _step_coef(step_size, scale, step_size_t), decay, found_inf)
-
-
-@_GALORE.register("triton")
-def _galore_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
-                   found_inf=None, step_size_t=None):
-    from ..kernels.galore import galore_adam_update_triton
-
-    galore_adam_update_triton(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
-                              beta2, eps, step_size, scale, decay, found_inf=found_inf, step_size_t=step_size_t,
-                              tf32=matmul_precision(weight.device) == "tf32")
+_GALORE.register("cpu")(cpu_galore.galore_adam_update_)
+_GALORE.register("cuda")(cuda_galore.galore_adam_update_)
+_GALORE.register("triton")(triton_galore.galore_adam_update_)
 
 
 def _galore_impl(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,

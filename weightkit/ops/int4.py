@@ -32,9 +32,11 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import native
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite, rows
+from ..backends.cpu import int4 as cpu_int4
+from ..backends.cuda import int4 as cuda_int4
+from ..backends.triton import int4 as triton_int4
+from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor, exact_div, require_finite
 from ._registry import define
 
 __all__ = ["quantize_int4", "dequantize_int4", "unpack_int4", "int4_matmul"]
@@ -65,17 +67,9 @@ def quantize_int4_reference(x: Tensor, group_size: int):
     return packed, scale.reshape(-1), zero.reshape(-1).to(torch.uint8)
 
 
-@_QUANT.register("cpu")
-@_QUANT.register("cuda")
-def _quantize_int4_compiled(x, group_size):
-    return native.quantize_int4(x.contiguous(), group_size)
-
-
-@_QUANT.register("triton")
-def _quantize_int4_triton(x, group_size):
-    from ..kernels.int4 import quantize_int4_triton
-
-    return quantize_int4_triton(x.contiguous(), group_size)
+_QUANT.register("cpu")(cpu_int4.quantize_int4)
+_QUANT.register("cuda")(cuda_int4.quantize_int4)
+_QUANT.register("triton")(triton_int4.quantize_int4)
 
 
 def _check_quantize(x: Tensor, group_size: int) -> None:
@@ -125,18 +119,9 @@ def dequantize_int4_reference(packed: Tensor, scale: Tensor, zero: Tensor, group
     return ((q - zero.reshape(-1, 1).to(torch.float32)) * scale.reshape(-1, 1)).reshape(-1)
 
 
-@_DEQUANT.register("cpu")
-@_DEQUANT.register("cuda")
-def _dequantize_int4_compiled(packed, scale, zero, group_size):
-    return native.dequantize_int4(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
-
-
-@_DEQUANT.register("triton")
-def _dequantize_int4_triton(packed, scale, zero, group_size):
-    from ..kernels.int4 import dequantize_int4_triton
-
-    return dequantize_int4_triton(packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)
-
+_DEQUANT.register("cpu")(cpu_int4.dequantize_int4)
+_DEQUANT.register("cuda")(cuda_int4.dequantize_int4)
+_DEQUANT.register("triton")(triton_int4.dequantize_int4)
 
 _dequantize_int4_op = define(
     "dequantize_int4(Tensor packed, Tensor scale, Tensor zero, SymInt group_size, SymInt[] shape) -> Tensor",
@@ -185,21 +170,9 @@ def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
     return (x.to(compute) @ (w if transpose else w.T)).to(x.dtype)
 
 
-@_MM.register("cpu")
-@_MM.register("cuda")
-def _int4_matmul_compiled(x, packed, scale, zero, group_size, shape, transpose):
-    y = native.int4_matmul(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size,
-                           shape[0], shape[1], transpose)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-@_MM.register("triton")
-def _int4_matmul_triton(x, packed, scale, zero, group_size, shape, transpose):
-    from ..kernels.int4 import int4_matmul_triton
-
-    y = int4_matmul_triton(rows(x), packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, shape[0],
-                           shape[1], transpose)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+_MM.register("cpu")(cpu_int4.int4_matmul)
+_MM.register("cuda")(cuda_int4.int4_matmul)
+_MM.register("triton")(triton_int4.int4_matmul)
 
 
 def _int4_mm_setup(ctx, inputs, output):

@@ -17,11 +17,13 @@ import math
 import torch
 from torch import Tensor
 
-from .. import native
 from ..backend import KernelTable
+from ..backends.cpu import int8 as cpu_int8
+from ..backends.cuda import int8 as cuda_int8
+from ..backends.triton import int8 as triton_int8
 from . import rng
-from ._checks import (FLOAT_DTYPES, check_positive_int, check_tensor, debug_checks_enabled, exact_div, require_finite,
-                      rows)
+from ._checks import (FLOAT_DTYPES, check_positive_int, check_tensor, debug_checks_enabled, exact_div,
+                      require_finite)
 from ._registry import define
 
 __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_int8", "int8_sr_update_"]
@@ -53,17 +55,9 @@ def stochastic_round_int8_reference(x: Tensor, scale: Tensor, group_size: int, s
     return q.clamp_(-128, 127).to(torch.int8).reshape(x.shape)
 
 
-@_SR.register("cpu")
-@_SR.register("cuda")
-def _stochastic_round_int8_compiled(x, scale, group_size, seed, offset):
-    return native.stochastic_round_int8(x.contiguous(), scale.contiguous(), group_size, seed, offset)
-
-
-@_SR.register("triton")
-def _stochastic_round_int8_triton(x, scale, group_size, seed, offset):
-    from ..kernels.int8 import stochastic_round_int8_triton
-
-    return stochastic_round_int8_triton(x.contiguous(), scale.contiguous(), group_size, seed, offset)
+_SR.register("cpu")(cpu_int8.stochastic_round_int8)
+_SR.register("cuda")(cuda_int8.stochastic_round_int8)
+_SR.register("triton")(triton_int8.stochastic_round_int8)
 
 
 def _sr_impl(x, scale, group_size, seed, offset):
@@ -133,17 +127,9 @@ def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset)
     scale.copy_(new_scale.reshape(scale.shape))
 
 
-@_SR_UPDATE.register("cpu")
-@_SR_UPDATE.register("cuda")
-def _int8_sr_update_compiled(w_q, scale, delta, group_size, decay, seed, offset):
-    native.int8_sr_update_(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
-
-
-@_SR_UPDATE.register("triton")
-def _int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
-    from ..kernels.int8 import int8_sr_update_triton
-
-    int8_sr_update_triton(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+_SR_UPDATE.register("cpu")(cpu_int8.int8_sr_update_)
+_SR_UPDATE.register("cuda")(cuda_int8.int8_sr_update_)
+_SR_UPDATE.register("triton")(triton_int8.int8_sr_update_)
 
 
 def _sr_update_impl(w_q, scale, delta, group_size, decay, seed, offset):
@@ -250,19 +236,9 @@ def int8_matmul_reference(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int
     return y.to(x.dtype)
 
 
-@_INT8_MM.register("cpu")
-@_INT8_MM.register("cuda")
-def _int8_matmul_compiled(x, w_q, scale, group_size, transpose):
-    y = native.int8_matmul(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-@_INT8_MM.register("triton")
-def _int8_matmul_triton(x, w_q, scale, group_size, transpose):
-    from ..kernels.int8 import int8_matmul_triton
-
-    y = int8_matmul_triton(rows(x).contiguous(), w_q.contiguous(), scale.contiguous(), group_size, transpose)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+_INT8_MM.register("cpu")(cpu_int8.int8_matmul)
+_INT8_MM.register("cuda")(cuda_int8.int8_matmul)
+_INT8_MM.register("triton")(triton_int8.int8_matmul)
 
 
 def _int8_matmul_fake(x, w_q, scale, group_size, transpose):

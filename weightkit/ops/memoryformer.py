@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import native
 from ..backend import KernelTable
-from ._checks import FLOAT_DTYPES, check_tensor, require_finite, rows
+from ..backends.cpu import memoryformer as cpu_memoryformer
+from ..backends.cuda import memoryformer as cuda_memoryformer
+from ..backends.triton import memoryformer as triton_memoryformer
+from ._checks import FLOAT_DTYPES, check_tensor, require_finite
 from ._registry import define
 
 __all__ = ["memory_lookup", "memory_lookup_grads"]
@@ -90,36 +92,9 @@ def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t:
     return gz.reshape(x.shape).to(x.dtype), gt.to(tables.dtype)
 
 
-@_FWD.register("cpu")
-@_FWD.register("cuda")
-def _forward_compiled(x, tables, t):
-    y = native.memory_lookup_forward(rows(x).contiguous(), tables.contiguous(), t)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
-
-
-@_BWD.register("cpu")
-@_BWD.register("cuda")
-def _backward_compiled(grad, x, tables, t, deterministic):
-    gx, gt = native.memory_lookup_backward(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t,
-                                           deterministic)
-    return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
-
-
-@_FWD.register("triton")
-def _forward_triton(x, tables, t):
-    from ..kernels.memoryformer import memory_lookup_forward_triton
-
-    y = memory_lookup_forward_triton(rows(x).contiguous(), tables.contiguous(), t)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], tables.shape[-1])
-
-
-@_BWD.register("triton")
-def _backward_triton(grad, x, tables, t, deterministic):
-    from ..kernels.memoryformer import memory_lookup_backward_triton
-
-    gx, gt = memory_lookup_backward_triton(rows(grad).contiguous(), rows(x).contiguous(), tables.contiguous(), t,
-                                           deterministic)
-    return (gx if x.dim() == 2 else gx.reshape(x.shape)), gt
+for _name, _module in (("cpu", cpu_memoryformer), ("cuda", cuda_memoryformer), ("triton", triton_memoryformer)):
+    _FWD.register(_name)(_module.memory_lookup_forward)
+    _BWD.register(_name)(_module.memory_lookup_backward)
 
 
 def _setup(ctx, inputs, output):

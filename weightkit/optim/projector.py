@@ -131,7 +131,7 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
     if orthonormalize not in ("householder", "cholqr"):
         raise ValueError(f"orthonormalize={orthonormalize!r} is not one of 'householder', 'cholqr'")
     low = matrix if range_dtype in (None, torch.float32) else matrix.to(range_dtype)
-    from ..ops.galore import _mm_float32
+    from ..ops.galore import mm_float32
 
     failed = torch.zeros((), dtype=torch.bool, device=matrix.device)
 
@@ -142,10 +142,10 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
         failed.logical_or_(bad)
         return q.masked_fill_(failed, 0.0)  # a failed factorization's NaNs must not reach the SVD (it would raise)
 
-    q = orth(_mm_float32(low, omega.to(low.dtype)))
+    q = orth(mm_float32(low, omega.to(low.dtype), low.is_cuda))
     for _ in range(power_iters):
-        q = orth(_mm_float32(low.T, q.to(low.dtype)))
-        q = orth(_mm_float32(low, q.to(low.dtype)))
+        q = orth(mm_float32(low.T, q.to(low.dtype), low.is_cuda))
+        q = orth(mm_float32(low, q.to(low.dtype), low.is_cuda))
     u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
     if orthonormalize == "cholqr" and bool(failed):  # read after the SVD's own sync (see above)
         return randomized_svd(matrix, rank, oversample, power_iters, None if generator is None else
@@ -196,14 +196,14 @@ def project(grad: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor
     operands with float32 accumulation and a float32 result (16-bit tensor cores on a GPU; on the CPU the operands
     are upcast, the same products)."""
     if ortho.dtype != torch.float32:
-        from ..ops.galore import _mm_float32
+        from ..ops.galore import mm_float32
 
         g = grad.to(ortho.dtype)
         if side == "left":
-            return _mm_float32(ortho.T, g)
+            return mm_float32(ortho.T, g, g.is_cuda)
         if side == "right":
-            return _mm_float32(g, ortho.T)
-        return _mm_float32(ortho.T, g) @ ortho_right.to(torch.float32).T
+            return mm_float32(g, ortho.T, g.is_cuda)
+        return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
     g = grad.to(torch.float32)
     if side == "left":
         return ortho.T @ g

@@ -1,0 +1,125 @@
+"""The blocked dequantize-then-BLAS matmul that the cpu and cuda backends share for many tokens (device-agnostic
+torch code: the dequantization of each block is the backend's kernel, passed in)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+def blocked_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, block_rows: int,
+                           dequant: Callable[[Tensor, int, int], None]) -> Tensor:
+    """y = x W^T (transpose=False) or x W (transpose=True) for a quantized W (rows x cols), of which ``dequant(dst,
+    r0, nr)`` writes rows [r0, r0 + nr) into dst (nr x cols, fp32, contiguous). At most ``block_rows`` rows are
+    dequantized at a time, so the float weight never exists whole:
+
+    * transpose=False: block by block into Y^T (rows x tokens): each block's product is a contiguous row range of
+      Y^T that BLAS writes in place, one transpose at the end; a single block writes Y = X W^T directly;
+    * transpose=True: Y += X[:, r0:r0+nr] W[r0:r0+nr, :].
+
+    x may have any strides (BLAS takes transposed views without copies); fp32 accumulation, output in x's dtype.
+    """
+    tokens = x.shape[0]
+    step = max(1, min(rows, block_rows))
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    buf = torch.empty((step, cols), dtype=torch.float32, device=x.device)
+    if transpose:
+        y = torch.zeros((tokens, cols), dtype=torch.float32, device=x.device)
+    elif step == rows:
+        y = torch.empty((tokens, rows), dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((rows, tokens), dtype=torch.float32, device=x.device)  # Y^T
+    for r0 in range(0, rows, step):
+        nr = min(rows - r0, step)
+        block = buf[:nr]
+        dequant(block, r0, nr)
+        if transpose:
+            y.addmm_(xf[:, r0:r0 + nr], block)
+        elif step == rows:
+            torch.mm(xf, block.t(), out=y)
+        else:
+            torch.mm(block, xf.t(), out=y[r0:r0 + nr])
+    if not transpose and step != rows:
+        y = y.t().contiguous()
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# -- GaLore's write-back (weightkit/ops/galore.py), after the backend's kernel computed U ---------------------------
+
+# the float32 product of the blocked update holds at most this many values (16 MB) at a time
+BLOCK_ELEMENTS = 1 << 22
+
+
+def matmul_precision(device: torch.device) -> str:
+    """'tf32' where the user allows TF32 for float32 matmuls on this device (CUDA and
+    ``torch.backends.cuda.matmul.allow_tf32``), else 'ieee'."""
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def step_coef(step_size: float, scale: float, step_size_t: Optional[Tensor]):
+    """step_size * scale, as a Python float or (a step size counted on the device) a one-element tensor."""
+    return step_size * scale if step_size_t is None else step_size_t * scale
+
+
+def masked_low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
+                         eps: float, found_inf: Tensor) -> Tensor:
+    """U (float32) with M, V updated in place, except where ``found_inf`` is set: there M and V stay and U = 0
+    (the predicated step of ``nonfinite='skip'``, decided on the device)."""
+    m = exp_avg.mul(beta1).add_(low_grad, alpha=1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
+    update = m / (v.sqrt() + eps)
+    skip = found_inf.ne(0)
+    exp_avg.copy_(torch.where(skip, exp_avg, m))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
+    return update.masked_fill_(skip, 0.0)
+
+
+def mm_float32(a: Tensor, b: Tensor, tensor_cores: bool) -> Tensor:
+    """a @ b as float32. 16-bit operands: with ``tensor_cores`` (a GPU) on 16-bit tensor cores with fp32 accumulation
+    (torch.mm's out_dtype); else upcast (exact products, fp32 sums: the CPU's way)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if tensor_cores:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm's out_dtype: 16-bit output, fp32 accumulation
+            return (a @ b).to(torch.float32)
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bool, coef, decay: float,
+                         found_inf: Optional[Tensor], tensor_cores: bool) -> None:
+    """W <- (W - coef N) * decay, N = P U | U P, a block of rows at a time (a float32 product of at most
+    BLOCK_ELEMENTS values, never m x n); U in P's dtype (16-bit products on tensor cores where ``tensor_cores``);
+    where ``found_inf`` is set W is left unchanged."""
+    m, n = weight.shape
+    rows = max(1, min(m, BLOCK_ELEMENTS // max(n, 1)))
+    skip = None if found_inf is None else found_inf.ne(0)
+    for r0 in range(0, m, rows):
+        block = weight[r0:r0 + rows]
+        prod = (mm_float32(ortho[r0:r0 + rows], update, tensor_cores) if left
+                else mm_float32(update[r0:r0 + rows], ortho, tensor_cores))
+        new = prod.mul_(-coef if not isinstance(coef, Tensor) else coef.neg()).add_(block.to(torch.float32))
+        new.mul_(decay)
+        block.copy_(new if skip is None else torch.where(skip, block, new))
+
+
+def low_rank_update(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, step_size: float, scale: float,
+                    decay: float, found_inf: Optional[Tensor], step_size_t: Optional[Tensor],
+                    tensor_cores: bool) -> None:
+    """GaLore's W <- decay W - step_size scale decay (P U | U P), after the backend's kernel wrote U (float32): for a
+    float32 weight and basis without predication, BLAS addmm_ straight into W (no full-size temporary); otherwise
+    (bf16/fp16 weights, 16-bit bases, a device-side found_inf or step size) block of rows by block of rows."""
+    if found_inf is None and step_size_t is None and weight.dtype == torch.float32 and ortho.dtype == torch.float32:
+        alpha = -step_size * scale * decay
+        if left:
+            weight.addmm_(ortho, update, beta=decay, alpha=alpha)
+        else:
+            weight.addmm_(update, ortho, beta=decay, alpha=alpha)
+        return
+    if ortho.dtype != torch.float32:
+        update = update.to(ortho.dtype)
+    apply_update_blocked(weight, ortho, update, left, step_coef(step_size, scale, step_size_t), decay, found_inf,
+                         tensor_cores)

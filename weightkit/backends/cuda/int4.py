@@ -1,0 +1,54 @@
+"""cuda backend of weightkit/ops/int4.py."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ... import native
+from .._blocked import blocked_dequant_matmul
+from . import check, stream
+
+
+def quantize_int4(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(packed uint8, scale fp32, zero uint8)."""
+    xf = x.to(torch.float32).contiguous()
+    n = xf.numel()
+    groups = n // group_size
+    packed = torch.empty((n // 2,), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((groups,), dtype=torch.float32, device=x.device)
+    zero = torch.empty((groups,), dtype=torch.uint8, device=x.device)
+    check(native.CUDA.quantize_int4(xf.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), groups,
+                                    group_size, *stream(xf)), "quantize_int4")
+    return packed, scale, zero
+
+
+def _dequantize_into(out: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, e0: int,
+                     e1: int) -> None:
+    """out (fp32, contiguous) <- the flat elements [e0, e1) of the dequantized matrix."""
+    check(native.CUDA.dequantize_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(),
+                                      group_size, e0, e1 - e0, *stream(packed)), "dequantize_int4")
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    n = packed.numel() * 2
+    out = torch.empty((n,), dtype=torch.float32, device=packed.device)
+    _dequantize_into(out, packed, scale, zero, group_size, 0, n)
+    return out
+
+
+def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
+                transpose: bool) -> Tensor:
+    rows, cols = shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
+
+    def dequant(dst, r0, nr):
+        _dequantize_into(dst, packed, scale, zero, group_size, r0 * cols, (r0 + nr) * cols)
+
+    # up to 16M values per block
+    y = blocked_dequant_matmul(x2, rows, cols, transpose, (1 << 24) // max(cols, 1), dequant)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

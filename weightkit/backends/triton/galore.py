@@ -1,0 +1,19 @@
+"""triton backend of weightkit/ops/galore.py."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .._blocked import matmul_precision
+
+
+def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
+                        left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
+                        decay: float, found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
+    from ...kernels.galore import galore_adam_update_triton
+
+    galore_adam_update_triton(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
+                              beta2, eps, step_size, scale, decay, found_inf=found_inf, step_size_t=step_size_t,
+                              tf32=matmul_precision(weight.device) == "tf32")
