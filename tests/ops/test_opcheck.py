@@ -54,6 +54,8 @@ CASES = {
     "dequantize_int4": lambda d: (*_int4(12, 8, 4, d), 4, [12, 8]),
     "int4_matmul": lambda d: (torch.randn(3, 8, device=d), *_int4(12, 8, 4, d), 4, [12, 8], False),
     "galore_adam_update_": lambda d: _galore_args(d, left=False),
+    "int8_sr_lowrank_update_": lambda d: (*_int8_weight(16, 12, 4, d), *_int4(16, 4, 4, d),
+                                          torch.randn(4, 12, device=d), 4, 4, True, 0.1, 0.99, "fp32", 1, 0),
     "memory_lookup_forward": lambda d: (torch.randn(6, 8, device=d), torch.randn(2, 16, 8, device=d) * 0.1, 1.0),
     "memory_lookup_backward": lambda d: (torch.randn(6, 8, device=d), torch.randn(6, 8, device=d),
                                          torch.randn(2, 16, 8, device=d) * 0.1, 1.0, True),
