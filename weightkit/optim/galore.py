@@ -63,7 +63,7 @@ from torch import Tensor
 from ..ops._checks import debug_checks_enabled, finite_flags
 from .basis import FloatBasis, Int4Basis
 from .moments import BlockwiseMoments8bit, FloatMoments
-from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_side
+from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, projection_side
 from .refresh import FixedRefresh
 from .weights import FloatWeight, LowRankUpdate
 
@@ -354,7 +354,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             basis = storage.load(pending, group)
         else:
             basis = storage.load(state, group)
-        low = part.reduce_low(p, project(local, side, *basis), side)
+        low = part.reduce_low(p, storage.project(local, side, basis), side)
         return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
                 "proj": proj, "key": key}
 
@@ -383,8 +383,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                step_size=self._step_size(group, state["step"]), scale=prep["proj"].scale,
                                decay=1.0 - group["lr"] * group["weight_decay"], step=state["step"],
                                seed=hash((group["seed"], prep["key"])) % 2**62)
+        basis = prep["basis"] if getattr(part, "packed_basis", False) else self.parts.basis.dense(prep["basis"])
         exp_avg, exp_avg_sq = moments.load(state)
-        part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *prep["basis"], prep["side"], update)
+        part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *basis, prep["side"], update)
         moments.store(state, exp_avg, exp_avg_sq)
 
     def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float) -> None:
