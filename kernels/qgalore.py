@@ -148,3 +148,56 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
         LEFT=bool(left), GS=group_size, PG=proj_group_size, BF16=precision == "bf16",
         TC_BF16=precision == "bf16" and not _INTERPRET, RNG4=rng4, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blockwise8bit_adam_ (spec: weightkit.ops.moments8bit): one program per block of 256 elements.
+
+@triton.jit
+def _nearest_code(x, bounds_ptr):
+    """The number of the 255 sorted midpoints strictly below ``x`` (torch.bucketize), by an 8-step binary search."""
+    idx = tl.zeros(x.shape, dtype=tl.int32)
+    for step in tl.static_range(8):
+        width = 128 >> step
+        probe = tl.load(bounds_ptr + idx + (width - 1))
+        idx = tl.where(probe < x, idx + width, idx)
+    return idx
+
+
+@triton.jit
+def _requantize(x, mask, bounds_ptr, q_ptr, absmax_ptr, offs, block):
+    absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+    inv = tl.math.div_rn(1.0, tl.maximum(absmax, 1e-38))
+    scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
+    tl.store(q_ptr + offs, _nearest_code(scaled, bounds_ptr).to(tl.uint8), mask=mask)
+    tl.store(absmax_ptr + block, absmax)
+
+
+@triton.jit
+def _blockwise8bit_adam_kernel(g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, code_s_ptr, code_u_ptr, bounds_s_ptr,
+                               bounds_u_ptr, out_ptr, n, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                               BLOCK: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    mq = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
+    vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
+    m = tl.load(code_s_ptr + mq) * tl.load(ma_ptr + block)
+    v = tl.load(code_u_ptr + vq) * tl.load(va_ptr + block)
+    m = m * beta1 + g * one_minus_beta1  # (1 - beta) in double, then float32, as torch's scalar
+    v = v * beta2 + (g * g) * one_minus_beta2
+    tl.store(out_ptr + offs, tl.math.div_rn(m, tl.sqrt_rn(v) + eps), mask=mask)
+    _requantize(m, mask, bounds_s_ptr, mq_ptr, ma_ptr, offs, block)
+    _requantize(v, mask, bounds_u_ptr, vq_ptr, va_ptr, offs, block)
+
+
+def blockwise8bit_adam_triton(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed,
+                              code_unsigned, out, beta1, beta2, eps):
+    n = low.numel()
+    bounds_s = (code_signed[:-1] + code_signed[1:]) / 2
+    bounds_u = (code_unsigned[:-1] + code_unsigned[1:]) / 2
+    _blockwise8bit_adam_kernel[(cdiv(n, 256),)](
+        low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, bounds_s,
+        bounds_u, out, n, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), BLOCK=256, num_warps=2 if _INTERPRET else 4,
+        enable_fp_fusion=False)
