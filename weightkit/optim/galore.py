@@ -384,6 +384,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                decay=1.0 - group["lr"] * group["weight_decay"], step=state["step"],
                                seed=hash((group["seed"], prep["key"])) % 2**62)
         basis = prep["basis"] if getattr(part, "packed_basis", False) else self.parts.basis.dense(prep["basis"])
+        if hasattr(part, "apply_direction") and hasattr(moments, "adam_direction_"):
+            direction = moments.adam_direction_(state, low, update)  # 8-bit moments in one pass (Q-GaLore)
+            if direction is not None:
+                part.apply_direction(weight, direction, *basis, prep["side"], update)
+                return
         exp_avg, exp_avg_sq = moments.load(state)
         part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *basis, prep["side"], update)
         moments.store(state, exp_avg, exp_avg_sq)
@@ -407,7 +412,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back.
     ``parts``: the other parts (its moments part is replaced by the 8-bit one)."""
 
+    moments_part = BlockwiseMoments8bit  # QGaLoreAdamW8bit: the one-pass FusedBlockwiseMoments8bit
+
     def __init__(self, params, *args, min_8bit_size: int = 4096, parts: Optional[GaLoreParts] = None, **kwargs):
         self.min_8bit_size = min_8bit_size
-        parts = dataclasses.replace(parts or GaLoreParts(), moments=BlockwiseMoments8bit(min_8bit_size))
+        parts = dataclasses.replace(parts or GaLoreParts(), moments=self.moments_part(min_8bit_size))
         super().__init__(params, *args, parts=parts, **kwargs)

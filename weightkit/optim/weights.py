@@ -147,7 +147,12 @@ class Int8SRWeight(FloatWeight):
 
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
-        direction = adam_direction(low, exp_avg, exp_avg_sq, u)
+        self.apply_direction(weight, adam_direction(low, exp_avg, exp_avg_sq, u), ortho, ortho_right, side, u)
+
+    def apply_direction(self, weight: Tensor, direction: Tensor, ortho, ortho_right: Optional[Tensor], side: str,
+                        u: LowRankUpdate) -> None:
+        """Write back Adam's low-rank direction U (the moments already updated: by ``apply_low_rank``, or in one
+        pass by 8-bit moments, weightkit.optim.moments.FusedBlockwiseMoments8bit)."""
         offset = (u.step * weight.numel()) % 2**62
         # The ops' own NaN check of their input (on by default: they write in place) would cost a host sync per
         # weight per step; the step has checked the gradients already, so it runs only when debug checks are on.
