@@ -3,7 +3,8 @@
 int8_sr_lowrank_update_: one program per [BLOCK_M, BLOCK_N] tile of the int8 weight, BLOCK_N a multiple of the
 weight's group size (a tile holds whole groups: the new absmax scale of a group is taken over its whole updated
 weight). The tile of N = P U (left) or U P (right) is accumulated over the rank in BLOCK_R steps with ``tl.dot``
-(float32 accumulation; 'fp32' = IEEE products, 'bf16' = operands rounded to bfloat16, the tensor-core path;
+(float32 accumulation; 'fp32' = IEEE products, 'tf32x3' = three TF32 tensor-core products (near-float32
+accuracy; IEEE in the interpreter), 'bf16' = operands rounded to bfloat16, the tensor-core path;
 the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the rounded values in float32: the same exact
 products), the
 INT4 basis tile unpacked and dequantized in registers ((q - z) * s, one rounding, as the spec). The epilogue reads
@@ -63,7 +64,7 @@ def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, alpha, decay, seed,
                                    offset, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
-                                   BF16: tl.constexpr, TC_BF16: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BF16: tl.constexpr, TC_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -91,7 +92,7 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
         if TC_BF16:  # exact casts of bf16-representable values; tensor cores, float32 accumulation
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
         else:
-            acc = tl.dot(a, b, acc=acc, input_precision="ieee", out_dtype=tl.float32)
+            acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     # epilogue: the tile's groups, [G, GS] with G = BLOCK_M * BLOCK_N / GS (a row of the tile holds whole groups)
     G: tl.constexpr = BLOCK_M * (BLOCK_N // GS)
     mask = rmask[:, None] & cmask[None, :]
@@ -146,7 +147,8 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
     _int8_sr_lowrank_update_kernel[grid](
         w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, float(alpha), float(decay), seed, offset,
         LEFT=bool(left), GS=group_size, PG=proj_group_size, BF16=precision == "bf16",
-        TC_BF16=precision == "bf16" and not _INTERPRET, RNG4=rng4, BLOCK_M=block_m,
+        TC_BF16=precision == "bf16" and not _INTERPRET,
+        DOT_PRECISION="tf32x3" if precision == "tf32x3" and not _INTERPRET else "ieee", RNG4=rng4, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
 
 

@@ -52,7 +52,7 @@ def _run(backend, case, left, precision, seed=7, offset=0, alpha=0.03125, decay=
 
 
 @pytest.mark.parametrize("offset", [0, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16"])
 @pytest.mark.parametrize("left", [True, False])
 def test_backends_bit_identical_when_the_product_is_exact(left, precision, offset):
     print("seed 0")
@@ -65,7 +65,7 @@ def test_backends_bit_identical_when_the_product_is_exact(left, precision, offse
     assert not torch.equal(want[0], case[0][0])  # the update moved the weight
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16"])
 @pytest.mark.parametrize("left", [True, False])
 def test_backends_match_within_accumulation_error(left, precision):
     print("seed 3")
