@@ -18,7 +18,8 @@ scale, ``decay`` = 1 - lr * weight_decay).
 No float copy of the weight and no m x n delta exist whole: the Triton kernel computes each [BLOCK_M, BLOCK_N]
 tile of N from the packed basis (dequantized in registers) and the low-rank update with ``tl.dot``, applies the
 update and the stochastic rounding to the tile, and writes int8 values and scales; a tile spans whole groups, so
-the absmax of each group is computed over its whole updated weight. The ``cpu`` / ``cuda`` backends compose the
+the absmax of each group is computed over its whole updated weight (group sizes that are powers of two up to
+1024; others, e.g. 127 for a 5461-wide layer, take the composed path). The ``cpu`` / ``cuda`` backends compose the
 existing kernels by blocks of rows (N for ~1M elements at a time, then the native ``int8_sr_update_``).
 
 Precision of N (the one part that is not bit-identical across backends). ``precision='fp32'`` multiplies float32
@@ -149,8 +150,14 @@ def _int8_sr_lowrank_update_composed(w_q, scale, ortho_q, ortho_scale, ortho_zer
 @_LOWRANK.register("triton")
 def _int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size,
                                    proj_group_size, left, alpha, decay, precision, seed, offset):
-    from ..kernels.qgalore import int8_sr_lowrank_update_triton
+    from ..kernels.qgalore import int8_sr_lowrank_update_triton, supports
 
+    if not supports(group_size):  # e.g. 127 for LLaMA-1B's 5461-wide down_proj: the composition of native kernels
+        if native.CPU is None and native.CUDA is None:
+            raise ValueError(f"the Triton int8_sr_lowrank_update_ needs a power-of-two group_size <= 1024, got "
+                             f"{group_size}, and the kernel libraries are not loaded")
+        return _int8_sr_lowrank_update_composed(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size,
+                                                proj_group_size, left, alpha, decay, precision, seed, offset)
     int8_sr_lowrank_update_triton(w_q, scale, ortho_q.contiguous(), ortho_scale.contiguous(),
                                   ortho_zero.contiguous(), update.contiguous(), group_size, proj_group_size, left,
                                   alpha, decay, precision, seed, offset)
