@@ -8,7 +8,8 @@ back by stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive sub
 * Projection bases are stored as INT4 (weightkit.optim.basis.Int4Basis, ``proj_group_size`` elements per group)
   and read packed: the projection runs ``int4_matmul`` and the int8 write-back ``int8_sr_lowrank_update_``
   (weightkit.ops.qgalore: (W - a P U) * decay and the stochastic rounding tile by tile, no m x n temporary);
-  ``lowrank_precision='bf16'`` rounds P and U to bfloat16 for that product (tensor cores on a GPU).
+  ``lowrank_precision``: 'fp32' (default; within the precision contract, tests/optim/test_qgalore_precision.py),
+  'tf32x3' (tensor cores, near-fp32: for a GPU run to measure) or 'bf16' (~10^4 over the contract's bound).
 * 8-bit moments (bitsandbytes' blockwise format) are updated in one pass by ``blockwise8bit_adam_``
   (weightkit.optim.moments.FusedBlockwiseMoments8bit) for int8 weights; float weights keep the three-pass path.
 * Lazy refresh (weightkit.optim.refresh.LazyRefresh: ``cos_threshold``, ``gamma_proj``, ``queue_size``);
