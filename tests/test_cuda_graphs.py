@@ -59,9 +59,16 @@ def _tables(k, tau, d_out, device):
     return _randn(k, 2**tau, d_out, device=device, scale=0.1)
 
 
-def _dict(tokens, device, k=48, s=6, d_out=72):
-    idx = torch.rand(k, d_out, device=device).argsort(0)[:s].to(torch.uint8)
-    return _randn(tokens, k, device=device), _randn(s, d_out, device=device), idx
+def _adam8(n, device):
+    """8-bit blockwise moments (blocks of 256) with sorted code tables of 256 values (any such table is a valid
+    call; bitsandbytes' dynamic maps are one, not needed here)."""
+    code_signed = torch.linspace(-1.0, 1.0, 256, device=device)
+    code_unsigned = torch.linspace(0.0, 1.0, 256, device=device)
+    blocks = -(-n // 256)
+    q = [torch.randint(0, 256, (n,), dtype=torch.uint8, device=device) for _ in range(2)]
+    absmax = [torch.rand(blocks, device=device) + 0.5 for _ in range(2)]
+    return (_randn(n, device=device), q[0], absmax[0], q[1], absmax[1], code_signed, code_unsigned,
+            torch.empty(n, device=device), 0.9, 0.999, 1e-6)
 
 
 def _bitmask(tokens, device, k=80, s=7, d_out=72):  # k = 80: three 32-bit mask words per column
@@ -96,8 +103,12 @@ CASES = {
         "40tok": lambda d: (_randn(40, 128, device=d), _randn(40, 64, device=d), _tables(16, 4, 128, d), 1.0, False),
         "40tok-deterministic": lambda d: (_randn(40, 128, device=d), _randn(40, 64, device=d), _tables(16, 4, 128, d),
                                           1.0, True)},
-    "dict_sparse_gather": {"1tok": lambda d: _dict(1, d), "40tok": lambda d: _dict(40, d)},
-    "dict_sparse_gather_backward": {"40tok": lambda d: (_randn(40, 72, device=d), *_dict(40, d))},
+    "int8_sr_lowrank_update_": {
+        "left-g32": lambda d: (*_int8_weight(128, 96, 32, d), *_int4(128, 16, 16, d), _randn(16, 96, device=d), 32,
+                               16, True, 0.1, 0.99, "fp32", 7, 0),
+        "right-g32": lambda d: (*_int8_weight(96, 128, 32, d), *_int4(16, 128, 16, d), _randn(96, 16, device=d), 32,
+                                16, False, 0.1, 0.99, "fp32", 7, 0)},
+    "blockwise8bit_adam_": {"600": lambda d: _adam8(600, d)},
     "dict_bitmask_matmul": {"1tok": lambda d: _bitmask(1, d), "40tok": lambda d: _bitmask(40, d)},
     "dict_bitmask_matmul_backward": {"40tok": lambda d: (_randn(40, 72, device=d), *_bitmask(40, d))},
 }

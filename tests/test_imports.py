@@ -40,7 +40,7 @@ LAYERS = {
     "weightkit.backends": 1, "weightkit.backend": 1,
     "weightkit.ops": 2,
     "weightkit.nn": 3, "weightkit.models": 3, "weightkit.data": 3,
-    "weightkit.compress": 4, "weightkit.optim": 4, "weightkit.checkpoint": 4,
+    "weightkit.compress": 4, "weightkit.optim": 4, "weightkit.checkpoint": 4, "weightkit.memory": 4,
     "weightkit": 5, "weightkit.integrations": 5, "weightkit.cli": 5, "weightkit.train": 5,
     "weightkit.benchreport": 5, "weightkit.__main__": 5,
 }

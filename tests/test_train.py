@@ -88,9 +88,14 @@ def test_qgalore_layerwise_steps_int8_weights_in_backward():
     assert all(m.weight.float_grad is None for m in int8)  # consumed in the hooks
     assert all(p.grad is None for p in model.parameters() if p.requires_grad)
     assert sum(not torch.equal(b, m.weight) for b, m in zip(before, int8)) > 0
-    r = train.run("qgalore-layerwise", train.TrainConfig(**TINY), progress=False)
+    r = train.run("qgalore-layerwise", train.TrainConfig(**dict(TINY, checkpointing=True)), progress=False)
     unigram_nats = unigram_entropy_bits(byte_corpus()[0]) * math.log(2)
     assert r.val_loss < unigram_nats and r.optimizer_impl.startswith("LayerwiseGaLore of weightkit.optim")
+    # the peak's breakdown (weightkit.memory), printed beside the measured peak
+    parts = r.memory_breakdown
+    assert parts["peak"] == int(r.peak_memory_mb * 2**20) and parts["weights"] == r.weight_bytes
+    assert parts["optimizer_state"] == r.optimizer_state_bytes and parts["activations"] > 0
+    assert "peak memory breakdown" in train.report([r]) and "measured peak" in train.report([r])
 
 
 def test_layerwise_schedule_sets_every_parameter_rate():
@@ -160,14 +165,18 @@ def test_presets_follow_the_galore_configs_and_count_parameters():
     assert preset("tiny", dim=64).hidden_dim == 192  # a new width takes the SwiGLU rule
     with pytest.raises(ValueError, match="heads of even size"):
         preset("tiny", dim=60, n_heads=4)
+    assert PRESETS["1b"] == (2048, 24, 32, 5461) and PRESETS["7b"] == (4096, 32, 32, 11008)  # GaLore's 1B / 7B
+    assert num_parameters(preset("7b")) > 6_000_000_000
     with pytest.raises(ValueError, match="unknown model size"):
-        preset("7b")
+        preset("13b")
 
 
 def test_config_resolves_from_the_size():
     cfg = train.TrainConfig(model_size="350m").resolve()
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.rank, cfg.update_proj_gap) == (1024, 24, 16, 2736, 256, 200)
     assert (cfg.batch_size, cfg.seq_len) == (8, 512)
+    cfg = train.TrainConfig(model_size="7b").resolve()  # #24's memory row: rank 1024, 16 x 256 tokens
+    assert (cfg.dim, cfg.rank, cfg.batch_size, cfg.seq_len) == (4096, 1024, 16, 256)
     assert train.TrainConfig(dim=64).resolve().rank == 16  # another width: d/4
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         train.TrainConfig(steps=0).resolve()

@@ -38,7 +38,7 @@ DEFAULT_METHODS = ("adamw", "galore", "qgalore")  # what a plain `weightkit trai
 #   its float-grad hook (weightkit.nn.Int8Weight.register_float_grad_hook) and its float gradient freed there.
 # * galore-torch: the reference implementation (pip galore-torch, GaLoreAdamW), the same groups, rank, gap and scale:
 #   the peer of the GaLore-step issue's end-to-end table.
-SIZES = ("tiny", "60m", "130m", "350m")
+SIZES = ("tiny", "60m", "130m", "350m", "1b", "7b")
 
 # Peak learning rate (reached after warmup, then cosine decay) per method and model size, and its source.
 # * galore: 0.01 with scale 0.25 (the projected update is scaled by 0.25, so attention/MLP weights move at an
@@ -58,6 +58,8 @@ LR_TABLE: Dict[str, Dict[str, float]] = {
     "galore": {"tiny": 1e-2, "60m": 1e-2, "130m": 1e-2, "350m": 1e-2},
     "qgalore": {"tiny": 1.5e-2, "60m": 1.5e-2, "130m": 1.5e-2, "350m": 1e-2},
 }
+for _rates in LR_TABLE.values():  # 1b / 7b (#24's memory runs): the 350m rates, not tuned at those sizes
+    _rates["1b"] = _rates["7b"] = _rates["350m"]
 LR_TABLE["galore-layerwise"] = LR_TABLE["galore-torch"] = LR_TABLE["galore"]
 LR_TABLE["qgalore-layerwise"] = LR_TABLE["qgalore"]
 LR_SOURCES = {
@@ -76,6 +78,9 @@ TRAIN_PRESETS: Dict[str, Dict[str, int]] = {
     "60m": dict(rank=128, update_proj_gap=200, batch_size=16, seq_len=256),
     "130m": dict(rank=256, update_proj_gap=200, batch_size=8, seq_len=512),
     "350m": dict(rank=256, update_proj_gap=200, batch_size=8, seq_len=512),
+    # the memory runs of #24: GaLore's 1B rank 512; 7B at rank 1024 with 16 x 256 tokens (Q-GaLore's 7B setting)
+    "1b": dict(rank=512, update_proj_gap=200, batch_size=16, seq_len=256),
+    "7b": dict(rank=1024, update_proj_gap=200, batch_size=16, seq_len=256),
 }
 
 
@@ -180,6 +185,7 @@ class RunResult:
     peak_rss_mb: float = 0.0
     optimizer_state_bytes: int = 0
     weight_bytes: int = 0
+    memory_breakdown: Dict[str, int] = field(default_factory=dict)  # weightkit.memory.peak_breakdown
     n_params: int = 0
     seconds: float = 0.0
     device: str = ""
@@ -611,7 +617,18 @@ def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float
     else:
         result.peak_memory_mb = result.peak_rss_mb
         result.peak_memory_kind = "peak RSS"
+    result.memory_breakdown = _breakdown(model, opt, layerwise, next(it), device, int(result.peak_memory_mb * 2**20))
     return result
+
+
+def _breakdown(model, opt, layerwise, batch, device, peak_bytes) -> Dict[str, int]:
+    """The measured peak split into its parts (weightkit.memory), activations measured on one more batch."""
+    from weightkit.memory import activation_bytes, peak_breakdown
+
+    model.train()  # (evaluate() left it in eval mode, where blocks are not checkpointed)
+    acts = activation_bytes(model, _to(batch[0], device), _to(batch[1], device), lambda: _autocast(device))
+    return peak_breakdown(peak_bytes, model, [o.state for o in opt.optimizers] if layerwise else opt.state,
+                          layerwise, acts)
 
 
 def sweep(method: str, cfg: TrainConfig, rates: Sequence[float], steps: int, progress: bool = True) -> List[Dict]:
@@ -761,6 +778,11 @@ def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
     if done:
         lines.append("first step (GaLore/Q-GaLore: every layer's first SVD; excluded from tokens/s): "
                      + ", ".join(f"{r.method} {r.first_step_s:.2f} s" for r in done))
+    from weightkit.memory import format_breakdown
+
+    for r in done:
+        if r.memory_breakdown:
+            lines += [f"{r.method} peak memory breakdown:", format_breakdown(r.memory_breakdown, r.peak_memory_kind)]
     lines += [f"{r.method} lr {r.lr:.3g}: {r.lr_source}" for r in results]
     lines += [f"{r.method} optimizer: {r.optimizer_impl}" for r in done if r.optimizer_impl]
     swept = [r for r in results if r.sweep]

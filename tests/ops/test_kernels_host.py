@@ -114,8 +114,8 @@ def test_device_guard_switches_only_to_another_device(fake_cuda):
 
 
 def _launcher_calls(device):
-    """One call of every launcher the ops use (kernels/*.py except galore.py), on tiny inputs."""
-    from weightkit.kernels import dictionary, int4, int8, memoryformer
+    """One call of every launcher the ops use (every per-op file of kernels/), on tiny inputs."""
+    from weightkit.kernels import dictionary, galore, int4, int8, memoryformer, qgalore
     from weightkit.ops.dictionary import index_dtype_for, pack_bitmask
 
     x = torch.randn(2, 64, device=device)
@@ -137,9 +137,18 @@ def _launcher_calls(device):
         "quantize_int4": lambda: int4.quantize_int4_triton(x, 32),
         "dequantize_int4": lambda: int4.dequantize_int4_triton(packed, s4, z4, 32),
         "int4_matmul": lambda: int4.int4_matmul_triton(x, packed, s4, z4, 32, 32, 64, False),
-        "dict_sparse_gather": lambda: dictionary.dict_sparse_gather_triton(x, ell_v, ell_i),
-        "dict_sparse_gather_backward": lambda: dictionary.dict_sparse_gather_backward_triton(
-            torch.randn(2, 40, device=device), x, ell_v, ell_i),
+        "galore_adam_update_": lambda: galore.galore_adam_update_triton(
+            torch.randn(32, 24, device=device), torch.randn(4, 24, device=device), torch.zeros(4, 24, device=device),
+            torch.zeros(4, 24, device=device), torch.randn(32, 4, device=device), True, 0.9, 0.999, 1e-6, 1e-2, 1.0,
+            1.0),
+        "int8_sr_lowrank_update_": lambda: qgalore.int8_sr_lowrank_update_triton(
+            q.clone(), scale.clone(), *int4.quantize_int4_triton(torch.randn(32, 4, device=device), 4),
+            torch.randn(4, 64, device=device), 32, 4, True, 0.1, 0.99, "fp32", 7, 0),
+        "blockwise8bit_adam_": lambda: qgalore.blockwise8bit_adam_triton(
+            torch.randn(300, device=device), torch.randint(0, 256, (300,), dtype=torch.uint8, device=device),
+            torch.rand(2, device=device) + 0.5, torch.randint(0, 256, (300,), dtype=torch.uint8, device=device),
+            torch.rand(2, device=device) + 0.5, torch.linspace(-1, 1, 256, device=device),
+            torch.linspace(0, 1, 256, device=device), torch.empty(300, device=device), 0.9, 0.999, 1e-6),
         "dict_bitmask_matmul": lambda: dictionary.dict_bitmask_matmul_triton(x, values, bitmask, offsets),
         "dict_bitmask_matmul_backward": lambda: dictionary.dict_bitmask_matmul_backward_triton(
             torch.randn(2, 40, device=device), x, values, bitmask, offsets),
@@ -159,7 +168,7 @@ def test_every_launcher_launches_inside_its_device_guard(fake_cuda, monkeypatch)
     it really switches, and every kernel launch is checked to happen while cuda:1 is active."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from weightkit.kernels import _shared, dictionary, int4, int8, memoryformer
+    from weightkit.kernels import _shared, dictionary, galore, int4, int8, memoryformer, qgalore
 
     real_guard = _shared.device_guard
     asked = []
@@ -168,7 +177,7 @@ def test_every_launcher_launches_inside_its_device_guard(fake_cuda, monkeypatch)
         asked.append(device)
         return real_guard(torch.device("cuda", 1) if device.type == "cpu" else device)
 
-    for mod in (int8, int4, dictionary, memoryformer):
+    for mod in (int8, int4, dictionary, memoryformer, galore, qgalore):
         monkeypatch.setattr(mod, "device_guard", guard_as_cuda1)
     launches = []
     real_run = InterpretedFunction.run
@@ -238,29 +247,9 @@ def test_plan_cache_is_bounded():
 
 _BIG_OFFSETS = r"""
 import json, torch
-from weightkit.kernels import dictionary, int4, int8
+from weightkit.kernels import int4, int8
 from weightkit.ops.int4 import dequantize_int4, quantize_int4
 out = {}
-
-# dict_sparse_gather forward: y[rows, cols] at rows * d_out + cols; 63 * d_out > 2^31 (grid (1, 1): one program,
-# rows 0..63 and columns 0..63 of a 64 x d_out output; y as uint8 keeps its span at ~2 GB of address space)
-n, k, d_out = 64, 4, 2**25 + 2**20
-z = torch.randint(0, 4, (n, k)).float()
-values = torch.empty(1, d_out)
-values[0, :64] = torch.randint(0, 4, (64,)).float()
-idx = torch.empty(1, d_out, dtype=torch.int32)
-idx[0, :64] = torch.randint(0, k, (64,), dtype=torch.int32)
-y = torch.empty(n, d_out, dtype=torch.uint8)
-dictionary._gather_forward_kernel[(1, 1)](z, values, idx, y, n, k, 1, d_out, BLOCK_T=64, BLOCK_N=64)
-out["dict_sparse_gather forward"] = torch.equal(y[:, :64].float(), values[0, :64] * z[:, idx[0, :64].long()])
-
-# the backward reads grad at rows * d_out + cols
-g = torch.empty(n, d_out, dtype=torch.uint8)
-g[:, :64] = torch.randint(0, 4, (n, 64), dtype=torch.uint8)
-gz = torch.zeros(n, k)
-gv = torch.empty(1, d_out)
-dictionary._gather_backward_kernel[(1, 1)](g, z, values, idx, gz, gv, n, k, 1, d_out, BLOCK_T=16, BLOCK_N=64)
-out["dict_sparse_gather backward"] = torch.equal(gv[0, :64], (g[:, :64].float() * z[:, idx[0, :64].long()]).sum(0))
 
 # int8/int4 matmul with a strided x: element (m, k) at k * 2^27, past 2^31 for the last k (GEMV: 1 token, tensor
 # cores: 5 tokens)
@@ -289,9 +278,9 @@ print(json.dumps(out))
 
 @needs_interpreter
 def test_index_products_past_int32_run_in_int64():
-    """Launches whose element offsets pass 2^31 (row * d_out in the dictionary gather, k * stride of a strided
-    activation in the int8/int4 matmuls) reach the right elements. Before the offsets were made int64 the gather
-    wrapped to a negative offset and crashed the process."""
+    """Launches whose element offsets pass 2^31 (k * stride of a strided activation in the int8/int4 matmuls) reach
+    the right elements. Before the offsets were made int64 they wrapped to a negative offset and crashed the
+    process."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _BIG_OFFSETS], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode} (a negative offset?):\n{proc.stderr[-3000:]}"
@@ -343,11 +332,6 @@ def _compile_cases():
                 z, v, bitmask, offsets)
             out[f"bitmask bwd {dt} m{m}"] = lambda z=z, g=g, v=vals: dictionary.dict_bitmask_matmul_backward_triton(
                 g, z, v, bitmask, offsets)
-        ev, ei = torch.randn(3, 150).to(dt), torch.randint(0, 200, (3, 150))
-        z, g = torch.randn(5, 200).to(dt), torch.randn(5, 150).to(dt)
-        out[f"gather {dt}"] = lambda z=z, ev=ev, ei=ei: dictionary.dict_sparse_gather_triton(z, ev, ei)
-        out[f"gather bwd {dt}"] = lambda z=z, g=g, ev=ev, ei=ei: dictionary.dict_sparse_gather_backward_triton(
-            g, z, ev, ei)
     for dt in (torch.bfloat16, torch.float32):
         tables = torch.randn(32, 256, 512).to(dt)  # >= _TUNE_MIN_TABLE: the tuned path
         for n in (1, 70):

@@ -38,6 +38,17 @@ def _bitmask_args(device):
     return torch.randn(6, 40, device=device), values, bitmask, word_offsets
 
 
+def _adam8_args(device):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    codes = [bnbf.create_dynamic_map(signed=s).to(device) for s in (True, False)]
+    q, absmax = [], []
+    for x, code in ((torch.randn(300, device=device), codes[0]), (torch.rand(300, device=device), codes[1])):
+        qx, state = bnbf.quantize_blockwise(x, code=code, blocksize=256)
+        q.append(qx), absmax.append(state.absmax)
+    return (torch.randn(300, device=device), q[0], absmax[0], q[1], absmax[1], *codes, torch.empty(300, device=device),
+            0.9, 0.999, 1e-6)
+
+
 # op name -> (device -> arguments of the op's schema)
 CASES = {
     "stochastic_round_int8": lambda d: (lambda x: (x, absmax_scale(x, 32), 32, 1, 0))(torch.randn(8, 32, device=d)),
@@ -47,6 +58,9 @@ CASES = {
     "dequantize_int4": lambda d: (*_int4(12, 8, 4, d), 4, [12, 8]),
     "int4_matmul": lambda d: (torch.randn(3, 8, device=d), *_int4(12, 8, 4, d), 4, [12, 8], False),
     "galore_adam_update_": lambda d: _galore_args(d, left=False),
+    "int8_sr_lowrank_update_": lambda d: (*_int8_weight(16, 12, 4, d), *_int4(16, 4, 4, d),
+                                          torch.randn(4, 12, device=d), 4, 4, True, 0.1, 0.99, "fp32", 1, 0),
+    "blockwise8bit_adam_": lambda d: _adam8_args(d),
     "memory_lookup_forward": lambda d: (torch.randn(6, 8, device=d), torch.randn(2, 16, 8, device=d) * 0.1, 1.0),
     "memory_lookup_backward": lambda d: (torch.randn(6, 8, device=d), torch.randn(6, 8, device=d),
                                          torch.randn(2, 16, 8, device=d) * 0.1, 1.0, True),

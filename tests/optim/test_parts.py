@@ -15,7 +15,7 @@ from weightkit.nn import Int8Linear
 from weightkit.ops.galore import galore_adam_update_reference
 from weightkit.ops.int8 import dequantize_int8
 from weightkit.optim import GaLoreAdamW, GaLoreParts, LayerwiseGaLore, QGaLoreAdamW8bit
-from weightkit.optim.basis import FloatBasis, Int4Basis
+from weightkit.optim.basis import FloatBasis, Int4Basis, PackedInt4
 from weightkit.optim.moments import BlockwiseMoments8bit, FloatMoments
 from weightkit.optim.refresh import FixedRefresh, LazyRefresh
 from weightkit.optim.weights import FloatWeight, Int8SRWeight, LowRankUpdate
@@ -60,8 +60,17 @@ def test_int4_basis_round_trip_error_and_validation(device):
     store.store(entries, p, None, group)
     assert entries["ortho_q"].dtype == torch.uint8 and entries["ortho_q"].numel() == 64 * 8 // 2
     assert entries["ortho_shape"].device.type == "cpu" and entries["ortho_q"].device == p.device
-    back, right = store.load(entries, group)
-    assert right is None and back.shape == p.shape and back.dtype == torch.float32
+    packed, right = store.load(entries, group)
+    assert right is None and isinstance(packed, PackedInt4) and packed.shape == (64, 8)  # no dequantized copy
+    back = store.dense((packed, right))[0]
+    assert back.shape == p.shape and back.dtype == torch.float32
+    # the projection reads the packed basis (int4_matmul): the float32 projection with the dequantized one
+    grad = torch.randn(64, 24, device=device)
+    torch.testing.assert_close(store.project(grad, "left", (packed, None)), back.T @ grad, rtol=1e-5, atol=1e-5)
+    packed_right = PackedInt4(packed.q, packed.scale, packed.zero, 16, (8, 64))
+    grad = torch.randn(24, 64, device=device)
+    torch.testing.assert_close(store.project(grad, "right", (packed_right, None)), grad @ back.reshape(8, 64).T,
+                               rtol=1e-5, atol=1e-5)
     # 16 levels over each group's [min, max] (widened to include 0): at most half a step off per element
     g = p.reshape(-1, 16)
     step = (g.amax(1).clamp_min(0) - g.amin(1).clamp_max(0)) / 15

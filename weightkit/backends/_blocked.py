@@ -123,3 +123,33 @@ def low_rank_update(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, s
         update = update.to(ortho.dtype)
     apply_update_blocked(weight, ortho, update, left, step_coef(step_size, scale, step_size_t), decay, found_inf,
                          tensor_cores)
+
+
+# -- Q-GaLore's write-back (weightkit/ops/qgalore.py) by the existing kernels, a block of rows at a time ---------------
+
+# the composition computes N for about this many weight elements at a time
+ROWS_ELEMENTS = 1 << 20
+
+
+def rounded_to(t: Tensor, precision: str) -> Tensor:
+    """The operand of a product in ``precision``: bf16-rounded values (kept in float32) for 'bf16', else ``t``."""
+    return t.to(torch.bfloat16).to(torch.float32) if precision == "bf16" else t
+
+
+def sr_lowrank_update_by_rows(w_q: Tensor, scale: Tensor, ortho: Tensor, update: Tensor, group_size: int,
+                              left: bool, alpha: float, decay: float, precision: str, seed: int, offset: int,
+                              sr_update: Callable) -> None:
+    """W_q, scale <- SR((W_q scale - alpha N) decay), N = P U | U P, with the dequantized basis ``ortho`` (the size of
+    P: r/n of the weight's float32 bytes at most): N and the delta for ~ROWS_ELEMENTS weight elements at a time, then
+    the backend's ``sr_update`` (its int8_sr_update_) on those rows, its stream position shifted to the block's first
+    element, so the result is the unfused sequence's."""
+    m, n = w_q.shape
+    ortho, update = rounded_to(ortho, precision), rounded_to(update, precision)
+    groups_per_row = n // group_size
+    block = max(1, ROWS_ELEMENTS // n)
+    for r0 in range(0, m, block):
+        r1 = min(m, r0 + block)
+        delta = (ortho[r0:r1] @ update) if left else (update[r0:r1] @ ortho)
+        delta.mul_(-alpha)
+        sr_update(w_q[r0:r1], scale.view(-1)[r0 * groups_per_row:r1 * groups_per_row], delta, group_size, decay, seed,
+                  offset + r0 * n)

@@ -2,10 +2,12 @@
 weightkit.swap and weightkit.optim.param_groups see the same module structure as a real LLaMA.
 
 ``PRESETS`` names the shapes used by ``python -m weightkit train --model-size``: ``tiny`` (the CPU default) and the
-LLaMA configs of the GaLore paper (arXiv 2403.03507; ``configs/llama_{60m,130m,350m}.json`` of its repository:
-hidden size, SwiGLU intermediate size, heads, layers). The paper's names count a 32000-token vocabulary (embedding
+LLaMA configs of the GaLore paper (arXiv 2403.03507; ``configs/llama_{60m,130m,350m,1b,7b}.json`` of its
+repository: hidden size, SwiGLU intermediate size, heads, layers; 1b and 7b are also Q-GaLore's, arXiv 2407.08296).
+The paper's names count a 32000-token vocabulary (embedding
 and untied head); the vocabulary here is 256 bytes, so the models are smaller: see :func:`num_parameters`
-(tiny: 3.3M, 60m: 25.6M, 130m: 85.3M, 350m: 302.9M parameters)."""
+(tiny: 3.3M, 60m: 25.6M, 130m: 85.3M, 350m: 302.9M, 1b: 1.21B, 7b: 6.48B parameters; the 7b shape matches
+LLaMA-7B's blocks)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ PRESETS = {
     "60m": (512, 8, 8, 1376),  # GaLore configs/llama_60m.json
     "130m": (768, 12, 12, 2048),  # GaLore configs/llama_130m.json
     "350m": (1024, 24, 16, 2736),  # GaLore configs/llama_350m.json
+    "1b": (2048, 24, 32, 5461),  # GaLore configs/llama_1b.json
+    "7b": (4096, 32, 32, 11008),  # GaLore configs/llama_7b.json (LLaMA-7B)
 }
 
 

@@ -8,21 +8,26 @@ optimizer state, in one of two formats:
   float32 as galore-torch (None), or bfloat16 / float16, which halves the bytes. Loading a float32 basis is free.
 * :class:`Int4Basis` -- Q-GaLore's INT4 storage (``weightkit.ops.int4``: two values per byte, per-group scale and
   zero of ``proj_group_size`` elements): ``ortho_q``, ``ortho_scale``, ``ortho_zero`` and the shape ``ortho_shape``
-  (an int64 CPU tensor, read on the host without a device sync). One-sided bases only.
+  (an int64 CPU tensor, read on the host without a device sync). One-sided bases only. ``load`` gives the packed
+  basis (:class:`PackedInt4`), not a dequantized copy: the projection P^T G (or G P^T) runs ``int4_matmul`` on it,
+  the int8 write-back ``int8_sr_lowrank_update_`` reads it tile by tile, and only a part that needs a float basis
+  (a float weight's ``galore_adam_update_``) dequantizes it, for that call (``dense``).
 
-Each format writes its entries into a dict (the parameter's state, or a dict of pending entries that the step
+Each format also projects a gradient with its basis (``project``) and gives the basis as float32 tensors to the
+parts that need them (``dense``). Each format writes its entries into a dict (the parameter's state, or a dict of pending entries that the step
 merges into the state once the whole step is known to be finite), reads them back as float32, and checks the
 entries of a checkpoint before anything is loaded. The entry names are the checkpoint format: they do not change.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..ops.int4 import dequantize_int4, quantize_int4
+from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Basis = Tuple[Tensor, Optional[Tensor]]
@@ -83,6 +88,22 @@ class FloatBasis:
         right = entries.get("ortho_right")
         return entries["ortho"].to(torch.float32), (None if right is None else right.to(torch.float32))
 
+    @staticmethod
+    def project(grad: Tensor, side: str, basis: Basis) -> Tensor:
+        """R, the float32 low-rank gradient of ``grad``: P^T G, G P^T or P^T G Q^T (as
+        weightkit.optim.projector.project, which imports this module)."""
+        ortho, ortho_right = basis
+        g = grad.to(torch.float32)
+        if side == "left":
+            return ortho.T @ g
+        if side == "right":
+            return g @ ortho.T
+        return ortho.T @ g @ ortho_right.T
+
+    @staticmethod
+    def dense(basis: Basis) -> Basis:
+        return basis
+
     def has(self, state: Dict) -> bool:
         return "ortho" in state
 
@@ -96,6 +117,21 @@ class FloatBasis:
                 raise ValueError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
             if tuple(t.shape) != tuple(shapes[key]):
                 raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shapes[key])}")
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """An INT4 basis as stored (weightkit.ops.int4's format): ``shape`` = (m, r) for a left projection, (r, n) for
+    a right one."""
+
+    q: Tensor
+    scale: Tensor
+    zero: Tensor
+    group_size: int
+    shape: Tuple[int, int]
+
+    def dequantize(self) -> Tensor:
+        return dequantize_int4(self.q, self.scale, self.zero, self.group_size, self.shape)
 
 
 class Int4Basis:
@@ -122,10 +158,28 @@ class Int4Basis:
                                                                                           group["proj_group_size"])
         entries["ortho_shape"] = torch.tensor(list(ortho.shape), dtype=torch.int64, device="cpu")
 
-    def load(self, entries: Dict, group: Dict) -> Basis:
-        ortho = dequantize_int4(entries["ortho_q"], entries["ortho_scale"], entries["ortho_zero"],
-                                group["proj_group_size"], host_shape(entries, "ortho_shape"))
-        return ortho, None
+    def load(self, entries: Dict, group: Dict) -> Tuple[PackedInt4, None]:
+        """The packed basis (no dequantized copy); ``dense`` dequantizes it."""
+        return PackedInt4(entries["ortho_q"], entries["ortho_scale"], entries["ortho_zero"],
+                          group["proj_group_size"], host_shape(entries, "ortho_shape")), None
+
+    @staticmethod
+    def project(grad: Tensor, side: str, basis: Tuple[PackedInt4, None]) -> Tensor:
+        """R = P^T G (left) or G P^T (right), float32, by ``int4_matmul`` on the packed basis (dequantized tile by
+        tile inside the kernel), from the gradient in float32 (as galore-torch and ``project``; the product's
+        precision follows torch's float32 matmul setting, see tests/optim/test_qgalore_precision.py)."""
+        packed = basis[0]
+        grad = grad.to(torch.float32)
+        args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
+        if side == "left":  # P^T G = (G^T P)^T: G^T is a transposed view, read without a copy
+            return int4_matmul(grad.T, *args, transpose=True).T
+        if side == "right":
+            return int4_matmul(grad, *args, transpose=False)
+        raise ValueError(f"the INT4 basis supports one-sided projections only, got side={side!r}")
+
+    @staticmethod
+    def dense(basis: Tuple[PackedInt4, None]) -> Basis:
+        return basis[0].dequantize(), None
 
     def has(self, state: Dict) -> bool:
         return "ortho_q" in state

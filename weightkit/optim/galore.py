@@ -80,8 +80,7 @@ from torch import Tensor
 from ..ops._checks import debug_checks_enabled, finite_flags
 from .basis import FloatBasis, Int4Basis
 from .moments import BlockwiseMoments8bit, FloatMoments
-from .projector import (PROJ_TYPES, SVD_METHODS, GaLoreProjector, project, projection_basis_dtype,
-                        projection_side)
+from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, projection_basis_dtype, projection_side
 from .refresh import FixedRefresh
 from .weights import FloatWeight, LowRankUpdate
 
@@ -408,7 +407,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             basis = self._load_basis(part, pending, group, local.device)
         else:
             basis = self._load_basis(part, state, group, local.device)
-        low = part.reduce_low(p, project(local, side, *basis), side)
+        low = part.reduce_low(p, storage.project(local, side, basis), side)
         return {"check": low, "finite": None, "low": low, "basis": basis, "pending": pending, "side": side,
                 "proj": proj, "key": key}
 
@@ -451,8 +450,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                decay=1.0 - group["lr"] * group["weight_decay"], step=state["step"],
                                seed=hash((group["seed"], prep["key"])) % 2**62, found_inf=found,
                                step_size_t=step_size_t)
+        basis = prep["basis"] if getattr(part, "packed_basis", False) else self.parts.basis.dense(prep["basis"])
+        if hasattr(part, "apply_direction") and hasattr(moments, "adam_direction_"):
+            direction = moments.adam_direction_(state, low, update)  # 8-bit moments in one pass (Q-GaLore)
+            if direction is not None:
+                part.apply_direction(weight, direction, *basis, prep["side"], update)
+                return
         exp_avg, exp_avg_sq = moments.load(state)
-        part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *prep["basis"], prep["side"], update)
+        part.apply_low_rank(weight, low, exp_avg, exp_avg_sq, *basis, prep["side"], update)
         moments.store(state, exp_avg, exp_avg_sq)
 
     def _commit_predicated(self, group: Dict, p: Tensor, part, grad: Tensor, prep: Dict, found: Tensor) -> None:
@@ -473,8 +478,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "low" in prep and type(part).apply_low_rank is not FloatWeight.apply_low_rank:
             weight = part.local(p)
             scale = getattr(weight, "scale", None)
-            for t in (weight, scale, state.get("exp_avg"), state.get("exp_avg_sq")):
-                if isinstance(t, Tensor):
+            # the weight, its scales and every state tensor the update may write in place (float or 8-bit moments)
+            for t in (weight, scale, *state.values()):
+                if isinstance(t, Tensor) and t.device == weight.device:
                     saved.append((t, t.clone()))
         self._commit(group, p, part, grad, prep, found)
         for t, old in saved:
@@ -568,7 +574,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back.
     ``parts``: the other parts (its moments part is replaced by the 8-bit one)."""
 
+    moments_part = BlockwiseMoments8bit  # QGaLoreAdamW8bit: the one-pass FusedBlockwiseMoments8bit
+
     def __init__(self, params, *args, min_8bit_size: int = 4096, parts: Optional[GaLoreParts] = None, **kwargs):
         self.min_8bit_size = min_8bit_size
-        parts = dataclasses.replace(parts or GaLoreParts(), moments=BlockwiseMoments8bit(min_8bit_size))
+        parts = dataclasses.replace(parts or GaLoreParts(), moments=self.moments_part(min_8bit_size))
         super().__init__(params, *args, parts=parts, **kwargs)

@@ -11,17 +11,23 @@ hands them back for storage:
   ``exp_avg_sq_absmax`` and the shape ``moment_shape`` (int64, on the CPU: read on the host every step without a
   device sync). ``load`` dequantizes into float32 temporaries of the moment's size, ``store`` quantizes them back.
   Moments of fewer than ``min_8bit_size`` elements stay float32 (the FloatMoments entries).
+* :class:`FusedBlockwiseMoments8bit` (QGaLoreAdamW8bit) -- the same entries and format, updated in one pass by
+  ``weightkit::blockwise8bit_adam_`` (read 8-bit, update, write 8-bit; no float32 copy of a moment), which also
+  gives the step its Adam direction (``adam_direction_``). Its quantizer takes the nearest code value, where
+  bitsandbytes' native CPU quantizer differs on a few values (weightkit.ops.moments8bit): either reads the other's
+  state.
 
 The entry names are the checkpoint format: they do not change.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ..ops.moments8bit import blockwise8bit_adam_
 from .basis import _check_sizes, host_shape
 
 
@@ -139,3 +145,16 @@ class BlockwiseMoments8bit(FloatMoments):
         blocks = -(-numel // self.BLOCK)
         _check_sizes(where, state, (("exp_avg_q", numel), ("exp_avg_sq_q", numel), ("exp_avg_absmax", blocks),
                                     ("exp_avg_sq_absmax", blocks)))
+
+
+class FusedBlockwiseMoments8bit(BlockwiseMoments8bit):
+    """BlockwiseMoments8bit updated in one pass (see the module docstring)."""
+
+    def adam_direction_(self, state: Dict, low: Tensor, u) -> Optional[Tensor]:
+        """Update the 8-bit moments with ``low`` in place and return M / (sqrt(V) + eps); None for moments kept in
+        float32 (below ``min_8bit_size``: the step updates those itself)."""
+        if "exp_avg_q" not in state:
+            return None
+        return blockwise8bit_adam_(low.to(torch.float32), state["exp_avg_q"], state["exp_avg_absmax"],
+                                   state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], self._code(True, low.device),
+                                   self._code(False, low.device), beta1=u.beta1, beta2=u.beta2, eps=u.eps)

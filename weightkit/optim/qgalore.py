@@ -6,7 +6,12 @@ back by stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive sub
   (weightkit.optim.weights.Int8SRWeight); float 2-D weights in GaLore groups follow GaLoreAdamW8bit, with the INT4
   basis.
 * Projection bases are stored as INT4 (weightkit.optim.basis.Int4Basis, ``proj_group_size`` elements per group)
-  and dequantized when used (one float32 m x r temporary per step, a quarter of the weight at rank d/4).
+  and read packed: the projection runs ``int4_matmul`` and the int8 write-back ``int8_sr_lowrank_update_``
+  (weightkit.ops.qgalore: (W - a P U) * decay and the stochastic rounding tile by tile, no m x n temporary);
+  ``lowrank_precision``: 'fp32' (default; within the precision contract, tests/optim/test_qgalore_precision.py),
+  'tf32x3' (tensor cores, near-fp32: for a GPU run to measure) or 'bf16' (~10^4 over the contract's bound).
+* 8-bit moments (bitsandbytes' blockwise format) are updated in one pass by ``blockwise8bit_adam_``
+  (weightkit.optim.moments.FusedBlockwiseMoments8bit) for int8 weights; float weights keep the three-pass path.
 * Lazy refresh (weightkit.optim.refresh.LazyRefresh: ``cos_threshold``, ``gamma_proj``, ``queue_size``);
   ``refresh_counts()`` reports how many SVDs each layer ran.
 
@@ -19,14 +24,17 @@ from typing import Dict
 
 from .basis import Int4Basis
 from .galore import GaLoreAdamW8bit, GaLoreParts
+from .moments import FusedBlockwiseMoments8bit
 from .refresh import LazyRefresh
 from .weights import FloatWeight, Int8SRWeight
 
 
 class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+    moments_part = FusedBlockwiseMoments8bit
+
     def __init__(self, params, lr: float = 1e-3, *args, cos_threshold: float = 0.4, gamma_proj: float = 2.0,
-                 queue_size: int = 5, proj_group_size: int = 64, **kwargs):
-        parts = GaLoreParts(basis=Int4Basis(proj_group_size), weights=(Int8SRWeight(), FloatWeight()),
+                 queue_size: int = 5, proj_group_size: int = 64, lowrank_precision: str = "fp32", **kwargs):
+        parts = GaLoreParts(basis=Int4Basis(proj_group_size), weights=(Int8SRWeight(lowrank_precision), FloatWeight()),
                             refresh=LazyRefresh(cos_threshold, gamma_proj, queue_size))
         super().__init__(params, lr, *args, parts=parts, **kwargs)
 

@@ -8,10 +8,12 @@ Adam update becomes a new weight:
   call, no full-size temporary for float32 weights); the two-sided 'full' projection uses plain ops on its small
   r x r state. Any parameter that no other part claims is a FloatWeight.
 * :class:`Int8Weight` (``weightkit.nn.int8.Int8Weight``, the weight of an ``Int8Linear``) through
-  :class:`Int8SRWeight` -- the gradient is the weight's ``float_grad``; the low-rank update is projected back to a
-  float32 delta (m x n) and ``weightkit::int8_sr_update_`` computes (W + delta) * decay group by group, recomputes
-  each group's absmax scale and re-quantizes by stochastic rounding (unbiased; the Philox stream is keyed by the
-  group's seed, the parameter and the step, so a resumed run rounds identically), without a float copy of W.
+  :class:`Int8SRWeight` -- the gradient is the weight's ``float_grad``; with the packed INT4 basis (Q-GaLore) one
+  fused op, ``weightkit::int8_sr_lowrank_update_``, computes (W - a P U) * decay tile by tile from the packed basis
+  and the low-rank update U, recomputes each group's absmax scale and re-quantizes by stochastic rounding (unbiased;
+  the Philox stream is keyed by the group's seed, the parameter and the step, so a resumed run rounds identically):
+  neither a float copy of W nor the m x n update exists whole. With a float basis the update is projected back to a
+  float32 delta (m x n) for ``weightkit::int8_sr_update_`` (same arithmetic).
 * ``ShardedWeight`` (weightkit.optim.distributed) -- the local shard of an FSDP2 DTensor parameter.
 
 For a parameter's refresh a part also gives the whole gradient (``gather``), agrees on the new basis across
@@ -31,6 +33,8 @@ from ..nn.int8 import Int8Weight
 from ..ops._checks import debug_checks, debug_checks_enabled
 from ..ops.galore import galore_adam_update_
 from ..ops.int8 import int8_sr_update_
+from ..ops.qgalore import PRECISIONS, int8_sr_lowrank_update_
+from .basis import PackedInt4
 from .projector import project_back
 
 
@@ -135,7 +139,16 @@ class FloatWeight:
 
 
 class Int8SRWeight(FloatWeight):
-    """The int8 weight of an Int8Linear (:class:`weightkit.nn.int8.Int8Weight`), written by stochastic rounding."""
+    """The int8 weight of an Int8Linear (:class:`weightkit.nn.int8.Int8Weight`), written by stochastic rounding.
+    ``precision`` of the fused write-back's low-rank product: 'fp32' (default), 'tf32x3' or 'bf16' (tensor cores
+    on a GPU; see weightkit.ops.qgalore)."""
+
+    packed_basis = True  # apply_low_rank takes the INT4 basis as stored (a PackedInt4), not dequantized
+
+    def __init__(self, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
 
     takes_16bit_basis = False  # its projection back (project_back) runs in float32
 
@@ -158,12 +171,24 @@ class Int8SRWeight(FloatWeight):
 
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
-        delta = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho)
-        delta.mul_(-(u.step_size * u.scale))
-        # w_q, scale <- SR((w_q * scale + delta) * decay), fused: the float weight never exists whole. The op's own
-        # NaN check of delta (on by default: it writes in place) would cost a host sync per weight per step; the
-        # step has checked the gradients already, so it runs here only when debug checks are asked for.
+        self.apply_direction(weight, adam_direction(low, exp_avg, exp_avg_sq, u), ortho, ortho_right, side, u)
+
+    def apply_direction(self, weight: Tensor, direction: Tensor, ortho, ortho_right: Optional[Tensor], side: str,
+                        u: LowRankUpdate) -> None:
+        """Write back Adam's low-rank direction U (the moments already updated: by ``apply_low_rank``, or in one
+        pass by 8-bit moments, weightkit.optim.moments.FusedBlockwiseMoments8bit)."""
+        offset = (u.step * weight.numel()) % 2**62
+        # The ops' own NaN check of their input (on by default: they write in place) would cost a host sync per
+        # weight per step; the step has checked the gradients already, so it runs only when debug checks are on.
         with debug_checks(debug_checks_enabled()):
-            int8_sr_update_(weight.data, weight.scale, delta, weight.group_size, decay=u.decay, seed=u.seed,
-                            offset=(u.step * weight.numel()) % 2**62)
+            if isinstance(ortho, PackedInt4):
+                # w_q, scale <- SR((w_q * scale - a P U) * decay), tile by tile from the packed basis
+                int8_sr_lowrank_update_(weight.data, weight.scale, ortho.q, ortho.scale, ortho.zero, direction,
+                                        weight.group_size, ortho.group_size, side == "left",
+                                        alpha=u.step_size * u.scale, decay=u.decay, precision=self.precision,
+                                        seed=u.seed, offset=offset)
+            else:  # a float basis (GaLoreParts built by hand): the same arithmetic through a float32 delta
+                delta = project_back(direction, side, ortho).mul_(-(u.step_size * u.scale))
+                int8_sr_update_(weight.data, weight.scale, delta, weight.group_size, decay=u.decay, seed=u.seed,
+                                offset=offset)
         weight.float_grad = None

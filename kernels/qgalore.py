@@ -1,0 +1,205 @@
+"""Triton kernels of Q-GaLore's optimizer step (spec: weightkit.ops.qgalore, weightkit.ops.moments8bit).
+
+int8_sr_lowrank_update_: one program per [BLOCK_M, BLOCK_N] tile of the int8 weight, BLOCK_N a multiple of the
+weight's group size (a tile holds whole groups: the new absmax scale of a group is taken over its whole updated
+weight). The tile of N = P U (left) or U P (right) is accumulated over the rank in BLOCK_R steps with ``tl.dot``
+(float32 accumulation; 'fp32' = IEEE products, 'tf32x3' = three TF32 tensor-core products (near-float32
+accuracy; IEEE in the interpreter), 'bf16' = operands rounded to bfloat16, the tensor-core path;
+the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the rounded values in float32: the same exact
+products), the
+INT4 basis tile unpacked and dequantized in registers ((q - z) * s, one rounding, as the spec). The epilogue reads
+the int8 tile and its scales, forms w = (q * s + (-alpha) * N) * decay, reduces |w| per group ([G, GS] view),
+rounds stochastically with the Philox stream of weightkit.ops.rng (four values per Philox evaluation when the
+stream position of every row start is a multiple of 4, one per element otherwise) and writes int8 values and
+scales. The m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion=False: the spec rounds
+every product and sum separately.
+"""
+
+
+import torch
+import triton
+import triton.language as tl
+
+from ._shared import INTERPRET as _INTERPRET
+from ._shared import _u24, cdiv, device_guard, next_pow2, philox_uniform
+
+_FLT_MIN = 1.1754943508222875e-38
+
+
+@triton.jit
+def _basis_tile(q_ptr, s_ptr, z_ptr, flat, mask, PG: tl.constexpr):
+    """Dequantized INT4 values at flat indices ``flat`` (low nibble = even index)."""
+    byte = tl.load(q_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    q = ((byte >> ((flat & 1) * 4).to(tl.int32)) & 15).to(tl.float32)
+    g = flat // PG
+    s = tl.load(s_ptr + g, mask=mask, other=0.0)
+    z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
+    return (q - z) * s
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: torch's ``x.to(torch.bfloat16)``.
+    By bits, because the interpreter's float-to-bf16 cast truncates (Triton 3.9) where compiled code rounds."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] uniforms, row i holding stream positions start[i] + 0..BLOCK_N-1 (start[i] % 4 == 0)."""
+    counter = (start[:, None] + 4 * tl.arange(0, BLOCK_N // 4)[None, :]) >> 2
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, 10)
+    # join(join(a, c), join(b, d))[..., k, j] = (a, b, c, d)[2k + j]: lanes 0..3 in stream order
+    u = tl.join(tl.join(_u24(r0), _u24(r2)), tl.join(_u24(r1), _u24(r3)))
+    return tl.reshape(u, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, alpha, decay, seed,
+                                   offset, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
+                                   BF16: tl.constexpr, TC_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        kmask = ks < R
+        if LEFT:  # N = P U: P (M x R) rows x ks, U (R x N) ks x cols
+            amask = rmask[:, None] & kmask[None, :]
+            a = _basis_tile(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], amask, PG)
+            bmask = kmask[:, None] & cmask[None, :]
+            b = tl.load(u_ptr + ks[:, None] * N + cols[None, :], mask=bmask, other=0.0)
+        else:  # N = U P: U (M x R) rows x ks, P (R x N) ks x cols
+            amask = rmask[:, None] & kmask[None, :]
+            a = tl.load(u_ptr + rows[:, None] * R + ks[None, :], mask=amask, other=0.0)
+            bmask = kmask[:, None] & cmask[None, :]
+            b = _basis_tile(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], bmask, PG)
+        if BF16:
+            a = _round_bf16(a)
+            b = _round_bf16(b)
+        if TC_BF16:  # exact casts of bf16-representable values; tensor cores, float32 accumulation
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    # epilogue: the tile's groups, [G, GS] with G = BLOCK_M * BLOCK_N / GS (a row of the tile holds whole groups)
+    G: tl.constexpr = BLOCK_M * (BLOCK_N // GS)
+    mask = rmask[:, None] & cmask[None, :]
+    idx = rows[:, None] * N + cols[None, :]
+    q = tl.load(wq_ptr + idx, mask=mask, other=0).to(tl.float32)
+    gidx = idx // GS
+    s = tl.load(ws_ptr + gidx, mask=mask, other=0.0)
+    w = (q * s + acc * (-alpha)) * decay
+    w = tl.where(mask, w, 0.0)
+    wg = tl.reshape(w, (G, GS))
+    amax = tl.max(tl.abs(wg), axis=1)
+    ns = tl.maximum(tl.math.div_rn(amax, 127.0), _FLT_MIN)
+    inv = tl.math.div_rn(tl.full([G], 1.0, tl.float32), ns)
+    if RNG4:
+        u = _philox_tile(offset + rows * N + pid_n * BLOCK_N, seed, BLOCK_M, BLOCK_N)
+    else:
+        u = philox_uniform(offset + idx, seed)
+    v = tl.floor(wg * inv[:, None] + tl.reshape(u, (G, GS)))
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    tl.store(wq_ptr + idx, tl.reshape(v, (BLOCK_M, BLOCK_N)).to(tl.int8), mask=mask)
+    gcols = pid_n * (BLOCK_N // GS) + tl.arange(0, BLOCK_N // GS)
+    sidx = rows[:, None] * (N // GS) + gcols[None, :]
+    smask = rmask[:, None] & (gcols[None, :] < N // GS)
+    tl.store(ws_ptr + tl.reshape(sidx, (G,)), ns, mask=tl.reshape(smask, (G,)))
+
+
+def tile_config(m, n, r, group_size, precision):
+    """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) for a weight: BLOCK_N a power-of-two multiple of the group (>= 64
+    columns where the weight has them), BLOCK_R >= 16 (tl.dot's minimum)."""
+    block_n = max(group_size, min(128, next_pow2(n)))
+    block_m = 16 if _INTERPRET else (32 if block_n >= 256 else 64)
+    block_r = 16 if _INTERPRET else (64 if precision == "bf16" else 32)
+    block_r = max(16, min(block_r, next_pow2(r)))
+    return block_m, block_n, block_r, 4
+
+
+def supports(group_size: int) -> bool:
+    """Whether the tile kernel takes this int8 group size (a power of two, at most 1024 columns per tile)."""
+    return 1 <= group_size <= 1024 and group_size & (group_size - 1) == 0
+
+
+def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
+                                  left, alpha, decay, precision, seed, offset):
+    m, n = w_q.shape
+    r = update.shape[0] if left else update.shape[1]
+    if not supports(group_size):
+        raise ValueError(f"the Triton int8_sr_lowrank_update_ needs a power-of-two group_size <= 1024, got "
+                         f"{group_size} (use the cpu/cuda backend)")
+    block_m, block_n, block_r, warps = tile_config(m, n, r, group_size, precision)
+    rng4 = offset % 4 == 0 and n % 4 == 0 and block_n >= 4
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    with device_guard(w_q.device):
+        _int8_sr_lowrank_update_kernel[grid](
+            w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, float(alpha), float(decay), seed, offset,
+            LEFT=bool(left), GS=group_size, PG=proj_group_size, BF16=precision == "bf16",
+            TC_BF16=precision == "bf16" and not _INTERPRET,
+            DOT_PRECISION="tf32x3" if precision == "tf32x3" and not _INTERPRET else "ieee", RNG4=rng4,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blockwise8bit_adam_ (spec: weightkit.ops.moments8bit): one program per block of 256 elements.
+
+@triton.jit
+def _nearest_code(x, bounds_ptr):
+    """The number of the 255 sorted midpoints strictly below ``x`` (torch.bucketize), by an 8-step binary search."""
+    idx = tl.zeros(x.shape, dtype=tl.int32)
+    for step in tl.static_range(8):
+        width = 128 >> step
+        probe = tl.load(bounds_ptr + idx + (width - 1))
+        idx = tl.where(probe < x, idx + width, idx)
+    return idx
+
+
+@triton.jit
+def _requantize(x, mask, bounds_ptr, q_ptr, absmax_ptr, offs, block):
+    absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+    inv = tl.math.div_rn(1.0, tl.maximum(absmax, 1e-38))
+    scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
+    tl.store(q_ptr + offs, _nearest_code(scaled, bounds_ptr).to(tl.uint8), mask=mask)
+    tl.store(absmax_ptr + block, absmax)
+
+
+@triton.jit
+def _blockwise8bit_adam_kernel(g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, code_s_ptr, code_u_ptr, bounds_s_ptr,
+                               bounds_u_ptr, out_ptr, n, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                               BLOCK: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    mq = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
+    vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
+    m = tl.load(code_s_ptr + mq) * tl.load(ma_ptr + block)
+    v = tl.load(code_u_ptr + vq) * tl.load(va_ptr + block)
+    m = m * beta1 + g * one_minus_beta1  # (1 - beta) in double, then float32, as torch's scalar
+    v = v * beta2 + (g * g) * one_minus_beta2
+    tl.store(out_ptr + offs, tl.math.div_rn(m, tl.sqrt_rn(v) + eps), mask=mask)
+    _requantize(m, mask, bounds_s_ptr, mq_ptr, ma_ptr, offs, block)
+    _requantize(v, mask, bounds_u_ptr, vq_ptr, va_ptr, offs, block)
+
+
+def blockwise8bit_adam_triton(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed,
+                              code_unsigned, out, beta1, beta2, eps):
+    n = low.numel()
+    with device_guard(low.device):
+        bounds_s = (code_signed[:-1] + code_signed[1:]) / 2
+        bounds_u = (code_unsigned[:-1] + code_unsigned[1:]) / 2
+        _blockwise8bit_adam_kernel[(cdiv(n, 256),)](
+            low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, bounds_s,
+            bounds_u, out, n, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), BLOCK=256,
+            num_warps=2 if _INTERPRET else 4, enable_fp_fusion=False)

@@ -1,0 +1,141 @@
+"""weightkit::int8_sr_lowrank_update_ (weightkit.ops.qgalore): every backend against the reference.
+
+Bit for bit where the low-rank product N = P U is exact (dyadic inputs: every backend then rounds nothing before
+the update, so the update, the scales and the stochastic rounding must agree exactly), within float32
+accumulation error otherwise (the module docstring's contract: codes off by at most one, in few elements)."""
+
+import pytest
+import torch
+
+from weightkit import use_backend
+from weightkit.ops.int4 import dequantize_int4, quantize_int4
+from weightkit.ops.int8 import absmax_scale, dequantize_int8, int8_sr_update_, stochastic_round_int8
+from weightkit.ops.qgalore import int8_sr_lowrank_update_
+
+BACKENDS = ("reference", "cpu", "triton")
+
+
+def _weight(m, n, gs, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g)
+    scale = absmax_scale(w, gs)
+    return stochastic_round_int8(w, scale, gs, seed=seed), scale
+
+
+def _dyadic_basis(shape, pg, gen):
+    """Values k / 16 (k in -8..7) with -8 and 7 in every group: quantize_int4 gives scale 1/16, zero 8, exactly."""
+    k = torch.randint(-8, 8, shape, generator=gen).reshape(-1, pg)
+    k[:, 0], k[:, 1] = -8, 7
+    return (k.to(torch.float32) / 16).reshape(shape)
+
+
+def _case(left, m=48, n=96, r=20, gs=32, pg=8, seed=0, exact=False):
+    gen = torch.Generator().manual_seed(seed)
+    basis_shape = (m, r) if left else (r, n)
+    low_shape = (r, n) if left else (m, r)
+    if exact:
+        basis = _dyadic_basis(basis_shape, pg, gen)
+        update = torch.randint(-4, 5, low_shape, generator=gen).to(torch.float32) / 8
+    else:
+        basis = torch.randn(basis_shape, generator=gen) / m ** 0.5
+        update = torch.randn(low_shape, generator=gen)
+    return _weight(m, n, gs, seed + 1), quantize_int4(basis, pg), update, gs, pg
+
+
+def _run(backend, case, left, precision, seed=7, offset=0, alpha=0.03125, decay=0.75):
+    (q0, s0), (bq, bs, bz), update, gs, pg = case
+    q, s = q0.clone(), s0.clone()
+    with use_backend(backend):
+        int8_sr_lowrank_update_(q, s, bq, bs, bz, update, gs, pg, left, alpha=alpha, decay=decay,
+                                precision=precision, seed=seed, offset=offset)
+    return q, s
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16"])
+@pytest.mark.parametrize("left", [True, False])
+def test_backends_bit_identical_when_the_product_is_exact(left, precision, offset):
+    print("seed 0")
+    case = _case(left, exact=True)
+    want = _run("reference", case, left, precision, offset=offset)
+    for backend in BACKENDS[1:]:
+        got = _run(backend, case, left, precision, offset=offset)
+        assert torch.equal(got[0], want[0]), backend
+        assert torch.equal(got[1], want[1]), backend
+    assert not torch.equal(want[0], case[0][0])  # the update moved the weight
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16"])
+@pytest.mark.parametrize("left", [True, False])
+def test_backends_match_within_accumulation_error(left, precision):
+    print("seed 3")
+    case = _case(left, m=64, n=128, r=40, gs=64, seed=3)
+    want = _run("reference", case, left, precision, alpha=0.05, decay=0.99)
+    for backend in BACKENDS[1:]:
+        q, s = _run(backend, case, left, precision, alpha=0.05, decay=0.99)
+        diff = (q.int() - want[0].int()).abs()
+        assert diff.max() <= 1, backend
+        assert (diff > 0).float().mean() <= 0.01, backend
+        torch.testing.assert_close(s, want[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_reference_is_int8_sr_update_of_the_projected_back_delta(left):
+    """The spec: the same bits as the unfused sequence (dequantized basis, float32 product, int8_sr_update_)."""
+    case = _case(left, seed=5)
+    (q0, s0), (bq, bs, bz), update, gs, pg = case
+    want_q, want_s = q0.clone(), s0.clone()
+    shape = (q0.shape[0], update.shape[0]) if left else (update.shape[1], q0.shape[1])
+    basis = dequantize_int4(bq, bs, bz, pg, shape)
+    delta = (basis @ update if left else update @ basis).mul_(-0.05)
+    with use_backend("reference"):
+        int8_sr_update_(want_q, want_s, delta, gs, decay=0.99, seed=7, offset=64)
+    got = _run("reference", case, left, "fp32", offset=64, alpha=0.05, decay=0.99)
+    assert torch.equal(got[0], want_q) and torch.equal(got[1], want_s)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_unbiased_over_seeds(backend):
+    """E[w_q' * scale'] = (w_q * scale - alpha P U) * decay: the mean over 400 seeds is within 4 standard errors."""
+    case = _case(True, m=16, n=64, r=8, gs=32, seed=11)
+    (q0, s0), (bq, bs, bz), update, gs, pg = case
+    basis = dequantize_int4(bq, bs, bz, pg, (16, 8))
+    target = (dequantize_int8(q0, s0, gs) - 0.5 * (basis @ update)) * 0.9
+    samples = torch.stack([dequantize_int8(*_run(backend, case, True, "fp32", seed=s, alpha=0.5, decay=0.9), gs)
+                           for s in range(400)])
+    step = absmax_scale(target, gs).repeat_interleave(gs).reshape(target.shape)  # the scale every seed gets
+    frac = torch.frac(target / step).abs()
+    stderr = step * (frac * (1 - frac) / 400).sqrt()  # of a mean of 400 Bernoulli steps
+    err = (samples.mean(0) - target).abs()
+    assert bool((err <= 5 * stderr + 2 * step / 400).all())
+
+
+def test_noncontiguous_update_is_read_as_its_values():
+    case = _case(True)
+    (q0, s0), basis, update, gs, pg = case
+    transposed = update.T.contiguous().T  # same values, column-major
+    want = _run("cpu", case, True, "fp32")
+    got = _run("cpu", ((q0, s0), basis, transposed, gs, pg), True, "fp32")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(w_q=lambda a: a.float()), "w_q must have dtype"),
+    (dict(scale=lambda a: a[:-1]), "scale must hold"),
+    (dict(update=lambda a: a[:, :-1]), "update must be r x n"),
+    (dict(ortho_q=lambda a: a[:-1]), "ortho_q holds"),
+    (dict(ortho_scale=lambda a: a[:-1]), "ortho_scale"),
+    (dict(group_size=lambda a: 40), "group_size=40 must divide"),
+    (dict(proj_group_size=lambda a: 7), "proj_group_size=7"),
+    (dict(update=lambda a: a.clone().fill_(float("nan"))), "update"),
+    (dict(precision=lambda a: "tf32"), "precision must be one of"),
+    (dict(alpha=lambda a: float("inf")), "alpha must be finite"),
+])
+def test_bad_input_names_the_argument(change, match):
+    (q, s), (bq, bs, bz), update, gs, pg = _case(True)
+    args = dict(w_q=q, scale=s, ortho_q=bq, ortho_scale=bs, ortho_zero=bz, update=update, group_size=gs,
+                proj_group_size=pg, left=True, alpha=0.1, precision="fp32")
+    for key, fn in change.items():
+        args[key] = fn(args[key])
+    with pytest.raises((ValueError, TypeError), match=match):
+        int8_sr_lowrank_update_(**args)
