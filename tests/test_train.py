@@ -295,20 +295,32 @@ def test_cli_train_clean_run_writes_json_and_plot(tmp_path):
     assert data["config"]["model_size"] == "tiny" and data["lr_table"]["galore"]["350m"] == 1e-2
 
 
-def test_cli_train_refuses_bad_arguments(capsys):
+def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
+    """One line on stderr and exit status 2, before any work (tests/test_cli.py checks the other commands)."""
     from weightkit.cli import main
+
+    def status(argv):
+        try:
+            return main(argv)
+        except SystemExit as exc:  # argparse's own errors (types, choices)
+            return exc.code
 
     cases = [(["--methods", "sgd"], "unknown method 'sgd'"),
              (["--device", "tpu"], "--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
              (["--lr", "adamw=fast"], "--lr adamw: 'fast' is not a number"),
              (["--lr", "sgd=1e-3"], "--lr: unknown method 'sgd'"),
              (["--lr-sweep", "galore=1e-2", "--methods", "adamw"], "not among --methods"),
-             (["--steps", "0"], "steps must be an int >= 1")]
+             (["--steps", "0"], "argument --steps: must be an int >= 1, got 0"),
+             (["--seq-len", "100000"], "seq_len=100000 is longer than the validation split allows"),
+             (["--eval-every", "0"], "argument --eval-every: must be an int >= 1"),
+             (["--warmup", "1"], "argument --warmup: must be a number in [0, 1), got 1"),
+             (["--rank", "999"], "rank=999 is larger than the model width"),
+             (["--model-size", "7b"], "invalid choice: '7b'"),
+             (["--methods", "adamw,adamw"], "a method is given twice")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device: cuda was requested but torch"))
     for argv, msg in cases:
-        assert main(["train", *argv]) == 2, argv
-        assert msg in capsys.readouterr().err, argv
-    with pytest.raises(SystemExit):
-        main(["train", "--model-size", "7b"])
-    assert "invalid choice: '7b'" in capsys.readouterr().err
+        assert status(["train", *argv, "--out-dir", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and err.startswith("weightkit train: "), (argv, err)
+    assert not os.path.exists(tmp_path / "out")  # nothing was done
