@@ -13,8 +13,9 @@ trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 
 # The README's command: the line of its first ```bash block that starts with `pip install` and ends with the main job.
-readme_line=$(awk '/^```bash/{inblock=1; next} /^```/{if (inblock) exit} inblock && /^pip install/ {print; exit}' \
-  "$root/README.md")
+# REPLAY_README_LINE replays another line instead (e.g. a README change before it is written).
+readme_line=${REPLAY_README_LINE:-$(awk '/^```bash/{inblock=1; next} /^```/{if (inblock) exit}
+  inblock && /^pip install/ {print; exit}' "$root/README.md")}
 case "$readme_line" in
   *"&& python -m weightkit train") ;;
   *) echo "replay_readme: README.md's first bash block has no 'pip install ... && python -m weightkit train' line" \
