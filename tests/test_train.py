@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -281,6 +282,7 @@ def test_cli_train_clean_run_writes_json_and_plot(tmp_path):
     for m in train.DEFAULT_METHODS:
         assert f"| {m} |" in proc.stdout
     assert "0.03M parameters (32,864)" in proc.stdout
+    assert re.search(r"estimated time: about \d+ (seconds|minutes) for 3 method\(s\) x 4 steps", proc.stdout)
     files = sorted(os.listdir(tmp_path))
     (js,) = [f for f in files if f.endswith(".json")]
     assert any(f.endswith(".png") for f in files)
@@ -324,3 +326,18 @@ def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1 and err.startswith("weightkit train: "), (argv, err)
     assert not os.path.exists(tmp_path / "out")  # nothing was done
+
+
+def test_time_estimate_counts_steps_evaluations_sweeps_and_processes():
+    """The estimate printed before a run: each method's steps at its STEP_COST x the probed AdamW step, its
+    evaluation batches (a third of a step each), a process start per run, and the sweeps' extra runs."""
+    cfg = train.TrainConfig(steps=40, batch_size=4, seq_len=32, dim=32, n_layers=1).resolve()
+    evals = math.ceil(min(cfg.eval_windows, train._longest_sequence() // 32) / 4)
+    one = train.estimate_seconds(["adamw"], cfg, step_s=0.5)
+    assert one == pytest.approx(train.PROCESS_START_S + 40 * 0.5 + evals * 0.5 / 3)
+    both = train.estimate_seconds(["adamw", "qgalore"], cfg, step_s=0.5)
+    assert both - one == pytest.approx(train.PROCESS_START_S + 40 * 0.5 * train.STEP_COST["qgalore"] + evals * 0.5 / 3)
+    swept = train.estimate_seconds(["adamw"], cfg, step_s=0.5, sweep_rates={"adamw": None}, sweep_steps=10)
+    assert swept - one == pytest.approx(train.PROCESS_START_S + 3 * (10 * 0.5 + evals * 0.5 / 3))
+    assert set(train.STEP_COST) == set(train.METHODS)
+    assert train.probe_step_seconds(cfg, steps=1) > 0
