@@ -159,7 +159,9 @@ def test_param_groups_hf_llama(device):
 def test_param_groups_minilm(device):
     _, model = minilm(device)
     galore, rest = param_groups(model, rank=32)
-    assert len(galore["params"]) == 37 and all(p.dim() == 2 for p in galore["params"])
+    # the 36 encoder linears; pooler.dense, an output head, trains dense (weightkit.nn.walk.DEFAULT_SKIP, as in swap)
+    assert len(galore["params"]) == 36 and all(p.dim() == 2 for p in galore["params"])
+    assert any(p is model.pooler.dense.weight for p in rest["params"])
     assert any(p.dim() == 1 for p in rest["params"])  # LayerNorm and biases stay in the plain group
 
 
