@@ -117,3 +117,19 @@ def test_results_default_outside_the_checkout_and_ignored():
     if ignored.returncode == 128:
         pytest.skip("not a git checkout")
     assert ignored.returncode == 0
+
+
+def test_compress_from_the_checkout_root_imports_the_installed_kernels_package():
+    """From a checkout's root the top-level kernels/ folder shadows the `kernels` distribution transformers imports;
+    the compress command imports the installed one first (else transformers' model classes fail to import)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the kernels distribution is not installed: nothing is shadowed")
+    code = ("import weightkit.cli as cli; cli.import_installed_kernels_package(); import kernels, os; "
+            "print(os.path.abspath(kernels.__file__))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not out.stdout.strip().startswith(os.path.join(ROOT, "kernels")), out.stdout

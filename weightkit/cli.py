@@ -242,6 +242,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
+def import_installed_kernels_package() -> None:
+    """Run from a source checkout's root (``python -m weightkit``), the root is first on sys.path and its top-level
+    ``kernels/`` folder (installed as ``weightkit.kernels``) shadows the ``kernels`` distribution that transformers
+    imports when it is installed ("cannot import name 'CUDAProperties' from 'kernels'"). Import that distribution
+    once with the checkout's root off the path; later imports of ``kernels`` then find it in sys.modules."""
+    import importlib
+    import importlib.util
+
+    if "kernels" in sys.modules:
+        return
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(weightkit.__file__)))
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or not (spec.origin or "").startswith(os.path.join(checkout, "kernels") + os.sep):
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        sys.modules.pop("kernels", None)  # no such distribution: transformers then does not ask for it
+    finally:
+        sys.path[:] = saved
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress all-MiniLM-L6-v2 with the dictionary method and the SVD baseline at the same bytes; report the
     per-layer functional error, the sizes and the embedding cosine similarity to the original model."""
@@ -270,6 +294,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CommandError(f"--calib {args.calib} + --eval {args.eval} sentences: the corpus has {len(sentences)}")
     check_out_dir(args.out_dir)
     calib, evaluation = sentences[: args.calib], sentences[args.calib : args.calib + args.eval]
+    import_installed_kernels_package()
     tok, base = load_minilm()
     ref = minilm_embed(tok, base, evaluation)
     batches = [dict(tok(calib[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
