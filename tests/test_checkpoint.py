@@ -213,7 +213,8 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch, device):
 
 @pytest.mark.parametrize("content, reason", [
     (b"", r"is empty \(0 bytes\)"),
-    (b"step 100, loss 2.31\n" * 8, r"is not a checkpoint: its 160 bytes do not start like a file written by torch.save"),
+    (b"step 100, loss 2.31\n" * 8,
+     r"is not a checkpoint: its 160 bytes do not start like a file written by torch.save"),
     (bytes(range(256)) * 4, r"is not a checkpoint"),
     (b"\xff\xfe\x00 not text" * 10, r"is not a checkpoint"),
 ])
