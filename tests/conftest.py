@@ -31,10 +31,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+SEED_ENV = "WEIGHTKIT_TEST_SEED"  # replay: the seed a failing test reported
+
+
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+def _fresh_seed(request):
+    """Every test starts from a fresh random torch seed (tests must hold for any input), or from WEIGHTKIT_TEST_SEED
+    when set. A failing test's report names its seed and the command that replays it (pytest_runtest_makereport)."""
+    fixed = os.environ.get(SEED_ENV)
+    seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
+    request.node.weightkit_seed = seed
+    torch.manual_seed(seed)
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "weightkit_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("weightkit seed", f"torch seed {seed}; replay with: {SEED_ENV}={seed} python -m pytest "
+                                                  f"'{item.nodeid}'"))
+
+
+def pytest_report_header(config):
+    if os.environ.get(SEED_ENV):
+        return f"weightkit: every test seeded with {SEED_ENV}={os.environ[SEED_ENV]}"
+    return None
 
 
 @pytest.fixture

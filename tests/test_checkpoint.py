@@ -138,8 +138,9 @@ def test_truncated_file_raises_and_changes_nothing(tmp_path, device):
         f.truncate(size // 2)
     other, other_opt = trained(seed=1, device=device)
     before = snapshot(other)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"is truncated: the end of the file .* is missing") as err:
         load_checkpoint(path, other, other_opt)
+    assert "Error" not in str(err.value)  # words, not an internal exception
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
@@ -153,7 +154,7 @@ def test_flipped_byte_fails_checksum(tmp_path, device):
     pos = len(data) // 2
     data[pos] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    with pytest.raises(CheckpointError, match="SHA-256|truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="SHA-256|is corrupt: bytes inside it changed"):
         read_checkpoint(path)
 
 
@@ -209,3 +210,35 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch, device):
     monkeypatch.undo()
     assert read_checkpoint(path)["extra"] == {"step": 1}
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", r"is empty \(0 bytes\)"),
+    (b"step 100, loss 2.31\n" * 8,
+     r"is not a checkpoint: its 160 bytes do not start like a file written by torch.save"),
+    (bytes(range(256)) * 4, r"is not a checkpoint"),
+    (b"\xff\xfe\x00 not text" * 10, r"is not a checkpoint"),
+])
+def test_damaged_files_are_described_in_words(tmp_path, content, reason):
+    """Files torch.load refuses with an internal exception (OSError: [Errno 22], UnicodeDecodeError, KeyError: 101)
+    get a reason in words, not the exception."""
+    path = tmp_path / "ck.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as err:
+        read_checkpoint(str(path))
+    for internal in ("Errno", "UnicodeDecodeError", "KeyError", "UnpicklingError"):
+        assert internal not in str(err.value)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        read_checkpoint(str(tmp_path))
+
+
+def test_changed_byte_of_the_archive_directory_is_described(tmp_path):
+    path = str(tmp_path / "ck.pt")
+    model, opt = trained()
+    save_checkpoint(path, model, opt)
+    data = bytearray(open(path, "rb").read())
+    data[-30:] = bytes(30)  # the zip's end-of-directory record
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="is truncated|is corrupt") as err:
+        read_checkpoint(path)
+    assert "Error" not in str(err.value)

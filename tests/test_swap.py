@@ -159,5 +159,34 @@ def test_param_groups_hf_llama(device):
 def test_param_groups_minilm(device):
     _, model = minilm(device)
     galore, rest = param_groups(model, rank=32)
-    assert len(galore["params"]) == 37 and all(p.dim() == 2 for p in galore["params"])
+    # the 36 encoder linears; pooler.dense, an output head, trains dense (weightkit.nn.walk.DEFAULT_SKIP, as in swap)
+    assert len(galore["params"]) == 36 and all(p.dim() == 2 for p in galore["params"])
+    assert any(p is model.pooler.dense.weight for p in rest["params"])
     assert any(p.dim() == 1 for p in rest["params"])  # LayerNorm and biases stay in the plain group
+
+
+class _Heads(nn.Module):
+    """Output heads named as BERT-style and causal-LM models name them, around one block linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"proj": nn.Linear(16, 16)})
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(16, 16)})
+        self.cls = nn.ModuleDict({"lm_head": nn.ModuleDict({"dense": nn.Linear(16, 16)})})
+        self.lm_head = nn.Linear(16, 32)
+
+
+def test_one_default_skip_rule_for_swap_param_groups_and_trainer():
+    """swap, compress, param_groups and the transformers integration's "all-linear" keep the same output heads out
+    (one list, one rule: a name part in weightkit.nn.walk.DEFAULT_SKIP); param_groups and "all-linear" used to
+    project BERT's pooler.dense and cls.lm_head.dense with GaLore."""
+    heads = {"pooler.dense", "cls.lm_head.dense", "lm_head"}
+    swapped = weightkit.swap(_Heads(), "int8", group_size=16)
+    assert {n for n, _ in swapped.skipped} == heads and [r.name for r in swapped.replaced] == ["block.proj"]
+    model = _Heads()
+    groups = param_groups(model, rank=4)
+    assert [p is model.block.proj.weight for p in groups[0]["params"]] == [True]
+    pytest.importorskip("transformers")
+    from weightkit.integrations.transformers import low_rank_targets
+
+    assert [n for n, _ in low_rank_targets(_Heads(), "all-linear")] == ["block.proj"]

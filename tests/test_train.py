@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -298,6 +299,7 @@ def test_cli_train_clean_run_writes_json_and_plot(tmp_path):
     for m in train.DEFAULT_METHODS:
         assert f"| {m} |" in proc.stdout
     assert "0.03M parameters (32,864)" in proc.stdout
+    assert re.search(r"estimated time: about \d+ (seconds|minutes) for 3 method\(s\) x 4 steps", proc.stdout)
     files = sorted(os.listdir(tmp_path))
     (js,) = [f for f in files if f.endswith(".json")]
     assert any(f.endswith(".png") for f in files)
@@ -312,20 +314,47 @@ def test_cli_train_clean_run_writes_json_and_plot(tmp_path):
     assert data["config"]["model_size"] == "tiny" and data["lr_table"]["galore"]["350m"] == 1e-2
 
 
-def test_cli_train_refuses_bad_arguments(capsys):
+def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
+    """One line on stderr and exit status 2, before any work (tests/test_cli.py checks the other commands)."""
     from weightkit.cli import main
+
+    def status(argv):
+        try:
+            return main(argv)
+        except SystemExit as exc:  # argparse's own errors (types, choices)
+            return exc.code
 
     cases = [(["--methods", "sgd"], "unknown method 'sgd'"),
              (["--device", "tpu"], "--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
              (["--lr", "adamw=fast"], "--lr adamw: 'fast' is not a number"),
              (["--lr", "sgd=1e-3"], "--lr: unknown method 'sgd'"),
              (["--lr-sweep", "galore=1e-2", "--methods", "adamw"], "not among --methods"),
-             (["--steps", "0"], "steps must be an int >= 1")]
+             (["--steps", "0"], "argument --steps: must be an int >= 1, got 0"),
+             (["--seq-len", "100000"], "seq_len=100000 is longer than the validation split allows"),
+             (["--eval-every", "0"], "argument --eval-every: must be an int >= 1"),
+             (["--warmup", "1"], "argument --warmup: must be a number in [0, 1), got 1"),
+             (["--rank", "999"], "rank=999 is larger than the model width"),
+             (["--model-size", "7b"], "invalid choice: '7b'"),
+             (["--methods", "adamw,adamw"], "a method is given twice")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device: cuda was requested but torch"))
     for argv, msg in cases:
-        assert main(["train", *argv]) == 2, argv
-        assert msg in capsys.readouterr().err, argv
-    with pytest.raises(SystemExit):
-        main(["train", "--model-size", "7b"])
-    assert "invalid choice: '7b'" in capsys.readouterr().err
+        assert status(["train", *argv, "--out-dir", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and err.startswith("weightkit train: "), (argv, err)
+    assert not os.path.exists(tmp_path / "out")  # nothing was done
+
+
+def test_time_estimate_counts_steps_evaluations_sweeps_and_processes():
+    """The estimate printed before a run: each method's steps at its STEP_COST x the probed AdamW step, its
+    evaluation batches (a third of a step each), a process start per run, and the sweeps' extra runs."""
+    cfg = train.TrainConfig(steps=40, batch_size=4, seq_len=32, dim=32, n_layers=1).resolve()
+    evals = math.ceil(min(cfg.eval_windows, train._longest_sequence() // 32) / 4)
+    one = train.estimate_seconds(["adamw"], cfg, step_s=0.5)
+    assert one == pytest.approx(train.PROCESS_START_S + 40 * 0.5 + evals * 0.5 / 3)
+    both = train.estimate_seconds(["adamw", "qgalore"], cfg, step_s=0.5)
+    assert both - one == pytest.approx(train.PROCESS_START_S + 40 * 0.5 * train.STEP_COST["qgalore"] + evals * 0.5 / 3)
+    swept = train.estimate_seconds(["adamw"], cfg, step_s=0.5, sweep_rates={"adamw": None}, sweep_steps=10)
+    assert swept - one == pytest.approx(train.PROCESS_START_S + 3 * (10 * 0.5 + evals * 0.5 / 3))
+    assert set(train.STEP_COST) == set(train.METHODS)
+    assert train.probe_step_seconds(cfg, steps=1) > 0

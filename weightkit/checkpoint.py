@@ -16,7 +16,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
+import zipfile
+import zlib
 from typing import Any, Dict, Optional
 
 import torch
@@ -76,10 +79,12 @@ def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     loads on another."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse the container means a damaged file
-        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path!r} {container_damage(path)}") from exc
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a weightkit checkpoint (no '{FORMAT}' header)")
     if outer.get("version") != VERSION:
@@ -90,7 +95,42 @@ def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     try:
         return torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path!r} body cannot be read: {type(exc).__name__}: {exc}") from exc
+        # the bytes are the ones that were saved (the checksum holds): they were written by software that this one
+        # cannot read back (another weightkit or torch version pickling a class that is gone or has moved)
+        raise CheckpointError(f"checkpoint {path!r} is intact (its SHA-256 matches) but its contents cannot be "
+                              "read by this weightkit and torch: it was probably saved by another version "
+                              f"(reading it failed with {type(exc).__name__})") from exc
+
+
+def container_damage(path: str) -> str:
+    """What is wrong with a file that ``torch.load`` refused, in words (the end of a sentence starting with the
+    file's name). A torch.save file is a zip archive: its first bytes are a zip signature, its directory is at the
+    end of the file (missing when the file was cut short), and every record carries a CRC-32 (a changed byte fails
+    it)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if size == 0:
+        return "is empty (0 bytes): the save never wrote it, or it was cut to nothing"
+    if head != b"PK\x03\x04":
+        return (f"is not a checkpoint: its {size} bytes do not start like a file written by torch.save (a zip "
+                "archive) or weightkit.save_checkpoint")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_record = archive.testzip()
+    except zipfile.BadZipFile:
+        return (f"is truncated: the end of the file (the archive's directory) is missing, only {size} bytes are "
+                "there; the save or a copy of it was cut short")
+    except (OSError, EOFError, zlib.error, RuntimeError, ValueError):
+        bad_record = "?"
+    if bad_record is not None:
+        return ("is corrupt: bytes inside it changed after it was written (a stored record fails its CRC-32 "
+                "check); the disk or a copy damaged it")
+    return ("is corrupt: it is a complete torch.save archive, but not one that holds a weightkit checkpoint's "
+            "header and body")
 
 
 def _check_model_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
@@ -142,3 +182,35 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None, optimizer: Opt
         if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_rng)
     return payload.get("extra", {})
+
+
+def safetensors_damage(path: str) -> str:
+    """What is wrong with a ``.safetensors`` file that safetensors refused to load, in words (the end of a sentence
+    starting with the file's name). The format: 8 bytes giving the header's length N (little-endian), N bytes of
+    JSON header naming each tensor's dtype, shape and byte range, then the tensors' bytes."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+            header_bytes = f.read(header_len) if header_len is not None and header_len <= size - 8 else None
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if size == 0:
+        return "is empty (0 bytes): the save or download never wrote it"
+    if header_len is None:
+        return f"is truncated: {size} bytes, fewer than the 8 that give the header's length"
+    if header_bytes is None:
+        return (f"is truncated or not a safetensors file: it announces a {header_len}-byte header but has only "
+                f"{size - 8} bytes after the length")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "is corrupt: its header (the tensors' names, dtypes and offsets) is not valid safetensors JSON"
+    needed = 8 + header_len + max(ends, default=0)
+    if needed > size:
+        return (f"is truncated: its header describes {needed} bytes of tensors and header, the file has only {size}; "
+                "the save or download was cut short")
+    return ("is corrupt: its header and size agree, but safetensors rejects a tensor's entry (dtype, shape or "
+            "byte range)")

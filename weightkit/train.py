@@ -32,6 +32,10 @@ from torch import nn
 
 METHODS = ("adamw", "galore", "galore-layerwise", "qgalore", "qgalore-layerwise", "galore-torch")
 DEFAULT_METHODS = ("adamw", "galore", "qgalore")  # what a plain `weightkit train` compares
+# Steps of a plain `weightkit train`: with the tiny model's 16 x 128 tokens per step the three default methods need
+# about 200 x 2.0 = 400 CPU seconds of steps (STEP_COST below) plus ~30 s of start-up and evaluation: under 10
+# minutes on a 2-core CPU even without any gain from the second core (the time is estimated and printed at the start).
+DEFAULT_STEPS = 200
 # * galore-layerwise: weightkit.optim.LayerwiseGaLore (GaLoreAdamW per parameter, stepped in backward, each gradient
 #   freed in its hook): the memory the GaLore paper reports for its 7B run comes from this mode.
 # * qgalore-layerwise: the same for Q-GaLore: QGaLoreAdamW8bit per parameter, each Int8Linear weight stepped from
@@ -89,7 +93,7 @@ class TrainConfig:
     """What to train. Fields left None come from the ``model_size`` preset (see :meth:`resolve`)."""
 
     model_size: str = "tiny"
-    steps: int = 300
+    steps: int = DEFAULT_STEPS
     batch_size: Optional[int] = None
     seq_len: Optional[int] = None
     lr: Optional[float] = None  # one peak rate for every method (instead of LR_TABLE)
@@ -138,6 +142,10 @@ class TrainConfig:
             v = getattr(cfg, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        longest = _longest_sequence()
+        if cfg.seq_len > longest:
+            raise ValueError(f"seq_len={cfg.seq_len} is longer than the validation split allows (at most {longest} "
+                             "tokens: one window of the pydoc-topics text's last 5%)")
         if cfg.rank > min(cfg.dim, cfg.hidden_dim):
             raise ValueError(f"rank={cfg.rank} is larger than the model width (dim {cfg.dim})")
         from weightkit.optim.projector import SVD_METHODS
@@ -162,6 +170,15 @@ class TrainConfig:
         if self.lr is not None:
             return float(self.lr), "--lr (every method)"
         return LR_TABLE[method][self.model_size], LR_SOURCES[method]
+
+
+@functools.lru_cache(maxsize=1)
+def _longest_sequence() -> int:
+    """The longest seq_len the corpus allows: evaluation needs one window of seq_len + 1 tokens of the validation
+    split."""
+    from weightkit.data import byte_corpus
+
+    return len(byte_corpus()[1]) - 1
 
 
 @dataclass
@@ -653,7 +670,7 @@ def sweep(method: str, cfg: TrainConfig, rates: Sequence[float], steps: int, pro
 
 
 # -- several methods, each in its own process ----------------------------------------------------------------------
-_CHILD_FUNCS = {"run": run, "sweep": sweep}
+_CHILD_FUNCS = {"run": run, "sweep": sweep}  # and "probe" (probe_step_seconds, below)
 
 
 def _child(func: str, kwargs: Dict, out) -> None:
@@ -736,6 +753,86 @@ def compare(methods=DEFAULT_METHODS, cfg: Optional[TrainConfig] = None, isolate:
         if on_result is not None:
             on_result(results)
     return results
+
+
+# -- how long a run will take (printed before it starts) -----------------------------------------------------------
+# Time of one training step of each method relative to AdamW's, measured with the tiny model on this project's 2-core
+# CPU machine (2026-12-04; CPU seconds per step of one thread, the methods' steps interleaved so that the machine's
+# other load hit them alike: AdamW 0.63 s, GaLore 0.66, Q-GaLore 0.75, their layer-wise modes 0.67 and 0.74, the
+# first step with every layer's SVD 0.9-1.0). galore-torch was not measured: taken as GaLore's. Other sizes and
+# devices weigh the optimizer step differently, so the estimate says "about".
+STEP_COST = {"adamw": 1.0, "galore": 1.04, "galore-layerwise": 1.05, "qgalore": 1.18, "qgalore-layerwise": 1.17,
+             "galore-torch": 1.04}
+PROCESS_START_S = 5.0  # each method's process: importing torch and weightkit, the corpus, building the model
+
+
+def probe_step_seconds(cfg: TrainConfig, steps: int = 2) -> float:
+    """Seconds of one AdamW training step of ``cfg``'s model and batch on its device, the mean of ``steps`` steps
+    after a warm-up step."""
+    from weightkit.data import batches, byte_corpus
+
+    cfg = cfg.resolve()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    model = prepare_model("adamw", cfg, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = batches(byte_corpus()[0], cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
+
+    def one_step() -> None:
+        x, y = next(data)
+        with _autocast(device):
+            loss = model(_to(x, device), _to(y, device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    one_step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+_CHILD_FUNCS["probe"] = probe_step_seconds
+
+
+def estimate_seconds(methods: Sequence[str], cfg: TrainConfig, step_s: float,
+                     sweep_rates: Optional[Dict[str, Optional[Sequence[float]]]] = None,
+                     sweep_steps: Optional[int] = None) -> float:
+    """Seconds that ``compare(methods, cfg, sweep_rates=..., sweep_steps=...)`` should take, given ``step_s``, the
+    time of one AdamW step (:func:`probe_step_seconds`): each method's steps scaled by STEP_COST, its evaluations
+    (forward passes, about a third of a step per batch) and its processes' start."""
+    cfg = cfg.resolve()
+    evaluations = math.ceil(min(cfg.eval_windows, _longest_sequence() // cfg.seq_len) / cfg.batch_size)
+    total = 0.0
+    for method in methods:
+        runs = [cfg.steps]
+        processes = 1
+        if sweep_rates is not None and method in sweep_rates:
+            runs += [sweep_steps or max(10, cfg.steps // 4)] * len(sweep_rates[method] or SWEEP_FACTORS)
+            processes += 1
+        total += processes * PROCESS_START_S
+        total += sum(steps * step_s * STEP_COST.get(method, max(STEP_COST.values())) + evaluations * step_s / 3
+                     for steps in runs)
+    return total
+
+
+def estimate_line(methods: Sequence[str], cfg: TrainConfig,
+                  sweep_rates: Optional[Dict[str, Optional[Sequence[float]]]] = None,
+                  sweep_steps: Optional[int] = None) -> str:
+    """One line for the start of a run: about how long it will take, from a two-step probe of the model here (a
+    few seconds; on CUDA in a separate process, so that this one holds no CUDA context during the run)."""
+    cfg = cfg.resolve()
+    cuda = torch.device(cfg.device).type == "cuda"
+    step_s = _call("probe", cuda, "the timing probe", cfg=cfg)
+    seconds = estimate_seconds(methods, cfg, step_s, sweep_rates, sweep_steps)
+    when = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+    sweep = " plus the learning-rate sweeps" if sweep_rates else ""
+    return (f"estimated time: about {when} for {len(methods)} method(s) x {cfg.steps} steps{sweep} (one AdamW step "
+            f"took {step_s * 1e3:.0f} ms here just now; each method runs in its own process with a progress bar)")
 
 
 # -- output --------------------------------------------------------------------------------------------------------

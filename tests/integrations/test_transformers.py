@@ -186,15 +186,22 @@ def test_skipped_qgalore_step_drops_int8_gradients():
 
 
 def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
-    """Why load_pretrained exists: from_pretrained builds nn.Linear layers from the config, so the int8 weights
-    of a swapped model do not come back as Int8Linear."""
+    """Why load_pretrained exists: from_pretrained builds nn.Linear layers from the config and loads the int8 codes
+    into them as if they were float weights (the scales are dropped as unexpected keys): a wrong model, silently."""
     model = tiny_llama("int8").eval()
     save_pretrained(model, str(tmp_path))
-    try:
-        plain = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path))
-    except Exception:  # noqa: BLE001 - refusing to load is as good an answer
-        return
-    assert type(plain.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+    plain = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    swapped = model.get_submodule("model.layers.0.self_attn.q_proj")
+    loaded = plain.get_submodule("model.layers.0.self_attn.q_proj")
+    assert type(loaded) is nn.Linear
+    assert torch.equal(loaded.weight, swapped.weight.float())  # the codes, not code x scale
+    assert float(loaded.weight.detach().abs().max()) == 127.0
+    tokens = TokenData().tokens[:1]
+    with torch.no_grad():
+        assert not torch.allclose(plain(tokens).logits, model(tokens).logits, atol=1e-2)
+    rebuilt = load_pretrained(str(tmp_path))  # what load_pretrained gives instead
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(tokens).logits, model(tokens).logits)
 
 
 def test_transformers_builtin_galore_misses_swapped_layers(tmp_path):
@@ -328,3 +335,25 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert len(losses) == 4 and losses[-1] < 0.1 * losses[0], losses
     assert (tmp_path / "hf-out" / "checkpoint-20" / "optimizer.pt").is_file()
     assert isinstance(namespace["again"].model.layers[0].self_attn.q_proj, Int8Linear)
+
+
+def test_load_pretrained_describes_a_damaged_file(tmp_path):
+    """A truncated or corrupt model.safetensors raises CheckpointError saying what is wrong with the file, not
+    safetensors' raw SafetensorError."""
+    from weightkit.checkpoint import CheckpointError
+
+    model = tiny_llama("int8").eval()
+    save_pretrained(model, str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors' is truncated: its header describes \d+ bytes"):
+        load_pretrained(str(tmp_path))
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="fewer than the 8 that give the header's length"):
+        load_pretrained(str(tmp_path))
+    header_len = int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:8] + b"#" * header_len + data[8 + header_len:])
+    with pytest.raises(CheckpointError, match="its header .* is not valid safetensors JSON") as err:
+        load_pretrained(str(tmp_path))
+    assert "SafetensorError" not in str(err.value)

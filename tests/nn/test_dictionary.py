@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import weightkit
 from tests.conftest import DEVICES
 from weightkit.nn.ksvd import dictionary_size
 from weightkit.ops.dictionary import bitmask_to_dense, index_dtype_for
@@ -166,3 +167,26 @@ def test_state_dict_written_by_the_ell_layout_code_loads(device, case):
     layer.load_state_dict(saved["state_dict"])
     torch.testing.assert_close(layer(saved["x"].to(device)).cpu(), saved["y"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.indices.cpu(), saved["state_dict"]["indices"].long().sort(0).values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_errors_name_the_input_not_internals(device):
+    """A wrong width, dtype, device or a non-finite input (debug checks on) is named as the layer's input, with the
+    layer's in_features: not torch's "mat1 and mat2 shapes cannot be multiplied" nor the op's internal z."""
+    layer = DictLinear(48, 24, k=16, s=4).to(device)
+    for shape in [(5, 40), (2, 3, 40)]:
+        with pytest.raises(ValueError, match=r"DictLinear input has 40 features .*in_features=48"):
+            layer(torch.randn(*shape, device=device))
+    with pytest.raises(TypeError, match="DictLinear input must have dtype float32, float16 or bfloat16, got float64"):
+        layer(torch.randn(5, 48, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match="got int64"):
+        layer(torch.ones(5, 48, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="DictLinear input is empty"):
+        layer(torch.randn(0, 48, device=device))
+    bad = torch.randn(5, 48, device=device)
+    bad[2, 7] = float("nan")
+    with weightkit.debug_checks(), pytest.raises(ValueError, match="DictLinear input contains non-finite"):
+        layer(bad)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="DictLinear input is on cpu but the layer's parameters are on cuda"):
+            layer(torch.randn(5, 48))

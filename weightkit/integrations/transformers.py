@@ -49,10 +49,10 @@ from torch import Tensor, nn
 from ..nn.dictionary import DictLinear
 from ..nn.int8 import Int8Linear
 from ..nn.memoryformer import MemoryLinear
+from ..nn.walk import skipped_by_default
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, QGaLoreAdamW8bit, param_groups
 
 OPTIMIZERS = {"galore": GaLoreAdamW, "galore8bit": GaLoreAdamW8bit, "qgalore": QGaLoreAdamW8bit}
-DEFAULT_SKIP = ("lm_head",)  # left out of "all-linear": output heads are usually trained dense
 CONFIG_KEY = "weightkit_layers"
 
 Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -67,7 +67,8 @@ def _target_matcher(target_modules: Targets) -> Callable[[str, nn.Module], bool]
         return target_modules
     if isinstance(target_modules, str):
         if target_modules.replace("_", "-") == "all-linear":
-            return lambda name, _module: name.split(".")[-1] not in DEFAULT_SKIP
+            # all but the output heads (weightkit.nn.walk.DEFAULT_SKIP: the rule of swap, compress, param_groups)
+            return lambda name, _module: not skipped_by_default(name)
         try:
             pattern = re.compile(target_modules)
         except re.error as exc:
@@ -369,23 +370,39 @@ def _build_layer(spec: Dict, saved: Dict[str, Tensor], prefix: str, where: str) 
 
 def _read_state_dict(directory: str) -> Dict[str, Tensor]:
     """The tensors saved by ``save_pretrained`` in ``directory``: model.safetensors, its sharded index, or
-    pytorch_model.bin (read with weights_only=True)."""
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(single) or os.path.isfile(index):
+    pytorch_model.bin (read with weights_only=True). A damaged file raises weightkit.checkpoint.CheckpointError
+    saying what is wrong with it."""
+    from ..checkpoint import CheckpointError, container_damage, safetensors_damage
+
+    def read_safetensors(path: str) -> Dict[str, Tensor]:
         from safetensors.torch import load_file
 
-        if os.path.isfile(single):
-            return load_file(single)
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            return load_file(path)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OS errors: described from the file itself
+            raise CheckpointError(f"{path!r} {safetensors_damage(path)}") from exc
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index!r} is corrupt: it is not the JSON index save_pretrained writes (an object "
+                                  "whose weight_map maps tensor names to shard files)") from exc
         state: Dict[str, Tensor] = {}
         for name in files:
-            state.update(load_file(os.path.join(directory, name)))
+            state.update(read_safetensors(os.path.join(directory, name)))
         return state
     binary = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{binary!r} {container_damage(binary)}") from exc
     raise FileNotFoundError(f"{directory!r} holds no model.safetensors, model.safetensors.index.json or "
                             "pytorch_model.bin")
 

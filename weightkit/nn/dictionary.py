@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import FLOAT_DTYPES
 from ..ops.dictionary import (INDEX_DTYPES, bitmask_to_dense, bitmask_to_indices, bitmask_words, check_bitmask_data,
                               dict_bitmask_matmul, pack_bitmask, word_offsets_for)
 from ._bias import add_bias
@@ -134,16 +135,45 @@ class DictLinear(nn.Module):
         bitmask = buffers["bitmask"] if "bitmask" in buffers else self.bitmask
         offsets = buffers["word_offsets"] if "word_offsets" in buffers else self.word_offsets
         bias = params["bias"] if "bias" in params else self.bias
-        if dictionary.dtype != dtype:
-            dictionary = dictionary.to(dtype)
-        if values.dtype != dtype:
-            values = values.to(dtype)
-        if x.dim() == 2:
-            y = dict_bitmask_matmul(x @ dictionary, values, bitmask, offsets)
-        else:
-            z = x.reshape(-1, self.in_features) @ dictionary
-            y = dict_bitmask_matmul(z, values, bitmask, offsets).reshape(*x.shape[:-1], self.out_features)
+        try:
+            if dictionary.dtype != dtype:
+                dictionary = dictionary.to(dtype)
+            if values.dtype != dtype:
+                values = values.to(dtype)
+            if x.dim() == 2:
+                y = dict_bitmask_matmul(x @ dictionary, values, bitmask, offsets)
+            else:
+                z = x.reshape(-1, self.in_features) @ dictionary
+                y = dict_bitmask_matmul(z, values, bitmask, offsets).reshape(*x.shape[:-1], self.out_features)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            # Checked only on failure (no cost per call): torch's matmul error or the op's, which names its internal
+            # z = x D, become one that names the layer's input.
+            problem = self._input_error(x, dictionary)
+            if problem is None:
+                raise
+            raise problem from exc
         return add_bias(y, bias)
+
+    def _input_error(self, x, dictionary: Tensor) -> Optional[Exception]:
+        """What is wrong with the forward's input ``x``, in the user's terms (None: nothing found)."""
+        if not isinstance(x, Tensor):
+            return TypeError(f"DictLinear input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            return TypeError(f"DictLinear input must have dtype float32, float16 or bfloat16, got "
+                             f"{str(x.dtype).replace('torch.', '')}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            return ValueError(f"DictLinear input has {x.shape[-1] if x.dim() else 0} features in its last dimension "
+                              f"(shape {tuple(x.shape)}), but the layer takes in_features={self.in_features}")
+        if x.device != dictionary.device:
+            return ValueError(f"DictLinear input is on {x.device} but the layer's parameters are on "
+                              f"{dictionary.device}")
+        if x.numel() == 0:
+            return ValueError(f"DictLinear input is empty (shape {tuple(x.shape)})")
+        if not bool(torch.isfinite(x).all()):
+            return ValueError("DictLinear input contains non-finite values (NaN or Inf)")
+        if not bool(torch.isfinite(dictionary).all()):
+            return ValueError("DictLinear dictionary contains non-finite values (NaN or Inf)")
+        return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "

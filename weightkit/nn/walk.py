@@ -17,7 +17,9 @@ from typing import Callable, Collection, Dict, List, Optional, Tuple
 from torch import nn
 
 # Output heads are kept dense by default: a layer is skipped when any part of its qualified name is one of these
-# (``lm_head``, ``cls.predictions.lm_head.dense``, BERT's ``pooler.dense``).
+# (``lm_head``, ``cls.predictions.lm_head.dense``, BERT's ``pooler.dense``). The one default of every model-wide
+# choice: ``swap`` and ``compress`` leave these layers alone, ``weightkit.optim.param_groups`` and the transformers
+# integration's ``"all-linear"`` train them dense instead of with GaLore.
 DEFAULT_SKIP = ("lm_head", "pooler")
 
 # old method spelling -> canonical name (swap took "memory" and "dict" before the names were unified)

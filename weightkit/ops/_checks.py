@@ -9,7 +9,8 @@ costs no sync; on a GPU its callers check, as the optimizers do), with :func:`de
 manager), :func:`set_debug_checks` (a switch) or ``WEIGHTKIT_DEBUG_CHECKS=1`` (``WEIGHTKIT_CHECK_FINITE=1``, its
 former name, works too; read at import). Training state stays safe without them: the optimizers check the
 gradients they use once per ``step()`` (one sync) before changing anything, and the layers validate their stored
-tensors when they are built or loaded.
+tensors when they are built or loaded. That guard (``nonfinite='raise' | 'skip'``) is not a debug check: switching
+debug checks off (here or with ``WEIGHTKIT_DEBUG_CHECKS=0``) never turns it off.
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ def debug_checks(enabled: bool = True):
 
 
 def set_debug_checks(enabled: Optional[bool]) -> None:
-    """Switch the data-reading checks on or off for the current context (``None``: back to the environment)."""
+    """Switch the ops' data-reading checks on or off for the current context (``None``: back to the environment).
+    The optimizers' NaN/Inf guard is not one of them and stays on (see the module docstring)."""
     _DEBUG.set(None if enabled is None else bool(enabled))
-
 
 
 def check_finite(name: str, t: torch.Tensor, default: bool = False) -> None:

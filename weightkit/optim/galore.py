@@ -77,7 +77,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops._checks import debug_checks_enabled, finite_flags
+from ..ops._checks import finite_flags
 from .basis import FloatBasis, Int4Basis
 from .moments import BlockwiseMoments8bit, FloatMoments
 from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, projection_basis_dtype, projection_side
@@ -90,14 +90,6 @@ ADAM_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "correct_bias")
 # State entries that describe shapes: read on the host every step (``.tolist()``), so they stay on the CPU, where
 # reading them costs no device synchronization (on a GPU, a CUDA copy of them would sync at every step).
 HOST_KEYS = BlockwiseMoments8bit.host_keys + Int4Basis.host_keys
-
-
-def gradient_checks_enabled() -> bool:
-    """Whether the optimizers check their gradients for NaN/Inf (one host sync per step): on unless switched off
-    with ``weightkit.ops._checks.debug_checks(False)`` / ``set_debug_checks(False)`` or ``WEIGHTKIT_DEBUG_CHECKS=0``
-    (``WEIGHTKIT_CHECK_FINITE=0``). Unlike the ops' data checks this one is on by default: it is what makes
-    ``nonfinite='raise' | 'skip'`` hold, and it costs one sync per step, not one per op."""
-    return debug_checks_enabled(default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +148,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         oversample=oversample, power_iters=power_iters, seed=seed, proj_dtype=proj_dtype)
         self._part_defaults = parts.group_keys()
+        # parameter -> its index over all groups, in the order they were added (add_param_group extends it): the
+        # stochastic-rounding seed and the staggered refresh slot of each parameter
+        self._keys: Dict[int, int] = {}
         super().__init__(params, defaults)
-        self._keys = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     # where the "nothing was changed" promise holds (the sharded presets extend it to every rank)
     _UNCHANGED = "no parameter or optimizer state was changed"
@@ -184,6 +178,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if p.is_sparse:
                 raise ValueError("GaLoreAdamW does not support sparse parameters")
             self._weight_part(p).check_param(p, group)
+        for p in group["params"]:
+            self._keys.setdefault(id(p), len(self._keys))
 
     def _weight_part(self, p: Tensor):
         """The weight part that handles ``p``: the first of ``parts.weights`` that accepts it."""
@@ -307,7 +303,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         synchronizes anyway, and a basis computed from a gradient is only stored when the whole step is good), nor
         for weight parts that combine the verdict over processes (sharded weights: one flag all-reduce, read on
         the host)."""
-        if not gradient_checks_enabled() or not items:
+        if not items:  # the guard always runs: the debug-check switch is for the ops' checks only
             return None
         known_bad = any(prep["finite"] is False for prep in prepared)  # a refreshed gradient checked in full
         flags = {} if known_bad else found_inf_flags([prep["check"] for prep in prepared])
@@ -398,7 +394,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         pending = None
         if self.parts.refresh.due(state, group, storage.has(state), key):
             full = part.gather(p, grad)
-            if gradient_checks_enabled() and not finite_flags([full])[0]:
+            if not finite_flags([full])[0]:
                 return {"check": local, "finite": False}  # no SVD of a bad gradient (every rank sees the same)
             ortho, ortho_right = part.share_basis(p, *proj.compute(full, state.get("step", 0), key), side)
             del full

@@ -7,8 +7,7 @@ from typing import Callable, Dict, List, Optional
 from torch import nn
 
 from ..nn.int8 import Int8Weight
-
-DEFAULT_SKIP = ("lm_head",)
+from ..nn.walk import skipped_by_default
 
 
 def param_groups(
@@ -24,14 +23,15 @@ def param_groups(
 
     The GaLore group holds the 2-D weights of linear layers (nn.Linear and weightkit's Int8Linear) inside the
     transformer blocks — attention and MLP projections — chosen by ``filter_fn(name, module)`` (default: every such
-    layer except the output head). Embeddings, norms, biases and the head go to a plain AdamW group. Extra keyword
-    arguments (e.g. ``weight_decay``) are set on both groups. Every trainable parameter appears exactly once.
+    layer except the output heads, by the rule ``swap`` and ``compress`` use: ``weightkit.nn.walk.DEFAULT_SKIP``).
+    Embeddings, norms, biases and the heads go to a plain AdamW group. Extra keyword arguments (e.g.
+    ``weight_decay``) are set on both groups. Every trainable parameter appears exactly once.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is None:
         def filter_fn(name, _module):
-            return name.split(".")[-1] not in DEFAULT_SKIP
+            return not skipped_by_default(name)
     low_rank, seen = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
