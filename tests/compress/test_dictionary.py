@@ -24,7 +24,7 @@ def test_compressor_functional_error_decreases_over_iterations(device):
     report = compress.dictionary(m, [x], ratio=0.4, iters=5, filter_fn=lambda n, mod: True, progress=False)
     assert isinstance(m[0], DictLinear) and {p.device for p in m.parameters()} == {x.device}
     first = report.layers[0]
-    assert len(first.history) == 6 and first.history[-1] == pytest.approx(first.functional_error, rel=1e-9)
+    assert len(first.history) == 6 and first.history[-1] == pytest.approx(first.functional_error, rel=1e-5)
     assert all(b <= a + 1e-12 for a, b in zip(first.history, first.history[1:])), first.history
     assert first.history[-1] < 0.98 * first.history[0], first.history
     with torch.no_grad():  # the reported error is the real one on the calibration inputs
