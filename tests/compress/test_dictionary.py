@@ -201,3 +201,32 @@ def test_bad_device_and_progress():
         with pytest.raises(ValueError, match="device='cuda': torch sees no CUDA device"):
             compress.compress(model, calib, device="cuda", filter_fn=lambda n, m: True, progress=False)
     assert isinstance(model[0], nn.Linear)  # nothing was replaced
+
+
+def test_non_finite_calibration_and_bad_precision_are_named():
+    model = nn.Sequential(nn.Linear(8, 8))
+    x = torch.randn(16, 8)
+    x[3, 5] = float("inf")
+    for method in ("dictionary", "svd"):
+        with pytest.raises(ValueError, match="calib_batches: the calibration inputs have non-finite values"):
+            compress.compress(model, [x], method=method, filter_fn=lambda n, m: True, progress=False)
+    with pytest.raises(ValueError, match="dtype .* must be torch.float32 or torch.float64"):
+        compress.dictionary(model, [torch.randn(16, 8)], dtype=torch.bfloat16, filter_fn=lambda n, m: True)
+    with pytest.raises(ValueError, match="selection_precision must be one of"):
+        compress.dictionary(model, [torch.randn(16, 8)], selection_precision="fp8", filter_fn=lambda n, m: True,
+                            progress=False)
+    assert isinstance(model[0], nn.Linear)  # nothing was replaced
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_work_matches_the_float64_reference(device):
+    """The default float32 OMP/K-SVD gives the float64 run's functional error (a near tie may pick another atom)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96)).to(device)
+    x = (torch.randn(400, 64) @ torch.randn(64, 64)).to(device)
+    errs = {}
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model)
+        errs[dtype] = compress.dictionary(m, [x], ratio=0.3, iters=2, dtype=dtype, filter_fn=lambda n, mod: True,
+                                          progress=False).layers[0].functional_error
+    assert errs[torch.float32] == pytest.approx(errs[torch.float64], rel=2e-3), errs

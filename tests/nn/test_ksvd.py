@@ -177,3 +177,12 @@ def test_ksvd_has_no_host_sync_per_atom():
 
     few, many = syncs(16), syncs(64)
     assert len(many) == len(few) < 16, (few, many)
+
+
+def test_progress_ticks_add_up_to_the_work():
+    from weightkit.nn.ksvd import ksvd_work
+
+    done = []
+    Y = torch.randn(16, 30, generator=torch.Generator().manual_seed(4))
+    learn_dictionary(Y, 12, 5, iters=2, tick=done.append)
+    assert sum(done) == ksvd_work(30, 5, 2) and all(n > 0 for n in done)

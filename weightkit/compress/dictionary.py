@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dictionary import DictLinear
-from ..nn.ksvd import DEFAULT_GROWTH, check_ratio, dictionary_size, ksvd_work, learn_dictionary, scatter_codes
+from ..nn.ksvd import DEFAULT_GROWTH, SELECTION_PRECISIONS, check_ratio, dictionary_size, ksvd_work, learn_dictionary, scatter_codes
 from ..nn.walk import FilterFn, module_bytes, replace_module
 from .common import (CompressionReport, LayerReport, Progress, ProgressFn, chosen_layers, collect_gram, whitening_factor,
                      work_device)
@@ -75,6 +75,11 @@ def dictionary(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
     check_ratio(ratio)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype (the precision of OMP and K-SVD) must be torch.float32 or torch.float64, got {dtype}")
+    if selection_precision not in SELECTION_PRECISIONS:
+        raise ValueError(f"selection_precision must be one of {', '.join(SELECTION_PRECISIONS)}, "
+                         f"got {selection_precision!r}")
     work = work_device(device)
     report = CompressionReport("dictionary", ratio=ratio)
     names = chosen_layers(model, filter_fn, report)
@@ -83,12 +88,12 @@ def dictionary(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
     steps = Progress(progress, len(groups) * max(iters, 1), "dictionary compression")
     for members in groups:
         linears = [model.get_submodule(n) for n in members]
-        home, dtype = linears[0].weight.device, linears[0].weight.dtype
+        home, weight_dtype = linears[0].weight.device, linears[0].weight.dtype
         dev = work or home
         L = whitening_factor(grams[members[0]].to(dev))
         Ys = [L.T @ lin.weight.detach().to(dev, torch.float64).T for lin in linears]
         d_in, widths = Ys[0].shape[0], [Y.shape[1] for Y in Ys]
-        k, s = dictionary_size(d_in, sum(widths), ratio, k_over_s, dtype.itemsize)
+        k, s = dictionary_size(d_in, sum(widths), ratio, k_over_s, weight_dtype.itemsize)
         Ycat = torch.cat(Ys, 1)
         bar = steps.layer_bar(members[0], ksvd_work(Ycat.shape[1], s, iters, growth))
         try:
@@ -103,13 +108,13 @@ def dictionary(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
             steps.step(members[0])
         Dw, idx, coef = Dw.to(torch.float64), idx, coef.to(torch.float64)
         D = torch.linalg.solve_triangular(L.T, Dw, upper=True)  # L^{-T} D'
-        shared_d = nn.Parameter(D.to(home, dtype))
+        shared_d = nn.Parameter(D.to(home, weight_dtype))
         params = {"k": k, "s": s} | ({"shared_by": len(members)} if len(members) > 1 else {})
         start = 0
         for i, (name, lin, Y, w) in enumerate(zip(members, linears, Ys, widths)):
             sl = slice(start, start + w)
             start += w
-            new = DictLinear.from_factors(shared_d, coef[sl].T.to(home, dtype).contiguous(),
+            new = DictLinear.from_factors(shared_d, coef[sl].T.to(home, weight_dtype).contiguous(),
                                           idx[sl].T.to(home).contiguous(), lin.bias)
             err = float((Y - Dw @ scatter_codes(idx[sl], coef[sl], k)).norm() / Y.norm().clamp_min(1e-300))
             after = module_bytes(new) - (shared_d.numel() * shared_d.element_size() if i else 0)

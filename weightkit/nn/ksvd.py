@@ -240,8 +240,9 @@ def _relative_error(Y: Tensor, D: Tensor, idx: Tensor, coef: Tensor, norm_y: flo
 
 
 def ksvd_work(m: int, s: int, iters: int, growth: float = DEFAULT_GROWTH) -> int:
-    """The units ``learn_dictionary``'s ``tick`` counts: columns x OMP steps for each of the iters + 1 codings."""
-    return (iters + 1) * m * len(omp_schedule(s, growth))
+    """The units ``learn_dictionary``'s ``tick`` counts: columns x OMP steps for each of the iters + 1 codings, and
+    m for each round of atom updates."""
+    return (iters + 1) * m * len(omp_schedule(s, growth)) + iters * m
 
 
 def learn_dictionary(Y: Tensor, k: int, s: int, iters: int = 3, power_iters: int = 2, seed: int = 0,
@@ -276,6 +277,11 @@ def learn_dictionary(Y: Tensor, k: int, s: int, iters: int = 3, power_iters: int
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if not bool(torch.isfinite(Y).all()):
         raise ValueError("Y has non-finite entries (NaN or Inf); check the weight and the calibration data")
+    if selection_precision not in SELECTION_PRECISIONS:
+        raise ValueError(f"selection_precision must be one of {', '.join(SELECTION_PRECISIONS)}, "
+                         f"got {selection_precision!r}")
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth <= 1:
+        raise ValueError(f"growth must be a number in [0, 1], got {growth!r}")
     if D is not None and (D.dim() != 2 or tuple(D.shape) != (d, k)):
         raise ValueError(f"D must be {d} x {k} (rows of Y x atoms), got {tuple(D.shape)}")
     if threads is None:
@@ -297,9 +303,14 @@ def _initial_dictionary(Y: Tensor, k: int, seed: int) -> Tensor:
     directions (from a CPU generator: the same on every device)."""
     d, m = Y.shape
     r = min(k, d, m)
+    u = None
     if d <= m:
-        u = torch.linalg.eigh(Y @ Y.T)[1].flip(1)[:, :r]
-    else:
+        scaled = Y / Y.abs().amax().clamp_min(torch.finfo(Y.dtype).tiny)  # no overflow in Y Y^T
+        try:
+            u = torch.linalg.eigh(scaled @ scaled.T)[1].flip(1)[:, :r]
+        except torch.linalg.LinAlgError:  # eigh did not converge: the SVD's algorithm is more robust
+            pass
+    if u is None:
         u = torch.linalg.svd(Y, full_matrices=False)[0][:, :r]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     extra = torch.randn(d, k - r, generator=gen, dtype=torch.float64).to(Y.device, Y.dtype)
@@ -308,6 +319,7 @@ def _initial_dictionary(Y: Tensor, k: int, seed: int) -> Tensor:
 
 def _learn(Y, k, s, iters, power_iters, seed, D, progress, opts):
     d, m = Y.shape
+    tick = opts["tick"]
     D = _initial_dictionary(Y, k, seed) if D is None else D.to(Y.device, Y.dtype).clone()
     D /= D.norm(dim=0, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
     norm_y = float(Y.norm()) or 1.0
@@ -320,10 +332,12 @@ def _learn(Y, k, s, iters, power_iters, seed, D, progress, opts):
         S = scatter_codes(idx, coef, k)  # (k, m)
         Et = Yt - S.T @ D.T  # (m, d) residual, transposed
         flat = idx.reshape(-1)
-        counts = torch.bincount(flat, minlength=k).tolist()  # one host sync per iteration, none per atom
+        counts_t = torch.bincount(flat, minlength=k)
+        counts = counts_t.tolist()  # one host sync per iteration, none per atom
         users_of = torch.split(cols[flat.argsort(stable=True)], counts)
-        unused = [j for j in range(k) if counts[j] == 0]
         for j in range(k):
+            if tick is not None:  # the atom updates count m units in the progress
+                tick(m * (j + 1) // k - m * j // k)
             users = users_of[j]
             if counts[j] == 0:
                 continue
@@ -339,11 +353,14 @@ def _learn(Y, k, s, iters, power_iters, seed, D, progress, opts):
             D[:, j] = u
             S[j, users] = v
             Et[users] = torch.addr(Ej, v, u, alpha=-1)
-        if unused:  # an unused atom changes nothing; point it at a badly represented column for the next coding
+        if 0 in counts:  # an unused atom changes nothing; point it at a badly represented column for the next coding
             norms = Et.norm(dim=1)
-            worst = norms.argsort(descending=True)[: len(unused)]
+            unused = counts_t == 0
+            rank = unused.cumsum(0) - 1  # the i-th unused atom takes the i-th worst column (on the device: no sync)
+            unused &= rank < m
+            worst = norms.argsort(descending=True)[rank.clamp(0, m - 1)]  # (k,)
             fresh = Et[worst].T / norms[worst].clamp_min(tiny)
-            D[:, unused[: fresh.shape[1]]] = fresh
+            D = torch.where(unused, fresh, D)
         coef = S.gather(0, idx.T).T
         old_err = Et.norm(dim=1)
         new_idx, new_coef = omp(D, Y, s, **opts)
