@@ -186,3 +186,34 @@ def test_progress_ticks_add_up_to_the_work():
     Y = torch.randn(16, 30, generator=torch.Generator().manual_seed(4))
     learn_dictionary(Y, 12, 5, iters=2, tick=done.append)
     assert sum(done) == ksvd_work(30, 5, 2) and all(n > 0 for n in done)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_triangular_products_skip_only_zeros(transpose):
+    from weightkit.nn.ksvd import TRIANGULAR_SPLIT, _triu_mm
+
+    gen = torch.Generator().manual_seed(6)
+    for t in (TRIANGULAR_SPLIT - 1, TRIANGULAR_SPLIT, 2 * TRIANGULAR_SPLIT + 37):
+        C = torch.randn(3, t, t, generator=gen, dtype=torch.float64).triu()
+        A = torch.randn(3, t, 5, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(_triu_mm(C, A, transpose), (C.mT if transpose else C) @ A, rtol=1e-12, atol=1e-12)
+
+
+def test_omp_with_long_supports_matches_the_reference():
+    """Supports past the triangular split (weightkit.nn.ksvd.TRIANGULAR_SPLIT): still least squares, and
+    growth=0 still textbook OMP."""
+    from weightkit.nn.ksvd import TRIANGULAR_SPLIT
+
+    gen = torch.Generator().manual_seed(8)
+    s = TRIANGULAR_SPLIT + 40
+    D = unit_atoms(s + 60, 2 * s, gen)
+    Y = torch.randn(s + 60, 3, generator=gen, dtype=torch.float64)
+    idx, coef = omp(D, Y, s, growth=0)
+    for c in range(3):
+        support, ref = reference_omp(D, Y[:, c], s)
+        assert idx[c].tolist() == support
+        torch.testing.assert_close(coef[c], ref, rtol=1e-7, atol=1e-8)
+    idx, coef = omp(D, Y, s)
+    for c in range(3):
+        ls = torch.linalg.lstsq(D[:, idx[c]], Y[:, c : c + 1]).solution.squeeze(1)
+        torch.testing.assert_close(coef[c], ls, rtol=1e-7, atol=1e-8)
