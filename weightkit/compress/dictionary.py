@@ -13,6 +13,13 @@ With ``shared=True`` the layers that read the same input (same parent module, eq
 Q/K/V of an attention block) share one dictionary, stored once; the budget is then the group's total, so their s
 is larger. The SVD baseline (weightkit.compress.svd) gets (1 - ratio) d_in d_out b per layer as well.
 
+Precision and devices: Gram matrices, whitening and D = L^{-T} D' are float64; OMP and K-SVD run in ``dtype``
+(float32; float64 is the reference) on ``device``. On CUDA the matmul that only selects OMP's atoms is bf16
+(``selection_precision="auto"``; measured on all-MiniLM-L6-v2 with the CPU's emulation of bf16 products: the same
+embedding cosine as float32, see bench/test_bench_compress.py), and float32 matmuls use TF32 only when
+torch.backends.cuda.matmul.allow_tf32 or ``tf32=True`` allows it. With ``progress=True`` a second bar follows the
+layer being learned (OMP steps and atom updates).
+
 Note: ``weightkit.compress.dictionary`` (the package attribute) is the function :func:`dictionary`.
 """
 

@@ -2,16 +2,25 @@
 
 Y (d x m) ~ D S with D (d x k) of unit-norm atoms and S (k x m) with exactly s nonzeros per column, by K-SVD:
 
-1. sparse coding: batched orthogonal matching pursuit (:func:`omp`), vectorised over the columns, exactly s
-   distinct atoms per column (one atom per step, least squares on the support);
+1. sparse coding: batched orthogonal matching pursuit (:func:`omp`): all columns (of a memory-sized chunk) advance
+   together with no per-column loop and no host sync; G = D^T D and B = D^T Y are computed once, each step picks the
+   atoms most correlated with every column's residual, extends an orthonormal basis of the support in atom
+   coordinates (a Cholesky step of the new atoms against it) and recomputes the correlations with one matmul. The
+   first atoms come one per step (textbook OMP); after that a step adds ``growth`` (1/8) of the support at once,
+   so s = 1500 takes ~60 steps instead of 1500 (measured on all-MiniLM-L6-v2: the same quality as one per step).
+   Exactly s distinct atoms per column, least squares on the support;
 2. atom updates: for each atom j in turn, the residual of the columns that use it (with j's contribution put back)
    is approximated by a rank-1 term u v^T with power iterations started from the current atom; u replaces the
-   atom, v its coefficients (never worse than before: the power iteration only raises ||E_j^T u||);
+   atom, v its coefficients (never worse than before: the power iteration only raises ||E_j^T u||); one host sync
+   per iteration (the users of every atom), none per atom;
 3. re-coding with the new dictionary, each column keeping its previous code when OMP's is worse,
 
-so the error is non-increasing from one iteration to the next. :func:`dictionary_size` turns a byte budget into
-(k, s). Only torch and weightkit.ops are imported: DictLinear.from_linear (data-free, on W^T) and
-weightkit.compress.dictionary (calibration-whitened) both learn with this module.
+so the error is non-increasing from one iteration to the next. The work is float32 (float64 for float64 input, the
+reference); the correlation matmul that only selects atoms may run in bf16 (``selection_precision``), and the
+float32 matmuls in TF32 when torch.backends.cuda.matmul.allow_tf32 (or ``tf32=True``) allows it. The same code runs
+on the CPU and on CUDA. :func:`dictionary_size` turns a byte budget into (k, s). Only torch and weightkit.ops are
+imported: DictLinear.from_linear (data-free, on W^T) and weightkit.compress.dictionary (calibration-whitened) both
+learn with this module.
 """
 
 from __future__ import annotations
