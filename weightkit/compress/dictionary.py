@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dictionary import DictLinear
-from ..nn.ksvd import DEFAULT_GROWTH, SELECTION_PRECISIONS, check_ratio, dictionary_size, ksvd_work, learn_dictionary, scatter_codes
+from ..nn.ksvd import (DEFAULT_GROWTH, SELECTION_PRECISIONS, check_ratio, dictionary_size, ksvd_work, learn_dictionary,
+                       scatter_codes)
 from ..nn.walk import FilterFn, module_bytes, replace_module
 from .common import (CompressionReport, LayerReport, Progress, ProgressFn, chosen_layers, collect_gram, whitening_factor,
                      work_device)

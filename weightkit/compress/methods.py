@@ -24,8 +24,9 @@ def compress(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3, meth
     """Compress ``model``'s nn.Linear layers in place with ``method`` ``'dictionary'`` (weightkit.compress.dictionary)
     or ``'svd'`` (weightkit.compress.svd) at the same byte budget, ``ratio`` of each weight's bytes removed.
     Dictionary-only options (``k_over_s``, ``iters``, ``power_iters``, ``shared``, ``seed``, ``dtype``, ``growth``,
-    ``selection_precision``, ``tf32``) are ignored by 'svd'; any other option raises TypeError. ``progress`` (True: a tqdm bar; a callable: ``progress(done, total,
-    layer_name)``) and ``device`` (where the factorizations run; default: each layer's device) apply to both."""
+    ``selection_precision``, ``tf32``) are ignored by 'svd'; any other option raises TypeError. ``progress``
+    (True: a tqdm bar; a callable: ``progress(done, total, layer_name)``) and ``device`` (where the factorizations
+    run; default: each layer's device) apply to both."""
     method = canonical_method(method, METHODS, "compress")
     if method == "svd":
         unknown = set(opts) - DICTIONARY_ONLY
