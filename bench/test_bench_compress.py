@@ -23,7 +23,9 @@ bounds; ITERS=1, 2 threads):
 all-MiniLM-L6-v2, the test's setup (24 attention projections, ratio 0.2, iters=1, one thread, the two runs back to
 back in one process): former code 161 s, embedding cosine 0.8863; this code (growth 1/32, fp32 selection) 77.7 s,
 cosine 0.8867; with the selection matmul's bf16 products emulated (what CUDA runs by default) cosine 0.8867
-(0.00002 lower); SVD at the same bytes 0.8398.
+(0.00002 lower); SVD at the same bytes 0.8398. All 37 layers at 30% (time_minilm("cpu"), 2 threads): cosine 0.74177
+with fp32 selection (472 s), 0.74179 with emulated bf16 products (165 s; the load fell meanwhile): the CPU
+reference of the CUDA quality row (``gpu_rows(row, minilm_cpu_cosine=0.7418)`` skips the CPU run there).
 """
 
 from __future__ import annotations
