@@ -24,7 +24,7 @@ def test_compressor_functional_error_decreases_over_iterations(device):
     report = compress.dictionary(m, [x], ratio=0.4, iters=5, filter_fn=lambda n, mod: True, progress=False)
     assert isinstance(m[0], DictLinear) and {p.device for p in m.parameters()} == {x.device}
     first = report.layers[0]
-    assert len(first.history) == 6 and first.history[-1] == pytest.approx(first.functional_error, rel=1e-9)
+    assert len(first.history) == 6 and first.history[-1] == pytest.approx(first.functional_error, rel=1e-5)
     assert all(b <= a + 1e-12 for a, b in zip(first.history, first.history[1:])), first.history
     assert first.history[-1] < 0.98 * first.history[0], first.history
     with torch.no_grad():  # the reported error is the real one on the calibration inputs
@@ -176,9 +176,15 @@ def test_device_argument_runs_the_factorizations_there(method, work, monkeypatch
     assert {t.device.type for t in list(on_work.parameters()) + list(on_work.buffers())} == {"cpu"}
     for a, b in zip(base.layers, moved.layers):
         assert a.params == b.params and a.bytes_after == b.bytes_after
-        assert b.functional_error == pytest.approx(a.functional_error, rel=1e-6 if work == "cpu" else 1e-4)
+        # CUDA: other float32 rounding and bf16 atom selection (a near tie may pick another atom): same quality
+        assert b.functional_error == pytest.approx(a.functional_error, rel=1e-6 if work == "cpu" else 3e-2)
     with torch.no_grad():
-        torch.testing.assert_close(on_work(x), on_cpu(x), rtol=1e-4, atol=1e-4)
+        if work == "cpu":
+            torch.testing.assert_close(on_work(x), on_cpu(x), rtol=1e-4, atol=1e-4)
+        else:
+            ref = model(x)
+            err_work, err_cpu = ((m(x) - ref).norm() / ref.norm() for m in (on_work, on_cpu))
+            assert float(err_work) == pytest.approx(float(err_cpu), rel=3e-2)
 
 
 @pytest.mark.parametrize("method,steps", [("dictionary", ["0", "0", "2", "2"]), ("svd", ["0", "2"])])
@@ -201,3 +207,32 @@ def test_bad_device_and_progress():
         with pytest.raises(ValueError, match="device='cuda': torch sees no CUDA device"):
             compress.compress(model, calib, device="cuda", filter_fn=lambda n, m: True, progress=False)
     assert isinstance(model[0], nn.Linear)  # nothing was replaced
+
+
+def test_non_finite_calibration_and_bad_precision_are_named():
+    model = nn.Sequential(nn.Linear(8, 8))
+    x = torch.randn(16, 8)
+    x[3, 5] = float("inf")
+    for method in ("dictionary", "svd"):
+        with pytest.raises(ValueError, match="calib_batches: the calibration inputs have non-finite values"):
+            compress.compress(model, [x], method=method, filter_fn=lambda n, m: True, progress=False)
+    with pytest.raises(ValueError, match="dtype .* must be torch.float32 or torch.float64"):
+        compress.dictionary(model, [torch.randn(16, 8)], dtype=torch.bfloat16, filter_fn=lambda n, m: True)
+    with pytest.raises(ValueError, match="selection_precision must be one of"):
+        compress.dictionary(model, [torch.randn(16, 8)], selection_precision="fp8", filter_fn=lambda n, m: True,
+                            progress=False)
+    assert isinstance(model[0], nn.Linear)  # nothing was replaced
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_work_matches_the_float64_reference(device):
+    """The default float32 OMP/K-SVD gives the float64 run's functional error (a near tie may pick another atom)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96)).to(device)
+    x = (torch.randn(400, 64) @ torch.randn(64, 64)).to(device)
+    errs = {}
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model)
+        errs[dtype] = compress.dictionary(m, [x], ratio=0.3, iters=2, dtype=dtype, filter_fn=lambda n, mod: True,
+                                          progress=False).layers[0].functional_error
+    assert errs[torch.float32] == pytest.approx(errs[torch.float64], rel=2e-3), errs

@@ -59,6 +59,14 @@ class Progress:
         else:
             raise ValueError(f"progress must be a bool or a callable (done, total, layer_name), got {progress!r}")
 
+    def layer_bar(self, name: str, total: int):
+        """A second tqdm bar for one layer's inner work (``total`` units), below the run's; None without bars."""
+        if self.bar is None:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"  {name}", leave=False, unit="col-step", unit_scale=True)
+
     def step(self, name: str) -> None:
         self.done += 1
         if self.bar is not None:
@@ -72,11 +80,13 @@ class Progress:
             self.bar.close()
 
 
-def whitening_factor(xtx: Tensor) -> Tensor:
+def whitening_factor(xtx: Tensor, name: str = "") -> Tensor:
     """Lower Cholesky factor L of X^T X (float64), with the diagonal shifted until it is positive definite."""
     xtx = xtx.to(torch.float64)
     if not bool(torch.isfinite(xtx).all()):
-        raise ValueError("X^T X has non-finite entries; are the calibration activations finite?")
+        where = f" of layer {name!r}" if name else ""
+        raise ValueError(f"calib_batches: the calibration inputs{where} have non-finite values (X^T X has NaN or "
+                         f"Inf entries); are the calibration activations finite?")
     d = xtx.shape[0]
     shift = 1e-6 * float(torch.diagonal(xtx).abs().mean().clamp_min(1e-12))
     eye = torch.eye(d, dtype=xtx.dtype, device=xtx.device)
