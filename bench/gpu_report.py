@@ -740,8 +740,53 @@ def autotune():
     write()
 
 
+def _rows_from(section, records):
+    """Record rows measured by a bench module's own function (a list of dicts with a name and ms, or an error)."""
+    for rec in records:
+        rec = dict(rec)
+        part = rec.pop("section", None)  # the bench module's own grouping
+        name = rec.pop("name", None) or rec.pop("what", None) or " ".join(
+            str(rec[k]) for k in ("shape", "backend", "precision", "who") if k in rec)
+        name = f"{part}: {name}" if part else str(name)
+        if rec.get("ms") is None:
+            rec.pop("ms", None)
+            ROWS.append(dict(section=section, name=name, **rec))
+            _print(ROWS[-1])
+            write()
+        else:
+            row(section, name, ms=rec.pop("ms"), **rec)
+
+
+def galore_issue25():
+    """Issue #25's table (bench/galore_issue25.py: steps against galore-torch at every precision, refreshes, host
+    syncs per step, a compiled-kernel check). Not in the default run: a second, targeted call
+    (REPORT_SECTIONS=galore_issue25)."""
+    from bench import galore_issue25 as g
+
+    _rows_from("galore_issue25", g.table())
+
+
+def qgalore_fused():
+    """Issue #24's fused Q-GaLore ops (bench/qgalore_fused.py: the fused write-back at every precision against the
+    composed and unfused paths, the one-pass 8-bit moments against bitsandbytes, the packed INT4 projection).
+    Opt-in, as galore_issue25."""
+    from bench import qgalore_fused as q
+
+    _rows_from("qgalore_fused", q.measure("cuda"))
+
+
+def compress():
+    """Issue #26's compressor rows (bench/test_bench_compress.py: one 4096x11008 layer at 30% and MiniLM's 37
+    layers on CUDA; the CPU MiniLM cosine is the 2-core run's, 0.7418). Opt-in, as galore_issue25."""
+    from bench.test_bench_compress import gpu_rows
+
+    gpu_rows(row, minilm_cpu_cosine=0.7418)
+
+
 SECTIONS = {"ceilings": ceilings, "quant": quant, "kernels": kernels, "galore": galore, "memoryformer": memoryformer,
-            "dictionary": dictionary, "host": host}
+            "dictionary": dictionary, "host": host,
+            # opt-in (not in the default run): each fills a second, targeted call
+            "galore_issue25": galore_issue25, "qgalore_fused": qgalore_fused, "compress": compress}
 
 
 def section_budgets(sections, seconds, fixed=None):

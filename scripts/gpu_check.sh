@@ -31,6 +31,10 @@
 # when it exists (`../shared/device/site-packages.sh .gpu-site` makes it; name .gpu-site in the call's carry).
 # WHEEL=dist/weightkit-...-manylinux_*.whl takes the kernel libraries from that wheel instead of building them here
 # (checks that one build's CUDA library runs under this machine's torch; carry dist/ with the call).
+# Opt-in report sections for a second, targeted call (each measures one issue's table; give it the report budget):
+#   STAGES=report REPORT_SECTIONS=galore_issue25 REPORT_BUDGET=170   (#25: GaLore steps, refreshes, syncs)
+#   STAGES=report REPORT_SECTIONS=qgalore_fused REPORT_BUDGET=120    (#24: the fused Q-GaLore write-back and moments)
+#   STAGES=report REPORT_SECTIONS=compress REPORT_BUDGET=120         (#26: the compressor on CUDA)
 # Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
 # were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), PYTHON.
