@@ -27,6 +27,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..ops.galore import mm_float32
 from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,9 +91,21 @@ class FloatBasis:
 
     @staticmethod
     def project(grad: Tensor, side: str, basis: Basis) -> Tensor:
-        """R, the float32 low-rank gradient of ``grad``: P^T G, G P^T or P^T G Q^T (as
-        weightkit.optim.projector.project, which imports this module)."""
+        """R, the float32 low-rank gradient of ``grad``: P^T G, G P^T or P^T G Q^T.
+
+        A float32 basis: a float32 product (TF32 on a GPU only where the user allows it: cuBLAS follows
+        ``torch.backends.cuda.matmul.allow_tf32``). A bfloat16 / float16 basis (kept in proj_dtype and used as
+        stored, see weightkit.optim.projector.projection_basis_dtype): the gradient is rounded to that dtype and the
+        product runs on 16-bit operands with float32 accumulation and a float32 result (16-bit tensor cores on a
+        GPU; on the CPU the operands are upcast, the same products)."""
         ortho, ortho_right = basis
+        if ortho.dtype != torch.float32:
+            g = grad.to(ortho.dtype)
+            if side == "left":
+                return mm_float32(ortho.T, g, g.is_cuda)
+            if side == "right":
+                return mm_float32(g, ortho.T, g.is_cuda)
+            return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
         g = grad.to(torch.float32)
         if side == "left":
             return ortho.T @ g

@@ -475,7 +475,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             weight = part.local(p)
             scale = getattr(weight, "scale", None)
             # the weight, its scales and every state tensor the update may write in place (float or 8-bit moments)
-            for t in (weight, scale, *state.values()):
+            written = [v for k, v in state.items() if k not in ("step", "nonfinite_skips")]
+            for t in (weight, scale, *written):
                 if isinstance(t, Tensor) and t.device == weight.device:
                     saved.append((t, t.clone()))
         self._commit(group, p, part, grad, prep, found)

@@ -188,28 +188,9 @@ def compute_basis(grad: Tensor, rank: int, side: str, svd: str = "exact", *, ove
 
 
 def project(grad: Tensor, side: str, ortho: Tensor, ortho_right: Optional[Tensor] = None) -> Tensor:
-    """Low-rank gradient R (float32) of ``grad`` for a basis from :func:`compute_basis`.
-
-    A float32 basis: a float32 product (TF32 on a GPU only where the user allows it: cuBLAS follows
-    ``torch.backends.cuda.matmul.allow_tf32``). A bfloat16 / float16 basis (a basis kept in proj_dtype, used as
-    stored: see :func:`projection_basis_dtype`): the gradient is rounded to that dtype and the product runs on 16-bit
-    operands with float32 accumulation and a float32 result (16-bit tensor cores on a GPU; on the CPU the operands
-    are upcast, the same products)."""
-    if ortho.dtype != torch.float32:
-        from ..ops.galore import mm_float32
-
-        g = grad.to(ortho.dtype)
-        if side == "left":
-            return mm_float32(ortho.T, g, g.is_cuda)
-        if side == "right":
-            return mm_float32(g, ortho.T, g.is_cuda)
-        return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
-    g = grad.to(torch.float32)
-    if side == "left":
-        return ortho.T @ g
-    if side == "right":
-        return g @ ortho.T
-    return ortho.T @ g @ ortho_right.T
+    """Low-rank gradient R (float32) of ``grad`` for a basis from :func:`compute_basis` (float32, or 16-bit used as
+    stored: weightkit.optim.basis.FloatBasis.project)."""
+    return FloatBasis.project(grad, side, (ortho, ortho_right))
 
 
 def projection_basis_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
