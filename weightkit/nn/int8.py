@@ -355,11 +355,24 @@ def _new_zeros(func, args, kwargs):
 
 
 def _view(func, args, kwargs):
-    """Only metadata-preserving views stay Int8Weight (FSDP2 flattens its shard with view(-1) as a handle; the
-    values are read through fsdp_pre_all_gather, never through this view); any other shape reads the values."""
-    self, size = args[0], list(args[1])
-    if size == list(self.shape) or (size == [-1] and self.dim() == 1):
-        out = self._like(func(self.qdata, list(self.qdata.shape)), func(self.scale, list(self.scale.shape)))
+    """A view that keeps every scale group inside its last dimension (groups are consecutive in row-major order,
+    so flattening, as DDP's and FSDP2's flat buffers do, or regrouping rows keeps them) is an Int8Weight sharing
+    the storage; any other shape reads the values."""
+    self = args[0]
+    qdata = self.qdata.view(list(args[1]))
+    if qdata.dim() == 1 or qdata.shape[-1] % self.group_size == 0:
+        out = self._like(qdata, self.scale.view(self.scale.shape))
+        return return_and_correct_aliasing(func, args, kwargs, out)
+    return func(self.dequantize(), *args[1:], **kwargs)
+
+
+def _as_strided(func, args, kwargs):
+    """FSDP2 re-views the all-gathered weight with as_strided to its own (contiguous) shape: an alias then; any other
+    striding reads the values."""
+    self, size, stride = args[0], list(args[1]), list(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", 0)
+    if size == list(self.shape) and stride == list(self.qdata.stride()) and not offset:
+        out = self._like(self.qdata.view(size), self.scale.view(self.scale.shape))
         return return_and_correct_aliasing(func, args, kwargs, out)
     return func(self.dequantize(), *args[1:], **kwargs)
 
@@ -389,6 +402,7 @@ _HANDLERS = {
     aten.slice.Tensor: _slice,
     aten.new_zeros.default: _new_zeros,
     aten.view.default: _view,
+    aten.as_strided.default: _as_strided,
     aten.equal.default: _equal,
     aten.is_same_size.default: lambda func, args, kwargs: args[0].shape == args[1].shape,
 }
