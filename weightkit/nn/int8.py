@@ -204,7 +204,7 @@ class Int8Weight(Tensor):
         schema = func._schema
         if schema.is_mutable and args and isinstance(args[0], Int8Weight) and _mutates_first(schema):
             return _update_in_place(func, args, kwargs)
-        if func.name().endswith("_like") or func.name().startswith("aten::new_"):
+        if func.namespace == "aten" and (func._opname.endswith("_like") or func._opname.startswith("new_")):
             return _factory(func, args, kwargs)
         # anything else reads the values: run it on the dequantized weight (a plain tensor comes back)
         return func(*_dequantized(args), **_dequantized(kwargs))
@@ -239,7 +239,7 @@ def _factory(func, args, kwargs):
     """``*_like`` and ``new_*`` ops: a plain float tensor of the weight's dtype and device (optimizer state,
     autograd's gradient buffers), never a dequantization."""
     self = args[0]
-    if func.name().startswith("aten::new_"):
+    if func._opname.startswith("new_"):
         stand_in = torch.empty((), dtype=self.dtype, device=self.device)
     else:
         stand_in = torch.empty(self.shape, dtype=self.dtype, device=self.device)
@@ -256,13 +256,15 @@ def _update_in_place(func, args, kwargs):
     """An in-place op on the weight (an optimizer's update): computed on the dequantized weight, written back by
     stochastic rounding; multiplying by a positive number rescales the groups (exact up to the scales' rounding)."""
     self = args[0]
-    name = func.name()
-    if name in ("aten::mul_", "aten::div_") and len(args) == 2 and not kwargs:
+    name = func._opname if func.namespace == "aten" else ""
+    if name in ("mul_", "div_") and len(args) == 2 and not kwargs:
         factor = args[1]
+        if type(factor) is Tensor and factor.dim() == 0 and factor.device.type == "cpu" and factor.is_floating_point():
+            factor = factor.item()  # a Python number arrives wrapped in a CPU scalar tensor (read: no device sync)
         if isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < float("inf"):
-            self.scale.mul_(factor if name == "aten::mul_" else 1.0 / factor)
+            self.scale.mul_(factor if name == "mul_" else 1.0 / factor)
             return self
-    if name == "aten::zero_":
+    if name == "zero_":
         self.qdata.zero_()
         self.scale.fill_(torch.finfo(torch.float32).tiny)
         return self
