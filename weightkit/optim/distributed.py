@@ -51,8 +51,10 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by row
     larger side is the sharded one, i.e. the low-rank state shards with the weight except the r x n basis (right)
     or the r x n moments (left). Non-finite checks are combined over ranks with one all-reduce of a flag per step.
     The optimizer state holds plain (local) tensors: save and load ``optimizer.state_dict()`` per rank together
-    with the sharded model state. Only 1-D meshes and ``Shard(0)``/``Replicate`` placements are supported;
-    Q-GaLore's int8 weights are not supported under FSDP2 (FSDP2 shards floating parameters).
+    with the sharded model state. Only 1-D meshes and ``Shard(0)``/``Replicate`` placements are supported.
+    ``Int8Linear`` weights shard by rows under ``fully_shard`` (each rank holds int8 rows and their scales; the
+    all-gather moves int8 values and scales, ``Int8Weight.fsdp_pre_all_gather``) and train with torch optimizers
+    (tests/nn/test_int8_training.py); the sharded GaLore presets are not tested on them.
 """
 
 from __future__ import annotations
