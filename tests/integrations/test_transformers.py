@@ -168,6 +168,28 @@ def test_bfloat16_model_round_trips_in_its_dtype(tmp_path):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
+def test_trainer_clipping_counts_and_clips_int8_gradients(tmp_path):
+    """Trainer's max_grad_norm clips with torch.nn.utils.clip_grad_norm_, which now sees the Int8Linear weights'
+    .grad: at the optimizer step the norm of every gradient, int8 ones included, is max_grad_norm."""
+    pytest.importorskip("accelerate")
+    model = tiny_llama("int8")
+    args = training_args(tmp_path, max_steps=2, save_steps=100, max_grad_norm=1e-3)
+    opt = make_optimizer(model, "qgalore", rank=8, args=args)
+    int8 = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    seen = []
+
+    def record(optimizer, _args, _kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))),
+                     float(torch.linalg.vector_norm(torch.stack([w.grad.norm() for w in int8])))))
+
+    opt.register_step_pre_hook(record)
+    transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)).train()
+    assert len(seen) == 2
+    for total, int8_part in seen:
+        assert total == pytest.approx(1e-3, rel=1e-3) and 0.1 * total < int8_part <= total
+
+
 def test_skipped_qgalore_step_then_trainers_zero_grad_clears_int8_gradients():
     """Trainer clears gradients with model.zero_grad(): the int8 weights' gradients are ordinary .grad tensors, so
     that clears them too, and a skipped step's NaN gradient does not poison the next (no optimizer hook needed)."""
