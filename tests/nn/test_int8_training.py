@@ -137,6 +137,9 @@ def test_post_accumulate_grad_hook_and_layerwise_qgalore():
     x, y = data()
     mse(model, x, y).backward()
     assert len(seen) == 1 and torch.equal(seen[0], model[0].weight.grad)
+    model.to("cpu")  # a move that changes nothing (Trainer does it) keeps the weight object and its hooks
+    mse(model, x, y).backward()
+    assert len(seen) == 2
     handle.remove()
     model.zero_grad()
     opt = LayerwiseGaLore(param_groups(model, rank=4, update_proj_gap=5), optimizer_cls=QGaLoreAdamW8bit, lr=1e-2,

@@ -542,6 +542,31 @@ class Int8Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply swaps every tensor-subclass parameter for a new one, even when ``fn`` changes nothing
+        # (``.to(device)`` on the device it is on, as Trainer does): the swap would drop hooks registered on the weight
+        # (a layer-wise optimizer's post-accumulate-grad hook). Keep the weight when it stays; swap it (as nn.Module
+        # does, same Python object, gradient moved with it) only when it moves or changes dtype.
+        params = self._parameters
+        weight = params.get("weight")
+        if not isinstance(weight, Int8Weight):
+            return super()._apply(fn, recurse)
+        applied = fn(weight)
+        order = list(params)
+        del params["weight"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            rest = dict(params)
+            params.clear()
+            params.update((k, weight if k == "weight" else rest[k]) for k in order)
+        if applied is not weight:
+            grad = weight.grad
+            torch.utils.swap_tensors(weight, nn.Parameter(applied, requires_grad=weight.requires_grad))
+            if grad is not None:
+                weight.grad = fn(grad)
+        return self
+
     def dequantized_weight(self) -> Tensor:
         """float32 W = qdata * scale."""
         w = self._parameters["weight"]
