@@ -39,7 +39,7 @@ DEFAULT_STEPS = 200
 # * galore-layerwise: weightkit.optim.LayerwiseGaLore (GaLoreAdamW per parameter, stepped in backward, each gradient
 #   freed in its hook): the memory the GaLore paper reports for its 7B run comes from this mode.
 # * qgalore-layerwise: the same for Q-GaLore: QGaLoreAdamW8bit per parameter, each Int8Linear weight stepped from
-#   its float-grad hook (weightkit.nn.Int8Weight.register_float_grad_hook) and its float gradient freed there.
+#   its post-accumulate-grad hook (its gradient is an ordinary .grad) and the gradient freed there.
 # * galore-torch: the reference implementation (pip galore-torch, GaLoreAdamW), the same groups, rank, gap and scale:
 #   the peer of the GaLore-step issue's end-to-end table.
 SIZES = ("tiny", "60m", "130m", "350m", "1b", "7b")
@@ -215,6 +215,8 @@ def tensor_bytes(obj, seen=None) -> int:
     """Bytes of every distinct tensor reachable from ``obj`` (dicts, lists, tuples, objects' attributes)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__"):  # a wrapper subclass (Int8Linear's weight): the tensors it holds
+            return sum(tensor_bytes(getattr(obj, name), seen) for name in obj.__tensor_flatten__()[0])
         key = (obj.untyped_storage().data_ptr(), obj.dtype, obj.shape)
         if key in seen:
             return 0
@@ -395,17 +397,6 @@ def int8_group_size(in_features: int, cap: int = 128) -> int:
     return g
 
 
-def _int8_input_autocast(module: nn.Module, args):
-    # Int8Linear computes through a custom autograd Function that autocast does not see: give it the input dtype
-    # autocast gives nn.Linear (bf16 on CUDA), so activations and what backward saves match the other methods.
-    x = args[0]
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        if x.dtype != dtype:
-            return (x.to(dtype), *args[1:])
-    return None
-
-
 def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
     """The model, built on ``device`` (default: the CPU) from the seed: the same initial weights for every method on
     a device. Q-GaLore's block linears become weightkit.nn.Int8Linear (INT8 weights with per-group scales, trained
@@ -432,11 +423,6 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
             replaced += len(report.replaced)
         if replaced != len(linears):
             raise ValueError(f"only {replaced} of {len(linears)} block linears could be made Int8Linear")
-        from weightkit.nn import Int8Linear
-
-        for m in model.modules():
-            if isinstance(m, Int8Linear):
-                m.register_forward_pre_hook(_int8_input_autocast)
     return model
 
 

@@ -6,6 +6,7 @@ save_pretrained / load_pretrained."""
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -66,7 +67,8 @@ def training_args(out, max_steps=12, **kw):
 CASES = {
     "galore": (None, "galore", False, {"max_grad_norm": 1.0}),
     "galore8bit": (None, "galore8bit", False, {}),
-    "qgalore-int8": ("int8", "qgalore", False, {}),
+    "qgalore-int8": ("int8", "qgalore", False, {"max_grad_norm": 1.0}),  # Trainer's default clipping
+    "qgalore-int8-layerwise": ("int8", "qgalore", True, {}),
     "layerwise": (None, "galore", True, {}),
     "layerwise-accumulate2": (None, "galore", True, {"gradient_accumulation_steps": 2}),
 }
@@ -166,23 +168,46 @@ def test_bfloat16_model_round_trips_in_its_dtype(tmp_path):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
-def test_skipped_qgalore_step_drops_int8_gradients():
-    """Trainer clears gradients with model.zero_grad(), which does not know float_grad: the optimizer drops it after
-    each step itself, so a skipped step's NaN gradient does not poison the next."""
+def test_trainer_clipping_counts_and_clips_int8_gradients(tmp_path):
+    """Trainer's max_grad_norm clips with torch.nn.utils.clip_grad_norm_, which now sees the Int8Linear weights'
+    .grad: at the optimizer step the norm of every gradient, int8 ones included, is max_grad_norm."""
+    pytest.importorskip("accelerate")
+    model = tiny_llama("int8")
+    args = training_args(tmp_path, max_steps=2, save_steps=100, max_grad_norm=1e-3)
+    opt = make_optimizer(model, "qgalore", rank=8, args=args)
+    int8 = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    seen = []
+
+    def record(optimizer, _args, _kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))),
+                     float(torch.linalg.vector_norm(torch.stack([w.grad.norm() for w in int8])))))
+
+    opt.register_step_pre_hook(record)
+    transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)).train()
+    assert len(seen) == 2
+    for total, int8_part in seen:
+        assert total == pytest.approx(1e-3, rel=1e-3) and 0.1 * total < int8_part <= total
+
+
+def test_skipped_qgalore_step_then_trainers_zero_grad_clears_int8_gradients():
+    """Trainer clears gradients with model.zero_grad(): the int8 weights' gradients are ordinary .grad tensors, so
+    that clears them too, and a skipped step's NaN gradient does not poison the next (no optimizer hook needed)."""
     model = tiny_llama("int8")
     opt = make_optimizer(model, "qgalore", rank=8, nonfinite="skip")
+    assert not opt._optimizer_step_post_hooks  # no weightkit-specific hook
     tokens = TokenData().tokens[:2]
     model(tokens, labels=tokens).loss.backward()
     weight = model.model.layers[0].mlp.up_proj.weight
-    weight.float_grad[0, 0] = float("nan")
-    before = weight.detach().clone()
+    weight.grad[0, 0] = float("nan")
+    before = weight.qdata.clone()
     opt.step()
-    assert opt.skipped_steps == 1 and torch.equal(weight, before)
-    assert all(getattr(m.weight, "float_grad", None) is None for m in model.modules() if isinstance(m, Int8Linear))
+    assert opt.skipped_steps == 1 and torch.equal(weight.qdata, before)
     model.zero_grad()
+    assert all(m.weight.grad is None for m in model.modules() if isinstance(m, Int8Linear))
     model(tokens, labels=tokens).loss.backward()
     opt.step()
-    assert opt.skipped_steps == 1 and not torch.equal(weight, before)
+    assert opt.skipped_steps == 1 and not torch.equal(weight.qdata, before)
 
 
 def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
@@ -207,7 +232,7 @@ def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
 def test_transformers_builtin_galore_misses_swapped_layers(tmp_path):
     """The two problems make_optimizer solves, as transformers 5 and galore-torch 1.0 show them: Trainer's own GaLore
     (optim='galore_adamw') keeps only nn.Linear targets, so a swapped Int8Linear lands in the plain AdamW group
-    (where its int8 weight, which has no .grad, never changes), and its checkpoints hold pickled projector objects
+    (trained densely, with full-size float32 moments, not low-rank), and its checkpoints hold pickled projector objects
     that torch.load(weights_only=True), as Trainer resumes, refuses."""
     pytest.importorskip("accelerate")
     pytest.importorskip("galore_torch")
@@ -219,9 +244,9 @@ def test_transformers_builtin_galore_misses_swapped_layers(tmp_path):
     opt = trainer.create_optimizer()
     up = model.model.layers[0].mlp.up_proj.weight
     assert [("rank" in g) for g in opt.param_groups if any(p is up for p in g["params"])] == [False]
-    before = up.detach().clone()
+    before = up.qdata.clone()
     trainer.train()
-    assert torch.equal(up, before)
+    assert not torch.equal(up.qdata, before)  # trained, by stochastic rounding of the dense AdamW update
     with pytest.raises(Exception, match="[Ww]eights.only"):
         torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
 
@@ -290,11 +315,12 @@ def test_bad_arguments_raise_naming_them():
         make_optimizer(model, "galore", accumulation_steps=2)
     with pytest.raises(TypeError, match="model"):
         make_optimizer("model", "galore")
-    swapped = tiny_llama("int8")
-    with pytest.raises(ValueError, match="qgalore"):
-        make_optimizer(swapped, "galore", rank=8)
-    with pytest.raises(ValueError, match="layerwise"):
-        make_optimizer(swapped, "qgalore", rank=8, layerwise=True)
+    swapped = tiny_llama("int8")  # every method trains int8 weights (their gradient is an ordinary .grad)
+    int8 = {id(m.weight) for m in swapped.modules() if isinstance(m, Int8Linear)}
+    for method in ("galore", "qgalore"):
+        opt = make_optimizer(swapped, method, rank=8)
+        assert int8 <= {id(p) for p in opt.param_groups[0]["params"]}
+    assert len(make_optimizer(swapped, "qgalore", rank=8, layerwise=True).param_groups) >= len(int8)
     with pytest.warns(UserWarning, match="cannot project"):
         make_optimizer(tiny_llama("memoryformer"), "galore", rank=8, target_modules=["q_proj", "lm_head"])
 
@@ -307,7 +333,8 @@ def test_layerwise_checks_trainer_settings(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         make_optimizer(model, "galore", rank=8, layerwise=True, accumulation_steps=1,
                        args=training_args(tmp_path, gradient_accumulation_steps=2))
-    with pytest.warns(UserWarning, match="float_grad"):  # Trainer's clipping does not reach int8 gradients
+    with warnings.catch_warnings():  # Trainer's clipping reaches int8 gradients: nothing to warn about
+        warnings.simplefilter("error")
         make_optimizer(tiny_llama("int8"), "qgalore", rank=8, args=training_args(tmp_path, max_grad_norm=1.0))
     # an optimizer built without the args, then given to a Trainer that accumulates: refused at the first step
     opt = make_optimizer(model, "galore", rank=8, layerwise=True)

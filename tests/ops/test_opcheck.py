@@ -54,6 +54,8 @@ CASES = {
     "stochastic_round_int8": lambda d: (lambda x: (x, absmax_scale(x, 32), 32, 1, 0))(torch.randn(8, 32, device=d)),
     "int8_sr_update_": lambda d: (*_int8_weight(4, 16, 8, d), torch.randn(4, 16, device=d), 8, 0.99, 1, 0),
     "int8_matmul": lambda d: (torch.randn(4, 32, device=d), *_int8_weight(16, 32, 8, d), 8, False),
+    # Int8Linear's write-back of any optimizer's in-place update (weightkit.nn.int8): [seed, count] stays on the CPU
+    "int8_assign_sr_": lambda d: (*_int8_weight(4, 16, 8, d), torch.tensor([3, 0]), torch.randn(4, 16, device=d), 8),
     "quantize_int4": lambda d: (torch.randn(6, 8, device=d), 4),
     "dequantize_int4": lambda d: (*_int4(12, 8, 4, d), 4, [12, 8]),
     "int4_matmul": lambda d: (torch.randn(3, 8, device=d), *_int4(12, 8, 4, d), 4, [12, 8], False),

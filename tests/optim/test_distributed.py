@@ -15,8 +15,8 @@ from torch import nn
 
 from tests.conftest import DEVICES
 from weightkit.optim import GaLoreAdamW, LayerwiseGaLore, QGaLoreAdamW8bit
-from weightkit.optim.distributed import (ShardedGaLoreAdamW, all_reduce_float_grads, broadcast_projectors,
-                                         check_replicas_agree, ddp_layerwise_comm_hook)
+from weightkit.optim.distributed import (ShardedGaLoreAdamW, broadcast_projectors, check_replicas_agree,
+                                         ddp_layerwise_comm_hook)
 
 WORLD = 2
 STEPS = 7  # refreshes at steps 0, 3, 6
@@ -169,7 +169,7 @@ def scenario_ddp_qgalore(rank, out_dir):
     model = make_model(int8=True)
     opt = QGaLoreAdamW8bit(make_groups(model, randomized=False), lr=LR, weight_decay=0.1, proj_group_size=4)
     ddp = _ddp(model)
-    train(ddp, opt, STEPS, rank, after_backward=lambda: all_reduce_float_grads(model))
+    train(ddp, opt, STEPS, rank)  # DDP all-reduces the int8 weights' .grad itself
     check_replicas_agree(model)
     check_replicas_agree(opt)
     return {"weights": weights(model)}

@@ -183,15 +183,15 @@ def test_int8_weight_part_writes_weight_and_scale_by_stochastic_rounding(device)
     ortho = orthonormal(24, r, device)  # left projection of a 24 x 32 weight
     low = randn(r, 32, seed=1, device=device)
     exp_avg, exp_avg_sq = torch.zeros(r, 32, device=device), torch.zeros(r, 32, device=device)
-    w.float_grad = torch.ones(24, 32, device=device)
+    w.grad = torch.ones(24, 32, device=device)
     before = layer.dequantized_weight()
     scale_obj = layer.scale
     u = update(step=1)
-    part.apply_low_rank(w, low, exp_avg, exp_avg_sq, ortho, None, "left", u)
-    assert w.float_grad is None and w.dtype == torch.int8 and layer.scale is scale_obj  # written in place
+    part.apply_low_rank(part.local(w), low, exp_avg, exp_avg_sq, ortho, None, "left", u)
+    assert w.qdata.dtype == torch.int8 and layer.scale is scale_obj  # written in place
     direction = (0.1 * low) / ((0.01 * low * low).sqrt() + u.eps)
     want = (before - u.step_size * u.scale * (ortho @ direction)) * u.decay
-    got = dequantize_int8(w, layer.scale, 8)
+    got = dequantize_int8(w.qdata, layer.scale, 8)
     # stochastic rounding: within one quantization step of the exact value, element by element
     step = layer.scale.repeat_interleave(8).reshape(24, 32)
     assert bool(((got - want).abs() <= step * (1 + 1e-5)).all())

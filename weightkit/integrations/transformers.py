@@ -107,10 +107,9 @@ def low_rank_targets(model: nn.Module, target_modules: Targets = "all-linear") -
 
 
 def _trained_int8_weights(model: nn.Module) -> Dict[int, str]:
-    """id -> name of the Int8Linear weights whose gradient is tracked (into ``float_grad``): they train, with
-    Q-GaLore only."""
+    """id -> name of the trainable Int8Linear weights (``requires_grad``)."""
     return {id(m.weight): f"{name}.weight" for name, m in model.named_modules()
-            if isinstance(m, Int8Linear) and m.track_weight_grad}
+            if isinstance(m, Int8Linear) and m.weight.requires_grad}
 
 
 def optimizer_param_groups(model: nn.Module, target_modules: Targets = "all-linear", *, rank: int = 128,
@@ -134,8 +133,8 @@ def optimizer_param_groups(model: nn.Module, target_modules: Targets = "all-line
     untargeted_int8 = [name for key, name in _trained_int8_weights(model).items() if key not in low_rank]
     if untargeted_int8:
         raise ValueError(f"Int8Linear weights {untargeted_int8[:4]}{' ...' if len(untargeted_int8) > 4 else ''} are "
-                         "not in target_modules: int8 weights train only through GaLore (Q-GaLore); add them to "
-                         "target_modules, or freeze them with track_weight_grad=False")
+                         "not in target_modules: weightkit's optimizers train int8 weights through the low-rank "
+                         "update only; add them to target_modules, or freeze them with track_weight_grad=False")
     rest = groups[1]["params"] if len(groups) > 1 else []
     matrices, vectors = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
     return groups[:1] + [g for g in ({"params": matrices, "weight_decay": weight_decay},
@@ -153,8 +152,8 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
     Args:
         model: the model (a transformers PreTrainedModel or any nn.Module), after ``weightkit.swap`` if any.
         method: ``'galore'`` (GaLoreAdamW), ``'galore8bit'`` (GaLoreAdamW8bit: 8-bit moments) or ``'qgalore'``
-            (QGaLoreAdamW8bit: INT4 projection bases, 8-bit moments, and Int8Linear weights updated by stochastic
-            rounding; the only method that trains Int8Linear weights).
+            (QGaLoreAdamW8bit: INT4 projection bases, 8-bit moments, lazy refresh). Each trains Int8Linear weights
+            (fused low-rank update written back by stochastic rounding).
         rank, update_proj_gap, scale, proj_type: GaLore settings of the low-rank group.
         target_modules: ``'all-linear'`` (every nn.Linear / Int8Linear but ``lm_head``), a regex fully matching
             module names, a list of names (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``) or a callable
@@ -166,8 +165,8 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
             :class:`LayerwiseTrainerOptimizer`. ``accumulation_steps`` defaults to ``args.gradient_accumulation_steps``
             (or 1).
         args: the ``TrainingArguments`` the Trainer will get: defaults as above, and checks of settings that cannot
-            work (layer-wise with clipping or a different accumulation; Q-GaLore with clipping warns that int8
-            weights' gradients are not clipped).
+            work (layer-wise with clipping or a different accumulation). Int8Linear weights' gradients are ordinary
+            ``.grad`` tensors: Trainer's clipping (``max_grad_norm``) counts and clips them.
         **optimizer_kwargs: passed to the optimizer (``svd='randomized'``, ``proj_dtype='bfloat16'``, ``seed``,
             ``nonfinite``, ``min_8bit_size``, Q-GaLore's ``cos_threshold, gamma_proj, queue_size,
             proj_group_size``).
@@ -184,17 +183,8 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
     adam = {k: v for k, v in (("lr", lr), ("betas", betas), ("eps", eps)) if v is not None}
     groups = optimizer_param_groups(model, target_modules, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                                     proj_type=proj_type, weight_decay=weight_decay or 0.0)
-    int8_weights = _trained_int8_weights(model)
-    has_int8 = any(id(p) in int8_weights for p in groups[0]["params"])
-    if has_int8 and method != "qgalore":
-        raise ValueError(f"method={method!r} cannot train Int8Linear weights (their gradient is the float_grad that "
-                         "only QGaLoreAdamW8bit reads): use method='qgalore', or target only float layers")
     max_grad_norm = getattr(args, "max_grad_norm", 0.0) or 0.0
     if layerwise:
-        if has_int8:
-            raise ValueError("layerwise=True cannot train Int8Linear weights: an int8 parameter has no gradient "
-                             "whose accumulation could trigger the per-parameter update (Q-GaLore steps them from "
-                             "float_grad); use layerwise=False")
         if max_grad_norm > 0:
             raise ValueError(f"layerwise=True needs TrainingArguments(max_grad_norm=0), got {max_grad_norm}: each "
                              "gradient is applied and freed inside backward, before Trainer would clip it")
@@ -210,24 +200,7 @@ def make_optimizer(model: nn.Module, method: str = "galore", *, rank: int = 128,
     if accumulation_steps is not None:
         raise ValueError("accumulation_steps is for layerwise=True; Trainer accumulates gradients itself "
                          "(TrainingArguments.gradient_accumulation_steps)")
-    if has_int8 and max_grad_norm > 0:
-        warnings.warn(f"max_grad_norm={max_grad_norm}: Trainer clips the .grad of float parameters only; the "
-                      "gradients of Int8Linear weights (float_grad) are neither clipped nor counted in the norm",
-                      stacklevel=2)
-    opt = OPTIMIZERS[method](groups, **adam, **optimizer_kwargs)
-    if has_int8:
-        opt.register_step_post_hook(_clear_float_grads)
-    return opt
-
-
-def _clear_float_grads(opt: torch.optim.Optimizer, _args, _kwargs) -> None:
-    """After every step: drop the Int8Linear weight gradients (``float_grad``). Trainer clears gradients with
-    ``model.zero_grad()``, which knows only ``.grad``; a step that Q-GaLore skipped (``nonfinite='skip'``) would
-    otherwise leave its bad gradient to be added to the next ones."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.dtype == torch.int8:
-                p.float_grad = None
+    return OPTIMIZERS[method](groups, **adam, **optimizer_kwargs)
 
 
 class LayerwiseTrainerOptimizer(torch.optim.Optimizer):

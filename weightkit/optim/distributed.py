@@ -12,8 +12,10 @@ DDP (``torch.nn.parallel.DistributedDataParallel``)
     * :func:`check_replicas_agree` all-gathers a SHA-256 of every parameter/buffer (module) or state tensor
       (optimizer) and raises a ``RuntimeError`` naming the first one that differs between ranks.
 
-    ``Int8Linear`` weights (Q-GaLore) are int8 parameters without autograd gradients: their ``float_grad`` is
-    invisible to DDP. Call :func:`all_reduce_float_grads` after ``backward()`` and before ``step()``.
+    ``Int8Linear`` weights (Q-GaLore) present a float dtype to autograd: their gradient is an ordinary ``.grad``,
+    which DDP averages with the others (``all_reduce_float_grads`` is deprecated and does nothing). DDP's initial
+    broadcast of the parameters sends their dequantized values, which every rank rounds back to int8 (to nearest,
+    with fresh absmax scales) identically.
 
 Layer-wise GaLore under DDP (``LayerwiseGaLore`` and its hook live in weightkit.optim.layerwise)
     ``LayerwiseGaLore`` normally steps each parameter from a post-accumulate-grad hook. Under DDP that hook fires
@@ -49,20 +51,22 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded by row
     larger side is the sharded one, i.e. the low-rank state shards with the weight except the r x n basis (right)
     or the r x n moments (left). Non-finite checks are combined over ranks with one all-reduce of a flag per step.
     The optimizer state holds plain (local) tensors: save and load ``optimizer.state_dict()`` per rank together
-    with the sharded model state. Only 1-D meshes and ``Shard(0)``/``Replicate`` placements are supported;
-    Q-GaLore's int8 weights are not supported under FSDP2 (FSDP2 shards floating parameters).
+    with the sharded model state. Only 1-D meshes and ``Shard(0)``/``Replicate`` placements are supported.
+    ``Int8Linear`` weights shard by rows under ``fully_shard`` (each rank holds int8 rows and their scales; the
+    all-gather moves int8 values and scales, ``Int8Weight.fsdp_pre_all_gather``) and train with torch optimizers
+    (tests/nn/test_int8_training.py); the sharded GaLore presets are not tested on them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Iterable, List, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..nn.int8 import Int8Weight
 from ..ops.galore import galore_adam_update_reference
 from .galore import HOST_KEYS, GaLoreAdamW, GaLoreAdamW8bit, GaLoreParts
 from .layerwise import LayerwiseGaLore, ddp_layerwise_comm_hook
@@ -218,23 +222,13 @@ def check_replicas_agree(optimizer_or_module, group=None) -> None:
                 raise RuntimeError(f"replicas disagree: {name} differs between rank 0 and rank {rank}")
 
 
-@torch.no_grad()
 def all_reduce_float_grads(module: torch.nn.Module, group=None) -> int:
-    """Average the ``float_grad`` of int8 weights (``weightkit.nn.Int8Linear``) over ``group`` in one all-reduce.
-
-    DDP does not see them (int8 parameters carry no autograd gradient); call after backward, before
-    ``QGaLoreAdamW8bit.step()``. Every rank must hold a float_grad for the same weights. Returns how many."""
-    grads = [p.float_grad for p in module.parameters() if isinstance(p, Int8Weight) and p.float_grad is not None]
-    if not grads:
-        return 0
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
-    flat.div_(_world(group))
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return len(grads)
+    """Deprecated, does nothing and returns 0: the gradient of an Int8Linear weight is its ordinary ``.grad``,
+    which DistributedDataParallel averages itself."""
+    warnings.warn("all_reduce_float_grads is deprecated and does nothing: Int8Linear weight gradients are ordinary "
+                  ".grad tensors that DistributedDataParallel all-reduces itself; remove the call",
+                  DeprecationWarning, stacklevel=2)
+    return 0
 
 
 # -- FSDP2: DTensor parameters -------------------------------------------------------------------------------------------

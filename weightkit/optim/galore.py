@@ -23,8 +23,8 @@ parameters, or Q-GaLore's lazy one). A new basis is computed in one place (``GaL
 =====================  ==============  =======================  ===============================  =========
 preset                 basis           moments                  weights                          refresh
 =====================  ==============  =======================  ===============================  =========
-GaLoreAdamW            float           float32                  float                            fixed
-GaLoreAdamW8bit        float           8-bit (min_8bit_size)    float                            fixed
+GaLoreAdamW            float           float32                  int8 SR, float                   fixed
+GaLoreAdamW8bit        float           8-bit (min_8bit_size)    int8 SR, float                   fixed
 QGaLoreAdamW8bit       INT4            8-bit (min_8bit_size)    int8 SR, float                   lazy
 ShardedGaLoreAdamW     float           float32                  DTensor shard, float             fixed
 ShardedGaLoreAdamW8bit float           8-bit (min_8bit_size)    DTensor shard, float             fixed
@@ -82,7 +82,7 @@ from .basis import FloatBasis, Int4Basis
 from .moments import BlockwiseMoments8bit, FloatMoments
 from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, projection_basis_dtype, projection_side
 from .refresh import FixedRefresh
-from .weights import FloatWeight, LowRankUpdate
+from .weights import FloatWeight, Int8SRWeight, LowRankUpdate
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed",
                "proj_dtype")
@@ -98,7 +98,7 @@ class GaLoreParts:
 
     basis: object = dataclasses.field(default_factory=FloatBasis)
     moments: object = dataclasses.field(default_factory=FloatMoments)
-    weights: Tuple = (FloatWeight(),)
+    weights: Tuple = (Int8SRWeight(), FloatWeight())  # Int8Linear weights by the fused SR update
     refresh: object = dataclasses.field(default_factory=FixedRefresh)
 
     def group_keys(self) -> Dict:
@@ -281,7 +281,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                self._weight_part(p).clear_grad(p)  # an int8 weight's float_grad
+                self._weight_part(p).clear_grad(p)
         super().zero_grad(set_to_none)
 
     def _check_grads(self, items) -> None:

@@ -35,10 +35,10 @@ def param_groups(
     low_rank, seen = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        int8 = isinstance(weight, Int8Weight)  # Int8Linear's weight trains through its float_grad
+        int8 = isinstance(weight, Int8Weight)  # Int8Linear's weight: an ordinary parameter with a float .grad
         if not (isinstance(module, nn.Linear) or int8) or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             continue
-        if not (weight.requires_grad or int8):
+        if not weight.requires_grad:
             continue
         if filter_fn(name, module):
             low_rank.append(weight)

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..nn.int8 import Int8Weight
 from .galore import GaLoreAdamW
 
 
@@ -27,8 +26,8 @@ class LayerwiseGaLore:
     averaged its gradient bucket; ``zero_grad()`` then sets the gradients to None.
 
     Q-GaLore: with ``optimizer_cls=QGaLoreAdamW8bit``, an Int8Linear's :class:`~weightkit.nn.int8.Int8Weight` is
-    stepped from its float-grad hook (its gradient lives in ``float_grad``, which the optimizer consumes and frees),
-    so neither full float gradients nor float weights of all layers coexist.
+    stepped from the same post-accumulate-grad hook (its gradient is an ordinary ``.grad``), so neither full float
+    gradients nor float weights of all layers coexist.
 
     ``optimizer_cls`` is any optimizer of the GaLore family (GaLoreAdamW by default), built once per parameter with
     ``defaults`` as keyword arguments; ``stagger_refresh=True`` among them spreads the parameters' refreshes over the
@@ -48,8 +47,7 @@ class LayerwiseGaLore:
         for group in groups:
             opts = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
-                int8 = isinstance(p, Int8Weight)  # gradient in float_grad (Q-GaLore): its own hook
-                if not (p.requires_grad or int8):
+                if not p.requires_grad:
                     continue
                 index = len(self.params)
                 self.params.append(p)
@@ -58,8 +56,7 @@ class LayerwiseGaLore:
                 self.optimizers.append(optimizer_cls([dict(opts, params=[p])], **defaults, **shift))
                 self._counts.append(0)
                 if self.hooks:
-                    register = p.register_float_grad_hook if int8 else p.register_post_accumulate_grad_hook
-                    self._handles.append(register(self._make_hook(index)))
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
         self._index = {id(p): i for i, p in enumerate(self.params)}
 
     def _make_hook(self, index: int):
@@ -71,7 +68,7 @@ class LayerwiseGaLore:
     def _step_index(self, index: int, p: Tensor) -> None:
         self._counts[index] += 1
         if self._counts[index] % self.accumulation_steps == 0:
-            self.optimizers[index].step()  # an Int8Weight's optimizer (Q-GaLore) consumes and clears float_grad
+            self.optimizers[index].step()
             p.grad = None
 
     def step_param(self, p: Tensor) -> None:
@@ -102,8 +99,6 @@ class LayerwiseGaLore:
         if not self.hooks:
             for p in self.params:
                 p.grad = None
-                if isinstance(p, Int8Weight):
-                    p.float_grad = None
 
     def remove(self) -> None:
         for h in self._handles:

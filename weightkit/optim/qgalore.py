@@ -2,7 +2,7 @@
 back by stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive subspace refresh.
 
 * Weights of ``weightkit.nn.Int8Linear`` layers (:class:`weightkit.nn.int8.Int8Weight` parameters) are trained
-  through their ``float_grad`` and written back by ``weightkit::int8_sr_update_`` with their ``scale``
+  through their ordinary ``.grad`` and written back by stochastic rounding with their ``scale``
   (weightkit.optim.weights.Int8SRWeight); float 2-D weights in GaLore groups follow GaLoreAdamW8bit, with the INT4
   basis.
 * Projection bases are stored as INT4 (weightkit.optim.basis.Int4Basis, ``proj_group_size`` elements per group)

@@ -8,12 +8,13 @@ Adam update becomes a new weight:
   call, no full-size temporary for float32 weights); the two-sided 'full' projection uses plain ops on its small
   r x r state. Any parameter that no other part claims is a FloatWeight.
 * :class:`Int8Weight` (``weightkit.nn.int8.Int8Weight``, the weight of an ``Int8Linear``) through
-  :class:`Int8SRWeight` -- the gradient is the weight's ``float_grad``; with the packed INT4 basis (Q-GaLore) one
-  fused op, ``weightkit::int8_sr_lowrank_update_``, computes (W - a P U) * decay tile by tile from the packed basis
-  and the low-rank update U, recomputes each group's absmax scale and re-quantizes by stochastic rounding (unbiased;
-  the Philox stream is keyed by the group's seed, the parameter and the step, so a resumed run rounds identically):
-  neither a float copy of W nor the m x n update exists whole. With a float basis the update is projected back to a
-  float32 delta (m x n) for ``weightkit::int8_sr_update_`` (same arithmetic).
+  :class:`Int8SRWeight` -- the gradient is the weight's ordinary ``.grad``; the step writes the int8 storage
+  directly (``local`` gives the int8 values with ``scale`` and ``group_size`` attached). With the packed INT4 basis
+  (Q-GaLore) one fused op, ``weightkit::int8_sr_lowrank_update_``, computes (W - a P U) * decay tile by tile from
+  the packed basis and the low-rank update U, recomputes each group's absmax scale and re-quantizes by stochastic
+  rounding (unbiased; the Philox stream is keyed by the group's seed, the parameter and the step, so a resumed run
+  rounds identically): neither a float copy of W nor the m x n update exists whole. With a float basis the update is
+  projected back to a float32 delta (m x n) for ``weightkit::int8_sr_update_`` (same arithmetic).
 * ``ShardedWeight`` (weightkit.optim.distributed) -- the local shard of an FSDP2 DTensor parameter.
 
 For a parameter's refresh a part also gives the whole gradient (``gather``), agrees on the new basis across
@@ -153,21 +154,26 @@ class Int8SRWeight(FloatWeight):
     takes_16bit_basis = False  # its projection back (project_back) runs in float32
 
     def accepts(self, p: Tensor) -> bool:
-        return p.dtype == torch.int8
+        return isinstance(p, Int8Weight) or p.dtype == torch.int8
 
     def check_param(self, p: Tensor, group: Dict) -> None:
-        if "rank" not in group:
-            raise ValueError("int8 weights (Int8Linear) must be in a param group with a 'rank' (see "
-                             "weightkit.optim.param_groups)")
-        if not isinstance(p, Int8Weight) or p.scale is None:
+        if not isinstance(p, Int8Weight):
             raise ValueError("int8 parameters must belong to a weightkit.nn.Int8Linear (an Int8Weight: its scale is "
                              f"updated too), got a {type(p).__name__}")
+        if "rank" not in group:
+            raise ValueError("Int8Linear weights in a GaLore optimizer must be in a param group with a 'rank' (see "
+                             "weightkit.optim.param_groups): the step writes them by the fused low-rank update; "
+                             "for a dense update use a torch optimizer (e.g. torch.optim.AdamW), which updates them "
+                             "by stochastic rounding")
 
-    def grad(self, p: Tensor) -> Optional[Tensor]:
-        return p.float_grad
-
-    def clear_grad(self, p: Tensor) -> None:
-        p.float_grad = None
+    def local(self, t: Tensor) -> Tensor:
+        """For the weight: its int8 values (an alias, written in place) carrying ``scale`` and ``group_size``, what
+        :meth:`apply_low_rank` updates; a gradient is itself."""
+        if not isinstance(t, Int8Weight):
+            return t
+        values = t.qdata.detach()
+        values.scale, values.group_size = t.scale, t.group_size
+        return values
 
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
@@ -191,4 +197,3 @@ class Int8SRWeight(FloatWeight):
                 delta = project_back(direction, side, ortho).mul_(-(u.step_size * u.scale))
                 int8_sr_update_(weight.data, weight.scale, delta, weight.group_size, decay=u.decay, seed=u.seed,
                                 offset=offset)
-        weight.float_grad = None
