@@ -335,10 +335,13 @@ def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
              (["--eval-every", "0"], "argument --eval-every: must be an int >= 1"),
              (["--warmup", "1"], "argument --warmup: must be a number in [0, 1), got 1"),
              (["--rank", "999"], "rank=999 is larger than the model width"),
-             (["--model-size", "7b"], "invalid choice: '7b'"),
+             (["--model-size", "13b"], "invalid choice: '13b'"),
              (["--methods", "adamw,adamw"], "a method is given twice")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device: cuda was requested but torch"))
+    # a 7B model on the CPU (16 bytes a parameter for weights, gradients and moments: ~96 GiB): refused before any
+    # work instead of running into the OOM killer
+    cases.append((["--model-size", "7b", "--device", "cpu"], "more than the"))
     for argv, msg in cases:
         assert status(["train", *argv, "--out-dir", str(tmp_path / "out")]) == 2, argv
         err = capsys.readouterr().err

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -77,6 +77,34 @@ def check_device(flag: str, spec: str) -> str:
         return resolve_device(spec)
     except ValueError as exc:
         raise CommandError(f"{flag}: {exc}") from None
+
+
+def _available_bytes() -> Optional[int]:
+    """The memory the machine can still give (MemAvailable of /proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory_fits(cfg, device: str) -> None:
+    """On the CPU, refuse a model whose float32 weights, gradients and AdamW moments alone (16 bytes a parameter)
+    exceed the available memory: a one-line error before any work instead of the kernel's OOM killer (--model-size
+    1b/7b are for a GPU)."""
+    if not device.startswith("cpu"):
+        return
+    from weightkit.models.llama import num_parameters
+
+    need = 16 * num_parameters(cfg.model_config())
+    have = _available_bytes()
+    if have is not None and need > have:
+        raise CommandError(f"--model-size {cfg.model_size}: its float32 weights, gradients and AdamW moments alone "
+                           f"take {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB this machine has "
+                           "available; use --device cuda or a smaller --model-size")
 
 
 def check_out_dir(path: str) -> str:
@@ -187,6 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 stagger_refresh=args.stagger_refresh).resolve()
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    check_memory_fits(cfg, device)
     check_out_dir(args.out_dir)
     print("\n".join(train.describe(cfg)), flush=True)
     print(train.estimate_line(methods, cfg, sweep, args.sweep_steps), flush=True)

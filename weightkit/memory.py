@@ -26,9 +26,19 @@ from torch import nn
 PARTS = ("weights", "optimizer_state", "gradients", "activations", "transient")
 
 
+def _inner(t: torch.Tensor):
+    """The plain tensors holding ``t``'s data: itself, or those a wrapper subclass holds (Int8Linear's weight: its
+    int8 values and scales), which have storages of their own while the wrapper has none."""
+    if hasattr(t, "__tensor_flatten__"):
+        return [x for name in t.__tensor_flatten__()[0] for x in _inner(getattr(t, name))]
+    return [t]
+
+
 def tensor_bytes(obj, seen=None) -> int:
     """Bytes of every distinct tensor storage reachable from ``obj`` (tensors, dicts, lists, tuples)."""
     seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor) and hasattr(obj, "__tensor_flatten__"):
+        return sum(tensor_bytes(t, seen) for t in _inner(obj))
     if isinstance(obj, torch.Tensor):
         key = (obj.device, obj.untyped_storage().data_ptr())
         if key in seen:
@@ -46,9 +56,9 @@ def gradient_bytes(model: nn.Module, layerwise: bool) -> int:
     """The gradients alive at once (see the module docstring)."""
     sizes = []
     for p in model.parameters():
-        if p.dtype == torch.int8:  # an Int8Linear weight: its gradient is float32
+        if p.dtype == torch.int8:  # an int8 parameter (former Int8Linear weights): its gradient is float32
             sizes.append(p.numel() * 4)
-        elif p.requires_grad:
+        elif p.requires_grad:  # Int8Linear's weight presents a float dtype: its .grad has that dtype
             sizes.append(p.numel() * p.element_size())
     if not sizes:
         return 0
@@ -58,13 +68,14 @@ def gradient_bytes(model: nn.Module, layerwise: bool) -> int:
 def saved_tensor_bytes(fn, exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs (``exclude``: tensors not to
     count, e.g. the parameters). Returns the bytes; the saved tensors are dropped with ``fn``'s result."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    skip = {x.untyped_storage().data_ptr() for t in exclude for x in _inner(t)}
     seen: Dict[int, int] = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
+        for x in _inner(t):
+            ptr = x.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = x.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
