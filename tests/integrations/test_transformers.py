@@ -219,7 +219,7 @@ def test_plain_from_pretrained_cannot_rebuild_swapped_layers(tmp_path):
     swapped = model.get_submodule("model.layers.0.self_attn.q_proj")
     loaded = plain.get_submodule("model.layers.0.self_attn.q_proj")
     assert type(loaded) is nn.Linear
-    assert torch.equal(loaded.weight, swapped.weight.float())  # the codes, not code x scale
+    assert torch.equal(loaded.weight, swapped.weight.qdata.float())  # the codes, not code x scale
     assert float(loaded.weight.detach().abs().max()) == 127.0
     tokens = TokenData().tokens[:1]
     with torch.no_grad():

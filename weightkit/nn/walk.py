@@ -60,10 +60,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _stored(t) -> list:
+    """The tensors that hold ``t``'s data: itself, or those of a wrapper subclass (Int8Linear's weight presents
+    float32 but stores int8 values and float32 group scales)."""
+    if hasattr(t, "__tensor_flatten__"):
+        return [x for name in t.__tensor_flatten__()[0] for x in _stored(getattr(t, name))]
+    return [t]
+
+
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's distinct parameters and buffers (a tensor shared between two places counts once)."""
+    """Bytes of a module's distinct parameters and buffers as stored (a tensor shared between two places counts
+    once; a wrapper subclass counts the tensors it holds)."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in (x for p in list(module.parameters()) + list(module.buffers()) for x in _stored(p)):
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
