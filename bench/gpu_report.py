@@ -378,7 +378,7 @@ def quant():
         with _wk_backend(b):
             row("quant", f"int8_sr_update_ {d}^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
                 bytes=big.numel() * 6 + 2 * scale.numel() * 4)
-    # backward at the most tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + the fp32 float_grad)
+    # backward at the most tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + its weight's .grad)
     tokens = QUANT_TOKENS[-1]
     x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
@@ -390,7 +390,7 @@ def quant():
     row("quant", f"bf16 nn.Linear backward {tokens} tok", setup=linear_backward)
     for b in _backends(q._INT8_MM)[::-1]:
         def fb():
-            layer.weight.float_grad = None
+            layer.weight.grad = None
             with _wk_backend(b):
                 yy = layer(x)
                 torch.autograd.grad(yy, (x,), g)
@@ -530,7 +530,7 @@ def galore():
         fg = torch.randn(size, size, device=DEV)
 
         def qstep():
-            layer.weight.float_grad = fg.clone()
+            layer.weight.grad = fg.clone()
             opt.step()
         qstep()
         return qstep

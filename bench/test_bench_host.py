@@ -2,7 +2,7 @@
 
 Tiny shapes (4 tokens, 64 -> 64 features), where the Python / dispatcher work around the kernels is the cost: the
 target is at most 2x nn.Linear's time per call, for inference (under torch.no_grad, entered per call) and for a
-training step (forward, .sum(), backward; gradients accumulate between calls, Int8Linear's float_grad is reset).
+training step (forward, .sum(), backward; gradients accumulate between calls in .grad, Int8Linear's too).
 One round times CALLS calls and then synchronizes once (on CUDA the host queues kernels ahead of the GPU, so this
 is the host's time per call while the GPU keeps up). pytest-benchmark's statistics are per round; ``extra_info``
 has ``us_per_call`` (mean round / CALLS), ``cpu_us_per_call`` (the best round's CPU time of the calling thread /
@@ -62,13 +62,9 @@ def _step(layer, mode):
                 layer(x)
     else:
         x = torch.randn(TOKENS, D, device=device, requires_grad=True)
-        weight = getattr(layer, "weight", None)
-        int8 = weight is not None and weight.dtype == torch.int8
 
         def call():
             layer(x).sum().backward()
-            if int8:
-                weight.float_grad = None
     return call
 
 

@@ -62,7 +62,7 @@ def test_qgalore_guard_holds_with_debug_checks_off():
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 32), group_size=32)
     opt = QGaLoreAdamW8bit([{"params": [layer.weight], "rank": 8}], lr=1e-2, nonfinite="skip")
     layer(torch.randn(4, 64)).sum().backward()
-    layer.weight.float_grad[0, 0] = float("nan")
+    layer.weight.grad[0, 0] = float("nan")
     before = layer.weight.detach().clone()
     with weightkit.debug_checks(False):
         opt.step()

@@ -55,10 +55,7 @@ def grads(model, step, bad=None):
         grad = torch.randn(p.shape, generator=g).to(p.device)
         if bad is not None and bad[0] == i:
             grad.view(-1)[grad.numel() // 3] = bad[1]
-        if p.dtype == torch.int8:
-            p.float_grad = grad
-        else:
-            p.grad = grad.to(p.dtype)
+        p.grad = grad.to(p.dtype)  # Int8Linear weights (Int8Weight) present a float dtype and take an ordinary .grad
 
 
 def snapshot(model, opt):
