@@ -120,9 +120,17 @@ def public_ops():
     return sorted(n for n in names if not n.endswith("_kernel"))
 
 
+# Ops that are not for serving and cannot replay: each says why (a case here would test what the op does not promise).
+NOT_REPLAYABLE = {
+    "int8_assign_sr_": "the write-back of an optimizer's in-place update to an Int8Linear weight (weightkit.nn.int8) "
+                       "reads its [seed, count] state on the host at every call, so a replay would repeat the "
+                       "captured call's noise; it runs in optimizer steps, never in a captured forward",
+}
+
+
 def test_every_op_has_a_case():
-    missing = sorted(set(public_ops()) - set(CASES))
-    stale = sorted(set(CASES) - set(public_ops()))
+    missing = sorted(set(public_ops()) - set(CASES) - set(NOT_REPLAYABLE))
+    stale = sorted((set(CASES) | set(NOT_REPLAYABLE)) - set(public_ops()))
     assert not missing, f"ops with no CUDA-graph / stream case in tests/test_cuda_graphs.py: {missing}"
     assert not stale, f"cases for ops that no longer exist: {stale}"
 

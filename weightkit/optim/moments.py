@@ -68,13 +68,28 @@ class FloatMoments:
                 raise ValueError(f"{where}: saved {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
+# Loggers that report, at bitsandbytes' import, its attempt to fetch an optional CPU 4-bit GEMM from the Hugging Face
+# Hub (through the ``kernels`` package): offline or untrusted, it logs a warning on every process start. weightkit
+# uses only bitsandbytes' blockwise quantization, so that attempt is noise to its users; silenced during the import.
+_BNB_IMPORT_LOGGERS = ("bitsandbytes", "kernels")
+
+
 def _bnb():
-    """bitsandbytes.functional, or an ImportError that says how to get it (an optional dependency of weightkit)."""
+    """bitsandbytes.functional, or an ImportError that says how to get it."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in _BNB_IMPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
     try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
         import bitsandbytes.functional as bnbf
     except ImportError as exc:
         raise ImportError("8-bit optimizer moments (GaLoreAdamW8bit, QGaLoreAdamW8bit) need bitsandbytes: "
                           f"pip install 'weightkit[bnb]' (or bitsandbytes>=0.50); import failed: {exc}") from exc
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     return bnbf
 
 
