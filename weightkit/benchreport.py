@@ -212,7 +212,9 @@ def train_table(data: Dict) -> str:
     model = data.get("model") or []
     head = "; ".join(model) if model else ", ".join(f"{k} {v}" for k, v in cfg.items() if v is not None)
     devices = sorted({str(r.get("device")) for r in data.get("results", []) if r.get("device")})
-    out = [f"{head}" + (f" (device: {', '.join(devices)})" if devices else ""), "",
+    versions = "; ".join(f"{k} {data[k]}" for k in ("torch", "triton", "weightkit", "date") if data.get(k))
+    out = [f"{head}" + (f" (device: {', '.join(devices)})" if devices else "") + (f"; {versions}" if versions else ""),
+           "",
            "| method | peak lr | final train loss | val loss | tokens/s | peak memory MB | optimizer state MB | error |",
            "|---|---|---|---|---|---|---|---|"]
     for r in data.get("results", []):

@@ -901,13 +901,27 @@ def plot(results: List[RunResult], path: str, cfg: Optional[TrainConfig] = None)
     return path
 
 
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - not importable here: no version to record
+        return None
+    return triton.__version__
+
+
+def _weightkit_version() -> str:
+    import weightkit
+
+    return weightkit.__version__
+
+
 def save(results: List[RunResult], cfg: TrainConfig, path: str) -> None:
     cfg = cfg.resolve()
     payload = {"config": asdict(cfg), "model": describe(cfg, results), "results": [asdict(r) for r in results],
                "lr_table": LR_TABLE, "lr_sources": LR_SOURCES,
                "schedule": f"linear warmup over round({cfg.warmup:g} * steps) steps, then cosine decay to "
                            f"{cfg.min_lr_ratio:g} x peak at the last step",
-               "torch": torch.__version__, "device": next((r.device for r in results if r.device), cfg.device),
-               "date": time.strftime("%Y-%m-%d")}
+               "torch": torch.__version__, "triton": _triton_version(), "weightkit": _weightkit_version(),
+               "device": next((r.device for r in results if r.device), cfg.device), "date": time.strftime("%Y-%m-%d")}
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
