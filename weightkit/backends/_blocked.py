@@ -125,6 +125,24 @@ def low_rank_update(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, s
                          tensor_cores)
 
 
+def galore_adam_update_composed(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
+                                left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
+                                decay: float, found_inf: Optional[Tensor], step_size_t: Optional[Tensor], *,
+                                low_rank_adam: Callable, tensor_cores: bool) -> None:
+    """The cpu/cuda GaLore step: the backend's ``low_rank_adam(low_grad, exp_avg, exp_avg_sq, update, beta1, beta2,
+    eps)`` kernel updates M, V and writes U in one pass (with a device-side ``found_inf``, torch does it predicated:
+    :func:`masked_low_rank_adam`); then BLAS applies P U (:func:`low_rank_update`: no full-size temporary).
+    weight, exp_avg, exp_avg_sq contiguous (the op makes them so)."""
+    low_grad = low_grad.contiguous()
+    if found_inf is not None:
+        update = masked_low_rank_adam(low_grad, exp_avg, exp_avg_sq, beta1, beta2, eps, found_inf)
+    else:
+        update = torch.empty_like(low_grad)
+        low_rank_adam(low_grad, exp_avg, exp_avg_sq, update, beta1, beta2, eps)
+    low_rank_update(weight, update, ortho.contiguous(), left, step_size, scale, decay, found_inf, step_size_t,
+                    tensor_cores)
+
+
 # -- Q-GaLore's write-back (weightkit/ops/qgalore.py) by the existing kernels, a block of rows at a time ---------------
 
 # the composition computes N for about this many weight elements at a time
@@ -136,15 +154,25 @@ def rounded_to(t: Tensor, precision: str) -> Tensor:
     return t.to(torch.bfloat16).to(torch.float32) if precision == "bf16" else t
 
 
-def sr_lowrank_update_by_rows(w_q: Tensor, scale: Tensor, ortho: Tensor, update: Tensor, group_size: int,
-                              left: bool, alpha: float, decay: float, precision: str, seed: int, offset: int,
-                              sr_update: Callable) -> None:
-    """W_q, scale <- SR((W_q scale - alpha N) decay), N = P U | U P, with the dequantized basis ``ortho`` (the size of
-    P: r/n of the weight's float32 bytes at most): N and the delta for ~ROWS_ELEMENTS weight elements at a time, then
-    the backend's ``sr_update`` (its int8_sr_update_) on those rows, its stream position shifted to the block's first
-    element, so the result is the unfused sequence's."""
+def basis_shape(w_q: Tensor, update: Tensor, left: bool):
+    """The (rows, cols) of the basis P for an m x n weight and a low-rank update U: (m, r) for a left projection
+    (U: r x n), (r, n) for a right one (U: m x r)."""
     m, n = w_q.shape
-    ortho, update = rounded_to(ortho, precision), rounded_to(update, precision)
+    return (m, update.shape[0]) if left else (update.shape[1], n)
+
+
+def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor, ortho_zero: Tensor,
+                               update: Tensor, group_size: int, proj_group_size: int, left: bool, alpha: float,
+                               decay: float, precision: str, seed: int, offset: int, *, dequantize: Callable,
+                               sr_update: Callable) -> None:
+    """W_q, scale <- SR((W_q scale - alpha N) decay), N = P U | U P, composed of a backend's kernels: its
+    ``dequantize`` (dequantize_int4) makes the float basis once for the call (the size of P: r/n of the weight's
+    float32 bytes at most), then N and the delta for ~ROWS_ELEMENTS weight elements at a time go through its
+    ``sr_update`` (int8_sr_update_) on those rows, its stream position shifted to the block's first element, so the
+    result is the unfused sequence's."""
+    m, n = w_q.shape
+    ortho = dequantize(ortho_q, ortho_scale, ortho_zero, proj_group_size).reshape(basis_shape(w_q, update, left))
+    ortho, update = rounded_to(ortho.to(torch.float32), precision), rounded_to(update, precision)
     groups_per_row = n // group_size
     block = max(1, ROWS_ELEMENTS // n)
     for r0 in range(0, m, block):

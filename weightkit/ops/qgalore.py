@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ..backends._blocked import rounded_to
+from ..backends._blocked import basis_shape, rounded_to
 from ..backends.cpu import qgalore as cpu_qgalore
 from ..backends.cuda import qgalore as cuda_qgalore
 from ..backends.triton import qgalore as triton_qgalore
@@ -61,12 +61,6 @@ __all__ = ["int8_sr_lowrank_update_", "PRECISIONS"]
 PRECISIONS = ("fp32", "tf32x3", "bf16")
 
 _LOWRANK = KernelTable("int8_sr_lowrank_update_", cuda_order=("triton", "cuda"))
-
-
-def basis_shape(w_q: Tensor, update: Tensor, left: bool):
-    """The (rows, cols) of the basis P for a weight and a low-rank update (see the module docstring)."""
-    m, n = w_q.shape
-    return (m, update.shape[0]) if left else (update.shape[1], n)
 
 
 def _check_args(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left, alpha,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .._blocked import sr_lowrank_update_by_rows
+from .._blocked import sr_lowrank_update_composed
 from .int4 import dequantize_int4
 from .int8 import int8_sr_update_
 
@@ -19,11 +18,9 @@ def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_s
         # e.g. 127 for LLaMA-1B's 5461-wide down_proj: the fused kernel's tiles hold whole power-of-two groups, so
         # such weights take the composition of the Triton dequantization and fused INT8 update, a block of rows at a
         # time (the same results)
-        m, n = w_q.shape
-        shape = (m, update.shape[0]) if left else (update.shape[1], n)
-        ortho = dequantize_int4(ortho_q, ortho_scale, ortho_zero, proj_group_size).reshape(shape).to(torch.float32)
-        sr_lowrank_update_by_rows(w_q, scale, ortho, update, group_size, left, alpha, decay, precision, seed, offset,
-                                  int8_sr_update_)
+        sr_lowrank_update_composed(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
+                                   left, alpha, decay, precision, seed, offset, dequantize=dequantize_int4,
+                                   sr_update=int8_sr_update_)
         return
     int8_sr_lowrank_update_triton(w_q, scale, ortho_q.contiguous(), ortho_scale.contiguous(),
                                   ortho_zero.contiguous(), update.contiguous(), group_size, proj_group_size, left,
