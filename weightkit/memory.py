@@ -23,22 +23,16 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from .nn.walk import stored_tensors
+
 PARTS = ("weights", "optimizer_state", "gradients", "activations", "transient")
-
-
-def _inner(t: torch.Tensor):
-    """The plain tensors holding ``t``'s data: itself, or those a wrapper subclass holds (Int8Linear's weight: its
-    int8 values and scales), which have storages of their own while the wrapper has none."""
-    if hasattr(t, "__tensor_flatten__"):
-        return [x for name in t.__tensor_flatten__()[0] for x in _inner(getattr(t, name))]
-    return [t]
 
 
 def tensor_bytes(obj, seen=None) -> int:
     """Bytes of every distinct tensor storage reachable from ``obj`` (tensors, dicts, lists, tuples)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor) and hasattr(obj, "__tensor_flatten__"):
-        return sum(tensor_bytes(t, seen) for t in _inner(obj))
+        return sum(tensor_bytes(t, seen) for t in stored_tensors(obj))
     if isinstance(obj, torch.Tensor):
         key = (obj.device, obj.untyped_storage().data_ptr())
         if key in seen:
@@ -68,11 +62,11 @@ def gradient_bytes(model: nn.Module, layerwise: bool) -> int:
 def saved_tensor_bytes(fn, exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs (``exclude``: tensors not to
     count, e.g. the parameters). Returns the bytes; the saved tensors are dropped with ``fn``'s result."""
-    skip = {x.untyped_storage().data_ptr() for t in exclude for x in _inner(t)}
+    skip = {x.untyped_storage().data_ptr() for t in exclude for x in stored_tensors(t)}
     seen: Dict[int, int] = {}
 
     def pack(t):
-        for x in _inner(t):
+        for x in stored_tensors(t):
             ptr = x.untyped_storage().data_ptr()
             if ptr not in skip:
                 seen[ptr] = x.untyped_storage().nbytes()

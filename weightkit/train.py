@@ -216,7 +216,9 @@ def tensor_bytes(obj, seen=None) -> int:
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         if hasattr(obj, "__tensor_flatten__"):  # a wrapper subclass (Int8Linear's weight): the tensors it holds
-            return sum(tensor_bytes(getattr(obj, name), seen) for name in obj.__tensor_flatten__()[0])
+            from weightkit.nn.walk import stored_tensors
+
+            return sum(tensor_bytes(t, seen) for t in stored_tensors(obj))
         key = (obj.untyped_storage().data_ptr(), obj.dtype, obj.shape)
         if key in seen:
             return 0

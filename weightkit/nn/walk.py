@@ -60,11 +60,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _stored(t) -> list:
-    """The tensors that hold ``t``'s data: itself, or those of a wrapper subclass (Int8Linear's weight presents
-    float32 but stores int8 values and float32 group scales)."""
+def stored_tensors(t) -> list:
+    """The plain tensors that hold ``t``'s data: itself, or those a wrapper subclass holds (Int8Linear's weight
+    presents float32 but stores int8 values and float32 group scales, and has no storage of its own)."""
     if hasattr(t, "__tensor_flatten__"):
-        return [x for name in t.__tensor_flatten__()[0] for x in _stored(getattr(t, name))]
+        return [x for name in t.__tensor_flatten__()[0] for x in stored_tensors(getattr(t, name))]
     return [t]
 
 
@@ -72,7 +72,7 @@ def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's distinct parameters and buffers as stored (a tensor shared between two places counts
     once; a wrapper subclass counts the tensors it holds)."""
     seen, total = set(), 0
-    for t in (x for p in list(module.parameters()) + list(module.buffers()) for x in _stored(p)):
+    for t in (x for p in list(module.parameters()) + list(module.buffers()) for x in stored_tensors(p)):
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
