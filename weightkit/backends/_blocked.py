@@ -46,6 +46,22 @@ def blocked_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, blo
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def int4_matmul_blocked(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
+                       transpose: bool, dequantize_into: Callable, block_values: int) -> Tensor:
+    """The cpu/cuda int4_matmul: y = x W^T or x W, W = dequant (rows x cols = ``shape``), x of any rank and strides,
+    through :func:`blocked_dequant_matmul` with about ``block_values`` dequantized values per block; the backend's
+    ``dequantize_into(out, packed, scale, zero, group_size, e0, e1)`` writes the flat elements [e0, e1)."""
+    rows, cols = shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
+
+    def dequant(dst, r0, nr):
+        dequantize_into(dst, packed, scale, zero, group_size, r0 * cols, (r0 + nr) * cols)
+
+    y = blocked_dequant_matmul(x2, rows, cols, transpose, block_values // max(cols, 1), dequant)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 # -- GaLore's write-back (weightkit/ops/galore.py), after the backend's kernel computed U ---------------------------
 
 # the float32 product of the blocked update holds at most this many values (16 MB) at a time

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import blocked_dequant_matmul
+from .._blocked import int4_matmul_blocked
 from . import check, threads
 
 
@@ -43,14 +43,5 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                 transpose: bool) -> Tensor:
-    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides."""
-    rows, cols = shape
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
-
-    def dequant(dst, r0, nr):
-        _dequantize_into(dst, packed, scale, zero, group_size, r0 * cols, (r0 + nr) * cols)
-
-    # ~4M values (16 MB) per block
-    y = blocked_dequant_matmul(x2, rows, cols, transpose, (1 << 22) // max(cols, 1), dequant)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides (~4M values (16 MB) per block)."""
+    return int4_matmul_blocked(x, packed, scale, zero, group_size, shape, transpose, _dequantize_into, 1 << 22)
