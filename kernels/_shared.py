@@ -261,6 +261,18 @@ def philox_uniform4(counter, seed, N: tl.constexpr):
 # -- tile helpers of the GEMV / GEMM kernels -----------------------------------------------------------------------
 
 @triton.jit
+def dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, group_size, mask):
+    """float32 values of a packed INT4 matrix (weightkit.ops.int4's format: two values per byte, the low nibble the
+    even index; a float32 scale and a uint8 zero per group) at flat indices ``lin`` (int64)."""
+    byte = tl.load(packed_ptr + (lin >> 1), mask=mask, other=0).to(tl.int32)
+    q = ((byte >> ((lin & 1) * 4).to(tl.int32)) & 0xF).to(tl.float32)
+    grp = lin // group_size
+    s = tl.load(scale_ptr + grp, mask=mask, other=0.0)
+    z = tl.load(zero_ptr + grp, mask=mask, other=0).to(tl.float32)
+    return (q - z) * s
+
+
+@triton.jit
 def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of program_id(0) in grouped order: GROUP_M row tiles sweep the N tiles together, so a
     weight tile is read by GROUP_M programs close in time (from L2) instead of once per row of tiles."""

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, cdiv, device_guard
+from ._shared import INTERPRET, cdiv, device_guard, tile_ids
 
 
 @triton.jit
@@ -68,15 +68,7 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, str
                           UPCAST_16BIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
-    # grouped program order: GROUP_M row blocks share their column blocks of B while they are in L2
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # grouped order: column blocks of B reused from L2
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (DequantMatmul, cdiv, device_guard, gemv_accumulators, gemv_rows, gemv_store_rows, gemv_tile,
-                      k_mask, mm_tile, next_pow2, store_result, x_offsets)
+from ._shared import (DequantMatmul, cdiv, dequant_int4, device_guard, gemv_accumulators, gemv_rows, gemv_store_rows,
+                      gemv_tile, k_mask, mm_tile, next_pow2, store_result, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -53,21 +53,10 @@ def quantize_int4_triton(x, group_size):
 
 
 @triton.jit
-def _dequant(packed_ptr, scale_ptr, zero_ptr, lin, group_size, mask):
-    """float32 values of the INT4 matrix at flat indices ``lin`` (int64)."""
-    byte = tl.load(packed_ptr + (lin >> 1), mask=mask, other=0).to(tl.int32)
-    q = ((byte >> ((lin & 1) * 4).to(tl.int32)) & 0xF).to(tl.float32)
-    grp = lin // group_size
-    s = tl.load(scale_ptr + grp, mask=mask, other=0.0)
-    z = tl.load(zero_ptr + grp, mask=mask, other=0).to(tl.float32)
-    return (q - z) * s
-
-
-@triton.jit
 def _dequantize_int4_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, n, group_size, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
-    tl.store(out_ptr + idx, _dequant(packed_ptr, scale_ptr, zero_ptr, idx, group_size, mask), mask=mask)
+    tl.store(out_ptr + idx, dequant_int4(packed_ptr, scale_ptr, zero_ptr, idx, group_size, mask), mask=mask)
 
 
 def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
@@ -141,7 +130,7 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N
             else:
                 lin = rn64[:, None] * K + rk[None, :]
                 wmask = mask_n[:, None] & mask_k[None, :]
-            w = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, G, wmask)
+            w = dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, G, wmask)
         acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, mask_k, w, s_k, TRANS,
                                             BLOCK_M)
         rk += BLOCK_K
@@ -197,7 +186,7 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
                 lin = rk.to(tl.int64)[None, :] * N + rn64[:, None]
             else:
                 lin = rn64[:, None] * K + rk[None, :]
-            w = _dequant(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
+            w = dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
         if SCALE_AFTER_DOT:  # only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
             acc += tl.dot(w.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
         else:  # a 16-bit x gets the (scaled, fp32) weight as hi + lo parts: two dots, ~fp32-accurate

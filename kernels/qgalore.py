@@ -21,20 +21,9 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import _u24, cdiv, device_guard, next_pow2, philox_uniform
+from ._shared import _u24, cdiv, dequant_int4, device_guard, next_pow2, philox_uniform
 
 _FLT_MIN = 1.1754943508222875e-38
-
-
-@triton.jit
-def _basis_tile(q_ptr, s_ptr, z_ptr, flat, mask, PG: tl.constexpr):
-    """Dequantized INT4 values at flat indices ``flat`` (low nibble = even index)."""
-    byte = tl.load(q_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    q = ((byte >> ((flat & 1) * 4).to(tl.int32)) & 15).to(tl.float32)
-    g = flat // PG
-    s = tl.load(s_ptr + g, mask=mask, other=0.0)
-    z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
-    return (q - z) * s
 
 
 @triton.jit
@@ -76,14 +65,14 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
         kmask = ks < R
         if LEFT:  # N = P U: P (M x R) rows x ks, U (R x N) ks x cols
             amask = rmask[:, None] & kmask[None, :]
-            a = _basis_tile(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], amask, PG)
+            a = dequant_int4(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], PG, amask)
             bmask = kmask[:, None] & cmask[None, :]
             b = tl.load(u_ptr + ks[:, None] * N + cols[None, :], mask=bmask, other=0.0)
         else:  # N = U P: U (M x R) rows x ks, P (R x N) ks x cols
             amask = rmask[:, None] & kmask[None, :]
             a = tl.load(u_ptr + rows[:, None] * R + ks[None, :], mask=amask, other=0.0)
             bmask = kmask[:, None] & cmask[None, :]
-            b = _basis_tile(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], bmask, PG)
+            b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
         if BF16:
             a = _round_bf16(a)
             b = _round_bf16(b)
