@@ -130,7 +130,7 @@ setup(
     # maps the name to the folder; a wheel holds weightkit/kernels/).
     packages=find_packages(include=["weightkit", "weightkit.*"]) + ["weightkit.kernels"],
     package_dir={"weightkit.kernels": "kernels"},
-    package_data={"weightkit": ["py.typed"]},
+    package_data={"weightkit": ["py.typed", "auto_choices.json"]},
     ext_modules=compiled_outputs(),
     cmdclass={"build_ext": BuildWithNinja},
 )

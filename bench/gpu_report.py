@@ -60,8 +60,8 @@ COPY_BW = [None]
 
 # Seconds per section, in the default order (value first). They are shares: a run gives the sections it runs
 # --budget (less the start-up), in these proportions (make gpu-check: 100 s for all seven, ~97 s after start-up).
-SECTION_BUDGETS = {"ceilings": 6, "quant": 34, "kernels": 18, "galore": 14, "memoryformer": 11, "dictionary": 11,
-                   "host": 6}
+SECTION_BUDGETS = {"ceilings": 6, "quant": 30, "kernels": 15, "galore": 12, "memoryformer": 10, "dictionary": 10,
+                   "auto": 14, "host": 5}
 
 
 class BudgetExceeded(BaseException):
@@ -783,8 +783,106 @@ def compress():
     gpu_rows(row, minilm_cpu_cosine=0.7418)
 
 
+def auto():
+    """``auto``'s measured choice per regime (weightkit/backend.py, "Measured choice"; issues 24-26: "auto by
+    measurement"). The layers and ops at the other sections' shapes run under ``auto`` with no recorded choice in
+    force, so each call's regime is measured on its first call (the row's warm-up); the row then times what ``auto``
+    runs. Each choice is then a row of its own (the chosen backend's ms and every candidate's; ``choice`` holds the
+    entry). ``python -m bench.gpu_report --ship-auto-choices REPORT.json`` merges a GPU run's choices into
+    ``weightkit/auto_choices.json``, the recorded choices shipped with the package (``tests/test_auto_choice.py``
+    checks that file)."""
+    from weightkit import backend as wb
+    from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
+    from weightkit.nn.ksvd import dictionary_size
+    from weightkit.ops import galore as gops, int4, qgalore as qops
+
+    wb.reload_env()
+    wb._RECORDED["loaded"] = {}  # measure everything, whatever is shipped
+    wb._ENV["auto"] = "measure"
+    try:
+        d = QUANT_D
+        layer = Int8Linear.from_linear(torch.nn.Linear(d, d, bias=False, device=DEV), group_size=128)
+        w = torch.randn(d, d, device=DEV)
+        packed, sc, zp = int4.quantize_int4(w, 64)
+        for tokens in QUANT_TOKENS:
+            x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+            with torch.no_grad():
+                row("auto", f"Int8Linear g128 bf16 {tokens} tok", lambda: layer(x))
+                row("auto", f"int4_matmul g64 bf16 {tokens} tok",
+                    lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)))
+
+            def fb():
+                layer.weight.grad = None
+                torch.autograd.grad(layer(x), (x,), g)
+            row("auto", f"Int8Linear g128 fwd+bwd bf16 {tokens} tok", fb, graph=False)
+        d, tau = MEM_D, 8
+        for dtype in (torch.bfloat16, torch.float32):
+            mem = MemoryLinear(d, d, tau=tau, bias=False, device=DEV, dtype=dtype)
+            for tokens in MEM_TOKENS:
+                x = torch.randn(tokens, d, device=DEV, dtype=dtype, requires_grad=True)
+                g = torch.randn(tokens, d, device=DEV, dtype=dtype)
+                with torch.no_grad():
+                    row("auto", f"MemoryLinear {dtype} {tokens} tok", lambda: mem(x))
+                row("auto", f"MemoryLinear fwd+bwd {dtype} {tokens} tok",
+                    lambda: torch.autograd.grad(mem(x), (x, mem.tables), g), graph=False)
+        d = DICT[0]
+        kb, sb = dictionary_size(d, d, 0.3, value_bytes=2)
+        dl = DictLinear(d, d, kb, sb, bias=False, device=DEV, dtype=torch.bfloat16)
+        for tokens in DICT_TOKENS:
+            x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+            with torch.no_grad():
+                row("auto", f"DictLinear bf16 k{kb} s{sb} {tokens} tok", lambda: dl(x))
+            row("auto", f"DictLinear bf16 fwd+bwd {tokens} tok",
+                lambda: torch.autograd.grad(dl(x), (x, dl.values), g), graph=False)
+        for (m, n), r in GALORE_SHAPES:
+            weight = torch.randn(m, n, device=DEV)
+            ortho = torch.linalg.qr(torch.randn(m, r, device=DEV))[0]
+            low = torch.randn(r, n, device=DEV)
+            ea, es = torch.zeros_like(low), torch.zeros_like(low)
+            for tf32 in (False, True):
+                with _tf32(tf32):
+                    for pdt in (torch.float32, torch.bfloat16):
+                        p = ortho.to(pdt)
+                        row("auto", f"galore_adam_update_ {m}x{n} r{r} proj {pdt} {'tf32' if tf32 else 'strict'}",
+                            lambda: gops.galore_adam_update_(weight, low, ea, es, p, True, step_size=1e-6))
+        m, r = QGALORE_SHAPE
+        wq = torch.randint(-127, 128, (m, m), dtype=torch.int8, device=DEV)
+        wsc = torch.rand(m * m // 128, device=DEV) * 1e-2 + 1e-3
+        pq, ps, pz = int4.quantize_int4(torch.linalg.qr(torch.randn(m, r, device=DEV))[0], 64)
+        upd = torch.randn(r, m, device=DEV)
+        for prec in qops.PRECISIONS:
+            row("auto", f"int8_sr_lowrank_update_ {m}^2 r{r} {prec}",
+                lambda: qops.int8_sr_lowrank_update_(wq, wsc, pq, ps, pz, upd, 128, 64, True, alpha=1e-4,
+                                                     precision=prec, seed=1))
+    finally:
+        choices = wb.auto_choices()
+        for c in choices:
+            chosen = (c["ms"] or {}).get(c["backend"])
+            rec = dict(section="auto", name=f"auto chose {c['backend']}: {c['op']} {c['regime']}", choice=c)
+            if chosen is not None:
+                rec["ms"] = chosen
+            ROWS.append(rec)
+            print(f"  auto       {rec['name']:<58} {c['how']} {c['ms']}", flush=True)
+        write()
+        wb.reload_env()
+
+
+def ship_auto_choices(report: str, path: str) -> int:
+    """Merge the measured choices of a report's ``auto`` rows into ``path`` (weightkit/auto_choices.json)."""
+    from weightkit import backend as wb
+
+    with open(report) as f:
+        data = json.load(f)
+    entries = [r["choice"] for r in data["rows"] if r.get("section") == "auto" and "choice" in r]
+    meta = data.get("meta", {})
+    note = f"{report}: {meta.get('device')}, {meta.get('date')}, torch {meta.get('torch')}, triton {meta.get('triton')}"
+    return wb.save_auto_choices(path, note=note, entries=entries)
+
+
 SECTIONS = {"ceilings": ceilings, "quant": quant, "kernels": kernels, "galore": galore, "memoryformer": memoryformer,
-            "dictionary": dictionary, "host": host,
+            "dictionary": dictionary, "auto": auto, "host": host,
             # opt-in (not in the default run): each fills a second, targeted call
             "galore_issue25": galore_issue25, "qgalore_fused": qgalore_fused, "compress": compress}
 
@@ -845,7 +943,15 @@ def main(argv=None) -> int:
     ap.add_argument("--section-budget", default="", help="seconds for some sections outright, e.g. quant=60")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the bookkeeping alone, for the tests (timings mean nothing)")
+    ap.add_argument("--ship-auto-choices", metavar="REPORT", default=None,
+                    help="measure nothing: merge REPORT's auto-section choices into weightkit/auto_choices.json")
     args = ap.parse_args(argv)
+    if args.ship_auto_choices:
+        from weightkit import backend as wb
+
+        n = ship_auto_choices(args.ship_auto_choices, wb.RECORDED_FILE)
+        print(f"gpu_report: {n} measured choices merged into {wb.RECORDED_FILE}")
+        return 0
     t_start = time.time()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_report: needs a CUDA device", file=sys.stderr)

@@ -35,7 +35,7 @@
 #   STAGES=report REPORT_SECTIONS=galore_issue25 REPORT_BUDGET=170   (#25: GaLore steps, refreshes, syncs)
 #   STAGES=report REPORT_SECTIONS=qgalore_fused REPORT_BUDGET=120    (#24: the fused Q-GaLore write-back and moments)
 #   STAGES=report REPORT_SECTIONS=compress REPORT_BUDGET=120         (#26: the compressor on CUDA)
-# Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,host),
+# Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
 # were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), PYTHON.
 # Exit status: 0 when every stage asked for ran and passed; 1 when the build, a test or a stage failed or hit its
@@ -63,7 +63,7 @@ BENCH_BUDGET=${BENCH_BUDGET:-60}
 if [ -n "${REPORT_SECTIONS:-}" ]; then
   REPORT_BUDGET=${REPORT_BUDGET:-80}
 else
-  REPORT_SECTIONS=ceilings,quant,kernels,galore,memoryformer,dictionary,host
+  REPORT_SECTIONS=ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host
   REPORT_BUDGET=${REPORT_BUDGET:-110}
 fi
 TEST_WORKERS=${TEST_WORKERS:-14}

@@ -10,19 +10,23 @@ and up to three accelerated ones:
   ``TRITON_INTERPRET=1``, which is how the test-suite exercises them without a GPU; host code in
   weightkit/backends/triton).
 
-``auto`` (the default) picks the best usable backend for the tensors' device. ``WEIGHTKIT_BACKEND`` or the
-:func:`use_backend` context manager force one; a forced backend that cannot run falls back to ``reference``
-with one warning that says why.
+``auto`` (the default) picks the best usable backend for the tensors' device: ``cpu`` for CPU tensors; on a GPU,
+for ops whose table names a *regime* (the shape class of a call: token count rounded up to a power of two, sizes,
+dtypes), the backend measured fastest for that regime on this GPU model (see "Measured choice" below), else the
+first usable one of the table's ``cuda_order``. ``WEIGHTKIT_BACKEND`` or the :func:`use_backend` context manager
+force one; a forced backend that cannot run falls back to ``reference`` with one warning that says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
+import threading
 import warnings
 import weakref
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -71,11 +75,18 @@ def extension_has_cuda() -> bool:
 # variables and call reload_env().
 _ENV: Dict[str, Optional[str]] = {}
 _TABLES: "weakref.WeakSet[KernelTable]" = weakref.WeakSet()
+_RECORDED: Dict[str, Dict[str, Dict[str, str]]] = {}  # device name -> op -> regime -> backend (loaded lazily)
+_AUTO_LOG: Dict[Tuple[str, str, str], dict] = {}  # (device name, op, regime) -> what auto chose, how, the timings
 
 
 def reload_env() -> None:
-    """Re-read WEIGHTKIT_BACKEND, TRITON_INTERPRET and WEIGHTKIT_DEBUG_CHECKS (WEIGHTKIT_CHECK_FINITE)."""
+    """Re-read WEIGHTKIT_BACKEND, WEIGHTKIT_AUTO, WEIGHTKIT_AUTO_TABLE, TRITON_INTERPRET and WEIGHTKIT_DEBUG_CHECKS
+    (WEIGHTKIT_CHECK_FINITE); forgets the measured choices of this process."""
     _ENV["backend"] = os.environ.get("WEIGHTKIT_BACKEND", "auto") or "auto"
+    _ENV["auto"] = os.environ.get("WEIGHTKIT_AUTO", "measure") or "measure"
+    _ENV["auto_table"] = os.environ.get("WEIGHTKIT_AUTO_TABLE") or None
+    _RECORDED.clear()
+    _AUTO_LOG.clear()
     _ENV["interpret"] = os.environ.get("TRITON_INTERPRET")
     _ENV["debug"] = os.environ.get("WEIGHTKIT_DEBUG_CHECKS", os.environ.get("WEIGHTKIT_CHECK_FINITE")) or None
     for table in _TABLES:  # their choices depend on the backend and interpreter settings
@@ -166,9 +177,17 @@ class KernelTable:
     fit the GPU; Triton: importable, on a GPU or under the interpreter). This is the one place that chooses.
     """
 
-    def __init__(self, name: str, cuda_order: Tuple[str, ...] = ("cuda", "triton")):
+    def __init__(self, name: str, cuda_order: Tuple[str, ...] = ("cuda", "triton"),
+                 regime: Optional[Callable[..., tuple]] = None, mutates: Tuple[int, ...] = ()):
+        """``cuda_order``: the backends ``auto`` tries on CUDA tensors, in order, where nothing was measured.
+        ``regime(*args)``: the call's shape class (a tuple of ints, bools, strings, dtypes; the token count rounded
+        up to a power of two, not exact), which makes ``auto`` choose among the usable backends of ``cuda_order`` by
+        measurement per regime (:class:`MeasuredChoice`); ``mutates``: the positions of the arguments the
+        implementations write in place (measurement runs on copies of them)."""
         self.name = name
         self.cuda_order = cuda_order
+        self.regime = regime
+        self.mutates = mutates
         self.impls: Dict[str, Callable] = {}
         # (forced backend or None, device) -> (backend name, implementation); cleared by reload_env()
         self._chosen: Dict[tuple, Tuple[str, Callable]] = {}
@@ -219,9 +238,25 @@ class KernelTable:
         key = (_FORCED.get(), device)
         found = self._chosen.get(key)
         if found is None:
-            name = self._select(requested_backend(), device)
-            found = self._chosen[key] = (name, self.impls[name])
+            requested = requested_backend()
+            usable = self._usable(device) if requested == "auto" and device.type == "cuda" else ()
+            if len(usable) > 1 and self.regime is not None and _ENV["auto"] != "static":
+                found = (MeasuredChoice.LABEL, MeasuredChoice(self, device, usable))
+            else:
+                name = self._select(requested, device)
+                found = (name, self.impls[name])
+            self._chosen[key] = found
         return found
+
+    def _usable(self, device: torch.device) -> Tuple[str, ...]:
+        return tuple(b for b in self.cuda_order if self.why_not(b, device) is None)
+
+    def backend_for(self, *args, device: Optional[torch.device] = None) -> str:
+        """The backend a call with ``args`` (the implementations' arguments; on ``device``, by default the first
+        argument's) runs now; on a GPU under ``auto`` with a regime this chooses (and, the first time for the regime,
+        measures) as the call would."""
+        name, impl = self._lookup(args[0].device if device is None else device)
+        return impl.choose(args) if isinstance(impl, MeasuredChoice) else name
 
     def _select(self, requested: str, device: torch.device) -> str:
         if requested == "auto":
@@ -252,3 +287,204 @@ class KernelTable:
         if found is None:
             found = self._lookup(device)
         return found[1](*args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measured choice (ARCHITECTURE.md: ``auto`` picks the measured-fastest backend per regime).
+#
+# On a GPU, for a table with a ``regime`` and more than one usable backend in its ``cuda_order``, ``auto`` chooses per
+# (GPU model, op, regime), once per process:
+# 1. a recorded choice: ``weightkit/auto_choices.json`` (shipped: what a GPU run of ``bench/gpu_report.py`` measured,
+#    per GPU model) or the file named by ``WEIGHTKIT_AUTO_TABLE`` (read first), when it names a usable backend;
+# 2. else, with ``WEIGHTKIT_AUTO=measure`` (the default), a measurement on the call's own arguments: each candidate
+#    runs once (compiling and tuning its kernels), then back to back for about MEASURE_MS, timed with CUDA events,
+#    on copies of the arguments it writes in place; the fastest is kept. This first call of a regime synchronizes
+#    the device (like a Triton autotuning run); later calls are a regime tuple and a dict lookup (~1 us of host
+#    time). No measurement during CUDA-graph capture or under ``torch.use_deterministic_algorithms(True)`` (the
+#    choice must not depend on timing noise there): those calls take step 1 or 3 and are not remembered;
+# 3. else the first usable backend of ``cuda_order`` (``WEIGHTKIT_AUTO=static`` makes this the only rule;
+#    ``WEIGHTKIT_AUTO=table`` allows 1 and 3 only: no measurement, no sync).
+# ``auto_choices()`` lists what was chosen, how, and the timings; ``save_auto_choices(path)`` writes the measured
+# ones in the recorded format (bench/gpu_report.py's ``auto`` section does, for the shipped file).
+
+MEASURE_MS = 10.0  # time per candidate of a measurement, after its warm-up call
+RECORDED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_choices.json")
+_DEVICE_NAMES: Dict[int, str] = {}
+_MEASURE_LOCK = threading.Lock()
+
+
+def regime_key(regime: tuple) -> str:
+    """The text form of a regime in the recorded file: its values joined by '|' (dtypes without 'torch.',
+    shapes as AxB)."""
+    out = []
+    for v in regime:
+        if isinstance(v, torch.dtype):
+            out.append(str(v).replace("torch.", ""))
+        elif isinstance(v, (tuple, list, torch.Size)):
+            out.append("x".join(str(int(d)) for d in v))
+        else:
+            out.append(str(v))
+    return "|".join(out)
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU model (``torch.cuda.get_device_name``) of a CUDA device, the key of the recorded choices."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    name = _DEVICE_NAMES.get(idx)
+    if name is None:
+        name = _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+    return name
+
+
+
+def _read_recorded(path: str) -> Dict[str, Dict[str, Dict[str, str]]]:
+    """{device name: {op: {regime key: backend}}} of a recorded-choices file (format 1)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("devices"), dict):
+        raise ValueError(f"{path}: not a weightkit auto-choices file (format 1)")
+    return data["devices"]
+
+
+def recorded_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
+    """The recorded choices in force: the shipped file's, overridden by WEIGHTKIT_AUTO_TABLE's (read once)."""
+    if not _RECORDED:
+        merged: Dict[str, Dict[str, Dict[str, str]]] = {}
+        paths = [RECORDED_FILE] + ([_ENV["auto_table"]] if _ENV["auto_table"] else [])
+        for path in paths:
+            if not os.path.exists(path):
+                if path != RECORDED_FILE:
+                    _warn_once(("auto_table", path), f"weightkit: WEIGHTKIT_AUTO_TABLE={path} does not exist")
+                continue
+            try:
+                devices = _read_recorded(path)
+            except (OSError, ValueError) as exc:
+                _warn_once(("auto_table", path), f"weightkit: recorded backend choices not used: {exc}")
+                continue
+            for dev, ops in devices.items():
+                for op, regimes in ops.items():
+                    merged.setdefault(dev, {}).setdefault(op, {}).update(regimes)
+        _RECORDED["loaded"] = merged  # (one entry: the dict is the "loaded" flag too)
+    return _RECORDED["loaded"]
+
+
+def auto_choices() -> List[dict]:
+    """What ``auto`` chose by regime in this process: dicts with device, op, regime, backend, how ('recorded',
+    'measured', 'static') and, when measured, ms per candidate."""
+    return [dict(entry) for entry in _AUTO_LOG.values()]
+
+
+def save_auto_choices(path: str, note: Optional[str] = None, entries: Optional[List[dict]] = None) -> int:
+    """Merge the measured choices ``entries`` (by default this process's, :func:`auto_choices`) into the
+    recorded-choices file ``path`` (created if missing); returns how many were written. ``note`` (e.g. the run's
+    versions and date) is kept per device."""
+    data = {"format": 1, "devices": {}, "notes": {}}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        _read_recorded(path)  # validates
+        data.setdefault("notes", {})
+    count = 0
+    for entry in (_AUTO_LOG.values() if entries is None else entries):
+        if entry.get("how") != "measured":
+            continue
+        data["devices"].setdefault(entry["device"], {}).setdefault(entry["op"], {})[entry["regime"]] = entry["backend"]
+        if note:
+            data["notes"][entry["device"]] = note
+        count += 1
+    for ops in data["devices"].values():  # stable, reviewable diffs
+        for op in list(ops):
+            ops[op] = dict(sorted(ops[op].items()))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return count
+
+
+def _time_calls(fn: Callable, args: list, kwargs: dict) -> float:
+    """ms per call of ``fn`` back to back on the current stream, after one warm-up call."""
+    fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*args, **kwargs)
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max(MEASURE_MS / once, 3), 200))
+    start.record()
+    for _ in range(reps):
+        fn(*args, **kwargs)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+class MeasuredChoice:
+    """``auto`` for one op on one CUDA device where several backends can run: the backend per regime (see the
+    section comment), remembered per regime; calling it runs the chosen implementation."""
+
+    LABEL = "measured"
+    timer = staticmethod(_time_calls)  # tests replace it (no GPU clock on the CPU)
+
+    def __init__(self, table: KernelTable, device: torch.device, candidates: Tuple[str, ...]):
+        self.table, self.device, self.candidates = table, device, candidates
+        self.by_regime: Dict[tuple, Callable] = {}
+
+    def __call__(self, *args, **kwargs):
+        impl = self.by_regime.get(self.table.regime(*args, **kwargs))
+        if impl is None:
+            impl = self.table.impls[self.choose(args, kwargs)]
+        return impl(*args, **kwargs)
+
+    def choose(self, args, kwargs=None) -> str:
+        """The backend for ``args``: remembered, recorded, measured or the static order (in this order)."""
+        kwargs = kwargs or {}
+        regime = self.table.regime(*args, **kwargs)
+        impl = self.by_regime.get(regime)
+        if impl is not None:
+            return next(n for n in self.candidates if self.table.impls[n] is impl)
+        dev, key = _device_name(self.device), regime_key(regime)
+        name = recorded_choices().get(dev, {}).get(self.table.name, {}).get(key)
+        how, ms = "recorded", None
+        remember = True
+        if name not in self.candidates:
+            if _ENV["auto"] == "measure" and self._may_measure():
+                with _MEASURE_LOCK:
+                    ms = self._measure(args, kwargs)
+                how = "measured"
+                name = min(ms, key=ms.get) if ms else self.candidates[0]
+            else:
+                how, name = "static", self.candidates[0]
+                remember = _ENV["auto"] != "measure"  # a capture / deterministic call: measure on a later call
+        if remember:
+            self.by_regime[regime] = self.table.impls[name]
+            _AUTO_LOG[(dev, self.table.name, key)] = dict(device=dev, op=self.table.name, regime=key, backend=name,
+                                                          how=how, ms=ms)
+        return name
+
+    def _may_measure(self) -> bool:
+        if torch.are_deterministic_algorithms_enabled():
+            return False
+        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+    def _measure(self, args, kwargs) -> Dict[str, float]:
+        """ms per call of each candidate on ``args`` (copies of the arguments it writes); a candidate that raises
+        is left out with a warning."""
+        ms = {}
+        guard = torch.cuda.device(self.device) if torch.cuda.is_available() else contextlib.nullcontext()
+        with torch.no_grad(), guard:  # (no CUDA: the tests, with a timer of their own)
+            for name in self.candidates:
+                call = list(args)
+                for i in self.table.mutates:
+                    if i < len(call) and isinstance(call[i], torch.Tensor):
+                        call[i] = call[i].clone()
+                try:
+                    ms[name] = float(self.timer(self.table.impls[name], call, kwargs))
+                except Exception as exc:  # noqa: BLE001 - a candidate that fails here is simply not chosen
+                    _warn_once((self.table.name, name, "measure"),
+                               f"weightkit: {self.table.name}: backend {name!r} failed while auto measured it "
+                               f"({type(exc).__name__}: {exc}); not using it for this shape")
+        return ms

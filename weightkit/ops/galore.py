@@ -52,7 +52,17 @@ __all__ = ["galore_adam_update_", "matmul_precision", "mm_float32"]
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json), whole GaLoreAdamW step, 4096^2 r1024: cuda 1.43 ms vs
 # triton 1.90 (strict fp32), 0.25 vs 1.31 (TF32); 4096x11008 r512: 2.01 vs 2.56, 0.44 vs 1.87. (The Triton kernel
 # then had fixed 32^3 tiles and always ran IEEE fp32; it autotunes and follows the TF32 setting since.)
-_GALORE = KernelTable("galore_adam_update_", cuda_order=("cuda", "triton"))
+# auto by measurement (weightkit/backend.py, "Measured choice") per regime: the weight's shape and dtype, the rank and
+# side, the basis dtype, the float32 matmul precision the user allows (TF32 changes which backend wins) and whether
+# the update is predicated on a device flag; cuda_order is the order where nothing is measured or recorded.
+
+
+def _regime(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, *rest):
+    return (tuple(weight.shape), tuple(low_grad.shape), bool(left), weight.dtype, ortho.dtype,
+            matmul_precision(weight.device), len(rest) > 6 and rest[6] is not None)
+
+
+_GALORE = KernelTable("galore_adam_update_", cuda_order=("cuda", "triton"), regime=_regime, mutates=(0, 2, 3))
 
 
 

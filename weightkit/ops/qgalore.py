@@ -60,7 +60,15 @@ __all__ = ["int8_sr_lowrank_update_", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "tf32x3", "bf16")
 
-_LOWRANK = KernelTable("int8_sr_lowrank_update_", cuda_order=("triton", "cuda"))
+
+
+def _regime(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left, *rest):
+    """auto by measurement per shape, groups, side and projection precision (weightkit/backend.py)."""
+    return (tuple(w_q.shape), tuple(update.shape), group_size, proj_group_size, bool(left), rest[2])
+
+
+# writes w_q and scale in place (measured on copies)
+_LOWRANK = KernelTable("int8_sr_lowrank_update_", cuda_order=("triton", "cuda"), regime=_regime, mutates=(0, 1))
 
 
 def _check_args(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left, alpha,

@@ -1,0 +1,216 @@
+"""``auto``'s measured choice per regime (weightkit/backend.py, "Measured choice"), on the CPU: a KernelTable whose
+backends all 'run' on a CUDA device, a timer of the test's own, a device name of the test's own. The GPU side (CUDA
+events) runs in bench/gpu_report.py's ``auto`` section and in tests/test_cuda_graphs.py on a GPU."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from weightkit import backend
+from weightkit.backend import KernelTable, MeasuredChoice
+
+CUDA0 = torch.device("cuda", 0)
+
+
+class _AnyDevice(KernelTable):
+    """Every registered backend can run anywhere (no GPU here)."""
+
+    def why_not(self, name, device):
+        return None if name in self.impls else f"no {name}"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A named fake GPU, a timer reading each candidate's 'speed' from the table, and a clean auto state."""
+    monkeypatch.setattr(backend, "_device_name", lambda device: "Fake GPU 9000")
+    timed = []
+
+    def timer(fn, args, kwargs):
+        timed.append(fn.__name__)
+        fn(*args, **kwargs)
+        return fn.ms(args[0]) if callable(fn.ms) else fn.ms
+
+    monkeypatch.setattr(MeasuredChoice, "timer", staticmethod(timer))
+    monkeypatch.delenv("WEIGHTKIT_AUTO", raising=False)
+    monkeypatch.delenv("WEIGHTKIT_AUTO_TABLE", raising=False)
+    backend.reload_env()
+    yield timed
+    backend.reload_env()
+
+
+def _impl(name, ms, calls, mutate=False):
+    def fn(x, *rest):
+        calls.append(name)
+        if mutate:
+            x.add_(1)
+        return x * 2 if not mutate else None
+
+    fn.__name__ = name
+    fn.ms = ms
+    return fn
+
+
+def _table(name, ms, mutates=(), regime=lambda x, *rest: (x.shape[0], x.dtype)):
+    calls = []
+    t = _AnyDevice(name, cuda_order=("cuda", "triton"), regime=regime, mutates=mutates)
+    for b, m in ms.items():
+        t.register(b)(_impl(b, m, calls, mutate=bool(mutates)))
+    t.register("reference")(_impl("reference", 99.0, calls, mutate=bool(mutates)))
+    return t, calls
+
+
+def test_auto_measures_once_per_regime_and_runs_the_fastest(fake_gpu):
+    t, calls = _table("fake_mm", {"cuda": 2.0, "triton": 1.0})
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(t(CUDA0, x), x * 2)
+    assert fake_gpu == ["cuda", "triton"]  # measured both
+    assert calls[-1] == "triton"  # then ran the faster for the call itself
+    calls.clear()
+    for _ in range(3):
+        t(CUDA0, torch.randn(4, 3))
+    assert calls == ["triton"] * 3 and len(fake_gpu) == 2  # remembered: no second measurement
+    assert t.backend_for(x, device=CUDA0) == "triton" and t.select(CUDA0) == MeasuredChoice.LABEL
+    (entry,) = [e for e in backend.auto_choices() if e["op"] == "fake_mm"]
+    assert entry == dict(device="Fake GPU 9000", op="fake_mm", regime="4|float32", backend="triton", how="measured",
+                         ms={"cuda": 2.0, "triton": 1.0})
+
+
+def test_each_regime_has_its_own_winner(fake_gpu):
+    # cuda faster for many rows, triton for few: the regime is the row count
+    t, calls = _table("fake_mm2", {"cuda": lambda x: 5.0 / x.shape[0], "triton": lambda x: 1.0})
+    t(CUDA0, torch.randn(1, 3))
+    t(CUDA0, torch.randn(64, 3))
+    assert t.backend_for(torch.randn(1, 3), device=CUDA0) == "triton" and t.backend_for(torch.randn(64, 3), device=CUDA0) == "cuda"
+    calls.clear()
+    t(CUDA0, torch.randn(64, 3)), t(CUDA0, torch.randn(1, 3))
+    assert calls == ["cuda", "triton"]
+
+
+def test_measurement_works_on_copies_of_what_the_op_writes(fake_gpu):
+    t, calls = _table("fake_update_", {"cuda": 2.0, "triton": 1.0}, mutates=(0,))
+    w = torch.zeros(5)
+    t(CUDA0, w)
+    assert calls == ["cuda", "triton", "triton"]  # two measurements, then the call
+    assert torch.equal(w, torch.ones(5))  # written once, by the call itself
+
+
+def test_a_failing_candidate_is_left_out_with_a_warning(fake_gpu):
+    t, calls = _table("fake_fail", {"cuda": 1.0, "triton": 2.0})
+
+    def broken(x, *rest):
+        raise RuntimeError("no kernel for this shape")
+
+    broken.ms = 0.5
+    t.register("cuda")(broken)
+    with pytest.warns(RuntimeWarning, match="fake_fail: backend 'cuda' failed while auto measured it"):
+        y = t(CUDA0, torch.ones(2))
+    assert torch.equal(y, torch.full((2,), 2.0)) and t.backend_for(torch.ones(2), device=CUDA0) == "triton"
+
+
+def test_no_measurement_under_deterministic_algorithms(fake_gpu):
+    t, calls = _table("fake_det", {"cuda": 2.0, "triton": 1.0})
+    x = torch.randn(2, 2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        t(CUDA0, x)
+        assert calls == ["cuda"] and fake_gpu == []  # the static order, and not remembered
+    finally:
+        torch.use_deterministic_algorithms(False)
+    t(CUDA0, x)
+    assert fake_gpu == ["cuda", "triton"] and calls[-1] == "triton"
+
+
+def test_static_and_table_modes(fake_gpu, monkeypatch):
+    monkeypatch.setenv("WEIGHTKIT_AUTO", "static")
+    backend.reload_env()
+    t, calls = _table("fake_static", {"cuda": 2.0, "triton": 1.0})
+    t(CUDA0, torch.randn(2, 2))
+    assert calls == ["cuda"] and fake_gpu == [] and t.select(CUDA0) == "cuda"
+    monkeypatch.setenv("WEIGHTKIT_AUTO", "table")
+    backend.reload_env()
+    calls.clear()
+    t(CUDA0, torch.randn(2, 2))
+    assert calls == ["cuda"] and fake_gpu == [] and t.select(CUDA0) == MeasuredChoice.LABEL
+
+
+def test_a_forced_backend_is_not_measured(fake_gpu):
+    t, calls = _table("fake_forced", {"cuda": 2.0, "triton": 1.0})
+    with backend.use_backend("cuda"):
+        t(CUDA0, torch.randn(2, 2))
+    assert calls == ["cuda"] and fake_gpu == []
+
+
+def test_cpu_tensors_never_measure(fake_gpu):
+    t, calls = _table("fake_cpu", {"cuda": 2.0, "triton": 1.0})
+    t.register("cpu")(_impl("cpu", 1.0, calls))
+    t(torch.device("cpu"), torch.randn(2, 2))
+    assert calls == ["cpu"] and fake_gpu == []
+
+
+def test_saved_choices_are_used_by_the_next_process(fake_gpu, tmp_path, monkeypatch):
+    t, calls = _table("fake_saved", {"cuda": 2.0, "triton": 1.0})
+    t(CUDA0, torch.randn(8, 2))
+    path = str(tmp_path / "choices.json")
+    assert backend.save_auto_choices(path, note="test run") == 1
+    data = json.load(open(path))
+    assert data["devices"]["Fake GPU 9000"]["fake_saved"] == {"8|float32": "triton"}
+    assert data["notes"]["Fake GPU 9000"] == "test run"
+    # "the next process": measured choices forgotten, the file named by WEIGHTKIT_AUTO_TABLE
+    monkeypatch.setenv("WEIGHTKIT_AUTO_TABLE", path)
+    backend.reload_env()
+    t2, calls2 = _table("fake_saved", {"cuda": 0.1, "triton": 1.0})  # cuda would now measure faster
+    t2(CUDA0, torch.randn(8, 2))
+    assert calls2 == ["triton"] and len(fake_gpu) == 2  # recorded: no new measurement
+    assert backend.auto_choices()[-1]["how"] == "recorded"
+    t2(CUDA0, torch.randn(16, 2))  # a regime the file does not hold is measured
+    assert calls2[-1] == "cuda" and len(fake_gpu) == 4
+
+
+def test_a_bad_recorded_file_warns_and_is_ignored(fake_gpu, tmp_path, monkeypatch):
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": 7}')
+    monkeypatch.setenv("WEIGHTKIT_AUTO_TABLE", str(path))
+    backend.reload_env()
+    t, calls = _table("fake_badfile", {"cuda": 2.0, "triton": 1.0})
+    with pytest.warns(RuntimeWarning, match="not a weightkit auto-choices file"):
+        t(CUDA0, torch.randn(2, 2))
+    assert calls[-1] == "triton"
+
+
+def test_the_shipped_choices_name_real_ops_regimes_and_backends():
+    """weightkit/auto_choices.json (written by bench/gpu_report.py's auto section from a GPU run): every op is a
+    KernelTable with a regime, every backend is one of its cuda_order, every regime key has the regime's arity."""
+    if not os.path.exists(backend.RECORDED_FILE):
+        pytest.skip("no recorded choices shipped yet (no GPU run of the auto section)")
+    tables = {t.name: t for t in backend._TABLES}
+    import weightkit.ops  # noqa: F401 - registers every table
+    tables = {t.name: t for t in backend._TABLES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        devices = backend._read_recorded(backend.RECORDED_FILE)
+    for dev, ops in devices.items():
+        for op, regimes in ops.items():
+            assert op in tables and tables[op].regime is not None, (dev, op)
+            for key, name in regimes.items():
+                assert name in tables[op].cuda_order, (dev, op, key, name)
+
+
+def test_a_gpu_reports_choices_can_be_shipped(tmp_path):
+    """bench/gpu_report.py --ship-auto-choices: the auto section's rows of a report become recorded choices."""
+    from bench import gpu_report
+
+    report = tmp_path / "r.json"
+    choice = dict(device="NVIDIA H200", op="int8_matmul", regime="16|8192x8192|128|False|bfloat16", backend="triton",
+                  how="measured", ms={"cuda": 0.05, "triton": 0.03})
+    static = dict(choice, regime="1|8x8|8|False|float32", how="static", ms=None)
+    report.write_text(json.dumps(dict(meta=dict(device="NVIDIA H200", date="2026-12-05", torch="2.11", triton="3.6"),
+                                      rows=[dict(section="quant", name="x", ms=1.0),
+                                            dict(section="auto", name="a", ms=0.03, choice=choice),
+                                            dict(section="auto", name="b", choice=static)])))
+    out = tmp_path / "auto_choices.json"
+    assert gpu_report.ship_auto_choices(str(report), str(out)) == 1  # measured choices only
+    devices = backend._read_recorded(str(out))
+    assert devices == {"NVIDIA H200": {"int8_matmul": {"16|8192x8192|128|False|bfloat16": "triton"}}}
