@@ -2,6 +2,7 @@
 backends all 'run' on a CUDA device, a timer of the test's own, a device name of the test's own. The GPU side (CUDA
 events) runs in bench/gpu_report.py's ``auto`` section and in tests/test_cuda_graphs.py on a GPU."""
 
+import contextlib
 import json
 import os
 import warnings
@@ -214,3 +215,76 @@ def test_a_gpu_reports_choices_can_be_shipped(tmp_path):
     assert gpu_report.ship_auto_choices(str(report), str(out)) == 1  # measured choices only
     devices = backend._read_recorded(str(out))
     assert devices == {"NVIDIA H200": {"int8_matmul": {"16|8192x8192|128|False|bfloat16": "triton"}}}
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_auto_measures_real_backends_on_cuda():
+    """On a GPU: the GaLore write-back (cuda and triton both run) is measured once per regime with CUDA events, the
+    result is what the forced backends give, and a later CUDA-graph capture replays the chosen backend."""
+    from weightkit.ops import galore as gops
+
+    backend.reload_env()
+    try:
+        dev = torch.device("cuda")
+        usable = gops._GALORE._usable(dev)
+        if len(usable) < 2:
+            pytest.skip(f"one GPU backend only: {usable}")
+        g = torch.Generator(device=dev).manual_seed(0)
+        w0 = torch.randn(96, 160, device=dev, generator=g)
+        ortho = torch.linalg.qr(torch.randn(96, 16, device=dev, generator=g))[0]
+        low = torch.randn(16, 160, device=dev, generator=g)
+
+        def run(forced=None):
+            w, m, v = w0.clone(), torch.zeros_like(low), torch.zeros_like(low)
+            ctx = backend.use_backend(forced) if forced else contextlib.nullcontext()
+            with ctx:
+                gops.galore_adam_update_(w, low, m, v, ortho, True, step_size=1e-2)
+            return w
+
+        got = run()
+        (entry,) = [e for e in backend.auto_choices() if e["op"] == "galore_adam_update_"]
+        assert entry["how"] == "measured" and set(entry["ms"]) == set(usable)
+        assert all(ms > 0 for ms in entry["ms"].values())
+        torch.testing.assert_close(got, run(entry["backend"]), rtol=0, atol=0)
+        # captured after the measurement: the graph runs the chosen backend
+        w, m, v = w0.clone(), torch.zeros_like(low), torch.zeros_like(low)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gops.galore_adam_update_(w, low, m, v, ortho, True, step_size=1e-2)
+        w.copy_(w0), m.zero_(), v.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(w, got, rtol=0, atol=0)
+        assert len([e for e in backend.auto_choices() if e["op"] == "galore_adam_update_"]) == 1
+    finally:
+        backend.reload_env()
+
+
+@needs_cuda
+def test_auto_does_not_measure_inside_cuda_graph_capture():
+    from weightkit.ops import galore as gops
+
+    backend.reload_env()
+    try:
+        dev = torch.device("cuda")
+        if len(gops._GALORE._usable(dev)) < 2:
+            pytest.skip("one GPU backend only")
+        w = torch.randn(64, 96, device=dev)
+        ortho = torch.linalg.qr(torch.randn(64, 8, device=dev))[0]
+        low, m, v = torch.randn(8, 96, device=dev), torch.zeros(8, 96, device=dev), torch.zeros(8, 96, device=dev)
+        # warm the kernels on a side stream (compiles), but through forced backends: auto has measured nothing
+        for b in gops._GALORE._usable(dev):
+            with backend.use_backend(b):
+                gops.galore_adam_update_(w.clone(), low, m.clone(), v.clone(), ortho, True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # a measurement here would sync and fail the capture
+            gops.galore_adam_update_(w, low, m, v, ortho, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not [e for e in backend.auto_choices() if e["op"] == "galore_adam_update_"]
+    finally:
+        backend.reload_env()
