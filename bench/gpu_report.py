@@ -783,6 +783,21 @@ def compress():
     gpu_rows(row, minilm_cpu_cosine=0.7418)
 
 
+def _auto_layer_rows(label, layer, d, token_counts, dtype, params):
+    """The auto section's forward and fwd+bwd rows of one layer (gradients for the input and ``params``)."""
+    for tokens in token_counts:
+        x = torch.randn(tokens, d, device=DEV, dtype=dtype, requires_grad=True)
+        g = torch.randn(tokens, d, device=DEV, dtype=dtype)
+        with torch.no_grad():
+            row("auto", f"{label} {tokens} tok", lambda: layer(x))
+
+        def fb():
+            for p in layer.parameters():
+                p.grad = None
+            torch.autograd.grad(layer(x), (x, *params), g)
+        row("auto", f"{label} fwd+bwd {tokens} tok", fb, graph=False)
+
+
 def auto():
     """``auto``'s measured choice per regime (weightkit/backend.py, "Measured choice"; issues 24-26: "auto by
     measurement"). The layers and ops at the other sections' shapes run under ``auto`` with no recorded choice in
@@ -802,40 +817,20 @@ def auto():
     try:
         d = QUANT_D
         layer = Int8Linear.from_linear(torch.nn.Linear(d, d, bias=False, device=DEV), group_size=128)
-        w = torch.randn(d, d, device=DEV)
-        packed, sc, zp = int4.quantize_int4(w, 64)
+        _auto_layer_rows("Int8Linear g128 bf16", layer, d, QUANT_TOKENS, torch.bfloat16, ())
+        packed, sc, zp = int4.quantize_int4(torch.randn(d, d, device=DEV), 64)
         for tokens in QUANT_TOKENS:
-            x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-            g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+            x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
             with torch.no_grad():
-                row("auto", f"Int8Linear g128 bf16 {tokens} tok", lambda: layer(x))
                 row("auto", f"int4_matmul g64 bf16 {tokens} tok",
                     lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)))
-
-            def fb():
-                layer.weight.grad = None
-                torch.autograd.grad(layer(x), (x,), g)
-            row("auto", f"Int8Linear g128 fwd+bwd bf16 {tokens} tok", fb, graph=False)
-        d, tau = MEM_D, 8
         for dtype in (torch.bfloat16, torch.float32):
-            mem = MemoryLinear(d, d, tau=tau, bias=False, device=DEV, dtype=dtype)
-            for tokens in MEM_TOKENS:
-                x = torch.randn(tokens, d, device=DEV, dtype=dtype, requires_grad=True)
-                g = torch.randn(tokens, d, device=DEV, dtype=dtype)
-                with torch.no_grad():
-                    row("auto", f"MemoryLinear {dtype} {tokens} tok", lambda: mem(x))
-                row("auto", f"MemoryLinear fwd+bwd {dtype} {tokens} tok",
-                    lambda: torch.autograd.grad(mem(x), (x, mem.tables), g), graph=False)
+            mem = MemoryLinear(MEM_D, MEM_D, tau=8, bias=False, device=DEV, dtype=dtype)
+            _auto_layer_rows(f"MemoryLinear {dtype}", mem, MEM_D, MEM_TOKENS, dtype, (mem.tables,))
         d = DICT[0]
         kb, sb = dictionary_size(d, d, 0.3, value_bytes=2)
         dl = DictLinear(d, d, kb, sb, bias=False, device=DEV, dtype=torch.bfloat16)
-        for tokens in DICT_TOKENS:
-            x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-            g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
-            with torch.no_grad():
-                row("auto", f"DictLinear bf16 k{kb} s{sb} {tokens} tok", lambda: dl(x))
-            row("auto", f"DictLinear bf16 fwd+bwd {tokens} tok",
-                lambda: torch.autograd.grad(dl(x), (x, dl.values), g), graph=False)
+        _auto_layer_rows(f"DictLinear bf16 k{kb} s{sb}", dl, d, DICT_TOKENS, torch.bfloat16, (dl.values,))
         for (m, n), r in GALORE_SHAPES:
             weight = torch.randn(m, n, device=DEV)
             ortho = torch.linalg.qr(torch.randn(m, r, device=DEV))[0]
