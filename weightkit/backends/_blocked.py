@@ -197,3 +197,17 @@ def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, orth
         delta.mul_(-alpha)
         sr_update(w_q[r0:r1], scale.view(-1)[r0 * groups_per_row:r1 * groups_per_row], delta, group_size, decay, seed,
                   offset + r0 * n)
+
+
+def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable) -> Callable:
+    """A backend's ``int8_sr_lowrank_update_`` (the op's signature): :func:`sr_lowrank_update_composed` of that
+    backend's ``dequantize`` (dequantize_int4) and ``sr_update`` (int8_sr_update_)."""
+
+    def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor,
+                                ortho_zero: Tensor, update: Tensor, group_size: int, proj_group_size: int, left: bool,
+                                alpha: float, decay: float, precision: str, seed: int, offset: int) -> None:
+        sr_lowrank_update_composed(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
+                                   left, alpha, decay, precision, seed, offset, dequantize=dequantize,
+                                   sr_update=sr_update)
+
+    return int8_sr_lowrank_update_
