@@ -39,22 +39,13 @@ import pytest
 import torch
 from torch import nn
 
+from tests.compress.test_dictionary import SENTENCES
+
 LAYER_SHAPE = (4096, 11008)  # (in_features, out_features): a LLaMA-7B MLP up-projection
 CALIB_TOKENS = 256
 RATIO = 0.3
 ITERS = 1  # K-SVD iterations (two OMP codings, one round of atom updates), as in the MiniLM test
-MINILM_SENTENCES = [  # the quality sentences of tests/compress/test_dictionary.py
-    "The weather today is sunny with a light breeze.", "Stock markets fell sharply after the announcement.",
-    "She plays the violin in the city orchestra.", "Photosynthesis converts light into chemical energy.",
-    "The recipe calls for two cups of flour and an egg.", "Our team won the championship last night.",
-    "Quantum computers use qubits instead of bits.", "He forgot his umbrella and got soaked in the rain.",
-    "The museum displays paintings from the Renaissance.", "Electric cars are becoming more affordable.",
-    "A good night's sleep improves memory and focus.", "The river flooded the village after the storm.",
-    "She is learning to speak Japanese fluently.", "The new smartphone has an impressive camera.",
-    "Volcanoes release ash and gases into the atmosphere.", "The children built a sandcastle on the beach.",
-    "Inflation affects the price of everyday goods.", "The library extended its opening hours on weekends.",
-    "Astronomers discovered a planet orbiting a distant star.", "He repaired the bicycle's broken chain himself.",
-]
+MINILM_SENTENCES = SENTENCES  # the quality sentences of tests/compress/test_dictionary.py
 
 
 def _sync(device: str) -> None:
