@@ -8,6 +8,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# auto takes recorded choices or the static order, never measures (a measurement per new shape would add seconds
+# of syncs to the CUDA suite and make which backend a test ran depend on timing); tests/test_auto_choice.py
+# measures on purpose
+os.environ.setdefault("WEIGHTKIT_AUTO", "table")
 
 from weightkit import backend  # noqa: E402
 

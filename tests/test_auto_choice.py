@@ -39,6 +39,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.delenv("WEIGHTKIT_AUTO_TABLE", raising=False)
     backend.reload_env()
     yield timed
+    monkeypatch.undo()  # the suite's environment first (WEIGHTKIT_AUTO=table), then re-read it
     backend.reload_env()
 
 
@@ -220,13 +221,24 @@ def test_a_gpu_reports_choices_can_be_shipped(tmp_path):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture
+def measuring(monkeypatch):
+    """auto in its default mode (the suite runs with WEIGHTKIT_AUTO=table), nothing measured or recorded yet."""
+    monkeypatch.setenv("WEIGHTKIT_AUTO", "measure")
+    monkeypatch.delenv("WEIGHTKIT_AUTO_TABLE", raising=False)
+    backend.reload_env()
+    backend._RECORDED["loaded"] = {}  # whatever is shipped: these tests measure
+    yield
+    monkeypatch.undo()
+    backend.reload_env()
+
+
 @needs_cuda
-def test_auto_measures_real_backends_on_cuda():
+def test_auto_measures_real_backends_on_cuda(measuring):
     """On a GPU: the GaLore write-back (cuda and triton both run) is measured once per regime with CUDA events, the
     result is what the forced backends give, and a later CUDA-graph capture replays the chosen backend."""
     from weightkit.ops import galore as gops
 
-    backend.reload_env()
     try:
         dev = torch.device("cuda")
         usable = gops._GALORE._usable(dev)
@@ -264,10 +276,9 @@ def test_auto_measures_real_backends_on_cuda():
 
 
 @needs_cuda
-def test_auto_does_not_measure_inside_cuda_graph_capture():
+def test_auto_does_not_measure_inside_cuda_graph_capture(measuring):
     from weightkit.ops import galore as gops
 
-    backend.reload_env()
     try:
         dev = torch.device("cuda")
         if len(gops._GALORE._usable(dev)) < 2:
