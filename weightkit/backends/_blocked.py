@@ -199,9 +199,10 @@ def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, orth
                   offset + r0 * n)
 
 
-def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable) -> Callable:
+def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str) -> Callable:
     """A backend's ``int8_sr_lowrank_update_`` (the op's signature): :func:`sr_lowrank_update_composed` of that
-    backend's ``dequantize`` (dequantize_int4) and ``sr_update`` (int8_sr_update_)."""
+    backend's ``dequantize`` (dequantize_int4) and ``sr_update`` (int8_sr_update_); ``module``: the backend module
+    that owns it (its ``__name__``: tests/test_backend.py checks where each implementation lives)."""
 
     def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor,
                                 ortho_zero: Tensor, update: Tensor, group_size: int, proj_group_size: int, left: bool,
@@ -210,4 +211,5 @@ def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable) -> Callable:
                                    left, alpha, decay, precision, seed, offset, dequantize=dequantize,
                                    sr_update=sr_update)
 
+    int8_sr_lowrank_update_.__module__ = module
     return int8_sr_lowrank_update_
