@@ -84,6 +84,8 @@ def test_info_command():
     for word in ("torch", "triton", "reference", "cpu", "cuda"):
         assert word in proc.stdout
     assert "cpu        ok" in proc.stdout
+    # the suite's WEIGHTKIT_AUTO=table reaches the child process: info says how auto chooses on a GPU
+    assert "auto on a GPU: WEIGHTKIT_AUTO=table: recorded choice, else the static order" in proc.stdout
 
 
 def test_demo_command():

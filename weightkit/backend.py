@@ -368,6 +368,17 @@ def recorded_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
     return _RECORDED["loaded"]
 
 
+def auto_summary() -> str:
+    """One line on how ``auto`` chooses on a GPU now (``python -m weightkit info``)."""
+    mode = _ENV["auto"]
+    rule = {"measure": "recorded choice, else measured once per regime, else the static order",
+            "table": "recorded choice, else the static order (no measurement)",
+            "static": "the static order"}.get(mode, f"unknown mode {mode!r}")
+    recorded = recorded_choices()
+    held = ", ".join(f"{dev} ({sum(len(r) for r in ops.values())} regimes)" for dev, ops in sorted(recorded.items()))
+    return f"WEIGHTKIT_AUTO={mode}: {rule}; recorded choices: {held or 'none'}"
+
+
 def auto_choices() -> List[dict]:
     """What ``auto`` chose by regime in this process: dicts with device, op, regime, backend, how ('recorded',
     'measured', 'static') and, when measured, ms per candidate."""

@@ -143,6 +143,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("device    no CUDA device visible; CPU only")
     print(f"requested backend: {backend.requested_backend()} (WEIGHTKIT_BACKEND or weightkit.use_backend)")
+    print(f"auto on a GPU: {backend.auto_summary()}")
     print("backends:")
     for name, state in backend.status().items():
         print(f"  {name:<10} {state}")
