@@ -198,17 +198,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32) memory_backward_kernel(
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
-  if (lane < tau) {
+  if (lane < tau) {  // tau <= 16 (weightkit.ops.memoryformer.MAX_TAU)
     const float v = to_float(z[lane]);
     const float sgn = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
     gx[(r * K + k) * tau + lane] = from_float<xt>(partial * p * inv_t2 * sgn * sigmoidf_dev(-fabsf(v) * inv_t2));
-  }
-  if (tau > 32) {  // tau <= 16 in weightkit (MAX_TAU); kept general
-    for (int e = 32 + lane; e < tau; e += 32) {
-      const float v = to_float(z[e]);
-      const float sgn = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
-      gx[(r * K + k) * tau + e] = from_float<xt>(partial * p * inv_t2 * sgn * sigmoidf_dev(-fabsf(v) * inv_t2));
-    }
   }
   if (lane == 0 && keys != nullptr) {
     keys[r * K + k] = key;

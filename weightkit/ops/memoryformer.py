@@ -59,7 +59,9 @@ def set_table_grad_mode(mode: str) -> str:
     return previous
 
 # auto on CUDA: Triton first (H200, 2026-11-26, 512 tables x 256 x 4096, fp32: 0.062 / 0.104 / 1.10 ms at 1 / 16 / 1024
-# tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0)
+# tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0).
+# Those cuda figures are of the one-block-per-token kernels since replaced (table splits, warp-per-pair backward);
+# the order stays until bench/gpu_report.py's memoryformer rows measure the new ones.
 _FWD = KernelTable("memory_lookup_forward", cuda_order=("triton", "cuda"))
 _BWD = KernelTable("memory_lookup_backward", cuda_order=("triton", "cuda"))
 MAX_TAU = 16
