@@ -18,15 +18,15 @@ Forward, y[t] = sum_k p[t, k] T[key[t, k]] (fp32 accumulation, y in x's dtype):
   looks up a cached launch plan). Smaller tables, and torch.use_deterministic_algorithms(True) (bits must not depend
   on the timing noise of a tuning run), take a shape rule (``_fwd_default``).
 
-Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once,
-loops over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with
-relaxed fp32 atomics in the same pass), then writes the input gradient. Segment mode (deterministic, and the
-default otherwise: weightkit.ops.memoryformer.table_grad_mode()): the same kernel stores key and p instead (with a
-fixed config in deterministic mode, so the input gradient's summation order is fixed too; tuned otherwise); a
-stable sort of the keys and a searchsorted of every row's run start give, for each of the K 2^TAU table rows, its
-run of tokens in token order; ``memory_segment_autotuned`` sums each row's run sequentially, four entries' loads
-in flight at a time (order independent of its config), and writes every row of the table gradient exactly once, in
-the tables' dtype (no memset, no fp32 copy, no host sync; extra memory O(n K + K 2^TAU)).
+Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once, loops
+over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with relaxed fp32
+atomics in the same pass), then writes the input gradient. Segment mode (deterministic, and the default otherwise:
+weightkit.ops.memoryformer.table_grad_mode(), passed down as ``segments``): the same kernel stores key and p instead
+(with a fixed config in deterministic mode, so the input gradient's summation order is fixed too; tuned otherwise);
+a stable sort of the keys and a searchsorted of every row's run start give, for each of the K 2^TAU table rows, its
+run of tokens in token order; ``memory_segment_autotuned`` sums each row's run sequentially, four entries' loads in
+flight at a time (order independent of its config), and writes every row of the table gradient exactly once, in the
+tables' dtype (no memset, no fp32 copy, no host sync; extra memory O(n K + K 2^TAU)).
 
 Decode (n <= 16): the forward's pruned candidates split the tables until one token gives >= 2 programs per SM
 and keep BLOCK_T * BLOCK_K >= 8 (eight independent row gathers per program step: one token has no other source
@@ -547,16 +547,12 @@ def _launch_segments(keys, ps, grad, gt, config=None):
     return _SEG.launch(key, args, lambda: ((nb,) + key[1:], grid, {}, None if tuned else _seg_default(d_out))).config
 
 
-def memory_lookup_backward_triton(grad, x, tables, t, deterministic, segments=None):
+def memory_lookup_backward_triton(grad, x, tables, t, deterministic, segments=True):
     """(grad_x, grad_tables). The table gradient: the sorted segment reduction when ``deterministic`` or
-    ``segments`` (None: weightkit.ops.memoryformer.table_grad_mode() == "segments"), else fp32 atomics."""
+    ``segments`` (the op passes weightkit.ops.memoryformer.table_grad_mode() == "segments"), else fp32 atomics."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
-    if segments is None:
-        from weightkit.ops.memoryformer import table_grad_mode
-
-        segments = table_grad_mode() == "segments"
     with device_guard(x.device):
         gx = torch.empty((n, K * tau), dtype=x.dtype, device=x.device)
         if n * K == 0:

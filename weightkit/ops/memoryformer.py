@@ -103,8 +103,11 @@ _FWD.register("reference")(memory_lookup_reference)
 
 
 @_BWD.register("reference")
-def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool):
-    """The backward formulas of the module docstring, in float64 (tests check them against autograd)."""
+def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
+                                     segments: bool = True):
+    """The backward formulas of the module docstring, in float64 (tests check them against autograd). Every
+    backend's backward takes ``segments`` after the op's arguments: table_grad_mode() == "segments", passed down
+    by the op (the backends sit below the ops and do not read their setting)."""
     k, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
     z = x.reshape(-1, k, tau).to(torch.float64)
@@ -145,7 +148,8 @@ _forward_op = define(
 
 _backward_op = define(
     "memory_lookup_backward(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) -> (Tensor, Tensor)",
-    impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic),
+    impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic,
+                                                        _TABLE_GRAD[0] == "segments"),
     fake=lambda grad, x, tables, t, deterministic: (torch.empty_like(x), torch.empty_like(tables)))
 
 

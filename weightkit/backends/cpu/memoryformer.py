@@ -22,10 +22,10 @@ def memory_lookup_forward(x: Tensor, tables: Tensor, t: float) -> Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], d_out)
 
 
-def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float,
-                           deterministic: bool) -> Tuple[Tensor, Tensor]:
+def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
+                           segments: bool = True) -> Tuple[Tensor, Tensor]:
     """(grad_x in x's dtype, grad_tables in tables' dtype). Always deterministic (one thread per table, tokens in
-    order), so ``deterministic`` changes nothing here."""
+    order), so ``deterministic`` and ``segments`` change nothing here."""
     x2, g2, tables, (n, k, buckets, d_out, tau) = memory_rows(x, tables, grad)
     xf, gf, tf = x2.to(torch.float32), g2.to(torch.float32), tables.to(torch.float32)
     gx = torch.empty((n, k * tau), dtype=torch.float32)

@@ -55,20 +55,19 @@ def memory_lookup_forward(x: Tensor, tables: Tensor, t: float) -> Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], d_out)
 
 
-def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float,
-                           deterministic: bool) -> Tuple[Tensor, Tensor]:
+def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
+                           segments: bool = True) -> Tuple[Tensor, Tensor]:
     """(grad_x in x's dtype, grad_tables in tables' dtype), in the dtypes given (no fp32 copies). The table gradient
     is a sorted segment reduction (a stable torch.sort of the (table, bucket) keys, torch.searchsorted for each row's
-    run, then one write per row) when ``deterministic`` or when weightkit.ops.memoryformer.table_grad_mode() is
-    "segments", else fp32 atomics into a zeroed buffer, cast at the end."""
-    from ...ops.memoryformer import table_grad_mode
-
+    run, then one write per row) when ``deterministic`` or ``segments`` (the op passes
+    weightkit.ops.memoryformer.table_grad_mode() == "segments"), else fp32 atomics into a zeroed buffer, cast at the
+    end."""
     x2, g2, tables, (n, k, buckets, d_out, tau) = memory_rows(x, tables, grad)
     if g2.dtype != x.dtype:
         g2 = g2.to(x.dtype)
     gx = torch.empty((n, k * tau), dtype=x.dtype, device=x.device)
     device, st = stream(x2)
-    segments = deterministic or table_grad_mode() == "segments"
+    segments = deterministic or segments
     rows = k * buckets
     if segments:
         gt = torch.empty_like(tables)  # every row written once by the segment kernel
