@@ -21,7 +21,8 @@ written) and the matrix rates.
 
 Sections, in the order they run by default (value first): ceilings, quant (issue 15: Int8Linear, INT4 matmul,
 stochastic rounding), kernels (decode calls: call time, kernel time from a CUDA-graph replay, and the CUDA kernels
-each call runs), galore (issue 16: optimizer steps, refresh), memoryformer and dictionary (issue 17), host (per-call
+each call runs), galore (issue 16: optimizer steps, refresh), memoryformer (issue 26 item 1: MemoryLinear vs bf16
+nn.Linear, fwd+bwd per table-gradient method) and dictionary (issue 17), host (per-call
 host overhead of eager layers vs nn.Linear, issue 14). After each section, the configs the Triton autotuners chose.
 
 Budgets hold, autotuning and compiles included: each section has its share of ``--budget`` (SECTION_BUDGETS,
@@ -539,47 +540,57 @@ def galore():
 
 
 def memoryformer():
+    """Issue 26 item 1: MemoryLinear d -> d, tau 8 (512 tables x 256 rows x 4096 at d 4096), bf16 tables first (the
+    targets), then fp32; forward at MEM_TOKENS against bf16 nn.Linear d^2 (kernel time by CUDA-graph replay at
+    decode sizes) and F.embedding_bag (the PyTorch gather-reduce); forward+backward at the most tokens per backend
+    with the table gradient by atomics, by sorted segments (table_grad_mode) and in deterministic mode."""
     from weightkit.nn import MemoryLinear
     from weightkit.ops import memoryformer as mem
 
     d, tau = MEM_D, 8
     K = d // tau
-    for dtype in (torch.float32, torch.bfloat16):
+    lin = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float32):
         layer = MemoryLinear(d, d, tau=tau, bias=False, device=DEV, dtype=dtype)
         tname = str(dtype).replace("torch.", "")
+        flat = layer.tables.detach().reshape(K * 2**tau, d)
         for tokens in MEM_TOKENS:
             x = torch.randn(tokens, d, device=DEV, dtype=dtype)
             moved = tokens * K * d * layer.tables.element_size() + tokens * 2 * d * x.element_size()
-            base = None
-            if dtype == torch.float32:
-                base = f"F.embedding_bag sum fp32 {tokens} tok"
-                idx = (torch.arange(K, device=DEV) * 256 + torch.randint(0, 256, (tokens, K), device=DEV))
-                p = torch.rand(tokens, K, device=DEV)
-                flat = layer.tables.detach().reshape(K * 256, d)
-                row("memoryformer", base, lambda: torch.nn.functional.embedding_bag(idx, flat, mode="sum",
-                                                                              per_sample_weights=p), bytes=moved)
-            lin = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
-            xb = x.bfloat16()
+            graph = "always" if tokens <= 16 else True  # decode: the kernel time is the target
+            base = f"bf16 nn.Linear {d}^2 {tokens} tok"
             with torch.no_grad():
-                row("memoryformer", f"bf16 nn.Linear {tokens} tok ({tname} row)", lambda: lin(xb))
+                if dtype == torch.bfloat16:
+                    xb = x.bfloat16()
+                    row("memoryformer", base, lambda: lin(xb), graph=graph, bytes=2 * d * d + 4 * tokens * d)
                 for b in _backends(mem._FWD):
                     with _wk_backend(b):
                         row("memoryformer", f"MemoryLinear {tname} {b} {tokens} tok", lambda: layer(x), bytes=moved,
-                            base=base)
+                            base=base, graph=graph)
+                idx = torch.arange(K, device=DEV) * 2**tau + torch.randint(0, 2**tau, (tokens, K), device=DEV)
+                p = torch.rand(tokens, K, device=DEV, dtype=dtype)
+                row("memoryformer", f"F.embedding_bag sum {tname} {tokens} tok",
+                    lambda: torch.nn.functional.embedding_bag(idx, flat, mode="sum", per_sample_weights=p),
+                    bytes=moved, base=base, graph=graph)
         tokens = MEM_TOKENS[-1]
         x = torch.randn(tokens, d, device=DEV, dtype=dtype, requires_grad=True)
         g = torch.randn(tokens, d, device=DEV, dtype=dtype)
         for b in _backends(mem._FWD):
-            for det in (False, True):
-                def fb():
+            for mode, det in (("atomics", False), ("segments", False), ("segments", True)):
+                def fb(b=b, mode=mode, det=det):
                     with _wk_backend(b):
                         prev = torch.are_deterministic_algorithms_enabled()
+                        prev_mode = mem.set_table_grad_mode(mode)
                         torch.use_deterministic_algorithms(det, warn_only=True)
                         try:
                             torch.autograd.grad(layer(x), (x, layer.tables), g)
                         finally:
                             torch.use_deterministic_algorithms(prev)
-                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok{' deterministic' if det else ''}", fb)
+                            mem.set_table_grad_mode(prev_mode)
+                what = "deterministic" if det else f"table grad {mode}"
+                row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok {what}", fb,
+                    base=None if mode == "atomics" else f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok table grad "
+                                                        "atomics")
 
 
 def dictionary():

@@ -29,7 +29,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 3
+#define WK_ABI_VERSION 4
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
@@ -115,14 +115,21 @@ WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, co
                                    int64_t group_size, int64_t e0, int64_t n, int device, void* stream);
 WK_API int wk_cuda_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
                                  float eps, int device, void* stream);
+// MemoryFormer. Forward: token_block (1, 2 or 4) tokens per block, the tables split in `splits` runs; with splits > 1,
+// partials (splits x n x d_out fp32) and counters (ceil(n / token_block) x ceil(d_out / tile) zeros, left zero) are
+// scratch (tile: 128 columns of fp32 tables, 256 of bf16/fp16). grad, x and gx share x_dtype.
 WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void* tables, int tables_dtype, void* y,
-                                         int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau,
-                                         double t, int device, void* stream);
-// fp32; writes gx, keys (n x K: k * buckets + bucket) and ps (n x K); adds to gt (zero-filled) when atomics != 0.
-WK_API int wk_cuda_memory_lookup_backward(const float* grad, const float* x, const float* tables, float* gx, float* gt,
-                                          int64_t* keys, float* ps, int64_t n, int64_t tables_k, int64_t buckets,
-                                          int64_t d_out, int tau, double t, int atomics, int device, void* stream);
-// Deterministic table gradient from the stably sorted keys and their order (a permutation of 0 .. n K - 1).
-WK_API int wk_cuda_memory_segment_sum(const int64_t* sorted_keys, const int64_t* order, const float* ps,
-                                      const float* grad, float* gt, int64_t total, int64_t tables_k, int64_t d_out,
-                                      int device, void* stream);
+                                         float* partials, unsigned* counters, int64_t n, int64_t tables_k,
+                                         int64_t buckets, int64_t d_out, int tau, double t, int64_t token_block,
+                                         int64_t splits, int device, void* stream);
+// Writes gx; adds p g to gt_atomic (fp32, zero-filled) unless null; writes keys (n x K: k * buckets + bucket) and
+// ps (n x K) unless null.
+WK_API int wk_cuda_memory_lookup_backward(const void* grad, const void* x, int x_dtype, const void* tables,
+                                          int tables_dtype, void* gx, float* gt_atomic, int64_t* keys, float* ps,
+                                          int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau,
+                                          double t, int device, void* stream);
+// Table gradient gt (rows x d_out, gt_dtype), every row written: row r sums ps[order[e]] grad[order[e] / K] over its
+// run e in [starts[r], starts[r + 1]) of the stably sorted keys (order: the sort's permutation of 0 .. n K - 1).
+WK_API int wk_cuda_memory_segment_sum(const int64_t* order, const int64_t* starts, const float* ps, const void* grad,
+                                      int grad_dtype, void* gt, int gt_dtype, int64_t rows, int64_t tables_k,
+                                      int64_t d_out, int device, void* stream);

@@ -18,14 +18,19 @@ Forward, y[t] = sum_k p[t, k] T[key[t, k]] (fp32 accumulation, y in x's dtype):
   looks up a cached launch plan). Smaller tables, and torch.use_deterministic_algorithms(True) (bits must not depend
   on the timing noise of a tuning run), take a shape rule (``_fwd_default``).
 
-Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once,
-loops over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with
-relaxed fp32 atomics in the same pass), then writes the input gradient. Deterministic mode: the same kernel (with
-a fixed config, so the input gradient's summation order is fixed too) stores key and p; a stable sort of the
-keys and a searchsorted of every row's run start give, for each of the K 2^TAU table rows, its run of tokens in
-token order; ``memory_segment_autotuned`` sums each row's run sequentially (order independent of its config)
-and writes every row of the table gradient exactly once, in the tables' dtype (no memset, no fp32 copy, no host
-sync; extra memory O(n K + K 2^TAU)).
+Backward (``memory_backward_autotuned``): a program per (token block, BLOCK_K tables) computes the hash once, loops
+over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an fp32 table gradient with relaxed fp32
+atomics in the same pass), then writes the input gradient. Segment mode (deterministic, and the default otherwise:
+weightkit.ops.memoryformer.table_grad_mode(), passed down as ``segments``): the same kernel stores key and p instead
+(with a fixed config in deterministic mode, so the input gradient's summation order is fixed too; tuned otherwise);
+a stable sort of the keys and a searchsorted of every row's run start give, for each of the K 2^TAU table rows, its
+run of tokens in token order; ``memory_segment_autotuned`` sums each row's run sequentially, four entries' loads in
+flight at a time (order independent of its config), and writes every row of the table gradient exactly once, in the
+tables' dtype (no memset, no fp32 copy, no host sync; extra memory O(n K + K 2^TAU)).
+
+Decode (n <= 16): the forward's pruned candidates split the tables until one token gives >= 2 programs per SM
+and keep BLOCK_T * BLOCK_K >= 8 (eight independent row gathers per program step: one token has no other source
+of loads in flight); the shape rule (deterministic mode, small tables) does the same.
 """
 
 import functools
@@ -154,12 +159,26 @@ def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr,
         tl.store(p_ptr + pair, p, mask=mask)
 
 
+@triton.jit
+def _segment_entry(order_ptr, p_ptr, g_ptr, e, hi, cols, col_mask, K, d_out):
+    """Entry e of the rows' runs (live where e < hi): its weight p [ROWS] and g row [ROWS, BLOCK_N] (0 past hi)."""
+    live = e < hi
+    flat = tl.load(order_ptr + e, mask=live, other=0)  # index into the (n, K) pairs: token flat // K
+    p = tl.load(p_ptr + flat, mask=live, other=0.0)
+    g = tl.load(g_ptr + (flat // K)[:, None] * d_out + cols[None, :], mask=live[:, None] & col_mask[None, :],
+                other=0.0).to(tl.float32)
+    return live, p, g
+
+
 @triton.jit(do_not_specialize=["n_bucket"])
 def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K, d_out, n_bucket,
                          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """gt[r, tile] = sum of p * g over row r's run [start[r], start[r + 1]) of the sorted (token, table) pairs, in
-    sorted (= token) order, for ROWS rows; an empty run writes zeros. The order per element is the same for every
-    ROWS / BLOCK_N / num_warps, so the bits do not depend on the config."""
+    sorted (= token) order, for ROWS rows; an empty run writes zeros. Four entries per step: their order indices,
+    then their weights and g rows are all loaded before the first is added (a run is latency-bound otherwise: two
+    dependent loads per entry), and added one after the other, each kept only where live (tl.where: an exact
+    no-op past the run). The order per element is the same for every ROWS / BLOCK_N / num_warps / STAGES, so the
+    bits do not depend on the config."""
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = r < num_rows
@@ -167,14 +186,16 @@ def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K
     lo = tl.load(start_ptr + r, mask=row_mask, other=0).to(tl.int64)
     hi = tl.load(start_ptr + r + 1, mask=row_mask, other=0).to(tl.int64)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for j in tl.range(0, tl.max(hi - lo, axis=0), num_stages=STAGES):
+    for j in tl.range(0, tl.max(hi - lo, axis=0), 4, num_stages=STAGES):
         e = lo + j
-        live = e < hi
-        flat = tl.load(order_ptr + e, mask=live, other=0)  # index into the (n, K) pairs: token flat // K
-        p = tl.load(p_ptr + flat, mask=live, other=0.0)
-        g = tl.load(g_ptr + (flat // K)[:, None] * d_out + cols[None, :], mask=live[:, None] & col_mask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += p[:, None] * g
+        l0, p0, g0 = _segment_entry(order_ptr, p_ptr, g_ptr, e, hi, cols, col_mask, K, d_out)
+        l1, p1, g1 = _segment_entry(order_ptr, p_ptr, g_ptr, e + 1, hi, cols, col_mask, K, d_out)
+        l2, p2, g2 = _segment_entry(order_ptr, p_ptr, g_ptr, e + 2, hi, cols, col_mask, K, d_out)
+        l3, p3, g3 = _segment_entry(order_ptr, p_ptr, g_ptr, e + 3, hi, cols, col_mask, K, d_out)
+        acc = tl.where(l0[:, None], acc + p0[:, None] * g0, acc)
+        acc = tl.where(l1[:, None], acc + p1[:, None] * g1, acc)
+        acc = tl.where(l2[:, None], acc + p2[:, None] * g2, acc)
+        acc = tl.where(l3[:, None], acc + p3[:, None] * g3, acc)
     tl.store(gt_ptr + r[:, None] * d_out + cols[None, :], acc.to(gt_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -266,6 +287,8 @@ def _fwd_prune_for(configs, nb, K, d_out, sms):
             continue
         if c.num_warps != _warps(tile):
             continue
+        if nb <= 16 and bt * bk < min(8, _pow2(K)):
+            continue  # decode: >= 8 independent row gathers per program step (a token is latency-bound)
         base = cdiv(nb, bt) * cdiv(d_out, bn)
         splits = _split_choices(base, _split_cap(nb, K, d_out, bk), sms)
         if split not in splits:
@@ -481,9 +504,10 @@ def memory_lookup_forward_triton(x, tables, t):
     return y
 
 
-def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, config=None):
+def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, config=None, deterministic=None):
     """Input gradient into gx (and gt += p g with ATOMICS, key/p with STORE_KEYS); config None: the cached plan (the
-    autotuner, or the shape rule: with STORE_KEYS, i.e. deterministic mode, and see _tuned); returns the config."""
+    autotuner, or the shape rule: in deterministic mode, by default whenever keys are stored, and see _tuned);
+    returns the config."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
@@ -495,7 +519,8 @@ def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, 
         plan = _forced(_BWD, config, grid, meta)
         plan.kernel[plan.grid](*args, **plan.kwargs)
         return config
-    tuned = not store_keys and _tuned(tables)  # keys are stored in deterministic mode: the shape rule's config
+    deterministic = store_keys if deterministic is None else deterministic
+    tuned = not deterministic and _tuned(tables)  # deterministic mode: the shape rule's config
     key = (n, K, d_out, tau, atomics, store_keys, tuned, x.dtype, tables.dtype, grad.dtype, x.device)
     return _BWD.launch(key, args, lambda: ((nb,) + key[1:], grid, meta,
                                            None if tuned else _bwd_default(nb, K, d_out))).config
@@ -522,7 +547,9 @@ def _launch_segments(keys, ps, grad, gt, config=None):
     return _SEG.launch(key, args, lambda: ((nb,) + key[1:], grid, {}, None if tuned else _seg_default(d_out))).config
 
 
-def memory_lookup_backward_triton(grad, x, tables, t, deterministic):
+def memory_lookup_backward_triton(grad, x, tables, t, deterministic, segments=True):
+    """(grad_x, grad_tables). The table gradient: the sorted segment reduction when ``deterministic`` or
+    ``segments`` (the op passes weightkit.ops.memoryformer.table_grad_mode() == "segments"), else fp32 atomics."""
     n = x.shape[0]
     K, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
@@ -530,13 +557,14 @@ def memory_lookup_backward_triton(grad, x, tables, t, deterministic):
         gx = torch.empty((n, K * tau), dtype=x.dtype, device=x.device)
         if n * K == 0:
             return gx, torch.zeros_like(tables)
-        if deterministic:
+        if deterministic or segments:
             gt = torch.empty_like(tables)  # every row written once by the segment kernel
             keys = torch.empty((n, K), dtype=_key_dtype(K, tau), device=x.device)
             ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
-            # the shape rule's config (deterministic mode, see _tuned): the input gradient's dot over d_out is
-            # summed in the config's order
-            _launch_backward(grad, x, tables, t, gx, gt, keys, ps, False, True)
+            # deterministic: the shape rule's config (see _tuned), the input gradient's dot over d_out being summed
+            # in the config's order; else the tuned one
+            _launch_backward(grad, x, tables, t, gx, _unused(x.device, torch.float32), keys, ps, False, True,
+                             deterministic=deterministic)  # no gt: nothing for the tuner's reset_to_zero to clear
             if d_out:
                 _launch_segments(keys, ps, grad, gt)
             return gx, gt

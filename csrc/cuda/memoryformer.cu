@@ -1,10 +1,9 @@
 // CUDA kernels of the MemoryFormer lookup (spec: weightkit/ops/memoryformer.py).
-// Forward: one block per token; the block hashes the K chunks into shared memory, then each thread accumulates
-// its output columns in fp32 (column loop handles any d_out). Backward: one block per token computes
-// <g, T[k, h_k]> by a block reduction and the input gradient; the table gradient uses atomics, or, when
-// deterministic, a stable sort of (table, bucket) keys (torch.sort, called
-// by weightkit/native.py between the two launches) and one block per (sorted position, column tile) of which
-// only segment starts work, summing their bucket's tokens in order (no host sync, O(n K) extra memory).
+// Forward: a grid of (token blocks, column tiles, table splits), so one decode token spreads over the whole GPU;
+// splits combined in a fixed order (memory_forward_kernel). Backward: a warp per (token, table) pair for the input
+// gradient (and, in atomics mode, the fp32 table gradient); otherwise the table gradient is a sorted segment
+// reduction (segment_rows_kernel) over the pairs stably sorted by row key (torch.sort + torch.searchsorted, called
+// by weightkit/backends/cuda/memoryformer.py between the launches): no host sync, every row written once.
 #include "common.cuh"
 
 namespace weightkit {
@@ -13,125 +12,249 @@ namespace {
 
 __device__ __forceinline__ float sigmoidf_dev(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
-template <typename xt>
-__device__ void hash_all(const xt* z, int64_t K, int tau, float inv_t2, int64_t* h, float* p) {
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    int64_t bucket = 0;
-    float w = 1.0f;
-    for (int i = 0; i < tau; ++i) {
-      const float v = to_float(z[k * tau + i]);
-      if (v > 0.f) bucket |= int64_t{1} << i;
-      w *= sigmoidf_dev(fabsf(v) * inv_t2);
-    }
-    h[k] = bucket;
-    p[k] = w;
-  }
-}
-
-template <typename xt, typename tt>
-__global__ void memory_forward_kernel(const xt* __restrict__ x, const tt* __restrict__ tables, xt* __restrict__ y,
-                                      int64_t K, int tau, int64_t buckets, int64_t d_out, float inv_t2) {
-  extern __shared__ unsigned char smem[];
-  int64_t* h = reinterpret_cast<int64_t*>(smem);
-  float* p = reinterpret_cast<float*>(h + K);
-  const int64_t r = blockIdx.x;
-  hash_all(x + r * K * tau, K, tau, inv_t2, h, p);
-  __syncthreads();
-  for (int64_t j = threadIdx.x; j < d_out; j += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += p[k] * to_float(tables[(k * buckets + h[k]) * d_out + j]);
-    y[r * d_out + j] = from_float<xt>(acc);
-  }
-}
-
-__device__ float block_sum(float v, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < (blockDim.x + 31) / 32; ++w) total += scratch[w];
-    scratch[32] = total;
-  }
-  __syncthreads();
-  total = scratch[32];
-  __syncthreads();
-  return total;
-}
-
-__global__ void memory_backward_kernel(const float* __restrict__ g, const float* __restrict__ x,
-                                       const float* __restrict__ tables, float* __restrict__ gx,
-                                       float* __restrict__ gt, int64_t* __restrict__ hs, float* __restrict__ ps,
-                                       int64_t K, int tau, int64_t buckets, int64_t d_out, float inv_t2,
-                                       bool atomics) {
-  extern __shared__ unsigned char smem[];
-  int64_t* h = reinterpret_cast<int64_t*>(smem);
-  float* p = reinterpret_cast<float*>(h + K);
-  __shared__ float scratch[33];
-  const int64_t r = blockIdx.x;
-  const float* z = x + r * K * tau;
-  hash_all(z, K, tau, inv_t2, h, p);
-  __syncthreads();
-  for (int64_t k = 0; k < K; ++k) {
-    const float* row = tables + (k * buckets + h[k]) * d_out;
-    float partial = 0.f;
-    for (int64_t j = threadIdx.x; j < d_out; j += blockDim.x) {
-      partial += g[r * d_out + j] * row[j];
-      if (atomics) atomicAdd(gt + (k * buckets + h[k]) * d_out + j, p[k] * g[r * d_out + j]);
-    }
-    const float dot = block_sum(partial, scratch);
-    for (int i = threadIdx.x; i < tau; i += blockDim.x) {
-      const float v = z[k * tau + i];
-      const float sgn = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
-      gx[r * K * tau + k * tau + i] = dot * p[k] * inv_t2 * sgn * sigmoidf_dev(-fabsf(v) * inv_t2);
-    }
-    if (threadIdx.x == 0) {
-      hs[r * K + k] = k * buckets + h[k];
-      ps[r * K + k] = p[k];
-    }
-  }
-}
-
-// Deterministic table gradient over a stable sort of the (table, bucket) keys (token order kept inside a key).
-// Position e of the sorted order starts a segment when e == 0 or its key differs from the one before; the block
-// of a segment start walks the segment in order and writes its column tile of gt[key] (fp32 sums, token order),
-// every other block returns at once. The grid (positions x column tiles) comes from shapes alone: no count of
-// segments is read back, so nothing waits on the host, and the only extra memory is the sort's O(n K).
-constexpr int kSegCols = 4;  // columns per thread: a tile is kThreads * kSegCols columns
+// Forward: y[t] = sum_k p[t, k] T[k, h[t, k]]. Block (token block of TB tokens, column tile, table split): the
+// block's 8 warps share the tile (32 lanes x VEC columns: 16 B per lane, 256 B per row in bf16) and take the split's
+// tables in turn (warp w: tables w, w + 8, ...), TB tokens x kUnroll tables of independent 16-B row loads in flight
+// per lane. The (token, table) pairs of each step are hashed into shared memory first (kStage tables at a time).
+// The warps' fp32 sums are added in warp order through shared memory; with one split the block writes y, else its
+// fp32 partial [split, n, d_out], and the last block of its (token block, tile) to finish (a counter per tile) adds
+// the partials in split order 0, 1, ... and writes y. Every sum has a fixed order: the bits do not depend on timing.
 constexpr int64_t kMaxGridX = 2147483647, kMaxGridY = 65535;
+constexpr int kFwdWarps = 8;
+constexpr int kFwdThreads = kFwdWarps * 32;
+constexpr int kStage = 64;
+constexpr int kUnroll = 2;
 
-__global__ void segment_sum_kernel(const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ order,
-                                   const float* __restrict__ ps, const float* __restrict__ g, float* __restrict__ gt,
-                                   int64_t total, int64_t K, int64_t d_out) {
-  const int64_t tile_cols = static_cast<int64_t>(blockDim.x) * kSegCols;
-  const int64_t tiles = (d_out + tile_cols - 1) / tile_cols;
-  for (int64_t e = blockIdx.x; e < total; e += gridDim.x) {
-    const int64_t key = sorted_keys[e];
-    if (e > 0 && sorted_keys[e - 1] == key) continue;  // not a segment start (uniform across the block)
-    for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
-      const int64_t j0 = tile * tile_cols + threadIdx.x;
-      if (j0 >= d_out) continue;
-      float acc[kSegCols];
+template <typename tt>
+struct Vec16 {  // kVec = 16 / sizeof(tt) consecutive table values, one 16-B load
+  static constexpr int kVec = 16 / sizeof(tt);
+  uint4 raw;
+  __device__ __forceinline__ tt& operator[](int i) { return reinterpret_cast<tt*>(&raw)[i]; }
+};
+
+template <typename xt, typename tt, int TB, bool VECTOR>
+__global__ void __launch_bounds__(kFwdThreads) memory_forward_kernel(
+    const xt* __restrict__ x, const tt* __restrict__ tables, xt* __restrict__ y, float* __restrict__ partials,
+    unsigned* __restrict__ counters, int64_t n, int64_t K, int tau, int64_t buckets, int64_t d_out, float inv_t2,
+    int64_t chunk) {
+  constexpr int VEC = Vec16<tt>::kVec;
+  constexpr int TILE = 32 * VEC;
+  __shared__ int64_t s_off[TB][kStage];
+  __shared__ float s_p[TB][kStage];
+  __shared__ float s_red[kFwdWarps][TB][TILE];
+  __shared__ bool s_last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TB;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * TILE;
+  const int64_t col = c0 + lane * VEC;
+  const int64_t k_lo = static_cast<int64_t>(blockIdx.z) * chunk, k_hi = std::min(K, k_lo + chunk);
+  float acc[TB][VEC];
 #pragma unroll
-      for (int i = 0; i < kSegCols; ++i) acc[i] = 0.f;
-      for (int64_t f = e; f < total && sorted_keys[f] == key; ++f) {
-        const int64_t flat = order[f];  // index into the (n, K) arrays: token flat / K, table flat % K
-        const float p = ps[flat];
-        const float* grow = g + (flat / K) * d_out;
+  for (int b = 0; b < TB; ++b)
 #pragma unroll
-        for (int i = 0; i < kSegCols; ++i) {
-          const int64_t j = j0 + static_cast<int64_t>(i) * blockDim.x;
-          if (j < d_out) acc[i] += p * grow[j];
+    for (int v = 0; v < VEC; ++v) acc[b][v] = 0.f;
+  for (int64_t kb = k_lo; kb < k_hi; kb += kStage) {
+    const int nk = static_cast<int>(std::min<int64_t>(kStage, k_hi - kb));
+    for (int i = threadIdx.x; i < TB * kStage; i += kFwdThreads) {
+      const int b = i / kStage, j = i % kStage;
+      const int64_t t = t0 + b, k = kb + j;
+      int64_t off = 0;
+      float p = 0.f;
+      if (t < n && j < nk) {
+        const xt* z = x + (t * K + k) * tau;
+        int64_t h = 0;
+        p = 1.f;
+        for (int e = 0; e < tau; ++e) {
+          const float v = to_float(z[e]);
+          if (v > 0.f) h |= int64_t{1} << e;
+          p *= sigmoidf_dev(fabsf(v) * inv_t2);
         }
+        off = (k * buckets + h) * d_out;
       }
-      float* out = gt + key * d_out;
+      s_off[b][j] = off;
+      s_p[b][j] = p;
+    }
+    __syncthreads();
+    for (int j = warp; j < nk; j += kFwdWarps * kUnroll) {
+      Vec16<tt> r[kUnroll][TB];
 #pragma unroll
-      for (int i = 0; i < kSegCols; ++i) {
-        const int64_t j = j0 + static_cast<int64_t>(i) * blockDim.x;
-        if (j < d_out) out[j] = acc[i];
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int b = 0; b < TB; ++b) {
+          const int jj = j + u * kFwdWarps;
+          r[u][b].raw = make_uint4(0u, 0u, 0u, 0u);
+          if (jj < nk && t0 + b < n) {
+            const tt* src = tables + s_off[b][jj] + col;
+            if (VECTOR) {
+              if (col < d_out) r[u][b].raw = __ldg(reinterpret_cast<const uint4*>(src));
+            } else {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v)
+                if (col + v < d_out) r[u][b][v] = src[v];
+            }
+          }
+        }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int b = 0; b < TB; ++b) {
+          const int jj = j + u * kFwdWarps;
+          const float p = jj < nk ? s_p[b][jj] : 0.f;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[b][v] = fmaf(p, to_float(r[u][b][v]), acc[b][v]);
+        }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int b = 0; b < TB; ++b)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) s_red[warp][b][lane * VEC + v] = acc[b][v];
+  __syncthreads();
+  // thread i: elements i, i + 256, ... of the [TB, TILE] tile, the warps' sums in warp order
+  const int64_t splits = gridDim.z;
+  for (int e = threadIdx.x; e < TB * TILE; e += kFwdThreads) {
+    const int b = e / TILE, c = e % TILE;
+    const int64_t t = t0 + b, j = c0 + c;
+    if (t >= n || j >= d_out) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kFwdWarps; ++w) s += s_red[w][b][c];
+    if (splits == 1) {
+      y[t * d_out + j] = from_float<xt>(s);
+    } else {
+      partials[(static_cast<int64_t>(blockIdx.z) * n + t) * d_out + j] = s;
+    }
+  }
+  if (splits == 1) return;
+  __threadfence();  // this block's partial is visible device-wide before its arrival is counted
+  __syncthreads();
+  unsigned* counter = counters + static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == static_cast<unsigned>(splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < TB * TILE; e += kFwdThreads) {
+    const int b = e / TILE, c = e % TILE;
+    const int64_t t = t0 + b, j = c0 + c;
+    if (t >= n || j >= d_out) continue;
+    float s = 0.f;
+    for (int64_t sp = 0; sp < splits; ++sp) s += __ldcg(partials + (sp * n + t) * d_out + j);
+    y[t * d_out + j] = from_float<xt>(s);
+  }
+  if (threadIdx.x == 0) *counter = 0u;  // ready for the next launch that shares the buffer
+}
+
+// Backward, one warp per (token, table) pair; block (token, 8 tables), tokens vary fastest so the blocks resident
+// together walk the same tables (their rows and the token's g stay in L2). The warp hashes the chunk, computes
+// dot = <g, T[key]> over d_out (16-B loads where aligned, lanes' partial sums combined by a fixed shuffle tree) and
+// writes the chunk's tau input-gradient values; with gt_atomic it adds p g to the fp32 table gradient row (relaxed
+// atomics), with keys/ps it stores the pair's row key and weight for the segment pass.
+constexpr int kBwdWarps = 8;
+
+template <typename xt, typename tt, bool VECTOR>
+__global__ void __launch_bounds__(kBwdWarps * 32) memory_backward_kernel(
+    const xt* __restrict__ g, const xt* __restrict__ x, const tt* __restrict__ tables, xt* __restrict__ gx,
+    float* __restrict__ gt_atomic, int64_t* __restrict__ keys, float* __restrict__ ps, int64_t n, int64_t K, int tau,
+    int64_t buckets, int64_t d_out, float inv_t2) {
+  constexpr int VEC = Vec16<tt>::kVec;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = blockIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kBwdWarps + (threadIdx.x >> 5);
+  if (k >= K) return;  // whole warps: no block-wide barrier below
+  const xt* z = x + (r * K + k) * tau;
+  int64_t h = 0;
+  float p = 1.f;
+  for (int e = 0; e < tau; ++e) {  // every lane hashes (tau loads of the same addresses: broadcast)
+    const float v = to_float(z[e]);
+    if (v > 0.f) h |= int64_t{1} << e;
+    p *= sigmoidf_dev(fabsf(v) * inv_t2);
+  }
+  const int64_t key = k * buckets + h;
+  const tt* row = tables + key * d_out;
+  const xt* grow = g + r * d_out;
+  float* arow = gt_atomic == nullptr ? nullptr : gt_atomic + key * d_out;
+  float partial = 0.f;
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < d_out; c += 32 * VEC) {
+    Vec16<tt> tv;
+    float gv[VEC];
+    if (VECTOR) {
+      tv.raw = __ldg(reinterpret_cast<const uint4*>(row + c));
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) gv[v] = to_float(grow[c + v]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const bool in = c + v < d_out;
+        tv[v] = in ? row[c + v] : from_float<tt>(0.f);
+        gv[v] = in ? to_float(grow[c + v]) : 0.f;
       }
     }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      partial = fmaf(gv[v], to_float(tv[v]), partial);
+      if (arow != nullptr && c + v < d_out) atomicAdd(arow + c + v, p * gv[v]);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
+  if (lane < tau) {  // tau <= 16 (weightkit.ops.memoryformer.MAX_TAU)
+    const float v = to_float(z[lane]);
+    const float sgn = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+    gx[(r * K + k) * tau + lane] = from_float<xt>(partial * p * inv_t2 * sgn * sigmoidf_dev(-fabsf(v) * inv_t2));
+  }
+  if (lane == 0 && keys != nullptr) {
+    keys[r * K + k] = key;
+    ps[r * K + k] = p;
+  }
+}
+
+// Deterministic table gradient (and the atomics-free one): the (token, table) pairs stably sorted by row key
+// (torch.sort, token order kept within a key) and each row's run [starts[r], starts[r + 1]) (torch.searchsorted).
+// A warp per row and column tile: it walks the run in order, kSegAhead entries at a time (their order indices, then
+// their weights and g rows, loaded before any is added, so several loads are in flight), sums p g in fp32 and writes
+// the row tile once in the tables' dtype (an empty run writes zeros: no memset, no fp32 copy). The sum of each
+// element runs in sorted order whatever the grid: the bits do not depend on it.
+constexpr int kSegWarps = 8;
+constexpr int kSegVec = 4;  // columns per lane: a warp tile is 128 columns
+constexpr int kSegAhead = 4;
+
+template <typename gt_t, typename tt>
+__global__ void __launch_bounds__(kSegWarps * 32) segment_rows_kernel(
+    const int64_t* __restrict__ order, const int64_t* __restrict__ starts, const float* __restrict__ ps,
+    const gt_t* __restrict__ g, tt* __restrict__ gt, int64_t rows, int64_t K, int64_t d_out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kSegWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * 32 * kSegVec + lane;  // columns c + 32 v: coalesced
+  const int64_t lo = starts[r], hi = starts[r + 1];
+  float acc[kSegVec];
+#pragma unroll
+  for (int v = 0; v < kSegVec; ++v) acc[v] = 0.f;
+  for (int64_t e = lo; e < hi; e += kSegAhead) {
+    int64_t flat[kSegAhead];
+    float p[kSegAhead], gv[kSegAhead][kSegVec];
+#pragma unroll
+    for (int a = 0; a < kSegAhead; ++a) flat[a] = e + a < hi ? order[e + a] : -1;
+#pragma unroll
+    for (int a = 0; a < kSegAhead; ++a) {
+      p[a] = flat[a] >= 0 ? ps[flat[a]] : 0.f;
+      const gt_t* grow = g + (flat[a] >= 0 ? flat[a] / K : 0) * d_out;
+#pragma unroll
+      for (int v = 0; v < kSegVec; ++v) {
+        const int64_t j = c + 32 * v;
+        gv[a][v] = flat[a] >= 0 && j < d_out ? to_float(grow[j]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kSegAhead; ++a)
+#pragma unroll
+      for (int v = 0; v < kSegVec; ++v) acc[v] += p[a] * gv[a][v];  // p = 0 past the run: adds +0 (a no-op)
+  }
+#pragma unroll
+  for (int v = 0; v < kSegVec; ++v) {
+    const int64_t j = c + 32 * v;
+    if (j < d_out) gt[r * d_out + j] = from_float<tt>(acc[v]);
   }
 }
 
@@ -141,44 +264,88 @@ __global__ void segment_sum_kernel(const int64_t* __restrict__ sorted_keys, cons
 using namespace weightkit;
 
 WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void* tables, int tables_dtype, void* y,
-                                         int64_t n, int64_t K, int64_t buckets, int64_t d_out, int tau, double t,
+                                         float* partials, unsigned* counters, int64_t n, int64_t K, int64_t buckets,
+                                         int64_t d_out, int tau, double t, int64_t token_block, int64_t splits,
                                          int device, void* stream) {
-  if (n == 0) return cudaSuccess;
+  if (n == 0 || d_out == 0) return cudaSuccess;
+  if ((token_block != 1 && token_block != 2 && token_block != 4) || splits < 1 || splits > kMaxGridY ||
+      (n + token_block - 1) / token_block > kMaxGridX)
+    return cudaErrorInvalidValue;
   const DeviceGuard guard(device);
-  const size_t shared = K * (sizeof(int64_t) + sizeof(float));
+  const int64_t chunk = (K + splits - 1) / splits;
   bool tables_ok = true;
   const bool x_ok = dispatch_float(x_dtype, [&](auto xtag) {
     using xt = decltype(xtag);
     tables_ok = dispatch_float(tables_dtype, [&](auto ttag) {
       using tt = decltype(ttag);
-      memory_forward_kernel<xt, tt><<<static_cast<unsigned>(n), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
-          static_cast<const xt*>(x), static_cast<const tt*>(tables), static_cast<xt*>(y), K, tau, buckets, d_out,
-          static_cast<float>(2.0 / t));
+      constexpr int64_t tile = 32 * Vec16<tt>::kVec;
+      const int64_t tiles = (d_out + tile - 1) / tile;
+      if (tiles > kMaxGridY) {
+        tables_ok = false;
+        return;
+      }
+      const dim3 grid(static_cast<unsigned>((n + token_block - 1) / token_block), static_cast<unsigned>(tiles),
+                      static_cast<unsigned>(splits));
+      const bool vector = reinterpret_cast<uintptr_t>(tables) % 16 == 0 && (d_out * sizeof(tt)) % 16 == 0;
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kFwdThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+            static_cast<const xt*>(x), static_cast<const tt*>(tables), static_cast<xt*>(y), partials, counters, n, K,
+            tau, buckets, d_out, static_cast<float>(2.0 / t), chunk);
+      };
+      if (token_block == 1) {
+        vector ? launch(memory_forward_kernel<xt, tt, 1, true>) : launch(memory_forward_kernel<xt, tt, 1, false>);
+      } else if (token_block == 2) {
+        vector ? launch(memory_forward_kernel<xt, tt, 2, true>) : launch(memory_forward_kernel<xt, tt, 2, false>);
+      } else {
+        vector ? launch(memory_forward_kernel<xt, tt, 4, true>) : launch(memory_forward_kernel<xt, tt, 4, false>);
+      }
     });
   });
   return launch_status(x_ok && tables_ok);
 }
 
-WK_API int wk_cuda_memory_lookup_backward(const float* grad, const float* x, const float* tables, float* gx, float* gt,
-                                          int64_t* keys, float* ps, int64_t n, int64_t K, int64_t buckets,
-                                          int64_t d_out, int tau, double t, int atomics, int device, void* stream) {
-  if (n == 0) return cudaSuccess;
+WK_API int wk_cuda_memory_lookup_backward(const void* grad, const void* x, int x_dtype, const void* tables,
+                                          int tables_dtype, void* gx, float* gt_atomic, int64_t* keys, float* ps,
+                                          int64_t n, int64_t K, int64_t buckets, int64_t d_out, int tau, double t,
+                                          int device, void* stream) {
+  if (n == 0 || K == 0) return cudaSuccess;
+  const int64_t chunks = (K + kBwdWarps - 1) / kBwdWarps;
+  if (n > kMaxGridX || chunks > kMaxGridY) return cudaErrorInvalidValue;
   const DeviceGuard guard(device);
-  const size_t shared = K * (sizeof(int64_t) + sizeof(float));
-  memory_backward_kernel<<<static_cast<unsigned>(n), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
-      grad, x, tables, gx, gt, keys, ps, K, tau, buckets, d_out, static_cast<float>(2.0 / t), atomics != 0);
-  return launch_status();
+  bool tables_ok = true;
+  const bool x_ok = dispatch_float(x_dtype, [&](auto xtag) {
+    using xt = decltype(xtag);
+    tables_ok = dispatch_float(tables_dtype, [&](auto ttag) {
+      using tt = decltype(ttag);
+      const bool vector = reinterpret_cast<uintptr_t>(tables) % 16 == 0 && (d_out * sizeof(tt)) % 16 == 0;
+      auto launch = [&](auto kernel) {
+        kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(chunks)), kBwdWarps * 32, 0,
+                 static_cast<cudaStream_t>(stream)>>>(
+            static_cast<const xt*>(grad), static_cast<const xt*>(x), static_cast<const tt*>(tables),
+            static_cast<xt*>(gx), gt_atomic, keys, ps, n, K, tau, buckets, d_out, static_cast<float>(2.0 / t));
+      };
+      vector ? launch(memory_backward_kernel<xt, tt, true>) : launch(memory_backward_kernel<xt, tt, false>);
+    });
+  });
+  return launch_status(x_ok && tables_ok);
 }
 
-WK_API int wk_cuda_memory_segment_sum(const int64_t* sorted_keys, const int64_t* order, const float* ps,
-                                      const float* grad, float* gt, int64_t total, int64_t K, int64_t d_out,
+WK_API int wk_cuda_memory_segment_sum(const int64_t* order, const int64_t* starts, const float* ps, const void* grad,
+                                      int grad_dtype, void* gt, int gt_dtype, int64_t rows, int64_t K, int64_t d_out,
                                       int device, void* stream) {
-  if (total == 0 || d_out == 0) return cudaSuccess;
+  if (rows == 0 || d_out == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kSegWarps - 1) / kSegWarps, tiles = (d_out + 32 * kSegVec - 1) / (32 * kSegVec);
+  if (blocks > kMaxGridX || tiles > kMaxGridY) return cudaErrorInvalidValue;
   const DeviceGuard guard(device);
-  const int64_t tile_cols = static_cast<int64_t>(kThreads) * kSegCols;
-  const dim3 grid(static_cast<unsigned>(std::min(total, kMaxGridX)),
-                  static_cast<unsigned>(std::min((d_out + tile_cols - 1) / tile_cols, kMaxGridY)));
-  segment_sum_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(sorted_keys, order, ps, grad, gt, total,
-                                                                               K, d_out);
-  return launch_status();
+  bool gt_ok = true;
+  const bool g_ok = dispatch_float(grad_dtype, [&](auto gtag) {
+    using gt_t = decltype(gtag);
+    gt_ok = dispatch_float(gt_dtype, [&](auto ttag) {
+      using tt = decltype(ttag);
+      segment_rows_kernel<gt_t, tt><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles)),
+                                      kSegWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+          order, starts, ps, static_cast<const gt_t*>(grad), static_cast<tt*>(gt), rows, K, d_out);
+    });
+  });
+  return launch_status(g_ok && gt_ok);
 }

@@ -155,3 +155,52 @@ def test_deterministic_backward_under_use_deterministic_algorithms(device):
             assert torch.equal(gt, gt2) and torch.equal(gx, gx2), name
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_table_grad_modes_match_reference(device):
+    """Outside deterministic mode the GPU backends write the table gradient by sorted segments or by atomics
+    (table_grad_mode); both give the reference's gradients (hot bucket: long runs), and segments repeat bitwise."""
+    x, tables = inputs(90, 3, 4, 50, device=device)
+    x[:30] = 0.0
+    g = torch.randn(90, 50, device=device)
+    gx64, gt64 = ref64(x, tables, 0.9, g)
+    previous = memoryformer.table_grad_mode()
+    try:
+        for mode in memoryformer.TABLE_GRAD_MODES:
+            assert memoryformer.set_table_grad_mode(mode) in memoryformer.TABLE_GRAD_MODES
+            assert memoryformer.table_grad_mode() == mode
+            for name in usable_backends(memoryformer._BWD, device):
+                with use_backend(name):
+                    runs = [memory_lookup_grads(g, x, tables, 0.9) for _ in range(2)]
+                for gx, gt in runs:
+                    torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
+                    torch.testing.assert_close(gt.double(), gt64, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}: {s}")
+                if mode == "segments":
+                    assert torch.equal(runs[0][1], runs[1][1]), name
+    finally:
+        memoryformer.set_table_grad_mode(previous)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        memoryformer.set_table_grad_mode("sorted")
+
+
+@pytest.mark.parametrize("n,K,d_out,elem", [(1, 512, 4096, 2), (1, 512, 4096, 4), (16, 512, 4096, 2),
+                                            (1024, 512, 4096, 2), (3, 9, 130, 4), (1, 4, 8, 2)])
+def test_cuda_forward_plan(n, K, d_out, elem):
+    """The CUDA forward's launch rule (pure Python, checked without a GPU): one decode token fills the GPU with
+    table splits (>= 2 blocks per SM where the tables allow), every split keeps >= 8 tables (one per warp),
+    partials stay within the cap, and many tokens need no split."""
+    from weightkit.backends.cuda.memoryformer import _MAX_SPLIT, _PARTIAL_BYTES, forward_plan
+
+    sms = 132
+    tb, splits, tiles = forward_plan(n, K, d_out, elem, sms)
+    tile = 32 * 16 // elem
+    assert tb in (1, 2, 4) and (tb == 1) == (n == 1) and tiles == -(-n // tb) * -(-d_out // tile)
+    assert 1 <= splits <= _MAX_SPLIT and splits & (splits - 1) == 0
+    assert splits == 1 or (-(-K // splits) >= 8 and splits * n * d_out * 4 <= _PARTIAL_BYTES)
+    if K >= 8 * 64 and n * d_out * 4 * 64 <= _PARTIAL_BYTES:
+        assert tiles * splits >= 2 * sms
+    if (n, K, d_out) == (1, 512, 4096):
+        assert splits == (32 if elem == 2 else 16)
+    if n == 1024:
+        assert splits == 1

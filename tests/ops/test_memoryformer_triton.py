@@ -58,11 +58,11 @@ def test_forward_backward_match_float64(device, n, K, tau, d_out, dtype):
     y = km.memory_lookup_forward_triton(x, tables, T)
     assert y.dtype == dtype and y.shape == (n, d_out)
     close(y, y64, dtype, "forward")
-    for det in (False, True):
-        gx, gt = km.memory_lookup_backward_triton(g, x, tables, T, det)
+    for det, segments in ((False, False), (False, True), (True, False)):  # atomics, tuned segments, deterministic
+        gx, gt = km.memory_lookup_backward_triton(g, x, tables, T, det, segments)
         assert gx.dtype == dtype and gt.dtype == tables.dtype
-        close(gx, gx64, dtype, f"grad_x deterministic={det}")
-        close(gt, gt64, dtype, f"grad_tables deterministic={det}")
+        close(gx, gx64, dtype, f"grad_x deterministic={det} segments={segments}")
+        close(gt, gt64, dtype, f"grad_tables deterministic={det} segments={segments}")
     gx2, gt2 = km.memory_lookup_backward_triton(g, x, tables, T, True)
     assert torch.equal(gx, gx2) and torch.equal(gt, gt2)
 
@@ -121,7 +121,8 @@ def test_hash_kernel(device):
 
 BWD_CONFIGS = [cfg(BLOCK_T=1, BLOCK_K=1, BLOCK_N=16), cfg(BLOCK_T=8, BLOCK_K=4, BLOCK_N=64, num_warps=2),
                cfg(BLOCK_T=16, BLOCK_K=2, BLOCK_N=128, num_warps=8, num_stages=3)]
-SEG_CONFIGS = [cfg(ROWS=1, BLOCK_N=32), cfg(ROWS=4, BLOCK_N=64), cfg(ROWS=16, BLOCK_N=256, num_warps=8, num_stages=2)]
+SEG_CONFIGS = [cfg(ROWS=1, BLOCK_N=32), cfg(ROWS=4, BLOCK_N=64), cfg(ROWS=16, BLOCK_N=256, num_warps=8, num_stages=2),
+               cfg(ROWS=2, BLOCK_N=16, num_stages=3)]
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -235,6 +236,8 @@ def test_pruned_config_spaces(nb, K, d_out):
         assert kw["BLOCK_T"] * kw["BLOCK_K"] * kw["BLOCK_N"] <= 8192
     if nb == 1 and (K, d_out) == (512, 4096):  # decode fills the SMs: >= 2 programs per SM
         assert all(triton.cdiv(d_out, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT"] >= 2 * sms for c in fwd)
+    if nb <= 16 and K >= 8:  # decode: >= 8 independent row gathers per program step
+        assert all(c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_K"] >= 8 for c in fwd + [km._fwd_default(nb, K, d_out, sms)])
     for c in bwd + [km._bwd_default(nb, K, d_out)]:
         assert c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 8192
 

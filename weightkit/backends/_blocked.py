@@ -213,3 +213,13 @@ def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str)
 
     int8_sr_lowrank_update_.__module__ = module
     return int8_sr_lowrank_update_
+
+
+def memory_rows(x: Tensor, tables: Tensor, grad: Optional[Tensor] = None):
+    """The prologue that the cpu and cuda MemoryFormer host code share: x (and grad) as contiguous row matrices
+    (n, K tau) and (n, d_out), the tables contiguous, and the sizes (n, K, buckets, d_out, tau). Returns
+    (x2, g2 or None, tables, (n, K, buckets, d_out, tau))."""
+    x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()
+    g2 = None if grad is None else (grad if grad.dim() == 2 else grad.reshape(-1, grad.shape[-1])).contiguous()
+    k, buckets, d_out = tables.shape
+    return x2, g2, tables.contiguous(), (x2.shape[0], k, buckets, d_out, buckets.bit_length() - 1)

@@ -14,11 +14,19 @@ Backward (the hash is piecewise constant, so the input gradient flows through p 
     dz_{k,i}    = <g, T[k, h_k]> p_k (2 / t) sign(z_{k,i}) sigmoid(-2 |z_{k,i}| / t),  sign(0) = 0
 
 ``deterministic=True`` makes the table gradient a fixed-order sum (the cpu kernel always is: one thread per
-table, tokens in order; cuda/triton sort tokens by bucket and sum each bucket's run in order); otherwise the GPU
-kernels use atomics. ``torch.are_deterministic_algorithms_enabled()`` turns it on too.
+table, tokens in order; cuda/triton sort tokens by bucket and sum each bucket's run in order, writing every row
+once). ``torch.are_deterministic_algorithms_enabled()`` turns it on too. Otherwise the GPU backends take the
+table-gradient method of ``table_grad_mode()``: "segments" (the same sorted segment reduction; the default) or
+"atomics" (fp32 atomic adds into a zeroed fp32 buffer, cast to the tables' dtype at the end). Set it with the
+environment variable WEIGHTKIT_MEMORY_TABLE_GRAD or ``set_table_grad_mode``. Why segments by default, from bytes
+alone: at 1024 tokens x 512 tables of 256 x 4096 bf16, atomics zero a 2 GiB fp32 buffer, read-modify-write it
+(2^31 atomics on a buffer 40x the L2) and read it again for the cast (~9 GiB of DRAM traffic); the segment path
+writes the 1 GiB gradient once, its sort and run lookup touch O(n K) keys, and both read the same g rows from L2.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -30,10 +38,30 @@ from ..backends.triton import memoryformer as triton_memoryformer
 from ._checks import FLOAT_DTYPES, check_tensor, require_finite
 from ._registry import define
 
-__all__ = ["memory_lookup", "memory_lookup_grads"]
+__all__ = ["memory_lookup", "memory_lookup_grads", "set_table_grad_mode", "table_grad_mode"]
+
+TABLE_GRAD_MODES = ("segments", "atomics")
+_TABLE_GRAD = [os.environ.get("WEIGHTKIT_MEMORY_TABLE_GRAD", "segments")]
+if _TABLE_GRAD[0] not in TABLE_GRAD_MODES:
+    raise ValueError(f"WEIGHTKIT_MEMORY_TABLE_GRAD must be one of {TABLE_GRAD_MODES}, got {_TABLE_GRAD[0]!r}")
+
+
+def table_grad_mode() -> str:
+    """How the GPU backends write the table gradient outside deterministic mode: "segments" or "atomics"."""
+    return _TABLE_GRAD[0]
+
+
+def set_table_grad_mode(mode: str) -> str:
+    """Set table_grad_mode() (process-wide); returns the previous mode."""
+    if mode not in TABLE_GRAD_MODES:
+        raise ValueError(f"mode must be one of {TABLE_GRAD_MODES}, got {mode!r}")
+    previous, _TABLE_GRAD[0] = _TABLE_GRAD[0], mode
+    return previous
 
 # auto on CUDA: Triton first (H200, 2026-11-26, 512 tables x 256 x 4096, fp32: 0.062 / 0.104 / 1.10 ms at 1 / 16 / 1024
-# tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0)
+# tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0).
+# Those cuda figures are of the one-block-per-token kernels since replaced (table splits, warp-per-pair backward);
+# the order stays until bench/gpu_report.py's memoryformer rows measure the new ones.
 _FWD = KernelTable("memory_lookup_forward", cuda_order=("triton", "cuda"))
 _BWD = KernelTable("memory_lookup_backward", cuda_order=("triton", "cuda"))
 MAX_TAU = 16
@@ -75,8 +103,11 @@ _FWD.register("reference")(memory_lookup_reference)
 
 
 @_BWD.register("reference")
-def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool):
-    """The backward formulas of the module docstring, in float64 (tests check them against autograd)."""
+def memory_lookup_backward_reference(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
+                                     segments: bool = True):
+    """The backward formulas of the module docstring, in float64 (tests check them against autograd). Every
+    backend's backward takes ``segments`` after the op's arguments: table_grad_mode() == "segments", passed down
+    by the op (the backends sit below the ops and do not read their setting)."""
     k, buckets, d_out = tables.shape
     tau = buckets.bit_length() - 1
     z = x.reshape(-1, k, tau).to(torch.float64)
@@ -117,7 +148,8 @@ _forward_op = define(
 
 _backward_op = define(
     "memory_lookup_backward(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) -> (Tensor, Tensor)",
-    impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic),
+    impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic,
+                                                        _TABLE_GRAD[0] == "segments"),
     fake=lambda grad, x, tables, t, deterministic: (torch.empty_like(x), torch.empty_like(tables)))
 
 

@@ -8,33 +8,26 @@ import torch
 from torch import Tensor
 
 from ... import native
+from .._blocked import memory_rows
 from . import check, threads
 
 
 def memory_lookup_forward(x: Tensor, tables: Tensor, t: float) -> Tensor:
     """y (..., d_out) in x's dtype."""
-    x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()
-    tables = tables.contiguous()
-    n = x2.shape[0]
-    k, buckets, d_out = tables.shape
+    x2, _, tables, (n, k, buckets, d_out, tau) = memory_rows(x, tables)
     y = torch.empty((n, d_out), dtype=x.dtype)
     check(native.CPU.memory_lookup_forward(x2.data_ptr(), native.FLOAT_CODES[x.dtype], tables.data_ptr(),
                                            native.FLOAT_CODES[tables.dtype], y.data_ptr(), n, k, buckets, d_out,
-                                           buckets.bit_length() - 1, t, threads()), "memory_lookup_forward")
+                                           tau, t, threads()), "memory_lookup_forward")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], d_out)
 
 
-def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float,
-                           deterministic: bool) -> Tuple[Tensor, Tensor]:
+def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
+                           segments: bool = True) -> Tuple[Tensor, Tensor]:
     """(grad_x in x's dtype, grad_tables in tables' dtype). Always deterministic (one thread per table, tokens in
-    order), so ``deterministic`` changes nothing here."""
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    g2 = grad if grad.dim() == 2 else grad.reshape(-1, grad.shape[-1])
-    n = x2.shape[0]
-    k, buckets, d_out = tables.shape
-    tau = buckets.bit_length() - 1
-    xf, gf = x2.to(torch.float32).contiguous(), g2.to(torch.float32).contiguous()
-    tf = tables.to(torch.float32).contiguous()
+    order), so ``deterministic`` and ``segments`` change nothing here."""
+    x2, g2, tables, (n, k, buckets, d_out, tau) = memory_rows(x, tables, grad)
+    xf, gf, tf = x2.to(torch.float32), g2.to(torch.float32), tables.to(torch.float32)
     gx = torch.empty((n, k * tau), dtype=torch.float32)
     gt = torch.zeros((k, buckets, d_out), dtype=torch.float32)
     check(native.CPU.memory_lookup_backward(gf.data_ptr(), xf.data_ptr(), tf.data_ptr(), gx.data_ptr(), gt.data_ptr(),
