@@ -313,6 +313,16 @@ _DEVICE_NAMES: Dict[int, str] = {}
 _MEASURE_LOCK = threading.Lock()
 
 
+def token_bucket(rows: int) -> int:
+    """The token count of a regime: ``rows`` rounded up to a power of two (1 for 0 or 1)."""
+    return 1 << (rows - 1).bit_length() if rows > 1 else 1
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """The number of rows (tokens) of an activation whose last dimension is the features."""
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
 def regime_key(regime: tuple) -> str:
     """The text form of a regime in the recorded file: its values joined by '|' (dtypes without 'torch.',
     shapes as AxB)."""

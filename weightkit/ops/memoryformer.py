@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable
+from ..backend import KernelTable, rows_of, token_bucket
 from ..backends.cpu import memoryformer as cpu_memoryformer
 from ..backends.cuda import memoryformer as cuda_memoryformer
 from ..backends.triton import memoryformer as triton_memoryformer
@@ -62,8 +62,20 @@ def set_table_grad_mode(mode: str) -> str:
 # tokens vs cuda 1.05 / 1.07 / 2.11; forward+backward at 1024 tokens 5.9 vs 6.9 ms, deterministic 10.2 vs 11.0).
 # Those cuda figures are of the one-block-per-token kernels since replaced (table splits, warp-per-pair backward);
 # the order stays until bench/gpu_report.py's memoryformer rows measure the new ones.
-_FWD = KernelTable("memory_lookup_forward", cuda_order=("triton", "cuda"))
-_BWD = KernelTable("memory_lookup_backward", cuda_order=("triton", "cuda"))
+# auto by measurement per regime (weightkit/backend.py, "Measured choice"): the token count rounded up to a power of
+# two, the tables' shape, the dtypes, and for backward the table-gradient method.
+
+
+def _fwd_regime(x, tables, t):
+    return (token_bucket(rows_of(x)), tuple(tables.shape), x.dtype, tables.dtype)
+
+
+def _bwd_regime(grad, x, tables, t, deterministic, segments=None):
+    return (token_bucket(rows_of(x)), tuple(tables.shape), x.dtype, tables.dtype, bool(deterministic), segments)
+
+
+_FWD = KernelTable("memory_lookup_forward", cuda_order=("triton", "cuda"), regime=_fwd_regime)
+_BWD = KernelTable("memory_lookup_backward", cuda_order=("triton", "cuda"), regime=_bwd_regime)
 MAX_TAU = 16
 
 
