@@ -22,8 +22,9 @@ written) and the matrix rates.
 Sections, in the order they run by default (value first): ceilings, quant (issue 15: Int8Linear, INT4 matmul,
 stochastic rounding), kernels (decode calls: call time, kernel time from a CUDA-graph replay, and the CUDA kernels
 each call runs), galore (issue 16: optimizer steps, refresh), memoryformer (issue 26 item 1: MemoryLinear vs bf16
-nn.Linear, fwd+bwd per table-gradient method) and dictionary (issue 17), host (per-call
-host overhead of eager layers vs nn.Linear, issue 14). After each section, the configs the Triton autotuners chose.
+nn.Linear, fwd+bwd per table-gradient method), dictionary (issue 26 item 2: DictLinear in bf16, triton vs cuda vs
+nn.Linear), auto (the measured backend choice per regime at those shapes), host (per-call host overhead of eager
+layers vs nn.Linear, issue 14). After each section, the configs the Triton autotuners chose.
 
 Budgets hold, autotuning and compiles included: each section has its share of ``--budget`` (SECTION_BUDGETS,
 scaled to the sections asked for; ``--section-budget`` sets one outright); a row that would start past it is skipped
@@ -274,12 +275,12 @@ def _wk_backend(name):
 # The sizes of the sections (the issues' shapes); the tests of the bookkeeping shrink them to run every section on
 # the CPU. COPY_ELEMS: fp32 elements of the copy (1 GiB); CEIL: the ceilings' matrix side; QUANT_D, QUANT_TOKENS: the quant section's 8192^2 layer and token
 # counts; PROJ: P^T G with P (m x r), G (m x n); MEM_D, MEM_TOKENS: MemoryLinear; DICT (d, k, s), DICT_TOKENS:
-# DictLinear; KERNELS_D, KERNELS_TOKENS: the kernels section's two layer sizes and their token counts.
+# DictLinear in bf16 (k, s: 30% of the bf16 bytes removed); KERNELS_D, KERNELS_TOKENS: the kernels section's two layer sizes and their token counts.
 COPY_ELEMS, CEIL = 1 << 28, 8192
 QUANT_D, QUANT_TOKENS = 8192, (1, 16, 256, 4096)
 PROJ = (4096, 1024, 4096)
 MEM_D, MEM_TOKENS = 4096, (1, 16, 1024)
-DICT, DICT_TOKENS = (4096, 1638, 819), (1, 16, 256, 4096)
+DICT, DICT_TOKENS = (4096, 1796, 898), (1, 16, 256, 4096)  # d, k, s: dictionary_size(4096, 4096, 0.3, value_bytes=2)
 KERNELS_D, KERNELS_TOKENS = (8192, 4096), ((1, 16, 256), (1, 16))
 
 
@@ -594,56 +595,52 @@ def memoryformer():
 
 
 def dictionary():
-    """Issue 17's DictLinear, 4096 -> 4096: the ELL gather (k 1638, s 819: 30% of the fp32 bytes removed) against
-    cuSPARSE and dense bf16, and S in the bitmask format (dict_bitmask_matmul; DictLinear's forward), bf16 at the k, s
-    that the bitmask budget gives at 30% of the bf16 bytes removed, and fp32, forward and forward+backward, against
-    bf16 nn.Linear of the uncompressed shape."""
+    """Issue #26 item 2: DictLinear 4096 -> 4096 in bf16 at 30% fewer bytes than the bf16 weight (k, s from
+    dictionary_size(4096, 4096, 0.3, value_bytes=2): the bitmask format's exact bytes), each backend that runs
+    dict_bitmask_matmul on CUDA -- triton (S decoded tile by tile in registers) and cuda (S^T decoded to dense bf16,
+    then cuBLAS) -- against bf16 nn.Linear of the uncompressed shape. Targets: 1-16 tokens >= 1.2x faster than
+    nn.Linear by kernel time (CUDA-graph replay, taken at 1 and 16 tokens whatever the host time); >= 256 tokens
+    forward <= 1.3x nn.Linear; forward+backward at 4096 tokens <= 1.5x. Rows in that order (value first); the op alone
+    (y = z S, z = x D given) beside each layer row. The Triton autotuning of each new token count is most of the
+    section's time: the default budget may cut the last rows; a targeted call measures them all (STAGES=report
+    REPORT_SECTIONS=dictionary REPORT_BUDGET=150 make gpu-check)."""
     from weightkit.nn import DictLinear
-    from weightkit.nn.ksvd import dictionary_size
     from weightkit.ops import dictionary as dct
 
     d, k, s = DICT
-    layer = DictLinear(d, d, k, s, bias=False, device=DEV)
-    dense_s = dct.bitmask_to_dense(layer.bitmask, layer.values.detach(), k)
-    dense_bf = dense_s.bfloat16()
-    sparse = dense_s.T.contiguous().to_sparse_csr()  # S^T (d_out x k), what cuSPARSE users would store
-    kb, sb = dictionary_size(d, d, 0.3, value_bytes=2)
-    layer_bf = DictLinear(d, d, kb, sb, bias=False, device=DEV, dtype=torch.bfloat16)
+    layer = DictLinear(d, d, k, s, bias=False, device=DEV, dtype=torch.bfloat16)
     lin = torch.nn.Linear(d, d, bias=False, device=DEV, dtype=torch.bfloat16)
+    removed = layer.compression_ratio()
+    stored = layer.stored_bytes()
+    codes = stored - d * k * 2  # S alone: values, bitmask, word offsets
+    tag = f"k{k} s{s} ({removed:.0%} fewer bytes)"
+    backends = _backends(dct._BM_FWD)
     for tokens in DICT_TOKENS:
-        x = torch.randn(tokens, d, device=DEV)
+        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         z = x @ layer.dictionary.detach()
-        zb = z.bfloat16()
-        xb = x.bfloat16()
-        zbb = xb @ layer_bf.dictionary.detach()
         linear = f"bf16 nn.Linear {tokens} tok"
+        replay = "always" if tokens <= 16 else True  # the decode target is by kernel time
+        fl = 2 * tokens * d * d
         with torch.no_grad():
-            row("dictionary", linear, lambda: lin(xb))
-            base = f"dense bf16 Z@S {tokens} tok"
-            row("dictionary", base, lambda: zb @ dense_bf)
-            if sparse is not None:
-                zt = z.T.contiguous()
-                row("dictionary", f"cuSPARSE CSR y^T = S^T Z^T fp32 {tokens} tok", lambda: sparse @ zt, base=base)
-            for b in _backends(dct._BM_FWD):
+            row("dictionary", linear, lambda: lin(x), graph=replay, bytes=2 * d * d + 4 * tokens * d, flops=fl)
+            for b in backends:
                 with _wk_backend(b):
-                    row("dictionary", f"dict_bitmask_matmul fp32 {b} {tokens} tok",
-                        lambda: dct.dict_bitmask_matmul(z, layer.values, layer.bitmask, layer.word_offsets), base=base)
-                    row("dictionary", f"dict_bitmask_matmul bf16 k{kb} s{sb} {b} {tokens} tok",
-                        lambda: dct.dict_bitmask_matmul(zbb, layer_bf.values, layer_bf.bitmask, layer_bf.word_offsets),
-                        base=base, bytes=layer_bf.stored_bytes() - d * kb * 2)
-                    row("dictionary", f"DictLinear fp32 {b} {tokens} tok (incl. x@D)", lambda: layer(x))
-                    row("dictionary", f"DictLinear bf16 k{kb} s{sb} {b} {tokens} tok (incl. x@D)",
-                        lambda: layer_bf(xb), base=linear, bytes=layer_bf.stored_bytes())
-        xg = xb.clone().requires_grad_(True)
-        g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
-        row("dictionary", f"bf16 nn.Linear fwd+bwd {tokens} tok",
-            lambda: torch.autograd.grad(lin(xg), (xg, lin.weight), g))
-        for b in _backends(dct._BM_FWD):
-            def fb():
-                with _wk_backend(b):
-                    torch.autograd.grad(layer_bf(xg), (xg, layer_bf.dictionary, layer_bf.values), g)
-            row("dictionary", f"DictLinear bf16 k{kb} s{sb} fwd+bwd {b} {tokens} tok", fb,
-                base=f"bf16 nn.Linear fwd+bwd {tokens} tok")
+                    row("dictionary", f"DictLinear bf16 {tag} {b} {tokens} tok", lambda: layer(x), graph=replay,
+                        base=linear, bytes=stored + 4 * tokens * d, flops=fl)
+                    row("dictionary", f"dict_bitmask_matmul bf16 {b} {tokens} tok (z S alone)",
+                        lambda: dct.dict_bitmask_matmul(z, layer.values, layer.bitmask, layer.word_offsets),
+                        graph=replay, bytes=codes + 2 * tokens * (k + d))
+    tokens = DICT_TOKENS[-1]
+    xg = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+    base = f"bf16 nn.Linear fwd+bwd {tokens} tok"
+    row("dictionary", base, lambda: torch.autograd.grad(lin(xg), (xg, lin.weight), g), flops=6 * tokens * d * d)
+    for b in backends:
+        def fb():
+            with _wk_backend(b):
+                torch.autograd.grad(layer(xg), (xg, layer.dictionary, layer.values), g)
+        row("dictionary", f"DictLinear bf16 {tag} fwd+bwd {b} {tokens} tok", fb, base=base,
+            flops=6 * tokens * d * d)
 
 
 def host():

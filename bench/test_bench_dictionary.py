@@ -1,7 +1,7 @@
 """DictLinear vs nn.Linear of the same shape: forward time across token counts at 20% and 50% compression (the
 factors are random with the sizes the compressor would choose for the bitmask format; timing does not depend on their
-values). DictLinear runs weightkit::dict_bitmask_matmul: the reference or the cpu kernels on CPU, the reference or
-Triton on a GPU."""
+values). DictLinear runs weightkit::dict_bitmask_matmul: the reference or the cpu kernels on CPU, the reference,
+Triton or the cuda backend (S decoded to dense + cuBLAS) on a GPU."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from weightkit.nn import DictLinear
 
 CASES = [(1024, 0.2), (1024, 0.5), (4096, 0.2), (4096, 0.5)]
 TOKENS = [1, 16, 256, 4096]
-BACKENDS = ["nn.Linear", "reference", "cpu"] if DEVICE == "cpu" else ["nn.Linear", "reference", "triton"]
+BACKENDS = ["nn.Linear", "reference", "cpu"] if DEVICE == "cpu" else ["nn.Linear", "reference", "triton", "cuda"]
 
 
 @pytest.mark.parametrize("tokens", TOKENS)

@@ -78,7 +78,7 @@ void bind_cpu(py::module_& m, const char* c_name, R (*fn)(Args...)) {
 #define WK_CUDA_FUNCTIONS(X)                                                                                      \
   X(abi_version) X(archs) X(probe) X(error_string) X(stochastic_round_int8) X(int8_sr_update)                    \
   X(int8_dequantize_rows) X(quantize_int4) X(dequantize_int4) X(low_rank_adam) X(memory_lookup_forward)           \
-  X(memory_lookup_backward) X(memory_segment_sum)
+  X(memory_lookup_backward) X(memory_segment_sum) X(dict_bitmask_to_dense_t) X(dict_bitmask_gather_dense_t)
 
 // One pointer per function, typed from its declaration in weightkit.h.
 struct CudaLibrary {
@@ -176,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
   bind_cuda(cuda, "wk_cuda_memory_lookup_forward", &CudaLibrary::memory_lookup_forward);
   bind_cuda(cuda, "wk_cuda_memory_lookup_backward", &CudaLibrary::memory_lookup_backward);
   bind_cuda(cuda, "wk_cuda_memory_segment_sum", &CudaLibrary::memory_segment_sum);
+  bind_cuda(cuda, "wk_cuda_dict_bitmask_to_dense_t", &CudaLibrary::dict_bitmask_to_dense_t);
+  bind_cuda(cuda, "wk_cuda_dict_bitmask_gather_dense_t", &CudaLibrary::dict_bitmask_gather_dense_t);
   // the two functions that return strings
   cuda_names().push_back("wk_cuda_archs");
   cuda.def("archs", []() -> py::object {

@@ -133,3 +133,13 @@ WK_API int wk_cuda_memory_lookup_backward(const void* grad, const void* x, int x
 WK_API int wk_cuda_memory_segment_sum(const int64_t* order, const int64_t* starts, const float* ps, const void* grad,
                                       int grad_dtype, void* gt, int gt_dtype, int64_t rows, int64_t tables_k,
                                       int64_t d_out, int device, void* stream);
+// Dictionary matmul, S in the bitmask format (as the CPU functions above; spec: weightkit/ops/dictionary.py): the
+// "decode S + cuBLAS" path. to_dense_t: dense_t (d_out x k, dense_dtype) = S^T. gather_dense_t: out (s x d_out,
+// out_dtype, values' order) = dense_t (d_out x k, dense_dtype) at S's nonzeros, each entry written once. Ranks that a
+// malformed bitmask / word_offsets pair puts outside [0, s) are skipped (no access out of bounds).
+WK_API int wk_cuda_dict_bitmask_to_dense_t(const void* values, int value_dtype, const int32_t* bitmask,
+                                           const void* word_offsets, int offset_dtype, void* dense_t, int dense_dtype,
+                                           int64_t k, int64_t s, int64_t d_out, int device, void* stream);
+WK_API int wk_cuda_dict_bitmask_gather_dense_t(const void* dense_t, int dense_dtype, const int32_t* bitmask,
+                                               const void* word_offsets, int offset_dtype, void* out, int out_dtype,
+                                               int64_t k, int64_t s, int64_t d_out, int device, void* stream);

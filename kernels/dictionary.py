@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (GEMV_MAX_M, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
+from ._shared import (GEMV_MAX_M, INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
                       device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
                       mm_fits, next_pow2, pick_splits, space, store_result, tile_ids)
 
@@ -15,12 +15,17 @@ from ._shared import (GEMV_MAX_M, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, c
 # ---------------------------------------------------------------------------------------------------------
 # dict_bitmask_matmul: y = Z S, S (K x N) in the bitmask format (int32 mask words [W, N], values [s, N] in atom
 # order per column, word_offsets [W, N] = set bits of a column before each word). All kernels work on S tiles of
-# BLOCK_K atoms (a multiple of 32: whole words) x BLOCK_N columns, decoded in registers (_tile_ranks): the tile's
-# BLOCK_K / 32 x BLOCK_N words are loaded once (16-byte loads along N), expanded to bits with one shift per atom, and
-# a cumulative sum over the atoms gives each set bit its row in ``values`` (the column's offset at the tile's first
-# word + the bits before it in the tile). The values are then loaded where a bit is set (each value of the tile
-# exactly once; neighbouring columns read neighbouring rows of ``values``, so their sectors are shared through L1/L2)
-# and the tile is dense in registers: zeros where no bit is set. Accumulation is always fp32.
+# BLOCK_K atoms (a multiple of 32: whole words) x BLOCK_N columns, decoded in registers (_tile_ranks, _decode_tile):
+# the tile's BLOCK_K / 32 x BLOCK_N words are loaded once (16-byte loads along N), and each atom's row in ``values``
+# is computed elementwise by popcounts, with no scan over the atoms: atom b of word w has row off + (the popcounts of
+# the tile's words before w) + popc(word & ((1 << b) - 1)), off being the column's set bits before the tile (the
+# popc instruction on the GPU, a SWAR count under the interpreter). The values are then taken where a bit is set, in
+# one of two ways the autotuner times (SPAN): each loaded where it lies (lanes run along N, but neighbouring columns'
+# ranks differ, so a warp's load touches a sector per lane), or the tile's rows [lo, lo + BLOCK_K) of values (lo:
+# its columns' least offset) loaded as one block with 16-byte loads along N and each value picked out of it in
+# registers (tl.gather), set bits past the block (columns whose offsets differ by BLOCK_K / 2 or more) loaded where
+# they lie in a branch only such tiles take. The tile is then dense in registers: zeros where no bit is set.
+# Accumulation is always fp32.
 #
 # Forward, picked by the number of tokens M (as the int8/INT4 layers do, kernels/_shared.py):
 # * M <= GEMV_MAX_M (decode), _bitmask_gemv_kernel: no tensor cores. Grid (N / BLOCK_N, SPLIT_K): each program
@@ -37,37 +42,83 @@ from ._shared import (GEMV_MAX_M, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, c
 #   _bitmask_t_mm_kernel): a program owns a K tile and reduces over N (split over N for parallelism); each S tile's
 #   offsets are read from word_offsets (the tile's first word), so no program scans the words before it.
 # * grad_values: _bitmask_grad_values_kernel, a program per (K tile, N tile): acc = Z[:, k-tile]^T G[:, n-tile] by
-#   tensor cores over all M, then each set bit's entry is stored at its row of grad_values: every entry is written
-#   exactly once (no atomics, deterministic). It computes the dense K x N product, twice the useful FLOPs at 50%
-#   density, which tensor cores pay for more cheaply than a gather would.
+#   tensor cores over all M, then each set bit's entry is stored at its row of grad_values (ranks by popcount as
+#   above): every entry is written exactly once (no atomics, deterministic). It computes the dense K x N product,
+#   twice the useful FLOPs at 50% density, which tensor cores pay for more cheaply than a gather would.
 # Autotuned for S with >= TUNE_MIN_WEIGHT entries, once per token bucket (kernels/_shared.py, Launcher: later calls
-# launch a cached plan); one fixed config otherwise (launch-bound sizes), and one config per tuner under the
-# interpreter. Index arithmetic is int32 in values and the mask words (s N and
-# W N < 2^31, checked), int64 in the activations and gradients.
+# launch a cached plan); one fixed config otherwise (launch-bound sizes; FIXED_SPAN), and one config per tuner under
+# the interpreter. sm_90 compiles (Triton 3.9, ptxas) of the tuned tiles, both SPANs: no spills. Index arithmetic
+# is int32 in values and the mask words (s N and W N < 2^31, checked), int64 in the activations and gradients.
 
 TUNE_MIN_WEIGHT = 1 << 20  # tests lower it to run the tuned path under the interpreter
+FIXED_SPAN = 1  # the value loads of the untuned configs (_decode_tile's SPAN; the tests run both)
+
+# The GPU's popcount instruction; the interpreter has no libdevice, so it counts with the same result by SWAR.
+_HW_POPC = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _popc(x):
+    """Set bits of each int32 in x (any sign: the 32-bit pattern), as int32."""
+    if _HW_POPC:
+        return tl.extra.cuda.libdevice.popc(x)
+    else:  # SWAR: pairs, nibbles, bytes, then the byte sums (the masks drop what the arithmetic shifts bring in)
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        x = x + (x >> 8)
+        return (x + (x >> 16)) & 0x3F
 
 
 @triton.jit
 def _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """(bits, rows) of the S tile of words w0 .. w0 + BLOCK_K / 32 - 1 (atoms 32 w0 ..) and columns rn: bits
-    [BLOCK_K, BLOCK_N] int32 (1 where the atom is used; 0 past K or N) and each set bit's row in values, given the
-    columns' set bits before word w0 (off, [BLOCK_N])."""
+    [BLOCK_K, BLOCK_N] int32 (1 where the atom is used; 0 past K or N) and each atom's row in values (a set bit's
+    value; for a clear bit, the row of the next set one), given the columns' set bits before word w0 (off,
+    [BLOCK_N]), and the tile's popcount per column. Elementwise, no scan over the atoms: atom b of word w has row
+    off + (popcounts of the tile's words before w) + popc(word & ((1 << b) - 1))."""
     rw = w0 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(bm_ptr + rw[:, None] * N + rn[None, :], mask=(rw < W)[:, None] & mask_n[None, :], other=0,
                     eviction_policy="evict_first")
+    counts = _popc(words)  # [BLOCK_K / 32, BLOCK_N]
+    base = off[None, :] + tl.cumsum(counts, axis=0) - counts  # set bits before each word (a scan over <= 8 words)
     shifts = tl.arange(0, 32)
-    bits = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 1, (BLOCK_K, BLOCK_N))
-    rows = tl.cumsum(bits, axis=0) - bits + off[None, :]
-    return bits, rows
+    below = (1 << shifts) - 1  # bit b: the bits under it (b = 31: 0x7fffffff, two's complement wrap)
+    w3 = words[:, None, :]
+    bits = tl.reshape((w3 >> shifts[None, :, None]) & 1, (BLOCK_K, BLOCK_N))
+    rows = tl.reshape(base[:, None, :] + _popc(w3 & below[None, :, None]), (BLOCK_K, BLOCK_N))
+    return bits, rows, tl.sum(counts, axis=0)
 
 
 @triton.jit
-def _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The dense S tile [BLOCK_K, BLOCK_N] (values' dtype, zeros where no bit is set) and its per-column popcount."""
-    bits, rows = _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
-    vals = tl.load(v_ptr + rows * N + rn[None, :], mask=bits != 0, other=0.0, eviction_policy="evict_first")
-    return vals, tl.sum(bits, axis=0)
+def _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, S, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPAN: tl.constexpr):
+    """The dense S tile [BLOCK_K, BLOCK_N] (values' dtype, zeros where no bit is set) and its per-column popcount.
+
+    values is [S, N] row-major: a column's nonzeros are N apart and neighbouring columns' ranks differ, so loading
+    each set bit's value where it lies (SPAN=0) gives every lane its own row: one sector per lane, shared with the
+    tile's other loads only through L1. SPAN=1 loads the rows the tile can use instead, [lo, lo + BLOCK_K) with lo
+    the columns' least offset, as one block (16-byte loads along N, a row's BLOCK_N values in one or two sectors),
+    and picks each set bit's value out of it in registers (tl.gather along the rows); a set bit past the block (a
+    column whose offset is BLOCK_K / 2 or more above another's, at 50% density) is loaded where it lies, in a branch
+    taken only by such tiles. The autotuner times both."""
+    bits, rows, count = _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
+    used = bits != 0
+    if SPAN:
+        lo = tl.min(tl.where(mask_n, off, 2147483647), axis=0)
+        rr = lo + tl.arange(0, BLOCK_K)
+        block = tl.load(v_ptr + rr[:, None] * N + rn[None, :], mask=(rr < S)[:, None] & mask_n[None, :], other=0.0)
+        at = rows - lo
+        inside = (at >= 0) & (at < BLOCK_K)  # (at < 0 only in the columns past N, which use nothing)
+        vals = tl.gather(block, tl.where(inside, at, 0), 0)
+        vals = tl.where(used & inside, vals, tl.zeros_like(vals))
+        outside = used & (at >= BLOCK_K)
+        if tl.max(outside.to(tl.int32)) > 0:
+            far = tl.load(v_ptr + rows * N + rn[None, :], mask=outside, other=0.0)
+            vals = tl.where(outside, far, vals)
+    else:
+        vals = tl.load(v_ptr + rows * N + rn[None, :], mask=used, other=0.0, eviction_policy="evict_first")
+    return vals, count
 
 
 @triton.jit
@@ -78,8 +129,8 @@ def _split_offsets(off_ptr, k_lo, K, rn, mask_n, N):
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, stride_zm, SPLIT_K,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, S, stride_zm, SPLIT_K,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
     """Decode: y[m, n] (m < M <= BLOCK_M <= 4) = sum over this split's atoms k of z[m, k] S[k, n], no tensor cores."""
     k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,7 +139,7 @@ def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W
     rk = k_lo + tl.arange(0, BLOCK_K)
     acc0, acc1, acc2, acc3 = gemv_accumulators(True, BLOCK_N, BLOCK_K)  # [BLOCK_K, BLOCK_N] each
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        s, count = _decode_tile(v_ptr, bm_ptr, k0 // 32, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
+        s, count = _decode_tile(v_ptr, bm_ptr, k0 // 32, off, rn, mask_n, N, W, S, BLOCK_K, BLOCK_N, SPAN)
         off += count
         s = s.to(tl.float32)
         mask_k = rk < K
@@ -99,9 +150,9 @@ def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, stride_zm, SPLIT_K,
+def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, S, stride_zm, SPLIT_K,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr = 8, DOT_F32: tl.constexpr = False):
+                       SPAN: tl.constexpr, GROUP_M: tl.constexpr = 8, DOT_F32: tl.constexpr = False):
     """Tensor cores: acc[n, m] += S^T[n, k-tile] . z[m, k-tile]^T, S decoded in registers to z's dtype."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
@@ -117,7 +168,7 @@ def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         zt = tl.load(z_ptrs, mask=mask_m[:, None] & (rk < K)[None, :], other=0.0, eviction_policy="evict_last")
-        s, count = _decode_tile(v_ptr, bm_ptr, k0 // 32, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
+        s, count = _decode_tile(v_ptr, bm_ptr, k0 // 32, off, rn, mask_n, N, W, S, BLOCK_K, BLOCK_N, SPAN)
         off += count
         acc = tl.dot(tl.trans(s.to(dt)), tl.trans(zt.to(dt)), acc=acc, input_precision=PRECISION,
                      out_dtype=tl.float32)
@@ -127,8 +178,8 @@ def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, 
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, SPLIT_K,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, S, SPLIT_K,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
     """grad_z for M <= BLOCK_M <= 4 tokens: gz[m, k] = sum over this split's columns n of g[m, n] S[k, n]. Grid
     (K / BLOCK_K, SPLIT_K over N)."""
     n_lo, n_hi = k_range(N, SPLIT_K, BLOCK_N)
@@ -139,7 +190,7 @@ def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K
     for n0 in range(n_lo, n_hi, BLOCK_N):
         mask_n = rn < N
         off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
-        s, _ = _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
+        s, _ = _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, S, BLOCK_K, BLOCK_N, SPAN)
         s = s.to(tl.float32)
         acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, g_ptr, N, M, rn, mask_n, s, 1.0, False, BLOCK_M)
         rn += BLOCK_N
@@ -147,9 +198,10 @@ def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, SPLIT_K,
+def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, S, SPLIT_K,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8, DOT_F32: tl.constexpr = False):
+                         BLOCK_K: tl.constexpr, SPAN: tl.constexpr, GROUP_M: tl.constexpr = 8,
+                         DOT_F32: tl.constexpr = False):
     """grad_z by tensor cores: acc[k, m] += S[k-tile, n-tile] . g[m, n-tile]^T over this split's columns."""
     pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     n_lo, n_hi = k_range(N, SPLIT_K, BLOCK_N)
@@ -167,7 +219,7 @@ def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, 
         mask_n = rn < N
         gt = tl.load(g_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0, eviction_policy="evict_last")
         off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
-        s, _ = _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
+        s, _ = _decode_tile(v_ptr, bm_ptr, w0, off, rn, mask_n, N, W, S, BLOCK_K, BLOCK_N, SPAN)
         acc = tl.dot(s.to(dt), tl.trans(gt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
         rn += BLOCK_N
         g_ptrs += BLOCK_N
@@ -198,34 +250,41 @@ def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, 
         z_ptrs += tl.cast(K, tl.int64) * BLOCK_M
         g_ptrs += tl.cast(N, tl.int64) * BLOCK_M
     off = tl.load(off_ptr + w0 * N + rn, mask=mask_n, other=0).to(tl.int32)
-    bits, rows = _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
+    bits, rows, _ = _tile_ranks(bm_ptr, w0, off, rn, mask_n, N, W, BLOCK_K, BLOCK_N)
     tl.store(gv_ptr + rows * N + rn[None, :], acc.to(gv_ptr.dtype.element_ty), mask=bits != 0)
 
 
 # -- launch ----------------------------------------------------------------------------------------------------
 
+SPANS = (0, 1)  # the value loads of _decode_tile: each where it lies, or the tile's row span in one block
+
+
 def _gemv_configs():
-    """(BLOCK_N, BLOCK_K, warps) x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64 fp32
-    accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU)."""
-    tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (32, 128, 4), (128, 32, 4)]
-    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in SPLITS]
+    """(BLOCK_N, BLOCK_K, warps) x SPAN x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64
+    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU)."""
+    tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (128, 128, 8)]
+    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in SPANS
+            for s in SPLITS]
 
 
 def _mm_configs(fwd):
-    """Tensor-core tiles (BLOCK_N x BLOCK_K of S, BLOCK_M tokens). Decode (<= SPLIT_MAX_M tokens): BLOCK_M 16-64
-    with split-K; prefill: 64-128 x 64-256 x 32-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial,
+    """Tensor-core tiles (BLOCK_N x BLOCK_K of S, BLOCK_M tokens) x SPAN. Decode (<= SPLIT_MAX_M tokens): BLOCK_M
+    16-64 with split-K; prefill: 64-128 x 64-256 x 32-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial,
     gemlite), plus small BLOCK_K = 32 tiles for fp32 without TF32 ("ieee": the dot runs on FMA units). In the
-    transposed kernel (grad_z) BLOCK_K is the output side and BLOCK_N the reduction."""
+    transposed kernel (grad_z) BLOCK_K is the output side and BLOCK_N the reduction. The S tile's decode costs about
+    as much as its MMA at prefill, so both value loads are timed there too."""
     out = []
     for bn, bk, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
         for bm in (16, 32, 64):
             for s in SPLITS[:4]:
-                out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s))
+                for sp in SPANS:
+                    out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s))
     for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                               (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
         if not fwd:  # grad_z: the K tile is the output side, N the reduction
             bn, bk = bk, bn
-        out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1))
+        for sp in SPANS:
+            out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=1))
     return out
 
 
@@ -245,7 +304,7 @@ def _gemv_pruner(out_axis, red_axis):
         fit = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
         out = pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]),
                           lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
-                          lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps))
+                          lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPAN"], c.num_warps))
         return out or fit[:1] or configs[:1]
     return prune
 
@@ -259,17 +318,18 @@ def _mm_pruner(out_axis, red_axis, first):
         fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K / BLOCK_N <= 32 tiles only
         shaped = [c for c in configs if (min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= 32) == fma]
 
-        def need(c):  # pipelined activation tiles + the decoded S tile and its layout conversion
+        def need(c):  # pipelined activation tiles + the decoded S tile and its layout conversion (+ the gather's)
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            return c.num_stages * bm * c.kwargs[red_block] * x.element_size() + 2 * bn * bk * x.element_size()
+            return (c.num_stages * bm * c.kwargs[red_block] * x.element_size()
+                    + (2 + c.kwargs["SPAN"]) * bn * bk * x.element_size())
 
         fit = mm_fits(shaped, m, fma, smem, need)
         if m > SPLIT_MAX_M:
             return fit or configs[-1:]
         out = pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]) * cdiv(m, c.kwargs["BLOCK_M"]),
                           lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
-                          lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                     c.num_stages))
+                          lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPAN"],
+                                     c.num_warps, c.num_stages))
         return out or fit[:1] or configs[:1]
     return prune
 
@@ -287,10 +347,10 @@ _KEY = ["M", "N", "K"]
 def _split_matmul(gemv_kernel, mm_kernel, fwd):
     """The forward (y = z S: output N, reduction K) or grad_z (g S^T: output K, reduction N) kernel pair."""
     out_axis, red_axis, act = ("N", "K", "z_ptr") if fwd else ("K", "N", "g_ptr")
-    gemv = Launcher(gemv_kernel, space(_gemv_configs, config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)), _KEY,
+    gemv = Launcher(gemv_kernel, space(_gemv_configs, config(4, 1, BLOCK_N=32, BLOCK_K=64, SPAN=0, SPLIT_K=2)), _KEY,
                     _gemv_pruner(out_axis, red_axis))
     mm = Launcher(mm_kernel,
-                  space(lambda: _mm_configs(fwd), config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
+                  space(lambda: _mm_configs(fwd), config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPAN=0, SPLIT_K=2)),
                   _KEY + ["PRECISION"], _mm_pruner(out_axis, red_axis, act))
     return SplitKMatmul(gemv, mm, "BLOCK_N" if fwd else "BLOCK_K")
 
@@ -335,7 +395,7 @@ def _setup(gemv, key, act, fixed):
     if tune:
         return meta, None, bucket
     cfg = fixed(gemv, mb, not gemv and meta["PRECISION"] == "ieee")
-    return meta, config(4, 1 if gemv else 2, SPLIT_K=1, **cfg), bucket
+    return meta, config(4, 1 if gemv else 2, SPLIT_K=1, SPAN=FIXED_SPAN, **cfg), bucket
 
 
 def _key(M, n_out, n_red, act):
@@ -359,7 +419,8 @@ def dict_bitmask_matmul_triton(z, values, bitmask, word_offsets):
         if M == 0 or N == 0:
             return y
         key = _key(M, N, K, z)
-        return _FWD(key, (z, values, bitmask, word_offsets), y, (M, N, K, bitmask.shape[0], z.stride(0)), M, N,
+        return _FWD(key, (z, values, bitmask, word_offsets), y,
+                    (M, N, K, bitmask.shape[0], values.shape[0], z.stride(0)), M, N,
                     lambda gemv: _setup(gemv, key, z, _fixed_fwd))
 
 
@@ -373,7 +434,7 @@ def dict_bitmask_matmul_backward_triton(grad, z, values, bitmask, word_offsets):
         if M == 0 or K == 0 or N == 0:
             return gz.zero_(), gv.zero_()
         key = _key(M, K, N, grad)
-        _GRAD_Z(key, (grad, values, bitmask, word_offsets), gz, (M, N, K, W), M, K,
+        _GRAD_Z(key, (grad, values, bitmask, word_offsets), gz, (M, N, K, W, values.shape[0]), M, K,
                 lambda gemv: _setup(gemv, key, grad, _fixed_t))
         if grad.dtype != z.dtype:  # the dot takes one dtype: z's
             grad = grad.to(z.dtype)

@@ -190,7 +190,7 @@ def test_forced_backend_reaches_backward_on_cuda(forced, monkeypatch):
     found = _count_backward_calls(monkeypatch, device, forced, lambda loss: loss.backward())
     for name, calls in found.items():
         table = dict((n, t) for n, t, _, _ in _backward_cases(device))[name]
-        want = forced if table.why_not(forced, device) is None else "reference"  # dictionary: no cuda kernel yet
+        want = forced if table.why_not(forced, device) is None else "reference"  # a backend that cannot run it
         assert calls == {want: calls.get(want, 0)} and calls[want] >= 1, (name, calls)
 
 

@@ -3,6 +3,8 @@ reference (fwd, bwd), gradcheck, compile, errors."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from weightkit import debug_checks, native
 from weightkit.backends.cpu import dictionary as cpu_dictionary
@@ -11,6 +13,7 @@ from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import dictionary as dict_ops
 from weightkit.ops.dictionary import index_dtype_for
+from weightkit.kernels.dictionary import _popc
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -306,3 +309,100 @@ def test_bitmask_cpu_kernels_refuse_malformed_codes(tokens, corrupt):
                     lambda: dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)):
             with pytest.raises(RuntimeError, match="malformed codes"):
                 run()
+
+
+def _far_offsets_inputs(n, device="cpu"):
+    """k = 256, s = 128, 40 columns: column 0 uses atoms 0..127, column 1 atoms 128..255 (so at atom 64 their
+    offsets differ by 64 and more: a 64-atom tile's values span more than its 64 rows), the others random atoms."""
+    k, s, d_out = 256, 128, 40
+    idx = torch.rand(k, d_out).argsort(0)[:s]
+    idx[:, 0] = torch.arange(0, 128)
+    idx[:, 1] = torch.arange(128, 256)
+    bitmask, values, offsets = pack_bitmask(idx.to(device), torch.randn(s, d_out, device=device), k)
+    return torch.randn(n, k, device=device), values, bitmask, offsets
+
+
+@pytest.mark.parametrize("span", [0, 1])
+@pytest.mark.parametrize("n", [1, 3, 20])  # the GEMV (<= 4 tokens) and the tensor-core kernels
+@pytest.mark.parametrize("inputs", ["random", "far offsets"])
+def test_bitmask_triton_value_loads(monkeypatch, span, n, inputs):
+    """Both value loads of the Triton decode (SPAN 0: each value where it lies; 1: the tile's row span in one block,
+    picked in registers, set bits past the block loaded where they lie), in the forward and both gradients, on random
+    codes and on codes whose columns' offsets differ by more than a tile (the far branch)."""
+    from weightkit.kernels import _shared, dictionary as kernels
+
+    if torch.cuda.is_available():
+        pytest.skip("the fixed configs are those of small layers; the compiled path runs in the tuned-path test")
+    monkeypatch.setattr(kernels, "FIXED_SPAN", span)
+    _shared.clear_launch_caches()
+    try:
+        if inputs == "random":
+            z, values, bitmask, offsets = bitmask_inputs(n, 300, 140, 70)
+        else:
+            z, values, bitmask, offsets = _far_offsets_inputs(n)
+        g = torch.randn(n, values.shape[1])
+        y = kernels.dict_bitmask_matmul_triton(z, values, bitmask, offsets)
+        gz, gv = kernels.dict_bitmask_matmul_backward_triton(g, z, values, bitmask, offsets)
+    finally:
+        _shared.clear_launch_caches()
+    gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
+    torch.testing.assert_close(y.double(), bitmask_ref64(z, values, bitmask), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gz.double(), gz64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gv.double(), gv64, rtol=1e-5, atol=1e-4)
+
+
+@triton.jit
+def _popc_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    tl.store(y_ptr + r, _popc(tl.load(x_ptr + r)))
+
+
+def test_bitmask_popcount():
+    """The decode's popcount (under the interpreter the SWAR form; on a GPU the popc instruction) on int32 words of
+    every sign, against Python's bit count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randint(-2**31, 2**31 - 1, (256,), dtype=torch.int32)
+    x[:4] = torch.tensor([0, -1, -2**31, 2**31 - 1], dtype=torch.int32)
+    y = torch.empty_like(x, device=device)
+    _popc_kernel[(1,)](x.to(device), y, BLOCK=256)
+    expected = torch.tensor([bin(v & 0xFFFFFFFF).count("1") for v in x.tolist()], dtype=torch.int32)
+    assert torch.equal(y.cpu(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37])
+def test_bitmask_cuda_decode_passes(dtype, n):
+    """The cuda backend where columns hold more nonzeros than a block stages at once (481 fp32, 910 bf16 rows: the
+    kernels take several passes), k not a multiple of 32, and d_out not a multiple of the 16-column tile; grad_values
+    is deterministic (each entry written once)."""
+    from weightkit.ops.dictionary import _BM_FWD
+
+    if _BM_FWD.why_not("cuda", torch.device("cuda")) is not None:
+        pytest.skip(_BM_FWD.why_not("cuda", torch.device("cuda")))
+    z, values, bitmask, offsets = bitmask_inputs(n, 2100, 1000, 77, dtype, "cuda")
+    g = torch.randn(n, 77, device="cuda").to(dtype)
+    with use_backend("cuda"):
+        y = dict_bitmask_matmul(z, values, bitmask, offsets)
+        gz, gv = dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)
+        gz2, gv2 = dict_ops._bm_bwd_op(g, z, values, bitmask, offsets)
+    assert torch.equal(gv, gv2) and torch.equal(gz, gz2)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
+    torch.testing.assert_close(y.double(), bitmask_ref64(z, values, bitmask), rtol=tol, atol=tol * 2100 ** 0.5)
+    torch.testing.assert_close(gz.double(), gz64, rtol=tol, atol=tol * 77 ** 0.5)
+    torch.testing.assert_close(gv.double(), gv64, rtol=tol, atol=tol * n ** 0.5)
+    dense_t = dict_ops.bitmask_to_dense(bitmask, values, 2100).T
+    from weightkit.backends.cuda import dictionary as cuda_dictionary
+    assert torch.equal(cuda_dictionary._dense_t(values, bitmask, offsets, 2100, values.dtype), dense_t)
+
+
+def test_bitmask_cuda_backend_is_registered_and_falls_back():
+    """The cuda implementation is in both tables (auto on CUDA: triton first, then cuda); where it cannot run (no
+    CUDA tensor, no CUDA library) the table says why, so auto takes another backend."""
+    for table in (dict_ops._BM_FWD, dict_ops._BM_BWD):
+        assert "cuda" in table.impls and table.cuda_order == ("triton", "cuda")
+        assert table.why_not("cuda", torch.device("cpu")).startswith("the cuda backend runs CUDA tensors")
+    if native.CUDA is None:
+        assert "CUDA kernel library unusable" in dict_ops._BM_FWD.why_not("cuda", torch.device("cuda"))

@@ -4,7 +4,9 @@ A weight with nn.Linear's convention y = x W^T is stored as W^T (d_in x d_out) =
 (k x d_out) with exactly s nonzeros per column. With Z = x D (a dense matmul, tokens x k), ``dict_bitmask_matmul``
 applies S, kept in CoSpaDi's bitmask format (a bit per atom and column, the nonzeros in atom order, per-word
 offsets); see the section comment before it. Backends: reference, cpu (C kernels reading the bitmask directly up to a
-few tokens, S^T decoded to dense around torch's BLAS beyond) and triton (no cuda kernel yet: CUDA tensors run Triton).
+few tokens, S^T decoded to dense around torch's BLAS beyond), triton (S decoded tile by tile in registers: a split-K
+GEMV for decode, tensor-core tiles beyond) and cuda (S^T decoded to a dense matrix in the activation's dtype by a CUDA
+kernel, then cuBLAS).
 
 S given as ELL (``values`` + ``indices``, s x d_out; what older DictLinear checkpoints hold) is converted with
 :func:`pack_bitmask` (weightkit.nn.dictionary does so on load).
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from ..backends.cpu import dictionary as cpu_dictionary
+from ..backends.cuda import dictionary as cuda_dictionary
 from ..backends.triton import dictionary as triton_dictionary
 from ._checks import FLOAT_DTYPES, check_tensor, require_finite
 from ._registry import define
@@ -178,8 +181,11 @@ def check_bitmask_data(bitmask: Tensor, k: int, s: int, word_offsets: Optional[T
 
 
 OFFSET_DTYPES = (torch.uint8, torch.int16, torch.int32)
-_BM_FWD = KernelTable("dict_bitmask_matmul", cuda_order=("triton",))
-_BM_BWD = KernelTable("dict_bitmask_matmul_backward", cuda_order=("triton",))
+# On CUDA, triton first: its kernels decode S in registers and read the codes once, which decode sizes (bound by the
+# bytes read) need; cuda decodes S to a dense S^T per call (k d_out more writes and reads) around cuBLAS, which can
+# only pay where the GEMM dominates. The measured auto (weightkit.backend) picks per shape.
+_BM_FWD = KernelTable("dict_bitmask_matmul", cuda_order=("triton", "cuda"))
+_BM_BWD = KernelTable("dict_bitmask_matmul_backward", cuda_order=("triton", "cuda"))
 
 
 def _check_bitmask_args(z: Tensor, values: Tensor, bitmask: Tensor, word_offsets: Tensor) -> None:
@@ -237,7 +243,7 @@ def dict_bitmask_matmul_backward_reference(grad: Tensor, z: Tensor, values: Tens
     return grad_z.to(z.dtype), grad_values.to(values.dtype)
 
 
-for _name, _module in (("cpu", cpu_dictionary), ("triton", triton_dictionary)):
+for _name, _module in (("cpu", cpu_dictionary), ("cuda", cuda_dictionary), ("triton", triton_dictionary)):
     _BM_FWD.register(_name)(_module.dict_bitmask_matmul)
     _BM_BWD.register(_name)(_module.dict_bitmask_matmul_backward)
 
@@ -276,6 +282,7 @@ def _check_bitmask_grad(grad: Tensor, z: Tensor, values: Tensor, bitmask: Tensor
 def dict_bitmask_matmul(z: Tensor, values: Tensor, bitmask: Tensor, word_offsets: Tensor) -> Tensor:
     """``y = z S`` with S (k x d_out) in the bitmask format (see the section comment above: k = z.shape[1], s =
     values.shape[0]); differentiable in z and values, the bitmask is frozen. Backends: ``reference`` (the spec,
-    plain torch), ``cpu`` (the compiled CPU kernels: auto's choice on CPU) and ``triton`` (CUDA, or CPU under
-    TRITON_INTERPRET=1; auto's choice on CUDA, which has no compiled kernel for this op yet)."""
+    plain torch), ``cpu`` (the compiled CPU kernels: auto's choice on CPU), ``triton`` (CUDA, or CPU under
+    TRITON_INTERPRET=1; the fused kernels, auto's first choice on CUDA) and ``cuda`` (S^T decoded to dense + cuBLAS;
+    auto's choice on CUDA where Triton is missing)."""
     return _bm_fwd_op(z, values, bitmask, word_offsets)
