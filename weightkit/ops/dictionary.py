@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable
+from ..backend import KernelTable, token_bucket
 from ..backends.cpu import dictionary as cpu_dictionary
 from ..backends.cuda import dictionary as cuda_dictionary
 from ..backends.triton import dictionary as triton_dictionary
@@ -184,8 +184,22 @@ OFFSET_DTYPES = (torch.uint8, torch.int16, torch.int32)
 # On CUDA, triton first: its kernels decode S in registers and read the codes once, which decode sizes (bound by the
 # bytes read) need; cuda decodes S to a dense S^T per call (k d_out more writes and reads) around cuBLAS, which can
 # only pay where the GEMM dominates. The measured auto (weightkit.backend) picks per shape.
-_BM_FWD = KernelTable("dict_bitmask_matmul", cuda_order=("triton", "cuda"))
-_BM_BWD = KernelTable("dict_bitmask_matmul_backward", cuda_order=("triton", "cuda"))
+# auto by measurement per regime (weightkit/backend.py, "Measured choice"): the fused Triton kernels against the
+# cuda backend's decode + cuBLAS, per token bucket, S's shape (k atoms, s values per column, d_out) and dtypes; the
+# matmul precision counts for fp32 (TF32 speeds up cuBLAS and the Triton dots alike, not the decode).
+
+
+def _fwd_regime(z, values, bitmask, word_offsets):
+    return (token_bucket(z.shape[0]), z.shape[1], tuple(values.shape), z.dtype, values.dtype,
+            torch.backends.cuda.matmul.allow_tf32)
+
+
+def _bwd_regime(grad, z, values, bitmask, word_offsets):
+    return _fwd_regime(z, values, bitmask, word_offsets)
+
+
+_BM_FWD = KernelTable("dict_bitmask_matmul", cuda_order=("triton", "cuda"), regime=_fwd_regime)
+_BM_BWD = KernelTable("dict_bitmask_matmul_backward", cuda_order=("triton", "cuda"), regime=_bwd_regime)
 
 
 def _check_bitmask_args(z: Tensor, values: Tensor, bitmask: Tensor, word_offsets: Tensor) -> None:
