@@ -238,10 +238,12 @@ def pick_splits(configs, tiles, k_steps, sms, key, unsplit_when_full=False):
 #
 # The partials and counters (SplitScratch) are cached per (device, stream), not allocated per call: launches on one
 # stream run one after another, so they can share one buffer; launches on two streams must not (they would mix
-# counts), hence the stream in the key. A buffer is grown (to the next power of two) outside graph capture only; the
-# replaced buffer is kept alive, since a graph captured earlier still points at it. A launch captured when the cached
-# buffer is too small gets its own buffers from the graph's pool (its counters zeroed by a captured memset). Like
-# cuBLAS's per-stream workspace, two graphs captured on the same stream must not be replayed concurrently.
+# counts), hence the stream in the key. Buffers grow (to the next power of two) outside graph capture only, and the
+# replaced ones stay alive, since a graph captured earlier still points at them. Each growth also grows a pair kept for
+# captures: a launch captured on a stream that has no buffers of its own (torch.cuda.graph captures on a stream of its
+# own) takes that pair, zeroed when it was made, so the graph holds no zeroing node; only a launch whose first call is
+# inside a capture gets graph-private buffers (its counters zeroed by a captured memset at each replay). Like cuBLAS's
+# per-stream workspace, graphs sharing buffers (captured on one stream) must not be replayed concurrently.
 
 def _stream_key(device):
     if device.type != "cuda":
@@ -254,7 +256,7 @@ class SplitScratch:
     """fp32 partials and int32 arrival counters of one-launch split-K matmuls, per (device, stream)."""
 
     def __init__(self):
-        self.buffers = {}  # (device, stream) -> (partials fp32, counters int32)
+        self.buffers = {}  # (device, stream or "capture") -> (partials fp32, counters int32)
         self.retired = []  # replaced buffers: graphs captured before may still use them
         self.unsplit = {}  # device -> a one-element int32 tensor, the counters argument of unsplit launches
 
@@ -270,20 +272,30 @@ class SplitScratch:
         key = (device, _stream_key(device))
         bufs = self.buffers.get(key)
         if bufs is None or bufs[0].numel() < split * numel or bufs[1].numel() < tiles:
-            bufs = self._grow(key, bufs, split * numel, tiles)
+            bufs = self._slow_path(key, split * numel, tiles)
         return bufs
 
-    def _grow(self, key, bufs, parts, tiles):
+    def _slow_path(self, key, parts, tiles):
         device = key[0]
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            bufs = self.buffers.get((device, "capture"))
+            if bufs is not None and bufs[0].numel() >= parts and bufs[1].numel() >= tiles:
+                return bufs
             # a zeros() here is a captured memset, not run now: private buffers for this captured launch only
             return (torch.empty(parts, dtype=torch.float32, device=device),
                     torch.zeros(tiles, dtype=torch.int32, device=device))
-        if bufs is not None:
-            self.retired.append(bufs)
-            parts, tiles = max(parts, bufs[0].numel()), max(tiles, bufs[1].numel())
-        bufs = self.buffers[key] = (torch.empty(next_pow2(parts), dtype=torch.float32, device=device),
-                                    torch.zeros(next_pow2(tiles), dtype=torch.int32, device=device))
+        self._grow((device, "capture"), parts, tiles)
+        return self._grow(key, parts, tiles)
+
+    def _grow(self, key, parts, tiles):
+        old = self.buffers.get(key)
+        if old is not None:
+            if old[0].numel() >= parts and old[1].numel() >= tiles:
+                return old
+            self.retired.append(old)
+            parts, tiles = max(parts, old[0].numel()), max(tiles, old[1].numel())
+        bufs = self.buffers[key] = (torch.empty(next_pow2(parts), dtype=torch.float32, device=key[0]),
+                                    torch.zeros(next_pow2(tiles), dtype=torch.int32, device=key[0]))
         return bufs
 
 

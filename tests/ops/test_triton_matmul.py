@@ -194,3 +194,33 @@ def test_split_k_reduces_in_the_same_launch(device, fmt, transpose, tokens, monk
         for _, counters in _shared.SCRATCH.buffers.values():
             assert not bool(counters.any()), f"split {split}: arrival counters left non-zero"
     assert any(key[0] == torch.device(device) for key in _shared.SCRATCH.buffers)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_split_k_launch_replays_in_a_cuda_graph(tokens, monkeypatch):
+    """A SPLIT_K 4 launch (one kernel: partials, arrival counters, the last program's sum) captured in a CUDA graph
+    and replayed with new inputs gives the eager result each time (the counters are back at zero after every replay);
+    captured on torch.cuda.graph's own stream after an eager call, it takes SplitScratch's capture buffers, zeroed
+    before the capture: the graph holds the kernel alone."""
+    from weightkit.kernels import _shared, int8 as k8
+
+    rows, cols, group = 512, 2048, 128
+    handed = []
+    real_get = _shared.SCRATCH.get
+    monkeypatch.setattr(_shared.SCRATCH, "get", lambda *a: handed.append(real_get(*a)) or handed[-1])
+    q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device="cuda")
+    scale = absmax_scale(torch.randn(rows, cols, device="cuda"), group)
+    x = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
+    _launch_with_split(k8, x, (q, scale), rows, cols, group, False, 4)  # eager first: plan and scratch exist
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = _launch_with_split(k8, x, (q, scale), rows, cols, group, False, 4)
+    assert handed[-1] is _shared.SCRATCH.buffers[(x.device, "capture")]
+    for _ in range(3):
+        x.copy_(torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        eager = _launch_with_split(k8, x.clone(), (q, scale), rows, cols, group, False, 4)
+        torch.testing.assert_close(y, eager, rtol=0, atol=0)
