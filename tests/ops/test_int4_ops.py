@@ -204,7 +204,7 @@ def test_sr_update_bad_input():
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_matmul_spanning_several_dequantized_blocks(transpose):
-    """The cpu/cuda kernels dequantize ~4M values at a time: a tall, narrow matrix takes several blocks."""
+    """The cpu backend dequantizes ~4M values at a time: a tall, narrow matrix takes several blocks."""
     rows, cols, group = (1 << 21) + 6, 2, 4
     w = torch.randn(rows, cols)
     packed, scale, zero = quantize_int4(w, group)

@@ -59,7 +59,7 @@ DEQUANT_BLOCK_ALIGN = 128
 
 
 def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
-                   block_bytes: int = DEQUANT_BLOCK_BYTES) -> Tensor:
+                   block_bytes: Optional[int] = None) -> Tensor:
     """y = x W^T (transpose=False) or x W (transpose=True) for a 2-D x (any strides) and a quantized W (rows x cols):
     W is dequantized to x's dtype, a block of output features at a time, and each block multiplied by torch.mm
     (cuBLAS on a GPU: 16-bit x on tensor cores with fp32 accumulation; fp32 x in fp32, or TF32 where
@@ -68,7 +68,7 @@ def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Ca
 
     Blocks run along the output features, so each block's product is final (no accumulation across blocks in a
     16-bit dtype): rows of W for transpose=False, columns of W for transpose=True; each product goes to its column
-    range of y. Output in x's dtype."""
+    range of y. Output in x's dtype. ``block_bytes``: DEQUANT_BLOCK_BYTES unless given."""
     tokens = x.shape[0]
     n_out, k = (cols, rows) if transpose else (rows, cols)
     y = torch.empty((tokens, n_out), dtype=x.dtype, device=x.device)
@@ -76,7 +76,7 @@ def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Ca
         return y
     if k == 0:
         return y.zero_()
-    step = max(1, block_bytes // (k * x.element_size()))
+    step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * x.element_size()))
     if step < n_out:
         step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
     step = min(step, n_out)
