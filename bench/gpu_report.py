@@ -321,6 +321,9 @@ def _backends(table):
 
 
 def quant():
+    """Issue 24 item 2 first: Int8Linear (8192^2 g128) and int4_matmul (g64) in bf16 at QUANT_TOKENS, each backend
+    (triton: the fused kernels; cuda: dequantize to bf16 + cuBLAS) against bf16 nn.Linear, CUDA-graph replay at <= 16
+    tokens; forward + backward at the most tokens; then stochastic rounding, the peers, P^T G and torch.compile."""
     from weightkit.nn import Int8Linear
     from weightkit.ops import int4, int8 as q
 
@@ -357,16 +360,66 @@ def quant():
     except Exception as exc:  # noqa: BLE001
         print(f"  (bitsandbytes unavailable: {type(exc).__name__}: {exc})")
     int4_rows = os.environ.get("QUANT_INT4", "1") == "1"
+    # Decode sizes (<= 16 tokens): the CUDA-graph replay always (kernel_ms: the issue's "graph replay" targets) beside
+    # the eager call time (ms); triton = the fused kernels, cuda = dequantize to bf16 + cuBLAS.
     for tokens in QUANT_TOKENS:  # Int8Linear first (the issue's targets), then INT4 and the peers
         x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
         base = f"bf16 nn.Linear {tokens}x{d}x{d}"
         fl = 2 * tokens * d * d
+        replay = "always" if tokens <= 16 else True
         with torch.no_grad():
-            row("quant", base, lambda: lin_bf16(x), bytes=2 * d * d + 4 * tokens * d, flops=fl)
+            row("quant", base, lambda: lin_bf16(x), bytes=2 * d * d + 4 * tokens * d, flops=fl, graph=replay)
             for b in _backends(q._INT8_MM)[::-1]:
                 with _wk_backend(b):
                     row("quant", f"Int8Linear g128 {b} {tokens} tok", lambda: layer(x), base=base,
-                        bytes=d * d + d * d // 128 * 4 + 4 * tokens * d, flops=fl)
+                        bytes=d * d + d * d // 128 * 4 + 4 * tokens * d, flops=fl, graph=replay)
+    # backward at the most tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + its weight's .grad)
+    tokens = QUANT_TOKENS[-1]
+    x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+
+    def linear_backward():
+        y = lin_bf16(x)
+        return lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g, retain_graph=True)
+
+    row("quant", f"bf16 nn.Linear backward {tokens} tok", setup=linear_backward)
+    base = f"bf16 nn.Linear fwd+bwd {tokens} tok"
+    row("quant", base, lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
+    for b in _backends(q._INT8_MM)[::-1]:
+        def fb():
+            layer.weight.grad = None
+            with _wk_backend(b):
+                yy = layer(x)
+                torch.autograd.grad(yy, (x,), g)
+        row("quant", f"Int8Linear fwd+bwd {b} {tokens} tok", fb, base=base)
+    for tokens in QUANT_TOKENS:
+        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+        base = f"bf16 nn.Linear {tokens}x{d}x{d}"
+        fl = 2 * tokens * d * d
+        replay = "always" if tokens <= 16 else True
+        with torch.no_grad():
+            for b in (_backends(int4._MM)[::-1] if int4_rows else []):
+                with _wk_backend(b):
+                    row("quant", f"int4_matmul g64 {b} {tokens} tok",
+                        lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)), base=base, flops=fl,
+                        bytes=d * d // 2 + d * d // 64 * 5 + 4 * tokens * d, graph=replay)
+            for bname, bl in bnb_layers.items():
+                row("quant", f"{bname} {tokens} tok", lambda: bl(x), base=base, flops=fl)
+            if tiny is not None:
+                row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
+                    lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
+    # INT4 forward + input gradient at the most tokens (the INT4 matrix is frozen: no weight gradient) vs bf16
+    # nn.Linear's forward + input gradient
+    tokens = QUANT_TOKENS[-1]
+    x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+    base = f"bf16 nn.Linear fwd+dgrad {tokens} tok"
+    row("quant", base, lambda: torch.autograd.grad(lin_bf16(x), (x,), g), flops=4 * tokens * d * d)
+    for b in (_backends(int4._MM)[::-1] if int4_rows else []):
+        def fb4():
+            with _wk_backend(b):
+                torch.autograd.grad(int4.int4_matmul(x, packed, sc, zp, 64, (d, d)), (x,), g)
+        row("quant", f"int4_matmul fwd+dgrad g64 {b} {tokens} tok", fb4, base=base, flops=4 * tokens * d * d)
     # stochastic rounding and the fused write-back, d^2
     big = torch.randn(d, d, device=DEV)
     scale = q.absmax_scale(big, 128)
@@ -380,40 +433,6 @@ def quant():
         with _wk_backend(b):
             row("quant", f"int8_sr_update_ {d}^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
                 bytes=big.numel() * 6 + 2 * scale.numel() * 4)
-    # backward at the most tokens: bf16 nn.Linear (dgrad + wgrad) vs Int8Linear (dgrad + its weight's .grad)
-    tokens = QUANT_TOKENS[-1]
-    x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
-
-    def linear_backward():
-        y = lin_bf16(x)
-        return lambda: torch.autograd.grad(y, (x, lin_bf16.weight), g, retain_graph=True)
-
-    row("quant", f"bf16 nn.Linear backward {tokens} tok", setup=linear_backward)
-    for b in _backends(q._INT8_MM)[::-1]:
-        def fb():
-            layer.weight.grad = None
-            with _wk_backend(b):
-                yy = layer(x)
-                torch.autograd.grad(yy, (x,), g)
-        row("quant", f"Int8Linear fwd+bwd {b} {tokens} tok", fb)
-    row("quant", f"bf16 nn.Linear fwd+bwd {tokens} tok",
-        lambda: torch.autograd.grad(lin_bf16(x), (x, lin_bf16.weight), g))
-    for tokens in QUANT_TOKENS:
-        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
-        base = f"bf16 nn.Linear {tokens}x{d}x{d}"
-        fl = 2 * tokens * d * d
-        with torch.no_grad():
-            for b in (_backends(int4._MM)[::-1] if int4_rows else []):
-                with _wk_backend(b):
-                    row("quant", f"int4_matmul g64 {b} {tokens} tok",
-                        lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)), base=base, flops=fl,
-                        bytes=d * d // 2 + d * d // 64 * 5 + 4 * tokens * d)
-            for bname, bl in bnb_layers.items():
-                row("quant", f"{bname} {tokens} tok", lambda: bl(x), base=base, flops=fl)
-            if tiny is not None:
-                row("quant", f"torch _weight_int4pack_mm g64 {tokens} tok",
-                    lambda: torch._weight_int4pack_mm(x, tiny[0], 64, tiny[1]), base=base, flops=fl)
     # Q-GaLore projection P^T G: P m x r INT4 (4096 x 1024), G m x n (4096 x 4096)
     m, r, n = PROJ
     pfl = 2 * m * r * n

@@ -77,7 +77,7 @@ void bind_cpu(py::module_& m, const char* c_name, R (*fn)(Args...)) {
 
 #define WK_CUDA_FUNCTIONS(X)                                                                                      \
   X(abi_version) X(archs) X(probe) X(error_string) X(stochastic_round_int8) X(int8_sr_update)                    \
-  X(int8_dequantize_rows) X(quantize_int4) X(dequantize_int4) X(low_rank_adam) X(memory_lookup_forward)           \
+  X(dequantize_int8) X(quantize_int4) X(dequantize_int4) X(low_rank_adam) X(memory_lookup_forward)                \
   X(memory_lookup_backward) X(memory_segment_sum) X(dict_bitmask_to_dense_t) X(dict_bitmask_gather_dense_t)
 
 // One pointer per function, typed from its declaration in weightkit.h.
@@ -169,7 +169,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cuda(cuda, "wk_cuda_probe", &CudaLibrary::probe);
   bind_cuda(cuda, "wk_cuda_stochastic_round_int8", &CudaLibrary::stochastic_round_int8);
   bind_cuda(cuda, "wk_cuda_int8_sr_update", &CudaLibrary::int8_sr_update);
-  bind_cuda(cuda, "wk_cuda_int8_dequantize_rows", &CudaLibrary::int8_dequantize_rows);
+  bind_cuda(cuda, "wk_cuda_dequantize_int8", &CudaLibrary::dequantize_int8);
   bind_cuda(cuda, "wk_cuda_quantize_int4", &CudaLibrary::quantize_int4);
   bind_cuda(cuda, "wk_cuda_dequantize_int4", &CudaLibrary::dequantize_int4);
   bind_cuda(cuda, "wk_cuda_low_rank_adam", &CudaLibrary::low_rank_adam);

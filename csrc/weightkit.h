@@ -105,14 +105,19 @@ WK_API int wk_cuda_stochastic_round_int8(const void* x, int x_dtype, const float
 WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
                                   int64_t group_size, float decay, uint64_t seed, uint64_t offset, int device,
                                   void* stream);
-// Rows [r0, r0 + rows) of the dequantized int8 matrix into buf (rows x in_f, fp32).
-WK_API int wk_cuda_int8_dequantize_rows(const int8_t* q, const float* scale, float* buf, int64_t r0, int64_t rows,
-                                        int64_t in_f, int64_t group_size, int device, void* stream);
+// The block W[r0 : r0 + rows, c0 : c0 + cols] of the dequantized int8 matrix (rows of in_f values, groups of
+// group_size along a row) into out (rows x cols, row-major, dtype out_dtype: f32/f16/bf16; q * scale in fp32, rounded
+// once to out_dtype).
+WK_API int wk_cuda_dequantize_int8(const int8_t* q, const float* scale, void* out, int out_dtype, int64_t in_f,
+                                   int64_t group_size, int64_t r0, int64_t rows, int64_t c0, int64_t cols, int device,
+                                   void* stream);
 WK_API int wk_cuda_quantize_int4(const float* x, uint8_t* packed, float* scale, uint8_t* zero, int64_t groups,
                                  int64_t group_size, int device, void* stream);
-// out[i] = W_flat[e0 + i] for i < n.
-WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, float* out,
-                                   int64_t group_size, int64_t e0, int64_t n, int device, void* stream);
+// The block W[r0 : r0 + rows, c0 : c0 + cols] of the dequantized INT4 matrix (rows of n_cols values, groups over the
+// flat index) into out (rows x cols, row-major, dtype out_dtype: f32/f16/bf16; (q - z) * s in fp32, rounded once).
+WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, void* out,
+                                   int out_dtype, int64_t n_cols, int64_t group_size, int64_t r0, int64_t rows,
+                                   int64_t c0, int64_t cols, int device, void* stream);
 WK_API int wk_cuda_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
                                  float eps, int device, void* stream);
 // MemoryFormer. Forward: token_block (1, 2 or 4) tokens per block, the tables split in `splits` runs; with splits > 1,

@@ -12,7 +12,8 @@ under ``TRITON_INTERPRET=1`` every config list holds one config, taken without t
 cached per exact shape as a ``Plan`` (kernel, grid tuple, keyword arguments), and every later call is one dict lookup
 and ``kernel[grid](*args, **kwargs)``. Nothing on that path tunes, syncs or reads the device, so the ops can be
 captured in a CUDA graph after their first eager call; split-K partials are allocated (and, where an op needs it,
-zeroed) inside the op.
+zeroed) inside the op, or, for the one-launch split-K of the int8/INT4 matmuls, taken from a buffer cached per device
+and stream (SplitScratch).
 """
 
 import contextlib
@@ -207,9 +208,10 @@ def split_partials(split, rows, cols, like):
     return torch.empty((split, rows, cols), dtype=torch.float32, device=like.device)
 
 
-def pick_splits(configs, tiles, k_steps, sms, key):
+def pick_splits(configs, tiles, k_steps, sms, key, unsplit_when_full=False):
     """Per tile shape (``key(config)``), the SPLIT_K values worth timing: the smallest giving >= 2 programs per SM
-    and twice that, with >= 2 K steps per split."""
+    and twice that, with >= 2 K steps per split; with ``unsplit_when_full``, SPLIT_K 1 alone where the output tiles
+    alone give >= 2 programs per SM (a split then only adds partials traffic)."""
     chosen = {}
     for c in configs:
         chosen.setdefault(key(c), []).append(c)
@@ -221,8 +223,101 @@ def pick_splits(configs, tiles, k_steps, sms, key):
             continue
         enough = [c for c in ok if t * c.kwargs["SPLIT_K"] >= 2 * sms] or [ok[-1]]
         first = enough[0].kwargs["SPLIT_K"]
-        out += [c for c in ok if c.kwargs["SPLIT_K"] in (first, 2 * first)]
+        out += [c for c in ok if c.kwargs["SPLIT_K"] in ((1,) if first == 1 and unsplit_when_full else
+                                                         (first, 2 * first))]
     return out
+
+
+# -- split-K in one launch (the int8 / INT4 matmuls) ---------------------------------------------------------------
+# The reduction of the two-pass path above, fused into the split launch and still deterministic: every program stores
+# its fp32 partials [s, M, N], then increments its output tile's int32 arrival counter (an acq_rel atomic, after a
+# barrier: all its threads' stores are published first). The program that arrives last (the counter read SPLIT_K - 1)
+# sums the SPLIT_K partials of the tile in split order 0, 1, ... (bypassing L1: ``.cg``), so the result does not
+# depend on which split came last, writes y in its dtype and sets the counter back to 0 for the next launch. Counters
+# are zero between launches, so a CUDA graph replays the launch as is (no zeroing node, no second kernel).
+#
+# The partials and counters (SplitScratch) are cached per (device, stream), not allocated per call: launches on one
+# stream run one after another, so they can share one buffer; launches on two streams must not (they would mix
+# counts), hence the stream in the key. Buffers grow (to the next power of two) outside graph capture only, and the
+# replaced ones stay alive, since a graph captured earlier still points at them. Each growth also grows a pair kept for
+# captures: a launch captured on a stream that has no buffers of its own (torch.cuda.graph captures on a stream of its
+# own) takes that pair, zeroed when it was made, so the graph holds no zeroing node; only a launch whose first call is
+# inside a capture gets graph-private buffers (its counters zeroed by a captured memset at each replay). Like cuBLAS's
+# per-stream workspace, graphs sharing buffers (captured on one stream) must not be replayed concurrently.
+
+def _stream_key(device):
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else
+                                             torch.cuda.current_device())
+
+
+class SplitScratch:
+    """fp32 partials and int32 arrival counters of one-launch split-K matmuls, per (device, stream)."""
+
+    def __init__(self):
+        self.buffers = {}  # (device, stream or "capture") -> (partials fp32, counters int32)
+        self.retired = []  # replaced buffers: graphs captured before may still use them
+        self.unsplit = {}  # device -> a one-element int32 tensor, the counters argument of unsplit launches
+
+    def get(self, like, split, numel, tiles):
+        """(partials, counters) for a launch of ``split`` splits of ``numel`` outputs over ``tiles`` output tiles;
+        ``like`` (the output) when unsplit: the kernel stores y directly and never reads the counters."""
+        device = like.device
+        if split == 1:
+            dummy = self.unsplit.get(device)
+            if dummy is None:
+                dummy = self.unsplit[device] = torch.empty(1, dtype=torch.int32, device=device)
+            return like, dummy
+        key = (device, _stream_key(device))
+        bufs = self.buffers.get(key)
+        if bufs is None or bufs[0].numel() < split * numel or bufs[1].numel() < tiles:
+            bufs = self._slow_path(key, split * numel, tiles)
+        return bufs
+
+    def _slow_path(self, key, parts, tiles):
+        device = key[0]
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            bufs = self.buffers.get((device, "capture"))
+            if bufs is not None and bufs[0].numel() >= parts and bufs[1].numel() >= tiles:
+                return bufs
+            # a zeros() here is a captured memset, not run now: private buffers for this captured launch only
+            return (torch.empty(parts, dtype=torch.float32, device=device),
+                    torch.zeros(tiles, dtype=torch.int32, device=device))
+        self._grow((device, "capture"), parts, tiles)
+        return self._grow(key, parts, tiles)
+
+    def _grow(self, key, parts, tiles):
+        old = self.buffers.get(key)
+        if old is not None:
+            if old[0].numel() >= parts and old[1].numel() >= tiles:
+                return old
+            self.retired.append(old)
+            parts, tiles = max(parts, old[0].numel()), max(tiles, old[1].numel())
+        bufs = self.buffers[key] = (torch.empty(next_pow2(parts), dtype=torch.float32, device=key[0]),
+                                    torch.zeros(next_pow2(tiles), dtype=torch.int32, device=key[0]))
+        return bufs
+
+
+SCRATCH = SplitScratch()
+
+
+@triton.jit
+def splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tile):
+    """The one-launch reduction (see above), called by every program after it stored its partials of rows ``rm`` and
+    columns ``rn`` (nothing when SPLIT_K == 1: y is stored already). ``tile``: the output tile's counter index."""
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread of the program has stored its partials
+        arrived = tl.atomic_add(c_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            step = tl.cast(M, tl.int64) * N
+            acc = tl.load(p_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                acc += tl.load(p_ptr + s * step + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed", scope="gpu")  # every split has arrived: ready for reuse
 
 
 # -- Philox stream of weightkit.ops.rng ----------------------------------------------------------------------------
@@ -426,15 +521,17 @@ SPLITS = (1, 2, 4, 8, 16)
 
 class SplitKMatmul:
     """The launch of a GEMV kernel (M <= GEMV_MAX_M tokens, no tensor cores) or a tensor-core kernel (more tokens)
-    writing ``out`` (M x n_out), directly or, with SPLIT_K > 1, through fp32 partials [SPLIT_K, M, n_out] summed by
-    splitk_sum_kernel. Both kernels take ``(*lead, out, partials, *tail)`` and SPLIT_K and the BLOCK_* sizes from the
-    config; ``out_block`` names the block size along n_out.
+    writing ``out`` (M x n_out), directly or, with SPLIT_K > 1, through fp32 partials [SPLIT_K, M, n_out]. Two-pass
+    (default): the kernels take ``(*lead, out, partials, *tail)`` and splitk_sum_kernel sums the partials; ``fused``:
+    they take ``(*lead, out, partials, counters, *tail)`` and reduce in the same launch (splitk_finish; partials and
+    counters from SCRATCH). SPLIT_K and the BLOCK_* sizes come from the config; ``out_block`` names the block size
+    along n_out.
 
     ``__call__(key, ...)``: ``key`` holds everything the launch depends on (exact M included); on its first call,
     ``setup(gemv)`` gives (constexprs, the fixed config or None to tune, the config bucket: key with M bucketed)."""
 
-    def __init__(self, gemv: Launcher, mm: Launcher, out_block: str):
-        self.gemv, self.mm, self.out_block = gemv, mm, out_block
+    def __init__(self, gemv: Launcher, mm: Launcher, out_block: str, fused: bool = False):
+        self.gemv, self.mm, self.out_block, self.fused = gemv, mm, out_block, fused
 
     def grid(self, gemv, M, n_out, c):
         tiles = cdiv(n_out, c[self.out_block])
@@ -448,6 +545,10 @@ class SplitKMatmul:
             if plan is None:  # tuned: the autotuner launched the chosen config and the partials are summed
                 return out
         split = plan.kwargs["SPLIT_K"]
+        if self.fused:
+            plan.kernel[plan.grid](*lead, out, *SCRATCH.get(out, split, M * n_out, plan.grid[0]), *tail,
+                                   **plan.kwargs)
+            return out
         part = split_partials(split, M, n_out, out)
         plan.kernel[plan.grid](*lead, out, part, *tail, **plan.kwargs)
         if split > 1:
@@ -457,18 +558,25 @@ class SplitKMatmul:
     def _first_call(self, launcher, key, lead, out, tail, M, n_out, setup):
         gemv = launcher is self.gemv
         meta, fixed, bucket = setup(gemv)
-        part = out
+        scratch = (out,)
         if fixed is None and bucket not in launcher.chosen:
-            # the tuning launch: partials for the largest split among the candidates
+            # the tuning launch: partials for the largest split among the candidates (counters for the most tiles)
             may_split = M <= SPLIT_MAX_M or len(launcher.configs) == 1
             max_split = max(c.kwargs["SPLIT_K"] for c in launcher.configs) if may_split else 1
-            part = split_partials(max_split, M, n_out, out)
-        cfg, launched = launcher.choose(bucket, lambda c: self.grid(gemv, M, n_out, c), (*lead, out, part, *tail),
+            if self.fused:
+                tiles = max(self.grid(gemv, M, n_out, c.kwargs)[0] for c in launcher.configs)
+                scratch = SCRATCH.get(out, max_split, M * n_out, tiles)
+            else:
+                scratch = (split_partials(max_split, M, n_out, out),)
+        elif self.fused:
+            scratch = (out, out)  # not launched here (the plan launches), any tensors do
+        cfg, launched = launcher.choose(bucket, lambda c: self.grid(gemv, M, n_out, c), (*lead, out, *scratch, *tail),
                                         meta, fixed)
         launcher.plan(key, cfg, self.grid(gemv, M, n_out, cfg.kwargs), meta)
         if not launched:
             return launcher.plans[key]
-        reduce_splits(part, out, M * n_out, cfg.kwargs["SPLIT_K"])
+        if not self.fused:
+            reduce_splits(scratch[0], out, M * n_out, cfg.kwargs["SPLIT_K"])
         return None
 
 
@@ -486,6 +594,8 @@ class SplitKMatmul:
 #   acc[n, m] = sum_k W'[n, k] x[m, k], so on Hopper it feeds wgmma from registers (x comes from shared memory) and
 #   16 decode tokens still fill a 64-row MMA with weight rows. Grid (M tiles x N tiles in grouped order, SPLIT_K);
 #   SPLIT_K > 1 only up to SPLIT_MAX_M tokens.
+# Both reduce split-K partials in the same launch (splitk_finish: one kernel per call, deterministic, graph-replayable)
+# and split only where the output tiles alone give < 2 programs per SM (pick_splits, unsplit_when_full).
 # Scales: with BLOCK_K dividing G (transpose=False) a K-step lies in one group, so each weight row has one scale per
 # step: acc += dot(q, x^T) * s[n] (exact products) or the tile is scaled before the dot, whichever the autotuner
 # finds faster (SCALE_AFTER_DOT). With transpose=True the groups run along N: BLOCK_N divides G, so an N tile sees one
@@ -500,17 +610,22 @@ MM_KEY = ["M", "N", "K", "G", "PRECISION"]
 
 
 def gemv_configs(trans, wbits):
-    """GEMV tiles: >= 16 contiguous bytes per thread along W's contiguous axis, a few KB of weight per step,
+    """GEMV tiles: >= 16 contiguous bytes of weight per thread and step along W's contiguous axis (tiles with fewer
+    are dropped: at 4 bits a 32 x 64 tile is 8 bytes per thread of 4 warps), a few KB of weight per step,
     <= 64 fp32 accumulators per thread (checked in the pruner, which also picks SPLIT_K and drops tiles that
-    do not fit the group)."""
+    do not fit the group). num_stages 1: Triton does not software-pipeline loads that feed no tl.dot (sm_90 compiles
+    of these loops have no cp.async at 2 or 3 stages), so the bytes in flight per SM come from the programs resident
+    there: split K where the output tiles alone leave SMs with few programs."""
     if trans:  # (BLOCK_K, BLOCK_N, warps): BLOCK_N contiguous, divides G
         tiles = [(32, 128, 4), (64, 128, 4), (32, 64, 4), (64, 64, 4), (128, 64, 4), (128, 128, 8)]
         if wbits == 4:
             tiles += [(128, 128, 4)]
+        tiles = [(bk, bn, w) for bk, bn, w in tiles if bk * bn * wbits // 8 >= 16 * 32 * w]
         return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bk, bn, w in tiles for s in SPLITS]
     tiles = [(32, 128, 4), (64, 128, 4), (16, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8)]  # BN BK w
     if wbits == 4:
         tiles += [(128, 64, 4), (256, 64, 8)]
+    tiles = [(bn, bk, w) for bn, bk, w in tiles if bn * bk * wbits // 8 >= 16 * 32 * w]
     return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in SPLITS]
 
 
@@ -558,7 +673,7 @@ def make_gemv_pruner(trans):
                if g % (c.kwargs["BLOCK_N"] if trans else c.kwargs["BLOCK_K"]) == 0
                and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
         out = pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]), lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
-                          lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps))
+                          lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps), unsplit_when_full=True)
         return out or fit[:1] or configs[:1]
     return prune
 
@@ -602,7 +717,7 @@ def make_mm_pruner(trans, wbits):
         out = pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]) * cdiv(m, c.kwargs["BLOCK_M"]),
                           lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
                           lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                     c.num_stages))
+                                     c.num_stages), unsplit_when_full=True)
         return out or fit[:1] or configs[:1]
     return prune
 
@@ -624,7 +739,7 @@ class DequantMatmul:
                             GEMV_KEY, make_gemv_pruner(trans))
             mm = Launcher(mm_kernel, space(lambda: mm_configs(trans), mm_interpreter_config(trans)), MM_KEY,
                           make_mm_pruner(trans, wbits))
-            self.ops[trans] = SplitKMatmul(gemv, mm, "BLOCK_N")
+            self.ops[trans] = SplitKMatmul(gemv, mm, "BLOCK_N", fused=True)
 
     def autotuners(self):
         """(gemv, gemv transposed, mm, mm transposed) triton Autotuners."""

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._shared import (DequantMatmul, cdiv, dequant_int4, device_guard, gemv_accumulators, gemv_rows, gemv_store_rows,
-                      gemv_tile, k_mask, mm_tile, next_pow2, store_result, x_offsets)
+                      gemv_tile, k_mask, mm_tile, next_pow2, splitk_finish, store_result, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -88,20 +88,20 @@ def _unpack_f32(b, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk,
-                      SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_ptr, c_ptr, M, N, K, G, stride_xm,
+                      stride_xk, SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode (M <= BLOCK_M <= 4), no tensor cores; see _int8_gemv_kernel. W is rows x cols; B[k, n] = W[n, k]
     (K = cols) or, with TRANS, W[k, n] (K = rows)."""
     pid_n, k_lo, k_hi, rn, rn64, mask_n, rk = gemv_tile(N, K, SPLIT_K, BLOCK_N, BLOCK_K)
     if TRANS:  # tiles [BLOCK_K, BLOCK_N]: BLOCK_N / 2 bytes of each row k; ALIGNED: one group per row and tile
-        b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
+        b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * row_bytes + ((pid_n * BLOCK_N) // 2 +
                                                                     tl.arange(0, BLOCK_N // 2))[None, :]
-        b_step = BLOCK_K * tl.cast(N // 2, tl.int64)
+        b_step = BLOCK_K * tl.cast(row_bytes, tl.int64)
         grp = rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G
         g_step = BLOCK_K * tl.cast(N // G, tl.int64)
     else:  # tiles [BLOCK_N, BLOCK_K]: BLOCK_K / 2 bytes of each row n; ALIGNED: one group per row and step
-        b_ptrs = packed_ptr + rn64[:, None] * (K // 2) + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+        b_ptrs = packed_ptr + rn64[:, None] * row_bytes + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
         b_step = BLOCK_K // 2
         grp = rn64 * (K // G)  # + k0 // G in the loop (BLOCK_K divides G)
         g_step = 0
@@ -136,11 +136,12 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N
         rk += BLOCK_K
         x_offs += x_step
     gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
+    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, pid_n)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk,
-                    SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_ptr, c_ptr, M, N, K, G, stride_xm,
+                    stride_xk, SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
                     DOT_F32: tl.constexpr = False):
@@ -149,13 +150,13 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
     if TRANS:  # byte tiles [BLOCK_K, BLOCK_N // 2] of rows k; ALIGNED: one group per row and tile
-        b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * (N // 2) + ((pid_n * BLOCK_N) // 2 +
+        b_ptrs = packed_ptr + rk.to(tl.int64)[:, None] * row_bytes + ((pid_n * BLOCK_N) // 2 +
                                                                     tl.arange(0, BLOCK_N // 2))[None, :]
-        b_step = BLOCK_K * tl.cast(N // 2, tl.int64)
+        b_step = BLOCK_K * tl.cast(row_bytes, tl.int64)
         grp = rk.to(tl.int64) * (N // G) + (pid_n * BLOCK_N) // G
         g_step = BLOCK_K * tl.cast(N // G, tl.int64)
     else:  # byte tiles [BLOCK_N, BLOCK_K // 2] of rows n; ALIGNED: one group per row and step
-        b_ptrs = packed_ptr + rn64[:, None] * (K // 2) + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+        b_ptrs = packed_ptr + rn64[:, None] * row_bytes + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
         b_step = BLOCK_K // 2
         grp = rn64 * (K // G)  # + k0 // G in the loop (BLOCK_K divides G)
         g_step = 0
@@ -198,6 +199,7 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, p_ptr, M, N, 
         rk += BLOCK_K
         x_ptrs += x_step
     store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
+    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
 
 
 _MATMUL = DequantMatmul(_int4_gemv_kernel, _int4_mm_kernel, 4, lambda: TUNE_MIN_WEIGHT)
@@ -210,4 +212,7 @@ def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose
     n, k = (cols, rows) if transpose else (rows, cols)
     with device_guard(x.device):
         y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-        return _MATMUL(x, (packed, scale, zero), y, n, k, group_size, bool(transpose), aligned=cols % group_size == 0)
+        # row_bytes = cols // 2, an argument of its own: Triton knows it divisible by 16 when it is (cols % 32 == 0), so
+        # the packed rows load with 16-byte vectors (from K // 2 it would only know 8)
+        return _MATMUL(x, (packed, scale, zero, cols // 2), y, n, k, group_size, bool(transpose),
+                       aligned=cols % group_size == 0)

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, device_guard, gemv_accumulators, gemv_rows,
                       gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, philox_uniform, philox_uniform4, space,
-                      store_result, x_offsets)
+                      splitk_finish, store_result, x_offsets)
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _i8_to_f32(q):
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, SPLIT_K,
+def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stride_xm, stride_xk, SPLIT_K,
                       TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode: y[m, n] (m < M <= BLOCK_M <= 4) = sum over this split's k of x[m, k] B[k, n], no tensor cores.
@@ -107,10 +107,11 @@ def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, 
         x_offs += x_step
         w_ptrs += w_step
     gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
+    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, pid_n)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, stride_xk, SPLIT_K,
+def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stride_xm, stride_xk, SPLIT_K,
                     TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
@@ -163,6 +164,7 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, M, N, K, G, stride_xm, st
         x_ptrs += x_step
         w_ptrs += w_step
     store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
+    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
 
 
 _MATMUL = DequantMatmul(_int8_gemv_kernel, _int8_mm_kernel, 8, lambda: TUNE_MIN_WEIGHT)

@@ -24,6 +24,27 @@ def usable_backends(table, device):
     return [b for b in backend.BACKENDS if table.why_not(b, device) is None]
 
 
+# Unit roundoff of each float dtype (half an ulp of 1): the precision contracts of the quantized matmuls use it.
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def assert_quantized_matmul_contract(y, x, w64, transpose, label=""):
+    """int8_matmul / int4_matmul's precision contract (their docstrings: the weight may be rounded once to x's dtype,
+    fp32 products and sums, the output rounded once) against float64: |y - ref| <= u |ref| + (u + K 2^-23) S with
+    S = |x| @ |W^T| and u x's unit roundoff, times 2 for the second-order terms. A worst-case bound: a wrong value
+    (scale, group, index, a missing block) exceeds it, and so does, for fp32 x, a weight rounded to a 16-bit dtype."""
+    wt = w64 if transpose else w64.T
+    ref = x.double() @ wt
+    terms = x.double().abs() @ wt.abs()
+    u = UNIT_ROUNDOFF[x.dtype]
+    bound = 2 * (u * ref.abs() + (u + wt.shape[0] * 2.0 ** -23) * terms)
+    assert y.dtype == x.dtype and y.shape == ref.shape, f"{label}: {y.dtype} {tuple(y.shape)}"
+    err = (y.double() - ref).abs()
+    excess = err - bound
+    assert bool(torch.isfinite(y).all()) and float(excess.max()) <= 0, (
+        f"{label}: max |err| {float(err.max()):.3g}, worst excess over the contract {float(excess.max()):.3g}")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow (minutes on 2 cores): run with WEIGHTKIT_RUN_SLOW=1")

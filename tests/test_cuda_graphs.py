@@ -88,13 +88,19 @@ CASES = {
     "int8_matmul": {
         "1tok": lambda d: (_randn(1, 512, device=d), *_int8_weight(256, 512, 64, d), 64, False),
         "40tok": lambda d: (_randn(40, 512, device=d), *_int8_weight(256, 512, 64, d), 64, False),
-        "40tok-transpose": lambda d: (_randn(40, 256, device=d), *_int8_weight(256, 512, 64, d), 64, True)},
+        "40tok-transpose": lambda d: (_randn(40, 256, device=d), *_int8_weight(256, 512, 64, d), 64, True),
+        # 1M weights: the autotuned Triton launch (split K in the same launch where the tuner splits)
+        "1tok-1024x1024-tuned": lambda d: (_randn(1, 1024, device=d), *_int8_weight(1024, 1024, 128, d), 128, False),
+        "16tok-1024x1024-tuned": lambda d: (_randn(16, 1024, device=d), *_int8_weight(1024, 1024, 128, d), 128,
+                                            False)},
     "quantize_int4": {"128x256-g64": lambda d: (_randn(128, 256, device=d), 64)},
     "dequantize_int4": {"128x256-g64": lambda d: (*_int4(128, 256, 64, d), 64, [128, 256])},
     "int4_matmul": {
         "1tok": lambda d: (_randn(1, 256, device=d), *_int4(128, 256, 64, d), 64, [128, 256], False),
         "40tok": lambda d: (_randn(40, 256, device=d), *_int4(128, 256, 64, d), 64, [128, 256], False),
-        "40tok-transpose": lambda d: (_randn(40, 128, device=d), *_int4(128, 256, 64, d), 64, [128, 256], True)},
+        "40tok-transpose": lambda d: (_randn(40, 128, device=d), *_int4(128, 256, 64, d), 64, [128, 256], True),
+        "1tok-1024x1024-tuned": lambda d: (_randn(1, 1024, device=d), *_int4(1024, 1024, 64, d), 64, [1024, 1024],
+                                           False)},
     "galore_adam_update_": {"left": lambda d: _galore(d, left=True), "right": lambda d: _galore(d, left=False)},
     "memory_lookup_forward": {
         "1tok": lambda d: (_randn(1, 64, device=d), _tables(16, 4, 128, d), 1.0),

@@ -59,6 +59,44 @@ bool dispatch_float(int dtype, F&& f) {
   }
 }
 
+// True when p may be read or written with 16-byte vector accesses.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Store the 16 floats v[0..15], rounded once to T, at dst (16-byte aligned) with 16-byte stores: 4 for fp32, 2 for bf16/fp16.
+__device__ __forceinline__ void store16(float* dst, const float* v) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) reinterpret_cast<float4*>(dst)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2],
+                                                                              v[4 * k + 3]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);  // .x = a (low half), .y = b
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* dst, const float* v) {
+  uint4 lo, hi;
+  lo.x = pack2<T>(v[0], v[1]);
+  lo.y = pack2<T>(v[2], v[3]);
+  lo.z = pack2<T>(v[4], v[5]);
+  lo.w = pack2<T>(v[6], v[7]);
+  hi.x = pack2<T>(v[8], v[9]);
+  hi.y = pack2<T>(v[10], v[11]);
+  hi.z = pack2<T>(v[12], v[13]);
+  hi.w = pack2<T>(v[14], v[15]);
+  reinterpret_cast<uint4*>(dst)[0] = lo;
+  reinterpret_cast<uint4*>(dst)[1] = hi;
+}
+
 constexpr int kThreads = 256;
 
 // Blocks for a grid-stride loop over n elements, capped (the loop covers the rest).

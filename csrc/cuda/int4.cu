@@ -1,7 +1,7 @@
 // CUDA kernels for INT4 projection matrices (spec: weightkit/ops/int4.py). Divisions and roundings are the IEEE
 // round-to-nearest intrinsics (__fdiv_rn, rintf) and the build uses --fmad=false, so results match the reference
-// bit for bit. The INT4 matmul dequantizes a block of rows at a time with wk_cuda_dequantize_int4 and multiplies it
-// with cuBLAS through torch (weightkit/backends/cuda), on the same stream.
+// bit for bit. The INT4 matmul dequantizes a block of rows (or columns) at a time to the activation dtype with
+// wk_cuda_dequantize_int4 and multiplies it with cuBLAS through torch (weightkit/backends/cuda), on the same stream.
 #include <cfloat>
 
 #include "common.cuh"
@@ -47,13 +47,54 @@ __device__ __forceinline__ float dequant_at(const uint8_t* __restrict__ packed, 
   return __fmul_rn(__fsub_rn(q, static_cast<float>(zero[g])), scale[g]);
 }
 
-// out[i] = W_flat[e0 + i] for i < n.
+// The block W[r0 : r0 + rows, c0 : c0 + cols] of the dequantized matrix W (row length n_cols; groups run over the
+// flat index) into out (rows x cols, row-major), each value (q - z) * s computed in fp32 (as the reference does) and
+// rounded once to out_t. The dequantize_int4 op is the block of one row holding every value; int4_matmul's cuBLAS
+// path dequantizes blocks of rows or columns to the activation dtype (weightkit/backends/_blocked.py).
+template <typename out_t>
 __global__ void dequantize_int4_cuda_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
-                                            const uint8_t* __restrict__ zero, float* __restrict__ out, int64_t e0,
-                                            int64_t n, int64_t gs) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = dequant_at(packed, scale, zero, e0 + i, gs);
+                                            const uint8_t* __restrict__ zero, out_t* __restrict__ out, int64_t n_cols,
+                                            int64_t gs, int64_t r0, int64_t c0, int64_t cols, int64_t n) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t / cols;
+    out[t] = from_float<out_t>(dequant_at(packed, scale, zero, (r0 + i) * n_cols + c0 + (t - i * cols), gs));
+  }
+}
+
+// The same, bandwidth-bound: each thread dequantizes 32 consecutive values of a row from one 16-byte load (streamed,
+// __ldcs: the packed weight is read once) and writes them with 16-byte stores; one (scale, zero) per vector when 32
+// divides the group. The host takes it when every vector is 16-byte aligned.
+template <typename out_t, bool kOneGroup>
+__global__ void dequantize_int4_vec_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
+                                           const uint8_t* __restrict__ zero, out_t* __restrict__ out, int64_t n_cols,
+                                           int64_t gs, int64_t r0, int64_t c0, int64_t cols, int64_t vectors) {
+  const int64_t per_row = cols / 32;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < vectors;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = v / per_row, j = (v - i * per_row) * 32;
+    const int64_t e = (r0 + i) * n_cols + c0 + j;  // flat index of the vector's first value (a multiple of 32)
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(packed + e / 2));
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(&raw);
+    float w[32];
+    if (kOneGroup) {
+      const int64_t g = e / gs;
+      const float s = scale[g], z = static_cast<float>(zero[g]);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        w[2 * k] = __fmul_rn(__fsub_rn(static_cast<float>(b[k] & 0xF), z), s);
+        w[2 * k + 1] = __fmul_rn(__fsub_rn(static_cast<float>(b[k] >> 4), z), s);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 32; ++k) {
+        const int64_t g = (e + k) / gs;
+        const float q = static_cast<float>((k & 1) ? (b[k / 2] >> 4) : (b[k / 2] & 0xF));
+        w[k] = __fmul_rn(__fsub_rn(q, static_cast<float>(zero[g])), scale[g]);
+      }
+    }
+    store16(out + i * cols + j, w);
+    store16(out + i * cols + j + 16, w + 16);
   }
 }
 
@@ -72,11 +113,27 @@ WK_API int wk_cuda_quantize_int4(const float* x, uint8_t* packed, float* scale, 
   return launch_status();
 }
 
-WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, float* out,
-                                   int64_t group_size, int64_t e0, int64_t n, int device, void* stream) {
+WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, void* out,
+                                   int out_dtype, int64_t n_cols, int64_t group_size, int64_t r0, int64_t rows,
+                                   int64_t c0, int64_t cols, int device, void* stream) {
+  const int64_t n = rows * cols;
   if (n == 0) return cudaSuccess;
   const DeviceGuard guard(device);
-  dequantize_int4_cuda_kernel<<<blocks_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      packed, scale, zero, out, e0, n, group_size);
-  return launch_status();
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool vec = n_cols % 32 == 0 && c0 % 32 == 0 && cols % 32 == 0 && aligned16(packed) && aligned16(out);
+  const bool ok = dispatch_float(out_dtype, [&](auto tag) {
+    using out_t = decltype(tag);
+    out_t* o = static_cast<out_t*>(out);
+    if (!vec) {
+      dequantize_int4_cuda_kernel<out_t><<<blocks_for(n), kThreads, 0, st>>>(packed, scale, zero, o, n_cols,
+                                                                              group_size, r0, c0, cols, n);
+    } else if (group_size % 32 == 0) {
+      dequantize_int4_vec_kernel<out_t, true><<<blocks_for(n / 32), kThreads, 0, st>>>(
+          packed, scale, zero, o, n_cols, group_size, r0, c0, cols, n / 32);
+    } else {
+      dequantize_int4_vec_kernel<out_t, false><<<blocks_for(n / 32), kThreads, 0, st>>>(
+          packed, scale, zero, o, n_cols, group_size, r0, c0, cols, n / 32);
+    }
+  });
+  return launch_status(ok);
 }

@@ -1,5 +1,6 @@
 // CUDA kernels for INT8 stochastic rounding and the int8 matmul's dequantization (spec: weightkit/ops/int8.py).
-// The matmul's products are cuBLAS calls made by torch in weightkit/backends/cuda on the same stream.
+// The matmul's products are cuBLAS calls made by torch in weightkit/backends/cuda on the same stream, on the weight
+// dequantized to the activation dtype (weightkit/backends/_blocked.py, dequant_matmul).
 #include <cfloat>
 
 #include "../philox.h"
@@ -90,14 +91,47 @@ __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __rest
   if (lane == 0) scale[g] = ns;
 }
 
-// Dequantize rows [r0, r0 + rows) of w_q into buf (float32, rows x in_f).
-__global__ void dequantize_rows_kernel(const int8_t* __restrict__ q, const float* __restrict__ s,
-                                       float* __restrict__ buf, int64_t r0, int64_t rows, int64_t in_f,
-                                       int64_t group) {
-  const int64_t n = rows * in_f, base = r0 * in_f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    buf[i] = static_cast<float>(q[base + i]) * s[(base + i) / group];
+// The dequantization of int8_matmul's "dequantize to the activation dtype + cuBLAS" path: the block
+// W[r0 : r0 + rows, c0 : c0 + cols] of W = q * scale (row length in_f, groups of `group` along a row) into out (rows x
+// cols, row-major), each value q * s computed in fp32 (as the reference does) and rounded once to out_t.
+//
+// Bandwidth-bound (1 byte read, 2 or 4 written per value). The vector kernel gives each thread 16 consecutive values
+// of a row: one 16-byte load of the weight (streamed: __ldcs, evict-first, it is read once) and 16-byte stores (2 for
+// bf16/fp16, 4 for fp32); one scale per vector when 16 divides the group. The host takes it when every vector is
+// 16-byte aligned, else the scalar kernel (one value per thread).
+template <typename out_t, bool kOneScale>
+__global__ void dequantize_int8_vec_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale,
+                                           out_t* __restrict__ out, int64_t in_f, int64_t group, int64_t r0,
+                                           int64_t c0, int64_t cols, int64_t vectors) {
+  const int64_t per_row = cols / 16;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < vectors;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = v / per_row, j = (v - i * per_row) * 16;
+    const int64_t e = (r0 + i) * in_f + c0 + j;  // flat index of the vector's first value in W
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(q + e));
+    const int8_t* b = reinterpret_cast<const int8_t*>(&raw);
+    float w[16];
+    if (kOneScale) {
+      const float s = scale[e / group];
+#pragma unroll
+      for (int k = 0; k < 16; ++k) w[k] = __fmul_rn(static_cast<float>(b[k]), s);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 16; ++k) w[k] = __fmul_rn(static_cast<float>(b[k]), scale[(e + k) / group]);
+    }
+    store16(out + i * cols + j, w);
+  }
+}
+
+template <typename out_t>
+__global__ void dequantize_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale,
+                                       out_t* __restrict__ out, int64_t in_f, int64_t group, int64_t r0, int64_t c0,
+                                       int64_t cols, int64_t n) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t / cols;
+    const int64_t e = (r0 + i) * in_f + c0 + (t - i * cols);
+    out[t] = from_float<out_t>(__fmul_rn(static_cast<float>(q[e]), scale[e / group]));
   }
 }
 
@@ -135,11 +169,26 @@ WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, in
   return launch_status(ok);
 }
 
-WK_API int wk_cuda_int8_dequantize_rows(const int8_t* q, const float* scale, float* buf, int64_t r0, int64_t rows,
-                                        int64_t in_f, int64_t group_size, int device, void* stream) {
-  if (rows * in_f == 0) return cudaSuccess;
+WK_API int wk_cuda_dequantize_int8(const int8_t* q, const float* scale, void* out, int out_dtype, int64_t in_f,
+                                   int64_t group_size, int64_t r0, int64_t rows, int64_t c0, int64_t cols, int device,
+                                   void* stream) {
+  const int64_t n = rows * cols;
+  if (n == 0) return cudaSuccess;
   const DeviceGuard guard(device);
-  dequantize_rows_kernel<<<blocks_for(rows * in_f), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      q, scale, buf, r0, rows, in_f, group_size);
-  return launch_status();
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool vec = in_f % 16 == 0 && c0 % 16 == 0 && cols % 16 == 0 && aligned16(q) && aligned16(out);
+  const bool ok = dispatch_float(out_dtype, [&](auto tag) {
+    using out_t = decltype(tag);
+    out_t* o = static_cast<out_t*>(out);
+    if (!vec) {
+      dequantize_int8_kernel<out_t><<<blocks_for(n), kThreads, 0, st>>>(q, scale, o, in_f, group_size, r0, c0, cols, n);
+    } else if (group_size % 16 == 0) {
+      dequantize_int8_vec_kernel<out_t, true><<<blocks_for(n / 16), kThreads, 0, st>>>(q, scale, o, in_f, group_size,
+                                                                                      r0, c0, cols, n / 16);
+    } else {
+      dequantize_int8_vec_kernel<out_t, false><<<blocks_for(n / 16), kThreads, 0, st>>>(q, scale, o, in_f, group_size,
+                                                                                       r0, c0, cols, n / 16);
+    }
+  });
+  return launch_status(ok);
 }

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import DEVICES, usable_backends
+from tests.conftest import DEVICES, assert_quantized_matmul_contract, usable_backends
 from weightkit import debug_checks, use_backend
 from weightkit.ops import int8, rng
 from weightkit.ops.int8 import absmax_scale, dequantize_int8, int8_matmul, stochastic_round_int8
@@ -151,10 +151,6 @@ def test_absmax_scale():
     assert s[0] == pytest.approx(4.0 / 127) and s[1] > 0
 
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
-       torch.float16: dict(rtol=2e-3, atol=1e-2)}
-
-
 def weight(out_f, in_f, group, device="cpu"):
     w = torch.randn(out_f, in_f, device=device)
     scale = absmax_scale(w, group)
@@ -170,14 +166,12 @@ def test_matmul_backends_match_float64(device, dtype, tokens, out_f, in_f, group
     q, scale = weight(out_f, in_f, group, device)
     x = torch.randn(tokens, out_f if transpose else in_f, device=device).to(dtype)
     w64 = dequantize_int8(q, scale, group).double()
-    expected = x.double() @ (w64 if transpose else w64.T)
     backends = usable_backends(int8._INT8_MM, device)
     assert len(backends) >= 2, backends
     for name in backends:
         with use_backend(name):
             y = int8_matmul(x, q, scale, group, transpose)
-        assert y.dtype == dtype and y.shape == expected.shape
-        torch.testing.assert_close(y.double(), expected, **TOL[dtype], msg=lambda s: f"{name}: {s}")
+        assert_quantized_matmul_contract(y, x, w64, transpose, name)
 
 
 def test_leading_dims_and_non_contiguous_input():
@@ -240,3 +234,105 @@ def test_many_tokens_over_several_dequantized_blocks(transpose):
         with use_backend(name):
             y = int8_matmul(x, q, scale, group, transpose)
         torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-3, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_bytes", [1 << 30, 300 * 64 * 4])
+def test_dequant_matmul_blocks_of_output_features(transpose, dtype, block_bytes):
+    """The cuda backend's dequantize-to-x's-dtype + BLAS path (backends/_blocked.dequant_matmul) on the CPU, with
+    torch's dequantization standing in for the CUDA kernel: one block, or blocks of 128-aligned output features with a
+    partial last one (transpose: columns of W); every output feature is dequantized exactly once, in x's dtype."""
+    from weightkit.backends._blocked import dequant_matmul
+
+    out_f, in_f, group = 600, 64, 16
+    q, scale = weight(out_f, in_f, group)
+    w = dequantize_int8(q, scale, group)
+    calls = []
+
+    def dequant(dst, r0, nr, c0, nc):
+        assert dst.dtype == dtype and dst.is_contiguous() and dst.shape == (nr, nc)
+        calls.append((r0, nr, c0, nc))
+        dst.copy_(w[r0:r0 + nr, c0:c0 + nc])
+
+    x = torch.randn(7, out_f if transpose else in_f).to(dtype)
+    y = dequant_matmul(x, out_f, in_f, transpose, dequant, block_bytes)
+    assert_quantized_matmul_contract(y, x, w.double(), transpose, f"{dtype} t={transpose}")
+    n_out = in_f if transpose else out_f
+    spans = [(c0, nc) if transpose else (r0, nr) for r0, nr, c0, nc in calls]
+    assert [s for s, _ in spans] == list(range(0, n_out, spans[0][1])) and sum(n for _, n in spans) == n_out
+    if len(spans) > 1:
+        assert all(n % 128 == 0 for _, n in spans[:-1])
+    else:
+        assert spans == [(0, n_out)]
+    assert all((r0, nr) == (0, out_f) for r0, nr, _, _ in calls) if transpose else all(
+        (c0, nc) == (0, in_f) for _, _, c0, nc in calls)
+
+
+class _FakeCudaDequant:
+    """The C semantics of wk_cuda_dequantize_int8 / wk_cuda_dequantize_int4 (csrc/weightkit.h), in torch on CPU
+    pointers: lets the cuda backend's host code (argument order, blocks, dtypes) run without a GPU."""
+
+    CODES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+
+    @staticmethod
+    def _at(ptr, n, dtype):
+        import ctypes
+
+        size = torch.empty(0, dtype=dtype).element_size()
+        return torch.frombuffer((ctypes.c_char * (n * size)).from_address(ptr), dtype=dtype, count=n)
+
+    def __init__(self, numel):
+        self.numel, self.calls = numel, []
+
+    def dequantize_int8(self, q, scale, out, code, in_f, group, r0, rows, c0, cols, device, stream):
+        self.calls.append(("int8", r0, rows, c0, cols))
+        w = (self._at(q, self.numel, torch.int8).float().view(-1, group)
+             * self._at(scale, self.numel // group, torch.float32).view(-1, 1)).view(-1, in_f)
+        self._at(out, rows * cols, self.CODES[code]).copy_(w[r0:r0 + rows, c0:c0 + cols].reshape(-1))
+        return 0
+
+    def dequantize_int4(self, packed, scale, zero, out, code, n_cols, group, r0, rows, c0, cols, device, stream):
+        from weightkit.ops.int4 import dequantize_int4_reference
+
+        self.calls.append(("int4", r0, rows, c0, cols))
+        w = dequantize_int4_reference(self._at(packed, self.numel // 2, torch.uint8),
+                                      self._at(scale, self.numel // group, torch.float32),
+                                      self._at(zero, self.numel // group, torch.uint8), group).view(-1, n_cols)
+        self._at(out, rows * cols, self.CODES[code]).copy_(w[r0:r0 + rows, c0:c0 + cols].reshape(-1))
+        return 0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_backend_host_code_on_cpu_pointers(fmt, transpose, dtype, monkeypatch):
+    """weightkit/backends/cuda/int8.py and int4.py's int8_matmul / int4_matmul with the CUDA library replaced by the
+    C functions' semantics on CPU memory (a GPU runs the real kernels: tests/ops cases on cuda): the arguments reach
+    the right parameters, blocks of 128 output features cover the output once, 3-D x keeps its leading dims."""
+    from weightkit import native
+    from weightkit.backends import _blocked
+    from weightkit.backends.cuda import int4 as cuda_int4, int8 as cuda_int8
+    from weightkit.ops.int4 import dequantize_int4, quantize_int4
+
+    rows, cols, group = 300, 256, 32
+    fake = _FakeCudaDequant(rows * cols)
+    monkeypatch.setattr(native, "CUDA", fake)
+    monkeypatch.setattr(_blocked, "DEQUANT_BLOCK_BYTES", 128 * 128 * torch.empty(0, dtype=dtype).element_size())
+    for mod in (cuda_int8, cuda_int4):
+        monkeypatch.setattr(mod, "stream", lambda t: (0, 0))
+    x = torch.randn(2, 3, rows if transpose else cols).to(dtype)
+    if fmt == "int8":
+        q, scale = weight(rows, cols, group)
+        w64 = dequantize_int8(q, scale, group).double()
+        y = cuda_int8.int8_matmul(x, q, scale, group, transpose)
+    else:
+        packed, scale, zero = quantize_int4(torch.randn(rows, cols), group)
+        w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
+        y = cuda_int4.int4_matmul(x, packed, scale, zero, group, (rows, cols), transpose)
+    assert y.shape == (2, 3, cols if transpose else rows)
+    assert_quantized_matmul_contract(y.reshape(6, -1), x.reshape(6, -1), w64, transpose, f"{fmt} t={transpose}")
+    n_out = cols if transpose else rows
+    spans = [(c0, nc) if transpose else (r0, nr) for _, r0, nr, c0, nc in fake.calls]
+    assert len(spans) > 1 and [s for s, _ in spans] == list(range(0, n_out, 128))
+    assert sum(n for _, n in spans) == n_out

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, assert_quantized_matmul_contract
 from weightkit.ops.int4 import dequantize_int4, quantize_int4
 from weightkit.ops.int8 import absmax_scale, dequantize_int8
 
@@ -127,3 +127,100 @@ def test_autotuners_are_module_level():
                                "int4_mm_t_autotune"))):
         for name in names:
             assert isinstance(getattr(mod, name), triton.runtime.Autotuner), name
+
+
+def _launch_with_split(mod, x, wargs, n, k, group, transpose, split):
+    """One int8/int4 matmul launch through the op's SplitKMatmul with its fixed config, SPLIT_K forced to ``split``
+    (the plan and config caches are keyed by the split too)."""
+    from weightkit.kernels._shared import config, dot_precision
+
+    key = (x.shape[0], n, k, group, True, False, dot_precision(x), x.dtype, x.device)
+
+    def setup(gemv):
+        meta, cfg, bucket = mod._MATMUL._setup(gemv, key, transpose)
+        return meta, config(cfg.num_warps, cfg.num_stages, **dict(cfg.kwargs, SPLIT_K=split)), bucket + (split,)
+
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return mod._MATMUL.ops[transpose](key + ("split", split), (x, *wargs), y,
+                                      (x.shape[0], n, k, group, x.stride(0), x.stride(1)), x.shape[0], n, setup)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_split_k_reduces_in_the_same_launch(device, fmt, transpose, tokens, monkeypatch):
+    """Split-K in one launch (kernels/_shared.splitk_finish): for SPLIT_K 1, 3 (uneven splits) and 8 (empty ones with the transpose), the GEMV
+    (1 and 3 tokens) and the tensor-core kernel (16 tokens) launch one kernel per call, the result is within the
+    precision contract, a repeated call gives the same bits (the sum runs in split order, whoever arrives last), a
+    call with new inputs gives the new result (the arrival counters were reset: stale counts would leave y
+    unwritten) and the counters are all zero after each call."""
+    from weightkit.kernels import _shared, int4, int8 as k8
+
+    rows, cols, group = 128, 512, 64
+    n, k = (cols, rows) if transpose else (rows, cols)
+    w = torch.randn(rows, cols, device=device)
+    if fmt == "int8":
+        mod = k8
+        scale = absmax_scale(w, group)
+        q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=device)
+        wargs, w64 = (q, scale), dequantize_int8(q, scale, group).double()
+    else:
+        mod = int4
+        packed = quantize_int4(w, group)
+        wargs, w64 = (*packed, cols // 2), dequantize_int4(*packed, group, (rows, cols)).double()
+    launches = []
+    if device == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        real_run = InterpretedFunction.run
+
+        def counting_run(self, *args, **kwargs):
+            launches.append(self.__name__)
+            return real_run(self, *args, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    for split in (1, 3, 8):
+        x = torch.randn(tokens, k, device=device)
+        launches.clear()
+        y = _launch_with_split(mod, x, wargs, n, k, group, transpose, split)
+        assert device != "cpu" or len(launches) == 1, (split, launches)
+        assert_quantized_matmul_contract(y, x, w64, transpose, f"{fmt} split {split}")
+        again = _launch_with_split(mod, x, wargs, n, k, group, transpose, split)
+        assert torch.equal(again, y), f"split {split}: a repeated call differs"
+        x2 = torch.randn(tokens, k, device=device)
+        assert_quantized_matmul_contract(_launch_with_split(mod, x2, wargs, n, k, group, transpose, split), x2, w64,
+                                         transpose, f"{fmt} split {split}, new inputs")
+        for _, counters in _shared.SCRATCH.buffers.values():
+            assert not bool(counters.any()), f"split {split}: arrival counters left non-zero"
+    assert any(key[0] == torch.device(device) for key in _shared.SCRATCH.buffers)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_split_k_launch_replays_in_a_cuda_graph(tokens, monkeypatch):
+    """A SPLIT_K 4 launch (one kernel: partials, arrival counters, the last program's sum) captured in a CUDA graph
+    and replayed with new inputs gives the eager result each time (the counters are back at zero after every replay);
+    captured on torch.cuda.graph's own stream after an eager call, it takes SplitScratch's capture buffers, zeroed
+    before the capture: the graph holds the kernel alone."""
+    from weightkit.kernels import _shared, int8 as k8
+
+    rows, cols, group = 512, 2048, 128
+    handed = []
+    real_get = _shared.SCRATCH.get
+    monkeypatch.setattr(_shared.SCRATCH, "get", lambda *a: handed.append(real_get(*a)) or handed[-1])
+    q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device="cuda")
+    scale = absmax_scale(torch.randn(rows, cols, device="cuda"), group)
+    x = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
+    _launch_with_split(k8, x, (q, scale), rows, cols, group, False, 4)  # eager first: plan and scratch exist
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = _launch_with_split(k8, x, (q, scale), rows, cols, group, False, 4)
+    assert handed[-1] is _shared.SCRATCH.buffers[(x.device, "capture")]
+    for _ in range(3):
+        x.copy_(torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        eager = _launch_with_split(k8, x.clone(), (q, scale), rows, cols, group, False, 4)
+        torch.testing.assert_close(y, eager, rtol=0, atol=0)

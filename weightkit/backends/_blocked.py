@@ -1,5 +1,5 @@
-"""The blocked dequantize-then-BLAS matmul that the cpu and cuda backends share for many tokens (device-agnostic
-torch code: the dequantization of each block is the backend's kernel, passed in)."""
+"""Device-agnostic torch code the backends compose with their kernels (passed in): the blocked dequantize-then-BLAS
+matmuls (cpu: fp32 blocks; cuda: blocks in the activation dtype + cuBLAS) and GaLore's write-back."""
 
 from __future__ import annotations
 
@@ -46,9 +46,58 @@ def blocked_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, blo
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+# -- the cuda backend's int8_matmul / int4_matmul: "dequantize to the activation dtype + cuBLAS" -------------------
+
+# At most this many bytes of dequantized weight exist at a time. A layer's whole weight fits up to 2^26 values in bf16
+# (8192 x 8192: 128 MB, twice its int8 storage, freed right after the product and reused by the caching allocator for
+# the next layer), so the common layer sizes take one dequantization and one GEMM, whose efficiency no blocking then
+# touches (a block of 2048 rows would leave 256 tokens x 2048 outputs = 32 tiles of 128 x 128 for 132 SMs). Larger
+# weights (vocabulary heads) take blocks of this size, still >= 1024 output features for inputs up to 64K wide.
+DEQUANT_BLOCK_BYTES = 1 << 27
+# block boundaries along the output features are multiples of this (16-byte vectors, whole GEMM tiles)
+DEQUANT_BLOCK_ALIGN = 128
+
+
+def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
+                   block_bytes: Optional[int] = None) -> Tensor:
+    """y = x W^T (transpose=False) or x W (transpose=True) for a 2-D x (any strides) and a quantized W (rows x cols):
+    W is dequantized to x's dtype, a block of output features at a time, and each block multiplied by torch.mm
+    (cuBLAS on a GPU: 16-bit x on tensor cores with fp32 accumulation; fp32 x in fp32, or TF32 where
+    ``torch.backends.cuda.matmul.allow_tf32`` allows it, as nn.Linear does). ``dequant(dst, r0, nr, c0, nc)`` writes
+    W[r0:r0+nr, c0:c0+nc] into dst (nr x nc, contiguous, x's dtype).
+
+    Blocks run along the output features, so each block's product is final (no accumulation across blocks in a
+    16-bit dtype): rows of W for transpose=False, columns of W for transpose=True; each product goes to its column
+    range of y. Output in x's dtype. ``block_bytes``: DEQUANT_BLOCK_BYTES unless given."""
+    tokens = x.shape[0]
+    n_out, k = (cols, rows) if transpose else (rows, cols)
+    y = torch.empty((tokens, n_out), dtype=x.dtype, device=x.device)
+    if tokens == 0 or n_out == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * x.element_size()))
+    if step < n_out:
+        step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
+    step = min(step, n_out)
+    buf = torch.empty(step * k, dtype=x.dtype, device=x.device)
+    for o0 in range(0, n_out, step):
+        no = min(step, n_out - o0)
+        out = y if no == n_out else y[:, o0:o0 + no]
+        if transpose:  # W[:, o0:o0+no], rows x no
+            w = buf[:rows * no].view(rows, no)
+            dequant(w, 0, rows, o0, no)
+            torch.mm(x, w, out=out)
+        else:  # W[o0:o0+no, :], no x cols
+            w = buf[:no * cols].view(no, cols)
+            dequant(w, o0, no, 0, cols)
+            torch.mm(x, w.t(), out=out)
+    return y
+
+
 def int4_matmul_blocked(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                        transpose: bool, dequantize_into: Callable, block_values: int) -> Tensor:
-    """The cpu/cuda int4_matmul: y = x W^T or x W, W = dequant (rows x cols = ``shape``), x of any rank and strides,
+    """The cpu int4_matmul: y = x W^T or x W, W = dequant (rows x cols = ``shape``), x of any rank and strides,
     through :func:`blocked_dequant_matmul` with about ``block_values`` dequantized values per block; the backend's
     ``dequantize_into(out, packed, scale, zero, group_size, e0, e1)`` writes the flat elements [e0, e1)."""
     rows, cols = shape

@@ -19,8 +19,10 @@ Ops (each ``torch.ops.weightkit.<name>``, defined with ``_registry.define``; ref
 * ``dequantize_int4(packed, scale, zero, group_size, shape) -> float32`` (unpack + dequantize)
 * ``int4_matmul(x, packed, scale, zero, group_size, shape, transpose=False)``: with W = dequant (rows x cols),
   ``x @ W^T`` (x: (..., cols)) or, with ``transpose``, ``x @ W`` (x: (..., rows)); differentiable in x. The
-  reference dequantizes W whole; cpu/cuda dequantize a block of about 1M values at a time and call BLAS; Triton
-  dequantizes tile by tile in registers. The output has x's dtype, accumulation is fp32.
+  reference dequantizes W whole; cpu dequantizes blocks of about 4M values to fp32 around BLAS; cuda dequantizes W to
+  x's dtype (blocks of at most 128 MB) and multiplies with cuBLAS; Triton dequantizes tile by tile in registers. The
+  output has x's dtype, accumulation is fp32; the weight may be rounded to x's dtype first (``int4_matmul``'s
+  precision contract).
 
 ``unpack_int4`` (the raw nibbles) is a plain PyTorch helper.
 """
@@ -143,9 +145,10 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 # -- dequant-matmul ---------------------------------------------------------------------------------------------
 
-# auto on CUDA: Triton first (H200, 2026-11-26, 8192^2 g64, bf16 x: 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 /
-# 4096 tokens vs cuda 0.41 / 0.55 / 1.12 / 11.5; fp32 x with strict fp32, 4096x4096 @ 4096x1024: cuda 0.71 vs
-# Triton 0.89, the one case where cuda led)
+# auto on CUDA: Triton first (as int8_matmul: decode reads the packed weight once only in the fused kernels; the
+# lead's per-shape measured choice picks cuda where its GEMM wins). H200, 2026-11-26, 8192^2 g64, bf16 x: triton
+# 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former
+# strict-fp32 design)
 _MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"))
 
 
@@ -198,6 +201,14 @@ _int4_matmul_op = define(
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                 transpose: bool = False) -> Tensor:
-    """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), dequantized
-    inside the kernel. ``x`` may be non-contiguous (a transposed view costs no copy on cpu/cuda)."""
+    """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), in x's dtype.
+    ``x`` may be non-contiguous (a transposed view costs no copy on cpu/cuda).
+
+    Precision contract (every backend; tests/ops/test_int4_ops.py checks it against float64): each weight
+    ``(q - z) * s`` is computed in fp32 and may be rounded once to x's dtype before the products, as bitsandbytes and
+    torchao do (the cuda backend does: dequantize to x's dtype + cuBLAS; triton and cpu are more accurate); products
+    and sums in fp32 (for fp32 x on a GPU, TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it); the output
+    rounded once to x's dtype. With u the unit roundoff of x's dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32) and
+    S = |x| @ |W^T|: ``|y - x W^T| <= u |x W^T| + (u + K 2^-23) S`` up to second-order terms (K = the reduced
+    dimension; TF32 off)."""
     return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose))

@@ -187,17 +187,20 @@ def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# INT8 weight x float activation matmul with the dequantization inside the kernel.
+# INT8 weight x float activation matmul.
 #
 # ``int8_matmul(x, w_q, scale, group_size, transpose)`` with W = dequant(w_q) (out x in, groups of ``group_size``
 # consecutive elements of each row sharing a scale):
 #     transpose=False:  y = x W^T    (x: (..., in)  -> (..., out))   Int8Linear forward
 #     transpose=True:   y = x W      (x: (..., out) -> (..., in))    its input gradient
-# The reference dequantizes W whole; the kernels never hold more than a block of dequantized rows (cpu, cuda)
-# or a tile (triton). Accumulation is fp32; the output has x's dtype.
+# The reference dequantizes W whole. Backends: triton dequantizes tile by tile in registers (fused GEMV / GEMM);
+# cuda dequantizes W to x's dtype (blocks of at most 128 MB) and multiplies with cuBLAS; cpu dequantizes blocks of
+# ~4M values to fp32 (or reads int8 directly for <= 8 tokens) around BLAS. Precision contract: see int8_matmul.
 
-# auto on CUDA: Triton first (H200, 2026-11-26, 8192^2 g128, bf16 x: 0.167 / 0.166 / 0.122 / 1.82 ms at 1 / 16 / 256 /
-# 4096 tokens vs cuda 0.46 / 0.59 / 1.16 / 11.5)
+# auto on CUDA: Triton first: decode (1-16 tokens) is bound by the weight's bytes, which only the fused kernels read
+# once (the dequantize + cuBLAS path writes and reads the weight again in x's dtype); the lead's per-shape measured
+# choice picks cuda where its GEMM wins (prefill). H200, 2026-11-26, 8192^2 g128, bf16 x: triton 0.167 / 0.166 / 0.122
+# / 1.82 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former strict-fp32 design)
 _INT8_MM = KernelTable("int8_matmul", cuda_order=("triton", "cuda"))
 
 
@@ -264,7 +267,14 @@ _int8_matmul_op = define(
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool = False) -> Tensor:
-    """``x @ dequant(w_q)^T`` (or ``x @ dequant(w_q)`` with ``transpose``), dequantizing inside the kernel.
-    Differentiable in ``x``; the weight's gradient is computed by Int8Linear (weightkit.nn.int8)."""
-    return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
+    """``x @ dequant(w_q)^T`` (or ``x @ dequant(w_q)`` with ``transpose``), in x's dtype.
+    Differentiable in ``x``; the weight's gradient is computed by Int8Linear (weightkit.nn.int8).
 
+    Precision contract (every backend; tests/ops/test_int8_ops.py checks it against float64): each weight
+    ``q * scale`` is computed in fp32 and may be rounded once to x's dtype before the products, as bitsandbytes and
+    torchao do (the cuda backend does: dequantize to x's dtype + cuBLAS; the triton and cpu backends keep it in fp32
+    or split it into two 16-bit parts, more accurate); products and sums in fp32 (for fp32 x on a GPU, TF32 where
+    ``torch.backends.cuda.matmul.allow_tf32`` allows it, as nn.Linear does); the output rounded once to x's dtype.
+    With u the unit roundoff of x's dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32) and S = |x| @ |W|^T:
+    ``|y - x W^T| <= u |x W^T| + (u + K 2^-23) S`` up to second-order terms (K: the reduced dimension; TF32 off)."""
+    return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import int4_matmul_blocked
+from .._blocked import dequant_matmul
 from . import check, stream
 
 
@@ -25,22 +25,31 @@ def quantize_int4(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
     return packed, scale, zero
 
 
-def _dequantize_into(out: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, e0: int,
-                     e1: int) -> None:
-    """out (fp32, contiguous) <- the flat elements [e0, e1) of the dequantized matrix."""
-    check(native.CUDA.dequantize_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(),
-                                      group_size, e0, e1 - e0, *stream(packed)), "dequantize_int4")
-
-
 def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """Flat float32 values (the block of one row holding them all)."""
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     n = packed.numel() * 2
     out = torch.empty((n,), dtype=torch.float32, device=packed.device)
-    _dequantize_into(out, packed, scale, zero, group_size, 0, n)
+    check(native.CUDA.dequantize_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(),
+                                      native.FLOAT_CODES[torch.float32], n, group_size, 0, 1, 0, n, *stream(packed)),
+          "dequantize_int4")
     return out
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                 transpose: bool) -> Tensor:
-    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides (up to 16M values per block)."""
-    return int4_matmul_blocked(x, packed, scale, zero, group_size, shape, transpose, _dequantize_into, 1 << 24)
+    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides. W is dequantized to x's dtype
+    (blocks of at most 128 MB) and multiplied by cuBLAS through torch (backends/_blocked.dequant_matmul)."""
+    rows, cols = shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
+    code = native.FLOAT_CODES[x.dtype]
+    device, st = stream(x2)
+
+    def dequant(dst, r0, nr, c0, nc):
+        check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), code, cols, group_size, r0, nr, c0, nc, device, st),
+              "int4_matmul")
+
+    y = dequant_matmul(x2, rows, cols, transpose, dequant)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import blocked_dequant_matmul
+from .._blocked import dequant_matmul
 from . import check, stream
 
 
@@ -29,16 +29,18 @@ def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, 
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
-    """y = x W^T, or x W with transpose: blocks of dequantized rows (up to 16M values) around cuBLAS."""
-    x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()
+    """y = x W^T, or x W with transpose: W dequantized to x's dtype (blocks of at most 128 MB) and multiplied by
+    cuBLAS through torch (backends/_blocked.dequant_matmul)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     w_q, scale = w_q.contiguous(), scale.contiguous()
     out_f, in_f = w_q.shape
     q, s = w_q.data_ptr(), scale.data_ptr()
+    code = native.FLOAT_CODES[x.dtype]
     device, st = stream(x2)
 
-    def dequant(dst, r0, nr):
-        check(native.CUDA.int8_dequantize_rows(q, s, dst.data_ptr(), r0, nr, in_f, group_size, device, st),
+    def dequant(dst, r0, nr, c0, nc):
+        check(native.CUDA.dequantize_int8(q, s, dst.data_ptr(), code, in_f, group_size, r0, nr, c0, nc, device, st),
               "int8_matmul")
 
-    y = blocked_dequant_matmul(x2, out_f, in_f, transpose, (1 << 24) // max(in_f, 1), dequant)
+    y = dequant_matmul(x2, out_f, in_f, transpose, dequant)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
