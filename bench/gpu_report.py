@@ -836,7 +836,7 @@ def auto():
     from weightkit import backend as wb
     from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
     from weightkit.nn.ksvd import dictionary_size
-    from weightkit.ops import galore as gops, int4, qgalore as qops
+    from weightkit.ops import galore as gops, int4, int8 as q, qgalore as qops
 
     wb.reload_env()
     wb._RECORDED["loaded"] = {}  # measure everything, whatever is shipped
@@ -851,6 +851,14 @@ def auto():
             with torch.no_grad():
                 row("auto", f"int4_matmul g64 bf16 {tokens} tok",
                     lambda: int4.int4_matmul(x, packed, sc, zp, 64, (d, d)))
+        big = torch.randn(d, d, device=DEV)
+        scale = q.absmax_scale(big, 128)
+        wq8, s8 = q.stochastic_round_int8(big, scale, 128, 0), scale.clone()
+        delta = torch.randn(d, d, device=DEV) * 1e-3
+        row("auto", f"stochastic_round_int8 {d}^2", lambda: q.stochastic_round_int8(big, scale, 128, 1))
+        row("auto", f"int8_sr_update_ {d}^2", lambda: q.int8_sr_update_(wq8, s8, delta, 128, seed=1))
+        row("auto", f"quantize_int4 g64 {d}^2", lambda: int4.quantize_int4(big, 64))
+        row("auto", f"dequantize_int4 g64 {d}^2", lambda: int4.dequantize_int4(packed, sc, zp, 64, (d, d)))
         for dtype in (torch.bfloat16, torch.float32):
             mem = MemoryLinear(MEM_D, MEM_D, tau=8, bias=False, device=DEV, dtype=dtype)
             _auto_layer_rows(f"MemoryLinear {dtype}", mem, MEM_D, MEM_TOKENS, dtype, (mem.tables,))

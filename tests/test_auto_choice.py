@@ -299,3 +299,59 @@ def test_auto_does_not_measure_inside_cuda_graph_capture(measuring):
         assert not [e for e in backend.auto_choices() if e["op"] == "galore_adam_update_"]
     finally:
         backend.reload_env()
+
+
+def test_every_op_with_two_gpu_backends_chooses_by_measurement():
+    """ARCHITECTURE.md: auto picks the measured-fastest backend per regime. Every table whose cuda_order names two
+    backends has a regime; the regime of a call is hashable and cheap (plain values) for each op's arguments."""
+    import weightkit.ops  # noqa: F401 - registers every table
+
+    tables = {t.name: t for t in backend._TABLES}
+    two = [t for t in tables.values() if len(t.cuda_order) > 1]
+    assert len(two) >= 10, sorted(tables)
+    missing = [t.name for t in two if t.regime is None]
+    assert not missing, missing
+
+
+def test_each_regime_takes_its_ops_real_arguments(monkeypatch, tmp_path):
+    """The regimes only run on a GPU under auto: here every table's regime is evaluated on the arguments of real
+    calls (bench/gpu_report.py's auto section at toy sizes on the CPU, which calls every op with a regime), so an
+    arity or attribute slip fails on the CPU, not on the first GPU run."""
+    from bench import gpu_report
+
+    import weightkit.ops  # noqa: F401
+
+    seen = {}
+    original = KernelTable._lookup
+
+    def lookup(self, device):
+        name, impl = original(self, device)
+        if self.regime is None:
+            return name, impl
+
+        def checked(*args, **kwargs):
+            regime = self.regime(*args, **kwargs)
+            hash(regime)
+            seen.setdefault(self.name, backend.regime_key(regime))
+            return impl(*args, **kwargs)
+
+        self._chosen[(backend._FORCED.get(), device)] = (name, checked)
+        return name, checked
+
+    tables = [t for t in backend._TABLES if t.regime is not None]
+    for t in tables:
+        t._chosen.clear()
+    monkeypatch.setattr(KernelTable, "_lookup", lookup)
+    for name, value in (("QUANT_D", 256), ("QUANT_TOKENS", (1, 5)), ("MEM_D", 64), ("MEM_TOKENS", (1, 6)),
+                        ("DICT", (128, 40, 20)), ("DICT_TOKENS", (1, 6)), ("GALORE_SHAPES", (((24, 16), 4),)),
+                        ("QGALORE_SHAPE", (128, 4))):
+        monkeypatch.setattr(gpu_report, name, value)
+    try:
+        assert gpu_report.main(["--device", "cpu", "--out", str(tmp_path / "r.json"), "--only", "auto",
+                                "--budget", "600"]) == 0
+    finally:
+        for t in tables:
+            t._chosen.clear()
+    data = json.load(open(tmp_path / "r.json"))
+    assert not [r for r in data["rows"] if "error" in r]
+    assert set(seen) == {t.name for t in tables}, sorted({t.name for t in tables} - set(seen))

@@ -34,7 +34,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable
+from ..backend import KernelTable, rows_of, token_bucket
+from ..backends._blocked import matmul_precision
 from ..backends.cpu import int4 as cpu_int4
 from ..backends.cuda import int4 as cuda_int4
 from ..backends.triton import int4 as triton_int4
@@ -48,7 +49,9 @@ _FLT_MIN = torch.finfo(torch.float32).tiny
 
 # -- quantize / pack --------------------------------------------------------------------------------------------
 
-_QUANT = KernelTable("quantize_int4")
+# auto by measurement per regime (weightkit/backend.py, "Measured choice"): element count rounded up to a power of
+# two, dtype, group size; cuda first where nothing is measured or recorded
+_QUANT = KernelTable("quantize_int4", regime=lambda x, group_size: (token_bucket(x.numel()), x.dtype, group_size))
 
 
 def _check_group(group_size: int, numel: int, what: str = "x.numel()") -> None:
@@ -97,7 +100,8 @@ def quantize_int4(x: Tensor, group_size: int = 64) -> Tuple[Tensor, Tensor, Tens
 
 # -- unpack / dequantize ----------------------------------------------------------------------------------------
 
-_DEQUANT = KernelTable("dequantize_int4")
+_DEQUANT = KernelTable("dequantize_int4", regime=lambda packed, scale, zero, group_size: (
+    token_bucket(packed.numel()), group_size))
 
 
 def _check_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape: Sequence[int]) -> None:
@@ -149,7 +153,11 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # lead's per-shape measured choice picks cuda where its GEMM wins). H200, 2026-11-26, 8192^2 g64, bf16 x: triton
 # 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former
 # strict-fp32 design)
-_MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"))
+# Measured per regime: token bucket, the weight's shape, group size, transpose, x's dtype, the fp32 precision allowed.
+_MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"),
+                  regime=lambda x, packed, scale, zero, group_size, shape, transpose: (
+                      token_bucket(rows_of(x)), tuple(shape), group_size, bool(transpose), x.dtype,
+                      matmul_precision(x.device)))
 
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool):

@@ -17,7 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable
+from ..backend import KernelTable, rows_of, token_bucket
+from ..backends._blocked import matmul_precision
 from ..backends.cpu import int8 as cpu_int8
 from ..backends.cuda import int8 as cuda_int8
 from ..backends.triton import int8 as triton_int8
@@ -30,7 +31,10 @@ __all__ = ["stochastic_round_int8", "absmax_scale", "int8_matmul", "dequantize_i
 
 # auto on CUDA: Triton first, measured faster on an H200 (2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json): 8192^2 fp32 0.108 ms (74% of copy bandwidth) vs cuda 0.197
-_SR = KernelTable("stochastic_round_int8", cuda_order=("triton", "cuda"))
+# auto by measurement per regime (weightkit/backend.py, "Measured choice"): element count rounded up to a power of two,
+# dtype, group size; the static order is the fallback.
+_SR = KernelTable("stochastic_round_int8", cuda_order=("triton", "cuda"),
+                  regime=lambda x, scale, group_size, *_: (token_bucket(x.numel()), x.dtype, group_size))
 
 
 def _check_sr_args(x: Tensor, scale: Tensor, group_size: int) -> None:
@@ -101,7 +105,10 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
 # writes w_q and scale. Bit-identical to the unfused sequence for the same (seed, offset).
 
 # auto on CUDA: Triton first (H200, 2026-11-26: 8192^2 group 128, 0.282 ms vs cuda 0.370)
-_SR_UPDATE = KernelTable("int8_sr_update_", cuda_order=("triton", "cuda"))
+# (measured per regime on copies of w_q and scale, which it writes; the Triton fast path needs offset % 4 == 0)
+_SR_UPDATE = KernelTable("int8_sr_update_", cuda_order=("triton", "cuda"), mutates=(0, 1),
+                         regime=lambda w_q, scale, delta, group_size, decay, seed, offset: (
+                             token_bucket(w_q.numel()), delta.dtype, group_size, offset % 4 == 0))
 
 
 def _check_sr_update_args(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int) -> None:
@@ -201,7 +208,15 @@ def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
 # once (the dequantize + cuBLAS path writes and reads the weight again in x's dtype); the lead's per-shape measured
 # choice picks cuda where its GEMM wins (prefill). H200, 2026-11-26, 8192^2 g128, bf16 x: triton 0.167 / 0.166 / 0.122
 # / 1.82 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former strict-fp32 design)
-_INT8_MM = KernelTable("int8_matmul", cuda_order=("triton", "cuda"))
+# Measured per regime: token bucket, weight shape, group size, transpose, x's dtype, the fp32 matmul precision allowed.
+
+
+def _mm_regime(x, w_q, scale, group_size, transpose):
+    return (token_bucket(rows_of(x)), tuple(w_q.shape), group_size, bool(transpose), x.dtype,
+            matmul_precision(x.device))
+
+
+_INT8_MM = KernelTable("int8_matmul", cuda_order=("triton", "cuda"), regime=_mm_regime)
 
 
 def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> None:
