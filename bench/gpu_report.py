@@ -433,6 +433,11 @@ def quant():
         with _wk_backend(b):
             row("quant", f"int8_sr_update_ {d}^2 {b}", lambda: q.int8_sr_update_(wq, s2, delta, 128, seed=1),
                 bytes=big.numel() * 6 + 2 * scale.numel() * 4)
+    # quantize_int4 (#24: >= 70% of the copy bandwidth): fp32 read, packed bytes + scale + zero written
+    for b in _backends(int4._QUANT):
+        with _wk_backend(b):
+            row("quant", f"quantize_int4 {d}^2 g64 {b}", lambda: int4.quantize_int4(big, 64),
+                bytes=big.numel() * 4 + big.numel() // 2 + big.numel() // 64 * 5)
     # Q-GaLore projection P^T G: P m x r INT4 (4096 x 1024), G m x n (4096 x 4096)
     m, r, n = PROJ
     pfl = 2 * m * r * n

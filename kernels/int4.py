@@ -6,8 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (DequantMatmul, cdiv, dequant_int4, device_guard, gemv_accumulators, gemv_rows, gemv_store_rows,
-                      gemv_tile, k_mask, mm_tile, next_pow2, splitk_finish, store_result, x_offsets)
+from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, gemv_accumulators, gemv_rows,
+                      gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, space, splitk_finish, store_result,
+                      x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -40,6 +41,42 @@ def _quantize_int4_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, group_size, HA
     tl.store(zero_ptr + g, z.to(tl.uint8))
 
 
+@triton.jit
+def _quantize_int4_tiled_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, n_groups, GS: tl.constexpr, G: tl.constexpr):
+    """Bandwidth case (group size a power of two >= 2): G groups per program as one [G, GS] tile, loaded contiguous
+    (16-byte loads), min/max per row, and the even/odd elements of each row split in registers into one byte each
+    (the general kernel above loads stride-2 halves, one group per program, a quarter of its lanes idle at g64)."""
+    rows = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    rmask = rows < n_groups
+    x = tl.load(x_ptr + rows[:, None] * GS + tl.arange(0, GS)[None, :], mask=rmask[:, None], other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    lo = tl.minimum(tl.min(x, axis=1), 0.0)  # masked rows hold zeros: their scale and zero are not stored
+    hi = tl.maximum(tl.max(x, axis=1), 0.0)
+    s = tl.maximum(tl.math.div_rn(hi - lo, tl.full([G], 15.0, tl.float32)), 1.1754943508222875e-38)
+    z = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, s)), 0.0), 15.0)
+    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s[:, None]) + z[:, None]), 0.0), 15.0).to(tl.uint8)
+    even, odd = tl.split(tl.reshape(q, (G, GS // 2, 2)))
+    tl.store(packed_ptr + rows[:, None] * (GS // 2) + tl.arange(0, GS // 2)[None, :], even | (odd << 4),
+             mask=rmask[:, None])
+    tl.store(scale_ptr + rows, s, mask=rmask)
+    tl.store(zero_ptr + rows, z.to(tl.uint8), mask=rmask)
+
+
+def _quantize_prune(configs, named_args, **kwargs):
+    gs = kwargs.get("GS", named_args.get("GS", 64))
+    kept = [c for c in configs if 512 <= c.kwargs["G"] * gs <= 16384]
+    return kept or configs[:1]
+
+
+# Tiles of 512-16384 elements (2-64 KB of fp32 read per program), 4 or 8 warps; tuned once per (group count
+# rounded up to a power of two, group size, dtype): bandwidth-bound, so the tile only sets the bytes in flight.
+_QUANTIZE = Launcher(_quantize_int4_tiled_kernel,
+                     space(lambda: [config(w, 1, G=g) for g in (4, 8, 16, 32, 64, 128, 256) for w in (4, 8)],
+                           config(4, 1, G=4)),
+                     key=["n_groups", "GS"], prune=_quantize_prune)
+quantize_autotune = _QUANTIZE.autotuner
+
+
 def quantize_int4_triton(x, group_size):
     n = x.numel()
     groups = n // group_size
@@ -47,6 +84,12 @@ def quantize_int4_triton(x, group_size):
         packed = torch.empty(n // 2, dtype=torch.uint8, device=x.device)
         scale = torch.empty(groups, dtype=torch.float32, device=x.device)
         zero = torch.empty(groups, dtype=torch.uint8, device=x.device)
+        if groups and group_size & (group_size - 1) == 0:
+            bucket = (next_pow2(groups), group_size, x.dtype, x.device)
+            _QUANTIZE.launch((groups,) + bucket[1:], (x, packed, scale, zero, groups),
+                             lambda: (bucket, lambda c: (cdiv(groups, c["G"]),),
+                                      dict(GS=group_size, enable_fp_fusion=False), None))
+            return packed, scale, zero
         half = next_pow2(max(group_size // 2, 1))
         _quantize_int4_kernel[(groups,)](x, packed, scale, zero, group_size, HALF=half, enable_fp_fusion=False)
     return packed, scale, zero
