@@ -125,6 +125,18 @@ def test_no_measurement_under_deterministic_algorithms(fake_gpu):
     assert fake_gpu == ["cuda", "triton"] and calls[-1] == "triton"
 
 
+def test_no_measurement_in_a_distributed_job(fake_gpu, monkeypatch):
+    """Ranks must not choose by their own timing noise (replicated weights would drift apart)."""
+    t, calls = _table("fake_ddp", {"cuda": 2.0, "triton": 1.0})
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    t(CUDA0, torch.randn(2, 2))
+    assert calls == ["cuda"] and fake_gpu == []
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)  # a job of one rank measures
+    t(CUDA0, torch.randn(2, 2))
+    assert fake_gpu == ["cuda", "triton"]
+
+
 def test_static_and_table_modes(fake_gpu, monkeypatch):
     monkeypatch.setenv("WEIGHTKIT_AUTO", "static")
     backend.reload_env()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import math
 import os
 import threading
 import warnings
@@ -300,8 +301,10 @@ class KernelTable:
 #    runs once (compiling and tuning its kernels), then back to back for about MEASURE_MS, timed with CUDA events,
 #    on copies of the arguments it writes in place; the fastest is kept. This first call of a regime synchronizes
 #    the device (like a Triton autotuning run); later calls are a regime tuple and a dict lookup (~1 us of host
-#    time). No measurement during CUDA-graph capture or under ``torch.use_deterministic_algorithms(True)`` (the
-#    choice must not depend on timing noise there): those calls take step 1 or 3 and are not remembered;
+#    time). No measurement during CUDA-graph capture, under ``torch.use_deterministic_algorithms(True)`` (the choice
+#    must not depend on timing noise there) or in a torch.distributed job of several ranks (ranks that chose
+#    differently would update replicated weights with different kernels): those calls take step 1 or 3 and are not
+#    remembered;
 # 3. else the first usable backend of ``cuda_order`` (``WEIGHTKIT_AUTO=static`` makes this the only rule;
 #    ``WEIGHTKIT_AUTO=table`` allows 1 and 3 only: no measurement, no sync).
 # ``auto_choices()`` lists what was chosen, how, and the timings; ``save_auto_choices(path)`` writes the measured
@@ -320,7 +323,19 @@ def token_bucket(rows: int) -> int:
 
 def rows_of(x: torch.Tensor) -> int:
     """The number of rows (tokens) of an activation whose last dimension is the features."""
-    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    shape = x.shape
+    if len(shape) == 2:
+        return shape[0]
+    return math.prod(shape[:-1]) if shape else 0
+
+
+_ALLOW_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+
+
+def tf32_allowed() -> bool:
+    """``torch.backends.cuda.matmul.allow_tf32`` (read through torch._C where it can: the property costs ~0.7 us, the
+    function ~0.1 us on a CPU of this project's CI machines; regimes read it per call)."""
+    return _ALLOW_TF32() if _ALLOW_TF32 is not None else torch.backends.cuda.matmul.allow_tf32
 
 
 def regime_key(regime: tuple) -> str:
@@ -424,6 +439,14 @@ def save_auto_choices(path: str, note: Optional[str] = None, entries: Optional[L
     return count
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several of a torch.distributed job: ranks that measured separately could choose
+    different backends (timing noise), and replicated weights updated by different kernels drift apart; they take
+    the recorded choice (the same GPU model gives the same one) or the static order instead."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _time_calls(fn: Callable, args: list, kwargs: dict) -> float:
     """ms per call of ``fn`` back to back on the current stream, after one warm-up call."""
     fn(*args, **kwargs)
@@ -487,7 +510,7 @@ class MeasuredChoice:
         return name
 
     def _may_measure(self) -> bool:
-        if torch.are_deterministic_algorithms_enabled():
+        if torch.are_deterministic_algorithms_enabled() or _distributed():
             return False
         return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable, token_bucket
+from ..backend import KernelTable, tf32_allowed, token_bucket
 from ..backends.cpu import dictionary as cpu_dictionary
 from ..backends.cuda import dictionary as cuda_dictionary
 from ..backends.triton import dictionary as triton_dictionary
@@ -190,8 +190,9 @@ OFFSET_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
 
 def _fwd_regime(z, values, bitmask, word_offsets):
-    return (token_bucket(z.shape[0]), z.shape[1], tuple(values.shape), z.dtype, values.dtype,
-            torch.backends.cuda.matmul.allow_tf32)
+    dtype = z.dtype
+    return (token_bucket(z.shape[0]), z.shape[1], values.shape, dtype, values.dtype,
+            dtype is torch.float32 and tf32_allowed())
 
 
 def _bwd_regime(grad, z, values, bitmask, word_offsets):

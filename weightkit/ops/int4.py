@@ -34,8 +34,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable, rows_of, token_bucket
-from ..backends._blocked import matmul_precision
+from ..backend import KernelTable, rows_of, tf32_allowed, token_bucket
 from ..backends.cpu import int4 as cpu_int4
 from ..backends.cuda import int4 as cuda_int4
 from ..backends.triton import int4 as triton_int4
@@ -153,11 +152,11 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # lead's per-shape measured choice picks cuda where its GEMM wins). H200, 2026-11-26, 8192^2 g64, bf16 x: triton
 # 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former
 # strict-fp32 design)
-# Measured per regime: token bucket, the weight's shape, group size, transpose, x's dtype, the fp32 precision allowed.
+# Measured per regime: token bucket, the weight's shape, group size, transpose, x's dtype, TF32 allowed (fp32 x).
 _MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"),
                   regime=lambda x, packed, scale, zero, group_size, shape, transpose: (
-                      token_bucket(rows_of(x)), tuple(shape), group_size, bool(transpose), x.dtype,
-                      matmul_precision(x.device)))
+                      token_bucket(rows_of(x)), tuple(shape), group_size, transpose, x.dtype,
+                      x.dtype is torch.float32 and tf32_allowed()))
 
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool):

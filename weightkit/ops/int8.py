@@ -17,8 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable, rows_of, token_bucket
-from ..backends._blocked import matmul_precision
+from ..backend import KernelTable, rows_of, tf32_allowed, token_bucket
 from ..backends.cpu import int8 as cpu_int8
 from ..backends.cuda import int8 as cuda_int8
 from ..backends.triton import int8 as triton_int8
@@ -208,12 +207,14 @@ def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:
 # once (the dequantize + cuBLAS path writes and reads the weight again in x's dtype); the lead's per-shape measured
 # choice picks cuda where its GEMM wins (prefill). H200, 2026-11-26, 8192^2 g128, bf16 x: triton 0.167 / 0.166 / 0.122
 # / 1.82 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former strict-fp32 design)
-# Measured per regime: token bucket, weight shape, group size, transpose, x's dtype, the fp32 matmul precision allowed.
+# Measured per regime: token bucket, weight shape, group size, transpose, x's dtype, TF32 allowed (fp32 x).
 
 
-def _mm_regime(x, w_q, scale, group_size, transpose):
-    return (token_bucket(rows_of(x)), tuple(w_q.shape), group_size, bool(transpose), x.dtype,
-            matmul_precision(x.device))
+def _mm_regime(x, w_q, scale, group_size, transpose):  # (evaluated per call on a GPU: kept to plain lookups)
+    shape, dtype = x.shape, x.dtype
+    rows = shape[0] if len(shape) == 2 else rows_of(x)
+    return (1 << (rows - 1).bit_length() if rows > 1 else 1, w_q.shape, group_size, transpose, dtype,
+            dtype is torch.float32 and tf32_allowed())
 
 
 _INT8_MM = KernelTable("int8_matmul", cuda_order=("triton", "cuda"), regime=_mm_regime)

@@ -67,11 +67,11 @@ def set_table_grad_mode(mode: str) -> str:
 
 
 def _fwd_regime(x, tables, t):
-    return (token_bucket(rows_of(x)), tuple(tables.shape), x.dtype, tables.dtype)
+    return (token_bucket(rows_of(x)), tables.shape, x.dtype, tables.dtype)
 
 
 def _bwd_regime(grad, x, tables, t, deterministic, segments=None):
-    return (token_bucket(rows_of(x)), tuple(tables.shape), x.dtype, tables.dtype, bool(deterministic), segments)
+    return (token_bucket(rows_of(x)), tables.shape, x.dtype, tables.dtype, deterministic, segments)
 
 
 _FWD = KernelTable("memory_lookup_forward", cuda_order=("triton", "cuda"), regime=_fwd_regime)
