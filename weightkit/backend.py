@@ -300,8 +300,8 @@ class KernelTable:
 # 2. else, with ``WEIGHTKIT_AUTO=measure`` (the default), a measurement on the call's own arguments: each candidate
 #    runs once (compiling and tuning its kernels), then back to back for about MEASURE_MS, timed with CUDA events,
 #    on copies of the arguments it writes in place; the fastest is kept. This first call of a regime synchronizes
-#    the device (like a Triton autotuning run); later calls are a regime tuple and a dict lookup (~1 us of host
-#    time). No measurement during CUDA-graph capture, under ``torch.use_deterministic_algorithms(True)`` (the choice
+#    the device (like a Triton autotuning run); later calls are a regime tuple and a dict lookup (0.7-0.8 us
+#    of host time for int8_matmul, bench/test_bench_host.py). No measurement during CUDA-graph capture, under ``torch.use_deterministic_algorithms(True)`` (the choice
 #    must not depend on timing noise there) or in a torch.distributed job of several ranks (ranks that chose
 #    differently would update replicated weights with different kernels): those calls take step 1 or 3 and are not
 #    remembered;
