@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (GEMV_MAX_M, INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
+from ._shared import (INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
                       device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
                       mm_fits, next_pow2, pick_splits, space, store_result, tile_ids)
 

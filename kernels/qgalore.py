@@ -15,8 +15,6 @@ scales. The m x n float weight and N exist only tile by tile. Launched with enab
 every product and sum separately.
 """
 
-
-import torch
 import triton
 import triton.language as tl
 

@@ -42,7 +42,7 @@ from ..backend import KernelTable
 from ..backends.cpu import galore as cpu_galore
 from ..backends.cuda import galore as cuda_galore
 from ..backends.triton import galore as triton_galore
-from ..backends._blocked import BLOCK_ELEMENTS, matmul_precision, mm_float32, step_coef
+from ..backends._blocked import matmul_precision, mm_float32, step_coef
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._registry import define
 
