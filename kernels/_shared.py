@@ -243,7 +243,13 @@ def pick_splits(configs, tiles, k_steps, sms, key, unsplit_when_full=False):
 # captures: a launch captured on a stream that has no buffers of its own (torch.cuda.graph captures on a stream of its
 # own) takes that pair, zeroed when it was made, so the graph holds no zeroing node; only a launch whose first call is
 # inside a capture gets graph-private buffers (its counters zeroed by a captured memset at each replay). Like cuBLAS's
-# per-stream workspace, graphs sharing buffers (captured on one stream) must not be replayed concurrently.
+# per-stream workspace, graphs sharing buffers must not be replayed concurrently: graphs captured on streams without
+# eager buffers share the capture pair, and a graph captured on a stream that ran eager calls before (warm-up and
+# capture on one stream) shares that stream's pair with its later eager calls, so replay it on that stream or after
+# them. Memory ordering: each thread's partial stores, then the CTA barrier, then one thread's gpu-scope acq_rel add
+# (cumulative through the barrier, as CUTLASS's semaphore and generic barrier release: __syncthreads + one thread's
+# release); the last program's acquire, the broadcast of its result through shared memory + barrier, then the loads
+# of the partials, bypassing L1 (.cg).
 
 def _stream_key(device):
     if device.type != "cuda":
