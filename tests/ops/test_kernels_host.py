@@ -368,7 +368,7 @@ def _compile_cases():
             for gs, offset in ((64, 0), (128, 3)):  # RNG4 on / off
                 r = 24
                 n_o = 96 * r if left else r * 256  # the INT4 basis (weightkit.ops.int4's format, groups of 8)
-                oq, osc, oz = torch.zeros(n_o // 2, dtype=torch.uint8), torch.rand(n_o // 8), torch.zeros(n_o // 8).byte()
+                oq, osc, oz = torch.zeros(n_o // 2).byte(), torch.rand(n_o // 8), torch.zeros(n_o // 8).byte()
                 upd = torch.randn(r, 256) if left else torch.randn(96, r)
                 out[f"qgalore {precision} left{left} g{gs} off{offset}"] = (
                     lambda oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, offset=offset, precision=precision:
@@ -495,8 +495,8 @@ def test_every_launch_compiles_for_sm90(space):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", space], capture_output=True,
                           text=True, env=env, timeout=3000, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])  # (exit status 1 when a compile failed)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
     failed = [r for r in results if not r["ok"]]
     assert results and not failed, json.dumps(failed, indent=1)[:6000]
 
@@ -504,4 +504,14 @@ def test_every_launch_compiles_for_sm90(space):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="compile every Triton launch for sm_90 (no GPU needed)")
     parser.add_argument("--compile", choices=SPACES, required=True)
-    print(json.dumps(_compile_every_launch(parser.parse_args().compile)))
+    space = parser.parse_args().compile
+    results = _compile_every_launch(space)
+    print(json.dumps(results))
+    import triton
+
+    failed = [r for r in results if not r["ok"]]
+    print(f"sm_90 compile, Triton {triton.__version__}, {space}: {len(results) - len(failed)}/{len(results)} "
+          f"compiles ok, {len({r['kernel'] for r in results})} kernels", file=sys.stderr)
+    for r in failed:
+        print(json.dumps(r)[:3000], file=sys.stderr)
+    sys.exit(1 if failed or not results else 0)
