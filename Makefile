@@ -1,4 +1,4 @@
-.PHONY: test bench docs build wheel wheel-cuda check-portable info gpu-check
+.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton info gpu-check
 
 test:  ## the test command: installs what it needs, builds, runs tests/
 	bash scripts/test.sh
@@ -20,6 +20,9 @@ wheel-cuda:  ## cp3xx manylinux wheel: weightkit._C and the CUDA kernel library 
 
 check-portable:  ## the built kernels, unchanged, under a second torch release (.venv-portable, torch 2.14.1; PORTABLE_VENV=...)
 	bash scripts/check_portable.sh
+
+check-triton:  ## Triton kernels under another Triton (TRITON_VERSION, default 3.6.0 as on the GPU image; downloads it): sm_90 compile of every launch + interpreter tests/ops
+	TRITON_VERSION=$(or $(TRITON_VERSION),3.6.0) bash scripts/check_triton.sh
 
 info:
 	python -m weightkit info

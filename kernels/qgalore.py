@@ -21,7 +21,9 @@ import triton.language as tl
 from ._shared import INTERPRET as _INTERPRET
 from ._shared import _u24, cdiv, dequant_int4, device_guard, next_pow2, philox_uniform
 
-_FLT_MIN = 1.1754943508222875e-38
+# A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
+# NameError; the interpreter accepts it, so only an sm_90 compile showed it).
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -155,7 +157,10 @@ def _nearest_code(x, bounds_ptr):
 @triton.jit
 def _requantize(x, mask, bounds_ptr, q_ptr, absmax_ptr, offs, block):
     absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
-    inv = tl.math.div_rn(1.0, tl.maximum(absmax, 1e-38))
+    # 1e-38 is below float32's smallest normal, so a bare literal is typed fp64 and so is the maximum; div_rn then
+    # fails to compile in Triton 3.6 ("Expected dtype ['fp32'] but got fp64"; 3.9 accepts it). A float32 constant
+    # is the spec's clamp_min(1e-38) on a float32 tensor in both versions.
+    inv = tl.math.div_rn(1.0, tl.maximum(absmax, tl.full([], 1e-38, tl.float32)))
     scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
     tl.store(q_ptr + offs, _nearest_code(scaled, bounds_ptr).to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax)

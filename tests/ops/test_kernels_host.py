@@ -295,8 +295,9 @@ def test_index_products_past_int32_run_in_int64():
 # not register pressure at run time or shared memory at launch: those need a GPU.
 
 def _compile_cases():
-    """Launcher calls covering every kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes)."""
-    from weightkit.kernels import dictionary, int4, int8, memoryformer
+    """Launcher calls covering every jitted kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes,
+    tuned and shape-rule configs, every per-op file: int8, int4, dictionary, memoryformer, galore, qgalore)."""
+    from weightkit.kernels import _shared, dictionary, galore, int4, int8, memoryformer, qgalore
     from weightkit.ops.dictionary import index_dtype_for, pack_bitmask
 
     out = {}
@@ -321,7 +322,9 @@ def _compile_cases():
     out["sr_update tiled"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(32), torch.randn(4096), 128, 0.9, 1, 0)
     out["sr_update"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(512), torch.randn(4096), 8, 0.9, 1, 1)
     out["quantize_int4"] = lambda: int4.quantize_int4_triton(x, 64)
+    out["quantize_int4 group 24"] = lambda: int4.quantize_int4_triton(x[:, :960], 24)  # not a power of two: per group
     out["dequantize_int4"] = lambda: int4.dequantize_int4_triton(packed, s4, z4, 64)
+    out["splitk_sum"] = lambda: _shared.reduce_splits(torch.zeros(3 * 4096), torch.empty(4096).bfloat16(), 4096, 3)
     idx = torch.rand(200, 150).argsort(0)[:90]
     bitmask, values, offsets = pack_bitmask(idx.to(index_dtype_for(200)), torch.randn(90, 150), 200)
     for dt in (torch.bfloat16, torch.float32):
@@ -333,14 +336,48 @@ def _compile_cases():
             out[f"bitmask bwd {dt} m{m}"] = lambda z=z, g=g, v=vals: dictionary.dict_bitmask_matmul_backward_triton(
                 g, z, v, bitmask, offsets)
     for dt in (torch.bfloat16, torch.float32):
-        tables = torch.randn(32, 256, 512).to(dt)  # >= _TUNE_MIN_TABLE: the tuned path
-        for n in (1, 70):
-            xm, g = torch.randn(n, 32 * 8).to(dt), torch.randn(n, 512).to(dt)
-            out[f"memory fwd {dt} n{n}"] = lambda xm=xm, t=tables: memoryformer.memory_lookup_forward_triton(
-                xm, t, 1.3)
-            for det in (False, True):
-                out[f"memory bwd {dt} n{n} det{det}"] = lambda xm=xm, t=tables, g=g, det=det: (
-                    memoryformer.memory_lookup_backward_triton(g, xm, t, 1.3, det))
+        # >= _TUNE_MIN_TABLE: the tuned path; 4 x 16 x 64: the shape rules
+        for tables in (torch.randn(32, 256, 512).to(dt), torch.randn(4, 16, 64).to(dt)):
+            K, d_out = tables.shape[0], tables.shape[2]
+            for n in (1, 70):
+                xm, g = torch.randn(n, K * 8).to(dt), torch.randn(n, d_out).to(dt)
+                out[f"memory fwd {dt} K{K} n{n}"] = lambda xm=xm, t=tables: memoryformer.memory_lookup_forward_triton(
+                    xm, t, 1.3)
+                for det, seg in ((False, True), (True, True), (False, False)):  # sorted segments, or fp32 atomics
+                    out[f"memory bwd {dt} K{K} n{n} det{det} seg{seg}"] = (
+                        lambda xm=xm, t=tables, g=g, det=det, seg=seg: memoryformer.memory_lookup_backward_triton(
+                            g, xm, t, 1.3, det, seg))
+    for wdt in (torch.float32, torch.bfloat16):
+        for odt, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                          (torch.float16, False)):
+            for left in (True, False):
+                for flags in (False, True):
+                    w = torch.randn(96, 80).to(wdt)
+                    r = 16
+                    low = torch.randn(r, 80) if left else torch.randn(96, r)
+                    ortho = (torch.randn(96, r) if left else torch.randn(r, 80)).to(odt)
+                    out[f"galore {wdt} {odt} tf32{tf32} left{left} flags{flags}"] = (
+                        lambda w=w, low=low, ortho=ortho, left=left, flags=flags, tf32=tf32:
+                        galore.galore_adam_update_triton(
+                            w, low, torch.zeros_like(low), torch.zeros_like(low), ortho, left, 0.9, 0.999, 1e-8, 1e-2,
+                            0.25, 1.0, found_inf=torch.zeros(1) if flags else None,
+                            step_size_t=torch.ones(1) if flags else None, tf32=tf32))
+    wq = torch.zeros(96, 256, dtype=torch.int8)
+    for precision in ("fp32", "tf32x3", "bf16"):
+        for left in (True, False):
+            for gs, offset in ((64, 0), (128, 3)):  # RNG4 on / off
+                r = 24
+                n_o = 96 * r if left else r * 256  # the INT4 basis (weightkit.ops.int4's format, groups of 8)
+                oq, osc, oz = torch.zeros(n_o // 2).byte(), torch.rand(n_o // 8), torch.zeros(n_o // 8).byte()
+                upd = torch.randn(r, 256) if left else torch.randn(96, r)
+                out[f"qgalore {precision} left{left} g{gs} off{offset}"] = (
+                    lambda oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, offset=offset, precision=precision:
+                    qgalore.int8_sr_lowrank_update_triton(wq, torch.rand(96 * 256 // gs) + 0.5, oq, osc, oz, upd, gs, 8,
+                                                          left, 0.1, 0.99, precision, 7, offset))
+    code_s, code_u = torch.linspace(-1, 1, 256), torch.linspace(0, 1, 256)
+    out["blockwise8bit_adam"] = lambda: qgalore.blockwise8bit_adam_triton(
+        torch.randn(600), torch.zeros(600, dtype=torch.uint8), torch.rand(3) + 0.5, torch.zeros(600, dtype=torch.uint8),
+        torch.rand(3) + 0.5, code_s, code_u, torch.empty(600), 0.9, 0.999, 1e-8)
     return out
 
 
@@ -348,16 +385,49 @@ _PTX_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
               torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.int16: "i16"}
 
 
-def _compile_every_launch(tuned, last):
-    """Run _compile_cases with JITFunction.run compiling for sm_90; returns one dict per distinct compile."""
+SPACES = ("fixed", "tuned-first", "tuned-last", "tuned-all")
+
+
+def _entry_kernels():
+    """Every launched kernel of kernels/*.py (the module-level ``@triton.jit`` functions named ``*_kernel``, bare or
+    under a ``triton.autotune``); the other jitted functions are helpers they call."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    names = set()
+    for mod in ("_shared",) + PER_OP:
+        for obj in vars(importlib.import_module(f"weightkit.kernels.{mod}")).values():
+            for _ in range(3):  # an Autotuner (or Heuristics) wraps the JITFunction as .fn
+                if isinstance(obj, JITFunction) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if isinstance(obj, JITFunction) and obj.__name__.endswith("_kernel"):
+                names.add(obj.__name__)
+    return names
+
+
+def _compile_every_launch(space):
+    """Run _compile_cases with JITFunction.run compiling for sm_90; returns one dict per distinct compile, and one
+    failed entry per launched kernel (_entry_kernels) that no case reached.
+
+    Configs: the launchers' shape rules where they use them ("fixed"; tuned launches take the first config of the
+    space), or the tuners' spaces wherever a launcher can tune: their first ("tuned-first") or last ("tuned-last")
+    config, or every config the tuner's pruner keeps for the case's shape ("tuned-all": what a GPU run compiles and
+    times). The autotuner's run is replaced (no timing: it needs a GPU), so both the Launchers' module-level
+    autotuners and the kernels decorated with ``triton.autotune`` (galore) go through it. Works with Triton 3.6 and
+    3.9 (JITFunction.run(*args, grid, warmup, **kwargs), Autotuner.run / prune_configs / nargs / best_config,
+    ASTSource(fn, signature, constexprs) and GPUTarget are the same in both)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     from weightkit.kernels import _shared, dictionary, int4, int8
 
     assert not _shared.INTERPRET, "compiles only without TRITON_INTERPRET"
+    assert space in SPACES, space
     seen, results = set(), []
 
     def compile_run(self, *args, grid, warmup, **kwargs):
@@ -372,6 +442,8 @@ def _compile_every_launch(tuned, last):
                 sig[p.name], cons[p.name] = "constexpr", v
             elif isinstance(v, torch.Tensor):
                 sig[p.name] = "*" + _PTX_TYPES[v.dtype]
+            elif isinstance(v, bool):
+                sig[p.name] = "i1"
             elif isinstance(v, int):
                 sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
             else:
@@ -385,27 +457,32 @@ def _compile_every_launch(tuned, last):
                 results.append(dict(kernel=self.__name__, ok=True, shared=k.metadata.shared,
                                     seconds=round(time.time() - t0, 1)))
             except Exception as e:  # noqa: BLE001
-                results.append(dict(kernel=self.__name__, ok=False, constexprs=str(cons),
+                results.append(dict(kernel=self.__name__, ok=False, constexprs=str(cons), options=str(opts),
                                     error=f"{type(e).__name__}: {str(e)[-1500:]}"))
 
-    def untimed_choose(self, bucket, grid, args, meta, fixed=None):  # the tuning launch, with one config
-        cfg = self.chosen.get(bucket) or fixed
-        if cfg is not None:
-            self.chosen[bucket] = cfg
-            return cfg, False
-        cfg = self.chosen[bucket] = self.configs[-1 if last else 0]
-        self.kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
-        return cfg, True
+    def untimed_run(self, *args, **kwargs):  # Autotuner.run without timing: compiles the space's chosen configs
+        self.nargs = dict(zip(self.arg_names, args))
+        if space == "tuned-all":
+            configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+        else:
+            configs = [self.configs[-1 if space == "tuned-last" else 0]]
+        for cfg in configs:
+            self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+        self.best_config = configs[0]
+        self.nargs = None
 
     JITFunction.run = compile_run
-    _shared.Launcher.choose = untimed_choose
-    if tuned:  # the tuners' config spaces instead of the shape rules
+    Autotuner.run = untimed_run
+    if space != "fixed":  # the tuners' config spaces instead of the shape rules
         int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = 0
     for name, call in _compile_cases().items():
         try:
             call()
         except Exception as e:  # noqa: BLE001
             results.append(dict(kernel=name, ok=False, error=f"launcher: {type(e).__name__}: {e}"))
+    compiled = {r["kernel"] for r in results}
+    for name in sorted(_entry_kernels() - compiled):
+        results.append(dict(kernel=name, ok=False, error="no case of _compile_cases launches it"))
     return results
 
 
@@ -413,18 +490,28 @@ def _compile_every_launch(tuned, last):
 @pytest.mark.parametrize("space", ["fixed", "tuned-first", "tuned-last"])
 def test_every_launch_compiles_for_sm90(space):
     """Every kernel each launcher launches compiles for sm_90 (the fixed shape-rule configs, or the first / last
-    config of each tuner's space), with the installed Triton, no GPU needed."""
+    config of each tuner's space), with the installed Triton, no GPU needed; every launched kernel of kernels/ is
+    reached. ("tuned-all", every config each pruner keeps, takes minutes: scripts/check_triton.sh runs it.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", space], capture_output=True,
                           text=True, env=env, timeout=3000, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])  # (exit status 1 when a compile failed)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
     failed = [r for r in results if not r["ok"]]
     assert results and not failed, json.dumps(failed, indent=1)[:6000]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="compile every Triton launch for sm_90 (no GPU needed)")
-    parser.add_argument("--compile", choices=["fixed", "tuned-first", "tuned-last"], required=True)
+    parser.add_argument("--compile", choices=SPACES, required=True)
     space = parser.parse_args().compile
-    print(json.dumps(_compile_every_launch(tuned=space != "fixed", last=space == "tuned-last")))
+    results = _compile_every_launch(space)
+    print(json.dumps(results))
+    import triton
+
+    failed = [r for r in results if not r["ok"]]
+    print(f"sm_90 compile, Triton {triton.__version__}, {space}: {len(results) - len(failed)}/{len(results)} "
+          f"compiles ok, {len({r['kernel'] for r in results})} kernels", file=sys.stderr)
+    for r in failed:
+        print(json.dumps(r)[:3000], file=sys.stderr)
+    sys.exit(1 if failed or not results else 0)
