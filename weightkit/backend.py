@@ -303,8 +303,8 @@ class KernelTable:
 #    the device (like a Triton autotuning run); later calls are a regime tuple and a dict lookup (0.7-0.8 us
 #    of host time for int8_matmul, bench/test_bench_host.py). No measurement during CUDA-graph capture, under ``torch.use_deterministic_algorithms(True)`` (the choice
 #    must not depend on timing noise there) or in a torch.distributed job of several ranks (ranks that chose
-#    differently would update replicated weights with different kernels): those calls take step 1 or 3 and are not
-#    remembered;
+#    differently would update replicated weights with different kernels): those calls take step 1 or 3, remembered
+#    for the process, except inside a capture (a later eager call measures);
 # 3. else the first usable backend of ``cuda_order`` (``WEIGHTKIT_AUTO=static`` makes this the only rule;
 #    ``WEIGHTKIT_AUTO=table`` allows 1 and 3 only: no measurement, no sync).
 # ``auto_choices()`` lists what was chosen, how, and the timings; ``save_auto_choices(path)`` writes the measured
@@ -447,6 +447,10 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _time_calls(fn: Callable, args: list, kwargs: dict) -> float:
     """ms per call of ``fn`` back to back on the current stream, after one warm-up call."""
     fn(*args, **kwargs)
@@ -502,7 +506,7 @@ class MeasuredChoice:
                 name = min(ms, key=ms.get) if ms else self.candidates[0]
             else:
                 how, name = "static", self.candidates[0]
-                remember = _ENV["auto"] != "measure"  # a capture / deterministic call: measure on a later call
+                remember = not _capturing()  # a call inside a capture: a later eager call measures
         if remember:
             self.by_regime[regime] = self.table.impls[name]
             _AUTO_LOG[(dev, self.table.name, key)] = dict(device=dev, op=self.table.name, regime=key, backend=name,
@@ -510,9 +514,7 @@ class MeasuredChoice:
         return name
 
     def _may_measure(self) -> bool:
-        if torch.are_deterministic_algorithms_enabled() or _distributed():
-            return False
-        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        return not (torch.are_deterministic_algorithms_enabled() or _distributed() or _capturing())
 
     def _measure(self, args, kwargs) -> Dict[str, float]:
         """ms per call of each candidate on ``args`` (copies of the arguments it writes); a candidate that raises
