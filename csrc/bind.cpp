@@ -75,10 +75,13 @@ void bind_cpu(py::module_& m, const char* c_name, R (*fn)(Args...)) {
 
 // ---- the CUDA library, opened at run time -------------------------------------------------------------------------
 
-#define WK_CUDA_FUNCTIONS(X)                                                                                      \
-  X(abi_version) X(archs) X(probe) X(error_string) X(stochastic_round_int8) X(int8_sr_update)                    \
-  X(dequantize_int8) X(quantize_int4) X(dequantize_int4) X(low_rank_adam) X(memory_lookup_forward)                \
-  X(memory_lookup_backward) X(memory_segment_sum) X(dict_bitmask_to_dense_t) X(dict_bitmask_gather_dense_t)
+// The kernels (bound one to one by WK_BIND_CUDA below), after the four library functions (bound by hand: two of them
+// return strings); resolved in this order, so a stale library's error names the first missing ones first.
+#define WK_CUDA_KERNEL_FUNCTIONS(X)                                                                               \
+  X(stochastic_round_int8) X(int8_sr_update) X(dequantize_int8) X(quantize_int4) X(dequantize_int4)              \
+  X(low_rank_adam) X(memory_lookup_forward) X(memory_lookup_backward) X(memory_segment_sum)                      \
+  X(dict_bitmask_to_dense_t) X(dict_bitmask_gather_dense_t)
+#define WK_CUDA_FUNCTIONS(X) X(abi_version) X(archs) X(probe) X(error_string) WK_CUDA_KERNEL_FUNCTIONS(X)
 
 // One pointer per function, typed from its declaration in weightkit.h.
 struct CudaLibrary {
@@ -165,19 +168,11 @@ PYBIND11_MODULE(_C, m) {
 #undef WK_BIND_CPU
 
   py::module_ cuda = m.def_submodule("cuda", "the CUDA kernels of libweightkit_cuda.so, once load_cuda succeeded");
-  bind_cuda(cuda, "wk_cuda_abi_version", &CudaLibrary::abi_version);
-  bind_cuda(cuda, "wk_cuda_probe", &CudaLibrary::probe);
-  bind_cuda(cuda, "wk_cuda_stochastic_round_int8", &CudaLibrary::stochastic_round_int8);
-  bind_cuda(cuda, "wk_cuda_int8_sr_update", &CudaLibrary::int8_sr_update);
-  bind_cuda(cuda, "wk_cuda_dequantize_int8", &CudaLibrary::dequantize_int8);
-  bind_cuda(cuda, "wk_cuda_quantize_int4", &CudaLibrary::quantize_int4);
-  bind_cuda(cuda, "wk_cuda_dequantize_int4", &CudaLibrary::dequantize_int4);
-  bind_cuda(cuda, "wk_cuda_low_rank_adam", &CudaLibrary::low_rank_adam);
-  bind_cuda(cuda, "wk_cuda_memory_lookup_forward", &CudaLibrary::memory_lookup_forward);
-  bind_cuda(cuda, "wk_cuda_memory_lookup_backward", &CudaLibrary::memory_lookup_backward);
-  bind_cuda(cuda, "wk_cuda_memory_segment_sum", &CudaLibrary::memory_segment_sum);
-  bind_cuda(cuda, "wk_cuda_dict_bitmask_to_dense_t", &CudaLibrary::dict_bitmask_to_dense_t);
-  bind_cuda(cuda, "wk_cuda_dict_bitmask_gather_dense_t", &CudaLibrary::dict_bitmask_gather_dense_t);
+#define WK_BIND_CUDA(name) bind_cuda(cuda, "wk_cuda_" #name, &CudaLibrary::name);
+  WK_BIND_CUDA(abi_version)
+  WK_BIND_CUDA(probe)
+  WK_CUDA_KERNEL_FUNCTIONS(WK_BIND_CUDA)
+#undef WK_BIND_CUDA
   // the two functions that return strings
   cuda_names().push_back("wk_cuda_archs");
   cuda.def("archs", []() -> py::object {
