@@ -208,6 +208,22 @@ def galore_adam_update_composed(weight: Tensor, low_grad: Tensor, exp_avg: Tenso
                     tensor_cores)
 
 
+def galore_adam_update_of(low_rank_adam: Callable, tensor_cores: bool, module: str) -> Callable:
+    """A backend's ``galore_adam_update_`` (the op's signature): :func:`galore_adam_update_composed` of that
+    backend's ``low_rank_adam`` kernel and its 16-bit tensor-core choice; ``module``: the backend module that owns
+    it (its ``__name__``: tests/test_backend.py checks where each implementation lives)."""
+
+    def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
+                            left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
+                            decay: float, found_inf: Optional[Tensor] = None,
+                            step_size_t: Optional[Tensor] = None) -> None:
+        galore_adam_update_composed(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size,
+                                    scale, decay, found_inf, step_size_t, low_rank_adam=low_rank_adam,
+                                    tensor_cores=tensor_cores)
+
+    galore_adam_update_.__module__ = module
+    return galore_adam_update_
+
 # -- Q-GaLore's write-back (weightkit/ops/qgalore.py) by the existing kernels, a block of rows at a time ---------------
 
 # the composition computes N for about this many weight elements at a time

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor
 
 from ... import native
-from .._blocked import galore_adam_update_composed
+from .._blocked import galore_adam_update_of
 from . import check, stream
 
 
@@ -19,9 +17,4 @@ def _low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, update
                                      low_grad.numel(), beta1, beta2, eps, *stream(low_grad)), "galore_adam_update_")
 
 
-def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
-                        left: bool, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
-                        decay: float, found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
-    galore_adam_update_composed(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size,
-                                scale, decay, found_inf, step_size_t, low_rank_adam=_low_rank_adam,
-                                tensor_cores=True)
+galore_adam_update_ = galore_adam_update_of(_low_rank_adam, True, __name__)
