@@ -197,10 +197,9 @@ def test_a_bad_recorded_file_warns_and_is_ignored(fake_gpu, tmp_path, monkeypatc
 
 def test_the_shipped_choices_name_real_ops_regimes_and_backends():
     """weightkit/auto_choices.json (written by bench/gpu_report.py's auto section from a GPU run): every op is a
-    KernelTable with a regime, every backend is one of its cuda_order, every regime key has the regime's arity."""
+    KernelTable with a regime and every backend is one of its cuda_order."""
     if not os.path.exists(backend.RECORDED_FILE):
         pytest.skip("no recorded choices shipped yet (no GPU run of the auto section)")
-    tables = {t.name: t for t in backend._TABLES}
     import weightkit.ops  # noqa: F401 - registers every table
     tables = {t.name: t for t in backend._TABLES}
     with warnings.catch_warnings():
