@@ -362,6 +362,43 @@ def philox_uniform4(counter, seed, N: tl.constexpr):
 # -- tile helpers of the GEMV / GEMM kernels -----------------------------------------------------------------------
 
 @triton.jit
+def unpack_int4_f32(b, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS // 2] packed bytes -> [ROWS, COLS] fp32 values 2^23 + q (element 2j: low nibble of byte j)."""
+    lo = (b & 0xF).to(tl.int32)
+    hi = (b >> 4).to(tl.int32)
+    q = tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def group_broadcast(v, ROWS: tl.constexpr, GROUPS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, GROUPS] per-group values -> [ROWS, COLS]: each repeated over its COLS // GROUPS consecutive columns."""
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (ROWS, GROUPS, COLS // GROUPS)), (ROWS, COLS))
+
+
+@triton.jit
+def dequant_int4_tile(packed_ptr, scale_ptr, zero_ptr, rows, rmask, c0, row_len, PG: tl.constexpr,
+                      ROWS: tl.constexpr, COLS: tl.constexpr):
+    """float32 values (q - z) * s of a packed INT4 matrix (weightkit.ops.int4's format, row_len values per row) at
+    ``rows`` (int64, [ROWS]) x columns c0 .. c0 + COLS - 1, 0 outside (rmask, columns >= row_len). Needs row_len even
+    and a multiple of the power-of-two group PG, and c0 a multiple of min(COLS, PG): each row's values are
+    COLS / 2 contiguous bytes (one vector load), and its groups min(COLS / PG, 1) consecutive (scale, zero) pairs,
+    loaded once and broadcast, not gathered element by element (dequant_int4: three 64-bit addresses per value)."""
+    start = rows * row_len + c0
+    half = tl.arange(0, COLS // 2)
+    b = tl.load(packed_ptr + (start // 2)[:, None] + half[None, :],
+                mask=rmask[:, None] & (c0 + 2 * half < row_len)[None, :], other=0)
+    GROUPS: tl.constexpr = COLS // PG if COLS >= PG else 1
+    gi = tl.arange(0, GROUPS)
+    gmask = rmask[:, None] & (c0 + gi * PG < row_len)[None, :]
+    g = (start // PG)[:, None] + gi[None, :]
+    s = tl.load(scale_ptr + g, mask=gmask, other=0.0)
+    c = tl.load(zero_ptr + g, mask=gmask, other=0).to(tl.float32) + 8388608.0
+    q = unpack_int4_f32(b, ROWS, COLS)  # 2^23 + q: minus 2^23 + z gives q - z exactly
+    return (q - group_broadcast(c, ROWS, GROUPS, COLS)) * group_broadcast(s, ROWS, GROUPS, COLS)
+
+
+@triton.jit
 def dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, group_size, mask):
     """float32 values of a packed INT4 matrix (weightkit.ops.int4's format: two values per byte, the low nibble the
     even index; a float32 scale and a uint8 zero per group) at flat indices ``lin`` (int64)."""

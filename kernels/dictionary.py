@@ -395,7 +395,7 @@ def _setup(gemv, key, act, fixed):
     if tune:
         return meta, None, bucket
     cfg = fixed(gemv, mb, not gemv and meta["PRECISION"] == "ieee")
-    return meta, config(4, 1 if gemv else 2, SPLIT_K=1, SPAN=FIXED_SPAN, **cfg), bucket
+    return meta, config(4 if gemv else 8, 1 if gemv else 2, SPLIT_K=1, SPAN=FIXED_SPAN, **cfg), bucket
 
 
 def _key(M, n_out, n_red, act):
@@ -406,7 +406,7 @@ def _key(M, n_out, n_red, act):
 def _grad_values_setup(key):
     M, N, K, tune, precision, dtype, device = key
     meta = dot_meta(device, dtype, precision)
-    fixed = None if tune else config(4, 2, BLOCK_M=16 if meta["PRECISION"] == "ieee" else 32, BLOCK_N=64, BLOCK_K=64)
+    fixed = None if tune else config(8, 2, BLOCK_M=16 if meta["PRECISION"] == "ieee" else 32, BLOCK_N=64, BLOCK_K=64)
     return (next_pow2(M),) + key[1:], lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(K, c["BLOCK_K"])), meta, fixed
 
 

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, gemv_accumulators, gemv_rows,
                       gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, space, splitk_finish, store_result,
-                      x_offsets)
+                      unpack_int4_f32, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -121,15 +121,6 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
 # index with _dequant, like the reference.
 
 
-@triton.jit
-def _unpack_f32(b, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """[ROWS, COLS // 2] packed bytes -> [ROWS, COLS] fp32 values 2^23 + q (element 2j: low nibble of byte j)."""
-    lo = (b & 0xF).to(tl.int32)
-    hi = (b >> 4).to(tl.int32)
-    q = tl.reshape(tl.join(lo, hi), (ROWS, COLS))
-    return (q | 0x4B000000).to(tl.float32, bitcast=True)
-
-
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_ptr, c_ptr, M, N, K, G, stride_xm,
                       stride_xk, SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
@@ -158,12 +149,12 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, 
                 b = tl.load(b_ptrs, mask=mask_k[:, None], other=0, eviction_policy="evict_first")
                 s_k = tl.load(scale_ptr + grp, mask=mask_k, other=0.0)
                 c = tl.load(zero_ptr + grp, mask=mask_k, other=0).to(tl.float32) + 8388608.0
-                w = _unpack_f32(b, BLOCK_K, BLOCK_N) - c[:, None]
+                w = unpack_int4_f32(b, BLOCK_K, BLOCK_N) - c[:, None]
             else:  # one (scale, zero) per row n
                 b = tl.load(b_ptrs, mask=mask_n[:, None], other=0, eviction_policy="evict_first")
                 s = tl.load(scale_ptr + grp + k0 // G, mask=mask_n, other=0.0)
                 c = tl.load(zero_ptr + grp + k0 // G, mask=mask_n, other=0).to(tl.float32) + 8388608.0
-                w = (_unpack_f32(b, BLOCK_N, BLOCK_K) - c[:, None]) * s[:, None]
+                w = (unpack_int4_f32(b, BLOCK_N, BLOCK_K) - c[:, None]) * s[:, None]
             b_ptrs += b_step
             grp += g_step
         else:  # any layout: every element from its flat index, like the reference
@@ -215,12 +206,12 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
                 b = tl.load(b_ptrs, mask=mask_k[:, None], other=0)
                 s = tl.load(scale_ptr + grp, mask=mask_k, other=0.0)
                 c = tl.load(zero_ptr + grp, mask=mask_k, other=0).to(tl.float32) + 8388608.0
-                w = tl.trans((_unpack_f32(b, BLOCK_K, BLOCK_N) - c[:, None]) * s[:, None])
+                w = tl.trans((unpack_int4_f32(b, BLOCK_K, BLOCK_N) - c[:, None]) * s[:, None])
             else:
                 b = tl.load(b_ptrs, mask=mask_n[:, None], other=0)
                 s = tl.load(scale_ptr + grp + k0 // G, mask=mask_n, other=0.0)[:, None]
                 c = tl.load(zero_ptr + grp + k0 // G, mask=mask_n, other=0).to(tl.float32) + 8388608.0
-                w = _unpack_f32(b, BLOCK_N, BLOCK_K) - c[:, None]  # q - z, exact
+                w = unpack_int4_f32(b, BLOCK_N, BLOCK_K) - c[:, None]  # q - z, exact
                 if not SCALE_AFTER_DOT:
                     w = w * s
             b_ptrs += b_step

@@ -7,8 +7,11 @@ weight). The tile of N = P U (left) or U P (right) is accumulated over the rank 
 accuracy; IEEE in the interpreter), 'bf16' = operands rounded to bfloat16, the tensor-core path;
 the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the rounded values in float32: the same exact
 products), the
-INT4 basis tile unpacked and dequantized in registers ((q - z) * s, one rounding, as the spec). The epilogue reads
-the int8 tile and its scales, forms w = (q * s + (-alpha) * N) * decay, reduces |w| per group ([G, GS] view),
+INT4 basis tile unpacked and dequantized in registers ((q - z) * s, one rounding, as the spec): read as packed-byte
+rows with one (scale, zero) load per group where the basis rows are whole power-of-two groups (basis_aligned),
+value by value otherwise. N = U P accumulates transposed (P^T U^T: the dequantized tile as the dot's first operand;
+as the second, its register layout spilled kilobytes a thread on sm_90). The epilogue reads
+the int8 tile and its scales (one load a group), forms w = (q * s + (-alpha) * N) * decay, reduces |w| per group ([G, GS] view),
 rounds stochastically with the Philox stream of weightkit.ops.rng (four values per Philox evaluation when the
 stream position of every row start is a multiple of 4, one per element otherwise) and writes int8 values and
 scales. The m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion=False: the spec rounds
@@ -19,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import _u24, cdiv, dequant_int4, device_guard, next_pow2, philox_uniform
+from ._shared import _u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, next_pow2, philox_uniform
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
 # NameError; the interpreter accepts it, so only an sm_90 compile showed it).
@@ -51,7 +54,8 @@ def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, alpha, decay, seed,
                                    offset, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
-                                   BF16: tl.constexpr, TC_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -59,34 +63,50 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     cmask = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # N = P U accumulates as [BLOCK_M, BLOCK_N]; N = U P as its transpose (P^T U^T), with the dequantized basis as
+    # the dot's first operand: as the second, its in-register layout spilled kilobytes per thread (sm_90 compiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N) if LEFT else (BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_R):
         ks = k0 + tl.arange(0, BLOCK_R)
         kmask = ks < R
         if LEFT:  # N = P U: P (M x R) rows x ks, U (R x N) ks x cols
-            amask = rmask[:, None] & kmask[None, :]
-            a = dequant_int4(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], PG, amask)
+            if ALIGNED:
+                a = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, PG, BLOCK_M, BLOCK_R)
+            else:
+                amask = rmask[:, None] & kmask[None, :]
+                a = dequant_int4(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], PG, amask)
             bmask = kmask[:, None] & cmask[None, :]
             b = tl.load(u_ptr + ks[:, None] * N + cols[None, :], mask=bmask, other=0.0)
         else:  # N = U P: U (M x R) rows x ks, P (R x N) ks x cols
             amask = rmask[:, None] & kmask[None, :]
             a = tl.load(u_ptr + rows[:, None] * R + ks[None, :], mask=amask, other=0.0)
-            bmask = kmask[:, None] & cmask[None, :]
-            b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
+            if ALIGNED:
+                b = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N, PG,
+                                      BLOCK_R, BLOCK_N)
+            else:
+                bmask = kmask[:, None] & cmask[None, :]
+                b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
         if BF16:
             a = _round_bf16(a)
             b = _round_bf16(b)
+        if not LEFT:
+            a, b = tl.trans(b), tl.trans(a)
         if TC_BF16:  # exact casts of bf16-representable values; tensor cores, float32 accumulation
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if not LEFT:
+        acc = tl.trans(acc)
     # epilogue: the tile's groups, [G, GS] with G = BLOCK_M * BLOCK_N / GS (a row of the tile holds whole groups)
-    G: tl.constexpr = BLOCK_M * (BLOCK_N // GS)
+    GPR: tl.constexpr = BLOCK_N // GS  # groups per tile row
+    G: tl.constexpr = BLOCK_M * GPR
     mask = rmask[:, None] & cmask[None, :]
     idx = rows[:, None] * N + cols[None, :]
     q = tl.load(wq_ptr + idx, mask=mask, other=0).to(tl.float32)
-    gidx = idx // GS
-    s = tl.load(ws_ptr + gidx, mask=mask, other=0.0)
+    gcols = pid_n * GPR + tl.arange(0, GPR)
+    sidx = rows[:, None] * (N // GS) + gcols[None, :]
+    smask = rmask[:, None] & (gcols[None, :] < N // GS)
+    s = group_broadcast(tl.load(ws_ptr + sidx, mask=smask, other=0.0), BLOCK_M, GPR, BLOCK_N)  # one load a group
     w = (q * s + acc * (-alpha)) * decay
     w = tl.where(mask, w, 0.0)
     wg = tl.reshape(w, (G, GS))
@@ -100,25 +120,39 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
     v = tl.floor(wg * inv[:, None] + tl.reshape(u, (G, GS)))
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
     tl.store(wq_ptr + idx, tl.reshape(v, (BLOCK_M, BLOCK_N)).to(tl.int8), mask=mask)
-    gcols = pid_n * (BLOCK_N // GS) + tl.arange(0, BLOCK_N // GS)
-    sidx = rows[:, None] * (N // GS) + gcols[None, :]
-    smask = rmask[:, None] & (gcols[None, :] < N // GS)
     tl.store(ws_ptr + tl.reshape(sidx, (G,)), ns, mask=tl.reshape(smask, (G,)))
 
 
 def tile_config(m, n, r, group_size, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) for a weight: BLOCK_N a power-of-two multiple of the group (>= 64
-    columns where the weight has them), BLOCK_R >= 16 (tl.dot's minimum)."""
+    columns where the weight has them), tiles of about 8192 values on 8 warps (32 accumulators a thread), BLOCK_R
+    >= 16 (tl.dot's minimum), halved for groups of 512 so shared memory stays under sm_90's 227 KB a block.
+    Checked by sm_90 compiles (tests/ops/test_kernels_host.py: registers, spills and shared memory of each)."""
     block_n = max(group_size, min(128, next_pow2(n)))
-    block_m = 16 if _INTERPRET else (32 if block_n >= 256 else 64)
-    block_r = 16 if _INTERPRET else (64 if precision == "bf16" else 32)
+    if _INTERPRET:
+        return 16, block_n, 16, 4
+    block_m = max(16, min(64, 8192 // block_n))
+    block_r = 64 if precision == "bf16" else 32
+    if block_n >= 512:
+        block_r //= 2
     block_r = max(16, min(block_r, next_pow2(r)))
-    return block_m, block_n, block_r, 4
+    return block_m, block_n, block_r, 8 if block_m * block_n >= 8192 else 4
+
+
+def basis_aligned(row_len: int, proj_group_size: int) -> bool:
+    """Whether the INT4 basis tiles load as packed bytes with one (scale, zero) per group (_shared.dequant_int4_tile):
+    its rows (row_len values: R for a left basis, N for a right one) are whole groups of a power-of-two size >= 2.
+    Otherwise (odd ranks or groups) each value is gathered from its flat index (dequant_int4)."""
+    pg = proj_group_size
+    return pg >= 2 and pg & (pg - 1) == 0 and row_len % pg == 0
+
+
+MAX_GROUP = 512  # a [16, 1024] tile needs more than sm_90's 227 KB of shared memory a block
 
 
 def supports(group_size: int) -> bool:
-    """Whether the tile kernel takes this int8 group size (a power of two, at most 1024 columns per tile)."""
-    return 1 <= group_size <= 1024 and group_size & (group_size - 1) == 0
+    """Whether the tile kernel takes this int8 group size (a power of two, at most MAX_GROUP columns per tile)."""
+    return 1 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0
 
 
 def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
@@ -126,7 +160,7 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
     m, n = w_q.shape
     r = update.shape[0] if left else update.shape[1]
     if not supports(group_size):
-        raise ValueError(f"the Triton int8_sr_lowrank_update_ needs a power-of-two group_size <= 1024, got "
+        raise ValueError(f"the Triton int8_sr_lowrank_update_ needs a power-of-two group_size <= {MAX_GROUP}, got "
                          f"{group_size} (use the cpu/cuda backend)")
     block_m, block_n, block_r, warps = tile_config(m, n, r, group_size, precision)
     rng4 = offset % 4 == 0 and n % 4 == 0 and block_n >= 4
@@ -134,7 +168,8 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
     with device_guard(w_q.device):
         _int8_sr_lowrank_update_kernel[grid](
             w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, float(alpha), float(decay), seed, offset,
-            LEFT=bool(left), GS=group_size, PG=proj_group_size, BF16=precision == "bf16",
+            LEFT=bool(left), GS=group_size, PG=proj_group_size, ALIGNED=basis_aligned(r if left else n, proj_group_size),
+            BF16=precision == "bf16",
             TC_BF16=precision == "bf16" and not _INTERPRET,
             DOT_PRECISION="tf32x3" if precision == "tf32x3" and not _INTERPRET else "ieee", RNG4=rng4,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)

@@ -291,8 +291,11 @@ def test_index_products_past_int32_run_in_int64():
 # -- compiled smoke without a GPU -----------------------------------------------------------------------------------
 # The interpreter does not compile; Triton's compiler and its bundled ptxas run without a GPU. Each launch the
 # launchers make is compiled for sm_90 instead of launched (outputs stay garbage; the launchers' host logic runs as
-# usual, configs taken without timing). Catches what only the compiler sees (types, layouts, constexpr branches);
-# not register pressure at run time or shared memory at launch: those need a GPU.
+# usual, configs taken without timing), with the specialization Triton's launcher would give the arguments (16-byte
+# divisibility of pointers and integers, integers equal to 1 as constants) and the GPU's dot operands (dot_meta).
+# Catches what only the compiler sees (types, layouts, constexpr branches), and reads each cubin's registers, stack
+# frame (spills) and shared memory (cuobjdump): a launch sm_90 would refuse, or a config that spills. Not timing:
+# that needs a GPU.
 
 def _compile_cases():
     """Launcher calls covering every jitted kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes,
@@ -362,27 +365,25 @@ def _compile_cases():
                             w, low, torch.zeros_like(low), torch.zeros_like(low), ortho, left, 0.9, 0.999, 1e-8, 1e-2,
                             0.25, 1.0, found_inf=torch.zeros(1) if flags else None,
                             step_size_t=torch.ones(1) if flags else None, tf32=tf32))
-    wq = torch.zeros(96, 256, dtype=torch.int8)
     for precision in ("fp32", "tf32x3", "bf16"):
         for left in (True, False):
-            for gs, offset in ((64, 0), (128, 3)):  # RNG4 on / off
-                r = 24
-                n_o = 96 * r if left else r * 256  # the INT4 basis (weightkit.ops.int4's format, groups of 8)
-                oq, osc, oz = torch.zeros(n_o // 2).byte(), torch.rand(n_o // 8), torch.zeros(n_o // 8).byte()
-                upd = torch.randn(r, 256) if left else torch.randn(96, r)
-                out[f"qgalore {precision} left{left} g{gs} off{offset}"] = (
-                    lambda oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, offset=offset, precision=precision:
-                    qgalore.int8_sr_lowrank_update_triton(wq, torch.rand(96 * 256 // gs) + 0.5, oq, osc, oz, upd, gs, 8,
-                                                          left, 0.1, 0.99, precision, 7, offset))
+            # RNG4 on / off; a basis of whole groups (packed-byte tiles) or not (gathered); a 512-column group
+            for m, n, gs, offset, r, pg in ((96, 256, 64, 0, 24, 8), (96, 256, 128, 3, 24, 8),
+                                            (96, 256, 128, 0, 20, 8 if left else 512), (32, 1024, 512, 0, 64, 64)):
+                wq = torch.zeros(m, n, dtype=torch.int8)
+                n_o = m * r if left else r * n  # the INT4 basis (weightkit.ops.int4's format)
+                oq, osc, oz = torch.zeros(n_o // 2).byte(), torch.rand(n_o // pg), torch.zeros(n_o // pg).byte()
+                upd = torch.randn(r, n) if left else torch.randn(m, r)
+                out[f"qgalore {precision} left{left} {m}x{n} g{gs} off{offset} r{r} pg{pg}"] = (
+                    lambda wq=wq, oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, offset=offset, precision=precision,
+                    pg=pg: qgalore.int8_sr_lowrank_update_triton(
+                        wq, torch.rand(wq.numel() // gs) + 0.5, oq, osc, oz, upd, gs, pg, left, 0.1, 0.99, precision,
+                        7, offset))
     code_s, code_u = torch.linspace(-1, 1, 256), torch.linspace(0, 1, 256)
     out["blockwise8bit_adam"] = lambda: qgalore.blockwise8bit_adam_triton(
         torch.randn(600), torch.zeros(600, dtype=torch.uint8), torch.rand(3) + 0.5, torch.zeros(600, dtype=torch.uint8),
         torch.rand(3) + 0.5, code_s, code_u, torch.empty(600), 0.9, 0.999, 1e-8)
     return out
-
-
-_PTX_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
-              torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.int16: "i16"}
 
 
 SPACES = ("fixed", "tuned-first", "tuned-last", "tuned-all")
@@ -407,6 +408,34 @@ def _entry_kernels():
     return names
 
 
+def _cuobjdump():
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return tool if os.path.exists(tool) else None
+
+
+def _resource_usage(cubin):
+    """Registers per thread, stack frame (bytes per thread: register spills, as Triton allocates no local arrays)
+    and static shared memory of a compiled kernel, read from its cubin by the cuobjdump Triton bundles (no GPU
+    needed); {} when that tool is missing."""
+    import re
+    import tempfile
+
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not m:
+        return {}
+    regs, stack, static_shared, local = map(int, m.groups())
+    return dict(regs=regs, stack=stack, static_shared=static_shared, local=local)
+
+
 def _compile_every_launch(space):
     """Run _compile_cases with JITFunction.run compiling for sm_90; returns one dict per distinct compile, and one
     failed entry per launched kernel (_entry_kernels) that no case reached.
@@ -419,7 +448,9 @@ def _compile_every_launch(space):
     3.9 (JITFunction.run(*args, grid, warmup, **kwargs), Autotuner.run / prune_configs / nargs / best_config,
     ASTSource(fn, signature, constexprs) and GPUTarget are the same in both)."""
     import triton
+    from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -435,27 +466,33 @@ def _compile_every_launch(space):
         for k in ("num_ctas", "maxnreg", "ir_override"):
             kwargs.pop(k, None)
         bound = dict(zip(self.arg_names, args), **kwargs)
-        sig, cons = {}, {}
-        for p in self.params:
+        sig, cons, attrs = {}, {}, {}
+        for i, p in enumerate(self.params):  # Triton's own specialization (JITFunction.run's binder)
             v = bound.get(p.name, p.default)
             if p.is_constexpr:
                 sig[p.name], cons[p.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[p.name] = "*" + _PTX_TYPES[v.dtype]
-            elif isinstance(v, bool):
-                sig[p.name] = "i1"
-            elif isinstance(v, int):
-                sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            else:
-                sig[p.name] = "fp32"
-        key = (self.__name__, str(sorted(sig.items())), str(sorted(cons.items())), str(sorted(opts.items())))
+                continue
+            ty, attr = native_specialize_impl(CUDABackend, v, False, not p.do_not_specialize,
+                                              not p.do_not_specialize_on_alignment)
+            if isinstance(v, (bool, float)) or p.do_not_specialize:
+                attr = None  # Triton does not specialize floats, bools or do_not_specialize arguments
+                ty = "i32" if ty == "constexpr" else ty
+            sig[p.name] = ty
+            if ty == "constexpr":  # an integer equal to 1
+                cons[p.name] = attr
+            elif isinstance(attr, str) and CUDABackend.parse_attr(attr):
+                attrs[(i,)] = CUDABackend.parse_attr(attr)
+        key = (self.__name__, str(sorted(sig.items())), str(sorted(cons.items())), str(sorted(attrs.items())),
+               str(sorted(opts.items())))
         if key not in seen:
             seen.add(key)
             t0 = time.time()
             try:
-                k = triton.compile(ASTSource(self, sig, cons), target=GPUTarget("cuda", 90, 32), options=opts)
+                k = triton.compile(ASTSource(self, sig, cons, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
                 results.append(dict(kernel=self.__name__, ok=True, shared=k.metadata.shared,
-                                    seconds=round(time.time() - t0, 1)))
+                                    num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages,
+                                    constexprs=str(cons), tensors=" ".join(v for v in sig.values() if v[0] == "*"),
+                                    **_resource_usage(k.asm["cubin"]), seconds=round(time.time() - t0, 1)))
             except Exception as e:  # noqa: BLE001
                 results.append(dict(kernel=self.__name__, ok=False, constexprs=str(cons), options=str(opts),
                                     error=f"{type(e).__name__}: {str(e)[-1500:]}"))
@@ -473,6 +510,8 @@ def _compile_every_launch(space):
 
     JITFunction.run = compile_run
     Autotuner.run = untimed_run
+    # the GPU's operands: on CPU tensors dot_meta gives bf16 dots fp32 operands (for the interpreter)
+    _shared.dot_meta = dictionary.dot_meta = lambda device, dtype, precision: dict(PRECISION=precision)
     if space != "fixed":  # the tuners' config spaces instead of the shape rules
         int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = 0
     for name, call in _compile_cases().items():
@@ -486,12 +525,26 @@ def _compile_every_launch(space):
     return results
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("space", ["fixed", "tuned-first", "tuned-last"])
+SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB): more fails at launch
+SPILL_BYTES = 64  # a stack frame beyond this is register spills (Triton kernels hold no local arrays)
+
+
+def resource_faults(results):
+    """The compiled launches that could not launch on an H100/H200 (shared memory) or spill registers to local
+    memory (each spilled value a round trip through L1/L2 per use: the kernel runs at a fraction of its design)."""
+    return [r for r in results if r["ok"] and (r["shared"] + r.get("static_shared", 0) > SM90_SHARED
+                                               or r.get("stack", 0) > SPILL_BYTES)]
+
+
+@pytest.mark.parametrize("space", ["fixed", pytest.param("tuned-first", marks=pytest.mark.slow),
+                                   pytest.param("tuned-last", marks=pytest.mark.slow)])
 def test_every_launch_compiles_for_sm90(space):
     """Every kernel each launcher launches compiles for sm_90 (the fixed shape-rule configs, or the first / last
     config of each tuner's space), with the installed Triton, no GPU needed; every launched kernel of kernels/ is
-    reached. ("tuned-all", every config each pruner keeps, takes minutes: scripts/check_triton.sh runs it.)"""
+    reached. The fixed configs (launched without timing, so nothing on the GPU steers around a bad one) must fit
+    sm_90's shared memory and spill no registers (cuobjdump's resource usage of each cubin). ("tuned-all", every
+    config each pruner keeps, takes minutes: scripts/check_triton.sh runs it and prints the tuned configs' faults,
+    which the autotuner's timing sorts out.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", space], capture_output=True,
                           text=True, env=env, timeout=3000, cwd=ROOT)
@@ -499,6 +552,10 @@ def test_every_launch_compiles_for_sm90(space):
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     failed = [r for r in results if not r["ok"]]
     assert results and not failed, json.dumps(failed, indent=1)[:6000]
+    if space == "fixed":
+        assert any("regs" in r for r in results) or not _cuobjdump(), "no resource usage read from the cubins"
+        faults = resource_faults(results)
+        assert not faults, json.dumps(faults, indent=1)[:6000]
 
 
 if __name__ == "__main__":
@@ -510,8 +567,13 @@ if __name__ == "__main__":
     import triton
 
     failed = [r for r in results if not r["ok"]]
+    faults = resource_faults(results)
     print(f"sm_90 compile, Triton {triton.__version__}, {space}: {len(results) - len(failed)}/{len(results)} "
-          f"compiles ok, {len({r['kernel'] for r in results})} kernels", file=sys.stderr)
+          f"compiles ok, {len({r['kernel'] for r in results})} kernels; {len(faults)} spill registers or exceed "
+          f"sm_90's shared memory", file=sys.stderr)
+    for r in faults:
+        print(f"  resources: {r['kernel']} warps {r['num_warps']} regs {r.get('regs')} stack {r.get('stack')} "
+              f"shared {r['shared']} {r['tensors']} {r['constexprs'][:160]}", file=sys.stderr)
     for r in failed:
         print(json.dumps(r)[:3000], file=sys.stderr)
     sys.exit(1 if failed or not results else 0)

@@ -65,6 +65,32 @@ def test_backends_bit_identical_when_the_product_is_exact(left, precision, offse
     assert not torch.equal(want[0], case[0][0])  # the update moved the weight
 
 
+@pytest.mark.parametrize("left, n, r, pg, tiled", [
+    (True, 96, 20, 8, False),     # rank not a multiple of the group: each basis value gathered from its flat index
+    (True, 128, 32, 8, True),     # packed-byte tiles, several groups in a tile row
+    (True, 128, 32, 32, True),    # a tile row inside one group (interpreter tiles: BLOCK_R 16)
+    (True, 128, 24, 8, True),     # the last rank tile cut by the mask
+    (False, 96, 20, 64, False),   # n not a multiple of the group
+    (False, 96, 20, 8, True),     # the last column tile cut by the mask
+    (False, 256, 16, 256, True),  # one group wider than the tile (BLOCK_N 128)
+])
+def test_both_basis_paths_bit_identical(left, n, r, pg, tiled):
+    """The Triton kernel reads the INT4 basis as packed-byte tiles with one (scale, zero) load per group when its
+    rows are whole power-of-two groups (kernels.qgalore.basis_aligned), else value by value: both give the spec's
+    bits (exact products)."""
+    from weightkit.kernels.qgalore import basis_aligned
+
+    print("seed 4")
+    assert basis_aligned(r if left else n, pg) == tiled
+    case = _case(left, m=48, n=n, r=r, gs=32, pg=pg, seed=4, exact=True)
+    want = _run("reference", case, left, "fp32")
+    for backend in BACKENDS[1:]:
+        got = _run(backend, case, left, "fp32")
+        assert torch.equal(got[0], want[0]), backend
+        assert torch.equal(got[1], want[1]), backend
+    assert not torch.equal(want[0], case[0][0])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16"])
 @pytest.mark.parametrize("left", [True, False])
 def test_backends_match_within_accumulation_error(left, precision):

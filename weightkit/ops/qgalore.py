@@ -19,7 +19,7 @@ No float copy of the weight and no m x n delta exist whole: the Triton kernel co
 tile of N from the packed basis (dequantized in registers) and the low-rank update with ``tl.dot``, applies the
 update and the stochastic rounding to the tile, and writes int8 values and scales; a tile spans whole groups, so
 the absmax of each group is computed over its whole updated weight (group sizes that are powers of two up to
-1024; others, e.g. 127 for a 5461-wide layer, take the composed path). The ``cpu`` / ``cuda`` backends compose the
+512; others, e.g. 127 for a 5461-wide layer, take the composed path). The ``cpu`` / ``cuda`` backends compose the
 existing kernels by blocks of rows (N for ~1M elements at a time, then the native ``int8_sr_update_``).
 
 Precision of N (the one part that is not bit-identical across backends). ``precision='fp32'`` multiplies float32
