@@ -261,8 +261,9 @@ SPANS = (0, 1)  # the value loads of _decode_tile: each where it lies, or the ti
 
 def _gemv_configs():
     """(BLOCK_N, BLOCK_K, warps) x SPAN x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64
-    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU)."""
-    tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (128, 128, 8)]
+    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU), 8 warps
+    from 8192-value S tiles and 16 for 16384 (on fewer, sm_90 compiles spilled up to 1.9 KB a thread)."""
+    tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 16)]
     return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in SPANS
             for s in SPLITS]
 
@@ -272,15 +273,17 @@ def _mm_configs(fwd):
     16-64 with split-K; prefill: 64-128 x 64-256 x 32-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial,
     gemlite), plus small BLOCK_K = 32 tiles for fp32 without TF32 ("ieee": the dot runs on FMA units). In the
     transposed kernel (grad_z) BLOCK_K is the output side and BLOCK_N the reduction. The S tile's decode costs about
-    as much as its MMA at prefill, so both value loads are timed there too."""
+    as much as its MMA at prefill, so both value loads are timed there too. Warps: 8 from S tiles of 8192 values
+    (each thread decodes at most 32 values a step); on 4, sm_90 compiles of these tiles spilled 0.2-2.6 KB a
+    thread, as did the dropped 128 x 256 x 64 and 128 x 128 x 128 tiles on 8 (Triton 3.6)."""
     out = []
-    for bn, bk, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
+    for bn, bk, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
         for bm in (16, 32, 64):
             for s in SPLITS[:4]:
                 for sp in SPANS:
                     out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s))
-    for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                              (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
+    for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4),
+                              (64, 64, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
         if not fwd:  # grad_z: the K tile is the output side, N the reduction
             bn, bk = bk, bn
         for sp in SPANS:
