@@ -408,6 +408,19 @@ def _entry_kernels():
     return names
 
 
+def _global_access(ptx):
+    """Global memory instructions of a kernel's PTX by width, e.g. {"ld.v4.b32": 2, "ld.u8": 1, "st.v4.b32": 1}: how
+    many bytes each load or store moves (16-byte vectors are what a bandwidth-bound kernel wants)."""
+    import re
+    from collections import Counter
+
+    counts = Counter()
+    for op, mods in re.findall(r"\b(ld|st|atom|red)\.global((?:\.[A-Za-z0-9_:]+)*)", ptx):
+        kept = [m for m in mods.split(".") if m and (m.startswith("v") or m[0] in "bufs" and m[1:].isdigit())]
+        counts[".".join([op] + kept)] += 1
+    return dict(counts)
+
+
 def _cuobjdump():
     import triton
 
@@ -492,7 +505,8 @@ def _compile_every_launch(space):
                 results.append(dict(kernel=self.__name__, ok=True, shared=k.metadata.shared,
                                     num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages,
                                     constexprs=str(cons), tensors=" ".join(v for v in sig.values() if v[0] == "*"),
-                                    **_resource_usage(k.asm["cubin"]), seconds=round(time.time() - t0, 1)))
+                                    global_access=_global_access(k.asm["ptx"]), **_resource_usage(k.asm["cubin"]),
+                                    seconds=round(time.time() - t0, 1)))
             except Exception as e:  # noqa: BLE001
                 results.append(dict(kernel=self.__name__, ok=False, constexprs=str(cons), options=str(opts),
                                     error=f"{type(e).__name__}: {str(e)[-1500:]}"))
@@ -576,4 +590,4 @@ if __name__ == "__main__":
               f"shared {r['shared']} {r['tensors']} {r['constexprs'][:160]}", file=sys.stderr)
     for r in failed:
         print(json.dumps(r)[:3000], file=sys.stderr)
-    sys.exit(1 if failed or not results else 0)
+    sys.exit(1 if failed or not results or (space == "fixed" and faults) else 0)
