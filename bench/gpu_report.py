@@ -24,7 +24,8 @@ stochastic rounding), kernels (decode calls: call time, kernel time from a CUDA-
 each call runs), galore (issue 16: optimizer steps, refresh), memoryformer (issue 26 item 1: MemoryLinear vs bf16
 nn.Linear, fwd+bwd per table-gradient method), dictionary (issue 26 item 2: DictLinear in bf16, triton vs cuda vs
 nn.Linear), auto (the measured backend choice per regime at those shapes), host (per-call host overhead of eager
-layers vs nn.Linear, issue 14). After each section, the configs the Triton autotuners chose.
+layers vs nn.Linear, issue 14). After each section, the configs the Triton autotuners chose; at the end, every
+Triton kernel compiled, with its registers and spills as loaded (section "compiled").
 
 Budgets hold, autotuning and compiles included: each section has its share of ``--budget`` (SECTION_BUDGETS,
 scaled to the sections asked for; ``--section-budget`` sets one outright); a row that would start past it is skipped
@@ -772,6 +773,56 @@ def autotune():
     write()
 
 
+def compiled_kernels():
+    """Every Triton kernel this process compiled (weightkit.kernels), with its registers, spills (bytes a thread) and
+    shared memory as the GPU's driver loaded it: the configs the autotuners chose, at the report's shapes, with
+    Triton's own specialization. One row per kernel name and config; recorded once, at the end."""
+    import importlib
+    import pkgutil
+
+    try:
+        from triton.runtime.jit import JITFunction
+
+        import weightkit.kernels as kpkg
+    except Exception:  # noqa: BLE001 - no triton
+        return
+    seen = set()
+    for mod in pkgutil.iter_modules(kpkg.__path__):
+        m = importlib.import_module(f"weightkit.kernels.{mod.name}")
+        for obj in vars(m).values():
+            for _ in range(3):  # an Autotuner / Heuristics wraps the JITFunction as .fn
+                if isinstance(obj, JITFunction) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if not isinstance(obj, JITFunction) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            try:
+                caches = [c[0] for c in getattr(obj, "device_caches", {}).values()]
+            except Exception:  # noqa: BLE001 - another Triton's layout
+                continue
+            for cache in caches:
+                for kernel in list(cache.values()):
+                    try:
+                        meta = kernel.metadata
+                        consts = {}  # keyed by argument path, (index,), in Triton >= 3.3
+                        for k, v in getattr(kernel.src, "constants", {}).items():
+                            if isinstance(k, tuple) and len(k) == 1 and k[0] < len(obj.arg_names):
+                                k = obj.arg_names[k[0]]
+                            if isinstance(v, (int, bool, str)):
+                                consts[str(k)] = v
+                        ROWS.append(dict(section="compiled", name=obj.__name__, n_regs=getattr(kernel, "n_regs", None),
+                                         n_spills=getattr(kernel, "n_spills", None), shared=meta.shared,
+                                         num_warps=meta.num_warps, num_stages=meta.num_stages, constexprs=str(consts)))
+                    except Exception:  # noqa: BLE001 - a kernel not loaded yet
+                        continue
+    spills = [r for r in ROWS if r.get("section") == "compiled" and (r.get("n_spills") or 0) > 0]
+    print(f"  compiled   {sum(r.get('section') == 'compiled' for r in ROWS)} Triton kernels, {len(spills)} spill "
+          f"registers" + "".join(f"\n    {r['name']} warps {r['num_warps']} spills {r['n_spills']} {r['constexprs'][:120]}"
+                                 for r in spills), flush=True)
+    write()
+
+
 def _rows_from(section, records):
     """Record rows measured by a bench module's own function (a list of dicts with a name and ms, or an error)."""
     for rec in records:
@@ -1038,6 +1089,10 @@ def main(argv=None) -> int:
                 print(f"[{sec}] skipped: the report's budget was spent", flush=True)
                 continue
             run_section(sec, budgets[sec])
+        try:
+            compiled_kernels()
+        except Exception:  # noqa: BLE001 - a record, never a reason to lose the report
+            traceback.print_exc()
         _COMPLETE[0] = True
         write()
     finally:

@@ -302,3 +302,28 @@ def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
     assert not errors, errors
     for section in report.SECTION_BUDGETS:
         assert any(r["section"] == section and "ms" in r for r in data["rows"]), section
+
+
+def test_report_records_the_compiled_kernels_registers_and_spills(report, monkeypatch):
+    """compiled_kernels(): each Triton kernel of weightkit.kernels the process compiled, with the registers and
+    spills the driver reported on loading it (a stand-in JITFunction here: nothing compiles without a GPU)."""
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import JITFunction
+
+    from weightkit.kernels import int8
+
+    def _probe_kernel(x_ptr, BLOCK):
+        pass
+
+    jit = JITFunction(_probe_kernel)
+    loaded = SimpleNamespace(metadata=SimpleNamespace(shared=4096, num_warps=8, num_stages=3), n_regs=128,
+                             n_spills=24, src=SimpleNamespace(constants={(1,): 64}))  # Triton's key: the argument's path
+    jit.device_caches = {0: ({"key": loaded}, {}, None, None, None)}
+    monkeypatch.setattr(int8, "_probe_kernel", jit, raising=False)
+    monkeypatch.setattr(report, "ROWS", [])
+    monkeypatch.setattr(report, "write", lambda: None)
+    report.compiled_kernels()
+    rows = [r for r in report.ROWS if r["name"] == "_probe_kernel"]
+    assert rows == [dict(section="compiled", name="_probe_kernel", n_regs=128, n_spills=24, shared=4096,
+                         num_warps=8, num_stages=3, constexprs="{'BLOCK': 64}")]
