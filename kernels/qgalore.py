@@ -52,8 +52,8 @@ def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, alpha, decay, seed,
-                                   offset, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
+def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, alpha,
+                                   decay, seed, offset, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
                                    ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -71,7 +71,8 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
         kmask = ks < R
         if LEFT:  # N = P U: P (M x R) rows x ks, U (R x N) ks x cols
             if ALIGNED:
-                a = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, PG, BLOCK_M, BLOCK_R)
+                a = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, basis_row_bytes, PG, BLOCK_M,
+                                      BLOCK_R)
             else:
                 amask = rmask[:, None] & kmask[None, :]
                 a = dequant_int4(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], PG, amask)
@@ -81,8 +82,8 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
             amask = rmask[:, None] & kmask[None, :]
             a = tl.load(u_ptr + rows[:, None] * R + ks[None, :], mask=amask, other=0.0)
             if ALIGNED:
-                b = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N, PG,
-                                      BLOCK_R, BLOCK_N)
+                b = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N,
+                                      basis_row_bytes, PG, BLOCK_R, BLOCK_N)
             else:
                 bmask = kmask[:, None] & cmask[None, :]
                 b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
@@ -167,7 +168,8 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
     grid = (cdiv(m, block_m), cdiv(n, block_n))
     with device_guard(w_q.device):
         _int8_sr_lowrank_update_kernel[grid](
-            w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, float(alpha), float(decay), seed, offset,
+            w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, (r if left else n) // 2, float(alpha),
+            float(decay), seed, offset,
             LEFT=bool(left), GS=group_size, PG=proj_group_size, ALIGNED=basis_aligned(r if left else n, proj_group_size),
             BF16=precision == "bf16",
             TC_BF16=precision == "bf16" and not _INTERPRET,

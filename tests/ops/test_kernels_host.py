@@ -409,8 +409,9 @@ def _entry_kernels():
 
 
 def _global_access(ptx):
-    """Global memory instructions of a kernel's PTX by width, e.g. {"ld.v4.b32": 2, "ld.u8": 1, "st.v4.b32": 1}: how
-    many bytes each load or store moves (16-byte vectors are what a bandwidth-bound kernel wants)."""
+    """Global memory instructions of a kernel's PTX by width, e.g. {"ld.v4.b32": 2, "ld.b8": 1, "st.v4.b32": 1,
+    "cp.async.16B": 4}: how many bytes each load or store moves (16-byte vectors are what a bandwidth-bound kernel
+    wants). Static counts (instructions in the code, not executions)."""
     import re
     from collections import Counter
 
@@ -418,6 +419,8 @@ def _global_access(ptx):
     for op, mods in re.findall(r"\b(ld|st|atom|red)\.global((?:\.[A-Za-z0-9_:]+)*)", ptx):
         kept = [m for m in mods.split(".") if m and (m.startswith("v") or m[0] in "bufs" and m[1:].isdigit())]
         counts[".".join([op] + kept)] += 1
+    for size in re.findall(r"cp\.async\.c[ag]\.shared(?:::[a-z]+)?\.global[^\[]*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        counts[f"cp.async.{int(size, 0)}B"] += 1  # pipelined loads into shared memory, by bytes
     return dict(counts)
 
 
