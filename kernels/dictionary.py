@@ -257,6 +257,12 @@ def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, 
 # -- launch ----------------------------------------------------------------------------------------------------
 
 SPANS = (0, 1)  # the value loads of _decode_tile: each where it lies, or the tile's row span in one block
+SPAN_MAX_TILE = 8192  # SPAN=1 (a row block and tl.gather) for S tiles up to this many values: on larger ones its
+# sm_90 compiles kept 0.2-1.9 KB a thread in local memory (Triton 3.6), even on 16 warps
+
+
+def _spans(bn, bk):
+    return SPANS if bn * bk <= SPAN_MAX_TILE else (0,)
 
 
 def _gemv_configs():
@@ -264,7 +270,7 @@ def _gemv_configs():
     fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU), 8 warps
     from 8192-value S tiles and 16 for 16384 (on fewer, sm_90 compiles spilled up to 1.9 KB a thread)."""
     tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 16)]
-    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in SPANS
+    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in _spans(bn, bk)
             for s in SPLITS]
 
 
@@ -280,13 +286,13 @@ def _mm_configs(fwd):
     for bn, bk, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
         for bm in (16, 32, 64):
             for s in SPLITS[:4]:
-                for sp in SPANS:
+                for sp in _spans(bn, bk):
                     out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s))
     for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4),
                               (64, 64, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
         if not fwd:  # grad_z: the K tile is the output side, N the reduction
             bn, bk = bk, bn
-        for sp in SPANS:
+        for sp in _spans(bn, bk):
             out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=1))
     return out
 
