@@ -291,3 +291,20 @@ def test_int8_sr_update_checks_delta_where_it_costs_no_sync(device, weightkit_en
         torch.cuda.set_sync_debug_mode(0)
     with weightkit.debug_checks(), pytest.raises(ValueError, match="delta contains 64 non-finite"):
         int8_sr_update_(q, s, bad, 8)
+
+
+@pytest.mark.parametrize("check", [test_graph_capture_and_replay_match_eager,
+                                   test_runs_on_the_current_stream_after_the_producer],
+                         ids=["graph-replay", "current-stream"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_memory_table_gradient_by_atomics_too(check):
+    """The memory_lookup_backward cases above run the default table-gradient method (sorted segments); the atomics
+    one (set_table_grad_mode) must hold the same under graph capture and on the current stream."""
+    from weightkit.ops.memoryformer import set_table_grad_mode
+
+    previous = set_table_grad_mode("atomics")
+    try:
+        check("memory_lookup_backward", "40tok")
+    finally:
+        set_table_grad_mode(previous)
