@@ -173,7 +173,8 @@ def write_ninja(build_dir: str, *, module_out: Optional[str], cuda_out: Optional
         for src in cuda_sources():
             obj = _obj(build_dir, tag, src)
             objects.append(obj)
-            lines += [f"build {_path(obj)}: nvcc {_path(src)}", f"  flags = {_q(cuda_flags(cuda_archs))}"]
+            check = ["--resource-usage"] if cuda_compile_only else []  # ptxas' registers and spills, per kernel
+            lines += [f"build {_path(obj)}: nvcc {_path(src)}", f"  flags = {_q(cuda_flags(cuda_archs) + check)}"]
         if cuda_compile_only:
             targets += objects
         else:

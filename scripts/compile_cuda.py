@@ -38,7 +38,40 @@ def main() -> int:
             print(f"compile_cuda: {os.path.relpath(src, HERE)} for sm_90: {'ok' if ok else 'FAILED'}")
         if proc.returncode or failed:
             print(proc.stdout + proc.stderr)
+        else:
+            print(spill_summary(proc.stdout + proc.stderr))
     return 1 if failed or proc.returncode else 0
+
+
+def spill_summary(ptxas_output: str) -> str:
+    """One line from ptxas' --resource-usage output: how many kernels compiled, and those that spill registers to
+    local memory (bytes a thread), demangled where c++filt exists."""
+    import re
+    import shutil
+
+    spills, kernels, current = {}, set(), None
+    for line in ptxas_output.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            kernels.add(current)
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current and (int(m.group(1)) or int(m.group(2))):
+            spills[current] = max(spills.get(current, 0), int(m.group(1)))
+    names = {k: k for k in spills}
+    if spills and shutil.which("c++filt"):
+        out = subprocess.run(["c++filt"], input="\n".join(spills), capture_output=True, text=True).stdout.split("\n")
+        for k, d in zip(spills, out):  # "void weightkit::(anonymous namespace)::name<...>(...)" -> name
+            m = re.match(r"(?:void\s+)?([\w:]+)", d.replace("(anonymous namespace)::", ""))
+            names[k] = m.group(1).split("::")[-1] if m else k
+    by_name = {}
+    for k, b in spills.items():
+        by_name[names[k]] = max(by_name.get(names[k], 0), b)
+    listed = ", ".join(f"{n} {b} B" for n, b in sorted(by_name.items()))
+    return (f"compile_cuda: ptxas resource usage of {len(kernels)} functions: "
+            + (f"{len(spills)} spill registers (stores a thread, most per kernel: {listed})" if spills else
+               "no register spills"))
 
 
 if __name__ == "__main__":

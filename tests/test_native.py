@@ -197,3 +197,26 @@ def test_cuda_library_errors_are_clear(tmp_path):
     assert path is None and "lacks wk_cuda_archs" in error and "wk_cuda_memory_segment_sum" in error
     with pytest.raises(RuntimeError, match="CUDA kernel library is not loaded"):
         _C.cuda.probe(0)  # nothing stayed half-loaded
+
+
+def test_cuda_compile_check_reports_register_spills():
+    """scripts/compile_cuda.py passes ptxas' --resource-usage and sums it up: kernels that spill, by name."""
+    import importlib.util
+    import shutil
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "compile_cuda.py")
+    spec = importlib.util.spec_from_file_location("compile_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    spilled = "_ZN9weightkit12_GLOBAL__N_121memory_forward_kernelIfEEvPKfi"
+    out = "\n".join([
+        f"ptxas info    : Compiling entry function '{spilled}' for 'sm_90'",
+        f"ptxas info    : Function properties for {spilled}",
+        "    16 bytes stack frame, 12 bytes spill stores, 12 bytes spill loads",
+        "ptxas info    : Used 40 registers, used 1 barriers",
+        "ptxas info    : Function properties for _Z3fooPf",
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"])
+    line = mod.spill_summary(out)
+    name = "memory_forward_kernel" if shutil.which("c++filt") else spilled
+    assert line.endswith(f"2 functions: 1 spill registers (stores a thread, most per kernel: {name} 12 B)"), line
+    assert mod.spill_summary(out.replace("12 bytes spill", "0 bytes spill")).endswith("no register spills")
