@@ -178,6 +178,12 @@ print("complete" if r.get("complete") else "INCOMPLETE (stopped from outside)", 
       sum("error" in x for x in rows), "errors,", len(r.get("skipped", [])), "skipped")
 for s in r.get("skipped", [])[:40]:
     print("  not measured:", s[:200])
+compiled = [x for x in rows if x.get("section") == "compiled"]
+if compiled:
+    spill = [x for x in compiled if (x.get("n_spills") or 0) > 0]
+    print("compiled Triton kernels: %d, %d spill registers" % (len(compiled), len(spill)))
+    for x in spill[:20]:
+        print("  spills: %s warps %s %s B %s" % (x["name"], x.get("num_warps"), x["n_spills"], x.get("constexprs", "")[:120]))
 '
 P_cuda=0
 P_why_no_cuda="the probe did not answer"
