@@ -817,9 +817,9 @@ def compiled_kernels():
                     except Exception:  # noqa: BLE001 - a kernel not loaded yet
                         continue
     spills = [r for r in ROWS if r.get("section") == "compiled" and (r.get("n_spills") or 0) > 0]
+    lines = [f"\n    {r['name']} warps {r['num_warps']} spills {r['n_spills']} {r['constexprs'][:120]}" for r in spills]
     print(f"  compiled   {sum(r.get('section') == 'compiled' for r in ROWS)} Triton kernels, {len(spills)} spill "
-          f"registers" + "".join(f"\n    {r['name']} warps {r['num_warps']} spills {r['n_spills']} {r['constexprs'][:120]}"
-                                 for r in spills), flush=True)
+          f"registers" + "".join(lines), flush=True)
     write()
 
 

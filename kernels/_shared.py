@@ -382,15 +382,15 @@ def dequant_int4_tile(packed_ptr, scale_ptr, zero_ptr, rows, rmask, c0, row_len,
     """float32 values (q - z) * s of a packed INT4 matrix (weightkit.ops.int4's format, row_len values per row) at
     ``rows`` (int64, [ROWS]) x columns c0 .. c0 + COLS - 1, 0 outside (rmask, columns >= row_len). Needs row_len even
     and a multiple of the power-of-two group PG, and c0 a multiple of min(COLS, PG): each row's values are
-    COLS / 2 contiguous bytes (one vector load), and its groups min(COLS / PG, 1) consecutive (scale, zero) pairs,
+    COLS / 2 contiguous bytes (one vector load), and its groups max(COLS / PG, 1) consecutive (scale, zero) pairs,
     loaded once and broadcast, not gathered element by element (dequant_int4: three 64-bit addresses per value).
     ``row_bytes`` = row_len / 2, an argument of the kernel: Triton then knows it a multiple of 16 where it is, and
     loads each row's bytes as 16-byte vectors (computed from row_len, its divisibility is lost)."""
     start = rows * row_len + c0
     half = tl.arange(0, COLS // 2)
     byte = (c0 // COLS) * (COLS // 2) + half  # the byte in the row (masked in bytes, so runs of 16 stay whole)
-    b = tl.load(packed_ptr + (rows * row_bytes)[:, None] + byte[None, :], mask=rmask[:, None] & (byte < row_bytes)[None, :],
-                other=0)
+    b = tl.load(packed_ptr + (rows * row_bytes)[:, None] + byte[None, :],
+                mask=rmask[:, None] & (byte < row_bytes)[None, :], other=0)
     GROUPS: tl.constexpr = COLS // PG if COLS >= PG else 1
     gi = tl.arange(0, GROUPS)
     gmask = rmask[:, None] & (c0 + gi * PG < row_len)[None, :]

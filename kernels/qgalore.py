@@ -10,11 +10,10 @@ products), the
 INT4 basis tile unpacked and dequantized in registers ((q - z) * s, one rounding, as the spec): read as packed-byte
 rows with one (scale, zero) load per group where the basis rows are whole power-of-two groups (basis_aligned),
 value by value otherwise. N = U P accumulates transposed (P^T U^T: the dequantized tile as the dot's first operand;
-as the second, its register layout spilled kilobytes a thread on sm_90). The epilogue reads
-the int8 tile and its scales (one load a group), forms w = (q * s + (-alpha) * N) * decay, reduces |w| per group ([G, GS] view),
-rounds stochastically with the Philox stream of weightkit.ops.rng (four values per Philox evaluation when the
-stream position of every row start is a multiple of 4, one per element otherwise) and writes int8 values and
-scales. The m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion=False: the spec rounds
+as the second, its register layout spilled kilobytes a thread on sm_90). The epilogue reads the int8 tile and its
+scales (one load a group), forms w = (q * s + (-alpha) * N) * decay, reduces |w| per group ([G, GS] view), rounds
+stochastically with the Philox stream of weightkit.ops.rng (four values per Philox evaluation when the stream
+position of every row start is a multiple of 4, one per element otherwise) and writes int8 values and scales. The m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion=False: the spec rounds
 every product and sum separately.
 """
 
@@ -22,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import _u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, next_pow2, philox_uniform
+from ._shared import (_u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, next_pow2,
+                      philox_uniform)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
 # NameError; the interpreter accepts it, so only an sm_90 compile showed it).
@@ -170,7 +170,8 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
         _int8_sr_lowrank_update_kernel[grid](
             w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, (r if left else n) // 2, float(alpha),
             float(decay), seed, offset,
-            LEFT=bool(left), GS=group_size, PG=proj_group_size, ALIGNED=basis_aligned(r if left else n, proj_group_size),
+            LEFT=bool(left), GS=group_size, PG=proj_group_size,
+            ALIGNED=basis_aligned(r if left else n, proj_group_size),
             BF16=precision == "bf16",
             TC_BF16=precision == "bf16" and not _INTERPRET,
             DOT_PRECISION="tf32x3" if precision == "tf32x3" and not _INTERPRET else "ieee", RNG4=rng4,

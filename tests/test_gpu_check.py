@@ -318,7 +318,7 @@ def test_report_records_the_compiled_kernels_registers_and_spills(report, monkey
 
     jit = JITFunction(_probe_kernel)
     loaded = SimpleNamespace(metadata=SimpleNamespace(shared=4096, num_warps=8, num_stages=3), n_regs=128,
-                             n_spills=24, src=SimpleNamespace(constants={(1,): 64}))  # Triton's key: the argument's path
+                             n_spills=24, src=SimpleNamespace(constants={(1,): 64}))  # keyed by argument path
     jit.device_caches = {0: ({"key": loaded}, {}, None, None, None)}
     monkeypatch.setattr(int8, "_probe_kernel", jit, raising=False)
     monkeypatch.setattr(report, "ROWS", [])

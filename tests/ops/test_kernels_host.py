@@ -419,7 +419,8 @@ def _global_access(ptx):
     for op, mods in re.findall(r"\b(ld|st|atom|red)\.global((?:\.[A-Za-z0-9_:]+)*)", ptx):
         kept = [m for m in mods.split(".") if m and (m.startswith("v") or m[0] in "bufs" and m[1:].isdigit())]
         counts[".".join([op] + kept)] += 1
-    for size in re.findall(r"cp\.async\.c[ag]\.shared(?:::[a-z]+)?\.global[^\[]*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+    copy = r"cp\.async\.c[ag]\.shared(?:::[a-z]+)?\.global[^\[]*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+    for size in re.findall(copy, ptx):
         counts[f"cp.async.{int(size, 0)}B"] += 1  # pipelined loads into shared memory, by bytes
     return dict(counts)
 
