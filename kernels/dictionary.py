@@ -257,48 +257,64 @@ def _bitmask_grad_values_kernel(z_ptr, g_ptr, bm_ptr, off_ptr, gv_ptr, M, N, K, 
 # -- launch ----------------------------------------------------------------------------------------------------
 
 SPANS = (0, 1)  # the value loads of _decode_tile: each where it lies, or the tile's row span in one block
-SPAN_MAX_TILE = 8192  # SPAN=1 (a row block and tl.gather) for S tiles up to this many values: on larger ones its
-# sm_90 compiles kept 0.2-1.9 KB a thread in local memory (Triton 3.6), even on 16 warps
+# Which configs the spaces hold follows the sm_90 compiles of every config (Triton 3.6, the GPU image's; cuobjdump of
+# each cubin, tests/ops/test_kernels_host.py --compile tuned-all): the configs below keep every value in registers
+# (at most 64 B a thread of stack). SPAN=1 holds the row span and the gather's index tile besides the decoded tile;
+# the dropped ones kept 0.1-3.3 KB a thread in local memory.
+MAX_MMA_TILE = 2 ** 19  # BLOCK_M x BLOCK_N x BLOCK_K of a tensor-core config: 128 x 128 x 64 spilled 0.1-0.8 KB
 
 
-def _spans(bn, bk):
-    return SPANS if bn * bk <= SPAN_MAX_TILE else (0,)
+def _gemv_spans(bk):
+    """SPAN=1 for GEMV tiles of at most 64 S rows (with 128 they spilled 56-120 B, 4 or 8 warps)."""
+    return SPANS if bk <= 64 else (0,)
+
+
+def _mm_spans(bm, bn, bk, warps):
+    """SPAN=1 for FMA tiles (a side of 32: fp32 without TF32) whose BLOCK_N is at least 64 (the transposed kernel's
+    BLOCK_N = 32 tiles spilled 2.8-3.4 KB), and for tensor-core tiles of at most 4096 S values and 64 tokens on 8
+    warps (on 4, with 8192 values or with 128 tokens, they spilled 0.1-1 KB)."""
+    if min(bn, bk) <= 32:
+        return SPANS if bn >= 64 else (0,)
+    return SPANS if warps >= 8 and bn * bk <= 4096 and bm <= 64 else (0,)
 
 
 def _gemv_configs():
     """(BLOCK_N, BLOCK_K, warps) x SPAN x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64
-    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU), 8 warps
-    from 8192-value S tiles and 16 for 16384 (on fewer, sm_90 compiles spilled up to 1.9 KB a thread)."""
-    tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 16)]
-    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in _spans(bn, bk)
+    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU: the 2048-
+    value tiles are those that fit 3-4 tokens), 8 warps from 8192-value S tiles and 16 for 16384 (on fewer, sm_90
+    compiles spilled up to 1.9 KB a thread)."""
+    tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 16), (64, 32, 4), (32, 64, 4)]
+    return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in _gemv_spans(bk)
             for s in SPLITS]
 
 
 def _mm_configs(fwd):
     """Tensor-core tiles (BLOCK_N x BLOCK_K of S, BLOCK_M tokens) x SPAN. Decode (<= SPLIT_MAX_M tokens): BLOCK_M
-    16-64 with split-K; prefill: 64-128 x 64-256 x 32-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial,
+    16-64 with split-K; prefill: 64-128 x 64-128 x 32-128 tiles, 8 warps, 3-4 stages (Triton's matmul tutorial,
     gemlite), plus small BLOCK_K = 32 tiles for fp32 without TF32 ("ieee": the dot runs on FMA units). In the
     transposed kernel (grad_z) BLOCK_K is the output side and BLOCK_N the reduction. The S tile's decode costs about
-    as much as its MMA at prefill, so both value loads are timed there too. Warps: 8 from S tiles of 8192 values
-    (each thread decodes at most 32 values a step); on 4, sm_90 compiles of these tiles spilled 0.2-2.6 KB a
-    thread, as did the dropped 128 x 256 x 64 and 128 x 128 x 128 tiles on 8 (Triton 3.6)."""
+    as much as its MMA at prefill, so both value loads are timed there too. Warps: 8 (each thread decodes at most 32
+    values a step; on 4, sm_90 compiles of the 64 x 64 tiles spilled with SPAN=1 and the FMA 64 x 64 x 32 tile with
+    either), and no tile of more than MAX_MMA_TILE (Triton 3.6). The FMA decode tile stops at 32 tokens, as mm_fits
+    does for decode (at 64, prefill would have taken it, on 4 warps: it spilled 128 B)."""
     out = []
-    for bn, bk, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
-        for bm in (16, 32, 64):
+    for bn, bk, w, st in [(64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)]:
+        for bm in (16, 32) if min(bn, bk) <= 32 else (16, 32, 64):  # FMA decode: <= 32 tokens a tile (mm_fits)
             for s in SPLITS[:4]:
-                for sp in _spans(bn, bk):
-                    out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s))
-    for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4),
-                              (64, 64, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]:
+                for sp in _mm_spans(bm, bn, bk, w):
+                    if bm * bn * bk <= MAX_MMA_TILE:
+                        out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s))
+    for bm, bn, bk, w, st in [(64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 3),
+                              (128, 64, 32, 8, 3)]:
         if not fwd:  # grad_z: the K tile is the output side, N the reduction
             bn, bk = bk, bn
-        for sp in _spans(bn, bk):
+        for sp in _mm_spans(bm, bn, bk, w):
             out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=1))
     return out
 
 
 def _grad_values_configs():
-    tiles = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+    tiles = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
              (64, 64, 32, 4, 3), (64, 64, 16, 4, 3)]
     return [config(w, st, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm) for bn, bk, bm, w, st in tiles]
 

@@ -297,6 +297,16 @@ def test_index_products_past_int32_run_in_int64():
 # frame (spills) and shared memory (cuobjdump): a launch sm_90 would refuse, or a config that spills. Not timing:
 # that needs a GPU.
 
+def _tf32(allow, fn, *args):
+    """fn(*args) with TF32 matmuls allowed or not (the fp32 kernels' PRECISION: "tf32" or "ieee")."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        return fn(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _compile_cases():
     """Launcher calls covering every jitted kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes,
     tuned and shape-rule configs, every per-op file: int8, int4, dictionary, memoryformer, galore, qgalore)."""
@@ -308,17 +318,22 @@ def _compile_cases():
     scale, scale8 = torch.rand(256 * 4) + 0.5, torch.rand(256 * 64) + 0.5
     packed, s4, z4 = torch.zeros(256 * 256, dtype=torch.uint8), torch.rand(256 * 8), torch.zeros(256 * 8).byte()
     odd = torch.zeros(255 * 250, dtype=torch.uint8), torch.rand(255 * 500 // 4), torch.zeros(255 * 500 // 4).byte()
-    for dt in (torch.bfloat16, torch.float32):
-        for m in (1, 3, 16, 70):
+    for dt, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+        for m in (1, 3, 16, 20, 50, 70):  # GEMV, decode tiles of 16 / 32 / 64 tokens, prefill
+            if tf32 and m < 16:
+                continue  # the GEMV has no dot
+            tag = f"{dt}{' tf32' if tf32 else ''} m{m}"
             for t in (False, True):
                 x = torch.randn(m, 256 if t else 512).to(dt)
-                out[f"int8_matmul {dt} m{m} t{t} g128"] = lambda x=x, t=t: int8.int8_matmul_triton(x, q, scale, 128, t)
-                out[f"int8_matmul {dt} m{m} t{t} g8"] = lambda x=x, t=t: int8.int8_matmul_triton(x, q, scale8, 8, t)
-                out[f"int4_matmul {dt} m{m} t{t}"] = lambda x=x, t=t: int4.int4_matmul_triton(
-                    x, packed, s4, z4, 64, 256, 512, t)
+                out[f"int8_matmul {tag} t{t} g128"] = lambda x=x, t=t, tf32=tf32: _tf32(
+                    tf32, int8.int8_matmul_triton, x, q, scale, 128, t)
+                out[f"int8_matmul {tag} t{t} g8"] = lambda x=x, t=t, tf32=tf32: _tf32(
+                    tf32, int8.int8_matmul_triton, x, q, scale8, 8, t)
+                out[f"int4_matmul {tag} t{t}"] = lambda x=x, t=t, tf32=tf32: _tf32(
+                    tf32, int4.int4_matmul_triton, x, packed, s4, z4, 64, 256, 512, t)
                 x = torch.randn(m, 255 if t else 500).to(dt)
-                out[f"int4_matmul unaligned {dt} m{m} t{t}"] = lambda x=x, t=t: int4.int4_matmul_triton(
-                    x, *odd, 4, 255, 500, t)
+                out[f"int4_matmul unaligned {tag} t{t}"] = lambda x=x, t=t, tf32=tf32: _tf32(
+                    tf32, int4.int4_matmul_triton, x, *odd, 4, 255, 500, t)
     x = torch.randn(4, 1024)
     q8 = torch.zeros(4096, dtype=torch.int8)
     out["sr"] = lambda: int8.stochastic_round_int8_triton(x, torch.rand(32) + 0.5, 128, 1, 3)
@@ -330,14 +345,15 @@ def _compile_cases():
     out["splitk_sum"] = lambda: _shared.reduce_splits(torch.zeros(3 * 4096), torch.empty(4096).bfloat16(), 4096, 3)
     idx = torch.rand(200, 150).argsort(0)[:90]
     bitmask, values, offsets = pack_bitmask(idx.to(index_dtype_for(200)), torch.randn(90, 150), 200)
-    for dt in (torch.bfloat16, torch.float32):
+    for dt, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
         vals = values.to(dt)
-        for m in (1, 3, 20, 70):
+        for m in (1, 3, 20, 50, 70):  # GEMV, decode tiles of 16 / 32 / 64 tokens, prefill
             z, g = torch.randn(m, 200).to(dt), torch.randn(m, 150).to(dt)
-            out[f"bitmask fwd {dt} m{m}"] = lambda z=z, v=vals: dictionary.dict_bitmask_matmul_triton(
-                z, v, bitmask, offsets)
-            out[f"bitmask bwd {dt} m{m}"] = lambda z=z, g=g, v=vals: dictionary.dict_bitmask_matmul_backward_triton(
-                g, z, v, bitmask, offsets)
+            tag = f"{dt}{' tf32' if tf32 else ''} m{m}"
+            out[f"bitmask fwd {tag}"] = lambda z=z, v=vals, tf32=tf32: _tf32(
+                tf32, dictionary.dict_bitmask_matmul_triton, z, v, bitmask, offsets)
+            out[f"bitmask bwd {tag}"] = lambda z=z, g=g, v=vals, tf32=tf32: _tf32(
+                tf32, dictionary.dict_bitmask_matmul_backward_triton, g, z, v, bitmask, offsets)
     for dt in (torch.bfloat16, torch.float32):
         # >= _TUNE_MIN_TABLE: the tuned path; 4 x 16 x 64: the shape rules
         for tables in (torch.randn(32, 256, 512).to(dt), torch.randn(4, 16, 64).to(dt)):
@@ -453,8 +469,8 @@ def _resource_usage(cubin):
     return dict(regs=regs, stack=stack, static_shared=static_shared, local=local)
 
 
-def _compile_every_launch(space):
-    """Run _compile_cases with JITFunction.run compiling for sm_90; returns one dict per distinct compile, and one
+def _compile_every_launch(space, cases=None):
+    """Run _compile_cases (those whose name matches the regular expression ``cases``, all by default) with JITFunction.run compiling for sm_90; returns one dict per distinct compile, and one
     failed entry per launched kernel (_entry_kernels) that no case reached.
 
     Configs: the launchers' shape rules where they use them ("fixed"; tuned launches take the first config of the
@@ -532,13 +548,17 @@ def _compile_every_launch(space):
     _shared.dot_meta = dictionary.dot_meta = lambda device, dtype, precision: dict(PRECISION=precision)
     if space != "fixed":  # the tuners' config spaces instead of the shape rules
         int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = 0
+    import re
+
     for name, call in _compile_cases().items():
+        if cases and not re.search(cases, name):
+            continue
         try:
             call()
         except Exception as e:  # noqa: BLE001
             results.append(dict(kernel=name, ok=False, error=f"launcher: {type(e).__name__}: {e}"))
     compiled = {r["kernel"] for r in results}
-    for name in sorted(_entry_kernels() - compiled):
+    for name in sorted(_entry_kernels() - compiled if not cases else ()):
         results.append(dict(kernel=name, ok=False, error="no case of _compile_cases launches it"))
     return results
 
@@ -579,8 +599,10 @@ def test_every_launch_compiles_for_sm90(space):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="compile every Triton launch for sm_90 (no GPU needed)")
     parser.add_argument("--compile", choices=SPACES, required=True)
-    space = parser.parse_args().compile
-    results = _compile_every_launch(space)
+    parser.add_argument("--cases", help="only the cases whose name matches this regular expression, e.g. bitmask")
+    cli = parser.parse_args()
+    space = cli.compile
+    results = _compile_every_launch(space, cli.cases)
     print(json.dumps(results))
     import triton
 
