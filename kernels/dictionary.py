@@ -270,19 +270,22 @@ def _gemv_spans(bk):
 
 
 def _mm_spans(bm, bn, bk, warps):
-    """SPAN=1 for FMA tiles (a side of 32: fp32 without TF32) whose BLOCK_N is at least 64 (the transposed kernel's
-    BLOCK_N = 32 tiles spilled 2.8-3.4 KB), and for tensor-core tiles of at most 4096 S values and 64 tokens on 8
-    warps (on 4, with 8192 values or with 128 tokens, they spilled 0.1-1 KB)."""
+    """SPAN=1 for tensor-core tiles of at most 4096 S values and 64 tokens on 8 warps (on 4, with 8192 values or with
+    128 tokens, they spilled 0.1-1 KB), not for FMA tiles (a side of 32: fp32 without TF32; 0.1-3.4 KB under Triton
+    3.6 or 3.9)."""
     if min(bn, bk) <= 32:
-        return SPANS if bn >= 64 else (0,)
+        return (0,)
     return SPANS if warps >= 8 and bn * bk <= 4096 and bm <= 64 else (0,)
+
+
+SMALL_GEMV_TILE = 2048  # S values of the GEMV tiles for 3-4 tokens, timed only where no larger tile fits
 
 
 def _gemv_configs():
     """(BLOCK_N, BLOCK_K, warps) x SPAN x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64
-    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU: the 2048-
-    value tiles are those that fit 3-4 tokens), 8 warps from 8192-value S tiles and 16 for 16384 (on fewer, sm_90
-    compiles spilled up to 1.9 KB a thread)."""
+    fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU; the
+    2048-value tiles are those that fit 3-4 tokens, and only there), 8 warps from 8192-value S tiles and 16 for 16384
+    (on fewer, sm_90 compiles spilled up to 1.9 KB a thread)."""
     tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 16), (64, 32, 4), (32, 64, 4)]
     return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in _gemv_spans(bk)
             for s in SPLITS]
@@ -314,7 +317,9 @@ def _mm_configs(fwd):
 
 
 def _grad_values_configs():
-    tiles = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+    """(BLOCK_N, BLOCK_K, BLOCK_M tokens a step, warps, stages); 8 warps from 8192-value output tiles (the 4-warp
+    128 x 64 and 64 x 128 ones spilled 120-152 B a thread with fp32 and TF32)."""
+    tiles = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
              (64, 64, 32, 4, 3), (64, 64, 16, 4, 3)]
     return [config(w, st, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm) for bn, bk, bm, w, st in tiles]
 
@@ -327,6 +332,8 @@ def _gemv_pruner(out_axis, red_axis):
         out_block, red_block = ("BLOCK_N", "BLOCK_K") if out_axis == "N" else ("BLOCK_K", "BLOCK_N")
         sms, _ = device_info(named_args["v_ptr"].device)
         fit = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+        if any(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > SMALL_GEMV_TILE for c in fit):  # 1-2 tokens
+            fit = [c for c in fit if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > SMALL_GEMV_TILE]
         out = pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]),
                           lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
                           lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPAN"], c.num_warps))

@@ -13,8 +13,9 @@ value by value otherwise. N = U P accumulates transposed (P^T U^T: the dequantiz
 as the second, its register layout spilled kilobytes a thread on sm_90). The epilogue reads the int8 tile and its
 scales (one load a group), forms w = (q * s + (-alpha) * N) * decay, reduces |w| per group ([G, GS] view), rounds
 stochastically with the Philox stream of weightkit.ops.rng (four values per Philox evaluation when the stream
-position of every row start is a multiple of 4, one per element otherwise) and writes int8 values and scales. The m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion=False: the spec rounds
-every product and sum separately.
+position of every row start is a multiple of 4, one per element otherwise) and writes int8 values and scales. The
+m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion=False: the spec rounds every
+product and sum separately.
 """
 
 import triton
