@@ -8,7 +8,9 @@
 #      weightkit._C in place, as the test command does),
 #   2. compiles every Triton launch for sm_90 with that Triton (tests/ops/test_kernels_host.py --compile: the
 #      shape-rule configs, the first and last config of every tuner's space, and every config each tuner's pruner
-#      keeps for the cases' shapes); any compile failure, or a launched kernel no case reaches, fails,
+#      keeps for the cases' shapes); any compile failure or a launched kernel no case reaches fails, and so does a
+#      shape-rule or pruner-kept config that spills registers (> 64 B of stack a thread) or needs more than sm_90's
+#      227 KB of shared memory,
 #   3. the Triton tests of tests/ops (every op, every backend against the reference) in the interpreter of that
 #      Triton (TRITON_INTERPRET=1); extra arguments go to that pytest (e.g. tests/nn for the layers too).
 # Downloads triton from PyPI the first time, so it is not part of `make test` / CI. Exit status non-zero on any failure.

@@ -403,6 +403,7 @@ def _compile_cases():
 
 
 SPACES = ("fixed", "tuned-first", "tuned-last", "tuned-all")
+LAUNCHED_SPACES = ("fixed", "tuned-all")  # the configs a GPU launches for the cases' shapes: no resource faults
 
 
 def _entry_kernels():
@@ -470,8 +471,9 @@ def _resource_usage(cubin):
 
 
 def _compile_every_launch(space, cases=None):
-    """Run _compile_cases (those whose name matches the regular expression ``cases``, all by default) with JITFunction.run compiling for sm_90; returns one dict per distinct compile, and one
-    failed entry per launched kernel (_entry_kernels) that no case reached.
+    """Run _compile_cases (those whose name matches the regular expression ``cases``, all by default) with
+    JITFunction.run compiling for sm_90; returns one dict per distinct compile, and one failed entry per launched
+    kernel (_entry_kernels) that no case reached (when all cases run).
 
     Configs: the launchers' shape rules where they use them ("fixed"; tuned launches take the first config of the
     space), or the tuners' spaces wherever a launcher can tune: their first ("tuned-first") or last ("tuned-last")
@@ -579,10 +581,12 @@ def resource_faults(results):
 def test_every_launch_compiles_for_sm90(space):
     """Every kernel each launcher launches compiles for sm_90 (the fixed shape-rule configs, or the first / last
     config of each tuner's space), with the installed Triton, no GPU needed; every launched kernel of kernels/ is
-    reached. The fixed configs (launched without timing, so nothing on the GPU steers around a bad one) must fit
-    sm_90's shared memory and spill no registers (cuobjdump's resource usage of each cubin). ("tuned-all", every
-    config each pruner keeps, takes minutes: scripts/check_triton.sh runs it and prints the tuned configs' faults,
-    which the autotuner's timing sorts out.)"""
+    reached. The fixed configs must fit sm_90's shared memory and spill no registers (cuobjdump's resource usage of
+    each cubin): they are launched without timing, so nothing on the GPU steers around a bad one. The same holds for
+    "tuned-all", every config each pruner keeps for the cases' shapes (a tuned config that spills costs autotuning
+    time in the GPU window); it takes about 10 minutes, so scripts/check_triton.sh runs it, under Triton 3.6 by
+    default. The first / last config of a space may be one its pruner never keeps for the case's shape (e.g. a GEMV
+    tile too large for 4 tokens): those spaces check only that it compiles."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", space], capture_output=True,
                           text=True, env=env, timeout=3000, cwd=ROOT)
@@ -590,8 +594,8 @@ def test_every_launch_compiles_for_sm90(space):
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     failed = [r for r in results if not r["ok"]]
     assert results and not failed, json.dumps(failed, indent=1)[:6000]
-    if space == "fixed":
-        assert any("regs" in r for r in results) or not _cuobjdump(), "no resource usage read from the cubins"
+    assert any("regs" in r for r in results) or not _cuobjdump(), "no resource usage read from the cubins"
+    if space in LAUNCHED_SPACES:
         faults = resource_faults(results)
         assert not faults, json.dumps(faults, indent=1)[:6000]
 
@@ -616,4 +620,4 @@ if __name__ == "__main__":
               f"shared {r['shared']} {r['tensors']} {r['constexprs'][:160]}", file=sys.stderr)
     for r in failed:
         print(json.dumps(r)[:3000], file=sys.stderr)
-    sys.exit(1 if failed or not results or (space == "fixed" and faults) else 0)
+    sys.exit(1 if failed or not results or (space in LAUNCHED_SPACES and faults) else 0)
