@@ -667,12 +667,20 @@ def gemv_configs(trans, wbits):
         if wbits == 4:
             tiles += [(128, 128, 4)]
         tiles = [(bk, bn, w) for bk, bn, w in tiles if bk * bn * wbits // 8 >= 16 * 32 * w]
+        tiles += [(64, 32, 4)] if wbits == 4 else []  # 3-4 tokens (few_token_tile)
         return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bk, bn, w in tiles for s in SPLITS]
     tiles = [(32, 128, 4), (64, 128, 4), (16, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8)]  # BN BK w
     if wbits == 4:
         tiles += [(128, 64, 4), (256, 64, 8)]
     tiles = [(bn, bk, w) for bn, bk, w in tiles if bn * bk * wbits // 8 >= 16 * 32 * w]
+    tiles += [(32, 64, 4)] if wbits == 4 else []  # 3-4 tokens (few_token_tile)
     return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in SPLITS]
+
+
+def few_token_tile(c):
+    """An INT4 GEMV tile of 2048 values on 4 warps (8 bytes of weight a thread and step): the only ones whose
+    product tile fits 3-4 tokens (16-byte ones hold >= 4096 values; 4 x 4096 > 64 a thread), timed only there."""
+    return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 2048
 
 
 def gemv_interpreter_config(trans):
@@ -710,17 +718,19 @@ def mm_interpreter_config(trans):
                   SCALE_AFTER_DOT=0 if trans else 1)
 
 
-def make_gemv_pruner(trans):
+def make_gemv_pruner(trans, wbits):
     def prune(configs, named_args, **kwargs):
         n, k, g = named_args["N"], named_args["K"], named_args["G"]
         bm = kwargs["BLOCK_M"]
         sms, _ = device_info(named_args["x_ptr"].device)
-        fit = [c for c in configs
-               if g % (c.kwargs["BLOCK_N"] if trans else c.kwargs["BLOCK_K"]) == 0
-               and bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+        grouped = [c for c in configs if g % (c.kwargs["BLOCK_N"] if trans else c.kwargs["BLOCK_K"]) == 0]
+        fit = [c for c in grouped if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+        if wbits == 4 and any(not few_token_tile(c) for c in fit):
+            fit = [c for c in fit if not few_token_tile(c)]
         out = pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]), lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
                           lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps), unsplit_when_full=True)
-        return out or fit[:1] or configs[:1]
+        # the fallback keeps the group rule: a K step (resp. N tile) in one group is what the ALIGNED kernels assume
+        return out or fit[:1] or grouped[:1] or configs[:1]
     return prune
 
 
@@ -789,7 +799,7 @@ class DequantMatmul:
         self.ops = {}
         for trans in (False, True):
             gemv = Launcher(gemv_kernel, space(lambda: gemv_configs(trans, wbits), gemv_interpreter_config(trans)),
-                            GEMV_KEY, make_gemv_pruner(trans))
+                            GEMV_KEY, make_gemv_pruner(trans, wbits))
             mm = Launcher(mm_kernel, space(lambda: mm_configs(trans), mm_interpreter_config(trans)), MM_KEY,
                           make_mm_pruner(trans, wbits))
             self.ops[trans] = SplitKMatmul(gemv, mm, "BLOCK_N", fused=True)

@@ -402,6 +402,27 @@ def _compile_cases():
     return out
 
 
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("trans", [False, True])
+def test_gemv_pruner_keeps_the_group_rule(trans, wbits):
+    """Every GEMV config the int8/INT4 pruner keeps for 1-4 tokens and each tuned group has its K step (resp. its N
+    tile, transposed) inside one group, as the ALIGNED kernels assume, and a product tile of <= 64 values a thread.
+    Before 2026-12-05 no INT4 tile fit 3-4 tokens and the pruner fell back to the space's first config, 128 wide
+    across 64-groups: wrong results at g64 (found by tests/ops/test_config_sweep.py)."""
+    from weightkit.kernels._shared import gemv_configs, make_gemv_pruner
+
+    configs, prune = gemv_configs(trans, wbits), make_gemv_pruner(trans, wbits)
+    for g in (64, 128, 256, 1024):
+        for m in (1, 2, 3, 4):
+            bm = next_pow2(m)
+            kept = prune(configs, dict(N=4096, K=4096, G=g, x_ptr=torch.empty(1)), BLOCK_M=bm)
+            assert kept, (g, m)
+            for c in kept:
+                bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+                assert g % (bn if trans else bk) == 0, (g, m, c)
+                assert bm * bn * bk <= 64 * 32 * c.num_warps, (g, m, c)
+
+
 SPACES = ("fixed", "tuned-first", "tuned-last", "tuned-all")
 LAUNCHED_SPACES = ("fixed", "tuned-all")  # the configs a GPU launches for the cases' shapes: no resource faults
 
