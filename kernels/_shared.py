@@ -677,10 +677,20 @@ def gemv_configs(trans, wbits):
     return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s) for bn, bk, w in tiles for s in SPLITS]
 
 
+FEW_TOKEN_TILE = 2048  # values of the GEMV tiles whose product tile fits 3-4 tokens on 4 warps (<= 64 a thread)
+
+
 def few_token_tile(c):
-    """An INT4 GEMV tile of 2048 values on 4 warps (8 bytes of weight a thread and step): the only ones whose
-    product tile fits 3-4 tokens (16-byte ones hold >= 4096 values; 4 x 4096 > 64 a thread), timed only there."""
-    return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 2048
+    """A GEMV tile of at most FEW_TOKEN_TILE values: INT4's (8 bytes of weight a thread and step; its 16-byte tiles
+    hold >= 4096 values, 4 x 4096 > 64 a thread) and the bitmask kernels' small tiles."""
+    return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= FEW_TOKEN_TILE
+
+
+def unless_few_tokens(fit):
+    """The configs of ``fit`` without the few-token tiles where a larger tile fits (1-2 tokens): those are timed only
+    for the 3-4 tokens nothing larger fits."""
+    larger = [c for c in fit if not few_token_tile(c)]
+    return larger or fit
 
 
 def gemv_interpreter_config(trans):
@@ -725,8 +735,8 @@ def make_gemv_pruner(trans, wbits):
         sms, _ = device_info(named_args["x_ptr"].device)
         grouped = [c for c in configs if g % (c.kwargs["BLOCK_N"] if trans else c.kwargs["BLOCK_K"]) == 0]
         fit = [c for c in grouped if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-        if wbits == 4 and any(not few_token_tile(c) for c in fit):
-            fit = [c for c in fit if not few_token_tile(c)]
+        if wbits == 4:
+            fit = unless_few_tokens(fit)
         out = pick_splits(fit, lambda c: cdiv(n, c.kwargs["BLOCK_N"]), lambda c: cdiv(k, c.kwargs["BLOCK_K"]), sms,
                           lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps), unsplit_when_full=True)
         # the fallback keeps the group rule: a K step (resp. N tile) in one group is what the ALIGNED kernels assume

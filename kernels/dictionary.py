@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ._shared import (INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
                       device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
-                      mm_fits, next_pow2, pick_splits, space, store_result, tile_ids)
+                      mm_fits, next_pow2, pick_splits, space, store_result, tile_ids, unless_few_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,14 +278,11 @@ def _mm_spans(bm, bn, bk, warps):
     return SPANS if warps >= 8 and bn * bk <= 4096 and bm <= 64 else (0,)
 
 
-SMALL_GEMV_TILE = 2048  # S values of the GEMV tiles for 3-4 tokens, timed only where no larger tile fits
-
-
 def _gemv_configs():
     """(BLOCK_N, BLOCK_K, warps) x SPAN x SPLIT_K: 16-byte mask-word loads along N, a few KB of S per step, <= 64
     fp32 accumulators per thread per token (the pruner checks it and picks the splits that fill the GPU; the
-    2048-value tiles are those that fit 3-4 tokens, and only there), 8 warps from 8192-value S tiles and 16 for 16384
-    (on fewer, sm_90 compiles spilled up to 1.9 KB a thread)."""
+    2048-value tiles are those that fit 3-4 tokens, and only there: unless_few_tokens), 8 warps from 8192-value S
+    tiles and 16 for 16384 (on fewer, sm_90 compiles spilled up to 1.9 KB a thread)."""
     tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 16), (64, 32, 4), (32, 64, 4)]
     return [config(w, 1, BLOCK_N=bn, BLOCK_K=bk, SPAN=sp, SPLIT_K=s) for bn, bk, w in tiles for sp in _gemv_spans(bk)
             for s in SPLITS]
@@ -332,8 +329,7 @@ def _gemv_pruner(out_axis, red_axis):
         out_block, red_block = ("BLOCK_N", "BLOCK_K") if out_axis == "N" else ("BLOCK_K", "BLOCK_N")
         sms, _ = device_info(named_args["v_ptr"].device)
         fit = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-        if any(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > SMALL_GEMV_TILE for c in fit):  # 1-2 tokens
-            fit = [c for c in fit if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > SMALL_GEMV_TILE]
+        fit = unless_few_tokens(fit)
         out = pick_splits(fit, lambda c: cdiv(n_out, c.kwargs[out_block]),
                           lambda c: cdiv(n_red, c.kwargs[red_block]), sms,
                           lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPAN"], c.num_warps))

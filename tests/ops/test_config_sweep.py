@@ -91,15 +91,12 @@ def _bound_check(got, ref, bound, dtype, what):
     return [f"{what}: max |err| {float(err.max()):.3g} exceeds {TOL[dtype]} * sum |terms|"] if worst > 0 else []
 
 
-def _tf32(allow):
-    torch.backends.cuda.matmul.allow_tf32 = allow
-
-
 DTYPES = ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True))  # (dtype, TF32 allowed)
 
 
 def _dictionary_cases():
     from tests.ops.test_dictionary_ops import bitmask_inputs, bitmask_ref64
+    from tests.ops.test_kernels_host import _tf32
     from weightkit.kernels import dictionary as kd
 
     kd.TUNE_MIN_WEIGHT = 0
@@ -111,9 +108,8 @@ def _dictionary_cases():
                 z, values, bitmask, offsets = bitmask_inputs(m, 200, 90, 150)
                 z, values = z.to(dt), values.to(dt)
                 g = torch.randn(m, 150).to(dt)
-                _tf32(tf32)
-                y = kd.dict_bitmask_matmul_triton(z, values, bitmask, offsets)
-                gz, gv = kd.dict_bitmask_matmul_backward_triton(g, z, values, bitmask, offsets)
+                y = _tf32(tf32, kd.dict_bitmask_matmul_triton, z, values, bitmask, offsets)
+                gz, gv = _tf32(tf32, kd.dict_bitmask_matmul_backward_triton, g, z, values, bitmask, offsets)
                 y64 = bitmask_ref64(z, values, bitmask)
                 gz64, gv64 = bitmask_ref64(z, values, bitmask, g)
                 y_bound = bitmask_ref64(z.abs(), values.abs(), bitmask)
@@ -125,6 +121,7 @@ def _dictionary_cases():
 
 
 def _quant_matmul_cases():
+    from tests.ops.test_kernels_host import _tf32
     from weightkit.kernels import int4 as k4
     from weightkit.kernels import int8 as k8
     from weightkit.ops.int4 import dequantize_int4, quantize_int4
@@ -150,11 +147,10 @@ def _quant_matmul_cases():
                             packed, scale, zero = quantize_int4(w, group)
                             w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
                         x = torch.randn(m, rows if t else cols).to(dt)
-                        _tf32(tf32)
                         if kind == "int8":
-                            y = k8.int8_matmul_triton(x, q, scale, group, t)
+                            y = _tf32(tf32, k8.int8_matmul_triton, x, q, scale, group, t)
                         else:
-                            y = k4.int4_matmul_triton(x, packed, scale, zero, group, rows, cols, t)
+                            y = _tf32(tf32, k4.int4_matmul_triton, x, packed, scale, zero, group, rows, cols, t)
                         wt = w64 if t else w64.T
                         return _bound_check(y, x.double() @ wt, x.double().abs() @ wt.abs(), dt, "y")
                     out[f"{kind}_matmul {rows}x{cols} g{group} {dt}{' tf32' if tf32 else ''} m{m} t{t}"] = case
