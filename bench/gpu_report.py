@@ -617,6 +617,32 @@ def memoryformer():
                 row("memoryformer", f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok {what}", fb,
                     base=None if mode == "atomics" else f"MemoryLinear fwd+bwd {tname} {b} {tokens} tok table grad "
                                                         "atomics")
+    # the segment pass's sort alone: each backend's counting sort against torch.sort + searchsorted (what they replace)
+    tokens, buckets = MEM_TOKENS[-1], 2**tau
+    keys = torch.arange(K, device=DEV) * buckets + torch.randint(0, buckets, (tokens, K), device=DEV)
+    base = f"segment sort torch.sort + searchsorted {tokens} tok x {K} tables x {buckets}"
+    moved = tokens * K * 8 * 2  # the keys read, the order written (int64)
+
+    def torch_sort():
+        sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
+        return order, torch.searchsorted(sorted_keys, torch.arange(K * buckets + 1, device=DEV))
+
+    backends = _backends(mem._BWD)
+    if backends:
+        row("memoryformer", base, torch_sort, bytes=moved)
+    for b in backends:
+        if b == "triton":
+            from weightkit.kernels.memoryformer import sort_pairs
+
+            keys32 = keys.int()
+            fn = lambda: sort_pairs(keys32, buckets)  # noqa: E731
+        else:
+            from weightkit.backends.cuda import stream
+            from weightkit.backends.cuda.memoryformer import _sort_pairs
+
+            fn = lambda: _sort_pairs(keys, buckets, *stream(keys))  # noqa: E731
+        row("memoryformer", f"segment sort counting {b} {tokens} tok x {K} tables x {buckets}", fn, bytes=moved,
+            base=base)
 
 
 def dictionary():

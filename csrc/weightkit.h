@@ -29,7 +29,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 4
+#define WK_ABI_VERSION 5
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
@@ -133,6 +133,11 @@ WK_API int wk_cuda_memory_lookup_backward(const void* grad, const void* x, int x
                                           int tables_dtype, void* gx, float* gt_atomic, int64_t* keys, float* ps,
                                           int64_t n, int64_t tables_k, int64_t buckets, int64_t d_out, int tau,
                                           double t, int device, void* stream);
+// The stable sort of the segment pass by counting, per table (buckets <= 1024): order (n K) lists the flat pair
+// indices t K + k by key k * buckets + bucket (keys: n x K), starts (K buckets + 1) each key's first entry, the last
+// n K: the same as a stable sort and a search of every key's first entry.
+WK_API int wk_cuda_memory_rank_keys(const int64_t* keys, int64_t* order, int64_t* starts, int64_t n, int64_t tables_k,
+                                    int64_t buckets, int device, void* stream);
 // Table gradient gt (rows x d_out, gt_dtype), every row written: row r sums ps[order[e]] grad[order[e] / K] over its
 // run e in [starts[r], starts[r + 1]) of the stably sorted keys (order: the sort's permutation of 0 .. n K - 1).
 WK_API int wk_cuda_memory_segment_sum(const int64_t* order, const int64_t* starts, const float* ps, const void* grad,

@@ -23,8 +23,8 @@ over the columns for dot = <g, T[key]> (and, in atomics mode, adds p g into an f
 atomics in the same pass), then writes the input gradient. Segment mode (deterministic, and the default otherwise:
 weightkit.ops.memoryformer.table_grad_mode(), passed down as ``segments``): the same kernel stores key and p instead
 (with a fixed config in deterministic mode, so the input gradient's summation order is fixed too; tuned otherwise);
-a stable sort of the keys and a searchsorted of every row's run start give, for each of the K 2^TAU table rows, its
-run of tokens in token order; ``memory_segment_autotuned`` sums each row's run sequentially, four entries' loads in
+a counting sort of the keys per table (``_rank_keys_kernel``, one launch; torch.sort + searchsorted above 1024
+buckets) gives, for each of the K 2^TAU table rows, its run of tokens in token order; ``memory_segment_autotuned`` sums each row's run sequentially, four entries' loads in
 flight at a time (order independent of its config), and writes every row of the table gradient exactly once, in the
 tables' dtype (no memset, no fp32 copy, no host sync; extra memory O(n K + K 2^TAU)).
 
@@ -198,6 +198,37 @@ def _segment_rows_kernel(start_ptr, order_ptr, p_ptr, g_ptr, gt_ptr, num_rows, K
         acc = tl.where(l3[:, None], acc + p3[:, None] * g3, acc)
     tl.store(gt_ptr + r[:, None] * d_out + cols[None, :], acc.to(gt_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _rank_keys_kernel(key_ptr, order_ptr, start_ptr, n, K, B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Counting sort of table k's keys (program k; key[t, k] = k B + h, 0 <= h < B): the stable order and the run
+    starts that torch.sort(stable=True) and torch.searchsorted give for the flat (n, K) keys, table k's pairs being
+    entries [k n, (k + 1) n) of the sorted order. Pass 1 counts each bucket ([BLOCK_T, B] one-hot blocks), its
+    exclusive scan gives the runs' starts; pass 2 places each token at its bucket's next free entry, the tokens of
+    a block ranked by a cumulative sum over the one-hot block (earlier tokens first: stable). Integer arithmetic
+    only: the same result for any BLOCK_T and warps."""
+    k = tl.program_id(0).to(tl.int64)
+    bins = tl.arange(0, B)
+    key0 = k * B
+    counts = tl.zeros((B,), dtype=tl.int32)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        h = tl.load(key_ptr + t.to(tl.int64) * K + k, mask=t < n, other=-1) - key0  # masked: < 0, in no bin
+        counts += tl.sum((h[:, None] == bins[None, :]).to(tl.int32), axis=0)
+    run = tl.cumsum(counts, axis=0) - counts  # bucket b's first entry in the table's n
+    tl.store(start_ptr + key0 + bins, (k * n + run).to(start_ptr.dtype.element_ty))
+    total = k * 0 + n  # int64 (n may be a specialized constant)
+    tl.store(start_ptr + (k * 0 + K) * B, (total * K).to(start_ptr.dtype.element_ty), mask=k == K - 1)  # the end
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        live = t < n
+        h = tl.load(key_ptr + t.to(tl.int64) * K + k, mask=live, other=-1) - key0
+        hit = (h[:, None] == bins[None, :]).to(tl.int32)
+        before = tl.cumsum(hit, axis=0) - hit  # earlier tokens of the block in the same bucket
+        pos = tl.sum(hit * (run[None, :] + before), axis=1)
+        tl.store(order_ptr + k * n + pos, (t.to(tl.int64) * K + k).to(order_ptr.dtype.element_ty), mask=live)
+        run += tl.sum(hit, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,15 +557,38 @@ def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, 
                                            None if tuned else _bwd_default(nb, K, d_out))).config
 
 
+RANK_MAX_BUCKETS = 1024  # the counting sort's limit (one-hot blocks of BLOCK_T x 2^tau); above it torch.sort
+_RANK_BLOCK = 8192  # values of a one-hot block
+
+
+def sort_pairs(keys, buckets):
+    """(starts, order) of the (n, K) row keys k * buckets + h (0 <= h < buckets): ``order`` lists the flat pair
+    indices t K + k stably sorted by key, ``starts`` (K buckets + 1) each row's first entry in it, the last = n K;
+    int32 where n K < 2^31, else int64. A counting sort per table (``_rank_keys_kernel``, one launch) for up to
+    RANK_MAX_BUCKETS buckets, else torch.sort + torch.searchsorted: the same result either way."""
+    n, K = keys.shape
+    index = torch.int32 if n * K < 2**31 else torch.int64
+    if buckets > RANK_MAX_BUCKETS:
+        sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
+        bounds = torch.arange(K * buckets + 1, dtype=keys.dtype, device=keys.device)
+        return torch.searchsorted(sorted_keys, bounds, out_int32=index == torch.int32), order
+    starts = torch.empty(K * buckets + 1, dtype=index, device=keys.device)
+    order = torch.empty(n * K, dtype=index, device=keys.device)
+    if K:
+        bt = max(1, min(64, _RANK_BLOCK // buckets))
+        _rank_keys_kernel[(K,)](keys, order, starts, n, K, B=buckets, BLOCK_T=bt, num_warps=4)
+    else:
+        starts.zero_()
+    return starts, order
+
+
 def _launch_segments(keys, ps, grad, gt, config=None):
     """gt (K, 2^tau, d_out), every row written: fixed-order run sums over the stably sorted keys. The bits do not
     depend on the config, so this one is autotuned in deterministic mode too."""
     n, K = keys.shape
     rows = gt.shape[0] * gt.shape[1]
     d_out = gt.shape[2]
-    sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-    bounds = torch.arange(rows + 1, dtype=keys.dtype, device=keys.device)
-    starts = torch.searchsorted(sorted_keys, bounds, out_int32=n * K < 2**31)
+    starts, order = sort_pairs(keys, gt.shape[1])
     nb = _n_bucket(n)
     args = (starts, order, ps, grad, gt, rows, K, d_out, nb)
     grid = lambda c: (cdiv(rows, c["ROWS"]), cdiv(d_out, c["BLOCK_N"]))  # noqa: E731

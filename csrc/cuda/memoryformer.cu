@@ -2,8 +2,8 @@
 // Forward: a grid of (token blocks, column tiles, table splits), so one decode token spreads over the whole GPU;
 // splits combined in a fixed order (memory_forward_kernel). Backward: a warp per (token, table) pair for the input
 // gradient (and, in atomics mode, the fp32 table gradient); otherwise the table gradient is a sorted segment
-// reduction (segment_rows_kernel) over the pairs stably sorted by row key (torch.sort + torch.searchsorted, called
-// by weightkit/backends/cuda/memoryformer.py between the launches): no host sync, every row written once.
+// reduction (segment_rows_kernel) over the pairs stably sorted by row key (rank_keys_kernel, a counting sort per
+// table; torch.sort + torch.searchsorted above 1024 buckets): no host sync, every row written once.
 #include "common.cuh"
 
 namespace weightkit {
@@ -258,6 +258,61 @@ __global__ void __launch_bounds__(kSegWarps * 32) segment_rows_kernel(
   }
 }
 
+// The segment pass's sort: a counting sort per table, the same order and run starts as a stable sort of the keys.
+// A warp per table k (keys[t, k] = k buckets + h): the buckets' counts in shared memory (atomics: their order does
+// not matter), their exclusive scan gives each run's start, then 32 tokens at a time each lane puts its token at
+// its bucket's next free entry, the lanes of one bucket ranked by __match_any_sync (lower lanes, i.e. earlier
+// tokens, first: stable) and the highest of them advancing the bucket.
+constexpr int kRankWarps = 4;
+constexpr int kRankMaxBuckets = 1024;
+
+__global__ void __launch_bounds__(kRankWarps * 32) rank_keys_kernel(const int64_t* __restrict__ keys,
+                                                                     int64_t* __restrict__ order,
+                                                                     int64_t* __restrict__ starts, int64_t n,
+                                                                     int64_t K, int buckets) {
+  __shared__ int next_free[kRankWarps][kRankMaxBuckets];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRankWarps + warp;
+  if (k >= K) return;  // a whole warp: only __syncwarp below
+  int* run = next_free[warp];
+  for (int b = lane; b < buckets; b += 32) run[b] = 0;
+  __syncwarp();
+  const int64_t key0 = k * buckets;
+  for (int64_t t = lane; t < n; t += 32) atomicAdd(&run[keys[t * K + k] - key0], 1);
+  __syncwarp();
+  int carry = 0;
+  for (int b0 = 0; b0 < buckets; b0 += 32) {  // exclusive scan, 32 buckets a step
+    const int b = b0 + lane;
+    const int count = b < buckets ? run[b] : 0;
+    int inclusive = count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += v;
+    }
+    if (b < buckets) {
+      run[b] = carry + inclusive - count;
+      starts[key0 + b] = k * n + carry + inclusive - count;
+    }
+    carry += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  if (k == K - 1 && lane == 0) starts[K * buckets] = n * K;
+  __syncwarp();
+  const unsigned below = (1u << lane) - 1u;
+  for (int64_t t0 = 0; t0 < n; t0 += 32) {
+    const int64_t t = t0 + lane;
+    const int h = t < n ? static_cast<int>(keys[t * K + k] - key0) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, h);
+    const int base = h >= 0 ? run[h] : 0;
+    __syncwarp();  // every lane has read its bucket before the highest lane of each advances it
+    if (h >= 0) {
+      order[k * n + base + __popc(peers & below)] = t * K + k;
+      if (31 - __clz(peers) == lane) run[h] = base + __popc(peers);
+    }
+    __syncwarp();
+  }
+}
+
 }  // namespace
 }  // namespace weightkit
 
@@ -348,4 +403,16 @@ WK_API int wk_cuda_memory_segment_sum(const int64_t* order, const int64_t* start
     });
   });
   return launch_status(g_ok && gt_ok);
+}
+
+WK_API int wk_cuda_memory_rank_keys(const int64_t* keys, int64_t* order, int64_t* starts, int64_t n, int64_t K,
+                                    int64_t buckets, int device, void* stream) {
+  if (buckets < 1 || buckets > kRankMaxBuckets || n < 0 || K < 0) return cudaErrorInvalidValue;
+  if (K == 0) return cudaSuccess;
+  const int64_t blocks = (K + kRankWarps - 1) / kRankWarps;
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
+  const DeviceGuard guard(device);
+  rank_keys_kernel<<<static_cast<unsigned>(blocks), kRankWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+      keys, order, starts, n, K, static_cast<int>(buckets));
+  return launch_status();
 }

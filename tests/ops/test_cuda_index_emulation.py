@@ -6,7 +6,9 @@ read of an entry written in the same pass, every read in bounds, and the result 
 * csrc/cuda/dictionary.cu, bitmask_dense_t_kernel: the multi-pass decode (values staged kRows at a time) and the
   gather for grad_values, with small kRows so a few columns take many passes;
 * csrc/cuda/memoryformer.cu, memory_forward_kernel: the (token block, column tile, table split) grid of the host's
-  forward_plan, the per-tile arrival counters and the split-ordered sum of the partials.
+  forward_plan, the per-tile arrival counters and the split-ordered sum of the partials;
+* csrc/cuda/memoryformer.cu, rank_keys_kernel: the counting sort of the segment pass (a warp per table, the lanes of
+  one bucket ranked by __match_any_sync), against torch.sort(stable=True) + torch.searchsorted.
 """
 
 import numpy as np
@@ -192,3 +194,71 @@ def test_memoryformer_cuda_forward_grid_emulated(n, K, tau, d_out, dtype):
             assert (part_writes == 1).all()
         ref = memory_lookup_reference(x.double(), tables.double(), 1.5).numpy()
         np.testing.assert_allclose(y, ref, rtol=1e-9, atol=1e-9)
+
+
+def emulate_rank_keys(keys, buckets):
+    """rank_keys_kernel on numpy (keys: n x K int64, every warp a table, lanes as vectors): (order, starts) and the
+    write count of every entry of each."""
+    n, K = keys.shape
+    lanes = np.arange(32)
+    order = np.full(n * K, -1, dtype=np.int64)
+    starts = np.full(K * buckets + 1, -1, dtype=np.int64)
+    order_writes = np.zeros(n * K, dtype=np.int64)
+    start_writes = np.zeros(K * buckets + 1, dtype=np.int64)
+    for k in range(K):  # one warp each; warps share nothing
+        run = np.zeros(buckets, dtype=np.int64)  # the warp's row of next_free (zeroed by its lanes)
+        key0 = k * buckets
+        for t0 in range(0, n, 32):  # atomicAdd per lane: order free
+            t = t0 + lanes
+            for h in keys[t[t < n], k] - key0:
+                assert 0 <= h < buckets
+                run[h] += 1
+        carry = 0
+        for b0 in range(0, buckets, 32):  # the exclusive scan, 32 buckets a step (shfl_up ladder)
+            b = b0 + lanes
+            count = np.where(b < buckets, run[np.minimum(b, buckets - 1)], 0)
+            inclusive = count.copy()
+            d = 1
+            while d < 32:
+                shifted = np.concatenate([inclusive[:d], inclusive[:-d]])  # __shfl_up_sync: lanes < d keep theirs
+                inclusive = np.where(lanes >= d, inclusive + shifted, inclusive)
+                d <<= 1
+            live = b < buckets
+            run[b[live]] = carry + inclusive[live] - count[live]
+            starts[key0 + b[live]] = k * n + carry + inclusive[live] - count[live]
+            start_writes[key0 + b[live]] += 1
+            carry += inclusive[31]
+        if k == K - 1:
+            starts[K * buckets] = n * K
+            start_writes[K * buckets] += 1
+        below = (1 << lanes) - 1
+        for t0 in range(0, n, 32):
+            t = t0 + lanes
+            h = np.where(t < n, keys[np.minimum(t, n - 1), k] - key0, -1)
+            peers = np.array([sum(1 << j for j in range(32) if h[j] == h[i]) for i in range(32)])  # __match_any_sync
+            base = np.where(h >= 0, run[np.maximum(h, 0)], 0)  # every lane reads before any writes (__syncwarp)
+            popc = np.vectorize(lambda v: bin(int(v)).count("1"))
+            for i in np.nonzero(h >= 0)[0]:
+                pos = k * n + base[i] + popc(peers[i] & below[i])
+                order[pos] = t[i] * K + k
+                order_writes[pos] += 1
+                if int(peers[i]).bit_length() - 1 == i:  # 31 - __clz(peers): the highest lane of the bucket
+                    run[h[i]] = base[i] + popc(peers[i])
+    return order, starts, order_writes, start_writes
+
+
+@pytest.mark.parametrize("n,K,tau,hot", [(1, 1, 1, False), (33, 3, 2, False), (70, 5, 6, True), (100, 2, 8, False),
+                                         (64, 4, 10, True), (0, 3, 2, False)])
+def test_memoryformer_cuda_rank_keys_emulated(n, K, tau, hot):
+    """The counting sort writes every order entry and every run start exactly once, and gives what a stable sort of
+    the flat keys and a search of each key's first entry give (hot: most tokens in 2 buckets, many lanes of a warp
+    in one bucket)."""
+    gen = torch.Generator().manual_seed(n * 1000 + K * 10 + tau)
+    buckets = 1 << tau
+    h = torch.randint(0, 2 if hot else buckets, (n, K), generator=gen)
+    keys = torch.arange(K) * buckets + h
+    order, starts, order_writes, start_writes = emulate_rank_keys(keys.numpy(), buckets)
+    assert (order_writes == 1).all() and (start_writes == 1).all()
+    sorted_keys, expect = torch.sort(keys.reshape(-1), stable=True)
+    np.testing.assert_array_equal(order, expect.numpy())
+    np.testing.assert_array_equal(starts, torch.searchsorted(sorted_keys, torch.arange(K * buckets + 1)).numpy())

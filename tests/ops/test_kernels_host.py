@@ -366,6 +366,9 @@ def _compile_cases():
                     out[f"memory bwd {dt} K{K} n{n} det{det} seg{seg}"] = (
                         lambda xm=xm, t=tables, g=g, det=det, seg=seg: memoryformer.memory_lookup_backward_triton(
                             g, xm, t, 1.3, det, seg))
+    for tau in (1, 10):  # the counting sort's smallest and largest one-hot blocks (B = 2 and 1024 buckets)
+        hot = torch.randint(0, 2**tau, (70, 3)) + torch.arange(3) * 2**tau
+        out[f"memory sort_pairs {2**tau} buckets"] = lambda k=hot.int(), b=2**tau: memoryformer.sort_pairs(k, b)
     for wdt in (torch.float32, torch.bfloat16):
         for odt, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
                           (torch.float16, False)):

@@ -204,3 +204,24 @@ def test_cuda_forward_plan(n, K, d_out, elem):
         assert splits == (32 if elem == 2 else 16)
     if n == 1024:
         assert splits == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in usable_backends(memoryformer._BWD, "cuda"),
+                    reason="the cuda backend's counting sort runs on a GPU (its logic: test_cuda_index_emulation.py)")
+@pytest.mark.parametrize("n,K,tau,hot", [(1, 1, 1, False), (37, 3, 4, False), (1000, 512, 8, False),
+                                         (300, 4, 8, True), (70, 2, 10, False), (9, 3, 11, False), (0, 2, 3, False)])
+def test_cuda_sort_pairs_is_a_stable_sort(n, K, tau, hot):
+    """The cuda backend's segment sort (wk_cuda_memory_rank_keys up to 1024 buckets, torch.sort above) gives the
+    order and run starts of a stable sort of the flat keys and a search of each key's first entry."""
+    from weightkit.backends.cuda.memoryformer import _sort_pairs
+    from weightkit.backends.cuda import stream
+
+    buckets = 1 << tau
+    gen = torch.Generator().manual_seed(n + K + tau)
+    print(f"seed {n + K + tau}")
+    h = torch.randint(0, 2 if hot else buckets, (n, K), generator=gen)
+    keys = (torch.arange(K) * buckets + h).cuda()
+    order, starts = _sort_pairs(keys, buckets, *stream(keys))
+    sorted_keys, expect = torch.sort(keys.reshape(-1), stable=True)
+    assert torch.equal(order, expect)
+    assert torch.equal(starts, torch.searchsorted(sorted_keys, torch.arange(K * buckets + 1, device="cuda")))

@@ -174,6 +174,26 @@ def test_deterministic_bitwise_repeatable_hot_buckets(device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n,K,tau,hot", [(1, 1, 1, False), (1, 5, 8, False), (37, 3, 4, False), (100, 4, 8, True),
+                                         (130, 2, 10, False), (200, 2, 2, True), (9, 3, 11, False), (0, 2, 3, False)])
+def test_sort_pairs_is_a_stable_sort(device, n, K, tau, hot):
+    """The segment pass's counting sort (one program per table; torch.sort above RANK_MAX_BUCKETS buckets) gives
+    what a stable sort of the flat keys and a search of each key's first run entry give: the same order (ties in
+    token order) and run starts, as int32 (n K < 2^31). Hot: most tokens in 2 buckets, many ties per block."""
+    gen = torch.Generator().manual_seed(n * 1000 + K * 10 + tau)
+    print(f"seed {n * 1000 + K * 10 + tau}")
+    buckets = 1 << tau
+    h = torch.randint(0, 2 if hot else buckets, (n, K), generator=gen)
+    keys = (torch.arange(K) * buckets + h).to(km._key_dtype(K, tau)).to(device)
+    starts, order = km.sort_pairs(keys, buckets)
+    sorted_keys, expect = torch.sort(keys.reshape(-1), stable=True)
+    expect_starts = torch.searchsorted(sorted_keys, torch.arange(K * buckets + 1, device=device, dtype=keys.dtype))
+    assert starts.dtype == torch.int32 and starts.shape == (K * buckets + 1,) and order.shape == (n * K,)
+    assert order.dtype == (torch.int32 if buckets <= km.RANK_MAX_BUCKETS else torch.int64)
+    assert torch.equal(order.long(), expect) and torch.equal(starts.long(), expect_starts)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_empty_and_degenerate_shapes(device):
     x, tables = inputs(1, 2, 3, 5, torch.float32, device)
     y = km.memory_lookup_forward_triton(x[:0], tables, T)

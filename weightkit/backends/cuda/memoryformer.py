@@ -55,11 +55,30 @@ def memory_lookup_forward(x: Tensor, tables: Tensor, t: float) -> Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], d_out)
 
 
+RANK_MAX_BUCKETS = 1024  # the counting sort's limit (shared memory per warp); above it torch.sort
+
+
+def _sort_pairs(keys: Tensor, buckets: int, device: int, st: int) -> Tuple[Tensor, Tensor]:
+    """(order, starts), int64: the (n, K) keys' flat indices stably sorted by key, and each key's first entry in
+    that order (K buckets + 1 entries, the last n K). A counting sort per table (wk_cuda_memory_rank_keys, one
+    launch) up to RANK_MAX_BUCKETS buckets, else torch.sort + torch.searchsorted: the same result."""
+    n, k = keys.shape
+    if buckets > RANK_MAX_BUCKETS:
+        sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
+        return order, torch.searchsorted(sorted_keys, torch.arange(k * buckets + 1, dtype=torch.int64,
+                                                                   device=keys.device))
+    order = torch.empty(n * k, dtype=torch.int64, device=keys.device)
+    starts = (torch.zeros if k == 0 else torch.empty)(k * buckets + 1, dtype=torch.int64, device=keys.device)
+    check(native.CUDA.memory_rank_keys(keys.data_ptr(), order.data_ptr(), starts.data_ptr(), n, k, buckets, device,
+                                       st), "memory_lookup_backward")
+    return order, starts
+
+
 def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
                            segments: bool = True) -> Tuple[Tensor, Tensor]:
     """(grad_x in x's dtype, grad_tables in tables' dtype), in the dtypes given (no fp32 copies). The table gradient
-    is a sorted segment reduction (a stable torch.sort of the (table, bucket) keys, torch.searchsorted for each row's
-    run, then one write per row) when ``deterministic`` or ``segments`` (the op passes
+    is a sorted segment reduction (a counting sort of the (table, bucket) keys per table, see _sort_pairs, then one
+    write per row) when ``deterministic`` or ``segments`` (the op passes
     weightkit.ops.memoryformer.table_grad_mode() == "segments"), else fp32 atomics into a zeroed buffer, cast at the
     end."""
     x2, g2, tables, (n, k, buckets, d_out, tau) = memory_rows(x, tables, grad)
@@ -82,8 +101,7 @@ def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, de
                                              gt_atomic, *key_ptrs, n, k, buckets, d_out, tau, t, device, st),
           "memory_lookup_backward")
     if segments:
-        sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-        starts = torch.searchsorted(sorted_keys, torch.arange(rows + 1, dtype=torch.int64, device=x.device))
+        order, starts = _sort_pairs(keys, buckets, device, st)
         check(native.CUDA.memory_segment_sum(order.data_ptr(), starts.data_ptr(), ps.data_ptr(), g2.data_ptr(),
                                              native.FLOAT_CODES[x.dtype], gt.data_ptr(),
                                              native.FLOAT_CODES[tables.dtype], rows, k, d_out, device, st),
