@@ -144,7 +144,7 @@ def test_int8_sr_update_kernel_emulated(gs, offset, delta_dtype):
 
 # -- the dequantizations of the "dequantize to x's dtype + cuBLAS" matmuls ---------------------------------------
 
-def dequant_plan(fmt, n_cols, group, c0, cols, src_offset=0, out_offset=0, out_bytes=2):
+def dequant_plan(fmt, n_cols, group, c0, cols, src_offset=0, out_offset=0):
     """The host's choice (wk_cuda_dequantize_int8 / _int4): (values per vector, one scale per vector) of the vector
     kernel, or None for the scalar one. src_offset / out_offset: the pointers' byte offsets from a 16-byte boundary."""
     per = 16 if fmt == "int8" else 32
@@ -158,7 +158,7 @@ def emulate_dequant(fmt, w_src, w, n_cols, group, r0, rows, c0, cols, src_offset
     vector's alignment and bounds. Returns (out, writes)."""
     n = rows * cols
     out, writes = np.full(n, np.nan), np.zeros(n, dtype=np.int64)
-    plan = dequant_plan(fmt, n_cols, group, c0, cols, src_offset, out_offset, out_bytes)
+    plan = dequant_plan(fmt, n_cols, group, c0, cols, src_offset, out_offset)
     if plan is None:
         t = np.arange(n)
         i = t // cols
