@@ -9,8 +9,10 @@ Forward, y[t] = sum_k p[t, k] T[key[t, k]] (fp32 accumulation, y in x's dtype):
   token blocks (the table-major order that matters at large n). Split s owns a contiguous run of tables and loads
   BLOCK_K tables per step as one [BLOCK_T, BLOCK_K, BLOCK_N] gather (many independent loads in flight: one token
   is latency-bound otherwise); the sum over tables is deferred to the end of the loop (pure FMA loop).
-* SPLIT == 1 stores y directly; SPLIT > 1 stores fp32 partials [SPLIT, n, d_out] and the shared split-K reduction
-  (kernels/_shared.py) sums them in split order and casts: deterministic for a given config.
+* SPLIT == 1 stores y directly; SPLIT > 1 stores fp32 partials [SPLIT, n, d_out] and the tile's last split to
+  arrive sums them in split order and casts, in the same launch (kernels/_shared.py's splitk_finish, partials and
+  counters from its SCRATCH, as the int8/INT4 matmuls): one kernel per call (a decode token's forward is one
+  launch, one graph node), deterministic for a given config.
 * Hash (key, p) computed inline per step when n is small (no extra launch; the recomputation per column block is
   a few exp per loaded row), precomputed once per (token, table) by ``_memory_hash_kernel`` when n >= _PRE_MIN_N.
 * Autotuned (module-level ``memory_forward_autotuned``, key: n bucket (next power of 2), K, d_out, TAU, PRE and the
@@ -39,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, Launcher, Plan, cdiv, device_guard, device_info, next_pow2, reduce_splits, space
+from ._shared import (INTERPRET, SCRATCH, Launcher, Plan, cdiv, device_guard, device_info, next_pow2, space,
+                      splitk_finish)
 
 _PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
 _MAX_SPLIT = 64
@@ -81,11 +84,12 @@ def _memory_hash_kernel(x_ptr, key_ptr, p_ptr, n, K, inv_t2, TAU: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["n", "n_bucket"])
-def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, d_out, inv_t2, n_bucket,
+def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, c_ptr, n, K, d_out, inv_t2, n_bucket,
                            TAU: tl.constexpr, TAU_P2: tl.constexpr, PRE: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT, STAGES: tl.constexpr):
-    """y (SPLIT == 1) or partial pid_s (SPLIT > 1) of a [BLOCK_T, BLOCK_N] tile: sum over this split's tables.
-    ``n_bucket`` only keys the autotuner. SPLIT is a runtime int (Triton specializes the value 1), so the tuning
+    """y of a [BLOCK_T, BLOCK_N] tile: the sum over this split's tables, stored as y (SPLIT == 1) or as partial
+    pid_s, the tile's last split to arrive summing the partials in split order (splitk_finish: one launch, the
+    counter c_ptr[tile] back at 0 after it). ``n_bucket`` only keys the autotuner. SPLIT is a runtime int (Triton specializes the value 1), so the tuning
     candidates that differ only in SPLIT share a compile. STAGES > 1 software-pipelines the table loop (the next
     steps' key/p and row gathers in flight through cp.async while this one accumulates); without
     tl.range(num_stages=) Triton does not pipeline a loop that has no tl.dot, whatever the launch's num_stages."""
@@ -118,6 +122,8 @@ def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, n, K, 
         tl.store(y_ptr + out_off, out.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * n * d_out + out_off, out, mask=out_mask)
+    splitk_finish(y_ptr, part_ptr, c_ptr, rows, cols, n, d_out, SPLIT,
+                  tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
 
 
 @triton.jit(do_not_specialize=["n", "n_bucket"])
@@ -415,14 +421,8 @@ _BWD_CONFIGS = space(_bwd_space, _config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, STAG
 _SEG_CONFIGS = space(_seg_space, _config(ROWS=4, BLOCK_N=64, STAGES=2))
 
 
-def _fwd_post_hook(kwargs, exception):
-    """Timed with each config while tuning, so a SPLIT's reduce is part of the time it is chosen by."""
-    if exception is None:
-        reduce_splits(kwargs["part_ptr"], kwargs["y_ptr"], kwargs["n"] * kwargs["d_out"], kwargs["SPLIT"])
-
-
 _FWD = Launcher(_memory_forward_kernel, _FWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "PRE"], _fwd_prune,
-                post_hook=_fwd_post_hook, do_bench=_bench)
+                do_bench=_bench)
 _BWD = Launcher(_memory_backward_kernel, _BWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "ATOMICS", "STORE_KEYS"],
                 _bwd_prune, reset_to_zero=["gt_ptr"], do_bench=_bench)
 _SEG = Launcher(_segment_rows_kernel, _SEG_CONFIGS, ["n_bucket", "K", "d_out"], _seg_prune, do_bench=_bench)
@@ -439,7 +439,10 @@ def _fwd_candidates(nb, K, d_out, sms):
 
 @functools.lru_cache(maxsize=256)
 def _fwd_max_split(nb, K, d_out, sms):
-    return max(c.kwargs["SPLIT"] for c in _fwd_candidates(nb, K, d_out, sms))
+    """(the largest SPLIT, the most output tiles) over the tuning candidates at n bucket ``nb`` (n <= nb)."""
+    cands = _fwd_candidates(nb, K, d_out, sms)
+    return (max(c.kwargs["SPLIT"] for c in cands),
+            max(cdiv(nb, c.kwargs["BLOCK_T"]) * cdiv(d_out, c.kwargs["BLOCK_N"]) for c in cands))
 
 
 @functools.lru_cache(maxsize=None)
@@ -506,21 +509,18 @@ def _launch_forward(x, tables, t, y, config=None, pre=None):
         else:
             sms = _sm_count(x.device)
             bucket = (nb,) + key[1:]
-            if tuned and bucket not in _FWD.chosen:  # the tuning launch, partials for the largest candidate split
-                max_split = _fwd_max_split(nb, K, d_out, sms)
-                parts = (torch.empty((max_split, n, d_out), dtype=torch.float32, device=x.device) if max_split > 1
-                         else _unused(x.device, torch.float32))
-                cfg, _ = _FWD.choose(bucket, grid, (x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb), meta)
+            if tuned and bucket not in _FWD.chosen:
+                # the tuning launch: partials for the largest candidate split, counters for the most tiles (each
+                # timed run reduces its splits in the launch, so the time a config is chosen by includes it)
+                max_split, max_tiles = _fwd_max_split(nb, K, d_out, sms)
+                scratch = SCRATCH.get(y, max_split, n * d_out, max_tiles)
+                cfg, _ = _FWD.choose(bucket, grid, (x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb), meta)
                 _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
-                reduce_splits(parts, y, n * d_out, cfg.kwargs["SPLIT"])
                 return cfg
             cfg, _ = _FWD.choose(bucket, grid, None, meta, None if tuned else _fwd_default(nb, K, d_out, sms))
             plan = _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
-    split = plan.config.kwargs["SPLIT"]
-    parts = (torch.empty((split, n, d_out), dtype=torch.float32, device=x.device) if split > 1
-             else _unused(x.device, torch.float32))
-    plan.kernel[plan.grid](x, tables, keys, ps, y, parts, n, K, d_out, 2.0 / t, nb, **plan.kwargs)
-    reduce_splits(parts, y, n * d_out, split)
+    scratch = SCRATCH.get(y, plan.config.kwargs["SPLIT"], n * d_out, plan.grid[0] * plan.grid[1])
+    plan.kernel[plan.grid](x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb, **plan.kwargs)
     return plan.config
 
 

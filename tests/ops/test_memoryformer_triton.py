@@ -263,12 +263,46 @@ def test_pruned_config_spaces(nb, K, d_out):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_forward_tuning_hook_reduces_splits(device):
-    """The autotuner's post_hook (run after each timed config) sums the config's partials into y in split order."""
-    parts = torch.randn(4, 3, 10, device=device)
-    y = torch.empty(3, 10, device=device)
-    km._fwd_post_hook(dict(part_ptr=parts, y_ptr=y, n=3, d_out=10, SPLIT=3), None)
+def test_forward_splits_reduce_in_the_launch_in_split_order(device):
+    """SPLIT > 1: the tile's last split to arrive sums the fp32 partials in split order 0, 1, 2 inside the launch
+    (one kernel: nothing left for a second pass), bit for bit the ordered sum of each split's tables alone, and
+    leaves every arrival counter at 0 for the next launch (and a CUDA graph's replays)."""
+    from weightkit.kernels._shared import SCRATCH
+
+    n, K, tau, d_out = 5, 9, 4, 70
+    x, tables = inputs(n, K, tau, d_out, torch.float32, device)
+    split = cfg(BLOCK_T=4, BLOCK_K=1, BLOCK_N=32, SPLIT=3)  # 3 tables per split; 2 x 3 output tiles
+    alone = cfg(BLOCK_T=4, BLOCK_K=1, BLOCK_N=32, SPLIT=1)
+    launches = []
+    kernel = km._FWD.kernel
+    y = torch.full((n, d_out), float("nan"), device=device)
+    try:
+        km._FWD.kernel = _Counting(kernel, launches)
+        km._launch_forward(x, tables, T, y, split, pre=False)
+    finally:
+        km._FWD.kernel = kernel
+    assert len(launches) == 1  # the reduction is in the split launch
+    parts = []
+    for s in range(3):  # each split's tables alone, in one launch without a split: its fp32 partial
+        part = torch.empty(n, d_out, device=device)
+        km._launch_forward(x[:, 3 * s * tau:3 * (s + 1) * tau].contiguous(), tables[3 * s:3 * (s + 1)], T, part,
+                           alone, pre=False)
+        parts.append(part)
     assert torch.equal(y, (parts[0] + parts[1]) + parts[2])
-    y2 = y.clone()
-    km._fwd_post_hook(dict(part_ptr=parts, y_ptr=y, n=3, d_out=10, SPLIT=1), None)  # SPLIT 1 stored y itself
-    assert torch.equal(y, y2)
+    counters = [c for (dev, _), (_, c) in SCRATCH.buffers.items() if dev == torch.device(device)]
+    assert counters and all(int(c.count_nonzero()) == 0 for c in counters)
+    y64 = memory_lookup_reference(x.double(), tables.double(), T)
+    close(y, y64, torch.float32, "forward, 3 splits")
+
+
+class _Counting:
+    """A kernel stand-in that counts launches (kernel[grid](...)) and forwards them."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
