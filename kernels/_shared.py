@@ -169,44 +169,7 @@ def clear_launch_caches():
         launcher.clear()
 
 
-# -- split-K reduction ---------------------------------------------------------------------------------------------
-# Two passes, deterministic: programs of split s write fp32 partials [s, M, N], then splitk_sum_kernel adds the
-# SPLIT_K partials in a fixed order and casts to the output's dtype. At decode sizes the extra traffic is small next
-# to the weight, there is no zeroing launch and no atomic contention, and results are reproducible run to run.
-
-REDUCE_BLOCK = 1024
-
-
-@triton.jit
-def splitk_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
-    """y = sum over s of partials[s] (fp32, fixed order), cast to y's dtype."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < MN
-    ptrs = p_ptr + idx
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    for _ in range(1, SPLIT_K):
-        ptrs += MN
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def reduce_grid(numel):
-    return (cdiv(numel, REDUCE_BLOCK),)
-
-
-def reduce_splits(parts, y, numel, split, grid=None):
-    """y = the ordered sum of the first ``split`` fp32 partials of ``numel`` values each (nothing when split == 1)."""
-    if split > 1:
-        splitk_sum_kernel[grid or reduce_grid(numel)](parts, y, numel, split, BLOCK=REDUCE_BLOCK, num_warps=4)
-
-
-def split_partials(split, rows, cols, like):
-    """The fp32 partials [split, rows, cols] of a split launch (``like`` itself when split == 1: the kernel stores
-    the output directly)."""
-    if split == 1:
-        return like
-    return torch.empty((split, rows, cols), dtype=torch.float32, device=like.device)
-
+# -- split-K choice ------------------------------------------------------------------------------------------------
 
 def pick_splits(configs, tiles, k_steps, sms, key, unsplit_when_full=False):
     """Per tile shape (``key(config)``), the SPLIT_K values worth timing: the smallest giving >= 2 programs per SM
@@ -228,10 +191,10 @@ def pick_splits(configs, tiles, k_steps, sms, key, unsplit_when_full=False):
     return out
 
 
-# -- split-K in one launch (the int8 / INT4 matmuls) ---------------------------------------------------------------
-# The reduction of the two-pass path above, fused into the split launch and still deterministic: every program stores
-# its fp32 partials [s, M, N], then increments its output tile's int32 arrival counter (an acq_rel atomic, after a
-# barrier: all its threads' stores are published first). The program that arrives last (the counter read SPLIT_K - 1)
+# -- split-K in one launch (the int8 / INT4 / bitmask matmuls, the MemoryFormer forward) -------------------------
+# Split-K partials are reduced in the split launch itself, deterministically: every program stores its fp32 partials
+# [s, M, N], then increments its output tile's int32 arrival counter (an acq_rel atomic, after a barrier: all its
+# threads' stores are published first). The program that arrives last (the counter read SPLIT_K - 1)
 # sums the SPLIT_K partials of the tile in split order 0, 1, ... (bypassing L1: ``.cg``), so the result does not
 # depend on which split came last, writes y in its dtype and sets the counter back to 0 for the next launch. Counters
 # are zero between launches, so a CUDA graph replays the launch as is (no zeroing node, no second kernel).
@@ -567,17 +530,16 @@ SPLITS = (1, 2, 4, 8, 16)
 
 class SplitKMatmul:
     """The launch of a GEMV kernel (M <= GEMV_MAX_M tokens, no tensor cores) or a tensor-core kernel (more tokens)
-    writing ``out`` (M x n_out), directly or, with SPLIT_K > 1, through fp32 partials [SPLIT_K, M, n_out]. Two-pass
-    (default): the kernels take ``(*lead, out, partials, *tail)`` and splitk_sum_kernel sums the partials; ``fused``:
-    they take ``(*lead, out, partials, counters, *tail)`` and reduce in the same launch (splitk_finish; partials and
-    counters from SCRATCH). SPLIT_K and the BLOCK_* sizes come from the config; ``out_block`` names the block size
-    along n_out.
+    writing ``out`` (M x n_out), directly or, with SPLIT_K > 1, through fp32 partials [SPLIT_K, M, n_out] reduced in
+    the same launch: the kernels take ``(*lead, out, partials, counters, *tail)`` (splitk_finish; partials and
+    counters from SCRATCH, the counter of an output tile indexed by its program_id(0)). SPLIT_K and the BLOCK_* sizes
+    come from the config; ``out_block`` names the block size along n_out.
 
     ``__call__(key, ...)``: ``key`` holds everything the launch depends on (exact M included); on its first call,
     ``setup(gemv)`` gives (constexprs, the fixed config or None to tune, the config bucket: key with M bucketed)."""
 
-    def __init__(self, gemv: Launcher, mm: Launcher, out_block: str, fused: bool = False):
-        self.gemv, self.mm, self.out_block, self.fused = gemv, mm, out_block, fused
+    def __init__(self, gemv: Launcher, mm: Launcher, out_block: str):
+        self.gemv, self.mm, self.out_block = gemv, mm, out_block
 
     def grid(self, gemv, M, n_out, c):
         tiles = cdiv(n_out, c[self.out_block])
@@ -588,42 +550,27 @@ class SplitKMatmul:
         plan = launcher.plans.get(key)
         if plan is None:
             plan = self._first_call(launcher, key, lead, out, tail, M, n_out, setup)
-            if plan is None:  # tuned: the autotuner launched the chosen config and the partials are summed
+            if plan is None:  # tuned: the autotuner launched the chosen config (its splits reduced in the launch)
                 return out
-        split = plan.kwargs["SPLIT_K"]
-        if self.fused:
-            plan.kernel[plan.grid](*lead, out, *SCRATCH.get(out, split, M * n_out, plan.grid[0]), *tail,
-                                   **plan.kwargs)
-            return out
-        part = split_partials(split, M, n_out, out)
-        plan.kernel[plan.grid](*lead, out, part, *tail, **plan.kwargs)
-        if split > 1:
-            reduce_splits(part, out, M * n_out, split)
+        plan.kernel[plan.grid](*lead, out, *SCRATCH.get(out, plan.kwargs["SPLIT_K"], M * n_out, plan.grid[0]), *tail,
+                               **plan.kwargs)
         return out
 
     def _first_call(self, launcher, key, lead, out, tail, M, n_out, setup):
         gemv = launcher is self.gemv
         meta, fixed, bucket = setup(gemv)
-        scratch = (out,)
         if fixed is None and bucket not in launcher.chosen:
             # the tuning launch: partials for the largest split among the candidates (counters for the most tiles)
             may_split = M <= SPLIT_MAX_M or len(launcher.configs) == 1
             max_split = max(c.kwargs["SPLIT_K"] for c in launcher.configs) if may_split else 1
-            if self.fused:
-                tiles = max(self.grid(gemv, M, n_out, c.kwargs)[0] for c in launcher.configs)
-                scratch = SCRATCH.get(out, max_split, M * n_out, tiles)
-            else:
-                scratch = (split_partials(max_split, M, n_out, out),)
-        elif self.fused:
+            tiles = max(self.grid(gemv, M, n_out, c.kwargs)[0] for c in launcher.configs)
+            scratch = SCRATCH.get(out, max_split, M * n_out, tiles)
+        else:
             scratch = (out, out)  # not launched here (the plan launches), any tensors do
         cfg, launched = launcher.choose(bucket, lambda c: self.grid(gemv, M, n_out, c), (*lead, out, *scratch, *tail),
                                         meta, fixed)
         launcher.plan(key, cfg, self.grid(gemv, M, n_out, cfg.kwargs), meta)
-        if not launched:
-            return launcher.plans[key]
-        if not self.fused:
-            reduce_splits(scratch[0], out, M * n_out, cfg.kwargs["SPLIT_K"])
-        return None
+        return None if launched else launcher.plans[key]
 
 
 # -- dequantize-and-multiply (int8_matmul, int4_matmul) ------------------------------------------------------------
@@ -812,7 +759,7 @@ class DequantMatmul:
                             GEMV_KEY, make_gemv_pruner(trans, wbits))
             mm = Launcher(mm_kernel, space(lambda: mm_configs(trans), mm_interpreter_config(trans)), MM_KEY,
                           make_mm_pruner(trans, wbits))
-            self.ops[trans] = SplitKMatmul(gemv, mm, "BLOCK_N", fused=True)
+            self.ops[trans] = SplitKMatmul(gemv, mm, "BLOCK_N")
 
     def autotuners(self):
         """(gemv, gemv transposed, mm, mm transposed) triton Autotuners."""

@@ -9,7 +9,8 @@ import triton.language as tl
 
 from ._shared import (INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
                       device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
-                      mm_fits, next_pow2, pick_splits, space, store_result, tile_ids, unless_few_tokens)
+                      mm_fits, next_pow2, pick_splits, space, splitk_finish, store_result, tile_ids,
+                      unless_few_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -36,7 +37,8 @@ from ._shared import (INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cd
 # * M > GEMV_MAX_M, _bitmask_mm_kernel: tensor cores. The decoded tile, transposed, is the LEFT operand of
 #   acc[n, m] += S^T[n, k-tile] . Z[m, k-tile]^T (on Hopper it feeds wgmma from registers; Z comes from shared
 #   memory), fp32 accumulator, grouped tile order; SPLIT_K > 1 only up to SPLIT_MAX_M tokens.
-# Split-K partials: [SPLIT_K, M, N] fp32, summed in a fixed order by _shared.splitk_sum_kernel (deterministic).
+# Split-K partials: [SPLIT_K, M, N] fp32, summed in split order by the output tile's last split to arrive, in the same
+# launch (_shared.splitk_finish, as the int8/INT4 matmuls: one kernel per call, deterministic, graph-replayable).
 # Backward (the bitmask is frozen):
 # * grad_z = G S^T (M x K): the same two kernels with the roles of K and N swapped (_bitmask_t_gemv_kernel,
 #   _bitmask_t_mm_kernel): a program owns a K tile and reduces over N (split over N for parallelism); each S tile's
@@ -129,7 +131,7 @@ def _split_offsets(off_ptr, k_lo, K, rn, mask_n, N):
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, S, stride_zm, SPLIT_K,
+def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, c_ptr, M, N, K, W, S, stride_zm, SPLIT_K,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
     """Decode: y[m, n] (m < M <= BLOCK_M <= 4) = sum over this split's atoms k of z[m, k] S[k, n], no tensor cores."""
     k_lo, k_hi = k_range(K, SPLIT_K, BLOCK_K)
@@ -147,10 +149,11 @@ def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W
                                             BLOCK_M)
         rk += BLOCK_K
     gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, True, BLOCK_M)
+    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, tl.program_id(0))
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, S, stride_zm, SPLIT_K,
+def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, c_ptr, M, N, K, W, S, stride_zm, SPLIT_K,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPAN: tl.constexpr, GROUP_M: tl.constexpr = 8, DOT_F32: tl.constexpr = False):
     """Tensor cores: acc[n, m] += S^T[n, k-tile] . z[m, k-tile]^T, S decoded in registers to z's dtype."""
@@ -175,10 +178,11 @@ def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, M, N, K, W, 
         rk += BLOCK_K
         z_ptrs += BLOCK_K
     store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
+    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, S, SPLIT_K,
+def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, c_ptr, M, N, K, W, S, SPLIT_K,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
     """grad_z for M <= BLOCK_M <= 4 tokens: gz[m, k] = sum over this split's columns n of g[m, n] S[k, n]. Grid
     (K / BLOCK_K, SPLIT_K over N)."""
@@ -195,10 +199,11 @@ def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K
         acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, g_ptr, N, M, rn, mask_n, s, 1.0, False, BLOCK_M)
         rn += BLOCK_N
     gemv_store_rows(gz_ptr, p_ptr, acc0, acc1, acc2, acc3, rk, M, K, SPLIT_K, False, BLOCK_M)
+    splitk_finish(gz_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rk, M, K, SPLIT_K, tl.program_id(0))
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
-def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, W, S, SPLIT_K,
+def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, c_ptr, M, N, K, W, S, SPLIT_K,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPAN: tl.constexpr, GROUP_M: tl.constexpr = 8,
                          DOT_F32: tl.constexpr = False):
@@ -224,6 +229,7 @@ def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, M, N, K, 
         rn += BLOCK_N
         g_ptrs += BLOCK_N
     store_result(gz_ptr, p_ptr, tl.trans(acc), rm, rk, M, K, SPLIT_K)
+    splitk_finish(gz_ptr, p_ptr, c_ptr, rm, rk, M, K, SPLIT_K, tl.program_id(0))
 
 
 @triton.jit

@@ -310,7 +310,7 @@ def _tf32(allow, fn, *args):
 def _compile_cases():
     """Launcher calls covering every jitted kernel and path (GEMV/tensor cores, transposes, aligned or not, dtypes,
     tuned and shape-rule configs, every per-op file: int8, int4, dictionary, memoryformer, galore, qgalore)."""
-    from weightkit.kernels import _shared, dictionary, galore, int4, int8, memoryformer, qgalore
+    from weightkit.kernels import dictionary, galore, int4, int8, memoryformer, qgalore
     from weightkit.ops.dictionary import index_dtype_for, pack_bitmask
 
     out = {}
@@ -342,7 +342,6 @@ def _compile_cases():
     out["quantize_int4"] = lambda: int4.quantize_int4_triton(x, 64)
     out["quantize_int4 group 24"] = lambda: int4.quantize_int4_triton(x[:, :960], 24)  # not a power of two: per group
     out["dequantize_int4"] = lambda: int4.dequantize_int4_triton(packed, s4, z4, 64)
-    out["splitk_sum"] = lambda: _shared.reduce_splits(torch.zeros(3 * 4096), torch.empty(4096).bfloat16(), 4096, 3)
     idx = torch.rand(200, 150).argsort(0)[:90]
     bitmask, values, offsets = pack_bitmask(idx.to(index_dtype_for(200)), torch.randn(90, 150), 200)
     for dt, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
