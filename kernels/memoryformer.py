@@ -218,7 +218,7 @@ def _rank_keys_kernel(key_ptr, order_ptr, start_ptr, n, K, B: tl.constexpr, BLOC
     bins = tl.arange(0, B)
     key0 = k * B
     counts = tl.zeros((B,), dtype=tl.int32)
-    for t0 in range(0, n, BLOCK_T):
+    for t0 in tl.range(0, n, BLOCK_T, num_stages=3):
         t = t0 + tl.arange(0, BLOCK_T)
         h = tl.load(key_ptr + t.to(tl.int64) * K + k, mask=t < n, other=-1) - key0  # masked: < 0, in no bin
         counts += tl.sum((h[:, None] == bins[None, :]).to(tl.int32), axis=0)
@@ -226,7 +226,7 @@ def _rank_keys_kernel(key_ptr, order_ptr, start_ptr, n, K, B: tl.constexpr, BLOC
     tl.store(start_ptr + key0 + bins, (k * n + run).to(start_ptr.dtype.element_ty))
     total = k * 0 + n  # int64 (n may be a specialized constant)
     tl.store(start_ptr + (k * 0 + K) * B, (total * K).to(start_ptr.dtype.element_ty), mask=k == K - 1)  # the end
-    for t0 in range(0, n, BLOCK_T):
+    for t0 in tl.range(0, n, BLOCK_T, num_stages=3):
         t = t0 + tl.arange(0, BLOCK_T)
         live = t < n
         h = tl.load(key_ptr + t.to(tl.int64) * K + k, mask=live, other=-1) - key0

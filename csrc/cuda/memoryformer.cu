@@ -265,6 +265,7 @@ __global__ void __launch_bounds__(kSegWarps * 32) segment_rows_kernel(
 // tokens, first: stable) and the highest of them advancing the bucket.
 constexpr int kRankWarps = 4;
 constexpr int kRankMaxBuckets = 1024;
+constexpr int kRankAhead = 4;  // counting pass: keys loaded per lane before their counts are added
 
 __global__ void __launch_bounds__(kRankWarps * 32) rank_keys_kernel(const int64_t* __restrict__ keys,
                                                                      int64_t* __restrict__ order,
@@ -278,7 +279,14 @@ __global__ void __launch_bounds__(kRankWarps * 32) rank_keys_kernel(const int64_
   for (int b = lane; b < buckets; b += 32) run[b] = 0;
   __syncwarp();
   const int64_t key0 = k * buckets;
-  for (int64_t t = lane; t < n; t += 32) atomicAdd(&run[keys[t * K + k] - key0], 1);
+  for (int64_t t0 = lane; t0 < n; t0 += 32 * kRankAhead) {  // kRankAhead key loads in flight, then their counts
+    int64_t h[kRankAhead];
+#pragma unroll
+    for (int a = 0; a < kRankAhead; ++a) h[a] = t0 + 32 * a < n ? keys[(t0 + 32 * a) * K + k] - key0 : -1;
+#pragma unroll
+    for (int a = 0; a < kRankAhead; ++a)
+      if (h[a] >= 0) atomicAdd(&run[h[a]], 1);
+  }
   __syncwarp();
   int carry = 0;
   for (int b0 = 0; b0 < buckets; b0 += 32) {  // exclusive scan, 32 buckets a step
@@ -299,9 +307,11 @@ __global__ void __launch_bounds__(kRankWarps * 32) rank_keys_kernel(const int64_
   if (k == K - 1 && lane == 0) starts[K * buckets] = n * K;
   __syncwarp();
   const unsigned below = (1u << lane) - 1u;
+  int next = lane < n ? static_cast<int>(keys[lane * K + k] - key0) : -1;
   for (int64_t t0 = 0; t0 < n; t0 += 32) {
     const int64_t t = t0 + lane;
-    const int h = t < n ? static_cast<int>(keys[t * K + k] - key0) : -1;
+    const int h = next;  // loaded one step ahead: the next key's load overlaps this step's ranking
+    next = t + 32 < n ? static_cast<int>(keys[(t + 32) * K + k] - key0) : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, h);
     const int base = h >= 0 ? run[h] : 0;
     __syncwarp();  // every lane has read its bucket before the highest lane of each advances it

@@ -208,11 +208,12 @@ def emulate_rank_keys(keys, buckets):
     for k in range(K):  # one warp each; warps share nothing
         run = np.zeros(buckets, dtype=np.int64)  # the warp's row of next_free (zeroed by its lanes)
         key0 = k * buckets
-        for t0 in range(0, n, 32):  # atomicAdd per lane: order free
-            t = t0 + lanes
-            for h in keys[t[t < n], k] - key0:
-                assert 0 <= h < buckets
-                run[h] += 1
+        for t0 in range(0, n, 32 * 4):  # kRankAhead = 4 loads per lane, then their atomicAdds: order free
+            for a in range(4):
+                t = t0 + 32 * a + lanes
+                for h in keys[t[t < n], k] - key0:
+                    assert 0 <= h < buckets
+                    run[h] += 1
         carry = 0
         for b0 in range(0, buckets, 32):  # the exclusive scan, 32 buckets a step (shfl_up ladder)
             b = b0 + lanes
