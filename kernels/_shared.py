@@ -647,15 +647,15 @@ def gemv_interpreter_config(trans):
 def mm_configs(trans):
     """Tensor-core tiles (BLOCK_N = weight rows = the MMA's M side, BLOCK_M = tokens). Decode: BLOCK_M 16/32/64 with
     split-K. Prefill: 64-256 x 64-256 x 64-128 tiles, 4-8 warps, 3-4 stages (Triton's matmul tutorial, gemlite),
-    sized so that the fp32 accumulator plus the per-step dot result (SCALE_AFTER_DOT) or the hi/lo weight tiles
-    (transpose) stay in registers (sm_90 compiles of these tiles: <= 245 registers, no spills). Pruned by M, by the
-    group (BLOCK_K resp. BLOCK_N divides G) and by shared memory. transpose=False scales after each dot (exact);
-    transpose=True scales the weight tile first, in two dots for 16-bit x (hi + lo parts, ~fp32-accurate)."""
+    sized so that the fp32 accumulator plus the per-step dot result (SCALE_AFTER_DOT) stays in registers (sm_90
+    compiles of these tiles: <= 245 registers, no spills). Pruned by M, by the group (BLOCK_K resp. BLOCK_N divides
+    G) and by shared memory. transpose=False scales after each dot (exact); transpose=True scales the weight tile
+    first, rounded once to x's dtype (one dot, as the ops' precision contract allows)."""
     post = 0 if trans else 1
     out = []
     # decode, (BLOCK_N, BLOCK_K, warps, stages, BLOCK_Ms): tiles whose sm_90 compile spills are left out
-    decode = [(64, 64, 4, 4, (16, 32, 64)), (128, 64, 4, 4, (16, 32, 64)),
-              (64, 128, 4, 3, (16, 32, 64) if post else (16,)), (128, 128, 4, 3, (16, 32) if post else ())]
+    decode = [(64, 64, 4, 4, (16, 32, 64)), (128, 64, 4, 4, (16, 32, 64)), (64, 128, 4, 3, (16, 32, 64)),
+              (128, 128, 4, 3, (16, 32))]
     # fp32 x without TF32 ("ieee"): tl.dot runs on FMA units; BLOCK_K <= 32 keeps its operands in registers
     fma_decode = [(64, 32, 4, 3, (16, 32))]
     for bn, bk, w, st, bms in decode + fma_decode:
@@ -663,7 +663,7 @@ def mm_configs(trans):
             for s in SPLITS[:4]:
                 out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, SCALE_AFTER_DOT=post))
     prefill = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
-    prefill += [(256, 64, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3)] if post else [(64, 64, 64, 4, 4)]
+    prefill += [(256, 64, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
     prefill += [(64, 64, 16, 4, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)]  # FMA (ieee) tiles
     for bm, bn, bk, w, st in prefill:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SCALE_AFTER_DOT=post))
@@ -711,10 +711,12 @@ def mm_fits(configs, m, fma, smem, need):
     return fit
 
 
-def _fp32_spills(c):
-    """fp32 x (TF32) on 4 warps: a 128 x 128 weight tile only for 16 tokens. At 32, the decode tile's sm_90 compile
-    spilled 224 B a thread (Triton 3.6; the 16-bit one kept all in registers, as did every other config)."""
-    return c.num_warps == 4 and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > 8192 and c.kwargs["BLOCK_M"] > 16
+def _fp32_spills(c, trans):
+    """fp32 x (TF32) on 4 warps: a 128 x 128 weight tile only for 16 tokens, and never transposed. At 32, the decode
+    tile's sm_90 compile spilled 224 B a thread (Triton 3.6; the 16-bit one kept all in registers, as did every
+    other config); transposed (the tile scaled before the dot), 56 B at 16 tokens (Triton 3.9)."""
+    return c.num_warps == 4 and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > 8192 and c.kwargs["BLOCK_M"] > (
+        0 if trans else 16)
 
 
 def make_mm_pruner(trans, wbits):
@@ -725,7 +727,7 @@ def make_mm_pruner(trans, wbits):
         fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K <= 32 configs, else >= 64
         shaped = [c for c in configs
                   if not g % c.kwargs["BLOCK_N" if trans else "BLOCK_K"] and (c.kwargs["BLOCK_K"] <= 32) == fma
-                  and not (x.element_size() == 4 and _fp32_spills(c))]
+                  and not (x.element_size() == 4 and _fp32_spills(c, trans))]
 
         def need(c):  # pipelined x and weight tiles + one dequantized tile (+ layout conversions)
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]

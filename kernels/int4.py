@@ -224,12 +224,8 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
             w = dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
         if SCALE_AFTER_DOT:  # only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
             acc += tl.dot(w.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
-        else:  # a 16-bit x gets the (scaled, fp32) weight as hi + lo parts: two dots, ~fp32-accurate
-            w_hi = w.to(dt)
-            acc = tl.dot(w_hi, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
-            if dt != tl.float32:
-                w_lo = (w - w_hi.to(tl.float32)).to(dt)
-                acc = tl.dot(w_lo, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
+        else:  # the scaled fp32 weight rounded once to x's dtype (the ops' precision contract): one dot
+            acc = tl.dot(w.to(dt), tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
         rk += BLOCK_K
         x_ptrs += x_step
     store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)

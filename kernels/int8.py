@@ -153,13 +153,9 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stride
             s = tl.load(s_ptr + lin // G, mask=wmask, other=0.0)
         if SCALE_AFTER_DOT:  # only with ALIGNED and not TRANS (s is [BLOCK_N, 1]); q is exact in x's dtype
             acc += tl.dot(q.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
-        else:  # scale first (fp32); a 16-bit x gets the weight as hi + lo parts: two dots, ~fp32-accurate
-            w32 = _i8_to_f32(q) * s
-            w = w32.to(dt)
+        else:  # scale first (fp32), the weight rounded once to x's dtype (the ops' precision contract): one dot
+            w = (_i8_to_f32(q) * s).to(dt)
             acc = tl.dot(w, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
-            if dt != tl.float32:
-                w_lo = (w32 - w.to(tl.float32)).to(dt)
-                acc = tl.dot(w_lo, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
         rk += BLOCK_K
         x_ptrs += x_step
         w_ptrs += w_step

@@ -26,9 +26,10 @@ atomics in the same pass), then writes the input gradient. Segment mode (determi
 weightkit.ops.memoryformer.table_grad_mode(), passed down as ``segments``): the same kernel stores key and p instead
 (with a fixed config in deterministic mode, so the input gradient's summation order is fixed too; tuned otherwise);
 a counting sort of the keys per table (``_rank_keys_kernel``, one launch; torch.sort + searchsorted above 1024
-buckets) gives, for each of the K 2^TAU table rows, its run of tokens in token order; ``memory_segment_autotuned`` sums each row's run sequentially, four entries' loads in
-flight at a time (order independent of its config), and writes every row of the table gradient exactly once, in the
-tables' dtype (no memset, no fp32 copy, no host sync; extra memory O(n K + K 2^TAU)).
+buckets) gives, for each of the K 2^TAU table rows, its run of tokens in token order; ``memory_segment_autotuned``
+sums each row's run sequentially, four entries' loads in flight at a time (order independent of its config), and
+writes every row of the table gradient exactly once, in the tables' dtype (no memset, no fp32 copy, no host sync;
+extra memory O(n K + K 2^TAU)).
 
 Decode (n <= 16): the forward's pruned candidates split the tables until one token gives >= 2 programs per SM
 and keep BLOCK_T * BLOCK_K >= 8 (eight independent row gathers per program step: one token has no other source
@@ -89,10 +90,11 @@ def _memory_forward_kernel(x_ptr, t_ptr, key_ptr, p_ptr, y_ptr, part_ptr, c_ptr,
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT, STAGES: tl.constexpr):
     """y of a [BLOCK_T, BLOCK_N] tile: the sum over this split's tables, stored as y (SPLIT == 1) or as partial
     pid_s, the tile's last split to arrive summing the partials in split order (splitk_finish: one launch, the
-    counter c_ptr[tile] back at 0 after it). ``n_bucket`` only keys the autotuner. SPLIT is a runtime int (Triton specializes the value 1), so the tuning
-    candidates that differ only in SPLIT share a compile. STAGES > 1 software-pipelines the table loop (the next
-    steps' key/p and row gathers in flight through cp.async while this one accumulates); without
-    tl.range(num_stages=) Triton does not pipeline a loop that has no tl.dot, whatever the launch's num_stages."""
+    counter c_ptr[tile] back at 0 after it). ``n_bucket`` only keys the autotuner. SPLIT is a runtime int (Triton
+    specializes the value 1), so the tuning candidates that differ only in SPLIT share a compile. STAGES > 1
+    software-pipelines the table loop (the next steps' key/p and row gathers in flight through cp.async while this
+    one accumulates); without tl.range(num_stages=) Triton does not pipeline a loop that has no tl.dot, whatever the
+    launch's num_stages."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pid_s = tl.program_id(2)

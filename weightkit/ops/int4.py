@@ -213,7 +213,8 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
 
     Precision contract (every backend; tests/ops/test_int4_ops.py checks it against float64): each weight
     ``(q - z) * s`` is computed in fp32 and may be rounded once to x's dtype before the products, as bitsandbytes and
-    torchao do (the cuda backend does: dequantize to x's dtype + cuBLAS; triton and cpu are more accurate); products
+    torchao do (the cuda backend does: dequantize to x's dtype + cuBLAS; so do the triton backend's tensor-core
+    kernels where the weight is scaled before the dot; its GEMV and the cpu backend keep it in fp32); products
     and sums in fp32 (for fp32 x on a GPU, TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it); the output
     rounded once to x's dtype. With u the unit roundoff of x's dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32) and
     S = |x| @ |W^T|: ``|y - x W^T| <= u |x W^T| + (u + K 2^-23) S`` up to second-order terms (K = the reduced

@@ -288,9 +288,10 @@ def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpos
 
     Precision contract (every backend; tests/ops/test_int8_ops.py checks it against float64): each weight
     ``q * scale`` is computed in fp32 and may be rounded once to x's dtype before the products, as bitsandbytes and
-    torchao do (the cuda backend does: dequantize to x's dtype + cuBLAS; the triton and cpu backends keep it in fp32
-    or split it into two 16-bit parts, more accurate); products and sums in fp32 (for fp32 x on a GPU, TF32 where
-    ``torch.backends.cuda.matmul.allow_tf32`` allows it, as nn.Linear does); the output rounded once to x's dtype.
+    torchao do (the cuda backend does: dequantize to x's dtype + cuBLAS; so do the triton backend's tensor-core
+    kernels where the weight is scaled before the dot; its GEMV and the cpu backend keep it in fp32); products and
+    sums in fp32 (for fp32 x on a GPU, TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it, as nn.Linear
+    does); the output rounded once to x's dtype.
     With u the unit roundoff of x's dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32) and S = |x| @ |W|^T:
     ``|y - x W^T| <= u |x W^T| + (u + K 2^-23) S`` up to second-order terms (K: the reduced dimension; TF32 off)."""
     return _int8_matmul_op(x, w_q, scale, group_size, bool(transpose))
