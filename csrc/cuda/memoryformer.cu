@@ -338,7 +338,7 @@ WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void*
     return cudaErrorInvalidValue;
   const DeviceGuard guard(device);
   const int64_t chunk = (K + splits - 1) / splits;
-  bool tables_ok = true;
+  bool tables_ok = true, grid_ok = true;  // grid_ok apart: dispatch_float's result is assigned to tables_ok after f
   const bool x_ok = dispatch_float(x_dtype, [&](auto xtag) {
     using xt = decltype(xtag);
     tables_ok = dispatch_float(tables_dtype, [&](auto ttag) {
@@ -346,7 +346,7 @@ WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void*
       constexpr int64_t tile = 32 * Vec16<tt>::kVec;
       const int64_t tiles = (d_out + tile - 1) / tile;
       if (tiles > kMaxGridY) {
-        tables_ok = false;
+        grid_ok = false;
         return;
       }
       const dim3 grid(static_cast<unsigned>((n + token_block - 1) / token_block), static_cast<unsigned>(tiles),
@@ -366,7 +366,7 @@ WK_API int wk_cuda_memory_lookup_forward(const void* x, int x_dtype, const void*
       }
     });
   });
-  return launch_status(x_ok && tables_ok);
+  return launch_status(x_ok && tables_ok && grid_ok);
 }
 
 WK_API int wk_cuda_memory_lookup_backward(const void* grad, const void* x, int x_dtype, const void* tables,

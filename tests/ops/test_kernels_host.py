@@ -272,6 +272,21 @@ for m in (1, 5):
     y = int4.int4_matmul_triton(x4, packed, s4, z4, 2, N, 18, False)
     out[f"int4_matmul x stride 2^27, {m} tokens"] = bool(torch.allclose(y.double(), x4.double() @ w4.T, rtol=1e-5,
                                                                         atol=1e-3))
+
+# memoryformer segment sum: sort_pairs' order is int32 where n K < 2^31, but a token's g row starts at token *
+# d_out, past 2^31 here (n = 2^19 + 2 tokens of 4096 columns, K = 1); one table row's run holds tokens 3 and 2^19 + 1
+from weightkit.kernels import memoryformer as km
+n, d_out = 2**19 + 2, 4096
+g = torch.empty(n, d_out)
+tokens = [3, 2**19 + 1]
+g[tokens] = torch.randn(2, d_out)
+ps = torch.rand(n)
+starts = torch.tensor([0, 2, 2], dtype=torch.int32)  # K = 1 table of 2 rows: row 0's run, row 1 empty
+order = torch.tensor(tokens, dtype=torch.int32)
+gt = torch.full((1, 2, d_out), float("nan"))
+km._segment_rows_kernel[(1, d_out // 64)](starts, order, ps, g, gt, 2, 1, d_out, 1, ROWS=4, BLOCK_N=64, STAGES=1)
+expect = torch.stack([ps[3] * g[3] + ps[tokens[1]] * g[tokens[1]], torch.zeros(d_out)])
+out["memory segment sum, g row past 2^31, int32 order"] = bool(torch.allclose(gt[0], expect, rtol=1e-6, atol=1e-6))
 print(json.dumps(out))
 """
 

@@ -225,3 +225,16 @@ def test_cuda_sort_pairs_is_a_stable_sort(n, K, tau, hot):
     sorted_keys, expect = torch.sort(keys.reshape(-1), stable=True)
     assert torch.equal(order, expect)
     assert torch.equal(starts, torch.searchsorted(sorted_keys, torch.arange(K * buckets + 1, device="cuda")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in usable_backends(memoryformer._FWD, "cuda"),
+                    reason="the cuda backend's launch checks run on a GPU")
+def test_cuda_forward_refuses_more_column_tiles_than_grid_y():
+    """d_out past 65535 column tiles (128 columns of fp32 tables each) is an error, not an unwritten y: the check's
+    flag used to be overwritten by the dtype dispatch's result, and the call returned success without a launch."""
+    from weightkit.backends.cuda.memoryformer import memory_lookup_forward
+
+    x = torch.ones(1, 1, device="cuda")
+    tables = torch.zeros(1, 2, 65536 * 128, device="cuda")
+    with pytest.raises(RuntimeError, match="memory_lookup_forward"):
+        memory_lookup_forward(x, tables, 1.0)
