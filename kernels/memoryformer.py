@@ -171,12 +171,12 @@ def _memory_backward_kernel(g_ptr, x_ptr, t_ptr, gx_ptr, gt_ptr, key_ptr, p_ptr,
 def _segment_entry(order_ptr, p_ptr, g_ptr, e, hi, cols, col_mask, K, d_out):
     """Entry e of the rows' runs (live where e < hi): its weight p [ROWS] and g row [ROWS, BLOCK_N] (0 past hi)."""
     live = e < hi
-    # index into the (n, K) pairs: token flat // K; int64, as order may be int32 (n K < 2^31) while the token's g row
-    # starts past 2^31 (n d_out >= 2^31)
-    flat = tl.load(order_ptr + e, mask=live, other=0).to(tl.int64)
+    flat = tl.load(order_ptr + e, mask=live, other=0)  # index into the (n, K) pairs: token flat // K
     p = tl.load(p_ptr + flat, mask=live, other=0.0)
-    g = tl.load(g_ptr + (flat // K)[:, None] * d_out + cols[None, :], mask=live[:, None] & col_mask[None, :],
-                other=0.0).to(tl.float32)
+    # the token's g row in int64: order may be int32 (n K < 2^31) while the row starts past 2^31 (n d_out >= 2^31);
+    # the division stays in order's width (a 64-bit division is a long instruction sequence on the GPU)
+    g = tl.load(g_ptr + (flat // K).to(tl.int64)[:, None] * d_out + cols[None, :],
+                mask=live[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
     return live, p, g
 
 
