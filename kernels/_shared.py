@@ -451,14 +451,30 @@ def mm_tile(x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def store_result(y_ptr, p_ptr, out, rm, rn, M, N, SPLIT_K):
-    """out [BLOCK_M, BLOCK_N] fp32: into y (cast) when unsplit, else into this split's fp32 partials."""
+def weight_dot(acc, w, xt, s, dt: tl.constexpr, PRECISION: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, BLOCK_K] . xt [BLOCK_M, BLOCK_K]^T in fp32 on the tensor cores, both
+    operands in ``dt``: SCALE_AFTER_DOT, w exact in dt (q, or q - z) and its rows' scales ``s`` [BLOCK_N, 1] applied
+    to the step's dot; else w already scaled (fp32), rounded once to dt (the quantized matmuls' precision contract)
+    and accumulated in the dot."""
+    if SCALE_AFTER_DOT:
+        return acc + tl.dot(w.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
+    else:
+        return tl.dot(w.to(dt), tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def store_result(y_ptr, p_ptr, c_ptr, acc, rm, rn, M, N, SPLIT_K):
+    """The tensor-core kernels' end: acc [BLOCK_N, BLOCK_M] fp32 (transposed: weight rows first) into y (cast) when
+    unsplit, else into this split's fp32 partials, then the one-launch reduction of the output tile program_id(0)
+    (splitk_finish)."""
+    out = tl.trans(acc)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if SPLIT_K == 1:
         tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(p_ptr + tl.program_id(1).to(tl.int64) * M * N + offs, out, mask=mask)
+    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
 
 
 @triton.jit
@@ -498,15 +514,17 @@ def gemv_rows(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, x_mask, w, s_
 
 
 @triton.jit
-def gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS: tl.constexpr,
+def gemv_store_rows(y_ptr, p_ptr, c_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS: tl.constexpr,
                     BLOCK_M: tl.constexpr):
-    """_gemv_store for the BLOCK_M token rows of a decode GEMV."""
+    """A decode GEMV's end: _gemv_store for its BLOCK_M token rows, then the one-launch reduction of the output tile
+    program_id(0) (splitk_finish)."""
     _gemv_store(y_ptr, p_ptr, acc0, 0, rn, M, N, SPLIT_K, TRANS)
     if BLOCK_M > 1:
         _gemv_store(y_ptr, p_ptr, acc1, 1, rn, M, N, SPLIT_K, TRANS)
     if BLOCK_M > 2:
         _gemv_store(y_ptr, p_ptr, acc2, 2, rn, M, N, SPLIT_K, TRANS)
         _gemv_store(y_ptr, p_ptr, acc3, 3, rn, M, N, SPLIT_K, TRANS)
+    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, tl.program_id(0))
 
 
 def dot_precision(x):

@@ -7,10 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard,
-                      device_info, dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range,
-                      mm_fits, next_pow2, pick_splits, space, splitk_finish, store_result, tile_ids,
-                      unless_few_tokens)
+from ._shared import (INTERPRET, SPLIT_MAX_M, SPLITS, Launcher, SplitKMatmul, cdiv, config, device_guard, device_info,
+                      dot_meta, dot_precision, gemv_accumulators, gemv_rows, gemv_store_rows, k_range, mm_fits,
+                      next_pow2, pick_splits, space, store_result, tile_ids, unless_few_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,8 +147,7 @@ def _bitmask_gemv_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, c_ptr, M, 
         acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, z_ptr, stride_zm, M, rk, mask_k, s, 1.0, True,
                                             BLOCK_M)
         rk += BLOCK_K
-    gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, True, BLOCK_M)
-    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, tl.program_id(0))
+    gemv_store_rows(y_ptr, p_ptr, c_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, True, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
@@ -177,8 +175,7 @@ def _bitmask_mm_kernel(z_ptr, v_ptr, bm_ptr, off_ptr, y_ptr, p_ptr, c_ptr, M, N,
                      out_dtype=tl.float32)
         rk += BLOCK_K
         z_ptrs += BLOCK_K
-    store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
-    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
+    store_result(y_ptr, p_ptr, c_ptr, acc, rm, rn, M, N, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
@@ -198,8 +195,7 @@ def _bitmask_t_gemv_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, c_ptr, 
         s = s.to(tl.float32)
         acc0, acc1, acc2, acc3 = gemv_rows(acc0, acc1, acc2, acc3, g_ptr, N, M, rn, mask_n, s, 1.0, False, BLOCK_M)
         rn += BLOCK_N
-    gemv_store_rows(gz_ptr, p_ptr, acc0, acc1, acc2, acc3, rk, M, K, SPLIT_K, False, BLOCK_M)
-    splitk_finish(gz_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rk, M, K, SPLIT_K, tl.program_id(0))
+    gemv_store_rows(gz_ptr, p_ptr, c_ptr, acc0, acc1, acc2, acc3, rk, M, K, SPLIT_K, False, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
@@ -228,8 +224,7 @@ def _bitmask_t_mm_kernel(g_ptr, v_ptr, bm_ptr, off_ptr, gz_ptr, p_ptr, c_ptr, M,
         acc = tl.dot(s.to(dt), tl.trans(gt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
         rn += BLOCK_N
         g_ptrs += BLOCK_N
-    store_result(gz_ptr, p_ptr, tl.trans(acc), rm, rk, M, K, SPLIT_K)
-    splitk_finish(gz_ptr, p_ptr, c_ptr, rm, rk, M, K, SPLIT_K, tl.program_id(0))
+    store_result(gz_ptr, p_ptr, c_ptr, acc, rm, rk, M, K, SPLIT_K)
 
 
 @triton.jit

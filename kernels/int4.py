@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, gemv_accumulators, gemv_rows,
-                      gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, space, splitk_finish, store_result,
-                      unpack_int4_f32, x_offsets)
+                      gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, space, store_result, unpack_int4_f32,
+                      weight_dot, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -169,8 +169,7 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, 
                                             BLOCK_M)
         rk += BLOCK_K
         x_offs += x_step
-    gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
-    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, pid_n)
+    gemv_store_rows(y_ptr, p_ptr, c_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
@@ -222,14 +221,12 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
             else:
                 lin = rn64[:, None] * K + rk[None, :]
             w = dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
-        if SCALE_AFTER_DOT:  # only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
-            acc += tl.dot(w.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
-        else:  # the scaled fp32 weight rounded once to x's dtype (the ops' precision contract): one dot
-            acc = tl.dot(w.to(dt), tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
+            s = 1.0  # the scales are in w
+        # SCALE_AFTER_DOT only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
+        acc = weight_dot(acc, w, xt, s, dt, PRECISION, SCALE_AFTER_DOT)
         rk += BLOCK_K
         x_ptrs += x_step
-    store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
-    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
+    store_result(y_ptr, p_ptr, c_ptr, acc, rm, rn, M, N, SPLIT_K)
 
 
 _MATMUL = DequantMatmul(_int4_gemv_kernel, _int4_mm_kernel, 4, lambda: TUNE_MIN_WEIGHT)

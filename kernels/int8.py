@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, device_guard, gemv_accumulators, gemv_rows,
                       gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, philox_uniform, philox_uniform4, space,
-                      splitk_finish, store_result, x_offsets)
+                      store_result, weight_dot, x_offsets)
 
 
 @triton.jit
@@ -106,8 +106,7 @@ def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stri
         rk += BLOCK_K
         x_offs += x_step
         w_ptrs += w_step
-    gemv_store_rows(y_ptr, p_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
-    splitk_finish(y_ptr, p_ptr, c_ptr, tl.arange(0, BLOCK_M), rn, M, N, SPLIT_K, pid_n)
+    gemv_store_rows(y_ptr, p_ptr, c_ptr, acc0, acc1, acc2, acc3, rn, M, N, SPLIT_K, TRANS, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
@@ -151,16 +150,12 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stride
             else:
                 lin = rn64[:, None] * K + rk[None, :]
             s = tl.load(s_ptr + lin // G, mask=wmask, other=0.0)
-        if SCALE_AFTER_DOT:  # only with ALIGNED and not TRANS (s is [BLOCK_N, 1]); q is exact in x's dtype
-            acc += tl.dot(q.to(dt), tl.trans(xt.to(dt)), input_precision=PRECISION, out_dtype=tl.float32) * s
-        else:  # scale first (fp32), the weight rounded once to x's dtype (the ops' precision contract): one dot
-            w = (_i8_to_f32(q) * s).to(dt)
-            acc = tl.dot(w, tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
+        # SCALE_AFTER_DOT only with ALIGNED and not TRANS (s is [BLOCK_N, 1]): q is exact in x's dtype
+        acc = weight_dot(acc, q if SCALE_AFTER_DOT else _i8_to_f32(q) * s, xt, s, dt, PRECISION, SCALE_AFTER_DOT)
         rk += BLOCK_K
         x_ptrs += x_step
         w_ptrs += w_step
-    store_result(y_ptr, p_ptr, tl.trans(acc), rm, rn, M, N, SPLIT_K)
-    splitk_finish(y_ptr, p_ptr, c_ptr, rm, rn, M, N, SPLIT_K, tl.program_id(0))
+    store_result(y_ptr, p_ptr, c_ptr, acc, rm, rn, M, N, SPLIT_K)
 
 
 _MATMUL = DequantMatmul(_int8_gemv_kernel, _int8_mm_kernel, 8, lambda: TUNE_MIN_WEIGHT)
