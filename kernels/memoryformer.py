@@ -442,7 +442,7 @@ def _fwd_candidates(nb, K, d_out, sms):
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_max_split(nb, K, d_out, sms):
+def _fwd_tuning_scratch(nb, K, d_out, sms):
     """(the largest SPLIT, the most output tiles) over the tuning candidates at n bucket ``nb`` (n <= nb)."""
     cands = _fwd_candidates(nb, K, d_out, sms)
     return (max(c.kwargs["SPLIT"] for c in cands),
@@ -516,7 +516,7 @@ def _launch_forward(x, tables, t, y, config=None, pre=None):
             if tuned and bucket not in _FWD.chosen:
                 # the tuning launch: partials for the largest candidate split, counters for the most tiles (each
                 # timed run reduces its splits in the launch, so the time a config is chosen by includes it)
-                max_split, max_tiles = _fwd_max_split(nb, K, d_out, sms)
+                max_split, max_tiles = _fwd_tuning_scratch(nb, K, d_out, sms)
                 scratch = SCRATCH.get(y, max_split, n * d_out, max_tiles)
                 cfg, _ = _FWD.choose(bucket, grid, (x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb), meta)
                 _FWD.plan(key, cfg, grid(cfg.kwargs), meta)

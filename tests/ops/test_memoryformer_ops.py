@@ -221,7 +221,7 @@ def test_cuda_sort_pairs_is_a_stable_sort(n, K, tau, hot):
     print(f"seed {n + K + tau}")
     h = torch.randint(0, 2 if hot else buckets, (n, K), generator=gen)
     keys = (torch.arange(K) * buckets + h).cuda()
-    order, starts = _sort_pairs(keys, buckets, *stream(keys))
+    starts, order = _sort_pairs(keys, buckets, *stream(keys))
     sorted_keys, expect = torch.sort(keys.reshape(-1), stable=True)
     assert torch.equal(order, expect)
     assert torch.equal(starts, torch.searchsorted(sorted_keys, torch.arange(K * buckets + 1, device="cuda")))

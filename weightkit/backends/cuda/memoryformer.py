@@ -59,19 +59,19 @@ RANK_MAX_BUCKETS = 1024  # the counting sort's limit (shared memory per warp); a
 
 
 def _sort_pairs(keys: Tensor, buckets: int, device: int, st: int) -> Tuple[Tensor, Tensor]:
-    """(order, starts), int64: the (n, K) keys' flat indices stably sorted by key, and each key's first entry in
-    that order (K buckets + 1 entries, the last n K). A counting sort per table (wk_cuda_memory_rank_keys, one
+    """(starts, order), int64, as weightkit.kernels.memoryformer.sort_pairs: each key's first entry in ``order``
+    (K buckets + 1 entries, the last n K), and the (n, K) keys' flat indices stably sorted by key. A counting sort per table (wk_cuda_memory_rank_keys, one
     launch) up to RANK_MAX_BUCKETS buckets, else torch.sort + torch.searchsorted: the same result."""
     n, k = keys.shape
     if buckets > RANK_MAX_BUCKETS:
         sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-        return order, torch.searchsorted(sorted_keys, torch.arange(k * buckets + 1, dtype=torch.int64,
-                                                                   device=keys.device))
+        return torch.searchsorted(sorted_keys, torch.arange(k * buckets + 1, dtype=torch.int64,
+                                                            device=keys.device)), order
     order = torch.empty(n * k, dtype=torch.int64, device=keys.device)
     starts = (torch.zeros if k == 0 else torch.empty)(k * buckets + 1, dtype=torch.int64, device=keys.device)
     check(native.CUDA.memory_rank_keys(keys.data_ptr(), order.data_ptr(), starts.data_ptr(), n, k, buckets, device,
                                        st), "memory_lookup_backward")
-    return order, starts
+    return starts, order
 
 
 def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, deterministic: bool,
@@ -101,7 +101,7 @@ def memory_lookup_backward(grad: Tensor, x: Tensor, tables: Tensor, t: float, de
                                              gt_atomic, *key_ptrs, n, k, buckets, d_out, tau, t, device, st),
           "memory_lookup_backward")
     if segments:
-        order, starts = _sort_pairs(keys, buckets, device, st)
+        starts, order = _sort_pairs(keys, buckets, device, st)
         check(native.CUDA.memory_segment_sum(order.data_ptr(), starts.data_ptr(), ps.data_ptr(), g2.data_ptr(),
                                              native.FLOAT_CODES[x.dtype], gt.data_ptr(),
                                              native.FLOAT_CODES[tables.dtype], rows, k, d_out, device, st),
