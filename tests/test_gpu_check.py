@@ -304,6 +304,36 @@ def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
         assert any(r["section"] == section and "ms" in r for r in data["rows"]), section
 
 
+def test_compress_rows_take_the_recorded_2core_cpu_baseline(tmp_path, monkeypatch):
+    """The ">= 20x faster than the 2-core CPU run" ratio: gpu_rows finds the CPU run recorded under bench/results/
+    for the same layer case and thread count (the newest record first) and reports the speedup; without a matching
+    record the row has no ratio (the CPU run is never made in a GPU call)."""
+    from bench import test_bench_compress as tbc
+
+    what = "layer 4096x11008 30% 256 tok iters 1"
+    fake = {"what": what, "device": "cpu", "seconds": 100.0, "threads": 2, "k": 3, "s": 2, "history": [1.0]}
+    monkeypatch.setattr(tbc, "RESULTS_DIR", str(tmp_path))
+    tbc.record_cpu_layer(dict(fake, seconds=300.0), str(tmp_path / "cpu-x86-64-2026-12-01-compress-layer.json"))
+    tbc.record_cpu_layer(fake, str(tmp_path / "cpu-x86-64-2026-12-06-compress-layer.json"), ["0.2 0.5 0.9"])
+    tbc.record_cpu_layer(dict(fake, threads=16, seconds=9.0),
+                         str(tmp_path / "cpu-x86-64-2026-12-07-compress-layer.json"))
+    found = tbc.recorded_cpu_layer(what, results_dir=str(tmp_path))
+    assert found["seconds"] == 100.0 and found["path"].endswith("2026-12-06-compress-layer.json")
+    assert found["load_average"] == ["0.2 0.5 0.9"] and found["result"]["history"] == [1.0]
+    assert tbc.recorded_cpu_layer(what.replace("30%", "50%"), results_dir=str(tmp_path)) is None
+
+    monkeypatch.setattr(tbc, "time_layer", lambda device, shape: dict(fake, device=device, seconds=4.0))
+    rows = []
+    tbc.gpu_rows(lambda section, name, **info: rows.append((section, name, info)), minilm=False)
+    (section, name, info), = rows
+    assert (section, name, info["ms"], info["cpu_seconds"]) == ("compress", what, 4000.0, 100.0)
+    assert info["speedup_vs_2core_cpu"] == 25.0 and info["cpu_record"].endswith("2026-12-06-compress-layer.json")
+    rows.clear()
+    monkeypatch.setattr(tbc, "RESULTS_DIR", str(tmp_path / "none"))
+    tbc.gpu_rows(lambda section, name, **info: rows.append((section, name, info)), minilm=False)
+    assert "speedup_vs_2core_cpu" not in rows[0][2] and "cpu_record" not in rows[0][2]
+
+
 def test_report_records_the_compiled_kernels_registers_and_spills(report, monkeypatch):
     """compiled_kernels(): each Triton kernel of weightkit.kernels the process compiled, with the registers and
     spills the driver reported on loading it (a stand-in JITFunction here: nothing compiles without a GPU)."""
