@@ -109,7 +109,28 @@ class Plans(dict):
         return plan
 
 
+def compile_threads():
+    """Threads that compile a tuner's configs at once (Launcher.precompile): WEIGHTKIT_COMPILE_THREADS, else the
+    CPUs this process may use, at most 16 (Triton's compiler runs mostly outside the GIL: LLVM, ptxas)."""
+    env = os.environ.get("WEIGHTKIT_COMPILE_THREADS")
+    if env:
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, 16)
+
+
 LAUNCHERS = []  # every Launcher (tests clear their caches; bench/gpu_report.py reads the module-level autotuners)
+
+
+def tune_bench(fn, quantiles):
+    """How the Launchers' autotuners time a config: the median of 25 ms of calls after 5 ms of warm-up (Triton's
+    default, 25 + 100 ms, would cost four times as long per config; tuning runs once per config bucket)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
 class Launcher:
@@ -122,6 +143,7 @@ class Launcher:
         self.kernel = kernel
         self.configs = configs
         prune_by = {"early_config_prune": prune} if prune is not None else None
+        autotune_kwargs.setdefault("do_bench", tune_bench)
         self.autotuner = triton.autotune(configs, key=key, prune_configs_by=prune_by, **autotune_kwargs)(kernel)
         self.chosen = {}
         self.plans = Plans()
@@ -136,9 +158,38 @@ class Launcher:
         if fixed is not None:
             self.chosen[bucket] = fixed
             return fixed, False
+        self.precompile(args, meta)
         self.autotuner[grid](*args, **meta)
         cfg = self.chosen[bucket] = self.autotuner.best_config
         return cfg, True
+
+    def precompile(self, args, meta):
+        """Compile every config the autotuner will time for these arguments, compile_threads() at a time, before it
+        times them (it compiles each on first use, one after another: most of a first tuned call's time). Returns
+        how many were compiled; nothing under the interpreter or with one thread."""
+        tuner = self.autotuner
+        threads = compile_threads()
+        if INTERPRET or threads <= 1 or len(tuner.configs) <= 1:
+            return 0
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            configs = tuner.prune_configs(meta)
+        finally:
+            tuner.nargs = None
+        if len(configs) <= 1:
+            return 0
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime import _async_compile
+
+        if _async_compile.active_mode.get() is not None:  # the caller's own parallel compile (one at a time)
+            return 0
+        with ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool, _async_compile.AsyncCompileMode(pool, ignore_errors=True):
+            # warmup: compile (submit the compile), no launch; a config that fails to compile is left to the
+            # autotuner, which fails it again and times it as infinitely slow, as without this step
+            for cfg in configs:
+                self.kernel.warmup(*args, grid=(1,), **meta, **cfg.all_kwargs())
+        return len(configs)
 
     def launch(self, key, args, resolve):
         """Launch the plan of ``key`` with ``args``; on the key's first call ``resolve()`` gives (config bucket,

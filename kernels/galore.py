@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, cdiv, device_guard, tile_ids
+from ._shared import INTERPRET, cdiv, device_guard, tile_ids, tune_bench
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "PRECISION", "W_DTYPE"], restore_value=["w_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_matmul_configs})
+                 prune_configs_by={"early_config_prune": _prune_matmul_configs}, do_bench=tune_bench)
 @triton.jit
 def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, stride_am, stride_ak, stride_bk,
                           stride_bn, stride_wm, stride_wn, alpha, decay, HAS_FOUND: tl.constexpr,

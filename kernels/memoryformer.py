@@ -413,23 +413,16 @@ def _seg_prune(configs, named_args, **kwargs):
     return _seg_prune_for(configs, named_args["d_out"])
 
 
-def _bench(fn, quantiles):  # shorter than the default 25 + 100 ms per config: tuning runs once per key
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
 # Under the interpreter every config would be timed in numpy: one config each (the tests force others).
 _FWD_CONFIGS = space(_fwd_space, _config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, SPLIT=2, STAGES=2))
 _BWD_CONFIGS = space(_bwd_space, _config(BLOCK_T=16, BLOCK_K=4, BLOCK_N=64, STAGES=2))
 _SEG_CONFIGS = space(_seg_space, _config(ROWS=4, BLOCK_N=64, STAGES=2))
 
 
-_FWD = Launcher(_memory_forward_kernel, _FWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "PRE"], _fwd_prune,
-                do_bench=_bench)
+_FWD = Launcher(_memory_forward_kernel, _FWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "PRE"], _fwd_prune)
 _BWD = Launcher(_memory_backward_kernel, _BWD_CONFIGS, ["n_bucket", "K", "d_out", "TAU", "ATOMICS", "STORE_KEYS"],
-                _bwd_prune, reset_to_zero=["gt_ptr"], do_bench=_bench)
-_SEG = Launcher(_segment_rows_kernel, _SEG_CONFIGS, ["n_bucket", "K", "d_out"], _seg_prune, do_bench=_bench)
+                _bwd_prune, reset_to_zero=["gt_ptr"])
+_SEG = Launcher(_segment_rows_kernel, _SEG_CONFIGS, ["n_bucket", "K", "d_out"], _seg_prune)
 # The autotuners (module-level: bench/gpu_report.py prints the configs they chose).
 memory_forward_autotuned, memory_backward_autotuned, memory_segment_autotuned = (
     _FWD.autotuner, _BWD.autotuner, _SEG.autotuner)

@@ -34,10 +34,20 @@
 # Opt-in report sections for a second, targeted call (each measures one issue's table; give it the report budget):
 #   STAGES=report REPORT_SECTIONS=galore_issue25 REPORT_BUDGET=170   (#25: GaLore steps, refreshes, syncs)
 #   STAGES=report REPORT_SECTIONS=qgalore_fused REPORT_BUDGET=120    (#24: the fused Q-GaLore write-back and moments)
-#   STAGES=report REPORT_SECTIONS=compress REPORT_BUDGET=120         (#26: the compressor on CUDA)
+#   STAGES=report REPORT_SECTIONS=compress REPORT_BUDGET=120         (#26: the compressor on CUDA; its ">= 20x the
+#       2-core CPU" ratio comes from the CPU run recorded in bench/results/cpu-*-compress-layer.json)
+# and train calls for the end-to-end rows (the default train stage runs adamw,galore,qgalore for 6 steps):
+#   STAGES=train TRAIN_METHODS=adamw,galore,galore-layerwise,qgalore-layerwise TRAIN_BUDGET=240 \
+#     TRAIN_ARGS="--model-size 350m --steps 20 --svd randomized --stagger-refresh --eval-every 10"
+#       (#24/#25: 309M, 8 x 512: step time and peak of Q-GaLore / GaLore layer-wise against fused AdamW)
+#   STAGES=train TRAIN_METHODS=qgalore-layerwise,adamw TRAIN_BUDGET=420 \
+#     TRAIN_ARGS="--model-size 7b --checkpointing --steps 8 --svd randomized --eval-every 4"
+#       (#24's 7B row, 16 x 256, rank 1024; AdamW's 7B state needs an H200's memory)
 # Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
-# were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), PYTHON.
+# were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), TEST_COMPILE_THREADS (Triton compile
+# threads per test worker, default 1; the report and train compile a tuner's configs on all cores, at most 16:
+# WEIGHTKIT_COMPILE_THREADS), PYTHON.
 # Exit status: 0 when every stage asked for ran and passed; 1 when the build, a test or a stage failed or hit its
 # limit; 2 when there is no CUDA device (the CUDA stages are skipped, summary.txt says why).
 set -uo pipefail
@@ -255,8 +265,10 @@ if has test; then
   read -r -a paths <<<"${TEST_PATHS:-tests}"
   log "tests (limit ${TEST_BUDGET}s): pytest $(printf '%q ' "${test_args[@]}" "${extra[@]}" "${paths[@]}")"
   t0=$(date +%s)
-  # 2 BLAS threads per worker: workers x all cores each would oversubscribe the CPU parts of the tests
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} limited "$TEST_BUDGET" INT "$OUT_DIR/tests.log" \
+  # 2 BLAS threads and 1 Triton compile thread per worker: workers x all cores each would oversubscribe the CPU
+  # parts of the tests (the workers already compile side by side)
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WEIGHTKIT_COMPILE_THREADS=${TEST_COMPILE_THREADS:-1} \
+    limited "$TEST_BUDGET" INT "$OUT_DIR/tests.log" \
     $PY -m pytest "${test_args[@]}" "${extra[@]}" "${paths[@]}"
   rc=$?
   counts=$(grep -E "^=+ .*(passed|failed|error|skipped|deselected).* in [0-9.]+s" "$OUT_DIR/tests.log" | tail -1 | tr -d '=' | sed 's/^ *//')

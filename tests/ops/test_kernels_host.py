@@ -201,6 +201,22 @@ def test_every_launcher_launches_inside_its_device_guard(fake_cuda, monkeypatch)
 
 # -- launch plans ---------------------------------------------------------------------------------------------------
 
+def test_every_launcher_times_configs_with_the_short_benchmark():
+    """Each autotuner (the Launchers' and GaLore's) times a config with _shared.tune_bench (5 + 25 ms), not Triton's
+    default 25 + 100 ms: the GPU check's budgets pay for every config its tuners time."""
+    import importlib
+
+    from weightkit.kernels import _shared
+
+    for mod in PER_OP:
+        importlib.import_module(f"weightkit.kernels.{mod}")
+    assert len(_shared.LAUNCHERS) >= 10
+    assert all(launcher.autotuner.do_bench is _shared.tune_bench for launcher in _shared.LAUNCHERS)
+    from weightkit.kernels import galore
+
+    assert galore._matmul_update_kernel.do_bench is _shared.tune_bench  # the one triton.autotune outside a Launcher
+
+
 @needs_interpreter
 def test_autotuner_runs_once_per_bucket_and_never_per_call(monkeypatch):
     """The tuned path: the autotuner is called on the first call of a (token bucket, shape, dtype, device) and never
