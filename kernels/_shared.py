@@ -126,8 +126,9 @@ LAUNCHERS = []  # every Launcher (tests clear their caches; bench/gpu_report.py 
 
 
 def tune_bench(fn, quantiles):
-    """How the Launchers' autotuners time a config: the median of 25 ms of calls after 5 ms of warm-up (Triton's
-    default, 25 + 100 ms, would cost four times as long per config; tuning runs once per config bucket)."""
+    """How the autotuners (every Launcher's, GaLore's) time a config: the median of 25 ms of calls after 5 ms of
+    warm-up (Triton's default, 25 + 100 ms, would cost four times as long per config; tuning runs once per config
+    bucket)."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
@@ -166,29 +167,31 @@ class Launcher:
     def precompile(self, args, meta):
         """Compile every config the autotuner will time for these arguments, compile_threads() at a time, before it
         times them (it compiles each on first use, one after another: most of a first tuned call's time). Returns
-        how many were compiled; nothing under the interpreter or with one thread."""
-        tuner = self.autotuner
-        threads = compile_threads()
-        if INTERPRET or threads <= 1 or len(tuner.configs) <= 1:
-            return 0
-        tuner.nargs = dict(zip(tuner.arg_names, args))
-        try:
-            configs = tuner.prune_configs(meta)
-        finally:
-            tuner.nargs = None
-        if len(configs) <= 1:
-            return 0
-        from concurrent.futures import ThreadPoolExecutor
-
+        how many were compiled; nothing under the interpreter or with one thread. It only saves time: whatever
+        fails here (a config that does not compile, bad arguments) is left to the autotuner, which meets it again
+        and handles it as it would without this step (a config that fails to compile times as infinitely slow)."""
         from triton.runtime import _async_compile
 
-        if _async_compile.active_mode.get() is not None:  # the caller's own parallel compile (one at a time)
+        tuner = self.autotuner
+        threads = compile_threads()
+        if INTERPRET or threads <= 1 or len(tuner.configs) <= 1 or _async_compile.active_mode.get() is not None:
+            return 0  # (an active mode: the caller's own parallel compile; one may be active at a time)
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            try:
+                configs = tuner.prune_configs(meta)
+            finally:
+                tuner.nargs = None
+            if len(configs) <= 1:
+                return 0
+            with ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool, \
+                    _async_compile.AsyncCompileMode(pool, ignore_errors=True):
+                for cfg in configs:  # warmup: compile (here: submit the compile), no launch
+                    self.kernel.warmup(*args, grid=(1,), **meta, **cfg.all_kwargs())
+        except Exception:  # noqa: BLE001 - see above: the autotuner reports it
             return 0
-        with ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool, _async_compile.AsyncCompileMode(pool, ignore_errors=True):
-            # warmup: compile (submit the compile), no launch; a config that fails to compile is left to the
-            # autotuner, which fails it again and times it as infinitely slow, as without this step
-            for cfg in configs:
-                self.kernel.warmup(*args, grid=(1,), **meta, **cfg.all_kwargs())
         return len(configs)
 
     def launch(self, key, args, resolve):

@@ -58,7 +58,8 @@ def _child_main():
     grid = lambda meta: (triton.cdiv(700, meta["BLOCK"]),)  # noqa: E731
     cfg, launched = launcher.choose("b", grid, (x, y, 700), {})
     _, launched2 = launcher.choose("b", grid, (x, y, 700), {})
-    print(json.dumps(dict(precompiled=precompiled, compiles=compiles, launched=launched, again=launched2,
+    bad = real_precompile((x, y, 700), {"BOGUS": 1})  # an argument the kernel does not take: left to the autotuner
+    print(json.dumps(dict(precompiled=precompiled, compiles=compiles, launched=launched, again=launched2, bad=bad,
                           best=cfg.kwargs, timed=fake.benchmarks, threads=_shared.compile_threads(),
                           cached=len(_double_kernel.device_caches[0][0]))))
 
@@ -83,6 +84,7 @@ def test_tuned_launch_compiles_its_configs_before_timing_them():
     assert out["compiles"] == [["precompile", False]] * 8 + [["tune", True]] * 2 and out["cached"] == 6, out
     assert out["timed"] == 8 and out["launched"] is True and out["again"] is False, out
     assert out["best"]["BLOCK"] in (128, 256, 512), out
+    assert out["bad"] == 0, out  # precompile never raises: what fails there is the autotuner's to report
 
 
 def test_one_thread_leaves_compiling_to_the_autotuner():
