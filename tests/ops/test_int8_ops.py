@@ -92,7 +92,9 @@ def test_unbiased_and_variance_bound(device):
         dev = ((deq.mean(0) - x.double()) / s).abs()
         assert bool((dev <= bound).all()), f"{name}: biased (max deviation {float(dev.max()):.4f} steps)"
         assert bool((deq.var(0) <= s**2 / 4 * 1.5 + 1e-12).all()), f"{name}: variance above s^2/4"
-        assert bool(((deq - x.double()).abs() <= s + 1e-9).all()), f"{name}: error above one step"
+        # one step, up to fp32 rounding: the scale and x * (1 / scale) are fp32, so a value at its group's absmax can
+        # sit 127 * 2^-23 steps off the grid (seed 463604037: x / s = -127.0000004 in float64, one draw of -126)
+        assert bool(((deq - x.double()).abs() <= s * (1 + 127 * 2.0**-22)).all()), f"{name}: error above one step"
 
 
 def test_seed_reproduces_and_differs():
