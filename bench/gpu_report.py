@@ -1009,10 +1009,43 @@ def section_budgets(sections, seconds, fixed=None):
     return {s: float(fixed[s]) if s in fixed else left * shares[s] / total for s in sections}
 
 
+class CompileCounter:
+    """Triton's compilation listener for one section: compiles (cache misses) and the seconds they took, summed over
+    kernels (they overlap when a tuner compiles its configs in threads), and on-disk cache hits."""
+
+    def __init__(self):
+        self.compiles, self.hits, self.us = 0, 0, 0
+
+    def __call__(self, *, src, metadata, metadata_group, times, cache_hit):
+        if cache_hit:
+            self.hits += 1
+        else:
+            self.compiles += 1
+            self.us += times.total
+
+    def status(self):
+        return dict(compiles=self.compiles, compile_s=round(self.us / 1e6, 1), compile_cache_hits=self.hits)
+
+
+def _listen_compiles(listener):
+    """Make ``listener`` Triton's compilation listener; returns the one it replaces (None where this Triton has no
+    knobs.compilation.listener: then nothing is counted)."""
+    try:
+        import triton
+
+        knobs = triton.knobs.compilation
+        old, knobs.listener = knobs.listener, listener
+        return old
+    except (ImportError, AttributeError):
+        return None
+
+
 def run_section(sec, budget_s):
     """Run one section under its budget: rows past the deadline are skipped, a row running at the deadline is cut
-    (SIGALRM); the status goes to the JSON either way."""
+    (SIGALRM); the status goes to the JSON either way, with what Triton compiled meanwhile (CompileCounter)."""
     t0 = time.time()
+    counter = CompileCounter()
+    previous = _listen_compiles(counter)
     _SECTION_DEADLINE[0] = min(t0 + budget_s, _DEADLINE[0])
     SECTION_STATUS[sec] = dict(status="running", budget_s=round(budget_s, 1))
     n_rows, n_skipped = len(ROWS), len(SKIPPED)
@@ -1033,6 +1066,7 @@ def run_section(sec, budget_s):
         ROWS.append(dict(section=sec, name="(section failed)", error=traceback.format_exc(limit=3)[-600:]))
         status = "failed"
     _SECTION_DEADLINE[0] = float("inf")
+    _listen_compiles(previous)
     try:
         _sync()
         if DEV == "cuda":
@@ -1040,7 +1074,7 @@ def run_section(sec, budget_s):
     except Exception as exc:  # noqa: BLE001
         status += f"; the device failed after it: {type(exc).__name__}: {exc}"
     SECTION_STATUS[sec] = dict(status=status, budget_s=round(budget_s, 1), seconds=round(time.time() - t0, 1),
-                               rows=len(ROWS) - n_rows, skipped=len(SKIPPED) - n_skipped)
+                               rows=len(ROWS) - n_rows, skipped=len(SKIPPED) - n_skipped, **counter.status())
     write()
     autotune()
 
@@ -1128,7 +1162,8 @@ def main(argv=None) -> int:
           f"{out}", flush=True)
     for sec, st in SECTION_STATUS.items():
         print(f"  {sec:<12} {st['status']} ({st.get('seconds', 0)} of {st['budget_s']} s, {st.get('rows', 0)} rows, "
-              f"{st.get('skipped', 0)} skipped)", flush=True)
+              f"{st.get('skipped', 0)} skipped, {st.get('compiles', 0)} Triton compiles: {st.get('compile_s', 0)} s)",
+              flush=True)
     return 0
 
 

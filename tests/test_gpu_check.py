@@ -56,6 +56,38 @@ def test_report_writes_each_row_as_it_goes(report, tmp_path):
     assert not (tmp_path / "r.json.tmp").exists()
 
 
+def test_report_counts_each_sections_triton_compiles(report, tmp_path):
+    """Each section's status says what Triton compiled while it ran (its compilation listener: compiles, their
+    seconds, disk-cache hits), so a GPU run shows how much of a budget went to compiling; the listener in place
+    before the report is put back. (Nothing compiles on the CPU: the section calls the listener as Triton would.)"""
+    from types import SimpleNamespace
+
+    import triton
+
+    knobs = triton.knobs.compilation
+    mine = object()
+    old, knobs.listener = knobs.listener, mine
+    seen = []
+
+    def section():
+        listener = knobs.listener
+        seen.append(listener is not mine)
+        for total_us, hit in ((1_500_000, False), (700_000, False), (5_000, True)):
+            listener(src=None, metadata={}, metadata_group={}, times=SimpleNamespace(total=total_us), cache_hit=hit)
+        report.row("fake", "one", lambda: None)
+
+    report.SECTIONS["fake"] = section
+    try:
+        out = tmp_path / "r.json"
+        assert report.main(["--device", "cpu", "--only", "fake", "--out", str(out), "--budget", "60"]) == 0
+        assert knobs.listener is mine
+    finally:
+        knobs.listener = old
+    status = _read(out)["sections"]["fake"]
+    assert seen == [True]
+    assert (status["compiles"], status["compile_s"], status["compile_cache_hits"]) == (2, 2.2, 1), status
+
+
 def test_report_budget_skips_rows_and_cuts_a_row_that_overruns(report, tmp_path):
     out = tmp_path / "r.json"
     built = []
