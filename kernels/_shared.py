@@ -112,8 +112,11 @@ class Plans(dict):
 def compile_threads():
     """Threads that compile a tuner's configs at once (Launcher.precompile): WEIGHTKIT_COMPILE_THREADS, else the
     CPUs this process may use, at most 16 (Triton's compiler runs mostly outside the GIL: LLVM, ptxas)."""
-    env = os.environ.get("WEIGHTKIT_COMPILE_THREADS")
+    env = os.environ.get("WEIGHTKIT_COMPILE_THREADS", "").strip()
     if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"WEIGHTKIT_COMPILE_THREADS must be a whole number >= 1 (1: no parallel compiles), "
+                             f"got {env!r}")
         return int(env)
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -201,6 +201,19 @@ def test_every_launcher_launches_inside_its_device_guard(fake_cuda, monkeypatch)
 
 # -- launch plans ---------------------------------------------------------------------------------------------------
 
+def test_compile_threads_setting(monkeypatch):
+    from weightkit.kernels._shared import compile_threads
+
+    monkeypatch.setenv("WEIGHTKIT_COMPILE_THREADS", "3")
+    assert compile_threads() == 3
+    monkeypatch.delenv("WEIGHTKIT_COMPILE_THREADS")
+    assert 1 <= compile_threads() <= 16
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv("WEIGHTKIT_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="WEIGHTKIT_COMPILE_THREADS"):
+            compile_threads()
+
+
 def test_every_launcher_times_configs_with_the_short_benchmark():
     """Each autotuner (the Launchers' and GaLore's) times a config with _shared.tune_bench (5 + 25 ms), not Triton's
     default 25 + 100 ms: the GPU check's budgets pay for every config its tuners time."""
