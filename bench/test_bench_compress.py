@@ -180,7 +180,7 @@ def record_cpu_layer(result: Dict, path: Optional[str] = None, load_average: Opt
 def recorded_cpu_layer(what: str, threads: int = CPU_THREADS, results_dir: Optional[str] = None) -> Optional[Dict]:
     """The newest recorded CPU run (:func:`record_cpu_layer`) of the layer case ``what`` (time_layer's "what")
     on ``threads`` threads, or None: the ">= 20x faster than the 2-core CPU run" target's baseline, measured once
-    on the 2-core machine (hours there), not again in each GPU run."""
+    on the 2-core machine (55 minutes there), not again in each GPU run."""
     results_dir = results_dir or RESULTS_DIR
     for path in sorted(glob.glob(os.path.join(results_dir, "cpu-*-compress-layer.json")), reverse=True):
         with open(path) as f:

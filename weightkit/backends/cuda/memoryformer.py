@@ -60,8 +60,9 @@ RANK_MAX_BUCKETS = 1024  # the counting sort's limit (shared memory per warp); a
 
 def _sort_pairs(keys: Tensor, buckets: int, device: int, st: int) -> Tuple[Tensor, Tensor]:
     """(starts, order), int64, as weightkit.kernels.memoryformer.sort_pairs: each key's first entry in ``order``
-    (K buckets + 1 entries, the last n K), and the (n, K) keys' flat indices stably sorted by key. A counting sort per table (wk_cuda_memory_rank_keys, one
-    launch) up to RANK_MAX_BUCKETS buckets, else torch.sort + torch.searchsorted: the same result."""
+    (K buckets + 1 entries, the last n K), and the (n, K) keys' flat indices stably sorted by key. A counting sort
+    per table (wk_cuda_memory_rank_keys, one launch) up to RANK_MAX_BUCKETS buckets, else torch.sort +
+    torch.searchsorted: the same result."""
     n, k = keys.shape
     if buckets > RANK_MAX_BUCKETS:
         sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
