@@ -17,6 +17,7 @@ and stream (SplitScratch).
 """
 
 import contextlib
+import copy
 import os
 from typing import NamedTuple
 
@@ -55,6 +56,12 @@ def device_guard(device):
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return _SAME_DEVICE
     return torch.cuda.device(device.index)
+
+
+def capturing():
+    """Whether the current CUDA stream is capturing a graph: no call may synchronize it then (not called per launch:
+    only a bucket's first call asks)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 _DEVICE_INFO = {}
@@ -154,18 +161,36 @@ class Launcher:
         LAUNCHERS.append(self)
 
     def choose(self, bucket, grid, args, meta, fixed=None):
-        """(config, launched) of ``bucket``: cached; else ``fixed`` when given (launched False); else tuned by the
-        autotuner, which also launches the chosen config with ``args`` (launched True: this call's work is done)."""
+        """(config, launched) of ``bucket``: cached; else ``fixed`` when given (launched False); else, inside a
+        CUDA-graph capture, ``provisional`` (launched False); else tuned by the autotuner, which also launches the
+        chosen config with ``args`` (launched True: this call's work is done)."""
         cfg = self.chosen.get(bucket)
         if cfg is not None:
             return cfg, False
         if fixed is not None:
             self.chosen[bucket] = fixed
             return fixed, False
+        if capturing():
+            return self.provisional(args, meta), False
         self.precompile(args, meta)
         self.autotuner[grid](*args, **meta)
         cfg = self.chosen[bucket] = self.autotuner.best_config
         return cfg, True
+
+    def provisional(self, args, meta):
+        """The config of a bucket's first call inside a CUDA-graph capture: the first config the pruner keeps, run
+        untimed. Timing configs there would synchronize the capturing stream, which invalidates the caller's capture
+        (torch.cuda.graph raises at its end). Neither it nor its plan is recorded, so the bucket's first call outside
+        a capture tunes as usual; a graph captured before keeps the provisional config."""
+        tuner = self.autotuner
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            configs = tuner.prune_configs(meta)
+        finally:
+            tuner.nargs = None
+        cfg = copy.copy(configs[0])
+        cfg.provisional = True
+        return cfg
 
     def precompile(self, args, meta):
         """Compile every config the autotuner will time for these arguments, compile_threads() at a time, before it
@@ -212,8 +237,10 @@ class Launcher:
         return plan
 
     def plan(self, key, cfg, grid, meta):
-        """Cache and return the plan of ``key``: ``cfg`` with the constexprs ``meta`` on the grid tuple ``grid``."""
-        return self.plans.put(key, Plan(self.kernel, grid, {**meta, **cfg.all_kwargs()}, cfg))
+        """The plan of ``key``: ``cfg`` with the constexprs ``meta`` on the grid tuple ``grid``; cached unless ``cfg``
+        is provisional."""
+        plan = Plan(self.kernel, grid, {**meta, **cfg.all_kwargs()}, cfg)
+        return plan if getattr(cfg, "provisional", False) else self.plans.put(key, plan)
 
     def clear(self):
         self.chosen.clear()
@@ -644,8 +671,8 @@ class SplitKMatmul:
             scratch = (out, out)  # not launched here (the plan launches), any tensors do
         cfg, launched = launcher.choose(bucket, lambda c: self.grid(gemv, M, n_out, c), (*lead, out, *scratch, *tail),
                                         meta, fixed)
-        launcher.plan(key, cfg, self.grid(gemv, M, n_out, cfg.kwargs), meta)
-        return None if launched else launcher.plans[key]
+        plan = launcher.plan(key, cfg, self.grid(gemv, M, n_out, cfg.kwargs), meta)
+        return None if launched else plan
 
 
 # -- dequantize-and-multiply (int8_matmul, int4_matmul) ------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, cdiv, device_guard, tile_ids, tune_bench
+from ._shared import INTERPRET, capturing, cdiv, device_guard, tile_ids, tune_bench
 
 
 @triton.jit
@@ -111,6 +111,10 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, str
 
 
 _PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# The matmul's tuning keys seen outside a CUDA-graph capture. A key's first call inside a capture must not tune (the
+# autotuner's timing synchronizes the capturing stream, which invalidates the capture): it launches the first config
+# untimed (128 x 128 x 32, which every pruning keeps) and records nothing, so the key's first eager call tunes.
+_TUNED = set()
 
 
 def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
@@ -139,8 +143,14 @@ def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta
     def grid(meta):
         return (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(n_cols, meta["BLOCK_N"]),)
 
-    _matmul_update_kernel[grid](a, b, weight, flag, step_size_t if has_step else flag, m_rows, n_cols, k,
-                                a.stride(0), a.stride(1), b.stride(0), b.stride(1), weight.stride(0),
-                                weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None, HAS_STEP=has_step,
-                                PRECISION=precision, W_DTYPE=str(weight.dtype),
-                                UPCAST_16BIT=INTERPRET)
+    step_t = step_size_t if has_step else flag
+    kernel, provisional = _matmul_update_kernel, {}
+    tuning_key = (m_rows, n_cols, k, precision, a.dtype, b.dtype, weight.dtype, flag.dtype, step_t.dtype)
+    if tuning_key not in _TUNED:  # the autotuner's key (its key arguments and the tensors' dtypes) not seen yet
+        if capturing():
+            kernel, provisional = _matmul_update_kernel.fn, _matmul_update_kernel.configs[0].all_kwargs()
+        else:
+            _TUNED.add(tuning_key)
+    kernel[grid](a, b, weight, flag, step_t, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                 weight.stride(0), weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None, HAS_STEP=has_step,
+                 PRECISION=precision, W_DTYPE=str(weight.dtype), UPCAST_16BIT=INTERPRET, **provisional)

@@ -511,11 +511,14 @@ def _launch_forward(x, tables, t, y, config=None, pre=None):
                 # timed run reduces its splits in the launch, so the time a config is chosen by includes it)
                 max_split, max_tiles = _fwd_tuning_scratch(nb, K, d_out, sms)
                 scratch = SCRATCH.get(y, max_split, n * d_out, max_tiles)
-                cfg, _ = _FWD.choose(bucket, grid, (x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb), meta)
-                _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
-                return cfg
-            cfg, _ = _FWD.choose(bucket, grid, None, meta, None if tuned else _fwd_default(nb, K, d_out, sms))
-            plan = _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
+                cfg, launched = _FWD.choose(bucket, grid, (x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t,
+                                                           nb), meta)
+                plan = _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
+                if launched:
+                    return cfg  # (else a provisional config, inside a CUDA-graph capture: launched below)
+            else:
+                cfg, _ = _FWD.choose(bucket, grid, None, meta, None if tuned else _fwd_default(nb, K, d_out, sms))
+                plan = _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
     scratch = SCRATCH.get(y, plan.config.kwargs["SPLIT"], n * d_out, plan.grid[0] * plan.grid[1])
     plan.kernel[plan.grid](x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb, **plan.kwargs)
     return plan.config

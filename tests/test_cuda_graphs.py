@@ -104,7 +104,9 @@ CASES = {
     "galore_adam_update_": {"left": lambda d: _galore(d, left=True), "right": lambda d: _galore(d, left=False)},
     "memory_lookup_forward": {
         "1tok": lambda d: (_randn(1, 64, device=d), _tables(16, 4, 128, d), 1.0),
-        "40tok": lambda d: (_randn(40, 64, device=d), _tables(16, 4, 128, d), 0.5)},
+        "40tok": lambda d: (_randn(40, 64, device=d), _tables(16, 4, 128, d), 0.5),
+        # 2^22 table elements: the autotuned Triton launch
+        "4tok-tuned": lambda d: (_randn(4, 1024, device=d), _tables(128, 8, 128, d), 1.0)},
     "memory_lookup_backward": {
         "40tok": lambda d: (_randn(40, 128, device=d), _randn(40, 64, device=d), _tables(16, 4, 128, d), 1.0, False),
         "40tok-deterministic": lambda d: (_randn(40, 128, device=d), _randn(40, 64, device=d), _tables(16, 4, 128, d),
@@ -308,3 +310,42 @@ def test_memory_table_gradient_by_atomics_too(check):
         check("memory_lookup_backward", "40tok")
     finally:
         set_table_grad_mode(previous)
+
+
+# Tuned launches whose first call comes inside the capture (no warm-up at that shape): the autotuner must not time
+# configs there (its synchronizations would invalidate the capture); the launch runs a provisional config, untimed
+# and unrecorded, and the first eager call afterwards tunes (kernels/_shared.py, Launcher.provisional).
+FIRST_IN_CAPTURE = [("int8_matmul", "1tok-1024x1024-tuned"), ("int8_matmul", "16tok-1024x1024-tuned"),
+                    ("memory_lookup_forward", "4tok-tuned"), ("galore_adam_update_", "left")]
+
+
+@pytest.mark.parametrize("name,case", [pytest.param(n, c, id=f"{n}-{c}", marks=cuda_only)
+                                       for n, c in FIRST_IN_CAPTURE])
+def test_first_call_inside_capture_tunes_later(name, case):
+    from weightkit.kernels import _shared, galore
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
+    build = CASES[name][case]
+    args_a, args_b = build("cuda"), build("cuda")
+    with use_backend("triton"):
+        _shared.clear_launch_caches()  # nothing chosen in this process: the captured call is the first
+        galore._TUNED.clear()
+        static = _clone(args_a)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = _overload(name)(*static)
+        assert not any(launcher.chosen for launcher in _shared.LAUNCHERS) and not galore._TUNED, \
+            "a first call inside the capture recorded a config"
+        _copy_into(static, args_a)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected_a = _eager(name, args_a)  # the first eager call: tunes and records
+        assert any(launcher.chosen for launcher in _shared.LAUNCHERS) or galore._TUNED
+        _assert_same(_outputs(name, result, static), expected_a, f"{name} [{case}]: provisional config, replayed")
+        _copy_into(static, args_b)
+        graph.replay()  # the graph keeps its provisional launch after the tuning
+        torch.cuda.synchronize()
+        _assert_same(_outputs(name, result, static), _eager(name, args_b), f"{name} [{case}]: replayed after tuning")
