@@ -19,6 +19,7 @@ and stream (SplitScratch).
 import contextlib
 import copy
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -133,6 +134,10 @@ def compile_threads():
 
 
 LAUNCHERS = []  # every Launcher (tests clear their caches; bench/gpu_report.py reads the module-level autotuners)
+# One tuning at a time in a process: a Triton autotuner keeps the call it tunes on itself (nargs, best_config, the
+# copies restore_value writes back), so two threads tuning one launcher (nn.DataParallel's replicas, a threaded
+# server's first requests) would mix their arguments; and timings taken side by side would disturb each other.
+TUNE_LOCK = threading.RLock()
 
 
 def tune_bench(fn, quantiles):
@@ -172,9 +177,13 @@ class Launcher:
             return fixed, False
         if capturing():
             return self.provisional(args, meta), False
-        self.precompile(args, meta)
-        self.autotuner[grid](*args, **meta)
-        cfg = self.chosen[bucket] = self.autotuner.best_config
+        with TUNE_LOCK:
+            cfg = self.chosen.get(bucket)
+            if cfg is not None:  # another thread tuned the bucket meanwhile
+                return cfg, False
+            self.precompile(args, meta)
+            self.autotuner[grid](*args, **meta)
+            cfg = self.chosen[bucket] = self.autotuner.best_config
         return cfg, True
 
     def provisional(self, args, meta):
@@ -183,11 +192,12 @@ class Launcher:
         (torch.cuda.graph raises at its end). Neither it nor its plan is recorded, so the bucket's first call outside
         a capture tunes as usual; a graph captured before keeps the provisional config."""
         tuner = self.autotuner
-        tuner.nargs = dict(zip(tuner.arg_names, args))
-        try:
-            configs = tuner.prune_configs(meta)
-        finally:
-            tuner.nargs = None
+        with TUNE_LOCK:
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            try:
+                configs = tuner.prune_configs(meta)
+            finally:
+                tuner.nargs = None
         cfg = copy.copy(configs[0])
         cfg.provisional = True
         return cfg

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, capturing, cdiv, device_guard, tile_ids, tune_bench
+from ._shared import INTERPRET, TUNE_LOCK, capturing, cdiv, device_guard, tile_ids, tune_bench
 
 
 @triton.jit
@@ -144,13 +144,19 @@ def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta
         return (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(n_cols, meta["BLOCK_N"]),)
 
     step_t = step_size_t if has_step else flag
-    kernel, provisional = _matmul_update_kernel, {}
+
+    def launch(kernel, **provisional):
+        kernel[grid](a, b, weight, flag, step_t, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0),
+                     b.stride(1), weight.stride(0), weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None,
+                     HAS_STEP=has_step, PRECISION=precision, W_DTYPE=str(weight.dtype), UPCAST_16BIT=INTERPRET,
+                     **provisional)
+
     tuning_key = (m_rows, n_cols, k, precision, a.dtype, b.dtype, weight.dtype, flag.dtype, step_t.dtype)
-    if tuning_key not in _TUNED:  # the autotuner's key (its key arguments and the tensors' dtypes) not seen yet
-        if capturing():
-            kernel, provisional = _matmul_update_kernel.fn, _matmul_update_kernel.configs[0].all_kwargs()
-        else:
+    if tuning_key in _TUNED:  # the autotuner's key (its key arguments and the tensors' dtypes) is tuned
+        launch(_matmul_update_kernel)
+    elif capturing():
+        launch(_matmul_update_kernel.fn, **_matmul_update_kernel.configs[0].all_kwargs())
+    else:
+        with TUNE_LOCK:  # one tuning at a time (kernels/_shared.py)
+            launch(_matmul_update_kernel)
             _TUNED.add(tuning_key)
-    kernel[grid](a, b, weight, flag, step_t, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                 weight.stride(0), weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None, HAS_STEP=has_step,
-                 PRECISION=precision, W_DTYPE=str(weight.dtype), UPCAST_16BIT=INTERPRET, **provisional)

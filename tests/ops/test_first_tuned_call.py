@@ -1,9 +1,13 @@
-"""A tuned launch whose first call comes inside a CUDA-graph capture (kernels/_shared.py, Launcher.provisional; GaLore's
-matmul, kernels/galore.py): the autotuner must not time configs there, since its synchronizations invalidate the
-caller's capture. The call runs the first config the pruner keeps, untimed, and records neither the config nor the
-plan, so the bucket's first call outside a capture tunes as usual.
+"""A tuned launch's first call (kernels/_shared.py, Launcher.choose; GaLore's matmul, kernels/galore.py), where it is
+not an ordinary one:
 
-Triton's JIT path does not run under the interpreter, so the check runs in a child process without TRITON_INTERPRET
+* inside a CUDA-graph capture: the autotuner must not time configs there, since its synchronizations invalidate the
+  caller's capture. The call runs the first config the pruner keeps, untimed, and records neither the config nor the
+  plan, so the bucket's first call outside a capture tunes as usual (Launcher.provisional);
+* from two threads at once (nn.DataParallel's replicas, a threaded server): a Triton autotuner keeps the call it
+  tunes on itself, so tunings run one at a time (TUNE_LOCK), each bucket getting a config of its own pruning.
+
+Triton's JIT path does not run under the interpreter, so the checks run in a child process without TRITON_INTERPRET
 on the stand-in driver (tests/fake_triton_gpu.py: real sm_90 compiles, launches and benchmarks counted, nothing run),
 with ``capturing()`` answered by the test. What a capture on a GPU does with it is tests/test_cuda_graphs.py's
 ``test_first_call_inside_capture_tunes_later``."""
@@ -12,10 +16,58 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
+import pytest
 import torch
+import triton
+import triton.language as tl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def _two_threads(fake):
+    """Two threads tune two buckets of one Launcher at once (the small bucket's pruning keeps BLOCK 64 and 128, the
+    large one's 256 and 512); each timing sleeps 30 ms, leaving the GIL. Returns whether timings of the two threads
+    overlapped in time, and each bucket's chosen BLOCK."""
+    from weightkit.kernels import _shared
+
+    configs = [_shared.config(4, 1, BLOCK=b) for b in (64, 128, 256, 512)]
+    launcher = _shared.Launcher(_copy_kernel, configs, key=["n"], prune=lambda configs, named_args, **kw: [
+        c for c in configs if (c.kwargs["BLOCK"] <= 128) == (named_args["n"] < 1000)])
+    spans, real_bench = [], triton.testing.do_bench
+
+    def sleepy(fn, *args, **kwargs):
+        start = time.monotonic()
+        time.sleep(0.03)
+        out = real_bench(fn, *args, **kwargs)
+        spans.append((threading.current_thread().name, start, time.monotonic()))
+        return out
+
+    triton.testing.do_bench = sleepy
+    barrier, chosen = threading.Barrier(2), {}
+
+    def tune(name, n):
+        x = torch.randn(n)
+        barrier.wait()
+        cfg, _ = launcher.choose(name, lambda c: (triton.cdiv(n, c["BLOCK"]),), (x, torch.empty_like(x), n), {})
+        chosen[name] = cfg.kwargs["BLOCK"]
+
+    threads = [threading.Thread(target=tune, args=a, name=a[0]) for a in (("small", 700), ("large", 5000))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    triton.testing.do_bench = real_bench
+    overlap = any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in spans for b in spans)
+    return dict(overlap=overlap, chosen=chosen, timed=len(spans))
 
 
 def _child_main():
@@ -66,6 +118,8 @@ def _child_main():
     galore.galore_adam_update_triton(weight, low, torch.zeros(r, n), torch.zeros(r, n), ortho, True, 0.9, 0.999,
                                      1e-8, 1e-2, 0.25, 1.0)
     out["galore: eager"] = dict(counts(before), recorded=len(galore._TUNED))
+    state["capturing"] = False
+    out["two threads"] = _two_threads(fake)
     print(json.dumps(out))
 
 
@@ -78,8 +132,13 @@ def _child():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_first_call_inside_capture_runs_untimed_and_records_nothing():
-    out = _child()
+@pytest.fixture(scope="module")
+def child_out():
+    return _child()
+
+
+def test_first_call_inside_capture_runs_untimed_and_records_nothing(child_out):
+    out = child_out
     for tokens in (2, 64):
         name = f"int8 {tokens} tokens"
         # inside the capture: one launch, nothing timed, nothing recorded
@@ -93,6 +152,13 @@ def test_first_call_inside_capture_runs_untimed_and_records_nothing():
     # GaLore: the Adam kernel and the matmul, nothing timed nor recorded; then the eager call tunes the matmul
     assert out["galore: capture"] == dict(timed=0, launches=2, recorded=0), out
     assert out["galore: eager"]["timed"] > 1 and out["galore: eager"]["recorded"] == 1, out
+
+
+def test_two_threads_tune_one_after_the_other(child_out):
+    out = child_out["two threads"]
+    # both buckets timed both their configs, never at the same time, and each chose one of its own configs
+    assert out["timed"] == 4 and not out["overlap"], out
+    assert out["chosen"]["small"] in (64, 128) and out["chosen"]["large"] in (256, 512), out
 
 
 if __name__ == "__main__":
