@@ -20,11 +20,17 @@ import contextlib
 import copy
 import os
 import threading
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver as _DRIVER
+
+try:
+    from triton import knobs as _knobs  # Triton >= 3.4
+    _RUNTIME = _knobs.runtime
+except ImportError:  # no direct launches (below) on older releases
+    _RUNTIME = None
 
 # Read once: the interpreter runs CPU tensors (the tests' way without a GPU); it must be set before triton compiles.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -97,12 +103,104 @@ def space(full, interpreted):
     return [interpreted] if INTERPRET else full()
 
 
-class Plan(NamedTuple):
-    """A resolved launch: ``plan.kernel[plan.grid](*args, **plan.kwargs)``."""
-    kernel: object
-    grid: tuple
-    kwargs: dict
-    config: triton.Config
+# -- direct launches -----------------------------------------------------------------------------------------------
+# A plan's first launch goes through Triton's JITFunction.run, which binds and specializes every argument, builds the
+# cache key and the options and asks for launch metadata on each call: half the host time of a decode op (on the
+# 2-core CPU VM, its launcher doing nothing, tests/fake_triton_gpu.py: int8_matmul_triton at 4 tokens 18 us per call
+# through run(), 8 us direct, with Triton 3.9 and 3.6 alike; INT4 at 1 token and MemoryLinear's forward the same).
+# Later launches of the plan call the compiled kernel's launcher directly, with the same arguments run() would pass,
+# as long as nothing run() would specialize differently has changed: the current device, each tensor's dtype and
+# 16-byte alignment, every int (and other non-float) argument's value, and no launch hook registered (profilers: run()
+# would build launch metadata for them; without hooks the launcher gets None for both, as it accepts) nor a pre-run
+# hook of the kernel. Anything else takes run() again, which records the plan's kernel anew. What run() also does per
+# call and a direct launch skips: checking that the kernel's global variables kept their values since it was
+# compiled. WEIGHTKIT_TRITON_DIRECT_LAUNCH=0 turns this off (Triton < 3.4: always off).
+
+DIRECT_LAUNCH = (not INTERPRET and _RUNTIME is not None
+                 and os.environ.get("WEIGHTKIT_TRITON_DIRECT_LAUNCH", "1").strip() != "0")
+
+
+def _no_launch_hooks():
+    """No launch hook is registered (Triton's hook chains are empty; a hook set as a plain function counts)."""
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    return (enter is None or not getattr(enter, "calls", True)) and (leave is None or not getattr(leave, "calls", True))
+
+
+def _guard(args, device):
+    """A function (args, device) -> whether JITFunction.run would specialize a call with ``args`` on ``device`` as it
+    did this one: the same device and argument count; each tensor of the same dtype and 16-byte alignment (Triton's
+    pointer specialization); each float a float (not specialized by value); every other argument (ints, None, bools)
+    of the same type and value. Generated as one expression, as Triton generates its binder (~0.1 us an argument)."""
+    ns = {"DEVICE": device}
+    terms = ["device == DEVICE", f"len(args) == {len(args)}"]
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            ns[f"D{i}"] = a.dtype
+            terms += [f"args[{i}].dtype is D{i}", f"{'not ' if not a.data_ptr() & 15 else ''}args[{i}].data_ptr() & 15"]
+        elif isinstance(a, float):
+            terms.append(f"type(args[{i}]) is float")
+        else:
+            ns[f"T{i}"], ns[f"V{i}"] = type(a), a
+            terms.append(f"type(args[{i}]) is T{i} and args[{i}] == V{i}")
+    exec("def matches(args, device):\n    return " + " and ".join(terms), ns)  # noqa: S102 - our own text
+    return ns["matches"]
+
+
+class _Direct:
+    """What a direct launch of one plan needs (recorded from its last launch through JITFunction.run)."""
+    __slots__ = ("matches", "run", "function", "packed", "tail")
+
+
+def _record_direct(kernel, compiled, args, kwargs):
+    """The _Direct of a launch of ``kernel`` (a JITFunction) with positional ``args`` and keyword ``kwargs`` that
+    JITFunction.run compiled or found as ``compiled``; None where a direct launch cannot be set up (then every call
+    takes run())."""
+    try:
+        params = list(kernel.signature.parameters.values())
+        if compiled is None or len(args) > len(params) or kernel.pre_run_hooks:
+            return None
+        tail = []
+        for p in params[len(args):]:  # the constexprs (and defaults) run() binds after the positional arguments
+            if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                return None
+            if p.name in kwargs:
+                tail.append(kwargs[p.name])
+            elif p.default is not p.empty:
+                tail.append(p.default)
+            else:
+                return None
+        d = _Direct()
+        d.matches = _guard(args, _DRIVER.active.get_current_device())
+        d.run, d.function, d.packed = compiled.run, compiled.function, compiled.packed_metadata
+        d.tail = tuple(tail)
+        return d
+    except Exception:  # noqa: BLE001 - another Triton's internals: run() it is, every call
+        return None
+
+
+class Plan:
+    """A resolved launch of ``kernel`` (a JITFunction) with ``kwargs`` (constexprs and options) on the grid tuple
+    ``grid``: ``plan.launch(*args)`` (directly after its first launch, see above)."""
+    __slots__ = ("kernel", "grid", "kwargs", "config", "direct", "_grid3")
+
+    def __init__(self, kernel, grid, kwargs, config):
+        self.kernel, self.grid, self.kwargs, self.config = kernel, grid, kwargs, config
+        self.direct = None
+        self._grid3 = tuple(grid) + (1,) * (3 - len(grid))
+
+    def launch(self, *args):
+        d = self.direct
+        if d is not None:
+            active = _DRIVER.active
+            device = active.get_current_device()
+            if d.matches(args, device) and _no_launch_hooks() and not self.kernel.pre_run_hooks:
+                g = self._grid3
+                d.run(g[0], g[1], g[2], active.get_current_stream(device), d.function, d.packed, None, None, None,
+                      *args, *d.tail)
+                return
+        compiled = self.kernel[self.grid](*args, **self.kwargs)
+        if DIRECT_LAUNCH:
+            self.direct = _record_direct(self.kernel, compiled, args, self.kwargs)
 
 
 class Plans(dict):
@@ -243,7 +341,7 @@ class Launcher:
             plan = self.plan(key, cfg, grid(cfg.kwargs), meta)
             if launched:
                 return plan
-        plan.kernel[plan.grid](*args, **plan.kwargs)
+        plan.launch(*args)
         return plan
 
     def plan(self, key, cfg, grid, meta):
@@ -664,8 +762,7 @@ class SplitKMatmul:
             plan = self._first_call(launcher, key, lead, out, tail, M, n_out, setup)
             if plan is None:  # tuned: the autotuner launched the chosen config (its splits reduced in the launch)
                 return out
-        plan.kernel[plan.grid](*lead, out, *SCRATCH.get(out, plan.kwargs["SPLIT_K"], M * n_out, plan.grid[0]), *tail,
-                               **plan.kwargs)
+        plan.launch(*lead, out, *SCRATCH.get(out, plan.kwargs["SPLIT_K"], M * n_out, plan.grid[0]), *tail)
         return out
 
     def _first_call(self, launcher, key, lead, out, tail, M, n_out, setup):

@@ -520,7 +520,7 @@ def _launch_forward(x, tables, t, y, config=None, pre=None):
                 cfg, _ = _FWD.choose(bucket, grid, None, meta, None if tuned else _fwd_default(nb, K, d_out, sms))
                 plan = _FWD.plan(key, cfg, grid(cfg.kwargs), meta)
     scratch = SCRATCH.get(y, plan.config.kwargs["SPLIT"], n * d_out, plan.grid[0] * plan.grid[1])
-    plan.kernel[plan.grid](x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb, **plan.kwargs)
+    plan.launch(x, tables, keys, ps, y, *scratch, n, K, d_out, 2.0 / t, nb)
     return plan.config
 
 

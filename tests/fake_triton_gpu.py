@@ -29,12 +29,14 @@ class FakeGPU:
         self.target = GPUTarget("cuda", arch, 32)
         self.launches = 0
         self.benchmarks = 0
+        self.last_launch = None  # the arguments of the last launch, as the compiled kernel's launcher got them
+        self.device = 0
 
     def is_active(self):
         return True
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def set_current_device(self, device):
         pass
@@ -51,6 +53,7 @@ class FakeGPU:
     def launcher_cls(self, src, metadata):
         def launch(*args, **kwargs):
             self.launches += 1
+            self.last_launch = args
         return launch
 
     def bench(self, fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, **kwargs):
