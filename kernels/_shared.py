@@ -112,12 +112,14 @@ def space(full, interpreted):
 # as long as nothing run() would specialize differently has changed: the current device, each tensor's dtype and
 # 16-byte alignment, every int (and other non-float) argument's value, and no launch hook registered (profilers: run()
 # would build launch metadata for them; without hooks the launcher gets None for both, as it accepts) nor a pre-run
-# hook of the kernel. Anything else takes run() again, which records the plan's kernel anew. What run() also does per
+# hook of the kernel. Anything else takes run() again, which records the plan's kernel anew (DIRECT_RECORDS times at
+# most: a seed that changes with every call sends its plan back to run() for good). What run() also does per
 # call and a direct launch skips: checking that the kernel's global variables kept their values since it was
 # compiled. WEIGHTKIT_TRITON_DIRECT_LAUNCH=0 turns this off (Triton < 3.4: always off).
 
 DIRECT_LAUNCH = (not INTERPRET and _RUNTIME is not None
                  and os.environ.get("WEIGHTKIT_TRITON_DIRECT_LAUNCH", "1").strip() != "0")
+DIRECT_RECORDS = 4  # records per plan: a plan whose ints change with every call (seeds) goes back to run() for good
 
 
 def _no_launch_hooks():
@@ -181,11 +183,12 @@ def _record_direct(kernel, compiled, args, kwargs):
 class Plan:
     """A resolved launch of ``kernel`` (a JITFunction) with ``kwargs`` (constexprs and options) on the grid tuple
     ``grid``: ``plan.launch(*args)`` (directly after its first launch, see above)."""
-    __slots__ = ("kernel", "grid", "kwargs", "config", "direct", "_grid3")
+    __slots__ = ("kernel", "grid", "kwargs", "config", "direct", "records", "_grid3")
 
     def __init__(self, kernel, grid, kwargs, config):
         self.kernel, self.grid, self.kwargs, self.config = kernel, grid, kwargs, config
         self.direct = None
+        self.records = 0  # direct launches recorded; a plan whose calls keep changing stops after DIRECT_RECORDS
         self._grid3 = tuple(grid) + (1,) * (3 - len(grid))
 
     def launch(self, *args):
@@ -199,8 +202,11 @@ class Plan:
                       *args, *d.tail)
                 return
         compiled = self.kernel[self.grid](*args, **self.kwargs)
-        if DIRECT_LAUNCH:
+        if DIRECT_LAUNCH and self.records < DIRECT_RECORDS:
+            self.records += 1
             self.direct = _record_direct(self.kernel, compiled, args, self.kwargs)
+        else:  # an int argument that changes with every call (a seed, an offset): run() each time, no guard to pay
+            self.direct = None
 
 
 class Plans(dict):

@@ -93,7 +93,8 @@ def _child_main():
     three_calls("stochastic_round_int8", lambda: int8.stochastic_round_int8_triton(
         x, torch.rand(64, 2) + 0.5, 128, 3, 0), x)
 
-    # the guard, on a plan of a small kernel: what takes run() again
+    # the guard, on a plan of a small kernel: what takes run() again (re-recorded each time: no limit here)
+    limit, _shared.DIRECT_RECORDS = _shared.DIRECT_RECORDS, 100
     plan = _shared.Plan(_scale_kernel, (4,), {"BLOCK": 64, "num_warps": 1}, None)
     base = torch.randn(300)
     x, y = base[:256], torch.empty(256)
@@ -124,6 +125,16 @@ def _child_main():
     _shared._RUNTIME.launch_enter_hook.remove(hook)
     step("hook removed", x64, y, 255, 0.5)
     out["steps"] = steps
+    _shared.DIRECT_RECORDS = limit
+    # an int that changes with every call (a seed): re-recorded DIRECT_RECORDS times, then run() for good
+    seeded = _shared.Plan(_scale_kernel, (4,), {"BLOCK": 64, "num_warps": 1}, None)
+    taken = []
+    for seed in range(3, 3 + _shared.DIRECT_RECORDS + 3):
+        before = runs[0]
+        seeded.launch(x, y, seed, 0.5)
+        taken.append(runs[0] - before)
+    out["varying int"] = dict(runs=taken, records=seeded.records, direct=seeded.direct is not None,
+                              limit=_shared.DIRECT_RECORDS)
     print(json.dumps(out))
 
 
@@ -170,6 +181,11 @@ def test_whatever_run_would_specialize_differently_takes_run_again(child_out):
     assert steps["same"][1] == steps["first"][1]
     # the constexprs and defaults after the positional arguments, as run() binds them (BLOCK 64, TWICE False)
     assert steps["same"][1][-2:] == ["64", "False"], steps["same"]
+
+
+def test_a_plan_whose_ints_keep_changing_goes_back_to_run(child_out):
+    out = child_out["varying int"]
+    assert out["runs"] == [1] * (out["limit"] + 3) and out["records"] == out["limit"] and not out["direct"], out
 
 
 def test_off_by_the_environment_variable():
