@@ -115,7 +115,8 @@ def space(full, interpreted):
 # hook of the kernel. Anything else takes run() again, which records the plan's kernel anew (DIRECT_RECORDS times at
 # most: a seed that changes with every call sends its plan back to run() for good). What run() also does per
 # call and a direct launch skips: checking that the kernel's global variables kept their values since it was
-# compiled. WEIGHTKIT_TRITON_DIRECT_LAUNCH=0 turns this off (Triton < 3.4: always off).
+# compiled. A launcher that raises on a direct launch turns them off for the process (one warning; the call goes
+# through run()). WEIGHTKIT_TRITON_DIRECT_LAUNCH=0 turns this off (Triton < 3.4: always off).
 
 DIRECT_LAUNCH = (not INTERPRET and _RUNTIME is not None
                  and os.environ.get("WEIGHTKIT_TRITON_DIRECT_LAUNCH", "1").strip() != "0")
@@ -146,6 +147,18 @@ def _guard(args, device):
             terms.append(f"type(args[{i}]) is T{i} and args[{i}] == V{i}")
     exec("def matches(args, device):\n    return " + " and ".join(terms), ns)  # noqa: S102 - our own text
     return ns["matches"]
+
+
+def _direct_failed(exc):
+    """A direct launch raised (a Triton whose launcher takes other arguments): direct launches off for the process,
+    with one warning; the call goes through run() instead."""
+    global DIRECT_LAUNCH
+    if DIRECT_LAUNCH:
+        DIRECT_LAUNCH = False
+        import warnings
+
+        warnings.warn(f"weightkit: direct Triton launches are off ({type(exc).__name__}: {exc}); every launch goes "
+                      f"through JITFunction.run", RuntimeWarning, stacklevel=3)
 
 
 class _Direct:
@@ -198,11 +211,14 @@ class Plan:
             device = active.get_current_device()
             if d.matches(args, device) and _no_launch_hooks() and not self.kernel.pre_run_hooks:
                 g = self._grid3
-                d.run(g[0], g[1], g[2], active.get_current_stream(device), d.function, d.packed, None, None, None,
-                      *args, *d.tail)
-                return
+                try:
+                    d.run(g[0], g[1], g[2], active.get_current_stream(device), d.function, d.packed, None, None, None,
+                          *args, *d.tail)
+                    return
+                except Exception as exc:  # noqa: BLE001 - a launcher that takes its arguments otherwise: run()
+                    _direct_failed(exc)
         compiled = self.kernel[self.grid](*args, **self.kwargs)
-        if DIRECT_LAUNCH and self.records < DIRECT_RECORDS:
+        if DIRECT_LAUNCH and self.records < DIRECT_RECORDS:  # (the global: _direct_failed may turn it off)
             self.records += 1
             self.direct = _record_direct(self.kernel, compiled, args, self.kwargs)
         else:  # an int argument that changes with every call (a seed, an offset): run() each time, no guard to pay

@@ -133,6 +133,26 @@ def _child_main():
         before = runs[0]
         seeded.launch(x, y, seed, 0.5)
         taken.append(runs[0] - before)
+    # a launcher that refuses a direct launch's arguments: one warning, run() for that call and from then on
+    import warnings
+
+    failing = _shared.Plan(_scale_kernel, (4,), {"BLOCK": 64, "num_warps": 1}, None)
+    failing.launch(x, y, 256, 0.5)
+    if failing.direct is None:  # direct launches off (WEIGHTKIT_TRITON_DIRECT_LAUNCH=0)
+        print(json.dumps(out))
+        return
+
+    def refuse(*args):
+        raise TypeError("launcher arguments")
+    failing.direct.run = refuse
+    before = runs[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        failing.launch(x, y, 256, 0.5)
+        failing.launch(x, y, 256, 0.5)
+    out["refused"] = dict(runs=runs[0] - before, direct_after=_shared.DIRECT_LAUNCH,
+                          warnings=[str(w.message) for w in caught], args=_norm(fake.last_launch))
+    _shared.DIRECT_LAUNCH = True
     out["varying int"] = dict(runs=taken, records=seeded.records, direct=seeded.direct is not None,
                               limit=_shared.DIRECT_RECORDS)
     print(json.dumps(out))
@@ -186,6 +206,13 @@ def test_whatever_run_would_specialize_differently_takes_run_again(child_out):
 def test_a_plan_whose_ints_keep_changing_goes_back_to_run(child_out):
     out = child_out["varying int"]
     assert out["runs"] == [1] * (out["limit"] + 3) and out["records"] == out["limit"] and not out["direct"], out
+
+
+def test_a_launcher_that_refuses_a_direct_launch_turns_them_off(child_out):
+    out = child_out["refused"]
+    # both calls went through run() (the launch that raised had launched nothing), with one warning naming the error
+    assert out["runs"] == 2 and out["direct_after"] is False and out["args"] is not None, out
+    assert len(out["warnings"]) == 1 and "TypeError: launcher arguments" in out["warnings"][0], out
 
 
 def test_off_by_the_environment_variable():
