@@ -4,6 +4,11 @@ do nothing, benchmarks time nothing (1 ms each). For tests of the host logic tha
 interpreter bypasses it); import it in a process started without TRITON_INTERPRET. Results of launches are
 whatever the output tensors held: nothing about numerics can be learnt here."""
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
@@ -81,3 +86,18 @@ def install(arch=90):
     driver.set_active(fake)
     triton.testing.do_bench = fake.bench
     return fake
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_child(script, **env):
+    """Run the test file ``script`` as a child process without TRITON_INTERPRET (its ``__main__`` installs this
+    driver and prints one JSON line last), with the repository on its path and ``env`` added; returns that JSON."""
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full["PYTHONPATH"] = ROOT + os.pathsep + full.get("PYTHONPATH", "")
+    full.update(env)
+    proc = subprocess.run([sys.executable, os.path.abspath(script)], capture_output=True, text=True, env=full,
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

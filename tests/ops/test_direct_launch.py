@@ -9,16 +9,13 @@ on the stand-in driver (tests/fake_triton_gpu.py: real sm_90 compiles; its launc
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.fake_triton_gpu import run_child
 
 @triton.jit
 def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr, TWICE: tl.constexpr = False):
@@ -158,14 +155,8 @@ def _child_main():
     print(json.dumps(out))
 
 
-def _child(**env_extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(env_extra)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _child(**env):
+    return run_child(__file__, **env)
 
 
 @pytest.fixture(scope="module")

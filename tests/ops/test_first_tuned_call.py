@@ -13,9 +13,6 @@ with ``capturing()`` answered by the test. What a capture on a GPU does with it 
 ``test_first_call_inside_capture_tunes_later``."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.fake_triton_gpu import run_child
 
 @triton.jit
 def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -124,12 +120,7 @@ def _child_main():
 
 
 def _child():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__)
 
 
 @pytest.fixture(scope="module")

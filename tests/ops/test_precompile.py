@@ -4,17 +4,13 @@ so the check runs in a child process without TRITON_INTERPRET on a stand-in driv
 real sm_90 compiles, no launches."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.fake_triton_gpu import run_child
 
 @triton.jit
 def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -65,13 +61,7 @@ def _child_main():
 
 
 def _child(threads):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["WEIGHTKIT_COMPILE_THREADS"] = str(threads)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, WEIGHTKIT_COMPILE_THREADS=str(threads))
 
 
 def test_tuned_launch_compiles_its_configs_before_timing_them():
