@@ -237,6 +237,20 @@ class Plans(dict):
         return plan
 
 
+_LAUNCH_PLANS = Plans()  # launch(): plans of untuned kernels by (kernel, grid, keyword arguments)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` for a grid tuple and hashable keyword arguments (constexprs, options),
+    through a plan cached per (kernel, grid, keyword arguments): its later launches are direct (above). For the
+    kernels of an optimizer step, launched once per parameter and step."""
+    key = (kernel, grid, *kwargs.items())
+    plan = _LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = _LAUNCH_PLANS.put(key, Plan(kernel, grid, kwargs, None))
+    plan.launch(*args)
+
+
 def compile_threads():
     """Threads that compile a tuner's configs at once (Launcher.precompile): WEIGHTKIT_COMPILE_THREADS, else the
     CPUs this process may use, at most 16 (Triton's compiler runs mostly outside the GIL: LLVM, ptxas)."""
@@ -381,6 +395,7 @@ def clear_launch_caches():
     """Forget every chosen config and plan (tests that change a tuning threshold or a config space)."""
     for launcher in LAUNCHERS:
         launcher.clear()
+    _LAUNCH_PLANS.clear()
 
 
 # -- split-K choice ------------------------------------------------------------------------------------------------

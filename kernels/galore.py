@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, TUNE_LOCK, capturing, cdiv, device_guard, tile_ids, tune_bench
+from ._shared import INTERPRET, TUNE_LOCK, capturing, cdiv, device_guard, launch, tile_ids, tune_bench
 
 
 @triton.jit
@@ -111,10 +111,12 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, str
 
 
 _PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-# The matmul's tuning keys seen outside a CUDA-graph capture. A key's first call inside a capture must not tune (the
-# autotuner's timing synchronizes the capturing stream, which invalidates the capture): it launches the first config
-# untimed (128 x 128 x 32, which every pruning keeps) and records nothing, so the key's first eager call tunes.
-_TUNED = set()
+# The matmul's config per tuning key (its autotuner's key: the key arguments and the tensors' dtypes), tuned by the
+# key's first call outside a CUDA-graph capture; later calls launch it through a cached plan (_shared.launch: direct
+# launches, no autotuner on the call path). A key's first call inside a capture must not tune (the autotuner's timing
+# synchronizes the capturing stream, which invalidates the capture): it launches the first config untimed (128 x 128
+# x 32, which every pruning keeps) and records nothing, so the key's first eager call tunes.
+_TUNED = {}
 
 
 def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
@@ -132,8 +134,8 @@ def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta
     update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
     n = low_grad.numel()
     flag = found_inf if found_inf is not None else exp_avg  # an unused pointer when HAS_FOUND is off
-    _low_rank_adam_kernel[(cdiv(n, block),)](low_grad, exp_avg, exp_avg_sq, update, flag, n, beta1, beta2, eps,
-                                             HAS_FOUND=found_inf is not None, BLOCK=block)
+    launch(_low_rank_adam_kernel, (cdiv(n, block),), low_grad, exp_avg, exp_avg_sq, update, flag, n, beta1, beta2, eps,
+           HAS_FOUND=found_inf is not None, BLOCK=block)
     a, b = (ortho, update) if left else (update, ortho)
     m_rows, n_cols = weight.shape
     k = a.shape[1]
@@ -144,19 +146,17 @@ def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta
         return (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(n_cols, meta["BLOCK_N"]),)
 
     step_t = step_size_t if has_step else flag
-
-    def launch(kernel, **provisional):
-        kernel[grid](a, b, weight, flag, step_t, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0),
-                     b.stride(1), weight.stride(0), weight.stride(1), alpha, decay, HAS_FOUND=found_inf is not None,
-                     HAS_STEP=has_step, PRECISION=precision, W_DTYPE=str(weight.dtype), UPCAST_16BIT=INTERPRET,
-                     **provisional)
-
+    args = (a, b, weight, flag, step_t, m_rows, n_cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            weight.stride(0), weight.stride(1), alpha, decay)
+    meta = dict(HAS_FOUND=found_inf is not None, HAS_STEP=has_step, PRECISION=precision, W_DTYPE=str(weight.dtype),
+                UPCAST_16BIT=INTERPRET)
     tuning_key = (m_rows, n_cols, k, precision, a.dtype, b.dtype, weight.dtype, flag.dtype, step_t.dtype)
-    if tuning_key in _TUNED:  # the autotuner's key (its key arguments and the tensors' dtypes) is tuned
-        launch(_matmul_update_kernel)
-    elif capturing():
-        launch(_matmul_update_kernel.fn, **_matmul_update_kernel.configs[0].all_kwargs())
-    else:
-        with TUNE_LOCK:  # one tuning at a time (kernels/_shared.py)
-            launch(_matmul_update_kernel)
-            _TUNED.add(tuning_key)
+    cfg = _TUNED.get(tuning_key)
+    if cfg is None and capturing():
+        cfg = _matmul_update_kernel.configs[0]  # provisional (see above)
+    if cfg is not None:
+        launch(_matmul_update_kernel.fn, grid(cfg.kwargs), *args, **meta, **cfg.all_kwargs())
+        return
+    with TUNE_LOCK:  # one tuning at a time (kernels/_shared.py)
+        _matmul_update_kernel[grid](*args, **meta)
+        _TUNED[tuning_key] = _matmul_update_kernel.best_config

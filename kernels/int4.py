@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, gemv_accumulators, gemv_rows,
-                      gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, space, store_result, unpack_int4_f32,
-                      weight_dot, x_offsets)
+                      gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, space, store_result,
+                      unpack_int4_f32, weight_dot, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -106,8 +106,8 @@ def dequantize_int4_triton(packed, scale, zero, group_size, block=1024):
     n = packed.numel() * 2
     with device_guard(packed.device):
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
-        _dequantize_int4_kernel[(cdiv(n, block),)](packed, scale, zero, out, n, group_size, BLOCK=block,
-                                                   enable_fp_fusion=False)
+        launch(_dequantize_int4_kernel, (cdiv(n, block),), packed, scale, zero, out, n, group_size, BLOCK=block,
+               enable_fp_fusion=False)
     return out
 
 

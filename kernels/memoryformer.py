@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (INTERPRET, SCRATCH, Launcher, Plan, cdiv, device_guard, device_info, next_pow2, space,
+from ._shared import (INTERPRET, SCRATCH, Launcher, Plan, cdiv, device_guard, device_info, launch, next_pow2, space,
                       splitk_finish)
 
 _PRE_MIN_N = 64  # tokens from which the forward precomputes key and p instead of hashing per column block
@@ -459,8 +459,8 @@ def _hash_pairs(x, K, tau, t):
     ps = torch.empty((n, K), dtype=torch.float32, device=x.device)
     if n * K:
         bt, bk = 16, min(32, _pow2(K))
-        _memory_hash_kernel[(cdiv(n, bt), cdiv(K, bk))](
-            x, keys, ps, n, K, 2.0 / t, TAU=tau, TAU_P2=_pow2(tau), BLOCK_T=bt, BLOCK_K=bk, num_warps=4)
+        launch(_memory_hash_kernel, (cdiv(n, bt), cdiv(K, bk)),
+               x, keys, ps, n, K, 2.0 / t, TAU=tau, TAU_P2=_pow2(tau), BLOCK_T=bt, BLOCK_K=bk, num_warps=4)
     return keys, ps
 
 
@@ -576,7 +576,7 @@ def sort_pairs(keys, buckets):
     order = torch.empty(n * K, dtype=index, device=keys.device)
     if K:
         bt = max(1, min(64, _RANK_BLOCK // buckets))
-        _rank_keys_kernel[(K,)](keys, order, starts, n, K, B=buckets, BLOCK_T=bt, num_warps=4)
+        launch(_rank_keys_kernel, (K,), keys, order, starts, n, K, B=buckets, BLOCK_T=bt, num_warps=4)
     else:
         starts.zero_()
     return starts, order

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import (_u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, next_pow2,
+from ._shared import (_u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, launch, next_pow2,
                       philox_uniform)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
@@ -230,7 +230,7 @@ def blockwise8bit_adam_triton(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_
     with device_guard(low.device):
         bounds_s = (code_signed[:-1] + code_signed[1:]) / 2
         bounds_u = (code_unsigned[:-1] + code_unsigned[1:]) / 2
-        _blockwise8bit_adam_kernel[(cdiv(n, 256),)](
-            low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, bounds_s,
-            bounds_u, out, n, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), BLOCK=256,
-            num_warps=2 if _INTERPRET else 4, enable_fp_fusion=False)
+        launch(_blockwise8bit_adam_kernel, (cdiv(n, 256),),
+               low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, bounds_s,
+               bounds_u, out, n, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), BLOCK=256,
+               num_warps=2 if _INTERPRET else 4, enable_fp_fusion=False)

@@ -49,7 +49,7 @@ def _child_main():
     from triton.runtime import jit
 
     fake = fake_triton_gpu.install()
-    from weightkit.kernels import _shared, int4, int8, memoryformer
+    from weightkit.kernels import _shared, galore, int4, int8, memoryformer, qgalore
     from weightkit.ops.int4 import quantize_int4
 
     runs = [0]
@@ -89,6 +89,19 @@ def _child_main():
     x = torch.randn(64, 256)  # (a tuned launch: the autotuner makes the first one, run() the second)
     three_calls("stochastic_round_int8", lambda: int8.stochastic_round_int8_triton(
         x, torch.rand(64, 2) + 0.5, 128, 3, 0), x)
+    # an optimizer step's kernels (_shared.launch): GaLore's Adam and its tuned matmul (the second call launches the
+    # tuned config through run() once), the 8-bit moments
+    weight, low, ortho = torch.randn(96, 80), torch.randn(16, 80), torch.linalg.qr(torch.randn(96, 16))[0]
+    m1, v1 = torch.zeros(16, 80), torch.zeros(16, 80)
+    three_calls("galore_adam_update", lambda: galore.galore_adam_update_triton(
+        weight, low, m1, v1, ortho, True, 0.9, 0.999, 1e-8, 1e-2, 0.25, 1.0), weight, ortho)
+    n8 = 600
+    codes = torch.linspace(-1.0, 1.0, 256), torch.linspace(0.0, 1.0, 256)
+    moments = [torch.randint(0, 256, (n8,), dtype=torch.uint8), torch.rand(3) + 0.5,
+               torch.randint(0, 256, (n8,), dtype=torch.uint8), torch.rand(3) + 0.5]
+    g8, out8 = torch.randn(n8), torch.empty(n8)
+    three_calls("blockwise8bit_adam", lambda: qgalore.blockwise8bit_adam_triton(
+        g8, *moments, *codes, out8, 0.9, 0.999, 1e-8), g8, out8, *moments)
 
     # the guard, on a plan of a small kernel: what takes run() again (re-recorded each time: no limit here)
     limit, _shared.DIRECT_RECORDS = _shared.DIRECT_RECORDS, 100
@@ -165,7 +178,8 @@ def child_out():
 
 
 OPS = ["int8_matmul 2 tokens", "int8_matmul 40 tokens", "int4_matmul 1 token", "memory_lookup_forward",
-       "stochastic_round_int8"]
+       "stochastic_round_int8", "galore_adam_update", "blockwise8bit_adam"]
+TUNED_FIRST = ("stochastic_round_int8", "galore_adam_update")  # the autotuner launches the first call
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -176,7 +190,7 @@ def test_later_calls_launch_directly_with_what_run_passed(child_out, name):
     # the third call (the second but for a tuned launch) takes no run(), and its launcher got the same arguments as
     # from run() (the grid, stream and kernel handle at the front, the constexprs at the end); no launch metadata
     # and no hooks, where run() passes its empty hook chains
-    assert calls[2]["runs"] == 0 and calls[1]["runs"] == (1 if name == "stochastic_round_int8" else 0), calls
+    assert calls[2]["runs"] == 0 and calls[1]["runs"] == (1 if name in TUNED_FIRST else 0), calls
     assert calls[1]["args"] == calls[0]["args"] and calls[2]["args"] == calls[0]["args"], calls
     assert calls[2]["hooks"] == ["None"] * 3 and "None" not in calls[0]["hooks"][1:], calls
 
