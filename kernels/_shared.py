@@ -104,19 +104,20 @@ def space(full, interpreted):
 
 
 # -- direct launches -----------------------------------------------------------------------------------------------
-# A plan's first launch goes through Triton's JITFunction.run, which binds and specializes every argument, builds the
-# cache key and the options and asks for launch metadata on each call: half the host time of a decode op (on the
-# 2-core CPU VM, its launcher doing nothing, tests/fake_triton_gpu.py: int8_matmul_triton at 4 tokens 18 us per call
-# through run(), 8 us direct, with Triton 3.9 and 3.6 alike; INT4 at 1 token and MemoryLinear's forward the same).
-# Later launches of the plan call the compiled kernel's launcher directly, with the same arguments run() would pass,
-# as long as nothing run() would specialize differently has changed: the current device, each tensor's dtype and
-# 16-byte alignment, every int (and other non-float) argument's value, and no launch hook registered (profilers: run()
-# would build launch metadata for them; without hooks the launcher gets None for both, as it accepts) nor a pre-run
-# hook of the kernel. Anything else takes run() again, which records the plan's kernel anew (DIRECT_RECORDS times at
-# most: a seed that changes with every call sends its plan back to run() for good). What run() also does per
-# call and a direct launch skips: checking that the kernel's global variables kept their values since it was
-# compiled. A launcher that raises on a direct launch turns them off for the process (one warning; the call goes
-# through run()). WEIGHTKIT_TRITON_DIRECT_LAUNCH=0 turns this off (Triton < 3.4: always off).
+# A launch through Triton's JITFunction.run binds and specializes every argument, builds the cache key and the
+# options and asks for launch metadata, on each call: half the host time of a decode op (on the 2-core CPU VM, its
+# launcher doing nothing, tests/fake_triton_gpu.py: int8_matmul_triton at 4 tokens 18 us per call through run(), 8 us
+# direct, with Triton 3.9 and 3.6 alike; INT4 at 1 token and MemoryLinear's forward the same). A plan's first two
+# launches go through run(), the second recording what run() compiled and passed (a plan used once pays no record);
+# later ones call the compiled kernel's launcher directly with the same arguments, as long as nothing run() would
+# specialize differently has changed: the current device, each tensor's dtype and 16-byte alignment, every int (and
+# other non-float) argument's value, and no launch hook registered (profilers: run() would build launch metadata for
+# them; without hooks the launcher gets None for both, as it accepts) nor a pre-run hook of the kernel. Anything else
+# takes run() again, which records anew (DIRECT_RECORDS times at most: a seed that changes with every call sends its
+# plan back to run() for good). What run() also does per call and a direct launch skips: checking that the kernel's
+# global variables kept their values since it was compiled. A launcher that raises on a direct launch turns them off
+# for the process (one warning; the call goes through run()). WEIGHTKIT_TRITON_DIRECT_LAUNCH=0 turns them off
+# (Triton < 3.4: always off).
 
 DIRECT_LAUNCH = (not INTERPRET and _RUNTIME is not None
                  and os.environ.get("WEIGHTKIT_TRITON_DIRECT_LAUNCH", "1").strip() != "0")
@@ -196,11 +197,12 @@ def _record_direct(kernel, compiled, args, kwargs):
 class Plan:
     """A resolved launch of ``kernel`` (a JITFunction) with ``kwargs`` (constexprs and options) on the grid tuple
     ``grid``: ``plan.launch(*args)`` (directly after its first launch, see above)."""
-    __slots__ = ("kernel", "grid", "kwargs", "config", "direct", "records", "_grid3")
+    __slots__ = ("kernel", "grid", "kwargs", "config", "direct", "runs", "records", "_grid3")
 
     def __init__(self, kernel, grid, kwargs, config):
         self.kernel, self.grid, self.kwargs, self.config = kernel, grid, kwargs, config
         self.direct = None
+        self.runs = 0  # launches through run(): the first records nothing (a plan used once never pays a record)
         self.records = 0  # direct launches recorded; a plan whose calls keep changing stops after DIRECT_RECORDS
         self._grid3 = tuple(grid) + (1,) * (3 - len(grid))
 
@@ -218,6 +220,9 @@ class Plan:
                 except Exception as exc:  # noqa: BLE001 - a launcher that takes its arguments otherwise: run()
                     _direct_failed(exc)
         compiled = self.kernel[self.grid](*args, **self.kwargs)
+        self.runs += 1
+        if self.runs < 2:
+            return
         if DIRECT_LAUNCH and self.records < DIRECT_RECORDS:  # (the global: _direct_failed may turn it off)
             self.records += 1
             self.direct = _record_direct(self.kernel, compiled, args, self.kwargs)
