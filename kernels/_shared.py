@@ -196,7 +196,7 @@ def _record_direct(kernel, compiled, args, kwargs):
 
 class Plan:
     """A resolved launch of ``kernel`` (a JITFunction) with ``kwargs`` (constexprs and options) on the grid tuple
-    ``grid``: ``plan.launch(*args)`` (directly after its first launch, see above)."""
+    ``grid``: ``plan.launch(*args)`` (direct from its third launch, see above)."""
     __slots__ = ("kernel", "grid", "kwargs", "config", "direct", "runs", "records", "_grid3")
 
     def __init__(self, kernel, grid, kwargs, config):
