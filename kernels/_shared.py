@@ -330,16 +330,19 @@ class Launcher:
         untimed. Timing configs there would synchronize the capturing stream, which invalidates the caller's capture
         (torch.cuda.graph raises at its end). Neither it nor its plan is recorded, so the bucket's first call outside
         a capture tunes as usual; a graph captured before keeps the provisional config."""
-        tuner = self.autotuner
-        with TUNE_LOCK:
-            tuner.nargs = dict(zip(tuner.arg_names, args))
-            try:
-                configs = tuner.prune_configs(meta)
-            finally:
-                tuner.nargs = None
-        cfg = copy.copy(configs[0])
+        cfg = copy.copy(self._pruned(args, meta)[0])
         cfg.provisional = True
         return cfg
+
+    def _pruned(self, args, meta):
+        """The configs the autotuner's pruner keeps for these arguments (what it would time)."""
+        tuner = self.autotuner
+        with TUNE_LOCK:  # (the pruner reads the tuner's nargs)
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            try:
+                return tuner.prune_configs(meta)
+            finally:
+                tuner.nargs = None
 
     def precompile(self, args, meta):
         """Compile every config the autotuner will time for these arguments, compile_threads() at a time, before it
@@ -356,11 +359,7 @@ class Launcher:
         from concurrent.futures import ThreadPoolExecutor
 
         try:
-            tuner.nargs = dict(zip(tuner.arg_names, args))
-            try:
-                configs = tuner.prune_configs(meta)
-            finally:
-                tuner.nargs = None
+            configs = self._pruned(args, meta)
             if len(configs) <= 1:
                 return 0
             with ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool, \

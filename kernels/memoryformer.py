@@ -548,7 +548,7 @@ def _launch_backward(grad, x, tables, t, gx, gt, keys, ps, atomics, store_keys, 
     grid = lambda c: (cdiv(n, c["BLOCK_T"]), cdiv(K, c["BLOCK_K"]))  # noqa: E731
     if config is not None:
         plan = _forced(_BWD, config, grid, meta)
-        plan.kernel[plan.grid](*args, **plan.kwargs)
+        plan.launch(*args)
         return config
     deterministic = store_keys if deterministic is None else deterministic
     tuned = not deterministic and _tuned(tables)  # deterministic mode: the shape rule's config
@@ -594,7 +594,7 @@ def _launch_segments(keys, ps, grad, gt, config=None):
     grid = lambda c: (cdiv(rows, c["ROWS"]), cdiv(d_out, c["BLOCK_N"]))  # noqa: E731
     if config is not None:
         plan = _forced(_SEG, config, grid, {})
-        plan.kernel[plan.grid](*args, **plan.kwargs)
+        plan.launch(*args)
         return config
     tuned = INTERPRET or gt.numel() >= _TUNE_MIN_TABLE
     key = (n, K, rows, d_out, tuned, starts.dtype, grad.dtype, gt.dtype, gt.device)
