@@ -16,6 +16,8 @@ os.environ.setdefault("WEIGHTKIT_AUTO", "table")
 from weightkit import backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the run of the cuda backend on simulated CUDA (tests/test_cudasim.py, tests/cudasim/plugin.py): triton is off there
+CUDASIM = bool(os.environ.get("WEIGHTKIT_CUDASIM_LIB"))
 
 
 def usable_backends(table, device):

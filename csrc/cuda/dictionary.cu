@@ -34,11 +34,8 @@ struct Stage {
   static constexpr int kRows = kStageBytes / (kStride * static_cast<int>(sizeof(V)));
 };
 
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned mask;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(mask));
-  return mask;
-}
+// The lanes below this one (what PTX's %lanemask_lt reads; computed once per thread, so no inline PTX).
+__device__ __forceinline__ unsigned lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
 
 // Calls f(O{}) with O the storage type of a word_offsets dtype code; false for any other code.
 template <typename F>

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import DEVICES, usable_backends
+from tests.conftest import CUDASIM, DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import galore as galore_ops
 from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
@@ -59,14 +59,15 @@ def close(device, rtol, atol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["reference", "native", "triton"])  # native: the compiled kernel of the device
+# native: the compiled kernel of the device; cuda on CPU tensors in the run on simulated CUDA (tests/test_cudasim.py)
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"] + (["cuda"] if CUDASIM else []))
 @pytest.mark.parametrize("shape,proj_type", [((64, 48), "std"), ((40, 72), "std"), ((64, 48), "left"),
                                              ((40, 72), "right"), ((64, 48), "reverse_std"), ((32, 48), "full")])
 def test_matches_galore_torch(backend, shape, proj_type, device):
     galore_torch = pytest.importorskip("galore_torch")
     backend = device if backend == "native" else backend
     if backend not in usable_backends(galore_ops._GALORE, device):
-        if device == "cpu" and not torch.cuda.is_available():  # the CPU test environment runs all three
+        if device == "cpu" and not torch.cuda.is_available() and not CUDASIM:  # the CPU test environment runs all three
             pytest.fail(f"backend {backend} must be usable on CPU in the test environment")
         pytest.skip(f"backend {backend} cannot run on {device} here (triton runs CPU tensors only interpreted)")
     if backend == "triton" and proj_type != "std" and device == "cpu":
