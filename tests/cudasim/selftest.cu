@@ -39,12 +39,14 @@ __global__ void collectives_kernel(int* out) {
   o[7] = static_cast<int>(threadIdx.x);
 }
 
-// Each thread writes its slot of shared memory and reads its neighbour's, with or without the barrier between.
+// Each thread writes its slot of shared memory and reads the slot of its peer in the other warp, with or without
+// the block barrier between (the __syncwarp alone does not order the two warps).
 __global__ void neighbour_kernel(int* out, bool sync) {
   __shared__ int s[64];
   s[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncwarp();
   if (sync) __syncthreads();
-  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+  out[threadIdx.x] = s[(threadIdx.x + 32) % 64];
 }
 
 __global__ void exit_then_syncthreads_kernel() {

@@ -2,9 +2,10 @@
 // sources against this header with g++; tests/test_cudasim.py runs the cuda backend's op tests on it).
 //
 // A launch runs its grid block by block, in a shuffled order (blocks may not count on running in order). Each
-// thread of a block is a fiber with its own stack, run until it exits or waits at a collective; the threads run in
-// a shuffled order between collectives (CUDASIM_SEED seeds both orders). So the kernels' code runs with CUDA's
-// semantics where they matter to correctness:
+// thread of a block is a fiber with its own stack, run until it exits or waits at a collective. A warp picked at
+// random runs as far as it can (its lanes in a shuffled order between warp collectives) before another starts, so
+// one warp gets ahead of the others up to each __syncthreads (CUDASIM_SEED seeds the orders). The kernels' code
+// runs with CUDA's semantics where they matter to correctness:
 // * __syncthreads releases the block's threads, a warp collective (__syncwarp, shuffles, __match_any_sync,
 //   __ballot_sync) the warp's 32 lanes, once all of them have arrived; a shuffle reads what its source lane posted;
 // * __shared__ variables are per block, filled with 0xFF bytes at each block's start: a read before any write
@@ -183,7 +184,6 @@ struct Launch {
   std::function<void()> body;
   std::vector<Fiber> fibers;
   std::vector<uint64_t> slots;  // one per thread: the value each lane posts to a warp collective
-  std::vector<int> order;
   std::mt19937_64 rng;
   ucontext_t scheduler;
   const void* scheduler_stack = nullptr;
@@ -273,6 +273,35 @@ inline void wait(State at, const char* what) {
   fail("%s", msg);
 }
 
+// Releases warp w's lanes when every live one waits at a warp collective; true if it did.
+inline bool release_warp(Launch* l, int w) {
+  int lane_done = 0, at_warp = 0;
+  const char* what = nullptr;
+  for (int i = 32 * w; i < 32 * w + 32; ++i) {
+    const Fiber& f = l->fibers[i];
+    lane_done += f.state == State::Done;
+    if (f.state != State::AtWarp) continue;
+    ++at_warp;
+    if (what == nullptr) what = f.what;
+    if (std::strcmp(what, f.what) != 0) {
+      char msg[256];
+      std::snprintf(msg, sizeof msg, "lanes of a warp meet at different collectives (%s and %s)", what, f.what);
+      fail_at(l, i, i + 1, State::AtWarp, msg);
+    }
+  }
+  if (at_warp == 0 || at_warp + lane_done < 32) return false;
+  if (lane_done > 0) {
+    char msg[256];
+    std::snprintf(msg, sizeof msg, "%s with the full mask after %d lanes of the warp exited", what, lane_done);
+    fail_at(l, 32 * w, 32 * w + 32, State::AtWarp, msg);
+  }
+  for (int i = 32 * w; i < 32 * w + 32; ++i) l->fibers[i].state = State::Ready;
+  return true;
+}
+
+// One block. A warp, picked at random among those with runnable lanes, runs as far as it can (its lanes in a
+// shuffled order between its warp collectives) before another starts: one warp runs ahead of the others up to a
+// __syncthreads, which exposes a read of shared memory that another warp has not yet written (poisoned).
 inline void run_block(Launch* l) {
   ++l->block_serial;
   for (int i = 0; i < l->threads; ++i) {
@@ -286,43 +315,33 @@ inline void run_block(Launch* l) {
     f.fake_stack = nullptr;
   }
   const int warps = l->threads / 32;
+  std::vector<int> lanes(32), runnable;
+  std::iota(lanes.begin(), lanes.end(), 0);
   for (;;) {
-    std::shuffle(l->order.begin(), l->order.end(), l->rng);
-    for (const int i : l->order)
-      if (l->fibers[i].state == State::Ready) resume(l, i);
+    runnable.clear();
+    for (int w = 0; w < warps; ++w) {
+      for (int i = 32 * w; i < 32 * w + 32; ++i) {
+        if (l->fibers[i].state == State::Ready) {
+          runnable.push_back(w);
+          break;
+        }
+      }
+    }
+    if (!runnable.empty()) {
+      const int w = runnable[std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(l->rng)];
+      do {
+        std::shuffle(lanes.begin(), lanes.end(), l->rng);
+        for (const int lane : lanes)
+          if (l->fibers[32 * w + lane].state == State::Ready) resume(l, 32 * w + lane);
+      } while (release_warp(l, w));
+      continue;
+    }
     int done = 0, at_block = 0;
     for (const Fiber& f : l->fibers) {
       done += f.state == State::Done;
       at_block += f.state == State::AtBlock;
     }
     if (done == l->threads) break;
-    bool released = false;
-    for (int w = 0; w < warps; ++w) {  // a warp whose live lanes all wait at a warp collective
-      int lane_done = 0, at_warp = 0;
-      const char* what = nullptr;
-      for (int i = 32 * w; i < 32 * w + 32; ++i) {
-        const Fiber& f = l->fibers[i];
-        lane_done += f.state == State::Done;
-        if (f.state == State::AtWarp) {
-          ++at_warp;
-          if (what == nullptr) what = f.what;
-          if (std::strcmp(what, f.what) != 0) {
-            char msg[256];
-            std::snprintf(msg, sizeof msg, "lanes of a warp meet at different collectives (%s and %s)", what, f.what);
-            fail_at(l, i, i + 1, State::AtWarp, msg);
-          }
-        }
-      }
-      if (at_warp == 0 || at_warp + lane_done < 32) continue;
-      if (lane_done > 0) {
-        char msg[256];
-        std::snprintf(msg, sizeof msg, "%s with the full mask after %d lanes of the warp exited", what, lane_done);
-        fail_at(l, 32 * w, 32 * w + 32, State::AtWarp, msg);
-      }
-      for (int i = 32 * w; i < 32 * w + 32; ++i) l->fibers[i].state = State::Ready;
-      released = true;
-    }
-    if (released) continue;
     if (at_block > 0 && at_block + done == l->threads) {
       if (done > 0) fail_at(l, 0, l->threads, State::AtBlock, "__syncthreads after some threads of the block exited");
       for (Fiber& f : l->fibers) f.state = State::Ready;
@@ -446,8 +465,6 @@ inline void run_grid(const char* name, dim3 grid, dim3 block, std::function<void
   char* stacks = fiber_stacks(threads);
   for (int i = 0; i < threads; ++i) l.fibers[i].stack = stacks + i * kStackBytes;
   l.slots.assign(threads, 0);
-  l.order.resize(threads);
-  std::iota(l.order.begin(), l.order.end(), 0);
   l.rng.seed(order_seed());
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> block_order(blocks);
