@@ -1,4 +1,4 @@
-.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton info gpu-check
+.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton check-cudasim info gpu-check
 
 test:  ## the test command: installs what it needs, builds, runs tests/
 	bash scripts/test.sh
@@ -23,6 +23,9 @@ check-portable:  ## the built kernels, unchanged, under a second torch release (
 
 check-triton:  ## Triton kernels under another Triton (TRITON_VERSION, default 3.6.0 as on the GPU image; downloads it): sm_90 compile of every launch + interpreter tests/ops
 	TRITON_VERSION=$(or $(TRITON_VERSION),3.6.0) bash scripts/check_triton.sh
+
+check-cudasim:  ## csrc/cuda's kernels on the CPU (cudasim, ASan + UBSan) under the cuda backend's tests; no GPU needed, ~2.5 min
+	python -m pytest -q -p no:cacheprovider tests/test_cudasim.py
 
 info:
 	python -m weightkit info

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -146,44 +146,43 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
 
 
+def _stage(path: str, dst_dir: str) -> str:
+    """``path`` copied into ``dst_dir``, rewritten if it is CUDA source; the copy's path."""
+    with open(path) as f:
+        text = f.read()
+    dst = os.path.join(dst_dir, os.path.basename(path))
+    with open(dst, "w") as f:
+        f.write(rewrite(text, os.path.basename(path)) if path.endswith((".cu", ".cuh")) else text)
+    return dst
+
+
+def _build_once(out: str, variant: str, cxx: str, stage: Callable[[str], List[str]]) -> str:
+    """``out``, compiled from the sources ``stage(tmp)`` writes into a temporary folder, unless it exists."""
+    if not os.path.exists(out):
+        with tempfile.TemporaryDirectory(prefix="cudasim-") as tmp:
+            _compile(stage(tmp), out, variant, cxx)
+    return out
+
+
 def build(variant: str = "plain", cxx: str = "") -> str:
     """The simulated CUDA library's path, built if missing (20-50 s on 2 cores)."""
     _check_variant(variant)
-    out = library_path(variant)
-    if os.path.exists(out):
-        return out
-    with tempfile.TemporaryDirectory(prefix="cudasim-") as tmp:
-        src_root = os.path.join(tmp, "csrc")
-        os.makedirs(os.path.join(src_root, "cuda"))
+
+    def stage(tmp: str) -> List[str]:
+        cuda = os.path.join(tmp, "csrc", "cuda")  # the layout of csrc/: the sources include "../philox.h"
+        os.makedirs(cuda)
         for name in ("philox.h", "weightkit.h"):
-            shutil.copy(os.path.join(CSRC, name), src_root)
-        sources = []
-        for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*"))):
-            with open(path) as f:
-                text = f.read()
-            dst = os.path.join(src_root, "cuda", os.path.basename(path))
-            with open(dst, "w") as f:
-                f.write(rewrite(text, os.path.basename(path)) if path.endswith((".cu", ".cuh")) else text)
-            if path.endswith(".cu"):
-                sources.append(dst)
-        _compile(sources + [REPORT], out, variant, cxx)
-    return out
+            shutil.copy(os.path.join(CSRC, name), os.path.dirname(cuda))
+        staged = [_stage(path, cuda) for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*")))]
+        return [path for path in staged if path.endswith(".cu")] + [REPORT]
+
+    return _build_once(library_path(variant), variant, cxx, stage)
 
 
 def build_selftest(variant: str = "plain", cxx: str = "") -> str:
     """The library of tests/cudasim/selftest.cu (cudasim's own tests), built if missing."""
     _check_variant(variant)
-    out = selftest_path(variant)
-    if os.path.exists(out):
-        return out
-    with tempfile.TemporaryDirectory(prefix="cudasim-") as tmp:
-        src = os.path.join(tmp, os.path.basename(SELFTEST))
-        with open(SELFTEST) as f:
-            text = rewrite(f.read(), os.path.basename(SELFTEST))
-        with open(src, "w") as f:
-            f.write(text)
-        _compile([src], out, variant, cxx)
-    return out
+    return _build_once(selftest_path(variant), variant, cxx, lambda tmp: [_stage(SELFTEST, tmp)])
 
 
 if __name__ == "__main__":
