@@ -258,7 +258,7 @@ def test_script_runs_the_stages_in_order_and_drops_what_cannot_run(tmp_path):
     stages = [c.split()[1] if c.startswith("-m") else c.split()[0] for c in calls if not c.startswith("-c")]
     assert stages == ["setup.py", "weightkit", "pytest", "bench.gpu_report", "weightkit"]
     test_call = next(c for c in calls if c.startswith("-m pytest"))
-    assert "-n 14" in test_call and "-k cuda" in test_call
+    assert "-n 14" in test_call and "-k (cuda or tuned_path) and not cudasim" in test_call
     train_call = calls[-1]
     assert "--methods adamw,galore " in train_call + " "  # qgalore needs bitsandbytes: dropped, not started
     assert "train method qgalore: needs bitsandbytes" in head
