@@ -1,8 +1,9 @@
-"""CPU emulations of the INT8 / INT4 CUDA kernels and their host launchers (csrc/cuda/int8.cu, int4.cu), which no
-test here can run (no GPU): each port follows its kernel line by line (threads of a grid-stride loop, lanes of a
-warp, Philox blocks, the host's choice between the 16-byte vector kernel and the scalar one) and counts every
-write, so the tests check what a GPU run would: each output element written once, every vector access inside its
-buffer and 16-byte aligned, and the result bit for bit the reference's (weightkit/ops/int8.py, int4.py).
+"""CPU emulations of the INT8 / INT4 CUDA kernels and their host launchers (csrc/cuda/int8.cu, int4.cu); the kernels'
+own code runs on the CPU in tests/test_cudasim.py (cudasim), and these ports add the write counts. Each port follows
+its kernel line by line (threads of a grid-stride loop, lanes of a warp, Philox blocks, the host's choice between the
+16-byte vector kernel and the scalar one) and counts every write, so the tests check what a GPU run would: each
+output element written once, every vector access inside its buffer and 16-byte aligned, and the result bit for bit
+the reference's (weightkit/ops/int8.py, int4.py).
 tests/ops/test_cuda_index_emulation.py does the same for dictionary.cu and memoryformer.cu.
 
 * stochastic_round_int8_cuda_kernel: one thread per Philox block of the stream, its group index divided once and

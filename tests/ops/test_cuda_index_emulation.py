@@ -1,7 +1,9 @@
-"""CPU emulations of the index arithmetic of CUDA kernels that no test here can run (no GPU): each port follows its
-kernel line by line (blocks, passes, warps' 32-task batches, lanes as numpy vectors) and counts every write, so the
-tests check what a GPU run would: each output element written exactly once (no race, no gap), every shared-memory
-read of an entry written in the same pass, every read in bounds, and the result equal to the reference.
+"""CPU emulations of the index arithmetic of CUDA kernels: each port follows its kernel line by line (blocks, passes,
+warps' 32-task batches, lanes as numpy vectors) and counts every write, so the tests check what a GPU run would: each
+output element written exactly once (no race, no gap), every shared-memory read of an entry written in the same
+pass, every read in bounds, and the result equal to the reference. A port checks the port; the kernels' own code
+runs on the CPU in tests/test_cudasim.py (cudasim, under ASan and UBSan); the write counts and the small kRows here
+are what these ports add.
 
 * csrc/cuda/dictionary.cu, bitmask_dense_t_kernel: the multi-pass decode (values staged kRows at a time) and the
   gather for grad_values, with small kRows so a few columns take many passes;
