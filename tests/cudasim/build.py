@@ -1,7 +1,8 @@
 """Builds csrc/cuda/*.cu for the CPU: the CUDA kernel library's own sources, compiled by g++ against cudasim
 (tests/cudasim/include/cudasim.h: CUDA's threads, barriers, warp collectives and runtime API on the host), as a
 library with the same wk_cuda_* C ABI that weightkit._C.load_cuda opens. tests/test_cudasim.py runs the cuda
-backend's op tests on it, once plainly and once under AddressSanitizer + UndefinedBehaviorSanitizer.
+backend's tests on it, built with AddressSanitizer + UndefinedBehaviorSanitizer ("sanitize") where g++ has their
+runtimes, else without ("plain").
 
 Two rewrites make the sources valid C++ (both mechanical; the kernels' code is otherwise compiled as it is):
 * ``kernel<<<grid, block, shared, stream>>>(args)`` becomes
@@ -35,6 +36,8 @@ SELFTEST_LIBRARY = "libcudasim_selftest.so"
 REPORT = os.path.join(HERE, "report.cpp")
 SELFTEST = os.path.join(HERE, "selftest.cu")
 
+# -ffp-contract=off as the real build (results bit for bit the reference's); -fno-strict-aliasing: the kernels read a
+# uint4's bytes as other types, as CUDA code does
 COMMON_FLAGS = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-g", "-ffp-contract=off", "-fno-strict-aliasing",
                 "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", '-DWK_CUDA_ARCHS="cudasim"']
 VARIANTS: Dict[str, List[str]] = {

@@ -98,7 +98,7 @@ def test_memory_backward_sorts_and_table_grads(n, k, tau, d_out, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k,s,d_out", [(3, 1100, 600, 20), (2, 300, 200, 3)])
+@pytest.mark.parametrize("n,k,s,d_out", [(3, 1100, 950, 20), (2, 300, 200, 3)])  # 950: 2 passes in fp32 and bf16
 def test_dictionary_many_nonzeros_per_column(n, k, s, d_out, dtype):
     z, values, bitmask, offsets = bitmask_inputs(n, k, s, d_out, dtype)
     assert offsets.dtype == (torch.uint8 if s <= 255 else torch.int16)
