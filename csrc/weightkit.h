@@ -29,7 +29,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 5
+#define WK_ABI_VERSION 6
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
@@ -111,6 +111,12 @@ WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, in
 WK_API int wk_cuda_dequantize_int8(const int8_t* q, const float* scale, void* out, int out_dtype, int64_t in_f,
                                    int64_t group_size, int64_t r0, int64_t rows, int64_t c0, int64_t cols, int device,
                                    void* stream);
+// Few-token int8 matmul y (tokens x out_f, x_dtype) = x (tokens x in_f, x_dtype) W^T, W read once (a GEMV per
+// token block): 1 <= tokens <= 8, in_f and group_size multiples of 16, q 16-byte aligned, rows_per_warp 1, 2 or 4
+// (cudaErrorInvalidValue otherwise). Products and sums in fp32, each weight q * scale in fp32, y rounded once.
+WK_API int wk_cuda_int8_gemv(const void* x, int x_dtype, const int8_t* q, const float* scale, void* y, int64_t tokens,
+                             int64_t out_f, int64_t in_f, int64_t group_size, int64_t rows_per_warp, int device,
+                             void* stream);
 WK_API int wk_cuda_quantize_int4(const float* x, uint8_t* packed, float* scale, uint8_t* zero, int64_t groups,
                                  int64_t group_size, int device, void* stream);
 // The block W[r0 : r0 + rows, c0 : c0 + cols] of the dequantized INT4 matrix (rows of n_cols values, groups over the

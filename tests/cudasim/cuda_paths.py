@@ -9,6 +9,7 @@ otherwise: its name does not start with ``test_``).
 * the dictionary decode and gather with more nonzeros per column than one shared-memory stage holds (several
   passes), with uint8 and int16 word offsets;
 * the int8 dequantization's vector kernel with groups not a multiple of 16 and its scalar kernel;
+* the int8 GEMV of 1-8 tokens: every token block and rows-per-warp instantiation, the host's plan and refusals;
 * an entry point's refusal of a bad launch argument.
 """
 
@@ -20,7 +21,7 @@ import torch
 from tests.conftest import assert_quantized_matmul_contract
 from tests.ops.test_dictionary_ops import bitmask_inputs, bitmask_ref64
 from weightkit import native, use_backend
-from weightkit.backends.cuda import memoryformer as cuda_memoryformer
+from weightkit.backends.cuda import int8 as cuda_int8, memoryformer as cuda_memoryformer
 from weightkit.ops import int8
 from weightkit.ops.dictionary import dict_bitmask_matmul
 from weightkit.ops.memoryformer import memory_lookup, memory_lookup_grads, memory_lookup_reference
@@ -135,3 +136,48 @@ def test_entry_point_refuses_a_bad_token_block():
     code = native.CUDA.memory_lookup_forward(x.data_ptr(), 0, tables.data_ptr(), 0, y.data_ptr(), 0, 0, 2, 8, 16, 16,
                                              4, 1.5, 3, 1, 0, 0)
     assert native.cuda_error_string(code) == "invalid argument"
+
+
+def _int8_weight(out_f, in_f, group):
+    w = torch.randn(out_f, in_f)
+    scale = int8.absmax_scale(w, group)
+    q = int8.stochastic_round_int8(w, scale, group, seed=11)
+    return q, scale, int8.dequantize_int8(q, scale, group).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
+def test_int8_gemv(tokens, rows_per_warp, dtype):
+    """Every (token block, rows per warp) instantiation; 75 rows: the last block partly empty; in_f 2304: x staged in
+    three chunks (1024, 1024, 256)."""
+    out_f, in_f, group = 75, 2304, 128
+    q, scale, w64 = _int8_weight(out_f, in_f, group)
+    x = torch.randn(tokens, in_f).to(dtype)
+    y = torch.full((tokens, out_f), float("nan")).to(dtype)
+    code = native.CUDA.int8_gemv(x.data_ptr(), native.FLOAT_CODES[dtype], q.data_ptr(), scale.data_ptr(),
+                                 y.data_ptr(), tokens, out_f, in_f, group, rows_per_warp, 0, 0)
+    assert code == 0, native.cuda_error_string(code)
+    assert_quantized_matmul_contract(y, x, w64, False, f"{tokens} tokens, {rows_per_warp} rows a warp")
+
+
+def test_int8_gemv_plan_and_refusals():
+    assert [cuda_int8.gemv_rows_per_warp(n, SMS) for n in (4096, 8192, 11008, 100)] == [1, 2, 4, 1]
+    q, scale, _ = _int8_weight(16, 64, 16)
+    x, y = torch.randn(9, 64), torch.empty(9, 16)
+
+    def gemv(tokens=1, in_f=64, group=16, rows=1, q_ptr=q.data_ptr()):
+        return native.cuda_error_string(native.CUDA.int8_gemv(x.data_ptr(), 0, q_ptr, scale.data_ptr(), y.data_ptr(),
+                                                              tokens, 16, in_f, group, rows, 0, 0))
+
+    assert gemv() == "no error"
+    refused = (dict(tokens=9), dict(tokens=0), dict(in_f=56), dict(group=8), dict(rows=3), dict(q_ptr=q.data_ptr() + 1))
+    for bad in refused:
+        assert gemv(**bad) == "invalid argument", bad
+    # through the op: up to 8 tokens the GEMV, 9 the dequantize + matmul path, both within the contract
+    q, scale, w64 = _int8_weight(40, 96, 32)
+    for tokens in (1, 8, 9):
+        xt = torch.randn(tokens, 96).to(torch.bfloat16)
+        with use_backend("cuda"):
+            y = int8.int8_matmul(xt, q, scale, 32)
+        assert_quantized_matmul_contract(y, xt, w64, False, f"{tokens} tokens")

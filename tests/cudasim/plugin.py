@@ -56,12 +56,12 @@ def pytest_configure(config):
 
     modules = [cuda_backend] + [importlib.import_module(f"{cuda_backend.__name__}.{m.name}")
                                 for m in pkgutil.iter_modules(cuda_backend.__path__)]
-    real_stream = cuda_backend.stream
+    real_stream, real_sm_count = cuda_backend.stream, cuda_backend.sm_count
     for module in modules:
         if getattr(module, "stream", None) is real_stream:
             module.stream = stream
-        if hasattr(module, "_sm_count"):
-            module._sm_count = lambda index: SMS
+        if getattr(module, "sm_count", None) is real_sm_count:
+            module.sm_count = lambda index: SMS
     backend.reload_env()
 
 

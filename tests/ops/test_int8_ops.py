@@ -323,7 +323,7 @@ def test_cuda_backend_host_code_on_cpu_pointers(fmt, transpose, dtype, monkeypat
     monkeypatch.setattr(_blocked, "DEQUANT_BLOCK_BYTES", 128 * 128 * torch.empty(0, dtype=dtype).element_size())
     for mod in (cuda_int8, cuda_int4):
         monkeypatch.setattr(mod, "stream", lambda t: (0, 0))
-    x = torch.randn(2, 3, rows if transpose else cols).to(dtype)
+    x = torch.randn(2, 5, rows if transpose else cols).to(dtype)  # 10 tokens: int8's dequantize path (GEMV: <= 8)
     if fmt == "int8":
         q, scale = weight(rows, cols, group)
         w64 = dequantize_int8(q, scale, group).double()
@@ -332,8 +332,8 @@ def test_cuda_backend_host_code_on_cpu_pointers(fmt, transpose, dtype, monkeypat
         packed, scale, zero = quantize_int4(torch.randn(rows, cols), group)
         w64 = dequantize_int4(packed, scale, zero, group, (rows, cols)).double()
         y = cuda_int4.int4_matmul(x, packed, scale, zero, group, (rows, cols), transpose)
-    assert y.shape == (2, 3, cols if transpose else rows)
-    assert_quantized_matmul_contract(y.reshape(6, -1), x.reshape(6, -1), w64, transpose, f"{fmt} t={transpose}")
+    assert y.shape == (2, 5, cols if transpose else rows)
+    assert_quantized_matmul_contract(y.reshape(10, -1), x.reshape(10, -1), w64, transpose, f"{fmt} t={transpose}")
     n_out = cols if transpose else rows
     spans = [(c0, nc) if transpose else (r0, nr) for _, r0, nr, c0, nc in fake.calls]
     assert len(spans) > 1 and [s for s, _ in spans] == list(range(0, n_out, 128))

@@ -53,6 +53,7 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 // tests/cudasim/build.py rewrites each `__shared__ T name[...];` into a static plus a cudasim::shared_region call
 #define __shared__ static
 

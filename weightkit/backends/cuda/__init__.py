@@ -6,6 +6,7 @@ deterministic MemoryFormer backward). The callers have checked shapes, dtypes an
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -22,6 +23,12 @@ def stream(t: Tensor) -> Tuple[int, int]:
     if _get_raw_stream is not None:
         return index, _get_raw_stream(index)
     return index, torch.cuda.current_stream(index).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """The streaming multiprocessors of cuda:index (the launch plans size their grids by it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def check(status: int, name: str) -> None:

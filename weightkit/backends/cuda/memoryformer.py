@@ -10,16 +10,11 @@ from torch import Tensor
 
 from ... import native
 from .._blocked import memory_rows
-from . import check, stream
+from . import check, sm_count, stream
 
 _MAX_SPLIT = 64
 _PARTIAL_BYTES = 32 << 20  # cap on the forward's fp32 split partials
 _MIN_TABLES_PER_SPLIT = 8  # one per warp of a block
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=1024)
@@ -42,7 +37,7 @@ def memory_lookup_forward(x: Tensor, tables: Tensor, t: float) -> Tensor:
     x2, _, tables, (n, k, buckets, d_out, tau) = memory_rows(x, tables)
     y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
     device, st = stream(x2)
-    tb, splits, tiles = forward_plan(n, k, d_out, tables.element_size(), _sm_count(device))
+    tb, splits, tiles = forward_plan(n, k, d_out, tables.element_size(), sm_count(device))
     if splits > 1:  # scratch from torch's allocator (graph-safe); the counters are zeroed in the op, on its stream
         partials = torch.empty((splits, n, d_out), dtype=torch.float32, device=x.device)
         counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
