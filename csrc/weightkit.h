@@ -124,6 +124,11 @@ WK_API int wk_cuda_quantize_int4(const float* x, uint8_t* packed, float* scale, 
 WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, const uint8_t* zero, void* out,
                                    int out_dtype, int64_t n_cols, int64_t group_size, int64_t r0, int64_t rows,
                                    int64_t c0, int64_t cols, int device, void* stream);
+// Few-token INT4 matmul y (tokens x out_f) = x (tokens x in_f) W^T, W (out_f x in_f) as dequantize_int4 reads it, read
+// once: 1 <= tokens <= 8, in_f and group_size multiples of 32, packed 16-byte aligned, rows_per_warp 1, 2 or 4.
+WK_API int wk_cuda_int4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* scale,
+                             const uint8_t* zero, void* y, int64_t tokens, int64_t out_f, int64_t in_f,
+                             int64_t group_size, int64_t rows_per_warp, int device, void* stream);
 WK_API int wk_cuda_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
                                  float eps, int device, void* stream);
 // MemoryFormer. Forward: token_block (1, 2 or 4) tokens per block, the tables split in `splits` runs; with splits > 1,

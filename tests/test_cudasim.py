@@ -80,7 +80,7 @@ def test_every_launch_site_of_the_library_is_found():
     sites = build.launch_sites()
     with_chevrons = 0
     for name in os.listdir(os.path.join(ROOT, "csrc", "cuda")):
-        if name.endswith(".cu"):
+        if name.endswith((".cu", ".cuh")):
             with open(os.path.join(ROOT, "csrc", "cuda", name)) as f:
                 with_chevrons += f.read().count("<<<")
     assert len(sites) == with_chevrons >= 15 and len(set(sites)) == len(sites), sites

@@ -1,10 +1,12 @@
 // CUDA kernels for INT4 projection matrices (spec: weightkit/ops/int4.py). Divisions and roundings are the IEEE
 // round-to-nearest intrinsics (__fdiv_rn, rintf) and the build uses --fmad=false, so results match the reference
-// bit for bit. The INT4 matmul dequantizes a block of rows (or columns) at a time to the activation dtype with
+// bit for bit. The INT4 matmul: up to 8 tokens of y = x W^T a GEMV reading the packed weight once (gemv.cuh);
+// otherwise it dequantizes a block of rows (or columns) at a time to the activation dtype with
 // wk_cuda_dequantize_int4 and multiplies it with cuBLAS through torch (weightkit/backends/cuda), on the same stream.
 #include <cfloat>
 
 #include "common.cuh"
+#include "gemv.cuh"
 
 namespace weightkit {
 namespace {
@@ -98,6 +100,32 @@ __global__ void dequantize_int4_vec_kernel(const uint8_t* __restrict__ packed, c
   }
 }
 
+// int4_matmul's few-token GEMV (gemv.cuh) over INT4 rows: 32 weights (16 bytes, low nibble first) a load, one
+// (scale, zero) each (32 divides the group; groups run over the flat index).
+struct Int4Rows {
+  static constexpr int kVals = 32;
+  struct Vector {
+    uint4 raw;
+    float s, z;
+  };
+  const uint8_t* packed;
+  const float* scale;
+  const uint8_t* zero;
+  int64_t cols, group;
+  __device__ __forceinline__ Vector load(int64_t row, int64_t col) const {
+    const int64_t e = row * cols + col, g = e / group;
+    return Vector{__ldcs(reinterpret_cast<const uint4*>(packed + e / 2)), scale[g], static_cast<float>(zero[g])};
+  }
+  __device__ __forceinline__ static void decode(const Vector& v, float* w) {
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(&v.raw);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      w[2 * k] = __fmul_rn(__fsub_rn(static_cast<float>(b[k] & 0xF), v.z), v.s);
+      w[2 * k + 1] = __fmul_rn(__fsub_rn(static_cast<float>(b[k] >> 4), v.z), v.s);
+    }
+  }
+};
+
 }  // namespace
 }  // namespace weightkit
 
@@ -136,4 +164,12 @@ WK_API int wk_cuda_dequantize_int4(const uint8_t* packed, const float* scale, co
     }
   });
   return launch_status(ok);
+}
+
+WK_API int wk_cuda_int4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* scale,
+                             const uint8_t* zero, void* y, int64_t tokens, int64_t out_f, int64_t in_f,
+                             int64_t group_size, int64_t rows_per_warp, int device, void* stream) {
+  if (in_f % 32 != 0 || group_size % 32 != 0 || !aligned16(packed)) return cudaErrorInvalidValue;
+  return launch_gemv(Int4Rows{packed, scale, zero, in_f, group_size}, x, x_dtype, y, tokens, out_f, in_f,
+                     rows_per_warp, device, stream);
 }

@@ -1,11 +1,12 @@
-// CUDA kernels for INT8 stochastic rounding and the int8 matmul's dequantization (spec: weightkit/ops/int8.py).
-// The matmul's products are cuBLAS calls made by torch in weightkit/backends/cuda on the same stream, on the weight
-// dequantized to the activation dtype (weightkit/backends/_blocked.py, dequant_matmul).
+// CUDA kernels for INT8 stochastic rounding and the int8 matmul (spec: weightkit/ops/int8.py): up to 8 tokens of
+// y = x W^T a GEMV reading the weight once (gemv.cuh); otherwise the products are cuBLAS calls made by torch in
+// weightkit/backends/cuda on the same stream, on the weight dequantized to the activation dtype by the kernels here
+// (weightkit/backends/_blocked.py, dequant_matmul).
 #include <cfloat>
-#include <type_traits>
 
 #include "../philox.h"
 #include "common.cuh"
+#include "gemv.cuh"
 
 namespace weightkit {
 namespace {
@@ -136,94 +137,26 @@ __global__ void dequantize_int8_kernel(const int8_t* __restrict__ q, const float
   }
 }
 
-// Decode GEMV (int8_matmul's few-token path, y = x W^T): y[t, r] = sum_k x[t, k] q[r, k] scale[r, k / group] for up to
-// T tokens (tokens <= T), W read once. Bandwidth-bound at 1-8 tokens (16-32 FMAs a weight byte at most: no tensor
-// cores needed). A block of kGemvWarps warps owns kGemvWarps * R rows, a warp R of them. K runs in chunks of kGemvChunk:
-// the block stages the chunk of x (all tokens, as fp32) in shared memory, then each lane reads 16 consecutive weights
-// of a row with one 16-byte load (streamed: __ldcs) per 512 of the chunk (32 lanes x 16), R rows' loads in flight
-// before any is used, multiplies each weight q * s in fp32 (as the reference does, one scale per 16 weights: 16
-// divides the group) and accumulates x w in fp32; at the end the lanes' sums are combined by a fixed shuffle tree.
-// Needs in_f % 16 == 0 and q 16-byte aligned (the host checks; else the dequantize + cuBLAS path).
-constexpr int kGemvWarps = 8;
-constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kGemvChunk = 1024;  // x values per token staged at a time: T x 4 KB of shared memory
-
-template <typename xt, int T, int R>
-__global__ void __launch_bounds__(kGemvThreads) int8_gemv_kernel(const xt* __restrict__ x,
-                                                                  const int8_t* __restrict__ q,
-                                                                  const float* __restrict__ scale,
-                                                                  xt* __restrict__ y, int64_t tokens, int64_t out_f,
-                                                                  int64_t in_f, int64_t group) {
-  __shared__ __align__(16) float xs[T][kGemvChunk];  // read as float4
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
-  const int64_t groups = in_f / group;
-  float acc[R][T];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-  for (int64_t c0 = 0; c0 < in_f; c0 += kGemvChunk) {
-    const int len = static_cast<int>(in_f - c0 < kGemvChunk ? in_f - c0 : kGemvChunk);
-    for (int i = threadIdx.x; i < T * kGemvChunk; i += kGemvThreads) {
-      const int t = i / kGemvChunk, k = i % kGemvChunk;
-      xs[t][k] = t < tokens && k < len ? to_float(x[t * in_f + c0 + k]) : 0.f;
-    }
-    __syncthreads();
-    for (int v = 16 * lane; v < len; v += 512) {
-      uint4 raw[R];
-      float s[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {  // the R rows' loads first: R x 16 bytes in flight per lane
-        const int64_t row = row0 + r;
-        raw[r] = make_uint4(0u, 0u, 0u, 0u);
-        s[r] = 0.f;
-        if (row < out_f) {
-          raw[r] = __ldcs(reinterpret_cast<const uint4*>(q + row * in_f + c0 + v));
-          s[r] = scale[row * groups + (c0 + v) / group];
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int8_t* b = reinterpret_cast<const int8_t*>(&raw[r]);
-        float w[16];
-#pragma unroll
-        for (int k = 0; k < 16; ++k) w[k] = __fmul_rn(static_cast<float>(b[k]), s[r]);
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          const float4* xv = reinterpret_cast<const float4*>(&xs[t][v]);
-          float a = acc[r][t];
-#pragma unroll
-          for (int k4 = 0; k4 < 4; ++k4) {
-            const float4 xx = xv[k4];
-            a = fmaf(xx.x, w[4 * k4], a);
-            a = fmaf(xx.y, w[4 * k4 + 1], a);
-            a = fmaf(xx.z, w[4 * k4 + 2], a);
-            a = fmaf(xx.w, w[4 * k4 + 3], a);
-          }
-          acc[r][t] = a;
-        }
-      }
-    }
-    __syncthreads();  // the chunk's x is read before the next one is staged
+// int8_matmul's few-token GEMV (gemv.cuh) over int8 rows: 16 weights a 16-byte load, one scale each (16 divides
+// the group).
+struct Int8Rows {
+  static constexpr int kVals = 16;
+  struct Vector {
+    uint4 raw;
+    float s;
+  };
+  const int8_t* q;
+  const float* scale;
+  int64_t in_f, groups, group;
+  __device__ __forceinline__ Vector load(int64_t row, int64_t col) const {
+    return Vector{__ldcs(reinterpret_cast<const uint4*>(q + row * in_f + col)), scale[row * groups + col / group]};
   }
+  __device__ __forceinline__ static void decode(const Vector& v, float* w) {
+    const int8_t* b = reinterpret_cast<const int8_t*>(&v.raw);
 #pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int t = 0; t < T; ++t)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + r;
-      if (row >= out_f) continue;
-#pragma unroll
-      for (int t = 0; t < T; ++t)
-        if (t < tokens) y[t * out_f + row] = from_float<xt>(acc[r][t]);
-    }
+    for (int k = 0; k < 16; ++k) w[k] = __fmul_rn(static_cast<float>(b[k]), v.s);
   }
-}
+};
 
 }  // namespace
 }  // namespace weightkit
@@ -286,30 +219,7 @@ WK_API int wk_cuda_dequantize_int8(const int8_t* q, const float* scale, void* ou
 WK_API int wk_cuda_int8_gemv(const void* x, int x_dtype, const int8_t* q, const float* scale, void* y, int64_t tokens,
                              int64_t out_f, int64_t in_f, int64_t group_size, int64_t rows_per_warp, int device,
                              void* stream) {
-  if (tokens < 1 || tokens > 8 || in_f % 16 != 0 || group_size % 16 != 0 || in_f % group_size != 0 ||
-      (rows_per_warp != 1 && rows_per_warp != 2 && rows_per_warp != 4) || !aligned16(q))
-    return cudaErrorInvalidValue;
-  if (out_f == 0) return cudaSuccess;
-  const DeviceGuard guard(device);
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const unsigned grid = static_cast<unsigned>((out_f + kGemvWarps * rows_per_warp - 1) / (kGemvWarps * rows_per_warp));
-  const int t = tokens == 1 ? 1 : tokens == 2 ? 2 : tokens <= 4 ? 4 : 8;
-  const bool ok = dispatch_float(x_dtype, [&](auto tag) {
-    using xt = decltype(tag);
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kGemvThreads, 0, st>>>(static_cast<const xt*>(x), q, scale, static_cast<xt*>(y), tokens, out_f,
-                                            in_f, group_size);
-    };
-    auto with_rows = [&](auto tokens_tag) {
-      constexpr int kT = decltype(tokens_tag)::value;
-      if (rows_per_warp == 1) launch(int8_gemv_kernel<xt, kT, 1>);
-      else if (rows_per_warp == 2) launch(int8_gemv_kernel<xt, kT, 2>);
-      else launch(int8_gemv_kernel<xt, kT, 4>);
-    };
-    if (t == 1) with_rows(std::integral_constant<int, 1>{});
-    else if (t == 2) with_rows(std::integral_constant<int, 2>{});
-    else if (t == 4) with_rows(std::integral_constant<int, 4>{});
-    else with_rows(std::integral_constant<int, 8>{});
-  });
-  return launch_status(ok);
+  if (in_f % 16 != 0 || group_size % 16 != 0 || in_f % group_size != 0 || !aligned16(q)) return cudaErrorInvalidValue;
+  return launch_gemv(Int8Rows{q, scale, in_f, in_f / group_size, group_size}, x, x_dtype, y, tokens, out_f, in_f,
+                     rows_per_warp, device, stream);
 }

@@ -102,7 +102,7 @@ def rewrite(text: str, filename: str = "") -> str:
 def launch_sites() -> List[str]:
     """The names of every launch site of csrc/cuda (as cudasim counts them)."""
     sites = []
-    for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))):
+    for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))):
         with open(path) as f:
             text = rewrite_launches(f.read(), os.path.basename(path))
         sites += re.findall(r'::cudasim::launch\("([^"]*)"', text)

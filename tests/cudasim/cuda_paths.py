@@ -9,7 +9,8 @@ otherwise: its name does not start with ``test_``).
 * the dictionary decode and gather with more nonzeros per column than one shared-memory stage holds (several
   passes), with uint8 and int16 word offsets;
 * the int8 dequantization's vector kernel with groups not a multiple of 16 and its scalar kernel;
-* the int8 GEMV of 1-8 tokens: every token block and rows-per-warp instantiation, the host's plan and refusals;
+* the int8 and INT4 GEMVs of 1-8 tokens: every token block and rows-per-warp instantiation, the host's plan and
+  refusals;
 * an entry point's refusal of a bad launch argument.
 """
 
@@ -22,7 +23,7 @@ from tests.conftest import assert_quantized_matmul_contract
 from tests.ops.test_dictionary_ops import bitmask_inputs, bitmask_ref64
 from weightkit import native, use_backend
 from weightkit.backends.cuda import int8 as cuda_int8, memoryformer as cuda_memoryformer
-from weightkit.ops import int8
+from weightkit.ops import int4, int8
 from weightkit.ops.dictionary import dict_bitmask_matmul
 from weightkit.ops.memoryformer import memory_lookup, memory_lookup_grads, memory_lookup_reference
 from weightkit.ops import memoryformer as memory_ops
@@ -145,23 +146,35 @@ def _int8_weight(out_f, in_f, group):
     return q, scale, int8.dequantize_int8(q, scale, group).double()
 
 
+def _int4_weight(out_f, in_f, group):
+    packed, scale, zero = int4.quantize_int4(torch.randn(out_f, in_f), group)
+    return packed, scale, zero, int4.dequantize_int4(packed, scale, zero, group, (out_f, in_f)).double()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
-def test_int8_gemv(tokens, rows_per_warp, dtype):
-    """Every (token block, rows per warp) instantiation; 75 rows: the last block partly empty; in_f 2304: x staged in
-    three chunks (1024, 1024, 256)."""
-    out_f, in_f, group = 75, 2304, 128
-    q, scale, w64 = _int8_weight(out_f, in_f, group)
+def test_gemv(fmt, tokens, rows_per_warp, dtype):
+    """Every (format, token block, rows per warp) instantiation; 75 rows: the last block partly empty; in_f 2304: x
+    staged in three chunks (1024, 1024, 256); int4 groups of 64 over the flat index (a row holds 36)."""
+    out_f, in_f = 75, 2304
     x = torch.randn(tokens, in_f).to(dtype)
     y = torch.full((tokens, out_f), float("nan")).to(dtype)
-    code = native.CUDA.int8_gemv(x.data_ptr(), native.FLOAT_CODES[dtype], q.data_ptr(), scale.data_ptr(),
-                                 y.data_ptr(), tokens, out_f, in_f, group, rows_per_warp, 0, 0)
-    assert code == 0, native.cuda_error_string(code)
-    assert_quantized_matmul_contract(y, x, w64, False, f"{tokens} tokens, {rows_per_warp} rows a warp")
+    code = native.FLOAT_CODES[dtype]
+    if fmt == "int8":
+        q, scale, w64 = _int8_weight(out_f, in_f, 128)
+        status = native.CUDA.int8_gemv(x.data_ptr(), code, q.data_ptr(), scale.data_ptr(), y.data_ptr(), tokens,
+                                       out_f, in_f, 128, rows_per_warp, 0, 0)
+    else:
+        packed, scale, zero, w64 = _int4_weight(out_f, in_f, 64)
+        status = native.CUDA.int4_gemv(x.data_ptr(), code, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                       y.data_ptr(), tokens, out_f, in_f, 64, rows_per_warp, 0, 0)
+    assert status == 0, native.cuda_error_string(status)
+    assert_quantized_matmul_contract(y, x, w64, False, f"{fmt}, {tokens} tokens, {rows_per_warp} rows a warp")
 
 
-def test_int8_gemv_plan_and_refusals():
+def test_gemv_plan_and_refusals():
     assert [cuda_int8.gemv_rows_per_warp(n, SMS) for n in (4096, 8192, 11008, 100)] == [1, 2, 4, 1]
     q, scale, _ = _int8_weight(16, 64, 16)
     x, y = torch.randn(9, 64), torch.empty(9, 16)
@@ -174,10 +187,19 @@ def test_int8_gemv_plan_and_refusals():
     refused = (dict(tokens=9), dict(tokens=0), dict(in_f=56), dict(group=8), dict(rows=3), dict(q_ptr=q.data_ptr() + 1))
     for bad in refused:
         assert gemv(**bad) == "invalid argument", bad
-    # through the op: up to 8 tokens the GEMV, 9 the dequantize + matmul path, both within the contract
+    packed, scale4, zero, _ = _int4_weight(16, 64, 32)
+    for bad in (dict(tokens=9), dict(in_f=48), dict(group=16), dict(q_ptr=packed.data_ptr() + 1)):
+        args = {**dict(tokens=1, in_f=64, group=32, q_ptr=packed.data_ptr()), **bad}
+        status = native.CUDA.int4_gemv(x.data_ptr(), 0, args["q_ptr"], scale4.data_ptr(), zero.data_ptr(), y.data_ptr(),
+                                       args["tokens"], 16, args["in_f"], args["group"], 1, 0, 0)
+        assert native.cuda_error_string(status) == "invalid argument", bad
+    # through the ops: up to 8 tokens the GEMV, 9 the dequantize + matmul path, all within the contract
     q, scale, w64 = _int8_weight(40, 96, 32)
+    packed, scale4, zero, w64_4 = _int4_weight(40, 96, 32)
     for tokens in (1, 8, 9):
         xt = torch.randn(tokens, 96).to(torch.bfloat16)
         with use_backend("cuda"):
             y = int8.int8_matmul(xt, q, scale, 32)
-        assert_quantized_matmul_contract(y, xt, w64, False, f"{tokens} tokens")
+            y4 = int4.int4_matmul(xt, packed, scale4, zero, 32, (40, 96))
+        assert_quantized_matmul_contract(y, xt, w64, False, f"int8, {tokens} tokens")
+        assert_quantized_matmul_contract(y4, xt, w64_4, False, f"int4, {tokens} tokens")

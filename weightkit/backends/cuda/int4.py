@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ... import native
 from .._blocked import dequant_matmul
-from . import check, stream
+from . import check, sm_count, stream
+from .int8 import GEMV_MAX_TOKENS, gemv_rows_per_warp
 
 
 def quantize_int4(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -38,14 +39,23 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                 transpose: bool) -> Tensor:
-    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides. W is dequantized to x's dtype
-    (blocks of at most 128 MB) and multiplied by cuBLAS through torch (backends/_blocked.dequant_matmul)."""
+    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides. Up to GEMV_MAX_TOKENS tokens
+    of y = x W^T (cols and group_size multiples of 32): one GEMV kernel reading the packed W once
+    (wk_cuda_int4_gemv). Otherwise W is dequantized to x's dtype (blocks of at most 128 MB) and multiplied by cuBLAS
+    through torch (backends/_blocked.dequant_matmul)."""
     rows, cols = shape
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
     code = native.FLOAT_CODES[x.dtype]
     device, st = stream(x2)
+    tokens = x2.shape[0]
+    if not transpose and 1 <= tokens <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0 and p % 16 == 0:
+        x2 = x2.contiguous()
+        y = torch.empty((tokens, rows), dtype=x.dtype, device=x.device)
+        check(native.CUDA.int4_gemv(x2.data_ptr(), code, p, s, z, y.data_ptr(), tokens, rows, cols, group_size,
+                                    gemv_rows_per_warp(rows, sm_count(device)), device, st), "int4_matmul")
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
 
     def dequant(dst, r0, nr, c0, nc):
         check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), code, cols, group_size, r0, nr, c0, nc, device, st),

@@ -30,8 +30,8 @@ def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, 
                                      *stream(w_q)), "int8_sr_update_")
 
 
-GEMV_MAX_TOKENS = 8  # wk_cuda_int8_gemv's limit; more tokens: dequantize + cuBLAS (tensor cores)
-GEMV_WARPS = 8  # warps per block of the GEMV (csrc/cuda/int8.cu, kGemvWarps)
+GEMV_MAX_TOKENS = 8  # the GEMV's limit (csrc/cuda/gemv.cuh, kGemvMaxTokens); more: dequantize + cuBLAS (tensor cores)
+GEMV_WARPS = 8  # warps per block of the GEMV (kGemvWarps); int4_matmul's GEMV shares the plan
 
 
 @functools.lru_cache(maxsize=1024)
