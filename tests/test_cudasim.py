@@ -13,6 +13,7 @@ What this cannot show: speed, behaviour that needs a GPU's concurrency or memory
 stands in), nvcc's own code generation (scripts/compile_cuda.py compile-checks that).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -39,16 +40,24 @@ CHILD_TESTS = [
 CHILD_DESELECT = ["tests/ops/test_dictionary_ops.py::test_bitmask_cuda_backend_is_registered_and_falls_back"]
 
 
+@functools.lru_cache(maxsize=None)
 def sanitizer_preload():
     """The runtimes a Python process must preload to run sanitized code (ASan first; libstdc++ with it, or ASan's
-    __cxa_throw interceptor finds no real function behind it when torch raises), or None where g++ has none."""
+    __cxa_throw interceptor finds no real function behind it when torch raises), or None where g++ has none or
+    they do not start here (an ASan runtime older than the kernel's address-space layout aborts at start): then the
+    cuda backend's tests run on the plain build."""
     paths = []
     for name in ("libasan.so", "libstdc++.so"):
         out = subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
         if not (os.path.isabs(out) and os.path.exists(out)):
             return None
         paths.append(out)
-    return paths
+    probe = subprocess.run([sys.executable, "-c", "import torch, weightkit"], capture_output=True, text=True,
+                           env=sanitized_env(paths), cwd=ROOT, timeout=300)
+    if probe.returncode != 0:
+        print(f"cudasim: the sanitizer runtimes do not start here, the plain build is used:\n{probe.stderr[-2000:]}")
+        return None
+    return tuple(paths)
 
 
 def sanitized_env(preload):
@@ -57,6 +66,14 @@ def sanitized_env(preload):
     env["ASAN_OPTIONS"] = "detect_leaks=0"  # the interpreter's own allocations are not the kernels'
     env["UBSAN_OPTIONS"] = "print_stacktrace=1"
     return env
+
+
+def test_sanitizers_that_do_not_start_give_the_plain_build(monkeypatch, capsys):
+    if sanitizer_preload() is None:
+        pytest.skip(f"{CXX} has no sanitizer runtimes that start here")
+    monkeypatch.setattr(sys.modules[__name__], "sanitized_env", lambda paths: dict(os.environ, PYTHONHOME="/nowhere"))
+    assert sanitizer_preload.__wrapped__() is None
+    assert "the sanitizer runtimes do not start here" in capsys.readouterr().out
 
 
 # ---- the source rewrites ---------------------------------------------------------------------------------------
