@@ -147,9 +147,10 @@ struct Int8Rows {
   };
   const int8_t* q;
   const float* scale;
-  int64_t in_f, groups, group;
+  int64_t in_f, group;
   __device__ __forceinline__ Vector load(int64_t row, int64_t col) const {
-    return Vector{__ldcs(reinterpret_cast<const uint4*>(q + row * in_f + col)), scale[row * groups + col / group]};
+    const int64_t e = row * in_f + col;  // groups of a row end with it (group divides in_f): scale index e / group
+    return Vector{__ldcs(reinterpret_cast<const uint4*>(q + e)), scale[e / group]};
   }
   __device__ __forceinline__ static void decode(const Vector& v, float* w) {
     const int8_t* b = reinterpret_cast<const int8_t*>(&v.raw);
@@ -220,6 +221,6 @@ WK_API int wk_cuda_int8_gemv(const void* x, int x_dtype, const int8_t* q, const 
                              int64_t out_f, int64_t in_f, int64_t group_size, int64_t rows_per_warp, int device,
                              void* stream) {
   if (in_f % 16 != 0 || group_size % 16 != 0 || in_f % group_size != 0 || !aligned16(q)) return cudaErrorInvalidValue;
-  return launch_gemv(Int8Rows{q, scale, in_f, in_f / group_size, group_size}, x, x_dtype, y, tokens, out_f, in_f,
-                     rows_per_warp, device, stream);
+  return launch_gemv(Int8Rows{q, scale, in_f, group_size}, x, x_dtype, y, tokens, out_f, in_f, rows_per_warp, device,
+                     stream);
 }

@@ -22,7 +22,8 @@ import torch
 from tests.conftest import assert_quantized_matmul_contract
 from tests.ops.test_dictionary_ops import bitmask_inputs, bitmask_ref64
 from weightkit import native, use_backend
-from weightkit.backends.cuda import int8 as cuda_int8, memoryformer as cuda_memoryformer
+from weightkit.backends import cuda as cuda_backend
+from weightkit.backends.cuda import memoryformer as cuda_memoryformer
 from weightkit.ops import int4, int8
 from weightkit.ops.dictionary import dict_bitmask_matmul
 from weightkit.ops.memoryformer import memory_lookup, memory_lookup_grads, memory_lookup_reference
@@ -178,7 +179,7 @@ def test_gemv(fmt, tokens, rows_per_warp, dtype):
 
 
 def test_gemv_plan_and_refusals():
-    assert [cuda_int8.gemv_rows_per_warp(n, SMS) for n in (4096, 8192, 11008, 100)] == [1, 2, 4, 1]
+    assert [cuda_backend.gemv_rows_per_warp(n, SMS) for n in (4096, 8192, 11008, 100)] == [1, 2, 4, 1]
     q, scale, _ = _int8_weight(16, 64, 16)
     x, y = torch.randn(9, 64), torch.empty(9, 16)
 

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from ... import native
 from .._blocked import dequant_matmul
-from . import check, sm_count, stream
-from .int8 import GEMV_MAX_TOKENS, gemv_rows_per_warp
+from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
 def quantize_int4(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -49,13 +48,10 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
     code = native.FLOAT_CODES[x.dtype]
     device, st = stream(x2)
-    tokens = x2.shape[0]
-    if not transpose and 1 <= tokens <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0 and p % 16 == 0:
-        x2 = x2.contiguous()
-        y = torch.empty((tokens, rows), dtype=x.dtype, device=x.device)
-        check(native.CUDA.int4_gemv(x2.data_ptr(), code, p, s, z, y.data_ptr(), tokens, rows, cols, group_size,
-                                    gemv_rows_per_warp(rows, sm_count(device)), device, st), "int4_matmul")
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
+    if (not transpose and 1 <= x2.shape[0] <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0
+            and p % 16 == 0):
+        return gemv(x, rows, device, lambda xp, yp, tokens, rows_per_warp: native.CUDA.int4_gemv(
+            xp, code, p, s, z, yp, tokens, rows, cols, group_size, rows_per_warp, device, st), "int4_matmul")
 
     def dequant(dst, r0, nr, c0, nc):
         check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), code, cols, group_size, r0, nr, c0, nc, device, st),

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from ... import native
 from .._blocked import dequant_matmul
-from . import check, sm_count, stream
+from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
 def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, offset: int) -> Tensor:
@@ -30,20 +28,6 @@ def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, 
                                      *stream(w_q)), "int8_sr_update_")
 
 
-GEMV_MAX_TOKENS = 8  # the GEMV's limit (csrc/cuda/gemv.cuh, kGemvMaxTokens); more: dequantize + cuBLAS (tensor cores)
-GEMV_WARPS = 8  # warps per block of the GEMV (kGemvWarps); int4_matmul's GEMV shares the plan
-
-
-@functools.lru_cache(maxsize=1024)
-def gemv_rows_per_warp(out_f: int, sms: int) -> int:
-    """Rows a warp of the GEMV computes: 4 (each lane 4 x 16 bytes of weights in flight) while the grid keeps >= 2
-    blocks per SM, else 2, else 1."""
-    for rows in (4, 2):
-        if -(-out_f // (GEMV_WARPS * rows)) >= 2 * sms:
-            return rows
-    return 1
-
-
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
     """y = x W^T, or x W with transpose. Up to GEMV_MAX_TOKENS tokens of y = x W^T (in_f and group_size multiples of
     16): one GEMV kernel reading W once (wk_cuda_int8_gemv). Otherwise W dequantized to x's dtype (blocks of at most
@@ -54,14 +38,10 @@ def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpos
     q, s = w_q.data_ptr(), scale.data_ptr()
     code = native.FLOAT_CODES[x.dtype]
     device, st = stream(x2)
-    tokens = x2.shape[0]
-    if (not transpose and 1 <= tokens <= GEMV_MAX_TOKENS and in_f % 16 == 0 and group_size % 16 == 0
+    if (not transpose and 1 <= x2.shape[0] <= GEMV_MAX_TOKENS and in_f % 16 == 0 and group_size % 16 == 0
             and q % 16 == 0):
-        x2 = x2.contiguous()
-        y = torch.empty((tokens, out_f), dtype=x.dtype, device=x.device)
-        check(native.CUDA.int8_gemv(x2.data_ptr(), code, q, s, y.data_ptr(), tokens, out_f, in_f, group_size,
-                                    gemv_rows_per_warp(out_f, sm_count(device)), device, st), "int8_matmul")
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+        return gemv(x, out_f, device, lambda xp, yp, tokens, rows: native.CUDA.int8_gemv(
+            xp, code, q, s, yp, tokens, out_f, in_f, group_size, rows, device, st), "int8_matmul")
 
     def dequant(dst, r0, nr, c0, nc):
         check(native.CUDA.dequantize_int8(q, s, dst.data_ptr(), code, in_f, group_size, r0, nr, c0, nc, device, st),
