@@ -29,7 +29,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 6
+#define WK_ABI_VERSION 7
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
@@ -40,9 +40,11 @@ WK_API int wk_cpu_abi_version(void);
 // INT8 stochastic rounding (spec: weightkit/ops/int8.py). x: n values of dtype x_dtype (f32/f16/bf16).
 WK_API int wk_cpu_stochastic_round_int8(const void* x, int x_dtype, const float* scale, int8_t* out, int64_t n,
                                         int64_t group_size, uint64_t seed, uint64_t offset, int threads);
-// Fused Q-GaLore write-back on `groups` groups of group_size values, in place on q and scale.
+// Fused Q-GaLore write-back on `groups` groups of group_size values, in place on q and scale. found_inf: null, or
+// one float; where it is nonzero nothing is written (the optimizers' device-side skip; read by the kernel).
 WK_API int wk_cpu_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
-                                 int64_t group_size, float decay, uint64_t seed, uint64_t offset, int threads);
+                                 int64_t group_size, float decay, uint64_t seed, uint64_t offset,
+                                 const float* found_inf, int threads);
 // Few-token int8 matmul, fp32: y (tokens x out_f) = x W^T, or with transpose y (tokens x in_f) = x W.
 WK_API int wk_cpu_int8_matvec(const float* x, const int8_t* q, const float* scale, float* y, int64_t tokens,
                               int64_t out_f, int64_t in_f, int64_t group_size, int transpose, int threads);
@@ -103,8 +105,8 @@ WK_API const char* wk_cuda_error_string(int error);
 WK_API int wk_cuda_stochastic_round_int8(const void* x, int x_dtype, const float* scale, int8_t* out, int64_t n,
                                          int64_t group_size, uint64_t seed, uint64_t offset, int device, void* stream);
 WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
-                                  int64_t group_size, float decay, uint64_t seed, uint64_t offset, int device,
-                                  void* stream);
+                                  int64_t group_size, float decay, uint64_t seed, uint64_t offset,
+                                  const float* found_inf, int device, void* stream);
 // The block W[r0 : r0 + rows, c0 : c0 + cols] of the dequantized int8 matrix (rows of in_f values, groups of
 // group_size along a row) into out (rows x cols, row-major, dtype out_dtype: f32/f16/bf16; q * scale in fp32, rounded
 // once to out_dtype).

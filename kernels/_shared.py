@@ -65,6 +65,15 @@ def device_guard(device):
     return torch.cuda.device(device.index)
 
 
+@triton.jit
+def unless_found(mask, found_ptr, HAS_FOUND: tl.constexpr):
+    """A store mask, all False where the step's device flag (one float32, GradScaler's found_inf) is set: the kernels
+    then leave the weight and its scales as they were."""
+    if HAS_FOUND:  # (tl.where: the 3.9 interpreter cannot `&` a block with a loaded scalar)
+        mask = tl.where(tl.load(found_ptr) == 0.0, mask, False)
+    return mask
+
+
 def capturing():
     """Whether the current CUDA stream is capturing a graph: no call may synchronize it then (not called per launch:
     only a bucket's first call asks)."""

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, device_guard, gemv_accumulators, gemv_rows,
-                      gemv_store_rows, gemv_tile, k_mask, mm_tile, next_pow2, philox_uniform, philox_uniform4, space,
-                      store_result, weight_dot, x_offsets)
+                      gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, philox_uniform, philox_uniform4,
+                      space, store_result, unless_found, weight_dot, x_offsets)
 
 
 @triton.jit
@@ -175,9 +175,11 @@ def int8_matmul_triton(x, w_q, scale, group_size, transpose):
 # -- int8_sr_update_ (spec: weightkit.ops.int8.int8_sr_update_) ----------------------------------------------------
 
 @triton.jit
-def _int8_sr_update_kernel(q_ptr, scale_ptr, delta_ptr, group_size, decay, seed, offset, BLOCK: tl.constexpr):
+def _int8_sr_update_kernel(q_ptr, scale_ptr, delta_ptr, found_ptr, group_size, decay, seed, offset,
+                           HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr):
     """General case, one program per group: w = (q * s + delta) * decay, s' = max(max|w| / 127, FLT_MIN),
-    q' = SR(w / s'); one Philox evaluation per element (any group size and offset)."""
+    q' = SR(w / s'); one Philox evaluation per element (any group size and offset). HAS_FOUND: nothing is stored
+    where the step's flag (found_ptr) is set."""
     g = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     mask = i < group_size
@@ -192,13 +194,13 @@ def _int8_sr_update_kernel(q_ptr, scale_ptr, delta_ptr, group_size, decay, seed,
     u = philox_uniform(idx + offset, seed)
     v = tl.floor(w * inv + u)
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
-    tl.store(q_ptr + idx, v.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + g, ns)
+    tl.store(q_ptr + idx, v.to(tl.int8), mask=unless_found(mask, found_ptr, HAS_FOUND))
+    tl.store(scale_ptr + g, ns, mask=unless_found(g >= 0, found_ptr, HAS_FOUND))
 
 
 @triton.jit
-def _int8_sr_update_tiled_kernel(q_ptr, scale_ptr, delta_ptr, n_groups, decay, seed, offset, GS: tl.constexpr,
-                                 G: tl.constexpr):
+def _int8_sr_update_tiled_kernel(q_ptr, scale_ptr, delta_ptr, found_ptr, n_groups, decay, seed, offset,
+                                 HAS_FOUND: tl.constexpr, GS: tl.constexpr, G: tl.constexpr):
     """Fast case (group size a power of two >= 4, offset % 4 == 0): G groups per program as a [G, GS] tile, whose
     G * GS stream positions start at a multiple of 4: one Philox evaluation per 4 elements."""
     pid = tl.program_id(0).to(tl.int64)
@@ -217,8 +219,8 @@ def _int8_sr_update_tiled_kernel(q_ptr, scale_ptr, delta_ptr, n_groups, decay, s
     u = philox_uniform4((offset + pid * (G * GS) + 4 * tl.arange(0, G * GS // 4)) >> 2, seed, G * GS)
     v = tl.floor(w * inv[:, None] + tl.reshape(u, (G, GS)))
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
-    tl.store(q_ptr + idx, v.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + rows, ns, mask=rmask)
+    tl.store(q_ptr + idx, v.to(tl.int8), mask=unless_found(mask, found_ptr, HAS_FOUND))
+    tl.store(scale_ptr + rows, ns, mask=unless_found(rmask, found_ptr, HAS_FOUND))
 
 
 def _sr_update_prune(configs, named_args, **kwargs):
@@ -233,15 +235,16 @@ _SR_UPDATE = Launcher(_int8_sr_update_tiled_kernel,
 sr_update_autotune = _SR_UPDATE.autotuner
 
 
-def int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset):
+def int8_sr_update_triton(w_q, scale, delta, group_size, decay, seed, offset, found_inf=None):
     groups = scale.numel()
+    has_found = found_inf is not None
+    flag = found_inf if has_found else scale  # an unused pointer without a flag
     with device_guard(w_q.device):
         if group_size >= 4 and group_size & (group_size - 1) == 0 and offset % 4 == 0:
-            bucket = (next_pow2(groups), group_size, delta.dtype, w_q.device)
-            _SR_UPDATE.launch((groups,) + bucket[1:], (w_q, scale, delta, groups, float(decay), seed, offset),
+            bucket = (next_pow2(groups), group_size, delta.dtype, w_q.device, has_found)
+            _SR_UPDATE.launch((groups,) + bucket[1:], (w_q, scale, delta, flag, groups, float(decay), seed, offset),
                               lambda: (bucket, lambda c: (cdiv(groups, c["G"]),),
-                                       dict(GS=group_size, enable_fp_fusion=False), None))
+                                       dict(GS=group_size, HAS_FOUND=has_found, enable_fp_fusion=False), None))
             return
-        block = next_pow2(group_size)
-        _int8_sr_update_kernel[(groups,)](w_q, scale, delta, group_size, float(decay), seed, offset, BLOCK=block,
-                                          enable_fp_fusion=False)
+        launch(_int8_sr_update_kernel, (groups,), w_q, scale, delta, flag, group_size, float(decay), seed, offset,
+               HAS_FOUND=has_found, BLOCK=next_pow2(group_size), enable_fp_fusion=False)

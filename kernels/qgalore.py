@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
 from ._shared import (_u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, launch, next_pow2,
-                      philox_uniform)
+                      philox_uniform, unless_found)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
 # NameError; the interpreter accepts it, so only an sm_90 compile showed it).
@@ -53,8 +53,9 @@ def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, alpha,
-                                   decay, seed, offset, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
+def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, found_ptr, step_ptr, M, N, R,
+                                   basis_row_bytes, alpha, decay, seed, offset, HAS_FOUND: tl.constexpr,
+                                   HAS_STEP: tl.constexpr, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
                                    ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -109,6 +110,8 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
     sidx = rows[:, None] * (N // GS) + gcols[None, :]
     smask = rmask[:, None] & (gcols[None, :] < N // GS)
     s = group_broadcast(tl.load(ws_ptr + sidx, mask=smask, other=0.0), BLOCK_M, GPR, BLOCK_N)  # one load a group
+    if HAS_STEP:  # the step size counted on the device: alpha * step_size_t, one float32 product
+        alpha = alpha * tl.load(step_ptr)
     w = (q * s + acc * (-alpha)) * decay
     w = tl.where(mask, w, 0.0)
     wg = tl.reshape(w, (G, GS))
@@ -121,8 +124,8 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
         u = philox_uniform(offset + idx, seed)
     v = tl.floor(wg * inv[:, None] + tl.reshape(u, (G, GS)))
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
-    tl.store(wq_ptr + idx, tl.reshape(v, (BLOCK_M, BLOCK_N)).to(tl.int8), mask=mask)
-    tl.store(ws_ptr + tl.reshape(sidx, (G,)), ns, mask=tl.reshape(smask, (G,)))
+    tl.store(wq_ptr + idx, tl.reshape(v, (BLOCK_M, BLOCK_N)).to(tl.int8), mask=unless_found(mask, found_ptr, HAS_FOUND))
+    tl.store(ws_ptr + tl.reshape(sidx, (G,)), ns, mask=unless_found(tl.reshape(smask, (G,)), found_ptr, HAS_FOUND))
 
 
 def tile_config(m, n, r, group_size, precision):
@@ -158,7 +161,7 @@ def supports(group_size: int) -> bool:
 
 
 def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
-                                  left, alpha, decay, precision, seed, offset):
+                                  left, alpha, decay, precision, seed, offset, found_inf=None, step_size_t=None):
     m, n = w_q.shape
     r = update.shape[0] if left else update.shape[1]
     if not supports(group_size):
@@ -169,8 +172,9 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
     grid = (cdiv(m, block_m), cdiv(n, block_n))
     with device_guard(w_q.device):
         _int8_sr_lowrank_update_kernel[grid](
-            w_q, scale, ortho_q, ortho_scale, ortho_zero, update, m, n, r, (r if left else n) // 2, float(alpha),
-            float(decay), seed, offset,
+            w_q, scale, ortho_q, ortho_scale, ortho_zero, update, scale if found_inf is None else found_inf,
+            scale if step_size_t is None else step_size_t, m, n, r, (r if left else n) // 2, float(alpha),
+            float(decay), seed, offset, HAS_FOUND=found_inf is not None, HAS_STEP=step_size_t is not None,
             LEFT=bool(left), GS=group_size, PG=proj_group_size,
             ALIGNED=basis_aligned(r if left else n, proj_group_size),
             BF16=precision == "bf16",
@@ -194,24 +198,27 @@ def _nearest_code(x, bounds_ptr):
 
 
 @triton.jit
-def _requantize(x, mask, bounds_ptr, q_ptr, absmax_ptr, offs, block):
+def _requantize(x, mask, keep, bounds_ptr, q_ptr, absmax_ptr, offs, block):
+    """Codes and absmax of the block's new values ``x`` (``mask``: the block's elements), stored where ``keep``."""
     absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
     # 1e-38 is below float32's smallest normal, so a bare literal is typed fp64 and so is the maximum; div_rn then
     # fails to compile in Triton 3.6 ("Expected dtype ['fp32'] but got fp64"; 3.9 accepts it). A float32 constant
     # is the spec's clamp_min(1e-38) on a float32 tensor in both versions.
     inv = tl.math.div_rn(1.0, tl.maximum(absmax, tl.full([], 1e-38, tl.float32)))
     scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-    tl.store(q_ptr + offs, _nearest_code(scaled, bounds_ptr).to(tl.uint8), mask=mask)
-    tl.store(absmax_ptr + block, absmax)
+    tl.store(q_ptr + offs, _nearest_code(scaled, bounds_ptr).to(tl.uint8), mask=tl.where(keep, mask, False))
+    tl.store(absmax_ptr + block, absmax, mask=keep)
 
 
 @triton.jit
 def _blockwise8bit_adam_kernel(g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, code_s_ptr, code_u_ptr, bounds_s_ptr,
-                               bounds_u_ptr, out_ptr, n, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                               BLOCK: tl.constexpr):
+                               bounds_u_ptr, out_ptr, found_ptr, n, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                               eps, HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr):
+    """HAS_FOUND: where the step's flag is set, the moments are not written and the direction is 0."""
     block = tl.program_id(0).to(tl.int64)
     offs = block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    keep = unless_found(block >= 0, found_ptr, HAS_FOUND)  # a scalar: the whole step's verdict
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     mq = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
     vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -219,18 +226,19 @@ def _blockwise8bit_adam_kernel(g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, code_s_ptr
     v = tl.load(code_u_ptr + vq) * tl.load(va_ptr + block)
     m = m * beta1 + g * one_minus_beta1  # (1 - beta) in double, then float32, as torch's scalar
     v = v * beta2 + (g * g) * one_minus_beta2
-    tl.store(out_ptr + offs, tl.math.div_rn(m, tl.sqrt_rn(v) + eps), mask=mask)
-    _requantize(m, mask, bounds_s_ptr, mq_ptr, ma_ptr, offs, block)
-    _requantize(v, mask, bounds_u_ptr, vq_ptr, va_ptr, offs, block)
+    tl.store(out_ptr + offs, tl.where(keep, tl.math.div_rn(m, tl.sqrt_rn(v) + eps), 0.0), mask=mask)
+    _requantize(m, mask, keep, bounds_s_ptr, mq_ptr, ma_ptr, offs, block)
+    _requantize(v, mask, keep, bounds_u_ptr, vq_ptr, va_ptr, offs, block)
 
 
 def blockwise8bit_adam_triton(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed,
-                              code_unsigned, out, beta1, beta2, eps):
+                              code_unsigned, out, beta1, beta2, eps, found_inf=None):
     n = low.numel()
     with device_guard(low.device):
         bounds_s = (code_signed[:-1] + code_signed[1:]) / 2
         bounds_u = (code_unsigned[:-1] + code_unsigned[1:]) / 2
         launch(_blockwise8bit_adam_kernel, (cdiv(n, 256),),
                low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, bounds_s,
-               bounds_u, out, n, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), BLOCK=256,
-               num_warps=2 if _INTERPRET else 4, enable_fp_fusion=False)
+               bounds_u, out, low if found_inf is None else found_inf, n, float(beta1), float(beta2), 1.0 - beta1,
+               1.0 - beta2, float(eps), HAS_FOUND=found_inf is not None, BLOCK=256, num_warps=2 if _INTERPRET else 4,
+               enable_fp_fusion=False)

@@ -149,3 +149,35 @@ def test_optimizer_step_syncs_at_most_once(name, nonfinite, allowed, default_che
         syncs = count_syncs(opt.step)
         assert not syncs, f"{name}: {len(syncs)} host syncs in a skipped step, at {syncs}"
         assert all(torch.equal(a, b) for a, b in zip(before, weights)) and opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("nonfinite,allowed", [("raise", 1), ("skip", 0)])
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "QGaLoreAdamW8bit"])
+def test_layerwise_backward_syncs_at_most_once(name, nonfinite, allowed, default_checks):
+    """LayerwiseGaLore updates each parameter inside backward: with 'raise' the pass's NaN/Inf verdict is read once
+    at its end (not once per parameter, which would stall the launch queue 4 times here, 2 x layers in a model);
+    with 'skip' never."""
+    from weightkit.optim import LayerwiseGaLore
+
+    cls = {"GaLoreAdamW": GaLoreAdamW, "QGaLoreAdamW8bit": QGaLoreAdamW8bit}[name]
+    extra = {}
+    if cls is QGaLoreAdamW8bit:
+        pytest.importorskip("bitsandbytes")
+        extra = dict(min_8bit_size=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).cuda()
+    if cls is QGaLoreAdamW8bit:
+        weightkit.swap(model, "int8", filter_fn=lambda n, m: True, group_size=32)
+    opt = LayerwiseGaLore(param_groups(model, rank=8, update_proj_gap=1000, scale=0.25), optimizer_cls=cls, lr=1e-3,
+                          nonfinite=nonfinite, **extra)
+    x, y = torch.randn(16, 64, device="cuda"), torch.randn(16, 32, device="cuda")
+
+    def backward():
+        nn.functional.mse_loss(model(x), y).backward()
+
+    for _ in range(2):  # pass 0 refreshes the projectors (SVD: syncs allowed); pass 1 warms the kernels up
+        backward()
+    syncs = count_syncs(backward)
+    assert len(syncs) <= allowed, f"{name}: {len(syncs)} host syncs in one layer-wise backward pass, at {syncs}"
+    assert all(p.grad is None for p in model.parameters())
+    assert all(o.state[p]["step"] == 3 for o, p in zip(opt.optimizers, opt.params))

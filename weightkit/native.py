@@ -26,7 +26,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LIB_DIR = os.path.join(PACKAGE_DIR, "lib")
 MODULE = "weightkit._C"
 CUDA_LIB = "libweightkit_cuda.so"
-ABI_VERSION = 6  # WK_ABI_VERSION of csrc/weightkit.h
+ABI_VERSION = 7  # WK_ABI_VERSION of csrc/weightkit.h
 
 # wk_dtype codes of csrc/weightkit.h
 FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -112,7 +112,9 @@ WK_API int wk_cpu_stochastic_round_int8(const void* x, int x_dtype, const float*
 }
 
 WK_API int wk_cpu_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
-                                 int64_t group_size, float decay, uint64_t seed, uint64_t offset, int threads) {
+                                 int64_t group_size, float decay, uint64_t seed, uint64_t offset,
+                                 const float* found_inf, int threads) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return WK_OK;  // a skipped step: nothing written
   const bool ok = dispatch_float(delta_dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* d = static_cast<const scalar_t*>(delta);

@@ -51,10 +51,12 @@ __global__ void stochastic_round_int8_cuda_kernel(const scalar_t* __restrict__ x
 template <typename scalar_t>
 __global__ void int8_sr_update_cuda_kernel(int8_t* __restrict__ q, float* __restrict__ scale,
                                            const scalar_t* __restrict__ delta, int64_t groups, int64_t gs,
-                                           float decay, uint64_t seed, uint64_t offset) {
+                                           float decay, uint64_t seed, uint64_t offset,
+                                           const float* __restrict__ found_inf) {
   const int lane = threadIdx.x & 31;
   const int64_t g = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   if (g >= groups) return;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // a skipped step (whole warps leave: no collective ran)
   int8_t* qg = q + g * gs;
   const scalar_t* dg = delta + g * gs;
   const float s = scale[g];
@@ -180,15 +182,15 @@ WK_API int wk_cuda_stochastic_round_int8(const void* x, int x_dtype, const float
 }
 
 WK_API int wk_cuda_int8_sr_update(int8_t* q, float* scale, const void* delta, int delta_dtype, int64_t groups,
-                                  int64_t group_size, float decay, uint64_t seed, uint64_t offset, int device,
-                                  void* stream) {
+                                  int64_t group_size, float decay, uint64_t seed, uint64_t offset,
+                                  const float* found_inf, int device, void* stream) {
   if (groups == 0) return cudaSuccess;
   const DeviceGuard guard(device);
   const unsigned grid = static_cast<unsigned>((groups * 32 + kThreads - 1) / kThreads);  // one warp per group
   const bool ok = dispatch_float(delta_dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     int8_sr_update_cuda_kernel<scalar_t><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        q, scale, static_cast<const scalar_t*>(delta), groups, group_size, decay, seed, offset);
+        q, scale, static_cast<const scalar_t*>(delta), groups, group_size, decay, seed, offset, found_inf);
   });
   return launch_status(ok);
 }

@@ -4,7 +4,9 @@ reference (bit for bit, every backend) and against bitsandbytes' own blockwise q
 import pytest
 import torch
 
+from tests.conftest import usable_backends
 from weightkit import use_backend
+from weightkit.ops import moments8bit
 from weightkit.ops.moments8bit import blockwise8bit_adam_, dequantize_reference, quantize_reference
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -85,6 +87,24 @@ def test_one_pass_equals_bitsandbytes_three_passes():
         assert torch.equal(a, sb.absmax)
         want, _ = quantize_reference(x, code)
         assert torch.equal(q, want)  # one pass = dequantize, update, quantize
+
+
+def test_device_flag_keeps_the_moments():
+    """found_inf set: the moments keep their bytes and the direction is 0 (a NaN gradient included); clear: the
+    update without a flag, bit for bit; every backend."""
+    print("seed 0")
+    state, cs, cu = _state((37, 29), 0)
+    low = torch.randn(37, 29, generator=torch.Generator().manual_seed(1))
+    bad = low.clone()
+    bad[3, 4] = float("nan")
+    want = _step("reference", low, state, cs, cu)
+    for backend in usable_backends(moments8bit._ADAM8, "cpu"):
+        got = _step(backend, low, state, cs, cu, found_inf=torch.zeros(1))
+        assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1])), backend
+        for g in (low, bad):
+            direction, after = _step(backend, g, state, cs, cu, found_inf=torch.ones(1))
+            assert torch.equal(direction, torch.zeros_like(low)), backend
+            assert all(torch.equal(a, b) for a, b in zip(after, state)), backend
 
 
 @pytest.mark.parametrize("change, match", [

@@ -87,3 +87,20 @@ def test_opcheck(name, device):
     torch.manual_seed(0)
     args = CASES[name](device)
     torch.library.opcheck(getattr(torch.ops.weightkit, name).default, args)
+
+
+# ops that take the optimizers' device-side flags (Tensor? found_inf, Tensor? step_size_t): checked with them too
+FLAGGED = {
+    "int8_sr_update_": lambda d: (torch.zeros(1, device=d),),
+    "int8_sr_lowrank_update_": lambda d: (torch.zeros(1, device=d), torch.full((), 0.5, device=d)),
+    "blockwise8bit_adam_": lambda d: (torch.ones(1, device=d),),
+    "galore_adam_update_": lambda d: (torch.ones(1, device=d), torch.full((1,), 0.5, device=d)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(FLAGGED))
+def test_opcheck_with_device_flags(name, device):
+    torch.manual_seed(0)
+    args = CASES[name](device) + FLAGGED[name](device)
+    torch.library.opcheck(getattr(torch.ops.weightkit, name).default, args)

@@ -7,7 +7,9 @@ accumulation error otherwise (the module docstring's contract: codes off by at m
 import pytest
 import torch
 
+from tests.conftest import usable_backends
 from weightkit import use_backend
+from weightkit.ops import qgalore
 from weightkit.ops.int4 import dequantize_int4, quantize_int4
 from weightkit.ops.int8 import absmax_scale, dequantize_int8, int8_sr_update_, stochastic_round_int8
 from weightkit.ops.qgalore import int8_sr_lowrank_update_
@@ -145,6 +147,33 @@ def test_noncontiguous_update_is_read_as_its_values():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("left", [True, False])
+def test_device_flag_and_step_size(left):
+    """found_inf set: nothing is written (a NaN update included); clear: the call's update without it. step_size_t:
+    the factor of P U is alpha * step_size_t, the same bits as that product given as alpha. Every backend, where the
+    product is exact (so all of them agree bit for bit)."""
+    print("seed 0")
+    case = _case(left, exact=True)
+    (q0, s0), (bq, bs, bz), update, gs, pg = case
+    bad = update.clone()
+    bad[0, 1] = float("nan")
+    for backend in usable_backends(qgalore._LOWRANK, "cpu"):
+        want = _run(backend, case, left, "fp32", alpha=0.03125)
+        for flag, step_t, alpha in ((0.0, None, 0.03125), (None, 0.0625, 0.5), (0.0, 0.0625, 0.5)):
+            q, s = q0.clone(), s0.clone()
+            with use_backend(backend):
+                int8_sr_lowrank_update_(q, s, bq, bs, bz, update, gs, pg, left, alpha=alpha, decay=0.75, seed=7,
+                                        found_inf=None if flag is None else torch.tensor([flag]),
+                                        step_size_t=None if step_t is None else torch.tensor(step_t))
+            assert torch.equal(q, want[0]) and torch.equal(s, want[1]), (backend, flag, step_t)
+        for u in (update, bad):
+            q, s = q0.clone(), s0.clone()
+            with use_backend(backend):
+                int8_sr_lowrank_update_(q, s, bq, bs, bz, u, gs, pg, left, alpha=0.5, decay=0.75, seed=7,
+                                        found_inf=torch.tensor([1.0]), step_size_t=torch.tensor([0.0625]))
+            assert torch.equal(q, q0) and torch.equal(s, s0), backend
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(w_q=lambda a: a.float()), "w_q must have dtype"),
     (dict(scale=lambda a: a[:-1]), "scale must hold"),
@@ -156,11 +185,13 @@ def test_noncontiguous_update_is_read_as_its_values():
     (dict(update=lambda a: a.clone().fill_(float("nan"))), "update"),
     (dict(precision=lambda a: "tf32"), "precision must be one of"),
     (dict(alpha=lambda a: float("inf")), "alpha must be finite"),
+    (dict(found_inf=lambda a: torch.zeros(2)), "found_inf must hold one value"),
+    (dict(step_size_t=lambda a: torch.ones(1, dtype=torch.float64)), "step_size_t must have dtype"),
 ])
 def test_bad_input_names_the_argument(change, match):
     (q, s), (bq, bs, bz), update, gs, pg = _case(True)
     args = dict(w_q=q, scale=s, ortho_q=bq, ortho_scale=bs, ortho_zero=bz, update=update, group_size=gs,
-                proj_group_size=pg, left=True, alpha=0.1, precision="fp32")
+                proj_group_size=pg, left=True, alpha=0.1, precision="fp32", found_inf=None, step_size_t=None)
     for key, fn in change.items():
         args[key] = fn(args[key])
     with pytest.raises((ValueError, TypeError), match=match):

@@ -20,7 +20,7 @@ import weightkit
 from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import galore as galore_ops
-from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit, param_groups
+from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore, QGaLoreAdamW8bit, param_groups
 from weightkit.optim.galore import found_inf_flags
 
 HOST_READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::nonzero", "aten::equal"}
@@ -221,3 +221,94 @@ def test_raise_mode_still_raises_before_anything_changes():
     with pytest.raises(FloatingPointError, match=r"1 parameter\(s\) of shapes \[\(16, 40\)\]"):
         opt.step()
     assert_unchanged(model, opt, snap, ignore=())
+
+
+# -- LayerwiseGaLore: the verdict of a whole backward pass, read once -------------------------------------------
+
+LAYERWISE = {"GaLoreAdamW": (GaLoreAdamW, {}), "QGaLoreAdamW8bit": (QGaLoreAdamW8bit, dict(min_8bit_size=16,
+                                                                                             proj_group_size=8))}
+
+
+def build_layerwise(name, nonfinite="raise", defer=True, seed=0):
+    cls, extra = LAYERWISE[name]
+    if name == "QGaLoreAdamW8bit":
+        pytest.importorskip("bitsandbytes")
+    model = make_model(seed, int8=name == "QGaLoreAdamW8bit")
+    opt = LayerwiseGaLore(param_groups(model, rank=4, update_proj_gap=1000, scale=0.25), optimizer_cls=cls,
+                          defer_nonfinite=defer, lr=1e-2, weight_decay=0.1, nonfinite=nonfinite, **extra)
+    return model, opt
+
+
+def backward(model, step, nan_in=None):
+    """One forward and backward pass (the layer-wise updates run inside it); ``nan_in``: a parameter whose gradient
+    gets a NaN in one entry on its way to .grad."""
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(900 + step))
+    handle = None
+    if nan_in is not None:
+        def poison(g):
+            g = g.clone()
+            g.view(-1)[7] = float("nan")
+            return g
+        handle = nan_in.register_hook(poison)
+    try:
+        model(x).pow(2).mean().backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", sorted(LAYERWISE))
+@pytest.mark.parametrize("nonfinite,defer,expected", [("raise", True, 1), ("raise", False, 4), ("skip", True, 0)],
+                         ids=["raise-deferred", "raise-per-parameter", "skip"])
+def test_layerwise_host_reads_per_backward(name, nonfinite, defer, expected):
+    """Deferred (the default for CUDA parameters; forced here on the CPU): one host read for a whole backward pass
+    of 4 parameters, at its end, instead of one per parameter; 'skip': none."""
+    model, opt = build_layerwise(name, nonfinite, defer)
+    for step in range(2):  # step 0 computes the bases (SVDs, checked gradients: host reads allowed)
+        backward(model, step)
+    with CountHostReads() as mode:
+        backward(model, 2)
+    assert len(mode.reads) == expected, mode.reads
+    assert all(p.grad is None for p in model.parameters())  # updated and freed inside backward
+
+
+@pytest.mark.parametrize("name", sorted(LAYERWISE))
+def test_layerwise_deferred_raise_skips_the_bad_parameter_and_names_it(name):
+    """A NaN in one gradient: that parameter's update is skipped on the device (weight, scales, moments and step
+    count unchanged), the others are updated, and the end of the pass raises naming it. The run then continues as
+    the same optimizer in 'skip' mode (no deferral, each skip counted on the device) does."""
+    model, opt = build_layerwise(name)
+    ref_model, ref = build_layerwise(name, nonfinite="skip", defer=False)
+    for step in range(3):
+        backward(model, step)
+        backward(ref_model, step)
+    bad = list(model.parameters())[2]  # the second layer's weight, 16 x 40
+    others = [p for p in model.parameters() if p is not bad]
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in opt.optimizers[2].state[bad].items()}
+    with pytest.raises(FloatingPointError, match=r"1 parameter\(s\) of shapes \[\(16, 40\)\]"):
+        backward(model, 3, nan_in=bad)
+    backward(ref_model, 3, nan_in=list(ref_model.parameters())[2])  # skipped without a word
+    assert torch.equal(bad.detach(), before[id(bad)])
+    for k, v in opt.optimizers[2].state[bad].items():
+        assert (torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else v == state_before[k]), k
+    assert all(not torch.equal(p.detach(), before[id(p)]) for p in others)
+    assert all(p.grad is None for p in model.parameters())
+    assert ref.skipped_updates == 1
+
+    def assert_like_ref():
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            if hasattr(a, "qdata"):  # int8 weights: stochastic rounding of slightly different values may differ
+                assert (a.qdata.int() - b.qdata.int()).abs().max() <= 1
+            else:
+                torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+    assert_like_ref()
+    for step in (4, 5):
+        backward(model, step)
+        backward(ref_model, step)
+    if name == "GaLoreAdamW":  # (Q-GaLore: the skipped weight's SR stream is keyed by its step count, which 'skip'
+        assert_like_ref()     # mode advances and the deferred raise puts back: its later roundings differ)
+    assert [o.state[p]["step"] for o, p in zip(opt.optimizers, opt.params)] == [5 if p is bad else 6
+                                                                                for p in opt.params]

@@ -15,6 +15,7 @@ from weightkit.nn import Int8Linear
 from weightkit.ops.galore import galore_adam_update_reference
 from weightkit.ops.int8 import dequantize_int8
 from weightkit.optim import GaLoreAdamW, GaLoreParts, LayerwiseGaLore, QGaLoreAdamW8bit
+from weightkit.optim import moments as moments_module
 from weightkit.optim.basis import FloatBasis, Int4Basis, PackedInt4
 from weightkit.optim.moments import BlockwiseMoments8bit, FloatMoments
 from weightkit.optim.refresh import FixedRefresh, LazyRefresh
@@ -359,6 +360,7 @@ def test_8bit_moments_without_bitsandbytes_say_how_to_get_it(monkeypatch):
     for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    monkeypatch.setattr(moments_module, "_BNBF", None)  # as in a process that never imported it (the import is cached)
     w = torch.nn.Parameter(torch.randn(16, 32))
     with pytest.raises(ImportError, match=r"weightkit\[bnb\]"):
         GaLoreAdamW8bit([{"params": [w], "rank": 4}], lr=1e-3)

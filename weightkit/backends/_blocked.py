@@ -128,6 +128,20 @@ def step_coef(step_size: float, scale: float, step_size_t: Optional[Tensor]):
     return step_size * scale if step_size_t is None else step_size_t * scale
 
 
+def flag_ptr(found_inf: Optional[Tensor]) -> int:
+    """The data pointer of a device flag for a native kernel (0: none). One float32 value: the op checked it."""
+    return 0 if found_inf is None else found_inf.data_ptr()
+
+
+def keep_unless_found(dst: Tensor, new: Tensor, found_inf: Optional[Tensor]) -> None:
+    """``dst <- new``, except where the device flag ``found_inf`` is set (nonzero): there ``dst`` keeps its values.
+    The references' form of the kernels' predicated stores (no host read)."""
+    if found_inf is None:
+        dst.copy_(new)
+    else:
+        dst.copy_(torch.where(found_inf.ne(0).reshape(()), dst, new))
+
+
 def masked_low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
                          eps: float, found_inf: Tensor) -> Tensor:
     """U (float32) with M, V updated in place, except where ``found_inf`` is set: there M and V stay and U = 0
@@ -242,10 +256,17 @@ def basis_shape(w_q: Tensor, update: Tensor, left: bool):
     return (m, update.shape[0]) if left else (update.shape[1], n)
 
 
+def lowrank_factor(alpha: float, step_size_t: Optional[Tensor]):
+    """The factor of N = P U in int8_sr_lowrank_update_'s delta: -alpha, or -(alpha * step_size_t) (one float32
+    product, as the Triton kernel forms it) for a step size counted on the device."""
+    return -alpha if step_size_t is None else (step_size_t.reshape(()) * alpha).neg_()
+
+
 def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor, ortho_zero: Tensor,
                                update: Tensor, group_size: int, proj_group_size: int, left: bool, alpha: float,
-                               decay: float, precision: str, seed: int, offset: int, *, dequantize: Callable,
-                               sr_update: Callable) -> None:
+                               decay: float, precision: str, seed: int, offset: int,
+                               found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None, *,
+                               dequantize: Callable, sr_update: Callable) -> None:
     """W_q, scale <- SR((W_q scale - alpha N) decay), N = P U | U P, composed of a backend's kernels: its
     ``dequantize`` (dequantize_int4) makes the float basis once for the call (the size of P: r/n of the weight's
     float32 bytes at most), then N and the delta for ~ROWS_ELEMENTS weight elements at a time go through its
@@ -256,12 +277,13 @@ def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, orth
     ortho, update = rounded_to(ortho.to(torch.float32), precision), rounded_to(update, precision)
     groups_per_row = n // group_size
     block = max(1, ROWS_ELEMENTS // n)
+    factor = lowrank_factor(alpha, step_size_t)
     for r0 in range(0, m, block):
         r1 = min(m, r0 + block)
         delta = (ortho[r0:r1] @ update) if left else (update[r0:r1] @ ortho)
-        delta.mul_(-alpha)
+        delta.mul_(factor)
         sr_update(w_q[r0:r1], scale.view(-1)[r0 * groups_per_row:r1 * groups_per_row], delta, group_size, decay, seed,
-                  offset + r0 * n)
+                  offset + r0 * n, found_inf)
 
 
 def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str) -> Callable:
@@ -271,10 +293,11 @@ def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str)
 
     def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor,
                                 ortho_zero: Tensor, update: Tensor, group_size: int, proj_group_size: int, left: bool,
-                                alpha: float, decay: float, precision: str, seed: int, offset: int) -> None:
+                                alpha: float, decay: float, precision: str, seed: int, offset: int,
+                                found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
         sr_lowrank_update_composed(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
-                                   left, alpha, decay, precision, seed, offset, dequantize=dequantize,
-                                   sr_update=sr_update)
+                                   left, alpha, decay, precision, seed, offset, found_inf, step_size_t,
+                                   dequantize=dequantize, sr_update=sr_update)
 
     int8_sr_lowrank_update_.__module__ = module
     return int8_sr_lowrank_update_

@@ -51,6 +51,16 @@ def check_tensor(
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
+def check_flag(name: str, t, device: torch.device) -> None:
+    """An optional device-side scalar of the optimizer steps (``found_inf``, ``step_size_t``): None, or a one-element
+    float32 tensor on ``device``."""
+    if t is None:
+        return
+    check_tensor(name, t, dtypes=(torch.float32,), device=device)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must hold one value, got shape {tuple(t.shape)}")
+
+
 _DEBUG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("weightkit_debug_checks", default=None)
 
 

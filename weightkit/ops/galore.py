@@ -43,7 +43,7 @@ from ..backends.cpu import galore as cpu_galore
 from ..backends.cuda import galore as cuda_galore
 from ..backends.triton import galore as triton_galore
 from ..backends._blocked import matmul_precision, mm_float32, step_coef
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_flag, check_tensor
 from ._registry import define
 
 __all__ = ["galore_adam_update_", "matmul_precision", "mm_float32"]
@@ -72,11 +72,8 @@ def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, found_inf=No
     for name, t in (("low_grad", low_grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_tensor(name, t, dtypes=(torch.float32,), ndim=2, device=dev)
     check_tensor("ortho", ortho, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
-    for name, t in (("found_inf", found_inf), ("step_size_t", step_size_t)):
-        if t is not None:
-            check_tensor(name, t, dtypes=(torch.float32,), device=dev)
-            if t.numel() != 1:
-                raise ValueError(f"{name} must hold one value, got shape {tuple(t.shape)}")
+    check_flag("found_inf", found_inf, dev)
+    check_flag("step_size_t", step_size_t, dev)
     if exp_avg.shape != low_grad.shape or exp_avg_sq.shape != low_grad.shape:
         raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must match "
                          f"low_grad {tuple(low_grad.shape)}")

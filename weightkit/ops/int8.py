@@ -13,16 +13,18 @@ given (seed, offset).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..backend import KernelTable, rows_of, tf32_allowed, token_bucket
+from ..backends._blocked import keep_unless_found
 from ..backends.cpu import int8 as cpu_int8
 from ..backends.cuda import int8 as cuda_int8
 from ..backends.triton import int8 as triton_int8
 from . import rng
-from ._checks import (FLOAT_DTYPES, check_positive_int, check_tensor, debug_checks_enabled, exact_div,
+from ._checks import (FLOAT_DTYPES, check_flag, check_positive_int, check_tensor, debug_checks_enabled, exact_div,
                       require_finite)
 from ._registry import define
 
@@ -102,16 +104,20 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
 #     w_q'   = stochastic_round_int8(w, scale', seed, offset)
 # without materialising w: every backend reads w_q, scale and delta once per pass (two passes per group) and
 # writes w_q and scale. Bit-identical to the unfused sequence for the same (seed, offset).
+# ``found_inf`` (optional, a one-element float32 tensor on w_q's device, GradScaler's convention): where it is
+# nonzero nothing is written, decided on the device (the optimizers' nonfinite='skip' and layer-wise steps).
 
 # auto on CUDA: Triton first (H200, 2026-11-26: 8192^2 group 128, 0.282 ms vs cuda 0.370)
 # (measured per regime on copies of w_q and scale, which it writes; the Triton fast path needs offset % 4 == 0)
 _SR_UPDATE = KernelTable("int8_sr_update_", cuda_order=("triton", "cuda"), mutates=(0, 1),
-                         regime=lambda w_q, scale, delta, group_size, decay, seed, offset: (
+                         regime=lambda w_q, scale, delta, group_size, decay, seed, offset, *_: (
                              token_bucket(w_q.numel()), delta.dtype, group_size, offset % 4 == 0))
 
 
-def _check_sr_update_args(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int) -> None:
+def _check_sr_update_args(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int,
+                          found_inf: Optional[Tensor] = None) -> None:
     check_tensor("w_q", w_q, dtypes=(torch.int8,))
+    check_flag("found_inf", found_inf, w_q.device)
     check_tensor("scale", scale, dtypes=(torch.float32,), device=w_q.device)
     check_tensor("delta", delta, dtypes=FLOAT_DTYPES, device=w_q.device)
     check_positive_int("group_size", group_size)
@@ -126,11 +132,11 @@ def _check_sr_update_args(w_q: Tensor, scale: Tensor, delta: Tensor, group_size:
 
 
 @_SR_UPDATE.register("reference")
-def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset):
+def int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset, found_inf=None):
     w = (dequantize_int8(w_q, scale, group_size) + delta.to(torch.float32)) * decay
     new_scale = absmax_scale(w, group_size)
-    w_q.copy_(stochastic_round_int8_reference(w, new_scale, group_size, seed, offset))
-    scale.copy_(new_scale.reshape(scale.shape))
+    keep_unless_found(w_q, stochastic_round_int8_reference(w, new_scale, group_size, seed, offset), found_inf)
+    keep_unless_found(scale, new_scale.reshape(scale.shape), found_inf)
 
 
 _SR_UPDATE.register("cpu")(cpu_int8.int8_sr_update_)
@@ -138,7 +144,7 @@ _SR_UPDATE.register("cuda")(cuda_int8.int8_sr_update_)
 _SR_UPDATE.register("triton")(triton_int8.int8_sr_update_)
 
 
-def _sr_update_impl(w_q, scale, delta, group_size, decay, seed, offset):
+def _sr_update_impl(w_q, scale, delta, group_size, decay, seed, offset, found_inf=None):
     rng.check_seed(seed, offset)  # values, not metadata: eager only
     if not math.isfinite(decay):
         raise ValueError(f"decay must be finite, got {decay}")
@@ -147,22 +153,24 @@ def _sr_update_impl(w_q, scale, delta, group_size, decay, seed, offset):
     # a CUDA graph), none on the CPU: by default it runs for CPU tensors only. On a GPU the callers guard instead:
     # the Q-GaLore optimizers check every gradient once per step (one sync) before any update, so their deltas are
     # finite. weightkit.debug_checks() / WEIGHTKIT_DEBUG_CHECKS=1 turn it on everywhere, debug_checks(False) off.
-    if debug_checks_enabled(default=delta.device.type == "cpu"):
+    # With a device flag (found_inf) a non-finite delta is the flagged case, where nothing is written: not checked.
+    if found_inf is None and debug_checks_enabled(default=delta.device.type == "cpu"):
         require_finite("delta", delta)
-    _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset)
+    _SR_UPDATE(w_q.device, w_q, scale, delta, group_size, float(decay), seed, offset, found_inf)
 
 
 _int8_sr_update_op = define(
     "int8_sr_update_(Tensor(a0!) w_q, Tensor(a1!) scale, Tensor delta, SymInt group_size, float decay, SymInt seed, "
-    "SymInt offset) -> ()",
+    "SymInt offset, Tensor? found_inf=None) -> ()",
     impl=_sr_update_impl,
-    check=lambda w_q, scale, delta, group_size, *_: _check_sr_update_args(w_q, scale, delta, group_size),
+    check=lambda w_q, scale, delta, group_size, decay, seed, offset, found_inf=None: _check_sr_update_args(
+        w_q, scale, delta, group_size, found_inf),
     # the data check of delta runs in _sr_update_impl: by default on the CPU only, where it costs no sync
     fake=lambda *args: None)
 
 
 def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, *, decay: float = 1.0, seed: int = 0,
-                    offset: int = 0) -> None:
+                    offset: int = 0, found_inf: Optional[Tensor] = None) -> None:
     """In place: ``w_q, scale <- SR((w_q * scale + delta) * decay)`` with a fresh per-group absmax scale.
 
     Args:
@@ -171,6 +179,8 @@ def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, 
         delta: the float update (same shape as ``w_q``; float32/bf16/fp16).
         decay: decoupled weight-decay factor applied after the update (1 - lr * weight_decay).
         seed, offset: the Philox key and the stream position of the first element (see stochastic_round_int8).
+        found_inf: optional one-element float32 tensor on w_q's device; where it is nonzero, w_q and scale are left
+            unchanged (decided on the device: no host read).
 
     A non-finite ``delta`` would leave its groups' weights and scale unusable. CPU tensors are checked (a ValueError
     naming ``delta``, nothing written); CUDA tensors are not by default, since the check would cost a host sync per
@@ -179,7 +189,7 @@ def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, 
     once per step before any update.
     """
     rng.check_seed(seed, offset)
-    _int8_sr_update_op(w_q, scale, delta, group_size, float(decay), seed, offset)
+    _int8_sr_update_op(w_q, scale, delta, group_size, float(decay), seed, offset, found_inf)
 
 
 def absmax_scale(x: Tensor, group_size: int, qmax: int = 127) -> Tensor:

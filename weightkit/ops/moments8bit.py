@@ -12,7 +12,9 @@ and writes Adam's direction into ``direction`` (float32, ``low``'s shape; the Py
     absmax = max |m| over the block  (resp. |v|);   x = clamp(m * (1 / max(absmax, 1e-38)), -1, 1)
     q = number of midpoints (code[i] + code[i + 1]) / 2 below x     (the nearest code value, ties to the lower one)
 
-every operation one float32 rounding (no fused multiply-add; the square root correctly rounded). The format is bitsandbytes' (``create_dynamic_map``
+every operation one float32 rounding (no fused multiply-add; the square root correctly rounded). ``found_inf``
+(optional, a one-element float32 tensor on ``low``'s device: the optimizers' device-side skip): where it is nonzero
+the moments are left unchanged and the direction is 0. The format is bitsandbytes' (``create_dynamic_map``
 code tables, one float32 absmax per block of 256): ``bitsandbytes.functional.dequantize_blockwise`` reads these
 states bit for bit, and the codes are those of bitsandbytes' pure-PyTorch quantizer (its ``default`` backend:
 midpoints and ``torch.bucketize``). Its native CPU quantizer (a table-driven binary search) picks the farther of
@@ -26,12 +28,15 @@ search over the midpoints, writes codes, absmax and the direction: the moments' 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..backend import KernelTable
+from ..backends._blocked import keep_unless_found
 from ..backends.triton import moments8bit as triton_moments8bit
-from ._checks import check_tensor, require_finite
+from ._checks import check_flag, check_tensor, require_finite
 from ._registry import define
 
 __all__ = ["blockwise8bit_adam_", "BLOCK", "code_midpoints"]
@@ -48,9 +53,10 @@ def code_midpoints(code: Tensor) -> Tensor:
 
 
 def _check(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, direction,
-           beta1, beta2, eps):
+           beta1, beta2, eps, found_inf=None):
     check_tensor("low", low, dtypes=(torch.float32,))
     dev = low.device
+    check_flag("found_inf", found_inf, dev)
     check_tensor("direction", direction, dtypes=(torch.float32,), device=dev)
     if direction.shape != low.shape or not direction.is_contiguous():
         raise ValueError(f"direction must be contiguous with low's shape {tuple(low.shape)}, got "
@@ -102,7 +108,7 @@ def dequantize_reference(q: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
 
 @_ADAM8.register("reference")
 def blockwise8bit_adam_reference(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed,
-                                 code_unsigned, direction, beta1, beta2, eps):
+                                 code_unsigned, direction, beta1, beta2, eps, found_inf=None):
     g = low.reshape(-1)
     m = dequantize_reference(exp_avg_q, exp_avg_absmax, code_signed)
     v = dequantize_reference(exp_avg_sq_q, exp_avg_sq_absmax, code_unsigned)
@@ -110,28 +116,35 @@ def blockwise8bit_adam_reference(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, e
     v = v * beta2 + (g * g) * (1 - beta2)
     # sqrt correctly rounded (through float64), as the kernels' sqrt_rn: torch's vectorized float32 sqrt on the
     # CPU is not (it differs in the last bit for some values)
-    direction.view(-1).copy_(m / (v.double().sqrt().float() + eps))
-    q, a = quantize_reference(m, code_signed)
-    exp_avg_q.view(-1).copy_(q), exp_avg_absmax.view(-1).copy_(a)
-    q, a = quantize_reference(v, code_unsigned)
-    exp_avg_sq_q.view(-1).copy_(q), exp_avg_sq_absmax.view(-1).copy_(a)
+    d = m / (v.double().sqrt().float() + eps)
+    direction.view(-1).copy_(d if found_inf is None else d.masked_fill_(found_inf.ne(0), 0.0))
+    for (q, a), q_out, a_out in ((quantize_reference(m, code_signed), exp_avg_q, exp_avg_absmax),
+                                 (quantize_reference(v, code_unsigned), exp_avg_sq_q, exp_avg_sq_absmax)):
+        keep_unless_found(q_out.view(-1), q, found_inf)
+        keep_unless_found(a_out.view(-1), a, found_inf)
 
 
 _ADAM8.register("triton")(triton_moments8bit.blockwise8bit_adam_)
 
 
+def _check_data(low, *args):
+    if args[-1] is None:  # with a device flag, a non-finite low is the flagged case (nothing is written)
+        require_finite("low", low)
+
+
 _blockwise8bit_adam_op = define(
     "blockwise8bit_adam_(Tensor low, Tensor(a1!) exp_avg_q, Tensor(a2!) exp_avg_absmax, Tensor(a3!) exp_avg_sq_q, "
     "Tensor(a4!) exp_avg_sq_absmax, Tensor code_signed, Tensor code_unsigned, Tensor(a7!) direction, float beta1, "
-    "float beta2, float eps) -> ()",
-    table=_ADAM8, check=_check, debug_check=lambda low, *_: require_finite("low", low), fake=lambda *args: None)
+    "float beta2, float eps, Tensor? found_inf=None) -> ()",
+    table=_ADAM8, check=_check, debug_check=_check_data, fake=lambda *args: None)
 
 
 def blockwise8bit_adam_(low: Tensor, exp_avg_q: Tensor, exp_avg_absmax: Tensor, exp_avg_sq_q: Tensor,
                         exp_avg_sq_absmax: Tensor, code_signed: Tensor, code_unsigned: Tensor, *, beta1: float = 0.9,
-                        beta2: float = 0.999, eps: float = 1e-6) -> Tensor:
-    """Update the 8-bit moments in place in one pass; return Adam's direction (see the module docstring)."""
+                        beta2: float = 0.999, eps: float = 1e-6, found_inf: Optional[Tensor] = None) -> Tensor:
+    """Update the 8-bit moments in place in one pass; return Adam's direction (see the module docstring). Where the
+    device flag ``found_inf`` is set, nothing changes and the direction is 0."""
     direction = torch.empty(low.shape, dtype=torch.float32, device=low.device)
     _blockwise8bit_adam_op(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed,
-                           code_unsigned, direction, float(beta1), float(beta2), float(eps))
+                           code_unsigned, direction, float(beta1), float(beta2), float(eps), found_inf)
     return direction

@@ -15,6 +15,11 @@ which is ``weightkit.ops.int8.int8_sr_update_`` with ``delta = -alpha * P U``: t
 so the same update in distribution and, for the same N, bit for bit (``alpha`` = Adam's step size times GaLore's
 scale, ``decay`` = 1 - lr * weight_decay).
 
+Device-side predication (the optimizers' ``nonfinite='skip'`` and layer-wise steps, without a host read):
+``found_inf``, a one-element float32 tensor on the weight's device: where it is nonzero, ``w_q`` and ``scale`` are
+left unchanged. ``step_size_t``, a one-element float32 tensor: the factor of P U is then ``alpha * step_size_t``
+(one float32 product: Adam's step size counted on the device, ``alpha`` GaLore's scale).
+
 No float copy of the weight and no m x n delta exist whole: the Triton kernel computes each [BLOCK_M, BLOCK_N]
 tile of N from the packed basis (dequantized in registers) and the low-rank update with ``tl.dot``, applies the
 update and the stochastic rounding to the tile, and writes int8 values and scales; a tile spans whole groups, so
@@ -41,17 +46,18 @@ below the stochastic rounding's own noise (one quantization step).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ..backends._blocked import basis_shape, rounded_to
+from ..backends._blocked import basis_shape, lowrank_factor, rounded_to
 from ..backends.cpu import qgalore as cpu_qgalore
 from ..backends.cuda import qgalore as cuda_qgalore
 from ..backends.triton import qgalore as triton_qgalore
 from . import rng
-from ._checks import check_positive_int, check_tensor, require_finite
+from ._checks import check_flag, check_positive_int, check_tensor, require_finite
 from ._registry import define
 from .int4 import dequantize_int4_reference
 from .int8 import int8_sr_update_reference
@@ -63,6 +69,7 @@ PRECISIONS = ("fp32", "tf32x3", "bf16")
 
 
 def _regime(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left, *rest):
+    # rest: alpha, decay, precision, seed, offset, found_inf, step_size_t
     """auto by measurement per shape, groups, side and projection precision (weightkit/backend.py)."""
     return (tuple(w_q.shape), tuple(update.shape), group_size, proj_group_size, bool(left), rest[2])
 
@@ -72,9 +79,11 @@ _LOWRANK = KernelTable("int8_sr_lowrank_update_", cuda_order=("triton", "cuda"),
 
 
 def _check_args(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left, alpha,
-                decay, precision, seed, offset):
+                decay, precision, seed, offset, found_inf=None, step_size_t=None):
     check_tensor("w_q", w_q, dtypes=(torch.int8,), ndim=2)
     dev = w_q.device
+    check_flag("found_inf", found_inf, dev)
+    check_flag("step_size_t", step_size_t, dev)
     check_tensor("scale", scale, dtypes=(torch.float32,), device=dev)
     check_tensor("ortho_q", ortho_q, dtypes=(torch.uint8,), device=dev)
     check_tensor("ortho_scale", ortho_scale, dtypes=(torch.float32,), device=dev)
@@ -118,11 +127,13 @@ def lowrank_product(ortho_q, ortho_scale, ortho_zero, update, proj_group_size, s
 
 @_LOWRANK.register("reference")
 def int8_sr_lowrank_update_reference(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size,
-                                     proj_group_size, left, alpha, decay, precision, seed, offset):
+                                     proj_group_size, left, alpha, decay, precision, seed, offset, found_inf=None,
+                                     step_size_t=None):
     shape = basis_shape(w_q, update, left)
     full = lowrank_product(ortho_q, ortho_scale, ortho_zero, update, proj_group_size, shape, left, precision)
-    delta = full.mul_(-alpha)  # -alpha * N: (w_q * scale + delta) below is w_q * scale - alpha * N exactly
-    int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset)
+    # -alpha * N: (w_q * scale + delta) below is w_q * scale - alpha * N exactly
+    delta = full.mul_(lowrank_factor(alpha, step_size_t))
+    int8_sr_update_reference(w_q, scale, delta, group_size, decay, seed, offset, found_inf)
 
 
 _LOWRANK.register("cpu")(cpu_qgalore.int8_sr_lowrank_update_)
@@ -131,7 +142,7 @@ _LOWRANK.register("triton")(triton_qgalore.int8_sr_lowrank_update_)
 
 
 def _impl(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left, alpha, decay,
-          precision, seed, offset):
+          precision, seed, offset, found_inf=None, step_size_t=None):
     rng.check_seed(seed, offset)  # values, not metadata: eager only
     if offset + w_q.numel() > rng.SEED_LIMIT:
         raise ValueError(f"offset + w_q.numel() must stay below 2**63, got offset={offset}")
@@ -139,23 +150,26 @@ def _impl(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {v}")
     _LOWRANK(w_q.device, w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size, left,
-             float(alpha), float(decay), precision, seed, offset)
+             float(alpha), float(decay), precision, seed, offset, found_inf, step_size_t)
 
 
 _int8_sr_lowrank_update_op = define(
     "int8_sr_lowrank_update_(Tensor(a0!) w_q, Tensor(a1!) scale, Tensor ortho_q, Tensor ortho_scale, "
     "Tensor ortho_zero, Tensor update, SymInt group_size, SymInt proj_group_size, bool left, float alpha, "
-    "float decay, str precision, SymInt seed, SymInt offset) -> ()",
+    "float decay, str precision, SymInt seed, SymInt offset, Tensor? found_inf=None, Tensor? step_size_t=None) -> ()",
     impl=_impl, check=_check_args,
     # in place: a NaN in the update would destroy the weight (as int8_sr_update_'s delta check, on by default; the
     # optimizer, which has checked its gradients, switches it off)
-    debug_check=lambda w_q, scale, oq, os_, oz, update, *_: require_finite("update", update), debug_default=True,
+    # (with a device flag, a non-finite update is the flagged case: nothing is written)
+    debug_check=lambda w_q, scale, oq, os_, oz, update, *rest: rest[-2] is not None or require_finite("update", update),
+    debug_default=True,
     fake=lambda *args: None)
 
 
 def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor, ortho_zero: Tensor,
                             update: Tensor, group_size: int, proj_group_size: int, left: bool, *, alpha: float,
-                            decay: float = 1.0, precision: str = "fp32", seed: int = 0, offset: int = 0) -> None:
+                            decay: float = 1.0, precision: str = "fp32", seed: int = 0, offset: int = 0,
+                            found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
     """In place: ``w_q, scale <- SR((w_q * scale - alpha * P U) * decay)`` (see the module docstring).
 
     Args:
@@ -167,7 +181,10 @@ def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_s
         precision: 'fp32', 'tf32x3' (tensor cores, GPU Triton only; float32 elsewhere) or 'bf16' (P and U rounded
             to bfloat16 for the product; float32 accumulation).
         seed, offset: Philox key and stream position of the first element (see weightkit.ops.int8).
+        found_inf: optional one-element float32 tensor on w_q's device; where nonzero, nothing is written.
+        step_size_t: optional one-element float32 tensor; the factor of P U becomes ``alpha * step_size_t``.
     """
     rng.check_seed(seed, offset)
     _int8_sr_lowrank_update_op(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
-                               bool(left), float(alpha), float(decay), str(precision), seed, offset)
+                               bool(left), float(alpha), float(decay), str(precision), seed, offset, found_inf,
+                               step_size_t)

@@ -141,6 +141,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             parts = dataclasses.replace(parts, refresh=FixedRefresh(stagger=True, offset=refresh_offset))
         self.parts = parts
         self.nonfinite = nonfinite
+        # LayerwiseGaLore's deferred verdict: steady steps commit predicated on the device flag, which the step
+        # leaves in ``deferred_found`` for the caller to read later (one read per backward pass, not per parameter)
+        self._defer = False
+        self.deferred_found: Optional[Tensor] = None
         self._host_skips = 0  # steps skipped on the host (see skipped_steps)
         self._device_skips: Dict[torch.device, Tensor] = {}  # per device: steps skipped on the device flag
         self._weight_parts: Dict[int, object] = {}
@@ -309,8 +313,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         flags = {} if known_bad else found_inf_flags([prep["check"] for prep in prepared])
         shared = [part for part in self.parts.weights if type(part).any_bad is not FloatWeight.any_bad]
         refreshing = any(prep.get("pending") is not None for prep in prepared)
-        if self.nonfinite == "skip" and len(flags) == 1 and not (known_bad or shared or refreshing):
-            self._count_device_skips(flags)
+        if (self.nonfinite == "skip" or self._defer) and len(flags) == 1 and not (known_bad or shared or refreshing):
+            if self._defer:  # the caller reads the flag later; a bad step is then undone on the host (step count)
+                self.deferred_found = next(iter(flags.values()))
+            else:
+                self._count_device_skips(flags)
             return flags
         bad = known_bad or any(bool(flag) for flag in flags.values())  # the one host sync (one per device)
         for part in self.parts.weights:
@@ -360,6 +367,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if grad is not None:
                     items.append((group, p, part, grad))
         self._check_grads(items)
+        self.deferred_found = None
         prepared = [self._prepare(group, p, part, grad) for group, p, part, grad in items]
         verdict = self._nonfinite(items, prepared)
         if verdict is True:
@@ -430,7 +438,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not moments.has(state):
                 moments.init(state, grad)
             state["step"] += 1
-            step_size_t = None if found is None else self._device_step_size(group, state, found)
+            step_size_t = self._device_step_size(group, state, found) if self._counts_skips(found) else None
             self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]), found, step_size_t)
             return
         if prep["pending"] is not None:
@@ -439,7 +447,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not moments.has(state):
             moments.init(state, low)
         state["step"] += 1
-        step_size_t = None if found is None else self._device_step_size(group, state, found)
+        step_size_t = self._device_step_size(group, state, found) if self._counts_skips(found) else None
         beta1, beta2 = group["betas"]
         update = LowRankUpdate(beta1=beta1, beta2=beta2, eps=group["eps"],
                                step_size=self._step_size(group, state["step"]), scale=prep["proj"].scale,
@@ -463,29 +471,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
         ``nonfinite_skips`` (on the device) counts the skipped ones, and the bias correction uses
         ``step - nonfinite_skips``. Refresh steps never get here (the verdict is read on the host there).
 
-        FloatWeight's update takes the flag itself (the fused op leaves W, M, V unchanged, no copy); entries that a
-        part replaces rather than updates in place (8-bit moments) are put back where the flag is set; a weight part
-        that does not take the flag (int8 weights) has its weight, its scales and the float moments saved first and
-        restored where the flag is set."""
+        The weight parts take the flag themselves (LowRankUpdate.found_inf): the fused ops leave the weight (float, or
+        int8 with its scales), the float moments and the one-pass 8-bit moments unchanged where it is set, with no
+        copy; entries that a part replaces rather than updates in place (the three-pass 8-bit moments) are put back
+        here where the flag is set."""
         state = self.state[p]
         skip = found.ne(0).reshape(())
         replaced = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-        saved = []
-        if "low" in prep and type(part).apply_low_rank is not FloatWeight.apply_low_rank:
-            weight = part.local(p)
-            scale = getattr(weight, "scale", None)
-            # the weight, its scales and every state tensor the update may write in place (float or 8-bit moments)
-            written = [v for k, v in state.items() if k not in ("step", "nonfinite_skips")]
-            for t in (weight, scale, *written):
-                if isinstance(t, Tensor) and t.device == weight.device:
-                    saved.append((t, t.clone()))
         self._commit(group, p, part, grad, prep, found)
-        for t, old in saved:
-            t.copy_(torch.where(skip, old, t))
         for k, old in replaced.items():
             new = state.get(k)
             if new is not old and isinstance(new, Tensor) and new.shape == old.shape and new.dtype == old.dtype:
                 state[k] = torch.where(skip, old, new)
+
+    def _counts_skips(self, found: Optional[Tensor]) -> bool:
+        """Whether a predicated commit counts its skip on the device (``nonfinite='skip'``); a deferred one does not:
+        its caller undoes a skipped step on the host (LayerwiseGaLore), so Adam's step size stays the host's."""
+        return found is not None and not self._defer
 
     def _device_step_size(self, group: Dict, state: Dict, found: Tensor) -> Optional[Tensor]:
         """Adam's step size with the bias correction of ``step - nonfinite_skips`` steps, computed on the device

@@ -4,13 +4,18 @@ weightkit.optim.distributed for the DDP story)."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+import threading
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .galore import GaLoreAdamW
+
+
+# The id of the backward pass running in this thread (-1 outside one); where torch lacks it, verdicts are not deferred
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 class LayerwiseGaLore:
@@ -32,14 +37,33 @@ class LayerwiseGaLore:
     ``optimizer_cls`` is any optimizer of the GaLore family (GaLoreAdamW by default), built once per parameter with
     ``defaults`` as keyword arguments; ``stagger_refresh=True`` among them spreads the parameters' refreshes over the
     steps (the i-th parameter's optimizer gets ``refresh_offset=i``).
+
+    NaN/Inf gradients (``nonfinite`` among ``defaults``). A parameter's own step checks its gradient as
+    GaLoreAdamW.step does. With ``nonfinite='raise'`` (the default) that check would read a device flag on the
+    host once per parameter, i.e. one host sync per parameter in the middle of backward, stalling the launch
+    queue each time. So the verdict is deferred (``defer_nonfinite``; by default for CUDA parameters, where a sync
+    costs): each parameter's update is predicated on its device flag (a bad gradient leaves that parameter's
+    weight and moments unchanged, on the device), and the flags of the whole backward pass are read once when it
+    ends (a callback of the autograd engine): if any was set, the step counts of those parameters are put back and
+    a FloatingPointError names them, the other parameters of the pass having been updated. Steps that refresh a
+    basis decide on the host and raise at once, as before. ``nonfinite='skip'`` predicates without any read (each
+    parameter's skips are counted on the device: :attr:`skipped_updates`).
     """
 
     def __init__(self, params: Iterable, optimizer_cls=GaLoreAdamW, accumulation_steps: int = 1, hooks: bool = True,
-                 **defaults):
+                 defer_nonfinite: Optional[bool] = None, **defaults):
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if defer_nonfinite not in (None, True, False):
+            raise ValueError(f"defer_nonfinite must be None (for CUDA parameters), True or False, got "
+                             f"{defer_nonfinite!r}")
         self.accumulation_steps = accumulation_steps
         self.hooks = bool(hooks)
+        self.nonfinite = defaults.get("nonfinite", "raise")  # (the optimizers validate it)
+        self.defer_nonfinite = defer_nonfinite
+        self._deferred = []  # (parameter index, device flag) of the predicated updates not yet read
+        self._check_task = None  # the backward pass (graph task id) whose end will read them
+        self._lock = threading.Lock()  # hooks of parameters on several GPUs run on their devices' threads
         groups = list(params)
         if groups and isinstance(groups[0], torch.Tensor):
             groups = [{"params": groups}]
@@ -67,9 +91,54 @@ class LayerwiseGaLore:
 
     def _step_index(self, index: int, p: Tensor) -> None:
         self._counts[index] += 1
-        if self._counts[index] % self.accumulation_steps == 0:
-            self.optimizers[index].step()
-            p.grad = None
+        if self._counts[index] % self.accumulation_steps:
+            return
+        opt = self.optimizers[index]
+        task = _graph_task_id()
+        defer = task != -1 and self._defers(p)  # inside a backward pass, whose end reads the flags
+        opt._defer = defer
+        opt.step()
+        p.grad = None
+        if defer and opt.deferred_found is not None:
+            with self._lock:
+                self._deferred.append((index, opt.deferred_found))
+                if self._check_task != task:
+                    self._check_task = task
+                    torch.autograd.Variable._execution_engine.queue_callback(self._read_deferred)
+
+    def _defers(self, p: Tensor) -> bool:
+        if self.nonfinite != "raise":
+            return False  # 'skip' predicates (and counts) without any read
+        return p.device.type == "cuda" if self.defer_nonfinite is None else self.defer_nonfinite
+
+    def _read_deferred(self) -> None:
+        """End of a backward pass: read its parameters' device flags (one host read per device) and raise for the
+        bad ones, whose updates were skipped on the device; their step counts are put back."""
+        with self._lock:
+            pending, self._deferred, self._check_task = self._deferred, [], None
+        by_device: Dict = {}
+        for index, flag in pending:
+            by_device.setdefault(flag.device, []).append((index, flag))
+        bad = []
+        for entries in by_device.values():
+            values = torch.cat([flag.reshape(1) for _, flag in entries])
+            if bool(values.any()):  # the pass's one host sync (per device)
+                bad += [index for (index, _), v in zip(entries, values.tolist()) if v != 0]
+        if not bad:
+            return
+        for index in bad:
+            self.optimizers[index].state[self.params[index]]["step"] -= 1
+        shapes = [tuple(self.params[i].shape) for i in sorted(bad)]
+        raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {len(bad)} parameter(s) of shapes {shapes[:4]}: "
+                                 "their updates were skipped (weights, moments and step counts unchanged); the other "
+                                 "parameters of this backward pass were updated (nonfinite='skip' skips such updates "
+                                 "without raising)")
+
+    @property
+    def skipped_updates(self) -> int:
+        """Parameter updates skipped for a NaN/Inf gradient with ``nonfinite='skip'`` (the per-parameter optimizers'
+        ``skipped_steps`` summed; reading it synchronizes with the devices: for logging, not every step)."""
+        return sum(opt.skipped_steps for opt in self.optimizers)
 
     def step_param(self, p: Tensor) -> None:
         """Count one backward pass of ``p`` (its gradient in ``p.grad``) and, at the end of an accumulation window,

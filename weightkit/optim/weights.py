@@ -30,6 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..backends._blocked import lowrank_factor, masked_low_rank_adam
 from ..nn.int8 import Int8Weight
 from ..ops._checks import debug_checks, debug_checks_enabled
 from ..ops.galore import galore_adam_update_
@@ -58,7 +59,10 @@ class LowRankUpdate:
 
 
 def adam_direction(low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, u: LowRankUpdate) -> Tensor:
-    """Update the moments in place and return M / (sqrt(V) + eps) (low-rank, float32)."""
+    """Update the moments in place and return M / (sqrt(V) + eps) (low-rank, float32); under a device flag
+    (u.found_inf) the moments stay where it is set and the direction is 0."""
+    if u.found_inf is not None:
+        return masked_low_rank_adam(low, exp_avg, exp_avg_sq, u.beta1, u.beta2, u.eps, u.found_inf)
     exp_avg.mul_(u.beta1).add_(low, alpha=1 - u.beta1)
     exp_avg_sq.mul_(u.beta2).addcmul_(low, low, value=1 - u.beta2)
     return exp_avg / (exp_avg_sq.sqrt() + u.eps)
@@ -182,18 +186,21 @@ class Int8SRWeight(FloatWeight):
     def apply_direction(self, weight: Tensor, direction: Tensor, ortho, ortho_right: Optional[Tensor], side: str,
                         u: LowRankUpdate) -> None:
         """Write back Adam's low-rank direction U (the moments already updated: by ``apply_low_rank``, or in one
-        pass by 8-bit moments, weightkit.optim.moments.FusedBlockwiseMoments8bit)."""
+        pass by 8-bit moments, weightkit.optim.moments.FusedBlockwiseMoments8bit). Under a device flag
+        (u.found_inf) nothing is written where it is set, and a step size counted on the device (u.step_size_t)
+        scales the update: both read by the kernels, no host sync, no copy of the weight."""
         offset = (u.step * weight.numel()) % 2**62
+        alpha = u.scale if u.step_size_t is not None else u.step_size * u.scale
         # The ops' own NaN check of their input (on by default: they write in place) would cost a host sync per
         # weight per step; the step has checked the gradients already, so it runs only when debug checks are on.
         with debug_checks(debug_checks_enabled()):
             if isinstance(ortho, PackedInt4):
                 # w_q, scale <- SR((w_q * scale - a P U) * decay), tile by tile from the packed basis
                 int8_sr_lowrank_update_(weight.data, weight.scale, ortho.q, ortho.scale, ortho.zero, direction,
-                                        weight.group_size, ortho.group_size, side == "left",
-                                        alpha=u.step_size * u.scale, decay=u.decay, precision=self.precision,
-                                        seed=u.seed, offset=offset)
+                                        weight.group_size, ortho.group_size, side == "left", alpha=alpha,
+                                        decay=u.decay, precision=self.precision, seed=u.seed, offset=offset,
+                                        found_inf=u.found_inf, step_size_t=u.step_size_t)
             else:  # a float basis (GaLoreParts built by hand): the same arithmetic through a float32 delta
-                delta = project_back(direction, side, ortho).mul_(-(u.step_size * u.scale))
+                delta = project_back(direction, side, ortho).mul_(lowrank_factor(alpha, u.step_size_t))
                 int8_sr_update_(weight.data, weight.scale, delta, weight.group_size, decay=u.decay, seed=u.seed,
-                                offset=offset)
+                                offset=offset, found_inf=u.found_inf)

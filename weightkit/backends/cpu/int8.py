@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import blocked_dequant_matmul
+from .._blocked import blocked_dequant_matmul, flag_ptr
 from . import check, threads
 
 # Up to this many tokens the int8 matmul reads the int8 weight directly (wk_cpu_int8_matvec), never dequantizing.
@@ -23,11 +25,13 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
 
 
 def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, decay: float, seed: int,
-                    offset: int) -> None:
-    """In place on w_q and scale (contiguous: the op checks it)."""
+                    offset: int, found_inf: Optional[Tensor] = None) -> None:
+    """In place on w_q and scale (contiguous: the op checks it); nothing written where found_inf is set (read by
+    the kernel)."""
     delta = delta.contiguous()
     check(native.CPU.int8_sr_update(w_q.data_ptr(), scale.data_ptr(), delta.data_ptr(), native.FLOAT_CODES[delta.dtype],
-                                    scale.numel(), group_size, decay, seed, offset, threads()), "int8_sr_update_")
+                                    scale.numel(), group_size, decay, seed, offset, flag_ptr(found_inf), threads()),
+          "int8_sr_update_")
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import dequant_matmul
+from .._blocked import dequant_matmul, flag_ptr
 from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
@@ -20,12 +22,13 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
 
 
 def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, decay: float, seed: int,
-                    offset: int) -> None:
-    """In place on w_q and scale (contiguous: the op checks it)."""
+                    offset: int, found_inf: Optional[Tensor] = None) -> None:
+    """In place on w_q and scale (contiguous: the op checks it); nothing written where found_inf is set (read by
+    the kernel, on the device)."""
     delta = delta.contiguous()
     check(native.CUDA.int8_sr_update(w_q.data_ptr(), scale.data_ptr(), delta.data_ptr(),
                                      native.FLOAT_CODES[delta.dtype], scale.numel(), group_size, decay, seed, offset,
-                                     *stream(w_q)), "int8_sr_update_")
+                                     flag_ptr(found_inf), *stream(w_q)), "int8_sr_update_")
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:

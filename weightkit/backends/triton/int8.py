@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 
@@ -12,10 +14,10 @@ def stochastic_round_int8(x: Tensor, scale: Tensor, group_size: int, seed: int, 
 
 
 def int8_sr_update_(w_q: Tensor, scale: Tensor, delta: Tensor, group_size: int, decay: float, seed: int,
-                    offset: int) -> None:
+                    offset: int, found_inf: Optional[Tensor] = None) -> None:
     from ...kernels.int8 import int8_sr_update_triton
 
-    int8_sr_update_triton(w_q, scale, delta.contiguous(), group_size, decay, seed, offset)
+    int8_sr_update_triton(w_q, scale, delta.contiguous(), group_size, decay, seed, offset, found_inf)
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool) -> Tensor:
