@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import (_u24, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, launch, next_pow2,
-                      philox_uniform, unless_found)
+from ._shared import (_u24, capturing, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, launch,
+                      next_pow2, philox_uniform, unless_found)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
 # NameError; the interpreter accepts it, so only an sm_90 compile showed it).
@@ -231,12 +231,31 @@ def _blockwise8bit_adam_kernel(g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, code_s_ptr
     _requantize(v, mask, keep, bounds_u_ptr, vq_ptr, va_ptr, offs, block)
 
 
+_MIDPOINTS = {}  # id(code) -> (code, its version, its 255 midpoints): the optimizers pass the same code tables each step
+
+
+def _midpoints(code):
+    """The decision boundaries of a code table, computed once per table (two launches and an allocation saved per
+    call: the optimizer step calls this op once per parameter). The entry holds the table itself, so its id cannot
+    be reused while cached, and its version counter, so a table written in place is recomputed. Not cached inside a
+    CUDA-graph capture (the tensor would live in the graph's memory pool)."""
+    hit = _MIDPOINTS.get(id(code))
+    if hit is not None and hit[0] is code and hit[1] == code._version:
+        return hit[2]
+    bounds = (code[:-1] + code[1:]) / 2
+    if code.device.type != "cuda" or not capturing():
+        if len(_MIDPOINTS) >= 64:
+            _MIDPOINTS.clear()
+        _MIDPOINTS[id(code)] = (code, code._version, bounds)
+    return bounds
+
+
 def blockwise8bit_adam_triton(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed,
                               code_unsigned, out, beta1, beta2, eps, found_inf=None):
     n = low.numel()
     with device_guard(low.device):
-        bounds_s = (code_signed[:-1] + code_signed[1:]) / 2
-        bounds_u = (code_unsigned[:-1] + code_unsigned[1:]) / 2
+        bounds_s = _midpoints(code_signed)
+        bounds_u = _midpoints(code_unsigned)
         launch(_blockwise8bit_adam_kernel, (cdiv(n, 256),),
                low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, code_signed, code_unsigned, bounds_s,
                bounds_u, out, low if found_inf is None else found_inf, n, float(beta1), float(beta2), 1.0 - beta1,

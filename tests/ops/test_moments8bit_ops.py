@@ -107,6 +107,19 @@ def test_device_flag_keeps_the_moments():
             assert all(torch.equal(a, b) for a, b in zip(after, state)), backend
 
 
+def test_code_table_written_in_place_is_read_anew():
+    """The Triton path caches each code table's midpoints; a table changed in place must not reuse them."""
+    if "triton" not in usable_backends(moments8bit._ADAM8, "cpu"):
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on the CPU")
+    state, cs, cu = _state((16, 64), 3)
+    low = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    _step("triton", low, state, cs, cu)  # caches cs's midpoints
+    cs.copy_(torch.linspace(-1, 1, 256))  # another signed table, same tensor
+    want = _step("reference", low, state, cs, cu)
+    got = _step("triton", low, state, cs, cu)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda a: a.__setitem__(0, a[0].double()), "low must have dtype"),
     (lambda a: a.__setitem__(1, a[1][:-1]), "exp_avg_q must be contiguous"),
