@@ -229,11 +229,11 @@ LAYERWISE = {"GaLoreAdamW": (GaLoreAdamW, {}), "QGaLoreAdamW8bit": (QGaLoreAdamW
                                                                                              proj_group_size=8))}
 
 
-def build_layerwise(name, nonfinite="raise", defer=True, seed=0):
+def build_layerwise(name, nonfinite="raise", defer=True, seed=0, device="cpu"):
     cls, extra = LAYERWISE[name]
     if name == "QGaLoreAdamW8bit":
         pytest.importorskip("bitsandbytes")
-    model = make_model(seed, int8=name == "QGaLoreAdamW8bit")
+    model = make_model(seed, device, int8=name == "QGaLoreAdamW8bit")
     opt = LayerwiseGaLore(param_groups(model, rank=4, update_proj_gap=1000, scale=0.25), optimizer_cls=cls,
                           defer_nonfinite=defer, lr=1e-2, weight_decay=0.1, nonfinite=nonfinite, **extra)
     return model, opt
@@ -242,7 +242,7 @@ def build_layerwise(name, nonfinite="raise", defer=True, seed=0):
 def backward(model, step, nan_in=None):
     """One forward and backward pass (the layer-wise updates run inside it); ``nan_in``: a parameter whose gradient
     gets a NaN in one entry on its way to .grad."""
-    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(900 + step))
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(900 + step)).to(next(model.parameters()).device)
     handle = None
     if nan_in is not None:
         def poison(g):
@@ -272,13 +272,15 @@ def test_layerwise_host_reads_per_backward(name, nonfinite, defer, expected):
     assert all(p.grad is None for p in model.parameters())  # updated and freed inside backward
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(LAYERWISE))
-def test_layerwise_deferred_raise_skips_the_bad_parameter_and_names_it(name):
+def test_layerwise_deferred_raise_skips_the_bad_parameter_and_names_it(name, device):
     """A NaN in one gradient: that parameter's update is skipped on the device (weight, scales, moments and step
-    count unchanged), the others are updated, and the end of the pass raises naming it. The run then continues as
-    the same optimizer in 'skip' mode (no deferral, each skip counted on the device) does."""
-    model, opt = build_layerwise(name)
-    ref_model, ref = build_layerwise(name, nonfinite="skip", defer=False)
+    count unchanged), the others are updated, and the end of the pass raises naming it (on CUDA by default, forced
+    on the CPU). The run then continues as the same optimizer in 'skip' mode (no deferral, each skip counted on the
+    device) does."""
+    model, opt = build_layerwise(name, defer=None if device == "cuda" else True, device=device)
+    ref_model, ref = build_layerwise(name, nonfinite="skip", defer=False, device=device)
     for step in range(3):
         backward(model, step)
         backward(ref_model, step)
