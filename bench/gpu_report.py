@@ -706,6 +706,38 @@ def host():
         for name, layer in layers.items():
             base = f"nn.Linear {mode}" if name != "nn.Linear" else None
             row("host", f"{name} {mode}", _step(layer, mode), base=base, graph=mode == "inference")
+    # One optimizer step of a LLaMA-style model of OPT_HOST_LAYERS layers (7 matrices and 2 norms each), 64 wide so
+    # that the GPU's work is negligible: the Python and launch cost of a step, which the end-to-end rows of #24 / #25
+    # (Q-GaLore's and GaLore's steps against fused AdamW's) pay per matrix at any width (the 350m model: 24 layers).
+    name = f"{OPT_HOST_LAYERS} layers {OPT_HOST_WIDTH} wide"
+    for method in ("adamw-fused", "galore", "qgalore"):
+        row("host", f"optimizer step {method} {name}", setup=lambda m=method: _optimizer_step(m), graph=False,
+            base=None if method == "adamw-fused" else f"optimizer step adamw-fused {name}",
+            matrices=7 * OPT_HOST_LAYERS)
+
+
+OPT_HOST_LAYERS, OPT_HOST_WIDTH = 6, 64
+
+
+def _optimizer_step(method):
+    """``opt.step`` of ``method`` (adamw-fused, galore, qgalore) over the host rows' model, its gradients set once (a
+    step leaves them), past its first step (the bases' SVDs); nonfinite='raise' (the default: one host read a step)."""
+    from weightkit.optim import GaLoreAdamW, QGaLoreAdamW8bit, param_groups
+    from weightkit.train import TrainConfig, prepare_model
+
+    cfg = TrainConfig(model_size="350m", dim=OPT_HOST_WIDTH, n_layers=OPT_HOST_LAYERS, seq_len=16)
+    model = prepare_model("qgalore" if method == "qgalore" else "adamw", cfg, device=DEV)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, device=DEV, generator=gen) * 1e-3).to(p.dtype)
+    if method == "adamw-fused":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=DEV == "cuda" or None)
+    else:
+        groups = param_groups(model, rank=OPT_HOST_WIDTH // 4, update_proj_gap=10**6, scale=0.25)
+        opt = (QGaLoreAdamW8bit(groups, lr=1e-3, min_8bit_size=1) if method == "qgalore"
+               else GaLoreAdamW(groups, lr=1e-3))
+    opt.step()  # the first step computes the bases
+    return opt.step
 
 
 def _kernel_breakdown(fn, calls=5):

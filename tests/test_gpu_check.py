@@ -153,6 +153,7 @@ def test_galore_section_without_bitsandbytes_skips_only_the_8bit_rows(report, tm
     for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    monkeypatch.setattr("weightkit.optim.moments._BNBF", None)  # as in a process that never imported it
     monkeypatch.setattr(report, "GALORE_SHAPES", (((24, 16), 4), ((16, 40), 4)))
     monkeypatch.setattr(report, "REFRESH_SHAPE", (24, 4))
     monkeypatch.setattr(report, "QGALORE_SHAPE", (128, 4))  # Int8Linear groups of 128

@@ -314,3 +314,38 @@ def test_layerwise_deferred_raise_skips_the_bad_parameter_and_names_it(name, dev
         assert_like_ref()     # mode advances and the deferred raise puts back: its later roundings differ)
     assert [o.state[p]["step"] for o, p in zip(opt.optimizers, opt.params)] == [5 if p is bad else 6
                                                                                 for p in opt.params]
+
+
+def test_predicated_dense_update_by_blocks_is_the_whole_update(monkeypatch):
+    """The predicated AdamW of dense parameters runs by blocks of at most 4M values (bounded temporaries): with
+    blocks of 7 values (several per tensor, a partial last one) the result is the whole-tensor update, bit for bit,
+    and a flagged step still leaves everything unchanged."""
+    from weightkit.optim import galore as galore_module
+
+    original = galore_module._blocks_of
+    blocks = []
+
+    def run(block):
+        if block is not None:
+            def small_blocks(*tensors):
+                for parts in original(*tensors, size=block):
+                    blocks.append(parts[0].numel())
+                    yield parts
+            monkeypatch.setattr(galore_module, "_blocks_of", small_blocks)
+        model = make_model(3)
+        opt = GaLoreAdamW(param_groups(model, rank=4, update_proj_gap=1000), lr=1e-2, weight_decay=0.1,
+                          nonfinite="skip")
+        for step in range(3):
+            grads(model, step)
+            opt.step()
+        snap = snapshot(model, opt)
+        grads(model, 3, bad=(1, float("nan")))  # the first bias: a dense parameter
+        opt.step()
+        assert_unchanged(model, opt, snap)
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()]
+
+    want = run(None)
+    got = run(7)
+    assert 7 in blocks and 5 in blocks  # the 40- and 16-value biases: blocks of 7 and a partial last one
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

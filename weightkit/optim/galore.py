@@ -517,21 +517,34 @@ class GaLoreAdamW(torch.optim.Optimizer):
             exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             new = p.to(torch.float32) - step_size * (exp_avg / (exp_avg_sq.sqrt() + group["eps"]))
-        else:
-            m = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
-            v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-            size = step_size if step_size_t is None else step_size_t
-            new = p.to(torch.float32) - size * (m / (v.sqrt() + group["eps"]))
-        if group["weight_decay"] > 0.0:
-            new = new * (1.0 - group["lr"] * group["weight_decay"])
-        if found is None:
+            if group["weight_decay"] > 0.0:
+                new = new * (1.0 - group["lr"] * group["weight_decay"])
             p.copy_(new)
-        else:
+        else:  # out of place, then kept where the flag is set: by blocks, so that the temporaries stay small (an
+            # embedding of LLaMA-7B has 131M values: whole, m, v and new alone were 1.6 GB of float32 temporaries)
             skip = found.ne(0).reshape(())
-            p.copy_(torch.where(skip, p, new))
-            exp_avg.copy_(torch.where(skip, exp_avg, m))
-            exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
+            size = step_size if step_size_t is None else step_size_t
+            for p_b, g_b, m_b, v_b in _blocks_of(p, grad, exp_avg, exp_avg_sq):
+                m = m_b.mul(beta1).add_(g_b, alpha=1 - beta1)
+                v = v_b.mul(beta2).addcmul_(g_b, g_b, value=1 - beta2)
+                new = p_b.to(torch.float32) - size * (m / (v.sqrt() + group["eps"]))
+                if group["weight_decay"] > 0.0:
+                    new = new * (1.0 - group["lr"] * group["weight_decay"])
+                p_b.copy_(torch.where(skip, p_b, new))
+                m_b.copy_(torch.where(skip, m_b, m))
+                v_b.copy_(torch.where(skip, v_b, v))
         self.parts.moments.store(state, exp_avg, exp_avg_sq)
+
+
+def _blocks_of(*tensors, size: int = 1 << 22):
+    """Matching blocks of at most ``size`` elements of same-shaped tensors (flat views), or the tensors whole when
+    one of them is not contiguous."""
+    if not all(t.is_contiguous() for t in tensors):
+        yield tensors
+        return
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), size):
+        yield tuple(f[start:start + size] for f in flat)
 
 
 def found_inf_flags(tensors) -> Dict[torch.device, Tensor]:
