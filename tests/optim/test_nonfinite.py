@@ -11,6 +11,7 @@
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -349,3 +350,56 @@ def test_predicated_dense_update_by_blocks_is_the_whole_update(monkeypatch):
     got = run(7)
     assert 7 in blocks and 5 in blocks  # the 40- and 16-value biases: blocks of 7 and a partial last one
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# -- 'raise' reading the verdict late (after the step's updates are queued, predicated on the flag): CUDA's default,
+#    forced here on the CPU ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def late_read(monkeypatch):
+    monkeypatch.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ("cpu", "cuda"))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("bad", [(0, float("nan")), (1, float("inf"))], ids=["weight-nan", "bias-inf"])
+def test_late_read_raise_changes_nothing_and_reads_once(name, bad, late_read):
+    """A steady step reads the flag once, after its updates were queued; a bad gradient then raises, naming the
+    parameter, with weights, scales, moments, bases and step counts as they were (the updates were masked on the
+    device); the next good steps follow the optimizer that read the flag first."""
+    model, opt = build(name)
+    ref_model, ref = build(name)
+    for o in (opt, ref):
+        o.nonfinite = "raise"
+    for step in range(3):
+        grads(model, step)
+        opt.step()
+        grads(ref_model, step)
+        with pytest.MonkeyPatch.context() as mp:  # the reference reads first, as on the CPU by default
+            mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
+            ref.step()
+    grads(model, 3)
+    with CountHostReads() as mode:
+        opt.step()
+    assert len(mode.reads) == 1, mode.reads
+    grads(ref_model, 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
+        ref.step()
+    snap = snapshot(model, opt)
+    grads(model, 4, bad=bad)
+    shape = tuple(list(model.parameters())[bad[0]].shape)
+    with pytest.raises(FloatingPointError, match=rf"1 parameter\(s\) of shapes \[{re.escape(str(shape))}\]"):
+        opt.step()
+    assert_unchanged(model, opt, snap, ignore=("nonfinite_skips",))  # the step counts too
+    for step in (5, 6):
+        grads(model, step)
+        opt.step()
+        grads(ref_model, step)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
+            ref.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        if hasattr(a, "qdata"):  # int8 weights: stochastic rounding of values equal to rounding may differ
+            assert (a.qdata.int() - b.qdata.int()).abs().max() <= 1
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)

@@ -313,12 +313,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         flags = {} if known_bad else found_inf_flags([prep["check"] for prep in prepared])
         shared = [part for part in self.parts.weights if type(part).any_bad is not FloatWeight.any_bad]
         refreshing = any(prep.get("pending") is not None for prep in prepared)
-        if (self.nonfinite == "skip" or self._defer) and len(flags) == 1 and not (known_bad or shared or refreshing):
+        predicable = len(flags) == 1 and not (known_bad or shared or refreshing)
+        if predicable and (self.nonfinite == "skip" or self._defer or self._reads_late(flags, items)):
             if self._defer:  # the caller reads the flag later; a bad step is then undone on the host (step count)
                 self.deferred_found = next(iter(flags.values()))
-            else:
+            elif self.nonfinite == "skip":
                 self._count_device_skips(flags)
-            return flags
+            return flags  # 'raise' read late: step() reads them once every update is queued
         bad = known_bad or any(bool(flag) for flag in flags.values())  # the one host sync (one per device)
         for part in self.parts.weights:
             bad = part.any_bad([p for g in self.param_groups for p in g["params"] if self._weight_part(p) is part],
@@ -326,14 +327,31 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not bad:
             return None
         if self.nonfinite == "raise":
-            # the error path may sync more: which parameters were bad
-            shapes = [tuple(p.shape) for (_, p, _, _), prep in zip(items, prepared)
-                      if prep["finite"] is False or (prep["finite"] is None and not finite_flags([prep["check"]])[0])]
-            where = f"{len(shapes)} parameter(s) of shapes {shapes[:4]}" if shapes else "a gradient shard of another rank"
-            raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; {self._UNCHANGED} "
-                                     "(use nonfinite='skip' to skip such steps)")
+            self._raise_nonfinite(items, prepared)
         self._host_skips += 1
         return True
+
+    # Devices where 'raise' reads the verdict after the step's updates are queued (predicated on the flag), not
+    # before: a sync costs there (tests add "cpu" to check the mechanism; on the CPU nothing changes)
+    _LATE_READ_DEVICES = ("cuda",)
+
+    def _reads_late(self, flags: Dict, items) -> bool:
+        """Whether ``nonfinite='raise'`` reads the step's flag late: after every update was queued predicated on it,
+        so that the host queues the step's kernels while the GPU still runs backward, instead of waiting for the
+        GPU first and then queueing them to an idle GPU. A bad step then raises with nothing changed, as an early
+        read does (the masked updates left weights, moments and bases; the step counts are put back). Not on a
+        parameter's first step (its moments would be created)."""
+        device = next(iter(flags))
+        return (self.nonfinite == "raise" and device.type in self._LATE_READ_DEVICES
+                and all("step" in self.state[p] for _, p, _, _ in items))
+
+    def _raise_nonfinite(self, items, prepared) -> None:
+        # the error path may sync more: which parameters were bad
+        shapes = [tuple(p.shape) for (_, p, _, _), prep in zip(items, prepared)
+                  if prep["finite"] is False or (prep["finite"] is None and not finite_flags([prep["check"]])[0])]
+        where = f"{len(shapes)} parameter(s) of shapes {shapes[:4]}" if shapes else "a gradient shard of another rank"
+        raise FloatingPointError(f"non-finite gradient (NaN/Inf) in {where}; {self._UNCHANGED} "
+                                 "(use nonfinite='skip' to skip such steps)")
 
     def _count_device_skips(self, flags: Dict) -> None:
         for device, flag in flags.items():
@@ -378,6 +396,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 self._commit(group, p, part, grad, prep)
             else:
                 self._commit_predicated(group, p, part, grad, prep, found)
+        if verdict is not None and self.nonfinite == "raise" and not self._defer:  # read late (_reads_late)
+            if any(bool(flag) for flag in verdict.values()):  # the step's one host sync, its updates all queued
+                for _, p, _, _ in items:
+                    self.state[p]["step"] -= 1  # the masked updates changed nothing else
+                self._raise_nonfinite(items, prepared)
         return loss
 
     def _step_size(self, group: Dict, step: int) -> float:
@@ -485,9 +508,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state[k] = torch.where(skip, old, new)
 
     def _counts_skips(self, found: Optional[Tensor]) -> bool:
-        """Whether a predicated commit counts its skip on the device (``nonfinite='skip'``); a deferred one does not:
-        its caller undoes a skipped step on the host (LayerwiseGaLore), so Adam's step size stays the host's."""
-        return found is not None and not self._defer
+        """Whether a predicated commit counts its skip on the device (``nonfinite='skip'``); a 'raise' one read late,
+        or deferred to LayerwiseGaLore, does not: a bad step is undone on the host (the step count), so Adam's step
+        size stays the host's."""
+        return found is not None and self.nonfinite == "skip" and not self._defer
 
     def _device_step_size(self, group: Dict, state: Dict, found: Tensor) -> Optional[Tensor]:
         """Adam's step size with the bias correction of ``step - nonfinite_skips`` steps, computed on the device
