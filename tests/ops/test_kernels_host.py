@@ -383,6 +383,11 @@ def _compile_cases():
     out["sr"] = lambda: int8.stochastic_round_int8_triton(x, torch.rand(32) + 0.5, 128, 1, 3)
     out["sr_update tiled"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(32), torch.randn(4096), 128, 0.9, 1, 0)
     out["sr_update"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(512), torch.randn(4096), 8, 0.9, 1, 1)
+    # the optimizers' device-side skip: the stores masked by a loaded flag
+    out["sr_update tiled flag"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(32), torch.randn(4096), 128, 0.9,
+                                                                     1, 0, torch.zeros(1))
+    out["sr_update flag"] = lambda: int8.int8_sr_update_triton(q8, torch.rand(512), torch.randn(4096), 8, 0.9, 1, 1,
+                                                               torch.zeros(1))
     out["quantize_int4"] = lambda: int4.quantize_int4_triton(x, 64)
     out["quantize_int4 group 24"] = lambda: int4.quantize_int4_triton(x[:, :960], 24)  # not a power of two: per group
     out["dequantize_int4"] = lambda: int4.dequantize_int4_triton(packed, s4, z4, 64)
@@ -436,15 +441,19 @@ def _compile_cases():
                 n_o = m * r if left else r * n  # the INT4 basis (weightkit.ops.int4's format)
                 oq, osc, oz = torch.zeros(n_o // 2).byte(), torch.rand(n_o // pg), torch.zeros(n_o // pg).byte()
                 upd = torch.randn(r, n) if left else torch.randn(m, r)
-                out[f"qgalore {precision} left{left} {m}x{n} g{gs} off{offset} r{r} pg{pg}"] = (
-                    lambda wq=wq, oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, offset=offset, precision=precision,
-                    pg=pg: qgalore.int8_sr_lowrank_update_triton(
-                        wq, torch.rand(wq.numel() // gs) + 0.5, oq, osc, oz, upd, gs, pg, left, 0.1, 0.99, precision,
-                        7, offset))
+                for flags in (False, True):  # the optimizers' device flag and step size, or none
+                    out[f"qgalore {precision} left{left} {m}x{n} g{gs} off{offset} r{r} pg{pg} flags{flags}"] = (
+                        lambda wq=wq, oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, offset=offset,
+                        precision=precision, pg=pg, flags=flags: qgalore.int8_sr_lowrank_update_triton(
+                            wq, torch.rand(wq.numel() // gs) + 0.5, oq, osc, oz, upd, gs, pg, left, 0.1, 0.99,
+                            precision, 7, offset, torch.zeros(1) if flags else None,
+                            torch.ones(()) if flags else None))
     code_s, code_u = torch.linspace(-1, 1, 256), torch.linspace(0, 1, 256)
-    out["blockwise8bit_adam"] = lambda: qgalore.blockwise8bit_adam_triton(
-        torch.randn(600), torch.zeros(600, dtype=torch.uint8), torch.rand(3) + 0.5, torch.zeros(600, dtype=torch.uint8),
-        torch.rand(3) + 0.5, code_s, code_u, torch.empty(600), 0.9, 0.999, 1e-8)
+    for flag in (None, torch.zeros(1)):
+        out[f"blockwise8bit_adam flag{flag is not None}"] = lambda flag=flag: qgalore.blockwise8bit_adam_triton(
+            torch.randn(600), torch.zeros(600, dtype=torch.uint8), torch.rand(3) + 0.5,
+            torch.zeros(600, dtype=torch.uint8), torch.rand(3) + 0.5, code_s, code_u, torch.empty(600), 0.9, 0.999,
+            1e-8, flag)
     return out
 
 
