@@ -189,14 +189,31 @@ def low_rank_update(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, s
                     decay: float, found_inf: Optional[Tensor], step_size_t: Optional[Tensor],
                     tensor_cores: bool) -> None:
     """GaLore's W <- decay W - step_size scale decay (P U | U P), after the backend's kernel wrote U (float32): for a
-    float32 weight and basis without predication, BLAS addmm_ straight into W (no full-size temporary); otherwise
-    (bf16/fp16 weights, 16-bit bases, a device-side found_inf or step size) block of rows by block of rows."""
-    if found_inf is None and step_size_t is None and weight.dtype == torch.float32 and ortho.dtype == torch.float32:
-        alpha = -step_size * scale * decay
-        if left:
-            weight.addmm_(ortho, update, beta=decay, alpha=alpha)
+    float32 weight and basis, BLAS addmm_ straight into W (no full-size temporary); otherwise (bf16/fp16 weights,
+    16-bit bases) block of rows by block of rows.
+
+    Predicated (a device-side ``found_inf``: U is 0 where it is set, :func:`masked_low_rank_adam`), a float32 weight
+    takes W <- (W - a P U) * decay' with one addmm_ (adding exactly 0 where the flag is set) and, with weight decay,
+    one scaling by decay' = 1 where the flag is set, else decay; a device-side step size scales U (low-rank) first."""
+    if weight.dtype == torch.float32 and ortho.dtype == torch.float32:
+        if found_inf is None and step_size_t is None:
+            alpha = -step_size * scale * decay
+            if left:
+                weight.addmm_(ortho, update, beta=decay, alpha=alpha)
+            else:
+                weight.addmm_(update, ortho, beta=decay, alpha=alpha)
+            return
+        if step_size_t is not None:
+            update = update.mul_(step_size_t)
+            alpha = -scale
         else:
-            weight.addmm_(update, ortho, beta=decay, alpha=alpha)
+            alpha = -step_size * scale
+        if left:
+            weight.addmm_(ortho, update, alpha=alpha)
+        else:
+            weight.addmm_(update, ortho, alpha=alpha)
+        if decay != 1.0:
+            weight.mul_(decay if found_inf is None else torch.where(found_inf.ne(0), 1.0, decay))
         return
     if ortho.dtype != torch.float32:
         update = update.to(ortho.dtype)
