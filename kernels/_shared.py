@@ -68,7 +68,7 @@ def device_guard(device):
 @triton.jit
 def unless_found(mask, found_ptr, HAS_FOUND: tl.constexpr):
     """A store mask, all False where the step's device flag (one float32, GradScaler's found_inf) is set: the kernels
-    then leave the weight and its scales as they were."""
+    of the optimizer steps then leave what they would write (weights, scales, moments) as it was."""
     if HAS_FOUND:  # (tl.where: the 3.9 interpreter cannot `&` a block with a loaded scalar)
         mask = tl.where(tl.load(found_ptr) == 0.0, mask, False)
     return mask
