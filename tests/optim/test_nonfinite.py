@@ -360,6 +360,13 @@ def late_read(monkeypatch):
     monkeypatch.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ("cpu", "cuda"))
 
 
+def early_read_step(opt):
+    """A step that reads the flag before committing (the CPU's default, which the late_read fixture changes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
+        opt.step()
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("bad", [(0, float("nan")), (1, float("inf"))], ids=["weight-nan", "bias-inf"])
 def test_late_read_raise_changes_nothing_and_reads_once(name, bad, late_read):
@@ -374,17 +381,13 @@ def test_late_read_raise_changes_nothing_and_reads_once(name, bad, late_read):
         grads(model, step)
         opt.step()
         grads(ref_model, step)
-        with pytest.MonkeyPatch.context() as mp:  # the reference reads first, as on the CPU by default
-            mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
-            ref.step()
+        early_read_step(ref)
     grads(model, 3)
     with CountHostReads() as mode:
         opt.step()
     assert len(mode.reads) == 1, mode.reads
     grads(ref_model, 3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
-        ref.step()
+    early_read_step(ref)
     snap = snapshot(model, opt)
     grads(model, 4, bad=bad)
     shape = tuple(list(model.parameters())[bad[0]].shape)
@@ -395,9 +398,7 @@ def test_late_read_raise_changes_nothing_and_reads_once(name, bad, late_read):
         grads(model, step)
         opt.step()
         grads(ref_model, step)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(GaLoreAdamW, "_LATE_READ_DEVICES", ())
-            ref.step()
+        early_read_step(ref)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         if hasattr(a, "qdata"):  # int8 weights: stochastic rounding of values equal to rounding may differ
             assert (a.qdata.int() - b.qdata.int()).abs().max() <= 1

@@ -149,10 +149,9 @@ def masked_low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     m = exp_avg.mul(beta1).add_(low_grad, alpha=1 - beta1)
     v = exp_avg_sq.mul(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
     update = m / (v.sqrt() + eps)
-    skip = found_inf.ne(0)
-    exp_avg.copy_(torch.where(skip, exp_avg, m))
-    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
-    return update.masked_fill_(skip, 0.0)
+    keep_unless_found(exp_avg, m, found_inf)
+    keep_unless_found(exp_avg_sq, v, found_inf)
+    return update.masked_fill_(found_inf.ne(0), 0.0)
 
 
 def mm_float32(a: Tensor, b: Tensor, tensor_cores: bool) -> Tensor:

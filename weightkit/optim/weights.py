@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backends._blocked import lowrank_factor, masked_low_rank_adam
+from ..backends._blocked import keep_unless_found, lowrank_factor, masked_low_rank_adam
 from ..nn.int8 import Int8Weight
 from ..ops._checks import debug_checks, debug_checks_enabled
 from ..ops.galore import galore_adam_update_
@@ -123,19 +123,10 @@ class FloatWeight:
         if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
             ortho = ortho.to(torch.float32)
             ortho_right = ortho_right.to(torch.float32)
-            if u.found_inf is None:
-                full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
-                weight.copy_((weight.to(torch.float32) - u.step_size * u.scale * full) * u.decay)
-                return
-            m = exp_avg.mul(u.beta1).add_(low, alpha=1 - u.beta1)
-            v = exp_avg_sq.mul(u.beta2).addcmul_(low, low, value=1 - u.beta2)
-            full = project_back(m / (v.sqrt() + u.eps), side, ortho, ortho_right)
+            # (adam_direction and keep_unless_found predicate on u.found_inf, when given)
+            full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
             size = u.step_size if u.step_size_t is None else u.step_size_t
-            new = (weight.to(torch.float32) - size * u.scale * full) * u.decay
-            skip = u.found_inf.ne(0).reshape(())
-            weight.copy_(torch.where(skip, weight, new))
-            exp_avg.copy_(torch.where(skip, exp_avg, m))
-            exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
+            keep_unless_found(weight, (weight.to(torch.float32) - size * u.scale * full) * u.decay, u.found_inf)
             return
         step_size_t = None if u.step_size_t is None else u.step_size_t.reshape(1)
         galore_adam_update_(weight.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=u.beta1,
