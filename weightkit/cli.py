@@ -213,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 dim=args.dim, n_layers=args.layers, n_heads=args.heads, hidden_dim=args.hidden,
                                 seed=args.seed, eval_every=args.eval_every or max(1, args.steps // 20),
                                 device=device, checkpointing=args.checkpointing, svd=args.svd,
-                                stagger_refresh=args.stagger_refresh).resolve()
+                                stagger_refresh=args.stagger_refresh, dtype=args.dtype).resolve()
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     check_memory_fits(cfg, device)
@@ -361,7 +361,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from weightkit.train import DEFAULT_METHODS, DEFAULT_STEPS, SIZES
+    from weightkit.train import DEFAULT_METHODS, DEFAULT_STEPS, DTYPES as train_dtypes, SIZES
 
     positive = int_at_least(1)
     parser = OneLineErrorParser(prog="weightkit", description=weightkit.__doc__)
@@ -386,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Q-GaLore compute bases (galore-torch: always exact)")
     tr.add_argument("--stagger-refresh", action="store_true", help="weightkit GaLore: spread the layers' subspace "
                     "refreshes over the steps of each period (no step refreshes every layer)")
+    tr.add_argument("--dtype", default="float32", choices=list(train_dtypes), help="the parameters' dtype: "
+                    "float32 (default; bf16 autocast on cuda) or bfloat16, as in the GaLore and Q-GaLore papers' "
+                    "runs (weights, gradients, AdamW's moments and the saved activations in bf16; less memory, "
+                    "bf16 rounding of every weight update)")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block "
                     "(recompute in backward: less activation memory, ~1/3 more compute)")
     tr.add_argument("--model-size", default="tiny", choices=list(SIZES),

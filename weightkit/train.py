@@ -43,6 +43,7 @@ DEFAULT_STEPS = 200
 # * galore-torch: the reference implementation (pip galore-torch, GaLoreAdamW), the same groups, rank, gap and scale:
 #   the peer of the GaLore-step issue's end-to-end table.
 SIZES = ("tiny", "60m", "130m", "350m", "1b", "7b")
+DTYPES = ("float32", "bfloat16")  # TrainConfig.dtype
 
 # Peak learning rate (reached after warmup, then cosine decay) per method and model size, and its source.
 # * galore: 0.01 with scale 0.25 (the projected update is scaled by 0.25, so attention/MLP weights move at an
@@ -116,6 +117,10 @@ class TrainConfig:
     checkpointing: bool = False  # activation checkpointing per transformer block (recompute in backward)
     svd: str = "exact"  # weightkit GaLore / Q-GaLore bases: 'exact' (the papers') or 'randomized' SVD
     stagger_refresh: bool = False  # weightkit GaLore: spread the layers' refreshes over the steps of a period
+    # the parameters' dtype: float32 (bf16 autocast on CUDA), or bfloat16 as the GaLore / Q-GaLore papers' runs
+    # (their --dtype bfloat16): weights, gradients, AdamW's moments, the residual stream and the blocks' inputs kept
+    # for recomputation in bf16; Q-GaLore's Int8Linear weights are int8 either way
+    dtype: str = "float32"
 
     def model_config(self):
         from weightkit.models.llama import preset
@@ -152,6 +157,8 @@ class TrainConfig:
 
         if cfg.svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
         if not 0.0 <= cfg.warmup < 1.0:
             raise ValueError(f"warmup must be a fraction of the steps in [0, 1), got {cfg.warmup}")
         if not 0.0 <= cfg.min_lr_ratio <= 1.0:
@@ -410,6 +417,8 @@ def prepare_model(method: str, cfg: TrainConfig, device=None) -> nn.Module:
     torch.manual_seed(cfg.seed)
     with torch.device(device or "cpu"):  # on CUDA: initialized there, no 300M-parameter init on the host
         model = TinyLlama(cfg.model_config())
+        if cfg.dtype != "float32":
+            model.to(getattr(torch, cfg.dtype))  # before the swap: Int8Linear keeps the layer's dtype for compute
     model.gradient_checkpointing = cfg.checkpointing
     if method in ("qgalore", "qgalore-layerwise"):
         from weightkit import swap
@@ -830,7 +839,11 @@ def describe(cfg: TrainConfig, results: Sequence[RunResult] = ()) -> List[str]:
     cfg = cfg.resolve()
     n = num_parameters(cfg.model_config())
     dev = f"{cfg.device} ({results[0].device})" if results and results[0].device else cfg.device
-    amp = "bf16 autocast, fp32 parameters" if torch.device(cfg.device).type == "cuda" else "fp32"
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cfg.dtype == "bfloat16":
+        amp = "bf16 parameters" + (" under bf16 autocast" if cuda else "")
+    else:
+        amp = "bf16 autocast, fp32 parameters" if cuda else "fp32"
     w = int(round(cfg.warmup * cfg.steps))
     return [f"model {cfg.model_size}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, SwiGLU "
             f"{cfg.hidden_dim}, {n / 1e6:.2f}M parameters ({n:,}); {dev}, {amp}",

@@ -321,18 +321,19 @@ def test_predicated_dense_update_by_blocks_is_the_whole_update(monkeypatch):
     """The predicated AdamW of dense parameters runs by blocks of at most 4M values (bounded temporaries): with
     blocks of 7 values (several per tensor, a partial last one) the result is the whole-tensor update, bit for bit,
     and a flagged step still leaves everything unchanged."""
-    from weightkit.optim import galore as galore_module
+    from weightkit.optim import moments as moments_module
 
-    original = galore_module._blocks_of
+    original = moments_module.blocks_of
     blocks = []
 
     def run(block):
         if block is not None:
-            def small_blocks(*tensors):
-                for parts in original(*tensors, size=block):
+            def small_blocks(*tensors, size):
+                for parts in original(*tensors, size=size):
                     blocks.append(parts[0].numel())
                     yield parts
-            monkeypatch.setattr(galore_module, "_blocks_of", small_blocks)
+            monkeypatch.setattr(moments_module, "blocks_of", small_blocks)
+            monkeypatch.setattr(moments_module, "DENSE_BLOCK", block)
         model = make_model(3)
         opt = GaLoreAdamW(param_groups(model, rank=4, update_proj_gap=1000), lr=1e-2, weight_decay=0.1,
                           nonfinite="skip")

@@ -136,6 +136,76 @@ def test_8bit_moments_quantize_above_the_threshold_and_round_trip(device):
         BlockwiseMoments8bit(min_8bit_size=-1)
 
 
+class LargestFloat32(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest float32 tensor an op allocates (views and in-place results, whose storage is an
+    input's, are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", ["GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit"])
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_adamw_by_blocks_is_the_whole_update(device, cls, nonfinite, dtype, monkeypatch):
+    """A dense parameter (an embedding: outside the GaLore groups) is stepped by blocks of moments.DENSE_BLOCK
+    values: no float32 temporary larger than a block (8-bit moments: dequantized and quantized back block by
+    block), and the weight and moments are those of the whole-tensor step, bit for bit (blocks of 512 values: two
+    whole ones and a partial last one of 1344; the 8-bit ones in quantization blocks of 256). A flagged step
+    ('skip' with a NaN gradient) leaves weight, codes and absmax entries as they were."""
+    if cls != "GaLoreAdamW":
+        pytest.importorskip("bitsandbytes")
+    from weightkit import optim
+
+    def run(block):
+        if block is not None:
+            monkeypatch.setattr(moments_module, "DENSE_BLOCK", block)
+        emb = nn.Embedding(42, 32).to(device=device, dtype=dtype)  # 1344 values
+        with torch.no_grad():
+            emb.weight.copy_(randn(42, 32, seed=1, device=device))
+        kw = {} if cls == "GaLoreAdamW" else {"min_8bit_size": 1}
+        opt = getattr(optim, cls)([{"params": [emb.weight]}], lr=1e-2, weight_decay=0.1, nonfinite=nonfinite, **kw)
+        largest = 0
+        for step in range(3):
+            emb.weight.grad = randn(42, 32, seed=10 + step, device=device).to(dtype)
+            with LargestFloat32() as probe:
+                opt.step()
+            if step:  # (the first step makes the moments: state, not temporaries)
+                largest = max(largest, probe.largest)
+        before = {k: v.clone() for k, v in opt.state[emb.weight].items() if isinstance(v, torch.Tensor)}
+        weight = emb.weight.detach().clone()
+        if nonfinite == "skip":
+            emb.weight.grad = randn(42, 32, seed=20, device=device).to(dtype)
+            emb.weight.grad[3, 4] = float("nan")
+            opt.step()
+            assert torch.equal(emb.weight.detach(), weight)
+            for k, v in before.items():
+                if k != "nonfinite_skips":
+                    assert torch.equal(opt.state[emb.weight][k], v), k
+        monkeypatch.undo()
+        return weight, before, largest
+
+    w_whole, s_whole, largest_whole = run(None)
+    w_blocks, s_blocks, largest_blocks = run(512)
+    assert largest_whole >= 1344 and largest_blocks <= 512, (largest_whole, largest_blocks)
+    assert torch.equal(w_whole, w_blocks)
+    assert s_whole.keys() == s_blocks.keys() and (cls == "GaLoreAdamW") == ("exp_avg" in s_whole)
+    for k in s_whole:
+        assert torch.equal(s_whole[k], s_blocks[k]), k
+
+
 # -- (c) weights -------------------------------------------------------------------------------------------------------
 def update(step=3):
     return LowRankUpdate(beta1=0.9, beta2=0.99, eps=1e-6, step_size=1e-2, scale=0.5, decay=0.99, step=step, seed=11)

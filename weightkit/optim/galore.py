@@ -457,7 +457,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         weight = part.local(p)
         moments = self.parts.moments
         if "low" not in prep:
-            grad = part.local(grad).to(torch.float32)
+            grad = part.local(grad)  # (a 16-bit one goes to float32 a block at a time, in _apply_dense)
             if not moments.has(state):
                 moments.init(state, grad)
             state["step"] += 1
@@ -533,42 +533,31 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float,
                      found: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
-        """AdamW on a parameter outside the GaLore groups (or a non-2-D one inside); under a device flag ``found``,
-        weight and moments are left unchanged where it is set."""
+        """AdamW on a parameter outside the GaLore groups (or a non-2-D one inside), by flat blocks of at most
+        moments.DENSE_BLOCK values (the moments part's ``dense_blocks``): no float32 temporary of the parameter's
+        size (an embedding of LLaMA-7B has 131M values: whole, its moments, their 8-bit copies dequantized and the
+        new weight were gigabytes of temporaries). Under a device flag ``found``, weight and moments are left
+        unchanged where it is set. Elementwise, so the blocks give the whole-tensor update bit for bit."""
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self.parts.moments.load(state)
-        if found is None:
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            new = p.to(torch.float32) - step_size * (exp_avg / (exp_avg_sq.sqrt() + group["eps"]))
-            if group["weight_decay"] > 0.0:
-                new = new * (1.0 - group["lr"] * group["weight_decay"])
-            p.copy_(new)
-        else:  # out of place, then kept where the flag is set: by blocks, so that the temporaries stay small (an
-            # embedding of LLaMA-7B has 131M values: whole, m, v and new alone were 1.6 GB of float32 temporaries)
-            skip = found.ne(0).reshape(())
-            size = step_size if step_size_t is None else step_size_t
-            for p_b, g_b, m_b, v_b in _blocks_of(p, grad, exp_avg, exp_avg_sq):
+        eps, decay = group["eps"], (1.0 - group["lr"] * group["weight_decay"]) if group["weight_decay"] > 0.0 else None
+        skip = None if found is None else found.ne(0).reshape(())
+        size = step_size if step_size_t is None else step_size_t
+        for p_b, g_b, m_b, v_b in self.parts.moments.dense_blocks(state, (p, grad), skip):
+            g_b = g_b.to(torch.float32)
+            if skip is None:
+                m_b.mul_(beta1).add_(g_b, alpha=1 - beta1)
+                v_b.mul_(beta2).addcmul_(g_b, g_b, value=1 - beta2)
+                new = p_b.to(torch.float32) - size * (m_b / (v_b.sqrt() + eps))
+                p_b.copy_(new if decay is None else new * decay)
+            else:  # out of place, then kept where the flag is set
                 m = m_b.mul(beta1).add_(g_b, alpha=1 - beta1)
                 v = v_b.mul(beta2).addcmul_(g_b, g_b, value=1 - beta2)
-                new = p_b.to(torch.float32) - size * (m / (v.sqrt() + group["eps"]))
-                if group["weight_decay"] > 0.0:
-                    new = new * (1.0 - group["lr"] * group["weight_decay"])
+                new = p_b.to(torch.float32) - size * (m / (v.sqrt() + eps))
+                if decay is not None:
+                    new = new * decay
                 p_b.copy_(torch.where(skip, p_b, new))
                 m_b.copy_(torch.where(skip, m_b, m))
                 v_b.copy_(torch.where(skip, v_b, v))
-        self.parts.moments.store(state, exp_avg, exp_avg_sq)
-
-
-def _blocks_of(*tensors, size: int = 1 << 22):
-    """Matching blocks of at most ``size`` elements of same-shaped tensors (flat views), or the tensors whole when
-    one of them is not contiguous."""
-    if not all(t.is_contiguous() for t in tensors):
-        yield tensors
-        return
-    flat = [t.view(-1) for t in tensors]
-    for start in range(0, flat[0].numel(), size):
-        yield tuple(f[start:start + size] for f in flat)
 
 
 def found_inf_flags(tensors) -> Dict[torch.device, Tensor]:

@@ -18,6 +18,11 @@ hands them back for storage:
   state.
 
 The entry names are the checkpoint format: they do not change.
+
+Parameters outside the GaLore groups (embeddings, norms, biases) are stepped by AdamW at full size, through
+``dense_blocks``: flat blocks of at most ``DENSE_BLOCK`` values, the moments of a block as float32 (the state's own
+tensors, or dequantized copies of that block that go back to 8 bits after it), so that no float32 temporary of the
+parameter's size exists (a 32000 x 4096 embedding: 131M values, 0.5 GB a float32 copy).
 """
 
 from __future__ import annotations
@@ -29,6 +34,20 @@ from torch import Tensor
 
 from ..ops.moments8bit import blockwise8bit_adam_
 from .basis import _check_sizes, host_shape
+
+
+DENSE_BLOCK = 1 << 22  # values per block of a dense parameter's AdamW step (16 MiB of float32)
+
+
+def blocks_of(*tensors, size: int):
+    """Matching blocks of at most ``size`` elements of same-shaped tensors (flat views), or the tensors whole when
+    one of them is not contiguous."""
+    if not all(t.is_contiguous() for t in tensors):
+        yield tensors
+        return
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), size):
+        yield tuple(f[start:start + size] for f in flat)
 
 
 def _numel(shape) -> int:
@@ -56,6 +75,12 @@ class FloatMoments:
 
     def store(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
         pass  # updated in place
+
+    def dense_blocks(self, state: Dict, tensors, keep: Optional[Tensor] = None):
+        """Blocks of ``tensors`` (the parameter, its gradient: the moments' shape) with the matching blocks of the
+        two moments as float32 tensors that the caller updates in place (see the module docstring). ``keep``: a
+        0-d bool on the device, True when the caller keeps the old moment values (a predicated step)."""
+        yield from blocks_of(*tensors, state["exp_avg"], state["exp_avg_sq"], size=DENSE_BLOCK)
 
     def validate(self, where: str, state: Dict, shape: tuple) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
@@ -158,6 +183,47 @@ class BlockwiseMoments8bit(FloatMoments):
             return
         state["exp_avg_q"], state["exp_avg_absmax"] = self.quantize(exp_avg, True)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self.quantize(exp_avg_sq, False)
+
+    def dense_blocks(self, state: Dict, tensors, keep: Optional[Tensor] = None):
+        """FloatMoments.dense_blocks for 8-bit moments: each block's moments are dequantized into float32
+        temporaries of the block's size, and quantized back into the block's codes and absmax entries once the
+        caller has updated them (blocks are whole quantization blocks of 256, so the codes are those of the
+        whole-tensor quantization, bit for bit). Where ``keep`` is set the codes and absmax entries keep their old
+        values (quantizing dequantized values need not give back the same codes)."""
+        if "exp_avg" in state:
+            yield from super().dense_blocks(state, tensors, keep)
+            return
+        shape = host_shape(state, "moment_shape")
+        numel = _numel(shape)
+        size = max(self.BLOCK, DENSE_BLOCK // self.BLOCK * self.BLOCK)
+        whole = not all(t.is_contiguous() for t in tensors)
+        if whole:
+            size = max(numel, 1)
+        flat = [t.view(-1) for t in tensors] if not whole else list(tensors)
+        for key in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
+            if not state[key].is_contiguous():  # (a state put together by hand): the blocks are flat views
+                state[key] = state[key].contiguous()
+        stored = ((state["exp_avg_q"].view(-1), state["exp_avg_absmax"].view(-1), True),
+                  (state["exp_avg_sq_q"].view(-1), state["exp_avg_sq_absmax"].view(-1), False))
+        for start in range(0, numel, size):
+            end = min(numel, start + size)
+            blocks = [(q[start:end], absmax[start // self.BLOCK:-(-end // self.BLOCK)], signed)
+                      for q, absmax, signed in stored]
+            moments = [self.dequantize(q, absmax, signed, shape if whole else (end - start,))
+                       for q, absmax, signed in blocks]
+            yield (*(t if whole else t[start:end] for t in flat), *moments)
+            for (q, absmax, signed), x in zip(blocks, moments):
+                if keep is None:
+                    self.quantize_into(x, signed, q, absmax)
+                else:
+                    new_q, new_absmax = self.quantize(x, signed)
+                    q.copy_(torch.where(keep, q, new_q))
+                    absmax.copy_(torch.where(keep, absmax, new_absmax))
+
+    def quantize_into(self, x: Tensor, signed: bool, q: Tensor, absmax: Tensor) -> None:
+        """:meth:`quantize` of ``x`` written into ``q`` and ``absmax`` (contiguous, of the right sizes)."""
+        _bnb().quantize_blockwise(x.reshape(-1), code=self._code(signed, x.device), blocksize=self.BLOCK,
+                                  out=q, absmax=absmax)
 
     def validate(self, where: str, state: Dict, shape: tuple) -> None:
         super().validate(where, state, shape)
