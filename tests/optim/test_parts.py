@@ -116,6 +116,10 @@ def test_8bit_moments_quantize_above_the_threshold_and_round_trip(device):
     assert "exp_avg" in small and "exp_avg_q" not in small
     assert big["exp_avg_q"].dtype == torch.uint8 and big["moment_shape"].device.type == "cpu"
     assert big["exp_avg_absmax"].numel() == 3  # 600 values in blocks of 256
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):  # zeros, quantized (one block's repeated)
+        q, absmax = moments.quantize(torch.zeros(30, 20, device=device), signed)
+        assert torch.equal(big[key + "_q"], q) and torch.equal(big[key + "_absmax"], absmax)
+        assert big[key + "_q"].is_contiguous() and big[key + "_q"].shape == (30, 20)
     m, v = moments.load(big)
     assert m.shape == (30, 20) and m.dtype == torch.float32 and not m.any() and not v.any()
     want_m, want_v = randn(30, 20, seed=1, device=device), randn(30, 20, seed=2, device=device).abs()

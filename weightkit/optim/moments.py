@@ -163,9 +163,13 @@ class BlockwiseMoments8bit(FloatMoments):
     def init(self, state: Dict, like: Tensor) -> None:
         if like.numel() < self.min_8bit_size:
             return super().init(state, like)
-        zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        state["exp_avg_q"], state["exp_avg_absmax"] = self.quantize(zeros, True)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self.quantize(zeros, False)
+        # zeros quantized: one block's codes and absmax repeated (no float32 zeros of the moment's size)
+        blocks = -(-like.numel() // self.BLOCK)
+        zeros = torch.zeros(self.BLOCK, dtype=torch.float32, device=like.device)
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            q, absmax = self.quantize(zeros, signed)
+            state[key + "_q"] = q[0].expand(like.shape).clone(memory_format=torch.contiguous_format)
+            state[key + "_absmax"] = absmax[0].expand(blocks).clone(memory_format=torch.contiguous_format)
         state["moment_shape"] = torch.tensor(list(like.shape), dtype=torch.int64, device="cpu")
 
     def has(self, state: Dict) -> bool:
