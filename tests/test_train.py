@@ -143,6 +143,36 @@ def test_activation_checkpointing_recomputes_the_same_training():
     assert model.gradient_checkpointing
 
 
+@pytest.mark.parametrize("method", ["adamw", "galore-layerwise", "qgalore-layerwise"])
+def test_bfloat16_parameters_train_and_keep_half_the_activations(method):
+    """--dtype bfloat16 (the papers' runs): every float parameter is bf16 (Q-GaLore's Int8Linear weights int8 with
+    bf16 as their float dtype), the model learns, and with checkpointing the kept activations (the blocks' inputs,
+    the recomputed block) are at most 0.7x those of float32 parameters."""
+    if method.startswith("qgalore"):
+        pytest.importorskip("bitsandbytes")
+    from weightkit.memory import activation_bytes
+
+    cfg = train.TrainConfig(**dict(TINY, dtype="bfloat16", checkpointing=True))
+    model = train.prepare_model(method, cfg)
+    floats = [p for p in model.parameters() if p.dtype != torch.int8]
+    assert floats and all(p.dtype == torch.bfloat16 for p in floats)
+    if method.startswith("qgalore"):
+        from weightkit.nn import Int8Linear
+
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert int8 and all(m.weight.dtype == torch.bfloat16 and m.weight.qdata.dtype == torch.int8 for m in int8)
+    x = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    half = activation_bytes(model, x, x)
+    full = activation_bytes(train.prepare_model(method, dataclasses.replace(cfg, dtype="float32")), x, x)
+    assert half <= 0.7 * full, (half, full)  # (the norms and the loss compute in float32 either way)
+    result = train.run(method, cfg, progress=False)
+    unigram_nats = unigram_entropy_bits(byte_corpus()[0]) * math.log(2)
+    assert math.isfinite(result.val_loss) and result.val_loss < unigram_nats
+    assert "bf16 parameters" in train.describe(cfg)[0]
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'float16'"):
+        dataclasses.replace(cfg, dtype="float16").resolve()
+
+
 def test_low_rank_state_is_smaller_than_adamw():
     cfg = train.TrainConfig(**dict(TINY, steps=2, eval_every=1))
     states = {m: train.run(m, cfg, progress=False).optimizer_state_bytes for m in ("adamw", "galore")}
@@ -336,7 +366,8 @@ def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
              (["--warmup", "1"], "argument --warmup: must be a number in [0, 1), got 1"),
              (["--rank", "999"], "rank=999 is larger than the model width"),
              (["--model-size", "13b"], "invalid choice: '13b'"),
-             (["--methods", "adamw,adamw"], "a method is given twice")]
+             (["--methods", "adamw,adamw"], "a method is given twice"),
+             (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device: cuda was requested but torch"))
     # a 7B model on the CPU (16 bytes a parameter for weights, gradients and moments: ~96 GiB): refused before any
