@@ -48,3 +48,74 @@ def test_breakdown_adds_up_to_the_peak():
     assert gradient_bytes(model, layerwise=True) == max(p.numel() * 4 for p in model.parameters())
     text = format_breakdown(parts, "peak RSS")
     assert "activations" in text and "measured peak" in text and "50.0 MiB" in text
+
+
+# -- the model's memory-lean norm and SwiGLU: autograd's results, bit for bit, for fewer saved bytes ---------------------
+import pytest  # noqa: E402
+
+from tests.conftest import DEVICES  # noqa: E402
+from weightkit.memory import saved_tensor_bytes  # noqa: E402
+from weightkit.models.llama import _RMSNorm, _SiluMul, rms_norm_reference, silu_mul_reference  # noqa: E402
+
+
+def _rand(*shape, seed, dtype, device, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_rms_norm_and_silu_mul_give_autograd_bits_and_save_less(device, dtype, wdtype):
+    """_RMSNorm and _SiluMul (TinyLlama's norm and SwiGLU) recompute in backward what autograd saves: the outputs
+    and both gradients are those of the plain ops (rms_norm_reference, silu_mul_reference) bit for bit, on
+    non-contiguous inputs too, and they save fewer bytes (the norm: x and 1/rms; SwiGLU: gate and up)."""
+    x = _rand(6, 9, 64, seed=1, dtype=dtype, device=device).transpose(0, 1).requires_grad_()  # non-contiguous
+    w = (_rand(64, seed=2, dtype=torch.float64, device=device).abs() + 0.5).to(wdtype).requires_grad_()
+    dy = _rand(9, 6, 64, seed=3, dtype=torch.promote_types(dtype, wdtype), device=device)
+    want = rms_norm_reference(x, w, 1e-5)
+    got = _RMSNorm.apply(x, w, 1e-5)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    lean = saved_tensor_bytes(lambda: _RMSNorm.apply(x, w, 1e-5), exclude=[w])
+    full = saved_tensor_bytes(lambda: rms_norm_reference(x, w, 1e-5), exclude=[w])
+    assert lean <= x.numel() * x.element_size() + 9 * 6 * 4 < full
+
+    gate = _rand(9, 5, 96, seed=4, dtype=dtype, device=device, scale=3.0).requires_grad_()
+    up = _rand(9, 96, 5, seed=5, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
+    dy = _rand(9, 5, 96, seed=6, dtype=dtype, device=device)
+    want, got = silu_mul_reference(gate, up), _SiluMul.apply(gate, up)
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, (gate, up), dy), torch.autograd.grad(want, (gate, up), dy)):
+        assert torch.equal(a, b)
+    lean = saved_tensor_bytes(lambda: _SiluMul.apply(gate, up))
+    assert lean == 2 * gate.numel() * gate.element_size() < saved_tensor_bytes(lambda: silu_mul_reference(gate, up))
+
+
+def test_rms_norm_and_silu_mul_gradcheck():
+    x = _rand(3, 4, 8, seed=7, dtype=torch.float64, device="cpu").requires_grad_()
+    w = (_rand(8, seed=8, dtype=torch.float64, device="cpu").abs() + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm_reference(a, b, 1e-5), (x, w))  # (computes in float64)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x, w))
+    gate, up = (_rand(3, 8, seed=s, dtype=torch.float64, device="cpu").requires_grad_() for s in (9, 10))
+    assert torch.autograd.gradcheck(_SiluMul.apply, (gate, up))
+
+
+def test_model_uses_the_lean_functions_only_when_grad_is_needed():
+    model = _model(False)
+    x, y = _batch()
+    with torch.no_grad():
+        a = model(x, y)
+    b = model(x, y)
+    assert torch.equal(a, b.detach()) and b.grad_fn is not None
+    names = set()
+    stack, seen = [b.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    assert "_RMSNormBackward" in names and "_SiluMulBackward" in names, names

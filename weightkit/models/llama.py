@@ -72,6 +72,47 @@ def num_parameters(cfg: LlamaConfig) -> int:
     return 2 * cfg.vocab_size * cfg.dim + cfg.n_layers * block + cfg.dim
 
 
+def _compute(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # float32 (float64 stays float64)
+
+
+def rms_norm_reference(x, weight, eps: float):
+    """LLaMA's RMSNorm in float32 (float64 for float64 x), cast back to x's dtype, times the weight (what autograd
+    saves for it: x in float32, the normalized x in float32 and in x's dtype)."""
+    xf = _compute(x)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+class _RMSNorm(torch.autograd.Function):
+    """:func:`rms_norm_reference` keeping only x and the per-row 1/rms for backward, which recomputes the rest: the
+    same ops as autograd's backward of the reference, so the same bits (tests/test_train.py), for a tenth of its
+    saved bytes (bf16 x: 2 bytes a value where the reference keeps 8; with checkpointing x is the block's input,
+    kept anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = _compute(x)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xf = _compute(x)
+        normed = xf * rstd
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * normed.type_as(x)).sum_to_size(weight.shape).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:  # autograd's chain: mul, type_as, mul, rsqrt, mean, pow
+            dn = (dy * weight).to(x.dtype).to(xf.dtype)  # (autograd casts each grad to its input's dtype)
+            dr = (dn * xf).sum_to_size(rstd.shape)
+            dmean = (-0.5 * dr * rstd.pow(3)).expand_as(xf) / xf.shape[-1]
+            dx = (dn * rstd + dmean * (2.0 * xf)).to(x.dtype)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -79,8 +120,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def silu_mul_reference(gate, up):
+    return F.silu(gate) * up
+
+
+class _SiluMul(torch.autograd.Function):
+    """SwiGLU's silu(gate) * up keeping gate and up for backward (autograd's keeps silu(gate) too: a third tensor of
+    the MLP's width), recomputing silu(gate) there: autograd's backward ops, the same bits."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(dy * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = dy * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
+
+
+def silu_mul(gate, up):
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluMul.apply(gate, up)
+    return silu_mul_reference(gate, up)
 
 
 def _rotary(seq_len: int, head_dim: int, device) -> tuple:
@@ -120,7 +189,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
