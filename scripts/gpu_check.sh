@@ -42,8 +42,9 @@
 #     TRAIN_ARGS="--model-size 350m --steps 20 --svd randomized --stagger-refresh --eval-every 10"
 #       (#24/#25: 309M, 8 x 512: step time and peak of Q-GaLore / GaLore layer-wise against fused AdamW)
 #   STAGES=train TRAIN_METHODS=qgalore-layerwise,adamw TRAIN_BUDGET=420 \
-#     TRAIN_ARGS="--model-size 7b --checkpointing --steps 8 --svd randomized --eval-every 4"
-#       (#24's 7B row, 16 x 256, rank 1024; AdamW's 7B state needs an H200's memory)
+#     TRAIN_ARGS="--model-size 7b --checkpointing --dtype bfloat16 --steps 8 --svd randomized --eval-every 4"
+#       (#24's 7B row, 16 x 256, rank 1024, bf16 parameters as in the Q-GaLore paper's 7B run; AdamW's 7B state,
+#       bf16 too, fits an H100)
 # Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
 # were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), TEST_COMPILE_THREADS (Triton compile
