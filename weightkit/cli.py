@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny: 3.3M parameters, the CPU default; 60m/130m/350m: the GaLore paper's LLaMA shapes "
                     "with a byte vocabulary (25.6M / 85.3M / 302.9M parameters)")
     tr.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N; on "
-                    "cuda the forward runs under bf16 autocast with fp32 parameters")
+                    "cuda the forward runs under bf16 autocast (parameters in --dtype)")
     tr.add_argument("--steps", type=positive, default=DEFAULT_STEPS, help="optimizer steps per method "
                     "(default: %(default)s)")
     tr.add_argument("--batch-size", type=positive, default=None, help="sequences per step (default: the size's, "
