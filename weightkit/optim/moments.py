@@ -217,17 +217,9 @@ class BlockwiseMoments8bit(FloatMoments):
                        for q, absmax, signed in blocks]
             yield (*(t if whole else t[start:end] for t in flat), *moments)
             for (q, absmax, signed), x in zip(blocks, moments):
-                if keep is None:
-                    self.quantize_into(x, signed, q, absmax)
-                else:
-                    new_q, new_absmax = self.quantize(x, signed)
-                    q.copy_(torch.where(keep, q, new_q))
-                    absmax.copy_(torch.where(keep, absmax, new_absmax))
-
-    def quantize_into(self, x: Tensor, signed: bool, q: Tensor, absmax: Tensor) -> None:
-        """:meth:`quantize` of ``x`` written into ``q`` and ``absmax`` (contiguous, of the right sizes)."""
-        _bnb().quantize_blockwise(x.reshape(-1), code=self._code(signed, x.device), blocksize=self.BLOCK,
-                                  out=q, absmax=absmax)
+                new_q, new_absmax = self.quantize(x.reshape(-1), signed)  # (bitsandbytes' out= is deprecated)
+                q.copy_(new_q if keep is None else torch.where(keep, q, new_q))
+                absmax.copy_(new_absmax if keep is None else torch.where(keep, absmax, new_absmax))
 
     def validate(self, where: str, state: Dict, shape: tuple) -> None:
         super().validate(where, state, shape)
