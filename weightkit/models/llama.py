@@ -99,17 +99,21 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        xf = _compute(x)
-        normed = xf * rstd
-        dw = None
+        xf = _compute(x)  # (x itself for float32 x: never written)
+        dw = dx = None
         if ctx.needs_input_grad[1]:
-            dw = (dy * normed.type_as(x)).sum_to_size(weight.shape).to(weight.dtype)
-        dx = None
+            normed = (xf * rstd).type_as(x)
+            dw = (dy * normed).sum_to_size(weight.shape).to(weight.dtype)
+            del normed
         if ctx.needs_input_grad[0]:  # autograd's chain: mul, type_as, mul, rsqrt, mean, pow
             dn = (dy * weight).to(x.dtype).to(xf.dtype)  # (autograd casts each grad to its input's dtype)
             dr = (dn * xf).sum_to_size(rstd.shape)
-            dmean = (-0.5 * dr * rstd.pow(3)).expand_as(xf) / xf.shape[-1]
-            dx = (dn * rstd + dmean * (2.0 * xf)).to(x.dtype)
+            # autograd: mean's backward (-0.5 dr rstd^3, expanded, / N) times pow's 2 xf. 2 (c / N) times xf is the
+            # same bits (a factor of 2 is exact), with no full-size temporary for each factor; then in place
+            k = (-0.5 * dr * rstd.pow(3)) / xf.shape[-1] * 2.0
+            dx = dn.mul_(rstd)
+            dx.add_(xf * k)
+            dx = dx.to(x.dtype)
         return dx, dw, None
 
 
