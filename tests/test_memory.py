@@ -1,9 +1,13 @@
-"""weightkit.memory: the peak-memory breakdown of a training step, on a small LLaMA on the CPU."""
+"""weightkit.memory: the peak-memory breakdown of a training step, on a small LLaMA on the CPU; the model's
+memory-lean RMSNorm and SwiGLU."""
 
+import pytest
 import torch
 
-from weightkit.memory import PARTS, activation_bytes, format_breakdown, gradient_bytes, peak_breakdown, tensor_bytes
-from weightkit.models.llama import TinyLlama, preset
+from tests.conftest import DEVICES
+from weightkit.memory import (PARTS, activation_bytes, format_breakdown, gradient_bytes, peak_breakdown,
+                              saved_tensor_bytes, tensor_bytes)
+from weightkit.models.llama import TinyLlama, _RMSNorm, _SiluMul, preset, rms_norm_reference, silu_mul_reference
 
 
 def _model(checkpointing):
@@ -51,13 +55,6 @@ def test_breakdown_adds_up_to_the_peak():
 
 
 # -- the model's memory-lean norm and SwiGLU: autograd's results, bit for bit, for fewer saved bytes ---------------------
-import pytest  # noqa: E402
-
-from tests.conftest import DEVICES  # noqa: E402
-from weightkit.memory import saved_tensor_bytes  # noqa: E402
-from weightkit.models.llama import _RMSNorm, _SiluMul, rms_norm_reference, silu_mul_reference  # noqa: E402
-
-
 def _rand(*shape, seed, dtype, device, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
