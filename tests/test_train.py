@@ -380,6 +380,19 @@ def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "out")  # nothing was done
 
 
+def test_cpu_memory_guard_counts_the_parameters_dtype(monkeypatch):
+    """The CPU guard needs 16 bytes a parameter in float32 (weights, gradients, AdamW's two moments), 8 in bfloat16."""
+    from weightkit import cli
+
+    cfg = train.TrainConfig(model_size="1b").resolve()
+    n = num_parameters(cfg.model_config())
+    monkeypatch.setattr(cli, "_available_bytes", lambda: 12 * n)
+    with pytest.raises(cli.CommandError, match=r"its float32 weights, gradients and AdamW moments alone take "):
+        cli.check_memory_fits(cfg, "cpu")
+    cli.check_memory_fits(dataclasses.replace(cfg, dtype="bfloat16"), "cpu")  # 8 n bytes fit in 12 n
+    cli.check_memory_fits(cfg, "cuda")  # (not checked on a GPU)
+
+
 def test_time_estimate_counts_steps_evaluations_sweeps_and_processes():
     """The estimate printed before a run: each method's steps at its STEP_COST x the probed AdamW step, its
     evaluation batches (a third of a step each), a process start per run, and the sweeps' extra runs."""

@@ -92,19 +92,19 @@ def _available_bytes() -> Optional[int]:
 
 
 def check_memory_fits(cfg, device: str) -> None:
-    """On the CPU, refuse a model whose float32 weights, gradients and AdamW moments alone (16 bytes a parameter)
-    exceed the available memory: a one-line error before any work instead of the kernel's OOM killer (--model-size
-    1b/7b are for a GPU)."""
+    """On the CPU, refuse a model whose weights, gradients and AdamW moments alone (16 bytes a parameter in
+    float32, 8 in bfloat16) exceed the available memory: a one-line error before any work instead of the kernel's OOM
+    killer (--model-size 1b/7b are for a GPU)."""
     if not device.startswith("cpu"):
         return
     from weightkit.models.llama import num_parameters
 
-    need = 16 * num_parameters(cfg.model_config())
+    need = (8 if cfg.dtype == "bfloat16" else 16) * num_parameters(cfg.model_config())
     have = _available_bytes()
     if have is not None and need > have:
-        raise CommandError(f"--model-size {cfg.model_size}: its float32 weights, gradients and AdamW moments alone "
-                           f"take {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB this machine has "
-                           "available; use --device cuda or a smaller --model-size")
+        raise CommandError(f"--model-size {cfg.model_size}: its {cfg.dtype} weights, gradients and AdamW moments "
+                           f"alone take {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB this machine "
+                           "has available; use --device cuda or a smaller --model-size")
 
 
 def check_out_dir(path: str) -> str:
