@@ -39,12 +39,15 @@
 #       2-core CPU" ratio comes from the CPU run recorded in bench/results/cpu-*-compress-layer.json)
 # and train calls for the end-to-end rows (the default train stage runs adamw,galore,qgalore for 6 steps):
 #   STAGES=train TRAIN_METHODS=adamw,galore,galore-layerwise,qgalore-layerwise TRAIN_BUDGET=240 \
-#     TRAIN_ARGS="--model-size 350m --steps 20 --svd randomized --stagger-refresh --eval-every 10"
-#       (#24/#25: 309M, 8 x 512: step time and peak of Q-GaLore / GaLore layer-wise against fused AdamW)
+#     TRAIN_ARGS="--model-size 350m --steps 20 --svd randomized --stagger-refresh --eval-every 10 --tf32"
+#       (#24/#25: 309M, 8 x 512: step time and peak of Q-GaLore / GaLore layer-wise against fused AdamW; --tf32:
+#       the projections on TF32 tensor cores, as most GPU users train; drop it for torch's strict float32)
 #   STAGES=train TRAIN_METHODS=qgalore-layerwise,adamw TRAIN_BUDGET=420 \
-#     TRAIN_ARGS="--model-size 7b --checkpointing --dtype bfloat16 --steps 8 --svd randomized --eval-every 4"
+#     TRAIN_ARGS="--model-size 7b --checkpointing --dtype bfloat16 --steps 8 --svd randomized --eval-every 4 \
+#       --tf32 --lowrank-precision tf32x3"
 #       (#24's 7B row, 16 x 256, rank 1024, bf16 parameters as in the Q-GaLore paper's 7B run; AdamW's 7B state,
-#       bf16 too, fits an H100)
+#       bf16 too, fits an H100. At rank 1024 the projections and write-backs are ~26 TFLOP a step: ~0.6 s in
+#       strict float32, hence TF32 / tf32x3 tensor cores for the tokens/s row)
 # Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
 # were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), TEST_COMPILE_THREADS (Triton compile

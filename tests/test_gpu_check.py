@@ -390,3 +390,26 @@ def test_report_records_the_compiled_kernels_registers_and_spills(report, monkey
     rows = [r for r in report.ROWS if r["name"] == "_probe_kernel"]
     assert rows == [dict(section="compiled", name="_probe_kernel", n_regs=128, n_spills=24, shared=4096,
                          num_warps=8, num_stages=3, constexprs="{'BLOCK': 64}")]
+
+
+def test_header_train_calls_are_valid_weightkit_train_arguments():
+    """Each TRAIN_ARGS / TRAIN_METHODS the script's header proposes for a GPU call parses as `weightkit train`
+    arguments and resolves (a typo there would cost a GPU session its targeted call)."""
+    import re
+    import shlex
+
+    from weightkit import train
+    from weightkit.cli import build_parser
+
+    header = "\n".join(line[1:] for line in SCRIPT.read_text().splitlines() if line.startswith("#"))
+    header = re.sub(r"\\\n\s*", " ", header)  # continuation lines
+    calls = re.findall(r'TRAIN_METHODS=(\S+)[^\n]*?TRAIN_ARGS="([^"]+)"', header)
+    assert len(calls) >= 2, calls
+    for methods, args in calls:
+        ns = build_parser().parse_args(["train", "--methods", methods, *shlex.split(args)])
+        assert all(m in train.METHODS for m in ns.methods.split(","))
+        cfg = train.TrainConfig(model_size=ns.model_size, steps=ns.steps, checkpointing=ns.checkpointing,
+                                svd=ns.svd, stagger_refresh=ns.stagger_refresh, dtype=ns.dtype, tf32=ns.tf32,
+                                lowrank_precision=ns.lowrank_precision, device="cuda").resolve()
+        assert cfg.tf32  # the targeted calls measure with TF32 allowed (the header says why)
+    assert any(c[1].count("--model-size 7b") and "--dtype bfloat16" in c[1] for c in calls)

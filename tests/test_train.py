@@ -367,7 +367,8 @@ def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
              (["--rank", "999"], "rank=999 is larger than the model width"),
              (["--model-size", "13b"], "invalid choice: '13b'"),
              (["--methods", "adamw,adamw"], "a method is given twice"),
-             (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'")]
+             (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+             (["--lowrank-precision", "fp16"], "argument --lowrank-precision: invalid choice: 'fp16'")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device: cuda was requested but torch"))
     # a 7B model on the CPU (16 bytes a parameter for weights, gradients and moments: ~96 GiB): refused before any
@@ -378,6 +379,33 @@ def test_cli_train_refuses_bad_arguments(capsys, tmp_path):
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1 and err.startswith("weightkit train: "), (argv, err)
     assert not os.path.exists(tmp_path / "out")  # nothing was done
+
+
+@pytest.mark.parametrize("method", ["qgalore", "qgalore-layerwise"])
+def test_tf32_and_lowrank_precision_reach_the_run(method, monkeypatch):
+    """--tf32 allows TF32 while a method trains and puts torch's switches back after; --lowrank-precision reaches
+    QGaLoreAdamW8bit (per parameter in layer-wise mode); both are in the description, and bad values are refused."""
+    pytest.importorskip("bitsandbytes")
+    seen = []
+    build = train.build_optimizer
+
+    def recording(*args, **kwargs):
+        opt = build(*args, **kwargs)
+        opts = opt.optimizers if hasattr(opt, "optimizers") else [opt]
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     {part.precision for o in opts for part in o.parts.weights if hasattr(part, "precision")}))
+        return opt
+
+    monkeypatch.setattr(train, "build_optimizer", recording)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    cfg = train.TrainConfig(**dict(TINY, steps=4, eval_every=2, tf32=True, lowrank_precision="bf16"))
+    train.run(method, cfg, progress=False)
+    assert seen == [(True, True, {"bf16"})]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    text = train.describe(cfg)[1]
+    assert "TF32 matmuls allowed" in text and "Q-GaLore write-back product in bf16" in text
+    with pytest.raises(ValueError, match="lowrank_precision must be one of fp32, tf32x3, bf16, got 'fp16'"):
+        dataclasses.replace(cfg, lowrank_precision="fp16").resolve()
 
 
 def test_cpu_memory_guard_counts_the_parameters_dtype(monkeypatch):

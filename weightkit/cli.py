@@ -213,7 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 dim=args.dim, n_layers=args.layers, n_heads=args.heads, hidden_dim=args.hidden,
                                 seed=args.seed, eval_every=args.eval_every or max(1, args.steps // 20),
                                 device=device, checkpointing=args.checkpointing, svd=args.svd,
-                                stagger_refresh=args.stagger_refresh, dtype=args.dtype).resolve()
+                                stagger_refresh=args.stagger_refresh, dtype=args.dtype, tf32=args.tf32,
+                                lowrank_precision=args.lowrank_precision).resolve()
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     check_memory_fits(cfg, device)
@@ -361,6 +362,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from weightkit.ops.qgalore import PRECISIONS
     from weightkit.train import DEFAULT_METHODS, DEFAULT_STEPS, DTYPES as train_dtypes, SIZES
 
     positive = int_at_least(1)
@@ -390,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "float32 (default; bf16 autocast on cuda) or bfloat16, as in the GaLore and Q-GaLore papers' "
                     "runs (weights, gradients, AdamW's moments and the saved activations in bf16; less memory, "
                     "bf16 rounding of every weight update)")
+    tr.add_argument("--tf32", action="store_true", help="cuda: allow TF32 tensor cores for float32 matmuls (GaLore's "
+                    "and Q-GaLore's projections, the randomized SVD); default: torch's strict float32")
+    tr.add_argument("--lowrank-precision", default="fp32", choices=list(PRECISIONS), help="Q-GaLore: "
+                    "the precision of the int8 write-back's low-rank product P U on a GPU (fp32: within the "
+                    "precision contract; tf32x3: tensor cores, near fp32; bf16: tensor cores, coarser)")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block "
                     "(recompute in backward: less activation memory, ~1/3 more compute)")
     tr.add_argument("--model-size", default="tiny", choices=list(SIZES),

@@ -121,6 +121,11 @@ class TrainConfig:
     # (their --dtype bfloat16): weights, gradients, AdamW's moments, the residual stream and the blocks' inputs kept
     # for recomputation in bf16; Q-GaLore's Int8Linear weights are int8 either way
     dtype: str = "float32"
+    # CUDA: allow TF32 for float32 matmuls (torch.backends.cuda.matmul.allow_tf32, cudnn too): GaLore's and Q-GaLore's
+    # projections and the randomized SVD (the bf16-autocast forward does not use it); off: torch's default, strict
+    tf32: bool = False
+    # Q-GaLore: precision of the fused int8 write-back's low-rank product (QGaLoreAdamW8bit lowrank_precision)
+    lowrank_precision: str = "fp32"
 
     def model_config(self):
         from weightkit.models.llama import preset
@@ -157,6 +162,10 @@ class TrainConfig:
 
         if cfg.svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
+        from weightkit.ops.qgalore import PRECISIONS
+
+        if cfg.lowrank_precision not in PRECISIONS:
+            raise ValueError(f"lowrank_precision must be one of {', '.join(PRECISIONS)}, got {cfg.lowrank_precision!r}")
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
         if not 0.0 <= cfg.warmup < 1.0:
@@ -388,12 +397,13 @@ def build_optimizer(method: str, model: nn.Module, cfg: TrainConfig, lr: Optiona
     if method == "qgalore":
         from weightkit.optim import QGaLoreAdamW8bit
 
-        return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=cfg.weight_decay, svd=cfg.svd)  # lazy refresh: no stagger
+        return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=cfg.weight_decay, svd=cfg.svd,  # lazy refresh: no stagger
+                                lowrank_precision=cfg.lowrank_precision)
     if method == "qgalore-layerwise":
         from weightkit.optim import LayerwiseGaLore, QGaLoreAdamW8bit
 
         return LayerwiseGaLore(groups, optimizer_cls=QGaLoreAdamW8bit, lr=lr, weight_decay=cfg.weight_decay,
-                               svd=cfg.svd)
+                               svd=cfg.svd, lowrank_precision=cfg.lowrank_precision)
     raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -513,9 +523,25 @@ def timing_start(steps: int) -> int:
     return 0 if steps < 2 else min(10, max(1, steps // 10))
 
 
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """torch's TF32 switches for float32 matmuls and convolutions set to ``on``, then put back."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float] = None,
         lr_source: Optional[str] = None) -> RunResult:
-    """Train with one method in this process and measure it."""
+    """Train with one method in this process and measure it (TF32 as ``cfg.tf32`` says, put back after)."""
+    with _tf32(cfg.resolve().tf32):
+        return _run(method, cfg, progress, lr, lr_source)
+
+
+def _run(method: str, cfg: TrainConfig, progress: bool, lr: Optional[float], lr_source: Optional[str]) -> RunResult:
     from weightkit.data import batches as make_batches
     from weightkit.data import byte_corpus
     from weightkit.models.llama import num_parameters
@@ -852,7 +878,9 @@ def describe(cfg: TrainConfig, results: Sequence[RunResult] = ()) -> List[str]:
             f"{cfg.update_proj_gap}, scale {cfg.galore_scale:g}; tokens/s from step {timing_start(cfg.steps)} on"
             + ("; activation checkpointing per block" if cfg.checkpointing else "")
             + (f"; {cfg.svd} SVD" if cfg.svd != "exact" else "")
-            + ("; staggered refreshes" if cfg.stagger_refresh else "")]
+            + ("; staggered refreshes" if cfg.stagger_refresh else "")
+            + ("; TF32 matmuls allowed" if cfg.tf32 else "")
+            + (f"; Q-GaLore write-back product in {cfg.lowrank_precision}" if cfg.lowrank_precision != "fp32" else "")]
 
 
 def report(results: List[RunResult], cfg: Optional[TrainConfig] = None) -> str:
