@@ -19,7 +19,8 @@
   rank 1024).
 
 End to end (the issue's table rows) runs through ``weightkit train --model-size 7b --methods qgalore-layerwise
---checkpointing --dtype bfloat16 --steps 20`` (peak and its breakdown printed beside it) and the 309M comparison of bench/gpu_report.
+--checkpointing --dtype bfloat16 --steps 20`` (peak and its breakdown printed beside it) and the 309M comparison of
+bench/gpu_report.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_breakdown_adds_up_to_the_peak():
     assert "activations" in text and "measured peak" in text and "50.0 MiB" in text
 
 
-# -- the model's memory-lean norm and SwiGLU: autograd's results, bit for bit, for fewer saved bytes ---------------------
+# -- the model's memory-lean norm and SwiGLU: autograd's results, bit for bit, for fewer saved bytes -----------------
 def _rand(*shape, seed, dtype, device, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
