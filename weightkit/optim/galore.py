@@ -542,7 +542,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         eps, decay = group["eps"], (1.0 - group["lr"] * group["weight_decay"]) if group["weight_decay"] > 0.0 else None
         skip = None if found is None else found.ne(0).reshape(())
         size = step_size if step_size_t is None else step_size_t
-        for p_b, g_b, m_b, v_b in self.parts.moments.dense_blocks(state, (p, grad), skip):
+        for p_b, g_b, m_b, v_b in self.parts.moments.dense_blocks(state, (p, grad), found):
             g_b = g_b.to(torch.float32)
             if skip is None:
                 m_b.mul_(beta1).add_(g_b, alpha=1 - beta1)

@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..backends._blocked import keep_unless_found
 from ..ops.moments8bit import blockwise8bit_adam_
 from .basis import _check_sizes, host_shape
 
@@ -76,10 +77,10 @@ class FloatMoments:
     def store(self, state: Dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
         pass  # updated in place
 
-    def dense_blocks(self, state: Dict, tensors, keep: Optional[Tensor] = None):
+    def dense_blocks(self, state: Dict, tensors, found_inf: Optional[Tensor] = None):
         """Blocks of ``tensors`` (the parameter, its gradient: the moments' shape) with the matching blocks of the
-        two moments as float32 tensors that the caller updates in place (see the module docstring). ``keep``: a
-        0-d bool on the device, True when the caller keeps the old moment values (a predicated step)."""
+        two moments as float32 tensors that the caller updates in place (see the module docstring). ``found_inf``:
+        the step's device flag, where set the caller keeps the old moment values (a predicated step)."""
         yield from blocks_of(*tensors, state["exp_avg"], state["exp_avg_sq"], size=DENSE_BLOCK)
 
     def validate(self, where: str, state: Dict, shape: tuple) -> None:
@@ -188,14 +189,14 @@ class BlockwiseMoments8bit(FloatMoments):
         state["exp_avg_q"], state["exp_avg_absmax"] = self.quantize(exp_avg, True)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self.quantize(exp_avg_sq, False)
 
-    def dense_blocks(self, state: Dict, tensors, keep: Optional[Tensor] = None):
+    def dense_blocks(self, state: Dict, tensors, found_inf: Optional[Tensor] = None):
         """FloatMoments.dense_blocks for 8-bit moments: each block's moments are dequantized into float32
         temporaries of the block's size, and quantized back into the block's codes and absmax entries once the
         caller has updated them (blocks are whole quantization blocks of 256, so the codes are those of the
-        whole-tensor quantization, bit for bit). Where ``keep`` is set the codes and absmax entries keep their old
-        values (quantizing dequantized values need not give back the same codes)."""
+        whole-tensor quantization, bit for bit). Where ``found_inf`` is set the codes and absmax entries keep their
+        old values (quantizing dequantized values need not give back the same codes)."""
         if "exp_avg" in state:
-            yield from super().dense_blocks(state, tensors, keep)
+            yield from super().dense_blocks(state, tensors, found_inf)
             return
         shape = host_shape(state, "moment_shape")
         numel = _numel(shape)
@@ -218,8 +219,8 @@ class BlockwiseMoments8bit(FloatMoments):
             yield (*(t if whole else t[start:end] for t in flat), *moments)
             for (q, absmax, signed), x in zip(blocks, moments):
                 new_q, new_absmax = self.quantize(x.reshape(-1), signed)  # (bitsandbytes' out= is deprecated)
-                q.copy_(new_q if keep is None else torch.where(keep, q, new_q))
-                absmax.copy_(new_absmax if keep is None else torch.where(keep, absmax, new_absmax))
+                keep_unless_found(q, new_q, found_inf)
+                keep_unless_found(absmax, new_absmax, found_inf)
 
     def validate(self, where: str, state: Dict, shape: tuple) -> None:
         super().validate(where, state, shape)
