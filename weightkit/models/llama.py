@@ -78,16 +78,16 @@ def _compute(x):
 
 def rms_norm_reference(x, weight, eps: float):
     """LLaMA's RMSNorm in float32 (float64 for float64 x), cast back to x's dtype, times the weight (what autograd
-    saves for it: x in float32, the normalized x in float32 and in x's dtype)."""
+    saves for it: x in float32, 1/rms, and the normalized x in x's dtype)."""
     xf = _compute(x)
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 class _RMSNorm(torch.autograd.Function):
     """:func:`rms_norm_reference` keeping only x and the per-row 1/rms for backward, which recomputes the rest: the
-    same ops as autograd's backward of the reference, so the same bits (tests/test_train.py), for a tenth of its
-    saved bytes (bf16 x: 2 bytes a value where the reference keeps 8; with checkpointing x is the block's input,
-    kept anyway)."""
+    same ops as autograd's backward of the reference, so the same bits (tests/test_memory.py). For bf16 x it keeps
+    2 bytes a value where the reference keeps 6 (x in float32, the normalized x in bf16); for float32 x, 4 where
+    the reference keeps 8. With checkpointing, x is the block's input, kept anyway."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
