@@ -50,6 +50,8 @@ import warnings
 
 import torch
 
+from weightkit.backend import allow_tf32 as _tf32
+
 DEV = "cuda"  # where the sections allocate (the CPU only in the tests of the bookkeeping)
 ROWS: list = []
 SKIPPED: list = []  # "section/name: why" of each row not measured
@@ -303,18 +305,6 @@ def ceilings():
         row("ceilings", f"fp32 matmul {c}^3 (strict)", lambda: x32 @ y32, flops=2 * c**3, graph=False)
     with _tf32(True):
         row("ceilings", f"tf32 matmul {c}^3", lambda: x32 @ y32, flops=2 * c**3, graph=False)
-
-
-class _tf32:
-    def __init__(self, on):
-        self.on = on
-
-    def __enter__(self):
-        self.old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 def _backends(table):

@@ -67,6 +67,7 @@ def _basis(shape, pg, device):
 def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024, False)), gs=128, pg=64,
             moment_shape=(1024, 4096)):
     from weightkit import use_backend
+    from weightkit.backend import allow_tf32
     from weightkit.ops.int4 import dequantize_int4, int4_matmul
     from weightkit.ops.int8 import int8_sr_update_
     from weightkit.ops.moments8bit import blockwise8bit_adam_
@@ -127,12 +128,8 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         p32 = dequantize_int4(bq, bs, bz, pg, bshape)
         ref = (p32.double() @ u.double()) if left else (u.double() @ p32.double())
         err = lambda x: float((x.double() - ref).norm() / ref.norm())  # noqa: E731
-        allow = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # galore-torch's step in strict float32
-        try:
+        with allow_tf32(False):  # galore-torch's step in strict float32
             galore_fp32 = err(p32 @ u if left else u @ p32)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allow
         rows.append(dict(section="precision", shape=shape, who="float32 matmul (galore-torch's)", rel_err=galore_fp32))
         rows.append(dict(section="precision", shape=shape, who="reference bf16",
                          rel_err=err(lowrank_product(bq, bs, bz, u, pg, bshape, left, "bf16"))))

@@ -338,6 +338,17 @@ def tf32_allowed() -> bool:
     return _ALLOW_TF32() if _ALLOW_TF32 is not None else torch.backends.cuda.matmul.allow_tf32
 
 
+@contextlib.contextmanager
+def allow_tf32(on: bool):
+    """``torch.backends.cuda.matmul.allow_tf32`` set to ``on`` inside the block, put back after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def regime_key(regime: tuple) -> str:
     """The text form of a regime in the recorded file: its values joined by '|' (dtypes without 'torch.',
     shapes as AxB)."""

@@ -121,7 +121,7 @@ class TrainConfig:
     # (their --dtype bfloat16): weights, gradients, AdamW's moments, the residual stream and the blocks' inputs kept
     # for recomputation in bf16; Q-GaLore's Int8Linear weights are int8 either way
     dtype: str = "float32"
-    # CUDA: allow TF32 for float32 matmuls (torch.backends.cuda.matmul.allow_tf32, cudnn too): GaLore's and Q-GaLore's
+    # CUDA: allow TF32 for float32 matmuls (torch.backends.cuda.matmul.allow_tf32): GaLore's and Q-GaLore's
     # projections and the randomized SVD (the bf16-autocast forward does not use it); off: torch's default, strict
     tf32: bool = False
     # Q-GaLore: precision of the fused int8 write-back's low-rank product (QGaLoreAdamW8bit lowrank_precision)
@@ -523,21 +523,12 @@ def timing_start(steps: int) -> int:
     return 0 if steps < 2 else min(10, max(1, steps // 10))
 
 
-@contextlib.contextmanager
-def _tf32(on: bool):
-    """torch's TF32 switches for float32 matmuls and convolutions set to ``on``, then put back."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def run(method: str, cfg: TrainConfig, progress: bool = True, lr: Optional[float] = None,
         lr_source: Optional[str] = None) -> RunResult:
-    """Train with one method in this process and measure it (TF32 as ``cfg.tf32`` says, put back after)."""
-    with _tf32(cfg.resolve().tf32):
+    """Train with one method in this process and measure it (TF32 matmuls as ``cfg.tf32`` says, put back after)."""
+    from weightkit.backend import allow_tf32
+
+    with allow_tf32(cfg.tf32):
         return _run(method, cfg, progress, lr, lr_source)
 
 

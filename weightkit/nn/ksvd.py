@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..backend import allow_tf32
 from ..ops.dictionary import bitmask_code_bytes
 
 __all__ = ["check_ratio", "dictionary_size", "omp", "omp_schedule", "learn_dictionary", "scatter_codes", "ksvd_work"]
@@ -141,12 +142,8 @@ class _Selection:
             return torch.addmm(B, _round_to(X, self.precision), self.G, alpha=-1)
         if self.precision == "bf16":
             return B - (X.to(torch.bfloat16) @ self.G).float()
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+        with allow_tf32(True):
             return torch.addmm(B, X, self.G, alpha=-1)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # Below this size a triangular block is multiplied as a dense one (one batched matmul); above, its zero quarter is
