@@ -160,6 +160,39 @@ class LargestFloat32(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["float", "int4"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, monkeypatch):
+    """A bf16/fp16 gradient of more than basis.PROJECT_BLOCK values goes to float32 a block at a time (columns for a
+    left basis, rows for a right one): no float32 copy of it exists whole (at LLaMA-7B's 4096 x 11008 that copy,
+    172 MiB, was the largest temporary of a Q-GaLore step), and the projection is the whole conversion's (the same
+    sums, by column / row)."""
+    from weightkit.optim import basis as basis_module
+    from weightkit.ops.int4 import quantize_int4
+    m, n, r = 48, 40, 8
+    grad = randn(m, n, seed=3, device=device).to(dtype)
+    p = orthonormal(m, r, device) if side == "left" else orthonormal(n, r, device, seed=1).T.contiguous()
+    if kind == "float":
+        store, basis = FloatBasis, (p, None)
+    else:
+        store, basis = Int4Basis, (PackedInt4(*quantize_int4(p, 16), 16, tuple(p.shape)), None)
+    with LargestFloat32() as probe:
+        whole = store.project(grad, side, basis)
+    assert probe.largest == m * n  # below PROJECT_BLOCK: converted whole, as before
+    monkeypatch.setattr(basis_module, "PROJECT_BLOCK", 200)
+    with LargestFloat32() as probe:
+        blocks = store.project(grad, side, basis)
+    assert blocks.shape == whole.shape == ((r, n) if side == "left" else (m, r)) and blocks.dtype == torch.float32
+    assert probe.largest <= max(200, whole.numel()), probe.largest  # the blocks' copies, and the result itself
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
+    f32 = grad.to(torch.float32)  # a float32 gradient: no copy, whatever its size
+    with LargestFloat32() as probe:
+        store.project(f32, side, basis)
+    assert probe.largest <= whole.numel()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", ["GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit"])
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

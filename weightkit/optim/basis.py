@@ -31,6 +31,26 @@ from ..ops.galore import mm_float32
 from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+PROJECT_BLOCK = 1 << 22  # values of a 16-bit gradient a projection converts to float32 at a time (16 MiB)
+
+
+def project_by_blocks(grad: Tensor, dim: int, out_shape, fn) -> Tensor:
+    """``fn(grad.to(float32))`` for a 2-D ``grad`` whose blocks along ``dim`` map to the result's blocks along
+    ``dim`` (``fn`` keeps that axis: a product that reduces over the other one). A bfloat16 / float16 gradient of
+    more than PROJECT_BLOCK values goes to float32 a block of at most that many values at a time, so that no float32
+    copy of it exists whole (LLaMA-7B's 4096 x 11008 bf16 gradient: 172 MiB whole, the largest temporary of a
+    Q-GaLore step); others are converted whole. The blocks' results equal the whole product's up to the product's
+    summation order (each output block is the same sums over the same values)."""
+    if grad.dtype not in (torch.bfloat16, torch.float16) or grad.numel() <= PROJECT_BLOCK:
+        return fn(grad.to(torch.float32))
+    size = grad.shape[dim]
+    step = max(1, PROJECT_BLOCK // max(grad.numel() // size, 1))
+    out = torch.empty(out_shape, dtype=torch.float32, device=grad.device)
+    for i in range(0, size, step):
+        n = min(step, size - i)
+        out.narrow(dim, i, n).copy_(fn(grad.narrow(dim, i, n).to(torch.float32)))
+    return out
 Basis = Tuple[Tensor, Optional[Tensor]]
 
 
@@ -106,11 +126,11 @@ class FloatBasis:
             if side == "right":
                 return mm_float32(g, ortho.T, g.is_cuda)
             return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
-        g = grad.to(torch.float32)
-        if side == "left":
-            return ortho.T @ g
+        if side == "left":  # by blocks of columns of a large 16-bit gradient (project_by_blocks)
+            return project_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
         if side == "right":
-            return g @ ortho.T
+            return project_by_blocks(grad, 0, (grad.shape[0], ortho.shape[0]), lambda g: g @ ortho.T)
+        g = grad.to(torch.float32)
         return ortho.T @ g @ ortho_right.T
 
     @staticmethod
@@ -182,12 +202,14 @@ class Int4Basis:
         tile inside the kernel), from the gradient in float32 (as galore-torch and ``project``; the product's
         precision follows torch's float32 matmul setting, see tests/optim/test_qgalore_precision.py)."""
         packed = basis[0]
-        grad = grad.to(torch.float32)
         args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
+        rank = packed.shape[1] if side == "left" else packed.shape[0]
+        # a large 16-bit gradient goes to float32 by blocks (project_by_blocks): of columns (left), of rows (right)
         if side == "left":  # P^T G = (G^T P)^T: G^T is a transposed view, read without a copy
-            return int4_matmul(grad.T, *args, transpose=True).T
+            return project_by_blocks(grad, 1, (rank, grad.shape[1]),
+                                     lambda g: int4_matmul(g.T, *args, transpose=True).T)
         if side == "right":
-            return int4_matmul(grad, *args, transpose=False)
+            return project_by_blocks(grad, 0, (grad.shape[0], rank), lambda g: int4_matmul(g, *args, transpose=False))
         raise ValueError(f"the INT4 basis supports one-sided projections only, got side={side!r}")
 
     @staticmethod
