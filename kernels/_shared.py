@@ -582,6 +582,27 @@ def group_broadcast(v, ROWS: tl.constexpr, GROUPS: tl.constexpr, COLS: tl.conste
 
 
 @triton.jit
+def int4_tile_parts(packed_ptr, scale_ptr, zero_ptr, rows, rmask, c0, row_len, row_bytes, PG: tl.constexpr,
+                    ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(q - z as exact float32 integers in [-15, 15], [ROWS, COLS]; the scales, [ROWS, max(COLS / PG, 1)]) of the
+    tile that :func:`dequant_int4_tile` dequantizes (same arguments and conditions): each row's values are COLS / 2
+    contiguous bytes (one vector load), and its groups max(COLS / PG, 1) consecutive (scale, zero) pairs, loaded once.
+    0 outside (rmask, columns >= row_len)."""
+    half = tl.arange(0, COLS // 2)
+    byte = (c0 // COLS) * (COLS // 2) + half  # the byte in the row (masked in bytes, so runs of 16 stay whole)
+    b = tl.load(packed_ptr + (rows * row_bytes)[:, None] + byte[None, :],
+                mask=rmask[:, None] & (byte < row_bytes)[None, :], other=0)
+    GROUPS: tl.constexpr = COLS // PG if COLS >= PG else 1
+    gi = tl.arange(0, GROUPS)
+    gmask = rmask[:, None] & (c0 + gi * PG < row_len)[None, :]
+    g = ((rows * row_len + c0) // PG)[:, None] + gi[None, :]
+    s = tl.load(scale_ptr + g, mask=gmask, other=0.0)
+    c = tl.load(zero_ptr + g, mask=gmask, other=0).to(tl.float32) + 8388608.0
+    q = unpack_int4_f32(b, ROWS, COLS)  # 2^23 + q: minus 2^23 + z gives q - z exactly
+    return q - group_broadcast(c, ROWS, GROUPS, COLS), s
+
+
+@triton.jit
 def dequant_int4_tile(packed_ptr, scale_ptr, zero_ptr, rows, rmask, c0, row_len, row_bytes, PG: tl.constexpr,
                       ROWS: tl.constexpr, COLS: tl.constexpr):
     """float32 values (q - z) * s of a packed INT4 matrix (weightkit.ops.int4's format, row_len values per row) at
@@ -591,19 +612,9 @@ def dequant_int4_tile(packed_ptr, scale_ptr, zero_ptr, rows, rmask, c0, row_len,
     loaded once and broadcast, not gathered element by element (dequant_int4: three 64-bit addresses per value).
     ``row_bytes`` = row_len / 2, an argument of the kernel: Triton then knows it a multiple of 16 where it is, and
     loads each row's bytes as 16-byte vectors (computed from row_len, its divisibility is lost)."""
-    start = rows * row_len + c0
-    half = tl.arange(0, COLS // 2)
-    byte = (c0 // COLS) * (COLS // 2) + half  # the byte in the row (masked in bytes, so runs of 16 stay whole)
-    b = tl.load(packed_ptr + (rows * row_bytes)[:, None] + byte[None, :],
-                mask=rmask[:, None] & (byte < row_bytes)[None, :], other=0)
+    qz, s = int4_tile_parts(packed_ptr, scale_ptr, zero_ptr, rows, rmask, c0, row_len, row_bytes, PG, ROWS, COLS)
     GROUPS: tl.constexpr = COLS // PG if COLS >= PG else 1
-    gi = tl.arange(0, GROUPS)
-    gmask = rmask[:, None] & (c0 + gi * PG < row_len)[None, :]
-    g = (start // PG)[:, None] + gi[None, :]
-    s = tl.load(scale_ptr + g, mask=gmask, other=0.0)
-    c = tl.load(zero_ptr + g, mask=gmask, other=0).to(tl.float32) + 8388608.0
-    q = unpack_int4_f32(b, ROWS, COLS)  # 2^23 + q: minus 2^23 + z gives q - z exactly
-    return (q - group_broadcast(c, ROWS, GROUPS, COLS)) * group_broadcast(s, ROWS, GROUPS, COLS)
+    return qz * group_broadcast(s, ROWS, GROUPS, COLS)
 
 
 @triton.jit

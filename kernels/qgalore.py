@@ -18,11 +18,13 @@ m x n float weight and N exist only tile by tile. Launched with enable_fp_fusion
 product and sum separately.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import (_u24, capturing, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast, launch,
+from ._shared import (_u24, capturing, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast,
+                      int4_tile_parts, launch,
                       next_pow2, philox_uniform, unless_found)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
@@ -53,53 +55,153 @@ def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _split3_bf16(x):
+    """float32 ``x`` as three float32 values of bfloat16 precision, hi + mid + lo == x (each the nearest bf16 of what
+    the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand)."""
+    hi = _round_bf16(x)
+    rest = x - hi
+    mid = _round_bf16(rest)
+    return hi, mid, _round_bf16(rest - mid)
+
+
+@triton.jit
+def _dot3(a, b, TC_BF16: tl.constexpr):
+    """a . b for ``a`` of bf16-exact values (the INT4 integers q - z) and a float32 ``b``: b split in three bf16 parts
+    (_split3_bf16), three products, smallest first, each exact in float32 (4-bit by 8-bit significands), float32
+    accumulation: float32 accuracy from bf16 tensor-core products (TC_BF16; the interpreter, whose bf16 dot is wrong in
+    Triton 3.9, multiplies the same exact values in float32). 2-D or batched 3-D operands."""
+    hi, mid, lo = _split3_bf16(b)
+    if TC_BF16:
+        a16 = a.to(tl.bfloat16)
+        t = tl.dot(a16, lo.to(tl.bfloat16), out_dtype=tl.float32)
+        t = tl.dot(a16, mid.to(tl.bfloat16), acc=t, out_dtype=tl.float32)
+        return tl.dot(a16, hi.to(tl.bfloat16), acc=t, out_dtype=tl.float32)
+    t = tl.dot(a, lo, input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a, mid, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask, cmask, M, N, R, basis_row_bytes,
+                  LEFT: tl.constexpr, PG: tl.constexpr, ALIGNED: tl.constexpr, BF16: tl.constexpr,
+                  TC_BF16: tl.constexpr, SPLIT3: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] tile (rows x cols) of N = P U (LEFT) or U P, float32 (module docstring).
+
+    SPLIT3 ('bf16x3', ALIGNED only): the basis as its exact integers q - z with the scales applied in float32 outside
+    the tensor-core products (_dot3), U split in three bf16 parts. Left (P: M x R, groups along R, BLOCK_R <= PG): a
+    rank step lies in one group of each row, so its product is scaled per row after the dot. Right (P: R x N, groups
+    along N): the scale of row k and column group g multiplies U's column k, per group (a product per group for 1, 2
+    or 4 groups a tile; a batched [NG, PG, BLOCK_M] product for more)."""
+    NG: tl.constexpr = BLOCK_N // PG if BLOCK_N >= PG else 1
+    GW: tl.constexpr = BLOCK_N // NG  # columns of a group in the tile
+    # N = P U accumulates as [BLOCK_M, BLOCK_N]; N = U P as its transpose (P^T U^T), with the dequantized basis as
+    # the dot's first operand: as the second, its in-register layout spilled kilobytes per thread (sm_90 compiles);
+    # SPLIT3 right: by groups of columns, [GW, BLOCK_M] each: in acc0..acc3 for 1, 2 or 4 groups a tile (2-D
+    # products: Hopper's wgmma), else batched as [NG, GW, BLOCK_M] in acc (a 3-D tl.dot: mma.sync)
+    UNROLL: tl.constexpr = SPLIT3 and not LEFT and NG <= 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N) if LEFT else ((NG, GW, BLOCK_M) if SPLIT3 and not UNROLL else
+                                                     ((1, 1) if UNROLL else (BLOCK_N, BLOCK_M))), dtype=tl.float32)
+    acc0 = tl.zeros((GW, BLOCK_M) if UNROLL else (1, 1), dtype=tl.float32)
+    acc1 = tl.zeros((GW, BLOCK_M) if UNROLL and NG >= 2 else (1, 1), dtype=tl.float32)
+    acc2 = tl.zeros((GW, BLOCK_M) if UNROLL and NG == 4 else (1, 1), dtype=tl.float32)
+    acc3 = tl.zeros((GW, BLOCK_M) if UNROLL and NG == 4 else (1, 1), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        kmask = ks < R
+        if LEFT:  # N = P U: P (M x R) rows x ks, U (R x N) ks x cols
+            bmask = kmask[:, None] & cmask[None, :]
+            b = tl.load(u_ptr + ks[:, None] * N + cols[None, :], mask=bmask, other=0.0)
+            if SPLIT3:  # one group of each row: s is [BLOCK_M, 1]
+                qz, s = int4_tile_parts(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, basis_row_bytes, PG, BLOCK_M,
+                                        BLOCK_R)
+                acc += _dot3(qz, b, TC_BF16) * s
+            else:
+                if ALIGNED:
+                    a = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, basis_row_bytes, PG, BLOCK_M,
+                                          BLOCK_R)
+                else:
+                    amask = rmask[:, None] & kmask[None, :]
+                    a = dequant_int4(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], PG, amask)
+                acc = _plain_dot(acc, a, b, BF16, TC_BF16, DOT_PRECISION)
+        else:  # N = U P: U (M x R) rows x ks, P (R x N) ks x cols
+            amask = rmask[:, None] & kmask[None, :]
+            a = tl.load(u_ptr + rows[:, None] * R + ks[None, :], mask=amask, other=0.0)
+            if SPLIT3:
+                qz, s = int4_tile_parts(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N,
+                                        basis_row_bytes, PG, BLOCK_R, BLOCK_N)  # s: [BLOCK_R, NG]
+                ut = tl.trans(a)  # [BLOCK_R, BLOCK_M]
+                qzt = tl.trans(qz)  # [BLOCK_N, BLOCK_R]
+                if NG == 1:
+                    acc0 += _dot3(qzt, ut * s, TC_BF16)
+                elif NG == 2:  # the tile's two column groups as [GW, BLOCK_R] each, their scales [BLOCK_R] each
+                    q0, q1 = tl.split(tl.permute(tl.reshape(qzt, (2, GW, BLOCK_R)), (1, 2, 0)))
+                    s0, s1 = tl.split(s)
+                    acc0 += _dot3(q0, ut * s0[:, None], TC_BF16)
+                    acc1 += _dot3(q1, ut * s1[:, None], TC_BF16)
+                elif NG == 4:  # group 2i + j: split j, then i
+                    qa, qb = tl.split(tl.reshape(tl.permute(tl.reshape(qzt, (4, GW, BLOCK_R)), (1, 2, 0)),
+                                                 (GW, BLOCK_R, 2, 2)))
+                    q0, q2 = tl.split(qa)
+                    q1, q3 = tl.split(qb)
+                    sa, sb = tl.split(tl.reshape(s, (BLOCK_R, 2, 2)))
+                    s0, s2 = tl.split(sa)
+                    s1, s3 = tl.split(sb)
+                    acc0 += _dot3(q0, ut * s0[:, None], TC_BF16)
+                    acc1 += _dot3(q1, ut * s1[:, None], TC_BF16)
+                    acc2 += _dot3(q2, ut * s2[:, None], TC_BF16)
+                    acc3 += _dot3(q3, ut * s3[:, None], TC_BF16)
+                else:
+                    qz3 = tl.reshape(qzt, (NG, GW, BLOCK_R))
+                    acc += _dot3(qz3, ut[None, :, :] * tl.trans(s)[:, :, None], TC_BF16)
+            else:
+                if ALIGNED:
+                    b = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N,
+                                          basis_row_bytes, PG, BLOCK_R, BLOCK_N)
+                else:
+                    bmask = kmask[:, None] & cmask[None, :]
+                    b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
+                acc = _plain_dot(acc, tl.trans(b), tl.trans(a), BF16, TC_BF16, DOT_PRECISION)
+    if LEFT:
+        return acc
+    if UNROLL:  # the groups' [GW, BLOCK_M] slabs, in column order, as [BLOCK_N, BLOCK_M]
+        if NG == 1:
+            acc = acc0
+        elif NG == 2:
+            acc = tl.reshape(tl.permute(tl.join(acc0, acc1), (2, 0, 1)), (BLOCK_N, BLOCK_M))
+        else:  # [GW, BLOCK_M, j, i] for group 2i + j
+            acc = tl.join(tl.join(acc0, acc1), tl.join(acc2, acc3))
+            acc = tl.reshape(tl.permute(acc, (3, 2, 0, 1)), (BLOCK_N, BLOCK_M))
+    return tl.trans(tl.reshape(acc, (BLOCK_N, BLOCK_M)))
+
+
+@triton.jit
+def _plain_dot(acc, a, b, BF16: tl.constexpr, TC_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a . b at precision 'fp32' / 'tf32x3' (DOT_PRECISION) or 'bf16' (BF16: operands rounded to bf16)."""
+    if BF16:
+        a = _round_bf16(a)
+        b = _round_bf16(b)
+    if TC_BF16:  # exact casts of bf16-representable values; tensor cores, float32 accumulation
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
+    return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
 def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, found_ptr, step_ptr, M, N, R,
                                    basis_row_bytes, alpha, decay, seed, offset, HAS_FOUND: tl.constexpr,
                                    HAS_STEP: tl.constexpr, LEFT: tl.constexpr, GS: tl.constexpr, PG: tl.constexpr,
                                    ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr,
-                                   DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                                   SPLIT3: tl.constexpr, DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     cmask = cols < N
-    # N = P U accumulates as [BLOCK_M, BLOCK_N]; N = U P as its transpose (P^T U^T), with the dequantized basis as
-    # the dot's first operand: as the second, its in-register layout spilled kilobytes per thread (sm_90 compiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N) if LEFT else (BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_R):
-        ks = k0 + tl.arange(0, BLOCK_R)
-        kmask = ks < R
-        if LEFT:  # N = P U: P (M x R) rows x ks, U (R x N) ks x cols
-            if ALIGNED:
-                a = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, basis_row_bytes, PG, BLOCK_M,
-                                      BLOCK_R)
-            else:
-                amask = rmask[:, None] & kmask[None, :]
-                a = dequant_int4(bq_ptr, bs_ptr, bz_ptr, rows[:, None] * R + ks[None, :], PG, amask)
-            bmask = kmask[:, None] & cmask[None, :]
-            b = tl.load(u_ptr + ks[:, None] * N + cols[None, :], mask=bmask, other=0.0)
-        else:  # N = U P: U (M x R) rows x ks, P (R x N) ks x cols
-            amask = rmask[:, None] & kmask[None, :]
-            a = tl.load(u_ptr + rows[:, None] * R + ks[None, :], mask=amask, other=0.0)
-            if ALIGNED:
-                b = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N,
-                                      basis_row_bytes, PG, BLOCK_R, BLOCK_N)
-            else:
-                bmask = kmask[:, None] & cmask[None, :]
-                b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
-        if BF16:
-            a = _round_bf16(a)
-            b = _round_bf16(b)
-        if not LEFT:
-            a, b = tl.trans(b), tl.trans(a)
-        if TC_BF16:  # exact casts of bf16-representable values; tensor cores, float32 accumulation
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
-        else:
-            acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-    if not LEFT:
-        acc = tl.trans(acc)
+    acc = _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask, cmask, M, N, R,
+                        basis_row_bytes, LEFT, PG, ALIGNED, BF16, TC_BF16, SPLIT3, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_R)
     # epilogue: the tile's groups, [G, GS] with G = BLOCK_M * BLOCK_N / GS (a row of the tile holds whole groups)
     GPR: tl.constexpr = BLOCK_N // GS  # groups per tile row
     G: tl.constexpr = BLOCK_M * GPR
@@ -128,10 +230,11 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
     tl.store(ws_ptr + tl.reshape(sidx, (G,)), ns, mask=unless_found(tl.reshape(smask, (G,)), found_ptr, HAS_FOUND))
 
 
-def tile_config(m, n, r, group_size, precision):
+def tile_config(m, n, r, group_size, precision, split3_group=None):
     """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) for a weight: BLOCK_N a power-of-two multiple of the group (>= 64
     columns where the weight has them), tiles of about 8192 values on 8 warps (32 accumulators a thread), BLOCK_R
-    >= 16 (tl.dot's minimum), halved for groups of 512 so shared memory stays under sm_90's 227 KB a block.
+    >= 16 (tl.dot's minimum), halved for groups of 512 so shared memory stays under sm_90's 227 KB a block;
+    ``split3_group``: a left basis' group for 'bf16x3' (a rank step stays in one group: BLOCK_R <= it).
     Checked by sm_90 compiles (tests/ops/test_kernels_host.py: registers, spills and shared memory of each)."""
     block_n = max(group_size, min(128, next_pow2(n)))
     if _INTERPRET:
@@ -140,8 +243,17 @@ def tile_config(m, n, r, group_size, precision):
     block_r = 64 if precision == "bf16" else 32
     if block_n >= 512:
         block_r //= 2
+    if split3_group is not None:
+        block_r = min(block_r, split3_group)
     block_r = max(16, min(block_r, next_pow2(r)))
     return block_m, block_n, block_r, 8 if block_m * block_n >= 8192 else 4
+
+
+def split3_applies(left: bool, aligned: bool, proj_group_size: int) -> bool:
+    """Whether 'bf16x3' runs as such (kernel docstring: SPLIT3): on a packed-byte basis (aligned) whose groups hold at
+    least 16 values (tl.dot's minimum: a left rank step of one group, or a right product's rows of one group).
+    Otherwise the kernel computes 'bf16x3' as 'tf32x3' (the same accuracy contract, near float32)."""
+    return aligned and proj_group_size >= 16
 
 
 def basis_aligned(row_len: int, proj_group_size: int) -> bool:
@@ -167,20 +279,61 @@ def int8_sr_lowrank_update_triton(w_q, scale, ortho_q, ortho_scale, ortho_zero, 
     if not supports(group_size):
         raise ValueError(f"the Triton int8_sr_lowrank_update_ needs a power-of-two group_size <= {MAX_GROUP}, got "
                          f"{group_size} (use the cpu/cuda backend)")
-    block_m, block_n, block_r, warps = tile_config(m, n, r, group_size, precision)
-    rng4 = offset % 4 == 0 and n % 4 == 0 and block_n >= 4
-    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    meta, grid = _kernel_args(m, n, r, group_size, proj_group_size, left, precision)
+    rng4 = offset % 4 == 0 and n % 4 == 0 and meta["BLOCK_N"] >= 4
     with device_guard(w_q.device):
         _int8_sr_lowrank_update_kernel[grid](
             w_q, scale, ortho_q, ortho_scale, ortho_zero, update, scale if found_inf is None else found_inf,
             scale if step_size_t is None else step_size_t, m, n, r, (r if left else n) // 2, float(alpha),
             float(decay), seed, offset, HAS_FOUND=found_inf is not None, HAS_STEP=step_size_t is not None,
-            LEFT=bool(left), GS=group_size, PG=proj_group_size,
-            ALIGNED=basis_aligned(r if left else n, proj_group_size),
-            BF16=precision == "bf16",
-            TC_BF16=precision == "bf16" and not _INTERPRET,
-            DOT_PRECISION="tf32x3" if precision == "tf32x3" and not _INTERPRET else "ieee", RNG4=rng4,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
+            GS=group_size, RNG4=rng4, **meta)
+
+
+@triton.jit
+def _lowrank_product_kernel(out_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT: tl.constexpr,
+                            PG: tl.constexpr, ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr,
+                            SPLIT3: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """N itself, tile by tile as the write-back computes it (_lowrank_tile), stored as float32: for the precision
+    measurements (tests, bench/qgalore_fused.py); the optimizer never materializes N."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    acc = _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask, cmask, M, N, R,
+                        basis_row_bytes, LEFT, PG, ALIGNED, BF16, TC_BF16, SPLIT3, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_R)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+def _kernel_args(m, n, r, group_size, proj_group_size, left, precision):
+    """(meta-parameters, grid) of the write-back's product for an m x n weight at ``precision``."""
+    aligned = basis_aligned(r if left else n, proj_group_size)
+    split3 = precision == "bf16x3" and split3_applies(left, aligned, proj_group_size)
+    if precision == "bf16x3" and not split3:
+        precision = "tf32x3"
+    block_m, block_n, block_r, warps = tile_config(m, n, r, group_size, precision,
+                                                   proj_group_size if split3 and left else None)
+    meta = dict(LEFT=bool(left), PG=proj_group_size, ALIGNED=aligned, BF16=precision == "bf16",
+                TC_BF16=precision in ("bf16", "bf16x3") and not _INTERPRET, SPLIT3=split3,
+                DOT_PRECISION="tf32x3" if precision == "tf32x3" and not _INTERPRET else "ieee",
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
+    return meta, (cdiv(m, block_m), cdiv(n, block_n))
+
+
+def lowrank_product_triton(ortho_q, ortho_scale, ortho_zero, update, proj_group_size, m, n, left, precision,
+                           group_size=128):
+    """N = P U (left: update r x n) or U P (update m x r), float32, m x n, computed by the write-back's tiles for an
+    int8 weight of ``group_size`` (its BLOCK_N): what ``int8_sr_lowrank_update_`` adds to the weight, by itself."""
+    r = update.shape[0] if left else update.shape[1]
+    meta, grid = _kernel_args(m, n, r, group_size, proj_group_size, left, precision)
+    with device_guard(update.device):
+        out = torch.empty(m, n, dtype=torch.float32, device=update.device)
+        _lowrank_product_kernel[grid](out, ortho_q, ortho_scale, ortho_zero, update, m, n, r,
+                                      (r if left else n) // 2, **meta)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

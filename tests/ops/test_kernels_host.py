@@ -448,6 +448,25 @@ def _compile_cases():
                             wq, torch.rand(wq.numel() // gs) + 0.5, oq, osc, oz, upd, gs, pg, left, 0.1, 0.99,
                             precision, 7, offset, torch.zeros(1) if flags else None,
                             torch.ones(()) if flags else None))
+    # 'bf16x3' (SPLIT3) on bases of whole groups of >= 16: left, rank steps of one group; right, 1, 2, 4 or 8 groups
+    # a tile row (BLOCK_N 128 / 256 / 512 over pg 64 and 256); the product kernel of the precision measurements
+    for left in (True, False):
+        for m, n, gs, r, pg in ((96, 256, 128, 64, 64), (96, 512, 256, 64, 64), (96, 512, 256, 64, 256),
+                                (32, 1024, 512, 64, 64), (64, 256, 128, 128, 16)):
+            wq = torch.zeros(m, n, dtype=torch.int8)
+            n_o = m * r if left else r * n
+            oq, osc, oz = torch.zeros(n_o // 2).byte(), torch.rand(n_o // pg), torch.zeros(n_o // pg).byte()
+            upd = torch.randn(r, n) if left else torch.randn(m, r)
+            for flags in (False, True):
+                out[f"qgalore bf16x3 left{left} {m}x{n} g{gs} r{r} pg{pg} flags{flags}"] = (
+                    lambda wq=wq, oq=oq, osc=osc, oz=oz, upd=upd, left=left, gs=gs, pg=pg, flags=flags:
+                    qgalore.int8_sr_lowrank_update_triton(
+                        wq, torch.rand(wq.numel() // gs) + 0.5, oq, osc, oz, upd, gs, pg, left, 0.1, 0.99, "bf16x3",
+                        7, 0, torch.zeros(1) if flags else None, torch.ones(()) if flags else None))
+            for precision in ("bf16x3", "tf32x3"):
+                out[f"qgalore product {precision} left{left} {m}x{n} g{gs} r{r} pg{pg}"] = (
+                    lambda oq=oq, osc=osc, oz=oz, upd=upd, left=left, m=m, n=n, gs=gs, pg=pg, precision=precision:
+                    qgalore.lowrank_product_triton(oq, osc, oz, upd, pg, m, n, left, precision, gs))
     code_s, code_u = torch.linspace(-1, 1, 256), torch.linspace(0, 1, 256)
     for flag in (None, torch.zeros(1)):
         out[f"blockwise8bit_adam flag{flag is not None}"] = lambda flag=flag: qgalore.blockwise8bit_adam_triton(

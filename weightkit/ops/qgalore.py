@@ -64,7 +64,7 @@ from .int8 import int8_sr_update_reference
 
 __all__ = ["int8_sr_lowrank_update_", "PRECISIONS"]
 
-PRECISIONS = ("fp32", "tf32x3", "bf16")
+PRECISIONS = ("fp32", "tf32x3", "bf16x3", "bf16")
 
 
 
