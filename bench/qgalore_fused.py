@@ -3,7 +3,7 @@
 ``measure(device="cuda") -> list of dict rows`` (also ``python -m bench.qgalore_fused`` prints them as JSON lines):
 
 * ``sr_lowrank``: ``int8_sr_lowrank_update_`` on a 4096 x 4096 int8 weight (group 128), rank 1024 (left) and
-  4096 x 11008 rank 1024 (right): Triton at precision fp32 / tf32x3 / bf16, the composed cuda backend, and the
+  4096 x 11008 rank 1024 (right): Triton at precision fp32 / tf32x3 / bf16x3 / bf16, the composed cuda backend, and the
   unfused path it replaces (dequantize the INT4 basis, P @ U in float32, int8_sr_update_) -- milliseconds, the
   fraction of copy bandwidth for the int8 weight's bytes (read + write, plus its scales) next to ``x.clone()``
   of the same bytes, and the product's FLOP rate;
@@ -12,7 +12,9 @@
 * ``precision``: the relative error of the product P U against float64 for each precision on the GPU, and of
   galore-torch's float32 product (the contract of tests/optim/test_qgalore_precision.py: within 2x of it;
   'tf32x3' is only measurable here; the bf16-operand dot is wrong in Triton 3.9's interpreter, so that row means
-  something on a GPU only);
+  something on a GPU only), and of the write-back's own product at each precision (``write-back product ...``:
+  kernels.qgalore.lowrank_product_triton, the kernel's tiles alone; 'bf16x3' is within the contract in the
+  interpreter);
 * ``moments``: ``blockwise8bit_adam_`` (Triton, one pass) vs bitsandbytes' dequantize -> update -> quantize on a
   1024 x 4096 low-rank moment pair, and the fraction of copy bandwidth of its bytes;
 * ``projection``: R = G P^T by ``int4_matmul`` on the packed basis vs dequantize + float32 matmul (4096 x 4096,
@@ -71,6 +73,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
     from weightkit.ops.int4 import dequantize_int4, int4_matmul
     from weightkit.ops.int8 import int8_sr_update_
     from weightkit.ops.moments8bit import blockwise8bit_adam_
+    from weightkit.kernels.qgalore import lowrank_product_triton
     from weightkit.ops.qgalore import int8_sr_lowrank_update_, lowrank_product
 
     rows = []
@@ -97,7 +100,8 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
             delta = (basis @ u if left else u @ basis).mul_(-1e-3)
             int8_sr_update_(q, s, delta, gs, decay=1.0, seed=3, offset=0)
 
-        for backend, precision in (("triton", "fp32"), ("triton", "tf32x3"), ("triton", "bf16"), ("cuda", "fp32")):
+        for backend, precision in (("triton", "fp32"), ("triton", "tf32x3"), ("triton", "bf16x3"), ("triton", "bf16"),
+                                   ("cuda", "fp32")):
             try:
                 ms = _ms(fused(backend, precision))
                 rows.append(dict(section="sr_lowrank", shape=shape, backend=backend, precision=precision, ms=ms,
@@ -110,7 +114,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
                          precision="fp32 (torch matmul setting)", ms=ms, copy_fraction=copy / ms))
 
         # compiled kernel vs reference
-        for precision in ("fp32", "tf32x3", "bf16"):
+        for precision in ("fp32", "tf32x3", "bf16x3", "bf16"):
             got, want = [(q0.clone(), s0.clone()) for _ in range(2)]
             with use_backend("triton"):
                 int8_sr_lowrank_update_(*got, bq, bs, bz, u, gs, pg, left, alpha=0.05, decay=0.99,
@@ -140,6 +144,10 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
                          rel_err=err(_triton_dot(p32, u, left, "ieee"))))
         rows.append(dict(section="precision", shape=shape, who="triton tl.dot bf16 operands",
                          rel_err=err(_triton_dot(p32.bfloat16(), u.bfloat16(), left, "ieee"))))
+        # the write-back's own product at each precision (kernels.qgalore.lowrank_product_triton: its tiles, alone)
+        for precision in ("fp32", "tf32x3", "bf16x3", "bf16"):
+            rows.append(dict(section="precision", shape=shape, who=f"write-back product {precision}",
+                             rel_err=err(lowrank_product_triton(bq, bs, bz, u, pg, m, n, left, precision, gs))))
 
         # projection R = G P^T (right) / P^T G (left)
         g = torch.randn(m, n, device=device)

@@ -404,7 +404,7 @@ def test_tf32_and_lowrank_precision_reach_the_run(method, monkeypatch):
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     text = train.describe(cfg)[1]
     assert "TF32 matmuls allowed" in text and "Q-GaLore write-back product in bf16" in text
-    with pytest.raises(ValueError, match="lowrank_precision must be one of fp32, tf32x3, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="lowrank_precision must be one of fp32, tf32x3, bf16x3, bf16, got 'fp16'"):
         dataclasses.replace(cfg, lowrank_precision="fp16").resolve()
 
 

@@ -396,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and Q-GaLore's projections, the randomized SVD); default: torch's strict float32")
     tr.add_argument("--lowrank-precision", default="fp32", choices=list(PRECISIONS), help="Q-GaLore: "
                     "the precision of the int8 write-back's low-rank product P U on a GPU (fp32: within the "
-                    "precision contract; tf32x3: tensor cores, near fp32; bf16: tensor cores, coarser)")
+                    "precision contract; tf32x3: tensor cores, near fp32; bf16x3: bf16 tensor cores, the basis' "
+                    "exact INT4 integers times U split in three bf16 parts, within the contract at half tf32x3's "
+                    "tensor-core work; bf16: tensor cores, coarser)")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block "
                     "(recompute in backward: less activation memory, ~1/3 more compute)")
     tr.add_argument("--model-size", default="tiny", choices=list(SIZES),

@@ -4,7 +4,8 @@ basis, same gradient) stays within ``CONTRACT_FACTOR`` times the error galore-to
 
 ``precision_errors`` measures both (relative Frobenius errors); the test holds weightkit's float32 path to the
 contract and shows that a bfloat16 product (operands rounded to bf16, float32 accumulation: tensor cores) breaks
-it by orders of magnitude, which is why ``lowrank_precision`` defaults to 'fp32'."""
+it by orders of magnitude, which is why ``lowrank_precision`` defaults to 'fp32'; the Triton write-back's 'bf16x3'
+product (bf16 tensor-core products that round nothing) meets it."""
 
 import pytest
 import torch
@@ -44,6 +45,13 @@ def precision_errors(m=512, n=256, r=64, seed=0, proj_group_size=64):
     for precision in ("fp32", "bf16"):
         out[("N", f"weightkit {precision}")] = _rel(
             lowrank_product(q, s, z, direction, proj_group_size, (r, n), False, precision), ref_n)
+    # the Triton write-back's own product (kernels.qgalore._lowrank_tile; in the interpreter here, on a GPU in
+    # tests/ops/test_qgalore_ops.py::test_compiled_write_back_on_cuda): 'bf16x3' multiplies the basis' exact
+    # integers by a three-part bf16 split of U, float32 sums
+    from weightkit.kernels.qgalore import lowrank_product_triton
+
+    out[("N", "weightkit triton bf16x3")] = _rel(
+        lowrank_product_triton(q, s, z, direction, proj_group_size, m, n, False, "bf16x3"), ref_n)
     return out
 
 
@@ -55,3 +63,4 @@ def test_fp32_products_meet_the_contract_and_bf16_does_not():
         bound = CONTRACT_FACTOR * errors[(product, "galore-torch fp32")]
         assert errors[(product, "weightkit fp32")] <= bound, (product, errors)
         assert errors[(product, "weightkit bf16")] > 100 * bound, (product, errors)  # not allowed
+    assert errors[("N", "weightkit triton bf16x3")] <= CONTRACT_FACTOR * errors[("N", "galore-torch fp32")], errors

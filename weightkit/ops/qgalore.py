@@ -30,7 +30,15 @@ existing kernels by blocks of rows (N for ~1M elements at a time, then the nativ
 Precision of N (the one part that is not bit-identical across backends). ``precision='fp32'`` multiplies float32
 values with float32 accumulation; ``'tf32x3'`` is the same product on a GPU's tensor cores as three TF32 products
 (Triton's ``input_precision='tf32x3'``, near-float32 accuracy; float32 everywhere else, and its error on a GPU is
-for the GPU check to measure); ``'bf16'`` rounds P and U to bfloat16 first (tensor cores on a GPU; the products
+for the GPU check to measure); ``'bf16x3'`` multiplies on bf16 tensor cores without rounding P: the basis as its
+exact integers q - z (4 bits, exact in bf16) times U split in three bf16 parts (hi + mid + lo == U: 3 x 8 bits hold
+float32's significand), each product exact in float32, float32 accumulation, the INT4 scales applied in float32
+outside the products (left: a rank step lies in one group of each row, its product is scaled per row; right: the
+scale of basis row k and column group g multiplies U's column k for that group). Float32 accuracy (in the Triton
+interpreter, which multiplies the same exact values in float32: below the float32 product's error, since P's
+elements are never rounded) from three bf16 products where 'tf32x3' makes three TF32 ones (bf16: twice TF32's
+rate); on a basis that is not whole power-of-two groups of >= 16 values it runs as 'tf32x3'; float32 elsewhere.
+``'bf16'`` rounds P and U to bfloat16 first (tensor cores on a GPU; the products
 of bf16 values are exact in float32, the accumulation is float32). The precision contract
 (tests/optim/test_qgalore_precision.py): an error against float64 within twice galore-torch's float32 step's;
 'fp32' meets it, 'bf16' misses it by ~10^4 (relative error 2.4e-3 against 1.4e-7 to 2.3e-7 measured on the CPU). A sum of r products rounds differently with
@@ -178,8 +186,8 @@ def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_s
             if ``left``, else r x n), ``proj_group_size`` values per group.
         update: the float32 low-rank update U (r x n if ``left``, else m x r).
         alpha: the factor of P U (step size times GaLore's scale); decay: 1 - lr * weight_decay.
-        precision: 'fp32', 'tf32x3' (tensor cores, GPU Triton only; float32 elsewhere) or 'bf16' (P and U rounded
-            to bfloat16 for the product; float32 accumulation).
+        precision: 'fp32', 'tf32x3' or 'bf16x3' (tensor cores, GPU Triton only; float32 elsewhere; see the module
+            docstring) or 'bf16' (P and U rounded to bfloat16 for the product; float32 accumulation).
         seed, offset: Philox key and stream position of the first element (see weightkit.ops.int8).
         found_inf: optional one-element float32 tensor on w_q's device; where nonzero, nothing is written.
         step_size_t: optional one-element float32 tensor; the factor of P U becomes ``alpha * step_size_t``.

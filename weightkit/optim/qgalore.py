@@ -9,7 +9,9 @@ back by stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive sub
   and read packed: the projection runs ``int4_matmul`` and the int8 write-back ``int8_sr_lowrank_update_``
   (weightkit.ops.qgalore: (W - a P U) * decay and the stochastic rounding tile by tile, no m x n temporary);
   ``lowrank_precision``: 'fp32' (default; within the precision contract, tests/optim/test_qgalore_precision.py),
-  'tf32x3' (tensor cores, near-fp32: for a GPU run to measure) or 'bf16' (~10^4 over the contract's bound).
+  'tf32x3' (tensor cores, near-fp32: for a GPU run to measure), 'bf16x3' (bf16 tensor cores on the basis' exact INT4
+  integers and a three-part bf16 split of U: within the contract, half tf32x3's tensor-core work) or 'bf16' (~10^4
+  over the contract's bound).
 * 8-bit moments (bitsandbytes' blockwise format) are updated in one pass by ``blockwise8bit_adam_``
   (weightkit.optim.moments.FusedBlockwiseMoments8bit) for int8 weights; float weights keep the three-pass path.
 * Lazy refresh (weightkit.optim.refresh.LazyRefresh: ``cos_threshold``, ``gamma_proj``, ``queue_size``);

@@ -136,8 +136,8 @@ class FloatWeight:
 
 class Int8SRWeight(FloatWeight):
     """The int8 weight of an Int8Linear (:class:`weightkit.nn.int8.Int8Weight`), written by stochastic rounding.
-    ``precision`` of the fused write-back's low-rank product: 'fp32' (default), 'tf32x3' or 'bf16' (tensor cores
-    on a GPU; see weightkit.ops.qgalore)."""
+    ``precision`` of the fused write-back's low-rank product: 'fp32' (default), 'tf32x3', 'bf16x3' or 'bf16'
+    (tensor cores on a GPU; see weightkit.ops.qgalore)."""
 
     packed_basis = True  # apply_low_rank takes the INT4 basis as stored (a PackedInt4), not dequantized
 
