@@ -82,17 +82,22 @@ def _dot3(a, b, TC_BF16: tl.constexpr):
 
 
 @triton.jit
-def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask, cmask, M, N, R, basis_row_bytes,
-                  LEFT: tl.constexpr, PG: tl.constexpr, ALIGNED: tl.constexpr, BF16: tl.constexpr,
+def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT: tl.constexpr, PG: tl.constexpr, ALIGNED: tl.constexpr, BF16: tl.constexpr,
                   TC_BF16: tl.constexpr, SPLIT3: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The [BLOCK_M, BLOCK_N] tile (rows x cols) of N = P U (LEFT) or U P, float32 (module docstring).
+    """(acc, pid_n, rows, cols, rmask, cmask): the program's [BLOCK_M, BLOCK_N] tile (rows x cols, program ids
+    (0, 1) = (row tile, column tile)) of N = P U (LEFT) or U P, float32 (module docstring).
 
     SPLIT3 ('bf16x3', ALIGNED only): the basis as its exact integers q - z with the scales applied in float32 outside
     the tensor-core products (_dot3), U split in three bf16 parts. Left (P: M x R, groups along R, BLOCK_R <= PG): a
     rank step lies in one group of each row, so its product is scaled per row after the dot. Right (P: R x N, groups
     along N): the scale of row k and column group g multiplies U's column k, per group (a product per group for 1, 2
     or 4 groups a tile; a batched [NG, PG, BLOCK_M] product for more)."""
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
     NG: tl.constexpr = BLOCK_N // PG if BLOCK_N >= PG else 1
     GW: tl.constexpr = BLOCK_N // NG  # columns of a group in the tile
     # N = P U accumulates as [BLOCK_M, BLOCK_N]; N = U P as its transpose (P^T U^T), with the dequantized basis as
@@ -163,7 +168,7 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask
                     b = dequant_int4(bq_ptr, bs_ptr, bz_ptr, ks[:, None] * N + cols[None, :], PG, bmask)
                 acc = _plain_dot(acc, tl.trans(b), tl.trans(a), BF16, TC_BF16, DOT_PRECISION)
     if LEFT:
-        return acc
+        return acc, pid_n, rows, cols, rmask, cmask
     if UNROLL:  # the groups' [GW, BLOCK_M] slabs, in column order, as [BLOCK_N, BLOCK_M]
         if NG == 1:
             acc = acc0
@@ -172,7 +177,7 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask
         else:  # [GW, BLOCK_M, j, i] for group 2i + j
             acc = tl.join(tl.join(acc0, acc1), tl.join(acc2, acc3))
             acc = tl.reshape(tl.permute(acc, (3, 2, 0, 1)), (BLOCK_N, BLOCK_M))
-    return tl.trans(tl.reshape(acc, (BLOCK_N, BLOCK_M)))
+    return tl.trans(tl.reshape(acc, (BLOCK_N, BLOCK_M))), pid_n, rows, cols, rmask, cmask
 
 
 @triton.jit
@@ -193,15 +198,9 @@ def _int8_sr_lowrank_update_kernel(wq_ptr, ws_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr
                                    ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr,
                                    SPLIT3: tl.constexpr, DOT_PRECISION: tl.constexpr, RNG4: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
-    acc = _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask, cmask, M, N, R,
-                        basis_row_bytes, LEFT, PG, ALIGNED, BF16, TC_BF16, SPLIT3, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                        BLOCK_R)
+    acc, pid_n, rows, cols, rmask, cmask = _lowrank_tile(
+        bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT, PG, ALIGNED, BF16, TC_BF16, SPLIT3,
+        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     # epilogue: the tile's groups, [G, GS] with G = BLOCK_M * BLOCK_N / GS (a row of the tile holds whole groups)
     GPR: tl.constexpr = BLOCK_N // GS  # groups per tile row
     G: tl.constexpr = BLOCK_M * GPR
@@ -296,15 +295,9 @@ def _lowrank_product_kernel(out_ptr, bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, bas
                             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """N itself, tile by tile as the write-back computes it (_lowrank_tile), stored as float32: for the precision
     measurements (tests, bench/qgalore_fused.py); the optimizer never materializes N."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
-    acc = _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, pid_m, pid_n, rows, cols, rmask, cmask, M, N, R,
-                        basis_row_bytes, LEFT, PG, ALIGNED, BF16, TC_BF16, SPLIT3, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                        BLOCK_R)
+    acc, pid_n, rows, cols, rmask, cmask = _lowrank_tile(
+        bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT, PG, ALIGNED, BF16, TC_BF16, SPLIT3,
+        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
