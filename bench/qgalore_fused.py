@@ -18,7 +18,8 @@
 * ``moments``: ``blockwise8bit_adam_`` (Triton, one pass) vs bitsandbytes' dequantize -> update -> quantize on a
   1024 x 4096 low-rank moment pair, and the fraction of copy bandwidth of its bytes;
 * ``projection``: R = G P^T by ``int4_matmul`` on the packed basis vs dequantize + float32 matmul (4096 x 4096,
-  rank 1024).
+  rank 1024); for a right projection also a bf16 gradient's, exact on bf16 tensor cores with a float32 result
+  (``int4_matmul_exact_float32``) against its float32 copy + ``int4_matmul`` (time and error against float64).
 
 End to end (the issue's table rows) runs through ``weightkit train --model-size 7b --methods qgalore-layerwise
 --checkpointing --dtype bfloat16 --steps 20`` (peak and its breakdown printed beside it) and the 309M comparison of
@@ -70,7 +71,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
             moment_shape=(1024, 4096)):
     from weightkit import use_backend
     from weightkit.backend import allow_tf32
-    from weightkit.ops.int4 import dequantize_int4, int4_matmul
+    from weightkit.ops.int4 import dequantize_int4, int4_matmul, int4_matmul_exact_float32
     from weightkit.ops.int8 import int8_sr_update_
     from weightkit.ops.moments8bit import blockwise8bit_adam_
     from weightkit.kernels.qgalore import lowrank_product_triton
@@ -157,6 +158,17 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         dense = (lambda: dequantize_int4(*args).T @ g) if left else (lambda: g @ dequantize_int4(*args).T)
         rows.append(dict(section="projection", shape=shape, backend="int4_matmul packed", ms=_ms(proj)))
         rows.append(dict(section="projection", shape=shape, backend="dequantize + fp32 matmul", ms=_ms(dense)))
+        if not left:  # a bf16 gradient's right projection: exact products on bf16 tensor cores, float32 out
+            g16 = g.to(torch.bfloat16)
+            ref = g16.double() @ dequantize_int4(*args).double().T
+            exact = int4_matmul_exact_float32(g16, *args)
+            if exact is not None:
+                rows.append(dict(section="projection", shape=shape, backend="int4_matmul exact float32 from bf16",
+                                 ms=_ms(lambda: int4_matmul_exact_float32(g16, *args)),
+                                 rel_err=float((exact.double() - ref).norm() / ref.norm())))
+            conv = lambda: int4_matmul(g16.float(), *args, transpose=False)  # noqa: E731 - the fallback
+            rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",
+                             ms=_ms(conv), rel_err=float((conv().double() - ref).norm() / ref.norm())))
 
     # moments: one pass vs bitsandbytes' three
     try:

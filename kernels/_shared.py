@@ -1046,13 +1046,13 @@ class DequantMatmul:
             return y.zero_()
         precision = dot_precision(x)
         tune = aligned and G % TUNE_GROUP == 0 and N * K >= self.tune_min()
-        key = (M, N, K, G, aligned, tune, precision, x.dtype, x.device)
+        key = (M, N, K, G, aligned, tune, precision, x.dtype, x.device, y.dtype)
         return self.ops[transpose](key, (x, *wargs), y, (M, N, K, G, x.stride(0), x.stride(1)), M, N,
                                    lambda gemv: self._setup(gemv, key, transpose))
 
     @staticmethod
     def _setup(gemv, key, transpose):
-        M, N, K, G, aligned, tune, precision, dtype, device = key
+        M, N, K, G, aligned, tune, precision, dtype, device, _ = key
         mb = next_pow2(M)
         bucket = (mb,) + key[1:]
         if gemv:

@@ -234,11 +234,12 @@ _MATMUL = DequantMatmul(_int4_gemv_kernel, _int4_mm_kernel, 4, lambda: TUNE_MIN_
 int4_gemv_autotune, int4_gemv_t_autotune, int4_mm_autotune, int4_mm_t_autotune = _MATMUL.autotuners()
 
 
-def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose):
-    """y = x @ W^T (or x @ W with ``transpose``) for the INT4 matrix W (rows x cols) and a 2-D x (any strides)."""
+def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose, out_dtype=None):
+    """y = x @ W^T (or x @ W with ``transpose``) for the INT4 matrix W (rows x cols) and a 2-D x (any strides), in x's
+    dtype or ``out_dtype`` (the fp32 accumulators stored as such: weightkit.ops.int4.int4_matmul_exact_float32)."""
     n, k = (cols, rows) if transpose else (rows, cols)
     with device_guard(x.device):
-        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        y = torch.empty((x.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)
         # row_bytes = cols // 2, an argument of its own: Triton knows it divisible by 16 when it is (cols % 32 == 0), so
         # the packed rows load with 16-byte vectors (from K // 2 it would only know 8)
         return _MATMUL(x, (packed, scale, zero, cols // 2), y, n, k, group_size, bool(transpose),

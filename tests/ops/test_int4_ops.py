@@ -219,3 +219,39 @@ def test_matmul_spanning_several_dequantized_blocks(transpose):
         # transpose sums 2M fp32 terms per output: allow for their rounding (the reference needs it too)
         tol = dict(rtol=2e-3, atol=0.1) if transpose else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y.double(), want, **tol, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_matmul_exact_float32(device, dtype):
+    """The 16-bit projection G P^T with a float32 result (int4.int4_matmul_exact_float32): every product exact (x's
+    16-bit values times W's integers, the group scales applied in float32 after each K-step's dot), so its error
+    against float64 is below the float32 matmul's of the dequantized W (no rounding of x or W), where int4_matmul's
+    16-bit output is ~10^3-10^4 times worse; a non-contiguous x (a transposed view) reads the same. None where it does
+    not apply: a float32 x, W's rows not whole power-of-two groups, another backend asked for (on the CPU, anything
+    but triton: the interpreter)."""
+    from weightkit.ops.int4 import int4_matmul_exact_float32
+
+    print("seed 21")
+    g = torch.Generator().manual_seed(21)
+    rows, cols, group = 48, 256, 64
+    q, s, z = quantize_int4(torch.randn(rows, cols, generator=g).to(device), group)
+    w = dequantize_int4(q, s, z, group, (rows, cols)).double().cpu()
+    x = torch.randn(40, cols, generator=g).to(dtype).to(device)
+    ref = x.double().cpu() @ w.T
+    rel = lambda t: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
+    with use_backend("triton"):
+        y = int4_matmul_exact_float32(x, q, s, z, group, (rows, cols))
+        y16 = int4_matmul(x, q, s, z, group, (rows, cols))
+        xt = x.T.contiguous().T  # column-major: the same values, other strides
+        assert torch.equal(int4_matmul_exact_float32(xt, q, s, z, group, (rows, cols)), y)
+        assert int4_matmul_exact_float32(x.float(), q, s, z, group, (rows, cols)) is None
+        q6, s6, z6 = quantize_int4(torch.randn(rows, 240, generator=g).to(device), 48)  # groups of 48
+        assert int4_matmul_exact_float32(torch.randn(3, 240).to(dtype).to(device), q6, s6, z6, 48, (rows, 240)) is None
+    fp32 = rel(x.float() @ w.float().T.to(device))
+    assert y.dtype == torch.float32 and y.shape == (40, rows)
+    assert rel(y) <= fp32 and rel(y16) > 100 * rel(y), (rel(y), fp32, rel(y16))
+    with use_backend("reference"):
+        assert int4_matmul_exact_float32(x, q, s, z, group, (rows, cols)) is None
+    if device == "cpu":
+        assert int4_matmul_exact_float32(x, q, s, z, group, (rows, cols)) is None  # auto on the CPU: not Triton

@@ -375,6 +375,9 @@ def _compile_cases():
                     tf32, int8.int8_matmul_triton, x, q, scale8, 8, t)
                 out[f"int4_matmul {tag} t{t}"] = lambda x=x, t=t, tf32=tf32: _tf32(
                     tf32, int4.int4_matmul_triton, x, packed, s4, z4, 64, 256, 512, t)
+                if dt == torch.bfloat16 and not t:  # GaLore's 16-bit projection: float32 out (exact products)
+                    out[f"int4_matmul {tag} t{t} fp32 out"] = lambda x=x: int4.int4_matmul_triton(
+                        x, packed, s4, z4, 64, 256, 512, False, out_dtype=torch.float32)
                 x = torch.randn(m, 255 if t else 500).to(dt)
                 out[f"int4_matmul unaligned {tag} t{t}"] = lambda x=x, t=t, tf32=tf32: _tf32(
                     tf32, int4.int4_matmul_triton, x, *odd, 4, 255, 500, t)

@@ -193,6 +193,27 @@ def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_right_projection_of_a_16bit_gradient_on_triton_is_exact(device):
+    """Where Triton runs (a GPU; on the CPU the interpreter, with triton forced), the INT4 basis' right projection of
+    a bf16 gradient multiplies the 16-bit values by the basis' integers with a float32 result
+    (weightkit.ops.int4.int4_matmul_exact_float32): no float32 copy of the gradient, and closer to the float64
+    product than the float32 projection."""
+    from weightkit.ops.int4 import quantize_int4
+
+    m, n, r = 40, 128, 8
+    grad = randn(m, n, seed=5, device=device).to(torch.bfloat16)
+    p = orthonormal(n, r, device, seed=2).T.contiguous()
+    packed = PackedInt4(*quantize_int4(p, 64), 64, (r, n))
+    ref = grad.double() @ packed.dequantize().double().T
+    f32 = Int4Basis.project(grad, "right", (packed, None))  # auto on the CPU: the float32 conversion
+    with use_backend("triton"), LargestFloat32() as probe:
+        exact = Int4Basis.project(grad, "right", (packed, None))
+    assert probe.largest == m * r  # the result alone: no float32 copy of the gradient
+    rel = lambda t: float((t.double() - ref).norm() / ref.norm())  # noqa: E731
+    assert exact.dtype == torch.float32 and rel(exact) <= rel(f32) + 1e-9, (rel(exact), rel(f32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", ["GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit"])
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -29,12 +29,12 @@ Ops (each ``torch.ops.weightkit.<name>``, defined with ``_registry.define``; ref
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable, rows_of, tf32_allowed, token_bucket
+from ..backend import KernelTable, requested_backend, rows_of, tf32_allowed, token_bucket
 from ..backends.cpu import int4 as cpu_int4
 from ..backends.cuda import int4 as cuda_int4
 from ..backends.triton import int4 as triton_int4
@@ -220,3 +220,28 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     S = |x| @ |W^T|: ``|y - x W^T| <= u |x W^T| + (u + K 2^-23) S`` up to second-order terms (K = the reduced
     dimension; TF32 off)."""
     return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose))
+
+
+def int4_matmul_exact_float32(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                              shape) -> Optional[Tensor]:
+    """``x @ W^T`` as float32 for a bfloat16 / float16 ``x`` (2-D, any strides) and the INT4 matrix W (``shape`` =
+    (rows, cols)), every product exact: the Triton tensor-core kernel of ``int4_matmul`` (``transpose=False``: W's
+    groups run along the reduced axis) multiplies x's values by W's integers q - z, exact in x's dtype, scales each
+    K-step's dot by the groups' scales in float32 and stores its float32 accumulators instead of rounding them to
+    x's dtype. For GaLore's right projection G P^T of a 16-bit gradient (weightkit.optim.basis.Int4Basis.project):
+    float32 accuracy (no rounding of P or G at all, where TF32 rounds both) on 16-bit tensor cores, without a float32
+    copy of G. None where it does not apply, and the caller converts x to float32 for ``int4_matmul``: no Triton, a
+    backend other than auto / triton asked for (on a CPU tensor: only with triton forced, the interpreter), or W's
+    rows not whole groups of a power-of-two size."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2 or x.shape[1] != cols:
+        return None
+    forced = requested_backend()
+    if forced not in (("auto", "triton") if x.is_cuda else ("triton",)) or _MM.why_not("triton", x.device):
+        return None
+    if group_size < 2 or group_size & (group_size - 1) or cols % group_size:
+        return None
+    from ..kernels.int4 import int4_matmul_triton
+
+    return int4_matmul_triton(x, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, rows, cols,
+                              False, out_dtype=torch.float32)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..ops.galore import mm_float32
-from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
+from ..ops.int4 import dequantize_int4, int4_matmul, int4_matmul_exact_float32, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -199,8 +199,11 @@ class Int4Basis:
     @staticmethod
     def project(grad: Tensor, side: str, basis: Tuple[PackedInt4, None]) -> Tensor:
         """R = P^T G (left) or G P^T (right), float32, by ``int4_matmul`` on the packed basis (dequantized tile by
-        tile inside the kernel), from the gradient in float32 (as galore-torch and ``project``; the product's
-        precision follows torch's float32 matmul setting, see tests/optim/test_qgalore_precision.py)."""
+        tile inside the kernel), from the gradient in float32 (as galore-torch and ``project``; a large 16-bit one
+        converted by blocks, project_by_blocks; the product's precision follows torch's float32 matmul setting, see
+        tests/optim/test_qgalore_precision.py). A right projection of a bf16 / fp16 gradient where Triton runs (a
+        GPU) multiplies its 16-bit values by the basis' integers instead, with a float32 result
+        (weightkit.ops.int4.int4_matmul_exact_float32: exact products, no float32 copy of the gradient)."""
         packed = basis[0]
         args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
         rank = packed.shape[1] if side == "left" else packed.shape[0]
@@ -208,7 +211,10 @@ class Int4Basis:
         if side == "left":  # P^T G = (G^T P)^T: G^T is a transposed view, read without a copy
             return project_by_blocks(grad, 1, (rank, grad.shape[1]),
                                      lambda g: int4_matmul(g.T, *args, transpose=True).T)
-        if side == "right":
+        if side == "right":  # a 16-bit gradient on a GPU: exact products on 16-bit tensor cores, float32 out
+            exact = int4_matmul_exact_float32(grad, *args)
+            if exact is not None:
+                return exact
             return project_by_blocks(grad, 0, (grad.shape[0], rank), lambda g: int4_matmul(g, *args, transpose=False))
         raise ValueError(f"the INT4 basis supports one-sided projections only, got side={side!r}")
 
