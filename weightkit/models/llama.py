@@ -135,7 +135,9 @@ def silu_mul_reference(gate, up):
 
 class _SiluMul(torch.autograd.Function):
     """SwiGLU's silu(gate) * up keeping gate and up for backward (autograd's keeps silu(gate) too: a third tensor of
-    the MLP's width), recomputing silu(gate) there: autograd's backward ops, the same bits."""
+    the MLP's width), recomputing silu(gate) there: autograd's backward ops, the same bits. Backward has at most two
+    tensors of the MLP's width of its own alive at once (d_gate, then silu(gate) multiplied by dy in place into d_up;
+    a 7B MLP's: 86 MiB each at 16 x 256 tokens)."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -146,7 +148,10 @@ class _SiluMul(torch.autograd.Function):
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         d_gate = torch.ops.aten.silu_backward(dy * up, gate) if ctx.needs_input_grad[0] else None
-        d_up = dy * F.silu(gate) if ctx.needs_input_grad[1] else None
+        d_up = None
+        if ctx.needs_input_grad[1]:
+            s = F.silu(gate)  # dy * s in place where it keeps s's dtype (products commute exactly: the same bits)
+            d_up = s.mul_(dy) if torch.result_type(s, dy) == s.dtype else dy * s
         return d_gate, d_up
 
 
