@@ -134,7 +134,7 @@ def _launch_with_split(mod, x, wargs, n, k, group, transpose, split):
     (the plan and config caches are keyed by the split too)."""
     from weightkit.kernels._shared import config, dot_precision
 
-    key = (x.shape[0], n, k, group, True, False, dot_precision(x), x.dtype, x.device)
+    key = (x.shape[0], n, k, group, True, False, dot_precision(x), x.dtype, x.device, x.dtype)  # y in x's dtype
 
     def setup(gemv):
         meta, cfg, bucket = mod._MATMUL._setup(gemv, key, transpose)
