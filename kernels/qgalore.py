@@ -6,7 +6,8 @@ weight). The tile of N = P U (left) or U P (right) is accumulated over the rank 
 (float32 accumulation; 'fp32' = IEEE products, 'tf32x3' = three TF32 tensor-core products (near-float32
 accuracy; IEEE in the interpreter), 'bf16' = operands rounded to bfloat16, the tensor-core path;
 the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the rounded values in float32: the same exact
-products), the
+products; 'bf16x3' = three bf16 tensor-core products of the basis' exact integers q - z with a three-part bf16
+split of U, the scales applied in float32 outside them: _lowrank_tile's SPLIT3), the
 INT4 basis tile unpacked and dequantized in registers ((q - z) * s, one rounding, as the spec): read as packed-byte
 rows with one (scale, zero) load per group where the basis rows are whole power-of-two groups (basis_aligned),
 value by value otherwise. N = U P accumulates transposed (P^T U^T: the dequantized tile as the dot's first operand;
@@ -82,9 +83,9 @@ def _dot3(a, b, TC_BF16: tl.constexpr):
 
 
 @triton.jit
-def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT: tl.constexpr, PG: tl.constexpr, ALIGNED: tl.constexpr, BF16: tl.constexpr,
-                  TC_BF16: tl.constexpr, SPLIT3: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT: tl.constexpr, PG: tl.constexpr,
+                  ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr, SPLIT3: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """(acc, pid_n, rows, cols, rmask, cmask): the program's [BLOCK_M, BLOCK_N] tile (rows x cols, program ids
     (0, 1) = (row tile, column tile)) of N = P U (LEFT) or U P, float32 (module docstring).
 
