@@ -525,9 +525,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         size = None
         if group["correct_bias"]:
             beta1, beta2 = group["betas"]
-            t = skips.to(torch.float64).neg().add_(state["step"])
-            size = torch.pow(beta2, t).neg_().add_(1.0).sqrt_().mul_(group["lr"])
-            size = size.div_(torch.pow(beta1, t).neg_().add_(1.0)).to(torch.float32)
+            # rsub(x, c) = c - x: one launch, the bits of -x + c
+            t = torch.rsub(skips.to(torch.float64), state["step"])
+            size = torch.rsub(torch.pow(beta2, t), 1.0).sqrt_().mul_(group["lr"])
+            size = size.div_(torch.rsub(torch.pow(beta1, t), 1.0)).to(torch.float32)
         skips.add_(found.ne(0).reshape(()))
         return size
 
