@@ -51,6 +51,8 @@ def project_by_blocks(grad: Tensor, dim: int, out_shape, fn) -> Tensor:
         n = min(step, size - i)
         out.narrow(dim, i, n).copy_(fn(grad.narrow(dim, i, n).to(torch.float32)))
     return out
+
+
 Basis = Tuple[Tensor, Optional[Tensor]]
 
 
