@@ -1018,6 +1018,14 @@ def _largest_divisor(g, choices):
     return next((c for c in choices if g % c == 0), None)
 
 
+def mm_k_step(G, aligned, fma):
+    """The fixed untransposed tensor-core config's K step for a weight of groups of G: a step inside one group, so
+    that the dot of the weight's exact integers is scaled after it (SCALE_AFTER_DOT); None where none fits (rows not
+    whole groups, or a group no step divides: the weight is then dequantized, and rounded to x's dtype for the dot).
+    Every tuned config (G % TUNE_GROUP == 0) has one too. ``fma``: float32 x on FMA units (steps of 16)."""
+    return _largest_divisor(G, (16,) if fma else (64, 32, 16)) if aligned else None
+
+
 class DequantMatmul:
     """int8_matmul / int4_matmul's launch: the GEMV and tensor-core kernels of one weight format, their config spaces
     (one tuner per kernel and transpose) and plans. ``tune_min()``: the weight size from which the op tunes (read per
@@ -1077,7 +1085,7 @@ class DequantMatmul:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=16 if fma else 32, SCALE_AFTER_DOT=False)
                 ok = bn is not None
             else:
-                bk = _largest_divisor(G, (16,) if fma else (64, 32, 16)) if aligned else None
+                bk = mm_k_step(G, aligned, fma)
                 ok = bk is not None
                 cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or (16 if fma else 32), SCALE_AFTER_DOT=ok)
         meta.update(ALIGNED=ok, EVEN_K=K % cfg["BLOCK_K"] == 0)

@@ -227,9 +227,9 @@ def test_int4_matmul_exact_float32(device, dtype):
     """The 16-bit projection G P^T with a float32 result (int4.int4_matmul_exact_float32): every product exact (x's
     16-bit values times W's integers, the group scales applied in float32 after each K-step's dot), so its error
     against float64 is below the float32 matmul's of the dequantized W (no rounding of x or W), where int4_matmul's
-    16-bit output is ~10^3-10^4 times worse; a non-contiguous x (a transposed view) reads the same. None where it does
-    not apply: a float32 x, W's rows not whole power-of-two groups, another backend asked for (on the CPU, anything
-    but triton: the interpreter)."""
+    16-bit output is ~10^3-10^4 times worse; a non-contiguous x (a transposed view) reads the same; groups of 48
+    (steps of 16) too. None where it does not apply: a float32 x, groups no K step lies inside (8), another backend
+    asked for (on the CPU, anything but triton: the interpreter)."""
     from weightkit.ops.int4 import int4_matmul_exact_float32
 
     if "triton" not in usable_backends(int4._MM, device):
@@ -248,8 +248,18 @@ def test_int4_matmul_exact_float32(device, dtype):
         xt = x.T.contiguous().T  # column-major: the same values, other strides
         assert torch.equal(int4_matmul_exact_float32(xt, q, s, z, group, (rows, cols)), y)
         assert int4_matmul_exact_float32(x.float(), q, s, z, group, (rows, cols)) is None
-        q6, s6, z6 = quantize_int4(torch.randn(rows, 240, generator=g).to(device), 48)  # groups of 48
-        assert int4_matmul_exact_float32(torch.randn(3, 240).to(dtype).to(device), q6, s6, z6, 48, (rows, 240)) is None
+        # groups of 8: no K step of 16 lies inside one (kernels._shared.mm_k_step), the weight would be rounded
+        q8, s8, z8 = quantize_int4(torch.randn(rows, 240, generator=g).to(device), 8)
+        assert int4_matmul_exact_float32(torch.randn(40, 240).to(dtype).to(device), q8, s8, z8, 8, (rows, 240)) is None
+        # groups of 48 (not a power of two): steps of 16, exact too
+        q48, s48, z48 = quantize_int4(torch.randn(rows, 240, generator=g).to(device), 48)
+        x48 = torch.randn(40, 240, generator=g).to(dtype).to(device)
+        w48 = dequantize_int4(q48, s48, z48, 48, (rows, 240)).double().cpu()
+        ref48 = x48.double().cpu() @ w48.T
+        y48 = int4_matmul_exact_float32(x48, q48, s48, z48, 48, (rows, 240))
+        err48 = float((y48.double().cpu() - ref48).norm() / ref48.norm())
+        fp32_48 = float(((x48.float() @ w48.float().T.to(device)).double().cpu() - ref48).norm() / ref48.norm())
+        assert err48 <= fp32_48, (err48, fp32_48)
     fp32 = rel(x.float() @ w.float().T.to(device))
     assert y.dtype == torch.float32 and y.shape == (40, rows)
     assert rel(y) <= fp32 and rel(y16) > 100 * rel(y), (rel(y), fp32, rel(y16))

@@ -232,16 +232,20 @@ def int4_matmul_exact_float32(x: Tensor, packed: Tensor, scale: Tensor, zero: Te
     float32 accuracy (no rounding of P or G at all, where TF32 rounds both) on 16-bit tensor cores, without a float32
     copy of G. None where it does not apply, and the caller converts x to float32 for ``int4_matmul``: no Triton, a
     backend other than auto / triton asked for (on a CPU tensor: only with triton forced, the interpreter), or W's
-    rows not whole groups of a power-of-two size."""
+    rows not whole groups that the kernel's K steps divide (kernels._shared.mm_k_step: a group of 8, e.g., is
+    dequantized and rounded to x's dtype before the dot). At most 4 rows of x take the GEMV instead: float32 products
+    of the float32 weight values, float32 accuracy too."""
     rows, cols = int(shape[0]), int(shape[1])
     if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2 or x.shape[1] != cols:
         return None
     forced = requested_backend()
     if forced not in (("auto", "triton") if x.is_cuda else ("triton",)) or _MM.why_not("triton", x.device):
         return None
-    if group_size < 2 or group_size & (group_size - 1) or cols % group_size:
-        return None
+    from ..kernels._shared import mm_k_step
     from ..kernels.int4 import int4_matmul_triton
+
+    if mm_k_step(group_size, cols % group_size == 0, fma=False) is None:
+        return None
 
     return int4_matmul_triton(x, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, rows, cols,
                               False, out_dtype=torch.float32)
