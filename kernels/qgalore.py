@@ -25,8 +25,7 @@ import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
 from ._shared import (_u24, capturing, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast,
-                      int4_tile_parts, launch,
-                      next_pow2, philox_uniform, unless_found)
+                      int4_tile_parts, launch, next_pow2, philox_uniform, unless_found)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
 # NameError; the interpreter accepts it, so only an sm_90 compile showed it).
@@ -72,14 +71,11 @@ def _dot3(a, b, TC_BF16: tl.constexpr):
     accumulation: float32 accuracy from bf16 tensor-core products (TC_BF16; the interpreter, whose bf16 dot is wrong in
     Triton 3.9, multiplies the same exact values in float32). 2-D or batched 3-D operands."""
     hi, mid, lo = _split3_bf16(b)
-    if TC_BF16:
-        a16 = a.to(tl.bfloat16)
-        t = tl.dot(a16, lo.to(tl.bfloat16), out_dtype=tl.float32)
-        t = tl.dot(a16, mid.to(tl.bfloat16), acc=t, out_dtype=tl.float32)
-        return tl.dot(a16, hi.to(tl.bfloat16), acc=t, out_dtype=tl.float32)
-    t = tl.dot(a, lo, input_precision="ieee", out_dtype=tl.float32)
-    t = tl.dot(a, mid, acc=t, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    dt = tl.bfloat16 if TC_BF16 else tl.float32  # exact casts either way; "ieee" matters for float32 operands only
+    a = a.to(dt)
+    t = tl.dot(a, lo.to(dt), input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a, mid.to(dt), acc=t, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, hi.to(dt), acc=t, input_precision="ieee", out_dtype=tl.float32)
 
 
 @triton.jit
