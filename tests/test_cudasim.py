@@ -189,7 +189,10 @@ def test_cuda_backend_tests_pass_on_simulated_cuda(tmp_path):
     variant = "plain" if preload is None else "sanitize"
     env = dict(os.environ) if preload is None else sanitized_env(preload)
     report = tmp_path / "launches.json"
-    env.update(WEIGHTKIT_CUDASIM_LIB=build.build(variant), WEIGHTKIT_CUDASIM_REPORT=str(report))
+    # the plugin opens the simulated library as weightkit's CUDA library: the real one (built where torch has CUDA)
+    # stays closed, as a process opens only one
+    env.update(WEIGHTKIT_CUDASIM_LIB=build.build(variant), WEIGHTKIT_CUDASIM_REPORT=str(report),
+               WEIGHTKIT_CUDA_LIB="off")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.cudasim.plugin",
            "--capture=sys",  # a sanitizer's or cudasim's report goes to the real stderr, even when it ends the process
            *CHILD_TESTS, *[f"--deselect={d}" for d in CHILD_DESELECT]]

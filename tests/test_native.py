@@ -199,6 +199,30 @@ def test_cuda_library_errors_are_clear(tmp_path):
         _C.cuda.probe(0)  # nothing stayed half-loaded
 
 
+def test_the_cuda_library_can_be_chosen_or_turned_off(tmp_path, monkeypatch):
+    """WEIGHTKIT_CUDA_LIB: another library's path (the tests' simulated one where a CUDA torch built the real one too;
+    a process opens one) or "off"; a wrong path names the variable."""
+    from weightkit import _C
+
+    if native.CUDA is not None:
+        pytest.skip("a CUDA library is loaded in this process; _C holds one at a time")
+    (tmp_path / native.CUDA_LIB).write_text("not a library")  # lib_dir's own is never opened below
+    monkeypatch.setenv(native.CUDA_LIB_ENV, "off")
+    assert native.load_cuda(_C, str(tmp_path)) == (None, f"not opened: {native.CUDA_LIB_ENV}=off")
+    missing = str(tmp_path / "nowhere.so")
+    monkeypatch.setenv(native.CUDA_LIB_ENV, missing)
+    assert native.load_cuda(_C, str(tmp_path)) == (None, f"{native.CUDA_LIB_ENV}={missing}: no such file")
+    other = tmp_path / "other.so"
+    other.write_text("not a library either")
+    monkeypatch.setenv(native.CUDA_LIB_ENV, str(other))
+    path, error = native.load_cuda(_C, str(tmp_path))
+    assert path is None and error.startswith("other.so did not load (")
+    stale = _fake_cuda_library(tmp_path / "stale", ["wk_cuda_abi_version", "wk_cuda_probe"], abi=native.ABI_VERSION)
+    monkeypatch.setenv(native.CUDA_LIB_ENV, os.path.join(stale, native.CUDA_LIB))
+    path, error = native.load_cuda(_C, str(tmp_path))
+    assert path is None and "lacks wk_cuda_archs" in error  # the chosen library was the one opened
+
+
 def test_cuda_compile_check_reports_register_spills():
     """scripts/compile_cuda.py passes ptxas' --resource-usage and sums it up: kernels that spill, by name."""
     import importlib.util

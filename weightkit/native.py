@@ -26,6 +26,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LIB_DIR = os.path.join(PACKAGE_DIR, "lib")
 MODULE = "weightkit._C"
 CUDA_LIB = "libweightkit_cuda.so"
+CUDA_LIB_ENV = "WEIGHTKIT_CUDA_LIB"  # another CUDA kernel library to open, or "off" (load_cuda)
 ABI_VERSION = 7  # WK_ABI_VERSION of csrc/weightkit.h
 
 # wk_dtype codes of csrc/weightkit.h
@@ -55,16 +56,23 @@ def load_module(abi_version: int = ABI_VERSION):
 
 
 def load_cuda(module, lib_dir: str = LIB_DIR) -> Tuple[Optional[str], Optional[str]]:
-    """(path of the CUDA library, None) once ``module`` (weightkit._C) opened it, else (None, why not)."""
+    """(path of the CUDA library, None) once ``module`` (weightkit._C) opened it, else (None, why not).
+    ``WEIGHTKIT_CUDA_LIB=PATH`` opens that library instead of lib_dir's (a process opens one CUDA kernel library: the
+    tests' simulated one, tests/cudasim, where a CUDA torch built the real one too); ``=off`` opens none."""
     if module is None:
         return None, CPU_ERROR
-    path = os.path.join(lib_dir, CUDA_LIB)
+    chosen = os.environ.get(CUDA_LIB_ENV)
+    if chosen == "off":
+        return None, f"not opened: {CUDA_LIB_ENV}=off"
+    path = chosen or os.path.join(lib_dir, CUDA_LIB)
+    if chosen and not os.path.exists(path):
+        return None, f"{CUDA_LIB_ENV}={chosen}: no such file"
     if not os.path.exists(path):
         return None, (f"{CUDA_LIB} not found in {lib_dir} (not built: setup.py builds it when nvcc is found and torch "
                       "has CUDA, or with WEIGHTKIT_WITH_CUDA=1; the CUDA wheel ships it)")
     error = module.load_cuda(path)
     if error:
-        return None, f"{CUDA_LIB} did not load ({error}); {_REBUILD}"
+        return None, f"{os.path.basename(path)} did not load ({error}); {_REBUILD}"
     return path, None
 
 
