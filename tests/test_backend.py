@@ -78,6 +78,35 @@ def test_package_works_without_extension():
     assert proc.stdout.strip() == "reference torch.Size([4, 8])"
 
 
+def test_triton_older_than_the_floor_is_off_with_its_reason(tmp_path):
+    """A Triton older than backend.TRITON_MIN (torch 2.6 ships 3.2, whose autotuner and launcher differ): the triton
+    backend is off, saying why (info and a forced call's fallback), and the ops run on the other backends."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "3.2.0"\n')
+    code = (
+        "import torch, warnings, weightkit\n"
+        "from weightkit import backend\n"
+        "from weightkit.ops import int8\n"
+        "x = torch.randn(4, 8); s = int8.absmax_scale(x, 8)\n"
+        "print(backend.status()['triton'])\n"
+        "print(int8._SR.why_not('triton', torch.device('cpu')))\n"
+        "with warnings.catch_warnings(record=True) as w, weightkit.use_backend('triton'):\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = int8.stochastic_round_int8(x, s, 8, seed=1)\n"
+        "print(len(w), int8._SR.select(torch.device('cpu')), tuple(y.shape))\n"
+    )
+    proc = _run(code, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]), TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr
+    status, why, outcome = proc.stdout.strip().splitlines()
+    floor = ".".join(map(str, backend.TRITON_MIN))
+    assert status.startswith(f"unavailable: triton 3.2.0 is older than {floor}"), status
+    assert why.startswith(f"triton unavailable (triton 3.2.0 is older than {floor}"), why
+    assert outcome == "1 cpu (4, 8)", outcome
+    for version, expected in (("3.6.0", (3, 6)), ("3.10.0+git1a2b", (3, 10)), ("3.6.0rc1", (3, 6)), ("x", (0, 0))):
+        assert backend._triton_version_tuple(version) == expected
+
+
 def test_info_command():
     proc = subprocess.run([sys.executable, "-m", "weightkit", "info"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -24,6 +24,7 @@ import contextvars
 import json
 import math
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -50,11 +51,29 @@ elif native.CUDA is None and os.path.exists(os.path.join(native.LIB_DIR, native.
     warnings.warn(f"weightkit: {native.CUDA_ERROR}; the 'cuda' backend is unavailable", RuntimeWarning, stacklevel=2)
 
 
+# The oldest Triton release the kernels of weightkit.kernels are compiled for sm_90 and tested with (in its
+# interpreter) by scripts/check_triton.sh; the GPU image has 3.6 (torch 2.11), the test command 3.9. With an older one
+# (e.g. torch 2.6's 3.2, whose autotuner and launch API differ) the triton backend is off and CUDA tensors use the
+# cuda backend, then the reference; nothing else changes.
+TRITON_MIN = (3, 6)
+
+
+def _triton_version_tuple(version: str) -> Tuple[int, int]:
+    """(major, minor) of a Triton version string ('3.6.0', '3.10.0+git1a2b', '3.6.0rc1'); (0, 0) if unreadable."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
 def _probe_triton() -> Tuple[bool, Optional[str]]:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         return False, f"{type(exc).__name__}: {exc}"
+    version = str(getattr(triton, "__version__", "0"))
+    if _triton_version_tuple(version) < TRITON_MIN:
+        floor = ".".join(map(str, TRITON_MIN))
+        return False, (f"triton {version} is older than {floor}, the oldest weightkit's Triton kernels are built and "
+                       f"tested with (torch >= 2.11 ships {floor}); upgrade torch and triton, or use the cuda backend")
     return True, None
 
 
@@ -223,7 +242,7 @@ class KernelTable:
             return None if reason is None else f"CUDA kernel library unusable ({reason})"
         if backend == "triton":
             if not _TRITON_OK:
-                return f"triton not importable ({_TRITON_ERROR})"
+                return f"triton unavailable ({_TRITON_ERROR})"
             if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
                 return None
             return f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU), got {device.type}"
