@@ -223,6 +223,19 @@ def test_the_cuda_library_can_be_chosen_or_turned_off(tmp_path, monkeypatch):
     assert path is None and "lacks wk_cuda_archs" in error  # the chosen library was the one opened
 
 
+def test_a_chosen_cuda_library_that_fails_warns_at_import_and_off_is_quiet(tmp_path):
+    code = "import warnings; warnings.simplefilter('always'); import weightkit"
+    for value, expected in ((str(tmp_path / "nowhere.so"), f"{native.CUDA_LIB_ENV}={tmp_path / 'nowhere.so'}: no such "
+                             "file; the 'cuda' backend is unavailable"), ("off", None)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                              env=dict(os.environ, **{native.CUDA_LIB_ENV: value}))
+        assert proc.returncode == 0, proc.stderr
+        if expected is None:
+            assert "RuntimeWarning" not in proc.stderr, proc.stderr
+        else:
+            assert expected in proc.stderr, proc.stderr
+
+
 def test_cuda_compile_check_reports_register_spills():
     """scripts/compile_cuda.py passes ptxas' --resource-usage and sums it up: kernels that spill, by name."""
     import importlib.util
