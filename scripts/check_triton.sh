@@ -14,6 +14,10 @@
 #   3. the Triton tests of tests/ops (every op, every backend against the reference) in the interpreter of that
 #      Triton (TRITON_INTERPRET=1); extra arguments go to that pytest (e.g. tests/nn for the layers too).
 # Downloads triton from PyPI the first time, so it is not part of `make test` / CI. Exit status non-zero on any failure.
+# The GPU image's exact pair: TRITON_TORCH=2.11.0 TRITON_VERSION=3.6.0 (PyPI's torch 2.11.0 is the cu130 build, ~4.6 GB
+# with its CUDA libraries; setup.py then builds the CUDA library too, as on the GPU machine), and `tests` as the extra
+# argument for the whole suite (tests needing packages this script does not install skip or fail). The whole suite
+# passed under that pair on 2026-12-06, in a venv with requirements-dev.txt's other packages (docs/install.md).
 # Usage: bash scripts/check_triton.sh [extra pytest args]   (make check-triton TRITON_VERSION=3.6.0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
