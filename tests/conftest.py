@@ -20,6 +20,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CUDASIM = bool(os.environ.get("WEIGHTKIT_CUDASIM_LIB"))
 
 
+def skip_module_without_triton_kernels():
+    """Skips the calling test module, at its import, where weightkit's Triton kernels are off: triton missing or older
+    than weightkit.backend.TRITON_MIN (torch < 2.11; the module would fail to import or to build its launchers).
+    Tests in other modules that need the kernels carry the ``triton_kernels`` marker instead."""
+    if not backend._TRITON_OK:
+        pytest.skip(f"weightkit's Triton kernels are off here: {backend._TRITON_ERROR}", allow_module_level=True)
+
+
 def usable_backends(table, device):
     """The backends of ``table`` (a weightkit.backend.KernelTable) that can run on ``device``, reference first."""
     device = torch.device(device)
@@ -51,7 +59,10 @@ def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow (minutes on 2 cores): run with WEIGHTKIT_RUN_SLOW=1")
     run_slow = os.environ.get("WEIGHTKIT_RUN_SLOW") == "1"
+    skip_triton = pytest.mark.skip(reason=f"weightkit's Triton kernels are off here: {backend._TRITON_ERROR}")
     for item in items:
+        if "triton_kernels" in item.keywords and not backend._TRITON_OK:
+            item.add_marker(skip_triton)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
         if "slow" in item.keywords and not run_slow:

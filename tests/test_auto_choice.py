@@ -325,6 +325,7 @@ def test_every_op_with_two_gpu_backends_chooses_by_measurement():
     assert not missing, missing
 
 
+@pytest.mark.triton_kernels
 def test_each_regime_takes_its_ops_real_arguments(monkeypatch, tmp_path):
     """The regimes only run on a GPU under auto: here every table's regime is evaluated on the arguments of real
     calls (bench/gpu_report.py's auto section at toy sizes on the CPU, which calls every op with a regime), so an

@@ -36,6 +36,7 @@ def _read(path):
         return json.load(f)
 
 
+@pytest.mark.triton_kernels
 def test_report_writes_each_row_as_it_goes(report, tmp_path):
     out = tmp_path / "r.json"
     seen = []
@@ -56,6 +57,7 @@ def test_report_writes_each_row_as_it_goes(report, tmp_path):
     assert not (tmp_path / "r.json.tmp").exists()
 
 
+@pytest.mark.triton_kernels
 def test_report_counts_each_sections_triton_compiles(report, tmp_path):
     """Each section's status says what Triton compiled while it ran (its compilation listener: compiles, their
     seconds, disk-cache hits), so a GPU run shows how much of a budget went to compiling; the listener in place
@@ -88,6 +90,7 @@ def test_report_counts_each_sections_triton_compiles(report, tmp_path):
     assert (status["compiles"], status["compile_s"], status["compile_cache_hits"]) == (2, 2.2, 1), status
 
 
+@pytest.mark.triton_kernels
 def test_report_budget_skips_rows_and_cuts_a_row_that_overruns(report, tmp_path):
     out = tmp_path / "r.json"
     built = []
@@ -147,6 +150,7 @@ def test_report_killed_from_outside_keeps_the_rows_so_far(tmp_path):
     assert data["complete"] is False and data["sections"]["fake"]["status"] == "running"
 
 
+@pytest.mark.triton_kernels
 def test_galore_section_without_bitsandbytes_skips_only_the_8bit_rows(report, tmp_path, monkeypatch):
     """As on the GPU image: the 8-bit rows are skipped with the reason, the rest of the section still runs (the
     TF32 rows, the second shape, the refresh)."""
@@ -296,6 +300,7 @@ def test_script_subset_call_builds_when_the_kernel_library_is_missing(tmp_path):
     assert "build added: no usable CUDA kernel library" in summary.split("-----")[0]
 
 
+@pytest.mark.triton_kernels
 def test_report_cut_comes_again_when_a_library_swallows_it(report, tmp_path):
     """The alarm repeats after the deadline: a row whose code swallows the first cut is cut again."""
     out = tmp_path / "r.json"
@@ -315,6 +320,7 @@ def test_report_cut_comes_again_when_a_library_swallows_it(report, tmp_path):
     assert data["sections"]["greedy"]["seconds"] < 3
 
 
+@pytest.mark.triton_kernels
 def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
     """Each section's code end to end on the CPU (Triton through the interpreter), at toy sizes: a section that
     would fail on its first GPU run fails here first. Rows may skip (missing peers), none may fail."""
@@ -367,6 +373,7 @@ def test_compress_rows_take_the_recorded_2core_cpu_baseline(tmp_path, monkeypatc
     assert "speedup_vs_2core_cpu" not in rows[0][2] and "cpu_record" not in rows[0][2]
 
 
+@pytest.mark.triton_kernels
 def test_report_records_the_compiled_kernels_registers_and_spills(report, monkeypatch):
     """compiled_kernels(): each Triton kernel of weightkit.kernels the process compiled, with the registers and
     spills the driver reported on loading it (a stand-in JITFunction here: nothing compiles without a GPU)."""

@@ -60,6 +60,7 @@ def test_wheel_holds_package_kernels_and_library(cpu_wheel):
     assert os.path.basename(cpu_wheel).endswith(f"-{tag}-{tag}-linux_x86_64.whl"), cpu_wheel
 
 
+@pytest.mark.triton_kernels
 def test_editable_install_finds_kernels_and_library():
     """From outside the checkout (so the current directory is not on sys.path), `import weightkit` resolves through
     the environment's install; when that is an editable install of this checkout, the Triton kernels and the kernel
@@ -142,6 +143,7 @@ def test_ninja_build_is_incremental_and_writes_compile_commands():
     assert set(build_libs.cpu_sources()) | {os.path.join(build_libs.CSRC, "bind.cpp")} <= files, files
 
 
+@pytest.mark.triton_kernels
 def test_top_level_kernels_name_is_left_to_the_installed_package():
     """From the checkout's root (on sys.path under ``python -m``), ``import kernels`` must not give the Triton kernels
     folder: transformers and bitsandbytes import Hugging Face's ``kernels`` package by that name. Ours loads it in

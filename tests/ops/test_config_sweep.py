@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -273,6 +274,7 @@ def sweep_all(pattern=None):
                 failures=failures)
 
 
+@pytest.mark.triton_kernels
 def test_every_pruned_config_computes_the_reference():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,

@@ -3,7 +3,12 @@ reference (fwd, bwd), gradcheck, compile, errors."""
 
 import pytest
 import torch
-import triton
+
+from tests.conftest import skip_module_without_triton_kernels
+
+skip_module_without_triton_kernels()
+
+import triton  # noqa: E402
 import triton.language as tl
 
 from weightkit import debug_checks, native

@@ -161,6 +161,7 @@ def _launcher_calls(device):
     }
 
 
+@pytest.mark.triton_kernels
 @needs_interpreter
 def test_every_launcher_launches_inside_its_device_guard(fake_cuda, monkeypatch):
     """Each launcher asks the guard for its tensors' device and launches every kernel inside it. The CPU tensors of
@@ -214,6 +215,7 @@ def test_compile_threads_setting(monkeypatch):
             compile_threads()
 
 
+@pytest.mark.triton_kernels
 def test_every_launcher_times_configs_with_the_short_benchmark():
     """Each autotuner (the Launchers' and GaLore's) times a config with _shared.tune_bench (5 + 25 ms), not Triton's
     default 25 + 100 ms: the GPU check's budgets pay for every config its tuners time."""
@@ -230,6 +232,7 @@ def test_every_launcher_times_configs_with_the_short_benchmark():
     assert galore._matmul_update_kernel.do_bench is _shared.tune_bench  # the one triton.autotune outside a Launcher
 
 
+@pytest.mark.triton_kernels
 @needs_interpreter
 def test_autotuner_runs_once_per_bucket_and_never_per_call(monkeypatch):
     """The tuned path: the autotuner is called on the first call of a (token bucket, shape, dtype, device) and never
@@ -320,6 +323,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.triton_kernels
 @needs_interpreter
 def test_index_products_past_int32_run_in_int64():
     """Launches whose element offsets pass 2^31 (k * stride of a strided activation in the int8/int4 matmuls) reach
@@ -674,6 +678,7 @@ def resource_faults(results):
                                                or r.get("stack", 0) > SPILL_BYTES)]
 
 
+@pytest.mark.triton_kernels
 @pytest.mark.parametrize("space", ["fixed", pytest.param("tuned-first", marks=pytest.mark.slow),
                                    pytest.param("tuned-last", marks=pytest.mark.slow)])
 def test_every_launch_compiles_for_sm90(space):

@@ -12,12 +12,13 @@ from weightkit.ops import memoryformer
 from weightkit.ops.memoryformer import memory_lookup_reference
 
 TRITON_DEVICES = [d for d in DEVICES if memoryformer._FWD.why_not("triton", torch.device(d)) is None]
-pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="triton backend unavailable (no GPU, no TRITON_INTERPRET)")
+if not TRITON_DEVICES:
+    pytest.skip("triton backend unavailable: " + memoryformer._FWD.why_not("triton", torch.device(DEVICES[-1])),
+                allow_module_level=True)
 
-if TRITON_DEVICES:
-    import triton
+import triton  # noqa: E402
 
-    from weightkit.kernels import memoryformer as km
+from weightkit.kernels import memoryformer as km  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
