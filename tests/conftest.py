@@ -20,12 +20,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CUDASIM = bool(os.environ.get("WEIGHTKIT_CUDASIM_LIB"))
 
 
+TRITON_OFF = f"weightkit's Triton kernels are off here: {backend._TRITON_ERROR}"
+
+
 def skip_module_without_triton_kernels():
     """Skips the calling test module, at its import, where weightkit's Triton kernels are off: triton missing or older
     than weightkit.backend.TRITON_MIN (torch < 2.11; the module would fail to import or to build its launchers).
-    Tests in other modules that need the kernels carry the ``triton_kernels`` marker instead."""
+    Modules that import where the kernels are off, and single tests, carry the ``triton_kernels`` marker instead."""
     if not backend._TRITON_OK:
-        pytest.skip(f"weightkit's Triton kernels are off here: {backend._TRITON_ERROR}", allow_module_level=True)
+        pytest.skip(TRITON_OFF, allow_module_level=True)
 
 
 def usable_backends(table, device):
@@ -59,7 +62,7 @@ def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow (minutes on 2 cores): run with WEIGHTKIT_RUN_SLOW=1")
     run_slow = os.environ.get("WEIGHTKIT_RUN_SLOW") == "1"
-    skip_triton = pytest.mark.skip(reason=f"weightkit's Triton kernels are off here: {backend._TRITON_ERROR}")
+    skip_triton = pytest.mark.skip(reason=TRITON_OFF)
     for item in items:
         if "triton_kernels" in item.keywords and not backend._TRITON_OK:
             item.add_marker(skip_triton)

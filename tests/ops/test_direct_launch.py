@@ -12,16 +12,13 @@ import os
 
 import pytest
 import torch
-
-if __name__ != "__main__":  # under pytest (the fake-GPU child runs this file as a script, without conftest)
-    from tests.conftest import skip_module_without_triton_kernels
-
-    skip_module_without_triton_kernels()
-
-import triton  # noqa: E402
+import triton
 import triton.language as tl
 
 from tests.fake_triton_gpu import run_child
+
+pytestmark = pytest.mark.triton_kernels
+
 
 @triton.jit
 def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr, TWICE: tl.constexpr = False):

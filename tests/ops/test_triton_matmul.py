@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
-from tests.conftest import DEVICES, assert_quantized_matmul_contract, skip_module_without_triton_kernels
+from tests.conftest import DEVICES, assert_quantized_matmul_contract
 from weightkit.ops.int4 import dequantize_int4, quantize_int4
 from weightkit.ops.int8 import absmax_scale, dequantize_int8
 
-skip_module_without_triton_kernels()
-import triton  # noqa: E402
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton_kernels
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 TOKENS = [1, 3, 16, 17, 70]
