@@ -47,9 +47,7 @@ if native.CPU is None and os.environ.get("WEIGHTKIT_DISABLE_EXTENSION") != "1":
         RuntimeWarning,
         stacklevel=2,
     )
-elif native.CUDA is None and os.environ.get(native.CUDA_LIB_ENV) != "off" and (
-        os.environ.get(native.CUDA_LIB_ENV) or os.path.exists(os.path.join(native.LIB_DIR, native.CUDA_LIB))):
-    # a library that is there (or was asked for) and did not load; none built, or "off", is no surprise
+elif native.CUDA is None and native.cuda_lib_expected():
     warnings.warn(f"weightkit: {native.CUDA_ERROR}; the 'cuda' backend is unavailable", RuntimeWarning, stacklevel=2)
 
 

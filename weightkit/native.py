@@ -55,18 +55,33 @@ def load_module(abi_version: int = ABI_VERSION):
     return module, None
 
 
-def load_cuda(module, lib_dir: str = LIB_DIR) -> Tuple[Optional[str], Optional[str]]:
-    """(path of the CUDA library, None) once ``module`` (weightkit._C) opened it, else (None, why not).
+def cuda_lib_path(lib_dir: str = LIB_DIR) -> Tuple[Optional[str], bool]:
+    """(the CUDA library to open, or None for ``WEIGHTKIT_CUDA_LIB=off``; whether that variable chose it).
     ``WEIGHTKIT_CUDA_LIB=PATH`` opens that library instead of lib_dir's (a process opens one CUDA kernel library: the
     tests' simulated one, tests/cudasim, where a CUDA torch built the real one too); ``=off`` opens none."""
-    if module is None:
-        return None, CPU_ERROR
     chosen = os.environ.get(CUDA_LIB_ENV)
     if chosen == "off":
+        return None, True
+    return (chosen, True) if chosen else (os.path.join(lib_dir, CUDA_LIB), False)
+
+
+def cuda_lib_expected(lib_dir: str = LIB_DIR) -> bool:
+    """Whether a CUDA library was there to open: WEIGHTKIT_CUDA_LIB named one, or lib_dir has one (none built, or
+    ``=off``: no, and its absence is no surprise worth a warning)."""
+    path, chosen = cuda_lib_path(lib_dir)
+    return path is not None and (chosen or os.path.exists(path))
+
+
+def load_cuda(module, lib_dir: str = LIB_DIR) -> Tuple[Optional[str], Optional[str]]:
+    """(path of the CUDA library, None) once ``module`` (weightkit._C) opened it, else (None, why not); which library:
+    :func:`cuda_lib_path`."""
+    if module is None:
+        return None, CPU_ERROR
+    path, chosen = cuda_lib_path(lib_dir)
+    if path is None:
         return None, f"not opened: {CUDA_LIB_ENV}=off"
-    path = chosen or os.path.join(lib_dir, CUDA_LIB)
     if chosen and not os.path.exists(path):
-        return None, f"{CUDA_LIB_ENV}={chosen}: no such file"
+        return None, f"{CUDA_LIB_ENV}={path}: no such file"
     if not os.path.exists(path):
         return None, (f"{CUDA_LIB} not found in {lib_dir} (not built: setup.py builds it when nvcc is found and torch "
                       "has CUDA, or with WEIGHTKIT_WITH_CUDA=1; the CUDA wheel ships it)")
