@@ -17,9 +17,11 @@
   interpreter);
 * ``moments``: ``blockwise8bit_adam_`` (Triton, one pass) vs bitsandbytes' dequantize -> update -> quantize on a
   1024 x 4096 low-rank moment pair, and the fraction of copy bandwidth of its bytes;
-* ``projection``: R = G P^T by ``int4_matmul`` on the packed basis vs dequantize + float32 matmul (4096 x 4096,
-  rank 1024); for a right projection also a bf16 gradient's, exact on bf16 tensor cores with a float32 result
-  (``int4_matmul_exact_float32``) against its float32 copy + ``int4_matmul`` (time and error against float64).
+* ``projection``: R = P^T G (left, 4096 x 4096 rank 1024) / G P^T (right, 4096 x 11008) by ``int4_matmul`` on the
+  packed basis vs dequantize + float32 matmul; and a bf16 gradient's with ``out_dtype=float32`` (as the optimizer
+  runs it) on the triton and cuda backends (right on triton: exact products on bf16 tensor cores, no float32 copy;
+  otherwise the gradient converted to float32 by blocks) against its whole float32 copy + ``int4_matmul`` (time and
+  error against float64).
 
 End to end (the issue's table rows) runs through ``weightkit train --model-size 7b --methods qgalore-layerwise
 --checkpointing --dtype bfloat16 --steps 20`` (peak and its breakdown printed beside it) and the 309M comparison of
@@ -71,7 +73,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
             moment_shape=(1024, 4096)):
     from weightkit import use_backend
     from weightkit.backend import allow_tf32
-    from weightkit.ops.int4 import dequantize_int4, int4_matmul, int4_matmul_exact_float32
+    from weightkit.ops.int4 import dequantize_int4, int4_matmul
     from weightkit.ops.int8 import int8_sr_update_
     from weightkit.ops.moments8bit import blockwise8bit_adam_
     from weightkit.kernels.qgalore import lowrank_product_triton
@@ -158,17 +160,23 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         dense = (lambda: dequantize_int4(*args).T @ g) if left else (lambda: g @ dequantize_int4(*args).T)
         rows.append(dict(section="projection", shape=shape, backend="int4_matmul packed", ms=_ms(proj)))
         rows.append(dict(section="projection", shape=shape, backend="dequantize + fp32 matmul", ms=_ms(dense)))
-        if not left:  # a bf16 gradient's right projection: exact products on bf16 tensor cores, float32 out
-            g16 = g.to(torch.bfloat16)
-            ref = g16.double() @ dequantize_int4(*args).double().T
-            exact = int4_matmul_exact_float32(g16, *args)
-            if exact is not None:
-                rows.append(dict(section="projection", shape=shape, backend="int4_matmul exact float32 from bf16",
-                                 ms=_ms(lambda: int4_matmul_exact_float32(g16, *args)),
-                                 rel_err=float((exact.double() - ref).norm() / ref.norm())))
-            conv = lambda: int4_matmul(g16.float(), *args, transpose=False)  # noqa: E731 - the fallback
-            rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",
-                             ms=_ms(conv), rel_err=float((conv().double() - ref).norm() / ref.norm())))
+        # a bf16 gradient's projection with a float32 result (int4_matmul's out_dtype=float32, as Int4Basis.project
+        # runs it) on each GPU backend: right, Triton multiplies the bf16 values by the basis' integers (exact
+        # products on bf16 tensor cores, no float32 copy); left, and on cuda, the gradient goes to float32 by blocks
+        g16 = g.to(torch.bfloat16)
+        w64 = dequantize_int4(*args).double()
+        ref = (w64.T @ g16.double()) if left else (g16.double() @ w64.T)
+        out32 = (lambda: int4_matmul(g16.T, *args, transpose=True, out_dtype=torch.float32).T) if left else \
+            (lambda: int4_matmul(g16, *args, out_dtype=torch.float32))
+        for backend in ("triton", "cuda"):
+            with use_backend(backend):
+                y = out32()
+                rows.append(dict(section="projection", shape=shape, backend=f"int4_matmul {backend} float32 out "
+                                 f"from bf16", ms=_ms(out32), rel_err=float((y.double() - ref).norm() / ref.norm())))
+        conv = (lambda: int4_matmul(g16.float().T, *args, transpose=True).T) if left else \
+            (lambda: int4_matmul(g16.float(), *args, transpose=False))  # the whole float32 copy, for comparison
+        rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",
+                         ms=_ms(conv), rel_err=float((conv().double() - ref).norm() / ref.norm())))
 
     # moments: one pass vs bitsandbytes' three
     try:

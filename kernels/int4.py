@@ -236,7 +236,8 @@ int4_gemv_autotune, int4_gemv_t_autotune, int4_mm_autotune, int4_mm_t_autotune =
 
 def int4_matmul_triton(x, packed, scale, zero, group_size, rows, cols, transpose, out_dtype=None):
     """y = x @ W^T (or x @ W with ``transpose``) for the INT4 matrix W (rows x cols) and a 2-D x (any strides), in x's
-    dtype or ``out_dtype`` (the fp32 accumulators stored as such: weightkit.ops.int4.int4_matmul_exact_float32)."""
+    dtype or ``out_dtype`` (the fp32 accumulators stored as such: int4_matmul's out_dtype=float32 on the triton
+    backend, weightkit/backends/triton/int4.py)."""
     n, k = (cols, rows) if transpose else (rows, cols)
     with device_guard(x.device):
         y = torch.empty((x.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)

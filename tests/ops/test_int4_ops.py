@@ -126,6 +126,12 @@ def test_torch_compile():
      "expected 4"),
     (lambda: int4_matmul(torch.randn(2, 4), *quantize_int4(torch.randn(4, 4), 8), 8, (16,)), ValueError,
      r"shape must be \(rows, cols\)"),
+    (lambda: int4_matmul(torch.randn(2, 4).bfloat16(), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4),
+                         out_dtype=torch.float16), ValueError, "out_dtype must be None, x's dtype"),
+    (lambda: int4_matmul(torch.randn(2, 4), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4),
+                         out_dtype=torch.bfloat16), ValueError, "out_dtype must be None"),
+    (lambda: int4_matmul(torch.randn(2, 4).half(), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4),
+                         out_dtype=torch.int8), ValueError, "got torch.int8"),
 ])
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match), weightkit.debug_checks():  # data checks (NaN) are opt-in
@@ -223,47 +229,51 @@ def test_matmul_spanning_several_dequantized_blocks(transpose):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int4_matmul_exact_float32(device, dtype):
-    """The 16-bit projection G P^T with a float32 result (int4.int4_matmul_exact_float32): every product exact (x's
-    16-bit values times W's integers, the group scales applied in float32 after each K-step's dot), so its error
-    against float64 is below the float32 matmul's of the dequantized W (no rounding of x or W), where int4_matmul's
-    16-bit output is ~10^3-10^4 times worse; a non-contiguous x (a transposed view) reads the same; groups of 48
-    (steps of 16) too. None where it does not apply: a float32 x, groups no K step lies inside (8), another backend
-    asked for (on the CPU, anything but triton: the interpreter)."""
-    from weightkit.ops.int4 import int4_matmul_exact_float32
+@pytest.mark.parametrize("group", [64, 48, 8])
+def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch):
+    """``out_dtype=float32`` for a 16-bit x (GaLore's projections of a bf16 gradient): on every backend, transposed or
+    not, x of any strides and rank, a float32 result within the contract of a float32 x (W never rounded to x's
+    dtype), where x's dtype's result is ~10^3 times worse; so is it with x converted to float32 by blocks of rows
+    (_blocked.FLOAT32_BLOCK lowered: several blocks and a partial one). The triton backend's untransposed
+    product multiplies x's 16-bit values by W's integers (every product exact: closer to float64 than the float32
+    product) wherever its K steps lie inside groups (64; 48: steps of 16); with groups of 8 it takes the float32
+    conversion. The gradient is x's dtype: the float32 product's, rounded once."""
+    from weightkit.backends import _blocked
 
-    if "triton" not in usable_backends(int4._MM, device):
-        pytest.skip(f"Triton cannot run on {device} here (no GPU, or no TRITON_INTERPRET for CPU tensors)")
-    print("seed 21")
-    g = torch.Generator().manual_seed(21)
-    rows, cols, group = 48, 256, 64
+    seed = 21 + group
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    rows, cols, tokens = 48, 240, 40
     q, s, z = quantize_int4(torch.randn(rows, cols, generator=g).to(device), group)
     w = dequantize_int4(q, s, z, group, (rows, cols)).double().cpu()
-    x = torch.randn(40, cols, generator=g).to(dtype).to(device)
-    ref = x.double().cpu() @ w.T
-    rel = lambda t: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
-    with use_backend("triton"):
-        y = int4_matmul_exact_float32(x, q, s, z, group, (rows, cols))
-        y16 = int4_matmul(x, q, s, z, group, (rows, cols))
-        xt = x.T.contiguous().T  # column-major: the same values, other strides
-        assert torch.equal(int4_matmul_exact_float32(xt, q, s, z, group, (rows, cols)), y)
-        assert int4_matmul_exact_float32(x.float(), q, s, z, group, (rows, cols)) is None
-        # groups of 8: no K step of 16 lies inside one (kernels._shared.mm_k_step), the weight would be rounded
-        q8, s8, z8 = quantize_int4(torch.randn(rows, 240, generator=g).to(device), 8)
-        assert int4_matmul_exact_float32(torch.randn(40, 240).to(dtype).to(device), q8, s8, z8, 8, (rows, 240)) is None
-        # groups of 48 (not a power of two): steps of 16, exact too
-        q48, s48, z48 = quantize_int4(torch.randn(rows, 240, generator=g).to(device), 48)
-        x48 = torch.randn(40, 240, generator=g).to(dtype).to(device)
-        w48 = dequantize_int4(q48, s48, z48, 48, (rows, 240)).double().cpu()
-        ref48 = x48.double().cpu() @ w48.T
-        y48 = int4_matmul_exact_float32(x48, q48, s48, z48, 48, (rows, 240))
-        err48 = float((y48.double().cpu() - ref48).norm() / ref48.norm())
-        fp32_48 = float(((x48.float() @ w48.float().T.to(device)).double().cpu() - ref48).norm() / ref48.norm())
-        assert err48 <= fp32_48, (err48, fp32_48)
-    fp32 = rel(x.float() @ w.float().T.to(device))
-    assert y.dtype == torch.float32 and y.shape == (40, rows)
-    assert rel(y) <= fp32 and rel(y16) > 100 * rel(y), (rel(y), fp32, rel(y16))
-    with use_backend("reference"):
-        assert int4_matmul_exact_float32(x, q, s, z, group, (rows, cols)) is None
-    if device == "cpu":
-        assert int4_matmul_exact_float32(x, q, s, z, group, (rows, cols)) is None  # auto on the CPU: not Triton
+    x = torch.randn(tokens, cols, generator=g).to(dtype).to(device)
+    xt = torch.randn(tokens, rows, generator=g).to(dtype).to(device)  # for x @ W
+    rel = lambda t, ref: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
+    ref, ref_t = x.double().cpu() @ w.T, xt.double().cpu() @ w
+    fp32 = rel(x.float() @ w.float().T.to(device), ref)
+    for name in usable_backends(int4._MM, device):
+        with use_backend(name):
+            y = int4_matmul(x, q, s, z, group, (rows, cols), out_dtype=torch.float32)
+            y16 = int4_matmul(x, q, s, z, group, (rows, cols))
+            y_t = int4_matmul(xt, q, s, z, group, (rows, cols), transpose=True, out_dtype=torch.float32)
+            y_col = int4_matmul(x.T.contiguous().T, q, s, z, group, (rows, cols), out_dtype=torch.float32)
+            y_3d = int4_matmul(x.reshape(4, 10, cols), q, s, z, group, (rows, cols), out_dtype=torch.float32)
+            monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", 7 * cols)  # blocks of 7 rows of x (or of xt's 240)
+            y_blocks = int4_matmul(x, q, s, z, group, (rows, cols), out_dtype=torch.float32)
+            y_t_blocks = int4_matmul(xt, q, s, z, group, (rows, cols), transpose=True, out_dtype=torch.float32)
+            monkeypatch.undo()
+            xg = x.clone().requires_grad_()
+            gy = torch.randn(tokens, rows, generator=g).to(device)
+            int4_matmul(xg, q, s, z, group, (rows, cols), out_dtype=torch.float32).backward(gy)
+        label = f"{name} {dtype} g{group}"
+        assert_quantized_matmul_contract(y, x.float(), w.to(device), False, label)
+        assert_quantized_matmul_contract(y_t, xt.float(), w.to(device), True, label + " transposed")
+        assert rel(y16, ref) > 100 * rel(y, ref), (label, rel(y16, ref), rel(y, ref))
+        assert torch.equal(y_col, y) and torch.equal(y_3d.reshape(tokens, rows), y), label
+        assert_quantized_matmul_contract(y_blocks, x.float(), w.to(device), False, label + " by blocks")
+        assert_quantized_matmul_contract(y_t_blocks, xt.float(), w.to(device), True, label + " transposed, blocks")
+        assert rel(y_t, ref_t) < 1e-5, label
+        assert xg.grad.dtype == dtype
+        torch.testing.assert_close(xg.grad, (gy.double().cpu() @ w).to(dtype).to(device), rtol=2 ** -7, atol=1e-6)
+        if name == "triton" and group != 8:  # exact products
+            assert rel(y, ref) <= fp32, (label, rel(y, ref), fp32)

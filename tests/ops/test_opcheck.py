@@ -104,3 +104,14 @@ def test_opcheck_with_device_flags(name, device):
     torch.manual_seed(0)
     args = CASES[name](device) + FLAGGED[name](device)
     torch.library.opcheck(getattr(torch.ops.weightkit, name).default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_int4_matmul_float32_out(device):
+    """int4_matmul's ``out_dtype=float32`` for a bf16 x (GaLore's projections of a 16-bit gradient), x needing its
+    gradient (the autograd formula: x's dtype)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, device=device).to(torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.weightkit.int4_matmul.default,
+                          (x, *_int4(12, 8, 4, device), 4, [12, 8], False, torch.float32))
+

@@ -46,6 +46,45 @@ def blocked_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, blo
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+# -- a float32 product of a 16-bit operand without its float32 copy ------------------------------------------------
+
+# At most this many values of a bfloat16 / float16 operand are converted to float32 at a time (16 MiB): LLaMA-7B's
+# 4096 x 11008 bf16 gradient, whole in float32 (172 MiB), was the largest temporary of a Q-GaLore step
+FLOAT32_BLOCK = 1 << 22
+
+
+def float32_by_blocks(t: Tensor, dim: int, out_shape, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(t.to(float32))`` for a 2-D ``t`` whose blocks along ``dim`` map to the result's blocks along ``dim``
+    (``fn`` keeps that axis: a product that reduces over the other one). A bfloat16 / float16 ``t`` of more than
+    FLOAT32_BLOCK values goes to float32 a block of at most that many values at a time, so that no float32 copy of it
+    exists whole; others are converted whole (a float32 one: no copy). The blocks' results equal the whole product's
+    up to the product's summation order (each output block is the same sums over the same values). Used by GaLore's
+    projections of a 16-bit gradient (weightkit.optim.basis) and by int4_matmul's ``out_dtype=float32`` on the
+    backends whose kernels have no float32 output for a 16-bit x."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.numel() <= FLOAT32_BLOCK:
+        return fn(t.to(torch.float32))
+    size = t.shape[dim]
+    step = max(1, FLOAT32_BLOCK // max(t.numel() // size, 1))
+    out = torch.empty(out_shape, dtype=torch.float32, device=t.device)
+    for i in range(0, size, step):
+        n = min(step, size - i)
+        out.narrow(dim, i, n).copy_(fn(t.narrow(dim, i, n).to(torch.float32)))
+    return out
+
+
+def matmul_out_dtype(x: Tensor, n_out: int, out_dtype: Optional[torch.dtype],
+                     matmul: Callable[[Tensor], Tensor]) -> Tensor:
+    """A backend's int8/int4 matmul of x (any rank) with ``out_dtype``: ``matmul(x2)`` (x2: x as 2-D, the product in
+    x2's dtype) for None or x's dtype; for ``out_dtype=float32`` and a 16-bit x, ``matmul`` of x converted to float32
+    by blocks of rows (float32_by_blocks): the float32 weight values, never rounded to x's dtype."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if out_dtype is None or out_dtype == x.dtype:
+        y = matmul(x2)
+    else:
+        y = float32_by_blocks(x2, 0, (x2.shape[0], n_out), matmul)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+
 # -- the cuda backend's int8_matmul / int4_matmul: "dequantize to the activation dtype + cuBLAS" -------------------
 
 # At most this many bytes of dequantized weight exist at a time. A layer's whole weight fits up to 2^26 values in bf16

@@ -94,8 +94,13 @@ def define(schema: str, *, fake: Callable, table: Optional[KernelTable] = None, 
     args_schema = overload._schema.arguments
     mutated = tuple(i for i, a in enumerate(args_schema) if a.alias_info is not None and a.alias_info.is_write)
     tensor_args = tuple(i for i, a in enumerate(args_schema) if a.type.isSubtypeOf(torch._C.TensorType.get()))
+    # The dispatcher hands a Python kernel the arguments as the caller gave them, less trailing ones left at their
+    # defaults: those are filled in here, so every kernel, check and autograd formula sees the whole schema
+    n_args, defaults = len(args_schema), tuple(a.default_value for a in args_schema)
 
     def eager(*args):
+        if len(args) < n_args:
+            args = (*args, *defaults[len(args):])
         check(*args)
         if debug_check is not None and debug_checks_enabled(debug_default):
             debug_check(*args)
@@ -108,17 +113,19 @@ def define(schema: str, *, fake: Callable, table: Optional[KernelTable] = None, 
     _LIB.impl(name, eager, "CompositeExplicitAutograd")
 
     def fake_kernel(*args):
+        if len(args) < n_args:
+            args = (*args, *defaults[len(args):])
         check(*args)
         return fake(*args)
 
     torch.library.register_fake(overload, fake_kernel, lib=_LIB)
     apply = None if backward is None else _define_autograd(name, overload, eager, tensor_args, backward,
-                                                           setup_context)
+                                                           setup_context, n_args, defaults)
     return _python_entry(name, overload, eager, apply, tensor_args)
 
 
 def _define_autograd(name: str, overload, eager: Callable, tensor_args: Sequence[int], backward: Callable,
-                     setup_context: Optional[Callable]) -> Callable:
+                     setup_context: Optional[Callable], n_args: int, defaults: tuple) -> Callable:
     """Registers the Autograd kernel; returns the autograd.Function's ``apply(below, *args)`` (``below``: the key
     set to redispatch to, None for plain tensors)."""
     plain, below_autograd, grad_enabled = _PLAIN, _BELOW_AUTOGRAD, torch.is_grad_enabled
@@ -153,6 +160,8 @@ def _define_autograd(name: str, overload, eager: Callable, tensor_args: Sequence
                  {"forward": staticmethod(forward), "backward": staticmethod(backward_fn)}).apply
 
     def autograd_kernel(keyset, *args):
+        if len(args) < n_args:  # (trailing defaults, as in eager)
+            args = (*args, *defaults[len(args):])
         below = keyset & below_autograd
         if grad_enabled():
             for i in tensor_args:

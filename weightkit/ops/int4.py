@@ -17,12 +17,13 @@ Ops (each ``torch.ops.weightkit.<name>``, defined with ``_registry.define``; ref
 
 * ``quantize_int4(x, group_size) -> (packed uint8 [numel/2], scale float32 [groups], zero uint8 [groups])``
 * ``dequantize_int4(packed, scale, zero, group_size, shape) -> float32`` (unpack + dequantize)
-* ``int4_matmul(x, packed, scale, zero, group_size, shape, transpose=False)``: with W = dequant (rows x cols),
-  ``x @ W^T`` (x: (..., cols)) or, with ``transpose``, ``x @ W`` (x: (..., rows)); differentiable in x. The
-  reference dequantizes W whole; cpu dequantizes blocks of about 4M values to fp32 around BLAS; cuda dequantizes W to
-  x's dtype (blocks of at most 128 MB) and multiplies with cuBLAS; Triton dequantizes tile by tile in registers. The
-  output has x's dtype, accumulation is fp32; the weight may be rounded to x's dtype first (``int4_matmul``'s
-  precision contract).
+* ``int4_matmul(x, packed, scale, zero, group_size, shape, transpose=False, out_dtype=None)``: with W = dequant
+  (rows x cols), ``x @ W^T`` (x: (..., cols)) or, with ``transpose``, ``x @ W`` (x: (..., rows)); differentiable in
+  x. The reference dequantizes W whole; cpu dequantizes blocks of about 4M values to fp32 around BLAS; cuda
+  dequantizes W to x's dtype (blocks of at most 128 MB) and multiplies with cuBLAS; Triton dequantizes tile by tile
+  in registers. The output has x's dtype, accumulation is fp32; the weight may be rounded to x's dtype first
+  (``int4_matmul``'s precision contract). ``out_dtype=torch.float32`` for a 16-bit x: a float32 result of float32
+  accuracy (no rounding of W), without a float32 copy of x (GaLore's projections of a 16-bit gradient).
 
 ``unpack_int4`` (the raw nibbles) is a plain PyTorch helper.
 """
@@ -34,7 +35,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable, requested_backend, rows_of, tf32_allowed, token_bucket
+from ..backend import KernelTable, rows_of, tf32_allowed, token_bucket
 from ..backends.cpu import int4 as cpu_int4
 from ..backends.cuda import int4 as cuda_int4
 from ..backends.triton import int4 as triton_int4
@@ -154,13 +155,18 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # strict-fp32 design)
 # Measured per regime: token bucket, the weight's shape, group size, transpose, x's dtype, TF32 allowed (fp32 x).
 _MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"),
-                  regime=lambda x, packed, scale, zero, group_size, shape, transpose: (
+                  regime=lambda x, packed, scale, zero, group_size, shape, transpose, out_dtype: (
                       token_bucket(rows_of(x)), tuple(shape), group_size, transpose, x.dtype,
-                      x.dtype is torch.float32 and tf32_allowed()))
+                      x.dtype is torch.float32 and tf32_allowed(), out_dtype not in (None, x.dtype)))
 
 
-def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool):
+def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool,
+              out_dtype: Optional[torch.dtype] = None):
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if out_dtype is not None and out_dtype != x.dtype and not (
+            out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"out_dtype must be None, x's dtype ({x.dtype}) or torch.float32 for a bfloat16 / float16 "
+                         f"x, got {out_dtype}")
     if len(shape) != 2:
         raise ValueError(f"shape must be (rows, cols) of the INT4 matrix, got {tuple(shape)}")
     _check_int4(packed, scale, zero, group_size, shape)
@@ -174,10 +180,10 @@ def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size
 
 
 @_MM.register("reference")
-def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose):
+def int4_matmul_reference(x, packed, scale, zero, group_size, shape, transpose, out_dtype=None):
     compute = torch.promote_types(x.dtype, torch.float32)
     w = dequantize_int4_reference(packed, scale, zero, group_size).reshape(shape).to(compute)
-    return (x.to(compute) @ (w if transpose else w.T)).to(x.dtype)
+    return (x.to(compute) @ (w if transpose else w.T)).to(out_dtype or x.dtype)
 
 
 _MM.register("cpu")(cpu_int4.int4_matmul)
@@ -186,30 +192,31 @@ _MM.register("triton")(triton_int4.int4_matmul)
 
 
 def _int4_mm_setup(ctx, inputs, output):
-    _, packed, scale, zero, group_size, shape, transpose = inputs
+    x, packed, scale, zero, group_size, shape, transpose, _ = inputs
     ctx.save_for_backward(packed, scale, zero)
-    ctx.group_size, ctx.shape, ctx.transpose = group_size, list(shape), transpose
+    ctx.group_size, ctx.shape, ctx.transpose, ctx.x_dtype = group_size, list(shape), transpose, x.dtype
 
 
 def _int4_mm_backward(ctx, grad):
     packed, scale, zero = ctx.saved_tensors
-    gx = _int4_matmul_op(grad, packed, scale, zero, ctx.group_size, ctx.shape, not ctx.transpose)
-    return gx, None, None, None, None, None, None
+    gx = _int4_matmul_op(grad, packed, scale, zero, ctx.group_size, ctx.shape, not ctx.transpose, None)
+    return gx.to(ctx.x_dtype), None, None, None, None, None, None, None  # (a float32 out_dtype's grad: float32)
 
 
 _int4_matmul_op = define(
     "int4_matmul(Tensor x, Tensor packed, Tensor scale, Tensor zero, SymInt group_size, SymInt[] shape, "
-    "bool transpose) -> Tensor",
+    "bool transpose, ScalarType? out_dtype=None) -> Tensor",
     table=_MM, check=_check_mm, debug_check=lambda x, *_: require_finite("x", x),
-    fake=lambda x, packed, scale, zero, group_size, shape, transpose: x.new_empty(
-        (*x.shape[:-1], shape[1] if transpose else shape[0])),
+    fake=lambda x, packed, scale, zero, group_size, shape, transpose, out_dtype=None: x.new_empty(
+        (*x.shape[:-1], shape[1] if transpose else shape[0]), dtype=out_dtype or x.dtype),
     backward=_int4_mm_backward, setup_context=_int4_mm_setup)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
-                transpose: bool = False) -> Tensor:
-    """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), in x's dtype.
-    ``x`` may be non-contiguous (a transposed view costs no copy on cpu/cuda).
+                transpose: bool = False, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the INT4 matrix W of ``shape`` (rows, cols), in x's dtype,
+    or in ``out_dtype=torch.float32`` for a bfloat16 / float16 x (below). ``x`` may be non-contiguous (a transposed
+    view costs no copy on cpu/cuda).
 
     Precision contract (every backend; tests/ops/test_int4_ops.py checks it against float64): each weight
     ``(q - z) * s`` is computed in fp32 and may be rounded once to x's dtype before the products, as bitsandbytes and
@@ -218,34 +225,15 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     and sums in fp32 (for fp32 x on a GPU, TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it); the output
     rounded once to x's dtype. With u the unit roundoff of x's dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32) and
     S = |x| @ |W^T|: ``|y - x W^T| <= u |x W^T| + (u + K 2^-23) S`` up to second-order terms (K = the reduced
-    dimension; TF32 off)."""
-    return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose))
+    dimension; TF32 off).
 
+    ``out_dtype=torch.float32`` for a 16-bit x: a float32 result with the accuracy of the float32 product of x's values
+    and W's float32 values (the bound above with u = 2^-24; W is never rounded to x's dtype), without a float32 copy
+    of x: GaLore's projections of a 16-bit gradient with the INT4 basis (weightkit.optim.basis.Int4Basis.project).
+    The triton backend multiplies x's 16-bit values by W's integers on tensor cores where W's groups lie along the
+    reduced axis (``transpose=False``, rows of whole groups its K steps divide): every product exact, the group
+    scales applied in float32 after each K step's dot; elsewhere, and on the other backends, x goes to float32 by
+    blocks of at most 4M values (backends/_blocked.float32_by_blocks) for the float32 product (TF32 on a GPU where
+    ``torch.backends.cuda.matmul.allow_tf32`` allows it). Its gradient is x's dtype."""
+    return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose), out_dtype)
 
-def int4_matmul_exact_float32(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
-                              shape) -> Optional[Tensor]:
-    """``x @ W^T`` as float32 for a bfloat16 / float16 ``x`` (2-D, any strides) and the INT4 matrix W (``shape`` =
-    (rows, cols)), every product exact: the Triton tensor-core kernel of ``int4_matmul`` (``transpose=False``: W's
-    groups run along the reduced axis) multiplies x's values by W's integers q - z, exact in x's dtype, scales each
-    K-step's dot by the groups' scales in float32 and stores its float32 accumulators instead of rounding them to
-    x's dtype. For GaLore's right projection G P^T of a 16-bit gradient (weightkit.optim.basis.Int4Basis.project):
-    float32 accuracy (no rounding of P or G at all, where TF32 rounds both) on 16-bit tensor cores, without a float32
-    copy of G. None where it does not apply, and the caller converts x to float32 for ``int4_matmul``: no Triton, a
-    backend other than auto / triton asked for (on a CPU tensor: only with triton forced, the interpreter), or W's
-    rows not whole groups that the kernel's K steps divide (kernels._shared.mm_k_step: a group of 8, e.g., is
-    dequantized and rounded to x's dtype before the dot). At most 4 rows of x take the GEMV instead: float32 products
-    of the float32 weight values, float32 accuracy too."""
-    rows, cols = int(shape[0]), int(shape[1])
-    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2 or x.shape[1] != cols:
-        return None
-    forced = requested_backend()
-    if forced not in (("auto", "triton") if x.is_cuda else ("triton",)) or _MM.why_not("triton", x.device):
-        return None
-    from ..kernels._shared import mm_k_step
-    from ..kernels.int4 import int4_matmul_triton
-
-    if mm_k_step(group_size, cols % group_size == 0, fma=False) is None:
-        return None
-
-    return int4_matmul_triton(x, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size, rows, cols,
-                              False, out_dtype=torch.float32)

@@ -28,30 +28,10 @@ import torch
 from torch import Tensor
 
 from ..ops.galore import mm_float32
-from ..ops.int4 import dequantize_int4, int4_matmul, int4_matmul_exact_float32, quantize_int4
+from ..backends._blocked import float32_by_blocks
+from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-PROJECT_BLOCK = 1 << 22  # values of a 16-bit gradient a projection converts to float32 at a time (16 MiB)
-
-
-def project_by_blocks(grad: Tensor, dim: int, out_shape, fn) -> Tensor:
-    """``fn(grad.to(float32))`` for a 2-D ``grad`` whose blocks along ``dim`` map to the result's blocks along
-    ``dim`` (``fn`` keeps that axis: a product that reduces over the other one). A bfloat16 / float16 gradient of
-    more than PROJECT_BLOCK values goes to float32 a block of at most that many values at a time, so that no float32
-    copy of it exists whole (LLaMA-7B's 4096 x 11008 bf16 gradient: 172 MiB whole, the largest temporary of a
-    Q-GaLore step); others are converted whole. The blocks' results equal the whole product's up to the product's
-    summation order (each output block is the same sums over the same values)."""
-    if grad.dtype not in (torch.bfloat16, torch.float16) or grad.numel() <= PROJECT_BLOCK:
-        return fn(grad.to(torch.float32))
-    size = grad.shape[dim]
-    step = max(1, PROJECT_BLOCK // max(grad.numel() // size, 1))
-    out = torch.empty(out_shape, dtype=torch.float32, device=grad.device)
-    for i in range(0, size, step):
-        n = min(step, size - i)
-        out.narrow(dim, i, n).copy_(fn(grad.narrow(dim, i, n).to(torch.float32)))
-    return out
-
 
 Basis = Tuple[Tensor, Optional[Tensor]]
 
@@ -128,10 +108,10 @@ class FloatBasis:
             if side == "right":
                 return mm_float32(g, ortho.T, g.is_cuda)
             return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
-        if side == "left":  # by blocks of columns of a large 16-bit gradient (project_by_blocks)
-            return project_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
+        if side == "left":  # by blocks of columns of a large 16-bit gradient (backends/_blocked.float32_by_blocks)
+            return float32_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
         if side == "right":
-            return project_by_blocks(grad, 0, (grad.shape[0], ortho.shape[0]), lambda g: g @ ortho.T)
+            return float32_by_blocks(grad, 0, (grad.shape[0], ortho.shape[0]), lambda g: g @ ortho.T)
         g = grad.to(torch.float32)
         return ortho.T @ g @ ortho_right.T
 
@@ -201,23 +181,21 @@ class Int4Basis:
     @staticmethod
     def project(grad: Tensor, side: str, basis: Tuple[PackedInt4, None]) -> Tensor:
         """R = P^T G (left) or G P^T (right), float32, by ``int4_matmul`` on the packed basis (dequantized tile by
-        tile inside the kernel), from the gradient in float32 (as galore-torch and ``project``; a large 16-bit one
-        converted by blocks, project_by_blocks; the product's precision follows torch's float32 matmul setting, see
-        tests/optim/test_qgalore_precision.py). A right projection of a bf16 / fp16 gradient where Triton runs (a
-        GPU) multiplies its 16-bit values by the basis' integers instead, with a float32 result
-        (weightkit.ops.int4.int4_matmul_exact_float32: exact products, no float32 copy of the gradient)."""
+        tile inside the kernel) with a float32 result: for a float32 gradient, as galore-torch and ``project`` (the
+        product's precision follows torch's float32 matmul setting, see tests/optim/test_qgalore_precision.py); for
+        a bf16 / fp16 one, ``out_dtype=float32``: float32 accuracy without a float32 copy of the gradient (a right
+        projection where Triton runs multiplies its 16-bit values by the basis' integers, exact products; elsewhere
+        it goes to float32 by blocks of 4M values, backends/_blocked.float32_by_blocks)."""
         packed = basis[0]
         args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
-        rank = packed.shape[1] if side == "left" else packed.shape[0]
-        # a large 16-bit gradient goes to float32 by blocks (project_by_blocks): of columns (left), of rows (right)
+        if grad.dtype in (torch.bfloat16, torch.float16):
+            g, out = grad, torch.float32
+        else:
+            g, out = grad.to(torch.float32), None
         if side == "left":  # P^T G = (G^T P)^T: G^T is a transposed view, read without a copy
-            return project_by_blocks(grad, 1, (rank, grad.shape[1]),
-                                     lambda g: int4_matmul(g.T, *args, transpose=True).T)
-        if side == "right":  # a 16-bit gradient on a GPU: exact products on 16-bit tensor cores, float32 out
-            exact = int4_matmul_exact_float32(grad, *args)
-            if exact is not None:
-                return exact
-            return project_by_blocks(grad, 0, (grad.shape[0], rank), lambda g: int4_matmul(g, *args, transpose=False))
+            return int4_matmul(g.T, *args, transpose=True, out_dtype=out).T
+        if side == "right":
+            return int4_matmul(g, *args, out_dtype=out)
         raise ValueError(f"the INT4 basis supports one-sided projections only, got side={side!r}")
 
     @staticmethod

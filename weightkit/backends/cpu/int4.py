@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import int4_matmul_blocked
+from .._blocked import int4_matmul_blocked, matmul_out_dtype
 from . import check, threads
 
 
@@ -42,6 +42,8 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
-                transpose: bool) -> Tensor:
-    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides (~4M values (16 MB) per block)."""
-    return int4_matmul_blocked(x, packed, scale, zero, group_size, shape, transpose, _dequantize_into, 1 << 22)
+                transpose: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides (~4M values (16 MB) per block).
+    ``out_dtype=float32`` for a 16-bit x: x converted to float32 by blocks of rows (matmul_out_dtype)."""
+    return matmul_out_dtype(x, shape[1] if transpose else shape[0], out_dtype, lambda x2: int4_matmul_blocked(
+        x2, packed, scale, zero, group_size, shape, transpose, _dequantize_into, 1 << 22))

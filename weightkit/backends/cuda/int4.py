@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import dequant_matmul
+from .._blocked import dequant_matmul, matmul_out_dtype
 from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
@@ -37,25 +37,28 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
-                transpose: bool) -> Tensor:
+                transpose: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides. Up to GEMV_MAX_TOKENS tokens
     of y = x W^T (cols and group_size multiples of 32): one GEMV kernel reading the packed W once
     (wk_cuda_int4_gemv). Otherwise W is dequantized to x's dtype (blocks of at most 128 MB) and multiplied by cuBLAS
-    through torch (backends/_blocked.dequant_matmul)."""
+    through torch (backends/_blocked.dequant_matmul). ``out_dtype=float32`` for a 16-bit x: the same on x converted
+    to float32 by blocks of rows (matmul_out_dtype), so W is dequantized to float32."""
     rows, cols = shape
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
-    code = native.FLOAT_CODES[x.dtype]
-    device, st = stream(x2)
-    if (not transpose and 1 <= x2.shape[0] <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0
-            and p % 16 == 0):
-        return gemv(x, rows, device, lambda xp, yp, tokens, rows_per_warp: native.CUDA.int4_gemv(
-            xp, code, p, s, z, yp, tokens, rows, cols, group_size, rows_per_warp, device, st), "int4_matmul")
 
-    def dequant(dst, r0, nr, c0, nc):
-        check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), code, cols, group_size, r0, nr, c0, nc, device, st),
-              "int4_matmul")
+    def run(x2: Tensor) -> Tensor:
+        code = native.FLOAT_CODES[x2.dtype]
+        device, st = stream(x2)
+        if (not transpose and 1 <= x2.shape[0] <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0
+                and p % 16 == 0):
+            return gemv(x2, rows, device, lambda xp, yp, tokens, rows_per_warp: native.CUDA.int4_gemv(
+                xp, code, p, s, z, yp, tokens, rows, cols, group_size, rows_per_warp, device, st), "int4_matmul")
 
-    y = dequant_matmul(x2, rows, cols, transpose, dequant)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+        def dequant(dst, r0, nr, c0, nc):
+            check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), code, cols, group_size, r0, nr, c0, nc, device,
+                                              st), "int4_matmul")
+
+        return dequant_matmul(x2, rows, cols, transpose, dequant)
+
+    return matmul_out_dtype(x, cols if transpose else rows, out_dtype, run)
