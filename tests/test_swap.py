@@ -73,6 +73,39 @@ def test_swap_int8_keeps_outputs_close(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_layers_take_an_empty_batch_as_nn_linear_does(device, method, dtype):
+    """A batch without tokens (a routed expert that got none, an empty last batch): the swapped layers give what
+    nn.Linear gives, an empty output of (..., out_features) and zero gradients of every parameter (the layers'
+    weights, tables, dictionary and values, and biases), under autocast too; a layer that then sees tokens is
+    unchanged by it."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(device=device, dtype=dtype)
+    model = copy.deepcopy(dense)
+    weightkit.swap(model, method, **SWAP_OPTS[method])
+    assert [m for m in model if type(m) not in (nn.Linear, nn.GELU)], method  # a layer was swapped
+    x = torch.randn(5, 64, device=device).to(dtype)
+    before = model(x)
+    for lead in [(0,), (2, 0)]:
+        for net in (dense, model):
+            net.zero_grad(set_to_none=True)
+            e = torch.randn(*lead, 64, device=device).to(dtype).requires_grad_()
+            y = net(e)
+            assert y.shape == (*lead, 32) and y.dtype == dtype, (method, type(net), y.shape, y.dtype)
+            y.float().sum().backward()
+            assert e.grad.shape == e.shape
+            for name, p in net.named_parameters():
+                if p.requires_grad:
+                    assert p.grad is not None and not p.grad.any(), (method, name)
+    if device == "cuda" or dtype == torch.bfloat16:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            assert model(torch.randn(0, 64, device=device)).shape == (0, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_swap_filter_fn_and_errors(device):
     model = TinyLlama(LlamaConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128)).to(device)
     report = weightkit.swap(model, "int8", filter_fn=lambda name, m: "mlp" in name, group_size=32)

@@ -167,8 +167,6 @@ class DictLinear(nn.Module):
         if x.device != dictionary.device:
             return ValueError(f"DictLinear input is on {x.device} but the layer's parameters are on "
                               f"{dictionary.device}")
-        if x.numel() == 0:
-            return ValueError(f"DictLinear input is empty (shape {tuple(x.shape)})")
         if not bool(torch.isfinite(x).all()):
             return ValueError("DictLinear input contains non-finite values (NaN or Inf)")
         if not bool(torch.isfinite(dictionary).all()):

@@ -70,7 +70,8 @@ def _no_check(*args) -> None:
 
 def define(schema: str, *, fake: Callable, table: Optional[KernelTable] = None, impl: Optional[Callable] = None,
            check: Callable = _no_check, debug_check: Optional[Callable] = None, debug_default: bool = False,
-           backward: Optional[Callable] = None, setup_context: Optional[Callable] = None) -> Callable:
+           backward: Optional[Callable] = None, setup_context: Optional[Callable] = None,
+           empty: Optional[Callable] = None) -> Callable:
     """Define ``weightkit::<schema>`` once (see the module docstring).
 
     Args:
@@ -81,6 +82,9 @@ def define(schema: str, *, fake: Callable, table: Optional[KernelTable] = None, 
         check: metadata checks (shapes, dtypes, devices, int ranges); raise with a message naming the argument.
         debug_check: data-reading checks (NaN, ranges); run only when ``debug_checks_enabled(debug_default)``.
         backward, setup_context: the autograd formula (``torch.library.register_autograd`` conventions).
+        empty: ``empty(*args)``, true for a call without tokens (an empty batch, which nn.Linear takes): after the
+            checks, no kernel runs and the result is ``fake``'s with every value zero (an empty output; zero
+            gradients of the operands the tokens would have summed into).
 
     Returns:
         the op as a Python callable with the schema's positional arguments; ``.overload`` is
@@ -102,6 +106,8 @@ def define(schema: str, *, fake: Callable, table: Optional[KernelTable] = None, 
         if len(args) < n_args:
             args = (*args, *defaults[len(args):])
         check(*args)
+        if empty is not None and empty(*args):
+            return torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.zero_, fake(*args))
         if debug_check is not None and debug_checks_enabled(debug_default):
             debug_check(*args)
         if not mutated:

@@ -212,7 +212,7 @@ def _check_bitmask_args(z: Tensor, values: Tensor, bitmask: Tensor, word_offsets
             and bitmask.shape[0] == bitmask_words(z.shape[1]) and values.shape[0] <= z.shape[1]
             and values.shape[0] <= _OFFSET_MAX[word_offsets.dtype]):
         return  # the usual valid call, in one expression; the checks below name the error
-    check_tensor("z", z, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("z", z, dtypes=FLOAT_DTYPES, ndim=2, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
     check_tensor("values", values, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
     check_tensor("bitmask", bitmask, dtypes=(torch.int32,), ndim=2, device=dev)
     check_tensor("word_offsets", word_offsets, dtypes=OFFSET_DTYPES, ndim=2, device=dev)
@@ -277,19 +277,20 @@ _bm_fwd_op = define(
     "dict_bitmask_matmul(Tensor z, Tensor values, Tensor bitmask, Tensor word_offsets) -> Tensor",
     table=_BM_FWD, check=_check_bitmask_args, debug_check=_check_bitmask_data,
     fake=lambda z, values, bitmask, word_offsets: z.new_empty((z.shape[0], values.shape[1])),
-    backward=_bm_backward, setup_context=_bm_setup)
+    backward=_bm_backward, setup_context=_bm_setup, empty=lambda z, *_: z.shape[0] == 0)
 
 _bm_bwd_op = define(
     "dict_bitmask_matmul_backward(Tensor grad, Tensor z, Tensor values, Tensor bitmask, Tensor word_offsets) "
     "-> (Tensor, Tensor)",
     table=_BM_BWD, check=lambda grad, z, values, bitmask, word_offsets: _check_bitmask_grad(grad, z, values, bitmask,
                                                                                            word_offsets),
-    fake=lambda grad, z, values, bitmask, word_offsets: (torch.empty_like(z), torch.empty_like(values)))
+    fake=lambda grad, z, values, bitmask, word_offsets: (torch.empty_like(z), torch.empty_like(values)),
+    empty=lambda grad, z, *_: z.shape[0] == 0)
 
 
 def _check_bitmask_grad(grad: Tensor, z: Tensor, values: Tensor, bitmask: Tensor, word_offsets: Tensor) -> None:
     _check_bitmask_args(z, values, bitmask, word_offsets)
-    check_tensor("grad", grad, dtypes=FLOAT_DTYPES, ndim=2, device=z.device)
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES, ndim=2, device=z.device, nonempty=False)
     if grad.shape != (z.shape[0], values.shape[1]):
         raise ValueError(f"grad must have the output's shape {(z.shape[0], values.shape[1])}, got {tuple(grad.shape)}")
 

@@ -162,7 +162,7 @@ _MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"),
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool,
               out_dtype: Optional[torch.dtype] = None):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
     if out_dtype is not None and out_dtype != x.dtype and not (
             out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
         raise ValueError(f"out_dtype must be None, x's dtype ({x.dtype}) or torch.float32 for a bfloat16 / float16 "
@@ -209,7 +209,7 @@ _int4_matmul_op = define(
     table=_MM, check=_check_mm, debug_check=lambda x, *_: require_finite("x", x),
     fake=lambda x, packed, scale, zero, group_size, shape, transpose, out_dtype=None: x.new_empty(
         (*x.shape[:-1], shape[1] if transpose else shape[0]), dtype=out_dtype or x.dtype),
-    backward=_int4_mm_backward, setup_context=_int4_mm_setup)
+    backward=_int4_mm_backward, setup_context=_int4_mm_setup, empty=lambda x, *_: x.numel() == 0)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,

@@ -237,7 +237,7 @@ def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, 
             and x.numel() and w_q.numel() and not w_q.shape[1] % group_size
             and scale.numel() == w_q.numel() // group_size and x.shape[-1] == w_q.shape[0 if transpose else 1]):
         return  # the usual valid call, in one expression (half the cost of the checks below, which name the error)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
     check_tensor("w_q", w_q, dtypes=(torch.int8,), ndim=2, device=x.device)
     check_positive_int("group_size", group_size)
     out_f, in_f = w_q.shape
@@ -289,7 +289,7 @@ _int8_matmul_op = define(
     "int8_matmul(Tensor x, Tensor w_q, Tensor scale, SymInt group_size, bool transpose) -> Tensor",
     table=_INT8_MM,
     check=_check_int8_mm_args, debug_check=lambda x, *_: require_finite("x", x), fake=_int8_matmul_fake,
-    backward=_int8_matmul_backward, setup_context=_int8_matmul_setup)
+    backward=_int8_matmul_backward, setup_context=_int8_matmul_setup, empty=lambda x, *_: x.numel() == 0)
 
 
 def int8_matmul(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, transpose: bool = False) -> Tensor:

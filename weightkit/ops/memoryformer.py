@@ -86,7 +86,7 @@ def _check_args(x: Tensor, tables: Tensor, t: float) -> None:
         tau = buckets.bit_length() - 1
         if buckets == 1 << tau and 1 <= tau <= MAX_TAU and x.shape[-1] == k * tau:
             return  # the usual valid call (half the cost of the checks below, which name the error)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
     check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     k, buckets, _ = tables.shape
     tau = buckets.bit_length() - 1
@@ -156,13 +156,14 @@ _forward_op = define(
     "memory_lookup_forward(Tensor x, Tensor tables, float t) -> Tensor",
     table=_FWD, check=_check_args, debug_check=lambda x, *_: require_finite("x", x),
     fake=lambda x, tables, t: x.new_empty((*x.shape[:-1], tables.shape[-1])),
-    backward=_backward, setup_context=_setup)
+    backward=_backward, setup_context=_setup, empty=lambda x, *_: x.numel() == 0)
 
 _backward_op = define(
     "memory_lookup_backward(Tensor grad, Tensor x, Tensor tables, float t, bool deterministic) -> (Tensor, Tensor)",
     impl=lambda grad, x, tables, t, deterministic: _BWD(x.device, grad, x, tables, t, deterministic,
                                                         _TABLE_GRAD[0] == "segments"),
-    fake=lambda grad, x, tables, t, deterministic: (torch.empty_like(x), torch.empty_like(tables)))
+    fake=lambda grad, x, tables, t, deterministic: (torch.empty_like(x), torch.empty_like(tables)),
+    empty=lambda grad, x, *_: x.numel() == 0)
 
 
 def memory_lookup(x: Tensor, tables: Tensor, t: float = 1.0) -> Tensor:
