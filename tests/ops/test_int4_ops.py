@@ -269,11 +269,15 @@ def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch)
         assert_quantized_matmul_contract(y, x.float(), w.to(device), False, label)
         assert_quantized_matmul_contract(y_t, xt.float(), w.to(device), True, label + " transposed")
         assert rel(y16, ref) > 100 * rel(y, ref), (label, rel(y16, ref), rel(y, ref))
-        assert torch.equal(y_col, y) and torch.equal(y_3d.reshape(tokens, rows), y), label
+        assert torch.equal(y_3d.reshape(tokens, rows), y), label
+        # (another layout of x may take another cuBLAS kernel: its own sums; Triton's tiles read any strides alike)
+        assert_quantized_matmul_contract(y_col, x.float(), w.to(device), False, label + " column-major x")
+        if name == "triton":
+            assert torch.equal(y_col, y), label
         assert_quantized_matmul_contract(y_blocks, x.float(), w.to(device), False, label + " by blocks")
         assert_quantized_matmul_contract(y_t_blocks, xt.float(), w.to(device), True, label + " transposed, blocks")
         assert rel(y_t, ref_t) < 1e-5, label
         assert xg.grad.dtype == dtype
-        torch.testing.assert_close(xg.grad, (gy.double().cpu() @ w).to(dtype).to(device), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(xg.grad, (gy.double().cpu() @ w).to(dtype).to(device), rtol=2 ** -7, atol=1e-5)
         if name == "triton" and group != 8:  # exact products
             assert rel(y, ref) <= fp32, (label, rel(y, ref), fp32)

@@ -42,5 +42,6 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     n_out = cols if transpose else rows
     if (out_dtype is not None and out_dtype != x.dtype and not transpose
             and mm_k_step(group_size, cols % group_size == 0, fma=False) is not None):
+        # exact products: the kernel reads x's 16-bit values as they are and stores float32 (no conversion of x)
         return matmul_out_dtype(x, n_out, None, lambda x2: run(x2, out_dtype))
     return matmul_out_dtype(x, n_out, out_dtype, run)
