@@ -160,3 +160,26 @@ def test_opcheck_with_gradients():
         args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
                      for a in captured["args"])
         torch.library.opcheck(getattr(torch.ops.weightkit, op).default, args)
+
+
+def test_dispatcher_calls_without_trailing_defaults_see_the_whole_schema():
+    """The dispatcher hands a Python kernel only the arguments its caller gave; define fills in the trailing
+    defaults, so the checks, kernels and autograd formulas see the whole schema. int8_sr_lowrank_update_ called
+    through torch.ops without its optional device flags still runs its on-by-default NaN check of the update and
+    leaves the weight as it was (its check took the seed for found_inf before, and wrote NaN's codes), and
+    int4_matmul without out_dtype gives x's dtype and its gradient."""
+    from tests.ops.test_opcheck import CASES
+
+    args = list(CASES["int8_sr_lowrank_update_"]("cpu"))
+    args[5] = torch.full_like(args[5], float("nan"))
+    w_q, scale = args[0].clone(), args[1].clone()
+    with pytest.raises(ValueError, match="update contains 48 non-finite"):
+        torch.ops.weightkit.int8_sr_lowrank_update_.default(*args)
+    assert torch.equal(args[0], w_q) and torch.equal(args[1], scale)
+
+    x, *rest = CASES["int4_matmul"]("cpu")
+    x = x.to(torch.bfloat16).requires_grad_()
+    y = torch.ops.weightkit.int4_matmul.default(x, *rest)  # 7 of its 8 arguments
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.shape == x.shape
