@@ -54,8 +54,18 @@ def _cases(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(_cases("cpu")))
-def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(device, dtype, name):
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(device, dtype, name, monkeypatch):
     table, features, fn, operands = _cases(device)[name]
+    tables = (int8._INT8_MM, int4._MM, memoryformer._FWD, memoryformer._BWD, dictionary._BM_FWD, dictionary._BM_BWD)
+    calls = []
+
+    def count_kernel_calls():  # every backend of every token-wise op: the empty calls must not reach one
+        for t in tables:
+            for backend, impl in list(t.impls.items()):
+                monkeypatch.setitem(t.impls, backend, lambda *a, _impl=impl, _n=f"{t.name} {backend}": (
+                    calls.append(_n), _impl(*a))[1])
+            t._chosen.clear()
+
     ran = False
     for backend in usable_backends(table, device):
         with use_backend(backend):
@@ -67,10 +77,13 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(device, dtype, 
                 x = torch.randn(*lead, features, device=device).to(dtype).requires_grad_()
                 for t in operands:
                     t.grad = None
+                count_kernel_calls()
                 y = fn(x)
                 assert y.shape == (*lead, want.shape[-1]), (backend, name, y.shape)
                 assert y.dtype == want.dtype and y.device == x.device, (backend, name)
                 y.sum().backward()
+                monkeypatch.undo()
+                assert not calls, (backend, name, calls)  # no kernel ran, forward or backward
                 assert x.grad.shape == x.shape and x.grad.dtype == dtype, (backend, name)
                 for t in operands:
                     assert t.grad is not None and t.grad.shape == t.shape, (backend, name)
