@@ -390,6 +390,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         verdict = self._nonfinite(items, prepared)
         if verdict is True:
             return loss
+        if verdict is not None:
+            self._device_step_sizes(items, prepared, verdict)
         for (group, p, part, grad), prep in zip(items, prepared):
             found = None if verdict is None else verdict.get(prep["check"].device)
             if found is None:
@@ -461,7 +463,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not moments.has(state):
                 moments.init(state, grad)
             state["step"] += 1
-            step_size_t = self._device_step_size(group, state, found) if self._counts_skips(found) else None
+            step_size_t = self._step_size_t(group, state, prep, found)
             self._apply_dense(group, weight, state, grad, self._step_size(group, state["step"]), found, step_size_t)
             return
         if prep["pending"] is not None:
@@ -470,7 +472,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not moments.has(state):
             moments.init(state, low)
         state["step"] += 1
-        step_size_t = self._device_step_size(group, state, found) if self._counts_skips(found) else None
+        step_size_t = self._step_size_t(group, state, prep, found)
         beta1, beta2 = group["betas"]
         update = LowRankUpdate(beta1=beta1, beta2=beta2, eps=group["eps"],
                                step_size=self._step_size(group, state["step"]), scale=prep["proj"].scale,
@@ -512,6 +514,48 @@ class GaLoreAdamW(torch.optim.Optimizer):
         or deferred to LayerwiseGaLore, does not: a bad step is undone on the host (the step count), so Adam's step
         size stays the host's."""
         return found is not None and self.nonfinite == "skip" and not self._defer
+
+    def _step_size_t(self, group: Dict, state: Dict, prep: Dict, found: Optional[Tensor]) -> Optional[Tensor]:
+        """The device step size of a commit that counts its skip on the device: the one :meth:`_device_step_sizes`
+        computed with the step's other parameters, else this parameter's own (:meth:`_device_step_size`: a
+        LayerwiseGaLore or single commit); None otherwise."""
+        if "step_size_t" in prep:
+            return prep.pop("step_size_t")
+        return self._device_step_size(group, state, found) if self._counts_skips(found) else None
+
+    def _device_step_sizes(self, items, prepared, verdict: Dict) -> None:
+        """:meth:`_device_step_size` for every parameter of a step at once (into ``prep['step_size_t']``): one
+        vectorized computation per device, group and step count over the parameters' ``nonfinite_skips`` (a dozen
+        small launches a batch instead of a dozen a parameter: the host time of a 'skip' step), then one foreach
+        launch per device counts this step in all of them where its flag is set. The same float64 formula, value for
+        value."""
+        batches: Dict[tuple, tuple] = {}  # (device, group, step) -> (group, flag, [(prep, skips)])
+        for (group, p, _, _), prep in zip(items, prepared):
+            found = verdict.get(prep["check"].device)
+            if found is None or not self._counts_skips(found):
+                continue
+            state = self.state[p]
+            skips = state.get("nonfinite_skips")
+            if not isinstance(skips, Tensor):
+                skips = state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=found.device)
+            elif skips.device != found.device:
+                skips = state["nonfinite_skips"] = skips.to(found.device)
+            key = (found.device, id(group), state.get("step", 0) + 1)
+            batches.setdefault(key, (group, found, []))[2].append((prep, skips))
+        counters: Dict[torch.device, tuple] = {}  # device -> (flag, [skips])
+        for (device, _, step), (group, found, entries) in batches.items():
+            size = None
+            if group["correct_bias"]:
+                beta1, beta2 = group["betas"]
+                t = torch.rsub(torch.stack([skips for _, skips in entries]).to(torch.float64), step)
+                size = torch.rsub(torch.pow(beta2, t), 1.0).sqrt_().mul_(group["lr"])
+                size = size.div_(torch.rsub(torch.pow(beta1, t), 1.0)).to(torch.float32)
+            for i, (prep, _) in enumerate(entries):
+                prep["step_size_t"] = None if size is None else size[i]
+            counters.setdefault(device, (found, []))[1].extend(skips for _, skips in entries)
+        for found, skips in counters.values():
+            flag = found.ne(0).reshape(()).to(torch.float32)
+            torch._foreach_add_(skips, [flag] * len(skips))
 
     def _device_step_size(self, group: Dict, state: Dict, found: Tensor) -> Optional[Tensor]:
         """Adam's step size with the bias correction of ``step - nonfinite_skips`` steps, computed on the device
