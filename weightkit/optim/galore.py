@@ -501,12 +501,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         copy; entries that a part replaces rather than updates in place (the three-pass 8-bit moments) are put back
         here where the flag is set."""
         state = self.state[p]
-        skip = found.ne(0).reshape(())
         replaced = {k: v for k, v in state.items() if isinstance(v, Tensor)}
         self._commit(group, p, part, grad, prep, found)
+        skip = None  # (made only where an entry was replaced: the fused paths replace none)
         for k, old in replaced.items():
             new = state.get(k)
             if new is not old and isinstance(new, Tensor) and new.shape == old.shape and new.dtype == old.dtype:
+                if skip is None:
+                    skip = found.ne(0).reshape(())
                 state[k] = torch.where(skip, old, new)
 
     def _counts_skips(self, found: Optional[Tensor]) -> bool:
