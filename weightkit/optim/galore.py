@@ -529,29 +529,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """:meth:`_device_step_size` for every parameter of a step at once (into ``prep['step_size_t']``): one
         vectorized computation per device, group and step count over the parameters' ``nonfinite_skips`` (a dozen
         small launches a batch instead of a dozen a parameter: the host time of a 'skip' step), then one foreach
-        launch per device counts this step in all of them where its flag is set. The same float64 formula, value for
-        value."""
+        launch per device counts this step in all of them where its flag is set. The same formula
+        (:meth:`_bias_corrected_size`), value for value."""
         batches: Dict[tuple, tuple] = {}  # (device, group, step) -> (group, flag, [(prep, skips)])
         for (group, p, _, _), prep in zip(items, prepared):
             found = verdict.get(prep["check"].device)
             if found is None or not self._counts_skips(found):
                 continue
             state = self.state[p]
-            skips = state.get("nonfinite_skips")
-            if not isinstance(skips, Tensor):
-                skips = state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=found.device)
-            elif skips.device != found.device:
-                skips = state["nonfinite_skips"] = skips.to(found.device)
             key = (found.device, id(group), state.get("step", 0) + 1)
-            batches.setdefault(key, (group, found, []))[2].append((prep, skips))
+            batches.setdefault(key, (group, found, []))[2].append((prep, self._skips_counter(state, found.device)))
         counters: Dict[torch.device, tuple] = {}  # device -> (flag, [skips])
         for (device, _, step), (group, found, entries) in batches.items():
-            size = None
-            if group["correct_bias"]:
-                beta1, beta2 = group["betas"]
-                t = torch.rsub(torch.stack([skips for _, skips in entries]).to(torch.float64), step)
-                size = torch.rsub(torch.pow(beta2, t), 1.0).sqrt_().mul_(group["lr"])
-                size = size.div_(torch.rsub(torch.pow(beta1, t), 1.0)).to(torch.float32)
+            size = self._bias_corrected_size(group, step, [skips for _, skips in entries])
             for i, (prep, _) in enumerate(entries):
                 prep["step_size_t"] = None if size is None else size[i]
             counters.setdefault(device, (found, []))[1].extend(skips for _, skips in entries)
@@ -562,21 +552,35 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _device_step_size(self, group: Dict, state: Dict, found: Tensor) -> Optional[Tensor]:
         """Adam's step size with the bias correction of ``step - nonfinite_skips`` steps, computed on the device
         (0-d float32; None without bias correction, where the step count does not matter); then counts this step
-        in ``nonfinite_skips`` where ``found`` is set. Same formula as :meth:`_step_size`, in float64."""
-        skips = state.get("nonfinite_skips")
-        if not isinstance(skips, Tensor):
-            skips = state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=found.device)
-        elif skips.device != found.device:
-            skips = state["nonfinite_skips"] = skips.to(found.device)
-        size = None
-        if group["correct_bias"]:
-            beta1, beta2 = group["betas"]
-            # rsub(x, c) = c - x: one launch, the bits of -x + c
-            t = torch.rsub(skips.to(torch.float64), state["step"])
-            size = torch.rsub(torch.pow(beta2, t), 1.0).sqrt_().mul_(group["lr"])
-            size = size.div_(torch.rsub(torch.pow(beta1, t), 1.0)).to(torch.float32)
+        in ``nonfinite_skips`` where ``found`` is set."""
+        skips = self._skips_counter(state, found.device)
+        size = self._bias_corrected_size(group, state["step"], skips)
         skips.add_(found.ne(0).reshape(()))
         return size
+
+    def _skips_counter(self, state: Dict, device: torch.device) -> Tensor:
+        """The parameter's ``nonfinite_skips`` (0-d float32) on ``device``, made or moved there."""
+        skips = state.get("nonfinite_skips")
+        if not isinstance(skips, Tensor):
+            skips = state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=device)
+        elif skips.device != device:
+            skips = state["nonfinite_skips"] = skips.to(device)
+        return skips
+
+    @staticmethod
+    def _bias_corrected_size(group: Dict, step: int, skips) -> Optional[Tensor]:
+        """Adam's step size after ``step - skips`` steps (``skips``: one counter, or a list of them, stacked: one
+        size each), float32 on the device, None without bias correction. Same formula as :meth:`_step_size`, in
+        float64."""
+        if not group["correct_bias"]:
+            return None
+        if isinstance(skips, list):
+            skips = torch.stack(skips)
+        beta1, beta2 = group["betas"]
+        # rsub(x, c) = c - x: one launch, the bits of -x + c
+        t = torch.rsub(skips.to(torch.float64), step)
+        size = torch.rsub(torch.pow(beta2, t), 1.0).sqrt_().mul_(group["lr"])
+        return size.div_(torch.rsub(torch.pow(beta1, t), 1.0)).to(torch.float32)
 
     def _apply_dense(self, group: Dict, p: Tensor, state: Dict, grad: Tensor, step_size: float,
                      found: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
