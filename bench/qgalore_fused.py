@@ -73,6 +73,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
             moment_shape=(1024, 4096)):
     from weightkit import use_backend
     from weightkit.backend import allow_tf32
+    from weightkit.ops import int4 as int4_ops
     from weightkit.ops.int4 import dequantize_int4, int4_matmul
     from weightkit.ops.int8 import int8_sr_update_
     from weightkit.ops.moments8bit import blockwise8bit_adam_
@@ -169,10 +170,15 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         out32 = (lambda: int4_matmul(g16.T, *args, transpose=True, out_dtype=torch.float32).T) if left else \
             (lambda: int4_matmul(g16, *args, out_dtype=torch.float32))
         for backend in ("triton", "cuda"):
+            name = f"int4_matmul {backend} float32 out from bf16"
+            why_not = int4_ops._MM.why_not(backend, g16.device)  # (forced, it would fall back: a mislabelled row)
+            if why_not is not None:
+                rows.append(dict(section="projection", shape=shape, backend=name, error=f"skipped: {why_not}"))
+                continue
             with use_backend(backend):
                 y = out32()
-                rows.append(dict(section="projection", shape=shape, backend=f"int4_matmul {backend} float32 out "
-                                 f"from bf16", ms=_ms(out32), rel_err=float((y.double() - ref).norm() / ref.norm())))
+                rows.append(dict(section="projection", shape=shape, backend=name, ms=_ms(out32),
+                                 rel_err=float((y.double() - ref).norm() / ref.norm())))
         conv = (lambda: int4_matmul(g16.float().T, *args, transpose=True).T) if left else \
             (lambda: int4_matmul(g16.float(), *args, transpose=False))  # the whole float32 copy, for comparison
         rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",
