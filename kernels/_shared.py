@@ -716,6 +716,48 @@ def weight_dot(acc, w, xt, s, dt: tl.constexpr, PRECISION: tl.constexpr, SCALE_A
 
 
 @triton.jit
+def round_bf16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: torch's ``x.to(torch.bfloat16)``.
+    By bits, because the interpreter's float-to-bf16 cast truncates (Triton 3.9) where compiled code rounds."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split3_bf16(x):
+    """float32 ``x`` as three float32 values of bfloat16 precision, hi + mid + lo == x (each the nearest bf16 of what
+    the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand)."""
+    hi = round_bf16(x)
+    rest = x - hi
+    mid = round_bf16(rest)
+    return hi, mid, round_bf16(rest - mid)
+
+
+@triton.jit
+def dot3(a, b, TC_BF16: tl.constexpr, SPLIT_A: tl.constexpr = False):
+    """a . b for one operand of bf16-exact values (the INT4 integers q - z; a bf16 activation) and one float32 operand
+    (``b``, or ``a`` with SPLIT_A) split in three bf16 parts (split3_bf16): three products, smallest first, each exact
+    in float32 (two bf16 significands), float32 accumulation: float32 accuracy from bf16 tensor-core products
+    (TC_BF16; the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the same exact values in float32).
+    2-D or batched 3-D operands. Splitting ``a`` keeps ``b`` as it is: on Hopper the split parts stay in registers
+    (wgmma's register operand) and ``b`` is staged in shared memory once for the three products."""
+    dt = tl.bfloat16 if TC_BF16 else tl.float32  # exact casts either way; "ieee" matters for float32 operands only
+    if SPLIT_A:
+        hi, mid, lo = split3_bf16(a)
+        b = b.to(dt)
+        t = tl.dot(lo.to(dt), b, input_precision="ieee", out_dtype=tl.float32)
+        t = tl.dot(mid.to(dt), b, acc=t, input_precision="ieee", out_dtype=tl.float32)
+        return tl.dot(hi.to(dt), b, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        hi, mid, lo = split3_bf16(b)
+        a = a.to(dt)
+        t = tl.dot(a, lo.to(dt), input_precision="ieee", out_dtype=tl.float32)
+        t = tl.dot(a, mid.to(dt), acc=t, input_precision="ieee", out_dtype=tl.float32)
+        return tl.dot(a, hi.to(dt), acc=t, input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
 def store_result(y_ptr, p_ptr, c_ptr, acc, rm, rn, M, N, SPLIT_K):
     """The tensor-core kernels' end: acc [BLOCK_N, BLOCK_M] fp32 (transposed: weight rows first) into y (cast) when
     unsplit, else into this split's fp32 partials, then the one-launch reduction of the output tile program_id(0)
@@ -864,6 +906,8 @@ class SplitKMatmul:
 # finds faster (SCALE_AFTER_DOT). With transpose=True the groups run along N: BLOCK_N divides G, so an N tile sees one
 # scale per k, which scales the tile before the dot (or x, in fp32, in the GEMV). Any other G (or an unaligned INT4
 # layout) takes ALIGNED=False: one scale gathered per element, slower, always correct.
+# A float32 result of a bf16 x (INT4's out_dtype=float32: GaLore's projections of a bf16 gradient) sets SPLIT3: a
+# tile scaled before the dot is split in three bf16 parts for three exact products (dot3), W never rounded to bf16.
 # Autotuning only for weights of >= the op's TUNE_MIN_WEIGHT elements with G % TUNE_GROUP == 0 (one fixed config
 # otherwise); config bucket: M rounded up to a power of 2, N, K, G, precision, dtype, device.
 
@@ -989,15 +1033,28 @@ def _fp32_spills(c, trans):
         0 if trans else 16)
 
 
+def _split3_spills(c):
+    """SPLIT3 (INT4, a bf16 x with a float32 result: the weight tile split in three bf16 parts in registers): more
+    than 80 values a thread of weight tile plus accumulator, BLOCK_N (BLOCK_K + BLOCK_M) / (32 warps). sm_90 compiles
+    of the transposed tiles (BLOCK_M x BLOCK_N x BLOCK_K, warps; Triton 3.9): 16x64x64, 16x128x64, 16x64x128,
+    32x64x64, 64x64x64 (4) kept everything in 129-253 registers, 32x64x128 (4, 80 a thread) spilled 8 B; spilled
+    24-1200 B: 16x128x128, 32x128x64, 64x128x64, 64x64x128, 128x64x64 (4), 128x128x64, 128x128x128 (8). 64x256x64 on
+    8 warps (128 a thread) did not spill, and is left out with the rest."""
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    return bn * (bk + bm) > 80 * 32 * c.num_warps
+
+
 def make_mm_pruner(trans, wbits):
     def prune(configs, named_args, **kwargs):
         m, n, k, g = named_args["M"], named_args["N"], named_args["K"], named_args["G"]
         x = named_args["x_ptr"]
         sms, smem = device_info(x.device)
         fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K <= 32 configs, else >= 64
+        split3 = kwargs.get("SPLIT3", False)
         shaped = [c for c in configs
                   if not g % c.kwargs["BLOCK_N" if trans else "BLOCK_K"] and (c.kwargs["BLOCK_K"] <= 32) == fma
-                  and not (x.element_size() == 4 and _fp32_spills(c, trans))]
+                  and not (x.element_size() == 4 and _fp32_spills(c, trans))
+                  and not (split3 and not c.kwargs["SCALE_AFTER_DOT"] and _split3_spills(c))]
 
         def need(c):  # pipelined x and weight tiles + one dequantized tile (+ layout conversions)
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -1060,13 +1117,15 @@ class DequantMatmul:
 
     @staticmethod
     def _setup(gemv, key, transpose):
-        M, N, K, G, aligned, tune, precision, dtype, device, _ = key
+        M, N, K, G, aligned, tune, precision, dtype, device, out_dtype = key
         mb = next_pow2(M)
         bucket = (mb,) + key[1:]
         if gemv:
             meta = dict(TRANS=transpose, BLOCK_M=mb)
         else:
             meta = dict(TRANS=transpose, **dot_meta(device, dtype, precision))
+            if dtype == torch.bfloat16 and out_dtype == torch.float32:  # INT4's out_dtype=float32 (the kernel's doc)
+                meta["SPLIT3"] = True
         if tune:  # every tuned BLOCK_K divides 128 or G (a divisor of K)
             return dict(meta, ALIGNED=True, EVEN_K=K % 128 == 0), None, bucket
         if gemv:

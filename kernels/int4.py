@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, gemv_accumulators, gemv_rows,
-                      gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, space, store_result,
+from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, dot3, gemv_accumulators,
+                      gemv_rows, gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, space, store_result,
                       unpack_int4_f32, weight_dot, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
@@ -177,8 +177,11 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
                     stride_xk, SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
-                    DOT_F32: tl.constexpr = False):
-    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel."""
+                    DOT_F32: tl.constexpr = False, SPLIT3: tl.constexpr = False):
+    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel. SPLIT3 (a bf16 x with a
+    float32 result, int4_matmul's out_dtype=float32): where the weight tile is scaled before the dot (not
+    SCALE_AFTER_DOT: transposed, or groups no K step divides), its float32 values are split in three bf16 parts for
+    three products with x's exact values (dot3): float32 accuracy, W never rounded to bf16."""
     pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
@@ -223,7 +226,10 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
             w = dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
             s = 1.0  # the scales are in w
         # SCALE_AFTER_DOT only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
-        acc = weight_dot(acc, w, xt, s, dt, PRECISION, SCALE_AFTER_DOT)
+        if SPLIT3 and not SCALE_AFTER_DOT:  # w: float32 values (q - z) * s
+            acc += dot3(w, tl.trans(xt), not DOT_F32, True)
+        else:
+            acc = weight_dot(acc, w, xt, s, dt, PRECISION, SCALE_AFTER_DOT)
         rk += BLOCK_K
         x_ptrs += x_step
     store_result(y_ptr, p_ptr, c_ptr, acc, rm, rn, M, N, SPLIT_K)

@@ -24,21 +24,12 @@ import triton
 import triton.language as tl
 
 from ._shared import INTERPRET as _INTERPRET
-from ._shared import (_u24, capturing, cdiv, dequant_int4, dequant_int4_tile, device_guard, group_broadcast,
-                      int4_tile_parts, launch, next_pow2, philox_uniform, unless_found)
+from ._shared import (_u24, capturing, cdiv, dequant_int4, dequant_int4_tile, device_guard, dot3, group_broadcast,
+                      int4_tile_parts, launch, next_pow2, philox_uniform, round_bf16, unless_found)
 
 # A constexpr: compiled kernels may read no other module global (Triton 3.6 and 3.9 refuse a plain float with a
 # NameError; the interpreter accepts it, so only an sm_90 compile showed it).
 _FLT_MIN = tl.constexpr(1.1754943508222875e-38)
-
-
-@triton.jit
-def _round_bf16(x):
-    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: torch's ``x.to(torch.bfloat16)``.
-    By bits, because the interpreter's float-to-bf16 cast truncates (Triton 3.9) where compiled code rounds."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -55,30 +46,6 @@ def _philox_tile(start, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _split3_bf16(x):
-    """float32 ``x`` as three float32 values of bfloat16 precision, hi + mid + lo == x (each the nearest bf16 of what
-    the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand)."""
-    hi = _round_bf16(x)
-    rest = x - hi
-    mid = _round_bf16(rest)
-    return hi, mid, _round_bf16(rest - mid)
-
-
-@triton.jit
-def _dot3(a, b, TC_BF16: tl.constexpr):
-    """a . b for ``a`` of bf16-exact values (the INT4 integers q - z) and a float32 ``b``: b split in three bf16 parts
-    (_split3_bf16), three products, smallest first, each exact in float32 (4-bit by 8-bit significands), float32
-    accumulation: float32 accuracy from bf16 tensor-core products (TC_BF16; the interpreter, whose bf16 dot is wrong in
-    Triton 3.9, multiplies the same exact values in float32). 2-D or batched 3-D operands."""
-    hi, mid, lo = _split3_bf16(b)
-    dt = tl.bfloat16 if TC_BF16 else tl.float32  # exact casts either way; "ieee" matters for float32 operands only
-    a = a.to(dt)
-    t = tl.dot(a, lo.to(dt), input_precision="ieee", out_dtype=tl.float32)
-    t = tl.dot(a, mid.to(dt), acc=t, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, hi.to(dt), acc=t, input_precision="ieee", out_dtype=tl.float32)
-
-
-@triton.jit
 def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT: tl.constexpr, PG: tl.constexpr,
                   ALIGNED: tl.constexpr, BF16: tl.constexpr, TC_BF16: tl.constexpr, SPLIT3: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -86,7 +53,7 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT:
     (0, 1) = (row tile, column tile)) of N = P U (LEFT) or U P, float32 (module docstring).
 
     SPLIT3 ('bf16x3', ALIGNED only): the basis as its exact integers q - z with the scales applied in float32 outside
-    the tensor-core products (_dot3), U split in three bf16 parts. Left (P: M x R, groups along R, BLOCK_R <= PG): a
+    the tensor-core products (dot3), U split in three bf16 parts. Left (P: M x R, groups along R, BLOCK_R <= PG): a
     rank step lies in one group of each row, so its product is scaled per row after the dot. Right (P: R x N, groups
     along N): the scale of row k and column group g multiplies U's column k, per group (a product per group for 1, 2
     or 4 groups a tile; a batched [NG, PG, BLOCK_M] product for more)."""
@@ -117,7 +84,7 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT:
             if SPLIT3:  # one group of each row: s is [BLOCK_M, 1]
                 qz, s = int4_tile_parts(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, basis_row_bytes, PG, BLOCK_M,
                                         BLOCK_R)
-                acc += _dot3(qz, b, TC_BF16) * s
+                acc += dot3(qz, b, TC_BF16) * s
             else:
                 if ALIGNED:
                     a = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, rows, rmask, k0, R, basis_row_bytes, PG, BLOCK_M,
@@ -135,12 +102,12 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT:
                 ut = tl.trans(a)  # [BLOCK_R, BLOCK_M]
                 qzt = tl.trans(qz)  # [BLOCK_N, BLOCK_R]
                 if NG == 1:
-                    acc0 += _dot3(qzt, ut * s, TC_BF16)
+                    acc0 += dot3(qzt, ut * s, TC_BF16)
                 elif NG == 2:  # the tile's two column groups as [GW, BLOCK_R] each, their scales [BLOCK_R] each
                     q0, q1 = tl.split(tl.permute(tl.reshape(qzt, (2, GW, BLOCK_R)), (1, 2, 0)))
                     s0, s1 = tl.split(s)
-                    acc0 += _dot3(q0, ut * s0[:, None], TC_BF16)
-                    acc1 += _dot3(q1, ut * s1[:, None], TC_BF16)
+                    acc0 += dot3(q0, ut * s0[:, None], TC_BF16)
+                    acc1 += dot3(q1, ut * s1[:, None], TC_BF16)
                 elif NG == 4:  # group 2i + j: split j, then i
                     qa, qb = tl.split(tl.reshape(tl.permute(tl.reshape(qzt, (4, GW, BLOCK_R)), (1, 2, 0)),
                                                  (GW, BLOCK_R, 2, 2)))
@@ -149,13 +116,13 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT:
                     sa, sb = tl.split(tl.reshape(s, (BLOCK_R, 2, 2)))
                     s0, s2 = tl.split(sa)
                     s1, s3 = tl.split(sb)
-                    acc0 += _dot3(q0, ut * s0[:, None], TC_BF16)
-                    acc1 += _dot3(q1, ut * s1[:, None], TC_BF16)
-                    acc2 += _dot3(q2, ut * s2[:, None], TC_BF16)
-                    acc3 += _dot3(q3, ut * s3[:, None], TC_BF16)
+                    acc0 += dot3(q0, ut * s0[:, None], TC_BF16)
+                    acc1 += dot3(q1, ut * s1[:, None], TC_BF16)
+                    acc2 += dot3(q2, ut * s2[:, None], TC_BF16)
+                    acc3 += dot3(q3, ut * s3[:, None], TC_BF16)
                 else:
                     qz3 = tl.reshape(qzt, (NG, GW, BLOCK_R))
-                    acc += _dot3(qz3, ut[None, :, :] * tl.trans(s)[:, :, None], TC_BF16)
+                    acc += dot3(qz3, ut[None, :, :] * tl.trans(s)[:, :, None], TC_BF16)
             else:
                 if ALIGNED:
                     b = dequant_int4_tile(bq_ptr, bs_ptr, bz_ptr, ks.to(tl.int64), kmask, pid_n * BLOCK_N, N,
@@ -181,8 +148,8 @@ def _lowrank_tile(bq_ptr, bs_ptr, bz_ptr, u_ptr, M, N, R, basis_row_bytes, LEFT:
 def _plain_dot(acc, a, b, BF16: tl.constexpr, TC_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + a . b at precision 'fp32' / 'tf32x3' (DOT_PRECISION) or 'bf16' (BF16: operands rounded to bf16)."""
     if BF16:
-        a = _round_bf16(a)
-        b = _round_bf16(b)
+        a = round_bf16(a)
+        b = round_bf16(b)
     if TC_BF16:  # exact casts of bf16-representable values; tensor cores, float32 accumulation
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
     return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)

@@ -24,13 +24,18 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                 transpose: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``out_dtype=float32`` for a 16-bit x: where W's rows are whole groups that the tensor-core kernel's K steps
-    divide (kernels._shared.mm_k_step) and W is not transposed, the kernel multiplies x's 16-bit values by W's
-    integers q - z (exact), scales each K step's dot by the group scales in float32 and stores its float32
-    accumulators: every product exact, no float32 copy of x (GaLore's right projection G P^T of a 16-bit gradient,
-    weightkit.optim.basis.Int4Basis.project). Otherwise the weight would be rounded to x's dtype before the dot, so x
-    goes to float32 by blocks of rows for the float32 kernel (matmul_out_dtype)."""
-    from ...kernels._shared import mm_k_step
+    """``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient,
+    weightkit.optim.basis.Int4Basis.project): the kernels read x's 16-bit values as they are and store their float32
+    accumulators, no float32 copy of x, wherever every product can be exact in float32:
+    - W not transposed, its rows whole groups that the tensor-core kernel's K steps divide (kernels._shared.mm_k_step):
+      x times W's integers q - z, each K step's dot scaled by the group scales in float32 (a bf16 or fp16 x; the
+      right projection G P^T);
+    - otherwise, a bf16 x: W's float32 values split in three bf16 parts, three products with x's values (the kernel's
+      SPLIT3; the left projection P^T G = (G^T P)^T, transposed);
+    - the GEMV (at most GEMV_MAX_M rows of x) multiplies in float32 anyway.
+    An fp16 x elsewhere (fp16 and bf16 values do not share a tensor-core product) goes to float32 by blocks of rows
+    for the float32 kernel (matmul_out_dtype)."""
+    from ...kernels._shared import GEMV_MAX_M, mm_k_step
     from ...kernels.int4 import int4_matmul_triton
 
     rows, cols = int(shape[0]), int(shape[1])
@@ -40,8 +45,8 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
         return int4_matmul_triton(x2, packed, scale, zero, group_size, rows, cols, transpose, out_dtype=out)
 
     n_out = cols if transpose else rows
-    if (out_dtype is not None and out_dtype != x.dtype and not transpose
-            and mm_k_step(group_size, cols % group_size == 0, fma=False) is not None):
-        # exact products: the kernel reads x's 16-bit values as they are and stores float32 (no conversion of x)
+    if out_dtype is not None and out_dtype != x.dtype and (
+            x.dtype == torch.bfloat16 or x.numel() <= GEMV_MAX_M * x.shape[-1]
+            or (not transpose and mm_k_step(group_size, cols % group_size == 0, fma=False) is not None)):
         return matmul_out_dtype(x, n_out, None, lambda x2: run(x2, out_dtype))
     return matmul_out_dtype(x, n_out, out_dtype, run)
