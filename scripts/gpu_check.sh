@@ -47,9 +47,11 @@
 #       --tf32 --lowrank-precision bf16x3"
 #       (#24's 7B row, 16 x 256, rank 1024, bf16 parameters as in the Q-GaLore paper's 7B run; AdamW's 7B state,
 #       bf16 too, fits an H100. At rank 1024 the projections and write-backs are ~26 TFLOP a step: ~0.6 s in
-#       strict float32, hence TF32 tensor cores for the projections and bf16x3 for the write-back (float32
-#       accuracy from three bf16 products, half tf32x3's tensor-core work); should the test stage's
-#       test_compiled_write_back_on_cuda fail for bf16x3, run it with --lowrank-precision tf32x3)
+#       strict float32, hence tensor cores: the bf16 gradients' projections on bf16 ones with exact products
+#       (int4_matmul's out_dtype=float32 on triton: one product on the right, three on the left), --tf32 for the
+#       float32 rest, and bf16x3 for the write-back (float32 accuracy from three bf16 products, half tf32x3's
+#       tensor-core work); should the test stage's test_compiled_write_back_on_cuda fail for bf16x3, run it
+#       with --lowrank-precision tf32x3)
 # Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
 # were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), TEST_COMPILE_THREADS (Triton compile
