@@ -19,9 +19,10 @@
   1024 x 4096 low-rank moment pair, and the fraction of copy bandwidth of its bytes;
 * ``projection``: R = P^T G (left, 4096 x 4096 rank 1024) / G P^T (right, 4096 x 11008) by ``int4_matmul`` on the
   packed basis vs dequantize + float32 matmul; and a bf16 gradient's with ``out_dtype=float32`` (as the optimizer
-  runs it) on the triton and cuda backends (right on triton: exact products on bf16 tensor cores, no float32 copy;
-  otherwise the gradient converted to float32 by blocks) against its whole float32 copy + ``int4_matmul`` (time and
-  error against float64).
+  runs it) on the triton and cuda backends (on triton, no float32 copy: right, exact products of the bf16 values and
+  the basis' integers; left, three exact products with the basis' values split in bf16 parts; on cuda the gradient
+  converted to float32 by blocks) against its whole float32 copy + ``int4_matmul``, in float32 and with TF32
+  allowed (time and error against float64).
 
 End to end (the issue's table rows) runs through ``weightkit train --model-size 7b --methods qgalore-layerwise
 --checkpointing --dtype bfloat16 --steps 20`` (peak and its breakdown printed beside it) and the 309M comparison of
@@ -184,6 +185,9 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
             (lambda: int4_matmul(g16.float(), *args, transpose=False))  # the whole float32 copy, for comparison
         rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",
                          ms=_ms(conv), rel_err=float((conv().double() - ref).norm() / ref.norm())))
+        with allow_tf32(True):  # the same with TF32 allowed (the 7B call's --tf32): faster than three bf16 products?
+            rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul tf32",
+                             ms=_ms(conv), rel_err=float((conv().double() - ref).norm() / ref.norm())))
 
     # moments: one pass vs bitsandbytes' three
     try:
