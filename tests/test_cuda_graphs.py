@@ -100,7 +100,12 @@ CASES = {
         "40tok": lambda d: (_randn(40, 256, device=d), *_int4(128, 256, 64, d), 64, [128, 256], False),
         "40tok-transpose": lambda d: (_randn(40, 128, device=d), *_int4(128, 256, 64, d), 64, [128, 256], True),
         "1tok-1024x1024-tuned": lambda d: (_randn(1, 1024, device=d), *_int4(1024, 1024, 64, d), 64, [1024, 1024],
-                                           False)},
+                                           False),
+        # GaLore's projections of a bf16 gradient: float32 out (right: exact products; left, transposed: SPLIT3)
+        "40tok-bf16-float32-out": lambda d: (_randn(40, 256, device=d).bfloat16(), *_int4(128, 256, 64, d), 64,
+                                             [128, 256], False, torch.float32),
+        "40tok-bf16-float32-out-transpose": lambda d: (_randn(40, 128, device=d).bfloat16(), *_int4(128, 256, 64, d),
+                                                       64, [128, 256], True, torch.float32)},
     "galore_adam_update_": {"left": lambda d: _galore(d, left=True), "right": lambda d: _galore(d, left=False)},
     "memory_lookup_forward": {
         "1tok": lambda d: (_randn(1, 64, device=d), _tables(16, 4, 128, d), 1.0),
