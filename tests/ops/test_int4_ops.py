@@ -292,3 +292,21 @@ def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch)
             assert rel(y_t, ref_t) <= 1.5 * fp32_t, (label, rel(y_t, ref_t), fp32_t)
             if group == 8:
                 assert rel(y, ref) <= 1.5 * fp32, (label, rel(y, ref), fp32)
+
+
+def test_int4_matmul_regime_names_tf32_where_a_float32_product_runs():
+    """auto measures per regime: a float32 result of a 16-bit x (whose cuda path multiplies in float32, TF32 where
+    torch allows it) is a regime of its own per TF32 setting, as a float32 x is; a 16-bit result is not."""
+    from weightkit.backend import allow_tf32
+
+    q, s, z = quantize_int4(torch.randn(16, 64), 32)
+    args = (q, s, z, 32, (16, 64), False)
+    regimes = {}
+    for on in (False, True):
+        with allow_tf32(on):
+            for x in (torch.randn(4, 64), torch.randn(4, 64).bfloat16()):
+                for out in (None, torch.float32):
+                    regimes[on, x.dtype, out] = int4._MM.regime(x, *args, out)
+    for dtype, out in ((torch.float32, None), (torch.bfloat16, torch.float32)):
+        assert regimes[False, dtype, out] != regimes[True, dtype, out], (dtype, out)
+    assert regimes[False, torch.bfloat16, None] == regimes[True, torch.bfloat16, None]

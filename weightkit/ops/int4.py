@@ -153,11 +153,13 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # lead's per-shape measured choice picks cuda where its GEMM wins). H200, 2026-11-26, 8192^2 g64, bf16 x: triton
 # 0.162 / 0.178 / 0.141 / 2.05 ms at 1 / 16 / 256 / 4096 tokens (the cuda figures of that run were of the former
 # strict-fp32 design)
-# Measured per regime: token bucket, the weight's shape, group size, transpose, x's dtype, TF32 allowed (fp32 x).
+# Measured per regime: token bucket, the weight's shape, group size, transpose, x's dtype, TF32 allowed (for a
+# float32 product: an fp32 x, or a float32 result, whose cuda path converts x and multiplies in float32), float32 out.
 _MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"),
                   regime=lambda x, packed, scale, zero, group_size, shape, transpose, out_dtype: (
                       token_bucket(rows_of(x)), tuple(shape), group_size, transpose, x.dtype,
-                      x.dtype is torch.float32 and tf32_allowed(), out_dtype not in (None, x.dtype)))
+                      (x.dtype is torch.float32 or out_dtype is torch.float32) and tf32_allowed(),
+                      out_dtype not in (None, x.dtype)))
 
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool,
