@@ -227,7 +227,8 @@ def test_projection_of_a_bf16_gradient_on_triton_makes_no_float32_copy(device, s
         out = Int4Basis.project(grad, side, (packed, None))
     assert probe.largest == ref.numel()  # the result alone: no float32 copy of the gradient
     rel = lambda t: float((t.double() - ref).norm() / ref.norm())  # noqa: E731
-    assert out.dtype == torch.float32 and rel(out) <= 1.5 * rel(f32) + 1e-9, (rel(out), rel(f32))
+    bound = 1.0 if side == "right" else 1.5  # right: exact products, at least the float32 product's accuracy
+    assert out.dtype == torch.float32 and rel(out) <= bound * rel(f32) + 1e-9, (rel(out), rel(f32))
     assert rel(out) < 1e-6, rel(out)
 
 
