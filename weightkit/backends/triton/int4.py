@@ -35,6 +35,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     - the GEMV (at most GEMV_MAX_M rows of x) multiplies in float32 anyway.
     An fp16 x elsewhere (fp16 and bf16 values do not share a tensor-core product) goes to float32 by blocks of rows
     for the float32 kernel (matmul_out_dtype)."""
+    from ...backend import rows_of
     from ...kernels._shared import GEMV_MAX_M, mm_k_step
     from ...kernels.int4 import int4_matmul_triton
 
@@ -46,7 +47,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
 
     n_out = cols if transpose else rows
     if out_dtype is not None and out_dtype != x.dtype and (
-            x.dtype == torch.bfloat16 or x.numel() <= GEMV_MAX_M * x.shape[-1]
+            x.dtype == torch.bfloat16 or rows_of(x) <= GEMV_MAX_M
             or (not transpose and mm_k_step(group_size, cols % group_size == 0, fma=False) is not None)):
         return matmul_out_dtype(x, n_out, None, lambda x2: run(x2, out_dtype))
     return matmul_out_dtype(x, n_out, out_dtype, run)
