@@ -6,8 +6,9 @@ test:  ## the test command: installs what it needs, builds, runs tests/
 bench:  ## kernel benchmarks; JSON with device and versions under bench/results/
 	bash scripts/bench.sh
 
-docs:  ## docs/benchmarks.md from the result files in bench/results/
+docs:  ## docs/benchmarks.md and docs/targets.md from the result files in bench/results/
 	python -m weightkit.benchreport --docs docs/benchmarks.md
+	python -m bench.targets --docs docs/targets.md
 
 build:  ## editable install, built in place with ninja (incremental; build/compile_commands.json for editors)
 	python -m pip install --no-build-isolation --no-deps -e .

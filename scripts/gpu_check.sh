@@ -117,6 +117,10 @@ write_summary() {  # header (status, skips, stages) + the log so far; rewritten 
     if [ ${#SKIPS[@]} -eq 0 ]; then echo "  nothing"; else printf '  - %s\n' "${SKIPS[@]}"; fi
     echo "stages (result, seconds used / hard limit):"
     if [ ${#RESULTS[@]} -eq 0 ]; then echo "  none finished yet"; else printf '  %s\n' "${RESULTS[@]}"; fi
+    if [ -s "$WORK/targets" ]; then
+      echo "the issues' targets, judged from this call's files (python -m bench.targets; met / MISSED / not measured):"
+      cat "$WORK/targets"
+    fi
     echo "-----------------------------------------------------------------------------------------------------------"
     cat "$BODY"
   } >"$OUT_DIR/summary.txt.tmp"
@@ -131,6 +135,15 @@ limited() {
   shift 3
   local grace=$(( limit >= 40 ? 8 : (limit >= 6 ? 3 : 1) ))
   timeout --signal="$sig" --kill-after="$grace" "$(( limit - grace ))" "$@" >"$logf" 2>&1
+}
+
+# targets: the issues' targets judged from this call's report and training runs (bench/targets.py), for summary.txt
+targets() {
+  local files=()
+  [ -f "$OUT_DIR/gpu-report.json" ] && files+=("$OUT_DIR/gpu-report.json")
+  for f in "$OUT_DIR"/train/train-*.json; do [ -f "$f" ] && files+=("$f"); done
+  [ ${#files[@]} -eq 0 ] && return 0
+  timeout -k 3 30 $PY -m bench.targets --style brief --issues 24,25,26 "${files[@]}" >"$WORK/targets" 2>&1 || true
 }
 
 # result STAGE RC STARTED LIMIT [DETAIL]: record a stage's outcome (a stage stopped at its limit fails the check)
@@ -318,6 +331,7 @@ if has report; then
     detail="no gpu-report.json"
   fi
   grep -E "^  |^\[" "$OUT_DIR/gpu-report.log" | cut -c1-220 >>"$BODY"
+  targets
   result report $rc "$t0" "$REPORT_BUDGET" "$detail"
 fi
 
@@ -357,6 +371,7 @@ if has train; then
     rc=$?
     tail -12 "$OUT_DIR/train.log" | cut -c1-300 >>"$BODY"
     for f in "$OUT_DIR"/train/train-*; do [ -f "$f" ] && cp "$f" "$RESULTS_DIR/${P_tag}-$(basename "$f")"; done
+    targets
     result train $rc "$t0" "$TRAIN_BUDGET" "methods $joined"
   fi
 fi

@@ -210,6 +210,7 @@ case "$1 $2" in
     sleep "${FAKE_TEST_SLEEP:-0}"
     echo "SKIPPED [3] tests/optim/test_qgalore.py:12: could not import 'bitsandbytes'"
     echo "======= 5 passed, 3 skipped in 1.00s ======="; exit 0 ;;
+  "-m bench.targets") exec "$REAL_PYTHON" "$@" ;;  # the real judge, on the fake files
   "-m bench.gpu_report")
     for a in "$@"; do case "$prev" in --out) out="$a" ;; esac; prev="$a"; done
     echo '{"complete": false, "sections": {"quant": {"status": "running", "budget_s": 50}}, "rows": [{"section": "quant", "name": "row one", "ms": 1.0}], "skipped": []}' >"$out"
@@ -261,10 +262,14 @@ def test_script_runs_the_stages_in_order_and_drops_what_cannot_run(tmp_path):
     head = summary.split("-----")[0]
     assert head.startswith("gpu-check: ok")
     stages = [c.split()[1] if c.startswith("-m") else c.split()[0] for c in calls if not c.startswith("-c")]
-    assert stages == ["setup.py", "weightkit", "pytest", "bench.gpu_report", "weightkit"]
+    assert stages == ["setup.py", "weightkit", "pytest", "bench.gpu_report", "bench.targets", "weightkit",
+                      "bench.targets"]
+    # the targets, judged from what the call wrote (a fake report of one row: nothing measured), atop the log
+    assert "the issues' targets, judged from this call's files" in head
+    assert "targets: 0 met, 0 missed," in head and "#26 NOT MEASURED" in head and "#23" not in head
     test_call = next(c for c in calls if c.startswith("-m pytest"))
     assert "-n 14" in test_call and "-k (cuda or tuned_path) and not cudasim" in test_call
-    train_call = calls[-1]
+    train_call = next(c for c in calls if c.startswith("-m weightkit train"))
     assert "--methods adamw,galore " in train_call + " "  # qgalore needs bitsandbytes: dropped, not started
     assert "train method qgalore: needs bitsandbytes" in head
     assert "bitsandbytes" in head and "site-packages.sh .gpu-site" in head
@@ -341,6 +346,15 @@ def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
     assert not errors, errors
     for section in report.SECTION_BUDGETS:
         assert any(r["section"] == section and "ms" in r for r in data["rows"]), section
+    # bench/targets.py finds every row it judges in a default report (at the report's sizes, these): no "no row"
+    # but for the targeted sections' rows
+    from bench import targets
+
+    verdicts = [targets.evaluate(spec, [targets.Report(str(out), data)]) for spec in targets.report_specs()]
+    lost = [(v.what, p.why) for v in verdicts for p in v.parts if p.value is None and "no row" in p.why
+            and not any(f"no row {s}/" in p.why for s in ("galore_issue25", "qgalore_fused", "compress"))]
+    assert not lost, lost
+    assert sum(p.value is not None for v in verdicts for p in v.parts) >= 12  # the CPU run measures no kernel time
 
 
 def test_compress_rows_take_the_recorded_2core_cpu_baseline(tmp_path, monkeypatch):
