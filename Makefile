@@ -1,4 +1,4 @@
-.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton check-cudasim info gpu-check
+.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton check-cudasim info gpu-check gpu-prebuild
 
 test:  ## the test command: installs what it needs, builds, runs tests/
 	bash scripts/test.sh
@@ -30,6 +30,9 @@ check-cudasim:  ## csrc/cuda's kernels on the CPU (cudasim, ASan + UBSan) under 
 
 info:
 	python -m weightkit info
+
+gpu-prebuild:  ## the kernel libraries of the GPU machine built here (.gpu-prebuilt: carry it; gpu-check skips its build)
+	bash scripts/prebuild_gpu.sh
 
 gpu-check:  ## on a machine with a GPU, <= 7 min: build, info, CUDA tests, GPU report, short train -> $(OUT) (scripts/gpu_check.sh)
 	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-out)

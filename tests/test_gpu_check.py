@@ -222,16 +222,17 @@ exit 3
 """
 
 
-def _run_script(tmp_path, env_extra, out_name="out", timeout=120):
+def _run_script(tmp_path, env_extra, out_name="out", timeout=120, root=ROOT):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     log = tmp_path / "calls.log"
     env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), REAL_PYTHON=sys.executable,
-               RESULTS_DIR=str(tmp_path / "results"), **env_extra)
+               RESULTS_DIR=str(tmp_path / "results"), PREBUILT="")  # the checkout's own .gpu-prebuilt: not here
+    env.update(env_extra)
     out = tmp_path / out_name
-    proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=root)
     summary = (out / "summary.txt").read_text()
     calls = log.read_text().splitlines() if log.exists() else []
     return proc, summary, calls, out
@@ -278,6 +279,59 @@ def test_script_runs_the_stages_in_order_and_drops_what_cannot_run(tmp_path):
         assert any(line.startswith(f"  {stage}") and "ok" in line and f"/ {limit:4d} s" in line
                    for line in head.splitlines()), (stage, head)
     assert len(list(out.rglob("*"))) <= 9  # 8 files (+ the train folder) come back from the device machine
+
+
+def _checkout_with_prebuilt(tmp_path, sources_hash=None):
+    """A copy of what the scripts read (scripts/, csrc/, setup.py) with a carried .gpu-prebuilt of fake libraries,
+    stamped with the copy's sources hash (or ``sources_hash``)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("gpu_check.sh", "prebuild_gpu.sh"):
+        shutil.copy(ROOT / "scripts" / name, root / "scripts" / name)
+    shutil.copytree(ROOT / "csrc", root / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "setup.py", root / "setup.py")
+    pre = root / ".gpu-prebuilt"
+    (pre / "weightkit" / "lib").mkdir(parents=True)
+    (pre / "weightkit" / "_C.cpython-312-x86_64-linux-gnu.so").write_text("module")
+    (pre / "weightkit" / "lib" / "libweightkit_cuda.so").write_text("library")
+    (pre / "BUILT").write_text("built (fake)\n")
+    here = subprocess.run(["bash", str(root / "scripts" / "prebuild_gpu.sh"), "--hash"], capture_output=True, text=True,
+                          check=True, cwd=root).stdout.strip()
+    assert len(here) == 16
+    (pre / "SOURCES").write_text((sources_hash or here) + "\n")
+    return root
+
+
+@needs_tools
+def test_script_uses_carried_libraries_built_from_its_sources_instead_of_building(tmp_path):
+    root = _checkout_with_prebuilt(tmp_path)
+    proc, summary, calls, out = _run_script(tmp_path, {"FAKE_CUDALIB": "ok", "STAGES": "build,info",
+                                                       "PREBUILT": ".gpu-prebuilt"}, root=root)
+    assert proc.returncode == 0, summary
+    head = summary.split("-----")[0]
+    assert not any(c.startswith("setup.py") for c in calls)  # no build
+    assert "build: the carried kernel libraries (.gpu-prebuilt, built from these sources) load and run" in head
+    assert (root / "weightkit" / "_C.cpython-312-x86_64-linux-gnu.so").read_text() == "module"
+    assert (root / "weightkit" / "lib" / "libweightkit_cuda.so").read_text() == "library"
+    assert "stages run: info;" in summary.splitlines()[0]
+
+
+@needs_tools
+def test_script_builds_when_the_carried_libraries_are_stale_or_do_not_run(tmp_path):
+    root = _checkout_with_prebuilt(tmp_path, sources_hash="0123456789abcdef")  # built from other sources
+    proc, summary, calls, out = _run_script(tmp_path, {"FAKE_CUDALIB": "ok", "STAGES": "build,info",
+                                                       "PREBUILT": ".gpu-prebuilt"}, root=root)
+    assert proc.returncode == 0, summary
+    assert any(c.startswith("setup.py") for c in calls)
+    assert "built from other sources (hash 0123456789abcdef" in summary.split("-----")[0]
+    assert not (root / "weightkit" / "lib" / "libweightkit_cuda.so").exists()
+    # the sources match but the libraries do not load here (the probe): built, and the log says why
+    root = _checkout_with_prebuilt(tmp_path / "second")
+    proc, summary, calls, out = _run_script(tmp_path / "second", {"STAGES": "info,report", "REPORT_SECTIONS": "quant",
+                                                                  "PREBUILT": ".gpu-prebuilt"}, root=root)
+    assert proc.returncode == 0, summary
+    assert [c.split()[0] for c in calls if not c.startswith("-c")][:1] == ["setup.py"]  # added: nothing runs here
+    assert "the carried kernel libraries (.gpu-prebuilt) do not run here (libweightkit_cuda.so not found)" in summary
 
 
 @needs_tools
