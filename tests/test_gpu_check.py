@@ -305,15 +305,18 @@ def _checkout_with_prebuilt(tmp_path, sources_hash=None):
 @needs_tools
 def test_script_uses_carried_libraries_built_from_its_sources_instead_of_building(tmp_path):
     root = _checkout_with_prebuilt(tmp_path)
-    proc, summary, calls, out = _run_script(tmp_path, {"FAKE_CUDALIB": "ok", "STAGES": "build,info",
+    proc, summary, calls, out = _run_script(tmp_path, {"FAKE_CUDALIB": "ok", "STAGES": "build,info,report",
                                                        "PREBUILT": ".gpu-prebuilt"}, root=root)
     assert proc.returncode == 0, summary
     head = summary.split("-----")[0]
     assert not any(c.startswith("setup.py") for c in calls)  # no build
+    # the build's 70 s less 10 go to the report (110 + 60 = 170 s: --budget 150)
+    assert "--budget 150 " in next(c for c in calls if "bench.gpu_report" in c)
+    assert any(line.startswith("  report") and "/  170 s" in line for line in head.splitlines()), head
     assert "build: the carried kernel libraries (.gpu-prebuilt, built from these sources) load and run" in head
     assert (root / "weightkit" / "_C.cpython-312-x86_64-linux-gnu.so").read_text() == "module"
     assert (root / "weightkit" / "lib" / "libweightkit_cuda.so").read_text() == "library"
-    assert "stages run: info;" in summary.splitlines()[0]
+    assert "stages run: info,report;" in summary.splitlines()[0]
 
 
 @needs_tools
