@@ -148,7 +148,7 @@ targets() {
   [ -f "$OUT_DIR/gpu-report.json" ] && files+=("$OUT_DIR/gpu-report.json")
   for f in "$OUT_DIR"/train/train-*.json; do [ -f "$f" ] && files+=("$f"); done
   [ ${#files[@]} -eq 0 ] && return 0
-  timeout -k 3 30 $PY -m bench.targets --style brief --issues 24,25,26 "${files[@]}" >"$WORK/targets" 2>&1 || true
+  timeout -k 3 15 $PY -m bench.targets --style brief --issues 24,25,26 "${files[@]}" >"$WORK/targets" 2>&1 || true
 }
 
 # result STAGE RC STARTED LIMIT [DETAIL]: record a stage's outcome (a stage stopped at its limit fails the check)
