@@ -254,6 +254,11 @@ def _print(r):
     if "error" in r:
         print(f"  {r['section']:<10} {r['name']:<58} ERROR {r['error']}", flush=True)
         return
+    if r.get("ms") is None:  # a record without a time (an error figure, a sync count, a check's verdict)
+        fields = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                           if k not in ("section", "name"))
+        print(f"  {r['section']:<10} {r['name']:<58} {fields[:160]}", flush=True)
+        return
     times = f"{r['ms']:9.4f} ms"
     if "host_ms" in r:
         times += f"  host {r['host_ms']:8.4f}"
@@ -285,6 +290,7 @@ PROJ = (4096, 1024, 4096)
 MEM_D, MEM_TOKENS = 4096, (1, 16, 1024)
 DICT, DICT_TOKENS = (4096, 1796, 898), (1, 16, 256, 4096)  # d, k, s: dictionary_size(4096, 4096, 0.3, value_bytes=2)
 KERNELS_D, KERNELS_TOKENS = (8192, 4096), ((1, 16, 256), (1, 16))
+QGALORE_FUSED_SIZES: dict = {}  # bench/qgalore_fused.measure's shapes, moment_shape (empty: its defaults, #24's)
 
 
 def ceilings():
@@ -903,7 +909,7 @@ def qgalore_fused():
     Opt-in, as galore_issue25."""
     from bench import qgalore_fused as q
 
-    _rows_from("qgalore_fused", q.measure("cuda"))
+    _rows_from("qgalore_fused", q.measure(DEV, **QGALORE_FUSED_SIZES))
 
 
 def compress():

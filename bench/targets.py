@@ -306,19 +306,27 @@ def report_specs() -> List[Spec]:
                 for label, pattern in (("int8_sr_update_", rf"int8_sr_update_ {d}\^2 (?P<b>\w+)"),
                                        ("quantize_int4", rf"quantize_int4 {d}\^2 g64 (?P<b>\w+)"))]
 
-    def precision(rep):
-        rows = {name.split("] ", 1)[-1]: r for (sec, name), r in rep.rows.items()
-                if sec == "qgalore_fused" and name.startswith("precision:")}
-        base = rows.get("float32 matmul (galore-torch's)")
+    def precision(rep):  # per shape of bench/qgalore_fused.measure (its rows' names hold str(shape))
+        import inspect
+
+        from bench import qgalore_fused
+
+        shapes = gr.QGALORE_FUSED_SIZES.get("shapes") or \
+            inspect.signature(qgalore_fused.measure).parameters["shapes"].default
         parts = []
-        for prec in ("bf16x3", "tf32x3"):
-            r, p = rows.get(f"write-back product {prec}"), Part(f"write-back {prec}")
-            if r is None or base is None or "rel_err" not in r or "rel_err" not in base:
-                p.why = "no qgalore_fused precision rows (a targeted call: REPORT_SECTIONS=qgalore_fused)"
-            else:
-                p.value = r["rel_err"] / base["rel_err"]
-                p.shown = f"{r['rel_err']:.2e} = {p.value:.2f}x galore-torch's {base['rel_err']:.2e}"
-            parts.append(p)
+        for m, n, r, left in shapes:
+            shape = str([m, n, r, "left" if left else "right"])
+            rows = {name[len(f"precision: {shape} "):]: row for (sec, name), row in rep.rows.items()
+                    if sec == "qgalore_fused" and name.startswith(f"precision: {shape} ")}
+            base = rows.get("float32 matmul (galore-torch's)")
+            for prec in ("bf16x3", "tf32x3"):
+                row, p = rows.get(f"write-back product {prec}"), Part(f"{m}x{n} r{r} {prec}")
+                if row is None or base is None or "rel_err" not in row or "rel_err" not in base:
+                    p.why = "no qgalore_fused precision rows (a targeted call: REPORT_SECTIONS=qgalore_fused)"
+                else:
+                    p.value = row["rel_err"] / base["rel_err"]
+                    p.shown = f"{row['rel_err']:.2e} = {p.value:.2f}x galore-torch's {base['rel_err']:.2e}"
+                parts.append(p)
         return parts
 
     specs = [

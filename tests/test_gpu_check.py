@@ -414,6 +414,50 @@ def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
     assert sum(p.value is not None for v in verdicts for p in v.parts) >= 12  # the CPU run measures no kernel time
 
 
+def test_rows_of_a_bench_module_without_a_time_are_recorded(report, tmp_path):
+    """The targeted sections record their bench module's rows (_rows_from): error figures, sync counts and checks
+    have no time; they are printed and kept, not a KeyError that loses the section after its GPU work."""
+    records = [dict(what="smoke triton left=True", max_abs_err=1e-5, ok=True, predicated_unchanged=True),
+               dict(what="host syncs per step GaLoreAdamW raise", syncs=1, at=["a.py:1"], target="<= 1"),
+               dict(what="galore-torch tf32 4096x4096 r1024", ms=0.35, baseline=True),
+               dict(what="weightkit GaLoreAdamW auto raise tf32 4096x4096 r1024", ms=0.2, baseline_ms=0.35,
+                    speedup_vs_baseline=1.75, target=">= 1.5x galore-torch tf32"),
+               dict(what="refresh exact 4096^2 r1024", error="RuntimeError: cusolver"),
+               dict(section="precision", shape=[8, 8, 2, "left"], who="write-back product bf16x3", rel_err=1e-7)]
+    report.SECTIONS["fake"] = lambda: report._rows_from("fake", records)
+    out = tmp_path / "r.json"
+    assert report.main(["--device", "cpu", "--only", "fake", "--out", str(out), "--budget", "60"]) == 0
+    data = _read(out)
+    assert data["sections"]["fake"]["status"] == "done"
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["smoke triton left=True"]["ok"] is True and "ms" not in rows["smoke triton left=True"]
+    assert rows["host syncs per step GaLoreAdamW raise"]["syncs"] == 1
+    assert rows["weightkit GaLoreAdamW auto raise tf32 4096x4096 r1024"]["ms"] == 0.2
+    assert "cusolver" in rows["refresh exact 4096^2 r1024"]["error"]
+    assert rows["precision: [8, 8, 2, 'left'] write-back product bf16x3"]["rel_err"] == 1e-7
+
+
+@pytest.mark.triton_kernels
+def test_qgalore_fused_section_runs_at_toy_sizes_and_its_targets_are_found(report, tmp_path, monkeypatch):
+    """The opt-in section of #24 end to end on the CPU (the interpreter), at toy sizes; bench/targets.py then finds
+    its precision rows (the write-back's product error against galore-torch's float32 product)."""
+    monkeypatch.setattr(report, "QGALORE_FUSED_SIZES", dict(shapes=((128, 128, 32, True), (128, 256, 32, False)),
+                                                             moment_shape=(32, 256)))
+    out = tmp_path / "r.json"
+    assert report.main(["--device", "cpu", "--only", "qgalore_fused", "--out", str(out), "--budget", "900"]) == 0
+    data = _read(out)
+    assert data["sections"]["qgalore_fused"]["status"] == "done", data["sections"]
+    assert not [r for r in data["rows"] if r["name"] == "(section failed)"]
+    assert any(r["name"].startswith("sr_lowrank_check: ") for r in data["rows"])
+    from bench import targets
+
+    spec = next(s for s in targets.report_specs() if s.what.startswith("Q-GaLore fused write-back"))
+    verdict = targets.evaluate(spec, [targets.Report(str(out), data)])
+    assert [p.label for p in verdict.parts] == ["128x128 r32 bf16x3", "128x128 r32 tf32x3", "128x256 r32 bf16x3",
+                                                "128x256 r32 tf32x3"]
+    assert all(p.value is not None for p in verdict.parts), verdict.measured
+
+
 def test_compress_rows_take_the_recorded_2core_cpu_baseline(tmp_path, monkeypatch):
     """The ">= 20x faster than the 2-core CPU run" ratio: gpu_rows finds the CPU run recorded under bench/results/
     for the same layer case and thread count (the newest record first) and reports the speedup; without a matching
