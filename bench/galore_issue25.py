@@ -31,6 +31,16 @@ import torch
 
 STEPS, REPEATS = 20, 5
 CASES = (((4096, 4096), 1024), ((4096, 11008), 512))
+REFRESH = (4096, 1024)  # the refresh rows' square size and rank
+SMOKE = (1000, 1536, 96)  # the compiled-kernel check's m, n, r
+SYNCS_CASE = ((1024, 1024), 256)  # the sync count's shape and rank
+DEVICE = "cuda"  # "cpu": a dry run of the code paths for the tests (Triton through the interpreter; timings mean
+#                  nothing, no syncs are counted)
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 @contextlib.contextmanager
@@ -44,9 +54,13 @@ def tf32(allowed: bool):
 
 
 def step_ms(step, steps=STEPS, repeats=REPEATS) -> float:
-    for _ in range(3):
+    for _ in range(3 if DEVICE == "cuda" else 1):
         step()
-    torch.cuda.synchronize()
+    _sync()
+    if DEVICE != "cuda":  # a dry run: one timed step
+        start = time.perf_counter()
+        step()
+        return 1e3 * (time.perf_counter() - start)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -61,12 +75,12 @@ def step_ms(step, steps=STEPS, repeats=REPEATS) -> float:
 
 def call_ms(fn, repeats=3) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats if DEVICE == "cuda" else 1):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
@@ -74,8 +88,8 @@ def call_ms(fn, repeats=3) -> float:
 def make_optimizer(kind, shape, rank, **extra):
     from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit
 
-    p = torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02)
-    p.grad = torch.randn(shape, device="cuda")
+    p = torch.nn.Parameter(torch.randn(shape, device=DEVICE) * 0.02)
+    p.grad = torch.randn(shape, device=DEVICE)
     group = {"params": [p], "rank": rank, "update_proj_gap": 10**6, "scale": 0.25, "proj_type": "std"}
     nonfinite = extra.pop("nonfinite", "raise")
     group.update(extra)
@@ -89,7 +103,7 @@ def make_optimizer(kind, shape, rank, **extra):
         opt = {"GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit}[kind]([group], lr=1e-3,
                                                                                      nonfinite=nonfinite)
     opt.step()  # the projector and the state
-    torch.cuda.synchronize()
+    _sync()
     return opt
 
 
@@ -173,19 +187,21 @@ def steps(rows):
 def refresh(rows):
     from weightkit.optim.projector import compute_basis
 
-    grad = torch.randn(4096, 4096, device="cuda")
+    size, rank = REFRESH
+    grad = torch.randn(size, size, device=DEVICE)
     for allowed in (True, False):
         with tf32(allowed):
             mode = "tf32" if allowed else "strict fp32"
             for orth in ("cholqr", "householder"):
                 for range_dtype in (None, torch.bfloat16):
-                    name = f"refresh randomized {orth} range {'bf16' if range_dtype else 'fp32'} {mode} 4096^2 r1024"
+                    name = (f"refresh randomized {orth} range {'bf16' if range_dtype else 'fp32'} {mode} "
+                            f"{size}^2 r{rank}")
                     ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(
-                        grad, 1024, "left", "randomized", orthonormalize=orth, range_dtype=range_dtype)))
+                        grad, rank, "left", "randomized", orthonormalize=orth, range_dtype=range_dtype)))
                     if ms is not None:
                         _row(rows, name, ms, target="<= 50 ms")
-    name = "refresh exact 4096^2 r1024"
-    ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(grad, 1024, "left", "exact"), repeats=1))
+    name = f"refresh exact {size}^2 r{rank}"
+    ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(grad, rank, "left", "exact"), repeats=1))
     if ms is not None:
         _row(rows, name, ms)
 
@@ -195,9 +211,12 @@ def syncs(rows):
     for nonfinite in ("raise", "skip"):
         for kind in ("GaLoreAdamW", "GaLoreAdamW8bit"):
             def count():
-                opt = make_optimizer(kind, (1024, 1024), 256, nonfinite=nonfinite)
+                opt = make_optimizer(kind, *SYNCS_CASE, nonfinite=nonfinite)
                 opt.step()
-                torch.cuda.synchronize()
+                _sync()
+                if DEVICE != "cuda":  # a dry run: the step's code, nothing to count
+                    opt.step()
+                    return []
                 with warnings.catch_warnings(record=True) as caught:  # weightkit's default settings
                     warnings.simplefilter("always")
                     torch.cuda.set_sync_debug_mode("warn")
@@ -217,19 +236,19 @@ def kernel_smoke(rows):
     """The compiled Triton kernel (autotuned) against the reference: fp32 ieee, tf32, bf16 operands, predicated."""
     from weightkit.ops.galore import _GALORE
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     for left in (True, False):
         for ortho_dtype, allowed, wdtype in ((torch.float32, False, torch.float32),
                                              (torch.float32, True, torch.float32),
                                              (torch.bfloat16, True, torch.float32),
                                              (torch.float32, True, torch.bfloat16)):
-            m, n, r = 1000, 1536, 96
-            w = torch.randn(m, n, device="cuda", generator=gen).to(wdtype)
+            m, n, r = SMOKE
+            w = torch.randn(m, n, device=DEVICE, generator=gen).to(wdtype)
             shape = (r, n) if left else (m, r)
-            low = torch.randn(shape, device="cuda", generator=gen)
-            ea = torch.randn(shape, device="cuda", generator=gen) * 0.1
-            eas = torch.rand(shape, device="cuda", generator=gen) * 0.1
-            q = torch.linalg.qr(torch.randn(m if left else n, r, device="cuda", generator=gen))[0]
+            low = torch.randn(shape, device=DEVICE, generator=gen)
+            ea = torch.randn(shape, device=DEVICE, generator=gen) * 0.1
+            eas = torch.rand(shape, device=DEVICE, generator=gen) * 0.1
+            q = torch.linalg.qr(torch.randn(m if left else n, r, device=DEVICE, generator=gen))[0]
             ortho = (q if left else q.T.contiguous()).to(ortho_dtype)
             name = f"smoke triton left={left} ortho={ortho_dtype} tf32={allowed} w={wdtype}"
 
@@ -240,9 +259,9 @@ def kernel_smoke(rows):
                         for found in (0.0, 1.0):
                             args = [t.clone() for t in (w, low, ea, eas)]
                             _GALORE.impls[backend](*args, ortho, left, 0.9, 0.999, 1e-6, 3e-2, 0.25, 0.99,
-                                                   torch.full((1,), found, device="cuda"), None)
+                                                   torch.full((1,), found, device=DEVICE), None)
                             outs[(backend, found)] = args
-                torch.cuda.synchronize()
+                _sync()
                 err = (outs[("triton", 0.0)][0].float() - outs[("reference", 0.0)][0].float()).abs().max().item()
                 unchanged = all(torch.equal(a, b) for a, b in zip(outs[("triton", 1.0)], (w, low, ea, eas)))
                 return err, unchanged

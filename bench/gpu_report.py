@@ -900,6 +900,7 @@ def galore_issue25():
     (REPORT_SECTIONS=galore_issue25)."""
     from bench import galore_issue25 as g
 
+    g.DEVICE = DEV
     _rows_from("galore_issue25", g.table())
 
 

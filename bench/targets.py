@@ -350,28 +350,35 @@ def report_specs() -> List[Spec]:
 
 
 def _galore_specs() -> List[Spec]:
-    """#25: steps (galore_issue25's rows where measured, else the default galore section's), refresh, syncs."""
-    shapes = [f"{m}x{n} r{r}" for (m, n), r in gr.GALORE_SHAPES]
+    """#25: steps (galore_issue25's rows where measured, else the default galore section's), refresh, syncs. The
+    two sections' shapes: bench/galore_issue25's CASES and REFRESH, gpu_report's GALORE_SHAPES and REFRESH_SHAPE (the
+    same, the issue's, but in the tests' toy runs)."""
+    from bench import galore_issue25 as g25
+
+    def tag(shape):
+        (m, n), r = shape
+        return f"{m}x{n} r{r}"
+
+    pairs = [(tag(a), tag(b)) for a, b in zip(g25.CASES, gr.GALORE_SHAPES)]  # (galore_issue25's, galore's)
     # per kind: (galore_issue25 row, its base), (galore section row, its base)
     rows = {
-        "tf32": lambda tag: ((f"weightkit GaLoreAdamW auto raise tf32 {tag}", f"galore-torch tf32 {tag}"),
-                             (f"weightkit GaLoreAdamW auto tf32 {tag}", f"galore-torch tf32 {tag}")),
-        "bf16": lambda tag: ((f"weightkit GaLoreAdamW proj bf16 auto raise {tag}", f"galore-torch tf32 {tag}"),
-                             (f"weightkit GaLoreAdamW proj bf16 tf32 {tag}", f"galore-torch tf32 {tag}")),
-        "strict": lambda tag: ((f"weightkit GaLoreAdamW auto raise strict fp32 {tag}",
-                                f"galore-torch strict fp32 {tag}"),
-                               (f"weightkit GaLoreAdamW auto fp32 {tag}", f"galore-torch fp32 {tag}")),
-        "8bit": lambda tag: ((f"weightkit GaLoreAdamW8bit auto raise tf32 {tag}",
-                              f"weightkit GaLoreAdamW auto raise tf32 {tag}"),
-                             (f"weightkit GaLoreAdamW8bit tf32 {tag}", f"weightkit GaLoreAdamW auto tf32 {tag}")),
+        "tf32": lambda t, u: ((f"weightkit GaLoreAdamW auto raise tf32 {t}", f"galore-torch tf32 {t}"),
+                              (f"weightkit GaLoreAdamW auto tf32 {u}", f"galore-torch tf32 {u}")),
+        "bf16": lambda t, u: ((f"weightkit GaLoreAdamW proj bf16 auto raise {t}", f"galore-torch tf32 {t}"),
+                              (f"weightkit GaLoreAdamW proj bf16 tf32 {u}", f"galore-torch tf32 {u}")),
+        "strict": lambda t, u: ((f"weightkit GaLoreAdamW auto raise strict fp32 {t}", f"galore-torch strict fp32 {t}"),
+                                (f"weightkit GaLoreAdamW auto fp32 {u}", f"galore-torch fp32 {u}")),
+        "8bit": lambda t, u: ((f"weightkit GaLoreAdamW8bit auto raise tf32 {t}",
+                               f"weightkit GaLoreAdamW auto raise tf32 {t}"),
+                              (f"weightkit GaLoreAdamW8bit tf32 {u}", f"weightkit GaLoreAdamW auto tf32 {u}")),
     }
 
     def step(kind):
         def parts(rep):
             res = []
-            for tag in shapes:
-                p, why = Part(tag), []
-                for (name, base), section in zip(rows[kind](tag), ("galore_issue25", "galore section")):
+            for t, u in pairs:
+                p, why = Part(t), []
+                for (name, base), section in zip(rows[kind](t, u), ("galore_issue25", "galore section")):
                     sec = section.split()[0]
                     v, w = _ratio(rep, (sec, name), (sec, base), "ms")
                     if v is not None:
@@ -384,6 +391,7 @@ def _galore_specs() -> List[Spec]:
         return parts
 
     size, rank = gr.REFRESH_SHAPE
+    size25, rank25 = g25.REFRESH
 
     def refresh(rep):
         p = Part("")
@@ -392,7 +400,7 @@ def _galore_specs() -> List[Spec]:
         if r is not None:
             p.value, p.shown = r["ms"], f"{_ms(r['ms'])} (the default call)"
         found = rep.names("galore_issue25", rf"refresh randomized (?P<b>\w+) range (\w+) (tf32|strict fp32) "
-                                            rf"{size}\^2 r{rank}")
+                                            rf"{size25}\^2 r{rank25}")
         if found:
             ms, best = min((rep.get("galore_issue25", name)["ms"], name) for _, name in found)
             if p.value is None:
@@ -416,7 +424,7 @@ def _galore_specs() -> List[Spec]:
                 parts.append(p)
         return parts
 
-    both = " and ".join(shapes)
+    both = " and ".join(t for t, _ in pairs)
     return [
         Spec(25, f"GaLoreAdamW step, TF32 allowed, {both}", ">= 1.5x faster than galore-torch with TF32",
              step("tf32"), lambda s: s >= 1.5),

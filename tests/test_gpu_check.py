@@ -458,6 +458,37 @@ def test_qgalore_fused_section_runs_at_toy_sizes_and_its_targets_are_found(repor
     assert all(p.value is not None for p in verdict.parts), verdict.measured
 
 
+@pytest.mark.triton_kernels
+def test_galore_issue25_section_runs_at_toy_sizes_and_its_targets_are_found(report, tmp_path, monkeypatch):
+    """#25's opt-in section end to end on the CPU (bench/galore_issue25 with DEVICE 'cpu': one step a timing, no
+    sync counting; Triton through the interpreter), at toy sizes; every row runs without an error and
+    bench/targets.py finds the rows of each of its #25 targets."""
+    from bench import galore_issue25 as g25
+    from bench import targets
+
+    for name, value in (("CASES", (((48, 32), 8), ((32, 80), 8))), ("REFRESH", (48, 8)), ("SMOKE", (40, 48, 8)),
+                        ("SYNCS_CASE", ((32, 32), 8)), ("STEPS", 2), ("REPEATS", 1), ("DEVICE", "cuda")):
+        monkeypatch.setattr(g25, name, value)
+    monkeypatch.setattr(report, "GALORE_SHAPES", g25.CASES)
+    monkeypatch.setattr(report, "REFRESH_SHAPE", g25.REFRESH)
+    out = tmp_path / "r.json"
+    assert report.main(["--device", "cpu", "--only", "galore_issue25", "--out", str(out), "--budget", "900"]) == 0
+    data = _read(out)
+    assert data["sections"]["galore_issue25"]["status"] == "done", data["sections"]
+    errors = [r for r in data["rows"] if "error" in r]
+    assert not errors, errors
+    assert all(r["ok"] for r in data["rows"] if r["name"].startswith("smoke triton"))
+    verdicts = {s.what: targets.evaluate(s, [targets.Report(str(out), data)]) for s in targets.report_specs()
+                if s.issue == 25}
+    import importlib.util
+
+    baseline = importlib.util.find_spec("galore_torch") is not None  # the steps' ratios need galore-torch's step
+    for what, v in verdicts.items():
+        if baseline or what.startswith(("GaLoreAdamW8bit", "host syncs", "randomized refresh")):
+            assert all(p.value is not None for p in v.parts), (what, v.measured)
+            assert "galore_issue25" in v.measured or what.startswith(("host", "randomized")), v.measured
+
+
 def test_compress_rows_take_the_recorded_2core_cpu_baseline(tmp_path, monkeypatch):
     """The ">= 20x faster than the 2-core CPU run" ratio: gpu_rows finds the CPU run recorded under bench/results/
     for the same layer case and thread count (the newest record first) and reports the speedup; without a matching
