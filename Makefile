@@ -1,4 +1,4 @@
-.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton check-cudasim info gpu-check gpu-prebuild
+.PHONY: test bench docs build wheel wheel-cuda check-portable check-triton check-cudasim info gpu-check gpu-prebuild gpu-minilm
 
 test:  ## the test command: installs what it needs, builds, runs tests/
 	bash scripts/test.sh
@@ -33,6 +33,9 @@ info:
 
 gpu-prebuild:  ## the kernel libraries of the GPU machine built here (.gpu-prebuilt: carry it; gpu-check skips its build)
 	bash scripts/prebuild_gpu.sh
+
+gpu-minilm:  ## a float16 copy of all-MiniLM-L6-v2's folder (.gpu-minilm, 45 MB) for the compress section on a GPU machine
+	python -c "from weightkit.models.minilm import pack_minilm; print(pack_minilm('.gpu-minilm'))"
 
 gpu-check:  ## on a machine with a GPU, <= 7 min: build, info, CUDA tests, GPU report, short train -> $(OUT) (scripts/gpu_check.sh)
 	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-out)

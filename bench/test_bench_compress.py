@@ -29,8 +29,11 @@ all-MiniLM-L6-v2, the test's setup (24 attention projections, ratio 0.2, iters=1
 back in one process): former code 161 s, embedding cosine 0.8863; this code (growth 1/32, fp32 selection) 77.7 s,
 cosine 0.8867; with the selection matmul's bf16 products emulated (what CUDA runs by default) cosine 0.8867
 (0.00002 lower); SVD at the same bytes 0.8398. All 37 layers at 30% (time_minilm("cpu"), 2 threads): cosine 0.74177
-with fp32 selection (472 s), 0.74179 with emulated bf16 products (165 s; the load fell meanwhile): the CPU
-reference of the CUDA quality row (``gpu_rows(row, minilm_cpu_cosine=0.7418)`` skips the CPU run there).
+with fp32 selection (472 s), 0.74179 with emulated bf16 products (165 s; the load fell meanwhile). The CPU
+reference of the CUDA quality row is a recorded run of the same weights (``python -m bench.test_bench_compress
+--record-cpu-minilm``: bench/results/cpu-*-compress-minilm-<weights>.json, found by :func:`recorded_cpu_minilm`), the
+original model's or the float16 copy's (``make gpu-minilm``: the GPU machines have no network and a call carries 64
+MiB, the original weights are 91 MB).
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def time_minilm(device: str = "cuda", ratio: float = RATIO, iters: int = ITERS, 
     forward included); returns seconds, the layer count and the mean embedding cosine to the original model."""
     from weightkit import compress
     from weightkit.models import load_minilm, minilm_embed
+    from weightkit.models.minilm import minilm_weights_hash
 
     tok, base = load_minilm(device)
     ref = minilm_embed(tok, base, MINILM_SENTENCES)
@@ -144,20 +148,41 @@ def time_minilm(device: str = "cuda", ratio: float = RATIO, iters: int = ITERS, 
     seconds = time.perf_counter() - t0
     cosine = float((minilm_embed(tok, model, MINILM_SENTENCES) * ref).sum(-1).mean())
     return {"what": f"MiniLM {len(report.layers)} layers {ratio:.0%} {method}", "device": device, "seconds": seconds,
-            "layers": len(report.layers), "cosine": cosine, "bytes_after": report.bytes_after}
+            "layers": len(report.layers), "cosine": cosine, "bytes_after": report.bytes_after,
+            "threads": torch.get_num_threads(), "weights": minilm_weights_hash()}
 
 
-def record_path(date: Optional[str] = None) -> str:
-    """bench/results/cpu-<arch>-<date>-compress-layer.json: where :func:`record_cpu_layer` writes."""
+def record_path(date: Optional[str] = None, kind: str = "layer") -> str:
+    """bench/results/cpu-<arch>-<date>-compress-<kind>.json: where :func:`record_cpu_layer` (kind "layer") and
+    :func:`record_cpu_minilm` (kind "minilm-<weights hash>") write."""
     return os.path.join(RESULTS_DIR, f"cpu-{platform.machine().replace('_', '-').lower()}-"
-                                     f"{date or time.strftime('%Y-%m-%d', time.gmtime())}-compress-layer.json")
+                                     f"{date or time.strftime('%Y-%m-%d', time.gmtime())}-compress-{kind}.json")
+
+
+def record_cpu_minilm(result: Dict, path: Optional[str] = None, note: Optional[str] = None) -> str:
+    """Write a CPU :func:`time_minilm` result as the CUDA quality row's reference, keyed by the weights it ran
+    with (``weights``: :func:`weightkit.models.minilm.minilm_weights_hash`: the original or a float16 copy)."""
+    return record_cpu_layer(result, path or record_path(kind=f"minilm-{result['weights']}"), note=note,
+                            extra={"cosine": result["cosine"], "weights": result["weights"]})
+
+
+def recorded_cpu_minilm(what: str, weights: str, results_dir: Optional[str] = None) -> Optional[Dict]:
+    """The newest recorded CPU run (:func:`record_cpu_minilm`) of ``what`` with the weights ``weights``, or None."""
+    results_dir = results_dir or RESULTS_DIR
+    for path in sorted(glob.glob(os.path.join(results_dir, "cpu-*-compress-minilm-*.json")), reverse=True):
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("what") == what and record.get("weights") == weights and record.get("cosine") is not None:
+            return dict(record, path=os.path.relpath(path, os.path.dirname(results_dir)))
+    return None
 
 
 def record_cpu_layer(result: Dict, path: Optional[str] = None, load_average: Optional[List[str]] = None,
-                     note: Optional[str] = None) -> str:
+                     note: Optional[str] = None, extra: Optional[Dict] = None) -> str:
     """Write a CPU :func:`time_layer` result (history and all) as the compressor's CPU baseline record, with the
     machine, versions and commit it ran on; returns the path. ``load_average``: samples of /proc/loadavg taken
-    during the run (other jobs on the machine make its seconds an upper bound); ``note``: how it was run."""
+    during the run (other jobs on the machine make its seconds an upper bound); ``note``: how it was run;
+    ``extra``: more top-level fields."""
     import weightkit
 
     try:
@@ -169,7 +194,7 @@ def record_cpu_layer(result: Dict, path: Optional[str] = None, load_average: Opt
               "machine": f"{platform.machine()} CPU x{os.cpu_count()}", "torch": torch.__version__,
               "weightkit": weightkit.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": load_average,
-              "note": note, "result": result}
+              "note": note, **(extra or {}), "result": result}
     path = path or record_path()
     with open(path, "w") as f:
         json.dump(record, f, indent=1, default=str)
@@ -191,7 +216,7 @@ def recorded_cpu_layer(what: str, threads: int = CPU_THREADS, results_dir: Optio
 
 
 def gpu_rows(row, cpu_layer_seconds: Optional[float] = None, minilm_cpu_cosine: Optional[float] = None,
-             device: str = "cuda", shape=LAYER_SHAPE, minilm: bool = True) -> List[Dict]:
+             device: str = "cuda", shape=LAYER_SHAPE, minilm: bool = True, skip=None) -> List[Dict]:
     """The compressor rows of issue 26 for bench/gpu_report.py, in one call: ``row(section, name, ms=..., **info)``
     records each (section "compress"). The 2-core CPU figures give the ratios: ``cpu_layer_seconds`` for the
     layer (default: :func:`recorded_cpu_layer`'s record of the same case, if any; the CPU layer run is never made
@@ -212,12 +237,24 @@ def gpu_rows(row, cpu_layer_seconds: Optional[float] = None, minilm_cpu_cosine: 
     row("compress", layer["what"], ms=1e3 * layer["seconds"], **info)
     results.append(layer)
     if minilm:
-        on_device = time_minilm(device)
-        if minilm_cpu_cosine is None:
-            minilm_cpu_cosine = time_minilm("cpu")["cosine"]
+        try:
+            on_device = time_minilm(device)
+        except (ImportError, FileNotFoundError) as exc:  # no weights here (no network on the GPU machines)
+            if skip is None:
+                raise
+            skip("compress", "MiniLM 37 layers 30% dictionary", f"{type(exc).__name__}: {exc} (carry a float16 copy: "
+                 "make gpu-minilm, .gpu-minilm in the call's carry)")
+            return results
+        info = {}
+        if minilm_cpu_cosine is None:  # the CPU run of the same weights, recorded here; else made now (minutes)
+            record = recorded_cpu_minilm(on_device["what"], on_device["weights"])
+            if record is not None:
+                minilm_cpu_cosine, info["cpu_record"] = record["cosine"], record["path"]
+            else:
+                minilm_cpu_cosine = time_minilm("cpu")["cosine"]
         row("compress", on_device["what"], ms=1e3 * on_device["seconds"], cosine=on_device["cosine"],
             cpu_cosine=minilm_cpu_cosine, cosine_gap=abs(on_device["cosine"] - minilm_cpu_cosine),
-            target="<= 30 s, cosine within 0.005 of the CPU run")
+            weights=on_device["weights"], target="<= 30 s, cosine within 0.005 of the CPU run", **info)
         results.append(on_device)
     return results
 
@@ -243,10 +280,18 @@ def test_compress_minilm(benchmark, device):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="time the compressor's CPU baseline (one 4096x11008 layer at 30%, "
-                                                 "2 threads: most of an hour) and record it under bench/results/")
-    parser.add_argument("--record-cpu-layer", action="store_true", required=True)
+    parser = argparse.ArgumentParser(description="record the compressor's CPU baselines under bench/results/: one "
+                                                 "4096x11008 layer at 30% (2 threads: most of an hour), or MiniLM's "
+                                                 "37 layers at 30% (2 threads: minutes; the weights of "
+                                                 "WEIGHTKIT_MINILM_PATH if set)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--record-cpu-layer", action="store_true")
+    which.add_argument("--record-cpu-minilm", action="store_true")
     parser.add_argument("--out", help="the record's path (default: bench/results/cpu-<arch>-<date>-"
-                                      "compress-layer.json)")
+                                      "compress-{layer,minilm-<weights>}.json)")
     cli = parser.parse_args()
-    print(record_cpu_layer(time_layer("cpu", threads=CPU_THREADS, progress=True), cli.out))
+    if cli.record_cpu_layer:
+        print(record_cpu_layer(time_layer("cpu", threads=CPU_THREADS, progress=True), cli.out))
+    else:
+        torch.set_num_threads(CPU_THREADS)
+        print(record_cpu_minilm(time_minilm("cpu"), cli.out))

@@ -40,7 +40,10 @@
 #   STAGES=report REPORT_SECTIONS=galore_issue25 REPORT_BUDGET=170   (#25: GaLore steps, refreshes, syncs)
 #   STAGES=report REPORT_SECTIONS=qgalore_fused REPORT_BUDGET=120    (#24: the fused Q-GaLore write-back and moments)
 #   STAGES=report REPORT_SECTIONS=compress REPORT_BUDGET=120         (#26: the compressor on CUDA; its ">= 20x the
-#       2-core CPU" ratio comes from the CPU run recorded in bench/results/cpu-*-compress-layer.json)
+#       2-core CPU" ratio comes from the CPU run recorded in bench/results/cpu-*-compress-layer.json; the MiniLM row
+#       needs the model's weights, which the GPU image lacks: `make gpu-minilm` writes a float16 copy, 45 MB, to
+#       ./.gpu-minilm; carry it (with the 64 MiB a call carries, leave .gpu-site and .gpu-prebuilt out of that call);
+#       its CPU reference is the recorded run of the same weights, bench/results/cpu-*-compress-minilm-<hash>.json)
 # and train calls for the end-to-end rows (the default train stage runs adamw,galore,qgalore for 6 steps):
 #   STAGES=train TRAIN_METHODS=adamw,galore,galore-layerwise,qgalore-layerwise TRAIN_BUDGET=240 \
 #     TRAIN_ARGS="--model-size 350m --steps 20 --svd randomized --stagger-refresh --eval-every 10 --tf32"
@@ -99,6 +102,10 @@ TRAIN_ARGS=${TRAIN_ARGS:---model-size 350m --steps 6 --svd randomized --stagger-
 export QUANT_PEERS=${QUANT_PEERS:-0}
 export PYTHONUNBUFFERED=1
 if [ -d .gpu-site ]; then export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"; fi
+# the MiniLM weights of the compress section (a float16 copy, `make gpu-minilm`): the GPU image has none
+if [ -f .gpu-minilm/model.safetensors ] && [ -z "${WEIGHTKIT_MINILM_PATH:-}" ]; then
+  export WEIGHTKIT_MINILM_PATH="$PWD/.gpu-minilm"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 status=0

