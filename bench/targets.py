@@ -64,7 +64,7 @@ class Report:
     """One GPU report (bench/gpu_report.py's JSON): its measured rows by (section, name)."""
 
     def __init__(self, path: str, data: Dict):
-        self.path, self.file = path, os.path.basename(path)
+        self.file = os.path.basename(path)
         self.rows = {(r.get("section"), r.get("name")): r for r in data.get("rows", [])}
         self.skipped = list(data.get("skipped", []))
         self.meta = data.get("meta", {})
@@ -96,7 +96,7 @@ class Train:
     """One ``weightkit train`` JSON: its methods' results and its config."""
 
     def __init__(self, path: str, data: Dict):
-        self.path, self.file = path, os.path.basename(path)
+        self.file = os.path.basename(path)
         self.config = data.get("config", {})
         self.device = data.get("device", "")
         self.results = {r["method"]: r for r in data.get("results", []) if not r.get("error")}
@@ -118,7 +118,7 @@ class Summary:
     LINE = re.compile(r"gpu-check: (?P<verdict>.+?) \((?P<s>\d+) s(?P<fin>, finished)?; stages run: (?P<stages>[^;]*);")
 
     def __init__(self, path: str, text: str):
-        self.path, self.file = path, os.path.basename(path)
+        self.file = os.path.basename(path)
         m = self.LINE.match(text.splitlines()[0] if text else "")
         self.ok = bool(m and m["verdict"] == "ok" and m["fin"])
         self.seconds = int(m["s"]) if m else None

@@ -114,6 +114,7 @@ t_start=$(date +%s)
 SKIPS=()      # "what: why", for the top of summary.txt
 RESULTS=()    # "stage  result  used / limit s  detail"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
+drop_stage() { STAGES=$(echo ",$STAGES," | sed -e "s/,$1,/,/" -e 's/^,//; s/,$//'); }
 elapsed() { echo $(( $(date +%s) - t_start )); }
 log() { echo "[gpu-check +$(elapsed)s] $*" | tee -a "$BODY"; }
 skip() { SKIPS+=("$1"); log "skipped $1"; }
@@ -268,7 +269,7 @@ if [ "${P_cuda:-0}" != 1 ]; then
   for s in build test report train bench; do
     has $s && skip "$s: no CUDA device (${P_why_no_cuda:-})"
   done
-  STAGES=$(echo ",$STAGES," | sed -e 's/,build,/,/; s/,test,/,/; s/,report,/,/; s/,train,/,/; s/,bench,/,/' -e 's/^,//; s/,$//')
+  for s in build test report train bench; do drop_stage $s; done
 fi
 for s in build info test report train; do
   has $s || [ $no_gpu -eq 1 ] || SKIPS+=("$s: not in STAGES")
@@ -280,7 +281,7 @@ write_summary
 if [ $prebuilt_used -eq 1 ] && [ $no_gpu -eq 0 ]; then
   if [ "${P_cudalib:-}" = ok ]; then
     if has build; then
-      STAGES=$(echo ",$STAGES," | sed -e 's/,build,/,/' -e 's/^,//; s/,$//')
+      drop_stage build
       SKIPS+=("build: the carried kernel libraries ($PREBUILT, built from these sources) load and run on this GPU (PREBUILT= builds them here)")
       if has report && [ -z "$REPORT_BUDGET_GIVEN" ]; then  # the build's time to the report's rows (10 s kept for the probe)
         REPORT_BUDGET=$(( REPORT_BUDGET + BUILD_BUDGET - 10 ))
@@ -299,7 +300,7 @@ if [ -n "${WHEEL:-}" ] && [ $no_gpu -eq 0 ]; then
   mkdir -p weightkit/lib && rm -f weightkit/lib/*.so
   if $PY -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); names = [n for n in z.namelist() if n.startswith('weightkit/lib/') and n.endswith('.so')]; [open('weightkit/lib/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in names]; print(' '.join(names))" "$WHEEL" >>"$BODY" 2>&1; then
     has build && SKIPS+=("build: WHEEL=$WHEEL gives the kernel libraries")
-    STAGES=$(echo ",$STAGES," | sed -e 's/,build,/,/' -e 's/^,//; s/,$//')
+    drop_stage build
   else
     status=1; log "could not unpack $WHEEL"
   fi

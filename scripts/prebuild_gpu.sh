@@ -10,7 +10,7 @@
 # scripts/gpu_check.sh uses DIR's files when DIR/SOURCES matches the checkout's sources and they load and run on the
 # machine's GPU (its probe); otherwise it builds as usual and says why in summary.txt. Built in a copy of the
 # sources under a temporary folder; nothing in the checkout changes but DIR. Needs g++, nvcc and that Python
-# (pybind11, ninja and setuptools are installed into a venv of it, build/prebuild-venv, on first use).
+# (pybind11, ninja and setuptools are installed into a venv of it, build/prebuild-venv-3.12, on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
