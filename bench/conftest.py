@@ -65,6 +65,13 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def stat(benchmark, name):
+    """A timing statistic of the benchmark's rounds (seconds), or None when there are none: under
+    ``--benchmark-disable`` (the suites run as tests, each body once) pytest-benchmark keeps no statistics."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else getattr(stats.stats, name)
+
+
 @pytest.fixture
 def measure(benchmark):
     """``measure(fn, bytes=..., flops=..., **info)`` times ``fn`` and records GB/s and TFLOP/s from the mean."""
@@ -80,15 +87,17 @@ def measure(benchmark):
             result = benchmark(timed)
         else:
             result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
-        mean = benchmark.stats.stats.mean
+        mean = stat(benchmark, "mean")
         benchmark.extra_info.update(info)
         benchmark.extra_info["device"] = device_name()
         if bytes is not None:
             benchmark.extra_info["bytes"] = bytes
-            benchmark.extra_info["GB/s"] = bytes / mean / 1e9
+            if mean is not None:
+                benchmark.extra_info["GB/s"] = bytes / mean / 1e9
         if flops is not None:
             benchmark.extra_info["flops"] = flops
-            benchmark.extra_info["TFLOP/s"] = flops / mean / 1e12
+            if mean is not None:
+                benchmark.extra_info["TFLOP/s"] = flops / mean / 1e12
         return result
 
     return run

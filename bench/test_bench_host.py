@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 
-from bench.conftest import DEVICE, device_name
+from bench.conftest import DEVICE, device_name, stat
 from weightkit.nn import DictLinear, Int8Linear, MemoryLinear
 from weightkit.ops import dictionary, memoryformer, int8
 
@@ -92,8 +92,10 @@ def test_host_time_per_call(benchmark, layer_name, mode, impl):
     benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     cpu_us = best_cpu[0] / CALLS * 1e6
     backend = "nn.Linear" if impl == "nn.Linear" else table.select(torch.device(DEVICE))
+    mean = stat(benchmark, "mean")
     info = dict(op=f"{layer_name} host {mode}", backend=backend, shape=[TOKENS, D, D], device=device_name(),
-                calls_per_round=CALLS, us_per_call=benchmark.stats.stats.mean / CALLS * 1e6, cpu_us_per_call=cpu_us)
+                calls_per_round=CALLS, us_per_call=None if mean is None else mean / CALLS * 1e6,
+                cpu_us_per_call=cpu_us)
     if impl == "nn.Linear":
         _LINEAR_CPU_US[layer_name, mode] = cpu_us
     elif (layer_name, mode) in _LINEAR_CPU_US:
@@ -130,10 +132,11 @@ def test_binding_host_time_per_call(benchmark, call):
         timed_round()
     best_cpu[0] = float("inf")
     benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    median = stat(benchmark, "median")
     benchmark.extra_info.update(dict(op=f"weightkit._C.cpu.{call}", backend="cpu",
                                      binding="ctypes" if hasattr(native.CPU, "_dll") else "pybind11 (weightkit._C)",
                                      device=device_name(), calls_per_round=calls,
-                                     us_per_call=benchmark.stats.stats.median / calls * 1e6,
+                                     us_per_call=None if median is None else median / calls * 1e6,
                                      cpu_us_per_call=best_cpu[0] / calls * 1e6))
 
 

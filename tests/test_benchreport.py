@@ -67,3 +67,22 @@ def test_docs_benchmarks_page_is_generated_from_the_results():
         committed = f.read()
     assert committed == page, "docs/benchmarks.md is stale: run `make docs` and commit it"
     assert "device: NVIDIA H200; torch 2.11.0+cu130" in page  # the headers carry device and versions
+
+
+def test_bench_suites_run_as_tests_with_benchmarks_disabled():
+    """``pytest bench --benchmark-disable`` (pytest-benchmark's way to run the suites as tests, each body once and
+    untimed) works: pytest-benchmark then keeps no statistics, and the suites' throughput and per-call figures must
+    not read them (they raised AttributeError on ``benchmark.stats`` before). Two suites of the two kinds: one
+    through bench/conftest's ``measure`` fixture, one that times its own rounds."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "bench/test_bench_host.py", "bench/test_bench_quant.py", "-k",
+                           "binding or (Int8Linear and inference) or (stochastic_round and cpu)"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "error" not in proc.stdout.lower(), proc.stdout[-2000:]
