@@ -8,7 +8,10 @@ Rows (each ratio against a baseline measured in the same run):
   (target >= 1.5x), with ``proj_dtype='bfloat16'`` against galore-torch with TF32 (target >= 2.5x), strict fp32
   against galore-torch strict (target >= 1.0x); GaLoreAdamW8bit against GaLoreAdamW (target <= 1.2x the time);
 * refresh 4096^2 r1024: randomized (Cholesky-QR on the GPU, fp32/TF32 and bf16 range finder; Householder for
-  comparison) and exact SVD (target <= 50 ms);
+  comparison; the small k x n problem by the default 'gram' eigendecomposition, and once by 'svd') and exact SVD
+  (target <= 50 ms); then the refresh's phases alone (``refresh phase ...``): the range finder's five products,
+  five orthonormalizations (Cholesky-QR3 or Householder) and the small problem ('svd' of the k x n B, or 'gram',
+  the k x k B B^T's eigendecomposition in float64), so that one call says where a missed target's time goes;
 * host syncs in one steady-state step (torch.cuda.set_sync_debug_mode): <= 1 with 'raise', 0 with 'skip';
 * a correctness smoke test of the compiled Triton kernel (ieee, tf32, bf16 operands; predicated) against the
   reference, since the interpreter does not compile it.
@@ -200,10 +203,58 @@ def refresh(rows):
                         grad, rank, "left", "randomized", orthonormalize=orth, range_dtype=range_dtype)))
                     if ms is not None:
                         _row(rows, name, ms, target="<= 50 ms")
+    with tf32(True):
+        name = f"refresh small-svd randomized cholqr range fp32 tf32 {size}^2 r{rank}"
+        ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(
+            grad, rank, "left", "randomized", orthonormalize="cholqr", small_svd="svd")))
+        if ms is not None:
+            _row(rows, name, ms, target="<= 50 ms")
     name = f"refresh exact {size}^2 r{rank}"
     ms = _guarded(rows, name, lambda: call_ms(lambda: compute_basis(grad, rank, "left", "exact"), repeats=1))
     if ms is not None:
         _row(rows, name, ms)
+    refresh_phases(rows, grad, rank)
+
+
+def refresh_phases(rows, grad, rank, oversample=8, power_iters=2):
+    """The parts of a randomized refresh, each timed alone on the refresh rows' gradient (A, m x n) and a
+    k-column basis (k = rank + oversample): the range finder's 1 + 2 ``power_iters`` products (A Omega, A^T Q,
+    A Q: k columns each) in float32 with and without TF32 and on bf16 operands; as many orthonormalizations of an
+    m x k matrix (Cholesky-QR3, Householder QR); the small problem, SVD of B = Q^T A (k x n) or the eigenvectors
+    of B B^T (k x k, float64), B's product included."""
+    from weightkit.ops.galore import mm_float32
+    from weightkit.optim.projector import _householder, _small_factorization, cholesky_qr
+
+    m, n = grad.shape
+    k = min(rank + oversample, m, n)
+    products = 1 + 2 * power_iters
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    y = torch.randn(m, k, device=DEVICE, generator=gen)
+    q = torch.linalg.qr(y)[0]
+    tag = f"{m}x{n} k{k}"
+    for label, dtype, allowed in (("fp32 strict", torch.float32, False), ("fp32 tf32", torch.float32, True),
+                                  ("bf16", torch.bfloat16, True)):
+        low, ql = grad.to(dtype), q.to(dtype)
+        with tf32(allowed):
+            name = f"refresh phase range products x{products} {label} {tag}"
+            ms = _guarded(rows, name, lambda: call_ms(lambda: [mm_float32(low, ql, low.is_cuda)
+                                                               for _ in range(products)]))
+            if ms is not None:
+                _row(rows, name, ms)
+    for label, orth in (("cholqr", lambda: cholesky_qr(y)[0]), ("householder", lambda: _householder(y))):
+        for allowed in (True, False):
+            with tf32(allowed):
+                name = f"refresh phase orthonormalize {label} x{products} {'tf32' if allowed else 'strict fp32'} " \
+                       f"{m}x{k}"
+                ms = _guarded(rows, name, lambda: call_ms(lambda: [orth() for _ in range(products)]))
+                if ms is not None:
+                    _row(rows, name, ms)
+    with tf32(True):
+        for small in ("svd", "gram"):
+            name = f"refresh phase small {small} tf32 {tag}"
+            ms = _guarded(rows, name, lambda: call_ms(lambda: _small_factorization(q, grad, rank, small)))
+            if ms is not None:
+                _row(rows, name, ms)
 
 
 def syncs(rows):

@@ -540,6 +540,9 @@ def galore():
     G = torch.randn(size, size, device=DEV)
     for svd in ("randomized", "exact"):
         row("galore", f"refresh {svd} {size}^2 r{rank}", lambda: compute_basis(G, rank, "left", svd), graph=False)
+        if svd == "randomized":  # the default's small problem ('gram' on a GPU) against the SVD it replaced
+            row("galore", f"refresh randomized small-svd {size}^2 r{rank}",
+                lambda: compute_basis(G, rank, "left", svd, small_svd="svd"), graph=False)
     del G
     # Q-GaLore step on an Int8Linear weight
     from weightkit.nn import Int8Linear

@@ -9,7 +9,8 @@ import torch
 from tests.conftest import DEVICES
 from weightkit.optim import GaLoreProjector
 from weightkit.optim.projector import (basis_seed, cholesky_qr, compute_basis, project, projection_basis_dtype,
-                                       projection_side, randomized_svd, resolve_orthonormalize, subspace_overlap)
+                                       projection_side, randomized_svd, resolve_orthonormalize, resolve_small_svd,
+                                       subspace_overlap)
 
 
 def tol(device):
@@ -178,16 +179,18 @@ def _spectrum_matrix(m, n, seed, decay=-6.0, rank=None):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("orthonormalize", ["householder", "cholqr"])
 @pytest.mark.parametrize("range_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("small_svd", ["svd", "gram"])
 @pytest.mark.parametrize("shape,rank", [((96, 160), 12), ((200, 72), 16)])
-def test_randomized_basis_against_exact_svd(seed, orthonormalize, range_dtype, shape, rank):
+def test_randomized_basis_against_exact_svd(seed, orthonormalize, range_dtype, small_svd, shape, rank):
     """Captured energy ||P^T A||^2 / sum of the top-r sigma^2 and the largest principal angle between the randomized
     and the exact (float64) rank-r subspaces, for a spectrum falling over 6 decades (cond(Y) ~ 1e6: Cholesky-QR
-    needs its shifted first pass); orthonormal bases."""
+    needs its shifted first pass; the 'gram' small problem squares it to ~1e12, within float64's reach);
+    orthonormal bases."""
     print(f"seed={seed}")
     a, s = _spectrum_matrix(*shape, seed)
     for side in ("left", "right"):
         ortho, _ = compute_basis(a.float(), rank, side, "randomized", seed=seed, orthonormalize=orthonormalize,
-                                 range_dtype=range_dtype)
+                                 range_dtype=range_dtype, small_svd=small_svd)
         p = ortho.double() if side == "left" else ortho.double().T  # columns span the subspace
         captured = ((p.T @ a).norm() ** 2 if side == "left" else (a @ p).norm() ** 2) / (s[:rank] ** 2).sum()
         exact = torch.linalg.svd(a)[0][:, :rank] if side == "left" else torch.linalg.svd(a)[2][:rank].T
@@ -213,11 +216,48 @@ def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_household
         compute_basis(a.float(), 4, "left", "randomized", orthonormalize="givens")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_small_problem_finds_the_svds_subspace(device):
+    """The 'gram' small problem (the k x k B B^T's eigenvectors in float64, GPU default) gives the subspace and the
+    order of the 'svd' one (the CPU default) on every side: left, right (as the left basis of G^T), full (which
+    takes 'svd' for its Vh); a rank-deficient gradient (rank 5 < r = 8) still gives an orthonormal basis with the
+    whole energy; bad values name the argument."""
+    a, s = _spectrum_matrix(90, 70, 4, decay=-3.0)
+    a = a.float().to(device)
+    for side in ("left", "right", "full"):
+        want = compute_basis(a, 8, side, "randomized", seed=2, small_svd="svd")
+        got = compute_basis(a, 8, side, "randomized", seed=2, small_svd="gram")
+        for w, g in zip(want, got):
+            if w is None:
+                assert g is None
+                continue
+            assert g.shape == w.shape and g.dtype == torch.float32 and g.device == a.device and g.is_contiguous()
+            which = "right" if (side == "right" or w.shape[0] == 8) else "left"
+            assert subspace_overlap(g, w, which) > 0.9999, side
+            # the same order: column (row) i of one spans the same direction as column (row) i of the other
+            cols = (g.T @ w if which == "left" else g @ w.T).diagonal().abs()
+            assert cols.min() > 0.999, (side, cols)
+    low, s_low = _spectrum_matrix(80, 60, 5, decay=-1.0, rank=5)
+    p, _ = compute_basis(low.float().to(device), 8, "left", "randomized", small_svd="gram")
+    torch.testing.assert_close(p.T @ p, torch.eye(8, device=device), rtol=0, atol=2e-5)
+    captured = (p.double().cpu().T @ low).norm() ** 2 / (s_low[:5] ** 2).sum()
+    assert captured > 0.9999
+    u, vh = randomized_svd(a, 8, generator=torch.Generator().manual_seed(0), small_svd="gram")
+    assert u.shape == (90, 8) and vh is None
+    assert resolve_small_svd("auto", torch.device("cpu")) == "svd"
+    assert resolve_small_svd("auto", torch.device("cuda")) == "gram"
+    with pytest.raises(ValueError, match="small_svd='qr'"):
+        compute_basis(a, 4, "left", "randomized", small_svd="qr")
+    with pytest.raises(ValueError, match="small_svd='auto'"):
+        randomized_svd(a, 4, small_svd="auto")  # resolved by compute_basis, not here
+
+
 def test_auto_orthonormalization_keeps_householder_on_the_cpu():
     a = torch.randn(64, 48)
     auto = compute_basis(a, 8, "left", "randomized", seed=5)[0]
     householder = compute_basis(a, 8, "left", "randomized", seed=5, orthonormalize="householder")[0]
-    assert torch.equal(auto, householder)
+    svd = compute_basis(a, 8, "left", "randomized", seed=5, orthonormalize="householder", small_svd="svd")[0]
+    assert torch.equal(auto, householder) and torch.equal(auto, svd)
     assert resolve_orthonormalize("auto", torch.device("cpu")) == "householder"
     assert resolve_orthonormalize("auto", torch.device("cuda")) == "cholqr"
 

@@ -12,9 +12,10 @@ The basis is recomputed from the current gradient every ``update_proj_gap`` step
 counted before the step's increment, as galore-torch does), by exact SVD or by randomized SVD (Halko, Martinsson
 and Tropp 2011: Gaussian range finder with ``oversample`` extra columns and ``power_iters`` power iterations,
 re-orthonormalised after each product: on a GPU by shifted Cholesky-QR3 with the range finder's products in the
-precision the user chose (TF32 where allowed, bfloat16 for a 16-bit proj_dtype), on the CPU by Householder QR; the
-Gaussian test matrix is seeded by (seed, parameter key, step), so resuming from a checkpoint recomputes the same
-basis).
+precision the user chose (TF32 where allowed, bfloat16 for a 16-bit proj_dtype), on the CPU by Householder QR;
+the small k x n problem at the end solved on a GPU by the eigendecomposition of its k x k Gram matrix in float64,
+on the CPU by its SVD; the Gaussian test matrix is seeded by (seed, parameter key, step), so resuming from a
+checkpoint recomputes the same basis).
 
 A new basis is computed in one place, :meth:`GaLoreProjector.compute` (which calls :func:`compute_basis` with the
 seed of the parameter and step): the standalone projector's refresh and every optimizer of the GaLore family (with
@@ -99,28 +100,64 @@ def _householder(y: Tensor) -> Tensor:
     return torch.linalg.qr(y.to(torch.float32))[0]
 
 
+SMALL_SVDS = ("auto", "svd", "gram")
+
+
+def resolve_small_svd(small_svd: str, device: torch.device) -> str:
+    """'auto': 'gram' on a GPU, 'svd' on the CPU (see :func:`randomized_svd`). On a GPU, torch.linalg.svd of a
+    k x n matrix (cuSOLVER's Jacobi gesvdj for sides over 32) costs about as much as the sweeps over its k columns
+    of length n, which for 4096^2 at rank 1024 (k = 1032) is the refresh's largest part by that count (the exact
+    4096^2 SVD took 1.05 s on an H200 on 2026-11-26, the whole randomized refresh with it 124 ms), where the
+    eigendecomposition of the k x k Gram matrix (syevd) is a tridiagonal reduction of a matrix 4x smaller. The CPU
+    keeps the SVD, so CPU bases stay those of earlier versions, bit for bit."""
+    if small_svd not in SMALL_SVDS:
+        raise ValueError(f"small_svd={small_svd!r} is not one of {', '.join(SMALL_SVDS)}")
+    if small_svd == "auto":
+        return "gram" if device.type == "cuda" else "svd"
+    return small_svd
+
+
+def _small_factorization(q: Tensor, matrix: Tensor, rank: int, small_svd: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """(U[:, :rank], Vh[:rank]) of ``matrix`` (A) from an orthonormal basis Q of its range: B = Q^T A (k x n), then
+    'svd': the SVD of B; 'gram': the eigendecomposition of B B^T in float64 (its eigenvectors are B's left singular
+    vectors, its eigenvalues their squares; in float64 the squaring costs nothing of float32's accuracy), U only
+    (Vh is None: Sigma^-1 U^T B would divide by the singular values of a rank-deficient A)."""
+    b = q.T @ matrix
+    if small_svd == "svd":
+        u_small, _, vh = torch.linalg.svd(b, full_matrices=False)
+        return q @ u_small[:, :rank], vh[:rank]
+    b64 = b.to(torch.float64)
+    _, vectors = torch.linalg.eigh(b64 @ b64.T)  # ascending eigenvalues
+    return q @ vectors[:, -rank:].flip(-1).to(q.dtype), None
+
+
 def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: int = 2,
                    generator: Optional[torch.Generator] = None, orthonormalize: str = "householder",
-                   range_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                   range_dtype: Optional[torch.dtype] = None,
+                   small_svd: str = "svd") -> Tuple[Tensor, Optional[Tensor]]:
     """Approximate (U[:, :rank], Vh[:rank]) of a float32 ``matrix`` (m x n).
 
     Range finder Q (m x k, k = rank + oversample) of ``matrix @ Omega`` with ``power_iters`` rounds of
-    Q <- orth(A orth(A^T Q)), then the exact SVD of the small k x n matrix Q^T A.
+    Q <- orth(A orth(A^T Q)), then the small problem of B = Q^T A (k x n): ``small_svd`` 'svd' (its exact SVD) or
+    'gram' (the eigendecomposition of the k x k B B^T in float64; U only, the second result is None).
 
     ``orthonormalize``: 'householder' (torch.linalg.qr) or 'cholqr' (:func:`cholesky_qr`). With 'cholqr' the
-    failure flags of all factorizations are read once, after the small SVD, which synchronizes with the device for
-    its own error check anyway (torch.linalg.svd has no non-checking variant), so the read adds no stall; when a
-    factorization failed (a numerically rank-deficient gradient) the basis is recomputed with Householder QR.
+    failure flags of all factorizations are read once, after the small SVD or eigendecomposition, which
+    synchronizes with the device for its own error check anyway (torch.linalg.svd and eigh have no non-checking
+    variant), so the read adds no stall; when a factorization failed (a numerically rank-deficient gradient) the
+    basis is recomputed with Householder QR.
     ``range_dtype``: the dtype of the range finder's products A Omega, A^T Q, A Q (None: float32, TF32 on a GPU
     where the user allows it; bfloat16: 16-bit tensor cores, float32 results). The Gram matrices, the
-    factorizations and the small SVD are float32."""
+    factorizations and the small SVD are float32 (the 'gram' eigendecomposition float64)."""
     m, n = matrix.shape
     k = min(rank + oversample, m, n)
+    if small_svd not in ("svd", "gram"):
+        raise ValueError(f"small_svd={small_svd!r} is not one of 'svd', 'gram'")
     # drawn on the generator's device (the CPU one by default, so a seed gives the same basis on every device;
     # a CUDA generator draws on the GPU), then moved to the matrix
     gen_device = generator.device if generator is not None else torch.device("cpu")
     omega = torch.randn(n, k, generator=generator, dtype=matrix.dtype, device=gen_device).to(matrix.device)
-    if orthonormalize == "householder" and range_dtype in (None, torch.float32):
+    if orthonormalize == "householder" and range_dtype in (None, torch.float32) and small_svd == "svd":
         # the original sequence of operations (kept bit for bit: checkpoints resume identically on the CPU)
         q, _ = torch.linalg.qr(matrix @ omega)
         for _ in range(power_iters):
@@ -146,11 +183,12 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
     for _ in range(power_iters):
         q = orth(mm_float32(low.T, q.to(low.dtype), low.is_cuda))
         q = orth(mm_float32(low, q.to(low.dtype), low.is_cuda))
-    u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
-    if orthonormalize == "cholqr" and bool(failed):  # read after the SVD's own sync (see above)
+    u, vh = _small_factorization(q, matrix, rank, small_svd)
+    if orthonormalize == "cholqr" and bool(failed):  # read after the small problem's own sync (see above)
         return randomized_svd(matrix, rank, oversample, power_iters, None if generator is None else
-                              generator.manual_seed(generator.initial_seed()), "householder", range_dtype)
-    return (q @ u_small[:, :rank]), vh[:rank]
+                              generator.manual_seed(generator.initial_seed()), "householder", range_dtype,
+                              small_svd)
+    return u, vh
 
 
 def resolve_orthonormalize(orthonormalize: str, device: torch.device) -> str:
@@ -166,18 +204,25 @@ def resolve_orthonormalize(orthonormalize: str, device: torch.device) -> str:
 
 def compute_basis(grad: Tensor, rank: int, side: str, svd: str = "exact", *, oversample: int = 8,
                   power_iters: int = 2, seed: int = 0, orthonormalize: str = "auto",
-                  range_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                  range_dtype: Optional[torch.dtype] = None,
+                  small_svd: str = "auto") -> Tuple[Tensor, Optional[Tensor]]:
     """The projection basis for ``grad``: (P, None) for left/right, (U, Vh) for full. Float32, contiguous.
-    Randomized: ``orthonormalize`` ('auto' | 'householder' | 'cholqr', :func:`resolve_orthonormalize`) and
-    ``range_dtype`` (:func:`randomized_svd`)."""
+    Randomized: ``orthonormalize`` ('auto' | 'householder' | 'cholqr', :func:`resolve_orthonormalize`),
+    ``range_dtype`` (:func:`randomized_svd`) and ``small_svd`` ('auto' | 'svd' | 'gram', :func:`resolve_small_svd`;
+    'gram' finds a right basis as the left one of G^T, and 'full' takes 'svd')."""
     matrix = grad.detach().to(torch.float32)
     if svd == "exact":
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         u, vh = u[:, :rank], vh[:rank]
     elif svd == "randomized":
         gen = torch.Generator().manual_seed(int(seed))
-        u, vh = randomized_svd(matrix, rank, oversample, power_iters, gen,
-                               resolve_orthonormalize(orthonormalize, matrix.device), range_dtype)
+        small = resolve_small_svd(small_svd, matrix.device)
+        orth = resolve_orthonormalize(orthonormalize, matrix.device)
+        if small == "gram" and side == "right":
+            u, _ = randomized_svd(matrix.T, rank, oversample, power_iters, gen, orth, range_dtype, small)
+            return u.T.contiguous(), None
+        u, vh = randomized_svd(matrix, rank, oversample, power_iters, gen, orth, range_dtype,
+                               "svd" if side == "full" else small)
     else:
         raise ValueError(f"svd={svd!r} is not one of {', '.join(SVD_METHODS)}")
     if side == "left":
