@@ -2,12 +2,14 @@
 every device (CPU and, when present, CUDA)."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from tests.conftest import DEVICES
 from weightkit.optim import GaLoreProjector
+from weightkit.optim import projector as projector_mod
 from weightkit.optim.projector import (basis_seed, cholesky_qr, compute_basis, project, projection_basis_dtype,
                                        projection_side, randomized_svd, resolve_orthonormalize, resolve_small_svd,
                                        subspace_overlap)
@@ -200,10 +202,15 @@ def test_randomized_basis_against_exact_svd(seed, orthonormalize, range_dtype, s
         torch.testing.assert_close(p.T @ p, torch.eye(rank, dtype=torch.float64), rtol=0, atol=2e-5)
 
 
-def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_householder():
-    a, s = _spectrum_matrix(120, 90, 3, decay=-1.0, rank=6)  # rank 6 < k = 10 + 8
-    q, failed = cholesky_qr(a.float() @ torch.randn(90, 18, dtype=torch.float32))
+def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_householder(monkeypatch):
+    """An exactly rank-deficient block is flagged; a gradient of rank 6 < k = 10 + 8 (in float64; rank 90 by its
+    float32 rounding) gives an orthonormal basis with all of its energy, by Cholesky-QR or by the fallback; a
+    Cholesky-QR result that is not orthonormal though no factorization failed is caught on the device too."""
+    y = torch.zeros(200, 18)
+    y[:, ::3] = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))  # rank 6, twelve zero columns
+    q, failed = cholesky_qr(y)
     assert bool(failed)
+    a, s = _spectrum_matrix(120, 90, 3, decay=-1.0, rank=6)
     ortho, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="cholqr")
     torch.testing.assert_close(ortho.double().T @ ortho.double(), torch.eye(10, dtype=torch.float64), rtol=0,
                                atol=2e-5)
@@ -212,6 +219,19 @@ def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_household
     q, failed = cholesky_qr(torch.randn(300, 30) @ torch.diag(torch.logspace(0, -5, 30)))
     assert not bool(failed)
     torch.testing.assert_close(q.T @ q, torch.eye(30), rtol=0, atol=1e-5)
+    calls = []
+    real = projector_mod.cholesky_qr
+
+    def skewed(y):  # a factorization that "succeeded" but left the basis 5% off orthonormal
+        q, bad = real(y)
+        calls.append(1)
+        return q * 1.05, bad
+
+    monkeypatch.setattr(projector_mod, "cholesky_qr", skewed)
+    before = projector_mod.cholqr_fallbacks
+    got, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="cholqr", seed=4)
+    want, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="householder", seed=4)
+    assert calls and torch.equal(got, want) and projector_mod.cholqr_fallbacks == before + 1
     with pytest.raises(ValueError, match="orthonormalize='givens'"):
         compute_basis(a.float(), 4, "left", "randomized", orthonormalize="givens")
 
@@ -250,6 +270,24 @@ def test_gram_small_problem_finds_the_svds_subspace(device):
         compute_basis(a, 4, "left", "randomized", small_svd="qr")
     with pytest.raises(ValueError, match="small_svd='auto'"):
         randomized_svd(a, 4, small_svd="auto")  # resolved by compute_basis, not here
+
+
+@pytest.mark.parametrize("cond", [1e3, 1e4, 1e5])
+def test_cholesky_qr_succeeds_at_a_refresh_size(cond):
+    """At a refresh's size (m x k = 4096 x 520: 4096-row gradient, rank 512 + 8) the factorization succeeds for a
+    range block whose singular values span up to 1e5 (a gradient's top-k spectrum may), so the refresh needs no
+    Householder fallback; with Fukaya et al.'s worst-case shift (3.5 sigma_1^2 at this size) the second pass failed
+    from cond 1e4 on. Orthonormal to float32's accuracy and spanning Y's columns."""
+    m, k = 4096, 520
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0]
+    y = ((u * torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)) @ v.T).float()
+    q, failed = cholesky_qr(y)
+    assert not bool(failed)
+    qd = q.double()
+    torch.testing.assert_close(qd.T @ qd, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert torch.linalg.svdvals(qd.T @ u).min() > 0.999
 
 
 def test_auto_orthonormalization_keeps_householder_on_the_cpu():

@@ -62,6 +62,8 @@ def basis_seed(seed: int, key: int, step: int) -> int:
 
 ORTHONORMALIZERS = ("auto", "householder", "cholqr")
 _FP32_UNIT_ROUNDOFF = 2.0**-24
+cholqr_fallbacks = 0  # refreshes whose Cholesky-QR failed and that were redone with Householder QR (diagnostics)
+_ORTHONORMAL_TOL = 1e-2  # max |Q^T Q - I| of a Cholesky-QR basis, else Householder (TF32 Grams: ~1e-4 observed)
 
 
 def _cholesky_qr(y: Tensor, failed: Tensor, shifted: bool = False) -> Tensor:
@@ -70,11 +72,19 @@ def _cholesky_qr(y: Tensor, failed: Tensor, shifted: bool = False) -> Tensor:
     y = y.to(torch.float32)
     gram = y.T @ y
     if shifted:
-        # Fukaya et al. 2020 (shifted CholeskyQR): s = 11 (m k + k (k + 1)) u ||Y||^2 (Frobenius norm, an upper
-        # bound of the 2-norm) makes the factorization succeed up to cond(Y) ~ 1/u; the result is
-        # well-conditioned enough for the two unshifted passes that follow. A zero Y gets a tiny shift too.
-        m, k = y.shape
-        shift = gram.diagonal().sum() * (11.0 * (m * k + k * (k + 1)) * _FP32_UNIT_ROUNDOFF)
+        # Shifted CholeskyQR (Fukaya et al. 2020): Y^T Y + s I is factored, so the pass succeeds despite the Gram's
+        # rounding, and its result, with singular values sigma_i / sqrt(sigma_i^2 + s), is conditioned enough for
+        # the two unshifted passes that follow when s is small against sigma_1^2. Their worst-case bound,
+        # s = 11 (m k + k (k + 1)) u ||Y||^2, is larger than sigma_1^2 once m k u nears 1 (4096 x 1032 in float32:
+        # 3.5 sigma_1^2 with the 2-norm), and then the second pass failed (its Gram indefinite) for every
+        # cond(Y) >= 1e4 (CPU, float32, and with the Gram's operands rounded to TF32 as tensor cores do), the
+        # refresh falling back to Householder QR. s = sqrt(k) u ||Y||_F^2 is above the Gram's rounding (about
+        # sqrt(m / k) u ||Y||_F^2 in norm for random errors; rounding Y's entries to TF32 leaves an exact Gram of
+        # the rounded Y, still positive semidefinite), and all three passes succeeded up to cond(Y) = 1e5
+        # (float32) and 1e6 (TF32 operands) for m x k from 96 x 20 to 11008 x 528; the first pass never failed.
+        # A zero Y gets a tiny shift too.
+        k = y.shape[1]
+        shift = gram.diagonal().sum() * (math.sqrt(k) * _FP32_UNIT_ROUNDOFF)
         gram.diagonal().add_(shift.clamp_min(torch.finfo(torch.float32).tiny))
     chol, info = torch.linalg.cholesky_ex(gram)
     failed.logical_or_(info.ne(0))
@@ -87,8 +97,9 @@ def cholesky_qr(y: Tensor) -> Tuple[Tensor, Tensor]:
     :func:`randomized_svd`). Shifted CholeskyQR3: one shifted Cholesky-QR pass, then Cholesky-QR2 (two unshifted
     passes: the second restores the orthogonality that the first loses to cond^2). Three GEMMs for the Gram
     matrices, three k x k Cholesky factorizations and three triangular solves: tensor-core work and no host sync,
-    where Householder QR (geqrf) is a latency-bound panel factorization. Fails for a numerically rank-deficient
-    ``y`` (rank < k)."""
+    where Householder QR (geqrf) is a latency-bound panel factorization. Fails for an exactly rank-deficient
+    ``y`` (rank < k); one whose rank falls short only by rounding may give an orthonormal Q spanning Y's range and
+    rounding directions, or a Q that is not orthonormal, which :func:`randomized_svd` tests for."""
     failed = torch.zeros((), dtype=torch.bool, device=y.device)
     q = _cholesky_qr(y, failed, shifted=True)
     q = _cholesky_qr(q, failed)
@@ -144,8 +155,8 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
     ``orthonormalize``: 'householder' (torch.linalg.qr) or 'cholqr' (:func:`cholesky_qr`). With 'cholqr' the
     failure flags of all factorizations are read once, after the small SVD or eigendecomposition, which
     synchronizes with the device for its own error check anyway (torch.linalg.svd and eigh have no non-checking
-    variant), so the read adds no stall; when a factorization failed (a numerically rank-deficient gradient) the
-    basis is recomputed with Householder QR.
+    variant), so the read adds no stall; when a factorization failed or the last basis is not orthonormal to
+    1e-2 (a rank-deficient gradient) the basis is recomputed with Householder QR.
     ``range_dtype``: the dtype of the range finder's products A Omega, A^T Q, A Q (None: float32, TF32 on a GPU
     where the user allows it; bfloat16: 16-bit tensor cores, float32 results). The Gram matrices, the
     factorizations and the small SVD are float32 (the 'gram' eigendecomposition float64)."""
@@ -183,8 +194,15 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
     for _ in range(power_iters):
         q = orth(mm_float32(low.T, q.to(low.dtype), low.is_cuda))
         q = orth(mm_float32(low, q.to(low.dtype), low.is_cuda))
+    if orthonormalize == "cholqr":
+        # the result checked on the device (one more k x k Gram, no sync): a factorization that succeeded on a
+        # block whose rank is below k in exact arithmetic can leave columns that are not orthonormal
+        err = (q.T @ q - torch.eye(q.shape[1], dtype=q.dtype, device=q.device)).abs().amax()
+        failed.logical_or_(~(err <= _ORTHONORMAL_TOL))  # NaN included
     u, vh = _small_factorization(q, matrix, rank, small_svd)
     if orthonormalize == "cholqr" and bool(failed):  # read after the small problem's own sync (see above)
+        global cholqr_fallbacks
+        cholqr_fallbacks += 1
         return randomized_svd(matrix, rank, oversample, power_iters, None if generator is None else
                               generator.manual_seed(generator.initial_seed()), "householder", range_dtype,
                               small_svd)
