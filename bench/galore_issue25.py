@@ -10,7 +10,8 @@ Rows (each ratio against a baseline measured in the same run):
 * refresh 4096^2 r1024: randomized (Cholesky-QR on the GPU, fp32/TF32 and bf16 range finder; Householder for
   comparison; the small k x n problem by the default 'gram' eigendecomposition, and once by 'svd') and exact SVD
   (target <= 50 ms); then the refresh's phases alone (``refresh phase ...``): the range finder's five products,
-  five orthonormalizations (Cholesky-QR3 or Householder) and the small problem ('svd' of the k x n B, or 'gram',
+  its five orthonormalizations (Cholesky-QR: three passes once, the shifted pass alone four times; or Householder
+  five times) and the small problem ('svd' of the k x n B, or 'gram',
   the k x k B B^T's eigendecomposition in float64), so that one call says where a missed target's time goes;
 * host syncs in one steady-state step (torch.cuda.set_sync_debug_mode): <= 1 with 'raise', 0 with 'skip';
 * a correctness smoke test of the compiled Triton kernel (ieee, tf32, bf16 operands; predicated) against the
@@ -238,7 +239,8 @@ def refresh_phases(rows, grad, rank, oversample=8, power_iters=2):
     """The parts of a randomized refresh, each timed alone on the refresh rows' gradient (A, m x n) and a
     k-column basis (k = rank + oversample): the range finder's 1 + 2 ``power_iters`` products (A Omega, A^T Q,
     A Q: k columns each) in float32 with and without TF32 and on bf16 operands; as many orthonormalizations of an
-    m x k matrix (Cholesky-QR3, Householder QR); the small problem, SVD of B = Q^T A (k x n) or the eigenvectors
+    m x k matrix as a refresh makes (Cholesky-QR3 once and its shifted pass alone for the rest, or Householder QR
+    each time); the small problem, SVD of B = Q^T A (k x n) or the eigenvectors
     of B B^T (k x k, float64), B's product included."""
     from weightkit.ops.galore import mm_float32
     from weightkit.optim.projector import _householder, _small_factorization, cholesky_qr
@@ -259,12 +261,16 @@ def refresh_phases(rows, grad, rank, oversample=8, power_iters=2):
                                                                for _ in range(products)]))
             if ms is not None:
                 _row(rows, name, ms)
-    for label, orth in (("cholqr", lambda: cholesky_qr(y)[0]), ("householder", lambda: _householder(y))):
+    # a refresh orthonormalizes 1 + 2 power_iters times: by Cholesky-QR, three passes for the last basis and the
+    # shifted pass alone before it (cholqr3 x1 + cholqr1 x(products - 1)), or by Householder QR each time
+    for label, orth, times in (("cholqr3", lambda: cholesky_qr(y, 3)[0], 1),
+                               ("cholqr1", lambda: cholesky_qr(y, 1)[0], products - 1),
+                               ("householder", lambda: _householder(y), products)):
         for allowed in (True, False):
             with tf32(allowed):
-                name = f"refresh phase orthonormalize {label} x{products} {'tf32' if allowed else 'strict fp32'} " \
+                name = f"refresh phase orthonormalize {label} x{times} {'tf32' if allowed else 'strict fp32'} " \
                        f"{m}x{k}"
-                ms = _guarded(rows, name, lambda: call_ms(lambda: [orth() for _ in range(products)]))
+                ms = _guarded(rows, name, lambda: call_ms(lambda: [orth() for _ in range(times)]))
                 if ms is not None:
                     _row(rows, name, ms)
     with tf32(True):

@@ -219,19 +219,28 @@ def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_household
     q, failed = cholesky_qr(torch.randn(300, 30) @ torch.diag(torch.logspace(0, -5, 30)))
     assert not bool(failed)
     torch.testing.assert_close(q.T @ q, torch.eye(30), rtol=0, atol=1e-5)
+    # the shifted pass alone (between power iterations): Y's columns (cond 1e5), conditioned, not orthonormal
+    y = torch.randn(300, 30, generator=torch.Generator().manual_seed(1)) @ torch.diag(torch.logspace(0, -5, 30))
+    q1, failed = cholesky_qr(y, passes=1)
+    assert not bool(failed)
+    sv = torch.linalg.svdvals(q1.double())
+    assert sv[0] / sv[-1] < 100, sv
+    span = torch.linalg.qr(y.double())[0]
+    assert torch.linalg.svdvals(torch.linalg.qr(q1.double())[0].T @ span).min() > 0.9999
     calls = []
     real = projector_mod.cholesky_qr
 
-    def skewed(y):  # a factorization that "succeeded" but left the basis 5% off orthonormal
-        q, bad = real(y)
-        calls.append(1)
+    def skewed(y, passes=3):  # a factorization that "succeeded" but left the basis 5% off orthonormal
+        q, bad = real(y, passes)
+        calls.append(passes)
         return q * 1.05, bad
 
     monkeypatch.setattr(projector_mod, "cholesky_qr", skewed)
     before = projector_mod.cholqr_fallbacks
     got, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="cholqr", seed=4)
     want, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="householder", seed=4)
-    assert calls and torch.equal(got, want) and projector_mod.cholqr_fallbacks == before + 1
+    assert calls == [1, 1, 1, 1, 3]  # the shifted pass between the power iterations, all three for the last basis
+    assert torch.equal(got, want) and projector_mod.cholqr_fallbacks == before + 1
     with pytest.raises(ValueError, match="orthonormalize='givens'"):
         compute_basis(a.float(), 4, "left", "randomized", orthonormalize="givens")
 

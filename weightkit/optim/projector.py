@@ -11,8 +11,9 @@ For a gradient G (m x n) and rank r, the projector is an orthonormal basis P of 
 The basis is recomputed from the current gradient every ``update_proj_gap`` steps (at steps 0, gap, 2 gap, ...
 counted before the step's increment, as galore-torch does), by exact SVD or by randomized SVD (Halko, Martinsson
 and Tropp 2011: Gaussian range finder with ``oversample`` extra columns and ``power_iters`` power iterations,
-re-orthonormalised after each product: on a GPU by shifted Cholesky-QR3 with the range finder's products in the
-precision the user chose (TF32 where allowed, bfloat16 for a 16-bit proj_dtype), on the CPU by Householder QR;
+re-orthonormalised after each product: on a GPU by shifted Cholesky-QR (its shifted pass alone between the power
+iterations, all three passes for the last basis) with the range finder's products in the precision the user chose
+(TF32 where allowed, bfloat16 for a 16-bit proj_dtype), on the CPU by Householder QR;
 the small k x n problem at the end solved on a GPU by the eigendecomposition of its k x k Gram matrix in float64,
 on the CPU by its SVD; the Gaussian test matrix is seeded by (seed, parameter key, step), so resuming from a
 checkpoint recomputes the same basis).
@@ -91,7 +92,7 @@ def _cholesky_qr(y: Tensor, failed: Tensor, shifted: bool = False) -> Tensor:
     return torch.linalg.solve_triangular(chol.T, y, upper=True, left=False)
 
 
-def cholesky_qr(y: Tensor) -> Tuple[Tensor, Tensor]:
+def cholesky_qr(y: Tensor, passes: int = 3) -> Tuple[Tensor, Tensor]:
     """(Q, failed): an orthonormal basis Q (float32, m x k) of the columns of a tall ``y`` (m >= k) and a 0-d bool
     tensor on the device, True when a factorization failed (then Q is not to be used: see
     :func:`randomized_svd`). Shifted CholeskyQR3: one shifted Cholesky-QR pass, then Cholesky-QR2 (two unshifted
@@ -99,11 +100,13 @@ def cholesky_qr(y: Tensor) -> Tuple[Tensor, Tensor]:
     matrices, three k x k Cholesky factorizations and three triangular solves: tensor-core work and no host sync,
     where Householder QR (geqrf) is a latency-bound panel factorization. Fails for an exactly rank-deficient
     ``y`` (rank < k); one whose rank falls short only by rounding may give an orthonormal Q spanning Y's range and
-    rounding directions, or a Q that is not orthonormal, which :func:`randomized_svd` tests for."""
+    rounding directions, or a Q that is not orthonormal, which :func:`randomized_svd` tests for. ``passes=1``: the
+    shifted pass alone, a basis of Y's columns conditioned to about sqrt(s) / sigma_min(Y) but not orthonormal:
+    what a power iteration's next product needs."""
     failed = torch.zeros((), dtype=torch.bool, device=y.device)
     q = _cholesky_qr(y, failed, shifted=True)
-    q = _cholesky_qr(q, failed)
-    q = _cholesky_qr(q, failed)
+    for _ in range(passes - 1):
+        q = _cholesky_qr(q, failed)
     return q, failed
 
 
@@ -183,17 +186,19 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
 
     failed = torch.zeros((), dtype=torch.bool, device=matrix.device)
 
-    def orth(y: Tensor) -> Tensor:
+    def orth(y: Tensor, last: bool) -> Tensor:
         if orthonormalize == "householder":
             return _householder(y)
-        q, bad = cholesky_qr(y)
+        # between products one shifted pass: the next product needs the columns well-conditioned, not orthonormal
+        # (scikit-learn's randomized range finder uses an LU factorization there); the last basis gets all three
+        q, bad = cholesky_qr(y, 3 if last else 1)
         failed.logical_or_(bad)
         return q.masked_fill_(failed, 0.0)  # a failed factorization's NaNs must not reach the SVD (it would raise)
 
-    q = orth(mm_float32(low, omega.to(low.dtype), low.is_cuda))
-    for _ in range(power_iters):
-        q = orth(mm_float32(low.T, q.to(low.dtype), low.is_cuda))
-        q = orth(mm_float32(low, q.to(low.dtype), low.is_cuda))
+    q = orth(mm_float32(low, omega.to(low.dtype), low.is_cuda), power_iters == 0)
+    for i in range(power_iters):
+        q = orth(mm_float32(low.T, q.to(low.dtype), low.is_cuda), False)
+        q = orth(mm_float32(low, q.to(low.dtype), low.is_cuda), i == power_iters - 1)
     if orthonormalize == "cholqr":
         # the result checked on the device (one more k x k Gram, no sync): a factorization that succeeded on a
         # block whose rank is below k in exact arithmetic can leave columns that are not orthonormal
