@@ -299,6 +299,32 @@ def test_cholesky_qr_succeeds_at_a_refresh_size(cond):
     assert torch.linalg.svdvals(qd.T @ u).min() > 0.999
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_randomized_refresh_draws_its_test_matrix_on_the_gpu_cuda(monkeypatch):
+    """On a GPU the Gaussian test matrix comes from a CUDA generator seeded per (seed, key, step): no CPU random
+    numbers and no host-to-device copy per refresh; one seed gives one basis; neither global generator is used."""
+    g = torch.randn(256, 192, device="cuda")
+    states = torch.cuda.get_rng_state(), torch.get_rng_state()
+    drawn = []
+    real = torch.randn
+
+    def spy(*args, **kwargs):
+        gen = kwargs.get("generator")
+        drawn.append(None if gen is None else gen.device.type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    a = compute_basis(g, 16, "left", "randomized", seed=7)[0]
+    b = compute_basis(g, 16, "left", "randomized", seed=7)[0]
+    c = compute_basis(g, 16, "left", "randomized", seed=8)[0]
+    monkeypatch.undo()
+    assert drawn == ["cuda", "cuda", "cuda"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.cuda.get_rng_state(), states[0]) and torch.equal(torch.get_rng_state(), states[1])
+    exact = compute_basis(g, 16, "left", "exact")[0]
+    assert subspace_overlap(a, exact, "left") > 0.5  # a random matrix's top subspace, roughly
+
+
 def test_auto_orthonormalization_keeps_householder_on_the_cpu():
     a = torch.randn(64, 48)
     auto = compute_basis(a, 8, "left", "randomized", seed=5)[0]
