@@ -141,6 +141,17 @@ def test_optimizer_step_syncs_at_most_once(name, nonfinite, allowed, default_che
     assert [opt.state[p].get("refresh_count") for p in weights] == refreshes  # the counted step did not refresh
     if int8:
         assert all(hasattr(p, "qdata") and p.qdata.dtype == torch.int8 for p in weights)  # Int8Weight, int8 storage
+    if nonfinite == "raise":  # the late read (a copy of the flag, waited for by an event) still raises in the step
+        backward()
+        weights[0].grad.view(-1)[5] = float("nan")
+        before = [p.detach().clone() for p in weights]
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, weights))
+        assert all(opt.state[p]["step"] == 3 for p in weights)
+        backward()
+        opt.step()  # the next good step commits
+        assert all(opt.state[p]["step"] == 4 for p in weights)
     if nonfinite == "skip":  # a NaN gradient is skipped on the device flag: still no sync, nothing changed
         backward()
         bad = weights[0].grad  # an ordinary .grad for Int8Linear weights too

@@ -145,6 +145,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # leaves in ``deferred_found`` for the caller to read later (one read per backward pass, not per parameter)
         self._defer = False
         self.deferred_found: Optional[Tensor] = None
+        self._late_verdict: Optional[Callable[[], bool]] = None  # 'raise' read late: reads the step's flag
         self._host_skips = 0  # steps skipped on the host (see skipped_steps)
         self._device_skips: Dict[torch.device, Tensor] = {}  # per device: steps skipped on the device flag
         self._weight_parts: Dict[int, object] = {}
@@ -319,7 +320,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 self.deferred_found = next(iter(flags.values()))
             elif self.nonfinite == "skip":
                 self._count_device_skips(flags)
-            return flags  # 'raise' read late: step() reads them once every update is queued
+            else:  # 'raise' read late: step() reads the copy started here once every update is queued
+                self._late_verdict = _flag_reader(next(iter(flags.values())))
+            return flags
         bad = known_bad or any(bool(flag) for flag in flags.values())  # the one host sync (one per device)
         for part in self.parts.weights:
             bad = part.any_bad([p for g in self.param_groups for p in g["params"] if self._weight_part(p) is part],
@@ -340,7 +343,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         so that the host queues the step's kernels while the GPU still runs backward, instead of waiting for the
         GPU first and then queueing them to an idle GPU. A bad step then raises with nothing changed, as an early
         read does (the masked updates left weights, moments and bases; the step counts are put back). Not on a
-        parameter's first step (its moments would be created)."""
+        parameter's first step (its moments would be created). On a GPU the read waits for the flag's copy to
+        page-locked memory, queued right after the check (:func:`_flag_reader`), not for the updates queued after
+        it: the host goes on to the next iteration while the GPU runs them."""
         device = next(iter(flags))
         return (self.nonfinite == "raise" and device.type in self._LATE_READ_DEVICES
                 and all("step" in self.state[p] for _, p, _, _ in items))
@@ -399,7 +404,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             else:
                 self._commit_predicated(group, p, part, grad, prep, found)
         if verdict is not None and self.nonfinite == "raise" and not self._defer:  # read late (_reads_late)
-            if any(bool(flag) for flag in verdict.values()):  # the step's one host sync, its updates all queued
+            read, self._late_verdict = self._late_verdict, None
+            if read():  # the step's one host read, its updates all queued (on a GPU: waits for the check alone)
                 for _, p, _, _ in items:
                     self.state[p]["step"] -= 1  # the masked updates changed nothing else
                 self._raise_nonfinite(items, prepared)
@@ -609,6 +615,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 p_b.copy_(torch.where(skip, p_b, new))
                 m_b.copy_(torch.where(skip, m_b, m))
                 v_b.copy_(torch.where(skip, v_b, v))
+
+
+def _flag_reader(flag: Tensor) -> Callable[[], bool]:
+    """A function that returns whether the one-element device ``flag`` is nonzero, as ``bool(flag)`` does. On a
+    GPU the value is copied now, behind the kernels queued so far, to page-locked host memory (torch's caching host
+    allocator: a block is reused only after the copy into it completed), and the function waits for that copy
+    alone (a CUDA event recorded after it), not for the kernels queued after it, as ``bool(flag)`` would (it waits
+    for the whole stream). Elsewhere it reads the flag when called."""
+    if flag.device.type != "cuda":
+        return lambda: bool(flag)
+    buf = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    buf.copy_(flag, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(flag.device))
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(buf)
+
+    return read
 
 
 def found_inf_flags(tensors) -> Dict[torch.device, Tensor]:
