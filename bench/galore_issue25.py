@@ -11,8 +11,9 @@ Rows (each ratio against a baseline measured in the same run):
   comparison; the small k x n problem by the default 'gram' eigendecomposition, and once by 'svd') and exact SVD
   (target <= 50 ms); then the refresh's phases alone (``refresh phase ...``): the range finder's five products,
   its five orthonormalizations (Cholesky-QR: three passes once, the shifted pass alone four times; or Householder
-  five times) and the small problem ('svd' of the k x n B, or 'gram',
-  the k x k B B^T's eigendecomposition in float64), so that one call says where a missed target's time goes;
+  five times) and the small problem ('svd' of the k x n B, or 'gram', the k x k B B^T's eigendecomposition in
+  float64), so that one call says where a missed target's time goes; and a refresh of a gradient-like matrix
+  (decaying spectrum) with the count of its Cholesky-QR fallbacks;
 * host syncs in one steady-state step (torch.cuda.set_sync_debug_mode): <= 1 with 'raise', 0 with 'skip';
 * a correctness smoke test of the compiled Triton kernel (ieee, tf32, bf16 operands; predicated) against the
   reference, since the interpreter does not compile it.
@@ -240,8 +241,8 @@ def refresh_phases(rows, grad, rank, oversample=8, power_iters=2):
     k-column basis (k = rank + oversample): the range finder's 1 + 2 ``power_iters`` products (A Omega, A^T Q,
     A Q: k columns each) in float32 with and without TF32 and on bf16 operands; as many orthonormalizations of an
     m x k matrix as a refresh makes (Cholesky-QR3 once and its shifted pass alone for the rest, or Householder QR
-    each time); the small problem, SVD of B = Q^T A (k x n) or the eigenvectors
-    of B B^T (k x k, float64), B's product included."""
+    each time); the small problem, SVD of B = Q^T A (k x n) or the eigenvectors of B B^T (k x k, float64), B's
+    product included."""
     from weightkit.ops.galore import mm_float32
     from weightkit.optim.projector import _householder, _small_factorization, cholesky_qr
 

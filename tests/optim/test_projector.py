@@ -235,6 +235,14 @@ def test_cholesky_qr_flags_rank_deficiency_and_the_basis_falls_back_to_household
         calls.append(passes)
         return q * 1.05, bad
 
+    def poisoned(y, passes=3):  # a factorization that reported success but left a NaN: no LinAlgError either
+        q, bad = real(y, passes)
+        return q.index_fill(0, torch.tensor([2]), float("nan")) if passes == 3 else q, bad
+
+    monkeypatch.setattr(projector_mod, "cholesky_qr", poisoned)
+    for small in ("svd", "gram"):
+        got, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="cholqr", seed=4, small_svd=small)
+        assert torch.isfinite(got).all()
     monkeypatch.setattr(projector_mod, "cholesky_qr", skewed)
     before = projector_mod.cholqr_fallbacks
     got, _ = compute_basis(a.float(), 10, "left", "randomized", orthonormalize="cholqr", seed=4)

@@ -205,6 +205,7 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
         # block whose rank is below k in exact arithmetic can leave columns that are not orthonormal
         err = (q.T @ q - torch.eye(q.shape[1], dtype=q.dtype, device=q.device)).abs().amax()
         failed.logical_or_(~(err <= _ORTHONORMAL_TOL))  # NaN included
+        q = q.masked_fill(failed, 0.0)  # NaN/Inf from a factorization that reported no failure: not to the solver
     u, vh = _small_factorization(q, matrix, rank, small_svd)
     if orthonormalize == "cholqr" and bool(failed):  # read after the small problem's own sync (see above)
         global cholqr_fallbacks
