@@ -234,6 +234,13 @@ def refresh(rows):
     if ms is not None:
         _row(rows, name, ms)
     refresh_phases(rows, grad, rank)
+    if DEVICE == "cuda":  # the exact refresh (GaLore's default, as galore-torch's) by cuSOLVER's QR-iteration driver,
+        # against torch's default (Jacobi gesvdj for sides over 32): which one a later change should pick
+        name = f"refresh exact driver gesvd {size}^2 r{rank}"
+        ms = _guarded(rows, name, lambda: call_ms(lambda: torch.linalg.svd(grad, full_matrices=False,
+                                                                           driver="gesvd"), repeats=1))
+        if ms is not None:
+            _row(rows, name, ms)
 
 
 def refresh_phases(rows, grad, rank, oversample=8, power_iters=2):
