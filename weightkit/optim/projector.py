@@ -178,8 +178,7 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, power_iters: 
         for _ in range(power_iters):
             q, _ = torch.linalg.qr(matrix.T @ q)
             q, _ = torch.linalg.qr(matrix @ q)
-        u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
-        return (q @ u_small[:, :rank]), vh[:rank]
+        return _small_factorization(q, matrix, rank, "svd")
     if orthonormalize not in ("householder", "cholqr"):
         raise ValueError(f"orthonormalize={orthonormalize!r} is not one of 'householder', 'cholqr'")
     low = matrix if range_dtype in (None, torch.float32) else matrix.to(range_dtype)
