@@ -145,7 +145,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # leaves in ``deferred_found`` for the caller to read later (one read per backward pass, not per parameter)
         self._defer = False
         self.deferred_found: Optional[Tensor] = None
-        self._late_verdict: Optional[Callable[[], bool]] = None  # 'raise' read late: reads the step's flag
         self._host_skips = 0  # steps skipped on the host (see skipped_steps)
         self._device_skips: Dict[torch.device, Tensor] = {}  # per device: steps skipped on the device flag
         self._weight_parts: Dict[int, object] = {}
@@ -320,9 +319,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 self.deferred_found = next(iter(flags.values()))
             elif self.nonfinite == "skip":
                 self._count_device_skips(flags)
-            else:  # 'raise' read late: step() reads the copy started here once every update is queued
-                self._late_verdict = _flag_reader(next(iter(flags.values())))
-            return flags
+            return flags  # 'raise' read late: step() reads them once every update is queued
         bad = known_bad or any(bool(flag) for flag in flags.values())  # the one host sync (one per device)
         for part in self.parts.weights:
             bad = part.any_bad([p for g in self.param_groups for p in g["params"] if self._weight_part(p) is part],
@@ -395,6 +392,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         verdict = self._nonfinite(items, prepared)
         if verdict is True:
             return loss
+        late = None  # 'raise' read late (_reads_late): the flag's copy queued now, before the updates, read after
+        if verdict is not None and self.nonfinite == "raise" and not self._defer:
+            late = _flag_reader(next(iter(verdict.values())))
         if verdict is not None:
             self._device_step_sizes(items, prepared, verdict)
         for (group, p, part, grad), prep in zip(items, prepared):
@@ -403,9 +403,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 self._commit(group, p, part, grad, prep)
             else:
                 self._commit_predicated(group, p, part, grad, prep, found)
-        if verdict is not None and self.nonfinite == "raise" and not self._defer:  # read late (_reads_late)
-            read, self._late_verdict = self._late_verdict, None
-            if read():  # the step's one host read, its updates all queued (on a GPU: waits for the check alone)
+        if late is not None:
+            if late():  # the step's one host read, its updates all queued (on a GPU: waits for the check alone)
                 for _, p, _, _ in items:
                     self.state[p]["step"] -= 1  # the masked updates changed nothing else
                 self._raise_nonfinite(items, prepared)
