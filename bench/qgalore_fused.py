@@ -181,6 +181,21 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
                 y = out32()
                 rows.append(dict(section="projection", shape=shape, backend=name, ms=_ms(out32),
                                  rel_err=float((y.double() - ref).norm() / ref.norm())))
+        # an fp16 gradient (fp16 parameters): the same kernels on the right; on the left its tile in two bf16 parts
+        # too (five exact products instead of three), against the float32 copy's row below
+        g16h = g.to(torch.float16)
+        refh = (w64.T @ g16h.double()) if left else (g16h.double() @ w64.T)
+        out32h = (lambda: int4_matmul(g16h.T, *args, transpose=True, out_dtype=torch.float32).T) if left else \
+            (lambda: int4_matmul(g16h, *args, out_dtype=torch.float32))
+        name = "int4_matmul triton float32 out from fp16"
+        why_not = int4_ops._MM.why_not("triton", g16h.device)
+        if why_not is not None:
+            rows.append(dict(section="projection", shape=shape, backend=name, error=f"skipped: {why_not}"))
+        else:
+            with use_backend("triton"):
+                y = out32h()
+                rows.append(dict(section="projection", shape=shape, backend=name, ms=_ms(out32h),
+                                 rel_err=float((y.double() - refh).norm() / refh.norm())))
         conv = (lambda: int4_matmul(g16.float().T, *args, transpose=True).T) if left else \
             (lambda: int4_matmul(g16.float(), *args, transpose=False))  # the whole float32 copy, for comparison
         rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",

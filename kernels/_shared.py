@@ -735,20 +735,34 @@ def split3_bf16(x):
 
 
 @triton.jit
-def dot3(a, b, TC_BF16: tl.constexpr, SPLIT_A: tl.constexpr = False):
+def dot3(a, b, TC_BF16: tl.constexpr, SPLIT_A: tl.constexpr = False, FP16_B: tl.constexpr = False):
     """a . b for one operand of bf16-exact values (the INT4 integers q - z; a bf16 activation) and one float32 operand
     (``b``, or ``a`` with SPLIT_A) split in three bf16 parts (split3_bf16): three products, smallest first, each exact
     in float32 (two bf16 significands), float32 accumulation: float32 accuracy from bf16 tensor-core products
     (TC_BF16; the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the same exact values in float32).
     2-D or batched 3-D operands. Splitting ``a`` keeps ``b`` as it is: on Hopper the split parts stay in registers
-    (wgmma's register operand) and ``b`` is staged in shared memory once for the three products."""
+    (wgmma's register operand) and ``b`` is staged in shared memory once for the three products.
+    FP16_B (with SPLIT_A): ``b`` holds float16 values (11-bit significands, not bf16-exact), split in two bf16 parts
+    (hi + lo == b exactly: lo holds the <= 3 bits hi left, in bf16's wider exponent range) for five exact products;
+    the sixth, a's smallest part times b's, is below 2^-26 of |a b| and is left out."""
     dt = tl.bfloat16 if TC_BF16 else tl.float32  # exact casts either way; "ieee" matters for float32 operands only
     if SPLIT_A:
         hi, mid, lo = split3_bf16(a)
-        b = b.to(dt)
-        t = tl.dot(lo.to(dt), b, input_precision="ieee", out_dtype=tl.float32)
-        t = tl.dot(mid.to(dt), b, acc=t, input_precision="ieee", out_dtype=tl.float32)
-        return tl.dot(hi.to(dt), b, acc=t, input_precision="ieee", out_dtype=tl.float32)
+        if FP16_B:
+            bf = b.to(tl.float32)
+            b_hi = round_bf16(bf)
+            b_lo = (bf - b_hi).to(dt)
+            b_hi = b_hi.to(dt)
+            t = tl.dot(lo.to(dt), b_hi, input_precision="ieee", out_dtype=tl.float32)
+            t = tl.dot(mid.to(dt), b_lo, acc=t, input_precision="ieee", out_dtype=tl.float32)
+            t = tl.dot(hi.to(dt), b_lo, acc=t, input_precision="ieee", out_dtype=tl.float32)
+            t = tl.dot(mid.to(dt), b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+            return tl.dot(hi.to(dt), b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            b = b.to(dt)
+            t = tl.dot(lo.to(dt), b, input_precision="ieee", out_dtype=tl.float32)
+            t = tl.dot(mid.to(dt), b, acc=t, input_precision="ieee", out_dtype=tl.float32)
+            return tl.dot(hi.to(dt), b, acc=t, input_precision="ieee", out_dtype=tl.float32)
     else:
         hi, mid, lo = split3_bf16(b)
         a = a.to(dt)
@@ -906,8 +920,9 @@ class SplitKMatmul:
 # finds faster (SCALE_AFTER_DOT). With transpose=True the groups run along N: BLOCK_N divides G, so an N tile sees one
 # scale per k, which scales the tile before the dot (or x, in fp32, in the GEMV). Any other G (or an unaligned INT4
 # layout) takes ALIGNED=False: one scale gathered per element, slower, always correct.
-# A float32 result of a bf16 x (INT4's out_dtype=float32: GaLore's projections of a bf16 gradient) sets SPLIT3: a
-# tile scaled before the dot is split in three bf16 parts for three exact products (dot3), W never rounded to bf16.
+# A float32 result of a 16-bit x (INT4's out_dtype=float32: GaLore's projections of a bf16 / fp16 gradient) sets
+# SPLIT3: a tile scaled before the dot is split in three bf16 parts for three exact products (dot3; an fp16 x tile
+# also split, in two bf16 parts: five products), W never rounded to x's dtype.
 # Autotuning only for weights of >= the op's TUNE_MIN_WEIGHT elements with G % TUNE_GROUP == 0 (one fixed config
 # otherwise); config bucket: M rounded up to a power of 2, N, K, G, precision, dtype, device.
 
@@ -1033,15 +1048,19 @@ def _fp32_spills(c, trans):
         0 if trans else 16)
 
 
-def _split3_spills(c):
+def _split3_spills(c, fp16=False):
     """SPLIT3 (INT4, a bf16 x with a float32 result: the weight tile split in three bf16 parts in registers): more
     than 80 values a thread of weight tile plus accumulator, BLOCK_N (BLOCK_K + BLOCK_M) / (32 warps). sm_90 compiles
     of the transposed tiles (BLOCK_M x BLOCK_N x BLOCK_K, warps; Triton 3.9): 16x64x64, 16x128x64, 16x64x128,
     32x64x64, 64x64x64 (4) kept everything in 129-253 registers, 32x64x128 (4, 80 a thread) spilled 8 B; spilled
     24-1200 B: 16x128x128, 32x128x64, 64x128x64, 64x64x128, 128x64x64 (4), 128x128x64, 128x128x128 (8). 64x256x64 on
-    8 warps (128 a thread) did not spill, and is left out with the rest."""
+    8 warps (128 a thread) did not spill, and is left out with the rest.
+    ``fp16``: an fp16 x, its tile also split in two bf16 parts (five products): of the tiles kept for bf16, those with
+    more than 96 values a thread counting the x tile (BLOCK_M BLOCK_K) too: 32x64x128 spilled 48 B; 16x64x64,
+    16x128x64, 16x64x128, 32x64x64 and 64x64x64 (4) kept everything in 142-254 registers, and 256x64x64 (8), which
+    bf16 keeps, spilled 112 B (sm_90, Triton 3.9)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    return bn * (bk + bm) > 80 * 32 * c.num_warps
+    return bn * (bk + bm) > 80 * 32 * c.num_warps or (fp16 and bn * (bk + bm) + bm * bk > 96 * 32 * c.num_warps)
 
 
 def make_mm_pruner(trans, wbits):
@@ -1054,7 +1073,8 @@ def make_mm_pruner(trans, wbits):
         shaped = [c for c in configs
                   if not g % c.kwargs["BLOCK_N" if trans else "BLOCK_K"] and (c.kwargs["BLOCK_K"] <= 32) == fma
                   and not (x.element_size() == 4 and _fp32_spills(c, trans))
-                  and not (split3 and not c.kwargs["SCALE_AFTER_DOT"] and _split3_spills(c))]
+                  and not (split3 and not c.kwargs["SCALE_AFTER_DOT"]
+                           and _split3_spills(c, x.dtype == torch.float16))]
 
         def need(c):  # pipelined x and weight tiles + one dequantized tile (+ layout conversions)
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -1124,8 +1144,9 @@ class DequantMatmul:
             meta = dict(TRANS=transpose, BLOCK_M=mb)
         else:
             meta = dict(TRANS=transpose, **dot_meta(device, dtype, precision))
-            if dtype == torch.bfloat16 and out_dtype == torch.float32:  # INT4's out_dtype=float32 (the kernel's doc)
-                meta["SPLIT3"] = True
+            if dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:  # INT4's out_dtype=float32
+                meta["SPLIT3"] = True  # (the kernel's doc); the interpreter's bf16 dots: as dot_meta's, for fp16 too
+                meta.update(dot_meta(device, torch.bfloat16, precision))
         if tune:  # every tuned BLOCK_K divides 128 or G (a divisor of K)
             return dict(meta, ALIGNED=True, EVEN_K=K % 128 == 0), None, bucket
         if gemv:

@@ -178,10 +178,11 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
                     DOT_F32: tl.constexpr = False, SPLIT3: tl.constexpr = False):
-    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel. SPLIT3 (a bf16 x with a
+    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel. SPLIT3 (a 16-bit x with a
     float32 result, int4_matmul's out_dtype=float32): where the weight tile is scaled before the dot (not
     SCALE_AFTER_DOT: transposed, or groups no K step divides), its float32 values are split in three bf16 parts for
-    three products with x's exact values (dot3): float32 accuracy, W never rounded to bf16."""
+    three products with x's exact values (dot3; an fp16 x, itself split in two bf16 parts: five): float32 accuracy,
+    W never rounded to x's dtype."""
     pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
@@ -227,7 +228,7 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
             s = 1.0  # the scales are in w
         # SCALE_AFTER_DOT only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
         if SPLIT3 and not SCALE_AFTER_DOT:  # w: float32 values (q - z) * s
-            acc += dot3(w, tl.trans(xt), not DOT_F32, True)
+            acc += dot3(w, tl.trans(xt), not DOT_F32, True, x_ptr.dtype.element_ty == tl.float16)
         else:
             acc = weight_dot(acc, w, xt, s, dt, PRECISION, SCALE_AFTER_DOT)
         rk += BLOCK_K

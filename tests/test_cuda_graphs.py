@@ -105,6 +105,9 @@ CASES = {
         "40tok-bf16-float32-out": lambda d: (_randn(40, 256, device=d).bfloat16(), *_int4(128, 256, 64, d), 64,
                                              [128, 256], False, torch.float32),
         "40tok-bf16-float32-out-transpose": lambda d: (_randn(40, 128, device=d).bfloat16(), *_int4(128, 256, 64, d),
+                                                       64, [128, 256], True, torch.float32),
+        # an fp16 gradient's left projection: its tile in two bf16 parts too (SPLIT3, five products)
+        "40tok-fp16-float32-out-transpose": lambda d: (_randn(40, 128, device=d).half(), *_int4(128, 256, 64, d),
                                                        64, [128, 256], True, torch.float32)},
     "galore_adam_update_": {"left": lambda d: _galore(d, left=True), "right": lambda d: _galore(d, left=False)},
     "memory_lookup_forward": {

@@ -382,16 +382,20 @@ def _compile_cases():
                 if dt == torch.bfloat16:  # GaLore's 16-bit projections: float32 out (exact products, or SPLIT3)
                     out[f"int4_matmul {tag} t{t} fp32 out"] = lambda x=x, t=t: int4.int4_matmul_triton(
                         x, packed, s4, z4, 64, 256, 512, t, out_dtype=torch.float32)
+                    out[f"int4_matmul {tag} t{t} fp16 fp32 out"] = lambda x=x.half(), t=t: int4.int4_matmul_triton(
+                        x, packed, s4, z4, 64, 256, 512, t, out_dtype=torch.float32)
                 x = torch.randn(m, 255 if t else 500).to(dt)
                 out[f"int4_matmul unaligned {tag} t{t}"] = lambda x=x, t=t, tf32=tf32: _tf32(
                     tf32, int4.int4_matmul_triton, x, *odd, 4, 255, 500, t)
                 if dt == torch.bfloat16 and t:  # groups of 256: the 128-wide transposed tiles too
-                    out[f"int4_matmul {tag} t{t} g256 fp32 out"] = lambda x=torch.randn(m, 256).to(dt): (
-                        int4.int4_matmul_triton(x, packed, s4[:512], z4[:512], 256, 256, 512, True,
-                                                out_dtype=torch.float32))
+                    for x16 in (torch.bfloat16, torch.float16):
+                        out[f"int4_matmul {tag} t{t} g256 {x16} fp32 out"] = lambda x=torch.randn(m, 256).to(x16): (
+                            int4.int4_matmul_triton(x, packed, s4[:512], z4[:512], 256, 256, 512, True,
+                                                    out_dtype=torch.float32))
                 if dt == torch.bfloat16:
-                    out[f"int4_matmul unaligned {tag} t{t} fp32 out"] = lambda x=x, t=t: int4.int4_matmul_triton(
-                        x, *odd, 4, 255, 500, t, out_dtype=torch.float32)
+                    for x16 in (torch.bfloat16, torch.float16):
+                        out[f"int4_matmul unaligned {tag} t{t} {x16} fp32 out"] = lambda x=x.to(x16), t=t: (
+                            int4.int4_matmul_triton(x, *odd, 4, 255, 500, t, out_dtype=torch.float32))
     x = torch.randn(4, 1024)
     q8 = torch.zeros(4096, dtype=torch.int8)
     out["sr"] = lambda: int8.stochastic_round_int8_triton(x, torch.rand(32) + 0.5, 128, 1, 3)

@@ -202,14 +202,15 @@ def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("side,group", [("right", 64), ("left", 16), ("left", 64)])
-def test_projection_of_a_bf16_gradient_on_triton_makes_no_float32_copy(device, side, group):
+def test_projection_of_a_16bit_gradient_on_triton_makes_no_float32_copy(device, dtype, side, group):
     """Where Triton runs (a GPU; on the CPU the interpreter, with triton forced), the INT4 basis' projection of a bf16
-    gradient reads the gradient's 16-bit values and stores a float32 result (int4_matmul's out_dtype=float32 on the
-    triton backend): no float32 copy of the gradient, at least the float32 projection's accuracy. Right (G P^T): the
-    basis' integers times the gradient, exact products. Left (P^T G, the transposed kernel): the basis' float32 values
-    in three bf16 parts; groups of 16 along the rank (packed-byte tiles) and of 64 (8 ranks: groups across rows,
-    gathered)."""
+    or fp16 gradient reads the gradient's 16-bit values and stores a float32 result (int4_matmul's out_dtype=float32
+    on the triton backend): no float32 copy of the gradient, at least the float32 projection's accuracy. Right
+    (G P^T): the basis' integers times the gradient, exact products. Left (P^T G, the transposed kernel): the basis'
+    float32 values in three bf16 parts (an fp16 gradient's tile in two: five products); groups of 16 along the rank
+    (packed-byte tiles) and of 64 (8 ranks: groups across rows, gathered)."""
     from tests.conftest import usable_backends
     from weightkit.ops import int4
     from weightkit.ops.int4 import quantize_int4
@@ -217,7 +218,7 @@ def test_projection_of_a_bf16_gradient_on_triton_makes_no_float32_copy(device, s
     if "triton" not in usable_backends(int4._MM, device):
         pytest.skip(f"Triton cannot run on {device} here (no GPU, or no TRITON_INTERPRET for CPU tensors)")
     m, n, r = (40, 128, 8) if side == "right" else (72, 40, 16 if group == 16 else 8)
-    grad = randn(m, n, seed=5, device=device).to(torch.bfloat16)
+    grad = randn(m, n, seed=5, device=device).to(dtype)
     p = orthonormal(n, r, device, seed=2).T.contiguous() if side == "right" else orthonormal(m, r, device, seed=2)
     packed = PackedInt4(*quantize_int4(p, group), group, tuple(p.shape))
     w = packed.dequantize().double()

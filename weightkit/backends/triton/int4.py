@@ -26,17 +26,13 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
                 transpose: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient,
     weightkit.optim.basis.Int4Basis.project): the kernels read x's 16-bit values as they are and store their float32
-    accumulators, no float32 copy of x, wherever every product can be exact in float32:
+    accumulators, no float32 copy of x, every product exact in float32:
     - W not transposed, its rows whole groups that the tensor-core kernel's K steps divide (kernels._shared.mm_k_step):
-      x times W's integers q - z, each K step's dot scaled by the group scales in float32 (a bf16 or fp16 x; the
-      right projection G P^T);
-    - otherwise, a bf16 x: W's float32 values split in three bf16 parts, three products with x's values (the kernel's
-      SPLIT3; the left projection P^T G = (G^T P)^T, transposed);
-    - the GEMV (at most GEMV_MAX_M rows of x) multiplies in float32 anyway.
-    An fp16 x elsewhere (fp16 and bf16 values do not share a tensor-core product) goes to float32 by blocks of rows
-    for the float32 kernel (matmul_out_dtype)."""
-    from ...backend import rows_of
-    from ...kernels._shared import GEMV_MAX_M, mm_k_step
+      x times W's integers q - z, each K step's dot scaled by the group scales in float32 (the right projection
+      G P^T);
+    - otherwise W's float32 values split in three bf16 parts, three products with a bf16 x's values, five with an
+      fp16 x's two bf16 parts (the kernel's SPLIT3; the left projection P^T G = (G^T P)^T, transposed);
+    - the GEMV (at most GEMV_MAX_M rows of x) multiplies in float32 anyway."""
     from ...kernels.int4 import int4_matmul_triton
 
     rows, cols = int(shape[0]), int(shape[1])
@@ -46,8 +42,6 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
         return int4_matmul_triton(x2, packed, scale, zero, group_size, rows, cols, transpose, out_dtype=out)
 
     n_out = cols if transpose else rows
-    if out_dtype is not None and out_dtype != x.dtype and (
-            x.dtype == torch.bfloat16 or rows_of(x) <= GEMV_MAX_M
-            or (not transpose and mm_k_step(group_size, cols % group_size == 0, fma=False) is not None)):
+    if out_dtype is not None and out_dtype != x.dtype:  # (a 16-bit x: _check_mm)
         return matmul_out_dtype(x, n_out, None, lambda x2: run(x2, out_dtype))
     return matmul_out_dtype(x, n_out, out_dtype, run)
