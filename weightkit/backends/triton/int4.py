@@ -26,12 +26,13 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
                 transpose: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient,
     weightkit.optim.basis.Int4Basis.project): the kernels read x's 16-bit values as they are and store their float32
-    accumulators, no float32 copy of x, every product exact in float32:
+    accumulators, no float32 copy of x, each product exact in float32:
     - W not transposed, its rows whole groups that the tensor-core kernel's K steps divide (kernels._shared.mm_k_step):
       x times W's integers q - z, each K step's dot scaled by the group scales in float32 (the right projection
       G P^T);
     - otherwise W's float32 values split in three bf16 parts, three products with a bf16 x's values, five with an
-      fp16 x's two bf16 parts (the kernel's SPLIT3; the left projection P^T G = (G^T P)^T, transposed);
+      fp16 x's two bf16 parts (the sixth product, below 2^-26 of the terms, left out; the kernel's SPLIT3; the left
+      projection P^T G = (G^T P)^T, transposed);
     - the GEMV (at most GEMV_MAX_M rows of x) multiplies in float32 anyway."""
     from ...kernels.int4 import int4_matmul_triton
 
