@@ -165,7 +165,8 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         # a bf16 gradient's projection with a float32 result (int4_matmul's out_dtype=float32, as Int4Basis.project
         # runs it) on each GPU backend: right, Triton multiplies the bf16 values by the basis' integers (exact
         # products on bf16 tensor cores, no float32 copy); left, by the basis' values split in three bf16 parts
-        # (SPLIT3, no float32 copy); on cuda, the gradient goes to float32 by blocks
+        # (SPLIT3, no float32 copy); on cuda, without TF32, W's values in three bf16 parts for three cuBLAS products
+        # with float32 results (_blocked.split3_dequant_matmul; with TF32 allowed: the gradient to float32 by blocks)
         g16 = g.to(torch.bfloat16)
         w64 = dequantize_int4(*args).double()
         ref = (w64.T @ g16.double()) if left else (g16.double() @ w64.T)

@@ -228,6 +228,48 @@ def test_matmul_spanning_several_dequantized_blocks(transpose):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device, transpose):
+    """backends/_blocked.split3_dequant_matmul (the cuda backend's float32 product of a bf16 x, without TF32): W's
+    float32 values (not bf16-exact) in three bf16 parts, three exact products: within 1.5x the float32 product's
+    error against float64, ~10^3 times better than W rounded to bf16; blocks of output features (a small block
+    budget: several whole blocks and a partial one) give the same values. On a GPU no float32 tensor of x's size is
+    made (torch.mm's float32 output of bf16 operands); on the CPU mm_float32 upcasts the operands instead."""
+    from tests.optim.test_parts import LargestFloat32
+    from weightkit.backend import allow_tf32
+    from weightkit.backends._blocked import float32_mm_of_bf16, split3_dequant_matmul
+
+    if not float32_mm_of_bf16(torch.device(device)):
+        pytest.skip("this torch's CUDA mm has no float32 output for bf16 operands (the cuda backend then converts x)")
+    seed = 5 + transpose
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    rows, cols, tokens = (96, 400, 300) if not transpose else (400, 96, 300)  # x the largest operand
+    w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)).to(device)
+    x = torch.randn(tokens, rows if transpose else cols, generator=g).bfloat16().to(device)
+
+    def dequant(dst, r0, nr, c0, nc):
+        dst.copy_(w[r0:r0 + nr, c0:c0 + nc])
+
+    w64, x64 = w.double().cpu(), x.double().cpu()
+    ref = x64 @ (w64 if transpose else w64.T)
+    rel = lambda t: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
+    with allow_tf32(False):  # the strict float32 product
+        fp32 = rel(x.float() @ (w if transpose else w.T))
+    rounded = rel(x.float() @ (w if transpose else w.T).bfloat16().float())
+    with LargestFloat32() as probe:
+        y = split3_dequant_matmul(x, rows, cols, transpose, dequant)
+    assert y.dtype == torch.float32 and tuple(y.shape) == tuple(ref.shape)
+    if x.is_cuda:
+        assert probe.largest < x.numel(), (probe.largest, x.numel())
+    assert rel(y) <= 1.5 * fp32 and rel(y) * 100 < rounded, (rel(y), fp32, rounded)
+    k = rows if transpose else cols
+    blocks = split3_dequant_matmul(x, rows, cols, transpose, dequant, block_bytes=128 * k * 4)  # 128 features
+    torch.testing.assert_close(blocks, y, rtol=1e-6, atol=1e-6)
+    assert split3_dequant_matmul(x[:0], rows, cols, transpose, dequant).shape == (0, ref.shape[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [64, 48, 8])
 def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch):
@@ -292,6 +334,11 @@ def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch)
             assert rel(y_t, ref_t) <= 1.5 * fp32_t, (label, rel(y_t, ref_t), fp32_t)
             if group == 8:
                 assert rel(y, ref) <= 1.5 * fp32, (label, rel(y, ref), fp32)
+        if name == "cuda" and dtype == torch.bfloat16 and not (device == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+            # W's float32 values in three bf16 parts, three cuBLAS products (_blocked.split3_dequant_matmul; the
+            # GEMV takes none of these: cols is no multiple of 32)
+            assert rel(y_t, ref_t) <= 1.5 * fp32_t, (label, rel(y_t, ref_t), fp32_t)
+            assert rel(y, ref) <= 1.5 * fp32, (label, rel(y, ref), fp32)
 
 
 def test_int4_matmul_regime_names_tf32_where_a_float32_product_runs():

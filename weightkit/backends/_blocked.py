@@ -134,6 +134,50 @@ def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Ca
     return y
 
 
+def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
+                          block_bytes: Optional[int] = None) -> Tensor:
+    """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 x (2-D, any strides) and a
+    quantized W (rows x cols), without a float32 copy of x: W's float32 values, dequantized a block of output
+    features at a time (``dequant(dst, r0, nr, c0, nc)`` writes W[r0:r0+nr, c0:c0+nc] into the float32 dst), are
+    split in three bf16 parts (hi + mid + lo == W exactly: 3 x 8 bits hold float32's 24-bit significand), and x is
+    multiplied by each part, smallest first, in float32 (:func:`mm_float32`: cuBLAS on bf16 tensor cores with fp32
+    accumulation and a float32 result on a GPU; upcast elsewhere, the same exact products). Each product is exact, so
+    the result has the float32 product's accuracy, at three bf16 GEMMs' cost instead of one strict-fp32 GEMM's
+    (several times slower on a GPU) plus x's conversion. W's block holds at most ``block_bytes``
+    (DEQUANT_BLOCK_BYTES) of float32 values, and its three parts half as much each."""
+    tokens = x.shape[0]
+    n_out, k = (cols, rows) if transpose else (rows, cols)
+    y = torch.empty((tokens, n_out), dtype=torch.float32, device=x.device)
+    if tokens == 0 or n_out == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * 4))
+    if step < n_out:
+        step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
+    step = min(step, n_out)
+    buf = torch.empty(step * k, dtype=torch.float32, device=x.device)
+    tensor_cores = x.is_cuda
+    for o0 in range(0, n_out, step):
+        no = min(step, n_out - o0)
+        if transpose:  # W[:, o0:o0+no], rows x no
+            w = buf[:rows * no].view(rows, no)
+            dequant(w, 0, rows, o0, no)
+        else:  # W[o0:o0+no, :], no x cols, used as its transpose
+            w = buf[:no * cols].view(no, cols)
+            dequant(w, o0, no, 0, cols)
+            w = w.t()
+        hi = w.to(torch.bfloat16)
+        mid = w.sub_(hi).to(torch.bfloat16)  # (the block is not needed afterwards: its remainders in place)
+        lo = w.sub_(mid).to(torch.bfloat16)
+        acc = mm_float32(x, lo, tensor_cores)
+        acc.add_(mm_float32(x, mid, tensor_cores)).add_(mm_float32(x, hi, tensor_cores))
+        if no == n_out:
+            return acc
+        y[:, o0:o0 + no] = acc
+    return y
+
+
 def int4_matmul_blocked(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape,
                        transpose: bool, dequantize_into: Callable, block_values: int) -> Tensor:
     """The cpu int4_matmul: y = x W^T or x W, W = dequant (rows x cols = ``shape``), x of any rank and strides,
@@ -204,6 +248,27 @@ def mm_float32(a: Tensor, b: Tensor, tensor_cores: bool) -> Tensor:
         except (RuntimeError, TypeError):  # a torch without mm's out_dtype: 16-bit output, fp32 accumulation
             return (a @ b).to(torch.float32)
     return a.to(torch.float32) @ b.to(torch.float32)
+
+
+_FLOAT32_MM: dict = {}
+
+
+def float32_mm_of_bf16(device: torch.device) -> bool:
+    """Whether :func:`mm_float32` of bf16 operands on ``device`` gives the float32 sums of their exact products: on a
+    GPU, whether this torch's ``torch.mm`` takes ``out_dtype=torch.float32`` (CUDA's ``aten::mm.dtype``, which
+    torch 2.11 has; else mm_float32 rounds the result to bf16); elsewhere it upcasts. Asked once per device (a 1 x 1
+    product)."""
+    if device.type != "cuda":
+        return True
+    ok = _FLOAT32_MM.get(device)
+    if ok is None:
+        a = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
+        try:
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            ok = False
+        _FLOAT32_MM[device] = ok
+    return ok
 
 
 def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bool, coef, decay: float,

@@ -185,8 +185,9 @@ class Int4Basis:
         product's precision follows torch's float32 matmul setting, see tests/optim/test_qgalore_precision.py); for
         a bf16 / fp16 one, ``out_dtype=float32``: float32 accuracy without a float32 copy of the gradient where
         Triton runs (right: its 16-bit values times the basis' integers; left: times the basis' values in three bf16
-        parts, an fp16 gradient's values in two; exact products either way); elsewhere it goes to float32 by blocks
-        of 4M values (backends/_blocked.float32_by_blocks)."""
+        parts, an fp16 gradient's values in two; exact products either way; the cuda backend, a bf16 gradient without
+        TF32: three cuBLAS products with the basis' values in three bf16 parts); elsewhere it goes to float32 by
+        blocks of 4M values (backends/_blocked.float32_by_blocks)."""
         packed = basis[0]
         args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
         if grad.dtype in (torch.bfloat16, torch.float16):

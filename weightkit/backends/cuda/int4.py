@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import dequant_matmul, matmul_out_dtype
+from ...backend import rows_of, tf32_allowed
+from .._blocked import dequant_matmul, float32_mm_of_bf16, matmul_out_dtype, split3_dequant_matmul
 from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
@@ -41,24 +42,41 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     """y = x W^T or x W, W = dequant (rows x cols = shape); x of any rank and strides. Up to GEMV_MAX_TOKENS tokens
     of y = x W^T (cols and group_size multiples of 32): one GEMV kernel reading the packed W once
     (wk_cuda_int4_gemv). Otherwise W is dequantized to x's dtype (blocks of at most 128 MB) and multiplied by cuBLAS
-    through torch (backends/_blocked.dequant_matmul). ``out_dtype=float32`` for a 16-bit x: the same on x converted
-    to float32 by blocks of rows (matmul_out_dtype), so W is dequantized to float32."""
+    through torch (backends/_blocked.dequant_matmul).
+
+    ``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient): for a bf16 x where the GEMV
+    does not run and TF32 is not allowed, W's float32 values in three bf16 parts, three cuBLAS products on bf16
+    tensor cores with float32 results (backends/_blocked.split3_dequant_matmul: float32 accuracy, no float32 copy of
+    x; where this torch's mm has no float32 output for bf16, as below); otherwise x converted to float32 by blocks of
+    rows (matmul_out_dtype) and W dequantized to float32 (TF32 where the user allows it)."""
     rows, cols = shape
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
 
-    def run(x2: Tensor) -> Tensor:
-        code = native.FLOAT_CODES[x2.dtype]
+    def dequant_args(x2: Tensor):
         device, st = stream(x2)
-        if (not transpose and 1 <= x2.shape[0] <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0
-                and p % 16 == 0):
-            return gemv(x2, rows, device, lambda xp, yp, tokens, rows_per_warp: native.CUDA.int4_gemv(
-                xp, code, p, s, z, yp, tokens, rows, cols, group_size, rows_per_warp, device, st), "int4_matmul")
 
         def dequant(dst, r0, nr, c0, nc):
-            check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), code, cols, group_size, r0, nr, c0, nc, device,
-                                              st), "int4_matmul")
+            check(native.CUDA.dequantize_int4(p, s, z, dst.data_ptr(), native.FLOAT_CODES[dst.dtype], cols,
+                                              group_size, r0, nr, c0, nc, device, st), "int4_matmul")
+        return device, st, dequant
 
+    def gemv_runs(tokens: int) -> bool:
+        return not transpose and 1 <= tokens <= GEMV_MAX_TOKENS and cols % 32 == 0 and group_size % 32 == 0 \
+            and p % 16 == 0
+
+    def run(x2: Tensor) -> Tensor:
+        device, st, dequant = dequant_args(x2)
+        if gemv_runs(x2.shape[0]):
+            code = native.FLOAT_CODES[x2.dtype]
+            return gemv(x2, rows, device, lambda xp, yp, tokens, rows_per_warp: native.CUDA.int4_gemv(
+                xp, code, p, s, z, yp, tokens, rows, cols, group_size, rows_per_warp, device, st), "int4_matmul")
         return dequant_matmul(x2, rows, cols, transpose, dequant)
 
-    return matmul_out_dtype(x, cols if transpose else rows, out_dtype, run)
+    n_out = cols if transpose else rows
+    if (out_dtype == torch.float32 and x.dtype == torch.bfloat16 and not gemv_runs(rows_of(x))
+            and not (x.is_cuda and tf32_allowed()) and float32_mm_of_bf16(x.device)):
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+    return matmul_out_dtype(x, n_out, out_dtype, run)
