@@ -7,6 +7,8 @@ Rows (each ratio against a baseline measured in the same run):
   which reads the step's NaN/Inf flag once, and 'skip', which reads nothing) against galore-torch, with TF32 allowed
   (target >= 1.5x), with ``proj_dtype='bfloat16'`` against galore-torch with TF32 (target >= 2.5x), strict fp32
   against galore-torch strict (target >= 1.0x); GaLoreAdamW8bit against GaLoreAdamW (target <= 1.2x the time);
+  and, at the first size, bf16 weights under strict fp32 against galore-torch's (no target: galore-torch projects
+  with a bf16 basis, weightkit with its float32 basis in three bf16 parts);
 * refresh 4096^2 r1024: randomized (Cholesky-QR on the GPU, fp32/TF32 and bf16 range finder; Householder for
   comparison; the small k x n problem by the default 'gram' eigendecomposition, and once by 'svd') and exact SVD
   (target <= 50 ms); then the refresh's phases alone (``refresh phase ...``): the range finder's five products,
@@ -93,8 +95,9 @@ def call_ms(fn, repeats=3) -> float:
 def make_optimizer(kind, shape, rank, **extra):
     from weightkit.optim import GaLoreAdamW, GaLoreAdamW8bit
 
-    p = torch.nn.Parameter(torch.randn(shape, device=DEVICE) * 0.02)
-    p.grad = torch.randn(shape, device=DEVICE)
+    dtype = extra.pop("dtype", torch.float32)
+    p = torch.nn.Parameter((torch.randn(shape, device=DEVICE) * 0.02).to(dtype))
+    p.grad = torch.randn(shape, device=DEVICE).to(dtype)
     group = {"params": [p], "rank": rank, "update_proj_gap": 10**6, "scale": 0.25, "proj_type": "std"}
     nonfinite = extra.pop("nonfinite", "raise")
     group.update(extra)
@@ -168,6 +171,20 @@ def steps(rows):
                             wk[(backend, nonfinite)] = ms
                             _row(rows, name, ms, base.get(mode),
                                  ">= 1.5x galore-torch tf32" if allowed else ">= 1.0x galore-torch strict")
+                if not allowed and shape == CASES[0][0]:  # bf16 weights (a bf16 model), torch's default setting:
+                    # galore-torch projects with a bf16 basis (bf16 GEMMs, bf16 results); weightkit keeps a float32
+                    # basis and multiplies its three bf16 parts (float32 accuracy, three bf16 GEMMs; no target)
+                    b16 = None
+                    if have_galore_torch:
+                        b16 = _guarded(rows, f"galore-torch bf16 weights {mode} {tag}", lambda: step_ms(
+                            make_optimizer("galore-torch", shape, rank, dtype=torch.bfloat16).step))
+                        if b16 is not None:
+                            _row(rows, f"galore-torch bf16 weights {mode} {tag}", b16, baseline=True)
+                    name = f"weightkit GaLoreAdamW auto raise bf16 weights {mode} {tag}"
+                    ms = _guarded(rows, name, lambda: step_ms(
+                        make_optimizer("GaLoreAdamW", shape, rank, dtype=torch.bfloat16).step))
+                    if ms is not None:
+                        _row(rows, name, ms, b16)
                 if allowed:
                     for backend in ("auto", "cuda", "triton"):
                         for nonfinite in ("raise", "skip"):

@@ -202,6 +202,48 @@ def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_float_basis_projects_a_bf16_gradient_by_three_bf16_parts(device, side, monkeypatch):
+    """A float32 basis and a bf16 gradient with TF32 not allowed (a bf16 model under torch's default matmul
+    setting): on a GPU the basis goes in three bf16 parts (basis.split3_applies), three exact products with float32
+    results, no float32 copy of G: within 1.5x the strict float32 projection's error against float64, ~10^3 times
+    better than the basis rounded to bf16 (galore-torch's bf16 projection). The CPU takes the float32 conversion
+    (split3_applies is False there); the same code is run on it by forcing split3_applies. TF32 allowed, or an fp16
+    gradient: the float32 conversion, as before."""
+    from weightkit.backend import allow_tf32
+    from weightkit.backends._blocked import float32_mm_of_bf16
+    from weightkit.optim import basis as basis_module
+
+    if not float32_mm_of_bf16(torch.device(device)):
+        pytest.skip("this torch's CUDA mm has no float32 output for bf16 operands (the conversion then runs)")
+    m, n, r = (96, 400, 16) if side == "left" else (400, 96, 16)
+    grad = randn(m, n, seed=7, device=device).to(torch.bfloat16)
+    p = orthonormal(m, r, device, seed=3) if side == "left" else orthonormal(n, r, device, seed=3).T.contiguous()
+    p64, g64 = p.double().cpu(), grad.double().cpu()
+    ref = p64.T @ g64 if side == "left" else g64 @ p64.T
+    rel = lambda t: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
+    with allow_tf32(False):
+        applies = basis_module.split3_applies(grad)
+        assert applies == (device == "cuda"), applies
+        if not applies:
+            monkeypatch.setattr(basis_module, "split3_applies", lambda g: True)
+        before = p.clone()
+        with LargestFloat32() as probe:
+            out = FloatBasis.project(grad, side, (p, None))
+        assert torch.equal(p, before)  # the split works on a copy of the basis
+        g32 = grad.float()
+        fp32 = rel(p.T @ g32 if side == "left" else g32 @ p.T)
+    rounded = rel(p.bfloat16().float().T @ g32 if side == "left" else g32 @ p.bfloat16().float().T)
+    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(ref.shape)
+    assert rel(out) <= 1.5 * fp32 and rel(out) * 100 < rounded, (rel(out), fp32, rounded)
+    if device == "cuda":
+        assert probe.largest <= max(out.numel(), p.numel()) < grad.numel(), probe.largest
+        with allow_tf32(True):
+            assert not basis_module.split3_applies(grad)
+    assert not basis_module.split3_applies(grad.to(torch.float16)) or device != "cuda"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("side,group", [("right", 64), ("left", 16), ("left", 64)])
 def test_projection_of_a_16bit_gradient_on_triton_makes_no_float32_copy(device, dtype, side, group):

@@ -134,6 +134,26 @@ def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Ca
     return y
 
 
+def split3_bf16_(w: Tensor):
+    """(hi, mid, lo): float32 ``w`` as three bf16 tensors, hi + mid + lo == w exactly (each the nearest bf16 of what
+    the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand). ``w`` is
+    overwritten with remainders (a copy of a tensor still needed goes in)."""
+    hi = w.to(torch.bfloat16)
+    mid = w.sub_(hi).to(torch.bfloat16)
+    return hi, mid, w.sub_(mid).to(torch.bfloat16)
+
+
+def split3_mm_float32(x: Tensor, parts, x_left: bool) -> Tensor:
+    """The float32 ``x @ W`` (x_left) or ``W @ x`` of a bf16 ``x`` and W given as its three bf16 parts
+    (:func:`split3_bf16_`): three products, smallest part first, each exact in float32, by :func:`mm_float32`
+    (bf16 tensor cores with float32 results on a GPU; upcast elsewhere), summed in float32: the float32 product's
+    accuracy without a float32 copy of x."""
+    tensor_cores = x.is_cuda
+    hi, mid, lo = parts
+    prod = (lambda p: mm_float32(x, p, tensor_cores)) if x_left else (lambda p: mm_float32(p, x, tensor_cores))
+    return prod(lo).add_(prod(mid)).add_(prod(hi))
+
+
 def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
                           block_bytes: Optional[int] = None) -> Tensor:
     """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 x (2-D, any strides) and a
@@ -157,7 +177,6 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
         step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
     step = min(step, n_out)
     buf = torch.empty(step * k, dtype=torch.float32, device=x.device)
-    tensor_cores = x.is_cuda
     for o0 in range(0, n_out, step):
         no = min(step, n_out - o0)
         if transpose:  # W[:, o0:o0+no], rows x no
@@ -167,11 +186,7 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
             w = buf[:no * cols].view(no, cols)
             dequant(w, o0, no, 0, cols)
             w = w.t()
-        hi = w.to(torch.bfloat16)
-        mid = w.sub_(hi).to(torch.bfloat16)  # (the block is not needed afterwards: its remainders in place)
-        lo = w.sub_(mid).to(torch.bfloat16)
-        acc = mm_float32(x, lo, tensor_cores)
-        acc.add_(mm_float32(x, mid, tensor_cores)).add_(mm_float32(x, hi, tensor_cores))
+        acc = split3_mm_float32(x, split3_bf16_(w), True)  # (the block is not needed afterwards)
         if no == n_out:
             return acc
         y[:, o0:o0 + no] = acc

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from ..ops.galore import mm_float32
-from ..backends._blocked import float32_by_blocks
+from ..backend import tf32_allowed
+from ..backends._blocked import float32_by_blocks, float32_mm_of_bf16, split3_bf16_, split3_mm_float32
 from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +55,13 @@ def host_shape(state: Dict, key: str) -> tuple:
     if t.device.type != "cpu":
         t = state[key] = t.cpu()
     return tuple(t.tolist())
+
+
+def split3_applies(grad: Tensor) -> bool:
+    """Whether a float32 basis projects the gradient ``grad`` by three bf16 parts (FloatBasis.project): a bf16
+    gradient on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there."""
+    return (grad.dtype == torch.bfloat16 and grad.is_cuda and not tf32_allowed()
+            and float32_mm_of_bf16(grad.device))
 
 
 def _check_sizes(where: str, state: Dict, sizes) -> None:
@@ -99,7 +107,14 @@ class FloatBasis:
         ``torch.backends.cuda.matmul.allow_tf32``). A bfloat16 / float16 basis (kept in proj_dtype and used as
         stored, see weightkit.optim.projector.projection_basis_dtype): the gradient is rounded to that dtype and the
         product runs on 16-bit operands with float32 accumulation and a float32 result (16-bit tensor cores on a
-        GPU; on the CPU the operands are upcast, the same products)."""
+        GPU; on the CPU the operands are upcast, the same products).
+
+        A float32 basis and a bfloat16 gradient on a GPU where TF32 is not allowed (a bf16 model under torch's
+        default matmul setting): the basis split in three bf16 parts (hi + mid + lo == P exactly), three exact
+        products on bf16 tensor cores with float32 results, summed in float32 (backends/_blocked.split3_mm_float32):
+        the float32 projection's accuracy at three bf16 GEMMs' cost instead of a strict-fp32 GEMM's (cuBLAS's FMA
+        path, several times slower) on a float32 copy of G; where this torch's mm has no float32 output for bf16,
+        as below."""
         ortho, ortho_right = basis
         if ortho.dtype != torch.float32:
             g = grad.to(ortho.dtype)
@@ -108,6 +123,9 @@ class FloatBasis:
             if side == "right":
                 return mm_float32(g, ortho.T, g.is_cuda)
             return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
+        if side in ("left", "right") and split3_applies(grad):
+            parts = split3_bf16_(ortho.T.clone())  # (P^T's three bf16 parts: m x r or r x n, small beside G)
+            return split3_mm_float32(grad, parts, side == "right")
         if side == "left":  # by blocks of columns of a large 16-bit gradient (backends/_blocked.float32_by_blocks)
             return float32_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
         if side == "right":
