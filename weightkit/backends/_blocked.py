@@ -167,16 +167,15 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
     (DEQUANT_BLOCK_BYTES) of float32 values, and its three parts half as much each."""
     tokens = x.shape[0]
     n_out, k = (cols, rows) if transpose else (rows, cols)
-    y = torch.empty((tokens, n_out), dtype=torch.float32, device=x.device)
-    if tokens == 0 or n_out == 0:
-        return y
-    if k == 0:
-        return y.zero_()
+    if tokens == 0 or n_out == 0 or k == 0:
+        return torch.zeros((tokens, n_out), dtype=torch.float32, device=x.device)
     step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * 4))
     if step < n_out:
         step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
     step = min(step, n_out)
     buf = torch.empty(step * k, dtype=torch.float32, device=x.device)
+    # one block (the common case): its product is the result; several: each written into y
+    y = None if step == n_out else torch.empty((tokens, n_out), dtype=torch.float32, device=x.device)
     for o0 in range(0, n_out, step):
         no = min(step, n_out - o0)
         if transpose:  # W[:, o0:o0+no], rows x no
@@ -187,7 +186,7 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
             dequant(w, o0, no, 0, cols)
             w = w.t()
         acc = split3_mm_float32(x, split3_bf16_(w), True)  # (the block is not needed afterwards)
-        if no == n_out:
+        if y is None:
             return acc
         y[:, o0:o0 + no] = acc
     return y
