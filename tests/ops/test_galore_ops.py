@@ -190,6 +190,49 @@ def test_sixteen_bit_weights_make_no_full_size_float32_temporary(dtype, left, pr
     assert rec.seen
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("left", [True, False])
+def test_write_back_without_tf32_by_six_bf16_products(device, left, monkeypatch):
+    """The cuda backend's blocked write-back N = P U | U P (a 16-bit weight's step) where TF32 is not allowed: P and
+    U in three bf16 parts each, six products on bf16 tensor cores with float32 results (_blocked.apply_update_blocked;
+    run on the CPU too when asked for tensor cores, as the cuda backend does on cudasim): within 2x the strict
+    float32 product's error against float64, >100x better than P and U rounded to bf16, six bf16 products a block of
+    rows (four blocks here); without tensor cores the float32 product, as before."""
+    from weightkit.backend import allow_tf32
+    from weightkit.backends import _blocked
+
+    if not _blocked.float32_mm_of_bf16(torch.device(device)):
+        pytest.skip("this torch's CUDA mm has no float32 output for bf16 operands (the float32 product then runs)")
+    m, n, r = 64, 80, 16
+    monkeypatch.setattr(_blocked, "BLOCK_ELEMENTS", (m // 4) * n)
+    seed = 11 + left
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, r, generator=g) / 4  # P (left) or U (right): the row-blocked operand
+    b = torch.randn(r, n, generator=g) / 4
+    ortho, update = ((a, b) if left else (b, a))
+    ortho, update = ortho.to(device), update.to(device)
+    n64 = a.double() @ b.double()
+    rel = lambda t: float((t.double().cpu() - n64).norm() / n64.norm())  # noqa: E731
+    calls = []
+    real = _blocked.mm_float32
+    monkeypatch.setattr(_blocked, "mm_float32", lambda x, y, tc: calls.append(x.dtype) or real(x, y, tc))
+    with allow_tf32(False):
+        for tensor_cores in (True, False):
+            weight = torch.zeros(m, n, device=device)  # W <- W - 1 * N: -N in float32
+            calls.clear()
+            _blocked.apply_update_blocked(weight, ortho, update, left, 1.0, 1.0, None, tensor_cores)
+            if tensor_cores:
+                split = -weight
+                assert calls == [torch.bfloat16] * 24, calls
+            else:
+                fp32 = rel(-weight)
+                assert calls == [torch.float32] * 4, calls
+    rounded = rel(a.bfloat16().double() @ b.bfloat16().double())
+    assert rel(split) <= 2 * fp32 + 1e-9 and rel(split) * 100 < rounded, (rel(split), fp32, rounded)
+    assert torch.equal(ortho, (a if left else b).to(device)) and torch.equal(update, (b if left else a).to(device))
+
+
 def test_tf32_only_where_allowed():
     assert galore_ops.matmul_precision(torch.device("cpu")) == "ieee"
     allowed = torch.backends.cuda.matmul.allow_tf32

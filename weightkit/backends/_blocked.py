@@ -289,14 +289,33 @@ def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bo
                          found_inf: Optional[Tensor], tensor_cores: bool) -> None:
     """W <- (W - coef N) * decay, N = P U | U P, a block of rows at a time (a float32 product of at most
     BLOCK_ELEMENTS values, never m x n); U in P's dtype (16-bit products on tensor cores where ``tensor_cores``);
-    where ``found_inf`` is set W is left unchanged."""
+    where ``found_inf`` is set W is left unchanged.
+
+    A float32 P and U with ``tensor_cores`` where TF32 is not allowed (a bf16 / fp16 weight's step under torch's
+    default matmul setting, on a GPU): each split in three bf16 parts (:func:`split3_bf16_`), N as the six products
+    of parts whose significands reach 2^-16 of the leading one, on bf16 tensor cores with float32 results, smallest
+    first (the three left out are below 2^-24 of |P||U|: float32 accuracy), instead of cuBLAS's strict-fp32 GEMM,
+    whose FMA path is several times slower than six bf16 GEMMs."""
     m, n = weight.shape
     rows = max(1, min(m, BLOCK_ELEMENTS // max(n, 1)))
     skip = None if found_inf is None else found_inf.ne(0)
+    split = (tensor_cores and ortho.dtype == torch.float32 and update.dtype == torch.float32
+             and matmul_precision(weight.device) == "ieee" and float32_mm_of_bf16(weight.device))
+    if split:  # the row-blocked operand (P: left; U: right) and the whole one, each in three bf16 parts
+        blocked, whole = (ortho, update) if left else (update, ortho)
+        blocked, whole = split3_bf16_(blocked.clone()), split3_bf16_(whole.clone())
+        on_gpu = weight.is_cuda
     for r0 in range(0, m, rows):
         block = weight[r0:r0 + rows]
-        prod = (mm_float32(ortho[r0:r0 + rows], update, tensor_cores) if left
-                else mm_float32(update[r0:r0 + rows], ortho, tensor_cores))
+        if split:
+            a = [part[r0:r0 + rows] for part in blocked]
+            prod = None
+            for i, j in ((0, 2), (1, 1), (2, 0), (0, 1), (1, 0), (0, 0)):  # 2^-16 terms, 2^-8 terms, the leading
+                t = mm_float32(a[i], whole[j], on_gpu)
+                prod = t if prod is None else prod.add_(t)
+        else:
+            prod = (mm_float32(ortho[r0:r0 + rows], update, tensor_cores) if left
+                    else mm_float32(update[r0:r0 + rows], ortho, tensor_cores))
         new = prod.mul_(-coef if not isinstance(coef, Tensor) else coef.neg()).add_(block.to(torch.float32))
         new.mul_(decay)
         block.copy_(new if skip is None else torch.where(skip, block, new))
