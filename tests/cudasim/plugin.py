@@ -8,7 +8,10 @@ What it changes, for the test process only:
   ``usable_backends(table, "cpu")`` include it and compare it with the reference as for the other backends, and
   ``use_backend("cuda")`` reaches it; ``triton`` counts as unusable (the main suite runs its interpreter; here it
   would only double the time, which the sanitizers multiply);
-* the cuda backend's host code gets device 0 and a null stream for CPU tensors, and 132 SMs (an H100/H200).
+* the cuda backend's host code gets device 0 and a null stream for CPU tensors, and 132 SMs (an H100/H200);
+* its float32 products of 16-bit operands (backends/_blocked.mm_float32 with tensor cores: torch.mm's
+  ``out_dtype=torch.float32``, whose CUDA kernel has no CPU one) are the upcast products, what the GPU computes
+  (exact products, float32 sums), instead of mm_float32's fallback for a torch without it (a 16-bit result).
 Everything else in the cuda backend runs as it is (argument preparation, launch plans, torch's matmuls, on the CPU).
 """
 
@@ -62,6 +65,14 @@ def pytest_configure(config):
             module.stream = stream
         if getattr(module, "sm_count", None) is real_sm_count:
             module.sm_count = lambda index: SMS
+    from weightkit.backends import _blocked
+
+    real_mm_float32 = _blocked.mm_float32
+
+    def mm_float32(a, b, tensor_cores):
+        return real_mm_float32(a, b, tensor_cores and a.device.type == "cuda")
+
+    _blocked.mm_float32 = mm_float32
     backend.reload_env()
 
 

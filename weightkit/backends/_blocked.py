@@ -143,25 +143,25 @@ def split3_bf16_(w: Tensor):
     return hi, mid, w.sub_(mid).to(torch.bfloat16)
 
 
-def split3_mm_float32(x: Tensor, parts, x_left: bool) -> Tensor:
+def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Tensor:
     """The float32 ``x @ W`` (x_left) or ``W @ x`` of a bf16 ``x`` and W given as its three bf16 parts
     (:func:`split3_bf16_`): three products, smallest part first, each exact in float32, by :func:`mm_float32`
-    (bf16 tensor cores with float32 results on a GPU; upcast elsewhere), summed in float32: the float32 product's
-    accuracy without a float32 copy of x."""
-    tensor_cores = x.is_cuda
+    (with ``tensor_cores``, a GPU's: bf16 tensor cores with float32 results; else upcast), summed in float32: the
+    float32 product's accuracy without a float32 copy of x."""
     hi, mid, lo = parts
     prod = (lambda p: mm_float32(x, p, tensor_cores)) if x_left else (lambda p: mm_float32(p, x, tensor_cores))
     return prod(lo).add_(prod(mid)).add_(prod(hi))
 
 
 def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
-                          block_bytes: Optional[int] = None) -> Tensor:
+                          tensor_cores: bool, block_bytes: Optional[int] = None) -> Tensor:
     """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 x (2-D, any strides) and a
     quantized W (rows x cols), without a float32 copy of x: W's float32 values, dequantized a block of output
     features at a time (``dequant(dst, r0, nr, c0, nc)`` writes W[r0:r0+nr, c0:c0+nc] into the float32 dst), are
     split in three bf16 parts (hi + mid + lo == W exactly: 3 x 8 bits hold float32's 24-bit significand), and x is
-    multiplied by each part, smallest first, in float32 (:func:`mm_float32`: cuBLAS on bf16 tensor cores with fp32
-    accumulation and a float32 result on a GPU; upcast elsewhere, the same exact products). Each product is exact, so
+    multiplied by each part, smallest first, in float32 (:func:`mm_float32`; with ``tensor_cores``, the cuda
+    backend's: cuBLAS on bf16 tensor cores with fp32 accumulation and a float32 result; else upcast, the same exact
+    products). Each product is exact, so
     the result has the float32 product's accuracy, at three bf16 GEMMs' cost instead of one strict-fp32 GEMM's
     (several times slower on a GPU) plus x's conversion. W's block holds at most ``block_bytes``
     (DEQUANT_BLOCK_BYTES) of float32 values, and its three parts half as much each."""
@@ -185,7 +185,7 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
             w = buf[:no * cols].view(no, cols)
             dequant(w, o0, no, 0, cols)
             w = w.t()
-        acc = split3_mm_float32(x, split3_bf16_(w), True)  # (the block is not needed afterwards)
+        acc = split3_mm_float32(x, split3_bf16_(w), True, tensor_cores)  # (the block is not needed afterwards)
         if y is None:
             return acc
         y[:, o0:o0 + no] = acc
@@ -304,14 +304,13 @@ def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bo
     if split:  # the row-blocked operand (P: left; U: right) and the whole one, each in three bf16 parts
         blocked, whole = (ortho, update) if left else (update, ortho)
         blocked, whole = split3_bf16_(blocked.clone()), split3_bf16_(whole.clone())
-        on_gpu = weight.is_cuda
     for r0 in range(0, m, rows):
         block = weight[r0:r0 + rows]
         if split:
             a = [part[r0:r0 + rows] for part in blocked]
             prod = None
             for i, j in ((0, 2), (1, 1), (2, 0), (0, 1), (1, 0), (0, 0)):  # 2^-16 terms, 2^-8 terms, the leading
-                t = mm_float32(a[i], whole[j], on_gpu)
+                t = mm_float32(a[i], whole[j], tensor_cores)
                 prod = t if prod is None else prod.add_(t)
         else:
             prod = (mm_float32(ortho[r0:r0 + rows], update, tensor_cores) if left

@@ -125,7 +125,7 @@ class FloatBasis:
             return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
         if side in ("left", "right") and split3_applies(grad):
             parts = split3_bf16_(ortho.T.clone())  # (P^T's three bf16 parts: m x r or r x n, small beside G)
-            return split3_mm_float32(grad, parts, side == "right")
+            return split3_mm_float32(grad, parts, side == "right", grad.is_cuda)
         if side == "left":  # by blocks of columns of a large 16-bit gradient (backends/_blocked.float32_by_blocks)
             return float32_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
         if side == "right":

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from ... import native
-from ...backend import rows_of, tf32_allowed
-from .._blocked import dequant_matmul, float32_mm_of_bf16, matmul_out_dtype, split3_dequant_matmul
+from ...backend import rows_of
+from .._blocked import (dequant_matmul, float32_mm_of_bf16, matmul_out_dtype, matmul_precision,
+                        split3_dequant_matmul)
 from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
@@ -75,8 +76,8 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
 
     n_out = cols if transpose else rows
     if (out_dtype == torch.float32 and x.dtype == torch.bfloat16 and not gemv_runs(rows_of(x))
-            and not (x.is_cuda and tf32_allowed()) and float32_mm_of_bf16(x.device)):
+            and matmul_precision(x.device) == "ieee" and float32_mm_of_bf16(x.device)):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2])
+        y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2], True)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
     return matmul_out_dtype(x, n_out, out_dtype, run)
