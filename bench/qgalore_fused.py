@@ -162,41 +162,30 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         dense = (lambda: dequantize_int4(*args).T @ g) if left else (lambda: g @ dequantize_int4(*args).T)
         rows.append(dict(section="projection", shape=shape, backend="int4_matmul packed", ms=_ms(proj)))
         rows.append(dict(section="projection", shape=shape, backend="dequantize + fp32 matmul", ms=_ms(dense)))
-        # a bf16 gradient's projection with a float32 result (int4_matmul's out_dtype=float32, as Int4Basis.project
-        # runs it) on each GPU backend: right, Triton multiplies the bf16 values by the basis' integers (exact
-        # products on bf16 tensor cores, no float32 copy); left, by the basis' values split in three bf16 parts
-        # (SPLIT3, no float32 copy); on cuda, without TF32, W's values in three bf16 parts for three cuBLAS products
-        # with float32 results (_blocked.split3_dequant_matmul; with TF32 allowed: the gradient to float32 by blocks)
-        g16 = g.to(torch.bfloat16)
+        # a 16-bit gradient's projection with a float32 result (int4_matmul's out_dtype=float32, as Int4Basis.project
+        # runs it) on each GPU backend: right, Triton multiplies the 16-bit values by the basis' integers (exact
+        # products on 16-bit tensor cores, no float32 copy); left, by the basis' values split in three bf16 parts
+        # (SPLIT3, no float32 copy; an fp16 tile split in two bf16 parts too: five products); on cuda (bf16), without
+        # TF32, W's values in three bf16 parts for three cuBLAS products with float32 results
+        # (_blocked.split3_dequant_matmul; with TF32 allowed: the gradient to float32 by blocks). bf16 last: its
+        # gradient and reference serve the float32 copy's rows after the loop
         w64 = dequantize_int4(*args).double()
-        ref = (w64.T @ g16.double()) if left else (g16.double() @ w64.T)
-        out32 = (lambda: int4_matmul(g16.T, *args, transpose=True, out_dtype=torch.float32).T) if left else \
-            (lambda: int4_matmul(g16, *args, out_dtype=torch.float32))
-        for backend in ("triton", "cuda"):
-            name = f"int4_matmul {backend} float32 out from bf16"
-            why_not = int4_ops._MM.why_not(backend, g16.device)  # (forced, it would fall back: a mislabelled row)
-            if why_not is not None:
-                rows.append(dict(section="projection", shape=shape, backend=name, error=f"skipped: {why_not}"))
-                continue
-            with use_backend(backend):
-                y = out32()
-                rows.append(dict(section="projection", shape=shape, backend=name, ms=_ms(out32),
-                                 rel_err=float((y.double() - ref).norm() / ref.norm())))
-        # an fp16 gradient (fp16 parameters): the same kernels on the right; on the left its tile in two bf16 parts
-        # too (five exact products instead of three), against the float32 copy's row below
-        g16h = g.to(torch.float16)
-        refh = (w64.T @ g16h.double()) if left else (g16h.double() @ w64.T)
-        out32h = (lambda: int4_matmul(g16h.T, *args, transpose=True, out_dtype=torch.float32).T) if left else \
-            (lambda: int4_matmul(g16h, *args, out_dtype=torch.float32))
-        name = "int4_matmul triton float32 out from fp16"
-        why_not = int4_ops._MM.why_not("triton", g16h.device)
-        if why_not is not None:
-            rows.append(dict(section="projection", shape=shape, backend=name, error=f"skipped: {why_not}"))
-        else:
-            with use_backend("triton"):
-                y = out32h()
-                rows.append(dict(section="projection", shape=shape, backend=name, ms=_ms(out32h),
-                                 rel_err=float((y.double() - refh).norm() / refh.norm())))
+        cases = ((torch.float16, "fp16", ("triton",)), (torch.bfloat16, "bf16", ("triton", "cuda")))
+        for dtype, tag, backends in cases:
+            g16 = g.to(dtype)
+            ref = (w64.T @ g16.double()) if left else (g16.double() @ w64.T)
+            out32 = (lambda g16=g16: int4_matmul(g16.T, *args, transpose=True, out_dtype=torch.float32).T) if left \
+                else (lambda g16=g16: int4_matmul(g16, *args, out_dtype=torch.float32))
+            for backend in backends:
+                name = f"int4_matmul {backend} float32 out from {tag}"
+                why_not = int4_ops._MM.why_not(backend, g16.device)  # (forced, it would fall back: a mislabelled row)
+                if why_not is not None:
+                    rows.append(dict(section="projection", shape=shape, backend=name, error=f"skipped: {why_not}"))
+                    continue
+                with use_backend(backend):
+                    y = out32()
+                    rows.append(dict(section="projection", shape=shape, backend=name, ms=_ms(out32),
+                                     rel_err=float((y.double() - ref).norm() / ref.norm())))
         conv = (lambda: int4_matmul(g16.float().T, *args, transpose=True).T) if left else \
             (lambda: int4_matmul(g16.float(), *args, transpose=False))  # the whole float32 copy, for comparison
         rows.append(dict(section="projection", shape=shape, backend="bf16 -> float32 copy + int4_matmul",
