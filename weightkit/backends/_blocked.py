@@ -97,6 +97,31 @@ DEQUANT_BLOCK_BYTES = 1 << 27
 DEQUANT_BLOCK_ALIGN = 128
 
 
+def _dequantized_blocks(rows: int, cols: int, transpose: bool, dequant: Callable[..., None], dtype: torch.dtype,
+                        device: torch.device, block_bytes: Optional[int]):
+    """(o0, W_block) for each block of output features of y = x W^T (transpose=False) or x W (transpose=True): the
+    block as the product's right operand (K x no, a view of one reused buffer: rows of W, transposed, for
+    transpose=False; columns of W for transpose=True), dequantized into ``dtype`` by ``dequant(dst, r0, nr, c0, nc)``
+    (writes W[r0:r0+nr, c0:c0+nc] into dst, nr x nc, contiguous). Blocks of at most ``block_bytes``
+    (DEQUANT_BLOCK_BYTES), whole multiples of DEQUANT_BLOCK_ALIGN features but for the last; K, n_out > 0."""
+    n_out, k = (cols, rows) if transpose else (rows, cols)
+    step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * dtype.itemsize))
+    if step < n_out:
+        step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
+    step = min(step, n_out)
+    buf = torch.empty(step * k, dtype=dtype, device=device)
+    for o0 in range(0, n_out, step):
+        no = min(step, n_out - o0)
+        if transpose:  # W[:, o0:o0+no], rows x no
+            w = buf[:rows * no].view(rows, no)
+            dequant(w, 0, rows, o0, no)
+            yield o0, w
+        else:  # W[o0:o0+no, :], no x cols
+            w = buf[:no * cols].view(no, cols)
+            dequant(w, o0, no, 0, cols)
+            yield o0, w.t()
+
+
 def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
                    block_bytes: Optional[int] = None) -> Tensor:
     """y = x W^T (transpose=False) or x W (transpose=True) for a 2-D x (any strides) and a quantized W (rows x cols):
@@ -115,22 +140,9 @@ def dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Ca
         return y
     if k == 0:
         return y.zero_()
-    step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * x.element_size()))
-    if step < n_out:
-        step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
-    step = min(step, n_out)
-    buf = torch.empty(step * k, dtype=x.dtype, device=x.device)
-    for o0 in range(0, n_out, step):
-        no = min(step, n_out - o0)
-        out = y if no == n_out else y[:, o0:o0 + no]
-        if transpose:  # W[:, o0:o0+no], rows x no
-            w = buf[:rows * no].view(rows, no)
-            dequant(w, 0, rows, o0, no)
-            torch.mm(x, w, out=out)
-        else:  # W[o0:o0+no, :], no x cols
-            w = buf[:no * cols].view(no, cols)
-            dequant(w, o0, no, 0, cols)
-            torch.mm(x, w.t(), out=out)
+    for o0, w in _dequantized_blocks(rows, cols, transpose, dequant, x.dtype, x.device, block_bytes):
+        no = w.shape[1]
+        torch.mm(x, w, out=y if no == n_out else y[:, o0:o0 + no])
     return y
 
 
@@ -169,26 +181,14 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
     n_out, k = (cols, rows) if transpose else (rows, cols)
     if tokens == 0 or n_out == 0 or k == 0:
         return torch.zeros((tokens, n_out), dtype=torch.float32, device=x.device)
-    step = max(1, (block_bytes or DEQUANT_BLOCK_BYTES) // (k * 4))
-    if step < n_out:
-        step = max(DEQUANT_BLOCK_ALIGN, step // DEQUANT_BLOCK_ALIGN * DEQUANT_BLOCK_ALIGN)
-    step = min(step, n_out)
-    buf = torch.empty(step * k, dtype=torch.float32, device=x.device)
-    # one block (the common case): its product is the result; several: each written into y
-    y = None if step == n_out else torch.empty((tokens, n_out), dtype=torch.float32, device=x.device)
-    for o0 in range(0, n_out, step):
-        no = min(step, n_out - o0)
-        if transpose:  # W[:, o0:o0+no], rows x no
-            w = buf[:rows * no].view(rows, no)
-            dequant(w, 0, rows, o0, no)
-        else:  # W[o0:o0+no, :], no x cols, used as its transpose
-            w = buf[:no * cols].view(no, cols)
-            dequant(w, o0, no, 0, cols)
-            w = w.t()
+    y = None  # one block (the common case): its product is the result; several: each written into y
+    for o0, w in _dequantized_blocks(rows, cols, transpose, dequant, torch.float32, x.device, block_bytes):
         acc = split3_mm_float32(x, split3_bf16_(w), True, tensor_cores)  # (the block is not needed afterwards)
-        if y is None:
+        if o0 == 0 and w.shape[1] == n_out:
             return acc
-        y[:, o0:o0 + no] = acc
+        if y is None:
+            y = torch.empty((tokens, n_out), dtype=torch.float32, device=x.device)
+        y[:, o0:o0 + w.shape[1]] = acc
     return y
 
 
