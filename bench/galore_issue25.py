@@ -17,8 +17,11 @@ Rows (each ratio against a baseline measured in the same run):
   float64), so that one call says where a missed target's time goes; and a refresh of a gradient-like matrix
   (decaying spectrum) with the count of its Cholesky-QR fallbacks;
 * host syncs in one steady-state step (torch.cuda.set_sync_debug_mode): <= 1 with 'raise', 0 with 'skip';
-* a correctness smoke test of the compiled Triton kernel (ieee, tf32, bf16 operands; predicated) against the
-  reference, since the interpreter does not compile it.
+* a correctness smoke test of the compiled Triton kernel (bf16x6, tf32, bf16 operands; predicated) against the
+  reference, since the interpreter does not compile it;
+* the write-back op alone (``write-back ...``): the Triton kernel's float32 products without TF32 as six bf16
+  tensor-core products ('bf16x6', the default) against its strict-fp32 FMA dots ('ieee'), 'tf32', and the cuda
+  backend's op, for a float32 and a bf16 weight (no target: which one auto should take).
 
 Step times: a loop of ``STEPS`` steps between two CUDA events after warm-up (what a training loop sees: host
 launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not measured here: the e2e 350m row
@@ -333,7 +336,8 @@ def syncs(rows):
 
 
 def kernel_smoke(rows):
-    """The compiled Triton kernel (autotuned) against the reference: fp32 ieee, tf32, bf16 operands, predicated."""
+    """The compiled Triton kernel (autotuned) against the reference: float32 operands without TF32 (bf16x6) and with,
+    bf16 operands, predicated."""
     from weightkit.ops.galore import _GALORE
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -341,7 +345,8 @@ def kernel_smoke(rows):
         for ortho_dtype, allowed, wdtype in ((torch.float32, False, torch.float32),
                                              (torch.float32, True, torch.float32),
                                              (torch.bfloat16, True, torch.float32),
-                                             (torch.float32, True, torch.bfloat16)):
+                                             (torch.float32, True, torch.bfloat16),
+                                             (torch.float32, False, torch.bfloat16)):
             m, n, r = SMOKE
             w = torch.randn(m, n, device=DEVICE, generator=gen).to(wdtype)
             shape = (r, n) if left else (m, r)
@@ -373,10 +378,48 @@ def kernel_smoke(rows):
                 _row(rows, name, max_abs_err=got[0], ok=got[0] <= tol and got[1], predicated_unchanged=got[1])
 
 
+def write_back(rows):
+    """The fused write-back op alone (M, V, U, then W <- decay W - a P U; a left float32 basis at the first step
+    case's size), per weight dtype: the Triton kernel at 'bf16x6' (the default without TF32 since 2026-12-07: six bf16
+    tensor-core products of three-part splits, float32 accuracy) against 'ieee' (its strict-fp32 FMA dots, the
+    kernel before) and 'tf32'; and the cuda backend's op without TF32 beside them (a float32 weight: cuBLAS's strict
+    addmm_; a bf16 one: six bf16 GEMMs a block of rows), each against the Triton 'ieee' row."""
+    from weightkit import use_backend
+    from weightkit.kernels.galore import galore_adam_update_triton
+    from weightkit.ops.galore import galore_adam_update_
+
+    (m, n), r = CASES[0]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.linalg.qr(torch.randn(m, r, device=DEVICE, generator=gen))[0]
+    low = torch.randn(r, n, device=DEVICE, generator=gen)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-6, step_size=1e-3, scale=0.25, decay=1.0)
+    for wdtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(m, n, device=DEVICE, generator=gen) * 0.02).to(wdtype)
+        ea, eas = torch.zeros_like(low), torch.zeros_like(low)
+        tag = f"{m}x{n} r{r} left {str(wdtype).replace('torch.', '')} weight"
+        base = None
+        for precision in ("ieee", "bf16x6", "tf32"):
+            name = f"write-back triton {precision} {tag}"
+            ms = _guarded(rows, name, lambda: step_ms(lambda: galore_adam_update_triton(
+                w, low, ea, eas, q, True, **hyper, precision=precision)))
+            if ms is not None:
+                _row(rows, name, ms, base)
+                base = ms if precision == "ieee" else base
+
+        def cuda_op():
+            with tf32(False), use_backend("cuda"):
+                return step_ms(lambda: galore_adam_update_(w, low, ea, eas, q, True, **hyper))
+
+        name = f"write-back cuda strict fp32 {tag}"
+        ms = _guarded(rows, name, cuda_op)
+        if ms is not None:
+            _row(rows, name, ms, base)
+
+
 def table():
     """All rows of issue #25's table that one GPU call can measure (see the module docstring)."""
     rows = []
-    for section in (kernel_smoke, syncs, steps, refresh):
+    for section in (kernel_smoke, syncs, steps, refresh, write_back):
         section(rows)
     return rows
 

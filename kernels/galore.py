@@ -11,8 +11,11 @@ step held NaN/Inf): where it is set they leave M, V and W unchanged, so that ``n
 sync; and optionally the step size as a one-element float32 tensor (Adam's bias correction counted on the device,
 when skipped steps are not known on the host).
 
-Precision (``PRECISION``, a constexpr): ``"ieee"`` (strict fp32), ``"tf32"`` (only when the user allows TF32:
-weightkit.ops.galore.matmul_precision) or ``"bf16"`` / ``"fp16"`` (16-bit operands, fp32 accumulation). The
+Precision (``PRECISION``, a constexpr) of the matmul: for a float32 basis, ``"tf32"`` only when the user allows TF32
+(weightkit.ops.galore.matmul_precision), else ``"bf16x6"``: float32 accuracy from six bf16 tensor-core products of
+the operands' three-part bf16 splits (_shared.dot6), in place of ``"ieee"``'s strict-fp32 dot on the FMA units
+(which stays for comparison: ``precision="ieee"``); for a 16-bit basis ``"bf16"`` / ``"fp16"`` (16-bit operands,
+fp32 accumulation). The
 matmul's tiles are autotuned per (M, N, K, precision, weight dtype) on a GPU over a space sized for H100/H200
 (shared memory <= 160 KB per program); under TRITON_INTERPRET=1 one config, and 16-bit operands upcast to fp32
 before the dot (the 3.9 interpreter's bf16 dot returns garbage; the products are the same, exact in fp32). Row
@@ -23,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, TUNE_LOCK, capturing, cdiv, device_guard, launch, tile_ids, tune_bench
+from ._shared import INTERPRET, TUNE_LOCK, capturing, cdiv, device_guard, dot6, launch, tile_ids, tune_bench
 
 
 @triton.jit
@@ -95,6 +98,8 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, str
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
         elif PRECISION == "fp16":
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc=acc, out_dtype=tl.float32)
+        elif PRECISION == "bf16x6":  # float32 operands, float32 accuracy from six bf16 tensor-core products
+            acc = dot6(a, b, acc, TC_BF16=not UPCAST_16BIT)
         elif PRECISION == "tf32":
             acc = tl.dot(a, b, acc=acc, input_precision="tf32", out_dtype=tl.float32)
         else:
@@ -120,17 +125,24 @@ _TUNED = {}
 
 
 def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
-                              decay, found_inf=None, step_size_t=None, tf32=False, block=1024):
-    """``ortho`` float32 (the matmul runs ieee, or tf32 when ``tf32``) or bfloat16 / float16 (U is written in that
-    dtype and the matmul runs on 16-bit operands with fp32 accumulation). Launches on the weight's device."""
+                              decay, found_inf=None, step_size_t=None, tf32=False, block=1024, precision=None):
+    """``ortho`` float32 (the matmul runs bf16x6, or tf32 when ``tf32``; ``precision="ieee"``: strict-fp32 FMA dots,
+    kept to measure against) or bfloat16 / float16 (U is written in that dtype and the matmul runs on 16-bit operands
+    with fp32 accumulation). Launches on the weight's device."""
+    if ortho.dtype == torch.float32:
+        precision = precision or ("tf32" if tf32 else "bf16x6")
+        if precision not in ("ieee", "tf32", "bf16x6"):
+            raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16x6' for a float32 ortho, got {precision!r}")
+    elif precision not in (None, _PRECISION_OF.get(ortho.dtype)):
+        raise ValueError(f"a {ortho.dtype} ortho runs its own dtype's products, got precision={precision!r}")
     with device_guard(weight.device):
         _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
-                            decay, found_inf, step_size_t, tf32, block)
+                            decay, found_inf, step_size_t, precision, block)
 
 
 def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
-                        found_inf, step_size_t, tf32, block):
-    precision = _PRECISION_OF.get(ortho.dtype, "tf32" if tf32 else "ieee")
+                        found_inf, step_size_t, precision, block):
+    precision = _PRECISION_OF.get(ortho.dtype, precision)
     update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
     n = low_grad.numel()
     flag = found_inf if found_inf is not None else exp_avg  # an unused pointer when HAS_FOUND is off

@@ -234,6 +234,49 @@ def test_write_back_without_tf32_by_six_bf16_products(device, left, monkeypatch)
     assert torch.equal(ortho, (a if left else b).to(device)) and torch.equal(update, (b if left else a).to(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("left", [True, False])
+def test_triton_write_back_without_tf32_by_six_bf16_products(device, left):
+    """The Triton write-back of a float32 basis where TF32 is not allowed runs 'bf16x6' (kernels/_shared.dot6: P and
+    U split in three bf16 parts in registers, six tensor-core products): within 2x the strict-fp32 ('ieee') kernel's
+    error against float64, >100x better than P and U rounded to bf16, and a different sum from ieee's (it ran)."""
+    if "triton" not in usable_backends(galore_ops._GALORE, device):
+        pytest.skip("no triton backend here")
+    from weightkit.kernels.galore import galore_adam_update_triton
+
+    m, n, r = 96, 80, 24
+    seed = 5 + left
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    ortho = torch.linalg.qr(torch.randn(m if left else n, r, generator=g, dtype=torch.float64))[0].float()
+    ortho = ortho if left else ortho.T.contiguous()
+    low = torch.randn((r, n) if left else (m, r), generator=g)
+    hyper = dict(beta1=0.5, beta2=0.75, eps=1e-6, step_size=1.0, scale=1.0, decay=1.0)
+    # U as the kernel forms it (M = V = 0 before): float32 m / (sqrt(v) + eps); W = 0 - 1 * N is the product
+    m1, v1 = low * 0.5, low * low * 0.25
+    u = m1 / (v1.sqrt() + 1e-6)
+    n64 = ortho.double() @ u.double() if left else u.double() @ ortho.double()
+    rel = lambda t: float((t.double().cpu() - n64).norm() / n64.norm())  # noqa: E731
+    out = {}
+    for precision in ("ieee", "bf16x6", None):
+        w = torch.zeros(m, n, device=device)
+        galore_adam_update_triton(w, low.to(device), torch.zeros_like(low, device=device),
+                                  torch.zeros_like(low, device=device), ortho.to(device), left, **hyper,
+                                  precision=precision)
+        out[precision] = -w
+    assert torch.equal(out[None], out["bf16x6"])  # the default without TF32
+    rounded = rel(ortho.bfloat16().double() @ u.bfloat16().double() if left
+                  else u.bfloat16().double() @ ortho.bfloat16().double())
+    split, fp32 = rel(out["bf16x6"]), rel(out["ieee"])
+    print(f"relative error: bf16x6 {split:.3g}, ieee {fp32:.3g}, bf16-rounded {rounded:.3g}")
+    assert split <= 2 * fp32 + 1e-9 and split * 100 < rounded, (split, fp32, rounded)
+    assert not torch.equal(out["bf16x6"], out["ieee"])
+    with pytest.raises(ValueError, match="precision"):
+        galore_adam_update_triton(w, low.to(device), torch.zeros_like(low, device=device),
+                                  torch.zeros_like(low, device=device), ortho.to(device), left, **hyper,
+                                  precision="bf16")
+
+
 def test_tf32_only_where_allowed():
     assert galore_ops.matmul_precision(torch.device("cpu")) == "ieee"
     allowed = torch.backends.cuda.matmul.allow_tf32

@@ -21,7 +21,9 @@ the device). Neither is read on the host.
 
 Precision. A float32 product runs TF32 only where the user allows it (``torch.backends.cuda.matmul.allow_tf32``,
 set by ``torch.set_float32_matmul_precision('high')``): cuBLAS follows the flag, the Triton kernel gets it as its
-``input_precision``; strict IEEE fp32 otherwise, and always on the CPU.
+``input_precision``; float32 accuracy otherwise, and always on the CPU: cuBLAS's strict fp32 (the cuda backend's
+float32 weights), or on a GPU's bf16 tensor cores the exact products of the operands' three-part bf16 splits (the
+cuda backend's 16-bit weights: six bf16 GEMMs; the Triton kernel: its 'bf16x6' dots, kernels/_shared.dot6).
 
 Temporaries. The reference materialises U and the full-size N. The fused backends keep U (low-rank, r x n or
 m x r) and no full-size tensor: the ``cpu`` and ``cuda`` backends update M, V and write U in one pass, then, for a
