@@ -165,12 +165,13 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         # a 16-bit gradient's projection with a float32 result (int4_matmul's out_dtype=float32, as Int4Basis.project
         # runs it) on each GPU backend: right, Triton multiplies the 16-bit values by the basis' integers (exact
         # products on 16-bit tensor cores, no float32 copy); left, by the basis' values split in three bf16 parts
-        # (SPLIT3, no float32 copy; an fp16 tile split in two bf16 parts too: five products); on cuda (bf16), without
-        # TF32, W's values in three bf16 parts for three cuBLAS products with float32 results
-        # (_blocked.split3_dequant_matmul; with TF32 allowed: the gradient to float32 by blocks). bf16 last: its
-        # gradient and reference serve the float32 copy's rows after the loop
+        # (SPLIT3, no float32 copy; an fp16 tile split in two bf16 parts too: five products); on cuda, without
+        # TF32, W's values in three bf16 parts for three cuBLAS products with float32 results (an fp16 gradient in
+        # two bf16 parts too, by blocks of rows: five) (_blocked.split3_dequant_matmul; with TF32 allowed: the
+        # gradient to float32 by blocks). bf16 last: its gradient and reference serve the float32 copy's rows after
+        # the loop
         w64 = dequantize_int4(*args).double()
-        cases = ((torch.float16, "fp16", ("triton",)), (torch.bfloat16, "bf16", ("triton", "cuda")))
+        cases = ((torch.float16, "fp16", ("triton", "cuda")), (torch.bfloat16, "bf16", ("triton", "cuda")))
         for dtype, tag, backends in cases:
             g16 = g.to(dtype)
             ref = (w64.T @ g16.double()) if left else (g16.double() @ w64.T)

@@ -449,7 +449,7 @@ def test_qgalore_fused_section_runs_at_toy_sizes_and_its_targets_are_found(repor
     assert data["sections"]["qgalore_fused"]["status"] == "done", data["sections"]
     assert not [r for r in data["rows"] if r["name"] == "(section failed)"]
     assert any(r["name"].startswith("sr_lowrank_check: ") for r in data["rows"])
-    fp16 = [r for r in data["rows"] if "float32 out from fp16" in r["name"]]  # left and right, each case
+    fp16 = [r for r in data["rows"] if "triton float32 out from fp16" in r["name"]]  # left and right, each case
     assert len(fp16) == 2 and all(r.get("rel_err", 1) < 1e-6 for r in fp16), fp16
     from bench import targets
 

@@ -229,14 +229,17 @@ def test_matmul_spanning_several_dequantized_blocks(transpose):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device, transpose):
-    """backends/_blocked.split3_dequant_matmul (the cuda backend's float32 product of a bf16 x, without TF32): W's
-    float32 values (not bf16-exact) in three bf16 parts, three exact products: within 1.5x the float32 product's
-    error against float64, ~10^3 times better than W rounded to bf16; blocks of output features (a small block
-    budget: several whole blocks and a partial one) give the same values. On a GPU no float32 tensor of x's size is
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device, transpose, dtype, monkeypatch):
+    """backends/_blocked.split3_dequant_matmul (the cuda backend's float32 product of a 16-bit x, without TF32): W's
+    float32 values (not bf16-exact) in three bf16 parts, three exact products (a float16 x in two bf16 parts too,
+    split a block of rows at a time: five): within 1.5x the float32 product's error against float64, ~10^3 times
+    better than W rounded to bf16; blocks of output features (a small block budget: several whole blocks and a
+    partial one) give the same values, as do several blocks of x's rows. On a GPU no float32 tensor of x's size is
     made (torch.mm's float32 output of bf16 operands); on the CPU mm_float32 upcasts the operands instead."""
     from tests.optim.test_parts import LargestFloat32
     from weightkit.backend import allow_tf32
+    from weightkit.backends import _blocked
     from weightkit.backends._blocked import float32_mm_of_bf16, split3_dequant_matmul
 
     if not float32_mm_of_bf16(torch.device(device)):
@@ -246,7 +249,7 @@ def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device
     g = torch.Generator().manual_seed(seed)
     rows, cols, tokens = (96, 400, 300) if not transpose else (400, 96, 300)  # x the largest operand
     w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)).to(device)
-    x = torch.randn(tokens, rows if transpose else cols, generator=g).bfloat16().to(device)
+    x = torch.randn(tokens, rows if transpose else cols, generator=g).to(dtype).to(device)
 
     def dequant(dst, r0, nr, c0, nc):
         dst.copy_(w[r0:r0 + nr, c0:c0 + nc])
@@ -262,11 +265,15 @@ def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device
     assert y.dtype == torch.float32 and tuple(y.shape) == tuple(ref.shape)
     if x.is_cuda:
         assert probe.largest < x.numel(), (probe.largest, x.numel())
+    print(f"relative error: split {rel(y):.3g}, float32 {fp32:.3g}, W rounded to bf16 {rounded:.3g}")
     assert rel(y) <= 1.5 * fp32 and rel(y) * 100 < rounded, (rel(y), fp32, rounded)
     k = rows if transpose else cols
     blocks = split3_dequant_matmul(x, rows, cols, transpose, dequant, x.is_cuda, block_bytes=128 * k * 4)  # 128
     torch.testing.assert_close(blocks, y, rtol=1e-6, atol=1e-6)
     assert split3_dequant_matmul(x[:0], rows, cols, transpose, dequant, x.is_cuda).shape == (0, ref.shape[1])
+    monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", 70 * k)  # x's rows by 70 (fp16: split a block at a time)
+    torch.testing.assert_close(split3_dequant_matmul(x, rows, cols, transpose, dequant, x.is_cuda), y, rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -280,7 +287,8 @@ def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch)
     product multiplies x's 16-bit values by W's integers (every product exact: closer to float64 than the float32
     product) wherever its K steps lie inside groups (64; 48: steps of 16); elsewhere (groups of 8, transposed) x
     meets W's float32 values in three bf16 parts (an fp16 x in two bf16 parts: five products), no float32 copy of x
-    either way. The gradient is x's dtype: the float32 product's, rounded once."""
+    either way; so does the cuda backend's without TF32 (cuBLAS bf16 products). The gradient is x's dtype: the
+    float32 product's, rounded once."""
     from weightkit.backends import _blocked
 
     seed = 21 + group
@@ -335,9 +343,9 @@ def test_int4_matmul_float32_out_of_a_16bit_x(device, dtype, group, monkeypatch)
             if group == 8:
                 assert rel(y, ref) <= 1.5 * fp32, (label, rel(y, ref), fp32)
         strict = not (device == "cuda" and torch.backends.cuda.matmul.allow_tf32)
-        if name == "cuda" and dtype == torch.bfloat16 and strict:
-            # W's float32 values in three bf16 parts, three cuBLAS products (_blocked.split3_dequant_matmul; the
-            # GEMV takes none of these: cols is no multiple of 32)
+        if name == "cuda" and strict:
+            # W's float32 values in three bf16 parts, three cuBLAS products (_blocked.split3_dequant_matmul; an
+            # fp16 x in two bf16 parts too: five; the GEMV takes none of these: cols is no multiple of 32)
             assert rel(y_t, ref_t) <= 1.5 * fp32_t, (label, rel(y_t, ref_t), fp32_t)
             assert rel(y, ref) <= 1.5 * fp32, (label, rel(y, ref), fp32)
 

@@ -203,21 +203,24 @@ def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_float_basis_projects_a_bf16_gradient_by_three_bf16_parts(device, side, monkeypatch):
-    """A float32 basis and a bf16 gradient with TF32 not allowed (a bf16 model under torch's default matmul
-    setting): on a GPU the basis goes in three bf16 parts (basis.split3_applies), three exact products with float32
-    results, no float32 copy of G: within 1.5x the strict float32 projection's error against float64, ~10^3 times
-    better than the basis rounded to bf16 (galore-torch's bf16 projection). The CPU takes the float32 conversion
-    (split3_applies is False there); the same code is run on it by forcing split3_applies. TF32 allowed, or an fp16
-    gradient: the float32 conversion, as before."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float_basis_projects_a_16bit_gradient_by_bf16_parts(device, side, dtype, monkeypatch):
+    """A float32 basis and a 16-bit gradient with TF32 not allowed (a bf16 or fp16 model under torch's default
+    matmul setting): on a GPU the basis goes in three bf16 parts (basis.split3_applies), three exact products with
+    float32 results (an fp16 G in two bf16 parts too, split a block at a time: five), no float32 copy of G: within
+    1.5x the strict float32 projection's error against float64, ~10^3 times better than the basis rounded to bf16
+    (galore-torch's bf16 projection). The CPU takes the float32 conversion (split3_applies is False there); the same
+    code is run on it by forcing split3_applies, and with G's blocks lowered (several blocks of G: the same values).
+    TF32 allowed: the float32 conversion, as before."""
     from weightkit.backend import allow_tf32
+    from weightkit.backends import _blocked
     from weightkit.backends._blocked import float32_mm_of_bf16
     from weightkit.optim import basis as basis_module
 
     if not float32_mm_of_bf16(torch.device(device)):
         pytest.skip("this torch's CUDA mm has no float32 output for bf16 operands (the conversion then runs)")
     m, n, r = (96, 400, 16) if side == "left" else (400, 96, 16)
-    grad = randn(m, n, seed=7, device=device).to(torch.bfloat16)
+    grad = randn(m, n, seed=7, device=device).to(dtype)
     p = orthonormal(m, r, device, seed=3) if side == "left" else orthonormal(n, r, device, seed=3).T.contiguous()
     p64, g64 = p.double().cpu(), grad.double().cpu()
     ref = p64.T @ g64 if side == "left" else g64 @ p64.T
@@ -235,12 +238,15 @@ def test_float_basis_projects_a_bf16_gradient_by_three_bf16_parts(device, side, 
         fp32 = rel(p.T @ g32 if side == "left" else g32 @ p.T)
     rounded = rel(p.bfloat16().float().T @ g32 if side == "left" else g32 @ p.bfloat16().float().T)
     assert out.dtype == torch.float32 and tuple(out.shape) == tuple(ref.shape)
+    print(f"relative error: split {rel(out):.3g}, float32 {fp32:.3g}, basis rounded to bf16 {rounded:.3g}")
     assert rel(out) <= 1.5 * fp32 and rel(out) * 100 < rounded, (rel(out), fp32, rounded)
     if device == "cuda":
         assert probe.largest <= max(out.numel(), p.numel()) < grad.numel(), probe.largest
         with allow_tf32(True):
             assert not basis_module.split3_applies(grad)
-    assert not basis_module.split3_applies(grad.to(torch.float16)) or device != "cuda"
+    monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", 96 * 70)  # G by 70 rows or columns: several blocks
+    with allow_tf32(False):
+        torch.testing.assert_close(FloatBasis.project(grad, side, (p, None)), out, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

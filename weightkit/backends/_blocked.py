@@ -61,14 +61,23 @@ def float32_by_blocks(t: Tensor, dim: int, out_shape, fn: Callable[[Tensor], Ten
     up to the product's summation order (each output block is the same sums over the same values). Used by GaLore's
     projections of a 16-bit gradient (weightkit.optim.basis) and by int4_matmul's ``out_dtype=float32`` on the
     backends whose kernels have no float32 output for a 16-bit x."""
-    if t.dtype not in (torch.bfloat16, torch.float16) or t.numel() <= FLOAT32_BLOCK:
+    if t.dtype not in (torch.bfloat16, torch.float16):
         return fn(t.to(torch.float32))
+    return by_blocks(t, dim, out_shape, lambda b: fn(b.to(torch.float32)))
+
+
+def by_blocks(t: Tensor, dim: int, out_shape, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(t)`` (float32, ``out_shape``) for a 2-D ``t`` whose blocks along ``dim`` map to the result's blocks along
+    ``dim``, a block of at most FLOAT32_BLOCK values at a time where ``t`` holds more (so that the temporaries ``fn``
+    makes of its argument, a float32 copy or 16-bit parts, never exist whole)."""
+    if t.numel() <= FLOAT32_BLOCK:
+        return fn(t)
     size = t.shape[dim]
     step = max(1, FLOAT32_BLOCK // max(t.numel() // size, 1))
     out = torch.empty(out_shape, dtype=torch.float32, device=t.device)
     for i in range(0, size, step):
         n = min(step, size - i)
-        out.narrow(dim, i, n).copy_(fn(t.narrow(dim, i, n).to(torch.float32)))
+        out.narrow(dim, i, n).copy_(fn(t.narrow(dim, i, n)))
     return out
 
 
@@ -155,19 +164,46 @@ def split3_bf16_(w: Tensor):
     return hi, mid, w.sub_(mid).to(torch.bfloat16)
 
 
+def split2_fp16_(x: Tensor):
+    """(hi, lo): float16 ``x`` as two bf16 tensors, hi + lo == x exactly: hi is x with its three lowest significand
+    bits cleared (8 significant bits, truncated toward zero: never beyond |x|, so never overflowing float16 on the
+    way), lo = x - hi (exact: the difference of two float16 values within a factor 2 of each other, at most 3
+    significant bits); both exact in bf16's 8-bit significand and wider exponent range. |lo| < 2^-7 |x|."""
+    hi = (x.view(torch.int16) & -8).view(torch.float16)
+    return hi.to(torch.bfloat16), (x - hi).to(torch.bfloat16)
+
+
 def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Tensor:
-    """The float32 ``x @ W`` (x_left) or ``W @ x`` of a bf16 ``x`` and W given as its three bf16 parts
-    (:func:`split3_bf16_`): three products, smallest part first, each exact in float32, by :func:`mm_float32`
-    (with ``tensor_cores``, a GPU's: bf16 tensor cores with float32 results; else upcast), summed in float32: the
-    float32 product's accuracy without a float32 copy of x."""
+    """The float32 ``x @ W`` (x_left) or ``W @ x`` of a bf16 or float16 ``x`` (2-D) and W given as its three bf16
+    parts (:func:`split3_bf16_`), by :func:`mm_float32` (with ``tensor_cores``, a GPU's: bf16 tensor cores with
+    float32 results; else upcast), summed in float32, smallest first: the float32 product's accuracy without a
+    float32 copy of x. A bf16 x: three products, each exact. A float16 x (not bf16-exact: 11-bit significands) in
+    two bf16 parts too (:func:`split2_fp16_`), made a block of x at a time (:func:`by_blocks`: no 16-bit copy of a
+    large x whole): five exact products, the sixth (x's lo part times W's, below 2^-23 of |x||W| a term) left
+    out."""
     hi, mid, lo = parts
-    prod = (lambda p: mm_float32(x, p, tensor_cores)) if x_left else (lambda p: mm_float32(p, x, tensor_cores))
-    return prod(lo).add_(prod(mid)).add_(prod(hi))
+    if x.dtype == torch.float16:
+        def block(xb):
+            xh, xl = split2_fp16_(xb)
+            return _sum_of_products(((xh, lo), (xl, mid), (xl, hi), (xh, mid), (xh, hi)), x_left, tensor_cores)
+        shape = (x.shape[0], hi.shape[1]) if x_left else (hi.shape[0], x.shape[1])
+        return by_blocks(x, 0 if x_left else 1, shape, block)
+    return _sum_of_products(((x, lo), (x, mid), (x, hi)), x_left, tensor_cores)
+
+
+def _sum_of_products(pairs, x_left: bool, tensor_cores: bool) -> Tensor:
+    """The float32 sum of the products ``a @ p`` (x_left) or ``p @ a`` of ``pairs`` (a, p), in their order."""
+    out = None
+    for a, p in pairs:
+        t = mm_float32(a, p, tensor_cores) if x_left else mm_float32(p, a, tensor_cores)
+        out = t if out is None else out.add_(t)
+    return out
 
 
 def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
                           tensor_cores: bool, block_bytes: Optional[int] = None) -> Tensor:
-    """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 x (2-D, any strides) and a
+    """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 or float16 x (2-D, any strides;
+    a float16 x also split, in two bf16 parts, a block of rows at a time: five products, :func:`split3_mm_float32`) and a
     quantized W (rows x cols), without a float32 copy of x: W's float32 values, dequantized a block of output
     features at a time (``dequant(dst, r0, nr, c0, nc)`` writes W[r0:r0+nr, c0:c0+nc] into the float32 dst), are
     split in three bf16 parts (hi + mid + lo == W exactly: 3 x 8 bits hold float32's 24-bit significand), and x is

@@ -58,9 +58,9 @@ def host_shape(state: Dict, key: str) -> tuple:
 
 
 def split3_applies(grad: Tensor) -> bool:
-    """Whether a float32 basis projects the gradient ``grad`` by three bf16 parts (FloatBasis.project): a bf16
-    gradient on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there."""
-    return (grad.dtype == torch.bfloat16 and grad.is_cuda and not tf32_allowed()
+    """Whether a float32 basis projects the gradient ``grad`` by three bf16 parts (FloatBasis.project): a bf16 or
+    float16 gradient on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there."""
+    return (grad.dtype in (torch.bfloat16, torch.float16) and grad.is_cuda and not tf32_allowed()
             and float32_mm_of_bf16(grad.device))
 
 
@@ -114,7 +114,7 @@ class FloatBasis:
         products on bf16 tensor cores with float32 results, summed in float32 (backends/_blocked.split3_mm_float32):
         the float32 projection's accuracy at three bf16 GEMMs' cost instead of a strict-fp32 GEMM's (cuBLAS's FMA
         path, several times slower) on a float32 copy of G; where this torch's mm has no float32 output for bf16,
-        as below."""
+        as below. A float16 gradient likewise, G split in two bf16 parts a block at a time: five products."""
         ortho, ortho_right = basis
         if ortho.dtype != torch.float32:
             g = grad.to(ortho.dtype)

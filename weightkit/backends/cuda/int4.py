@@ -45,11 +45,12 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     (wk_cuda_int4_gemv). Otherwise W is dequantized to x's dtype (blocks of at most 128 MB) and multiplied by cuBLAS
     through torch (backends/_blocked.dequant_matmul).
 
-    ``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient): for a bf16 x where the GEMV
-    does not run and TF32 is not allowed, W's float32 values in three bf16 parts, three cuBLAS products on bf16
-    tensor cores with float32 results (backends/_blocked.split3_dequant_matmul: float32 accuracy, no float32 copy of
-    x; where this torch's mm has no float32 output for bf16, as below); otherwise x converted to float32 by blocks of
-    rows (matmul_out_dtype) and W dequantized to float32 (TF32 where the user allows it)."""
+    ``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient): where the GEMV does not run
+    and TF32 is not allowed, W's float32 values in three bf16 parts, three cuBLAS products of a bf16 x on bf16
+    tensor cores with float32 results, five of a float16 x split in two bf16 parts by blocks of rows
+    (backends/_blocked.split3_dequant_matmul: float32 accuracy, no float32 copy of x; where this torch's mm has no
+    float32 output for bf16, as below); otherwise x converted to float32 by blocks of rows (matmul_out_dtype) and W
+    dequantized to float32 (TF32 where the user allows it)."""
     rows, cols = shape
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
@@ -75,7 +76,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
         return dequant_matmul(x2, rows, cols, transpose, dequant)
 
     n_out = cols if transpose else rows
-    if (out_dtype == torch.float32 and x.dtype == torch.bfloat16 and not gemv_runs(rows_of(x))
+    if (out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and not gemv_runs(rows_of(x))
             and matmul_precision(x.device) == "ieee" and float32_mm_of_bf16(x.device)):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2], True)
