@@ -228,6 +228,26 @@ def test_matmul_spanning_several_dequantized_blocks(transpose):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_split2_fp16_is_exact_at_every_magnitude(device):
+    """backends/_blocked.split2_fp16_: hi + lo == x exactly in bf16 parts for float16 values of every exponent and
+    sign, the largest (65504, where rounding to 8 bits would overflow float16) and subnormals included; hi holds 8
+    significant bits at most, |lo| < 2^-7 |x| (normal x; a subnormal's below 2^-21); any strides."""
+    from weightkit.backends._blocked import split2_fp16_
+
+    bits = torch.arange(0, 0x7C00, dtype=torch.int32)  # every finite non-negative float16
+    pos = bits.to(torch.int16).view(torch.float16)
+    x = torch.cat([pos, -pos]).to(device).reshape(2, -1).T  # a transposed view (column-major)
+    hi, lo = split2_fp16_(x)
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.double() + lo.double(), x.double())
+    assert torch.isfinite(hi).all() and float(hi.double().abs().max()) <= 65504
+    normal = x.double().abs() >= 2.0 ** -14
+    assert (lo.double().abs() < 2.0 ** -7 * x.double().abs()).logical_or(lo == 0)[normal].all()
+    assert (lo.double().abs() < 2.0 ** -21)[~normal].all()  # subnormals: below 8 units of 2^-24
+    assert torch.equal(hi.float().to(torch.float16).view(torch.int16) & 7, torch.zeros_like(x, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device, transpose, dtype, monkeypatch):

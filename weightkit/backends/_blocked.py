@@ -168,7 +168,8 @@ def split2_fp16_(x: Tensor):
     """(hi, lo): float16 ``x`` as two bf16 tensors, hi + lo == x exactly: hi is x with its three lowest significand
     bits cleared (8 significant bits, truncated toward zero: never beyond |x|, so never overflowing float16 on the
     way), lo = x - hi (exact: the difference of two float16 values within a factor 2 of each other, at most 3
-    significant bits); both exact in bf16's 8-bit significand and wider exponent range. |lo| < 2^-7 |x|."""
+    significant bits); both exact in bf16's 8-bit significand and wider exponent range. |lo| < 2^-7 |x| for a normal
+    x (a subnormal's lo is below 2^-21)."""
     hi = (x.view(torch.int16) & -8).view(torch.float16)
     return hi.to(torch.bfloat16), (x - hi).to(torch.bfloat16)
 
