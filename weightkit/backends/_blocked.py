@@ -192,6 +192,11 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Ten
     return _sum_of_products(((x, lo), (x, mid), (x, hi)), x_left, tensor_cores)
 
 
+# the products of two three-part splits (part indices) whose significands reach 2^-16 of the leading one, smallest
+# first: the three left out are below 2^-24 of |a||b| (float32 accuracy)
+SIX_PRODUCTS = ((0, 2), (1, 1), (2, 0), (0, 1), (1, 0), (0, 0))
+
+
 def _sum_of_products(pairs, x_left: bool, tensor_cores: bool) -> Tensor:
     """The float32 sum of the products ``a @ p`` (x_left) or ``p @ a`` of ``pairs`` (a, p), in their order."""
     out = None
@@ -345,10 +350,7 @@ def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bo
         block = weight[r0:r0 + rows]
         if split:
             a = [part[r0:r0 + rows] for part in blocked]
-            prod = None
-            for i, j in ((0, 2), (1, 1), (2, 0), (0, 1), (1, 0), (0, 0)):  # 2^-16 terms, 2^-8 terms, the leading
-                t = mm_float32(a[i], whole[j], tensor_cores)
-                prod = t if prod is None else prod.add_(t)
+            prod = _sum_of_products([(a[i], whole[j]) for i, j in SIX_PRODUCTS], True, tensor_cores)
         else:
             prod = (mm_float32(ortho[r0:r0 + rows], update, tensor_cores) if left
                     else mm_float32(update[r0:r0 + rows], ortho, tensor_cores))
