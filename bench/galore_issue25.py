@@ -416,9 +416,10 @@ def write_back(rows):
             _row(rows, name, ms, base)
 
 
-def table():
-    """All rows of issue #25's table that one GPU call can measure (see the module docstring)."""
-    rows = []
+def table(rows=None):
+    """All rows of issue #25's table that one GPU call can measure (see the module docstring), appended to ``rows``
+    (a new list unless given: bench/gpu_report.py passes one that records each row as it comes)."""
+    rows = [] if rows is None else rows
     for section in (kernel_smoke, syncs, steps, refresh, write_back):
         section(rows)
     return rows

@@ -897,14 +897,28 @@ def _rows_from(section, records):
             row(section, name, ms=rec.pop("ms"), **rec)
 
 
+class _Streamed(list):
+    """The row list handed to a bench module's own function: each row appended is recorded at once
+    (:func:`_rows_from`, which writes the report), so that a stage stopped at its time limit keeps every row
+    measured before it."""
+
+    def __init__(self, section):
+        super().__init__()
+        self.section = section
+
+    def append(self, rec):
+        super().append(rec)
+        _rows_from(self.section, [rec])
+
+
 def galore_issue25():
     """Issue #25's table (bench/galore_issue25.py: steps against galore-torch at every precision, refreshes, host
-    syncs per step, a compiled-kernel check). Not in the default run: a second, targeted call
+    syncs per step, a compiled-kernel check, the write-back alone). Not in the default run: a second, targeted call
     (REPORT_SECTIONS=galore_issue25)."""
     from bench import galore_issue25 as g
 
     g.DEVICE = DEV
-    _rows_from("galore_issue25", g.table())
+    g.table(_Streamed("galore_issue25"))
 
 
 def qgalore_fused():
@@ -913,7 +927,7 @@ def qgalore_fused():
     Opt-in, as galore_issue25."""
     from bench import qgalore_fused as q
 
-    _rows_from("qgalore_fused", q.measure(DEV, **QGALORE_FUSED_SIZES))
+    q.measure(DEV, rows=_Streamed("qgalore_fused"), **QGALORE_FUSED_SIZES)
 
 
 def compress():

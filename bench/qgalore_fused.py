@@ -71,7 +71,7 @@ def _basis(shape, pg, device):
 
 
 def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024, False)), gs=128, pg=64,
-            moment_shape=(1024, 4096)):
+            moment_shape=(1024, 4096), rows=None):
     from weightkit import use_backend
     from weightkit.backend import allow_tf32
     from weightkit.ops import int4 as int4_ops
@@ -81,7 +81,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
     from weightkit.kernels.qgalore import lowrank_product_triton
     from weightkit.ops.qgalore import int8_sr_lowrank_update_, lowrank_product
 
-    rows = []
+    rows = [] if rows is None else rows  # (bench/gpu_report.py passes one that records each row as it comes)
     for m, n, r, left in shapes:
         q0, s0 = _weight(m, n, gs, device)
         bshape = (m, r) if left else (r, n)

@@ -460,6 +460,38 @@ def test_qgalore_fused_section_runs_at_toy_sizes_and_its_targets_are_found(repor
     assert all(p.value is not None for p in verdict.parts), verdict.measured
 
 
+def test_opt_in_sections_keep_the_rows_measured_before_a_cut(report, tmp_path, monkeypatch):
+    """galore_issue25 and qgalore_fused hand their bench module a row list that records each row as it is appended
+    (gpu_report._Streamed): a section cut by its time budget (or the stage's kill) mid-table keeps the rows measured
+    before, in the report file at once."""
+    from bench import galore_issue25 as g25
+    from bench import qgalore_fused as qf
+
+    out = tmp_path / "r.json"
+    on_disk = []
+
+    def first_then_cut(rows):
+        g25._row(rows, "first row", 1.0)
+        on_disk.append([r["name"] for r in _read(out)["rows"]])
+        raise report.BudgetExceeded("the section's time budget ran out")
+
+    monkeypatch.setattr(g25, "kernel_smoke", first_then_cut)
+
+    def measure(device, rows=None, **sizes):
+        rows.append(dict(section="moments", shape=(8, 8), backend="one", ms=2.0))
+        on_disk.append([r["name"] for r in _read(out)["rows"]])
+        raise report.BudgetExceeded("the section's time budget ran out")
+
+    monkeypatch.setattr(qf, "measure", measure)
+    report.main(["--device", "cpu", "--only", "galore_issue25,qgalore_fused", "--out", str(out), "--budget", "60"])
+    assert on_disk == [["first row"], ["first row", "moments: (8, 8) one"]], on_disk
+    data = _read(out)
+    assert [r["name"] for r in data["rows"]] == ["first row", "moments: (8, 8) one"]
+    assert data["rows"][0]["ms"] == 1.0 and data["rows"][1]["ms"] == 2.0
+    for section in ("galore_issue25", "qgalore_fused"):
+        assert data["sections"][section]["status"].startswith("cut at its") and data["sections"][section]["rows"] == 1
+
+
 @pytest.mark.triton_kernels
 def test_galore_issue25_section_runs_at_toy_sizes_and_its_targets_are_found(report, tmp_path, monkeypatch):
     """#25's opt-in section end to end on the CPU (bench/galore_issue25 with DEVICE 'cpu': one step a timing, no
