@@ -20,8 +20,9 @@ Rows (each ratio against a baseline measured in the same run):
 * a correctness smoke test of the compiled Triton kernel (bf16x6, tf32, bf16 operands; predicated) against the
   reference, since the interpreter does not compile it;
 * the write-back op alone (``write-back ...``): the Triton kernel's float32 products without TF32 as six bf16
-  tensor-core products ('bf16x6', the default) against its strict-fp32 FMA dots ('ieee'), 'tf32', and the cuda
-  backend's op, for a float32 and a bf16 weight (no target: which one auto should take).
+  tensor-core products ('bf16x6', the default) against its strict-fp32 FMA dots ('ieee'), 'tf32', the cuda
+  backend's op (one bf16 GEMM over the six pairs) and, for a float32 weight, addmm_'s strict-fp32 GEMM alone, for a
+  float32 and a bf16 weight (no target: which one auto should take).
 
 Step times: a loop of ``STEPS`` steps between two CUDA events after warm-up (what a training loop sees: host
 launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not measured here: the e2e 350m row
@@ -385,8 +386,10 @@ def write_back(rows):
     """The fused write-back op alone (M, V, U, then W <- decay W - a P U; a left float32 basis at the first step
     case's size), per weight dtype: the Triton kernel at 'bf16x6' (the default without TF32 since 2026-12-07: six bf16
     tensor-core products of three-part splits, float32 accuracy) against 'ieee' (its strict-fp32 FMA dots, the
-    kernel before) and 'tf32'; and the cuda backend's op without TF32 beside them (a float32 weight: cuBLAS's strict
-    addmm_; a bf16 one: six bf16 GEMMs a block of rows), each against the Triton 'ieee' row."""
+    kernel before) and 'tf32'; and the cuda backend's op without TF32 beside them (one cuBLAS bf16 GEMM over the six
+    pairs of three-part splits a block of rows, then the update), each against the Triton 'ieee' row; for a float32
+    weight also ``addmm_``'s strict-fp32 GEMM alone (the cuda backend's write-back before, and galore-torch's
+    product)."""
     from weightkit import use_backend
     from weightkit.kernels.galore import galore_adam_update_triton
     from weightkit.ops.galore import galore_adam_update_
@@ -417,6 +420,15 @@ def write_back(rows):
         ms = _guarded(rows, name, cuda_op)
         if ms is not None:
             _row(rows, name, ms, base)
+        if wdtype == torch.float32:
+            def addmm():
+                with tf32(False):
+                    return step_ms(lambda: w.addmm_(q, low, alpha=-1e-6))
+
+            name = f"write-back addmm_ strict fp32 {tag}"
+            ms = _guarded(rows, name, addmm)
+            if ms is not None:
+                _row(rows, name, ms, base)
 
 
 def table(rows=None):

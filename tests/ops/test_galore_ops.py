@@ -193,11 +193,12 @@ def test_sixteen_bit_weights_make_no_full_size_float32_temporary(dtype, left, pr
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("left", [True, False])
 def test_write_back_without_tf32_by_six_bf16_products(device, left, monkeypatch):
-    """The cuda backend's blocked write-back N = P U | U P (a 16-bit weight's step) where TF32 is not allowed: P and
-    U in three bf16 parts each, six products on bf16 tensor cores with float32 results (_blocked.apply_update_blocked;
-    run on the CPU too when asked for tensor cores, as the cuda backend does on cudasim): within 2x the strict
-    float32 product's error against float64, >100x better than P and U rounded to bf16, six bf16 products a block of
-    rows (four blocks here); without tensor cores the float32 product, as before."""
+    """The cuda backend's blocked write-back N = P U | U P where TF32 is not allowed: P and U in three bf16 parts
+    each, six products on bf16 tensor cores with float32 results, as one GEMM over the six pairs side by side
+    (_blocked.apply_update_blocked; run on the CPU too when asked for tensor cores, as the cuda backend does on
+    cudasim): within 2x the strict float32 product's error against float64, >100x better than P and U rounded to
+    bf16, one bf16 GEMM of inner size 6r a block of rows (four blocks here); without tensor cores the float32
+    product, as before. A float32 weight takes it too (low_rank_update), where without tensor cores addmm_ runs."""
     from weightkit.backend import allow_tf32
     from weightkit.backends import _blocked
 
@@ -217,7 +218,8 @@ def test_write_back_without_tf32_by_six_bf16_products(device, left, monkeypatch)
     calls = []
     real = _blocked.mm_float32
     # (on the CPU torch.mm has no float32 output for bf16 operands: the upcast product, as cudasim's plugin gives)
-    monkeypatch.setattr(_blocked, "mm_float32", lambda x, y, tc: calls.append(x.dtype) or real(x, y, tc and x.is_cuda))
+    monkeypatch.setattr(_blocked, "mm_float32", lambda x, y, tc: calls.append((x.dtype, x.shape[1]))
+                        or real(x, y, tc and x.is_cuda))
     with allow_tf32(False):
         for tensor_cores in (True, False):
             weight = torch.zeros(m, n, device=device)  # W <- W - 1 * N: -N in float32
@@ -225,10 +227,16 @@ def test_write_back_without_tf32_by_six_bf16_products(device, left, monkeypatch)
             _blocked.apply_update_blocked(weight, ortho, update, left, 1.0, 1.0, None, tensor_cores)
             if tensor_cores:
                 split = -weight
-                assert calls == [torch.bfloat16] * 24, calls
+                assert calls == [(torch.bfloat16, 6 * r)] * 4, calls
             else:
                 fp32 = rel(-weight)
-                assert calls == [torch.float32] * 4, calls
+                assert calls == [(torch.float32, r)] * 4, calls
+            calls.clear()
+            via_update = torch.zeros(m, n, device=device)
+            _blocked.low_rank_update(via_update, update, ortho, left, 1.0, 1.0, 1.0, None, None, tensor_cores)
+            assert calls == ([(torch.bfloat16, 6 * r)] * 4 if tensor_cores else []), calls  # else addmm_
+            if tensor_cores:
+                assert torch.equal(via_update, weight)
     rounded = rel(a.bfloat16().double() @ b.bfloat16().double())
     assert rel(split) <= 2 * fp32 + 1e-9 and rel(split) * 100 < rounded, (rel(split), fp32, rounded)
     assert torch.equal(ortho, (a if left else b).to(device)) and torch.equal(update, (b if left else a).to(device))

@@ -327,30 +327,39 @@ def float32_mm_of_bf16(device: torch.device) -> bool:
     return ok
 
 
+def split_write_back_applies(ortho: Tensor, update: Tensor, tensor_cores: bool) -> bool:
+    """Whether :func:`apply_update_blocked` forms N from three-part bf16 splits of float32 P and U: with
+    ``tensor_cores`` (a GPU's), where TF32 is not allowed and torch's mm has float32 output for bf16 there."""
+    return (tensor_cores and ortho.dtype == torch.float32 and update.dtype == torch.float32
+            and matmul_precision(ortho.device) == "ieee" and float32_mm_of_bf16(ortho.device))
+
+
 def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bool, coef, decay: float,
                          found_inf: Optional[Tensor], tensor_cores: bool) -> None:
     """W <- (W - coef N) * decay, N = P U | U P, a block of rows at a time (a float32 product of at most
     BLOCK_ELEMENTS values, never m x n); U in P's dtype (16-bit products on tensor cores where ``tensor_cores``);
     where ``found_inf`` is set W is left unchanged.
 
-    A float32 P and U with ``tensor_cores`` where TF32 is not allowed (a bf16 / fp16 weight's step under torch's
-    default matmul setting, on a GPU): each split in three bf16 parts (:func:`split3_bf16_`), N as the six products
-    of parts whose significands reach 2^-16 of the leading one, on bf16 tensor cores with float32 results, smallest
-    first (the three left out are below 2^-24 of |P||U|: float32 accuracy), instead of cuBLAS's strict-fp32 GEMM,
-    whose FMA path is several times slower than six bf16 GEMMs."""
+    A float32 P and U where :func:`split_write_back_applies` (a GPU where TF32 is not allowed: torch's default
+    matmul setting): each split in three bf16 parts (:func:`split3_bf16_`), N as the six products of parts whose
+    significands reach 2^-16 of the leading one (SIX_PRODUCTS; the three left out are below 2^-24 of |P||U|:
+    float32 accuracy), made by one bf16 GEMM with float32 accumulation and result whose inner dimension holds the
+    six pairs side by side ([a_i ...] (rows x 6k) @ [b_j ...] (6k x n), smallest pair first): no per-product
+    float32 temporaries, instead of cuBLAS's strict-fp32 GEMM, whose FMA path is several times slower. The
+    concatenated parts hold 3x the bytes of float32 P and U (rank-sized, never m x n)."""
     m, n = weight.shape
     rows = max(1, min(m, BLOCK_ELEMENTS // max(n, 1)))
     skip = None if found_inf is None else found_inf.ne(0)
-    split = (tensor_cores and ortho.dtype == torch.float32 and update.dtype == torch.float32
-             and matmul_precision(weight.device) == "ieee" and float32_mm_of_bf16(weight.device))
-    if split:  # the row-blocked operand (P: left; U: right) and the whole one, each in three bf16 parts
+    split = split_write_back_applies(ortho, update, tensor_cores)
+    if split:  # the row-blocked operand (P: left; U: right) and the whole one, their parts side by side
         blocked, whole = (ortho, update) if left else (update, ortho)
         blocked, whole = split3_bf16_(blocked.clone()), split3_bf16_(whole.clone())
+        blocked = torch.cat([blocked[i] for i, _ in SIX_PRODUCTS], dim=1)  # m x 6k
+        whole = torch.cat([whole[j] for _, j in SIX_PRODUCTS], dim=0)  # 6k x n
     for r0 in range(0, m, rows):
         block = weight[r0:r0 + rows]
         if split:
-            a = [part[r0:r0 + rows] for part in blocked]
-            prod = _sum_of_products([(a[i], whole[j]) for i, j in SIX_PRODUCTS], True, tensor_cores)
+            prod = mm_float32(blocked[r0:r0 + rows], whole, tensor_cores)
         else:
             prod = (mm_float32(ortho[r0:r0 + rows], update, tensor_cores) if left
                     else mm_float32(update[r0:r0 + rows], ortho, tensor_cores))
@@ -368,8 +377,11 @@ def low_rank_update(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, s
 
     Predicated (a device-side ``found_inf``: U is 0 where it is set, :func:`masked_low_rank_adam`), a float32 weight
     takes W <- (W - a P U) * decay' with one addmm_ (adding exactly 0 where the flag is set) and, with weight decay,
-    one scaling by decay' = 1 where the flag is set, else decay; a device-side step size scales U (low-rank) first."""
-    if weight.dtype == torch.float32 and ortho.dtype == torch.float32:
+    one scaling by decay' = 1 where the flag is set, else decay; a device-side step size scales U (low-rank) first.
+    A float32 weight where :func:`split_write_back_applies` (a GPU without TF32) goes by blocks of rows too, its N
+    from bf16 splits on tensor cores (float32 accuracy), not from addmm_'s strict-fp32 GEMM."""
+    if (weight.dtype == torch.float32 and ortho.dtype == torch.float32
+            and not split_write_back_applies(ortho, update, tensor_cores)):
         if found_inf is None and step_size_t is None:
             alpha = -step_size * scale * decay
             if left:

@@ -21,15 +21,15 @@ the device). Neither is read on the host.
 
 Precision. A float32 product runs TF32 only where the user allows it (``torch.backends.cuda.matmul.allow_tf32``,
 set by ``torch.set_float32_matmul_precision('high')``): cuBLAS follows the flag, the Triton kernel gets it as its
-``input_precision``; float32 accuracy otherwise, and always on the CPU: cuBLAS's strict fp32 (the cuda backend's
-float32 weights), or on a GPU's bf16 tensor cores the exact products of the operands' three-part bf16 splits (the
-cuda backend's 16-bit weights: six bf16 GEMMs; the Triton kernel: its 'bf16x6' dots, kernels/_shared.dot6).
+``input_precision``; float32 accuracy otherwise: strict fp32 on the CPU, and on a GPU's bf16 tensor cores the
+exact products of the operands' three-part bf16 splits, six of them (the cuda backend: one cuBLAS bf16 GEMM over
+the six pairs side by side, float32 result; the Triton kernel: its 'bf16x6' dots, kernels/_shared.dot6).
 
 Temporaries. The reference materialises U and the full-size N. The fused backends keep U (low-rank, r x n or
 m x r) and no full-size tensor: the ``cpu`` and ``cuda`` backends update M, V and write U in one pass, then, for a
-float32 weight and basis, call ``addmm_`` (W <- decay W - step_size scale decay P U) straight into W; other weights
-(bfloat16 / float16), 16-bit bases and predicated updates go block of rows by block of rows (a float32 product of
-at most ``BLOCK_ELEMENTS`` values at a time, never m x n). The Triton backend computes P U tile by tile and applies
+float32 weight and basis, call ``addmm_`` (W <- decay W - step_size scale decay P U) straight into W (not the cuda
+backend without TF32: its bf16 splits, below); other weights (bfloat16 / float16) and 16-bit bases go block of rows
+by block of rows (a float32 product of at most ``BLOCK_ELEMENTS`` values at a time, never m x n). The Triton backend computes P U tile by tile and applies
 the update in the matmul epilogue for every weight dtype.
 """
 
