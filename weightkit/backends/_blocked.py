@@ -209,8 +209,8 @@ def _sum_of_products(pairs, x_left: bool, tensor_cores: bool) -> Tensor:
 def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
                           tensor_cores: bool, block_bytes: Optional[int] = None) -> Tensor:
     """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 or float16 x (2-D, any strides;
-    a float16 x also split, in two bf16 parts, a block of rows at a time: five products, :func:`split3_mm_float32`) and a
-    quantized W (rows x cols), without a float32 copy of x: W's float32 values, dequantized a block of output
+    a float16 x also split, in two bf16 parts, a block of rows at a time: five products, :func:`split3_mm_float32`)
+    and a quantized W (rows x cols), without a float32 copy of x: W's float32 values, dequantized a block of output
     features at a time (``dequant(dst, r0, nr, c0, nc)`` writes W[r0:r0+nr, c0:c0+nc] into the float32 dst), are
     split in three bf16 parts (hi + mid + lo == W exactly: 3 x 8 bits hold float32's 24-bit significand), and x is
     multiplied by each part, smallest first, in float32 (:func:`mm_float32`; with ``tensor_cores``, the cuda

@@ -28,9 +28,9 @@ the six pairs side by side, float32 result; the Triton kernel: its 'bf16x6' dots
 Temporaries. The reference materialises U and the full-size N. The fused backends keep U (low-rank, r x n or
 m x r) and no full-size tensor: the ``cpu`` and ``cuda`` backends update M, V and write U in one pass, then, for a
 float32 weight and basis, call ``addmm_`` (W <- decay W - step_size scale decay P U) straight into W (not the cuda
-backend without TF32: its bf16 splits, below); other weights (bfloat16 / float16) and 16-bit bases go block of rows
-by block of rows (a float32 product of at most ``BLOCK_ELEMENTS`` values at a time, never m x n). The Triton backend computes P U tile by tile and applies
-the update in the matmul epilogue for every weight dtype.
+backend without TF32: its bf16 splits, above); other weights (bfloat16 / float16) and 16-bit bases go block of rows
+by block of rows (a float32 product of at most ``BLOCK_ELEMENTS`` values at a time, never m x n). The Triton
+backend computes P U tile by tile and applies the update in the matmul epilogue for every weight dtype.
 """
 
 from __future__ import annotations
