@@ -178,32 +178,36 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Ten
     """The float32 ``x @ W`` (x_left) or ``W @ x`` of a bf16 or float16 ``x`` (2-D) and W given as its three bf16
     parts (:func:`split3_bf16_`), by :func:`mm_float32` (with ``tensor_cores``, a GPU's: bf16 tensor cores with
     float32 results; else upcast), summed in float32, smallest first: the float32 product's accuracy without a
-    float32 copy of x. A bf16 x: three products, each exact. A float16 x (not bf16-exact: 11-bit significands) in
-    two bf16 parts too (:func:`split2_fp16_`), made a block of x at a time (:func:`by_blocks`: no 16-bit copy of a
-    large x whole): five exact products, the sixth (x's lo part times W's, below 2^-23 of |x||W| a term) left
-    out."""
+    float32 copy of x. A bf16 x: three products, each exact, made by one GEMM of x with W's parts side by side
+    (x read once; the result 3x as wide, rank-sized, then its thirds summed). A float16 x (not bf16-exact: 11-bit
+    significands) in two bf16 parts too (:func:`split2_fp16_`), made a block of x at a time (:func:`by_blocks`: no
+    16-bit copy of a large x whole): five exact products in two GEMMs, the sixth (x's lo part times W's, below
+    2^-23 of |x||W| a term) left out."""
     hi, mid, lo = parts
+    dim = 1 if x_left else 0  # W's parts side by side along the product's other dimension: x read once a GEMM
+    k = hi.shape[dim]
     if x.dtype == torch.float16:
+        lo_mid_hi, mid_hi = torch.cat((lo, mid, hi), dim), torch.cat((mid, hi), dim)
+
         def block(xb):
             xh, xl = split2_fp16_(xb)
-            return _sum_of_products(((xh, lo), (xl, mid), (xl, hi), (xh, mid), (xh, hi)), x_left, tensor_cores)
+            h = _side_by_side(xh, lo_mid_hi, x_left, tensor_cores).split(k, dim)
+            low = _side_by_side(xl, mid_hi, x_left, tensor_cores).split(k, dim)
+            return h[0].add(low[0]).add_(low[1]).add_(h[1]).add_(h[2])
         shape = (x.shape[0], hi.shape[1]) if x_left else (hi.shape[0], x.shape[1])
         return by_blocks(x, 0 if x_left else 1, shape, block)
-    return _sum_of_products(((x, lo), (x, mid), (x, hi)), x_left, tensor_cores)
+    y = _side_by_side(x, torch.cat((lo, mid, hi), dim), x_left, tensor_cores).split(k, dim)
+    return y[0].add(y[1]).add_(y[2])
+
+
+def _side_by_side(x: Tensor, w: Tensor, x_left: bool, tensor_cores: bool) -> Tensor:
+    """The float32 ``x @ w`` (x_left) or ``w @ x`` (:func:`mm_float32`), ``w`` holding parts side by side."""
+    return mm_float32(x, w, tensor_cores) if x_left else mm_float32(w, x, tensor_cores)
 
 
 # the products of two three-part splits (part indices) whose significands reach 2^-16 of the leading one, smallest
 # first: the three left out are below 2^-24 of |a||b| (float32 accuracy)
 SIX_PRODUCTS = ((0, 2), (1, 1), (2, 0), (0, 1), (1, 0), (0, 0))
-
-
-def _sum_of_products(pairs, x_left: bool, tensor_cores: bool) -> Tensor:
-    """The float32 sum of the products ``a @ p`` (x_left) or ``p @ a`` of ``pairs`` (a, p), in their order."""
-    out = None
-    for a, p in pairs:
-        t = mm_float32(a, p, tensor_cores) if x_left else mm_float32(p, a, tensor_cores)
-        out = t if out is None else out.add_(t)
-    return out
 
 
 def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
