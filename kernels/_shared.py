@@ -772,25 +772,26 @@ def dot3(a, b, TC_BF16: tl.constexpr, SPLIT_A: tl.constexpr = False, FP16_B: tl.
 
 
 @triton.jit
-def dot6(a, b, acc, TC_BF16: tl.constexpr):
-    """acc + a . b for two float32 operands, each split in three bf16 parts (split3_bf16): the six products of parts
-    whose significands reach 2^-16 of the leading one (hi.lo, mid.mid, lo.hi, hi.mid, mid.hi, then hi.hi), smallest
-    first, each exact in float32 (two bf16 significands), accumulated into ``acc`` in float32. The three left out
-    (mid.lo, lo.mid, lo.lo) are below 2^-24 of |a||b| term by term: float32 accuracy from bf16 tensor-core products
-    (TC_BF16; the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the same exact values in float32),
-    where a strict-fp32 dot runs on the FMA units. Finite operands below 2^127 in magnitude (a split of a larger
-    value can round to infinity)."""
+def dot6(a, b, TC_BF16: tl.constexpr):
+    """a . b for two float32 operands, each split in three bf16 parts (split3_bf16): the six products of parts whose
+    significands reach 2^-16 of the leading one (hi.lo, mid.mid, lo.hi, hi.mid, mid.hi, then hi.hi), smallest first,
+    each exact in float32 (two bf16 significands), summed in a fresh float32 accumulator. The three left out (mid.lo,
+    lo.mid, lo.lo) are below 2^-24 of |a||b| term by term: float32 accuracy from bf16 tensor-core products (TC_BF16;
+    the interpreter, whose bf16 dot is wrong in Triton 3.9, multiplies the same exact values in float32), where a
+    strict-fp32 dot runs on the FMA units. The caller adds the result to its running sum (``acc += dot6(...)``: a
+    round-to-nearest float32 add a K step, so the tensor cores' own accumulation, which truncates, spans one K step,
+    not the whole K). Finite operands below 2^127 in magnitude (a split of a larger value can round to infinity)."""
     dt = tl.bfloat16 if TC_BF16 else tl.float32
     a_hi, a_mid, a_lo = split3_bf16(a)
     b_hi, b_mid, b_lo = split3_bf16(b)
     a_hi, a_mid, a_lo = a_hi.to(dt), a_mid.to(dt), a_lo.to(dt)
     b_hi, b_mid, b_lo = b_hi.to(dt), b_mid.to(dt), b_lo.to(dt)
-    acc = tl.dot(a_hi, b_lo, acc=acc, input_precision="ieee", out_dtype=tl.float32)
-    acc = tl.dot(a_mid, b_mid, acc=acc, input_precision="ieee", out_dtype=tl.float32)
-    acc = tl.dot(a_lo, b_hi, acc=acc, input_precision="ieee", out_dtype=tl.float32)
-    acc = tl.dot(a_hi, b_mid, acc=acc, input_precision="ieee", out_dtype=tl.float32)
-    acc = tl.dot(a_mid, b_hi, acc=acc, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a_hi, b_hi, acc=acc, input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a_hi, b_lo, input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a_mid, b_mid, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a_lo, b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a_hi, b_mid, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    t = tl.dot(a_mid, b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a_hi, b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
 
 
 @triton.jit

@@ -99,7 +99,7 @@ def _matmul_update_kernel(a_ptr, b_ptr, w_ptr, found_ptr, step_ptr, M, N, K, str
         elif PRECISION == "fp16":
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc=acc, out_dtype=tl.float32)
         elif PRECISION == "bf16x6":  # float32 operands, float32 accuracy from six bf16 tensor-core products
-            acc = dot6(a, b, acc, TC_BF16=not UPCAST_16BIT)
+            acc += dot6(a, b, TC_BF16=not UPCAST_16BIT)
         elif PRECISION == "tf32":
             acc = tl.dot(a, b, acc=acc, input_precision="tf32", out_dtype=tl.float32)
         else:
