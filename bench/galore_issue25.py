@@ -31,7 +31,6 @@ launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import sys
@@ -39,6 +38,8 @@ import time
 import warnings
 
 import torch
+
+from weightkit.backend import allow_tf32 as tf32  # TF32 allowed or not inside a block
 
 STEPS, REPEATS = 20, 5
 CASES = (((4096, 4096), 1024), ((4096, 11008), 512))
@@ -53,15 +54,6 @@ def _sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
 
-
-@contextlib.contextmanager
-def tf32(allowed: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def step_ms(step, steps=STEPS, repeats=REPEATS) -> float:

@@ -135,6 +135,8 @@ def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left
             raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16x6' for a float32 ortho, got {precision!r}")
     elif precision not in (None, _PRECISION_OF.get(ortho.dtype)):
         raise ValueError(f"a {ortho.dtype} ortho runs its own dtype's products, got precision={precision!r}")
+    else:
+        precision = _PRECISION_OF.get(ortho.dtype, "ieee")
     with device_guard(weight.device):
         _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
                             decay, found_inf, step_size_t, precision, block)
@@ -142,7 +144,6 @@ def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left
 
 def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
                         found_inf, step_size_t, precision, block):
-    precision = _PRECISION_OF.get(ortho.dtype, precision)
     update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
     n = low_grad.numel()
     flag = found_inf if found_inf is not None else exp_avg  # an unused pointer when HAS_FOUND is off

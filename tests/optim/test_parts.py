@@ -180,7 +180,7 @@ def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, 
     from weightkit.ops.int4 import quantize_int4
     m, n, r = 48, 40, 8
     dev = torch.device(device)
-    no_copy = dev.type == "cuda" and _blocked.matmul_precision(dev) == "ieee" and _blocked.float32_mm_of_bf16(dev)
+    no_copy = dev.type == "cuda" and _blocked.split_products_apply(dev)
     grad = randn(m, n, seed=3, device=device).to(dtype)
     p = orthonormal(m, r, device) if side == "left" else orthonormal(n, r, device, seed=1).T.contiguous()
     if kind == "float":

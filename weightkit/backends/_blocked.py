@@ -331,11 +331,19 @@ def float32_mm_of_bf16(device: torch.device) -> bool:
     return ok
 
 
+def split_products_apply(device: torch.device) -> bool:
+    """Whether a float32-accurate product on ``device``'s tensor cores goes as exact products of bf16 splits (the
+    cuda backend's and GaLore's split paths; their callers decide that tensor cores run): where TF32 is not allowed
+    (:func:`matmul_precision` 'ieee') and torch's mm gives bf16 operands a float32 result
+    (:func:`float32_mm_of_bf16`)."""
+    return matmul_precision(device) == "ieee" and float32_mm_of_bf16(device)
+
+
 def split_write_back_applies(ortho: Tensor, update: Tensor, tensor_cores: bool) -> bool:
     """Whether :func:`apply_update_blocked` forms N from three-part bf16 splits of float32 P and U: with
-    ``tensor_cores`` (a GPU's), where TF32 is not allowed and torch's mm has float32 output for bf16 there."""
+    ``tensor_cores`` (a GPU's) where :func:`split_products_apply`."""
     return (tensor_cores and ortho.dtype == torch.float32 and update.dtype == torch.float32
-            and matmul_precision(ortho.device) == "ieee" and float32_mm_of_bf16(ortho.device))
+            and split_products_apply(ortho.device))
 
 
 def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bool, coef, decay: float,

@@ -235,9 +235,9 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     The triton backend multiplies x's 16-bit values by W's integers on tensor cores where W's groups lie along the
     reduced axis (``transpose=False``, rows of whole groups its K steps divide): every product exact, the group
     scales applied in float32 after each K step's dot; elsewhere by W's float32 values split in three bf16 parts (an
-    fp16 x's values in two bf16 parts), exact products again. The cuda backend, for a bf16 x past its GEMV and with
-    TF32 not allowed, multiplies x by W's float32 values in three bf16 parts too, three cuBLAS products with float32
-    results (backends/_blocked.split3_dequant_matmul). Elsewhere x goes to float32 by blocks of at most 4M values
+    fp16 x's values in two bf16 parts), exact products again. The cuda backend, for a 16-bit x past its GEMV and
+    with TF32 not allowed, multiplies x by W's float32 values in three bf16 parts too (an fp16 x in two bf16 parts),
+    cuBLAS products with float32 results (backends/_blocked.split3_dequant_matmul). Elsewhere x goes to float32 by blocks of at most 4M values
     (backends/_blocked.float32_by_blocks) for the float32 product (TF32 on a GPU where
     ``torch.backends.cuda.matmul.allow_tf32`` allows it). Its gradient is x's dtype."""
     return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose), out_dtype)

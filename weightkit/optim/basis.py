@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from ..ops.galore import mm_float32
-from ..backend import tf32_allowed
-from ..backends._blocked import float32_by_blocks, float32_mm_of_bf16, split3_bf16_, split3_mm_float32
+from ..backends._blocked import float32_by_blocks, split3_bf16_, split3_mm_float32, split_products_apply
 from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,9 +58,9 @@ def host_shape(state: Dict, key: str) -> tuple:
 
 def split3_applies(grad: Tensor) -> bool:
     """Whether a float32 basis projects the gradient ``grad`` by three bf16 parts (FloatBasis.project): a bf16 or
-    float16 gradient on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there."""
-    return (grad.dtype in (torch.bfloat16, torch.float16) and grad.is_cuda and not tf32_allowed()
-            and float32_mm_of_bf16(grad.device))
+    float16 gradient on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there
+    (backends/_blocked.split_products_apply)."""
+    return grad.dtype in (torch.bfloat16, torch.float16) and grad.is_cuda and split_products_apply(grad.device)
 
 
 def _check_sizes(where: str, state: Dict, sizes) -> None:
@@ -203,9 +202,9 @@ class Int4Basis:
         product's precision follows torch's float32 matmul setting, see tests/optim/test_qgalore_precision.py); for
         a bf16 / fp16 one, ``out_dtype=float32``: float32 accuracy without a float32 copy of the gradient where
         Triton runs (right: its 16-bit values times the basis' integers; left: times the basis' values in three bf16
-        parts, an fp16 gradient's values in two; exact products either way; the cuda backend, a bf16 gradient without
-        TF32: three cuBLAS products with the basis' values in three bf16 parts); elsewhere it goes to float32 by
-        blocks of 4M values (backends/_blocked.float32_by_blocks)."""
+        parts, an fp16 gradient's values in two; exact products either way; the cuda backend, a 16-bit gradient
+        without TF32: cuBLAS products with the basis' values in three bf16 parts, an fp16 gradient's in two);
+        elsewhere it goes to float32 by blocks of 4M values (backends/_blocked.float32_by_blocks)."""
         packed = basis[0]
         args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
         if grad.dtype in (torch.bfloat16, torch.float16):

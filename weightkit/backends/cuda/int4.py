@@ -9,8 +9,7 @@ from torch import Tensor
 
 from ... import native
 from ...backend import rows_of
-from .._blocked import (dequant_matmul, float32_mm_of_bf16, matmul_out_dtype, matmul_precision,
-                        split3_dequant_matmul)
+from .._blocked import dequant_matmul, matmul_out_dtype, split3_dequant_matmul, split_products_apply
 from . import GEMV_MAX_TOKENS, check, gemv, stream
 
 
@@ -77,7 +76,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
 
     n_out = cols if transpose else rows
     if (out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and not gemv_runs(rows_of(x))
-            and matmul_precision(x.device) == "ieee" and float32_mm_of_bf16(x.device)):
+            and split_products_apply(x.device)):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2], True)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
