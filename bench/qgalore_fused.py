@@ -171,13 +171,12 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         # gradient to float32 by blocks). bf16 last: its gradient and reference serve the float32 copy's rows after
         # the loop
         w64 = dequantize_int4(*args).double()
-        cases = ((torch.float16, "fp16", ("triton", "cuda")), (torch.bfloat16, "bf16", ("triton", "cuda")))
-        for dtype, tag, backends in cases:
+        for dtype, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
             g16 = g.to(dtype)
             ref = (w64.T @ g16.double()) if left else (g16.double() @ w64.T)
             out32 = (lambda g16=g16: int4_matmul(g16.T, *args, transpose=True, out_dtype=torch.float32).T) if left \
                 else (lambda g16=g16: int4_matmul(g16, *args, out_dtype=torch.float32))
-            for backend in backends:
+            for backend in ("triton", "cuda"):
                 name = f"int4_matmul {backend} float32 out from {tag}"
                 why_not = int4_ops._MM.why_not(backend, g16.device)  # (forced, it would fall back: a mislabelled row)
                 if why_not is not None:
