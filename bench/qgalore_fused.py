@@ -3,7 +3,8 @@
 ``measure(device="cuda") -> list of dict rows`` (also ``python -m bench.qgalore_fused`` prints them as JSON lines):
 
 * ``sr_lowrank``: ``int8_sr_lowrank_update_`` on a 4096 x 4096 int8 weight (group 128), rank 1024 (left) and
-  4096 x 11008 rank 1024 (right): Triton at precision fp32 / tf32x3 / bf16x3 / bf16, the composed cuda backend, and the
+  4096 x 11008 rank 1024 (right): Triton at precision fp32 / tf32x3 / bf16x3 / bf16, the composed cuda backend (fp32:
+  six bf16 products of three-part splits; bf16: bf16 products, both one cuBLAS GEMM a block of rows), and the
   unfused path it replaces (dequantize the INT4 basis, P @ U in float32, int8_sr_update_) -- milliseconds, the
   fraction of copy bandwidth for the int8 weight's bytes (read + write, plus its scales) next to ``x.clone()``
   of the same bytes, and the product's FLOP rate;
@@ -106,7 +107,7 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
             int8_sr_update_(q, s, delta, gs, decay=1.0, seed=3, offset=0)
 
         for backend, precision in (("triton", "fp32"), ("triton", "tf32x3"), ("triton", "bf16x3"), ("triton", "bf16"),
-                                   ("cuda", "fp32")):
+                                   ("cuda", "fp32"), ("cuda", "bf16")):
             try:
                 ms = _ms(fused(backend, precision))
                 rows.append(dict(section="sr_lowrank", shape=shape, backend=backend, precision=precision, ms=ms,

@@ -7,14 +7,13 @@ accumulation error otherwise (the module docstring's contract: codes off by at m
 import pytest
 import torch
 
-from tests.conftest import usable_backends
+from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.ops import qgalore
 from weightkit.ops.int4 import dequantize_int4, quantize_int4
 from weightkit.ops.int8 import absmax_scale, dequantize_int8, int8_sr_update_, stochastic_round_int8
 from weightkit.ops.qgalore import int8_sr_lowrank_update_
 
-BACKENDS = ("reference", "cpu", "triton")
 
 
 def _weight(m, n, gs, seed):
@@ -54,29 +53,37 @@ def assert_within_accumulation_error(got, want, label=""):
     torch.testing.assert_close(s, want[1], rtol=1e-5, atol=0)
 
 
-def _run(backend, case, left, precision, seed=7, offset=0, alpha=0.03125, decay=0.75):
+def _run(backend, case, left, precision, seed=7, offset=0, alpha=0.03125, decay=0.75, device="cpu"):
+    """The op on ``device`` with ``backend`` forced; the updated (w_q, scale) on the CPU."""
     (q0, s0), (bq, bs, bz), update, gs, pg = case
-    q, s = q0.clone(), s0.clone()
+    q, s, bq, bs, bz, update = (t.to(device) for t in (q0.clone(), s0.clone(), bq, bs, bz, update))
     with use_backend(backend):
         int8_sr_lowrank_update_(q, s, bq, bs, bz, update, gs, pg, left, alpha=alpha, decay=decay,
                                 precision=precision, seed=seed, offset=offset)
-    return q, s
+    return q.cpu(), s.cpu()
 
 
+def _backends(device):
+    """The backends to compare with the reference on ``device``: every other usable one."""
+    return [b for b in usable_backends(qgalore._LOWRANK, device) if b != "reference"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offset", [0, 3])
 @pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16x3", "bf16"])
 @pytest.mark.parametrize("left", [True, False])
-def test_backends_bit_identical_when_the_product_is_exact(left, precision, offset):
+def test_backends_bit_identical_when_the_product_is_exact(left, precision, offset, device):
     print("seed 0")
     case = _case(left, exact=True)
-    want = _run("reference", case, left, precision, offset=offset)
-    for backend in BACKENDS[1:]:
-        got = _run(backend, case, left, precision, offset=offset)
+    want = _run("reference", case, left, precision, offset=offset, device=device)
+    for backend in _backends(device):
+        got = _run(backend, case, left, precision, offset=offset, device=device)
         assert torch.equal(got[0], want[0]), backend
         assert torch.equal(got[1], want[1]), backend
     assert not torch.equal(want[0], case[0][0])  # the update moved the weight
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("left, n, r, pg, tiled", [
     (True, 96, 20, 8, False),     # rank not a multiple of the group: each basis value gathered from its flat index
     (True, 128, 32, 8, True),     # packed-byte tiles, several groups in a tile row
@@ -86,7 +93,7 @@ def test_backends_bit_identical_when_the_product_is_exact(left, precision, offse
     (False, 96, 20, 8, True),     # the last column tile cut by the mask
     (False, 256, 16, 256, True),  # one group wider than the tile (BLOCK_N 128)
 ])
-def test_both_basis_paths_bit_identical(left, n, r, pg, tiled):
+def test_both_basis_paths_bit_identical(left, n, r, pg, tiled, device):
     """The Triton kernel reads the INT4 basis as packed-byte tiles with one (scale, zero) load per group when its
     rows are whole power-of-two groups (kernels.qgalore.basis_aligned), else value by value: both give the spec's
     bits (exact products)."""
@@ -95,22 +102,24 @@ def test_both_basis_paths_bit_identical(left, n, r, pg, tiled):
     print("seed 4")
     assert basis_aligned(r if left else n, pg) == tiled
     case = _case(left, m=48, n=n, r=r, gs=32, pg=pg, seed=4, exact=True)
-    want = _run("reference", case, left, "fp32")
-    for backend in BACKENDS[1:]:
-        got = _run(backend, case, left, "fp32")
+    want = _run("reference", case, left, "fp32", device=device)
+    for backend in _backends(device):
+        got = _run(backend, case, left, "fp32", device=device)
         assert torch.equal(got[0], want[0]), backend
         assert torch.equal(got[1], want[1]), backend
     assert not torch.equal(want[0], case[0][0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16x3", "bf16"])
 @pytest.mark.parametrize("left", [True, False])
-def test_backends_match_within_accumulation_error(left, precision):
+def test_backends_match_within_accumulation_error(left, precision, device):
     print("seed 3")
     case = _case(left, m=64, n=128, r=40, gs=64, seed=3)
-    want = _run("reference", case, left, precision, alpha=0.05, decay=0.99)
-    for backend in BACKENDS[1:]:
-        assert_within_accumulation_error(_run(backend, case, left, precision, alpha=0.05, decay=0.99), want, backend)
+    want = _run("reference", case, left, precision, alpha=0.05, decay=0.99, device=device)
+    for backend in _backends(device):
+        assert_within_accumulation_error(_run(backend, case, left, precision, alpha=0.05, decay=0.99, device=device),
+                                         want, backend)
 
 
 @pytest.mark.parametrize("left", [True, False])
@@ -178,6 +187,81 @@ def test_device_flag_and_step_size(left):
                 int8_sr_lowrank_update_(q, s, bq, bs, bz, u, gs, pg, left, alpha=0.5, decay=0.75, seed=7,
                                         found_inf=torch.tensor([1.0]), step_size_t=torch.tensor([0.0625]))
             assert torch.equal(q, q0) and torch.equal(s, s0), backend
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "bf16x3", "bf16"])
+@pytest.mark.parametrize("left", [True, False])
+def test_composed_product_on_bf16_tensor_cores(left, precision, monkeypatch):
+    """The cpu / cuda write-back's N (backends/_blocked.sr_lowrank_update_composed), with the cuda backend's tensor
+    cores (run on the CPU here, as cudasim runs them): 'bf16' as one bf16 GEMM of inner size r a block of rows, the
+    float32 precisions as one bf16 GEMM over the six pairs of three-part splits (inner 6r): within 2x the strict
+    float32 product's error against float64 and >100x better than bf16 operands; without tensor cores (the cpu
+    backend) the float32 product, as before. The delta handed to the native update is -alpha N, a block of rows
+    at a time (four blocks here)."""
+    from weightkit.backends import _blocked
+    from weightkit.backends.cpu.int4 import dequantize_int4 as cpu_dequantize
+
+    print("seed 13")
+    m, n, r, gs, pg = 64, 96, 24, 32, 8
+    case = _case(left, m=m, n=n, r=r, gs=gs, pg=pg, seed=13)
+    (q0, s0), (bq, bs, bz), update, _, _ = case
+    shape = (m, r) if left else (r, n)
+    p64 = dequantize_int4(bq, bs, bz, pg, shape).double()
+    if precision == "bf16":
+        p64, u64 = p64.float().bfloat16().double(), update.bfloat16().double()
+    else:
+        u64 = update.double()
+    n64 = p64 @ u64 if left else u64 @ p64
+    rel = lambda t: float((t.double() - n64).norm() / n64.norm())  # noqa: E731
+    monkeypatch.setattr(_blocked, "ROWS_ELEMENTS", (m // 4) * n)
+    calls, deltas = [], []
+    real = _blocked.mm_float32
+    monkeypatch.setattr(_blocked, "mm_float32", lambda a, b, tc: calls.append((a.dtype, a.shape[1], tc))
+                        or real(a, b, tc and a.is_cuda))
+
+    def sr_update(w_q, scale, delta, *rest):
+        deltas.append(delta.clone())
+
+    alpha = 0.25
+    errs = {}
+    for tensor_cores in (True, False):
+        calls.clear()
+        deltas.clear()
+        _blocked.sr_lowrank_update_composed(q0.clone(), s0.clone(), bq, bs, bz, update, gs, pg, left, alpha, 1.0,
+                                            precision, 7, 0, dequantize=cpu_dequantize, sr_update=sr_update,
+                                            tensor_cores=tensor_cores)
+        if tensor_cores:
+            inner = r if precision == "bf16" else 6 * r
+            assert calls == [(torch.bfloat16, inner, True)] * 4, calls
+        else:
+            assert calls == [(torch.float32, r, False)] * 4, calls
+        assert [d.shape for d in deltas] == [(m // 4, n)] * 4
+        errs[tensor_cores] = rel(torch.cat(deltas) / -alpha)
+    print(precision, errs)
+    if precision == "bf16":  # the same exact products of bf16 values, float32 sums in another order
+        assert errs[True] <= 1e-6 and errs[False] <= 1e-6, errs
+        return
+    rounded = (p64.float().bfloat16().double() @ update.bfloat16().double() if left
+               else update.bfloat16().double() @ p64.float().bfloat16().double())
+    assert errs[True] <= 2 * errs[False] + 1e-9 and errs[True] * 100 < rel(rounded), (errs, rel(rounded))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16x3", "bf16"])
+def test_precision_is_the_arguments_whatever_the_tf32_setting(precision):
+    """``torch.backends.cuda.matmul.allow_tf32`` changes no backend's result: the reference's and the cuda
+    backend's products run without TF32 (and Triton's dots take the precision argument only)."""
+    from weightkit.backend import allow_tf32
+
+    print("seed 14")
+    case = _case(True, m=256, n=512, r=128, gs=128, pg=64, seed=14)
+    for backend in usable_backends(qgalore._LOWRANK, "cuda"):
+        runs = []
+        for tf32 in (False, True):
+            with allow_tf32(tf32):
+                runs.append(_run(backend, case, True, precision, alpha=0.05, decay=0.99, device="cuda"))
+                assert torch.backends.cuda.matmul.allow_tf32 == tf32  # the user's setting, put back by the op
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), backend
 
 
 @pytest.mark.parametrize("change, match", [

@@ -3,6 +3,7 @@ matmuls (cpu: fp32 blocks; cuda: blocks in the activation dtype + cuBLAS) and Ga
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -339,6 +340,17 @@ def split_products_apply(device: torch.device) -> bool:
     return matmul_precision(device) == "ieee" and float32_mm_of_bf16(device)
 
 
+def six_pair_operands(a: Tensor, b: Tensor):
+    """The bf16 operands of one GEMM whose float32 result is the float32 product ``a @ b`` of float32 ``a`` (m x k)
+    and ``b`` (k x n) to float32 accuracy: each split in three bf16 parts (:func:`split3_bf16_`; the inputs are not
+    changed), the six products of parts whose significands reach 2^-16 of the leading one (SIX_PRODUCTS, smallest
+    first; the three left out are below 2^-24 of |a||b|) side by side along the inner dimension:
+    ([a_i ...] m x 6k, [b_j ...] 6k x n). Row blocks of the first times the second are the product's row blocks
+    (:func:`mm_float32` with tensor cores: bf16 tensor cores, float32 accumulation and result)."""
+    a, b = split3_bf16_(a.clone()), split3_bf16_(b.clone())
+    return torch.cat([a[i] for i, _ in SIX_PRODUCTS], dim=1), torch.cat([b[j] for _, j in SIX_PRODUCTS], dim=0)
+
+
 def split_write_back_applies(ortho: Tensor, update: Tensor, tensor_cores: bool) -> bool:
     """Whether :func:`apply_update_blocked` forms N from three-part bf16 splits of float32 P and U: with
     ``tensor_cores`` (a GPU's) where :func:`split_products_apply`."""
@@ -364,10 +376,7 @@ def apply_update_blocked(weight: Tensor, ortho: Tensor, update: Tensor, left: bo
     skip = None if found_inf is None else found_inf.ne(0)
     split = split_write_back_applies(ortho, update, tensor_cores)
     if split:  # the row-blocked operand (P: left; U: right) and the whole one, their parts side by side
-        blocked, whole = (ortho, update) if left else (update, ortho)
-        blocked, whole = split3_bf16_(blocked.clone()), split3_bf16_(whole.clone())
-        blocked = torch.cat([blocked[i] for i, _ in SIX_PRODUCTS], dim=1)  # m x 6k
-        whole = torch.cat([whole[j] for _, j in SIX_PRODUCTS], dim=0)  # 6k x n
+        blocked, whole = six_pair_operands(*((ortho, update) if left else (update, ortho)))
     for r0 in range(0, m, rows):
         block = weight[r0:r0 + rows]
         if split:
@@ -477,34 +486,74 @@ def lowrank_factor(alpha: float, step_size_t: Optional[Tensor]):
     return -alpha if step_size_t is None else (step_size_t.reshape(()) * alpha).neg_()
 
 
+def lowrank_operands(blocked: Tensor, whole: Tensor, precision: str, tensor_cores: bool):
+    """(a, b, tensor_cores') such that ``mm_float32(a[r0:r1], b, tensor_cores')`` is row block r0:r1 of Q-GaLore's
+    float32 product N = blocked @ whole (P U: blocked = P; U P: blocked = U) at ``precision``
+    (weightkit.ops.qgalore), never TF32 whatever ``torch.backends.cuda.matmul.allow_tf32`` says:
+
+    * 'bf16': both operands rounded to bf16, their exact products summed in float32 (with ``tensor_cores``, a GPU's,
+      on bf16 tensor cores with a float32 result);
+    * 'fp32', 'tf32x3', 'bf16x3' (float32 accuracy): with ``tensor_cores`` where torch's mm gives bf16 operands a
+      float32 result (:func:`float32_mm_of_bf16`), one bf16 GEMM over the six pairs of three-part splits
+      (:func:`six_pair_operands`: float32 accuracy at six bf16 products' cost, no strict-fp32 or TF32 GEMM);
+      else the float32 operands (the caller multiplies them with TF32 off: :func:`strict_float32`)."""
+    if precision == "bf16":
+        a, b = blocked.to(torch.bfloat16), whole.to(torch.bfloat16)
+        if tensor_cores and float32_mm_of_bf16(blocked.device):
+            return a, b, True
+        return a.to(torch.float32), b.to(torch.float32), False
+    if tensor_cores and float32_mm_of_bf16(blocked.device):
+        return (*six_pair_operands(blocked, whole), True)
+    return blocked, whole, False
+
+
+@contextlib.contextmanager
+def strict_float32(device: torch.device):
+    """Float32 matmuls on ``device`` without TF32 inside the block (a CUDA device where
+    ``torch.backends.cuda.matmul.allow_tf32`` is set: unset, put back after; elsewhere nothing changes): for a
+    product whose precision is asked for, not left to the user's matmul setting."""
+    if device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor, ortho_zero: Tensor,
                                update: Tensor, group_size: int, proj_group_size: int, left: bool, alpha: float,
                                decay: float, precision: str, seed: int, offset: int,
                                found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None, *,
-                               dequantize: Callable, sr_update: Callable) -> None:
+                               dequantize: Callable, sr_update: Callable, tensor_cores: bool = False) -> None:
     """W_q, scale <- SR((W_q scale - alpha N) decay), N = P U | U P, composed of a backend's kernels: its
     ``dequantize`` (dequantize_int4) makes the float basis once for the call (the size of P: r/n of the weight's
     float32 bytes at most), then N and the delta for ~ROWS_ELEMENTS weight elements at a time go through its
     ``sr_update`` (int8_sr_update_) on those rows, its stream position shifted to the block's first element, so the
-    result is the unfused sequence's."""
+    result is the unfused sequence's. N at ``precision`` by :func:`lowrank_operands` (``tensor_cores``: the cuda
+    backend's bf16 tensor cores; never TF32)."""
     m, n = w_q.shape
     ortho = dequantize(ortho_q, ortho_scale, ortho_zero, proj_group_size).reshape(basis_shape(w_q, update, left))
-    ortho, update = rounded_to(ortho.to(torch.float32), precision), rounded_to(update, precision)
+    ortho = ortho.to(torch.float32)
+    blocked, whole, tc = lowrank_operands(*((ortho, update) if left else (update, ortho)), precision, tensor_cores)
     groups_per_row = n // group_size
     block = max(1, ROWS_ELEMENTS // n)
     factor = lowrank_factor(alpha, step_size_t)
-    for r0 in range(0, m, block):
-        r1 = min(m, r0 + block)
-        delta = (ortho[r0:r1] @ update) if left else (update[r0:r1] @ ortho)
-        delta.mul_(factor)
-        sr_update(w_q[r0:r1], scale.view(-1)[r0 * groups_per_row:r1 * groups_per_row], delta, group_size, decay, seed,
-                  offset + r0 * n, found_inf)
+    with strict_float32(w_q.device):
+        for r0 in range(0, m, block):
+            r1 = min(m, r0 + block)
+            delta = mm_float32(blocked[r0:r1], whole, tc)
+            delta.mul_(factor)
+            sr_update(w_q[r0:r1], scale.view(-1)[r0 * groups_per_row:r1 * groups_per_row], delta, group_size, decay,
+                      seed, offset + r0 * n, found_inf)
 
 
-def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str) -> Callable:
+def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str, tensor_cores: bool) -> Callable:
     """A backend's ``int8_sr_lowrank_update_`` (the op's signature): :func:`sr_lowrank_update_composed` of that
-    backend's ``dequantize`` (dequantize_int4) and ``sr_update`` (int8_sr_update_); ``module``: the backend module
-    that owns it (its ``__name__``: tests/test_backend.py checks where each implementation lives)."""
+    backend's ``dequantize`` (dequantize_int4) and ``sr_update`` (int8_sr_update_) and its bf16 tensor-core choice
+    (``tensor_cores``); ``module``: the backend module that owns it (its ``__name__``: tests/test_backend.py checks
+    where each implementation lives)."""
 
     def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor,
                                 ortho_zero: Tensor, update: Tensor, group_size: int, proj_group_size: int, left: bool,
@@ -512,7 +561,7 @@ def sr_lowrank_update_of(dequantize: Callable, sr_update: Callable, module: str)
                                 found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
         sr_lowrank_update_composed(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size, proj_group_size,
                                    left, alpha, decay, precision, seed, offset, found_inf, step_size_t,
-                                   dequantize=dequantize, sr_update=sr_update)
+                                   dequantize=dequantize, sr_update=sr_update, tensor_cores=tensor_cores)
 
     int8_sr_lowrank_update_.__module__ = module
     return int8_sr_lowrank_update_

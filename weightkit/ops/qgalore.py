@@ -25,19 +25,25 @@ tile of N from the packed basis (dequantized in registers) and the low-rank upda
 update and the stochastic rounding to the tile, and writes int8 values and scales; a tile spans whole groups, so
 the absmax of each group is computed over its whole updated weight (group sizes that are powers of two up to
 512; others, e.g. 127 for a 5461-wide layer, take the composed path). The ``cpu`` / ``cuda`` backends compose the
-existing kernels by blocks of rows (N for ~1M elements at a time, then the native ``int8_sr_update_``).
+existing kernels by blocks of rows (N for ~1M elements at a time, then the native ``int8_sr_update_``); the ``cuda``
+backend makes N on bf16 tensor cores: 'bf16' as the bf16 products, the three float32 precisions as one GEMM over
+the six products of P's and U's three-part bf16 splits (float32 accuracy, as GaLore's cuda write-back:
+weightkit.backends._blocked.lowrank_operands).
+
+No precision follows ``torch.backends.cuda.matmul.allow_tf32``: the precision is the argument's, on every backend
+(the reference and the cpu / cuda products run with TF32 off).
 
 Precision of N (the one part that is not bit-identical across backends). ``precision='fp32'`` multiplies float32
 values with float32 accumulation; ``'tf32x3'`` is the same product on a GPU's tensor cores as three TF32 products
-(Triton's ``input_precision='tf32x3'``, near-float32 accuracy; float32 everywhere else, and its error on a GPU is
-for the GPU check to measure); ``'bf16x3'`` multiplies on bf16 tensor cores without rounding P: the basis as its
+(Triton's ``input_precision='tf32x3'``, near-float32 accuracy; float32 accuracy on the other backends, see above; its
+error on a GPU is for the GPU check to measure); ``'bf16x3'`` multiplies on bf16 tensor cores without rounding P: the basis as its
 exact integers q - z (4 bits, exact in bf16) times U split in three bf16 parts (hi + mid + lo == U: 3 x 8 bits hold
 float32's significand), each product exact in float32, float32 accumulation, the INT4 scales applied in float32
 outside the products (left: a rank step lies in one group of each row, its product is scaled per row; right: the
 scale of basis row k and column group g multiplies U's column k for that group). Float32 accuracy (in the Triton
 interpreter, which multiplies the same exact values in float32: below the float32 product's error, since P's
 elements are never rounded) from three bf16 products where 'tf32x3' makes three TF32 ones (bf16: twice TF32's
-rate); on a basis that is not whole power-of-two groups of >= 16 values it runs as 'tf32x3'; float32 elsewhere.
+rate); on a basis that is not whole power-of-two groups of >= 16 values it runs as 'tf32x3'; float32 accuracy elsewhere.
 ``'bf16'`` rounds P and U to bfloat16 first (tensor cores on a GPU; the products
 of bf16 values are exact in float32, the accumulation is float32). The precision contract
 (tests/optim/test_qgalore_precision.py): an error against float64 within twice galore-torch's float32 step's;
@@ -60,7 +66,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KernelTable
-from ..backends._blocked import basis_shape, lowrank_factor, rounded_to
+from ..backends._blocked import basis_shape, lowrank_factor, rounded_to, strict_float32
 from ..backends.cpu import qgalore as cpu_qgalore
 from ..backends.cuda import qgalore as cuda_qgalore
 from ..backends.triton import qgalore as triton_qgalore
@@ -127,10 +133,12 @@ def _check_args(w_q, scale, ortho_q, ortho_scale, ortho_zero, update, group_size
 
 
 def lowrank_product(ortho_q, ortho_scale, ortho_zero, update, proj_group_size, shape, left, precision) -> Tensor:
-    """N = P U (left) or U P (right), float32, P dequantized whole (the reference's product)."""
+    """N = P U (left) or U P (right), float32, P dequantized whole (the reference's product: float32 products of
+    the float32 values, or of their bf16 roundings for 'bf16'; on a GPU never TF32, whatever the matmul setting)."""
     ortho = dequantize_int4_reference(ortho_q, ortho_scale, ortho_zero, proj_group_size).reshape(shape)
     ortho, update = rounded_to(ortho, precision), rounded_to(update, precision)
-    return ortho @ update if left else update @ ortho
+    with strict_float32(ortho.device):
+        return ortho @ update if left else update @ ortho
 
 
 @_LOWRANK.register("reference")
@@ -186,8 +194,9 @@ def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_s
             if ``left``, else r x n), ``proj_group_size`` values per group.
         update: the float32 low-rank update U (r x n if ``left``, else m x r).
         alpha: the factor of P U (step size times GaLore's scale); decay: 1 - lr * weight_decay.
-        precision: 'fp32', 'tf32x3' or 'bf16x3' (tensor cores, GPU Triton only; float32 elsewhere; see the module
-            docstring) or 'bf16' (P and U rounded to bfloat16 for the product; float32 accumulation).
+        precision: 'fp32', 'tf32x3' or 'bf16x3' (tensor cores as named: GPU Triton only; float32 accuracy
+            elsewhere; see the module docstring) or 'bf16' (P and U rounded to bfloat16 for the product; float32
+            accumulation). Never TF32 because ``torch.backends.cuda.matmul.allow_tf32`` is set.
         seed, offset: Philox key and stream position of the first element (see weightkit.ops.int8).
         found_inf: optional one-element float32 tensor on w_q's device; where nonzero, nothing is written.
         step_size_t: optional one-element float32 tensor; the factor of P U becomes ``alpha * step_size_t``.

@@ -7,4 +7,4 @@ from .._blocked import sr_lowrank_update_of
 from .int4 import dequantize_int4
 from .int8 import int8_sr_update_
 
-int8_sr_lowrank_update_ = sr_lowrank_update_of(dequantize_int4, int8_sr_update_, __name__)
+int8_sr_lowrank_update_ = sr_lowrank_update_of(dequantize_int4, int8_sr_update_, __name__, False)
