@@ -22,7 +22,10 @@ Rows (each ratio against a baseline measured in the same run):
 * the write-back op alone (``write-back ...``): the Triton kernel's float32 products without TF32 as six bf16
   tensor-core products ('bf16x6', the default) against its strict-fp32 FMA dots ('ieee'), 'tf32', the cuda
   backend's op (one bf16 GEMM over the six pairs) and, for a float32 weight, addmm_'s strict-fp32 GEMM alone, for a
-  float32 and a bf16 weight (no target: which one auto should take).
+  float32 and a bf16 weight (no target: which one auto should take);
+* the projection of a float32 gradient alone (``projection ...``): G and P in three bf16 parts, six products in three
+  cuBLAS bf16 GEMMs, against cuBLAS's strict-fp32 GEMM and TF32, time and error (no target: where
+  weightkit.optim.basis.SPLIT_FLOAT32_MIN_FLOPS belongs).
 
 Step times: a loop of ``STEPS`` steps between two CUDA events after warm-up (what a training loop sees: host
 launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not measured here: the e2e 350m row
@@ -46,6 +49,7 @@ CASES = (((4096, 4096), 1024), ((4096, 11008), 512))
 REFRESH = (4096, 1024)  # the refresh rows' square size and rank
 SMOKE = (1000, 1536, 96)  # the compiled-kernel check's m, n, r
 SYNCS_CASE = ((1024, 1024), 256)  # the sync count's shape and rank
+PROJECTION_CASES = CASES + (((1024, 2736), 256),)  # the projection rows' shapes (m x n) and ranks: + a 350M MLP's
 DEVICE = "cuda"  # "cpu": a dry run of the code paths for the tests (Triton through the interpreter; timings mean
 #                  nothing, no syncs are counted)
 
@@ -423,11 +427,47 @@ def write_back(rows):
                 _row(rows, name, ms, base)
 
 
+def projection(rows):
+    """The projection R = P^T G of a float32 gradient alone (what a float32 model's or bf16 autocast's GaLore step
+    projects; a left basis, as GaLore's 'std' takes for m <= n) without TF32, at the step cases' sizes and a 350M
+    model's 1024 x 2736 r256: G and P in three bf16 parts, six products in three cuBLAS bf16 GEMMs
+    (backends/_blocked.split3_mm_float32; FloatBasis.project takes it from basis.SPLIT_FLOAT32_MIN_FLOPS) against
+    cuBLAS's strict-fp32 GEMM (the base; galore-torch's projection), and TF32; each with its relative error against
+    float64 (no target: where the threshold belongs)."""
+    from weightkit.backends._blocked import split3_bf16, split3_mm_float32
+    from weightkit.optim.basis import SPLIT_FLOAT32_MIN_FLOPS
+
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    for (m, n), r in PROJECTION_CASES:
+        g = torch.randn(m, n, device=DEVICE, generator=gen)
+        p = torch.linalg.qr(torch.randn(m, r, device=DEVICE, generator=gen))[0]
+        ref = p.double().T @ g.double()
+        rel = lambda t: float((t.double() - ref).norm() / ref.norm())  # noqa: E731
+        tag = f"{m}x{n} r{r} left float32 G"
+        flops = 2 * m * n * r
+        ways = (("strict fp32 GEMM", False, lambda: p.T @ g),
+                ("split bf16x6", False, lambda: split3_mm_float32(g, split3_bf16(p.T), False, g.is_cuda)),
+                ("tf32", True, lambda: p.T @ g))
+        base = None
+        for way, allowed, fn in ways:
+            name = f"projection {way} {tag}"
+
+            def run(fn=fn, allowed=allowed):
+                with tf32(allowed):
+                    return step_ms(fn), rel(fn())
+            got = _guarded(rows, name, run)
+            if got is not None:
+                _row(rows, name, got[0], base, rel_err=got[1], flops=flops,
+                     split_by_default=flops >= SPLIT_FLOAT32_MIN_FLOPS)
+                base = got[0] if base is None else base
+        del g, p, ref
+
+
 def table(rows=None):
     """All rows of issue #25's table that one GPU call can measure (see the module docstring), appended to ``rows``
     (a new list unless given: bench/gpu_report.py passes one that records each row as it comes)."""
     rows = [] if rows is None else rows
-    for section in (kernel_smoke, syncs, steps, refresh, write_back):
+    for section in (kernel_smoke, syncs, steps, refresh, write_back, projection):
         section(rows)
     return rows
 

@@ -501,7 +501,8 @@ def test_galore_issue25_section_runs_at_toy_sizes_and_its_targets_are_found(repo
     from bench import targets
 
     for name, value in (("CASES", (((48, 32), 8), ((32, 80), 8))), ("REFRESH", (48, 8)), ("SMOKE", (40, 48, 8)),
-                        ("SYNCS_CASE", ((32, 32), 8)), ("STEPS", 2), ("REPEATS", 1), ("DEVICE", "cuda")):
+                        ("SYNCS_CASE", ((32, 32), 8)), ("STEPS", 2), ("REPEATS", 1), ("DEVICE", "cuda"),
+                        ("PROJECTION_CASES", (((48, 32), 8),))):
         monkeypatch.setattr(g25, name, value)
     monkeypatch.setattr(report, "GALORE_SHAPES", g25.CASES)
     monkeypatch.setattr(report, "REFRESH_SHAPE", g25.REFRESH)
@@ -518,6 +519,10 @@ def test_galore_issue25_section_runs_at_toy_sizes_and_its_targets_are_found(repo
     assert len(phases) == 11 and all("ms" in r for r in data["rows"] if r["name"] in phases), phases
     assert {"refresh phase small svd tf32 48x48 k16", "refresh phase small gram tf32 48x48 k16"} <= set(phases)
     assert any(r["name"].startswith("refresh small-svd randomized cholqr") and "ms" in r for r in data["rows"])
+    projections = {r["name"]: r for r in data["rows"] if r["name"].startswith("projection ")}
+    assert sorted(projections) == sorted(f"projection {w} 48x32 r8 left float32 G"
+                                         for w in ("strict fp32 GEMM", "split bf16x6", "tf32")), sorted(projections)
+    assert all(r["rel_err"] < 1e-5 and not r["split_by_default"] for r in projections.values()), projections
     verdicts = {s.what: targets.evaluate(s, [targets.Report(str(out), data)]) for s in targets.report_specs()
                 if s.issue == 25}
     import importlib.util

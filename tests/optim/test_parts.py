@@ -211,15 +211,17 @@ def test_large_16bit_gradient_is_projected_by_blocks(device, kind, side, dtype, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_float_basis_projects_a_16bit_gradient_by_bf16_parts(device, side, dtype, monkeypatch):
-    """A float32 basis and a 16-bit gradient with TF32 not allowed (a bf16 or fp16 model under torch's default
-    matmul setting): on a GPU the basis goes in three bf16 parts (basis.split3_applies), three exact products with
-    float32 results (an fp16 G in two bf16 parts too, split a block at a time: five), no float32 copy of G: within
-    1.5x the strict float32 projection's error against float64, ~10^3 times better than the basis rounded to bf16
-    (galore-torch's bf16 projection). The CPU takes the float32 conversion (split3_applies is False there); the same
-    code is run on it by forcing split3_applies, and with G's blocks lowered (several blocks of G: the same values).
-    TF32 allowed: the float32 conversion, as before."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float_basis_projects_a_gradient_by_bf16_parts(device, side, dtype, monkeypatch):
+    """A float32 basis and a gradient with TF32 not allowed (torch's default matmul setting): on a GPU the basis goes
+    in three bf16 parts (basis.split3_applies), three exact products with float32 results (an fp16 G in two bf16
+    parts too, split a block at a time: five; a float32 G in three: six, where the projection is large enough,
+    basis.SPLIT_FLOAT32_MIN_FLOPS, lowered here), no float32 copy of a 16-bit G (of a float32 one, no float32
+    temporary beyond a block of it): within 1.5x the strict float32 projection's error against float64, ~10^3 times
+    better than the basis rounded to bf16 (galore-torch's bf16 projection). The CPU takes the float32 product
+    (split3_applies is False there); the same code is run on it by forcing split3_applies, and with G's blocks
+    lowered (several blocks of G: the same values). TF32 allowed, or a float32 projection below the threshold: the
+    float32 product, as before."""
     from weightkit.backend import allow_tf32
     from weightkit.backends import _blocked
     from weightkit.backends._blocked import float32_mm_of_bf16
@@ -234,10 +236,14 @@ def test_float_basis_projects_a_16bit_gradient_by_bf16_parts(device, side, dtype
     ref = p64.T @ g64 if side == "left" else g64 @ p64.T
     rel = lambda t: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
     with allow_tf32(False):
-        applies = basis_module.split3_applies(grad)
+        if dtype == torch.float32:
+            assert not basis_module.split3_applies(grad, r)  # 2 m n r below SPLIT_FLOAT32_MIN_FLOPS
+            monkeypatch.setattr(basis_module, "SPLIT_FLOAT32_MIN_FLOPS", 2 * m * n * r)
+            assert not basis_module.split3_applies(grad, r - 1)
+        applies = basis_module.split3_applies(grad, r)
         assert applies == (device == "cuda"), applies
         if not applies:
-            monkeypatch.setattr(basis_module, "split3_applies", lambda g: True)
+            monkeypatch.setattr(basis_module, "split3_applies", lambda g, rank: True)
         before = p.clone()
         with LargestFloat32() as probe:
             out = FloatBasis.project(grad, side, (p, None))
@@ -248,14 +254,17 @@ def test_float_basis_projects_a_16bit_gradient_by_bf16_parts(device, side, dtype
     assert out.dtype == torch.float32 and tuple(out.shape) == tuple(ref.shape)
     print(f"relative error: split {rel(out):.3g}, float32 {fp32:.3g}, basis rounded to bf16 {rounded:.3g}")
     assert rel(out) <= 1.5 * fp32 and rel(out) * 100 < rounded, (rel(out), fp32, rounded)
-    if device == "cuda":
+    if device == "cuda" and dtype != torch.float32:
         # (its three products as one GEMM, the result three times as wide as R: still far below G)
         assert probe.largest <= 3 * max(out.numel(), p.numel()) < grad.numel(), probe.largest
+    if device == "cuda":
         with allow_tf32(True):
-            assert not basis_module.split3_applies(grad)
+            assert not basis_module.split3_applies(grad, r)
     monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", 96 * 70)  # G by 70 rows or columns: several blocks
-    with allow_tf32(False):
+    with allow_tf32(False), LargestFloat32() as probe:
         torch.testing.assert_close(FloatBasis.project(grad, side, (p, None)), out, rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:  # a block's float32 remainder, its products (3 r wide), the result: never G whole
+        assert probe.largest <= max(96 * 70, 3 * r * 70, out.numel()) < grad.numel(), probe.largest
 
 
 @pytest.mark.parametrize("device", DEVICES)

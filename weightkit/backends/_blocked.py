@@ -161,8 +161,20 @@ def split3_bf16_(w: Tensor):
     the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand). ``w`` is
     overwritten with remainders (a copy of a tensor still needed goes in)."""
     hi = w.to(torch.bfloat16)
-    mid = w.sub_(hi).to(torch.bfloat16)
-    return hi, mid, w.sub_(mid).to(torch.bfloat16)
+    return (hi, *_split2_remainder(w.sub_(hi)))
+
+
+def split3_bf16(w: Tensor):
+    """:func:`split3_bf16_` leaving ``w`` as it is (one float32 remainder made, instead of a copy of ``w`` and its
+    in-place remainders: one pass over ``w`` fewer)."""
+    hi = w.to(torch.bfloat16)
+    return (hi, *_split2_remainder(w - hi))
+
+
+def _split2_remainder(rem: Tensor):
+    """(mid, lo) of a float32 remainder after the first bf16 part (``rem`` overwritten)."""
+    mid = rem.to(torch.bfloat16)
+    return mid, rem.sub_(mid).to(torch.bfloat16)
 
 
 def split2_fp16_(x: Tensor):
@@ -176,29 +188,42 @@ def split2_fp16_(x: Tensor):
 
 
 def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Tensor:
-    """The float32 ``x @ W`` (x_left) or ``W @ x`` of a bf16 or float16 ``x`` (2-D) and W given as its three bf16
-    parts (:func:`split3_bf16_`), by :func:`mm_float32` (with ``tensor_cores``, a GPU's: bf16 tensor cores with
+    """The float32 ``x @ W`` (x_left) or ``W @ x`` of a 2-D ``x`` (bf16, float16 or float32) and W given as its three
+    bf16 parts (:func:`split3_bf16_`), by :func:`mm_float32` (with ``tensor_cores``, a GPU's: bf16 tensor cores with
     float32 results; else upcast), summed in float32, smallest first: the float32 product's accuracy without a
-    float32 copy of x. A bf16 x: three products, each exact, made by one GEMM of x with W's parts side by side
-    (x read once; the result 3x as wide, rank-sized, then its thirds summed). A float16 x (not bf16-exact: 11-bit
-    significands) in two bf16 parts too (:func:`split2_fp16_`), made a block of x at a time (:func:`by_blocks`: no
-    16-bit copy of a large x whole): five exact products in two GEMMs, the sixth (x's lo part times W's, below
-    2^-23 of |x||W| a term) left out."""
+    float32 copy of a 16-bit x, nor cuBLAS's strict-fp32 GEMM for a float32 one.
+
+    * bf16 x: three products, each exact, made by one GEMM of x with W's parts side by side (x read once; the result
+      3x as wide, rank-sized, then its thirds summed).
+    * float16 x (not bf16-exact: 11-bit significands): x in two bf16 parts too (:func:`split2_fp16_`), five exact
+      products in two GEMMs, the sixth (x's lo part times W's, below 2^-23 of |x||W| a term) left out.
+    * float32 x: x in three bf16 parts (:func:`split3_bf16`), the six products whose significands reach 2^-16 of the
+      leading one in three GEMMs (x's hi part times W's three parts side by side, its mid part times two, its lo
+      part times one), the three left out below 2^-24 of |x||W| a term.
+
+    A split x is split a block at a time (:func:`by_blocks`: no part of a large x whole). Part i of x times part j
+    of W (0: hi) is a term of order 2^-8(i + j); the sums go by that order, smallest first."""
     hi, mid, lo = parts
     dim = 1 if x_left else 0  # W's parts side by side along the product's other dimension: x read once a GEMM
     k = hi.shape[dim]
-    if x.dtype == torch.float16:
-        lo_mid_hi, mid_hi = torch.cat((lo, mid, hi), dim), torch.cat((mid, hi), dim)
+    if x.dtype == torch.bfloat16:
+        y = _side_by_side(x, torch.cat((lo, mid, hi), dim), x_left, tensor_cores).split(k, dim)
+        return y[0].add(y[1]).add_(y[2])
+    if x.dtype not in (torch.float16, torch.float32):
+        raise TypeError(f"split3_mm_float32 takes a bf16, float16 or float32 x, got {x.dtype}")
+    sides = (torch.cat((lo, mid, hi), dim), torch.cat((mid, hi), dim), hi)  # W's parts for x's part 0, 1, 2
 
-        def block(xb):
-            xh, xl = split2_fp16_(xb)
-            h = _side_by_side(xh, lo_mid_hi, x_left, tensor_cores).split(k, dim)
-            low = _side_by_side(xl, mid_hi, x_left, tensor_cores).split(k, dim)
-            return h[0].add(low[0]).add_(low[1]).add_(h[1]).add_(h[2])
-        shape = (x.shape[0], hi.shape[1]) if x_left else (hi.shape[0], x.shape[1])
-        return by_blocks(x, 0 if x_left else 1, shape, block)
-    y = _side_by_side(x, torch.cat((lo, mid, hi), dim), x_left, tensor_cores).split(k, dim)
-    return y[0].add(y[1]).add_(y[2])
+    def block(xb):
+        x_parts = split2_fp16_(xb) if xb.dtype == torch.float16 else split3_bf16(xb)
+        # thirds[i][t]: x's part i times W's part 2 - i - t, a term of order 2^-8(2 - t)
+        thirds = [_side_by_side(xp, sides[i], x_left, tensor_cores).split(k, dim) for i, xp in enumerate(x_parts)]
+        terms = [third[t] for t in range(3) for third in thirds if t < len(third)]
+        acc = terms[0] + terms[1]
+        for term in terms[2:]:
+            acc.add_(term)
+        return acc
+    shape = (x.shape[0], hi.shape[1]) if x_left else (hi.shape[0], x.shape[1])
+    return by_blocks(x, 0 if x_left else 1, shape, block)
 
 
 def _side_by_side(x: Tensor, w: Tensor, x_left: bool, tensor_cores: bool) -> Tensor:
@@ -347,7 +372,7 @@ def six_pair_operands(a: Tensor, b: Tensor):
     first; the three left out are below 2^-24 of |a||b|) side by side along the inner dimension:
     ([a_i ...] m x 6k, [b_j ...] 6k x n). Row blocks of the first times the second are the product's row blocks
     (:func:`mm_float32` with tensor cores: bf16 tensor cores, float32 accumulation and result)."""
-    a, b = split3_bf16_(a.clone()), split3_bf16_(b.clone())
+    a, b = split3_bf16(a), split3_bf16(b)
     return torch.cat([a[i] for i, _ in SIX_PRODUCTS], dim=1), torch.cat([b[j] for _, j in SIX_PRODUCTS], dim=0)
 
 

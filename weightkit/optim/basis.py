@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..ops.galore import mm_float32
-from ..backends._blocked import float32_by_blocks, split3_bf16_, split3_mm_float32, split_products_apply
+from ..backends._blocked import float32_by_blocks, split3_bf16, split3_mm_float32, split_products_apply
 from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,11 +56,26 @@ def host_shape(state: Dict, key: str) -> tuple:
     return tuple(t.tolist())
 
 
-def split3_applies(grad: Tensor) -> bool:
-    """Whether a float32 basis projects the gradient ``grad`` by three bf16 parts (FloatBasis.project): a bf16 or
-    float16 gradient on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there
-    (backends/_blocked.split_products_apply)."""
-    return grad.dtype in (torch.bfloat16, torch.float16) and grad.is_cuda and split_products_apply(grad.device)
+# A float32 gradient is split too (three bf16 parts, six products) where the projection makes at least this many
+# FLOPs (2 m n r): the split is ~10 elementwise passes over G (about 38 bytes moved a value) and three GEMMs instead
+# of one, so it pays where cuBLAS's strict-fp32 GEMM takes long (an H200's FMA path: ~50 TFLOP/s, against ~700 for
+# bf16: six bf16 products in a sixth to a third of its time); below, the launches and passes would eat the gain and
+# the strict GEMM stays. 2^33: from 4096 x 4096 at rank 1024 (2^35) down to 4096 x 2048 at rank 512; a 350M
+# model's 1024 x 2736 at rank 256 (2^30.4) stays strict. (An estimate; galore_issue25's strict-fp32 rows measure it.)
+SPLIT_FLOAT32_MIN_FLOPS = 1 << 33
+
+
+def split3_applies(grad: Tensor, rank: int) -> bool:
+    """Whether a float32 basis of ``rank`` columns projects the gradient ``grad`` by three bf16 parts
+    (FloatBasis.project) on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there
+    (backends/_blocked.split_products_apply): a bf16 or float16 gradient always, a float32 one from
+    SPLIT_FLOAT32_MIN_FLOPS."""
+    if grad.dtype == torch.float32:
+        if 2 * grad.numel() * rank < SPLIT_FLOAT32_MIN_FLOPS:
+            return False
+    elif grad.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return grad.is_cuda and split_products_apply(grad.device)
 
 
 def _check_sizes(where: str, state: Dict, sizes) -> None:
@@ -113,7 +128,10 @@ class FloatBasis:
         products on bf16 tensor cores with float32 results, summed in float32 (backends/_blocked.split3_mm_float32):
         the float32 projection's accuracy at three bf16 GEMMs' cost instead of a strict-fp32 GEMM's (cuBLAS's FMA
         path, several times slower) on a float32 copy of G; where this torch's mm has no float32 output for bf16,
-        as below. A float16 gradient likewise, G split in two bf16 parts a block at a time: five products."""
+        as below. A float16 gradient likewise, G split in two bf16 parts a block at a time: five products. A float32
+        gradient (a float32 model, or bf16 autocast's float32 parameters) of a large enough projection
+        (SPLIT_FLOAT32_MIN_FLOPS) likewise, G split in three bf16 parts a block at a time: six products in three
+        GEMMs, instead of the strict-fp32 GEMM."""
         ortho, ortho_right = basis
         if ortho.dtype != torch.float32:
             g = grad.to(ortho.dtype)
@@ -122,8 +140,8 @@ class FloatBasis:
             if side == "right":
                 return mm_float32(g, ortho.T, g.is_cuda)
             return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
-        if side in ("left", "right") and split3_applies(grad):
-            parts = split3_bf16_(ortho.T.clone())  # (P^T's three bf16 parts: m x r or r x n, small beside G)
+        if side in ("left", "right") and split3_applies(grad, ortho.shape[1] if side == "left" else ortho.shape[0]):
+            parts = split3_bf16(ortho.T)  # (P^T's three bf16 parts: m x r or r x n, small beside G)
             return split3_mm_float32(grad, parts, side == "right", grad.is_cuda)
         if side == "left":  # by blocks of columns of a large 16-bit gradient (backends/_blocked.float32_by_blocks)
             return float32_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
