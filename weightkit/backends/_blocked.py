@@ -367,7 +367,7 @@ def split_products_apply(device: torch.device) -> bool:
 
 def six_pair_operands(a: Tensor, b: Tensor):
     """The bf16 operands of one GEMM whose float32 result is the float32 product ``a @ b`` of float32 ``a`` (m x k)
-    and ``b`` (k x n) to float32 accuracy: each split in three bf16 parts (:func:`split3_bf16_`; the inputs are not
+    and ``b`` (k x n) to float32 accuracy: each split in three bf16 parts (:func:`split3_bf16`: the inputs are not
     changed), the six products of parts whose significands reach 2^-16 of the leading one (SIX_PRODUCTS, smallest
     first; the three left out are below 2^-24 of |a||b|) side by side along the inner dimension:
     ([a_i ...] m x 6k, [b_j ...] 6k x n). Row blocks of the first times the second are the product's row blocks

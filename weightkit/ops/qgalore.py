@@ -35,26 +35,26 @@ No precision follows ``torch.backends.cuda.matmul.allow_tf32``: the precision is
 
 Precision of N (the one part that is not bit-identical across backends). ``precision='fp32'`` multiplies float32
 values with float32 accumulation; ``'tf32x3'`` is the same product on a GPU's tensor cores as three TF32 products
-(Triton's ``input_precision='tf32x3'``, near-float32 accuracy; float32 accuracy on the other backends, see above; its
-error on a GPU is for the GPU check to measure); ``'bf16x3'`` multiplies on bf16 tensor cores without rounding P: the basis as its
-exact integers q - z (4 bits, exact in bf16) times U split in three bf16 parts (hi + mid + lo == U: 3 x 8 bits hold
-float32's significand), each product exact in float32, float32 accumulation, the INT4 scales applied in float32
-outside the products (left: a rank step lies in one group of each row, its product is scaled per row; right: the
-scale of basis row k and column group g multiplies U's column k for that group). Float32 accuracy (in the Triton
-interpreter, which multiplies the same exact values in float32: below the float32 product's error, since P's
-elements are never rounded) from three bf16 products where 'tf32x3' makes three TF32 ones (bf16: twice TF32's
-rate); on a basis that is not whole power-of-two groups of >= 16 values it runs as 'tf32x3'; float32 accuracy elsewhere.
-``'bf16'`` rounds P and U to bfloat16 first (tensor cores on a GPU; the products
-of bf16 values are exact in float32, the accumulation is float32). The precision contract
-(tests/optim/test_qgalore_precision.py): an error against float64 within twice galore-torch's float32 step's;
-'fp32' meets it, 'bf16' misses it by ~10^4 (relative error 2.4e-3 against 1.4e-7 to 2.3e-7 measured on the CPU). A sum of r products rounds differently with
-each summation order (BLAS blocking, tensor-core reduction trees), so N agrees across backends to float32
-accumulation error (~r * 2^-24 relative), not bit for bit; everything after N is bit-identical. Where N is exact
-(dyadic inputs whose partial sums fit a float32 mantissa, tests/ops/test_qgalore_ops.py) every backend gives the
-same bits; for random inputs the tests bound the difference: a few codes off by one (a pre-rounding value on the
-other side of an integer), scales within float32 rounding. Forcing one summation order everywhere would take the
-product off the tensor cores (a rank-1 update loop on CUDA cores, ~20x slower at r = 1024), for a difference far
-below the stochastic rounding's own noise (one quantization step).
+(Triton's ``input_precision='tf32x3'``, near-float32 accuracy; float32 accuracy on the other backends, see above;
+its error on a GPU is for the GPU check to measure); ``'bf16x3'`` multiplies on bf16 tensor cores without rounding
+P: the basis as its exact integers q - z (4 bits, exact in bf16) times U split in three bf16 parts (hi + mid + lo ==
+U: 3 x 8 bits hold float32's significand), each product exact in float32, float32 accumulation, the INT4 scales
+applied in float32 outside the products (left: a rank step lies in one group of each row, its product is scaled per
+row; right: the scale of basis row k and column group g multiplies U's column k for that group). Float32 accuracy
+(in the Triton interpreter, which multiplies the same exact values in float32: below the float32 product's error,
+since P's elements are never rounded) from three bf16 products where 'tf32x3' makes three TF32 ones (bf16: twice
+TF32's rate); on a basis that is not whole power-of-two groups of >= 16 values it runs as 'tf32x3'; float32 accuracy
+elsewhere. ``'bf16'`` rounds P and U to bfloat16 first (tensor cores on a GPU; the products of bf16 values are exact
+in float32, the accumulation is float32). The precision contract (tests/optim/test_qgalore_precision.py): an error
+against float64 within twice galore-torch's float32 step's; 'fp32' meets it, 'bf16' misses it by ~10^4 (relative
+error 2.4e-3 against 1.4e-7 to 2.3e-7 measured on the CPU). A sum of r products rounds differently with each
+summation order (BLAS blocking, tensor-core reduction trees), so N agrees across backends to float32 accumulation
+error (~r * 2^-24 relative), not bit for bit; everything after N is bit-identical. Where N is exact (dyadic inputs
+whose partial sums fit a float32 mantissa, tests/ops/test_qgalore_ops.py) every backend gives the same bits; for
+random inputs the tests bound the difference: a few codes off by one (a pre-rounding value on the other side of an
+integer), scales within float32 rounding. Forcing one summation order everywhere would take the product off the
+tensor cores (a rank-1 update loop on CUDA cores, ~20x slower at r = 1024), for a difference far below the
+stochastic rounding's own noise (one quantization step).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def int8_sr_lowrank_update_(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_s
         alpha: the factor of P U (step size times GaLore's scale); decay: 1 - lr * weight_decay.
         precision: 'fp32', 'tf32x3' or 'bf16x3' (tensor cores as named: GPU Triton only; float32 accuracy
             elsewhere; see the module docstring) or 'bf16' (P and U rounded to bfloat16 for the product; float32
-            accumulation). Never TF32 because ``torch.backends.cuda.matmul.allow_tf32`` is set.
+            accumulation). ``torch.backends.cuda.matmul.allow_tf32`` changes none of them.
         seed, offset: Philox key and stream position of the first element (see weightkit.ops.int8).
         found_inf: optional one-element float32 tensor on w_q's device; where nonzero, nothing is written.
         step_size_t: optional one-element float32 tensor; the factor of P U becomes ``alpha * step_size_t``.

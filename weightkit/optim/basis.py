@@ -57,7 +57,7 @@ def host_shape(state: Dict, key: str) -> tuple:
 
 
 # A float32 gradient is split too (three bf16 parts, six products) where the projection makes at least this many
-# FLOPs (2 m n r): the split is ~10 elementwise passes over G (about 38 bytes moved a value) and three GEMMs instead
+# FLOPs (2 m n r): the split is five elementwise passes over G (about 38 bytes moved a value) and three GEMMs instead
 # of one, so it pays where cuBLAS's strict-fp32 GEMM takes long (an H200's FMA path: ~50 TFLOP/s, against ~700 for
 # bf16: six bf16 products in a sixth to a third of its time); below, the launches and passes would eat the gain and
 # the strict GEMM stays. 2^33: from 4096 x 4096 at rank 1024 (2^35) down to 4096 x 2048 at rank 512; a 350M
