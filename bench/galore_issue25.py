@@ -24,8 +24,8 @@ Rows (each ratio against a baseline measured in the same run):
   backend's op (one bf16 GEMM over the six pairs) and, for a float32 weight, addmm_'s strict-fp32 GEMM alone, for a
   float32 and a bf16 weight (no target: which one auto should take);
 * the projection of a float32 gradient alone (``projection ...``): G and P in three bf16 parts, six products in three
-  cuBLAS bf16 GEMMs, against cuBLAS's strict-fp32 GEMM and TF32, time and error (no target: where
-  weightkit.optim.basis.SPLIT_FLOAT32_MIN_FLOPS belongs).
+  cuBLAS bf16 GEMMs, against cuBLAS's strict-fp32 GEMM and TF32, time and error (no target: where the thresholds
+  weightkit.optim.basis.SPLIT_FLOAT32_MIN_RANK and SPLIT_FLOAT32_MIN_FLOPS belong).
 
 Step times: a loop of ``STEPS`` steps between two CUDA events after warm-up (what a training loop sees: host
 launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not measured here: the e2e 350m row
@@ -431,11 +431,12 @@ def projection(rows):
     """The projection R = P^T G of a float32 gradient alone (what a float32 model's or bf16 autocast's GaLore step
     projects; a left basis, as GaLore's 'std' takes for m <= n) without TF32, at the step cases' sizes and a 350M
     model's 1024 x 2736 r256: G and P in three bf16 parts, six products in three cuBLAS bf16 GEMMs
-    (backends/_blocked.split3_mm_float32; FloatBasis.project takes it from basis.SPLIT_FLOAT32_MIN_FLOPS) against
+    (backends/_blocked.split3_mm_float32; FloatBasis.project takes it from basis.SPLIT_FLOAT32_MIN_RANK and
+    SPLIT_FLOAT32_MIN_FLOPS) against
     cuBLAS's strict-fp32 GEMM (the base; galore-torch's projection), and TF32; each with its relative error against
     float64 (no target: where the threshold belongs)."""
     from weightkit.backends._blocked import split3_bf16, split3_mm_float32
-    from weightkit.optim.basis import SPLIT_FLOAT32_MIN_FLOPS
+    from weightkit.optim.basis import SPLIT_FLOAT32_MIN_FLOPS, SPLIT_FLOAT32_MIN_RANK
 
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     for (m, n), r in PROJECTION_CASES:
@@ -458,9 +459,8 @@ def projection(rows):
             got = _guarded(rows, name, run)
             if got is not None:
                 _row(rows, name, got[0], base, rel_err=got[1], flops=flops,
-                     split_by_default=flops >= SPLIT_FLOAT32_MIN_FLOPS)
+                     split_by_default=flops >= SPLIT_FLOAT32_MIN_FLOPS and r >= SPLIT_FLOAT32_MIN_RANK)
                 base = got[0] if base is None else base
-        del g, p, ref
 
 
 def table(rows=None):

@@ -248,6 +248,44 @@ def test_split2_fp16_is_exact_at_every_magnitude(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_left", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_split_products_by_level(device, x_left, dtype, monkeypatch):
+    """backends/_blocked.split3_mm_float32 of a split x (float16: two bf16 parts, float32: three): the parts, stacked
+    once in one bf16 buffer along the product's inner dimension, sum to x exactly (_stacked_parts; float32 values
+    from 2^-90 to 2^90, where every part is a normal number, any strides); the products go by level, one GEMM a level of bf16 operands
+    over a prefix of the stack (inner sizes 3K, 2K, K; float16: 2K, 2K, K), a block of x at a time (three blocks
+    here); the result within 1.5x the float32 product's error against float64."""
+    from weightkit.backends import _blocked
+
+    print("seed 21")
+    g = torch.Generator().manual_seed(21)
+    wide = torch.randn(4096, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-90, 90, (4096,),
+                                                                                       generator=g)).double()
+    parts = _blocked._stacked_parts(wide.float().reshape(64, 64).T.to(device), 3, 0)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (192, 64)
+    assert torch.equal(parts.double().reshape(3, 64, 64).sum(0), wide.float().double().reshape(64, 64).T.to(device))
+
+    t, k, r = 48, 40, 8  # x: t x k (x @ W, W: k x r) or k x t (W @ x, W: r x k)
+    x = (torch.randn((t, k) if x_left else (k, t), generator=g) / 3).to(dtype).to(device)
+    w = torch.randn((k, r) if x_left else (r, k), generator=g).to(device)
+    ref = x.double().cpu() @ w.double().cpu() if x_left else w.double().cpu() @ x.double().cpu()
+    rel = lambda y: float((y.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
+    calls = []
+    real = _blocked.mm_float32
+    monkeypatch.setattr(_blocked, "mm_float32", lambda a, b, tc: calls.append(
+        (a.dtype, b.dtype, a.shape[1])) or real(a, b, tc))
+    monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", k * 16)  # 16 of x's t rows (columns) a block
+    y = _blocked.split3_mm_float32(x, _blocked.split3_bf16(w), x_left, device == "cuda" and
+                                   _blocked.float32_mm_of_bf16(torch.device(device)))
+    inner = [2 * k, 2 * k, k] if dtype == torch.float16 else [3 * k, 2 * k, k]
+    assert calls == [(torch.bfloat16, torch.bfloat16, n) for n in inner] * 3, calls
+    fp32 = rel(x.float() @ w if x_left else w @ x.float())
+    print(f"relative error: split {rel(y):.3g}, float32 {fp32:.3g}")
+    assert y.dtype == torch.float32 and rel(y) <= 1.5 * fp32, (rel(y), fp32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device, transpose, dtype, monkeypatch):

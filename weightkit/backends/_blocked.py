@@ -190,19 +190,21 @@ def split2_fp16_(x: Tensor):
 def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Tensor:
     """The float32 ``x @ W`` (x_left) or ``W @ x`` of a 2-D ``x`` (bf16, float16 or float32) and W given as its three
     bf16 parts (:func:`split3_bf16_`), by :func:`mm_float32` (with ``tensor_cores``, a GPU's: bf16 tensor cores with
-    float32 results; else upcast), summed in float32, smallest first: the float32 product's accuracy without a
-    float32 copy of a 16-bit x, nor cuBLAS's strict-fp32 GEMM for a float32 one.
+    float32 accumulation and results; else upcast), summed in float32, smallest first: the float32 product's
+    accuracy without a float32 copy of a 16-bit x, nor cuBLAS's strict-fp32 GEMM for a float32 one.
 
     * bf16 x: three products, each exact, made by one GEMM of x with W's parts side by side (x read once; the result
       3x as wide, rank-sized, then its thirds summed).
     * float16 x (not bf16-exact: 11-bit significands): x in two bf16 parts too (:func:`split2_fp16_`), five exact
-      products in two GEMMs, the sixth (x's lo part times W's, below 2^-23 of |x||W| a term) left out.
-    * float32 x: x in three bf16 parts (:func:`split3_bf16`), the six products whose significands reach 2^-16 of the
-      leading one in three GEMMs (x's hi part times W's three parts side by side, its mid part times two, its lo
-      part times one), the three left out below 2^-24 of |x||W| a term.
+      products, the sixth (x's lo part times W's, below 2^-23 of |x||W| a term) left out.
+    * float32 x: x in three bf16 parts (hi + mid + lo == x), the six products whose significands reach 2^-16 of the
+      leading one, the three left out below 2^-24 of |x||W| a term.
 
-    A split x is split a block at a time (:func:`by_blocks`: no part of a large x whole). Part i of x times part j
-    of W (0: hi) is a term of order 2^-8(i + j); the sums go by that order, smallest first."""
+    A split x goes a block at a time (:func:`by_blocks`: no part of a large x whole): its parts are written once into
+    one bf16 buffer, stacked along the product's inner dimension ([x_0; x_1; x_2], part 0 the largest), and the
+    products of part i of x and part j of W (0: hi), terms of order 2^-8(i + j), are made by level L = i + j, one
+    GEMM a level over a prefix of the stack: [W_L ... W_0] @ [x_0; ...; x_L] (inner size (L + 1) k at most), the
+    levels summed smallest first (two float32 additions of the rank-sized results)."""
     hi, mid, lo = parts
     dim = 1 if x_left else 0  # W's parts side by side along the product's other dimension: x read once a GEMM
     k = hi.shape[dim]
@@ -211,19 +213,44 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Ten
         return y[0].add(y[1]).add_(y[2])
     if x.dtype not in (torch.float16, torch.float32):
         raise TypeError(f"split3_mm_float32 takes a bf16, float16 or float32 x, got {x.dtype}")
-    sides = (torch.cat((lo, mid, hi), dim), torch.cat((mid, hi), dim), hi)  # W's parts for x's part 0, 1, 2
+    w_parts = (hi, mid, lo)
+    count = 2 if x.dtype == torch.float16 else 3  # x's parts
+    # x's dimension ``dim`` is the product's inner one (its columns for x @ W, its rows for W @ x), W's is 1 - dim;
+    # level L's W operand: [W_L ... W_0] along it, matching the stack's parts 0 .. L
+    levels = [torch.cat([w_parts[level - i] for i in range(min(level, count - 1) + 1)], 1 - dim)
+              for level in (2, 1, 0)]
 
     def block(xb):
-        x_parts = split2_fp16_(xb) if xb.dtype == torch.float16 else split3_bf16(xb)
-        # thirds[i][t]: x's part i times W's part 2 - i - t, a term of order 2^-8(2 - t)
-        thirds = [_side_by_side(xp, sides[i], x_left, tensor_cores).split(k, dim) for i, xp in enumerate(x_parts)]
-        terms = [third[t] for t in range(3) for third in thirds if t < len(third)]
-        acc = terms[0] + terms[1]
-        for term in terms[2:]:
-            acc.add_(term)
+        stack = _stacked_parts(xb, count, dim)
+        acc = None
+        for level, w in zip((2, 1, 0), levels):
+            xs = stack.narrow(dim, 0, (min(level, count - 1) + 1) * xb.shape[dim])
+            y = _side_by_side(xs, w, x_left, tensor_cores)
+            acc = y if acc is None else acc.add_(y)
         return acc
     shape = (x.shape[0], hi.shape[1]) if x_left else (hi.shape[0], x.shape[1])
     return by_blocks(x, 0 if x_left else 1, shape, block)
+
+
+def _stacked_parts(x: Tensor, count: int, dim: int) -> Tensor:
+    """x's ``count`` exact bf16 parts (two of a float16 x, :func:`split2_fp16_`; three of a float32 x, as
+    :func:`split3_bf16`, each the nearest bf16 of what the previous ones left), largest first, written once into one
+    bf16 tensor, stacked along ``dim``. A float32 x: four elementwise passes (about 30 bytes moved a value)."""
+    size = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = count * size
+    out = torch.empty(shape, dtype=torch.bfloat16, device=x.device)
+    part = [out.narrow(dim, i * size, size) for i in range(count)]
+    if count == 2:
+        h, l = split2_fp16_(x)
+        part[0].copy_(h)
+        part[1].copy_(l)
+        return out
+    part[0].copy_(x)  # hi: x rounded to bf16
+    rem = torch.sub(x, part[0])  # exact, float32
+    part[1].copy_(rem)  # mid
+    torch.sub(rem, part[1], out=part[2])  # lo: exact, and exact in bf16 (at most 8 significant bits)
+    return out
 
 
 def _side_by_side(x: Tensor, w: Tensor, x_left: bool, tensor_cores: bool) -> Tensor:

@@ -56,12 +56,15 @@ def host_shape(state: Dict, key: str) -> tuple:
     return tuple(t.tolist())
 
 
-# A float32 gradient is split too (three bf16 parts, six products) where the projection makes at least this many
-# FLOPs (2 m n r): the split is five elementwise passes over G (about 38 bytes moved a value) and three GEMMs instead
-# of one, so it pays where cuBLAS's strict-fp32 GEMM takes long (an H200's FMA path: ~50 TFLOP/s, against ~700 for
-# bf16: six bf16 products in a sixth to a third of its time); below, the launches and passes would eat the gain and
-# the strict GEMM stays. 2^33: from 4096 x 4096 at rank 1024 (2^35) down to 4096 x 2048 at rank 512; a 350M
-# model's 1024 x 2736 at rank 256 (2^30.4) stays strict. (An estimate; galore_issue25's strict-fp32 rows measure it.)
+# A float32 gradient is split too (three bf16 parts, six products) where the basis has at least
+# SPLIT_FLOAT32_MIN_RANK columns and the projection makes at least SPLIT_FLOAT32_MIN_FLOPS (2 m n r). The split costs
+# four elementwise passes over G (about 30 bytes moved a value) and six bf16 products instead of one strict-fp32 one;
+# the strict GEMM's time grows with r, the passes' does not. An H200 estimate (cuBLAS strict fp32 ~51 TFLOP/s, as the
+# 2026-11-26 step rows imply; bf16 ~700; copies ~4.2 TB/s), per value of G: strict 2r / 51e12 s, split
+# 30 / 4.2e12 + 12 r / 700e12 s, even at r ~ 320, ~1.25x faster at r = 512, ~1.6x at r = 1024. Below 2^33 FLOPs the
+# launches (about ten a projection instead of one) weigh as well. (Estimates: galore_issue25's `projection` rows
+# measure r1024, r512 and a 350M model's 1024 x 2736 r256, which stays strict.)
+SPLIT_FLOAT32_MIN_RANK = 512
 SPLIT_FLOAT32_MIN_FLOPS = 1 << 33
 
 
@@ -69,9 +72,9 @@ def split3_applies(grad: Tensor, rank: int) -> bool:
     """Whether a float32 basis of ``rank`` columns projects the gradient ``grad`` by three bf16 parts
     (FloatBasis.project) on a GPU whose float32 matmuls may not use TF32, with torch's float32-output mm there
     (backends/_blocked.split_products_apply): a bf16 or float16 gradient always, a float32 one from
-    SPLIT_FLOAT32_MIN_FLOPS."""
+    SPLIT_FLOAT32_MIN_RANK and SPLIT_FLOAT32_MIN_FLOPS."""
     if grad.dtype == torch.float32:
-        if 2 * grad.numel() * rank < SPLIT_FLOAT32_MIN_FLOPS:
+        if rank < SPLIT_FLOAT32_MIN_RANK or 2 * grad.numel() * rank < SPLIT_FLOAT32_MIN_FLOPS:
             return False
     elif grad.dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -130,8 +133,8 @@ class FloatBasis:
         path, several times slower) on a float32 copy of G; where this torch's mm has no float32 output for bf16,
         as below. A float16 gradient likewise, G split in two bf16 parts a block at a time: five products. A float32
         gradient (a float32 model, or bf16 autocast's float32 parameters) of a large enough projection
-        (SPLIT_FLOAT32_MIN_FLOPS) likewise, G split in three bf16 parts a block at a time: six products in three
-        GEMMs, instead of the strict-fp32 GEMM."""
+        (SPLIT_FLOAT32_MIN_RANK, SPLIT_FLOAT32_MIN_FLOPS) likewise, G split in three bf16 parts a block at a time:
+        six products in three GEMMs, instead of the strict-fp32 GEMM."""
         ortho, ortho_right = basis
         if ortho.dtype != torch.float32:
             g = grad.to(ortho.dtype)
