@@ -269,6 +269,9 @@ def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     t, k, r = 48, 40, 8  # x: t x k (x @ W, W: k x r) or k x t (W @ x, W: r x k)
     x = (torch.randn((t, k) if x_left else (k, t), generator=g) / 3).to(dtype).to(device)
     w = torch.randn((k, r) if x_left else (r, k), generator=g).to(device)
+    count, dim = (2 if dtype == torch.float16 else 3), (1 if x_left else 0)
+    stack = _blocked._stacked_parts(x, count, dim).double()
+    assert torch.equal(sum(stack.chunk(count, dim)), x.double())  # exact parts of this x too
     ref = x.double().cpu() @ w.double().cpu() if x_left else w.double().cpu() @ x.double().cpu()
     rel = lambda y: float((y.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
     calls = []
