@@ -253,9 +253,9 @@ def test_split2_fp16_is_exact_at_every_magnitude(device):
 def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     """backends/_blocked.split3_mm_float32 of a split x (float16: two bf16 parts, float32: three): the parts, stacked
     once in one bf16 buffer along the product's inner dimension, sum to x exactly (_stacked_parts; float32 values
-    from 2^-90 to 2^90, where every part is a normal number, any strides); the products go by level, one GEMM a level of bf16 operands
-    over a prefix of the stack (inner sizes 3K, 2K, K; float16: 2K, 2K, K), a block of x at a time (three blocks
-    here); the result within 1.5x the float32 product's error against float64."""
+    from 2^-90 to 2^90, where every part is a normal number, any strides); the products go by level, one GEMM a
+    level of bf16 operands over a prefix of the stack (inner sizes 3K, 2K, K; float16: 2K, 2K, K), a block of x at a
+    time (three blocks here); the result within 1.5x the float32 product's error against float64."""
     from weightkit.backends import _blocked
 
     print("seed 21")

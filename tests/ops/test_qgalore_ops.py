@@ -15,7 +15,6 @@ from weightkit.ops.int8 import absmax_scale, dequantize_int8, int8_sr_update_, s
 from weightkit.ops.qgalore import int8_sr_lowrank_update_
 
 
-
 def _weight(m, n, gs, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=g)
