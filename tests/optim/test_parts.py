@@ -272,6 +272,44 @@ def test_float_basis_projects_a_gradient_by_bf16_parts(device, side, dtype, monk
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_int4_basis_splits_a_float32_gradient_as_the_float_basis(device, side, monkeypatch):
+    """Where a float32 gradient is split (basis.split3_applies: a GPU without TF32, the thresholds lowered here; the
+    CPU forced), Int4Basis projects it as FloatBasis does with the dequantized basis, bit for bit, and int4_matmul is
+    not called: within 1.5x the float32 projection's error against float64. Otherwise int4_matmul, as before."""
+    from weightkit.backend import allow_tf32
+    from weightkit.backends._blocked import float32_mm_of_bf16
+    from weightkit.ops.int4 import quantize_int4
+    from weightkit.optim import basis as basis_module
+
+    if not float32_mm_of_bf16(torch.device(device)):
+        pytest.skip("this torch's CUDA mm has no float32 output for bf16 operands (no split then)")
+    m, n, r = (64, 300, 16) if side == "left" else (300, 64, 16)
+    grad = randn(m, n, seed=9, device=device)
+    p = orthonormal(m, r, device, seed=4) if side == "left" else orthonormal(n, r, device, seed=4).T.contiguous()
+    packed = PackedInt4(*quantize_int4(p, 16), 16, tuple(p.shape))
+    dense = packed.dequantize()
+    calls = []
+    real = basis_module.int4_matmul
+    monkeypatch.setattr(basis_module, "int4_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with allow_tf32(False):
+        plain = Int4Basis.project(grad, side, (packed, None))
+        assert len(calls) == 1  # below the thresholds (or on the CPU): int4_matmul
+        monkeypatch.setattr(basis_module, "SPLIT_FLOAT32_MIN_RANK", r)
+        monkeypatch.setattr(basis_module, "SPLIT_FLOAT32_MIN_FLOPS", 2 * m * n * r)
+        if device != "cuda":
+            monkeypatch.setattr(basis_module, "split3_applies", lambda g, rank: True)
+        split = Int4Basis.project(grad, side, (packed, None))
+        assert len(calls) == 1, calls
+        assert torch.equal(split, FloatBasis.project(grad, side, (dense, None)))
+    d64, g64 = dense.double().cpu(), grad.double().cpu()
+    ref = d64.T @ g64 if side == "left" else g64 @ d64.T
+    rel = lambda t: float((t.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
+    print(f"relative error: split {rel(split):.3g}, int4_matmul float32 {rel(plain):.3g}")
+    assert split.dtype == torch.float32 and rel(split) <= 1.5 * rel(plain) + 1e-9, (rel(split), rel(plain))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("side,group", [("right", 64), ("left", 16), ("left", 64)])
 def test_projection_of_a_16bit_gradient_on_triton_makes_no_float32_copy(device, dtype, side, group):

@@ -81,6 +81,18 @@ def split3_applies(grad: Tensor, rank: int) -> bool:
     return grad.is_cuda and split_products_apply(grad.device)
 
 
+def basis_rank(shape, side: str) -> int:
+    """The rank of a one-sided basis of ``shape``: m x r (left) or r x n (right)."""
+    return shape[1] if side == "left" else shape[0]
+
+
+def split_projection(grad: Tensor, side: str, ortho: Tensor) -> Tensor:
+    """R = P^T G (left) or G P^T (right) of a float32 basis ``ortho`` (m x r or r x n) where :func:`split3_applies`:
+    P^T in three bf16 parts (small beside G), multiplied with G (or its parts) on bf16 tensor cores with float32
+    results (backends/_blocked.split3_mm_float32)."""
+    return split3_mm_float32(grad, split3_bf16(ortho.T), side == "right", grad.is_cuda)
+
+
 def _check_sizes(where: str, state: Dict, sizes) -> None:
     for key, size in sizes:
         t = state.get(key)
@@ -143,9 +155,8 @@ class FloatBasis:
             if side == "right":
                 return mm_float32(g, ortho.T, g.is_cuda)
             return mm_float32(ortho.T, g, g.is_cuda) @ ortho_right.to(torch.float32).T
-        if side in ("left", "right") and split3_applies(grad, ortho.shape[1] if side == "left" else ortho.shape[0]):
-            parts = split3_bf16(ortho.T)  # (P^T's three bf16 parts: m x r or r x n, small beside G)
-            return split3_mm_float32(grad, parts, side == "right", grad.is_cuda)
+        if side in ("left", "right") and split3_applies(grad, basis_rank(ortho.shape, side)):
+            return split_projection(grad, side, ortho)
         if side == "left":  # by blocks of columns of a large 16-bit gradient (backends/_blocked.float32_by_blocks)
             return float32_by_blocks(grad, 1, (ortho.shape[1], grad.shape[1]), lambda g: ortho.T @ g)
         if side == "right":
@@ -225,8 +236,14 @@ class Int4Basis:
         Triton runs (right: its 16-bit values times the basis' integers; left: times the basis' values in three bf16
         parts, an fp16 gradient's values in two; exact products either way; the cuda backend, a 16-bit gradient
         without TF32: cuBLAS products with the basis' values in three bf16 parts, an fp16 gradient's in two);
-        elsewhere it goes to float32 by blocks of 4M values (backends/_blocked.float32_by_blocks)."""
+        elsewhere it goes to float32 by blocks of 4M values (backends/_blocked.float32_by_blocks). A float32 gradient
+        where FloatBasis would split it (split3_applies: a GPU without TF32, rank and FLOPs over the thresholds) is
+        projected as FloatBasis does, by the basis' dequantized values (rank-sized, made for the call) in three bf16
+        parts and G's three (split_projection), not by int4_matmul's strict-fp32 path."""
         packed = basis[0]
+        if (grad.dtype == torch.float32 and side in ("left", "right")
+                and split3_applies(grad, basis_rank(packed.shape, side))):
+            return split_projection(grad, side, packed.dequantize())
         args = (packed.q, packed.scale, packed.zero, packed.group_size, packed.shape)
         if grad.dtype in (torch.bfloat16, torch.float16):
             g, out = grad, torch.float32
