@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..backend import allow_tf32
+
 
 def blocked_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, block_rows: int,
                            dequant: Callable[[Tensor, int, int], None]) -> Tensor:
@@ -555,29 +557,21 @@ def lowrank_operands(blocked: Tensor, whole: Tensor, precision: str, tensor_core
       float32 result (:func:`float32_mm_of_bf16`), one bf16 GEMM over the six pairs of three-part splits
       (:func:`six_pair_operands`: float32 accuracy at six bf16 products' cost, no strict-fp32 or TF32 GEMM);
       else the float32 operands (the caller multiplies them with TF32 off: :func:`strict_float32`)."""
+    tc = tensor_cores and float32_mm_of_bf16(blocked.device)
     if precision == "bf16":
-        a, b = blocked.to(torch.bfloat16), whole.to(torch.bfloat16)
-        if tensor_cores and float32_mm_of_bf16(blocked.device):
-            return a, b, True
-        return a.to(torch.float32), b.to(torch.float32), False
-    if tensor_cores and float32_mm_of_bf16(blocked.device):
+        if tc:
+            return blocked.to(torch.bfloat16), whole.to(torch.bfloat16), True
+        return rounded_to(blocked, precision), rounded_to(whole, precision), False
+    if tc:
         return (*six_pair_operands(blocked, whole), True)
     return blocked, whole, False
 
 
-@contextlib.contextmanager
 def strict_float32(device: torch.device):
-    """Float32 matmuls on ``device`` without TF32 inside the block (a CUDA device where
-    ``torch.backends.cuda.matmul.allow_tf32`` is set: unset, put back after; elsewhere nothing changes): for a
+    """A context in which float32 matmuls on ``device`` run without TF32 (a CUDA device:
+    ``weightkit.backend.allow_tf32(False)``, the user's setting put back after; elsewhere nothing changes): for a
     product whose precision is asked for, not left to the user's matmul setting."""
-    if device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
-        yield
-        return
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    return allow_tf32(False) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def sr_lowrank_update_composed(w_q: Tensor, scale: Tensor, ortho_q: Tensor, ortho_scale: Tensor, ortho_zero: Tensor,
