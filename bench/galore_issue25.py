@@ -59,7 +59,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-
 def step_ms(step, steps=STEPS, repeats=REPEATS) -> float:
     for _ in range(3 if DEVICE == "cuda" else 1):
         step()
@@ -431,12 +430,10 @@ def projection(rows):
     """The projection R = P^T G of a float32 gradient alone (what a float32 model's or bf16 autocast's GaLore step
     projects; a left basis, as GaLore's 'std' takes for m <= n) without TF32, at the step cases' sizes and a 350M
     model's 1024 x 2736 r256: G and P in three bf16 parts, six products in three cuBLAS bf16 GEMMs
-    (backends/_blocked.split3_mm_float32; FloatBasis.project takes it from basis.SPLIT_FLOAT32_MIN_RANK and
-    SPLIT_FLOAT32_MIN_FLOPS) against
-    cuBLAS's strict-fp32 GEMM (the base; galore-torch's projection), and TF32; each with its relative error against
-    float64 (no target: where the threshold belongs)."""
-    from weightkit.backends._blocked import split3_bf16, split3_mm_float32
-    from weightkit.optim.basis import SPLIT_FLOAT32_MIN_FLOPS, SPLIT_FLOAT32_MIN_RANK
+    (weightkit.optim.basis.split_projection, which FloatBasis.project takes from SPLIT_FLOAT32_MIN_RANK and
+    SPLIT_FLOAT32_MIN_FLOPS) against cuBLAS's strict-fp32 GEMM (the base; galore-torch's projection), and TF32; each
+    with its relative error against float64 (no target: where the thresholds belong)."""
+    from weightkit.optim.basis import SPLIT_FLOAT32_MIN_FLOPS, SPLIT_FLOAT32_MIN_RANK, split_projection
 
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     for (m, n), r in PROJECTION_CASES:
@@ -447,7 +444,7 @@ def projection(rows):
         tag = f"{m}x{n} r{r} left float32 G"
         flops = 2 * m * n * r
         ways = (("strict fp32 GEMM", False, lambda: p.T @ g),
-                ("split bf16x6", False, lambda: split3_mm_float32(g, split3_bf16(p.T), False, g.is_cuda)),
+                ("split bf16x6", False, lambda: split_projection(g, "left", p)),
                 ("tf32", True, lambda: p.T @ g))
         base = None
         for way, allowed, fn in ways:

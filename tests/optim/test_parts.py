@@ -217,11 +217,11 @@ def test_float_basis_projects_a_gradient_by_bf16_parts(device, side, dtype, monk
     in three bf16 parts (basis.split3_applies), three exact products with float32 results (an fp16 G in two bf16
     parts too, split a block at a time: five; a float32 G in three: six, where the projection is large enough,
     basis.SPLIT_FLOAT32_MIN_RANK and SPLIT_FLOAT32_MIN_FLOPS, lowered here), no float32 copy of a 16-bit G (of a
-    float32 one, no float32 temporary beyond a block of it): within 1.5x the strict float32 projection's error against float64, ~10^3 times
-    better than the basis rounded to bf16 (galore-torch's bf16 projection). The CPU takes the float32 product
-    (split3_applies is False there); the same code is run on it by forcing split3_applies, and with G's blocks
-    lowered (several blocks of G: the same values). TF32 allowed, or a float32 projection below the threshold: the
-    float32 product, as before."""
+    float32 one, no float32 temporary beyond a block of it): within 1.5x the strict float32 projection's error
+    against float64, ~10^3 times better than the basis rounded to bf16 (galore-torch's bf16 projection). The CPU
+    takes the float32 product (split3_applies is False there); the same code is run on it by forcing
+    split3_applies, and with G's blocks lowered (several blocks of G: the same values). TF32 allowed, or a float32
+    projection below the thresholds: the float32 product, as before."""
     from weightkit.backend import allow_tf32
     from weightkit.backends import _blocked
     from weightkit.backends._blocked import float32_mm_of_bf16

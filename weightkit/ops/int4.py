@@ -237,8 +237,8 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     scales applied in float32 after each K step's dot; elsewhere by W's float32 values split in three bf16 parts (an
     fp16 x's values in two bf16 parts), exact products again. The cuda backend, for a 16-bit x past its GEMV and
     with TF32 not allowed, multiplies x by W's float32 values in three bf16 parts too (an fp16 x in two bf16 parts),
-    cuBLAS products with float32 results (backends/_blocked.split3_dequant_matmul). Elsewhere x goes to float32 by blocks of at most 4M values
-    (backends/_blocked.float32_by_blocks) for the float32 product (TF32 on a GPU where
+    cuBLAS products with float32 results (backends/_blocked.split3_dequant_matmul). Elsewhere x goes to float32 by
+    blocks of at most 4M values (backends/_blocked.float32_by_blocks) for the float32 product (TF32 on a GPU where
     ``torch.backends.cuda.matmul.allow_tf32`` allows it). Its gradient is x's dtype."""
     return _int4_matmul_op(x, packed, scale, zero, group_size, [int(s) for s in shape], bool(transpose), out_dtype)
 
