@@ -79,8 +79,8 @@ void bind_cpu(py::module_& m, const char* c_name, R (*fn)(Args...)) {
 // return strings); resolved in this order, so a stale library's error names the first missing ones first.
 #define WK_CUDA_KERNEL_FUNCTIONS(X)                                                                               \
   X(stochastic_round_int8) X(int8_sr_update) X(dequantize_int8) X(int8_gemv) X(quantize_int4) X(dequantize_int4) \
-  X(int4_gemv) X(low_rank_adam) X(memory_lookup_forward) X(memory_lookup_backward) X(memory_rank_keys)           \
-  X(memory_segment_sum) X(dict_bitmask_to_dense_t) X(dict_bitmask_gather_dense_t)
+  X(int4_gemv) X(low_rank_adam) X(bf16_parts) X(memory_lookup_forward) X(memory_lookup_backward)                 \
+  X(memory_rank_keys) X(memory_segment_sum) X(dict_bitmask_to_dense_t) X(dict_bitmask_gather_dense_t)
 #define WK_CUDA_FUNCTIONS(X) X(abi_version) X(archs) X(probe) X(error_string) WK_CUDA_KERNEL_FUNCTIONS(X)
 
 // One pointer per function, typed from its declaration in weightkit.h.

@@ -29,7 +29,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 7
+#define WK_ABI_VERSION 8
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
@@ -133,6 +133,11 @@ WK_API int wk_cuda_int4_gemv(const void* x, int x_dtype, const uint8_t* packed, 
                              int64_t group_size, int64_t rows_per_warp, int device, void* stream);
 WK_API int wk_cuda_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
                                  float eps, int device, void* stream);
+// The exact bf16 parts of x (rows x cols of dtype x_dtype, f32: three parts, f16: two; element (r, c) at
+// r * stride_xr + c * stride_xc: any strides), part i of (r, c) at out + i * part_step + r * stride_or + c
+// (spec: weightkit/ops/galore.py, bf16_parts).
+WK_API int wk_cuda_bf16_parts(const void* x, int x_dtype, void* out, int64_t rows, int64_t cols, int64_t stride_xr,
+                              int64_t stride_xc, int64_t stride_or, int64_t part_step, int device, void* stream);
 // MemoryFormer. Forward: token_block (1, 2 or 4) tokens per block, the tables split in `splits` runs; with splits > 1,
 // partials (splits x n x d_out fp32) and counters (ceil(n / token_block) x ceil(d_out / tile) zeros, left zero) are
 // scratch (tile: 128 columns of fp32 tables, 256 of bf16/fp16). grad, x and gx share x_dtype.

@@ -715,13 +715,23 @@ def weight_dot(acc, w, xt, s, dt: tl.constexpr, PRECISION: tl.constexpr, SCALE_A
         return tl.dot(w.to(dt), tl.trans(xt.to(dt)), acc=acc, input_precision=PRECISION, out_dtype=tl.float32)
 
 
+# Compiled code converts float32 to bf16 to nearest, ties to even (Triton's default rounding of a downcast:
+# cvt.rn.bf16.f32); the interpreter's cast truncates (Triton 3.9).
+_CVT_BF16_RN = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
 def round_bf16(x):
-    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: torch's ``x.to(torch.bfloat16)``.
-    By bits, because the interpreter's float-to-bf16 cast truncates (Triton 3.9) where compiled code rounds."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: torch's ``x.to(torch.bfloat16)``,
+    NaN staying NaN. Compiled: the conversion instruction and back; under the interpreter, whose cast truncates, by
+    bits (where a NaN with a low payload, e.g. CUDA's canonical 0x7FFFFFFF, would carry into the exponent or the
+    sign: it is kept as it is)."""
+    if _CVT_BF16_RN:
+        return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
 
 @triton.jit

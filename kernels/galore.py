@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRET, TUNE_LOCK, capturing, cdiv, device_guard, dot6, launch, tile_ids, tune_bench
+from ._shared import (INTERPRET, TUNE_LOCK, Launcher, capturing, cdiv, config, device_guard, dot6, launch, next_pow2,
+                      round_bf16, space, tile_ids, tune_bench)
 
 
 @triton.jit
@@ -173,3 +174,65 @@ def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta
     with TUNE_LOCK:  # one tuning at a time (kernels/_shared.py)
         _matmul_update_kernel[grid](*args, **meta)
         _TUNED[tuning_key] = _matmul_update_kernel.best_config
+
+
+# -- bf16_parts (spec: weightkit.ops.galore.bf16_parts) ------------------------------------------------------------
+# A float32 (float16) gradient's exact bf16 parts, stacked, for the projection's bf16 GEMMs: one pass, x read once
+# (4 or 2 bytes a value) and each part written once (2 bytes), 10 bytes a float32 value where torch's elementwise
+# ops take four passes and about 30. Elementwise over 2-D tiles, x's columns along the tile's fast axis; the config
+# sets the tile (bucket: R and C rounded up to powers of two, the dtype).
+
+@triton.jit
+def _bf16_parts_kernel(x_ptr, out_ptr, R, C, stride_xr, stride_xc, stride_or, part_step, COUNT: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Part i of x[r, c] at out_ptr + i * part_step + r * stride_or + c (out's rows contiguous). COUNT 3 (float32
+    x): hi, mid, lo, each the nearest bf16 of what the previous ones left (round_bf16: NaN stays NaN), the differences
+    exact; COUNT 2 (float16 x): hi = x with its three lowest significand bits cleared, lo = x - hi (exact)."""
+    pid = tl.program_id(0).to(tl.int64)  # a 1-D grid, tiles row-major (a second grid axis stops at 65535)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    rows = (pid // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    out = out_ptr + rows[:, None] * stride_or + cols[None, :]
+    if COUNT == 2:
+        hi = (x.to(tl.int16, bitcast=True) & -8).to(tl.float16, bitcast=True)
+        tl.store(out, hi.to(tl.bfloat16), mask=mask)
+        tl.store(out + part_step, (x - hi).to(tl.bfloat16), mask=mask)
+    else:
+        hi = round_bf16(x)
+        rest = x - hi
+        mid = round_bf16(rest)
+        tl.store(out, hi.to(tl.bfloat16), mask=mask)  # exact casts: each part holds a bf16 value already
+        tl.store(out + part_step, mid.to(tl.bfloat16), mask=mask)
+        tl.store(out + 2 * part_step, (rest - mid).to(tl.bfloat16), mask=mask)
+
+
+PARTS_TUNE_MIN = 1 << 20  # smaller x: one fixed config (launch-bound)
+_PARTS_FIXED = config(4, 1, BLOCK_R=8, BLOCK_C=256)
+_PARTS = Launcher(_bf16_parts_kernel,
+                  space(lambda: [config(w, 1, BLOCK_R=r, BLOCK_C=c) for r, c in ((4, 1024), (8, 512), (16, 256),
+                                                                                  (32, 128), (16, 512), (32, 256))
+                                 for w in (4, 8)], config(4, 1, BLOCK_R=8, BLOCK_C=64)),
+                  key=["R", "C", "COUNT"])
+bf16_parts_autotune = _PARTS.autotuner
+
+
+def bf16_parts_triton(x, dim):
+    """x (2-D float32 or float16) as its exact bf16 parts (3 or 2), largest first, stacked along ``dim`` in a new
+    contiguous bf16 tensor (weightkit.ops.galore.bf16_parts). Launches on x's device."""
+    count = 3 if x.dtype == torch.float32 else 2
+    rows, cols = x.shape
+    shape = (count * rows, cols) if dim == 0 else (rows, count * cols)
+    with device_guard(x.device):
+        out = torch.empty(shape, dtype=torch.bfloat16, device=x.device)
+        if x.numel() == 0:
+            return out
+        part_step = rows * cols if dim == 0 else cols
+        fixed = None if INTERPRET or x.numel() >= PARTS_TUNE_MIN else _PARTS_FIXED
+        bucket = (next_pow2(rows), next_pow2(cols), x.dtype, dim, x.device)
+        _PARTS.launch((rows, cols, x.dtype, dim, x.device),
+                      (x, out, rows, cols, x.stride(0), x.stride(1), out.stride(0), part_step),
+                      lambda: (bucket, lambda c: (cdiv(rows, c["BLOCK_R"]) * cdiv(cols, c["BLOCK_C"]),),
+                               dict(COUNT=count), fixed))
+    return out

@@ -125,6 +125,9 @@ CASES = {
         "right-g32": lambda d: (*_int8_weight(96, 128, 32, d), *_int4(16, 128, 16, d), _randn(96, 16, device=d), 32,
                                 16, False, 0.1, 0.99, "fp32", 7, 0)},
     "blockwise8bit_adam_": {"600": lambda d: _adam8(600, d)},
+    # the projection's bf16 parts: a float32 gradient's column block (strided), an fp16 one's rows
+    "bf16_parts": {"float32-dim0-strided": lambda d: (_randn(64, 256, device=d)[:, 32:160], 0),
+                   "float16-dim1": lambda d: (_randn(48, 96, device=d).half(), 1)},
     "dict_bitmask_matmul": {"1tok": lambda d: _bitmask(1, d), "40tok": lambda d: _bitmask(40, d)},
     "dict_bitmask_matmul_backward": {"40tok": lambda d: (_randn(40, 72, device=d), *_bitmask(40, d))},
 }

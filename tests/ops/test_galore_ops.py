@@ -296,3 +296,97 @@ def test_tf32_only_where_allowed():
         assert galore_ops.matmul_precision(torch.device("cpu")) == "ieee"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+# -- bf16_parts ------------------------------------------------------------------------------------------------------
+
+def _wide_values(dtype, shape, generator):
+    """Random values over most of ``dtype``'s exponent range, with the edge cases in the first row: NaN, +-inf, +-0,
+    the largest finite value (a float32 whose hi part rounds to inf), subnormals, values halfway between bf16 ones."""
+    if dtype == torch.float32:
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * torch.exp2(
+            torch.randint(-126, 126, shape, generator=generator).double())
+        edge = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.4028234663852886e38, 1e-40, -2.5e-44,
+                1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 1.0 + 2.0 ** -8 + 2.0 ** -20]
+    else:
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * torch.exp2(
+            torch.randint(-14, 15, shape, generator=generator).double())
+        edge = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 65504.0, 6e-8, -3e-5, 1.0 + 2.0 ** -10]
+    x = x.to(dtype)
+    x[0, :len(edge)] = torch.tensor(edge, dtype=torch.float64).to(dtype)
+    return x
+
+
+def _same_bits(a, b):
+    """Bit for bit, NaNs equal wherever they are (their payloads may differ between backends)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_bf16_parts_are_exact_and_every_backend_gives_the_references_bits(device, dtype, dim):
+    """weightkit::bf16_parts: the parts of every finite value sum to it exactly (float64; a float32 from 2^-100 up),
+    each part is the nearest bf16 of what the larger ones left (a float32's), a NaN's hi is NaN and an infinity's hi
+    that infinity; every usable backend gives the reference's bits, stacked along ``dim``, for contiguous,
+    transposed and strided x."""
+    print("seed 29")
+    g = torch.Generator().manual_seed(29)
+    x = _wide_values(dtype, (37, 300), g).to(device)
+    count = 3 if dtype == torch.float32 else 2
+    backends = usable_backends(galore_ops._PARTS, device)
+    assert "reference" in backends and (device == "cpu" or len(backends) >= 2), backends
+    for name, view in (("contiguous", x), ("transposed", x.T.contiguous().T), ("strided", x[:, 1::2]),
+                       ("rows", x.T[:100])):
+        with use_backend("reference"):
+            ref = galore_ops.bf16_parts(view, dim)
+        rows, cols = view.shape
+        assert ref.dtype == torch.bfloat16 and ref.is_contiguous()
+        assert ref.shape == ((count * rows, cols) if dim == 0 else (rows, count * cols))
+        parts = ref.chunk(count, dim)
+        # exact where every part is a bf16 value: a float32 down to 2^-100 (smaller ones' low parts would be below
+        # bf16's subnormals) and not among the largest (their hi rounds to inf)
+        finite = view.isfinite() & (view.double().abs() < 3.3e38) & ((view.double().abs() >= 2.0 ** -100) |
+                                                                     (view == 0) | (count == 2))
+        total = sum(p.double() for p in parts)
+        assert torch.equal(total[finite], view.double()[finite]), name
+        if dtype == torch.float32:  # each part the nearest bf16 of the remainder
+            rest = view.double()
+            for p in parts:
+                assert torch.equal(p.double()[finite], rest.float().to(torch.bfloat16).double()[finite]), name
+                rest = rest - p.double()
+        assert torch.equal(parts[0].isnan(), view.isnan()), name
+        assert torch.equal(parts[0][view.isinf()].double(), view[view.isinf()].double()), name
+        tiny = (view.double().abs() < 2.0 ** -100) & (view != 0) & (count == 3)
+        for backend_name in backends:
+            with use_backend(backend_name):
+                got = galore_ops.bf16_parts(view, dim)
+            assert got.shape == ref.shape and got.dtype == torch.bfloat16, (backend_name, name)
+            # bit for bit but where a float32's parts fall below bf16's subnormals (a device's or the interpreter's
+            # treatment of subnormals may differ there): those within 2^-120 of x, far below any product's error
+            mask = torch.cat([~tiny] * count, dim)
+            assert _same_bits(got[mask], ref[mask]), f"{backend_name} {name}: {(got != ref).nonzero()[:5].tolist()}"
+            small = view.double()[tiny] - sum(p.double() for p in got.chunk(count, dim))[tiny]
+            assert (small.numel() > 0) == (count == 3), (backend_name, name)  # (the edge row holds tiny float32s)
+            assert small.abs().max().item() <= 2.0 ** -120 if count == 3 else True, (backend_name, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_parts_of_an_empty_x(device):
+    for name in usable_backends(galore_ops._PARTS, device):
+        with use_backend(name):
+            assert galore_ops.bf16_parts(torch.empty(0, 5, device=device), 0).shape == (0, 5)
+            assert galore_ops.bf16_parts(torch.empty(4, 0, device=device, dtype=torch.float16), 1).shape == (4, 0)
+
+
+@pytest.mark.parametrize("x,dim,err,match", [
+    (torch.randn(2, 3, 4), 0, ValueError, "x must be 2-D"),
+    (torch.randn(4, 4).bfloat16(), 0, TypeError, "x must have dtype"),
+    (torch.randn(4, 4).double(), 1, TypeError, "x must have dtype"),
+    (torch.randn(4, 4), 2, ValueError, "dim must be 0 or 1"),
+    ([[1.0]], 0, RuntimeError, "argument 'x'"),
+])
+def test_bf16_parts_bad_input(x, dim, err, match):
+    with pytest.raises(err, match=match):
+        galore_ops.bf16_parts(x, dim)

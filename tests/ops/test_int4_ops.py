@@ -252,7 +252,7 @@ def test_split2_fp16_is_exact_at_every_magnitude(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     """backends/_blocked.split3_mm_float32 of a split x (float16: two bf16 parts, float32: three): the parts, stacked
-    once in one bf16 buffer along the product's inner dimension, sum to x exactly (_stacked_parts; float32 values
+    once in one bf16 buffer along the product's inner dimension, sum to x exactly (stacked_parts; float32 values
     from 2^-90 to 2^90, where every part is a normal number, any strides); the products go by level, one GEMM a
     level of bf16 operands over a prefix of the stack (inner sizes 3K, 2K, K; float16: 2K, 2K, K), a block of x at a
     time (three blocks here); the result within 1.5x the float32 product's error against float64."""
@@ -262,7 +262,7 @@ def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     g = torch.Generator().manual_seed(21)
     wide = torch.randn(4096, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-90, 90, (4096,),
                                                                                        generator=g)).double()
-    parts = _blocked._stacked_parts(wide.float().reshape(64, 64).T.to(device), 3, 0)
+    parts = _blocked.stacked_parts(wide.float().reshape(64, 64).T.to(device), 3, 0)
     assert parts.dtype == torch.bfloat16 and parts.shape == (192, 64)
     assert torch.equal(parts.double().reshape(3, 64, 64).sum(0), wide.float().double().reshape(64, 64).T.to(device))
 
@@ -270,7 +270,7 @@ def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     x = (torch.randn((t, k) if x_left else (k, t), generator=g) / 3).to(dtype).to(device)
     w = torch.randn((k, r) if x_left else (r, k), generator=g).to(device)
     count, dim = (2 if dtype == torch.float16 else 3), (1 if x_left else 0)
-    stack = _blocked._stacked_parts(x, count, dim).double()
+    stack = _blocked.stacked_parts(x, count, dim).double()
     assert torch.equal(sum(stack.chunk(count, dim)), x.double())  # exact parts of this x too
     ref = x.double().cpu() @ w.double().cpu() if x_left else w.double().cpu() @ x.double().cpu()
     rel = lambda y: float((y.double().cpu() - ref).norm() / ref.norm())  # noqa: E731
@@ -335,6 +335,14 @@ def test_split3_dequant_matmul_is_the_float32_product_without_a_float32_x(device
     monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", 70 * k)  # x's rows by 70 (fp16: split a block at a time)
     torch.testing.assert_close(split3_dequant_matmul(x, rows, cols, transpose, dequant, x.is_cuda), y, rtol=1e-6,
                                atol=1e-6)
+    if dtype == torch.float16:  # x's parts by weightkit::bf16_parts (the cuda backend passes its kernel): same bits
+        from weightkit.ops import galore as galore_ops
+
+        by_blocks = split3_dequant_matmul(x, rows, cols, transpose, dequant, x.is_cuda)
+        for name in usable_backends(galore_ops._PARTS, device):
+            with use_backend(name):
+                got = split3_dequant_matmul(x, rows, cols, transpose, dequant, x.is_cuda, stack=galore_ops.bf16_parts)
+            assert torch.equal(got, by_blocks), name
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -149,6 +149,7 @@ def _launcher_calls(device):
             torch.rand(2, device=device) + 0.5, torch.randint(0, 256, (300,), dtype=torch.uint8, device=device),
             torch.rand(2, device=device) + 0.5, torch.linspace(-1, 1, 256, device=device),
             torch.linspace(0, 1, 256, device=device), torch.empty(300, device=device), 0.9, 0.999, 1e-6),
+        "bf16_parts": lambda: galore.bf16_parts_triton(x, 0),
         "dict_bitmask_matmul": lambda: dictionary.dict_bitmask_matmul_triton(x, values, bitmask, offsets),
         "dict_bitmask_matmul_backward": lambda: dictionary.dict_bitmask_matmul_backward_triton(
             torch.randn(2, 40, device=device), x, values, bitmask, offsets),
@@ -435,6 +436,10 @@ def _compile_cases():
     for tau in (1, 10):  # the counting sort's smallest and largest one-hot blocks (B = 2 and 1024 buckets)
         hot = torch.randint(0, 2**tau, (70, 3)) + torch.arange(3) * 2**tau
         out[f"memory sort_pairs {2**tau} buckets"] = lambda k=hot.int(), b=2**tau: memoryformer.sort_pairs(k, b)
+    for dt in (torch.float32, torch.float16):  # the projection's bf16 parts: a column block (strided) or a row block
+        g = torch.randn(300, 2048).to(dt)
+        out[f"bf16_parts {dt} dim0 strided"] = lambda g=g: galore.bf16_parts_triton(g[:, 512:1536], 0)
+        out[f"bf16_parts {dt} dim1"] = lambda g=g: galore.bf16_parts_triton(g, 1)
     for wdt in (torch.float32, torch.bfloat16):
         for odt, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
                           (torch.float16, False)):
@@ -603,7 +608,7 @@ def _compile_every_launch(space, cases=None):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from weightkit.kernels import _shared, dictionary, int4, int8
+    from weightkit.kernels import _shared, dictionary, galore, int4, int8
 
     assert not _shared.INTERPRET, "compiles only without TRITON_INTERPRET"
     assert space in SPACES, space
@@ -662,7 +667,7 @@ def _compile_every_launch(space, cases=None):
     # the GPU's operands: on CPU tensors dot_meta gives bf16 dots fp32 operands (for the interpreter)
     _shared.dot_meta = dictionary.dot_meta = lambda device, dtype, precision: dict(PRECISION=precision)
     if space != "fixed":  # the tuners' config spaces instead of the shape rules
-        int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = 0
+        int8.TUNE_MIN_WEIGHT = int4.TUNE_MIN_WEIGHT = dictionary.TUNE_MIN_WEIGHT = galore.PARTS_TUNE_MIN = 0
     import re
 
     for name, call in _compile_cases().items():

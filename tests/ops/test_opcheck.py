@@ -63,6 +63,7 @@ CASES = {
     "int8_sr_lowrank_update_": lambda d: (*_int8_weight(16, 12, 4, d), *_int4(16, 4, 4, d),
                                           torch.randn(4, 12, device=d), 4, 4, True, 0.1, 0.99, "fp32", 1, 0),
     "blockwise8bit_adam_": lambda d: _adam8_args(d),
+    "bf16_parts": lambda d: (torch.randn(6, 8, device=d), 1),
     "memory_lookup_forward": lambda d: (torch.randn(6, 8, device=d), torch.randn(2, 16, 8, device=d) * 0.1, 1.0),
     "memory_lookup_backward": lambda d: (torch.randn(6, 8, device=d), torch.randn(6, 8, device=d),
                                          torch.randn(2, 16, 8, device=d) * 0.1, 1.0, True),
@@ -115,3 +116,10 @@ def test_opcheck_int4_matmul_float32_out(device):
     torch.library.opcheck(torch.ops.weightkit.int4_matmul.default,
                           (x, *_int4(12, 8, 4, device), 4, [12, 8], False, torch.float32))
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_bf16_parts_of_a_strided_float16_x(device):
+    torch.manual_seed(0)
+    x = torch.randn(8, 12, device=device).half()[:, ::2]
+    torch.library.opcheck(torch.ops.weightkit.bf16_parts.default, (x, 0))

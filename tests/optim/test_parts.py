@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, usable_backends
 from weightkit import use_backend
 from weightkit.nn import Int8Linear
 from weightkit.ops.galore import galore_adam_update_reference
@@ -269,6 +269,36 @@ def test_float_basis_projects_a_gradient_by_bf16_parts(device, side, dtype, monk
         # upcasts a block's three stacked bf16 parts for its product: 3 blocks)
         block = (3 if device == "cpu" else 1) * 96 * 70
         assert probe.largest <= max(block, out.numel()) < grad.numel(), probe.largest
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_split_projection_takes_gs_parts_from_the_bf16_parts_op(device, side, dtype, monkeypatch):
+    """A split projection of a float32 or float16 G (basis.split_projection) makes G's parts by the op
+    weightkit::bf16_parts, a block of G a call (one Triton or CUDA pass on a GPU, not torch's four): every backend
+    of the op gives the projection the same bits."""
+    from weightkit.backends import _blocked
+    from weightkit.ops import galore as galore_ops
+    from weightkit.optim import basis as basis_module
+
+    m, n, r = (96, 400, 16) if side == "left" else (400, 96, 16)
+    grad = randn(m, n, seed=11, device=device).to(dtype)
+    p = orthonormal(m, r, device, seed=5) if side == "left" else orthonormal(n, r, device, seed=5).T.contiguous()
+    monkeypatch.setattr(_blocked, "FLOAT32_BLOCK", 96 * 150)  # three blocks of G
+    calls = []
+    real = basis_module.bf16_parts
+    monkeypatch.setattr(basis_module, "bf16_parts", lambda x, dim: calls.append((x.shape, dim)) or real(x, dim))
+    results = {}
+    for name in usable_backends(galore_ops._PARTS, device):
+        calls.clear()
+        with use_backend(name):
+            results[name] = basis_module.split_projection(grad, side, p)
+        blocks = [(96, 150), (96, 150), (96, 100)]
+        assert calls == ([(b, 0) for b in blocks] if side == "left" else [(b[::-1], 1) for b in blocks]), calls
+    assert "reference" in results and (device == "cpu" or len(results) >= 2), sorted(results)
+    for name, out in results.items():
+        assert torch.equal(out, results["reference"]), name
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -194,7 +194,8 @@ def _fp16_hi(x: Tensor) -> Tensor:
     return (x.view(torch.int16) & -8).view(torch.float16)
 
 
-def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Tensor:
+def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool,
+                      stack: Optional[Callable[[Tensor, int], Tensor]] = None) -> Tensor:
     """The float32 ``x @ W`` (x_left) or ``W @ x`` of a 2-D ``x`` (bf16, float16 or float32) and W given as its three
     bf16 parts (:func:`split3_bf16_`), by :func:`mm_float32` (with ``tensor_cores``, a GPU's: bf16 tensor cores with
     float32 accumulation and results; else upcast), summed in float32, smallest first: the float32 product's
@@ -211,7 +212,9 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Ten
     one bf16 buffer, stacked along the product's inner dimension ([x_0; x_1; x_2], part 0 the largest), and the
     products of part i of x and part j of W (0: hi), terms of order 2^-8(i + j), are made by level L = i + j, one
     GEMM a level over a prefix of the stack: [W_L ... W_0] @ [x_0; ...; x_L] (inner size (L + 1) k at most), the
-    levels summed smallest first (two float32 additions of the rank-sized results)."""
+    levels summed smallest first (two float32 additions of the rank-sized results). ``stack(block, dim)`` makes a
+    block's stacked parts (by default :func:`stacked_parts`, torch's elementwise ops; the optimizers pass
+    weightkit.ops.galore.bf16_parts, one Triton pass on a GPU)."""
     hi, mid, lo = parts
     dim = 1 if x_left else 0  # W's parts side by side along the product's other dimension: x read once a GEMM
     k = hi.shape[dim]
@@ -228,10 +231,10 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Ten
               for level in (2, 1, 0)]
 
     def block(xb):
-        stack = _stacked_parts(xb, count, dim)
+        stacked = stacked_parts(xb, count, dim) if stack is None else stack(xb, dim)
         acc = None
         for level, w in zip((2, 1, 0), levels):
-            xs = stack.narrow(dim, 0, (min(level, count - 1) + 1) * xb.shape[dim])
+            xs = stacked.narrow(dim, 0, (min(level, count - 1) + 1) * xb.shape[dim])
             y = _side_by_side(xs, w, x_left, tensor_cores)
             acc = y if acc is None else acc.add_(y)
         return acc
@@ -239,7 +242,7 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool) -> Ten
     return by_blocks(x, 0 if x_left else 1, shape, block)
 
 
-def _stacked_parts(x: Tensor, count: int, dim: int) -> Tensor:
+def stacked_parts(x: Tensor, count: int, dim: int) -> Tensor:
     """x's ``count`` exact bf16 parts (two of a float16 x, as :func:`split2_fp16_`; three of a float32 x, as
     :func:`split3_bf16`, each the nearest bf16 of what the previous ones left), largest first, written once into one
     bf16 tensor, stacked along ``dim``. A float32 x: four elementwise passes (about 30 bytes moved a value); a
@@ -272,7 +275,8 @@ SIX_PRODUCTS = ((0, 2), (1, 1), (2, 0), (0, 1), (1, 0), (0, 0))
 
 
 def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequant: Callable[..., None],
-                          tensor_cores: bool, block_bytes: Optional[int] = None) -> Tensor:
+                          tensor_cores: bool, block_bytes: Optional[int] = None,
+                          stack: Optional[Callable[[Tensor, int], Tensor]] = None) -> Tensor:
     """The float32 y = x W^T (transpose=False) or x W (transpose=True) of a bfloat16 or float16 x (2-D, any strides;
     a float16 x also split, in two bf16 parts, a block of rows at a time: five products, :func:`split3_mm_float32`)
     and a quantized W (rows x cols), without a float32 copy of x: W's float32 values, dequantized a block of output
@@ -283,14 +287,15 @@ def split3_dequant_matmul(x: Tensor, rows: int, cols: int, transpose: bool, dequ
     products). Each product is exact, so
     the result has the float32 product's accuracy, at three bf16 GEMMs' cost instead of one strict-fp32 GEMM's
     (several times slower on a GPU) plus x's conversion. W's block holds at most ``block_bytes``
-    (DEQUANT_BLOCK_BYTES) of float32 values, and its three parts half as much each."""
+    (DEQUANT_BLOCK_BYTES) of float32 values, and its three parts half as much each. ``stack``: how a float16 x's
+    parts are made (:func:`split3_mm_float32`)."""
     tokens = x.shape[0]
     n_out, k = (cols, rows) if transpose else (rows, cols)
     if tokens == 0 or n_out == 0 or k == 0:
         return torch.zeros((tokens, n_out), dtype=torch.float32, device=x.device)
     y = None  # one block (the common case): its product is the result; several: each written into y
     for o0, w in _dequantized_blocks(rows, cols, transpose, dequant, torch.float32, x.device, block_bytes):
-        acc = split3_mm_float32(x, split3_bf16_(w), True, tensor_cores)  # (the block is not needed afterwards)
+        acc = split3_mm_float32(x, split3_bf16_(w), True, tensor_cores, stack)  # (the block is not needed afterwards)
         if o0 == 0 and w.shape[1] == n_out:
             return acc
         if y is None:

@@ -44,11 +44,11 @@ from ..backend import KernelTable
 from ..backends.cpu import galore as cpu_galore
 from ..backends.cuda import galore as cuda_galore
 from ..backends.triton import galore as triton_galore
-from ..backends._blocked import matmul_precision, mm_float32, step_coef
+from ..backends._blocked import matmul_precision, mm_float32, stacked_parts, step_coef
 from ._checks import FLOAT_DTYPES, check_flag, check_tensor
 from ._registry import define
 
-__all__ = ["galore_adam_update_", "matmul_precision", "mm_float32"]
+__all__ = ["galore_adam_update_", "bf16_parts", "matmul_precision", "mm_float32"]
 
 # auto on CUDA: the cuda kernel first. Measured on an H200 (torch 2.11, Triton 3.6, 2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json), whole GaLoreAdamW step, 4096^2 r1024: cuda 1.43 ms vs
@@ -146,3 +146,44 @@ def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_a
     ``found_inf``, the precision and the temporaries)."""
     _galore_adam_update_op(weight, low_grad, exp_avg, exp_avg_sq, ortho, bool(left), float(beta1), float(beta2),
                            float(eps), float(step_size), float(scale), float(decay), found_inf, step_size_t)
+
+
+# -- bf16_parts: a float32 / float16 gradient's exact bf16 parts, for the projection's bf16 GEMMs ------------------
+
+_PARTS = KernelTable("bf16_parts", cuda_order=("cuda", "triton"))
+
+
+def _check_parts(x, dim):
+    check_tensor("x", x, dtypes=(torch.float32, torch.float16), ndim=2, nonempty=False)
+    if dim not in (0, 1):
+        raise ValueError(f"dim must be 0 or 1, got {dim}")
+
+
+def _parts_shape(x, dim):
+    count = 3 if x.dtype == torch.float32 else 2
+    return (count * x.shape[0], x.shape[1]) if dim == 0 else (x.shape[0], count * x.shape[1])
+
+
+@_PARTS.register("reference")
+def bf16_parts_reference(x, dim):
+    return stacked_parts(x, 3 if x.dtype == torch.float32 else 2, dim)
+
+
+_PARTS.register("cuda")(cuda_galore.bf16_parts)
+_PARTS.register("triton")(triton_galore.bf16_parts)
+
+_bf16_parts_op = define("bf16_parts(Tensor x, int dim) -> Tensor", table=_PARTS, check=_check_parts,
+                        fake=lambda x, dim: x.new_empty(_parts_shape(x, dim), dtype=torch.bfloat16))
+
+
+def bf16_parts(x: Tensor, dim: int) -> Tensor:
+    """The exact bf16 parts of a 2-D float32 or float16 ``x``, largest first, stacked along ``dim`` in a new
+    contiguous bf16 tensor (3 or 2 times x's size along ``dim``): for a float32 x three parts, hi + mid + lo == x,
+    each the nearest bf16 (ties to even) of what the previous ones left; for a float16 x two, hi = x with its three
+    lowest significand bits cleared and lo = x - hi. A NaN gives NaN parts; an infinity, or a value that rounds to
+    one, an infinite hi and NaN below it. GaLore's and Q-GaLore's projection of a float32 or float16 gradient on bf16
+    tensor cores multiplies these parts (weightkit.backends._blocked.split3_mm_float32). Backends: ``reference``
+    (torch's elementwise ops: four passes over a float32 x, about 30 bytes moved a value; the CPU path), ``cuda``
+    and ``triton`` (one pass: x read once, each part written once, 10 bytes a float32 value; auto on a GPU: cuda,
+    then triton; a bandwidth-bound pass has no regime to measure)."""
+    return _bf16_parts_op(x, int(dim))

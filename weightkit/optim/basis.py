@@ -27,7 +27,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..ops.galore import mm_float32
+from ..ops.galore import bf16_parts, mm_float32
 from ..backends._blocked import float32_by_blocks, split3_bf16, split3_mm_float32, split_products_apply
 from ..ops.int4 import dequantize_int4, int4_matmul, quantize_int4
 
@@ -89,8 +89,9 @@ def basis_rank(shape, side: str) -> int:
 def split_projection(grad: Tensor, side: str, ortho: Tensor) -> Tensor:
     """R = P^T G (left) or G P^T (right) of a float32 basis ``ortho`` (m x r or r x n) where :func:`split3_applies`:
     P^T in three bf16 parts (small beside G), multiplied with G (or its parts) on bf16 tensor cores with float32
-    results (backends/_blocked.split3_mm_float32)."""
-    return split3_mm_float32(grad, split3_bf16(ortho.T), side == "right", grad.is_cuda)
+    results (backends/_blocked.split3_mm_float32; a float32 or float16 G's parts by weightkit.ops.galore.bf16_parts,
+    one Triton pass on a GPU)."""
+    return split3_mm_float32(grad, split3_bf16(ortho.T), side == "right", grad.is_cuda, stack=bf16_parts)
 
 
 def _check_sizes(where: str, state: Dict, sizes) -> None:

@@ -116,6 +116,8 @@ inline __half __float2half_rn(float v) {
   std::memcpy(&h.bits, &f, 2);
   return h;
 }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline __half __ushort_as_half(unsigned short bits) { return __half{bits}; }
 inline float __bfloat162float(__nv_bfloat16 b) {
   const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
   float f;

@@ -1,8 +1,9 @@
 """cuda backend of weightkit/ops/galore.py: this backend's low-rank Adam kernel, then cuBLAS applies P U
-(weightkit.backends._blocked.galore_adam_update_composed)."""
+(weightkit.backends._blocked.galore_adam_update_composed); the bf16 parts of a projection's gradient in one pass."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ... import native
@@ -18,3 +19,16 @@ def _low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, update
 
 
 galore_adam_update_ = galore_adam_update_of(_low_rank_adam, True, __name__)
+
+
+def bf16_parts(x: Tensor, dim: int) -> Tensor:
+    """weightkit.ops.galore.bf16_parts: one kernel pass (x read once, any strides; each part written once)."""
+    count = 3 if x.dtype == torch.float32 else 2
+    rows, cols = x.shape
+    out = torch.empty((count * rows, cols) if dim == 0 else (rows, count * cols), dtype=torch.bfloat16,
+                      device=x.device)
+    device, raw_stream = stream(x)
+    check(native.CUDA.bf16_parts(x.data_ptr(), native.FLOAT_CODES[x.dtype], out.data_ptr(), rows, cols, x.stride(0),
+                                 x.stride(1), out.stride(0), rows * cols if dim == 0 else cols, device, raw_stream),
+          "bf16_parts")
+    return out

@@ -11,6 +11,7 @@ from ... import native
 from ...backend import rows_of
 from .._blocked import dequant_matmul, matmul_out_dtype, split3_dequant_matmul, split_products_apply
 from . import GEMV_MAX_TOKENS, check, gemv, stream
+from .galore import bf16_parts
 
 
 def quantize_int4(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -46,9 +47,9 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
 
     ``out_dtype=float32`` for a 16-bit x (GaLore's projections of a 16-bit gradient): where the GEMV does not run
     and TF32 is not allowed, W's float32 values in three bf16 parts, three cuBLAS products of a bf16 x on bf16
-    tensor cores with float32 results, five of a float16 x split in two bf16 parts by blocks of rows
-    (backends/_blocked.split3_dequant_matmul: float32 accuracy, no float32 copy of x; where this torch's mm has no
-    float32 output for bf16, as below); otherwise x converted to float32 by blocks of rows (matmul_out_dtype) and W
+    tensor cores with float32 results, five of a float16 x split in two bf16 parts by blocks of rows (by this
+    backend's bf16_parts kernel) (backends/_blocked.split3_dequant_matmul: float32 accuracy, no float32 copy of x;
+    where this torch's mm has no float32 output for bf16, as below); otherwise x converted to float32 by blocks of rows (matmul_out_dtype) and W
     dequantized to float32 (TF32 where the user allows it)."""
     rows, cols = shape
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
@@ -78,6 +79,6 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     if (out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and not gemv_runs(rows_of(x))
             and split_products_apply(x.device)):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2], True)
+        y = split3_dequant_matmul(x2, rows, cols, transpose, dequant_args(x2)[2], True, stack=bf16_parts)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
     return matmul_out_dtype(x, n_out, out_dtype, run)

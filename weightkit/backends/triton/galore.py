@@ -17,3 +17,9 @@ def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_a
     galore_adam_update_triton(weight, low_grad.contiguous(), exp_avg, exp_avg_sq, ortho.contiguous(), left, beta1,
                               beta2, eps, step_size, scale, decay, found_inf=found_inf, step_size_t=step_size_t,
                               tf32=matmul_precision(weight.device) == "tf32")
+
+
+def bf16_parts(x: Tensor, dim: int) -> Tensor:
+    from ...kernels.galore import bf16_parts_triton
+
+    return bf16_parts_triton(x, dim)
