@@ -300,6 +300,52 @@ def test_tf32_only_where_allowed():
 
 # -- bf16_parts ------------------------------------------------------------------------------------------------------
 
+try:  # a kernel of the Triton splits' rounding (kernels/_shared.round_bf16, split3_bf16), compiled or interpreted
+    import triton
+    import triton.language as tl
+
+    from weightkit.kernels._shared import round_bf16, split3_bf16
+
+    @triton.jit
+    def _rounding_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        x = tl.load(x_ptr + i, mask=mask, other=0.0)
+        hi, mid, lo = split3_bf16(x)
+        tl.store(out_ptr + i, round_bf16(x), mask=mask)
+        tl.store(out_ptr + n + i, hi, mask=mask)
+        tl.store(out_ptr + 2 * n + i, mid, mask=mask)
+        tl.store(out_ptr + 3 * n + i, lo, mask=mask)
+except ImportError:  # (no Triton: the test below skips)
+    _rounding_kernel = None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_round_bf16_is_torchs_and_keeps_nan(device):
+    """kernels/_shared.round_bf16 (compiled: the conversion instruction; interpreted: by bits) rounds float32 to bf16
+    as torch does, ties to even and overflow to inf included, and keeps every NaN a NaN (the bit trick alone carried
+    a low NaN payload, e.g. CUDA's canonical NaN 0x7FFFFFFF, into the sign: -0.0); split3_bf16's parts likewise."""
+    if _rounding_kernel is None or galore_ops._PARTS.why_not("triton", torch.device(device)) is not None:
+        pytest.skip("Triton cannot run here (no GPU, or no TRITON_INTERPRET for CPU tensors)")
+    print("seed 31")
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(200, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-100, 100, (200,), generator=g).double())).float()
+    ties = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(2.0 + 2.0 ** -7), 3.4028234663852886e38])
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FC00000, 0x7F808000], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([x, ties, nans, torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])]).to(device)
+    out = torch.empty(4 * x.numel(), device=device)
+    _rounding_kernel[(1,)](x, out, x.numel(), BLOCK=256)
+    rounded, hi, mid, lo = out.view(4, -1)
+    want = x.to(torch.bfloat16).float()
+    for got in (rounded, hi):
+        assert torch.equal(got.isnan(), x.isnan())
+        assert torch.equal(got[~x.isnan()].view(torch.int32), want[~x.isnan()].view(torch.int32))
+    rest = x - hi
+    finite = x.isfinite() & (hi.isfinite())
+    assert torch.equal(mid[finite], rest.to(torch.bfloat16).float()[finite])
+    assert torch.equal((hi.double() + mid.double() + lo.double())[finite], x.double()[finite])
+
 def _wide_values(dtype, shape, generator):
     """Random values over most of ``dtype``'s exponent range, with the edge cases in the first row: NaN, +-inf, +-0,
     the largest finite value (a float32 whose hi part rounds to inf), subnormals, values halfway between bf16 ones."""
