@@ -34,6 +34,7 @@ launch overhead and the sync's stall included), median of ``REPEATS`` loops. Not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -49,7 +50,9 @@ CASES = (((4096, 4096), 1024), ((4096, 11008), 512))
 REFRESH = (4096, 1024)  # the refresh rows' square size and rank
 SMOKE = (1000, 1536, 96)  # the compiled-kernel check's m, n, r
 SYNCS_CASE = ((1024, 1024), 256)  # the sync count's shape and rank
-PROJECTION_CASES = CASES + (((1024, 2736), 256),)  # the projection rows' shapes (m x n) and ranks: + a 350M MLP's
+# the projection rows' shapes (m x n) and ranks: + 4096^2 at r256 (below SPLIT_FLOAT32_MIN_RANK: where the one-pass
+# parts may move it) and a 350M MLP's
+PROJECTION_CASES = CASES + (((4096, 4096), 256), ((1024, 2736), 256))
 DEVICE = "cuda"  # "cpu": a dry run of the code paths for the tests (Triton through the interpreter; timings mean
 #                  nothing, no syncs are counted)
 
@@ -432,9 +435,17 @@ def projection(rows):
     model's 1024 x 2736 r256: G and P in three bf16 parts, six products in three cuBLAS bf16 GEMMs
     (weightkit.optim.basis.split_projection, which FloatBasis.project takes from SPLIT_FLOAT32_MIN_RANK and
     SPLIT_FLOAT32_MIN_FLOPS) against cuBLAS's strict-fp32 GEMM (the base; galore-torch's projection), and TF32; each
-    with its relative error against float64 (no target: where the thresholds belong)."""
+    with its relative error against float64 (no target: where the thresholds belong). G's parts come from
+    weightkit::bf16_parts: `split bf16x6` is what auto runs (one CUDA pass), `... <backend> parts` each backend
+    forced (reference: torch's four elementwise passes, as before the one-pass kernels); and `bf16_parts <backend>
+    <m>x<n> float32` times the parts of the whole G alone, with the bytes it moves (10 a value: G read, three bf16
+    parts written; the report gives GB/s and the share of its copy row's bandwidth)."""
+    from weightkit import use_backend
+    from weightkit.ops import galore as galore_ops
     from weightkit.optim.basis import SPLIT_FLOAT32_MIN_FLOPS, SPLIT_FLOAT32_MIN_RANK, split_projection
 
+    device = torch.device(DEVICE)
+    parts_backends = [b for b in ("reference", "cuda", "triton") if galore_ops._PARTS.why_not(b, device) is None]
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     for (m, n), r in PROJECTION_CASES:
         g = torch.randn(m, n, device=DEVICE, generator=gen)
@@ -443,21 +454,33 @@ def projection(rows):
         rel = lambda t: float((t.double() - ref).norm() / ref.norm())  # noqa: E731
         tag = f"{m}x{n} r{r} left float32 G"
         flops = 2 * m * n * r
-        ways = (("strict fp32 GEMM", False, lambda: p.T @ g),
-                ("split bf16x6", False, lambda: split_projection(g, "left", p)),
-                ("tf32", True, lambda: p.T @ g))
+        ways = [("strict fp32 GEMM", False, None, lambda: p.T @ g),
+                ("split bf16x6", False, None, lambda: split_projection(g, "left", p))]
+        ways += [(f"split bf16x6 {b} parts", False, b, lambda: split_projection(g, "left", p)) for b in parts_backends]
+        ways.append(("tf32", True, None, lambda: p.T @ g))
         base = None
-        for way, allowed, fn in ways:
+        for way, allowed, forced, fn in ways:
             name = f"projection {way} {tag}"
 
-            def run(fn=fn, allowed=allowed):
-                with tf32(allowed):
+            def run(fn=fn, allowed=allowed, forced=forced):
+                with tf32(allowed), (use_backend(forced) if forced else contextlib.nullcontext()):
                     return step_ms(fn), rel(fn())
             got = _guarded(rows, name, run)
             if got is not None:
                 _row(rows, name, got[0], base, rel_err=got[1], flops=flops,
                      split_by_default=flops >= SPLIT_FLOAT32_MIN_FLOPS and r >= SPLIT_FLOAT32_MIN_RANK)
                 base = got[0] if base is None else base
+    for m, n in sorted({shape for shape, _ in PROJECTION_CASES}):
+        g = torch.randn(m, n, device=DEVICE, generator=gen)
+        for b in parts_backends:
+            name = f"bf16_parts {b} {m}x{n} float32"
+
+            def run_parts(b=b, g=g):
+                with use_backend(b):
+                    return step_ms(lambda: galore_ops.bf16_parts(g, 0))
+            ms = _guarded(rows, name, run_parts)
+            if ms is not None:
+                _row(rows, name, ms, bytes=10 * g.numel())  # (the report adds GB/s and % of its copy row's)
 
 
 def table(rows=None):

@@ -520,9 +520,20 @@ def test_galore_issue25_section_runs_at_toy_sizes_and_its_targets_are_found(repo
     assert {"refresh phase small svd tf32 48x48 k16", "refresh phase small gram tf32 48x48 k16"} <= set(phases)
     assert any(r["name"].startswith("refresh small-svd randomized cholqr") and "ms" in r for r in data["rows"])
     projections = {r["name"]: r for r in data["rows"] if r["name"].startswith("projection ")}
-    assert sorted(projections) == sorted(f"projection {w} 48x32 r8 left float32 G"
-                                         for w in ("strict fp32 GEMM", "split bf16x6", "tf32")), sorted(projections)
+    import torch
+
+    from weightkit.ops import galore as galore_ops
+
+    parts = [b for b in ("reference", "cuda", "triton") if galore_ops._PARTS.why_not(b, torch.device("cpu")) is None]
+    assert "reference" in parts and ("triton" in parts) == (os.environ.get("TRITON_INTERPRET") == "1"), parts
+    ways = ["strict fp32 GEMM", "split bf16x6", "tf32"] + [f"split bf16x6 {b} parts" for b in parts]
+    assert sorted(projections) == sorted(f"projection {w} 48x32 r8 left float32 G" for w in ways), sorted(projections)
     assert all(r["rel_err"] < 1e-5 and not r["split_by_default"] for r in projections.values()), projections
+    split = [r["rel_err"] for name, r in projections.items() if "split" in name]
+    assert max(split) == min(split), split  # every way of making G's parts: the same bits
+    parts_rows = [r for r in data["rows"] if r["name"].startswith("bf16_parts ")]
+    assert sorted(r["name"] for r in parts_rows) == sorted(f"bf16_parts {b} 48x32 float32" for b in parts)
+    assert all(r["GB/s"] == 10 * 48 * 32 / r["ms"] / 1e6 for r in parts_rows), parts_rows
     verdicts = {s.what: targets.evaluate(s, [targets.Report(str(out), data)]) for s in targets.report_specs()
                 if s.issue == 25}
     import importlib.util

@@ -58,12 +58,14 @@ def host_shape(state: Dict, key: str) -> tuple:
 
 # A float32 gradient is split too (three bf16 parts, six products) where the basis has at least
 # SPLIT_FLOAT32_MIN_RANK columns and the projection makes at least SPLIT_FLOAT32_MIN_FLOPS (2 m n r). The split costs
-# four elementwise passes over G (about 30 bytes moved a value) and six bf16 products instead of one strict-fp32 one;
-# the strict GEMM's time grows with r, the passes' does not. An H200 estimate (cuBLAS strict fp32 ~51 TFLOP/s, as the
-# 2026-11-26 step rows imply; bf16 ~700; copies ~4.2 TB/s), per value of G: strict 2r / 51e12 s, split
-# 30 / 4.2e12 + 12 r / 700e12 s, even at r ~ 320, ~1.25x faster at r = 512, ~1.6x at r = 1024. Below 2^33 FLOPs the
-# launches (about ten a projection instead of one) weigh as well. (Estimates: galore_issue25's `projection` rows
-# measure r1024, r512 and a 350M model's 1024 x 2736 r256, which stays strict.)
+# one pass over G making its parts (weightkit::bf16_parts: 10 bytes moved a value; torch's elementwise ops took four
+# passes and about 30) and six bf16 products instead of one strict-fp32 one; the strict GEMM's time grows with r, the
+# pass's does not. An H200 estimate (cuBLAS strict fp32 ~51 TFLOP/s, as the 2026-11-26 step rows imply; bf16 ~700;
+# copies ~4.2 TB/s), per value of G: strict 2r / 51e12 s, split 10 / 4.2e12 + 12 r / 700e12 s: even at r ~ 110,
+# ~1.5x faster at r = 256, ~1.75x at r = 512 (with the four passes: even at r ~ 320, ~1.25x at 512). Kept at 512
+# until measured: a skinny bf16 GEMM (r rows of output) may run well below 700 TFLOP/s. Below 2^33 FLOPs the launches
+# (about six a projection instead of one) weigh as well. (galore_issue25's `projection` rows measure r1024, r512,
+# 4096^2 r256 and a 350M model's 1024 x 2736 r256, each with G's parts by every bf16_parts backend.)
 SPLIT_FLOAT32_MIN_RANK = 512
 SPLIT_FLOAT32_MIN_FLOPS = 1 << 33
 
