@@ -214,7 +214,7 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool,
     GEMM a level over a prefix of the stack: [W_L ... W_0] @ [x_0; ...; x_L] (inner size (L + 1) k at most), the
     levels summed smallest first (two float32 additions of the rank-sized results). ``stack(block, dim)`` makes a
     block's stacked parts (by default :func:`stacked_parts`, torch's elementwise ops; the optimizers pass
-    weightkit.ops.galore.bf16_parts, one Triton pass on a GPU)."""
+    weightkit.ops.galore.bf16_parts, one CUDA or Triton pass on a GPU)."""
     hi, mid, lo = parts
     dim = 1 if x_left else 0  # W's parts side by side along the product's other dimension: x read once a GEMM
     k = hi.shape[dim]

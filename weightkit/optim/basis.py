@@ -92,7 +92,7 @@ def split_projection(grad: Tensor, side: str, ortho: Tensor) -> Tensor:
     """R = P^T G (left) or G P^T (right) of a float32 basis ``ortho`` (m x r or r x n) where :func:`split3_applies`:
     P^T in three bf16 parts (small beside G), multiplied with G (or its parts) on bf16 tensor cores with float32
     results (backends/_blocked.split3_mm_float32; a float32 or float16 G's parts by weightkit.ops.galore.bf16_parts,
-    one Triton pass on a GPU)."""
+    one CUDA or Triton pass on a GPU)."""
     return split3_mm_float32(grad, split3_bf16(ortho.T), side == "right", grad.is_cuda, stack=bf16_parts)
 
 

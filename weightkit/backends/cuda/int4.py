@@ -49,8 +49,8 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     and TF32 is not allowed, W's float32 values in three bf16 parts, three cuBLAS products of a bf16 x on bf16
     tensor cores with float32 results, five of a float16 x split in two bf16 parts by blocks of rows (by this
     backend's bf16_parts kernel) (backends/_blocked.split3_dequant_matmul: float32 accuracy, no float32 copy of x;
-    where this torch's mm has no float32 output for bf16, as below); otherwise x converted to float32 by blocks of rows (matmul_out_dtype) and W
-    dequantized to float32 (TF32 where the user allows it)."""
+    where this torch's mm has no float32 output for bf16, as below); otherwise x converted to float32 by blocks of
+    rows (matmul_out_dtype) and W dequantized to float32 (TF32 where the user allows it)."""
     rows, cols = shape
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     p, s, z = packed.data_ptr(), scale.data_ptr(), zero.data_ptr()
