@@ -1006,6 +1006,11 @@ def auto():
                         p = ortho.to(pdt)
                         row("auto", f"galore_adam_update_ {m}x{n} r{r} proj {pdt} {'tf32' if tf32 else 'strict'}",
                             lambda: gops.galore_adam_update_(weight, low, ea, es, p, True, step_size=1e-6))
+            # the split projection's parts of a float32 / fp16 G: a column block of at most 4M values (strided)
+            cols = max(1, min(n, (1 << 22) // m))
+            for gdt in (torch.float32, torch.float16):
+                gb = weight.to(gdt)[:, :cols]
+                row("auto", f"bf16_parts {gdt} {m}x{cols} block of {m}x{n}", lambda: gops.bf16_parts(gb, 0))
         m, r = QGALORE_SHAPE
         wq = torch.randint(-127, 128, (m, m), dtype=torch.int8, device=DEV)
         wsc = torch.rand(m * m // 128, device=DEV) * 1e-2 + 1e-3

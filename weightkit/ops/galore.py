@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import KernelTable
+from ..backend import KernelTable, token_bucket
 from ..backends.cpu import galore as cpu_galore
 from ..backends.cuda import galore as cuda_galore
 from ..backends.triton import galore as triton_galore
@@ -150,7 +150,13 @@ def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_a
 
 # -- bf16_parts: a float32 / float16 gradient's exact bf16 parts, for the projection's bf16 GEMMs ------------------
 
-_PARTS = KernelTable("bf16_parts", cuda_order=("cuda", "triton"))
+def _parts_regime(x, dim):
+    """auto's measured choice between the two one-pass kernels per shape class: sizes rounded up to powers of two, the
+    dtype, the stacking side, and whether x's rows are contiguous (a projection's column block is strided)."""
+    return token_bucket(x.shape[0]), token_bucket(x.shape[1]), x.dtype, dim, x.stride(1) == 1
+
+
+_PARTS = KernelTable("bf16_parts", cuda_order=("cuda", "triton"), regime=_parts_regime)
 
 
 def _check_parts(x, dim):
@@ -184,6 +190,6 @@ def bf16_parts(x: Tensor, dim: int) -> Tensor:
     one, an infinite hi and NaN below it. GaLore's and Q-GaLore's projection of a float32 or float16 gradient on bf16
     tensor cores multiplies these parts (weightkit.backends._blocked.split3_mm_float32). Backends: ``reference``
     (torch's elementwise ops: four passes over a float32 x, about 30 bytes moved a value; the CPU path), ``cuda``
-    and ``triton`` (one pass: x read once, each part written once, 10 bytes a float32 value; auto on a GPU: cuda,
-    then triton; a bandwidth-bound pass has no regime to measure)."""
+    and ``triton`` (one pass: x read once, each part written once, 10 bytes a float32 value; auto on a GPU: the
+    faster of the two by measurement per shape class, else cuda first)."""
     return _bf16_parts_op(x, int(dim))
