@@ -204,8 +204,9 @@ def _bf16_parts_kernel(x_ptr, out_ptr, R, C, stride_xr, stride_xc, stride_or, pa
         rest = x - hi
         mid = round_bf16(rest)
         tl.store(out, hi.to(tl.bfloat16), mask=mask)  # exact casts: each part holds a bf16 value already
-        tl.store(out + part_step, mid.to(tl.bfloat16), mask=mask)
-        tl.store(out + 2 * part_step, (rest - mid).to(tl.bfloat16), mask=mask)
+        out = out + part_step  # (two pointer steps, not 2 * part_step: an int32 part_step may pass 2^30)
+        tl.store(out, mid.to(tl.bfloat16), mask=mask)
+        tl.store(out + part_step, (rest - mid).to(tl.bfloat16), mask=mask)
 
 
 PARTS_TUNE_MIN = 1 << 20  # smaller x: one fixed config (launch-bound)
