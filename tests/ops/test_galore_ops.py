@@ -346,6 +346,7 @@ def test_triton_round_bf16_is_torchs_and_keeps_nan(device):
     assert torch.equal(mid[finite], rest.to(torch.bfloat16).float()[finite])
     assert torch.equal((hi.double() + mid.double() + lo.double())[finite], x.double()[finite])
 
+
 def _wide_values(dtype, shape, generator):
     """Random values over most of ``dtype``'s exponent range, with the edge cases in the first row: NaN, +-inf, +-0,
     the largest finite value (a float32 whose hi part rounds to inf), subnormals, values halfway between bf16 ones."""
