@@ -117,7 +117,6 @@ def test_opcheck_int4_matmul_float32_out(device):
                           (x, *_int4(12, 8, 4, device), 4, [12, 8], False, torch.float32))
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_bf16_parts_of_a_strided_float16_x(device):
     torch.manual_seed(0)
