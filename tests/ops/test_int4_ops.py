@@ -262,7 +262,7 @@ def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     g = torch.Generator().manual_seed(21)
     wide = torch.randn(4096, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-90, 90, (4096,),
                                                                                        generator=g)).double()
-    parts = _blocked.stacked_parts(wide.float().reshape(64, 64).T.to(device), 3, 0)
+    parts = _blocked.stacked_parts(wide.float().reshape(64, 64).T.to(device), 0)
     assert parts.dtype == torch.bfloat16 and parts.shape == (192, 64)
     assert torch.equal(parts.double().reshape(3, 64, 64).sum(0), wide.float().double().reshape(64, 64).T.to(device))
 
@@ -270,7 +270,7 @@ def test_split_products_by_level(device, x_left, dtype, monkeypatch):
     x = (torch.randn((t, k) if x_left else (k, t), generator=g) / 3).to(dtype).to(device)
     w = torch.randn((k, r) if x_left else (r, k), generator=g).to(device)
     count, dim = (2 if dtype == torch.float16 else 3), (1 if x_left else 0)
-    stack = _blocked.stacked_parts(x, count, dim).double()
+    stack = _blocked.stacked_parts(x, dim).double()
     assert torch.equal(sum(stack.chunk(count, dim)), x.double())  # exact parts of this x too
     ref = x.double().cpu() @ w.double().cpu() if x_left else w.double().cpu() @ x.double().cpu()
     rel = lambda y: float((y.double().cpu() - ref).norm() / ref.norm())  # noqa: E731

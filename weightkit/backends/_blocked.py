@@ -224,14 +224,14 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool,
     if x.dtype not in (torch.float16, torch.float32):
         raise TypeError(f"split3_mm_float32 takes a bf16, float16 or float32 x, got {x.dtype}")
     w_parts = (hi, mid, lo)
-    count = 2 if x.dtype == torch.float16 else 3  # x's parts
+    count = part_count(x.dtype)  # x's parts
     # x's dimension ``dim`` is the product's inner one (its columns for x @ W, its rows for W @ x), W's is 1 - dim;
     # level L's W operand: [W_L ... W_0] along it, matching the stack's parts 0 .. L
     levels = [torch.cat([w_parts[level - i] for i in range(min(level, count - 1) + 1)], 1 - dim)
               for level in (2, 1, 0)]
 
     def block(xb):
-        stacked = stacked_parts(xb, count, dim) if stack is None else stack(xb, dim)
+        stacked = (stack or stacked_parts)(xb, dim)
         acc = None
         for level, w in zip((2, 1, 0), levels):
             xs = stacked.narrow(dim, 0, (min(level, count - 1) + 1) * xb.shape[dim])
@@ -242,14 +242,26 @@ def split3_mm_float32(x: Tensor, parts, x_left: bool, tensor_cores: bool,
     return by_blocks(x, 0 if x_left else 1, shape, block)
 
 
-def stacked_parts(x: Tensor, count: int, dim: int) -> Tensor:
-    """x's ``count`` exact bf16 parts (two of a float16 x, as :func:`split2_fp16_`; three of a float32 x, as
-    :func:`split3_bf16`, each the nearest bf16 of what the previous ones left), largest first, written once into one
-    bf16 tensor, stacked along ``dim``. A float32 x: four elementwise passes (about 30 bytes moved a value); a
-    float16 x: three (about 14 bytes)."""
-    size = x.shape[dim]
+def part_count(dtype: torch.dtype) -> int:
+    """How many exact bf16 parts a value of ``dtype`` takes: three of a float32, two of a float16."""
+    return 3 if dtype == torch.float32 else 2
+
+
+def stacked_shape(x: Tensor, dim: int):
+    """(count, shape) of x's stacked bf16 parts (:func:`stacked_parts`): :func:`part_count` parts along ``dim``."""
+    count = part_count(x.dtype)
     shape = list(x.shape)
-    shape[dim] = count * size
+    shape[dim] *= count
+    return count, tuple(shape)
+
+
+def stacked_parts(x: Tensor, dim: int) -> Tensor:
+    """x's exact bf16 parts (two of a float16 x, as :func:`split2_fp16_`; three of a float32 x, as
+    :func:`split3_bf16`, each the nearest bf16 of what the previous ones left), largest first, written once into one
+    bf16 tensor, stacked along ``dim`` (:func:`stacked_shape`). A float32 x: four elementwise passes (about 30 bytes
+    moved a value); a float16 x: three (about 14 bytes)."""
+    count, shape = stacked_shape(x, dim)
+    size = x.shape[dim]
     out = torch.empty(shape, dtype=torch.bfloat16, device=x.device)
     part = [out.narrow(dim, i * size, size) for i in range(count)]
     if count == 2:  # split2_fp16_'s parts, written in place

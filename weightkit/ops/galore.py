@@ -44,7 +44,7 @@ from ..backend import KernelTable, token_bucket
 from ..backends.cpu import galore as cpu_galore
 from ..backends.cuda import galore as cuda_galore
 from ..backends.triton import galore as triton_galore
-from ..backends._blocked import matmul_precision, mm_float32, stacked_parts, step_coef
+from ..backends._blocked import matmul_precision, mm_float32, stacked_parts, stacked_shape, step_coef
 from ._checks import FLOAT_DTYPES, check_flag, check_tensor
 from ._registry import define
 
@@ -165,21 +165,16 @@ def _check_parts(x, dim):
         raise ValueError(f"dim must be 0 or 1, got {dim}")
 
 
-def _parts_shape(x, dim):
-    count = 3 if x.dtype == torch.float32 else 2
-    return (count * x.shape[0], x.shape[1]) if dim == 0 else (x.shape[0], count * x.shape[1])
-
-
 @_PARTS.register("reference")
 def bf16_parts_reference(x, dim):
-    return stacked_parts(x, 3 if x.dtype == torch.float32 else 2, dim)
+    return stacked_parts(x, dim)
 
 
 _PARTS.register("cuda")(cuda_galore.bf16_parts)
 _PARTS.register("triton")(triton_galore.bf16_parts)
 
 _bf16_parts_op = define("bf16_parts(Tensor x, int dim) -> Tensor", table=_PARTS, check=_check_parts,
-                        fake=lambda x, dim: x.new_empty(_parts_shape(x, dim), dtype=torch.bfloat16))
+                        fake=lambda x, dim: x.new_empty(stacked_shape(x, dim)[1], dtype=torch.bfloat16))
 
 
 def bf16_parts(x: Tensor, dim: int) -> Tensor:

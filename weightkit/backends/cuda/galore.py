@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import galore_adam_update_of
+from .._blocked import galore_adam_update_of, stacked_shape
 from . import check, stream
 
 
@@ -23,10 +23,8 @@ galore_adam_update_ = galore_adam_update_of(_low_rank_adam, True, __name__)
 
 def bf16_parts(x: Tensor, dim: int) -> Tensor:
     """weightkit.ops.galore.bf16_parts: one kernel pass (x read once, any strides; each part written once)."""
-    count = 3 if x.dtype == torch.float32 else 2
     rows, cols = x.shape
-    out = torch.empty((count * rows, cols) if dim == 0 else (rows, count * cols), dtype=torch.bfloat16,
-                      device=x.device)
+    out = torch.empty(stacked_shape(x, dim)[1], dtype=torch.bfloat16, device=x.device)
     device, raw_stream = stream(x)
     check(native.CUDA.bf16_parts(x.data_ptr(), native.FLOAT_CODES[x.dtype], out.data_ptr(), rows, cols, x.stride(0),
                                  x.stride(1), out.stride(0), rows * cols if dim == 0 else cols, device, raw_stream),
