@@ -59,6 +59,14 @@
 #       float32 rest, and bf16x3 for the write-back (float32 accuracy from three bf16 products, half tf32x3's
 #       tensor-core work); should the test stage's test_compiled_write_back_on_cuda fail for bf16x3, run it
 #       with --lowrank-precision tf32x3)
+# A second call may join a report section and a train run (stages run in the order above, report before train; the
+# report's JSON is rewritten after every row and the training results after every method, so a cut keeps both).
+# With ~380 s of device time left after the first call (the device tool's status, budget_left_s), three target rows
+# in one call (#25's host syncs, the 350m step and peak rows of #24 and #25; timeout_s ~330):
+#   STAGES=report,train REPORT_SECTIONS=galore_issue25 REPORT_BUDGET=150 \
+#     TRAIN_METHODS=adamw,galore-layerwise,qgalore-layerwise TRAIN_BUDGET=140 \
+#     TRAIN_ARGS="--model-size 350m --steps 16 --svd randomized --stagger-refresh --eval-every 8 --tf32"
+#   (galore_issue25 measures its syncs rows second, after a smoke row; its projection rows, last, may be cut)
 # Other knobs: REPORT_SECTIONS (default ceilings,quant,kernels,galore,memoryformer,dictionary,auto,host),
 # REPORT_SECTION_BUDGETS (e.g. quant=40: seconds outright), QUANT_PEERS (default 0: the bitsandbytes/tinygemm rows
 # were measured on 2026-11-26), TRAIN_ARGS, TEST_ARGS (extra pytest arguments), TEST_COMPILE_THREADS (Triton compile

@@ -281,6 +281,46 @@ def test_script_runs_the_stages_in_order_and_drops_what_cannot_run(tmp_path):
     assert len(list(out.rglob("*"))) <= 9  # 8 files (+ the train folder) come back from the device machine
 
 
+def _documented_call(first_line):
+    """The environment of a call the script's header documents: the comment lines from the one that starts with
+    ``first_line`` through its backslash continuations, as NAME=value pairs."""
+    import shlex
+
+    lines = SCRIPT.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   " + first_line))
+    text = ""
+    for line in lines[start:]:
+        text += line.lstrip("#").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(text.replace("\\ ", " "))
+    assert all("=" in w for w in words), words
+    return dict(w.split("=", 1) for w in words)
+
+
+@needs_tools
+def test_documented_second_call_runs_the_report_section_then_the_training_methods(tmp_path):
+    """The header's second call that joins galore_issue25 and a 350m training run: the report first, with its own
+    limit and section, then the training methods that can run there, each stage under the limit it was given."""
+    env = _documented_call("STAGES=report,train")
+    assert env["STAGES"] == "report,train" and env["REPORT_SECTIONS"] == "galore_issue25"
+    proc, summary, calls, out = _run_script(tmp_path, dict(env, FAKE_CUDALIB="ok"))
+    assert proc.returncode == 0, summary
+    stages = [c.split()[1] for c in calls if not c.startswith("-c")]
+    assert stages == ["bench.gpu_report", "bench.targets", "weightkit", "bench.targets"], calls
+    report_call = next(c for c in calls if c.startswith("-m bench.gpu_report"))
+    assert f"--budget {int(env['REPORT_BUDGET']) - 20} " in report_call and "--only galore_issue25" in report_call
+    train_call = next(c for c in calls if c.startswith("-m weightkit train")) + " "
+    assert "--methods adamw,galore-layerwise " in train_call  # qgalore-layerwise needs bitsandbytes: not here
+    assert env["TRAIN_ARGS"] in train_call and "--model-size 350m" in train_call
+    head = summary.split("-----")[0]
+    for stage in ("build", "test"):
+        assert f"  - {stage}: not in STAGES" in head, head
+    for stage, limit in (("report", int(env["REPORT_BUDGET"])), ("train", int(env["TRAIN_BUDGET"]))):
+        assert any(line.startswith(f"  {stage}") and "ok" in line and f"/ {limit:4d} s" in line
+                   for line in head.splitlines()), (stage, head)
+
+
 def _checkout_with_prebuilt(tmp_path, sources_hash=None):
     """A copy of what the scripts read (scripts/, csrc/, setup.py) with a carried .gpu-prebuilt of fake libraries,
     stamped with the copy's sources hash (or ``sources_hash``)."""
