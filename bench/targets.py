@@ -18,7 +18,11 @@ How a row is judged:
   run predates the replay);
 * a target over several sizes (1 and 16 tokens, two GaLore shapes, ...) is met when every size is, MISSED when one
   is, and not measured when one is missing and none missed;
-* where several files measured a row, the last one given (the newest) is judged.
+* where several files measured a row, the last one given (the newest) is judged;
+* a decode row (kernel time) and MemoryLinear's 1024-token forward also show their bytes bound: the best figure a
+  kernel could reach moving only the bytes it must (the weight's or the tables' rows a token hashes to, the
+  activations) at the copy bandwidth the same run measured; a miss that even the bound misses is marked "past the
+  bytes bound on this device" (e.g. MemoryLinear at 16 tokens reads twice a 4096^2 bf16 weight's bytes).
 
 The sizes looked for are bench/gpu_report's (QUANT_D, MEM_D, ...), so a report made at other sizes (the tests' toy
 run) is judged at its own sizes. Nothing here needs a GPU.
@@ -47,6 +51,7 @@ class Part:
     value: Optional[float] = None
     shown: str = ""
     why: str = ""
+    bound: Optional[float] = None  # the best figure the bytes it must move allow at the run's copy bandwidth
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Report:
         self.rows = {(r.get("section"), r.get("name")): r for r in data.get("rows", [])}
         self.skipped = list(data.get("skipped", []))
         self.meta = data.get("meta", {})
+        self.copy_GBps = data.get("copy_GBps")  # the run's measured copy bandwidth (its ceilings section)
 
     def get(self, section: str, name: str) -> Optional[Dict]:
         r = self.rows.get((section, name))
@@ -219,15 +225,29 @@ def _pct(v):
     return f"{v:.0f}% of copy"
 
 
-def _speed(rep, section, label, auto_name, pattern, base, key, fmt=_x) -> Part:
-    """A layer's speed over ``base`` (a row of ``section``) by ``key`` (ms or kernel_ms): > 1 is faster."""
-    return _layer(rep, label, ("auto", auto_name) if auto_name else None, (section, pattern),
+def _speed(rep, section, label, auto_name, pattern, base, key, fmt=_x, need=None) -> Part:
+    """A layer's speed over ``base`` (a row of ``section``) by ``key`` (ms or kernel_ms): > 1 is faster. With
+    ``need`` (the bytes the layer must move, or "rows": the ``bytes`` its rows recorded), its bytes bound too: the
+    most it could be faster than ``base``, were it to move them at the run's copy bandwidth."""
+    part = _layer(rep, label, ("auto", auto_name) if auto_name else None, (section, pattern),
                   lambda row: _ratio(rep, row, (section, base), key), fmt)
+    if need == "rows":
+        need = next((rep.rows[(section, name)].get("bytes") for _, name in rep.names(section, pattern)), None)
+    b = rep.get(section, base)
+    if part.value is not None and need and rep.copy_GBps and b is not None and b.get(key):
+        part.bound = b[key] / (need / rep.copy_GBps / 1e6)
+        part.shown += f"; bytes bound {fmt(part.bound)}"
+    return part
 
 
-def _time(rep, section, label, auto_name, pattern) -> Part:
-    return _layer(rep, label, ("auto", auto_name) if auto_name else None, (section, pattern),
+def _time(rep, section, label, auto_name, pattern, need=None) -> Part:
+    """A layer's time; with ``need`` (bytes it must move), its floor at the run's copy bandwidth too."""
+    part = _layer(rep, label, ("auto", auto_name) if auto_name else None, (section, pattern),
                   lambda row: _field(rep, row, "ms"), _ms, higher_is_better=False)
+    if part.value is not None and need and rep.copy_GBps:
+        part.bound = need / rep.copy_GBps / 1e6
+        part.shown += f"; bytes floor {_ms(part.bound)}"
+    return part
 
 
 # -- judging -------------------------------------------------------------------------------------------------------
@@ -268,6 +288,9 @@ def evaluate(spec: Spec, reports: Sequence[Report]) -> Verdict:
     measured = [(p, t) for p, t in zip(parts, tests) if p.value is not None]
     if any(not t(p.value) for p, t in measured):
         v.status = MISSED
+        beyond = [p.label or "it" for p, t in measured if not t(p.value) and p.bound is not None and not t(p.bound)]
+        if beyond:  # no kernel could meet it there: the bytes alone take longer at the run's copy bandwidth
+            v.measured += f" [past the bytes bound on this device: {', '.join(beyond)}]"
     elif measured and len(measured) == len(parts):
         v.status = MET
     v.source = "; ".join(dict.fromkeys(s for s in sources if s))
@@ -289,7 +312,8 @@ def report_specs() -> List[Spec]:
 
     def int8(key, tokens):
         return lambda rep: [_speed(rep, "quant", f"{t} tok", f"Int8Linear g128 bf16 {t} tok",
-                                   rf"Int8Linear g128 (?P<b>\w+) {t} tok", f"bf16 nn.Linear {t}x{d}x{d}", key)
+                                   rf"Int8Linear g128 (?P<b>\w+) {t} tok", f"bf16 nn.Linear {t}x{d}x{d}", key,
+                                   need="rows" if key == "kernel_ms" else None)
                             for t in tokens]
 
     def int8_fwd_bwd(rep):
@@ -299,7 +323,7 @@ def report_specs() -> List[Spec]:
 
     def int4(rep):
         return [_speed(rep, "quant", f"{t} tok", None, rf"int4_matmul g64 (?P<b>\w+) {t} tok",
-                       f"bf16 nn.Linear {t}x{d}x{d}", "kernel_ms") for t in decode]
+                       f"bf16 nn.Linear {t}x{d}x{d}", "kernel_ms", need="rows") for t in decode]
 
     def bandwidth(rep):
         return [_layer(rep, label, None, ("quant", pattern), lambda row: _field(rep, row, "pct_copy_bw"), _pct)
@@ -440,6 +464,15 @@ def _galore_specs() -> List[Spec]:
     ]
 
 
+def memory_linear_bytes(d: int, tokens: int, tau: int = 8, itemsize: int = 2) -> float:
+    """The bytes a MemoryLinear d -> d forward of ``tokens`` random tokens must move at least: each table's rows that
+    some token hashes to (expected distinct of 2^tau buckets drawn ``tokens`` times), read once, and the bf16 input
+    and output. 16 tokens read about 15.5 rows of each table (62 MiB at d 4096), twice a 4096^2 bf16 weight."""
+    buckets = 2**tau
+    rows = d // tau * buckets * (1.0 - (1.0 - 1.0 / buckets) ** tokens)
+    return rows * d * itemsize + 2 * tokens * d * itemsize
+
+
 def _memory_dict_specs() -> List[Spec]:
     """#26: MemoryLinear and DictLinear against bf16 nn.Linear; the compressor."""
     d = gr.MEM_D
@@ -448,12 +481,12 @@ def _memory_dict_specs() -> List[Spec]:
 
     def mem_decode(rep):
         return [_speed(rep, "memoryformer", f"{t} tok", f"MemoryLinear torch.bfloat16 {t} tok",
-                       rf"MemoryLinear bfloat16 (?P<b>\w+) {t} tok", f"bf16 nn.Linear {d}^2 {t} tok", "kernel_ms")
-                for t in decode]
+                       rf"MemoryLinear bfloat16 (?P<b>\w+) {t} tok", f"bf16 nn.Linear {d}^2 {t} tok", "kernel_ms",
+                       need=memory_linear_bytes(d, t)) for t in decode]
 
     def mem_prefill(rep):
         return [_time(rep, "memoryformer", f"{most} tok", f"MemoryLinear torch.bfloat16 {most} tok",
-                      rf"MemoryLinear bfloat16 (?P<b>\w+) {most} tok")]
+                      rf"MemoryLinear bfloat16 (?P<b>\w+) {most} tok", need=memory_linear_bytes(d, most))]
 
     def mem_fwd_bwd(deterministic):
         def parts(rep):
@@ -475,7 +508,8 @@ def _memory_dict_specs() -> List[Spec]:
     def dict_rows(key, tokens):
         return lambda rep: [_speed(rep, "dictionary", f"{t} tok", f"DictLinear bf16 k{ka} s{sa} {t} tok",
                                    rf"DictLinear bf16 k{k} s{s} \((?P<fewer>[\w% ]*)\) (?P<b>\w+) {t} tok",
-                                   f"bf16 nn.Linear {t} tok", key) for t in tokens]
+                                   f"bf16 nn.Linear {t} tok", key, need="rows" if key == "kernel_ms" else None)
+                            for t in tokens]
 
     def dict_fwd_bwd(rep):
         return [_speed(rep, "dictionary", f"{dmost} tok", f"DictLinear bf16 k{ka} s{sa} fwd+bwd {dmost} tok",

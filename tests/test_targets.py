@@ -140,6 +140,46 @@ def test_the_targeted_sections_rows_are_judged(tmp_path):
     assert _verdict(tg.judge([_report(tmp_path / "r.json", rows)]), "MiniLM").status == tg.MISSED
 
 
+def test_a_miss_past_the_bytes_bound_says_so(tmp_path):
+    """Decode and bandwidth rows carry the best figure the bytes they must move allow at the run's copy bandwidth;
+    a miss that no kernel could avoid on that device is marked."""
+    m = 4096
+    assert tg.memory_linear_bytes(m, 1) == 512 * m * 2 + 2 * m * 2  # one row of each of the 512 tables
+    assert 1.9 < tg.memory_linear_bytes(m, 16) / (2 * m * m) < 2.0  # 15.5 rows a table: twice a bf16 4096^2 weight
+    mem = [_row("memoryformer", f"bf16 nn.Linear {m}^2 {t} tok", 0.02, kernel_ms) for t, kernel_ms in
+           ((1, 0.010), (16, 0.012))]
+    mem += [_row("memoryformer", f"MemoryLinear bfloat16 triton {t} tok", 0.05, kernel_ms) for t, kernel_ms in
+            ((1, 0.008), (16, 0.030))]
+    mem.append(_row("memoryformer", "MemoryLinear bfloat16 triton 1024 tok", 0.40))
+    int4 = [_row("quant", f"bf16 nn.Linear {t}x{D}x{D}", 0.06, 0.05) for t in (1, 16)]
+    int4 += [_row("quant", f"int4_matmul g64 triton {t} tok", 0.03, 0.025,
+                  bytes=D * D // 2 + D * D // 64 * 5 + 4 * t * D) for t in (1, 16)]
+
+    def judged(copy_gbps):
+        path = _report(tmp_path / f"r{copy_gbps}.json", mem + int4)
+        data = json.loads(Path(path).read_text())
+        _write(Path(path), dict(data, copy_GBps=copy_gbps))
+        return tg.judge([path])
+
+    verdicts = judged(4000.0)
+    v = _verdict(verdicts, f"MemoryLinear {m}, bf16 tables, 1, 16 tokens")
+    assert v.status == tg.MISSED  # 1.25x and 0.40x against 2x
+    bound16 = 0.012 / (tg.memory_linear_bytes(m, 16) / 4000.0 / 1e6)
+    assert f"16 tok: 0.40x (triton; auto not measured); bytes bound {bound16:.2f}x" in v.measured
+    assert v.measured.endswith("[past the bytes bound on this device: 16 tok]"), v.measured  # 1 tok could: 9.5x
+    v = _verdict(verdicts, f"MemoryLinear {m}, bf16 tables, 1024 tokens")
+    assert v.status == tg.MISSED and "bytes floor 0.268 ms" in v.measured and "past the bytes" not in v.measured
+    v = _verdict(verdicts, f"int4_matmul {D}² g64")
+    assert v.status == tg.MISSED and "1 tok: 2.00x (triton); bytes bound 5.15x" in v.measured  # 38.8 MB
+    assert "past the bytes" not in v.measured
+    # an H100's copy bandwidth: the bytes of 1024 tokens alone take longer than the 0.35 ms asked for
+    v = _verdict(judged(3000.0), f"MemoryLinear {m}, bf16 tables, 1024 tokens")
+    assert "bytes floor 0.357 ms" in v.measured and v.measured.endswith("on this device: 1024 tok]"), v.measured
+    # a report without the copy bandwidth: the figures alone, as before
+    v = _verdict(tg.judge([_report(tmp_path / "plain.json", mem)]), f"MemoryLinear {m}, bf16 tables, 1, 16 tokens")
+    assert v.status == tg.MISSED and "bound" not in v.measured
+
+
 def _train(path, size, results, **config):
     return _write(path, dict(config=dict(model_size=size, batch_size=8, seq_len=512, rank=256, steps=20, **config),
                              device="NVIDIA H200", date="2026-12-08", results=results))
