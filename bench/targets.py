@@ -75,6 +75,10 @@ class Report:
         self.meta = data.get("meta", {})
         self.copy_GBps = data.get("copy_GBps")  # the run's measured copy bandwidth (its ceilings section)
 
+    def copy_ms(self, nbytes) -> Optional[float]:
+        """The time ``nbytes`` take at the run's copy bandwidth (None without it, or without bytes)."""
+        return nbytes / self.copy_GBps / 1e6 if nbytes and self.copy_GBps else None
+
     def get(self, section: str, name: str) -> Optional[Dict]:
         r = self.rows.get((section, name))
         return r if r is not None and "error" not in r and r.get("ms") is not None else None
@@ -233,9 +237,9 @@ def _speed(rep, section, label, auto_name, pattern, base, key, fmt=_x, need=None
                   lambda row: _ratio(rep, row, (section, base), key), fmt)
     if need == "rows":
         need = next((rep.rows[(section, name)].get("bytes") for _, name in rep.names(section, pattern)), None)
-    b = rep.get(section, base)
-    if part.value is not None and need and rep.copy_GBps and b is not None and b.get(key):
-        part.bound = b[key] / (need / rep.copy_GBps / 1e6)
+    floor, b = rep.copy_ms(need), rep.get(section, base)
+    if part.value is not None and floor and b is not None and b.get(key):
+        part.bound = b[key] / floor
         part.shown += f"; bytes bound {fmt(part.bound)}"
     return part
 
@@ -244,9 +248,10 @@ def _time(rep, section, label, auto_name, pattern, need=None) -> Part:
     """A layer's time; with ``need`` (bytes it must move), its floor at the run's copy bandwidth too."""
     part = _layer(rep, label, ("auto", auto_name) if auto_name else None, (section, pattern),
                   lambda row: _field(rep, row, "ms"), _ms, higher_is_better=False)
-    if part.value is not None and need and rep.copy_GBps:
-        part.bound = need / rep.copy_GBps / 1e6
-        part.shown += f"; bytes floor {_ms(part.bound)}"
+    floor = rep.copy_ms(need)
+    if part.value is not None and floor:
+        part.bound = floor
+        part.shown += f"; bytes floor {_ms(floor)}"
     return part
 
 

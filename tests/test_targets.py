@@ -17,9 +17,9 @@ def _write(path, data):
     return str(path)
 
 
-def _report(path, rows, skipped=(), date="2026-12-08 10:00:00"):
+def _report(path, rows, skipped=(), date="2026-12-08 10:00:00", **extra):
     return _write(path, dict(meta=dict(device="NVIDIA H200", date=date, torch="2.11.0+cu130", triton="3.6.0"),
-                             rows=rows, skipped=list(skipped)))
+                             rows=rows, skipped=list(skipped), **extra))
 
 
 def _row(section, name, ms, kernel_ms=None, **info):
@@ -156,10 +156,7 @@ def test_a_miss_past_the_bytes_bound_says_so(tmp_path):
                   bytes=D * D // 2 + D * D // 64 * 5 + 4 * t * D) for t in (1, 16)]
 
     def judged(copy_gbps):
-        path = _report(tmp_path / f"r{copy_gbps}.json", mem + int4)
-        data = json.loads(Path(path).read_text())
-        _write(Path(path), dict(data, copy_GBps=copy_gbps))
-        return tg.judge([path])
+        return tg.judge([_report(tmp_path / f"r{copy_gbps}.json", mem + int4, copy_GBps=copy_gbps)])
 
     verdicts = judged(4000.0)
     v = _verdict(verdicts, f"MemoryLinear {m}, bf16 tables, 1, 16 tokens")
