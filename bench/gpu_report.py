@@ -293,6 +293,52 @@ KERNELS_D, KERNELS_TOKENS = (8192, 4096), ((1, 16, 256), (1, 16))
 QGALORE_FUSED_SIZES: dict = {}  # bench/qgalore_fused.measure's shapes, moment_shape (empty: its defaults, #24's)
 
 
+# Q-GaLore's projections of a 350M model's float32 gradients (--model-size 350m: hidden 1024, MLP 2736, rank 256):
+# bases below the INT4 kernels' TUNE_MIN_WEIGHT, so the shape rules' config runs. (G rows, G cols, side)
+SMALL_PROJ, SMALL_RANK = ((2736, 1024, "right"), (1024, 2736, "left")), 256
+
+
+def _float32_x_rows(Gt, packed, m, r, flops, base):
+    """The Triton INT4 matmul of a float32 x without TF32 (torch's default): SPLIT_X (x's tiles in three bf16 parts,
+    tensor cores; kernels/_shared.py, FLOAT32_X_SPLIT) against the FMA dots it replaced. At PROJ the tuner times
+    both kinds (the row `P^T G int4_matmul triton`, its chosen config in the report's tuner lines); the `fma` row
+    here times the FMA tiles alone. At a 350M model's projections (SMALL_PROJ) the shape rules' one config runs,
+    SPLIT_X or FMA; both against cuBLAS's strict-fp32 GEMM of the dequantized basis."""
+    from weightkit.kernels import _shared as ks
+    from weightkit.ops import int4
+
+    def fma_row(name, call, **kw):
+        ks.FLOAT32_X_SPLIT = False
+        try:
+            row("quant", name, call, **kw)
+        finally:
+            ks.FLOAT32_X_SPLIT = True
+
+    if "triton" not in _backends(int4._MM):
+        return
+    with _tf32(False), _wk_backend("triton"):
+        fma_row("P^T G int4_matmul triton fma", lambda: int4.int4_matmul(Gt, *packed, 64, (m, r), transpose=True),
+                base=base, flops=flops)
+    rank = SMALL_RANK
+    for gm, gn, side in SMALL_PROJ:
+        left = side == "left"
+        g = torch.randn(gm, gn, device=DEV) * 1e-2
+        shape = (gm, rank) if left else (rank, gn)
+        p = torch.linalg.qr(torch.randn(max(shape), rank, device=DEV))[0]
+        pq = int4.quantize_int4(p if left else p.T.contiguous(), 64)
+        dense = int4.dequantize_int4(*pq, 64, shape)
+        fl = 2 * gm * gn * rank
+        name = f"projection {side} {gm}x{gn} r{rank} float32"
+        with _tf32(False):
+            row("quant", f"{name} strict fp32 GEMM", lambda: dense.T @ g if left else g @ dense.T, flops=fl)
+            with _wk_backend("triton"):
+                kw = dict(base=f"{name} strict fp32 GEMM", flops=fl)
+                row("quant", f"{name} int4_matmul triton split x",
+                    lambda: int4.int4_matmul(g.T if left else g, *pq, 64, shape, transpose=left), **kw)
+                fma_row(f"{name} int4_matmul triton fma",
+                        lambda: int4.int4_matmul(g.T if left else g, *pq, 64, shape, transpose=left), **kw)
+
+
 def ceilings():
     n = COPY_ELEMS
     a = torch.randn(n, device=DEV)
@@ -449,11 +495,12 @@ def quant():
     Pb, Gb = Pt.bfloat16(), G.bfloat16()
     row("quant", "P^T G bf16", lambda: Pb @ Gb, flops=pfl)
     Gt = G.T  # P^T G = (G^T P)^T: the INT4 op computes x @ W with x = G^T (n x m), W = P (m x r)
-    for b in _backends(int4._MATMUL if hasattr(int4, "_MATMUL") else int4._MM):
+    for b in _backends(int4._MM):
         with _wk_backend(b):
             row("quant", f"P^T G int4_matmul {b}", lambda: int4.int4_matmul(Gt, pk, ps, pz, 64, (m, r),
                                                                            transpose=True),
                 base=f"P^T G fp32 (strict) {m}x{r}x{n}", flops=pfl)
+    _float32_x_rows(Gt, (pk, ps, pz), m, r, pfl, f"P^T G fp32 (strict) {m}x{r}x{n}")
     # torch.compile's int8 weight-only linear, group 128 (the way torchao's int8 weight-only runs): the issue's "never
     # slower than" baseline; last in the section, since each token count compiles (tens of seconds; the section's
     # budget cuts it; QUANT_COMPILE=0 skips it)

@@ -737,9 +737,10 @@ def round_bf16(x):
 @triton.jit
 def split3_bf16(x):
     """float32 ``x`` as three float32 values of bfloat16 precision, hi + mid + lo == x (each the nearest bf16 of what
-    the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand)."""
+    the previous ones left, the differences exact: 3 x 8 bits hold float32's 24-bit significand). A NaN makes NaN
+    parts; an infinite x is its own hi (mid = lo = 0), so products with it are IEEE's (inf, or NaN times zero)."""
     hi = round_bf16(x)
-    rest = x - hi
+    rest = tl.where(hi == x, 0.0, x - hi)  # an infinite x is its own hi (inf - inf would make its parts NaN)
     mid = round_bf16(rest)
     return hi, mid, round_bf16(rest - mid)
 
@@ -802,6 +803,19 @@ def dot6(a, b, TC_BF16: tl.constexpr):
     t = tl.dot(a_hi, b_mid, acc=t, input_precision="ieee", out_dtype=tl.float32)
     t = tl.dot(a_mid, b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
     return tl.dot(a_hi, b_hi, acc=t, input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def split_x_dot(acc, w, xt, s, TC_BF16: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr):
+    """The quantized matmuls' float32 x without TF32 (SPLIT_X): acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, BLOCK_K] .
+    xt [BLOCK_M, BLOCK_K]^T, where ``w`` holds exact bf16 values (int8 q; INT4 q - z) and x's float32 tile (its
+    per-k scales already folded in by the caller where groups run along N) is split in three bf16 parts: three exact
+    products on bf16 tensor cores (dot3), summed in a fresh float32 accumulator, scaled per weight row ``s``
+    [BLOCK_N, 1] (SCALE_AFTER_DOT) and added: float32 accuracy where a strict-fp32 dot runs on the FMA units."""
+    t = dot3(w, tl.trans(xt), TC_BF16)
+    if SCALE_AFTER_DOT:
+        return acc + t * s
+    return acc + t
 
 
 @triton.jit
@@ -956,10 +970,17 @@ class SplitKMatmul:
 # A float32 result of a 16-bit x (INT4's out_dtype=float32: GaLore's projections of a bf16 / fp16 gradient) sets
 # SPLIT3: a tile scaled before the dot is split in three bf16 parts for three exact products (dot3; an fp16 x tile
 # also split, in two bf16 parts: five products), W never rounded to x's dtype.
+# A float32 x without TF32 ("ieee", torch's default) takes either FMA dots (BLOCK_K <= 32 tiles) or SPLIT_X: x's
+# tile split in three bf16 parts in registers, three exact products with the weight's integers on bf16 tensor cores
+# (split_x_dot; the per-k scales of a transposed weight folded into x first), float32 accuracy; the tuner times both
+# kinds, the shape rules take SPLIT_X (FLOAT32_X_SPLIT: False keeps the FMA dots, for a measurement's baseline).
 # Autotuning only for weights of >= the op's TUNE_MIN_WEIGHT elements with G % TUNE_GROUP == 0 (one fixed config
 # otherwise); config bucket: M rounded up to a power of 2, N, K, G, precision, dtype, device.
 
 TUNE_GROUP = 64  # the tuned configs need G % 64 == 0 (BLOCK_K, resp. BLOCK_N, of every config divides 64 or G)
+# A float32 x without TF32 may be split in three bf16 parts (SPLIT_X, see above): read at each new launch plan and
+# part of its key, so a benchmark can set it False to time the FMA dots at the same shapes.
+FLOAT32_X_SPLIT = True
 GEMV_KEY = ["M", "N", "K", "G"]
 MM_KEY = ["M", "N", "K", "G", "PRECISION"]
 
@@ -1012,7 +1033,8 @@ def mm_configs(trans):
     sized so that the fp32 accumulator plus the per-step dot result (SCALE_AFTER_DOT) stays in registers (sm_90
     compiles of these tiles: <= 245 registers, no spills). Pruned by M, by the group (BLOCK_K resp. BLOCK_N divides
     G) and by shared memory. transpose=False scales after each dot (exact); transpose=True scales the weight tile
-    first, rounded once to x's dtype (one dot, as the ops' precision contract allows)."""
+    first, rounded once to x's dtype (one dot, as the ops' precision contract allows). The FMA tiles (BLOCK_K <= 32)
+    serve a float32 x without TF32, as do the tensor-core tiles again with SPLIT_X (x split in three bf16 parts)."""
     post = 0 if trans else 1
     out = []
     # decode, (BLOCK_N, BLOCK_K, warps, stages, BLOCK_Ms): tiles whose sm_90 compile spills are left out
@@ -1029,6 +1051,9 @@ def mm_configs(trans):
     prefill += [(64, 64, 16, 4, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)]  # FMA (ieee) tiles
     for bm, bn, bk, w, st in prefill:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         out.append(config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SCALE_AFTER_DOT=post))
+    # SPLIT_X (a float32 x without TF32, x split in three bf16 parts): the tensor-core tiles again (pruned by
+    # _split_x_spills)
+    out += [config(c.num_warps, c.num_stages, **c.kwargs, SPLIT_X=1) for c in list(out) if c.kwargs["BLOCK_K"] > 32]
     return out
 
 
@@ -1055,15 +1080,16 @@ def make_gemv_pruner(trans, wbits):
 
 def mm_fits(configs, m, fma, smem, need):
     """The tensor-core configs for m tokens: decode (<= SPLIT_MAX_M) keeps one BLOCK_M (the token count rounded up
-    to 16, 32 or 64; with ``fma``, fp32 x without TF32, at most 32) and any SPLIT_K; prefill keeps SPLIT_K 1 and
-    BLOCK_M from 64 up to the token count. ``need(c)``: the config's shared memory, <= smem."""
+    to 16, 32 or 64; with ``fma``, fp32 x without TF32, at most 32 unless the config splits x for the tensor cores,
+    SPLIT_X) and any SPLIT_K; prefill keeps SPLIT_K 1 and BLOCK_M from 64 up to the token count. ``need(c)``: the
+    config's shared memory, <= smem."""
     mb = next_pow2(m)
     decode = m <= SPLIT_MAX_M
     fit = []
     for c in configs:
         bm = c.kwargs["BLOCK_M"]
         if decode:
-            if bm != min(max(mb, 16), 32 if fma else 64):
+            if bm != min(max(mb, 16), 32 if fma and not c.kwargs.get("SPLIT_X") else 64):
                 continue
         elif c.kwargs["SPLIT_K"] > 1 or bm < 64 or bm > max(mb, 64):
             continue
@@ -1096,22 +1122,44 @@ def _split3_spills(c, fp16=False):
     return bn * (bk + bm) > 80 * 32 * c.num_warps or (fp16 and bn * (bk + bm) + bm * bk > 96 * 32 * c.num_warps)
 
 
+def _kind_fits(c, fma, split_x, x_bytes, trans):
+    """Whether config ``c`` is of the kind the call runs: a float32 x without TF32 (``fma``) takes the FMA tiles
+    (BLOCK_K <= 32) and, where ``split_x`` (FLOAT32_X_SPLIT), the SPLIT_X tiles that do not spill; any other x the
+    tensor-core tiles (BLOCK_K >= 64) without SPLIT_X, those of a float32 x (TF32) that do not spill."""
+    if c.kwargs.get("SPLIT_X"):
+        return split_x and not _split_x_spills(c)
+    return (c.kwargs["BLOCK_K"] <= 32) == fma and not (x_bytes == 4 and _fp32_spills(c, trans))
+
+
+def _split_x_spills(c):
+    """SPLIT_X (a float32 x tile split in three bf16 parts in registers, the weight tile, the accumulator and the
+    step's dot): tiles of at least 2048 x values or 4096 weight values a warp. sm_90 compiles (Triton 3.9, int8 g128
+    and INT4 g64, both transposes; BLOCK_M x BLOCK_N x BLOCK_K, warps): on 4 warps 32x128x128 spilled 176-296 B a
+    thread, 16x128x128, 64x64x128 and 128x64x64 reached 255 registers with 16-32 B of stack; the tiles kept took
+    91-255 registers and no stack (64x128x64 on 4 warps: 242-248; 128x128x64 and 64x256x64 on 8: 224-255)."""
+    bm, bn, bk, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps
+    return bm * bk >= 2048 * w or bn * bk >= 4096 * w
+
+
 def make_mm_pruner(trans, wbits):
     def prune(configs, named_args, **kwargs):
         m, n, k, g = named_args["M"], named_args["N"], named_args["K"], named_args["G"]
         x = named_args["x_ptr"]
         sms, smem = device_info(x.device)
         fma = kwargs["PRECISION"] == "ieee" and x.dtype == torch.float32  # BLOCK_K <= 32 configs, else >= 64
+        split_x = fma and FLOAT32_X_SPLIT
         split3 = kwargs.get("SPLIT3", False)
         shaped = [c for c in configs
-                  if not g % c.kwargs["BLOCK_N" if trans else "BLOCK_K"] and (c.kwargs["BLOCK_K"] <= 32) == fma
-                  and not (x.element_size() == 4 and _fp32_spills(c, trans))
+                  if not g % c.kwargs["BLOCK_N" if trans else "BLOCK_K"]
+                  and _kind_fits(c, fma, split_x, x.element_size(), trans)
                   and not (split3 and not c.kwargs["SCALE_AFTER_DOT"]
                            and _split3_spills(c, x.dtype == torch.float16))]
 
-        def need(c):  # pipelined x and weight tiles + one dequantized tile (+ layout conversions)
+        def need(c):  # pipelined x and weight tiles + one dequantized tile (+ layout conversions; SPLIT_X: x's parts)
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            return c.num_stages * (bm * bk * x.element_size() + bn * bk * wbits // 8) + bn * bk * x.element_size()
+            parts = 3 * bm * bk * 2 if c.kwargs.get("SPLIT_X") else 0
+            return (c.num_stages * (bm * bk * x.element_size() + bn * bk * wbits // 8) + bn * bk * x.element_size()
+                    + parts)
 
         fit = mm_fits(shaped, m, fma, smem, need)
         if m > SPLIT_MAX_M:
@@ -1162,15 +1210,22 @@ class DequantMatmul:
             return y
         if K == 0:
             return y.zero_()
-        precision = dot_precision(x)
         tune = aligned and G % TUNE_GROUP == 0 and N * K >= self.tune_min()
-        key = (M, N, K, G, aligned, tune, precision, x.dtype, x.device, y.dtype)
+        key = self.plan_key(x, y, N, K, G, aligned, tune)
         return self.ops[transpose](key, (x, *wargs), y, (M, N, K, G, x.stride(0), x.stride(1)), M, N,
                                    lambda gemv: self._setup(gemv, key, transpose))
 
     @staticmethod
+    def plan_key(x, y, N, K, G, aligned, tune):
+        """Everything a launch plan depends on: shapes, the group, tuned or not, the dot precision, dtypes, device,
+        and whether a float32 x without TF32 is split for the tensor cores (FLOAT32_X_SPLIT)."""
+        precision = dot_precision(x)
+        split_x = precision == "ieee" and x.dtype == torch.float32 and FLOAT32_X_SPLIT
+        return (x.shape[0], N, K, G, aligned, tune, precision, x.dtype, x.device, y.dtype, split_x)
+
+    @staticmethod
     def _setup(gemv, key, transpose):
-        M, N, K, G, aligned, tune, precision, dtype, device, out_dtype = key
+        M, N, K, G, aligned, tune, precision, dtype, device, out_dtype, split_x = key
         mb = next_pow2(M)
         bucket = (mb,) + key[1:]
         if gemv:
@@ -1179,6 +1234,8 @@ class DequantMatmul:
             meta = dict(TRANS=transpose, **dot_meta(device, dtype, precision))
             if dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:  # INT4's out_dtype=float32
                 meta["SPLIT3"] = True  # (the kernel's doc); the interpreter's bf16 dots: as dot_meta's, for fp16 too
+                meta.update(dot_meta(device, torch.bfloat16, precision))
+            if split_x:  # SPLIT_X configs' bf16 dots: under the interpreter float32 dots of the same exact parts
                 meta.update(dot_meta(device, torch.bfloat16, precision))
         if tune:  # every tuned BLOCK_K divides 128 or G (a divisor of K)
             return dict(meta, ALIGNED=True, EVEN_K=K % 128 == 0), None, bucket
@@ -1191,15 +1248,18 @@ class DequantMatmul:
                 cfg = dict(BLOCK_K=bk or 32, BLOCK_N=max(8, min(64, 4096 // (mb * (bk or 32)))))
             ok = (bn if transpose else bk) is not None
         else:
-            fma = precision == "ieee" and dtype == torch.float32  # FMA dot: small tiles (sm_90: no spills)
+            # FMA dot (a float32 x without TF32, unless ALIGNED tiles split x for the tensor cores): small tiles
+            # (sm_90: no spills)
+            ok = (_largest_divisor(G, (64, 32, 16)) if aligned else None) is not None  # (G % 16 == 0 either way)
+            fma = precision == "ieee" and dtype == torch.float32 and not (split_x and ok)
             bm = min(max(mb, 16), 32 if fma else 64)
             if transpose:
                 bn = _largest_divisor(G, (64, 32, 16)) if aligned else None
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=16 if fma else 32, SCALE_AFTER_DOT=False)
-                ok = bn is not None
             else:
                 bk = mm_k_step(G, aligned, fma)
-                ok = bk is not None
                 cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or (16 if fma else 32), SCALE_AFTER_DOT=ok)
+            if split_x and ok:
+                cfg["SPLIT_X"] = True
         meta.update(ALIGNED=ok, EVEN_K=K % cfg["BLOCK_K"] == 0)
         return meta, config(4, 1 if gemv else 2, SPLIT_K=1, **cfg), bucket

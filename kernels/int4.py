@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, dequant_int4, device_guard, dot3, gemv_accumulators,
-                      gemv_rows, gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, space, store_result,
-                      unpack_int4_f32, weight_dot, x_offsets)
+                      gemv_rows, gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, space,
+                      split_x_dot, store_result, unpack_int4_f32, weight_dot, x_offsets)
 
 TUNE_MIN_WEIGHT = 1 << 20  # weights with fewer elements use one fixed config: launch-bound, tuning would not pay
 
@@ -177,12 +177,14 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
                     stride_xk, SPLIT_K, TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
-                    DOT_F32: tl.constexpr = False, SPLIT3: tl.constexpr = False):
+                    DOT_F32: tl.constexpr = False, SPLIT3: tl.constexpr = False, SPLIT_X: tl.constexpr = False):
     """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T; see _int8_mm_kernel. SPLIT3 (a 16-bit x with a
     float32 result, int4_matmul's out_dtype=float32): where the weight tile is scaled before the dot (not
     SCALE_AFTER_DOT: transposed, or groups no K step divides), its float32 values are split in three bf16 parts for
     three products with x's exact values (dot3; an fp16 x, itself split in two bf16 parts: five): float32 accuracy,
-    W never rounded to x's dtype."""
+    W never rounded to x's dtype. SPLIT_X (a float32 x without TF32): the weight's integers q - z times x in three
+    bf16 parts (split_x_dot), x scaled per k first where the groups run along N (TRANS); only with ALIGNED and
+    (TRANS or SCALE_AFTER_DOT), as the launcher sets it."""
     pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
@@ -209,7 +211,10 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
                 b = tl.load(b_ptrs, mask=mask_k[:, None], other=0)
                 s = tl.load(scale_ptr + grp, mask=mask_k, other=0.0)
                 c = tl.load(zero_ptr + grp, mask=mask_k, other=0).to(tl.float32) + 8388608.0
-                w = tl.trans((unpack_int4_f32(b, BLOCK_K, BLOCK_N) - c[:, None]) * s[:, None])
+                w = unpack_int4_f32(b, BLOCK_K, BLOCK_N) - c[:, None]  # q - z, exact
+                if not SPLIT_X:  # (SPLIT_X: the scales go into x)
+                    w = w * s[:, None]
+                w = tl.trans(w)
             else:
                 b = tl.load(b_ptrs, mask=mask_n[:, None], other=0)
                 s = tl.load(scale_ptr + grp + k0 // G, mask=mask_n, other=0.0)[:, None]
@@ -227,7 +232,9 @@ def _int4_mm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, row_bytes, y_ptr, p_
             w = dequant_int4(packed_ptr, scale_ptr, zero_ptr, lin, G, mask_n[:, None] & mask_k[None, :])
             s = 1.0  # the scales are in w
         # SCALE_AFTER_DOT only with ALIGNED and not TRANS: (q - z) is exact in x's dtype
-        if SPLIT3 and not SCALE_AFTER_DOT:  # w: float32 values (q - z) * s
+        if SPLIT_X:  # w: q - z; s: [BLOCK_K] (TRANS, folded into x) or [BLOCK_N, 1] (scaled after the dot)
+            acc = split_x_dot(acc, w, xt * s[None, :] if TRANS else xt, s, not DOT_F32, not TRANS)
+        elif SPLIT3 and not SCALE_AFTER_DOT:  # w: float32 values (q - z) * s
             acc += dot3(w, tl.trans(xt), not DOT_F32, True, x_ptr.dtype.element_ty == tl.float16)
         else:
             acc = weight_dot(acc, w, xt, s, dt, PRECISION, SCALE_AFTER_DOT)

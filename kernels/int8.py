@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._shared import (DequantMatmul, Launcher, cdiv, config, device_guard, gemv_accumulators, gemv_rows,
                       gemv_store_rows, gemv_tile, k_mask, launch, mm_tile, next_pow2, philox_uniform, philox_uniform4,
-                      space, store_result, unless_found, weight_dot, x_offsets)
+                      space, split_x_dot, store_result, unless_found, weight_dot, x_offsets)
 
 
 @triton.jit
@@ -114,8 +114,10 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stride
                     TRANS: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, GROUP_M: tl.constexpr = 8,
-                    DOT_F32: tl.constexpr = False):
-    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T, W' dequantized in registers to x's dtype."""
+                    DOT_F32: tl.constexpr = False, SPLIT_X: tl.constexpr = False):
+    """Tensor cores: acc[n, m] += W'[n, k-tile] . x[m, k-tile]^T, W' dequantized in registers to x's dtype; SPLIT_X
+    (a float32 x without TF32): q's exact values times x in three bf16 parts (split_x_dot), x scaled per k first
+    where the groups run along N (TRANS); only with ALIGNED and (TRANS or SCALE_AFTER_DOT), as the launcher sets it."""
     pid_n, k_lo, k_hi, rm, rn, rn64, mask_m, mask_n, rk, x_ptrs = mm_tile(
         x_ptr, M, N, K, stride_xm, stride_xk, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     _, x_step = x_offsets(rk, stride_xk, BLOCK_K)
@@ -150,8 +152,11 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, G, stride
             else:
                 lin = rn64[:, None] * K + rk[None, :]
             s = tl.load(s_ptr + lin // G, mask=wmask, other=0.0)
-        # SCALE_AFTER_DOT only with ALIGNED and not TRANS (s is [BLOCK_N, 1]): q is exact in x's dtype
-        acc = weight_dot(acc, q if SCALE_AFTER_DOT else _i8_to_f32(q) * s, xt, s, dt, PRECISION, SCALE_AFTER_DOT)
+        if SPLIT_X:  # s: [1, BLOCK_K] (TRANS, folded into x) or [BLOCK_N, 1] (scaled after the dot)
+            acc = split_x_dot(acc, q, xt * s if TRANS else xt, s, not DOT_F32, not TRANS)
+        else:  # SCALE_AFTER_DOT only with ALIGNED and not TRANS (s is [BLOCK_N, 1]): q is exact in x's dtype
+            acc = weight_dot(acc, q if SCALE_AFTER_DOT else _i8_to_f32(q) * s, xt, s, dt, PRECISION,
+                             SCALE_AFTER_DOT)
         rk += BLOCK_K
         x_ptrs += x_step
         w_ptrs += w_step

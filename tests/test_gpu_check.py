@@ -427,7 +427,8 @@ def test_every_section_runs_at_toy_sizes(report, tmp_path, monkeypatch):
     """Each section's code end to end on the CPU (Triton through the interpreter), at toy sizes: a section that
     would fail on its first GPU run fails here first. Rows may skip (missing peers), none may fail."""
     for name, value in (("COPY_ELEMS", 1 << 12), ("CEIL", 64), ("QUANT_D", 256), ("QUANT_TOKENS", (1, 5)),
-                        ("PROJ", (128, 64, 96)), ("MEM_D", 64), ("MEM_TOKENS", (1, 6)), ("DICT", (128, 40, 20)),
+                        ("PROJ", (128, 64, 96)), ("SMALL_PROJ", ((128, 64, "right"), (64, 128, "left"))),
+                        ("SMALL_RANK", 64), ("MEM_D", 64), ("MEM_TOKENS", (1, 6)), ("DICT", (128, 40, 20)),
                         ("DICT_TOKENS", (1, 6)), ("KERNELS_D", (256, 128)), ("KERNELS_TOKENS", ((1, 5), (1,))),
                         ("GALORE_SHAPES", (((24, 16), 4),)), ("REFRESH_SHAPE", (24, 4)), ("QGALORE_SHAPE", (128, 4))):
         monkeypatch.setattr(report, name, value)

@@ -520,6 +520,32 @@ def test_gemv_pruner_keeps_the_group_rule(trans, wbits):
                 assert bm * bn * bk <= 64 * 32 * c.num_warps, (g, m, c)
 
 
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("trans", [False, True])
+def test_mm_pruner_offers_split_x_tiles_only_to_a_float32_x_without_tf32(trans, wbits, monkeypatch):
+    """The tensor-core pruner's kinds of tile (kernels/_shared._kind_fits): a float32 x without TF32 gets the FMA
+    tiles and the SPLIT_X tiles that do not spill (_split_x_spills), for decode and prefill token counts; with
+    FLOAT32_X_SPLIT off, the FMA tiles alone; a float32 x with TF32 and a bf16 x, neither (tensor-core tiles without
+    SPLIT_X)."""
+    from weightkit.kernels import _shared
+
+    configs, prune = _shared.mm_configs(trans), _shared.make_mm_pruner(trans, wbits)
+
+    def kinds(dtype, precision, m):
+        kept = prune(configs, dict(M=m, N=4096, K=4096, G=128, x_ptr=torch.empty(1, dtype=dtype)),
+                     PRECISION=precision)
+        assert kept, (dtype, precision, m)
+        assert not any(c.kwargs.get("SPLIT_X") and _shared._split_x_spills(c) for c in kept)
+        return {"split" if c.kwargs.get("SPLIT_X") else "fma" if c.kwargs["BLOCK_K"] <= 32 else "tc" for c in kept}
+
+    for m in (16, 64, 512):
+        assert kinds(torch.float32, "ieee", m) == {"split", "fma"}, m
+        assert kinds(torch.float32, "tf32", m) == kinds(torch.bfloat16, "ieee", m) == {"tc"}, m
+        monkeypatch.setattr(_shared, "FLOAT32_X_SPLIT", False)
+        assert kinds(torch.float32, "ieee", m) == {"fma"}, m
+        monkeypatch.setattr(_shared, "FLOAT32_X_SPLIT", True)
+
+
 SPACES = ("fixed", "tuned-first", "tuned-last", "tuned-all")
 LAUNCHED_SPACES = ("fixed", "tuned-all")  # the configs a GPU launches for the cases' shapes: no resource faults
 

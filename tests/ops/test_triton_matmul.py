@@ -106,6 +106,59 @@ def test_int4_groups_across_rows_and_strided_x(device, transpose, tokens):
     _check(y, x, w64, transpose, torch.float32, f"int4 strided t={transpose}")
 
 
+def _weight(fmt, rows, cols, group, device):
+    """(the kernel's weight arguments, the dequantized weight in float64) of a random int8 / INT4 weight."""
+    if fmt == "int8":
+        q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=device)
+        scale = absmax_scale(torch.randn(rows, cols, device=device), group)
+        return (q, scale), dequantize_int8(q, scale, group).double()
+    packed = quantize_int4(torch.randn(rows, cols, device=device), group)
+    return (*packed, cols // 2), dequantize_int4(*packed, group, (rows, cols)).double()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_float32_x_without_tf32_is_split_for_the_tensor_cores(device, fmt, transpose, monkeypatch):
+    """A float32 x with TF32 not allowed (torch's default) on the tensor-core kernel (70 tokens, the shape rules'
+    config): SPLIT_X, x's tiles in three bf16 parts times the weight's integers (kernels/_shared.split_x_dot), the
+    transposed weight's per-k scales folded into x, within the float32 contract; FLOAT32_X_SPLIT=False keeps the FMA
+    dots, also within it, with other bits (each path ran); an infinite x gives the float64 reference's infinities
+    and NaNs (inf times a zero weight), not NaN parts."""
+    from weightkit.backend import allow_tf32
+    from weightkit.kernels import _shared, int4, int8 as k8
+
+    mod = k8 if fmt == "int8" else int4
+    monkeypatch.setattr(mod, "TUNE_MIN_WEIGHT", 1 << 62)
+    rows, cols, group = 128, 256, 64
+    n, k = (cols, rows) if transpose else (rows, cols)
+    wargs, w64 = _weight(fmt, rows, cols, group, device)
+    x = torch.randn(70, k, device=device)
+
+    def run(x, split):
+        monkeypatch.setattr(_shared, "FLOAT32_X_SPLIT", split)
+        y = torch.empty(x.shape[0], n, device=device)
+        with allow_tf32(False):
+            mod._MATMUL(x, wargs, y, n, k, group, transpose, aligned=True)
+        chosen = mod._MATMUL.ops[transpose].mm.chosen
+        key = (128,) + mod._MATMUL.plan_key(x, y, n, k, group, True, False)[1:]  # the bucket: M to a power of 2
+        assert bool(chosen[key].kwargs.get("SPLIT_X")) == split, chosen[key]
+        return y
+
+    split, fma = run(x, True), run(x, False)
+    assert_quantized_matmul_contract(split, x, w64, transpose, f"{fmt} split x")
+    assert_quantized_matmul_contract(fma, x, w64, transpose, f"{fmt} fma")
+    assert not torch.equal(split, fma)
+    x[3, 5], x[60, 9] = float("inf"), float("-inf")
+    ref = x.double() @ (w64 if transpose else w64.T)
+    y = run(x, True)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(y[torch.isinf(ref)], ref[torch.isinf(ref)].float())
+    fin = torch.ones(70, dtype=torch.bool)
+    fin[[3, 60]] = False
+    assert_quantized_matmul_contract(y[fin], x[fin], w64, transpose, f"{fmt} split x, finite rows")
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_empty_and_tiny(device):
     from weightkit.kernels import int8 as k8
@@ -133,15 +186,15 @@ def test_autotuners_are_module_level():
 def _launch_with_split(mod, x, wargs, n, k, group, transpose, split):
     """One int8/int4 matmul launch through the op's SplitKMatmul with its fixed config, SPLIT_K forced to ``split``
     (the plan and config caches are keyed by the split too)."""
-    from weightkit.kernels._shared import config, dot_precision
+    from weightkit.kernels._shared import config
 
-    key = (x.shape[0], n, k, group, True, False, dot_precision(x), x.dtype, x.device, x.dtype)  # y in x's dtype
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    key = mod._MATMUL.plan_key(x, y, n, k, group, True, False)
 
     def setup(gemv):
         meta, cfg, bucket = mod._MATMUL._setup(gemv, key, transpose)
         return meta, config(cfg.num_warps, cfg.num_stages, **dict(cfg.kwargs, SPLIT_K=split)), bucket + (split,)
 
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     return mod._MATMUL.ops[transpose](key + ("split", split), (x, *wargs), y,
                                       (x.shape[0], n, k, group, x.stride(0), x.stride(1)), x.shape[0], n, setup)
 
