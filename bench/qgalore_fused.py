@@ -23,7 +23,9 @@
   runs it) on the triton and cuda backends (on triton, no float32 copy: right, exact products of the bf16 values and
   the basis' integers; left, three exact products with the basis' values split in bf16 parts; on cuda the gradient
   converted to float32 by blocks) against its whole float32 copy + ``int4_matmul``, in float32 and with TF32
-  allowed (time and error against float64).
+  allowed (time and error against float64); and a float32 gradient's without TF32: the optimizer's projection
+  (Int4Basis.project) against int4_matmul's Triton kernel with G's tiles split in three bf16 parts (SPLIT_X) and
+  with its FMA dots (time and error against float64).
 
 End to end (the issue's table rows) runs through ``weightkit train --model-size 7b --methods qgalore-layerwise
 --checkpointing --dtype bfloat16 --steps 20`` (peak and its breakdown printed beside it) and the 309M comparison of
@@ -163,6 +165,8 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
         dense = (lambda: dequantize_int4(*args).T @ g) if left else (lambda: g @ dequantize_int4(*args).T)
         rows.append(dict(section="projection", shape=shape, backend="int4_matmul packed", ms=_ms(proj)))
         rows.append(dict(section="projection", shape=shape, backend="dequantize + fp32 matmul", ms=_ms(dense)))
+        for rec in _float32_projection_rows(g, args, left, shape):  # (append: the report streams each row)
+            rows.append(rec)
         # a 16-bit gradient's projection with a float32 result (int4_matmul's out_dtype=float32, as Int4Basis.project
         # runs it) on each GPU backend: right, Triton multiplies the 16-bit values by the basis' integers (exact
         # products on 16-bit tensor cores, no float32 copy); left, by the basis' values split in three bf16 parts
@@ -227,6 +231,41 @@ def measure(device="cuda", shapes=((4096, 4096, 1024, True), (4096, 11008, 1024,
     except ImportError as exc:
         rows.append(dict(section="moments", error=f"bitsandbytes missing: {exc}"))
     return rows
+
+
+def _float32_projection_rows(g, args, left, shape):
+    """A float32 gradient's projection with TF32 not allowed (torch's default), time and error against float64:
+    the optimizer's (Int4Basis.project: above SPLIT_FLOAT32_MIN_RANK / _FLOPS the dequantized basis and G in three
+    bf16 parts each, six products in cuBLAS GEMMs; else int4_matmul) against int4_matmul's Triton kernel with x
+    split in three bf16 parts for the tensor cores (SPLIT_X: three products, G read once) and with the FMA dots
+    (kernels._shared.FLOAT32_X_SPLIT off): which of the two the optimizer should take at these shapes."""
+    from weightkit.backend import allow_tf32, use_backend
+    from weightkit.kernels import _shared
+    from weightkit.ops import int4 as int4_ops
+    from weightkit.optim.basis import Int4Basis, PackedInt4
+
+    side = "left" if left else "right"
+    w64 = int4_ops.dequantize_int4(*args).double()
+    ref = (w64.T @ g.double()) if left else (g.double() @ w64.T)
+    basis = (PackedInt4(*args[:4], tuple(args[4])), None)
+    runs = [("Int4Basis.project float32 strict", None, lambda: Int4Basis.project(g, side, basis))]
+    if int4_ops._MM.why_not("triton", g.device) is None:
+        call = (lambda: int4_ops.int4_matmul(g.T, *args, transpose=True).T) if left else \
+            (lambda: int4_ops.int4_matmul(g, *args))
+        runs += [("int4_matmul triton float32 split x", True, call), ("int4_matmul triton float32 fma", False, call)]
+    out = []
+    for name, split, fn in runs:
+        _shared.FLOAT32_X_SPLIT = True if split is None else split
+        try:
+            with allow_tf32(False), use_backend("auto" if split is None else "triton"):
+                y = fn()
+                out.append(dict(section="projection", shape=shape, backend=name, ms=_ms(fn),
+                                rel_err=float((y.double() - ref).norm() / ref.norm())))
+        except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+            out.append(dict(section="projection", shape=shape, backend=name, error=f"{type(exc).__name__}: {exc}"))
+        finally:
+            _shared.FLOAT32_X_SPLIT = True
+    return out
 
 
 def _triton_dot(p, u, left, precision):

@@ -492,6 +492,8 @@ def test_qgalore_fused_section_runs_at_toy_sizes_and_its_targets_are_found(repor
     assert any(r["name"].startswith("sr_lowrank_check: ") for r in data["rows"])
     fp16 = [r for r in data["rows"] if "triton float32 out from fp16" in r["name"]]  # left and right, each case
     assert len(fp16) == 2 and all(r.get("rel_err", 1) < 1e-6 for r in fp16), fp16
+    f32 = [r for r in data["rows"] if r["name"].endswith(("float32 strict", "float32 split x", "float32 fma"))]
+    assert len(f32) == 6 and all(r.get("rel_err", 1) < 1e-6 and "ms" in r for r in f32), f32  # 3 ways, each case
     from bench import targets
 
     spec = next(s for s in targets.report_specs() if s.what.startswith("Q-GaLore fused write-back"))
