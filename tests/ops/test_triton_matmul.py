@@ -213,16 +213,8 @@ def test_split_k_reduces_in_the_same_launch(device, fmt, transpose, tokens, monk
 
     rows, cols, group = 128, 512, 64
     n, k = (cols, rows) if transpose else (rows, cols)
-    w = torch.randn(rows, cols, device=device)
-    if fmt == "int8":
-        mod = k8
-        scale = absmax_scale(w, group)
-        q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=device)
-        wargs, w64 = (q, scale), dequantize_int8(q, scale, group).double()
-    else:
-        mod = int4
-        packed = quantize_int4(w, group)
-        wargs, w64 = (*packed, cols // 2), dequantize_int4(*packed, group, (rows, cols)).double()
+    mod = k8 if fmt == "int8" else int4
+    wargs, w64 = _weight(fmt, rows, cols, group, device)
     launches = []
     if device == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
