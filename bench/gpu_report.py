@@ -304,21 +304,14 @@ def _float32_x_rows(Gt, packed, m, r, flops, base):
     both kinds (the row `P^T G int4_matmul triton`, its chosen config in the report's tuner lines); the `fma` row
     here times the FMA tiles alone. At a 350M model's projections (SMALL_PROJ) the shape rules' one config runs,
     SPLIT_X or FMA; both against cuBLAS's strict-fp32 GEMM of the dequantized basis."""
-    from weightkit.kernels import _shared as ks
+    from weightkit.kernels._shared import float32_x_split
     from weightkit.ops import int4
-
-    def fma_row(name, call, **kw):
-        ks.FLOAT32_X_SPLIT = False
-        try:
-            row("quant", name, call, **kw)
-        finally:
-            ks.FLOAT32_X_SPLIT = True
 
     if "triton" not in _backends(int4._MM):
         return
-    with _tf32(False), _wk_backend("triton"):
-        fma_row("P^T G int4_matmul triton fma", lambda: int4.int4_matmul(Gt, *packed, 64, (m, r), transpose=True),
-                base=base, flops=flops)
+    with _tf32(False), _wk_backend("triton"), float32_x_split(False):
+        row("quant", "P^T G int4_matmul triton fma", lambda: int4.int4_matmul(Gt, *packed, 64, (m, r), transpose=True),
+            base=base, flops=flops)
     rank = SMALL_RANK
     for gm, gn, side in SMALL_PROJ:
         left = side == "left"
@@ -332,11 +325,11 @@ def _float32_x_rows(Gt, packed, m, r, flops, base):
         with _tf32(False):
             row("quant", f"{name} strict fp32 GEMM", lambda: dense.T @ g if left else g @ dense.T, flops=fl)
             with _wk_backend("triton"):
-                kw = dict(base=f"{name} strict fp32 GEMM", flops=fl)
-                row("quant", f"{name} int4_matmul triton split x",
-                    lambda: int4.int4_matmul(g.T if left else g, *pq, 64, shape, transpose=left), **kw)
-                fma_row(f"{name} int4_matmul triton fma",
-                        lambda: int4.int4_matmul(g.T if left else g, *pq, 64, shape, transpose=left), **kw)
+                for split, kind in ((True, "split x"), (False, "fma")):
+                    with float32_x_split(split):
+                        row("quant", f"{name} int4_matmul triton {kind}",
+                            lambda: int4.int4_matmul(g.T if left else g, *pq, 64, shape, transpose=left),
+                            base=f"{name} strict fp32 GEMM", flops=fl)
 
 
 def ceilings():

@@ -240,7 +240,7 @@ def _float32_projection_rows(g, args, left, shape):
     split in three bf16 parts for the tensor cores (SPLIT_X: three products, G read once) and with the FMA dots
     (kernels._shared.FLOAT32_X_SPLIT off): which of the two the optimizer should take at these shapes."""
     from weightkit.backend import allow_tf32, use_backend
-    from weightkit.kernels import _shared
+    from weightkit.kernels._shared import float32_x_split
     from weightkit.ops import int4 as int4_ops
     from weightkit.optim.basis import Int4Basis, PackedInt4
 
@@ -255,16 +255,14 @@ def _float32_projection_rows(g, args, left, shape):
         runs += [("int4_matmul triton float32 split x", True, call), ("int4_matmul triton float32 fma", False, call)]
     out = []
     for name, split, fn in runs:
-        _shared.FLOAT32_X_SPLIT = True if split is None else split
         try:
-            with allow_tf32(False), use_backend("auto" if split is None else "triton"):
+            with allow_tf32(False), use_backend("auto" if split is None else "triton"), \
+                    float32_x_split(split is not False):
                 y = fn()
                 out.append(dict(section="projection", shape=shape, backend=name, ms=_ms(fn),
                                 rel_err=float((y.double() - ref).norm() / ref.norm())))
         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
             out.append(dict(section="projection", shape=shape, backend=name, error=f"{type(exc).__name__}: {exc}"))
-        finally:
-            _shared.FLOAT32_X_SPLIT = True
     return out
 
 

@@ -981,6 +981,17 @@ TUNE_GROUP = 64  # the tuned configs need G % 64 == 0 (BLOCK_K, resp. BLOCK_N, o
 # A float32 x without TF32 may be split in three bf16 parts (SPLIT_X, see above): read at each new launch plan and
 # part of its key, so a benchmark can set it False to time the FMA dots at the same shapes.
 FLOAT32_X_SPLIT = True
+
+
+@contextlib.contextmanager
+def float32_x_split(enabled):
+    """FLOAT32_X_SPLIT set to ``enabled`` inside the block, put back after (benchmarks timing both kinds)."""
+    global FLOAT32_X_SPLIT
+    before, FLOAT32_X_SPLIT = FLOAT32_X_SPLIT, enabled
+    try:
+        yield
+    finally:
+        FLOAT32_X_SPLIT = before
 GEMV_KEY = ["M", "N", "K", "G"]
 MM_KEY = ["M", "N", "K", "G", "PRECISION"]
 
@@ -1232,10 +1243,10 @@ class DequantMatmul:
             meta = dict(TRANS=transpose, BLOCK_M=mb)
         else:
             meta = dict(TRANS=transpose, **dot_meta(device, dtype, precision))
-            if dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:  # INT4's out_dtype=float32
-                meta["SPLIT3"] = True  # (the kernel's doc); the interpreter's bf16 dots: as dot_meta's, for fp16 too
-                meta.update(dot_meta(device, torch.bfloat16, precision))
-            if split_x:  # SPLIT_X configs' bf16 dots: under the interpreter float32 dots of the same exact parts
+            split3 = dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32  # INT4's float32 out
+            if split3:
+                meta["SPLIT3"] = True  # (the kernel's doc)
+            if split3 or split_x:  # bf16 dots of split parts: under the interpreter as dot_meta's (fp16 too)
                 meta.update(dot_meta(device, torch.bfloat16, precision))
         if tune:  # every tuned BLOCK_K divides 128 or G (a divisor of K)
             return dict(meta, ALIGNED=True, EVEN_K=K % 128 == 0), None, bucket
@@ -1250,12 +1261,12 @@ class DequantMatmul:
         else:
             # FMA dot (a float32 x without TF32, unless ALIGNED tiles split x for the tensor cores): small tiles
             # (sm_90: no spills)
-            ok = (_largest_divisor(G, (64, 32, 16)) if aligned else None) is not None  # (G % 16 == 0 either way)
+            step = _largest_divisor(G, (64, 32, 16)) if aligned else None  # a tile inside one group (G % 16 == 0)
+            ok = step is not None
             fma = precision == "ieee" and dtype == torch.float32 and not (split_x and ok)
             bm = min(max(mb, 16), 32 if fma else 64)
             if transpose:
-                bn = _largest_divisor(G, (64, 32, 16)) if aligned else None
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn or 64, BLOCK_K=16 if fma else 32, SCALE_AFTER_DOT=False)
+                cfg = dict(BLOCK_M=bm, BLOCK_N=step or 64, BLOCK_K=16 if fma else 32, SCALE_AFTER_DOT=False)
             else:
                 bk = mm_k_step(G, aligned, fma)
                 cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk or (16 if fma else 32), SCALE_AFTER_DOT=ok)
