@@ -45,8 +45,6 @@ LAYERS = {
     "weightkit.benchreport": 5, "weightkit.__main__": 5,
 }
 
-# galore.py imports distributed.py inside a function while distributed.py imports galore.py at module level;
-# helper "optim"'s refactor removes it. Delete this entry and test_known_cycles_are_gone's xfail after merging.
 Edge = Tuple[str, str, int]  # (importer, imported, line)
 
 

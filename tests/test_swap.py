@@ -159,6 +159,32 @@ def test_swap_skips_layers_the_method_cannot_take(device):
     assert model(torch.randn(3, 64, device=device)).shape == (3, 8)
 
 
+@pytest.mark.parametrize("method,opts,error,match", [
+    ("int8", {"group_size": 0}, ValueError, "group_size must be an int >= 1, got 0"),
+    ("int8", {"group_size": 32.0}, ValueError, "group_size must be an int >= 1"),
+    ("int8", {"group": 32}, TypeError, r"unknown option\(s\) \['group'\] for method='int8'.*group_size"),
+    ("memoryformer", {"tau": 17}, ValueError, r"tau must be an int in \[1, 16\], got 17"),
+    ("memoryformer", {"t": float("inf")}, ValueError, "t \\(temperature\\) must be a finite number > 0, got inf"),
+    ("memoryformer", {"t": float("nan")}, ValueError, "t \\(temperature\\) must be a finite number > 0"),
+    ("dictionary", {"ratio": 2.0}, ValueError, r"ratio \(fraction of the weight's bytes removed\) must be in \(0, 1\)"),
+    ("dictionary", {"ratio": 0.3, "k_over_s": 0.5}, ValueError, "k_over_s must be a finite number >= 1, got 0.5"),
+    ("dictionary", {"ratio": 0.3, "iters": -1}, ValueError, "iters must be an int with 0 <= iters, got -1"),
+])
+def test_swap_refuses_an_option_no_layer_could_take_before_replacing_any(method, opts, error, match):
+    """An option that is wrong whatever the layer's shape raises, naming it, with the model untouched (it used to skip
+    every layer with the same reason, so that a typo left the model dense behind a report)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        weightkit.swap(model, method, filter_fn=lambda n, m: True, **opts)
+    assert all(type(m) is not METHODS[method] for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if error is ValueError:  # the layer class's own from_linear names the option the same way
+        with pytest.raises(error, match=match):
+            METHODS[method].from_linear(nn.Linear(64, 32), **opts)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_swap_minilm_int8_embeddings_stay_close(device):
     tok, model = minilm(device)

@@ -124,6 +124,8 @@ def test_torch_compile():
                              (4, 4)), ValueError, "one value per group"),
     (lambda: int4_matmul(torch.randn(2, 5), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4)), ValueError,
      "expected 4"),
+    (lambda: int4_matmul(torch.tensor(1.0), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4)), ValueError,
+     r"x must have at least 1 dimension, got shape \(\)"),
     (lambda: int4_matmul(torch.randn(2, 4), *quantize_int4(torch.randn(4, 4), 8), 8, (16,)), ValueError,
      r"shape must be \(rows, cols\)"),
     (lambda: int4_matmul(torch.randn(2, 4).bfloat16(), *quantize_int4(torch.randn(4, 4), 8), 8, (4, 4),

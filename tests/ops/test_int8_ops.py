@@ -208,6 +208,7 @@ def test_matmul_torch_compile():
 
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(x=torch.randn(2, 31)), ValueError, "x has 31 features"),
+    (dict(x=torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension, got shape \(\)"),
     (dict(w_q=torch.zeros(16, 32)), TypeError, "w_q must have dtype"),
     (dict(group_size=5), ValueError, "group_size=5 must divide in_features=32"),
     (dict(scale=torch.ones(3)), ValueError, "scale must hold 64 values"),

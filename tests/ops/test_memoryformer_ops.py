@@ -102,6 +102,7 @@ def test_torch_compile():
 
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(x=torch.randn(3, 15)), ValueError, "x has 15 features, tables expect"),
+    (dict(x=torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension, got shape \(\)"),
     (dict(tables=torch.randn(2, 100, 8)), ValueError, "2\\^tau rows"),
     (dict(tables=torch.randn(256, 8)), ValueError, "tables must be 3-D"),
     (dict(t=0.0), ValueError, "t \\(temperature\\) must be > 0"),

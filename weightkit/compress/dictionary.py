@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dictionary import DictLinear
-from ..nn.ksvd import (DEFAULT_GROWTH, SELECTION_PRECISIONS, check_ratio, dictionary_size, ksvd_work, learn_dictionary,
-                       scatter_codes)
+from ..nn.ksvd import (DEFAULT_GROWTH, SELECTION_PRECISIONS, check_growth, check_int, check_k_over_s, check_ratio,
+                       dictionary_size, ksvd_work, learn_dictionary, scatter_codes)
 from ..nn.walk import FilterFn, module_bytes, replace_module
 from .common import (CompressionReport, LayerReport, Progress, ProgressFn, chosen_layers, collect_gram, whitening_factor,
                      work_device)
@@ -80,9 +80,11 @@ def dictionary(model: nn.Module, calib_batches: Iterable, ratio: float = 0.3,
             torch.backends.cuda.matmul.allow_tf32.
     Returns a :class:`CompressionReport` with each layer's functional error, its per-iteration history and bytes.
     """
-    check_ratio(ratio)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    check_ratio(ratio)  # the arguments before the calibration forward, which may take long
+    check_k_over_s(k_over_s)
+    check_int("iters", iters, 0)
+    check_int("power_iters", power_iters, 0)
+    check_growth(growth)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype (the precision of OMP and K-SVD) must be torch.float32 or torch.float64, got {dtype}")
     if selection_precision not in SELECTION_PRECISIONS:

@@ -24,7 +24,7 @@ from ..ops._checks import FLOAT_DTYPES
 from ..ops.dictionary import (INDEX_DTYPES, bitmask_to_dense, bitmask_to_indices, bitmask_words, check_bitmask_data,
                               dict_bitmask_matmul, pack_bitmask, word_offsets_for)
 from ._bias import add_bias
-from .ksvd import dictionary_size, learn_dictionary
+from .ksvd import check_int, check_k_over_s, check_ratio, dictionary_size, learn_dictionary
 
 
 class DictLinear(nn.Module):
@@ -65,10 +65,19 @@ class DictLinear(nn.Module):
         layer.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         return layer
 
+    @staticmethod
+    def check_options(ratio: float = 0.3, k_over_s: float = 2.0, iters: int = 3) -> None:
+        """Check the options of :meth:`from_linear` that do not depend on a layer's shape (weightkit.swap checks
+        them once, before it replaces any layer); raises ValueError naming the option."""
+        check_ratio(ratio)
+        check_k_over_s(k_over_s)
+        check_int("iters", iters, 0)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio: float = 0.3, k_over_s: float = 2.0, iters: int = 3) -> "DictLinear":
         """Data-free factorization of ``linear`` (K-SVD on W^T) removing ``ratio`` of the weight's bytes (the exact
         bytes of the bitmask format). For the calibration-guided version use weightkit.compress.dictionary."""
+        cls.check_options(ratio, k_over_s, iters)
         w = linear.weight.detach()
         k, s = dictionary_size(linear.in_features, linear.out_features, ratio, k_over_s, w.dtype.itemsize)
         D, idx, coef, _ = learn_dictionary(w.T.to(torch.float64), k, s, iters=iters)

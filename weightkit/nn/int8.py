@@ -459,8 +459,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype: Optional[torch.dtype] = None, track_weight_grad: bool = True):
         super().__init__()
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        self.check_options(group_size)
         if in_features % group_size:
             raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
@@ -525,10 +524,18 @@ class Int8Linear(nn.Module):
                 weight.qdata.copy_(w)
                 weight.scale.copy_(sc.reshape(weight.scale.shape))
 
+    @staticmethod
+    def check_options(group_size: int = 128, track_weight_grad: bool = True) -> None:
+        """Check the options of :meth:`from_linear` that do not depend on a layer's shape (weightkit.swap checks
+        them once, before it replaces any layer); raises ValueError naming the option."""
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, track_weight_grad: bool = True) -> "Int8Linear":
         """Quantize ``linear``'s weight to int8 (round to nearest, absmax scale per group); the weight presents
         ``linear``'s dtype."""
+        cls.check_options(group_size, track_weight_grad)
         w = linear.weight.detach()
         group = group_size
         if linear.in_features % group:

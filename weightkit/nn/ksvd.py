@@ -25,6 +25,7 @@ learn with this module.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -33,13 +34,26 @@ from torch import Tensor
 from ..backend import allow_tf32
 from ..ops.dictionary import bitmask_code_bytes
 
-__all__ = ["check_ratio", "dictionary_size", "omp", "omp_schedule", "learn_dictionary", "scatter_codes", "ksvd_work"]
+__all__ = ["check_growth", "check_int", "check_k_over_s", "check_ratio", "dictionary_size", "omp", "omp_schedule",
+           "learn_dictionary", "scatter_codes", "ksvd_work"]
 
 
 def check_ratio(ratio: float) -> None:
     """``ratio``, the fraction of a dense weight's bytes a factorization removes, must lie in (0, 1)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio (fraction of the weight's bytes removed) must be in (0, 1), got {ratio!r}")
+
+
+def check_k_over_s(k_over_s: float) -> None:
+    """``k_over_s``, the atoms a nonzero of S (k = round(k_over_s s)), must be a finite number >= 1."""
+    if isinstance(k_over_s, bool) or not isinstance(k_over_s, (int, float)) or not 1.0 <= k_over_s < math.inf:
+        raise ValueError(f"k_over_s must be a finite number >= 1, got {k_over_s!r}")
+
+
+def check_growth(growth: float) -> None:
+    """``growth``, OMP's atoms per step as a fraction of the atoms still to pick (omp_schedule), must be in [0, 1]."""
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth <= 1:
+        raise ValueError(f"growth must be a number in [0, 1], got {growth!r}")
 
 
 def dictionary_size(d_in: int, d_out: int, ratio: float, k_over_s: float = 2.0, value_bytes: int = 4
@@ -50,8 +64,7 @@ def dictionary_size(d_in: int, d_out: int, ratio: float, k_over_s: float = 2.0, 
     int32 mask words and as many prefix offsets per column; weightkit.ops.dictionary.bitmask_code_bytes). For a shared
     dictionary ``d_out`` is the total width of the layers sharing it (their budgets add up)."""
     check_ratio(ratio)
-    if isinstance(k_over_s, bool) or not isinstance(k_over_s, (int, float)) or not k_over_s >= 1.0:
-        raise ValueError(f"k_over_s must be a number >= 1, got {k_over_s!r}")
+    check_k_over_s(k_over_s)
     budget = (1.0 - ratio) * d_in * d_out * value_bytes
     s = 0
     for candidate in range(1, d_in + 1):
@@ -92,7 +105,7 @@ def omp_schedule(s: int, growth: float = DEFAULT_GROWTH) -> List[int]:
     return steps
 
 
-def _check_int(name: str, value, low: int, high: Optional[int] = None, what: str = "") -> int:
+def check_int(name: str, value, low: int, high: Optional[int] = None, what: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
         raise ValueError(f"{name} must be an int with {bound}{what}, got {value!r}")
@@ -202,9 +215,8 @@ def omp(D: Tensor, Y: Tensor, s: int, eps: Optional[float] = None, *, growth: fl
     if D.device != Y.device:
         raise ValueError(f"D is on {D.device} and Y on {Y.device}; they must be on one device")
     (d, k), m = D.shape, Y.shape[1]
-    _check_int("s", s, 1, min(k, d), f" (the atoms k={k} and the rows d={d} of Y bound the nonzeros per column)")
-    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth <= 1:
-        raise ValueError(f"growth must be a number in [0, 1], got {growth!r}")
+    check_int("s", s, 1, min(k, d), f" (the atoms k={k} and the rows d={d} of Y bound the nonzeros per column)")
+    check_growth(growth)
     dtype = torch.promote_types(_compute_dtype(D, "D"), _compute_dtype(Y, "Y"))
     D, Y, dev = D.to(dtype), Y.to(dtype), Y.device
     if eps is None:  # above the rounding of G_JJ - P^T P (about s ulps), far below a useful atom's residual
@@ -299,10 +311,10 @@ def learn_dictionary(Y: Tensor, k: int, s: int, iters: int = 3, power_iters: int
     if Y.dim() != 2:
         raise ValueError(f"Y must be a matrix (d x m), got shape {tuple(Y.shape)}")
     d, m = Y.shape
-    _check_int("k", k, 1, what=" (atoms in the dictionary)")
-    _check_int("s", s, 1, min(k, d), f" (nonzeros per column: at most the atoms k={k} and the rows d={d} of Y)")
-    _check_int("iters", iters, 0)
-    _check_int("power_iters", power_iters, 0)
+    check_int("k", k, 1, what=" (atoms in the dictionary)")
+    check_int("s", s, 1, min(k, d), f" (nonzeros per column: at most the atoms k={k} and the rows d={d} of Y)")
+    check_int("iters", iters, 0)
+    check_int("power_iters", power_iters, 0)
     work = dtype or _compute_dtype(Y, "Y")
     if work not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -311,8 +323,7 @@ def learn_dictionary(Y: Tensor, k: int, s: int, iters: int = 3, power_iters: int
     if selection_precision not in SELECTION_PRECISIONS:
         raise ValueError(f"selection_precision must be one of {', '.join(SELECTION_PRECISIONS)}, "
                          f"got {selection_precision!r}")
-    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth <= 1:
-        raise ValueError(f"growth must be a number in [0, 1], got {growth!r}")
+    check_growth(growth)
     if D is not None and (D.dim() != 2 or tuple(D.shape) != (d, k)):
         raise ValueError(f"D must be {d} x {k} (rows of Y x atoms), got {tuple(D.shape)}")
     if threads is None:

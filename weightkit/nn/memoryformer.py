@@ -33,17 +33,23 @@ class MemoryLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tau: int = 8, t: float = 1.0, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        if isinstance(tau, bool) or not isinstance(tau, int) or not 1 <= tau <= 16:
-            raise ValueError(f"tau must be an int in [1, 16], got {tau!r}")
+        self.check_options(tau, t)
         if in_features % tau:
             raise ValueError(f"tau={tau} must divide in_features={in_features}")
-        if not t > 0:
-            raise ValueError(f"t (temperature) must be > 0, got {t}")
         self.in_features, self.out_features, self.tau, self.t = in_features, out_features, tau, float(t)
         k = in_features // tau
         std = 1.0 / (math.sqrt(k) * _expected_weight(tau, t))
         self.tables = nn.Parameter(torch.randn(k, 2**tau, out_features, device=device, dtype=dtype) * std * 0.1)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @staticmethod
+    def check_options(tau: int = 8, t: float = 1.0) -> None:
+        """Check the options of :meth:`from_linear` that do not depend on a layer's shape (weightkit.swap checks
+        them once, before it replaces any layer); raises ValueError naming the option."""
+        if isinstance(tau, bool) or not isinstance(tau, int) or not 1 <= tau <= 16:
+            raise ValueError(f"tau must be an int in [1, 16], got {tau!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise ValueError(f"t (temperature) must be a finite number > 0, got {t!r}")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tau: int = 8, t: float = 1.0) -> "MemoryLinear":

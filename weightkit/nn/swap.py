@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -42,12 +43,20 @@ def swap(model: nn.Module, method: str, filter_fn: Optional[FilterFn] = None, **
 
     Returns a :class:`SwapReport` naming each replaced layer with its bytes before and after. A layer that the
     method cannot take (``from_linear`` raising ValueError, e.g. in_features not divisible by tau) is skipped and
-    reported with the reason; nothing else is changed.
+    reported with the reason; nothing else is changed. An option that no layer could take (an unknown name:
+    TypeError; a value out of range, e.g. ``ratio=2``, ``group_size=0``: ValueError) raises before any layer is
+    replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     method = canonical_method(method, METHODS, "swap")
     cls = METHODS[method]
+    known = [p for p in inspect.signature(cls.from_linear).parameters if p != "linear"]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method={method!r}: {cls.__name__}.from_linear takes "
+                        f"{', '.join(known)}")
+    cls.check_options(**opts)
     report = SwapReport(method)
     for name, linear in linear_layers(model, filter_fn, report.skipped):
         try:

@@ -38,6 +38,7 @@ def check_tensor(
     ndim: Optional[int] = None,
     device: Optional[torch.device] = None,
     nonempty: bool = True,
+    min_ndim: Optional[int] = None,
 ) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -45,6 +46,9 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {str(t.dtype).replace('torch.', '')}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension{'s' * (min_ndim > 1)}, got shape "
+                         f"{tuple(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
     if nonempty and t.numel() == 0:

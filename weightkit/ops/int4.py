@@ -164,7 +164,7 @@ _MM = KernelTable("int4_matmul", cuda_order=("triton", "cuda"),
 
 def _check_mm(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, shape, transpose: bool,
               out_dtype: Optional[torch.dtype] = None):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False, min_ndim=1)  # no tokens: an empty result
     if out_dtype is not None and out_dtype != x.dtype and not (
             out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
         raise ValueError(f"out_dtype must be None, x's dtype ({x.dtype}) or torch.float32 for a bfloat16 / float16 "

@@ -234,10 +234,10 @@ def _check_int8_mm_args(x: Tensor, w_q: Tensor, scale: Tensor, group_size: int, 
     dev = x.device
     if (x.dtype in FLOAT_DTYPES and w_q.dtype == torch.int8 and scale.dtype == torch.float32 and w_q.dim() == 2
             and w_q.device == dev and scale.device == dev and type(group_size) is int and group_size > 0
-            and x.numel() and w_q.numel() and not w_q.shape[1] % group_size
+            and x.dim() and x.numel() and w_q.numel() and not w_q.shape[1] % group_size
             and scale.numel() == w_q.numel() // group_size and x.shape[-1] == w_q.shape[0 if transpose else 1]):
         return  # the usual valid call, in one expression (half the cost of the checks below, which name the error)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False, min_ndim=1)  # no tokens: an empty result
     check_tensor("w_q", w_q, dtypes=(torch.int8,), ndim=2, device=x.device)
     check_positive_int("group_size", group_size)
     out_f, in_f = w_q.shape

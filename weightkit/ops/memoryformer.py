@@ -81,12 +81,12 @@ MAX_TAU = 16
 
 def _check_args(x: Tensor, tables: Tensor, t: float) -> None:
     if (x.dtype in FLOAT_DTYPES and tables.dtype in FLOAT_DTYPES and tables.dim() == 3 and tables.device == x.device
-            and x.numel() and tables.numel() and t > 0):
+            and x.dim() and x.numel() and tables.numel() and t > 0):
         k, buckets, _ = tables.shape
         tau = buckets.bit_length() - 1
         if buckets == 1 << tau and 1 <= tau <= MAX_TAU and x.shape[-1] == k * tau:
             return  # the usual valid call (half the cost of the checks below, which name the error)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False)  # (no tokens: an empty result, as nn.Linear's)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, nonempty=False, min_ndim=1)  # no tokens: an empty result
     check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     k, buckets, _ = tables.shape
     tau = buckets.bit_length() - 1
