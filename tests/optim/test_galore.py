@@ -270,6 +270,45 @@ def test_unknown_group_key_and_bad_options(device):
         GaLoreAdamW([w], nonfinite="ignore")
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", float("inf"), "lr must be a finite number >= 0, got inf"),
+    ("lr", -1e-3, "lr must be a finite number >= 0"),
+    ("betas", (0.9, 1.0), r"betas must be a pair of numbers in \[0, 1\), got \(0.9, 1.0\)"),
+    ("betas", (0.9,), r"betas must be a pair of numbers in \[0, 1\)"),
+    ("eps", float("nan"), "eps must be a finite number >= 0, got nan"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0, got nan"),
+    ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
+])
+def test_adam_settings_are_checked_in_the_defaults_and_in_each_group(key, value, match):
+    """AdamW's settings as torch.optim.AdamW checks them, NaN and inf refused too, in the defaults and in a group's
+    own values (they were checked in the defaults alone, and weight_decay nowhere); a group refused by
+    add_param_group leaves the optimizer as it was."""
+    w, v = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8))
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([{"params": [w], "rank": 4}], **{key: value})
+    with pytest.raises(ValueError, match="param group 1: " + match):
+        GaLoreAdamW([{"params": [w], "rank": 4}, {"params": [v], key: value}])
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}])
+    with pytest.raises(ValueError, match="param group 1: " + match):
+        opt.add_param_group({"params": [v], key: value})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [w]
+    opt.add_param_group({"params": [v]})
+    assert len(opt.param_groups) == 2
+
+
+def test_a_float64_weight_in_a_low_rank_group_is_refused_before_any_step():
+    """The fused low-rank update writes float32 / bf16 / fp16 weights: a float64 one was accepted, then the first
+    step raised with its state already made. A float64 parameter without a rank (AdamW) still steps."""
+    lin = torch.nn.Linear(16, 8).double()
+    with pytest.raises(ValueError, match=r"a float64 parameter of shape \(8, 16\) in a low-rank group"):
+        GaLoreAdamW([{"params": [lin.weight], "rank": 4}])
+    opt = GaLoreAdamW([{"params": [lin.weight, lin.bias]}], lr=1e-2)
+    lin(torch.randn(2, 16, dtype=torch.float64)).sum().backward()
+    before = lin.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, lin.weight)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_gradient_raises_without_changing_state(device):
     ps = params((32, 16), device=device)

@@ -106,6 +106,19 @@ class GaLoreParts:
         return {**getattr(self.basis, "group_keys", {}), **getattr(self.refresh, "group_keys", {})}
 
 
+def check_adam_settings(where: str, lr, betas, eps, weight_decay) -> None:
+    """AdamW's settings, of the defaults (``where`` = "") or of one param group: finite, lr, eps and weight_decay
+    >= 0, betas a pair in [0, 1) (torch.optim.AdamW's rules, with inf and NaN refused too)."""
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{where}betas must be a pair of numbers in [0, 1), got {betas}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"{where}eps must be a finite number >= 0, got {eps}")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay}")
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     """GaLore with AdamW: float bases, float32 moments, float weights (galore-torch's GaLoreAdamW), and the one
     step that every preset of the family runs with its own ``parts`` (see the module docstring).
@@ -120,12 +133,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                  svd: str = "exact", oversample: int = 8, power_iters: int = 2, seed: int = 0,
                  proj_dtype=None, nonfinite: str = "raise", *, stagger_refresh: bool = False,
                  refresh_offset: int = 0, parts: Optional[GaLoreParts] = None):
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_adam_settings("", lr, betas, eps, weight_decay)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if parts is None:
@@ -171,6 +179,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             param_group.setdefault(k, v)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_group(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()  # a group refused leaves the optimizer as it was
+            raise
+        for p in group["params"]:
+            self._keys.setdefault(id(p), len(self._keys))
+
+    def _check_group(self, group: Dict, index: int) -> None:
+        check_adam_settings(f"param group {index}: ", group["lr"], group["betas"], group["eps"],
+                            group["weight_decay"])
         if "rank" in group:
             proj = self._projector(group)  # validates rank, gap, proj_type, svd
             self.parts.basis.check_group(group)
@@ -182,8 +201,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if p.is_sparse:
                 raise ValueError("GaLoreAdamW does not support sparse parameters")
             self._weight_part(p).check_param(p, group)
-        for p in group["params"]:
-            self._keys.setdefault(id(p), len(self._keys))
 
     def _weight_part(self, p: Tensor):
         """The weight part that handles ``p``: the first of ``parts.weights`` that accepts it."""

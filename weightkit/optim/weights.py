@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..backends._blocked import keep_unless_found, lowrank_factor, masked_low_rank_adam
 from ..nn.int8 import Int8Weight
-from ..ops._checks import debug_checks, debug_checks_enabled
+from ..ops._checks import FLOAT_DTYPES, debug_checks, debug_checks_enabled
 from ..ops.galore import galore_adam_update_
 from ..ops.int8 import int8_sr_update_
 from ..ops.qgalore import PRECISIONS, int8_sr_lowrank_update_
@@ -78,7 +78,10 @@ class FloatWeight:
         return True
 
     def check_param(self, p: Tensor, group: Dict) -> None:
-        pass
+        if "rank" in group and p.dim() == 2 and p.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"a {str(p.dtype).replace('torch.', '')} parameter of shape {tuple(p.shape)} in a "
+                             "low-rank group (one with a 'rank'): the fused low-rank update writes float32, bfloat16 "
+                             "and float16 weights (and an Int8Linear's); put it in a group without 'rank' (AdamW)")
 
     def grad(self, p: Tensor) -> Optional[Tensor]:
         return p.grad
