@@ -115,6 +115,10 @@ def test_swap_filter_fn_and_errors(device):
         weightkit.swap(model, "fp4")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         weightkit.swap("model", "int8")
+    with pytest.raises(TypeError, match=r"filter_fn must be a callable filter_fn\(name, module\) -> bool, got str"):
+        weightkit.swap(model, "int8", filter_fn="mlp", group_size=32)
+    with pytest.raises(TypeError, match=r"filter_fn must be a callable .* got str"):
+        param_groups(model, rank=4, filter_fn="mlp")
 
 
 @pytest.mark.parametrize("old,new", [("memory", "memoryformer"), ("dict", "dictionary")])

@@ -33,6 +33,15 @@ def skipped_by_default(name: str) -> bool:
     return any(part in DEFAULT_SKIP for part in name.split("."))
 
 
+def layer_filter(filter_fn: Optional[FilterFn]) -> FilterFn:
+    """``filter_fn``, checked to be callable, or the rule of :data:`DEFAULT_SKIP` for None."""
+    if filter_fn is None:
+        return lambda name, _module: not skipped_by_default(name)
+    if not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable filter_fn(name, module) -> bool, got {type(filter_fn).__name__}")
+    return filter_fn
+
+
 def linear_layers(model: nn.Module, filter_fn: Optional[FilterFn] = None,
                   skipped: Optional[List[Tuple[str, str]]] = None) -> List[Tuple[str, nn.Linear]]:
     """``(qualified name, layer)`` of every ``nn.Linear`` of ``model`` (exactly that class: subclasses and
@@ -40,9 +49,7 @@ def linear_layers(model: nn.Module, filter_fn: Optional[FilterFn] = None,
 
     ``filter_fn`` defaults to the rule of :data:`DEFAULT_SKIP`. The names of the layers it rejects are appended to
     ``skipped`` as ``(name, "filtered out")`` when a list is given."""
-    if filter_fn is None:
-        def filter_fn(name, _module):
-            return not skipped_by_default(name)
+    filter_fn = layer_filter(filter_fn)
     chosen = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 from torch import nn
 
 from ..nn.int8 import Int8Weight
-from ..nn.walk import skipped_by_default
+from ..nn.walk import layer_filter
 
 
 def param_groups(
@@ -29,9 +29,7 @@ def param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if filter_fn is None:
-        def filter_fn(name, _module):
-            return not skipped_by_default(name)
+    filter_fn = layer_filter(filter_fn)
     low_rank, seen = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
