@@ -992,6 +992,8 @@ def float32_x_split(enabled):
         yield
     finally:
         FLOAT32_X_SPLIT = before
+
+
 GEMV_KEY = ["M", "N", "K", "G"]
 MM_KEY = ["M", "N", "K", "G", "PRECISION"]
 

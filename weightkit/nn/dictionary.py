@@ -76,8 +76,8 @@ class DictLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio: float = 0.3, k_over_s: float = 2.0, iters: int = 3) -> "DictLinear":
         """Data-free factorization of ``linear`` (K-SVD on W^T) removing ``ratio`` of the weight's bytes (the exact
-        bytes of the bitmask format). For the calibration-guided version use weightkit.compress.dictionary."""
-        cls.check_options(ratio, k_over_s, iters)
+        bytes of the bitmask format). For the calibration-guided version use weightkit.compress.dictionary.
+        (dictionary_size and learn_dictionary check the options as check_options does.)"""
         w = linear.weight.detach()
         k, s = dictionary_size(linear.in_features, linear.out_features, ratio, k_over_s, w.dtype.itemsize)
         D, idx, coef, _ = learn_dictionary(w.T.to(torch.float64), k, s, iters=iters)

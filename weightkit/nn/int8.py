@@ -534,15 +534,11 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, track_weight_grad: bool = True) -> "Int8Linear":
         """Quantize ``linear``'s weight to int8 (round to nearest, absmax scale per group); the weight presents
-        ``linear``'s dtype."""
-        cls.check_options(group_size, track_weight_grad)
+        ``linear``'s dtype. The constructor checks group_size (check_options) and that it divides in_features."""
         w = linear.weight.detach()
-        group = group_size
-        if linear.in_features % group:
-            raise ValueError(f"group_size={group} must divide in_features={linear.in_features}")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, device=w.device,
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, device=w.device,
                     dtype=w.dtype, track_weight_grad=track_weight_grad)
-        q, scale = _quantize_nearest(w, group)
+        q, scale = _quantize_nearest(w, group_size)
         layer.weight.qdata.copy_(q)
         layer.weight.scale.copy_(scale)
         if linear.bias is not None:
