@@ -8,6 +8,7 @@ import copy
 import os
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -150,7 +151,7 @@ def test_post_accumulate_grad_hook_and_layerwise_qgalore():
     for _ in range(12):
         loss = mse(model, x, y)
         loss.backward()  # each parameter is updated, and its gradient freed, inside backward
-        losses.append(float(loss))
+        losses.append(loss.item())
         assert all(p.grad is None for p in model.parameters())
     assert losses[-1] < 0.8 * losses[0]
     assert all(not torch.equal(w.qdata, b) for w, b in zip(int8_weights(model), before))
@@ -288,7 +289,11 @@ def test_compiled_training_step_matches_eager():
 
     compiled = torch.compile(make_step(model))
     eager = make_step(twin)  # AdamW's default weight decay: a positive factor, applied to the scales in eager
-    got = [float(compiled()) for _ in range(4)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [float(compiled()) for _ in range(4)]
+    # torch 2.13's AOTAutograd cache asks the subclass for its key (Int8Weight._stable_hash_for_caching)
+    assert not [w for w in caught if "_stable_hash_for_caching" in str(w.message)]
     want = [float(eager()) for _ in range(4)]
     # the compiled step rounds AdamW's weight decay too (its factor is a traced tensor there, not a number, so it is
     # not applied to the scales alone as in eager) and draws other noise: the runs agree to the rounding noise

@@ -25,6 +25,7 @@ written by earlier versions load unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
 from typing import Callable, Optional
@@ -143,6 +144,17 @@ class Int8Weight(Tensor):
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         group_size, dtype = meta
         return Int8Weight(inner["qdata"], inner["scale"], group_size, dtype=dtype, sr_state=inner["sr_state"])
+
+    def _stable_hash_for_caching(self) -> str:
+        """torch.compile's AOTAutograd cache key of this weight (torch >= 2.13 asks a wrapper subclass for one, and
+        warns once where it has none): what a compiled graph depends on -- the presented shape, dtype and
+        requires_grad, the group size, and each held tensor's dtype, shape, strides and device type -- never the
+        values (the rounding counter in ``sr_state`` advances at every update and is read at run time)."""
+        held = [(str(t.dtype), tuple(t.shape), t.stride(), t.device.type)
+                for t in (self.qdata, self.scale, self.sr_state)]
+        key = repr((type(self).__qualname__, tuple(self.shape), str(self.dtype), self.requires_grad, self.group_size,
+                    held))
+        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def _like(self, qdata: Tensor, scale: Tensor, sr_state: Optional[Tensor] = None, dtype=None) -> "Int8Weight":
         return Int8Weight(qdata, scale, self.group_size, dtype=dtype or self.dtype,
