@@ -172,7 +172,7 @@ def test_torch_adamw_trains_int8_weights_reproducibly():
             loss.backward()
             nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         return losses
 
     losses = fit(model)
@@ -244,7 +244,7 @@ def test_galore_adamw_trains_int8_weights_or_says_why_not():
         loss = mse(model, x, y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     with pytest.raises(ValueError, match="must be in a param group with a 'rank'.*torch.optim.AdamW"):
         GaLoreAdamW([{"params": [model[0].weight]}])
@@ -333,7 +333,7 @@ def _scenario(rank, mode):
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        out["losses"].append(float(loss))
+        out["losses"].append(loss.item())
     out["weights"] = [(w.full_tensor() if hasattr(w, "full_tensor") else w.dequantize()).detach().clone()
                       for w in int8_weights(model)]
     return out
