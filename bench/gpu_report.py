@@ -1060,6 +1060,18 @@ def auto():
             row("auto", f"int8_sr_lowrank_update_ {m}^2 r{r} {prec}",
                 lambda: qops.int8_sr_lowrank_update_(wq, wsc, pq, ps, pz, upd, 128, 64, True, alpha=1e-4,
                                                      precision=prec, seed=1))
+        # galore_adam_update_'s write-back alone (GaLoreAdamW8bit: the direction from the one-pass 8-bit moments);
+        # last, so that a short budget cuts these first
+        for (m, n), r in GALORE_SHAPES:
+            weight = torch.randn(m, n, device=DEV)
+            ortho = torch.linalg.qr(torch.randn(m, r, device=DEV))[0]
+            direction = torch.randn(r, n, device=DEV)
+            for tf32 in (False, True):
+                with _tf32(tf32):
+                    for pdt in (torch.float32, torch.bfloat16):
+                        p = ortho.to(pdt)
+                        row("auto", f"lowrank_update_ {m}x{n} r{r} proj {pdt} {'tf32' if tf32 else 'strict'}",
+                            lambda: gops.lowrank_update_(weight, direction, p, True, step_size=1e-6))
     finally:
         choices = wb.auto_choices()
         for c in choices:

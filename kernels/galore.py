@@ -4,7 +4,8 @@
    U written in the basis' dtype (float32, or bfloat16 / float16 for a basis stored in proj_dtype, so that the
    projection back runs on 16-bit tensor cores).
 2. ``_matmul_update_kernel``: W <- decay W + alpha (A @ B) tile by tile; the product is never stored, and the weight
-   is read and written once in its own dtype (float32, bfloat16, float16) with fp32 accumulation.
+   is read and written once in its own dtype (float32, bfloat16, float16) with fp32 accumulation. Alone, for a U
+   computed elsewhere (8-bit moments in one pass): ``lowrank_update_triton`` (weightkit.ops.galore.lowrank_update_).
 
 Both take the step's non-finite flag (``found_inf``, a one-element float32 tensor: nonzero = a gradient of this
 step held NaN/Inf): where it is set they leave M, V and W unchanged, so that ``nonfinite='skip'`` needs no host
@@ -125,31 +126,60 @@ _PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _TUNED = {}
 
 
+def _matmul_precision(ortho, tf32, precision):
+    """The matmul's PRECISION for ``ortho``'s dtype: float32, 'bf16x6' (or 'tf32' when ``tf32``; 'ieee': strict-fp32
+    FMA dots, kept to measure against); a 16-bit ortho, its dtype's products."""
+    if ortho.dtype == torch.float32:
+        precision = precision or ("tf32" if tf32 else "bf16x6")
+        if precision not in ("ieee", "tf32", "bf16x6"):
+            raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16x6' for a float32 ortho, got {precision!r}")
+        return precision
+    if precision not in (None, _PRECISION_OF.get(ortho.dtype)):
+        raise ValueError(f"a {ortho.dtype} ortho runs its own dtype's products, got precision={precision!r}")
+    return _PRECISION_OF.get(ortho.dtype, "ieee")
+
+
 def galore_adam_update_triton(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
                               decay, found_inf=None, step_size_t=None, tf32=False, block=1024, precision=None):
     """``ortho`` float32 (the matmul runs bf16x6, or tf32 when ``tf32``; ``precision="ieee"``: strict-fp32 FMA dots,
     kept to measure against) or bfloat16 / float16 (U is written in that dtype and the matmul runs on 16-bit operands
     with fp32 accumulation). Launches on the weight's device."""
-    if ortho.dtype == torch.float32:
-        precision = precision or ("tf32" if tf32 else "bf16x6")
-        if precision not in ("ieee", "tf32", "bf16x6"):
-            raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16x6' for a float32 ortho, got {precision!r}")
-    elif precision not in (None, _PRECISION_OF.get(ortho.dtype)):
-        raise ValueError(f"a {ortho.dtype} ortho runs its own dtype's products, got precision={precision!r}")
-    else:
-        precision = _PRECISION_OF.get(ortho.dtype, "ieee")
+    precision = _matmul_precision(ortho, tf32, precision)
     with device_guard(weight.device):
-        _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale,
-                            decay, found_inf, step_size_t, precision, block)
+        update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
+        n = low_grad.numel()
+        flag = found_inf if found_inf is not None else exp_avg  # an unused pointer when HAS_FOUND is off
+        launch(_low_rank_adam_kernel, (cdiv(n, block),), low_grad, exp_avg, exp_avg_sq, update, flag, n, beta1, beta2,
+               eps, HAS_FOUND=found_inf is not None, BLOCK=block)
+        _matmul_update(weight, update, ortho, left, step_size, scale, decay, found_inf, step_size_t, precision, exp_avg)
 
 
-def _galore_adam_update(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, beta1, beta2, eps, step_size, scale, decay,
-                        found_inf, step_size_t, precision, block):
-    update = torch.empty(low_grad.shape, dtype=ortho.dtype, device=low_grad.device)
-    n = low_grad.numel()
-    flag = found_inf if found_inf is not None else exp_avg  # an unused pointer when HAS_FOUND is off
-    launch(_low_rank_adam_kernel, (cdiv(n, block),), low_grad, exp_avg, exp_avg_sq, update, flag, n, beta1, beta2, eps,
-           HAS_FOUND=found_inf is not None, BLOCK=block)
+def lowrank_update_triton(weight, update, ortho, left, step_size, scale, decay, found_inf=None, step_size_t=None,
+                          tf32=False, precision=None):
+    """weightkit.ops.galore.lowrank_update_: the matmul-update kernel alone, for a given direction ``update``
+    (contiguous; read, never written; float32, or a 16-bit ortho's dtype: the backend passes it so, as
+    galore_adam_update_'s kernel writes it). Precision as :func:`galore_adam_update_triton`'s. Launches on the
+    weight's device."""
+    precision = _matmul_precision(ortho, tf32, precision)
+    with device_guard(weight.device):
+        _matmul_update(weight, update, ortho, left, step_size, scale, decay, found_inf, step_size_t, precision,
+                       update if update.dtype == torch.float32 else _spare(weight.device))
+
+
+_SPARES = {}  # device -> a one-element float32 tensor: the pointer of the flags that are off (never read)
+
+
+def _spare(device):
+    spare = _SPARES.get(device)
+    if spare is None:
+        spare = _SPARES[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return spare
+
+
+def _matmul_update(weight, update, ortho, left, step_size, scale, decay, found_inf, step_size_t, precision, spare):
+    """W <- decay W - step_size scale decay (P U | U P) by _matmul_update_kernel, its config tuned per key; ``spare``:
+    a float32 tensor passed for the flags that are off (never read)."""
+    flag = found_inf if found_inf is not None else spare  # an unused pointer when HAS_FOUND is off
     a, b = (ortho, update) if left else (update, ortho)
     m_rows, n_cols = weight.shape
     k = a.shape[1]

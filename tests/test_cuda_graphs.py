@@ -110,6 +110,9 @@ CASES = {
         "40tok-fp16-float32-out-transpose": lambda d: (_randn(40, 128, device=d).half(), *_int4(128, 256, 64, d),
                                                        64, [128, 256], True, torch.float32)},
     "galore_adam_update_": {"left": lambda d: _galore(d, left=True), "right": lambda d: _galore(d, left=False)},
+    # its write-back alone, of a direction (GaLoreAdamW8bit's one-pass 8-bit moments): weight, U, P, left, step...
+    "lowrank_update_": {side: (lambda d, left=left: (lambda a: (a[0], a[2], a[4], left, 1e-2, 0.5, 0.99))(
+        _galore(d, left=left))) for side, left in (("left", True), ("right", False))},
     "memory_lookup_forward": {
         "1tok": lambda d: (_randn(1, 64, device=d), _tables(16, 4, 128, d), 1.0),
         "40tok": lambda d: (_randn(40, 64, device=d), _tables(16, 4, 128, d), 0.5),

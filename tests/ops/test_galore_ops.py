@@ -1,5 +1,5 @@
-"""weightkit::galore_adam_update_: every backend == the float64 reference, compile, bad input (opcheck:
-test_opcheck.py)."""
+"""weightkit::galore_adam_update_, lowrank_update_ (its write-back alone) and bf16_parts: every backend == the
+float64 reference, compile, bad input (opcheck: test_opcheck.py)."""
 
 import pytest
 import torch
@@ -437,3 +437,101 @@ def test_bf16_parts_of_an_empty_x(device):
 def test_bf16_parts_bad_input(x, dim, err, match):
     with pytest.raises(err, match=match):
         galore_ops.bf16_parts(x, dim)
+
+
+# -- lowrank_update_: the write-back of a direction computed elsewhere (GaLoreAdamW8bit's one-pass 8-bit moments) ----
+def lowrank_reference64(w, update, ortho, left, coef=HYPER["step_size"] * HYPER["scale"], decay=HYPER["decay"]):
+    full = ortho.double() @ update.double() if left else update.double() @ ortho.double()
+    return (w.double() - coef * full) * decay
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("basis", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,r,left", [(48, 40, 8, True), (37, 53, 5, False), (20, 70, 4, True)])
+def test_lowrank_update_backends_match_float64_reference(device, dtype, basis, m, n, r, left):
+    """Every backend == the float64 maths within the weight's dtype tolerance (a bf16 basis: its products round U to
+    bf16 on a GPU, bf16's tolerance); U is read, never written."""
+    w, _, update, _, ortho = make(m, n, r, left, dtype, device)
+    ortho = ortho.to(basis)
+    want = lowrank_reference64(w, update, ortho, left)
+    tol = TOL[torch.bfloat16 if basis == torch.bfloat16 else dtype]
+    backends = usable_backends(galore_ops._UPDATE, device)
+    assert len(backends) >= 2, backends
+    kept = update.clone()
+    for name in backends:
+        got = w.clone()
+        with use_backend(name):
+            galore_ops.lowrank_update_(got, update, ortho, left, step_size=HYPER["step_size"], scale=HYPER["scale"],
+                                       decay=HYPER["decay"])
+        assert got.dtype == dtype and torch.equal(update, kept), name
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("left", [True, False])
+def test_lowrank_update_found_inf_and_step_size_tensor(device, left):
+    """A set flag leaves W unchanged whatever U holds (NaN included) and U is not modified; a clear one writes the
+    update with ``step_size_t`` in place of the float step size."""
+    for dtype in (torch.float32, torch.bfloat16):
+        w, _, update, _, ortho = make(40, 56, 6, left, dtype, device)
+        update[1, 2] = float("nan")
+        for name in usable_backends(galore_ops._UPDATE, device):
+            got, u = w.clone(), update.clone()
+            with use_backend(name):
+                galore_ops.lowrank_update_(got, u, ortho, left, step_size=HYPER["step_size"], scale=HYPER["scale"],
+                                           decay=HYPER["decay"], found_inf=torch.ones(1, device=device),
+                                           step_size_t=torch.full((1,), 5.0, device=device))
+            assert torch.equal(got, w), name
+            assert torch.equal(u.isnan(), update.isnan()) and torch.equal(u.nan_to_num(), update.nan_to_num()), name
+    w, _, update, _, ortho = make(40, 56, 6, left, torch.float32, device)
+    want = lowrank_reference64(w, update, ortho, left)
+    for name in usable_backends(galore_ops._UPDATE, device):
+        got, u = w.clone(), update.clone()
+        with use_backend(name):
+            galore_ops.lowrank_update_(got, u, ortho, left, step_size=123.0, scale=HYPER["scale"],
+                                       decay=HYPER["decay"], found_inf=torch.zeros(1, device=device),
+                                       step_size_t=torch.full((1,), HYPER["step_size"], device=device))
+        assert torch.equal(u, update), name
+        torch.testing.assert_close(got.double(), want, **TOL[torch.float32], msg=lambda s: f"{name}: {s}")
+
+
+def test_lowrank_update_non_contiguous_weight_and_compile():
+    w, _, update, _, ortho = make(32, 24, 4, True)
+    want = lowrank_reference64(w, update, ortho, True)
+    for name in usable_backends(galore_ops._UPDATE, "cpu"):
+        target = w.T.contiguous().T
+        with use_backend(name):
+            galore_ops.lowrank_update_(target, update, ortho, True, step_size=HYPER["step_size"],
+                                       scale=HYPER["scale"], decay=HYPER["decay"])
+        assert not target.is_contiguous()
+        torch.testing.assert_close(target.double(), want, **TOL[torch.float32], msg=lambda s: f"{name}: {s}")
+
+    def step(w, update, ortho):
+        galore_ops.lowrank_update_(w, update * 2, ortho, True, step_size=HYPER["step_size"], scale=HYPER["scale"],
+                                   decay=HYPER["decay"])
+
+    w2 = w.clone()
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True)(w, update, ortho)
+    step(w2, update, ortho)
+    torch.testing.assert_close(w, w2)
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda a: a.update(update=torch.randn(5, 12)), ValueError, "shapes do not fit a left"),
+    (lambda a: a.update(update=torch.randn(4, 12).double()), TypeError, "update must have dtype"),
+    (lambda a: a.update(update=torch.randn(4, 12).bfloat16()), TypeError, "update must have dtype"),
+    (lambda a: a.update(ortho=torch.randn(16, 4, dtype=torch.float64)), TypeError, "ortho must have dtype"),
+    (lambda a: a.update(weight=torch.randn(16)), ValueError, "weight must be 2-D"),
+    (lambda a: a.update(weight=torch.randn(16, 12).to(torch.int32)), TypeError, "weight must have dtype"),
+    (lambda a: a.update(found_inf=torch.zeros(2)), ValueError, "found_inf must hold one value"),
+    (lambda a: a.update(step_size_t=torch.zeros(1, dtype=torch.float64)), TypeError, "step_size_t must have dtype"),
+])
+def test_lowrank_update_bad_input(change, err, match):
+    w, _, update, _, ortho = make(16, 12, 4, True)
+    args = dict(weight=w, update=update, ortho=ortho, found_inf=None, step_size_t=None)
+    change(args)
+    with pytest.raises(err, match=match):
+        galore_ops.lowrank_update_(args["weight"], args["update"], args["ortho"], True, step_size=1e-2,
+                                   found_inf=args["found_inf"], step_size_t=args["step_size_t"])

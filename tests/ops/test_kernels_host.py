@@ -141,6 +141,9 @@ def _launcher_calls(device):
             torch.randn(32, 24, device=device), torch.randn(4, 24, device=device), torch.zeros(4, 24, device=device),
             torch.zeros(4, 24, device=device), torch.randn(32, 4, device=device), True, 0.9, 0.999, 1e-6, 1e-2, 1.0,
             1.0),
+        "lowrank_update_": lambda: galore.lowrank_update_triton(
+            torch.randn(32, 24, device=device), torch.randn(4, 24, device=device), torch.randn(32, 4, device=device),
+            True, 1e-2, 1.0, 1.0),
         "int8_sr_lowrank_update_": lambda: qgalore.int8_sr_lowrank_update_triton(
             q.clone(), scale.clone(), *int4.quantize_int4_triton(torch.randn(32, 4, device=device), 4),
             torch.randn(4, 64, device=device), 32, 4, True, 0.1, 0.99, "fp32", 7, 0),
@@ -454,6 +457,13 @@ def _compile_cases():
                         galore.galore_adam_update_triton(
                             w, low, torch.zeros_like(low), torch.zeros_like(low), ortho, left, 0.9, 0.999, 1e-8, 1e-2,
                             0.25, 1.0, found_inf=torch.zeros(1) if flags else None,
+                            step_size_t=torch.ones(1) if flags else None, tf32=tf32))
+                    # the write-back alone of a float32 direction (GaLoreAdamW8bit): with a 16-bit basis, mixed
+                    # operand dtypes in the dot (the direction rounded in registers)
+                    out[f"lowrank_update {wdt} {odt} tf32{tf32} left{left} flags{flags}"] = (
+                        lambda w=w, low=low, ortho=ortho, left=left, flags=flags, tf32=tf32:
+                        galore.lowrank_update_triton(
+                            w, low, ortho, left, 1e-2, 0.25, 1.0, found_inf=torch.zeros(1) if flags else None,
                             step_size_t=torch.ones(1) if flags else None, tf32=tf32))
     for precision in ("fp32", "tf32x3", "bf16"):
         for left in (True, False):

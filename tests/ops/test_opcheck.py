@@ -60,6 +60,7 @@ CASES = {
     "dequantize_int4": lambda d: (*_int4(12, 8, 4, d), 4, [12, 8]),
     "int4_matmul": lambda d: (torch.randn(3, 8, device=d), *_int4(12, 8, 4, d), 4, [12, 8], False),
     "galore_adam_update_": lambda d: _galore_args(d, left=False),
+    "lowrank_update_": lambda d: (lambda a: (a[0], a[2], a[4], a[5], 1e-2, 0.5, 0.99))(_galore_args(d, left=True)),
     "int8_sr_lowrank_update_": lambda d: (*_int8_weight(16, 12, 4, d), *_int4(16, 4, 4, d),
                                           torch.randn(4, 12, device=d), 4, 4, True, 0.1, 0.99, "fp32", 1, 0),
     "blockwise8bit_adam_": lambda d: _adam8_args(d),
@@ -96,6 +97,7 @@ FLAGGED = {
     "int8_sr_lowrank_update_": lambda d: (torch.zeros(1, device=d), torch.full((), 0.5, device=d)),
     "blockwise8bit_adam_": lambda d: (torch.ones(1, device=d),),
     "galore_adam_update_": lambda d: (torch.ones(1, device=d), torch.full((1,), 0.5, device=d)),
+    "lowrank_update_": lambda d: (torch.zeros(1, device=d), torch.full((1,), 0.5, device=d)),
 }
 
 

@@ -14,7 +14,7 @@ from weightkit.ops.int8 import absmax_scale, int8_matmul, int8_sr_update_, stoch
 
 DIFFERENTIABLE = ["int8_matmul", "int4_matmul", "memory_lookup_forward", "dict_bitmask_matmul"]
 OTHERS = ["stochastic_round_int8", "int8_sr_update_", "quantize_int4", "dequantize_int4", "galore_adam_update_",
-          "memory_lookup_backward", "dict_bitmask_matmul_backward"]
+          "lowrank_update_", "memory_lookup_backward", "dict_bitmask_matmul_backward"]
 
 
 def test_every_op_is_registered_once_with_fake_and_autograd():

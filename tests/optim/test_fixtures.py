@@ -5,14 +5,15 @@ LayerwiseGaLore, and ShardedGaLoreAdamW / ShardedGaLoreAdamW8bit under FSDP2 on 
 recorded number of steps, across a projector refresh, and must reproduce every loss, the final weights and the final
 optimizer state bit for bit.
 
-Two changes of arithmetic since, both in QGaLoreAdamW8bit's fused step (#24): (1) the gradient is projected with
-``int4_matmul`` on the packed INT4 basis, R = (G^T P)^T, where the recorded run computed P^T G from a dequantized
-copy: BLAS sums the same products in another order, so R differs in its last bits; (2) the 8-bit moments are
-updated in one pass (weightkit.ops.moments8bit), whose quantizer takes the nearest code value where bitsandbytes'
-native CPU quantizer, which wrote the fixture, picks a farther neighbour for a few values. Through the stochastic
-rounding a few int8 codes of the final weights differ. The Q-GaLore checkpoint therefore resumes bit for bit with
-those two computed as recorded (everything else -- the fused write-back, the refresh, the state format -- is the
-new code), and with the fused step it reproduces every recorded loss to 1e-5 relative."""
+Two changes of arithmetic since: (1) QGaLoreAdamW8bit's gradient is projected with ``int4_matmul`` on the packed
+INT4 basis, R = (G^T P)^T, where the recorded run computed P^T G from a dequantized copy: BLAS sums the same products
+in another order, so R differs in its last bits (#24); (2) the 8-bit moments of QGaLoreAdamW8bit (#24), and since
+2026-12-08 of GaLoreAdamW8bit and ShardedGaLoreAdamW8bit (#25), are updated in one pass
+(weightkit.ops.moments8bit), whose quantizer takes the nearest code value where bitsandbytes' native CPU quantizer,
+which wrote the fixture, picks a farther neighbour for a few values; through the stochastic rounding a few int8
+codes of Q-GaLore's final weights differ. These checkpoints therefore resume bit for bit with those computed as
+recorded (everything else -- the fused write-backs, the refresh, the state format -- is the new code), and with the
+one-pass step they reproduce every recorded loss to 1e-5 relative."""
 
 import json
 import os
@@ -55,14 +56,16 @@ def test_fixtures_are_small_and_complete():
 def test_old_checkpoint_resumes_bit_identically(name, one_thread, monkeypatch):
     if name in ("galore_8bit", "qgalore"):
         pytest.importorskip("bitsandbytes")
-    if name == "qgalore":  # projection and moments as recorded (see the docstring)
-        from weightkit.optim.basis import Int4Basis
         from weightkit.optim.moments import FusedBlockwiseMoments8bit
+
+        # the moments as recorded (see the docstring): dequantize, update, quantize by bitsandbytes
+        monkeypatch.setattr(FusedBlockwiseMoments8bit, "adam_direction_", lambda self, state, low, u: None)
+    if name == "qgalore":  # the projection as recorded
+        from weightkit.optim.basis import Int4Basis
         from weightkit.optim.projector import project
 
         monkeypatch.setattr(Int4Basis, "project", staticmethod(lambda grad, side, basis: project(
             grad, side, Int4Basis.dense(basis)[0])))
-        monkeypatch.setattr(FusedBlockwiseMoments8bit, "adam_direction_", lambda self, state, low, u: None)
     saved = torch.load(os.path.join(fx.OUT, f"{name}.pt"), weights_only=True)
     with use_backend("reference"):
         model, opt = fx.build(name)
@@ -72,15 +75,17 @@ def test_old_checkpoint_resumes_bit_identically(name, one_thread, monkeypatch):
     assert_same_outcome(fx.outcome(losses, model, opt), EXPECTED["outcomes"][name], name)
 
 
-def test_qgalore_checkpoint_resumes_with_the_packed_projection(one_thread):
+@pytest.mark.parametrize("name", ["galore_8bit", "qgalore"])
+def test_8bit_checkpoint_resumes_with_the_one_pass_step(name, one_thread):
+    """The current step as it is (one-pass 8-bit moments; Q-GaLore's packed projection) from the old checkpoint."""
     pytest.importorskip("bitsandbytes")
-    saved = torch.load(os.path.join(fx.OUT, "qgalore.pt"), weights_only=True)
+    saved = torch.load(os.path.join(fx.OUT, f"{name}.pt"), weights_only=True)
     with use_backend("reference"):
-        model, opt = fx.build("qgalore")
+        model, opt = fx.build(name)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         losses = fx.train(model, opt, saved["step"], saved["step"] + fx.AFTER)
-    want = [float.fromhex(x) if isinstance(x, str) else x for x in EXPECTED["outcomes"]["qgalore"]["losses"]]
+    want = [float.fromhex(x) if isinstance(x, str) else x for x in EXPECTED["outcomes"][name]["losses"]]
     assert losses == pytest.approx(want, rel=1e-5)
 
 

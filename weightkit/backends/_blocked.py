@@ -539,6 +539,25 @@ def galore_adam_update_of(low_rank_adam: Callable, tensor_cores: bool, module: s
     galore_adam_update_.__module__ = module
     return galore_adam_update_
 
+
+def lowrank_update_of(tensor_cores: bool, module: str) -> Callable:
+    """A backend's ``lowrank_update_`` (weightkit.ops.galore: the write-back of a given direction U): BLAS applies
+    P U as in :func:`galore_adam_update_composed`, on a copy of U where :func:`low_rank_update` would change it (a
+    device step size scales U in place; under a device flag a float32 weight relies on U = 0 where it is set, which
+    the caller's U need not be): the op does not modify its ``update``."""
+
+    def lowrank_update_(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, step_size: float, scale: float,
+                        decay: float, found_inf: Optional[Tensor] = None, step_size_t: Optional[Tensor] = None) -> None:
+        if found_inf is not None:
+            update = update.masked_fill(found_inf.ne(0), 0.0)  # a new tensor
+        elif step_size_t is not None:
+            update = update.clone()
+        low_rank_update(weight, update.contiguous(), ortho.contiguous(), left, step_size, scale, decay, found_inf,
+                        step_size_t, tensor_cores)
+
+    lowrank_update_.__module__ = module
+    return lowrank_update_
+
 # -- Q-GaLore's write-back (weightkit/ops/qgalore.py) by the existing kernels, a block of rows at a time ---------------
 
 # the composition computes N for about this many weight elements at a time

@@ -48,7 +48,7 @@ from ..backends._blocked import matmul_precision, mm_float32, stacked_parts, sta
 from ._checks import FLOAT_DTYPES, check_flag, check_tensor
 from ._registry import define
 
-__all__ = ["galore_adam_update_", "bf16_parts", "matmul_precision", "mm_float32"]
+__all__ = ["galore_adam_update_", "lowrank_update_", "bf16_parts", "matmul_precision", "mm_float32"]
 
 # auto on CUDA: the cuda kernel first. Measured on an H200 (torch 2.11, Triton 3.6, 2026-11-26,
 # bench/results/nvidia-h200-2026-11-26-gpu-report.json), whole GaLoreAdamW step, 4096^2 r1024: cuda 1.43 ms vs
@@ -146,6 +146,85 @@ def galore_adam_update_(weight: Tensor, low_grad: Tensor, exp_avg: Tensor, exp_a
     ``found_inf``, the precision and the temporaries)."""
     _galore_adam_update_op(weight, low_grad, exp_avg, exp_avg_sq, ortho, bool(left), float(beta1), float(beta2),
                            float(eps), float(step_size), float(scale), float(decay), found_inf, step_size_t)
+
+
+# -- lowrank_update_: the write-back alone, of a low-rank direction computed elsewhere -------------------------------
+# GaLoreAdamW8bit's one-pass 8-bit moments (weightkit.ops.moments8bit.blockwise8bit_adam_) give U themselves; the float
+# weight then takes the second half of galore_adam_update_: W <- (W - step_size scale N) decay, N = P U (left) or
+# U P (right), by the same backend code (the cpu / cuda backends' BLAS composition, the Triton matmul-update kernel),
+# with no full-size temporary.
+
+def _update_regime(weight, update, ortho, left, *rest):
+    return (tuple(weight.shape), tuple(update.shape), bool(left), weight.dtype, ortho.dtype,
+            matmul_precision(weight.device), len(rest) > 3 and rest[3] is not None)
+
+
+_UPDATE = KernelTable("lowrank_update_", cuda_order=("cuda", "triton"), regime=_update_regime, mutates=(0,))
+
+
+def _check_update_args(weight, update, ortho, left, found_inf=None, step_size_t=None):
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    dev = weight.device
+    check_tensor("update", update, dtypes=(torch.float32,), ndim=2, device=dev)
+    check_tensor("ortho", ortho, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    check_flag("found_inf", found_inf, dev)
+    check_flag("step_size_t", step_size_t, dev)
+    m, n = weight.shape
+    if left:
+        ok = ortho.shape[0] == m and update.shape == (ortho.shape[1], n)
+    else:
+        ok = ortho.shape[1] == n and update.shape == (m, ortho.shape[0])
+    if not ok:
+        side = "left (ortho m x r, update r x n)" if left else "right (ortho r x n, update m x r)"
+        raise ValueError(f"shapes do not fit a {side} projection of weight {tuple(weight.shape)}: "
+                         f"ortho {tuple(ortho.shape)}, update {tuple(update.shape)}")
+
+
+@_UPDATE.register("reference")
+def lowrank_update_reference(weight, update, ortho, left, step_size, scale, decay, found_inf=None, step_size_t=None):
+    p = ortho.to(torch.float32)
+    full = p @ update if left else update @ p
+    new = (weight.to(torch.float32) - step_coef(step_size, scale, step_size_t) * full) * decay
+    if found_inf is None:
+        weight.copy_(new)
+    else:
+        weight.copy_(torch.where(found_inf.ne(0), weight, new))
+
+
+_UPDATE.register("cpu")(cpu_galore.lowrank_update_)
+_UPDATE.register("cuda")(cuda_galore.lowrank_update_)
+_UPDATE.register("triton")(triton_galore.lowrank_update_)
+
+
+def _update_impl(weight, update, ortho, left, step_size, scale, decay, found_inf=None, step_size_t=None):
+    if not weight.is_contiguous():  # written where it lives: a contiguous copy, then back
+        w = weight.contiguous()
+        _UPDATE(weight.device, w, update, ortho, left, step_size, scale, decay, found_inf, step_size_t)
+        weight.copy_(w)
+        return
+    _UPDATE(weight.device, weight, update, ortho, left, step_size, scale, decay, found_inf, step_size_t)
+
+
+_lowrank_update_op = define(
+    "lowrank_update_(Tensor(a0!) weight, Tensor update, Tensor ortho, bool left, float step_size, float scale, "
+    "float decay, Tensor? found_inf=None, Tensor? step_size_t=None) -> ()",
+    impl=_update_impl, check=lambda *args: _check_update_args(*args[:4], *args[7:]), fake=lambda *args: None)
+
+
+def lowrank_update_(weight: Tensor, update: Tensor, ortho: Tensor, left: bool, *, step_size: float = 1e-3,
+                    scale: float = 1.0, decay: float = 1.0, found_inf: Optional[Tensor] = None,
+                    step_size_t: Optional[Tensor] = None) -> None:
+    """In place, GaLore's write-back of a low-rank direction U (``update``, float32; e.g. Adam's M / (sqrt(V) + eps)
+    from 8-bit moments updated in one pass)::
+
+        N  = P @ U if left else U @ P                       (P = ``ortho``: float32, bfloat16 or float16)
+        W <- (W - step_size * scale * N) * decay            (W: float32, bfloat16 or float16)
+
+    the second half of :func:`galore_adam_update_`, with its precision rules, its temporaries (no full-size one in
+    the fused backends) and its device-side ``found_inf`` (W unchanged where set, whatever U holds) and
+    ``step_size_t`` (replaces ``step_size``). ``update`` is not modified."""
+    _lowrank_update_op(weight, update, ortho, bool(left), float(step_size), float(scale), float(decay), found_inf,
+                       step_size_t)
 
 
 # -- bf16_parts: a float32 / float16 gradient's exact bf16 parts, for the projection's bf16 GEMMs ------------------

@@ -324,6 +324,12 @@ class ShardedWeight(FloatWeight):
             return
         super().apply_low_rank(weight, low, exp_avg, exp_avg_sq, ortho, ortho_right, side, u)
 
+    def apply_direction(self, weight: Tensor, direction: Tensor, ortho: Tensor, ortho_right, side: str,
+                        u: LowRankUpdate) -> None:
+        if weight.numel() == 0 and side != "full":  # an empty shard (m < world): its moments were updated already
+            return
+        super().apply_direction(weight, direction, ortho, ortho_right, side, u)
+
 
 _UNCHANGED_ANY_RANK = "no parameter or optimizer state was changed on any rank"
 

@@ -79,7 +79,7 @@ from torch import Tensor
 
 from ..ops._checks import finite_flags
 from .basis import FloatBasis, Int4Basis
-from .moments import BlockwiseMoments8bit, FloatMoments
+from .moments import BlockwiseMoments8bit, FloatMoments, FusedBlockwiseMoments8bit
 from .projector import PROJ_TYPES, SVD_METHODS, GaLoreProjector, projection_basis_dtype, projection_side
 from .refresh import FixedRefresh
 from .weights import FloatWeight, Int8SRWeight, LowRankUpdate
@@ -689,10 +689,12 @@ _ONES = _Ones()
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit moments: bitsandbytes blockwise dynamic quantization (block 256), signed map for the
     first moment and unsigned for the second. Moments of tensors smaller than ``min_8bit_size`` stay float32.
-    Each step dequantizes a moment into a float32 temporary of the low-rank size, updates it, and quantizes back.
-    ``parts``: the other parts (its moments part is replaced by the 8-bit one)."""
+    The low-rank moments are updated in one pass (``weightkit::blockwise8bit_adam_``: read 8-bit, update, write
+    8-bit, and Adam's direction U out; no float32 copy of a moment), then the weight part writes U back
+    (``weightkit::lowrank_update_`` for a float weight); dense parameters' moments go through float32 a block at a
+    time. ``parts``: the other parts (its moments part is replaced by the 8-bit one)."""
 
-    moments_part = BlockwiseMoments8bit  # QGaLoreAdamW8bit: the one-pass FusedBlockwiseMoments8bit
+    moments_part = FusedBlockwiseMoments8bit
 
     def __init__(self, params, *args, min_8bit_size: int = 4096, parts: Optional[GaLoreParts] = None, **kwargs):
         self.min_8bit_size = min_8bit_size

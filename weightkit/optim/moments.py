@@ -11,11 +11,12 @@ hands them back for storage:
   ``exp_avg_sq_absmax`` and the shape ``moment_shape`` (int64, on the CPU: read on the host every step without a
   device sync). ``load`` dequantizes into float32 temporaries of the moment's size, ``store`` quantizes them back.
   Moments of fewer than ``min_8bit_size`` elements stay float32 (the FloatMoments entries).
-* :class:`FusedBlockwiseMoments8bit` (QGaLoreAdamW8bit) -- the same entries and format, updated in one pass by
-  ``weightkit::blockwise8bit_adam_`` (read 8-bit, update, write 8-bit; no float32 copy of a moment), which also
-  gives the step its Adam direction (``adam_direction_``). Its quantizer takes the nearest code value, where
-  bitsandbytes' native CPU quantizer differs on a few values (weightkit.ops.moments8bit): either reads the other's
-  state.
+* :class:`FusedBlockwiseMoments8bit` (GaLoreAdamW8bit, QGaLoreAdamW8bit and the sharded 8-bit preset) -- the same
+  entries and format, updated in one pass by ``weightkit::blockwise8bit_adam_`` (read 8-bit, update, write 8-bit;
+  no float32 copy of a moment), which also gives the step its Adam direction (``adam_direction_``; the weight part
+  writes it back: ``apply_direction``). Its quantizer takes the nearest code value, where bitsandbytes' native CPU
+  quantizer differs on a few values (weightkit.ops.moments8bit): either reads the other's state. The low-rank
+  moments only: a dense parameter's moments (``dense_blocks``) go through float32 a block at a time.
 
 The entry names are the checkpoint format: they do not change.
 

@@ -13,7 +13,7 @@ back by stochastic rounding, 8-bit Adam moments, and the lazy layer-adaptive sub
   integers and a three-part bf16 split of U: within the contract, half tf32x3's tensor-core work) or 'bf16' (~10^4
   over the contract's bound).
 * 8-bit moments (bitsandbytes' blockwise format) are updated in one pass by ``blockwise8bit_adam_``
-  (weightkit.optim.moments.FusedBlockwiseMoments8bit) for int8 weights; float weights keep the three-pass path.
+  (weightkit.optim.moments.FusedBlockwiseMoments8bit, as in GaLoreAdamW8bit), for int8 and float weights.
 * Lazy refresh (weightkit.optim.refresh.LazyRefresh: ``cos_threshold``, ``gamma_proj``, ``queue_size``);
   ``refresh_counts()`` reports how many SVDs each layer ran.
 
@@ -26,14 +26,11 @@ from typing import Dict
 
 from .basis import Int4Basis
 from .galore import GaLoreAdamW8bit, GaLoreParts
-from .moments import FusedBlockwiseMoments8bit
 from .refresh import LazyRefresh
 from .weights import FloatWeight, Int8SRWeight
 
 
 class QGaLoreAdamW8bit(GaLoreAdamW8bit):
-    moments_part = FusedBlockwiseMoments8bit
-
     def __init__(self, params, lr: float = 1e-3, *args, cos_threshold: float = 0.4, gamma_proj: float = 2.0,
                  queue_size: int = 5, proj_group_size: int = 64, lowrank_precision: str = "fp32", **kwargs):
         parts = GaLoreParts(basis=Int4Basis(proj_group_size), weights=(Int8SRWeight(lowrank_precision), FloatWeight()),

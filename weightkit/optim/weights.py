@@ -5,8 +5,9 @@ Adam update becomes a new weight:
 
 * :class:`FloatWeight` -- a float parameter (float32 / bfloat16 / float16) updated in place. One-sided projections
   run the fused op ``weightkit::galore_adam_update_`` (moments, projection back and decoupled weight decay in one
-  call, no full-size temporary for float32 weights); the two-sided 'full' projection uses plain ops on its small
-  r x r state. Any parameter that no other part claims is a FloatWeight.
+  call, no full-size temporary for float32 weights), or, where 8-bit moments gave Adam's direction in one pass,
+  ``weightkit::lowrank_update_`` (its write-back alone); the two-sided 'full' projection uses plain ops on its
+  small r x r state. Any parameter that no other part claims is a FloatWeight.
 * :class:`Int8Weight` (``weightkit.nn.int8.Int8Weight``, the weight of an ``Int8Linear``) through
   :class:`Int8SRWeight` -- the gradient is the weight's ordinary ``.grad``; the step writes the int8 storage
   directly (``local`` gives the int8 values with ``scale`` and ``group_size`` attached). With the packed INT4 basis
@@ -33,7 +34,7 @@ from torch import Tensor
 from ..backends._blocked import keep_unless_found, lowrank_factor, masked_low_rank_adam
 from ..nn.int8 import Int8Weight
 from ..ops._checks import FLOAT_DTYPES, debug_checks, debug_checks_enabled
-from ..ops.galore import galore_adam_update_
+from ..ops.galore import galore_adam_update_, lowrank_update_
 from ..ops.int8 import int8_sr_update_
 from ..ops.qgalore import PRECISIONS, int8_sr_lowrank_update_
 from .basis import PackedInt4
@@ -135,6 +136,21 @@ class FloatWeight:
         galore_adam_update_(weight.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=u.beta1,
                             beta2=u.beta2, eps=u.eps, step_size=u.step_size, scale=u.scale, decay=u.decay,
                             found_inf=u.found_inf, step_size_t=step_size_t)
+
+    def apply_direction(self, weight: Tensor, direction: Tensor, ortho: Tensor, ortho_right: Optional[Tensor],
+                        side: str, u: LowRankUpdate) -> None:
+        """Write back Adam's low-rank direction U, the moments already updated (in one pass by 8-bit moments,
+        weightkit.optim.moments.FusedBlockwiseMoments8bit): W <- (W - step_size scale N) decay by the fused op
+        ``weightkit::lowrank_update_`` (no full-size temporary for one-sided projections), predicated on u.found_inf
+        and scaled by u.step_size_t when given, as :meth:`apply_low_rank`."""
+        size = u.step_size if u.step_size_t is None else u.step_size_t
+        if side == "full":
+            full = project_back(direction, side, ortho.to(torch.float32), ortho_right.to(torch.float32))
+            keep_unless_found(weight, (weight.to(torch.float32) - size * u.scale * full) * u.decay, u.found_inf)
+            return
+        step_size_t = None if u.step_size_t is None else u.step_size_t.reshape(1)
+        lowrank_update_(weight.data, direction.to(torch.float32), ortho, side == "left", step_size=u.step_size,
+                        scale=u.scale, decay=u.decay, found_inf=u.found_inf, step_size_t=step_size_t)
 
 
 class Int8SRWeight(FloatWeight):

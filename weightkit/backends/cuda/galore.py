@@ -1,5 +1,6 @@
 """cuda backend of weightkit/ops/galore.py: this backend's low-rank Adam kernel, then cuBLAS applies P U
-(weightkit.backends._blocked.galore_adam_update_composed); the bf16 parts of a projection's gradient in one pass."""
+(weightkit.backends._blocked.galore_adam_update_composed; lowrank_update_: that write-back alone); the bf16 parts of
+a projection's gradient in one pass."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ... import native
-from .._blocked import galore_adam_update_of, stacked_shape
+from .._blocked import galore_adam_update_of, lowrank_update_of, stacked_shape
 from . import check, stream
 
 
@@ -19,6 +20,7 @@ def _low_rank_adam(low_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, update
 
 
 galore_adam_update_ = galore_adam_update_of(_low_rank_adam, True, __name__)
+lowrank_update_ = lowrank_update_of(True, __name__)  # the write-back alone (weightkit.ops.galore.lowrank_update_)
 
 
 def bf16_parts(x: Tensor, dim: int) -> Tensor:
