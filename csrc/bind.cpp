@@ -159,6 +159,7 @@ PYBIND11_MODULE(_C, m) {
   WK_BIND_CPU(wk_cpu_quantize_int4)
   WK_BIND_CPU(wk_cpu_dequantize_int4)
   WK_BIND_CPU(wk_cpu_low_rank_adam)
+  WK_BIND_CPU(wk_cpu_blockwise8bit_adam)
   WK_BIND_CPU(wk_cpu_memory_lookup_forward)
   WK_BIND_CPU(wk_cpu_memory_lookup_backward)
   WK_BIND_CPU(wk_cpu_dict_bitmask_forward)

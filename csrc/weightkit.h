@@ -29,7 +29,7 @@
 #define WK_API __attribute__((visibility("default")))
 #endif
 
-#define WK_ABI_VERSION 8
+#define WK_ABI_VERSION 9
 
 enum wk_dtype { WK_F32 = 0, WK_F16 = 1, WK_BF16 = 2, WK_U8 = 3, WK_I16 = 4, WK_I32 = 5, WK_I64 = 6 };
 enum wk_status { WK_OK = 0, WK_BAD_DTYPE = 1, WK_NO_MEMORY = 2, WK_BAD_CODES = 3 };
@@ -62,6 +62,15 @@ WK_API int wk_cpu_dequantize_int4(const uint8_t* packed, const float* scale, con
 // GaLore (spec: weightkit/ops/galore.py): M, V updated in place and U = M / (sqrt(V) + eps), n values.
 WK_API int wk_cpu_low_rank_adam(const float* r, float* m, float* v, float* u, int64_t n, float beta1, float beta2,
                                 float eps, int threads);
+// 8-bit blockwise Adam moments in one pass (spec: weightkit/ops/moments8bit.py): n values in blocks of 256, codes
+// uint8 and one float absmax per block for each moment, 256-entry code tables, the direction (n floats) written;
+// one_minus_beta*: (1 - beta) rounded from double, as the reference's scalars. found_inf as wk_cpu_int8_sr_update's
+// (set: nothing written but a zero direction).
+WK_API int wk_cpu_blockwise8bit_adam(const float* low, uint8_t* exp_avg_q, float* exp_avg_absmax,
+                                     uint8_t* exp_avg_sq_q, float* exp_avg_sq_absmax, const float* code_signed,
+                                     const float* code_unsigned, float* direction, int64_t n, float beta1,
+                                     float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
+                                     const float* found_inf, int threads);
 
 // MemoryFormer (spec: weightkit/ops/memoryformer.py). x: n x (K tau) of x_dtype, tables: K x buckets x d_out of
 // tables_dtype, y: n x d_out of x_dtype. Backward: all fp32, gt zero-filled by the caller.

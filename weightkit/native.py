@@ -27,7 +27,7 @@ LIB_DIR = os.path.join(PACKAGE_DIR, "lib")
 MODULE = "weightkit._C"
 CUDA_LIB = "libweightkit_cuda.so"
 CUDA_LIB_ENV = "WEIGHTKIT_CUDA_LIB"  # another CUDA kernel library to open, or "off" (load_cuda)
-ABI_VERSION = 8  # WK_ABI_VERSION of csrc/weightkit.h
+ABI_VERSION = 9  # WK_ABI_VERSION of csrc/weightkit.h
 
 # wk_dtype codes of csrc/weightkit.h
 FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -68,26 +68,34 @@ _GALORE = KernelTable("galore_adam_update_", cuda_order=("cuda", "triton"), regi
 
 
 
-def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, found_inf=None, step_size_t=None):
+def _check_projection(weight, low, low_name, ortho, left, found_inf, step_size_t, moments=()):
+    """weight, the low-rank ``low`` (float32, named ``low_name``; ``moments``: (name, tensor) pairs of its shape) and
+    ortho: 2-D, dtypes, one device, shapes of a left (ortho m x r, low r x n) or right (ortho r x n, low m x r)
+    projection; the optional device flags."""
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     dev = weight.device
-    for name, t in (("low_grad", low_grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    for name, t in ((low_name, low), *moments):
         check_tensor(name, t, dtypes=(torch.float32,), ndim=2, device=dev)
     check_tensor("ortho", ortho, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
     check_flag("found_inf", found_inf, dev)
     check_flag("step_size_t", step_size_t, dev)
-    if exp_avg.shape != low_grad.shape or exp_avg_sq.shape != low_grad.shape:
-        raise ValueError(f"exp_avg {tuple(exp_avg.shape)} and exp_avg_sq {tuple(exp_avg_sq.shape)} must match "
-                         f"low_grad {tuple(low_grad.shape)}")
+    if any(t.shape != low.shape for _, t in moments):
+        raise ValueError(" and ".join(f"{name} {tuple(t.shape)}" for name, t in moments)
+                         + f" must match {low_name} {tuple(low.shape)}")
     m, n = weight.shape
     if left:
-        ok = ortho.shape[0] == m and low_grad.shape == (ortho.shape[1], n)
+        ok = ortho.shape[0] == m and low.shape == (ortho.shape[1], n)
     else:
-        ok = ortho.shape[1] == n and low_grad.shape == (m, ortho.shape[0])
+        ok = ortho.shape[1] == n and low.shape == (m, ortho.shape[0])
     if not ok:
-        side = "left (ortho m x r, low_grad r x n)" if left else "right (ortho r x n, low_grad m x r)"
+        side = (f"left (ortho m x r, {low_name} r x n)" if left else f"right (ortho r x n, {low_name} m x r)")
         raise ValueError(f"shapes do not fit a {side} projection of weight {tuple(weight.shape)}: "
-                         f"ortho {tuple(ortho.shape)}, low_grad {tuple(low_grad.shape)}")
+                         f"ortho {tuple(ortho.shape)}, {low_name} {tuple(low.shape)}")
+
+
+def _check_args(weight, low_grad, exp_avg, exp_avg_sq, ortho, left, found_inf=None, step_size_t=None):
+    _check_projection(weight, low_grad, "low_grad", ortho, left, found_inf, step_size_t,
+                      (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)))
 
 
 @_GALORE.register("reference")
@@ -163,21 +171,7 @@ _UPDATE = KernelTable("lowrank_update_", cuda_order=("cuda", "triton"), regime=_
 
 
 def _check_update_args(weight, update, ortho, left, found_inf=None, step_size_t=None):
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
-    dev = weight.device
-    check_tensor("update", update, dtypes=(torch.float32,), ndim=2, device=dev)
-    check_tensor("ortho", ortho, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
-    check_flag("found_inf", found_inf, dev)
-    check_flag("step_size_t", step_size_t, dev)
-    m, n = weight.shape
-    if left:
-        ok = ortho.shape[0] == m and update.shape == (ortho.shape[1], n)
-    else:
-        ok = ortho.shape[1] == n and update.shape == (m, ortho.shape[0])
-    if not ok:
-        side = "left (ortho m x r, update r x n)" if left else "right (ortho r x n, update m x r)"
-        raise ValueError(f"shapes do not fit a {side} projection of weight {tuple(weight.shape)}: "
-                         f"ortho {tuple(ortho.shape)}, update {tuple(update.shape)}")
+    _check_projection(weight, update, "update", ortho, left, found_inf, step_size_t)
 
 
 @_UPDATE.register("reference")

@@ -21,9 +21,11 @@ midpoints and ``torch.bucketize``). Its native CPU quantizer (a table-driven bin
 two neighbours for some values within a few ulps of a midpoint (measured: 0.15% of normal samples, one code step),
 so a state written by either decodes the same way and differs from the other in those few codes.
 
-Backends: ``reference`` (plain PyTorch, the spec; also what CPU tensors run: its PyTorch ops are the CPU path), ``triton`` (one
-kernel: a program per block reads the 8-bit codes, updates in registers, finds the new codes by an 8-step binary
-search over the midpoints, writes codes, absmax and the direction: the moments' bytes move once each way).
+Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (csrc/cpu/moments8bit.cpp: the same pass per block in
+C++, threads over blocks; since 2026-12-08, when GaLoreAdamW8bit took this op, its PyTorch ops took 3-5x the
+three bitsandbytes passes it replaced on a 2-core CPU) and ``triton`` (one kernel: a program per block reads the
+8-bit codes, updates in registers, finds the new codes by an 8-step binary search over the midpoints, writes codes,
+absmax and the direction: the moments' bytes move once each way). Each is the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from ..backend import KernelTable
 from ..backends._blocked import keep_unless_found
+from ..backends.cpu import moments8bit as cpu_moments8bit
 from ..backends.triton import moments8bit as triton_moments8bit
 from ._checks import check_flag, check_tensor, require_finite
 from ._registry import define
@@ -124,6 +127,7 @@ def blockwise8bit_adam_reference(low, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, e
         keep_unless_found(a_out.view(-1), a, found_inf)
 
 
+_ADAM8.register("cpu")(cpu_moments8bit.blockwise8bit_adam_)
 _ADAM8.register("triton")(triton_moments8bit.blockwise8bit_adam_)
 
 

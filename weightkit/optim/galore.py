@@ -503,7 +503,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                step_size_t=step_size_t)
         basis = prep["basis"] if getattr(part, "packed_basis", False) else self.parts.basis.dense(prep["basis"])
         if hasattr(part, "apply_direction") and hasattr(moments, "adam_direction_"):
-            direction = moments.adam_direction_(state, low, update)  # 8-bit moments in one pass (Q-GaLore)
+            direction = moments.adam_direction_(state, low, update)  # 8-bit moments in one pass (the 8-bit presets)
             if direction is not None:
                 part.apply_direction(weight, direction, *basis, prep["side"], update)
                 return
