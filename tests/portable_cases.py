@@ -17,7 +17,7 @@ import torch
 
 from weightkit import native, use_backend
 from weightkit.backends.cpu.dictionary import DICT_BITMASK_DIRECT_TOKENS
-from weightkit.ops import dictionary, galore, int4, int8, memoryformer
+from weightkit.ops import dictionary, galore, int4, int8, memoryformer, moments8bit
 
 
 def make_inputs(seed: int = 0) -> Dict[str, tuple]:
@@ -34,7 +34,13 @@ def make_inputs(seed: int = 0) -> Dict[str, tuple]:
     bk, bs = 70, 20  # S in the bitmask format: the direct kernels (few tokens), the dense decode and gather (many)
     bitmask, bvalues, offsets = dictionary.pack_bitmask(torch.rand(bk, d_out, generator=g).argsort(0)[:bs],
                                                         randn(bs, d_out), bk)
+    # 8-bit moments: sorted 256-entry code tables (bitsandbytes' dynamic maps in use; any sorted table here, so
+    # that the second torch needs no bitsandbytes), 1200 values: four whole blocks and a partial one
+    code_s, code_u = torch.linspace(-1, 1, 256) ** 3, torch.linspace(0, 1, 256) ** 2
+    m_q, m_absmax = moments8bit.quantize_reference(randn(40, 30) * 0.1, code_s)
+    v_q, v_absmax = moments8bit.quantize_reference(randn(40, 30).abs() * 0.01, code_u)
     return {
+        "adam8bit": (randn(40, 30), m_q, m_absmax, v_q, v_absmax, code_s, code_u),
         "sr_f32": (randn(33, 128), None, 64),
         "sr_bf16": (randn(33, 128, dtype=torch.bfloat16), None, 64),
         "sr_f16": (randn(1000, dtype=torch.float16), None, 8),
@@ -78,6 +84,12 @@ def _galore(weight, low_grad, m, v, ortho, left):
     return weight, m, v
 
 
+def _adam8bit(low, m_q, m_absmax, v_q, v_absmax, code_s, code_u):
+    state = [t.clone() for t in (m_q, m_absmax, v_q, v_absmax)]
+    direction = moments8bit.blockwise8bit_adam_(low, *state, code_s, code_u, beta1=0.9, beta2=0.99, eps=1e-6)
+    return (direction, *state)
+
+
 def _memory(x, tables, grad):
     x, tables = x.clone().requires_grad_(), tables.clone().requires_grad_()
     y = memoryformer.memory_lookup(x, tables, 0.7)
@@ -103,12 +115,13 @@ CASES: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {
     "int4_dequant": lambda p, s, z, gs: (int4.dequantize_int4(p, s, z, gs, (96, 128)),),
     "int4_matmul": lambda x, p, s, z, gs: (int4.int4_matmul(x, p, s, z, gs, (96, 128)),),
     "galore_left_f32": _galore, "galore_right_bf16": _galore,
+    "adam8bit": _adam8bit,
     "memory_f32": _memory, "memory_bf16": _memory,
     "bitmask_few_bf16": _bitmask, "bitmask_many_f32": _bitmask,
 }
 # Cases whose cpu kernels are specified to match the reference bit for bit (the rest differ from the reference by
 # rounding: different summation orders; they are compared across torch releases only).
-EXACT = ("sr_f32", "sr_bf16", "sr_f16", "sr_update", "int4_quant", "int4_dequant")
+EXACT = ("sr_f32", "sr_bf16", "sr_f16", "sr_update", "int4_quant", "int4_dequant", "adam8bit")
 
 
 def run(inputs: Dict[str, tuple], backend: str = "cpu") -> Dict[str, Tuple[torch.Tensor, ...]]:
