@@ -21,11 +21,13 @@ midpoints and ``torch.bucketize``). Its native CPU quantizer (a table-driven bin
 two neighbours for some values within a few ulps of a midpoint (measured: 0.15% of normal samples, one code step),
 so a state written by either decodes the same way and differs from the other in those few codes.
 
-Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (csrc/cpu/moments8bit.cpp: the same pass per block in
-C++, threads over blocks; since 2026-12-08, when GaLoreAdamW8bit took this op, its PyTorch ops took 3-5x the
-three bitsandbytes passes it replaced on a 2-core CPU) and ``triton`` (one kernel: a program per block reads the
-8-bit codes, updates in registers, finds the new codes by an 8-step binary search over the midpoints, writes codes,
-absmax and the direction: the moments' bytes move once each way). Each is the reference bit for bit.
+Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (csrc/cpu/moments8bit.cpp, since 2026-12-08: the same
+pass per block in C++, threads over blocks, the binary search step by step over the block; 2.1-3.2 ms for 1024 x
+256 values where the reference takes 16-19 ms, on 2 cores: with the reference's ops GaLoreAdamW8bit's 1024^2 r256
+CPU step took 22 ms against 10 ms with the three bitsandbytes passes the one pass replaced, 9.6 ms with this kernel)
+and ``triton`` (one kernel: a program per block reads the 8-bit codes, updates in registers, finds the new codes by
+an 8-step binary search over the midpoints, writes codes, absmax and the direction: the moments' bytes move once
+each way). Each is the reference bit for bit.
 """
 
 from __future__ import annotations
