@@ -298,24 +298,30 @@ def lowrank_product_triton(ortho_q, ortho_scale, ortho_zero, update, proj_group_
 
 @triton.jit
 def _nearest_code(x, bounds_ptr):
-    """The number of the 255 sorted midpoints strictly below ``x`` (torch.bucketize), by an 8-step binary search."""
+    """The number of the 255 sorted midpoints strictly below ``x`` (torch.bucketize), by an 8-step binary search; a
+    NaN is above every midpoint (255), as torch.bucketize puts it: the test is "not (midpoint >= x)"."""
     idx = tl.zeros(x.shape, dtype=tl.int32)
     for step in tl.static_range(8):
         width = 128 >> step
         probe = tl.load(bounds_ptr + idx + (width - 1))
-        idx = tl.where(probe < x, idx + width, idx)
+        idx = tl.where(probe >= x, idx, idx + width)
     return idx
 
 
 @triton.jit
 def _requantize(x, mask, keep, bounds_ptr, q_ptr, absmax_ptr, offs, block):
     """Codes and absmax of the block's new values ``x`` (``mask``: the block's elements), stored where ``keep``."""
-    absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+    ax = tl.where(mask, tl.abs(x), 0.0)
+    absmax = tl.max(ax, axis=0)
+    # NaN as the spec's amax, clamp_min and clamp give it (Triton's max and maximum drop a NaN by default): a NaN in
+    # the block makes absmax NaN (the block's sum is NaN then), and so every code 255 (see _nearest_code)
+    absmax = tl.where(tl.max((ax != ax).to(tl.int32), axis=0) > 0, tl.sum(ax, axis=0), absmax)
     # 1e-38 is below float32's smallest normal, so a bare literal is typed fp64 and so is the maximum; div_rn then
     # fails to compile in Triton 3.6 ("Expected dtype ['fp32'] but got fp64"; 3.9 accepts it). A float32 constant
     # is the spec's clamp_min(1e-38) on a float32 tensor in both versions.
-    inv = tl.math.div_rn(1.0, tl.maximum(absmax, tl.full([], 1e-38, tl.float32)))
-    scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
+    inv = tl.math.div_rn(1.0, tl.maximum(absmax, tl.full([], 1e-38, tl.float32), propagate_nan=tl.PropagateNan.ALL))
+    scaled = tl.minimum(tl.maximum(x * inv, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                        propagate_nan=tl.PropagateNan.ALL)
     tl.store(q_ptr + offs, _nearest_code(scaled, bounds_ptr).to(tl.uint8), mask=tl.where(keep, mask, False))
     tl.store(absmax_ptr + block, absmax, mask=keep)
 

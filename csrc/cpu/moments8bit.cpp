@@ -18,15 +18,15 @@ constexpr int64_t kBlock = 256;
 // code of a value is the number of the 255 sorted midpoints strictly below it (torch.bucketize, right=False): an
 // 8-step binary search, run for the whole block step by step (each step's 256 comparisons are independent, where
 // one value's eight steps form a chain of dependent loads) and branch-free (a comparison becomes a mask: on random
-// data a branch would be mispredicted half the time). NaN compares false everywhere and gives code 0, as in the
-// reference.
+// data a branch would be mispredicted half the time). A NaN is above every midpoint (code 255), as torch.bucketize
+// puts it: the test is "not (midpoint >= x)".
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))  // with AVX2 each step's loads can be gathers
 #endif
 void search_block(const float* s, int64_t len, const float* bounds, int32_t* idx) {
   for (int64_t i = 0; i < len; ++i) idx[i] = 0;
   for (int width = 128; width >= 1; width >>= 1) {
-    for (int64_t i = 0; i < len; ++i) idx[i] += width & -static_cast<int32_t>(bounds[idx[i] + width - 1] < s[i]);
+    for (int64_t i = 0; i < len; ++i) idx[i] += width & -static_cast<int32_t>(!(bounds[idx[i] + width - 1] >= s[i]));
   }
 }
 

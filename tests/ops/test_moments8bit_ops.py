@@ -157,3 +157,17 @@ def test_bad_input_names_the_argument(change, match):
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
         blockwise8bit_adam_(*args[:7], beta1=args[7], beta2=args[8], eps=args[9])
+
+
+def test_non_finite_values_give_the_references_codes():
+    """Without a device flag (debug checks off) a NaN or infinity in the gradient reaches the moments: every backend
+    writes what the reference writes (amax NaN for the block, torch.bucketize's code 255 for a NaN)."""
+    state, cs, cu = _state((3, 200), 5)
+    low = torch.randn(3, 200, generator=torch.Generator().manual_seed(6))
+    low[1, 5], low[2, 7] = float("nan"), float("inf")
+    want = _step("reference", low, state, cs, cu)
+    assert want[1][0].view(-1)[205] == 255 and want[1][1].isnan().any()  # the case is what it means to be
+    for backend in usable_backends(moments8bit._ADAM8, "cpu"):
+        got = _step(backend, low, state, cs, cu)
+        for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), backend

@@ -10,7 +10,8 @@ and writes Adam's direction into ``direction`` (float32, ``low``'s shape; the Py
     m = m * beta1 + low * (1 - beta1);   v = v * beta2 + low * low * (1 - beta2)
     direction = m / (sqrt(v) + eps)
     absmax = max |m| over the block  (resp. |v|);   x = clamp(m * (1 / max(absmax, 1e-38)), -1, 1)
-    q = number of midpoints (code[i] + code[i + 1]) / 2 below x     (the nearest code value, ties to the lower one)
+    q = number of midpoints (code[i] + code[i + 1]) / 2 below x     (the nearest code value, ties to the lower one;
+                                                                     a NaN: 255, as torch.bucketize puts it)
 
 every operation one float32 rounding (no fused multiply-add; the square root correctly rounded). ``found_inf``
 (optional, a one-element float32 tensor on ``low``'s device: the optimizers' device-side skip): where it is nonzero
