@@ -125,12 +125,8 @@ class FloatWeight:
     def apply_low_rank(self, weight: Tensor, low: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ortho: Tensor,
                        ortho_right: Optional[Tensor], side: str, u: LowRankUpdate) -> None:
         if side == "full":  # two-sided projection: no fused kernel, plain ops on small r x r state
-            ortho = ortho.to(torch.float32)
-            ortho_right = ortho_right.to(torch.float32)
-            # (adam_direction and keep_unless_found predicate on u.found_inf, when given)
-            full = project_back(adam_direction(low, exp_avg, exp_avg_sq, u), side, ortho, ortho_right)
-            size = u.step_size if u.step_size_t is None else u.step_size_t
-            keep_unless_found(weight, (weight.to(torch.float32) - size * u.scale * full) * u.decay, u.found_inf)
+            # (adam_direction and apply_direction's keep_unless_found predicate on u.found_inf, when given)
+            self.apply_direction(weight, adam_direction(low, exp_avg, exp_avg_sq, u), ortho, ortho_right, side, u)
             return
         step_size_t = None if u.step_size_t is None else u.step_size_t.reshape(1)
         galore_adam_update_(weight.data, low, exp_avg, exp_avg_sq, ortho, side == "left", beta1=u.beta1,
@@ -143,9 +139,9 @@ class FloatWeight:
         weightkit.optim.moments.FusedBlockwiseMoments8bit): W <- (W - step_size scale N) decay by the fused op
         ``weightkit::lowrank_update_`` (no full-size temporary for one-sided projections), predicated on u.found_inf
         and scaled by u.step_size_t when given, as :meth:`apply_low_rank`."""
-        size = u.step_size if u.step_size_t is None else u.step_size_t
-        if side == "full":
+        if side == "full":  # plain ops on the small r x r state
             full = project_back(direction, side, ortho.to(torch.float32), ortho_right.to(torch.float32))
+            size = u.step_size if u.step_size_t is None else u.step_size_t
             keep_unless_found(weight, (weight.to(torch.float32) - size * u.scale * full) * u.decay, u.found_inf)
             return
         step_size_t = None if u.step_size_t is None else u.step_size_t.reshape(1)
